@@ -1,0 +1,1 @@
+"""servesim.gpu_backend."""

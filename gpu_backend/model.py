@@ -1,0 +1,393 @@
+"""Llama-family model over a paged KV cache: one packed forward per engine iteration.
+
+Packed layout of one iteration (no padding): the new tokens of every context chunk, chunk
+after chunk, then one token per decoding sequence::
+
+    tokens  | chunk 0 (q_0 tokens) | chunk 1 | ... | chunk N-1 | dec 0 | dec 1 | ... | dec B-1 |
+            |<------------- num_context_tokens = Tc ------------>|<-------- B ---------->|
+
+A context chunk's tokens sit at positions ``start .. start + q - 1`` where ``start`` is the
+number of that request's tokens already in the cache (earlier chunks or reused prefix). A
+decode token sits at ``position`` (= the request's KV length before this step). Every new
+token's key/value is written to slot ``blocks[p // bs] * bs + p % bs`` of the KV pool.
+
+Logits are computed only at the sampling positions, in this order: the last token of each
+chunk that samples (chunk order), then every decode token.
+
+One layer = fused rmsnorm -> qkv GEMM -> rope_kv_write -> paged prefill attention (context
+part) and paged decode attention (decode part) -> o GEMM -> fused residual add + rmsnorm ->
+gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear``; the rest are
+`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU).
+
+`LlamaModel.forward_decode` is the decode-only path with static-shape inputs only (no host
+syncs, no data-dependent shapes) for CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from servesim.kernels import ops
+
+from .kv_pool import KVPool
+from .rope import build_cos_sin_cache
+from .weights import (LlamaWeights, ModelDims, load_config, load_safetensors_weights,
+                      random_weights)
+
+# --------------------------------------------------------------------------------------
+# per-iteration inputs and attention metadata
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContextChunkInput:
+    """New tokens of one request's context phase computed this iteration."""
+
+    token_ids: Sequence[int]  # the new tokens (q_len >= 1)
+    start_pos: int  # tokens of this request already in the KV cache
+    block_ids: Sequence[int]  # the request's blocks, covering start_pos + q_len tokens
+    sample: bool = True  # sample a token after the chunk's last token
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeInput:
+    """One decoding request: its last token, that token's position, its blocks."""
+
+    token_id: int
+    position: int  # = KV length before this step; the token's K/V is written there
+    block_ids: Sequence[int]  # covering position + 1 tokens
+
+
+@dataclass(slots=True)
+class AttnMetadata:
+    """Device tensors describing one packed iteration (see the module docstring).
+
+    ``T = num_context_tokens + num_decode``; N context chunks, B decodes, S sampled rows.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, flat KV slot of each new token
+    sample_indices: torch.Tensor  # [S] int64, rows of the packed tokens that produce logits
+    ctx_block_tables: torch.Tensor  # [N, max_blocks] int32 (padded with block 0)
+    ctx_cu_q_lens: torch.Tensor  # [N+1] int32, chunk n owns rows cu[n]:cu[n+1]
+    ctx_seq_lens: torch.Tensor  # [N] int32, start_pos + q_len (KV incl. the new tokens)
+    dec_block_tables: torch.Tensor  # [B, max_blocks] int32
+    dec_seq_lens: torch.Tensor  # [B] int32, position + 1
+    num_context_tokens: int  # Tc
+    num_context_chunks: int  # N
+    num_decode: int  # B
+    sampling_chunks: tuple[int, ...]  # indices of the chunks that sample (logit rows 0..)
+    max_seq_len: int  # the longest KV length in the batch (host int, for kernels' tuning)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_context_tokens + self.num_decode
+
+    @property
+    def num_sampling(self) -> int:
+        return len(self.sampling_chunks) + self.num_decode
+
+
+def _as_chunk(c: Any) -> ContextChunkInput:
+    if isinstance(c, ContextChunkInput):
+        return c
+    if isinstance(c, dict):
+        return ContextChunkInput(**c)
+    return ContextChunkInput(*c)
+
+
+def _as_decode(d: Any) -> DecodeInput:
+    if isinstance(d, DecodeInput):
+        return d
+    if isinstance(d, dict):
+        return DecodeInput(**d)
+    return DecodeInput(*d)
+
+
+def build_attn_metadata(context_chunks: Sequence[ContextChunkInput | tuple],
+                        decode_seqs: Sequence[DecodeInput | tuple], block_size: int,
+                        device: torch.device | str = "cpu", max_blocks: int | None = None) -> AttnMetadata:
+    """Pack one iteration from plain Python lists.
+
+    ``context_chunks``: ``ContextChunkInput`` or tuples ``(token_ids, start_pos, block_ids,
+    sample)``; ``decode_seqs``: ``DecodeInput`` or tuples ``(token_id, position, block_ids)``.
+    ``max_blocks`` pads the block tables to a fixed width (default: the longest list).
+
+    Work is per request in Python and per token in torch; everything is built on the host
+    and moved to ``device`` in two copies.
+    """
+    chunks = [_as_chunk(c) for c in context_chunks]
+    decs = [_as_decode(d) for d in decode_seqs]
+    n_ctx, n_dec = len(chunks), len(decs)
+    n_req = n_ctx + n_dec
+    if n_req == 0:
+        raise ValueError("build_attn_metadata: empty iteration (no context chunk and no decode)")
+    device = torch.device(device)
+
+    q_lens = [len(c.token_ids) for c in chunks] + [1] * n_dec
+    starts = [int(c.start_pos) for c in chunks] + [int(d.position) for d in decs]
+    tables = [c.block_ids for c in chunks] + [d.block_ids for d in decs]
+    n_blocks = [len(t) for t in tables]
+    for r in range(n_req):
+        kind, idx = ("context chunk", r) if r < n_ctx else ("decode seq", r - n_ctx)
+        if q_lens[r] <= 0:
+            raise ValueError(f"build_attn_metadata: {kind} {idx} has no tokens")
+        if starts[r] < 0:
+            raise ValueError(f"build_attn_metadata: {kind} {idx} has a negative start position {starts[r]}")
+        need = starts[r] + q_lens[r]
+        if n_blocks[r] * block_size < need:
+            raise ValueError(f"build_attn_metadata: {kind} {idx} needs {-(-need // block_size)} blocks for "
+                             f"{need} tokens (block size {block_size}) but has {n_blocks[r]}")
+    width = max(n_blocks)
+    if max_blocks is not None:
+        if max_blocks < width:
+            raise ValueError(f"build_attn_metadata: max_blocks={max_blocks} < {width} blocks of a request")
+        width = max_blocks
+
+    # -- block tables [R, width] ------------------------------------------------------
+    nb = torch.tensor(n_blocks, dtype=torch.int64)
+    flat = torch.tensor(list(chain.from_iterable(tables)), dtype=torch.int32)
+    rows = torch.repeat_interleave(torch.arange(n_req), nb)
+    cols = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(nb, 0) - nb, nb)
+    bt = torch.zeros(n_req, width, dtype=torch.int32)
+    bt[rows, cols] = flat
+
+    # -- per-token positions and slots --------------------------------------------------
+    ql = torch.tensor(q_lens, dtype=torch.int64)
+    st = torch.tensor(starts, dtype=torch.int64)
+    cu = torch.zeros(n_req + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(ql, 0)
+    n_tok = int(cu[-1])
+    tok_row = torch.repeat_interleave(torch.arange(n_req), ql)
+    positions = st[tok_row] + torch.arange(n_tok) - cu[:-1][tok_row]
+    slots = bt[tok_row, positions // block_size].to(torch.int64) * block_size + positions % block_size
+    input_ids = torch.tensor(list(chain.from_iterable(c.token_ids for c in chunks))
+                             + [int(d.token_id) for d in decs], dtype=torch.int64)
+    n_ctx_tok = int(cu[n_ctx])
+    sampling_chunks = tuple(i for i, c in enumerate(chunks) if c.sample)
+    sample_idx = torch.cat([cu[1:n_ctx + 1][list(sampling_chunks)] - 1,
+                            torch.arange(n_ctx_tok, n_tok, dtype=torch.int64)])
+    seq_lens = (st + ql).to(torch.int32)
+    max_seq_len = int(seq_lens.max())
+
+    # -- two host->device copies ----------------------------------------------------------
+    pin = device.type == "cuda"
+    i64 = torch.cat([input_ids, positions, slots, sample_idx])
+    i32 = torch.cat([bt.flatten(), seq_lens, cu[: n_ctx + 1].to(torch.int32)])
+    if device.type != "cpu":
+        if pin:
+            i64, i32 = i64.pin_memory(), i32.pin_memory()
+        i64 = i64.to(device, non_blocking=pin)
+        i32 = i32.to(device, non_blocking=pin)
+    input_ids, positions, slots, sample_idx = i64.split([n_tok, n_tok, n_tok, sample_idx.numel()])
+    bt_d, seq_d, cu_d = i32.split([n_req * width, n_req, n_ctx + 1])
+    bt_d = bt_d.view(n_req, width)
+    return AttnMetadata(
+        input_ids=input_ids, positions=positions, slot_mapping=slots, sample_indices=sample_idx,
+        ctx_block_tables=bt_d[:n_ctx], ctx_cu_q_lens=cu_d, ctx_seq_lens=seq_d[:n_ctx],
+        dec_block_tables=bt_d[n_ctx:], dec_seq_lens=seq_d[n_ctx:],
+        num_context_tokens=n_ctx_tok, num_context_chunks=n_ctx, num_decode=n_dec,
+        sampling_chunks=sampling_chunks, max_seq_len=max_seq_len,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------
+
+
+class LlamaModel:
+    """A Llama-family decoder (LlamaForCausalLM semantics) over a `KVPool`.
+
+    ``spec``: an HF config dict (or an object with those attribute names, or `ModelDims`).
+    ``weights``: `LlamaWeights`, a checkpoint path (safetensors, HF naming), or None for
+    random weights drawn with ``seed``.
+    """
+
+    def __init__(self, spec: Any, weights: LlamaWeights | str | os.PathLike | None = None,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda", *,
+                 impl: str = "auto", max_positions: int | None = None, seed: int = 0):
+        self.dims = dims = ModelDims.from_spec(spec)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.impl = impl
+        if weights is None:
+            weights = random_weights(dims, seed=seed, dtype=dtype, device=self.device)
+        elif isinstance(weights, (str, os.PathLike)):
+            weights = load_safetensors_weights(dims, weights, dtype=dtype, device=self.device)
+        else:
+            weights = weights.to(dtype=dtype, device=self.device)
+        weights.check(dims)
+        self.weights = weights
+        self.max_positions = int(max_positions or dims.max_position_embeddings)
+        self.cos_sin = build_cos_sin_cache(dims.head_dim, self.max_positions, dims.rope_theta,
+                                           dims.rope_scaling, device=self.device)
+        self.scale = dims.head_dim ** -0.5
+        self._split = [dims.q_size, dims.kv_size, dims.kv_size]
+        self.kv_pool: KVPool | None = None
+
+    # ---- construction helpers ------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                        device: torch.device | str = "cuda", **kw: Any) -> LlamaModel:
+        """Config and weights from an HF checkpoint directory (safetensors)."""
+        return cls(load_config(path), path, dtype=dtype, device=device, **kw)
+
+    def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> KVPool:
+        """A pool shaped for this model; also attached as ``self.kv_pool``."""
+        d = self.dims
+        self.kv_pool = KVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim,
+                              dtype or self.dtype, self.device)
+        return self.kv_pool
+
+    def attach_kv_pool(self, kv_pool: KVPool) -> None:
+        self._check_pool(kv_pool)
+        self.kv_pool = kv_pool
+
+    def _check_pool(self, kv_pool: KVPool) -> None:
+        d = self.dims
+        if (kv_pool.num_layers, kv_pool.num_kv_heads, kv_pool.head_dim) != (d.num_layers, d.num_kv_heads, d.head_dim):
+            raise ValueError(f"KV pool ({kv_pool.num_layers} layers, {kv_pool.num_kv_heads} kv heads, head_dim "
+                             f"{kv_pool.head_dim}) does not fit the model ({d.num_layers}, {d.num_kv_heads}, "
+                             f"{d.head_dim})")
+
+    # ---- forward passes ----------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pool: KVPool,
+                attn_meta: AttnMetadata) -> torch.Tensor:
+        """One packed iteration; returns fp32 logits ``[num_sampling, vocab]``."""
+        self._check_pool(kv_pool)
+        m = attn_meta
+        tc, n_tok = m.num_context_tokens, m.num_tokens
+        if input_ids.shape[0] != n_tok or positions.shape[0] != n_tok:
+            raise ValueError(f"forward: {input_ids.shape[0]} input ids / {positions.shape[0]} positions "
+                             f"for an iteration of {n_tok} tokens")
+        impl = self.impl
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            kc, vc = kv_pool.k_caches[layer], kv_pool.v_caches[layer]
+            parts = []
+            if tc:
+                parts.append(ops.paged_prefill_attention(
+                    q[:tc], kc, vc, m.ctx_block_tables, m.ctx_cu_q_lens, m.ctx_seq_lens, self.scale, impl=impl))
+            if m.num_decode:
+                parts.append(ops.paged_decode_attention(
+                    q[tc:], kc, vc, m.dec_block_tables, m.dec_seq_lens, self.scale, impl=impl))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+        h, residual = self._run_layers(input_ids, positions, m.slot_mapping, kv_pool, attend)
+        idx = m.sample_indices
+        return self._logits(h[idx], residual[idx])
+
+    @torch.no_grad()
+    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                       kv_pool: KVPool | None = None) -> torch.Tensor:
+        """Decode-only iteration over static-shape inputs (CUDA-graph capturable).
+
+        ``input_ids, positions, slot_mapping [B]`` int64, ``block_tables [B, max_blocks]``
+        int32, ``seq_lens [B]`` int32 (= position + 1). Padding rows: ``slot_mapping = -1``
+        (nothing written) and ``seq_lens >= 1`` with any valid block id. ``kv_pool``
+        defaults to the attached pool. Returns fp32 logits ``[B, vocab]``.
+        """
+        pool = kv_pool if kv_pool is not None else self.kv_pool
+        if pool is None:
+            raise ValueError("forward_decode: no KV pool (pass kv_pool or call attach_kv_pool)")
+        impl = self.impl
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            return ops.paged_decode_attention(q, pool.k_caches[layer], pool.v_caches[layer], block_tables,
+                                              seq_lens, self.scale, impl=impl)
+
+        h, residual = self._run_layers(input_ids, positions, slot_mapping, pool, attend)
+        return self._logits(h, residual)
+
+    def _run_layers(self, input_ids, positions, slot_mapping, kv_pool, attend):
+        d, w, impl = self.dims, self.weights, self.impl
+        n_tok = input_ids.shape[0]
+        h = F.embedding(input_ids, w.embed)
+        residual = None
+        for layer, lw in enumerate(w.layers):
+            x, residual = ops.rms_norm(h, lw.input_norm, d.rms_norm_eps, residual, impl=impl)
+            q, k, v = F.linear(x, lw.qkv).split(self._split, dim=-1)
+            q, k = ops.rope_kv_write(
+                q.view(n_tok, d.num_heads, d.head_dim), k.view(n_tok, d.num_kv_heads, d.head_dim),
+                v.view(n_tok, d.num_kv_heads, d.head_dim), positions, self.cos_sin,
+                kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, impl=impl)
+            attn = attend(layer, q)
+            h = F.linear(attn.reshape(n_tok, d.q_size), lw.o)
+            x, residual = ops.rms_norm(h, lw.post_norm, d.rms_norm_eps, residual, impl=impl)
+            h = F.linear(ops.silu_mul(F.linear(x, lw.gate_up), impl=impl), lw.down)
+        return h, residual
+
+    def _logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        x, _ = ops.rms_norm(h, w.final_norm, self.dims.rms_norm_eps, residual, impl=self.impl)
+        return F.linear(x, w.lm_head).float()
+
+    __call__ = forward
+
+    # ---- convenience ----------------------------------------------------------------------
+    def step(self, context_chunks: Sequence[ContextChunkInput | tuple], decode_seqs: Sequence[DecodeInput | tuple],
+             kv_pool: KVPool | None = None) -> torch.Tensor:
+        """Build the metadata for one iteration and run it (logits in the documented order)."""
+        pool = kv_pool if kv_pool is not None else self.kv_pool
+        if pool is None:
+            raise ValueError("step: no KV pool (pass kv_pool or call attach_kv_pool)")
+        meta = build_attn_metadata(context_chunks, decode_seqs, pool.block_size, self.device)
+        return self.forward(meta.input_ids, meta.positions, pool, meta)
+
+
+# --------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float | torch.Tensor = 0.0, top_p: float | torch.Tensor = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids ``[S]`` (int64) from ``logits [S, V]`` on the logits' device.
+
+    ``temperature`` and ``top_p`` are scalars or per-row tensors ``[S]``; a row with
+    temperature 0 is greedy (argmax). Sampling uses the exponential race
+    (``argmax(p / E)``, ``E ~ Exp(1)`` from ``generator``), which draws from ``p`` exactly
+    and needs no host sync, so it is deterministic given the generator's seed.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if not isinstance(temperature, torch.Tensor) and float(temperature) <= 0.0:
+        return greedy
+    n, device = logits.shape[0], logits.device
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=device).expand(n)
+    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0)[:, None], dim=-1)
+    if isinstance(top_p, torch.Tensor) or float(top_p) < 1.0:
+        p = torch.as_tensor(top_p, dtype=torch.float32, device=device).expand(n)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
+        drop_sorted = before >= p[:, None]
+        drop_sorted[:, 0] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    sampled = (probs / race).argmax(dim=-1)
+    return torch.where(temp > 0, sampled, greedy)
+
+
+class Sampler:
+    """Greedy / temperature / top-p sampling with its own seeded device generator."""
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+
+    def __call__(self, logits: torch.Tensor, temperature: float | torch.Tensor = 0.0,
+                 top_p: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return sample_tokens(logits, temperature, top_p, self.generator)

@@ -1,0 +1,471 @@
+"""Llama-family weights: model dimensions, random weights, and safetensors loading.
+
+Weights are held *fused* the way the forward pass uses them:
+
+- ``qkv``     ``[(Hq + 2*Hkv) * D, H]``  = cat(q_proj, k_proj, v_proj) along the output dim
+- ``gate_up`` ``[2*I, H]``               = cat(gate_proj, up_proj)
+- ``o``       ``[H, Hq*D]``, ``down`` ``[H, I]``, norms ``[H]``
+- ``embed``   ``[V, H]``, ``lm_head`` ``[V, H]`` (the same tensor object when tied)
+
+Checkpoints use HF naming (``model.layers.{i}.self_attn.q_proj.weight``, ...), either one
+``model.safetensors``, several shards listed in ``model.safetensors.index.json``, or any
+``*.safetensors`` files in a directory. Every tensor is checked against the shapes the
+config implies before anything is loaded; problems are reported together, each naming
+the tensor (and the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .rope import rope_settings
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not match the model config (missing or mis-shaped tensors)."""
+
+
+# --------------------------------------------------------------------------------------
+# model dimensions
+# --------------------------------------------------------------------------------------
+
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "d_model"),
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layers"),
+    "num_heads": ("num_attention_heads", "num_heads", "n_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads"),
+    "head_dim": ("head_dim",),
+    "intermediate_size": ("intermediate_size", "ffn_dim"),
+    "vocab_size": ("vocab_size",),
+    "rms_norm_eps": ("rms_norm_eps",),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "max_position_embeddings": ("max_position_embeddings", "max_seq_len"),
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The fields of an HF Llama config that the GPU backend uses."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> ModelDims:
+        """From an HF config dict, an object with the same attribute names (an HF
+        ``PretrainedConfig``, a model spec), or a ``ModelDims``."""
+        if isinstance(spec, ModelDims):
+            return spec
+        if isinstance(spec, Mapping):
+            get = spec.get
+        else:
+            def get(key, default=None):
+                return getattr(spec, key, default)
+
+        def pick(field: str, default: Any = None, required: bool = True) -> Any:
+            for key in _ALIASES[field]:
+                v = get(key)
+                if v is not None:
+                    return v
+            if required and default is None:
+                raise ValueError(f"model config: missing '{_ALIASES[field][0]}'")
+            return default
+
+        hidden = int(pick("hidden_size"))
+        heads = int(pick("num_heads"))
+        kv_heads = int(pick("num_kv_heads", heads))
+        head_dim = pick("head_dim", required=False)
+        if head_dim is None:
+            if hidden % heads:
+                raise ValueError(f"model config: hidden_size {hidden} is not divisible by "
+                                 f"num_attention_heads {heads}; give head_dim")
+            head_dim = hidden // heads
+        if heads % kv_heads:
+            raise ValueError(f"model config: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {kv_heads}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if get(flag):
+                raise ValueError(f"model config: {flag}=true is not supported")
+        rope_src = {k: get(k) for k in ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings")}
+        rope_src = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in rope_src.items() if v is not None}
+        theta, scaling = rope_settings(rope_src)
+        dims = cls(
+            hidden_size=hidden,
+            num_layers=int(pick("num_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(head_dim),
+            intermediate_size=int(pick("intermediate_size")),
+            vocab_size=int(pick("vocab_size")),
+            rms_norm_eps=float(pick("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(pick("tie_word_embeddings", False)),
+            max_position_embeddings=int(pick("max_position_embeddings", 2048)),
+        )
+        for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "vocab_size"):
+            if getattr(dims, f) <= 0:
+                raise ValueError(f"model config: {f} must be positive, got {getattr(dims, f)}")
+        return dims
+
+    def to_hf_config(self) -> dict:
+        """An HF ``config.json`` dict (LlamaForCausalLM) with these dimensions."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = 2 * h + h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i
+        return v * h * (1 if self.tie_word_embeddings else 2) + h + self.num_layers * per_layer
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` of a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"model config not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
+# --------------------------------------------------------------------------------------
+# weight containers
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    o: torch.Tensor  # [H, Hq D]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]; `is embed` when tied
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head is self.embed
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield self.embed
+        for lw in self.layers:
+            for f in fields(lw):
+                yield getattr(lw, f.name)
+        yield self.final_norm
+        if not self.tied:
+            yield self.lm_head
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LlamaWeights:
+        """A copy in ``dtype`` on ``device`` (tensors already there are shared, tying is kept)."""
+        def cv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype=dtype or t.dtype, device=device or t.device)
+
+        embed = cv(self.embed)
+        layers = [LayerWeights(**{f.name: cv(getattr(lw, f.name)) for f in fields(lw)}) for lw in self.layers]
+        return LlamaWeights(embed, layers, cv(self.final_norm), embed if self.tied else cv(self.lm_head))
+
+    def check(self, dims: ModelDims) -> None:
+        """Raise `WeightLoadError` if any tensor's shape does not match ``dims``."""
+        problems = [f"{name}: shape {tuple(t.shape)}, expected {shape}"
+                    for name, t, shape in self._named(dims) if tuple(t.shape) != shape]
+        if problems:
+            raise WeightLoadError("weights do not match the model config:\n  " + "\n  ".join(problems))
+
+    def _named(self, dims: ModelDims):
+        h, i, qkv = dims.hidden_size, dims.intermediate_size, dims.q_size + 2 * dims.kv_size
+        yield "embed", self.embed, (dims.vocab_size, h)
+        if len(self.layers) != dims.num_layers:
+            raise WeightLoadError(f"weights have {len(self.layers)} layers, the config {dims.num_layers}")
+        for n, lw in enumerate(self.layers):
+            yield f"layers[{n}].input_norm", lw.input_norm, (h,)
+            yield f"layers[{n}].qkv", lw.qkv, (qkv, h)
+            yield f"layers[{n}].o", lw.o, (h, dims.q_size)
+            yield f"layers[{n}].post_norm", lw.post_norm, (h,)
+            yield f"layers[{n}].gate_up", lw.gate_up, (2 * i, h)
+            yield f"layers[{n}].down", lw.down, (h, i)
+        yield "final_norm", self.final_norm, (h,)
+        yield "lm_head", self.lm_head, (dims.vocab_size, h)
+
+
+# --------------------------------------------------------------------------------------
+# random weights
+# --------------------------------------------------------------------------------------
+
+def random_weights(spec: Any, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", std: float = 0.02) -> LlamaWeights:
+    """Random weights with the real shapes of ``spec``: linear and embedding weights
+    ~ normal(0, std) (HF's ``initializer_range``), norms at 1.
+
+    Deterministic given (seed, device): values are drawn on ``device`` from a generator
+    seeded with ``seed``, in a fixed order (CPU and GPU draws differ).
+    """
+    dims = ModelDims.from_spec(spec)
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    h, i = dims.hidden_size, dims.intermediate_size
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
+
+    def ones() -> torch.Tensor:
+        return torch.ones(h, dtype=dtype, device=device)
+
+    embed = normal(dims.vocab_size, h)
+    layers = [LayerWeights(input_norm=ones(), qkv=normal(dims.q_size + 2 * dims.kv_size, h),
+                           o=normal(h, dims.q_size), post_norm=ones(), gate_up=normal(2 * i, h),
+                           down=normal(h, i))
+              for _ in range(dims.num_layers)]
+    lm_head = embed if dims.tie_word_embeddings else normal(dims.vocab_size, h)
+    return LlamaWeights(embed, layers, ones(), lm_head)
+
+
+# --------------------------------------------------------------------------------------
+# HF naming
+# --------------------------------------------------------------------------------------
+
+def hf_tensor_shapes(spec: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF LlamaForCausalLM checkpoint of ``spec`` holds, with its shape."""
+    dims = ModelDims.from_spec(spec)
+    h, i, v = dims.hidden_size, dims.intermediate_size, dims.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for n in range(dims.num_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (dims.q_size, h)
+        shapes[p + "self_attn.k_proj.weight"] = (dims.kv_size, h)
+        shapes[p + "self_attn.v_proj.weight"] = (dims.kv_size, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, dims.q_size)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    shapes["model.norm.weight"] = (h,)
+    if not dims.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def to_hf_state_dict(weights: LlamaWeights, spec: Any) -> dict[str, torch.Tensor]:
+    """Un-fuse ``weights`` into HF-named tensors (contiguous copies)."""
+    dims = ModelDims.from_spec(spec)
+    weights.check(dims)
+    sd = {"model.embed_tokens.weight": weights.embed}
+    for n, lw in enumerate(weights.layers):
+        p = f"model.layers.{n}."
+        q, k, v = lw.qkv.split([dims.q_size, dims.kv_size, dims.kv_size], dim=0)
+        gate, up = lw.gate_up.split([dims.intermediate_size] * 2, dim=0)
+        sd.update({p + "input_layernorm.weight": lw.input_norm, p + "self_attn.q_proj.weight": q,
+                   p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.o_proj.weight": lw.o, p + "post_attention_layernorm.weight": lw.post_norm,
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": lw.down})
+    sd["model.norm.weight"] = weights.final_norm
+    if not dims.tie_word_embeddings:
+        sd["lm_head.weight"] = weights.lm_head
+    return {k: t.detach().to("cpu").contiguous().clone() for k, t in sd.items()}
+
+
+def save_hf_checkpoint(weights: LlamaWeights, spec: Any, path: str | os.PathLike, num_shards: int = 1) -> Path:
+    """Write ``config.json`` and the weights in HF naming to directory ``path`` (one
+    ``model.safetensors``, or ``num_shards`` shards plus ``model.safetensors.index.json``)."""
+    from safetensors.torch import save_file
+
+    dims = ModelDims.from_spec(spec)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = to_hf_state_dict(weights, dims)
+    cfg = dims.to_hf_config()
+    cfg["torch_dtype"] = str(weights.embed.dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    names = list(sd)
+    if num_shards <= 1:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    per = math.ceil(len(names) / num_shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s in range(num_shards):
+        chunk = names[s * per:(s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file({k: sd[k] for k in chunk}, str(out / fname), metadata={"format": "pt"})
+        for k in chunk:
+            weight_map[k] = fname
+            total += sd[k].numel() * sd[k].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+def _checkpoint_files(path: Path) -> dict[str, Path] | list[Path]:
+    """Either a tensor-name -> file map (from an index), or the files to scan."""
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _read_index(path)
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return _read_index(index)
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightLoadError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    out = {}
+    for name, fname in weight_map.items():
+        f = index.parent / fname
+        out[name] = f
+    missing_files = sorted({str(f) for f in out.values() if not f.is_file()})
+    if missing_files:
+        raise WeightLoadError(f"{index}: shard file(s) listed but not found: {', '.join(missing_files)}")
+    return out
+
+
+def load_safetensors_weights(spec: Any, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                             device: torch.device | str = "cpu") -> LlamaWeights:
+    """Load an HF-named Llama checkpoint (file, directory, or sharded directory), fusing
+    q/k/v and gate/up. ``dtype=None`` keeps the checkpoint's dtype.
+
+    Raises `WeightLoadError` naming every missing or mis-shaped tensor.
+    """
+    from safetensors import safe_open
+
+    dims = ModelDims.from_spec(spec)
+    root = Path(path)
+    located = _checkpoint_files(root)
+    expected = hf_tensor_shapes(dims)
+    tied = dims.tie_word_embeddings
+    device = torch.device(device)
+
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        keys: dict[Path, set[str]] = {}
+
+        def handle(f: Path):
+            if f not in handles:
+                try:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                except Exception as e:  # safetensors raises its own error types
+                    raise WeightLoadError(f"{f}: cannot read safetensors file: {e}") from None
+            return handles[f]
+
+        if isinstance(located, dict):
+            where = located
+        else:
+            where = {}
+            for f in located:
+                for k in handle(f).keys():
+                    where.setdefault(k, f)
+
+        problems = []
+        for name, shape in expected.items():
+            f = where.get(name)
+            if f is None:
+                problems.append(f"tensor '{name}' is missing")
+                continue
+            h = handle(f)
+            if f not in keys:
+                keys[f] = set(h.keys())
+            if name not in keys[f]:
+                problems.append(f"tensor '{name}' is missing from {f.name} (listed there by the index)")
+                continue
+            got = tuple(h.get_slice(name).get_shape())
+            if got != shape:
+                problems.append(f"tensor '{name}' in {f.name} has shape {got}, expected {shape}")
+        if problems:
+            raise WeightLoadError(f"checkpoint {root} does not match the model config:\n  " + "\n  ".join(problems))
+
+        def get(name: str) -> torch.Tensor:
+            t = handle(where[name]).get_tensor(name)
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        def fused(*names: str) -> torch.Tensor:
+            return torch.cat([get(n) for n in names], dim=0)
+
+        embed = get("model.embed_tokens.weight")
+        layers = []
+        for n in range(dims.num_layers):
+            p = f"model.layers.{n}."
+            layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                qkv=fused(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                o=get(p + "self_attn.o_proj.weight"),
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=get(p + "mlp.down_proj.weight"),
+            ))
+        final_norm = get("model.norm.weight")
+        lm_head = embed if tied else get("lm_head.weight")
+    return LlamaWeights(embed, layers, final_norm, lm_head)

@@ -1,0 +1,105 @@
+"""Small helpers shared by the kernel modules and the dispatcher (no triton import here).
+
+Triton decides between compiling and interpreting when a ``@triton.jit`` function is
+*defined* (``TRITON_INTERPRET`` is read at decoration time).  The Triton kernel modules of
+this package are therefore only imported on first use by :mod:`servesim.kernels.ops`, so
+setting ``TRITON_INTERPRET=1`` any time before the first Triton call is enough.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+H100_NUM_SMS = 132
+
+
+# Test hook: when True, every output / workspace tensor the kernel wrappers allocate is
+# filled with NaN first, so a test can show that the kernels write every element.
+POISON_OUTPUTS = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs and workspaces (NaN-filled under POISON_OUTPUTS)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def use_triton(impl: str, x: torch.Tensor) -> bool:
+    """Resolve ``impl`` ("triton" | "torch" | "auto") for an op whose main input is ``x``."""
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' requested but triton is not importable")
+        if not x.is_cuda and not interpret_requested():
+            raise RuntimeError(
+                "impl='triton' on a CPU tensor needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before servesim.kernels runs its first Triton kernel"
+            )
+        return True
+    if impl == "auto":
+        return triton_available() and (x.is_cuda or interpret_requested())
+    raise ValueError(f"impl must be 'triton', 'torch' or 'auto', got {impl!r}")
+
+
+def check_interpreted(kernel, x: torch.Tensor) -> None:
+    """Clear error when a compiled (non-interpreted) kernel is about to get CPU tensors."""
+    if x.is_cuda:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "servesim.kernels: the Triton kernels were imported without TRITON_INTERPRET=1, "
+            "so they cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first "
+            "import of a servesim.kernels Triton module (e.g. in conftest.py)"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; the H100's 132 for CPU (interpreter) tensors."""
+    if device.type == "cuda":
+        return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return H100_NUM_SMS
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (no silent TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def as_last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

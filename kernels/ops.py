@@ -1,0 +1,133 @@
+"""The kernel ops the GPU backend calls: each dispatches to Triton or to its torch reference.
+
+``impl``: ``"triton"``, ``"torch"`` (the plain-torch reference in ``reference.py``) or
+``"auto"`` = Triton when the main input is on a CUDA device or ``TRITON_INTERPRET=1`` is set
+(Triton's CPU interpreter), else torch.
+
+The Triton modules are imported on first use only, so this module imports without triton,
+and ``TRITON_INTERPRET`` need only be set before the first Triton call (Triton reads it when
+a kernel module is imported).
+
+Shapes (T tokens, B / N sequences, Hq / Hkv heads, D head_dim, paged KV cache
+``[num_blocks, block_size, Hkv, D]``) are documented on the references in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import use_triton
+from .reference import (
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    rms_norm_ref,
+    rope_kv_write_ref,
+    silu_mul_ref,
+)
+
+__all__ = [
+    "rms_norm",
+    "silu_mul",
+    "rope_kv_write",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``h = x + residual``; ``out = RMSNorm(h) * weight``. Returns ``(out, h)``.
+
+    x, residual: [T, H]; weight: [H]. fp32 math, ``x.dtype`` out. Without a residual,
+    ``h`` is ``x`` itself.
+    """
+    if use_triton(impl, x):
+        from .rmsnorm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def silu_mul(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``silu(gate_up[:, :I]) * gate_up[:, I:]``: [T, 2I] -> [T, I]."""
+    if use_triton(impl, gate_up):
+        from .activation import silu_mul_triton
+
+        return silu_mul_triton(gate_up)
+    return silu_mul_ref(gate_up)
+
+
+def rope_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """neox rotary on q [T, Hq, D] and k [T, Hkv, D] at ``positions`` [T] (int64), using
+    ``cos_sin`` [max_pos, D] (cos | sin halves, fp32); writes rotated k and v into the
+    paged caches at ``slot_mapping`` [T] (int64, -1 = skip). Returns ``(q_rot, k_rot)``.
+
+    q/k/v may be strided views (e.g. splits of a fused qkv projection) as long as head_dim
+    is contiguous.
+    """
+    if use_triton(impl, q):
+        from .rope import rope_kv_write_triton
+
+        return rope_kv_write_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    return rope_kv_write_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] over its ``seq_lens[b]`` cached tokens,
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (0 -> zeros). Split-K over the
+    sequence; ``num_splits=None`` picks it from B x Hkv vs the SM count (shapes only).
+    """
+    if use_triton(impl, q):
+        from .decode_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits
+        )
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal attention of packed chunks q [T, Hq, D] (sequence n owns rows
+    ``cu_q_lens[n]:cu_q_lens[n+1]``) over paged KV of ``seq_lens[n]`` tokens each, the
+    chunk's own tokens being the last ``q_len`` of them (already written to the cache).
+    """
+    if use_triton(impl, q):
+        from .prefill_attention import paged_prefill_attention_triton
+
+        return paged_prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale
+        )
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale)

@@ -1,0 +1,76 @@
+"""Capacity (admission) policies, with TensorRT-LLM's semantics.
+
+- GUARANTEED_NO_EVICT reserves KV blocks for the prompt plus the whole output at
+  admission, so a running request never runs out of cache.
+- MAX_UTILIZATION admits as long as the prompt's blocks are free; when generation
+  runs out of blocks the engine pauses the newest request (recompute on resume).
+- STATIC_BATCH forms a batch only while the engine is idle and lets nothing join until
+  the batch's last request has finished; finished slots stay idle.
+
+A policy decides; the engine carries out. Policies see the block manager and the request
+only, never the executor.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from servesim.sim.kv_cache import BlockManager, blocks_for
+from servesim.sim.types import Request
+
+
+def final_kv_tokens(req: Request) -> int:
+    """KV length when the request emits its last token (the last token is never written)."""
+    return req.prompt_len + req.output_len - 1
+
+
+class CapacityPolicy(Protocol):
+    name: str
+    admit_while_busy: bool  # False: only admit into an idle engine (static batching)
+    pauses_on_shortage: bool  # True: the engine pauses the newest request when blocks run out
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
+        """Reserve what the policy needs for `req`; False leaves the pool untouched.
+
+        `headroom` is the number of blocks the running requests will take in the next
+        iteration (a policy that does not reserve ahead must leave them free)."""
+        ...
+
+
+class GuaranteedNoEvict:
+    name = "guaranteed_no_evict"
+    admit_while_busy = True
+    pauses_on_shortage = False
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
+        need = blocks_for(final_kv_tokens(req), kv.tpb)
+        if kv.reserved + need > kv.total:
+            return False
+        kv.reserve(req, need)
+        return True
+
+
+class MaxUtilization:
+    name = "max_utilization"
+    admit_while_busy = True
+    pauses_on_shortage = True
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
+        # The prompt's blocks must be free now, beyond what the running requests take in
+        # the next iteration; generation then grows into whatever is left.
+        return blocks_for(req.context_target, kv.tpb) + headroom <= kv.free
+
+
+class StaticBatch(GuaranteedNoEvict):
+    name = "static_batch"
+    admit_while_busy = False
+    pauses_on_shortage = False
+
+
+CAPACITY_POLICIES: dict[str, type] = {
+    p.name: p for p in (GuaranteedNoEvict, MaxUtilization, StaticBatch)
+}
+
+
+def make_capacity_policy(name: str) -> CapacityPolicy:
+    return CAPACITY_POLICIES[name]()

@@ -1,0 +1,268 @@
+"""Experiment files: YAML validated by pydantic, variants merged over shared settings.
+
+An experiment file holds `name`, optional `description`, the shared run settings (the
+fields of `RunConfig`) and `variants:`, a list of `{name, <settings it overrides>}`.
+Each variant's settings are the shared ones deep-merged with its overrides, then with the
+command line's `--set key.path=value` pairs, then validated. Every problem is reported
+with the file and key path (`variants[1].scheduler.max_num_tokens`), all at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from servesim.traces.spec import WorkloadConfig
+
+from .cost_model import RooflineConfig
+from .types import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerConfig(_Strict):
+    capacity: Literal["guaranteed_no_evict", "max_utilization", "static_batch"] = Field(
+        "guaranteed_no_evict",
+        description="admission policy: guaranteed_no_evict reserves KV for prompt+output; "
+        "max_utilization admits greedily and pauses the newest request when KV runs out; "
+        "static_batch forms a batch only when the engine is idle")
+    max_batch_size: int = Field(256, gt=0, description="most requests active at once")
+    max_num_tokens: int = Field(8192, gt=0, description="most tokens (context + generation) in one iteration")
+    enable_chunked_context: bool = Field(False, description="split long prompts across iterations")
+    chunk_size: int | None = Field(None, gt=0, description="context tokens per chunk (multiple of "
+                                   "kv_cache.tokens_per_block); null fills the iteration's budget")
+
+
+class KVCacheConfig(_Strict):
+    tokens_per_block: int = Field(32, gt=0, description="tokens per KV block (power of two)")
+    free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after "
+                                            "weights and activations that the KV pool takes")
+    max_tokens: int | None = Field(None, gt=0, description="cap on the pool size in tokens")
+    activation_reserve_gb: float | None = Field(None, ge=0, description="GPU memory kept for activations; "
+                                                "null estimates it from max_num_tokens")
+
+    @model_validator(mode="after")
+    def _pow2(self):
+        t = self.tokens_per_block
+        if t & (t - 1):
+            raise ValueError(f"tokens_per_block must be a power of two, got {t}")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    cuda_graphs: bool = Field(True, description="generation-only iterations run as CUDA graphs, batch "
+                              "padded to a captured size")
+    graph_max_batch_size: int | None = Field(None, gt=0, description="largest captured graph (default: max_batch_size)")
+    overlap_scheduler: bool = Field(False, description="host prepares iteration n+1 while the GPU runs n")
+
+
+class ClusterConfig(_Strict):
+    replicas: int = Field(1, gt=0, description="engine replicas, each on its own GPUs")
+    router: Literal["round_robin", "least_loaded"] = "round_robin"
+    tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
+
+
+class CostModelConfig(_Strict):
+    kind: Literal["roofline"] = "roofline"
+    roofline: RooflineConfig = Field(default_factory=RooflineConfig)
+
+
+class OutputConfig(_Strict):
+    plots: bool = Field(True, description="write PNG plots into the run directory")
+
+
+class RunConfig(_Strict):
+    """The settings of one run (one variant)."""
+
+    seed: int = Field(0, description="seeds synthetic workloads and sampling")
+    model: str = Field("llama-3.1-8b", description="bundled model name or path to a HF config.json")
+    hardware: str = Field("h100-sxm", description="bundled hardware name or path to a hardware YAML")
+    workload: WorkloadConfig
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    cost_model: CostModelConfig = Field(default_factory=CostModelConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        s = self.scheduler
+        if s.max_num_tokens < s.max_batch_size:
+            raise ValueError(f"scheduler.max_num_tokens ({s.max_num_tokens}) must be at least "
+                             f"scheduler.max_batch_size ({s.max_batch_size}): every generation "
+                             "request takes one token of the budget")
+        if s.chunk_size is not None and s.chunk_size % self.kv_cache.tokens_per_block:
+            raise ValueError(f"scheduler.chunk_size ({s.chunk_size}) must be a multiple of "
+                             f"kv_cache.tokens_per_block ({self.kv_cache.tokens_per_block})")
+        return self
+
+
+class Variant:
+    def __init__(self, name: str, config: RunConfig, raw: dict):
+        self.name = name
+        self.config = config
+        self.raw = raw
+
+
+class Experiment:
+    def __init__(self, path: Path, name: str, description: str, variants: list[Variant]):
+        self.path = path
+        self.name = name
+        self.description = description
+        self.variants = variants
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+# ---------------------------------------------------------------------------------------
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _has_path(d: Any, loc: tuple) -> bool:
+    for p in loc:
+        if isinstance(d, dict) and p in d:
+            d = d[p]
+        elif isinstance(d, list) and isinstance(p, int) and p < len(d):
+            d = d[p]
+        else:
+            return False
+    return True
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_set(pairs: list[str]) -> dict:
+    """`--set a.b=1` pairs into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key.path=value, got {pair!r}", "command line")
+        key, val = pair.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set has an empty key in {pair!r}", "command line")
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError:
+            value = val
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"--set {key}: {p} is set twice", "command line")
+        d[parts[-1]] = value
+    return out
+
+
+def _pydantic_problems(err: ValidationError, where: str, variant_raw: dict | None,
+                       vi: int | None, set_over: dict) -> list[tuple[str, str]]:
+    probs = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # discriminated unions add the tag as a path element; keep it, it names the kind
+        if set_over and _has_path(set_over, loc):
+            key = f"--set {_fmt_loc(loc)}"
+            w = "command line"
+        elif variant_raw is not None and _has_path(variant_raw, loc):
+            key = f"variants[{vi}].{_fmt_loc(loc)}"
+            w = where
+        else:
+            key = _fmt_loc(loc) if loc else "(top level)"
+            w = where
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `sim validate` lists the allowed keys in the README)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        probs.append((f"{w}: {key}", msg))
+    return probs
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, merge and validate an experiment file. Raises ConfigError with every problem."""
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise ConfigError(f"no such experiment file", where)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", f"{where}{line}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("an experiment file must be a mapping with name, workload and variants", where)
+    problems: list[tuple[str, str]] = []
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append((f"{where}: name", "required: a non-empty string naming the experiment"))
+        name = path.stem
+    description = raw.get("description", "")
+    variants_raw = raw.get("variants", [{"name": "base"}])
+    base = {k: v for k, v in raw.items() if k not in ("name", "description", "variants")}
+    set_over = parse_set(overrides or [])
+    if not isinstance(variants_raw, list) or not variants_raw:
+        problems.append((f"{where}: variants", "expected a non-empty list of {name: ..., <overrides>}"))
+        variants_raw = [{"name": "base"}]
+    variants: list[Variant] = []
+    seen_names: set[str] = set()
+    base_reported: set[str] = set()
+    for i, v in enumerate(variants_raw):
+        if not isinstance(v, dict):
+            problems.append((f"{where}: variants[{i}]", "expected a mapping with a name"))
+            continue
+        vname = v.get("name")
+        if not isinstance(vname, str) or not vname.strip():
+            problems.append((f"{where}: variants[{i}].name", "required: a non-empty string"))
+            vname = f"variant{i}"
+        elif vname in seen_names:
+            problems.append((f"{where}: variants[{i}].name", f"duplicate variant name {vname!r}"))
+        elif not all(c.isalnum() or c in "-_." for c in vname):
+            problems.append((f"{where}: variants[{i}].name",
+                             f"{vname!r}: use letters, digits, '-', '_' or '.' (it names a folder)"))
+        seen_names.add(vname)
+        over = {k: val for k, val in v.items() if k != "name"}
+        merged = deep_merge(deep_merge(base, over), set_over)
+        try:
+            cfg = RunConfig.model_validate(merged)
+        except ValidationError as err:
+            for p in _pydantic_problems(err, where, over, i, set_over):
+                if p[0].startswith(f"{where}: variants[") or p[0].startswith("command line"):
+                    problems.append(p)
+                elif p not in base_reported:  # shared settings: report once
+                    base_reported.add(p)
+                    problems.append(p)
+            continue
+        variants.append(Variant(vname, cfg, merged))
+    if problems:
+        # de-duplicate while keeping order
+        seen = set()
+        uniq = [p for p in problems if not (p in seen or seen.add(p))]
+        raise ConfigError(uniq)
+    return Experiment(path, name, description, variants)

@@ -1,0 +1,315 @@
+"""Roofline cost model: the time of one engine iteration from model and hardware specs.
+
+Every GPU operation is priced as ``max(FLOPs / F, bytes / B)`` where ``F`` and ``B`` are
+the hardware's *achievable* bf16 matmul rate and HBM bandwidth (``HardwareSpec``) times
+the efficiencies of :class:`RooflineConfig`. Terms, per GPU, with ``T`` tokens in the
+iteration (context tokens + generation requests; the padded batch size replaces the
+generation count when the iteration runs as a CUDA graph) and ``S`` sampling tokens
+(context chunks that complete a prompt + generation requests, padded likewise):
+
+* **linear layers** qkv, o, gate_up, down of all layers, each
+  ``max(2*T*K*N / F, (K*N + T*(K+N)) * b / B)``: weights read once, activations in/out;
+* **lm_head** on the ``S`` sampling tokens only (fp32 logits out), plus a **sampler** term
+  reading the fp32 logits;
+* **prefill attention**, per context chunk of ``n`` new tokens over ``p`` cached ones:
+  FLOPs ``4 * head_dim * heads * (n*p + n*(n+1)/2)`` per layer (QK^T and PV, causal),
+  bytes: Q in, O out, the chunk's K/V in and written to the cache, the ``p`` cached
+  tokens' K/V read;
+* **decode attention**: a per-request part (Q in, O out, the new K/V written) and a part
+  linear in ``decode_kv_sum``: per cached token ``max(4*head_dim*heads / F,
+  2*kv_heads*head_dim*b / B)`` per layer. With GQA it is memory bound by a factor of
+  ``F/B / (heads/kv_heads)`` (~60 on an H100), so taking the max per token is exact in
+  practice and keeps the iteration affine in ``decode_kv_sum``;
+* **elementwise** (bytes only): embedding gather, fused residual-add + RMSNorm twice per
+  layer and once at the end, RoPE on q and k, SiLU*up;
+* **all-reduce** (tp > 1): 2 per layer (after o and down), ring algorithm:
+  ``latency + 2*(tp-1)/tp * T*hidden*b / (nvlink_bytes_per_s * efficiency)``.
+
+With tensor parallelism heads, KV heads (replicated when tp exceeds them), the MLP and
+the vocabulary are split over ``tp`` GPUs; hidden-size activations are replicated.
+
+Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention's
+``decode_kv_sum`` term and ``gpu_rest`` = everything else)::
+
+    graph:  gpu_rest + host_overhead_graph_s                    + gpu_kv + sched
+    eager:  max(gpu_rest, host_overhead_eager)                  + gpu_kv + sched
+            (gpu_rest + host_overhead_eager when eager_launch_overlaps_gpu is false)
+    sched = 0 with the overlap scheduler (the next batch is scheduled while the GPU
+            runs this one), else scheduler_overhead_s + per_request * requests
+
+Eager kernel launches run ahead of the GPU asynchronously, so they overlap the GPU work;
+letting them overlap only ``gpu_rest`` (not the decode_kv_sum term) keeps the price of a
+generation-only iteration exactly affine in ``decode_kv_sum`` -- the contract of
+``CostModel`` -- at the cost of a small overestimate when launches dominate. For the same
+reason the overlap scheduler hides the scheduler overhead entirely rather than taking
+``max(gpu, host)``. An iteration with no tokens costs 0.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from servesim.sim.specs import HardwareSpec, ModelSpec
+from servesim.sim.types import IterationShape
+
+GPU_TERMS = (
+    "qkv",
+    "o",
+    "gate_up",
+    "down",
+    "lm_head",
+    "sampler",
+    "elementwise",
+    "attn_prefill",
+    "attn_decode",
+    "attn_decode_kv",
+    "allreduce",
+)
+HOST_TERMS = ("host_launch", "scheduler")
+
+
+class RooflineConfig(BaseModel):
+    """Knobs of the roofline model. Defaults: pure roofline on the achievable rates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flops_efficiency: float = Field(1.0, gt=0, description="multiplies the hardware's achievable bf16 FLOP/s")
+    bandwidth_efficiency: float = Field(1.0, gt=0, description="multiplies the achievable HBM bytes/s")
+    attention_flops_efficiency: float = Field(
+        1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
+    )
+    host_overhead_eager_s: float | None = Field(
+        None,
+        ge=0,
+        description="CPU time to launch one eager (no CUDA graph) forward; "
+        "null: eager_launch_base_s + eager_launch_per_layer_s * num_layers",
+    )
+    eager_launch_per_layer_s: float = Field(
+        60e-6, ge=0, description="~12 kernels per decoder layer at ~5 us of CPU launch time each"
+    )
+    eager_launch_base_s: float = Field(
+        300e-6, ge=0, description="embedding, lm_head, sampler launches and input preparation"
+    )
+    eager_launch_overlaps_gpu: bool = Field(
+        True, description="eager launches overlap the GPU work (max) instead of adding to it"
+    )
+    host_overhead_graph_s: float = Field(
+        40e-6, ge=0, description="per iteration with a CUDA graph: input copy + graph launch, serial"
+    )
+    scheduler_overhead_s: float = Field(
+        300e-6, ge=0, description="host scheduling work per iteration (hidden by the overlap scheduler)"
+    )
+    scheduler_overhead_per_request_s: float = Field(
+        1e-6, ge=0, description="additional scheduling work per request in the batch"
+    )
+    allreduce_latency_s: float = Field(10e-6, ge=0, description="fixed cost of one NCCL all-reduce (tp > 1)")
+    allreduce_bandwidth_efficiency: float = Field(
+        0.8, gt=0, description="fraction of nvlink_bytes_per_s a ring all-reduce reaches"
+    )
+
+
+class RooflineCostModel:
+    """Implements the ``CostModel`` protocol of ``sim/types.py`` (see the module doc)."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        hw: HardwareSpec,
+        cfg: RooflineConfig | None = None,
+        tp: int = 1,
+        cuda_graphs: bool = True,
+        overlap_scheduler: bool = False,
+    ):
+        cfg = cfg if cfg is not None else RooflineConfig()
+        model.check_tp(tp)
+        self.model, self.hw, self.cfg, self.tp = model, hw, cfg, tp
+        self.cuda_graphs = cuda_graphs  # informational: the shape's `graph` flag decides
+        self.overlap_scheduler = overlap_scheduler
+
+        F = hw.achievable_bf16_flops * cfg.flops_efficiency
+        Fa = F * cfg.attention_flops_efficiency
+        B = hw.achievable_hbm_bytes_per_s * cfg.bandwidth_efficiency
+        b = model.dtype_bytes
+        L = model.num_layers
+        d = model.hidden_size
+        hd = model.head_dim
+        hg = model.num_heads // tp
+        kvg = model.kv_heads_per_gpu(tp)
+        shapes = model.linear_shapes(tp)
+
+        # Per linear over all layers: (s/token compute, s weights, s/token activations).
+        self._lin: dict[str, tuple[float, float, float]] = {}
+        for k in ("qkv", "o", "gate_up", "down"):
+            K, N = shapes[k]
+            self._lin[k] = (L * 2.0 * K * N / F, L * float(K * N * b) / B, L * float((K + N) * b) / B)
+        K, V = shapes["lm_head"]
+        self._lin["lm_head"] = (2.0 * K * V / F, float(K * V * b) / B, float(K * b + V * 4) / B)
+        self._lin_layers = tuple(self._lin[k] for k in ("qkv", "o", "gate_up", "down"))
+        self._sampler = V * 4.0 / B  # the sampler reads the fp32 logits
+        per_layer_elem = 8 * d + 2 * (hg + kvg) * hd + 3 * (model.intermediate_size // tp)
+        self._elem = float((L * per_layer_elem + 4 * d + 2 * d) * b) / B
+        # Prefill attention: flops per (query, key) pair, bytes per new / per prior token.
+        self._ap_f = L * 4.0 * hd * hg / Fa
+        self._ap_new = L * float((2 * hg * hd + 4 * kvg * hd) * b) / B
+        self._ap_prior = L * float(2 * kvg * hd * b) / B
+        # Decode attention: per request (Q in, O out, new K/V written), per cached token.
+        self._ad_req = L * float((2 * hg * hd + 2 * kvg * hd) * b) / B
+        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / B)
+        # All-reduce: 2 per layer.
+        if tp > 1:
+            self._ar_fixed = 2 * L * cfg.allreduce_latency_s
+            self._ar_tok = 2 * L * (2.0 * (tp - 1) / tp) * d * b / (hw.nvlink_bytes_per_s * cfg.allreduce_bandwidth_efficiency)
+        else:
+            self._ar_fixed = 0.0
+            self._ar_tok = 0.0
+        # Host.
+        self._host_eager = (
+            cfg.host_overhead_eager_s
+            if cfg.host_overhead_eager_s is not None
+            else cfg.eager_launch_base_s + cfg.eager_launch_per_layer_s * L
+        )
+        self._eager_overlap = cfg.eager_launch_overlaps_gpu
+        self._host_graph = cfg.host_overhead_graph_s
+        if overlap_scheduler:
+            self._sched_fixed = 0.0
+            self._sched_req = 0.0
+        else:
+            self._sched_fixed = cfg.scheduler_overhead_s
+            self._sched_req = cfg.scheduler_overhead_per_request_s
+        self._affine: dict[tuple[int, bool, int], tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------------------
+    @property
+    def host_overhead_eager_s(self) -> float:
+        return self._host_eager
+
+    def _gpu_rest(self, T: int, S: int, n_dec: int) -> float:
+        """GPU time of everything but attention over cached/chunk tokens: linears,
+        lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
+        t = 0.0
+        for cf, w, ca in self._lin_layers:
+            a = cf * T
+            m = w + ca * T
+            t += a if a > m else m
+        if S:
+            cf, w, ca = self._lin["lm_head"]
+            a = cf * S
+            m = w + ca * S
+            t += (a if a > m else m) + self._sampler * S
+        t += self._elem * T + self._ad_req * n_dec
+        if self._ar_tok:
+            t += self._ar_fixed + self._ar_tok * T
+        return t
+
+    def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int) -> float:
+        if graph:
+            t = gpu_rest + self._host_graph
+        elif self._eager_overlap:
+            t = gpu_rest if gpu_rest > self._host_eager else self._host_eager
+        else:
+            t = gpu_rest + self._host_eager
+        return t + gpu_kv + (self._sched_fixed + self._sched_req * n_requests)
+
+    @staticmethod
+    def _decode_tokens(n: int, graph: bool, padded: int) -> int:
+        return padded if (graph and n > 0 and padded > n) else n
+
+    # --- CostModel protocol --------------------------------------------------------
+    def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """(fixed_s, per_kv_token_s) with price(shape) == fixed + per_kv * decode_kv_sum
+        for every generation-only shape (no context chunks) of this (n, graph, padded)."""
+        key = (n_decode, graph, padded_decode)
+        r = self._affine.get(key)
+        if r is not None:
+            return r
+        if n_decode <= 0:
+            r = (0.0, 0.0)
+        else:
+            nd = self._decode_tokens(n_decode, graph, padded_decode)
+            fixed = self._total(self._gpu_rest(nd, nd, nd), 0.0, graph, n_decode)
+            r = (fixed, self._ad_kv)
+        self._affine[key] = r
+        return r
+
+    def price(self, shape: IterationShape) -> float:
+        """Seconds for one iteration of this shape."""
+        ctx = shape.ctx_new_tokens
+        if not ctx:
+            r = self._affine.get((shape.n_decode, shape.graph, shape.padded_decode))
+            if r is None:
+                r = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
+            return r[0] + r[1] * shape.decode_kv_sum
+        n = shape.n_decode
+        graph = shape.graph
+        nd = shape.padded_decode if (graph and n > 0 and shape.padded_decode > n) else n
+        ap_f, ap_new, ap_prior = self._ap_f, self._ap_new, self._ap_prior
+        T = nd
+        attn = 0.0
+        for c, p in zip(ctx, shape.ctx_prior_tokens):
+            T += c
+            f = ap_f * (c * p + ((c * (c + 1)) >> 1))
+            m = ap_new * c + ap_prior * p
+            attn += f if f > m else m
+        if T == 0:
+            return 0.0
+        S = shape.n_ctx_sampling + nd
+        # Inlined _gpu_rest (price is the hot path).
+        t = attn + self._elem * T + self._ad_req * nd
+        for cf, w, ca in self._lin_layers:
+            a = cf * T
+            m = w + ca * T
+            t += a if a > m else m
+        if S:
+            cf, w, ca = self._lin["lm_head"]
+            a = cf * S
+            m = w + ca * S
+            t += (a if a > m else m) + self._sampler * S
+        if self._ar_tok:
+            t += self._ar_fixed + self._ar_tok * T
+        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n)
+
+    # --- debugging / plots ---------------------------------------------------------
+    def breakdown(self, shape: IterationShape) -> dict[str, float]:
+        """Seconds per term (keys GPU_TERMS + HOST_TERMS); they sum to price(shape).
+        ``host_launch`` is the part of the launch overhead not hidden under GPU work."""
+        out = dict.fromkeys(GPU_TERMS + HOST_TERMS, 0.0)
+        n = shape.n_decode
+        nd = self._decode_tokens(n, shape.graph, shape.padded_decode)
+        T = sum(shape.ctx_new_tokens) + nd
+        if T == 0:
+            return out
+        S = shape.n_ctx_sampling + nd
+
+        def lin(coef: tuple[float, float, float], tokens: int) -> float:
+            cf, w, ca = coef
+            return max(cf * tokens, w + ca * tokens) if tokens else 0.0
+
+        for k in ("qkv", "o", "gate_up", "down"):
+            out[k] = lin(self._lin[k], T)
+        out["lm_head"] = lin(self._lin["lm_head"], S)
+        out["sampler"] = self._sampler * S
+        out["elementwise"] = self._elem * T
+        out["attn_prefill"] = sum(
+            max(self._ap_f * (c * p + c * (c + 1) // 2), self._ap_new * c + self._ap_prior * p)
+            for c, p in zip(shape.ctx_new_tokens, shape.ctx_prior_tokens)
+        ) + 0.0
+        out["attn_decode"] = self._ad_req * nd
+        out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
+        out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
+        gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
+        if shape.graph:
+            out["host_launch"] = self._host_graph
+        elif self._eager_overlap:
+            out["host_launch"] = max(0.0, self._host_eager - gpu_rest)
+        else:
+            out["host_launch"] = self._host_eager
+        out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n)
+        return out
+
+    def gpu_time(self, shape: IterationShape) -> float:
+        """GPU work only (no host or scheduler overhead)."""
+        bd = self.breakdown(shape)
+        return sum(bd[k] for k in GPU_TERMS)
+
+
+__all__ = ["RooflineConfig", "RooflineCostModel", "GPU_TERMS", "HOST_TERMS"]

@@ -1,0 +1,380 @@
+"""The engine: one iteration = schedule, execute, apply.
+
+It knows nothing about where time comes from. Each call of `step(now, horizon)` runs
+either
+
+* one *general* iteration (context chunks first, then every generation request, packed),
+  handed to the executor, or
+* a *decode stretch*: iterations in which only generation requests run and nothing is
+  admitted, finishes or pauses. When the executor exposes a cost model whose decode price
+  is affine in the KV length (the `CostModel` contract), the stretch is advanced in closed
+  form: its length, total duration, KV growth and token times follow from a few sums, and
+  its per-iteration records are materialised later, vectorised (sim/records.py). A GPU
+  executor has no cost model, so every iteration runs for real.
+
+Generation requests are kept as aggregates so that per-iteration work never loops over
+the batch: each one's KV length is `off + it` (it grows by one a step), the pool's new
+blocks per step come from a histogram of `(off - 1) mod tokens_per_block`, and finishes
+come from a heap keyed by the iteration that emits the last token.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from servesim.policies.capacity import CapacityPolicy, final_kv_tokens
+from servesim.policies.chunking import ChunkPolicy, FillBudget
+from servesim.policies.graph_padding import GraphPadding
+
+from .kv_cache import BlockManager, blocks_for
+from .types import ContextChunk, Executor, IterationShape, Phase, Request, ScheduledBatch
+
+INF = float("inf")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int
+    max_num_tokens: int
+    tokens_per_block: int
+    num_blocks: int
+    capacity: CapacityPolicy
+    chunking: ChunkPolicy
+    graph_padding: GraphPadding | None  # None: CUDA graphs off
+    check_invariants: bool = False
+
+
+# Column order of a general iteration's record (see records.py).
+ROW_FIELDS = (
+    "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
+    "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "graph",
+)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, executor: Executor, replica: int = 0):
+        self.cfg = cfg
+        self.executor = executor
+        self.replica = replica
+        self.cost = getattr(executor, "cost_model", None)
+        self.needs_requests = bool(getattr(executor, "needs_requests", False))
+        self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
+        self.tpb = cfg.tokens_per_block
+        self.waiting: deque[Request] = deque()
+        self.context: list[Request] = []  # admitted, context phase, admission order
+        self.decoding: dict[int, Request] = {}  # generation phase, insertion order
+        self.g = 0  # index of the next iteration
+        # generation aggregates
+        self.n_dec = 0
+        self.off_sum = 0  # sum of (kv_after(it) - it) over generation requests
+        self.hist = [0] * self.tpb  # counts of (off - 1) mod tpb
+        self.finish_heap: list[tuple[int, int, Request]] = []
+        self._admit_seq = 0
+        self.recompute_chunking = FillBudget()
+        # outputs
+        self.rows: list[tuple] = []  # general iterations
+        self.stretches: list[tuple] = []  # closed-form decode stretches
+        self.done: list[Request] = []  # finished or rejected, in completion order
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queries
+    def enqueue(self, req: Request) -> None:
+        req.replica = self.replica
+        req.context_target = req.prompt_len
+        self.waiting.append(req)
+
+    def load(self) -> int:
+        return len(self.waiting) + len(self.context) + self.n_dec
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.context or self.n_dec)
+
+    def n_active(self) -> int:
+        return len(self.context) + self.n_dec
+
+    # ------------------------------------------------------------------ helpers
+    def _off(self, req: Request) -> int:
+        return req.prompt_len + req.generated - req.gen_base_iter
+
+    def _enter_generation(self, req: Request, it: int) -> None:
+        """`req` emitted a token at iteration `it` and now generates one per iteration."""
+        req.phase = Phase.GENERATION
+        req.gen_base_iter = it + 1
+        req.finish_iter = it + req.output_len - req.generated
+        off = self._off(req)
+        self.n_dec += 1
+        self.off_sum += off
+        self.hist[(off - 1) % self.tpb] += 1
+        self.decoding[req.request_id] = req
+        heapq.heappush(self.finish_heap, (req.finish_iter, req.admit_seq, req))
+
+    def _leave_generation(self, req: Request, last_it: int) -> int:
+        """Remove from the aggregates; returns its logical KV blocks after `last_it`."""
+        off = self._off(req)
+        self.n_dec -= 1
+        self.off_sum -= off
+        self.hist[(off - 1) % self.tpb] -= 1
+        del self.decoding[req.request_id]
+        req.generated += last_it + 1 - req.gen_base_iter
+        req.gen_base_iter = last_it + 1
+        first, _ = req.spans[-1]
+        req.spans[-1] = (first, last_it - first + 1)
+        return blocks_for(off + last_it, self.tpb)
+
+    def _finish(self, req: Request, blocks: int) -> None:
+        self.kv.release(req, blocks)
+        req.phase = Phase.FINISHED
+        self.done.append(req)
+
+    def _reject(self, req: Request, why: str) -> None:
+        req.phase = Phase.REJECTED
+        self.done.append(req)
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, now: float) -> None:
+        cfg = self.cfg
+        policy = cfg.capacity
+        if not self.waiting:
+            return
+        if not policy.admit_while_busy and self.n_active():
+            return
+        kv = self.kv
+        headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
+        while self.waiting and self.n_active() < cfg.max_batch_size:
+            req = self.waiting[0]
+            if blocks_for(final_kv_tokens(req), self.tpb) > kv.total:
+                self.waiting.popleft()
+                self._reject(req, "kv")
+                continue
+            if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and cfg.chunking.name == "none":
+                self.waiting.popleft()
+                self._reject(req, "tokens")
+                continue
+            if not policy.try_admit(req, kv, headroom):
+                break
+            self.waiting.popleft()
+            kv.grow(blocks_for(req.context_target, self.tpb))
+            req.phase = Phase.CONTEXT
+            req.context_done = 0
+            req.admit_seq = self._admit_seq
+            self._admit_seq += 1
+            self.context.append(req)
+
+    def _pause_newest(self, it: int) -> None:
+        """MAX_UTILIZATION: pause the newest active request; it recomputes on resume."""
+        victim = None
+        for r in self.context:
+            if victim is None or r.admit_seq > victim.admit_seq:
+                victim = r
+        for r in self.decoding.values():
+            if victim is None or r.admit_seq > victim.admit_seq:
+                victim = r
+        assert victim is not None
+        if victim.phase == Phase.GENERATION:
+            blocks = self._leave_generation(victim, it - 1)
+        else:
+            self.context.remove(victim)
+            blocks = blocks_for(victim.context_target, self.tpb)
+        self.kv.release(victim, blocks)
+        victim.phase = Phase.WAITING
+        victim.preemptions += 1
+        victim.context_target = victim.prompt_len + victim.generated
+        victim.context_done = 0
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, now: float, horizon: float = INF) -> float:
+        """Run one general iteration or one decode stretch starting at `now`.
+
+        Every iteration run here starts before `horizon` (the next arrival), so arrivals
+        are always seen by the first iteration that starts after them. Returns the time
+        at which the last iteration run ends.
+        """
+        self._admit(now)
+        if self.context or self.cost is None or self.n_dec == 0:
+            if not (self.context or self.n_dec):
+                return now
+            return self._general(now)
+        end = self._stretch(now, horizon)
+        if end is None:  # KV exhausted right now: a general iteration pauses someone
+            return self._general(now)
+        return end
+
+    def _general(self, now: float) -> float:
+        cfg = self.cfg
+        kv = self.kv
+        tpb = self.tpb
+        it = self.g
+        if cfg.capacity.pauses_on_shortage:
+            while self.n_dec and self.hist[(-it) % tpb] > kv.free:
+                self._pause_newest(it)
+        budget = cfg.max_num_tokens - self.n_dec
+        chunks: list[ContextChunk] = []
+        for req in self.context:
+            if budget <= 0:
+                break
+            remaining = req.context_target - req.context_done
+            policy = self.recompute_chunking if req.preemptions else cfg.chunking
+            n = policy.chunk(remaining, budget, tpb)
+            if n <= 0:
+                continue
+            chunks.append(ContextChunk(req, n, req.context_done, n == remaining))
+            budget -= n
+        n_dec = self.n_dec
+        if not chunks and not n_dec:
+            raise RuntimeError("engine has context requests but could schedule none (livelock)")
+        kv.grow(self.hist[(-it) % tpb] if n_dec else 0)
+        padded = 0
+        if not chunks and cfg.graph_padding is not None:
+            padded = cfg.graph_padding.padded(n_dec)
+        shape = IterationShape(
+            ctx_new_tokens=tuple(c.num_tokens for c in chunks),
+            ctx_prior_tokens=tuple(c.prior_tokens for c in chunks),
+            n_ctx_sampling=sum(1 for c in chunks if c.is_last),
+            n_decode=n_dec,
+            decode_kv_sum=self.off_sum + n_dec * it,
+            graph=padded > 0,
+            padded_decode=padded,
+        )
+        generation: list[Request] = []
+        if self.needs_requests:
+            generation = list(self.decoding.values())
+            for c in chunks:
+                kv.sync(c.request, c.prior_tokens + c.num_tokens)
+            for r in generation:
+                kv.sync(r, r.kv_len_at(it) + 1)
+        used_during = kv.used  # blocks in use while the iteration runs (before releases)
+        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation))
+        end = now + result.duration_s
+        ctx_tokens = 0
+        for c in chunks:
+            req = c.request
+            ctx_tokens += c.num_tokens
+            if req.first_scheduled_s != req.first_scheduled_s:  # NaN: first time
+                req.first_scheduled_s = now
+            req.context_done += c.num_tokens
+            if c.is_last:
+                self.context.remove(req)
+                req.generated += 1
+                req.spans.append((it, 1))
+                if req.generated >= req.output_len:
+                    self._finish(req, blocks_for(req.context_target, tpb))
+                else:
+                    self._enter_generation(req, it)
+        self._pop_finishes(it)
+        self.rows.append((it, now, result.duration_s, len(chunks), n_dec, ctx_tokens, n_dec,
+                          padded - n_dec if padded else 0, used_during, padded > 0))
+        self.g = it + 1
+        if cfg.check_invariants:
+            self.check_invariants()
+        return end
+
+    def _pop_finishes(self, last_it: int) -> None:
+        heap = self.finish_heap
+        while heap and heap[0][0] <= last_it:
+            f, _, req = heapq.heappop(heap)
+            if req.phase != Phase.GENERATION or req.finish_iter != f:
+                continue  # stale entry of a paused request
+            self._finish(req, self._leave_generation(req, f))
+
+    def _next_finish(self) -> int:
+        heap = self.finish_heap
+        while heap:
+            f, _, req = heap[0]
+            if req.phase == Phase.GENERATION and req.finish_iter == f:
+                return f
+            heapq.heappop(heap)
+        raise RuntimeError("generation requests but no finish scheduled")
+
+    def _stretch(self, now: float, horizon: float) -> float | None:
+        cfg = self.cfg
+        tpb = self.tpb
+        g0 = self.g
+        n = self.n_dec
+        K = self._next_finish() - g0 + 1
+        padded = cfg.graph_padding.padded(n) if cfg.graph_padding is not None else 0
+        fixed, per_kv = self.cost.decode_affine(n, padded > 0, padded)
+        kv0 = self.off_sum + n * g0
+        if horizon < INF:
+            K = min(K, _iterations_before(horizon - now, fixed, per_kv, kv0, n))
+        hist = self.hist
+        p0 = (-g0) % tpb
+        if cfg.capacity.pauses_on_shortage:
+            K = min(K, _kv_steps(self.kv.free, hist, p0, n, tpb))
+            if K == 0:
+                return None
+        total = K * fixed + per_kv * (K * kv0 + n * K * (K - 1) / 2)
+        full, part = divmod(K, tpb)
+        new_blocks = full * n
+        for j in range(part):
+            new_blocks += hist[(p0 - j) % tpb]
+        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, self.kv.used, tuple(hist), p0,
+                               padded))
+        self.kv.grow(new_blocks)
+        self.g = g0 + K
+        self._pop_finishes(g0 + K - 1)
+        if cfg.check_invariants:
+            self.check_invariants()
+        return now + total
+
+    # ------------------------------------------------------------------ checks
+    def live(self) -> list[tuple[Request, int]]:
+        """Every live request with its logical KV block count (after the last iteration)."""
+        out = [(r, blocks_for(r.context_target, self.tpb)) for r in self.context]
+        last = self.g - 1
+        for r in self.decoding.values():
+            out.append((r, blocks_for(self._off(r) + last, self.tpb)))
+        return out
+
+    def check_invariants(self) -> None:
+        live = self.live()
+        for req, n in live:
+            self.kv.sync(req, n * self.tpb)
+        self.kv.check(live)
+        assert self.n_dec == len(self.decoding)
+        assert self.n_active() <= self.cfg.max_batch_size, "more active requests than max_batch_size"
+        if not self.cfg.capacity.pauses_on_shortage:
+            assert self.kv.used <= self.kv.reserved
+
+
+def _iterations_before(h: float, f: float, a: float, kv0: int, n: int) -> int:
+    """How many iterations of a stretch start strictly before `h` seconds from now.
+
+    Iteration k lasts f + a*(kv0 + n*k), so it starts at
+    s(k) = k*f + a*(k*kv0 + n*k*(k-1)/2).
+    """
+
+    def start(k: int) -> float:
+        return k * f + a * (k * kv0 + n * k * (k - 1) / 2)
+
+    A = a * n / 2
+    B = f + a * kv0 - A
+    if A > 0:
+        k = int((-B + math.sqrt(B * B + 4 * A * h)) / (2 * A))
+    elif B > 0:
+        k = int(h / B)
+    else:
+        raise ValueError("decode iterations must take positive time")
+    k = max(k, 0)
+    while k > 0 and start(k) >= h:
+        k -= 1
+    while start(k + 1) < h:
+        k += 1
+    return k + 1
+
+
+def _kv_steps(free: int, hist: list[int], p0: int, n: int, tpb: int) -> int:
+    """Largest K such that the first K iterations' new blocks fit in `free`."""
+    full = free // n
+    left = free - full * n
+    j = 0
+    while True:
+        h = hist[(p0 - j) % tpb]
+        if h > left:
+            return full * tpb + j
+        left -= h
+        j += 1

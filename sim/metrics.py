@@ -1,0 +1,105 @@
+"""Summary metrics (summary.json) computed from the output tables.
+
+Both backends go through this one function, so a sim run and a GPU run of the same
+requests are summarised identically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+LATENCY_KEYS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+
+
+def dist(x: np.ndarray) -> dict[str, float | None]:
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+    return {"mean": float(x.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def request_latencies(req: pa.Table) -> dict[str, np.ndarray]:
+    """TTFT, TPOT, E2E per finished request and the pooled inter-token latencies."""
+    status = req.column("status").to_numpy(zero_copy_only=False)
+    fin = status == "finished"
+    arrival = req.column("arrival_s").to_numpy()[fin]
+    first = req.column("first_token_s").to_numpy()[fin]
+    last = req.column("finish_s").to_numpy()[fin]
+    out = req.column("output_len").to_numpy()[fin]
+    tt = req.column("token_times").combine_chunks()
+    offsets = tt.offsets.to_numpy()
+    values = tt.values.to_numpy()
+    d = np.diff(values)
+    # a gap belongs to a request when it does not cross into the next request's list
+    starts = offsets[1:-1]  # index where each later list begins
+    mask = np.ones(len(d), dtype=bool)
+    valid = starts[(starts > 0) & (starts <= len(d))]
+    mask[valid - 1] = False
+    itl = d[mask] if len(d) else d
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out > 1, (last - first) / np.maximum(out - 1, 1), np.nan)
+    return {"ttft_s": first - arrival, "tpot_s": tpot, "itl_s": itl, "e2e_s": last - arrival,
+            "fin_mask": fin}
+
+
+def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
+              num_preemptions: int = 0) -> dict:
+    lat = request_latencies(req)
+    fin = lat["fin_mask"]
+    n_fin = int(fin.sum())
+    arrival = req.column("arrival_s").to_numpy()
+    finish = req.column("finish_s").to_numpy()[fin]
+    out = req.column("output_len").to_numpy()[fin]
+    prompt = req.column("prompt_len").to_numpy()[fin]
+    cached = req.column("cached_tokens").to_numpy()[fin]
+    if n_fin:
+        duration = float(finish.max() - arrival.min())
+    else:
+        duration = 0.0
+    slo_ttft = req.column("slo_ttft_s").to_numpy()[fin]
+    slo_tpot = req.column("slo_tpot_s").to_numpy()[fin]
+    with np.errstate(invalid="ignore"):
+        ok_ttft = np.isnan(slo_ttft) | (lat["ttft_s"] <= slo_ttft)
+        ok_tpot = np.isnan(slo_tpot) | np.isnan(lat["tpot_s"]) | (lat["tpot_s"] <= slo_tpot)
+    good = int((ok_ttft & ok_tpot).sum())
+    dur_it = it.column("duration_s").to_numpy()
+    used = it.column("kv_blocks_used").to_numpy()
+    kv_util = float((used * dur_it).sum() / (dur_it.sum() * kv_total_blocks)) if len(dur_it) else 0.0
+    proposed = int(it.column("draft_tokens_proposed").to_numpy().sum()) if len(dur_it) else 0
+    accepted = int(it.column("draft_tokens_accepted").to_numpy().sum()) if len(dur_it) else 0
+    per = lambda x: x / duration if duration > 0 else 0.0  # noqa: E731
+    summary = {
+        "num_requests": int(req.num_rows),
+        "num_finished": n_fin,
+        "num_rejected": int(req.num_rows - n_fin),
+        "num_iterations": int(it.num_rows),
+        "num_preemptions": int(num_preemptions),
+        "duration_s": duration,
+    }
+    for k in LATENCY_KEYS:
+        summary[k] = dist(lat[k])
+    summary.update({
+        "throughput_req_s": per(n_fin),
+        "throughput_out_tok_s": per(float(out.sum())),
+        "goodput_req_s": per(good),
+        "kv_util_mean": kv_util,
+        "prefix_hit_rate": float(cached.sum() / prompt.sum()) if n_fin else 0.0,
+        "spec_acceptance_rate": (accepted / proposed) if proposed else None,
+        "backend": backend,
+        "wall_s": float(wall_s),
+    })
+    return summary
+
+
+def flat_row(summary: dict) -> dict:
+    """One comparison.csv row: scalars as they are, distributions as key_stat columns."""
+    row = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            for s, x in v.items():
+                row[f"{k}_{s}"] = x
+        else:
+            row[k] = v
+    return row

@@ -1,0 +1,169 @@
+"""Run one variant of an experiment end to end and write its run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+import servesim
+from servesim.policies.capacity import make_capacity_policy
+from servesim.policies.chunking import make_chunk_policy
+from servesim.policies.graph_padding import GraphPadding, capture_sizes
+from servesim.policies.routing import make_router
+from servesim.traces.spec import build_workload
+
+from .config import RunConfig
+from .cost_model import RooflineCostModel
+from .driver import run_simulation
+from .engine import Engine, EngineConfig
+from .executor import SimExecutor
+from .memory import default_activation_reserve_bytes, kv_pool_blocks
+from .metrics import summarize
+from .records import iteration_arrays, iterations_table, request_arrays
+from .specs import HardwareSpec, ModelSpec, load_hardware, load_model
+from .types import Request
+
+
+@dataclass
+class Setup:
+    """Everything a run is built from, resolved from a RunConfig."""
+
+    cfg: RunConfig
+    model: ModelSpec
+    hardware: HardwareSpec
+    num_blocks: int
+    workload: pd.DataFrame
+
+
+@dataclass
+class RunResult:
+    requests: pa.Table
+    iterations: pa.Table
+    summary: dict
+    setup: Setup
+
+
+def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
+    """Load model, hardware and workload; size the KV pool (raises ConfigError)."""
+    model = load_model(cfg.model, base_dir, location=f"{where}model")
+    hw = load_hardware(cfg.hardware, base_dir, location=f"{where}hardware")
+    tp = cfg.cluster.tensor_parallel
+    model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
+    kvc = cfg.kv_cache
+    reserve = (kvc.activation_reserve_gb * 1e9 if kvc.activation_reserve_gb is not None
+               else default_activation_reserve_bytes(model, cfg.scheduler.max_num_tokens, tp))
+    blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
+                            reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
+    workload = build_workload(cfg.workload, base_dir, cfg.seed)
+    return Setup(cfg, model, hw, blocks, workload)
+
+
+def make_requests(df: pd.DataFrame) -> list[Request]:
+    n = len(df)
+    ids = df["request_id"].to_numpy()
+    arr = df["arrival_s"].to_numpy(dtype=np.float64)
+    p = df["prompt_len"].to_numpy()
+    o = df["output_len"].to_numpy()
+
+    def opt(col, conv, default):
+        if col not in df.columns:
+            return [default] * n
+        return [default if (v is None or (isinstance(v, float) and math.isnan(v))) else conv(v)
+                for v in df[col].tolist()]
+
+    prio = opt("priority", int, 0)
+    tenant = opt("tenant", str, "")
+    sttft = opt("slo_ttft_s", float, None)
+    stpot = opt("slo_tpot_s", float, None)
+    hashes = opt("block_hashes", tuple, None)
+    toks = opt("prompt_tokens", tuple, None)
+    return [Request(int(ids[i]), float(arr[i]), int(p[i]), int(o[i]), prio[i], tenant[i], sttft[i],
+                    stpot[i], hashes[i], toks[i]) for i in range(n)]
+
+
+def make_cost_model(setup: Setup) -> RooflineCostModel:
+    cfg = setup.cfg
+    return RooflineCostModel(setup.model, setup.hardware, cfg.cost_model.roofline,
+                             tp=cfg.cluster.tensor_parallel, cuda_graphs=cfg.runtime.cuda_graphs,
+                             overlap_scheduler=cfg.runtime.overlap_scheduler)
+
+
+def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
+    s = setup.cfg.scheduler
+    rt = setup.cfg.runtime
+    padding = None
+    if rt.cuda_graphs:
+        padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
+                                                 s.max_batch_size)))
+    return EngineConfig(
+        max_batch_size=s.max_batch_size,
+        max_num_tokens=s.max_num_tokens,
+        tokens_per_block=setup.cfg.kv_cache.tokens_per_block,
+        num_blocks=setup.num_blocks,
+        capacity=make_capacity_policy(s.capacity),
+        chunking=make_chunk_policy(s.enable_chunked_context, s.chunk_size),
+        graph_padding=padding,
+        check_invariants=check_invariants,
+    )
+
+
+def simulate(setup: Setup, check_invariants: bool = False,
+             progress: Callable[[float], None] | None = None) -> RunResult:
+    t0 = time.perf_counter()
+    requests = make_requests(setup.workload)
+    cost = make_cost_model(setup)
+    ecfg = engine_config(setup, check_invariants)
+    engines = [Engine(ecfg, SimExecutor(cost), replica=i) for i in range(setup.cfg.cluster.replicas)]
+    run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
+    its = [iteration_arrays(e) for e in engines]
+    req = request_arrays(requests, its)
+    it_table = iterations_table(its)
+    wall = time.perf_counter() - t0
+    summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="sim",
+                        wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines))
+    return RunResult(req.table, it_table, summary, setup)
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{servesim.__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return servesim.__version__
+
+
+def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.requests, out_dir / "requests.parquet")
+    pq.write_table(result.iterations, out_dir / "iterations.parquet")
+    summary = dict(result.summary)
+    summary["kv_pool_blocks"] = result.setup.num_blocks
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    resolved = {
+        "experiment": experiment,
+        "variant": variant,
+        "code_version": code_version(),
+        "config": result.setup.cfg.model_dump(mode="json"),
+        "derived": {
+            "kv_pool_blocks": result.setup.num_blocks,
+            "kv_pool_tokens": result.setup.num_blocks * result.setup.cfg.kv_cache.tokens_per_block,
+            "model_weight_gb": result.setup.model.weight_bytes / 1e9,
+            "num_requests": len(result.setup.workload),
+        },
+    }
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,151 @@
+"""Core types shared by the engine, the policies and the executors.
+
+This module imports nothing from the project (only the standard library) so that
+`sim/` and `policies/` can both import it without an import cycle.
+
+Time is in seconds, lengths in tokens. A request's KV length after an iteration is the
+number of its tokens whose keys/values sit in the cache: after the context phase it is
+`prompt_len`; every generation step writes one more (the token sampled last step).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class ConfigError(Exception):
+    """Bad user input. Carries a list of (location, message) pairs.
+
+    `location` names the file and key path (or line), e.g.
+    ``experiments/x.yaml: variants[1].scheduler.max_num_tokens``.
+    The CLI prints every problem and exits with status 2.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]] | str, location: str = ""):
+        if isinstance(problems, str):
+            problems = [(location, problems)]
+        self.problems = problems
+        super().__init__("\n".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems))
+
+
+class Phase(enum.IntEnum):
+    WAITING = 0  # arrived, not admitted (or paused and waiting to resume)
+    CONTEXT = 1  # admitted, prompt (or recompute) not fully processed
+    GENERATION = 2  # producing one token per iteration
+    FINISHED = 3
+    REJECTED = 4  # can never fit (KV pool or token budget): counted, never run
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One request of a workload plus the engine's bookkeeping for it."""
+
+    request_id: int
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    priority: int = 0
+    tenant: str = ""
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    block_hashes: tuple[int, ...] | None = None  # one per prefix block (S2)
+    prompt_tokens: tuple[int, ...] | None = None
+
+    # --- engine state -------------------------------------------------------
+    phase: Phase = Phase.WAITING
+    replica: int = -1
+    admit_seq: int = -1  # admission order (MAX_UTILIZATION pauses the newest)
+    context_target: int = 0  # tokens the context phase must have in cache
+    context_done: int = 0  # of those, already in the KV cache (computed or reused)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    generated: int = 0  # tokens emitted so far (valid when not in GENERATION)
+    gen_base_iter: int = 0  # GENERATION: iteration index where `generated` was last stored
+    finish_iter: int = -1  # GENERATION: iteration whose end emits the last token
+    preemptions: int = 0
+    reserved_blocks: int = 0  # blocks promised by the capacity policy
+    first_scheduled_s: float = float("nan")
+    first_token_s: float = float("nan")
+    finish_s: float = float("nan")
+    # Emitted tokens as spans of consecutive iterations (first_iter, n_tokens): token
+    # times are the end times of those iterations. Kept compact so the simulator never
+    # does per-token Python work.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # KV block ids, materialised lazily
+
+    def kv_len_at(self, it: int) -> int:
+        """KV length *before* iteration `it` for a request in GENERATION."""
+        return self.prompt_len + self.generated + (it - self.gen_base_iter) - 1
+
+
+@dataclass(slots=True)
+class ContextChunk:
+    """A piece of one request's context phase scheduled in an iteration."""
+
+    request: Request
+    num_tokens: int  # new tokens computed this iteration
+    prior_tokens: int  # tokens already in the KV cache before this chunk (reused or earlier chunks)
+    is_last: bool  # completes the context phase: samples the first (or next) token
+
+
+@dataclass(slots=True)
+class IterationShape:
+    """What a cost model needs to price one iteration (no request objects)."""
+
+    ctx_new_tokens: tuple[int, ...] = ()  # per context chunk
+    ctx_prior_tokens: tuple[int, ...] = ()  # per context chunk: cached tokens it attends to
+    n_ctx_sampling: int = 0  # context chunks that sample a token (last chunk of a prompt)
+    n_decode: int = 0  # generation requests (one token each)
+    decode_kv_sum: int = 0  # sum over generation requests of the KV length attended (incl. new token)
+    graph: bool = False  # runs as a captured CUDA graph (generation-only iterations)
+    padded_decode: int = 0  # batch size the graph runs at (>= n_decode); 0 when not a graph
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.ctx_new_tokens) + self.n_decode
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One engine iteration: context chunks first, then generation requests (packed)."""
+
+    iteration: int
+    shape: IterationShape
+    context: list[ContextChunk]
+    generation: list[Request]  # may be empty for the simulator's closed-form stretches
+
+
+@dataclass(slots=True)
+class StepResult:
+    duration_s: float
+    # Sampled token ids per request (GPU backend); the simulator leaves it empty because
+    # output lengths are forced by the workload.
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+
+class CostModel(Protocol):
+    """Prices iterations. Implementations: roofline (sim/cost_model.py), calibrated (S4).
+
+    Contract: for a generation-only shape, ``price(shape) ==
+    fixed + per_kv * shape.decode_kv_sum`` where ``(fixed, per_kv) =
+    decode_affine(n_decode, graph, padded)``. The engine uses the affine form to advance
+    decode-only stretches in closed form, so the two must agree exactly.
+    """
+
+    def price(self, shape: IterationShape) -> float: ...
+
+    def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]: ...
+
+
+class Executor(Protocol):
+    """Runs (GPU) or prices (sim) one scheduled batch."""
+
+    def execute(self, batch: ScheduledBatch) -> StepResult: ...
+
+    # A simulator executor also exposes its cost model (attribute `cost_model`) so the
+    # engine can advance decode-only stretches in closed form; a GPU executor sets it to
+    # None and every iteration is executed for real.
+    cost_model: CostModel | None

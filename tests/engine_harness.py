@@ -1,0 +1,84 @@
+"""Shared helpers for engine tests: a small affine cost model and a runner."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from servesim.policies.capacity import make_capacity_policy
+from servesim.policies.chunking import make_chunk_policy
+from servesim.policies.graph_padding import GraphPadding, capture_sizes
+from servesim.policies.routing import make_router
+from servesim.sim.driver import run_simulation
+from servesim.sim.engine import Engine, EngineConfig
+from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
+from servesim.sim.types import IterationShape, Phase, Request, StepResult
+
+
+class AffineCost:
+    """Cheap cost model honouring the CostModel contract (decode price affine in KV)."""
+
+    def price(self, shape: IterationShape) -> float:
+        ctx = sum(shape.ctx_new_tokens)
+        prior = sum(shape.ctx_prior_tokens)
+        fixed, per_kv = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
+        return fixed + per_kv * shape.decode_kv_sum + 2e-5 * ctx + 1e-8 * prior * 1.0 + 3e-4 * bool(ctx)
+
+    def decode_affine(self, n: int, graph: bool, padded: int):
+        b = padded if graph else n
+        return (2e-3 if not graph else 1e-3) + 5e-5 * b, 3e-7
+
+
+class StepwiseExecutor:
+    """Prices every iteration one by one (no closed-form stretches) and checks batches."""
+
+    cost_model = None
+    needs_requests = True
+
+    def __init__(self, cost, max_batch: int, max_tokens: int):
+        self.cost = cost
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+
+    def execute(self, batch):
+        ctx = [c.request for c in batch.context]
+        gen = batch.generation
+        assert all(r.phase == Phase.CONTEXT for r in ctx), "context chunk of a non-context request"
+        assert all(r.phase == Phase.GENERATION for r in gen), "generation entry not generating"
+        assert not set(map(id, ctx)) & set(map(id, gen)), "request both in context and generation"
+        assert len(ctx) + len(gen) <= self.max_batch
+        assert batch.shape.num_tokens <= self.max_tokens
+        assert len(gen) == batch.shape.n_decode
+        for r in gen:  # block ids cover the KV being written
+            assert len(r.blocks) * 1 >= 1
+        return StepResult(self.cost.price(batch.shape))
+
+
+class SimExec:
+    needs_requests = False
+
+    def __init__(self, cost):
+        self.cost_model = cost
+
+    def execute(self, batch):
+        return StepResult(self.cost_model.price(batch.shape))
+
+
+def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
+               blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
+               check=True):
+    reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
+    cost = AffineCost()
+    cfg = EngineConfig(
+        max_batch_size=max_batch, max_num_tokens=max_tokens, tokens_per_block=tpb,
+        num_blocks=blocks, capacity=make_capacity_policy(capacity),
+        chunking=make_chunk_policy(chunked, chunk_size),
+        graph_padding=GraphPadding(capture_sizes(max_batch)) if graphs else None,
+        check_invariants=check)
+    engines = []
+    for r in range(replicas):
+        ex = StepwiseExecutor(cost, max_batch, max_tokens) if stepwise else SimExec(cost)
+        engines.append(Engine(cfg, ex, replica=r))
+    run_simulation(reqs, engines, make_router("round_robin"))
+    its = [iteration_arrays(e) for e in engines]
+    req = request_arrays(reqs, its)
+    return reqs, engines, iterations_table(its), req

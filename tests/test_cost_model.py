@@ -1,0 +1,279 @@
+"""Roofline cost model: sanity against hand calculations, shape properties, the affine
+decode contract, and config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from servesim.sim.cost_model import GPU_TERMS, RooflineConfig, RooflineCostModel
+from servesim.sim.specs import load_hardware, load_model
+from servesim.sim.types import IterationShape
+
+M8 = load_model("llama-3.1-8b")
+M1 = load_model("llama-3.2-1b")
+M70 = load_model("llama-3.1-70b")
+H100 = load_hardware("h100-sxm")
+
+
+def decode(n, kv_each, graph=False, padded=0):
+    return IterationShape(n_decode=n, decode_kv_sum=n * kv_each, graph=graph, padded_decode=padded)
+
+
+def prefill(*chunks, prior=None, sampling=None, n_decode=0, kv_sum=0):
+    prior = prior or (0,) * len(chunks)
+    return IterationShape(
+        ctx_new_tokens=tuple(chunks),
+        ctx_prior_tokens=tuple(prior),
+        n_ctx_sampling=len(chunks) if sampling is None else sampling,
+        n_decode=n_decode,
+        decode_kv_sum=kv_sum,
+    )
+
+
+def close(a, b, rel=1e-12):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-18)
+
+
+# --- hand calculations -------------------------------------------------------------------
+
+
+def test_decode_batch1_is_weight_read():
+    cm = RooflineCostModel(M8, H100)
+    shape = decode(1, 1024, graph=True, padded=1)
+    gpu = cm.gpu_time(shape)
+    # All weights but the embedding table (only gathered) are read once per step.
+    assert gpu == pytest.approx(M8.weight_bytes / 3.0e12, rel=0.08)
+    assert 5.0e-3 < gpu < 5.5e-3
+    assert cm.price(shape) == pytest.approx(gpu + 40e-6 + 300e-6 + 1e-6, rel=1e-9)
+
+
+def test_prefill_8k_is_compute_bound():
+    cm = RooflineCostModel(M8, H100)
+    T = 8192
+    bd = cm.breakdown(prefill(T))
+    for k in ("qkv", "o", "gate_up", "down"):
+        cf, w, ca = cm._lin[k]
+        assert cf * T > w + ca * T  # every linear is compute-bound
+    linear = 2 * (M8.params - 2 * M8.embedding_params) * T / 790e12
+    attn = 4 * 128 * 32 * 32 * (T * (T + 1) / 2) / 790e12
+    assert sum(bd[k] for k in ("qkv", "o", "gate_up", "down")) == pytest.approx(linear, rel=1e-3)
+    assert bd["attn_prefill"] == pytest.approx(attn, rel=1e-9)
+    total = cm.price(prefill(T))
+    assert linear + attn < total < 1.15 * (linear + attn)
+    assert total == pytest.approx(2 * M8.params * T / 790e12 + attn, rel=0.1)
+
+
+def test_lm_head_only_on_sampling_tokens():
+    cm = RooflineCostModel(M8, H100)
+    long_chunk = cm.breakdown(prefill(4096, sampling=1))
+    short_chunk = cm.breakdown(prefill(16, sampling=1))
+    no_sample = cm.breakdown(prefill(4096, sampling=0))
+    assert long_chunk["lm_head"] == short_chunk["lm_head"] > 0
+    assert no_sample["lm_head"] == 0 and no_sample["sampler"] == 0
+    # A chunk that does not finish its prompt is cheaper exactly by the lm_head + sampler.
+    d = cm.price(prefill(4096, sampling=1)) - cm.price(prefill(4096, sampling=0))
+    assert d == pytest.approx(long_chunk["lm_head"] + long_chunk["sampler"], rel=1e-9)
+    # Generation tokens all sample.
+    assert cm.breakdown(decode(8, 100))["lm_head"] == cm.breakdown(prefill(1, 1, 1, 1, 1, 1, 1, 1))["lm_head"]
+
+
+def test_prefill_attention_counts_prior_tokens():
+    cm = RooflineCostModel(M8, H100)
+    a = cm.breakdown(prefill(512, prior=(0,)))["attn_prefill"]
+    b = cm.breakdown(prefill(512, prior=(8192,)))["attn_prefill"]
+    assert b > a
+    pairs = 512 * 8192 + 512 * 513 / 2
+    assert b == pytest.approx(max(cm._ap_f * pairs, cm._ap_new * 512 + cm._ap_prior * 8192), rel=1e-12)
+
+
+def test_decode_attention_memory_bound_with_gqa():
+    cm = RooflineCostModel(M8, H100)
+    per_kv_bytes = M8.kv_bytes_per_token / 3.0e12
+    assert cm.decode_affine(4, False, 0)[1] == pytest.approx(per_kv_bytes, rel=1e-12)
+
+
+def test_empty_iteration_costs_nothing():
+    cm = RooflineCostModel(M8, H100)
+    assert cm.price(IterationShape()) == 0.0
+    assert cm.decode_affine(0, False, 0) == (0.0, 0.0)
+
+
+# --- host side -----------------------------------------------------------------------------
+
+
+def test_overlap_scheduler_hides_scheduler_overhead():
+    a = RooflineCostModel(M8, H100, overlap_scheduler=False)
+    b = RooflineCostModel(M8, H100, overlap_scheduler=True)
+    for s in (decode(16, 1000, graph=True, padded=16), prefill(1000, 200, n_decode=3, kv_sum=900)):
+        n_req = len(s.ctx_new_tokens) + s.n_decode
+        assert a.price(s) - b.price(s) == pytest.approx(300e-6 + 1e-6 * n_req, rel=1e-9)
+        assert b.breakdown(s)["scheduler"] == 0
+
+
+def test_eager_costs_more_than_graph_for_small_decode():
+    cm = RooflineCostModel(M1, H100)
+    eager, graph = cm.price(decode(1, 512)), cm.price(decode(1, 512, graph=True, padded=1))
+    assert eager > graph
+    # 1B decode is launch-bound when eager: the launch overhead shows through.
+    assert cm.breakdown(decode(1, 512))["host_launch"] > 0
+    assert cm.host_overhead_eager_s == pytest.approx(300e-6 + 16 * 60e-6)
+
+
+def test_eager_overlap_switch():
+    cfg = RooflineConfig(eager_launch_overlaps_gpu=False, host_overhead_eager_s=2e-3)
+    add = RooflineCostModel(M8, H100, cfg)
+    ovl = RooflineCostModel(M8, H100, RooflineConfig(host_overhead_eager_s=2e-3))
+    s = decode(8, 2000)
+    assert add.price(s) - ovl.price(s) == pytest.approx(2e-3, rel=1e-9)  # 8B decode GPU > 2 ms
+
+
+def test_tensor_parallel_splits_work_and_adds_allreduce():
+    one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
+    four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
+    s = prefill(4096)
+    b1, b4 = one.breakdown(s), four.breakdown(s)
+    assert b4["gate_up"] == pytest.approx(b1["gate_up"] / 4, rel=1e-9)
+    assert b1["allreduce"] == 0 and b4["allreduce"] > 0
+    assert four.price(s) < one.price(s)
+    assert four.decode_affine(8, True, 8)[1] == pytest.approx(one.decode_affine(8, True, 8)[1] / 4, rel=1e-12)
+
+
+def test_config_validation():
+    with pytest.raises(ValidationError):
+        RooflineConfig(flops_eff=0.5)
+    with pytest.raises(ValidationError):
+        RooflineConfig(flops_efficiency=0)
+    cfg = RooflineConfig(flops_efficiency=0.5)
+    assert RooflineCostModel(M8, H100, cfg).price(prefill(8192)) > RooflineCostModel(M8, H100).price(prefill(8192))
+
+
+# --- properties ----------------------------------------------------------------------------
+
+VARIANTS = [
+    dict(),
+    dict(overlap_scheduler=True),
+    dict(cfg=RooflineConfig(eager_launch_overlaps_gpu=False)),
+    dict(cfg=RooflineConfig(flops_efficiency=0.6, bandwidth_efficiency=0.7, attention_flops_efficiency=0.5)),
+]
+MODELS = [
+    RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
+] + [
+    RooflineCostModel(M1, H100),
+    RooflineCostModel(M70, H100, tp=4),
+    RooflineCostModel(M70, H100, tp=2, overlap_scheduler=True),
+]
+
+model_idx = st.integers(0, len(MODELS) - 1)
+
+
+@st.composite
+def gen_shapes(draw):
+    n = draw(st.integers(1, 512))
+    graph = draw(st.booleans())
+    padded = n + draw(st.integers(0, 64)) if graph else 0
+    kv = draw(st.integers(n, n * 32768))
+    return IterationShape(n_decode=n, decode_kv_sum=kv, graph=graph, padded_decode=padded)
+
+
+@st.composite
+def mixed_shapes(draw):
+    k = draw(st.integers(0, 4))
+    new = tuple(draw(st.integers(1, 8192)) for _ in range(k))
+    prior = tuple(draw(st.integers(0, 32768)) for _ in range(k))
+    n = draw(st.integers(0, 256))
+    kv = draw(st.integers(n, n * 32768)) if n else 0
+    return IterationShape(
+        ctx_new_tokens=new,
+        ctx_prior_tokens=prior,
+        n_ctx_sampling=draw(st.integers(0, k)),
+        n_decode=n,
+        decode_kv_sum=kv,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(model_idx, gen_shapes())
+def test_decode_affine_identity(i, shape):
+    cm = MODELS[i]
+    fixed, per_kv = cm.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
+    p = cm.price(shape)
+    assert close(p, fixed + per_kv * shape.decode_kv_sum)
+    # The general (term-by-term) path agrees, and is affine in decode_kv_sum by itself.
+    assert close(sum(cm.breakdown(shape).values()), p)
+    zero = IterationShape(n_decode=shape.n_decode, graph=shape.graph, padded_decode=shape.padded_decode)
+    assert close(sum(cm.breakdown(zero).values()), fixed)
+    bd = cm.breakdown(shape)
+    assert close(bd["attn_decode_kv"], per_kv * shape.decode_kv_sum)
+
+
+@settings(max_examples=300, deadline=None)
+@given(model_idx, mixed_shapes())
+def test_breakdown_sums_to_price(i, shape):
+    cm = MODELS[i]
+    bd = cm.breakdown(shape)
+    assert all(v >= 0 for v in bd.values())
+    assert close(sum(bd.values()), cm.price(shape))
+
+
+@settings(max_examples=200, deadline=None)
+@given(model_idx, mixed_shapes(), st.integers(0, 2), st.integers(1, 4096))
+def test_monotonic(i, shape, which, extra):
+    cm = MODELS[i]
+    p = cm.price(shape)
+    if which == 0 and shape.ctx_new_tokens:  # more new tokens in a chunk
+        new = (shape.ctx_new_tokens[0] + extra,) + shape.ctx_new_tokens[1:]
+        bigger = IterationShape(new, shape.ctx_prior_tokens, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum)
+    elif which == 1 and shape.ctx_new_tokens:  # more prior (cached) tokens
+        prior = (shape.ctx_prior_tokens[0] + extra,) + shape.ctx_prior_tokens[1:]
+        bigger = IterationShape(shape.ctx_new_tokens, prior, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum)
+    else:  # more generation requests, more KV
+        bigger = IterationShape(
+            shape.ctx_new_tokens,
+            shape.ctx_prior_tokens,
+            shape.n_ctx_sampling,
+            shape.n_decode + 1,
+            shape.decode_kv_sum + extra,
+        )
+    assert cm.price(bigger) >= p
+    if shape.n_decode:
+        more_kv = IterationShape(
+            shape.ctx_new_tokens, shape.ctx_prior_tokens, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum + extra
+        )
+        assert cm.price(more_kv) > p
+
+
+@settings(max_examples=200, deadline=None)
+@given(model_idx, gen_shapes(), st.integers(1, 64))
+def test_decode_monotonic_in_batch_and_padding(i, shape, extra):
+    cm = MODELS[i]
+    n, kv = shape.n_decode, shape.decode_kv_sum
+    for graph in (False, True):
+        base = cm.price(IterationShape(n_decode=n, decode_kv_sum=kv, graph=graph, padded_decode=n if graph else 0))
+        more = cm.price(
+            IterationShape(n_decode=n + extra, decode_kv_sum=kv + extra, graph=graph, padded_decode=n + extra if graph else 0)
+        )
+        assert more >= base
+    # Padding a graph never makes it cheaper than running it at the true batch size.
+    exact = cm.price(IterationShape(n_decode=n, decode_kv_sum=kv, graph=True, padded_decode=n))
+    padded = cm.price(IterationShape(n_decode=n, decode_kv_sum=kv, graph=True, padded_decode=n + extra))
+    assert padded >= exact
+    assert cm.breakdown(IterationShape(n_decode=n, decode_kv_sum=kv, graph=True, padded_decode=n + extra))[
+        "lm_head"
+    ] >= cm.breakdown(IterationShape(n_decode=n, decode_kv_sum=kv, graph=True, padded_decode=n))["lm_head"]
+
+
+def test_padded_zero_means_unpadded():
+    cm = MODELS[0]
+    a = cm.price(IterationShape(n_decode=7, decode_kv_sum=700, graph=True, padded_decode=0))
+    b = cm.price(IterationShape(n_decode=7, decode_kv_sum=700, graph=True, padded_decode=7))
+    assert a == b
+
+
+def test_gpu_terms_listed():
+    bd = MODELS[0].breakdown(prefill(100, n_decode=2, kv_sum=300))
+    assert set(GPU_TERMS) <= set(bd)

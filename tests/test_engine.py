@@ -1,0 +1,173 @@
+"""Engine invariants (DESIGN.md) over random workloads and configs, driven by hypothesis."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servesim.sim.types import Phase
+
+from engine_harness import run_engine
+
+
+@st.composite
+def workloads(draw, max_n=30):
+    n = draw(st.integers(1, max_n))
+    offline = draw(st.booleans())
+    gaps = draw(st.lists(st.floats(0, 0.05), min_size=n, max_size=n))
+    arr = np.zeros(n) if offline else np.cumsum(gaps)
+    prompts = draw(st.lists(st.integers(1, 120), min_size=n, max_size=n))
+    outs = draw(st.lists(st.integers(1, 80), min_size=n, max_size=n))
+    return list(zip(arr, prompts, outs))
+
+
+@st.composite
+def configs(draw):
+    max_batch = draw(st.integers(1, 12))
+    tpb = draw(st.sampled_from([1, 2, 4, 16]))
+    chunked = draw(st.booleans())
+    return dict(
+        capacity=draw(st.sampled_from(["guaranteed_no_evict", "max_utilization", "static_batch"])),
+        max_batch=max_batch,
+        max_tokens=draw(st.integers(max(max_batch, 16), 256)),
+        tpb=tpb,
+        blocks=draw(st.integers(4, 200)) * (16 // tpb),
+        chunked=chunked,
+        chunk_size=draw(st.sampled_from([None, tpb * 4, tpb * 8])) if chunked else None,
+        graphs=draw(st.booleans()),
+    )
+
+
+def _check_run(rows, cfg, reqs, engines, it, req):
+    # every request either finished with exactly output_len tokens or was rejected because
+    # it can never fit; rejection only for those
+    times = req.token_times
+    off = req.token_offsets
+    for i, r in enumerate(sorted(reqs, key=lambda r: r.request_id)):
+        n_tok = off[i + 1] - off[i]
+        if r.phase == Phase.FINISHED:
+            assert n_tok == r.output_len
+            t = times[off[i]:off[i + 1]]
+            assert np.all(np.diff(t) > 0), "token times must strictly increase"
+            assert t[0] > r.arrival_s
+        else:
+            assert r.phase == Phase.REJECTED
+            need = -(-(r.prompt_len + r.output_len - 1) // cfg["tpb"])
+            too_long = (not cfg["chunked"]) and r.prompt_len > cfg["max_tokens"]
+            assert need > cfg["blocks"] or too_long, "a request that fits was rejected"
+    # per-iteration limits
+    ctx_req = it.column("num_ctx_requests").to_numpy()
+    gen_req = it.column("num_gen_requests").to_numpy()
+    tok = it.column("ctx_tokens").to_numpy() + it.column("gen_tokens").to_numpy()
+    assert np.all(ctx_req + gen_req <= cfg["max_batch"])
+    assert np.all(tok <= cfg["max_tokens"])
+    assert np.all(tok > 0)
+    used = it.column("kv_blocks_used").to_numpy()
+    assert np.all(used <= cfg["blocks"]) and np.all(used >= 0)
+    start = it.column("start_s").to_numpy()
+    dur = it.column("duration_s").to_numpy()
+    assert np.all(dur > 0)
+    assert np.all(start[1:] >= start[:-1] + dur[:-1] - 1e-9), "iterations overlap"
+    for e in engines:  # nothing left behind, pool fully returned
+        assert not e.has_work()
+        assert e.kv.used == 0 and e.kv.reserved == 0
+        assert len(e.kv.free_ids) == e.kv.total
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), configs())
+def test_invariants_random(rows, cfg):
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(max_n=20), configs())
+def test_closed_form_stretches_equal_stepwise(rows, cfg):
+    """Advancing decode stretches in closed form gives the same records as stepping."""
+    a = run_engine(rows, **cfg)
+    b = run_engine(rows, stepwise=True, **cfg)
+    _check_run(rows, cfg, *b)
+    ita, itb = a[2], b[2]
+    assert ita.num_rows == itb.num_rows
+    for col in ("num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens",
+                "padded_tokens", "kv_blocks_used", "graph"):
+        assert np.array_equal(ita.column(col).to_numpy(), itb.column(col).to_numpy()), col
+    np.testing.assert_allclose(ita.column("duration_s").to_numpy(), itb.column("duration_s").to_numpy(),
+                               rtol=1e-9)
+    np.testing.assert_allclose(a[3].token_times, b[3].token_times, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(workloads(max_n=25))
+def test_max_utilization_under_pressure_finishes(rows):
+    """A tiny pool forces pauses; every request still finishes (no livelock)."""
+    cfg = dict(capacity="max_utilization", max_batch=8, max_tokens=256, tpb=4, blocks=60,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_pressure_causes_preemption():
+    rows = [(0.0, 40, 80)] * 8
+    cfg = dict(capacity="max_utilization", max_batch=8, max_tokens=512, tpb=4, blocks=80,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    assert engines[0].num_preemptions > 0
+    assert sum(r.preemptions for r in reqs) == engines[0].num_preemptions
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_guaranteed_no_evict_never_preempts():
+    rows = [(0.0, 40, 80)] * 8
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=8, max_tokens=512, tpb=4, blocks=80,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    assert engines[0].num_preemptions == 0
+    # only as many requests as fit in 80 blocks (30 blocks each) run together
+    assert it.column("num_gen_requests").to_numpy().max() <= 2
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_static_batch_admits_nothing_while_busy():
+    rows = [(0.0, 10, 5), (0.0, 10, 50), (0.001, 10, 5)]
+    cfg = dict(capacity="static_batch", max_batch=2, max_tokens=64, tpb=4, blocks=100,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    by_id = {r.request_id: r for r in reqs}
+    # request 2 arrives while the first batch runs; it starts only after request 1 finishes
+    t = req.table.to_pydict()
+    finish1 = t["finish_s"][1]
+    assert t["first_scheduled_s"][2] >= finish1
+    assert by_id[2].phase == Phase.FINISHED
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_inflight_batching_joins_running_batch():
+    rows = [(0.0, 10, 5), (0.0, 10, 50), (0.001, 10, 5)]
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=2, max_tokens=64, tpb=4, blocks=100,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    t = req.table.to_pydict()
+    assert t["first_scheduled_s"][2] < t["finish_s"][1]
+
+
+def test_chunking_splits_long_prompt():
+    rows = [(0.0, 100, 3)]
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=4, max_tokens=32, tpb=4, blocks=100,
+               chunked=True, chunk_size=16, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    ctx = it.column("ctx_tokens").to_numpy()
+    assert list(ctx[:7]) == [16, 16, 16, 16, 16, 16, 4]
+    assert ctx.sum() == 100
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_reject_never_fits():
+    rows = [(0.0, 500, 10), (0.0, 10, 10)]
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=4, max_tokens=1024, tpb=4, blocks=50,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, **cfg)
+    assert reqs[0].phase == Phase.REJECTED and reqs[1].phase == Phase.FINISHED
+    _check_run(rows, cfg, reqs, engines, it, req)

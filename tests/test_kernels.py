@@ -1,0 +1,453 @@
+"""Triton kernels vs their plain-torch references (and the references vs torch / HF).
+
+Without a CUDA device the kernels run in Triton's CPU interpreter (fp32 and fp16; bf16 only
+on a GPU). TRITON_INTERPRET must be set before a Triton kernel module is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from servesim.kernels import _common, ops  # noqa: E402
+from servesim.kernels.activation import silu_mul_triton  # noqa: E402
+from servesim.kernels.decode_attention import (  # noqa: E402
+    choose_num_splits,
+    paged_decode_attention_triton,
+)
+from servesim.kernels.prefill_attention import paged_prefill_attention_triton  # noqa: E402
+from servesim.kernels.reference import (  # noqa: E402
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    rms_norm_ref,
+    rope_kv_write_ref,
+    silu_mul_ref,
+)
+from servesim.kernels.rmsnorm import rms_norm_triton  # noqa: E402
+from servesim.kernels.rope import rope_kv_write_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every output / workspace the kernels allocate starts as NaN: all must be written."""
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any(), "NaN in output (element not written, or bad masking)"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(*shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
+
+
+# --------------------------------------------------------------------------- paged KV fixtures
+
+
+def make_paged_kv(seq_lens, Hkv, D, block_size, dtype, g, extra_blocks=3):
+    """Random K/V for sequences of ``seq_lens`` tokens in a NaN-poisoned paged cache.
+
+    Blocks are handed out in a random (non-contiguous) order; every cache slot that no
+    sequence owns (spare blocks and the tail of each last block) holds NaN, so a kernel that
+    reads past a sequence's length produces NaN. Returns the caches, the block table
+    [N, max_blocks] int32 (unused entries point at block 0 ... or garbage) and the per-sequence
+    contiguous K and V.
+    """
+    nblocks = [math.ceil(L / block_size) for L in seq_lens]
+    total = sum(nblocks) + extra_blocks
+    perm = torch.randperm(total, generator=g).tolist()
+    max_blocks = max(max(nblocks), 1) + 1
+    k_cache = torch.full((total, block_size, Hkv, D), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    # unused table entries get an out-of-range id: they must never be dereferenced
+    block_tables = torch.full((len(seq_lens), max_blocks), 10**6, dtype=torch.int32)
+    ks, vs = [], []
+    for n, L in enumerate(seq_lens):
+        ids = [perm.pop() for _ in range(nblocks[n])]
+        block_tables[n, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        k = randn(L, Hkv, D, dtype=dtype, g=g)
+        v = randn(L, Hkv, D, dtype=dtype, g=g)
+        for p in range(L):
+            k_cache[ids[p // block_size], p % block_size] = k[p]
+            v_cache[ids[p // block_size], p % block_size] = v[p]
+        ks.append(k)
+        vs.append(v)
+    return k_cache, v_cache, block_tables.to(DEVICE), ks, vs
+
+
+# --------------------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H", [(1, 16), (5, 100), (3, 257)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, T, H, with_residual):
+    g = gen(T * 1000 + H)
+    x = randn(T, H, dtype=dtype, g=g, scale=3.0)
+    w = randn(H, dtype=dtype, g=g)
+    res = randn(T, H, dtype=dtype, g=g) if with_residual else None
+    out, h = rms_norm_triton(x, w, 1e-6, res)
+    ref_out, ref_h = rms_norm_ref(x, w, 1e-6, res)
+    assert_close(out, ref_out, dtype)
+    assert torch.equal(h, ref_h)
+    if not with_residual:
+        assert h is x
+
+
+def test_rms_norm_strided_rows():
+    g = gen(1)
+    big = randn(6, 96, dtype=torch.float32, g=g)
+    x = big[:, 16:80]  # row stride 96, last dim contiguous
+    w = randn(64, dtype=torch.float32, g=g)
+    res = randn(6, 64, dtype=torch.float32, g=g)
+    out, h = rms_norm_triton(x, w, 1e-5, res)
+    ref_out, ref_h = rms_norm_ref(x, w, 1e-5, res)
+    assert_close(out, ref_out, torch.float32)
+    assert torch.equal(h, ref_h)
+
+
+def test_rms_norm_reference_matches_hf_llama():
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    g = gen(2)
+    x = randn(4, 64, dtype=torch.float32, g=g)
+    norm = modeling.LlamaRMSNorm(64, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(randn(64, dtype=torch.float32, g=g))
+        expected = norm(x)
+    out, _ = rms_norm_ref(x, norm.weight.detach(), 1e-6)
+    assert rel_err(out, expected) < 1e-6
+
+
+# --------------------------------------------------------------------------- silu_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I,block", [(1, 16, None), (7, 300, 128), (3, 1000, None)])
+def test_silu_mul_matches_reference(dtype, T, I, block):
+    g = gen(T + I)
+    gate_up = randn(T, 2 * I, dtype=dtype, g=g, scale=2.0)
+    out = silu_mul_triton(gate_up, block=block)
+    assert out.shape == (T, I)
+    assert_close(out, silu_mul_ref(gate_up), dtype)
+
+
+def test_silu_mul_reference_is_silu_times_up():
+    g = gen(3)
+    gate_up = randn(5, 40, dtype=torch.float32, g=g)
+    gate, up = gate_up[:, :20], gate_up[:, 20:]
+    expected = gate / (1 + torch.exp(-gate)) * up
+    assert rel_err(silu_mul_ref(gate_up), expected) < 1e-6
+
+
+# --------------------------------------------------------------------------- rope_kv_write
+
+
+def make_cos_sin(max_pos, D, base=10000.0):
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("D", [16, 24, 64])
+def test_rope_kv_write_matches_reference(dtype, Hq, Hkv, D):
+    g = gen(Hq * 100 + Hkv * 10 + D)
+    T, block_size, num_blocks = 7, 4, 6
+    # q/k/v as strided views of one fused projection output, as the model produces them
+    qkv = randn(T, (Hq + 2 * Hkv) * D, dtype=dtype, g=g)
+    q, k, v = qkv.view(T, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
+    positions = torch.randint(0, 200, (T,), generator=g).to(DEVICE)
+    cos_sin = make_cos_sin(256, D)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[[1, 4]] = -1  # CUDA-graph padding rows: not written
+    slots = slots.to(DEVICE)
+    k_cache = torch.full((num_blocks, block_size, Hkv, D), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    k_cache_ref, v_cache_ref = k_cache.clone(), v_cache.clone()
+
+    q_rot, k_rot = rope_kv_write_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+    q_ref, k_ref = rope_kv_write_ref(q, k, v, positions, cos_sin, k_cache_ref, v_cache_ref, slots)
+    assert_close(q_rot, q_ref, dtype)
+    assert_close(k_rot, k_ref, dtype)
+    # written slots hold the same values; every other slot is untouched (still NaN)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    written[slots[slots >= 0]] = True
+    written = written.view(num_blocks, block_size)
+    assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all()
+    assert_close(k_cache[written], k_cache_ref[written], dtype)
+    assert torch.equal(v_cache[written], v_cache_ref[written])
+    assert torch.equal(v_cache_ref[written], v[slots >= 0][torch.argsort(slots[slots >= 0])])
+
+
+def test_rope_reference_matches_hf_llama():
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    g = gen(4)
+    T, Hq, Hkv, D = 5, 4, 2, 32
+    q = randn(T, Hq, D, dtype=torch.float32, g=g)
+    k = randn(T, Hkv, D, dtype=torch.float32, g=g)
+    v = randn(T, Hkv, D, dtype=torch.float32, g=g)
+    positions = torch.tensor([0, 3, 17, 5, 99], device=DEVICE)
+    cos_sin = make_cos_sin(128, D)
+    cos_half, sin_half = cos_sin[positions].chunk(2, dim=-1)
+    cos = torch.cat((cos_half, cos_half), dim=-1)[None]  # HF: [batch, seq, D]
+    sin = torch.cat((sin_half, sin_half), dim=-1)[None]
+    # HF layout: [batch, heads, seq, D]
+    hf_q, hf_k = modeling.apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin
+    )
+    kc = torch.zeros(2, 4, Hkv, D, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    slots = torch.arange(T, device=DEVICE)
+    q_rot, k_rot = rope_kv_write_ref(q, k, v, positions, cos_sin, kc, vc, slots)
+    assert rel_err(q_rot, hf_q[0].transpose(0, 1)) < 1e-6
+    assert rel_err(k_rot, hf_k[0].transpose(0, 1)) < 1e-6
+
+
+# --------------------------------------------------------------------------- decode attention
+
+
+def _decode_case(dtype, Hq, Hkv, D, seq_lens, block_size, seed):
+    g = gen(seed)
+    k_cache, v_cache, bt, _, _ = make_paged_kv(seq_lens, Hkv, D, block_size, dtype, g)
+    q = randn(len(seq_lens), Hq, D, dtype=dtype, g=g)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, bt, sl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1), (32, 2)])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_paged_decode_matches_reference(dtype, Hq, Hkv, num_splits, use_dot):
+    seq_lens = [37, 0, 5, 70]  # not multiples of the block size; a padded (empty) row
+    D = 32
+    q, kc, vc, bt, sl = _decode_case(dtype, Hq, Hkv, D, seq_lens, 16, seed=Hq + Hkv)
+    scale = D**-0.5
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, scale, num_splits, use_dot=use_dot, block_n=16)
+    ref = paged_decode_attention_ref(q, kc, vc, bt, sl, scale)
+    assert_close(out, ref, dtype)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # seq_len 0 -> zeros, no NaN
+
+
+@pytest.mark.parametrize("D,block_size", [(40, 8), (128, 16)])
+def test_paged_decode_head_dims_and_block_sizes(D, block_size):
+    dtype = torch.float16
+    q, kc, vc, bt, sl = _decode_case(dtype, 8, 2, D, [1, 29, 64], block_size, seed=D)
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.1, 2)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, 0.1), dtype)
+
+
+def test_paged_decode_more_splits_than_tokens():
+    q, kc, vc, bt, sl = _decode_case(torch.float32, 4, 1, 16, [3, 1, 0], 4, seed=5)
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.25, 8)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, 0.25), torch.float32)
+
+
+def test_choose_num_splits_depends_on_shapes_only():
+    assert choose_num_splits(256, 8, 4096, 132) == 1  # enough (seq, head) work already
+    assert choose_num_splits(1, 8, 32768, 132) == math.ceil(132 / 8)
+    assert choose_num_splits(1, 1, 32768, 132) == 32  # capped
+    assert choose_num_splits(1, 8, 300, 132) == 2  # >= 256 tokens per split
+    assert choose_num_splits(4, 8, 16, 132) == 1
+    for B in range(1, 200, 7):
+        assert 1 <= choose_num_splits(B, 8, 8192) <= 32
+
+
+# --------------------------------------------------------------------------- prefill attention
+
+
+def _prefill_case(dtype, Hq, Hkv, D, q_lens, ctx_lens, block_size, seed):
+    g = gen(seed)
+    seq_lens = [c + n for c, n in zip(ctx_lens, q_lens)]
+    k_cache, v_cache, bt, _, _ = make_paged_kv(seq_lens, Hkv, D, block_size, dtype, g)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+    q = randn(sum(q_lens), Hq, D, dtype=dtype, g=g)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, bt, cu, sl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1), (6, 2)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 32)])
+def test_paged_prefill_matches_reference(dtype, Hq, Hkv, block_m, block_n):
+    # plain prefill, chunk after cached context, a 1-token chunk after a long context
+    q_lens = [19, 7, 1, 33]
+    ctx_lens = [0, 13, 40, 5]
+    D = 32
+    q, kc, vc, bt, cu, sl = _prefill_case(dtype, Hq, Hkv, D, q_lens, ctx_lens, 8, seed=Hq * Hkv)
+    out = paged_prefill_attention_triton(q, kc, vc, bt, cu, sl, D**-0.5, block_m=block_m, block_n=block_n)
+    ref = paged_prefill_attention_ref(q, kc, vc, bt, cu, sl, D**-0.5)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("D,block_size", [(40, 16), (128, 16)])
+def test_paged_prefill_head_dims(D, block_size):
+    dtype = torch.float16
+    q, kc, vc, bt, cu, sl = _prefill_case(dtype, 4, 2, D, [10, 21], [3, 0], block_size, seed=D)
+    out = paged_prefill_attention_triton(q, kc, vc, bt, cu, sl, D**-0.5)
+    assert_close(out, paged_prefill_attention_ref(q, kc, vc, bt, cu, sl, D**-0.5), dtype)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chunks=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 30)), min_size=1, max_size=4),
+    group=st.sampled_from([1, 4, 8]),
+    block_size=st.sampled_from([4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_prefill_random_layouts(chunks, group, block_size, seed):
+    q_lens = [n for n, _ in chunks]
+    ctx_lens = [c for _, c in chunks]
+    if sum(q_lens) == 0:
+        q_lens[0] = 1
+    q, kc, vc, bt, cu, sl = _prefill_case(torch.float32, group * 2, 2, 16, q_lens, ctx_lens, block_size, seed)
+    _common.POISON_OUTPUTS = True  # (fixtures do not wrap hypothesis examples one by one)
+    out = paged_prefill_attention_triton(q, kc, vc, bt, cu, sl, 0.25, block_m=16, block_n=16)
+    assert_close(out, paged_prefill_attention_ref(q, kc, vc, bt, cu, sl, 0.25), torch.float32)
+
+
+# --------------------------------------------------------------------------- references vs SDPA
+
+
+def _sdpa(q, k, v, scale, mask=None, is_causal=False):
+    """q: [M, Hq, D], k/v: [L, Hkv, D] -> [M, Hq, D] via torch SDPA (fp32, GQA by repeat)."""
+    group = q.shape[1] // k.shape[1]
+    qf = q.float().transpose(0, 1)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return o.transpose(0, 1)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
+def test_decode_reference_matches_sdpa(Hq, Hkv):
+    g = gen(6)
+    D, seq_lens = 32, [9, 16, 1]
+    k_cache, v_cache, bt, ks, vs = make_paged_kv(seq_lens, Hkv, D, 4, torch.float32, g)
+    q = randn(3, Hq, D, dtype=torch.float32, g=g)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, sl, 0.2)
+    for b in range(3):
+        expected = _sdpa(q[b : b + 1], ks[b], vs[b], 0.2)[0]
+        assert rel_err(ref[b], expected) < 1e-5
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
+def test_prefill_reference_matches_sdpa(Hq, Hkv):
+    g = gen(7)
+    D = 32
+    q_lens, ctx_lens = [12, 5], [0, 9]
+    seq_lens = [a + b for a, b in zip(q_lens, ctx_lens)]
+    k_cache, v_cache, bt, ks, vs = make_paged_kv(seq_lens, Hkv, D, 4, torch.float32, g)
+    q = randn(sum(q_lens), Hq, D, dtype=torch.float32, g=g)
+    cu = torch.tensor([0, 12, 17], dtype=torch.int32, device=DEVICE)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, bt, cu, sl, 0.2)
+    # sequence 0: whole prompt, plain causal
+    assert rel_err(ref[:12], _sdpa(q[:12], ks[0], vs[0], 0.2, is_causal=True)) < 1e-5
+    # sequence 1: 5 new tokens after 9 cached ones: bottom-right-aligned causal mask
+    mask = torch.ones(5, 14, dtype=torch.bool, device=DEVICE).tril(diagonal=9)
+    assert rel_err(ref[12:], _sdpa(q[12:], ks[1], vs[1], 0.2, mask=mask)) < 1e-5
+
+
+# --------------------------------------------------------------------------- composition & dispatch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_prefill_then_decode_equals_full_attention(dtype):
+    """rope_kv_write + prefill in two chunks + one decode step == causal SDPA on the
+    whole rotated sequence: what chunked context and prefix reuse rely on."""
+    g = gen(8)
+    Hq, Hkv, D, block_size, L = 8, 2, 32, 8, 29
+    cos_sin = make_cos_sin(64, D)
+    q_all = randn(L + 1, Hq, D, dtype=dtype, g=g)
+    k_all = randn(L + 1, Hkv, D, dtype=dtype, g=g)
+    v_all = randn(L + 1, Hkv, D, dtype=dtype, g=g)
+    blocks = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
+    bt = blocks[None].to(DEVICE)
+    kc = torch.full((8, block_size, Hkv, D), float("nan"), dtype=dtype, device=DEVICE)
+    vc = kc.clone()
+    pos_all = torch.arange(L + 1, device=DEVICE)
+    slots_all = (blocks.long()[pos_all.cpu() // block_size] * block_size + pos_all.cpu() % block_size).to(DEVICE)
+    scale = D**-0.5
+    outs = []
+    for lo, hi in [(0, 11), (11, L)]:  # two context chunks
+        qr, _ = ops.rope_kv_write(q_all[lo:hi], k_all[lo:hi], v_all[lo:hi], pos_all[lo:hi], cos_sin, kc, vc,
+                                  slots_all[lo:hi], impl="triton")
+        cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEVICE)
+        sl = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
+        outs.append(ops.paged_prefill_attention(qr, kc, vc, bt, cu, sl, scale, impl="triton"))
+    qr, _ = ops.rope_kv_write(q_all[L:], k_all[L:], v_all[L:], pos_all[L:], cos_sin, kc, vc, slots_all[L:],
+                              impl="triton")
+    sl = torch.tensor([L + 1], dtype=torch.int32, device=DEVICE)
+    outs.append(ops.paged_decode_attention(qr, kc, vc, bt, sl, scale, impl="triton"))
+    out = torch.cat(outs)
+
+    # one-shot: rotate everything with the reference, plain causal SDPA
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    q_rot, k_rot = rope_kv_write_ref(q_all, k_all, v_all, pos_all, cos_sin, kc2, vc2, slots_all)
+    expected = _sdpa(q_rot, k_rot, v_all, scale, is_causal=True).to(dtype)
+    assert_close(out, expected, dtype)
+
+
+def test_ops_dispatch():
+    g = gen(9)
+    x = randn(3, 32, dtype=torch.float32, g=g)
+    w = randn(32, dtype=torch.float32, g=g)
+    via_torch, _ = ops.rms_norm(x, w, 1e-6, impl="torch")
+    via_auto, _ = ops.rms_norm(x, w, 1e-6)  # triton here: CUDA or the interpreter
+    via_triton, _ = ops.rms_norm(x, w, 1e-6, impl="triton")
+    assert torch.equal(via_torch, rms_norm_ref(x, w, 1e-6)[0])
+    assert torch.equal(via_auto, via_triton)
+    assert _common.use_triton("auto", x)
+    assert not _common.use_triton("torch", x)
+    with pytest.raises(ValueError, match="impl"):
+        ops.silu_mul(x, impl="cuda")
+    gu = randn(2, 8, dtype=torch.float32, g=g)
+    assert_close(ops.silu_mul(gu, impl="triton"), ops.silu_mul(gu, impl="torch"), torch.float32)
+
+
+def test_ops_signatures_are_the_contract():
+    import inspect
+
+    expected = {
+        "rms_norm": ["x", "weight", "eps", "residual", "impl"],
+        "silu_mul": ["gate_up", "impl"],
+        "rope_kv_write": ["q", "k", "v", "positions", "cos_sin", "k_cache", "v_cache", "slot_mapping", "impl"],
+        "paged_decode_attention": ["q", "k_cache", "v_cache", "block_tables", "seq_lens", "scale",
+                                   "num_splits", "impl"],
+        "paged_prefill_attention": ["q", "k_cache", "v_cache", "block_tables", "cu_q_lens", "seq_lens",
+                                    "scale", "impl"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(ops, name)).parameters) == params

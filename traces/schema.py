@@ -1,0 +1,215 @@
+"""The workload table: one row a request.
+
+Columns (see DESIGN.md, "Data contracts"):
+
+==================  =========  ================================================
+column              dtype      meaning
+==================  =========  ================================================
+``request_id``      int64      unique
+``arrival_s``       float64    arrival time in seconds, finite, non-decreasing
+                               (the origin is free: traces start at 0)
+``prompt_len``      int64      prompt tokens, >= 1
+``output_len``      int64      tokens to generate (forced), >= 1
+``priority``        int64      optional; larger is more important
+``tenant``          str        optional; "" for none
+``slo_ttft_s``      float64    optional; > 0, NaN = no SLO
+``slo_tpot_s``      float64    optional; > 0, NaN = no SLO
+``block_hashes``    object     optional; per row a tuple of ints, one id per
+                               ``hash_block_size``-token block of the prompt
+                               (the last block may be partial), so
+                               ``len == ceil(prompt_len / hash_block_size)``;
+                               or None when the row has no prefix information.
+                               ``df.attrs["hash_block_size"]`` holds the size.
+``prompt_tokens``   object     optional; per row a tuple of ``prompt_len`` token
+                               ids, or None
+==================  =========  ================================================
+
+Any other column is an error (a misspelt ``slo_ttft`` must not be ignored silently).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from servesim.sim.types import ConfigError
+
+CORE_COLUMNS: tuple[str, ...] = ("request_id", "arrival_s", "prompt_len", "output_len")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "priority",
+    "tenant",
+    "slo_ttft_s",
+    "slo_tpot_s",
+    "block_hashes",
+    "prompt_tokens",
+)
+COLUMNS: tuple[str, ...] = CORE_COLUMNS + OPTIONAL_COLUMNS
+INT_COLUMNS: tuple[str, ...] = ("request_id", "prompt_len", "output_len", "priority")
+FLOAT_COLUMNS: tuple[str, ...] = ("arrival_s", "slo_ttft_s", "slo_tpot_s")
+TUPLE_COLUMNS: tuple[str, ...] = ("block_hashes", "prompt_tokens")
+HASH_BLOCK_SIZE = "hash_block_size"  # key in df.attrs
+
+
+def make_workload(
+    arrival_s: Sequence[float] | np.ndarray,
+    prompt_len: Sequence[int] | np.ndarray,
+    output_len: Sequence[int] | np.ndarray,
+    *,
+    request_id: Sequence[int] | np.ndarray | None = None,
+    hash_block_size: int | None = None,
+    **optional: Any,
+) -> pd.DataFrame:
+    """Build a workload frame with the schema's dtypes (no validation; call
+    :func:`validate_workload` for that). ``optional`` takes the optional columns by name;
+    tuple columns take any sequences (converted to tuples of Python ints, None kept).
+    ``request_id`` defaults to 0..N-1."""
+    unknown = sorted(set(optional) - set(OPTIONAL_COLUMNS))
+    if unknown:
+        raise TypeError(f"unknown workload column(s) {unknown}; optional columns are {list(OPTIONAL_COLUMNS)}")
+    n = len(arrival_s)
+    data: dict[str, Any] = {
+        "request_id": np.arange(n, dtype=np.int64) if request_id is None else np.asarray(request_id, dtype=np.int64),
+        "arrival_s": np.asarray(arrival_s, dtype=np.float64),
+        "prompt_len": np.asarray(prompt_len, dtype=np.int64),
+        "output_len": np.asarray(output_len, dtype=np.int64),
+    }
+    for name in OPTIONAL_COLUMNS:  # fixed column order
+        if name not in optional:
+            continue
+        values = optional[name]
+        if name == "priority":
+            data[name] = np.asarray(values, dtype=np.int64)
+        elif name == "tenant":
+            data[name] = pd.Series(list(values), dtype=str).to_numpy()
+        elif name in FLOAT_COLUMNS:
+            data[name] = np.asarray(values, dtype=np.float64)
+        else:
+            data[name] = tuple_column(values)
+    df = pd.DataFrame(data)
+    if hash_block_size is not None:
+        df.attrs[HASH_BLOCK_SIZE] = int(hash_block_size)
+    return df
+
+
+def tuple_column(values: Iterable[Any]) -> np.ndarray:
+    """An object array of tuples of Python ints (None kept) from any sequences."""
+    items = [None if v is None else tuple(int(x) for x in v) for v in values]
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def validate_workload(df: pd.DataFrame, source: str) -> None:
+    """Raise :class:`ConfigError` naming ``source`` and the first bad row (0-based
+    position) if ``df`` breaks the schema above."""
+    problem = find_problem(df)
+    if problem is None:
+        return
+    row, msg = problem
+    if row is None:
+        raise ConfigError(msg, source)
+    rid = ""
+    if "request_id" in df.columns and is_int_dtype(df["request_id"]):
+        rid = f" (request_id {int(df['request_id'].iat[row])})"
+    raise ConfigError(msg, f"{source}: row {row}{rid}")
+
+
+def find_problem(df: pd.DataFrame) -> tuple[int | None, str] | None:
+    """The first schema violation as ``(row, message)``, ``row`` being the 0-based
+    position or None for a problem with the whole table; None when the frame is valid.
+    Readers use it to report file line numbers instead of rows."""
+    if not isinstance(df, pd.DataFrame):
+        return None, f"expected a pandas DataFrame, got {type(df).__name__}"
+    missing = [c for c in CORE_COLUMNS if c not in df.columns]
+    if missing:
+        return None, f"missing column(s) {missing}; a workload needs {list(CORE_COLUMNS)}"
+    unknown = [c for c in df.columns if c not in COLUMNS]
+    if unknown:
+        return None, f"unknown column(s) {unknown}; allowed: {list(COLUMNS)}"
+    if len(df) == 0:
+        return None, "the workload has no requests"
+    for col in INT_COLUMNS:
+        if col in df.columns and not is_int_dtype(df[col]):
+            return None, f"column {col!r} has dtype {df[col].dtype}, expected int64"
+    for col in FLOAT_COLUMNS:
+        if col in df.columns and df[col].dtype != np.float64:
+            return None, f"column {col!r} has dtype {df[col].dtype}, expected float64"
+
+    bad: list[tuple[int, str]] = []  # (row, message): the first bad row of each rule
+
+    def rule(mask: np.ndarray, msg) -> None:
+        idx = np.flatnonzero(mask)
+        if idx.size:
+            i = int(idx[0])
+            bad.append((i, msg(i) if callable(msg) else msg))
+
+    rid = df["request_id"].to_numpy()
+    rule(df["request_id"].duplicated().to_numpy(), lambda i: f"request_id {int(rid[i])} is not unique")
+    arr = df["arrival_s"].to_numpy()
+    rule(~np.isfinite(arr), lambda i: f"arrival_s must be a finite number, got {arr[i]}")
+    if arr.size > 1:
+        dec = np.concatenate([[False], np.diff(arr) < 0])
+        rule(dec, lambda i: f"arrival_s must be non-decreasing: {arr[i]} after {arr[i - 1]}")
+    for col in ("prompt_len", "output_len"):
+        v = df[col].to_numpy()
+        rule(v < 1, lambda i, v=v, col=col: f"{col} must be >= 1, got {int(v[i])}")
+    for col in ("slo_ttft_s", "slo_tpot_s"):
+        if col in df.columns:
+            v = df[col].to_numpy()
+            rule(~(np.isnan(v) | (v > 0)) | np.isinf(v), lambda i, v=v, col=col: f"{col} must be > 0 and finite or NaN (none), got {v[i]}")
+    if "tenant" in df.columns:
+        t = df["tenant"].to_numpy(dtype=object)
+        notstr = np.fromiter((type(x) is not str for x in t), dtype=bool, count=len(t))
+        rule(notstr, lambda i: f"tenant must be a string ('' for none), got {t[i]!r}")
+    plen = df["prompt_len"].to_numpy()
+    if "block_hashes" in df.columns:
+        bs = df.attrs.get(HASH_BLOCK_SIZE)
+        if not isinstance(bs, (int, np.integer)) or isinstance(bs, bool) or bs <= 0:
+            return None, (
+                f"a block_hashes column needs df.attrs[{HASH_BLOCK_SIZE!r}] "
+                f"(a positive int, tokens per block), got {bs!r}"
+            )
+        bs = int(bs)
+        found = _tuple_problem(df["block_hashes"].to_numpy(), "block_hashes", -(-plen // bs), f"ceil(prompt_len / {bs})")
+        if found:
+            bad.append(found)
+    if "prompt_tokens" in df.columns:
+        found = _tuple_problem(df["prompt_tokens"].to_numpy(), "prompt_tokens", plen, "prompt_len")
+        if found:
+            bad.append(found)
+    return min(bad, key=lambda b: b[0]) if bad else None  # ties: the first rule above
+
+
+def _tuple_problem(col: np.ndarray, name: str, want_len: np.ndarray, want_desc: str) -> tuple[int, str] | None:
+    # Vectorised screen first; the row loop below only runs to name the bad row.
+    lens = np.fromiter(
+        (0 if v is None else (len(v) if type(v) is tuple else -1) for v in col), dtype=np.int64, count=len(col)
+    )
+    present = np.fromiter((v is not None for v in col), dtype=bool, count=len(col))
+    elem_types = set(map(type, itertools.chain.from_iterable(v for v in col if type(v) is tuple)))
+    if elem_types <= {int} and not ((lens != want_len) & present).any():
+        return None
+    for i, v in enumerate(col):
+        if v is None:
+            continue
+        if type(v) is not tuple:
+            return i, f"{name} must be a tuple of ints or None, got {type(v).__name__}"
+        if len(v) != want_len[i]:
+            return i, f"{name} has {len(v)} entries, expected {want_desc} = {int(want_len[i])}"
+        for x in v:
+            if type(x) is not int:
+                return i, f"{name} must hold ints, got {x!r}"
+    return None
+
+
+def is_int_dtype(s: pd.Series) -> bool:
+    return s.dtype == np.int64
+
+
+def present_columns(df: pd.DataFrame) -> list[str]:
+    """The schema columns of ``df`` in canonical order."""
+    return [c for c in COLUMNS if c in df.columns]
