@@ -42,7 +42,7 @@ def rope_settings(config: Mapping[str, Any]) -> tuple[float, dict | None]:
     if theta is None:
         theta = DEFAULT_ROPE_THETA
     if scaling is not None:
-        scaling = dict(scaling)
+        scaling = {k: v for k, v in dict(scaling).items() if k != "rope_theta"}
         if "original_max_position_embeddings" not in scaling and config.get("max_position_embeddings"):
             # transformers falls back to max_position_embeddings for llama3 scaling.
             if _rope_type(scaling) == "llama3":

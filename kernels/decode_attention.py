@@ -225,6 +225,10 @@ def paged_decode_attention_triton(
 
     if use_dot is None:
         use_dot = group >= 16
+    if group >= 16:
+        # (the broadcast tile gains nothing here, and Triton's compiler would rewrite its
+        # multiply-reduce into a dot of default, TF32, precision for fp32 inputs)
+        use_dot = True
     BLOCK_D = max(next_pow2(D), 16)
     BLOCK_G = max(next_pow2(group), 16) if use_dot else next_pow2(group)
     if block_n is None:

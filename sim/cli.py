@@ -110,7 +110,6 @@ def cmd_run(args) -> int:
 
     from .config import load_experiment
     from .metrics import flat_row
-    from .plots import latency_cdfs, timeline
     from .runner import resolve, simulate, write_run
 
     overrides = list(args.set or [])
@@ -152,6 +151,8 @@ def cmd_run(args) -> int:
             run_dir = out / v.name
             write_run(result, run_dir, exp.name, v.name)
             if setup.cfg.output.plots:
+                from .plots import timeline
+
                 timeline(result.requests, result.iterations, setup.num_blocks, run_dir / "timeline.png",
                          f"{exp.name} / {v.name} ({setup.model.name}, {setup.hardware.name})")
             tables[v.name] = result.requests
@@ -161,6 +162,8 @@ def cmd_run(args) -> int:
                       f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
                       f"-> {run_dir}[/]")
     if any(s.cfg.output.plots for s in setups):
+        from .plots import latency_cdfs
+
         latency_cdfs(tables, out / "latency_cdf.png", f"{exp.name}: latency per variant")
     keys: list[str] = []
     for r in rows:

@@ -178,11 +178,35 @@ def parse_set(pairs: list[str]) -> dict:
     return out
 
 
+def _clean_loc(raw: Any, loc: tuple) -> tuple:
+    """Drop the tags pydantic adds for unions (`arrival.poisson.rate_req_s` ->
+    `arrival.rate_req_s`): path elements that are not keys of the user's input."""
+    out = []
+    d = raw
+    for p in loc:
+        if isinstance(p, str) and p.startswith("function-"):
+            continue
+        if isinstance(d, dict) and p not in d and isinstance(p, str):
+            continue  # a union member's tag, not a key the user wrote
+        out.append(p)
+        if isinstance(d, dict):
+            d = d.get(p)
+        elif isinstance(d, list) and isinstance(p, int) and p < len(d):
+            d = d[p]
+        else:
+            d = None
+    return tuple(out)
+
+
 def _pydantic_problems(err: ValidationError, where: str, variant_raw: dict | None,
-                       vi: int | None, set_over: dict) -> list[tuple[str, str]]:
+                       vi: int | None, set_over: dict, merged: dict) -> list[tuple[str, str]]:
     probs = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = e["loc"]
+        if e["type"] == "missing":  # the last element is absent by definition
+            loc = _clean_loc(merged, loc[:-1]) + loc[-1:]
+        else:
+            loc = _clean_loc(merged, loc)
         # discriminated unions add the tag as a path element; keep it, it names the kind
         if set_over and _has_path(set_over, loc):
             key = f"--set {_fmt_loc(loc)}"
@@ -252,7 +276,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         try:
             cfg = RunConfig.model_validate(merged)
         except ValidationError as err:
-            for p in _pydantic_problems(err, where, over, i, set_over):
+            for p in _pydantic_problems(err, where, over, i, set_over, merged):
                 if p[0].startswith(f"{where}: variants[") or p[0].startswith("command line"):
                     problems.append(p)
                 elif p not in base_reported:  # shared settings: report once

@@ -123,7 +123,9 @@ class RooflineCostModel:
         cfg = cfg if cfg is not None else RooflineConfig()
         model.check_tp(tp)
         self.model, self.hw, self.cfg, self.tp = model, hw, cfg, tp
-        self.cuda_graphs = cuda_graphs  # informational: the shape's `graph` flag decides
+        # The shape's `graph` flag decides how an iteration is priced; with
+        # cuda_graphs=False a graph shape is an engine bug and raises ValueError.
+        self.cuda_graphs = cuda_graphs
         self.overlap_scheduler = overlap_scheduler
 
         F = hw.achievable_bf16_flops * cfg.flops_efficiency
@@ -222,6 +224,8 @@ class RooflineCostModel:
         r = self._affine.get(key)
         if r is not None:
             return r
+        if graph and not self.cuda_graphs:
+            raise ValueError("a CUDA-graph iteration priced by a cost model built with cuda_graphs=False")
         if n_decode <= 0:
             r = (0.0, 0.0)
         else:
@@ -241,6 +245,8 @@ class RooflineCostModel:
             return r[0] + r[1] * shape.decode_kv_sum
         n = shape.n_decode
         graph = shape.graph
+        if graph and not self.cuda_graphs:
+            raise ValueError("a CUDA-graph iteration priced by a cost model built with cuda_graphs=False")
         nd = shape.padded_decode if (graph and n > 0 and shape.padded_decode > n) else n
         ap_f, ap_new, ap_prior = self._ap_f, self._ap_new, self._ap_prior
         T = nd
@@ -272,6 +278,8 @@ class RooflineCostModel:
     def breakdown(self, shape: IterationShape) -> dict[str, float]:
         """Seconds per term (keys GPU_TERMS + HOST_TERMS); they sum to price(shape).
         ``host_launch`` is the part of the launch overhead not hidden under GPU work."""
+        if shape.graph and not self.cuda_graphs:
+            raise ValueError("a CUDA-graph iteration priced by a cost model built with cuda_graphs=False")
         out = dict.fromkeys(GPU_TERMS + HOST_TERMS, 0.0)
         n = shape.n_decode
         nd = self._decode_tokens(n, shape.graph, shape.padded_decode)

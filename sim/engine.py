@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -312,7 +313,7 @@ class Engine:
         new_blocks = full * n
         for j in range(part):
             new_blocks += hist[(p0 - j) % tpb]
-        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, self.kv.used, tuple(hist), p0,
+        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, self.kv.used, array("q", hist).tobytes(), p0,
                                padded))
         self.kv.grow(new_blocks)
         self.g = g0 + K

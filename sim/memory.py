@@ -30,8 +30,12 @@ def kv_bytes_per_block(model: ModelSpec, tokens_per_block: int, tp: int = 1) -> 
     return tokens_per_block * per_token
 
 
+# Rows of logits assumed when the caller does not give max_batch_size.
+DEFAULT_SAMPLING_ROWS = 256
+
+
 def default_activation_reserve_bytes(
-    model: ModelSpec, max_num_tokens: int, max_batch_size: int, tp: int = 1
+    model: ModelSpec, max_num_tokens: int, tp: int = 1, max_batch_size: int | None = None
 ) -> int:
     """Memory to keep free for one forward pass of up to `max_num_tokens` tokens.
 
@@ -42,10 +46,15 @@ def default_activation_reserve_bytes(
         + max_num_tokens * b * (2d + (2q + 2kv)/tp + 3I/tp)       (one layer's activations)
         + min(max_num_tokens, max_batch_size) * ceil(V/tp) * 8    (fp32 logits + probs)
 
+    (``max_batch_size`` None: DEFAULT_SAMPLING_ROWS = 256 rows of logits; pass the
+    scheduler's max_batch_size for the real figure.)
+
     The per-token term is every intermediate tensor of one decoder layer held at once
     (residual, normed input, qkv, attention output, gate_up, SiLU*up): an upper bound on
     the live set, since layers run one after another and free their intermediates.
     """
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_SAMPLING_ROWS
     if max_num_tokens < 1 or max_batch_size < 1:
         raise ValueError("max_num_tokens and max_batch_size must be positive")
     b = model.dtype_bytes
@@ -118,4 +127,5 @@ __all__ = [
     "kv_bytes_per_block",
     "default_activation_reserve_bytes",
     "FIXED_RESERVE_BYTES",
+    "DEFAULT_SAMPLING_ROWS",
 ]

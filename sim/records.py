@@ -66,7 +66,7 @@ def iteration_arrays(engine) -> IterationArrays:
         kv0 = np.asarray(s[5], dtype=np.float64)
         n = np.asarray(s[6], dtype=np.int64)
         used0 = np.asarray(s[7], dtype=np.int64)
-        hist = np.asarray(s[8], dtype=np.int64).reshape(len(st), tpb)
+        hist = np.frombuffer(b"".join(s[8]), dtype=np.int64).reshape(len(st), tpb)
         p0 = np.asarray(s[9], dtype=np.int64)
         padded = np.asarray(s[10], dtype=np.int64)
         sid = np.repeat(np.arange(len(st)), K)

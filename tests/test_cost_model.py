@@ -277,3 +277,17 @@ def test_padded_zero_means_unpadded():
 def test_gpu_terms_listed():
     bd = MODELS[0].breakdown(prefill(100, n_decode=2, kv_sum=300))
     assert set(GPU_TERMS) <= set(bd)
+
+
+def test_graph_shape_without_cuda_graphs_is_an_error():
+    cm = RooflineCostModel(M8, H100, cuda_graphs=False)
+    assert cm.price(decode(4, 100)) > 0
+    with pytest.raises(ValueError):
+        cm.price(decode(4, 100, graph=True, padded=4))
+    with pytest.raises(ValueError):
+        cm.decode_affine(4, True, 8)
+
+
+def test_model_spec_hashable_and_comparable():
+    assert hash(M8) == hash(load_model("llama-3.1-8b")) and M8 == load_model("llama-3.1-8b")
+    assert M8 != M1

@@ -395,3 +395,93 @@ def test_sampler():
     draws = Sampler(seed=2)(probs.log().expand(20000, 3).contiguous(), temperature=1.0, top_p=0.6)
     freq = torch.bincount(draws, minlength=3).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0]), atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# on a CUDA GPU (Triton kernels): skipped without one
+# ----------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_pair(ckpt):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ours32 = LlamaModel.from_pretrained(ckpt, dtype=F32, device="cuda")
+    hf32 = load_hf(ckpt).cuda()
+    return ours32, hf32
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fp32_logits_and_greedy_match_hf(gpu_pair):
+    m, hf_m = gpu_pair
+    toks = prompt(23, seed=3)
+    with torch.no_grad():
+        ref = hf_m(torch.tensor([toks], device="cuda")).logits[0]
+    m.make_kv_pool(num_blocks=64, block_size=BLOCK)
+    blocks = shuffled_blocks(64, seed=4)[:24]
+    out = m.step([ContextChunkInput(toks, 0, blocks, True)], [])
+    assert rel_err(out[0], ref[-1]) < 1e-4
+    steps = 64
+    gen_cfg = transformers.GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                                            pad_token_id=0, bos_token_id=None)
+    with torch.no_grad():
+        want = hf_m.generate(torch.tensor([toks], device="cuda"), generation_config=gen_cfg)[0, len(toks):].tolist()
+    got = [int(out[0].argmax())]
+    for _ in range(steps - 1):
+        pos = len(toks) + len(got) - 1
+        got.append(int(m.step([], [DecodeInput(got[-1], pos, blocks)])[0].argmax()))
+    assert got == want
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bf16_close_to_hf(ckpt):
+    m = LlamaModel.from_pretrained(ckpt, dtype=torch.bfloat16, device="cuda")
+    hf_m = transformers.LlamaForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).cuda().eval()
+    toks = prompt(40, seed=9)
+    with torch.no_grad():
+        ref = hf_m(torch.tensor([toks], device="cuda")).logits[0].float()
+    m.make_kv_pool(num_blocks=32, block_size=16)
+    out = m.step([ContextChunkInput(toks[:25], 0, [7, 3, 30], True)], [])
+    out2 = m.step([ContextChunkInput(toks[25:], 25, [7, 3, 30], True)], [])
+    assert rel_err(out[0], ref[24]) < 3e-2 and rel_err(out2[0], ref[-1]) < 3e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_mixed_batch_and_cuda_graph_decode(gpu_pair):
+    m, _ = gpu_pair
+    pool = m.make_kv_pool(num_blocks=64, block_size=BLOCK)
+    free = shuffled_blocks(64, seed=11)
+    reqs = [(prompt(n, 30 + i), free[8 * i: 8 * i + 8]) for i, n in enumerate((13, 7, 20, 9))]
+    first = m.step([ContextChunkInput(p, 0, b, True) for p, b in reqs], [])
+    for i, (p, b) in enumerate(reqs):  # batched prefill == alone (KV is rewritten identically)
+        assert rel_err(first[i], m.step([ContextChunkInput(p, 0, b, True)], [])[0]) < 1e-5
+    snapshot = pool.kv.clone()
+    nxt = first.argmax(-1).tolist()
+    eager = m.step([], [DecodeInput(t, len(p), b) for t, (p, b) in zip(nxt, reqs)])
+
+    # capture forward_decode at batch 8 (4 padding rows), replay, compare
+    pool.kv.copy_(snapshot)
+    B, MB = 8, 16
+    ids, pos = torch.zeros(B, dtype=torch.int64, device="cuda"), torch.zeros(B, dtype=torch.int64, device="cuda")
+    bt = torch.zeros(B, MB, dtype=torch.int32, device="cuda")
+    sl = torch.ones(B, dtype=torch.int32, device="cuda")
+    slots = torch.full((B,), -1, dtype=torch.int64, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m.forward_decode(ids, pos, bt, sl, slots)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = m.forward_decode(ids, pos, bt, sl, slots)
+    for i, (t, (p, b)) in enumerate(zip(nxt, reqs)):
+        ids[i], pos[i], sl[i] = t, len(p), len(p) + 1
+        bt[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
+        slots[i] = b[len(p) // BLOCK] * BLOCK + len(p) % BLOCK
+    graph.replay()
+    assert rel_err(static_out[:4], eager) < 1e-5

@@ -335,9 +335,11 @@ def test_kv_pool_bad_args():
 
 def test_default_activation_reserve():
     m = load_model("llama-3.1-8b")
-    r1 = default_activation_reserve_bytes(m, 2048, 256)
-    r2 = default_activation_reserve_bytes(m, 8192, 256)
+    r1 = default_activation_reserve_bytes(m, 2048, max_batch_size=256)
+    r2 = default_activation_reserve_bytes(m, 8192, max_batch_size=256)
     assert FIXED_RESERVE_BYTES < r1 < r2 < 8e9
     per_token = 2 * (2 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336)
     assert r2 - r1 == 6144 * per_token
-    assert default_activation_reserve_bytes(m, 8192, 256, tp=2) < r2
+    assert default_activation_reserve_bytes(m, 8192, 2, max_batch_size=256) < r2
+    assert default_activation_reserve_bytes(m, 8192) == r2  # default: 256 rows of logits
+    assert default_activation_reserve_bytes(m, 8192, max_batch_size=1024) - r2 == 768 * 128256 * 8

@@ -153,13 +153,10 @@ AZ_ROW = "2023-11-16 18:15:46.6805900,374,44\n"
         ("2023-11-16 18:15:47.1,374,44,9\n", "fields, saw 4"),  # too many fields
         ("not a time,374,44\n", "TIMESTAMP"),
         (",374,44\n", "TIMESTAMP"),
-        ("\n", "ContextTokens"),  # blank line in the middle
     ],
 )
 @pytest.mark.parametrize("line_no", [2, 3, 6])
 def test_azure_malformed_line_is_named(tmp_path, bad_line, what, line_no):
-    if bad_line == "\n" and line_no == 6:
-        pytest.skip("a blank last line is a trailing newline, not an error")
     lines = [AZ_ROW] * 5
     lines[line_no - 2] = bad_line
     p = tmp_path / "bad.csv"
@@ -168,6 +165,23 @@ def test_azure_malformed_line_is_named(tmp_path, bad_line, what, line_no):
         read_azure(p)
     msg = str(e.value)
     assert f"line {line_no}:" in msg and str(p) in msg and what in msg
+
+
+@pytest.mark.parametrize("line_no", [2, 4])
+def test_azure_blank_line_inside_is_an_error(tmp_path, line_no):
+    lines = [AZ_ROW] * 4
+    lines[line_no - 2] = "\n"
+    p = tmp_path / "blank.csv"
+    p.write_text(AZ_HEADER + "".join(lines))
+    with pytest.raises(ConfigError, match=f"line {line_no}: ContextTokens must be an integer >= 1, got an empty cell"):
+        read_azure(p)
+
+
+def test_azure_numeric_seconds_timestamps(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("timestamp,contexttokens,generatedtokens,extra\n10.5,3,4,x\n12,5,6,y\n")
+    df = read_azure(p)
+    assert df["arrival_s"].tolist() == [0.0, 1.5] and df["prompt_len"].tolist() == [3, 5]
 
 
 def test_azure_header_problems(tmp_path):

@@ -252,7 +252,9 @@ def config_error_from_validation(err: ValidationError, data: Any, source: str = 
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif item["type"] == "union_tag_not_found":
-            msg = f"missing key {item.get('ctx', {}).get('discriminator', 'kind')!r}"
+            msg = f"missing key {item.get('ctx', {}).get('discriminator', 'kind').strip(chr(39))!r}"
+        elif item["type"] == "missing":
+            msg = "missing key"
         elif item["type"] not in ("missing", "union_tag_invalid", "union_tag_not_found") and "input" in item:
             inp = item["input"]
             if not isinstance(inp, (dict, list)):
@@ -374,8 +376,6 @@ def _lengths(spec: Any, n: int, rng: np.random.Generator, base_dir: Path, column
     if spec.kind == "lognormal":
         return synthetic.lognormal_lengths(n, spec.mean, spec.sigma, rng, lo, hi)
     if spec.kind == "zipf":
-        if spec.max < spec.min:
-            raise ConfigError(f"max ({spec.max}) must be >= min ({spec.min})", key)
         return synthetic.zipf_lengths(n, spec.a, spec.max, rng, lo)
     if spec.kind == "empirical":
         path = _trace_path(spec.trace, base_dir, f"{key}.trace")

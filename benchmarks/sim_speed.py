@@ -1,0 +1,120 @@
+"""How fast the simulator runs: the whole Azure conversation trace and 2x / 4x of it.
+
+Setup as in Vidur's (MLSys'24) published run on this trace: Llama-2-7B on one H100,
+in-flight batching, Poisson arrivals at 6.45 req/s, the trace's own prompt/output lengths
+(tiled for 2x and 4x). Each size runs as a fresh `sim run` process, so the wall time
+includes Python start-up, imports, loading the trace, simulating, and writing
+requests.parquet / iterations.parquet / summary.json (plots off). Peak memory is the
+child's max RSS.
+
+    python benchmarks/sim_speed.py            # prints the table, writes benchmarks/results/sim_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+VIDUR_WALL_S = 52.0  # Vidur, same trace and setup, 2-core machine (after ~18 min of training)
+
+EXPERIMENT = """\
+name: sim_speed_x{mult}
+model: llama-2-7b
+hardware: h100-sxm
+workload:
+  trace: {trace}
+  arrival: {{kind: poisson, rate_req_s: {rate}}}
+scheduler: {{capacity: guaranteed_no_evict, max_batch_size: 256, max_num_tokens: 8192}}
+output: {{plots: false}}
+"""
+
+
+def tiled_trace(mult: int, out: Path) -> Path:
+    from servesim.traces.readers import read_trace
+
+    df = read_trace(REPO / "traces" / "data" / "AzureLLMInferenceTrace_conv.csv")
+    parts = [df[["prompt_len", "output_len"]]] * mult
+    t = pd.concat(parts, ignore_index=True)
+    t.insert(0, "arrival_s", np.zeros(len(t)))  # replaced by the Poisson arrivals
+    t.insert(0, "request_id", np.arange(len(t), dtype=np.int64))
+    path = out / f"azure_conv_x{mult}.parquet"
+    t.to_parquet(path, index=False)
+    return path
+
+
+def run_one(mult: int, work: Path, rate: float) -> dict:
+    trace = tiled_trace(mult, work) if mult > 1 else "azure_conv"
+    exp = work / f"x{mult}.yaml"
+    exp.write_text(EXPERIMENT.format(mult=mult, trace=trace, rate=rate))
+    out = work / f"run_x{mult}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"sim run failed for x{mult}:\n{proc.stdout}\n{proc.stderr}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summ = json.loads((out / "base" / "summary.json").read_text())
+    return {
+        "requests": summ["num_requests"],
+        "iterations": summ["num_iterations"],
+        "wall_s": wall,
+        "sim_s": summ["wall_s"],
+        "req_per_wall_s": summ["num_requests"] / wall,
+        "iter_per_wall_s": summ["num_iterations"] / wall,
+        "peak_rss_mb": max(rss, before) / 1024,
+        "simulated_s": summ["duration_s"],
+        "tpot_p50_ms": summ["tpot_s"]["p50"] * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mults", default="1,2,4")
+    ap.add_argument("--rate", type=float, default=6.45)
+    ap.add_argument("--write", default=str(REPO / "benchmarks" / "results" / "sim_speed.md"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in [int(x) for x in args.mults.split(",")]:
+            r = run_one(m, Path(tmp), args.rate)
+            r["mult"] = m
+            rows.append(r)
+            print(f"x{m}: {r['wall_s']:.2f} s", file=sys.stderr)
+    head = ("| trace | requests | iterations | wall s (process) | of which simulate+records s | "
+            "requests / wall s | iterations / wall s | peak RSS MB | vs Vidur 52 s |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        vs = f"{VIDUR_WALL_S / r['wall_s']:.0f}x faster" if r["mult"] == 1 else "-"
+        lines.append(f"| {r['mult']}x | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
+                     f"{r['sim_s']:.2f} | {r['req_per_wall_s']:,.0f} | {r['iter_per_wall_s']:,.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {vs} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        p = Path(args.write)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(
+            "# Simulator speed\n\n"
+            f"Command: `python benchmarks/sim_speed.py` ({os.cpu_count()} CPUs, "
+            f"{time.strftime('%Y-%m-%d')}). Llama-2-7B, H100-SXM, in-flight batching "
+            f"(guaranteed_no_evict, max_batch_size 256), Poisson {args.rate} req/s, Azure conversation "
+            "trace lengths (tiled for 2x/4x). Wall time is the whole `sim run` process: start-up, "
+            "imports, trace loading, simulation, writing the Parquet outputs (plots off).\n\n"
+            + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

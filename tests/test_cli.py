@@ -1,0 +1,153 @@
+"""End-to-end: the CLI on small experiments, validation errors, determinism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from servesim.sim.cli import main
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+
+SMALL = """\
+name: small
+model: llama-3.2-1b
+hardware: h100-sxm
+seed: 3
+workload:
+  trace: azure_conv
+  num_requests: 300
+  rate_scale: 20
+  slo: {{ttft_s: 1.0, tpot_s: 0.05}}
+scheduler: {{max_batch_size: 32, max_num_tokens: 4096}}
+output: {{plots: {plots}}}
+variants:
+  - name: static
+    scheduler: {{capacity: static_batch}}
+  - name: ifb
+  - name: ifb-maxutil
+    scheduler: {{capacity: max_utilization}}
+    kv_cache: {{max_tokens: 40000}}
+"""
+
+
+def write_small(tmp_path: Path, plots: bool = False) -> Path:
+    p = tmp_path / "small.yaml"
+    p.write_text(SMALL.format(plots=str(plots).lower()))
+    return p
+
+
+def test_run_writes_every_output(tmp_path, capsys):
+    exp = write_small(tmp_path, plots=True)
+    out = tmp_path / "out"
+    assert main(["run", str(exp), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ifb-maxutil" in printed and "TTFT p50" in printed
+    for v in ("static", "ifb", "ifb-maxutil"):
+        d = out / v
+        for f in ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml", "timeline.png"):
+            assert (d / f).exists(), f"{v}/{f}"
+        s = json.loads((d / "summary.json").read_text())
+        for k in ("num_requests", "num_iterations", "duration_s", "ttft_s", "tpot_s", "itl_s", "e2e_s",
+                  "throughput_req_s", "throughput_out_tok_s", "goodput_req_s", "kv_util_mean",
+                  "prefix_hit_rate", "spec_acceptance_rate", "backend", "wall_s"):
+            assert k in s, k
+        assert s["backend"] == "sim" and s["num_requests"] == 300
+        for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            assert set(s[k]) == {"mean", "p50", "p90", "p99"}
+            assert s[k]["p50"] <= s[k]["p90"] <= s[k]["p99"]
+        req = pq.read_table(d / "requests.parquet")
+        assert req.num_rows == 300
+        toks = req.column("token_times").to_pylist()
+        outs = req.column("output_len").to_pylist()
+        status = req.column("status").to_pylist()
+        assert all(len(t) == o for t, o, st in zip(toks, outs, status) if st == "finished")
+    assert (out / "comparison.csv").exists() and (out / "latency_cdf.png").exists()
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("variant,")
+    # the resolved config makes every default explicit
+    cfg = (out / "ifb" / "config.yaml").read_text()
+    for key in ("max_num_tokens: 4096", "tokens_per_block: 32", "capacity: guaranteed_no_evict",
+                "free_gpu_memory_fraction", "code_version", "cuda_graphs: true"):
+        assert key in cfg, key
+
+
+def test_same_seed_same_bytes(tmp_path):
+    exp = write_small(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", str(exp), "--out", str(a)]) == 0
+    assert main(["run", str(exp), "--out", str(b)]) == 0
+    for v in ("static", "ifb", "ifb-maxutil"):
+        assert (a / v / "requests.parquet").read_bytes() == (b / v / "requests.parquet").read_bytes()
+        assert (a / v / "iterations.parquet").read_bytes() == (b / v / "iterations.parquet").read_bytes()
+
+
+def test_set_overrides_every_variant(tmp_path):
+    exp = write_small(tmp_path)
+    out = tmp_path / "o"
+    assert main(["run", str(exp), "--out", str(out), "--set", "workload.num_requests=50",
+                 "--set", "scheduler.max_batch_size=8"]) == 0
+    s = json.loads((out / "ifb" / "summary.json").read_text())
+    assert s["num_requests"] == 50
+    it = pq.read_table(out / "ifb" / "iterations.parquet")
+    n = it.column("num_ctx_requests").to_numpy() + it.column("num_gen_requests").to_numpy()
+    assert n.max() <= 8
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "servesim.sim.cli", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_validate_reports_every_problem_with_key_paths():
+    p = run_cli("validate", str(HERE / "data" / "broken.yaml"))
+    assert p.returncode == 2
+    err = p.stderr
+    assert "Traceback" not in err
+    assert "broken.yaml" in err
+    assert "workload.rate_scal" in err and "unknown key" in err
+    assert ""workload.arrival.rate_req_s" in err
+    assert "scheduler.max_batch_size" in err
+    assert "variants[0].scheduler.capacity" in err
+    assert "variants[1].scheduler.max_num_tokens" in err
+
+
+def test_bad_set_and_missing_file():
+    p = run_cli("run", "no/such.yaml")
+    assert p.returncode == 2 and "no such experiment file" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("validate", "experiments/ifb_vs_static.yaml", "--set", "scheduler.max_num_tokens=0")
+    assert p.returncode == 2 and "--set scheduler.max_num_tokens" in p.stderr
+
+
+def test_model_that_does_not_fit(tmp_path):
+    exp = tmp_path / "big.yaml"
+    exp.write_text("name: big\nmodel: llama-2-70b\nhardware: h100-sxm\nworkload: {trace: azure_conv}\n")
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "GB" in p.stderr and "llama-2-70b" in p.stderr.lower()
+
+
+def test_missing_and_malformed_trace(tmp_path):
+    exp = tmp_path / "t.yaml"
+    exp.write_text("name: t\nworkload: {trace: nothere.csv}\n")
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "nothere.csv" in p.stderr and "Traceback" not in p.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,5\n"
+                   "2023-11-16 18:15:47.0,abc,5\n")
+    exp.write_text("name: t\nworkload: {trace: bad.csv}\n")
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "line 3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_shipped_experiments_validate():
+    files = sorted(str(p) for p in (REPO / "experiments").glob("*.yaml"))
+    assert files
+    p = run_cli("validate", *files)
+    assert p.returncode == 0, p.stderr
