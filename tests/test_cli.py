@@ -112,7 +112,7 @@ def test_validate_reports_every_problem_with_key_paths():
     assert "Traceback" not in err
     assert "broken.yaml" in err
     assert "workload.rate_scal" in err and "unknown key" in err
-    assert ""workload.arrival.rate_req_s" in err
+    assert "workload.arrival.rate_req_s" in err
     assert "scheduler.max_batch_size" in err
     assert "variants[0].scheduler.capacity" in err
     assert "variants[1].scheduler.max_num_tokens" in err
