@@ -62,7 +62,8 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
     kvc = cfg.kv_cache
     reserve = (kvc.activation_reserve_gb * 1e9 if kvc.activation_reserve_gb is not None
-               else default_activation_reserve_bytes(model, cfg.scheduler.max_num_tokens, tp))
+               else default_activation_reserve_bytes(model, cfg.scheduler.max_num_tokens, tp,
+                                                  max_batch_size=cfg.scheduler.max_batch_size))
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
