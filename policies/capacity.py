@@ -13,9 +13,10 @@ only, never the executor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
-from servesim.sim.kv_cache import BlockManager, blocks_for
+from servesim.sim.kv_cache import BlockManager
 from servesim.sim.types import Request
 
 
@@ -24,12 +25,23 @@ def final_kv_tokens(req: Request) -> int:
     return req.prompt_len + req.output_len - 1
 
 
+@dataclass(frozen=True, slots=True)
+class AdmitNeed:
+    """What admitting one request takes from the KV pool, prefix-cache hits accounted."""
+
+    ctx_blocks: int  # private blocks its context needs now
+    final_blocks: int  # private blocks it holds when it emits its last token
+    new_refs: int  # cached blocks it starts referencing (they stop being evictable)
+
+
 class CapacityPolicy(Protocol):
     name: str
     admit_while_busy: bool  # False: only admit into an idle engine (static batching)
     pauses_on_shortage: bool  # True: the engine pauses the newest request when blocks run out
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
+    reserves: bool  # keeps kv.reserved (GUARANTEED_NO_EVICT-style accounting)
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
         """Reserve what the policy needs for `req`; False leaves the pool untouched.
 
         `headroom` is the number of blocks the running requests will take in the next
@@ -42,11 +54,13 @@ class GuaranteedNoEvict:
     admit_while_busy = True
     pauses_on_shortage = False
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
-        need = blocks_for(final_kv_tokens(req), kv.tpb)
-        if kv.reserved + need > kv.total:
+    reserves = True
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+        if kv.reserved + need.final_blocks + need.new_refs > kv.total:
             return False
-        kv.reserve(req, need)
+        kv.reserve(req, need.final_blocks)
+        kv.reserved += need.new_refs
         return True
 
 
@@ -55,10 +69,12 @@ class MaxUtilization:
     admit_while_busy = True
     pauses_on_shortage = True
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int) -> bool:
-        # The prompt's blocks must be free now, beyond what the running requests take in
-        # the next iteration; generation then grows into whatever is left.
-        return blocks_for(req.context_target, kv.tpb) + headroom <= kv.free
+    reserves = False
+
+    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+        # The prompt's blocks must be available now (free or evictable), beyond what the
+        # running requests take in the next iteration; generation grows into the rest.
+        return need.ctx_blocks + need.new_refs + headroom <= kv.available
 
 
 class StaticBatch(GuaranteedNoEvict):

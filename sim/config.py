@@ -39,6 +39,37 @@ class SchedulerConfig(_Strict):
                                    "kv_cache.tokens_per_block); null fills the iteration's budget")
 
 
+class TokenRangeConfig(_Strict):
+    start: int = Field(ge=0, description="first token of the range")
+    end: int | None = Field(None, gt=0, description="one past the last token (null: to the end)")
+    priority: int = Field(ge=0, le=100, description="retention priority 0..100 (default blocks: 35)")
+    duration_s: float | None = Field(None, gt=0, description="after this long the priority falls back to 35")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"token range end ({self.end}) must be greater than start ({self.start})")
+        return self
+
+
+class RetentionSpecConfig(_Strict):
+    token_ranges: list[TokenRangeConfig] = Field(default_factory=list)
+    decode_priority: int = Field(35, ge=0, le=100, description="priority of blocks of generated tokens")
+
+    @model_validator(mode="after")
+    def _no_overlap(self):
+        rs = sorted(self.token_ranges, key=lambda r: r.start)
+        for a, b in zip(rs, rs[1:]):
+            if a.end is None or a.end > b.start:
+                raise ValueError(f"token ranges overlap: [{a.start}, {a.end}) and [{b.start}, {b.end})")
+        return self
+
+
+class RetentionConfig(RetentionSpecConfig):
+    tenants: dict[str, RetentionSpecConfig] = Field(
+        default_factory=dict, description="per-tenant retention specs overriding the default")
+
+
 class KVCacheConfig(_Strict):
     tokens_per_block: int = Field(32, gt=0, description="tokens per KV block (power of two)")
     free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after "
@@ -46,6 +77,11 @@ class KVCacheConfig(_Strict):
     max_tokens: int | None = Field(None, gt=0, description="cap on the pool size in tokens")
     activation_reserve_gb: float | None = Field(None, ge=0, description="GPU memory kept for activations; "
                                                 "null estimates it from max_num_tokens")
+    enable_block_reuse: bool = Field(False, description="prefix caching: reuse cached blocks of equal prefixes")
+    host_cache_size_gb: float = Field(0.0, ge=0, description="host-memory tier for evicted blocks (0: none)")
+    secondary_offload_min_priority: int = Field(35, ge=0, le=100, description="blocks evicted at or above "
+                                                "this priority go to the host tier; lower ones are dropped")
+    retention: RetentionConfig | None = Field(None, description="retention priorities of token ranges")
 
     @model_validator(mode="after")
     def _pow2(self):
@@ -98,6 +134,12 @@ class RunConfig(_Strict):
             raise ValueError(f"scheduler.max_num_tokens ({s.max_num_tokens}) must be at least "
                              f"scheduler.max_batch_size ({s.max_batch_size}): every generation "
                              "request takes one token of the budget")
+        kv = self.kv_cache
+        if kv.host_cache_size_gb > 0 and not kv.enable_block_reuse:
+            raise ValueError("kv_cache.host_cache_size_gb needs kv_cache.enable_block_reuse: true "
+                             "(the host tier holds evicted reusable blocks)")
+        if kv.retention is not None and not kv.enable_block_reuse:
+            raise ValueError("kv_cache.retention needs kv_cache.enable_block_reuse: true")
         if s.chunk_size is not None and s.chunk_size % self.kv_cache.tokens_per_block:
             raise ValueError(f"scheduler.chunk_size ({s.chunk_size}) must be a multiple of "
                              f"kv_cache.tokens_per_block ({self.kv_cache.tokens_per_block})")

@@ -179,6 +179,7 @@ class RooflineCostModel:
             self._sched_fixed = cfg.scheduler_overhead_s
             self._sched_req = cfg.scheduler_overhead_per_request_s
         self._affine: dict[tuple[int, bool, int], tuple[float, float]] = {}
+        self._pcie = hw.pcie_bytes_per_s  # per direction
 
     # ------------------------------------------------------------------------------
     @property
@@ -236,7 +237,13 @@ class RooflineCostModel:
         return r
 
     def price(self, shape: IterationShape) -> float:
-        """Seconds for one iteration of this shape."""
+        """Seconds for one iteration of this shape (plus host->GPU KV copies, serial:
+        the blocks must be back before the attention that reads them)."""
+        if shape.host_to_gpu_bytes:
+            return self._price(shape) + shape.host_to_gpu_bytes / self._pcie
+        return self._price(shape)
+
+    def _price(self, shape: IterationShape) -> float:
         ctx = shape.ctx_new_tokens
         if not ctx:
             r = self._affine.get((shape.n_decode, shape.graph, shape.padded_decode))

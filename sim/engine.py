@@ -26,11 +26,12 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 
-from servesim.policies.capacity import CapacityPolicy, final_kv_tokens
+from servesim.policies.capacity import AdmitNeed, CapacityPolicy, final_kv_tokens
 from servesim.policies.chunking import ChunkPolicy, FillBudget
 from servesim.policies.graph_padding import GraphPadding
 
 from .kv_cache import BlockManager, blocks_for
+from .prefix_cache import DEFAULT_PRIORITY, PrefixCache
 from .types import ContextChunk, Executor, IterationShape, Phase, Request, ScheduledBatch
 
 INF = float("inf")
@@ -46,12 +47,17 @@ class EngineConfig:
     chunking: ChunkPolicy
     graph_padding: GraphPadding | None  # None: CUDA graphs off
     check_invariants: bool = False
+    prefix_caching: bool = False  # reuse cached prompt blocks (needs request block keys)
+    host_blocks: int = 0  # host offload tier size in blocks (0: none)
+    offload_min_priority: int = DEFAULT_PRIORITY
+    kv_block_bytes: int = 0  # bytes of one KV block (prices host<->GPU copies)
 
 
 # Column order of a general iteration's record (see records.py).
 ROW_FIELDS = (
     "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
     "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "graph",
+    "kv_blocks_cached", "kv_blocks_host", "evictions", "offloads", "onboards",
 )
 
 
@@ -63,6 +69,13 @@ class Engine:
         self.cost = getattr(executor, "cost_model", None)
         self.needs_requests = bool(getattr(executor, "needs_requests", False))
         self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
+        self.kv.reserving = cfg.capacity.reserves
+        self.cache: PrefixCache | None = None
+        if cfg.prefix_caching:
+            self.cache = PrefixCache(self.kv, cfg.host_blocks, cfg.offload_min_priority)
+            self.kv.cache = self.cache
+        self._ev0 = 0  # cache counters at the start of the current step
+        self._off0 = 0
         self.tpb = cfg.tokens_per_block
         self.waiting: deque[Request] = deque()
         self.context: list[Request] = []  # admitted, context phase, admission order
@@ -154,12 +167,27 @@ class Engine:
                 self.waiting.popleft()
                 self._reject(req, "tokens")
                 continue
-            if not policy.try_admit(req, kv, headroom):
+            hits = []
+            if self.cache is not None and req.block_keys:
+                limit = (req.context_target - 1) // self.tpb  # at least one token computes
+                contents = req.block_contents
+                hits = self.cache.match(req.block_keys[:limit], contents)
+            n_hit = len(hits)
+            need = AdmitNeed(ctx_blocks=blocks_for(req.context_target, self.tpb) - n_hit,
+                             final_blocks=blocks_for(final_kv_tokens(req), self.tpb) - n_hit,
+                             new_refs=PrefixCache.new_refs(hits) if hits else 0)
+            if not policy.try_admit(req, kv, headroom, need):
                 break
             self.waiting.popleft()
-            kv.grow(blocks_for(req.context_target, self.tpb))
+            if hits:
+                self.cache.acquire(hits, now)  # before growing: hits must not be evicted
+                req.nodes = list(hits)
+                req.blocks = [n.block_id for n in hits]
+                if req.preemptions == 0:
+                    req.cached_tokens = n_hit * self.tpb
+            kv.grow(need.ctx_blocks)
             req.phase = Phase.CONTEXT
-            req.context_done = 0
+            req.context_done = n_hit * self.tpb
             req.admit_seq = self._admit_seq
             self._admit_seq += 1
             self.context.append(req)
@@ -195,8 +223,13 @@ class Engine:
         are always seen by the first iteration that starts after them. Returns the time
         at which the last iteration run ends.
         """
+        self.kv.now = now
+        if self.cache is not None:
+            st = self.cache.stats
+            self._ev0 = st.dropped + st.offloaded
+            self._off0 = st.offloaded
         self._admit(now)
-        if self.context or self.cost is None or self.n_dec == 0:
+        if self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard:
             if not (self.context or self.n_dec):
                 return now
             return self._general(now)
@@ -232,6 +265,8 @@ class Engine:
         padded = 0
         if not chunks and cfg.graph_padding is not None:
             padded = cfg.graph_padding.padded(n_dec)
+        onboards = kv.pending_onboard
+        kv.pending_onboard = 0
         shape = IterationShape(
             ctx_new_tokens=tuple(c.num_tokens for c in chunks),
             ctx_prior_tokens=tuple(c.prior_tokens for c in chunks),
@@ -240,6 +275,7 @@ class Engine:
             decode_kv_sum=self.off_sum + n_dec * it,
             graph=padded > 0,
             padded_decode=padded,
+            host_to_gpu_bytes=onboards * cfg.kv_block_bytes,
         )
         generation: list[Request] = []
         if self.needs_requests:
@@ -260,6 +296,8 @@ class Engine:
             req.context_done += c.num_tokens
             if c.is_last:
                 self.context.remove(req)
+                if self.cache is not None and req.block_keys:
+                    self._cache_prompt_blocks(req, end)
                 req.generated += 1
                 req.spans.append((it, 1))
                 if req.generated >= req.output_len:
@@ -267,12 +305,47 @@ class Engine:
                 else:
                     self._enter_generation(req, it)
         self._pop_finishes(it)
+        ev, off = self._cache_counters()
         self.rows.append((it, now, result.duration_s, len(chunks), n_dec, ctx_tokens, n_dec,
-                          padded - n_dec if padded else 0, used_during, padded > 0))
+                          padded - n_dec if padded else 0, used_during, padded > 0,
+                          kv.cached, self.cache.host_used if self.cache else 0, ev, off, onboards))
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()
         return end
+
+    def _cache_counters(self) -> tuple[int, int]:
+        """Evictions and offloads since the step began."""
+        if self.cache is None:
+            return 0, 0
+        st = self.cache.stats
+        return st.dropped + st.offloaded - self._ev0, st.offloaded - self._off0
+
+    def _cache_prompt_blocks(self, req: Request, now: float) -> None:
+        """Offer the request's freshly computed full prompt blocks to the prefix cache."""
+        tpb = self.tpb
+        n_full = min(len(req.block_keys), req.prompt_len // tpb)
+        start = len(req.nodes)
+        if start >= n_full:
+            return
+        self.kv.sync(req, req.context_target)
+        spec = req.retention
+        keys = req.block_keys
+        contents = req.block_contents
+        inserted = 0
+        for i in range(start, n_full):
+            if spec is not None:
+                prio, dur = spec.block_priority(i, tpb, req.prompt_len)
+            else:
+                prio, dur = DEFAULT_PRIORITY, None
+            node = self.cache.insert(keys[i], req.blocks[i], prio, now + dur if dur else INF,
+                                     contents[i] if contents is not None else None)
+            if node is None:
+                break  # already cached by another request: this block stays private
+            req.nodes.append(node)
+            inserted += 1
+        if self.kv.reserving:
+            req.reserved_blocks -= inserted  # now counted as shared blocks in kv.reserved
 
     def _pop_finishes(self, last_it: int) -> None:
         heap = self.finish_heap
@@ -305,7 +378,7 @@ class Engine:
         hist = self.hist
         p0 = (-g0) % tpb
         if cfg.capacity.pauses_on_shortage:
-            K = min(K, _kv_steps(self.kv.free, hist, p0, n, tpb))
+            K = min(K, _kv_steps(self.kv.available, hist, p0, n, tpb))
             if K == 0:
                 return None
         total = K * fixed + per_kv * (K * kv0 + n * K * (K - 1) / 2)
@@ -313,9 +386,14 @@ class Engine:
         new_blocks = full * n
         for j in range(part):
             new_blocks += hist[(p0 - j) % tpb]
-        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, self.kv.used, array("q", hist).tobytes(), p0,
-                               padded))
+        used0 = self.kv.used
+        # Blocks the whole stretch needs are taken (evicting cached ones) at its start: no
+        # lookup can happen inside a stretch, so reuse is unaffected; only the iteration an
+        # eviction is recorded at moves to the stretch's first.
         self.kv.grow(new_blocks)
+        ev, off = self._cache_counters()
+        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, used0, array("q", hist).tobytes(), p0,
+                               padded, self.kv.cached, self.cache.host_used if self.cache else 0, ev, off))
         self.g = g0 + K
         self._pop_finishes(g0 + K - 1)
         if cfg.check_invariants:
@@ -336,6 +414,12 @@ class Engine:
         for req, n in live:
             self.kv.sync(req, n * self.tpb)
         self.kv.check(live)
+        if self.cache is not None:
+            for req, _ in live:  # a reused block holds exactly the request's tokens
+                for i, node in enumerate(req.nodes):
+                    assert node.key == req.block_keys[i], "cached block with another key"
+                    if req.block_contents is not None and node.content is not None:
+                        assert node.content == req.block_contents[i], "cached block with other tokens"
         assert self.n_dec == len(self.decoding)
         assert self.n_active() <= self.cfg.max_batch_size, "more active requests than max_batch_size"
         if not self.cfg.capacity.pauses_on_shortage:

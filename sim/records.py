@@ -17,9 +17,9 @@ from .types import Phase, Request
 
 ITERATION_COLUMNS = [
     "replica", "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
-    "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "kv_blocks_free",
-    "kv_blocks_host", "evictions", "offloads", "draft_tokens_proposed",
-    "draft_tokens_accepted", "graph",
+    "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "kv_blocks_cached",
+    "kv_blocks_free", "kv_blocks_host", "evictions", "offloads", "onboards",
+    "draft_tokens_proposed", "draft_tokens_accepted", "graph",
 ]
 
 
@@ -52,6 +52,11 @@ def iteration_arrays(engine) -> IterationArrays:
             "padded_tokens": np.asarray(r[7], dtype=np.int32),
             "kv_blocks_used": np.asarray(r[8], dtype=np.int64),
             "graph": np.asarray(r[9], dtype=bool),
+            "kv_blocks_cached": np.asarray(r[10], dtype=np.int64),
+            "kv_blocks_host": np.asarray(r[11], dtype=np.int64),
+            "evictions": np.asarray(r[12], dtype=np.int64),
+            "offloads": np.asarray(r[13], dtype=np.int64),
+            "onboards": np.asarray(r[14], dtype=np.int64),
         }
     else:
         gen = None
@@ -69,6 +74,10 @@ def iteration_arrays(engine) -> IterationArrays:
         hist = np.frombuffer(b"".join(s[8]), dtype=np.int64).reshape(len(st), tpb)
         p0 = np.asarray(s[9], dtype=np.int64)
         padded = np.asarray(s[10], dtype=np.int64)
+        cached = np.asarray(s[11], dtype=np.int64)
+        host = np.asarray(s[12], dtype=np.int64)
+        ev_first = np.zeros(int(K.sum()), dtype=np.int64)
+        off_first = np.zeros(int(K.sum()), dtype=np.int64)
         sid = np.repeat(np.arange(len(st)), K)
         first = np.cumsum(K) - K
         k = np.arange(int(K.sum()), dtype=np.int64) - np.repeat(first, K)
@@ -82,6 +91,8 @@ def iteration_arrays(engine) -> IterationArrays:
         used = used0[sid] + cs - before[sid]
         pad = padded[sid]
         nn = n[sid]
+        ev_first[first] = np.asarray(s[13], dtype=np.int64)  # stretch evictions at its start
+        off_first[first] = np.asarray(s[14], dtype=np.int64)
         stretch = {
             "iteration": g0[sid] + k,
             "start_s": start,
@@ -93,6 +104,11 @@ def iteration_arrays(engine) -> IterationArrays:
             "padded_tokens": np.where(pad > 0, pad - nn, 0).astype(np.int32),
             "kv_blocks_used": used,
             "graph": pad > 0,
+            "kv_blocks_cached": cached[sid],
+            "kv_blocks_host": host[sid],
+            "evictions": ev_first,
+            "offloads": off_first,
+            "onboards": np.zeros(len(k), dtype=np.int64),
         }
     else:
         stretch = None
@@ -101,7 +117,8 @@ def iteration_arrays(engine) -> IterationArrays:
         cols = {c: np.zeros(0) for c in ("iteration", "start_s", "duration_s")}
         cols.update({c: np.zeros(0, dtype=np.int64) for c in (
             "num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens",
-            "padded_tokens", "kv_blocks_used")})
+            "padded_tokens", "kv_blocks_used", "kv_blocks_cached", "kv_blocks_host", "evictions",
+            "offloads", "onboards")})
         cols["graph"] = np.zeros(0, dtype=bool)
     elif len(parts) == 1:
         cols = parts[0]
@@ -112,10 +129,9 @@ def iteration_arrays(engine) -> IterationArrays:
     m = len(cols["iteration"])
     if m and not np.array_equal(cols["iteration"], np.arange(m)):
         raise AssertionError("iteration records are not contiguous")
-    cols["kv_blocks_free"] = total_blocks - cols["kv_blocks_used"]
+    cols["kv_blocks_free"] = total_blocks - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
     zeros = np.zeros(m, dtype=np.int64)
-    for c in ("kv_blocks_host", "evictions", "offloads", "draft_tokens_proposed",
-              "draft_tokens_accepted"):
+    for c in ("draft_tokens_proposed", "draft_tokens_accepted"):
         cols.setdefault(c, zeros)
     cols["replica"] = np.full(m, engine.replica, dtype=np.int32)
     return IterationArrays(cols)

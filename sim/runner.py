@@ -28,11 +28,11 @@ from .cost_model import RooflineCostModel
 from .driver import run_simulation
 from .engine import Engine, EngineConfig
 from .executor import SimExecutor
-from .memory import default_activation_reserve_bytes, kv_pool_blocks
+from .memory import default_activation_reserve_bytes, kv_bytes_per_block, kv_pool_blocks
 from .metrics import summarize
 from .records import iteration_arrays, iterations_table, request_arrays
 from .specs import HardwareSpec, ModelSpec, load_hardware, load_model
-from .types import Request
+from .types import ConfigError, Request
 
 
 @dataclass
@@ -66,6 +66,9 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
                                                   max_batch_size=cfg.scheduler.max_batch_size))
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
+    if kvc.host_cache_size_gb * 1e9 > hw.host_memory_bytes:
+        raise ConfigError(f"host_cache_size_gb {kvc.host_cache_size_gb:g} GB is larger than the host memory "
+                          f"of {hw.name} ({hw.host_memory_bytes / 1e9:.0f} GB)", f"{where}kv_cache.host_cache_size_gb")
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
     return Setup(cfg, model, hw, blocks, workload)
 
@@ -103,6 +106,8 @@ def make_cost_model(setup: Setup) -> RooflineCostModel:
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     s = setup.cfg.scheduler
     rt = setup.cfg.runtime
+    kvc = setup.cfg.kv_cache
+    block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel)
     padding = None
     if rt.cuda_graphs:
         padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
@@ -116,6 +121,10 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         chunking=make_chunk_policy(s.enable_chunked_context, s.chunk_size),
         graph_padding=padding,
         check_invariants=check_invariants,
+        prefix_caching=kvc.enable_block_reuse,
+        host_blocks=int(kvc.host_cache_size_gb * 1e9 // block_bytes),
+        offload_min_priority=kvc.secondary_offload_min_priority,
+        kv_block_bytes=block_bytes,
     )
 
 

@@ -73,6 +73,13 @@ class Request:
     # does per-token Python work.
     spans: list[tuple[int, int]] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # KV block ids, materialised lazily
+    # Prefix cache (S2): chain keys of the prompt's full blocks at the engine's block size,
+    # the tokens of each (for collision-proof matching, when known), and the cache nodes
+    # this request holds (its first len(nodes) blocks).
+    block_keys: tuple[int, ...] | None = None
+    block_contents: tuple | None = None
+    nodes: list = field(default_factory=list)
+    retention: object = None  # RetentionSpec (policies/retention.py) or None
 
     def kv_len_at(self, it: int) -> int:
         """KV length *before* iteration `it` for a request in GENERATION."""
@@ -100,6 +107,7 @@ class IterationShape:
     decode_kv_sum: int = 0  # sum over generation requests of the KV length attended (incl. new token)
     graph: bool = False  # runs as a captured CUDA graph (generation-only iterations)
     padded_decode: int = 0  # batch size the graph runs at (>= n_decode); 0 when not a graph
+    host_to_gpu_bytes: int = 0  # KV blocks copied back from the host tier before this step
 
     @property
     def num_tokens(self) -> int:

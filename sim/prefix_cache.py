@@ -1,0 +1,208 @@
+"""Prefix cache over KV blocks: reuse, prioritised-LRU eviction and a host offload tier.
+
+Full blocks are keyed by a chain key (the key of the previous block and the block's
+content, see traces/reuse_bound.py), so a dict of keys is a radix tree of blocks: a new
+request reuses the longest run of its leading keys found here. A node can be
+
+* on the GPU and referenced by running requests (`ref > 0`): never evicted;
+* on the GPU and unreferenced: *cached*, evictable in order of (effective priority,
+  last use) -- TensorRT-LLM's prioritised LRU;
+* on the host (offload tier): evicted from the GPU at or above
+  `offload_min_priority` and copied to host memory instead of dropped; reusable after
+  being copied back (onboarded) into a fresh GPU block.
+
+Priorities are 0..100 (default 35). A priority given with a duration falls back to the
+default once the duration has passed since the block was last released.
+
+When a node stores its tokens (`content`), a match compares them too, so a chain-key
+collision can never hand a request the wrong KV.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+DEFAULT_PRIORITY = 35
+
+
+class CacheNode:
+    __slots__ = ("key", "block_id", "ref", "priority", "base_priority", "expire_at", "last_used",
+                 "on_host", "stamp", "content")
+
+    def __init__(self, key: int, block_id: int, priority: int, expire_at: float, content):
+        self.key = key
+        self.block_id = block_id
+        self.ref = 1
+        self.priority = priority  # effective priority (falls back when expired)
+        self.base_priority = priority
+        self.expire_at = expire_at
+        self.last_used = 0.0
+        self.on_host = False
+        self.stamp = 0
+        self.content = content
+
+
+@dataclass
+class CacheStats:
+    evictions_by_priority: dict[int, int] = field(default_factory=dict)
+    dropped: int = 0  # GPU blocks evicted without offload
+    offloaded: int = 0  # GPU -> host copies
+    onboarded: int = 0  # host -> GPU copies
+    host_dropped: int = 0  # evicted from the host tier
+    inserted: int = 0
+    hit_blocks: int = 0
+    host_hit_blocks: int = 0
+
+
+class PrefixCache:
+    def __init__(self, kv, host_blocks: int = 0, offload_min_priority: int = DEFAULT_PRIORITY,
+                 default_priority: int = DEFAULT_PRIORITY):
+        self.kv = kv  # BlockManager: owns ids and the used/cached counters
+        self.host_blocks = host_blocks
+        self.offload_min_priority = offload_min_priority
+        self.default_priority = default_priority
+        self.nodes: dict[int, CacheNode] = {}
+        self._gpu_heap: list = []  # (priority, last_used, seq, node) of unreferenced GPU nodes
+        self._host_heap: list = []  # (last_used, seq, node) of host nodes
+        self._expiry: list = []  # (expire_at, seq, node)
+        self._seq = 0
+        self.host_used = 0
+        self.stats = CacheStats()
+
+    # ------------------------------------------------------------------ lookup
+    def match(self, keys, contents=None) -> list[CacheNode]:
+        """Nodes for the longest run of leading keys present (GPU or host)."""
+        out = []
+        nodes = self.nodes
+        for i, k in enumerate(keys):
+            node = nodes.get(k)
+            if node is None:
+                break
+            if contents is not None and node.content is not None and node.content != contents[i]:
+                break  # a key collision: never reuse different tokens
+            out.append(node)
+        return out
+
+    @staticmethod
+    def new_refs(hits: list[CacheNode]) -> int:
+        """GPU blocks that acquiring `hits` newly takes (unreferenced or on the host)."""
+        return sum(1 for n in hits if n.ref == 0)
+
+    def acquire(self, hits: list[CacheNode], now: float) -> None:
+        """Reference `hits` for a request; host nodes are copied back to the GPU."""
+        kv = self.kv
+        onboard = []
+        for n in hits:
+            if n.ref == 0:
+                n.ref = 1
+                n.stamp = -1  # invalidates its heap entries
+                if n.on_host:
+                    onboard.append(n)
+                else:
+                    kv.cached -= 1
+                    kv.used += 1
+            else:
+                n.ref += 1
+        self.stats.hit_blocks += len(hits)
+        for n in onboard:  # pinned above, so making room cannot evict them
+            kv.grow(1)
+            n.block_id = kv.free_ids.pop()
+            n.on_host = False
+            self.host_used -= 1
+            self.stats.onboarded += 1
+            self.stats.host_hit_blocks += 1
+            kv.pending_onboard += 1
+
+    def insert(self, key: int, block_id: int, priority: int, expire_at: float, content) -> CacheNode | None:
+        """Cache a freshly computed full block held by a request (ref 1). None if the key
+        is already cached (the request keeps its block private)."""
+        if key in self.nodes:
+            return None
+        node = CacheNode(key, block_id, priority, expire_at, content)
+        self.nodes[key] = node
+        if expire_at < float("inf"):
+            self._seq += 1
+            heapq.heappush(self._expiry, (expire_at, self._seq, node))
+        self.stats.inserted += 1
+        return node
+
+    def release(self, node: CacheNode, now: float) -> None:
+        node.ref -= 1
+        if node.ref == 0:
+            node.last_used = now
+            self.kv.used -= 1
+            self.kv.cached += 1
+            self._push_gpu(node)
+
+    # ------------------------------------------------------------------ eviction
+    def _push_gpu(self, node: CacheNode) -> None:
+        self._seq += 1
+        node.stamp = self._seq
+        heapq.heappush(self._gpu_heap, (node.priority, node.last_used, self._seq, node))
+
+    def _expire(self, now: float) -> None:
+        exp = self._expiry
+        while exp and exp[0][0] <= now:
+            _, _, node = heapq.heappop(exp)
+            if node.priority != self.default_priority:
+                node.priority = self.default_priority
+                if node.ref == 0 and not node.on_host and node.key in self.nodes:
+                    self._push_gpu(node)  # re-queue at its new priority
+
+    def evict(self, n: int, now: float) -> int:
+        """Free `n` GPU blocks from unreferenced cached nodes; returns how many it freed."""
+        self._expire(now)
+        kv = self.kv
+        heap = self._gpu_heap
+        freed = 0
+        while freed < n and heap:
+            prio, _, seq, node = heapq.heappop(heap)
+            if node.stamp != seq or node.ref != 0 or node.on_host:
+                continue
+            self.stats.evictions_by_priority[prio] = self.stats.evictions_by_priority.get(prio, 0) + 1
+            kv.free_ids.append(node.block_id)
+            node.block_id = -1
+            kv.cached -= 1
+            freed += 1
+            if self.host_blocks > 0 and prio >= self.offload_min_priority:
+                if self.host_used >= self.host_blocks:
+                    self._drop_host()
+                node.on_host = True
+                self.host_used += 1
+                self.stats.offloaded += 1
+                kv.pending_offload += 1
+                self._seq += 1
+                node.stamp = self._seq
+                heapq.heappush(self._host_heap, (node.last_used, self._seq, node))
+            else:
+                del self.nodes[node.key]
+                self.stats.dropped += 1
+        return freed
+
+    def _drop_host(self) -> None:
+        heap = self._host_heap
+        while heap:
+            _, seq, node = heapq.heappop(heap)
+            if node.stamp != seq or node.ref != 0 or not node.on_host:
+                continue
+            del self.nodes[node.key]
+            self.host_used -= 1
+            self.stats.host_dropped += 1
+            return
+        raise RuntimeError("host tier full of pinned blocks")
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        gpu_cached = 0
+        host = 0
+        for key, node in self.nodes.items():
+            assert node.key == key
+            assert node.ref >= 0, "negative reference count"
+            if node.on_host:
+                host += 1
+                assert node.ref == 0, "a referenced block is on the host"
+            elif node.ref == 0:
+                gpu_cached += 1
+        assert gpu_cached == self.kv.cached, f"cached counter {self.kv.cached} != {gpu_cached}"
+        assert host == self.host_used <= max(self.host_blocks, 0)
