@@ -100,12 +100,13 @@ class RuntimeConfig(_Strict):
 
 class ClusterConfig(_Strict):
     replicas: int = Field(1, gt=0, description="engine replicas, each on its own GPUs")
-    router: Literal["round_robin", "least_loaded"] = "round_robin"
+    router: Literal["round_robin", "least_loaded"] = Field(
+        "round_robin", description="which replica an arriving request goes to")
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
 
 
 class CostModelConfig(_Strict):
-    kind: Literal["roofline"] = "roofline"
+    kind: Literal["roofline"] = Field("roofline", description="roofline: max(FLOPs/rate, bytes/bandwidth) per op")
     roofline: RooflineConfig = Field(default_factory=RooflineConfig)
 
 
@@ -120,12 +121,14 @@ class RunConfig(_Strict):
     model: str = Field("llama-3.1-8b", description="bundled model name or path to a HF config.json")
     hardware: str = Field("h100-sxm", description="bundled hardware name or path to a hardware YAML")
     workload: WorkloadConfig
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    cost_model: CostModelConfig = Field(default_factory=CostModelConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig,
+                                       description="batching and admission (TensorRT-LLM semantics)")
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="paged KV cache")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="execution features")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="replicas and parallelism")
+    cost_model: CostModelConfig = Field(default_factory=CostModelConfig,
+                                        description="how the simulator prices an iteration")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="what a run writes")
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -45,7 +45,8 @@ def request_latencies(req: pa.Table) -> dict[str, np.ndarray]:
 
 
 def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
-              num_preemptions: int = 0) -> dict:
+              num_preemptions: int = 0, kv_block_bytes: int = 0,
+              evictions_by_priority: dict[int, int] | None = None) -> dict:
     lat = request_latencies(req)
     fin = lat["fin_mask"]
     n_fin = int(fin.sum())
@@ -86,6 +87,16 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "goodput_req_s": per(good),
         "kv_util_mean": kv_util,
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if n_fin else 0.0,
+        "reused_tokens": int(cached.sum()),
+        # context tokens computed beyond each prompt's uncached part: preemption recompute
+        "recomputed_tokens": int(it.column("ctx_tokens").to_numpy().sum() - (prompt - cached).sum())
+        if n_fin == req.num_rows else None,
+        "evictions": int(it.column("evictions").to_numpy().sum()),
+        "evictions_by_priority": {str(k): v for k, v in sorted((evictions_by_priority or {}).items())},
+        "offloaded_blocks": int(it.column("offloads").to_numpy().sum()),
+        "onboarded_blocks": int(it.column("onboards").to_numpy().sum()),
+        "offloaded_bytes": int(it.column("offloads").to_numpy().sum()) * kv_block_bytes,
+        "onboarded_bytes": int(it.column("onboards").to_numpy().sum()) * kv_block_bytes,
         "spec_acceptance_rate": (accepted / proposed) if proposed else None,
         "backend": backend,
         "wall_s": float(wall_s),

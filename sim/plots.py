@@ -67,10 +67,22 @@ def timeline(req: pa.Table, it: pa.Table, kv_total_blocks: int, path: Path, titl
         # time-weighted means per bin
         w, _ = np.histogram(end, bins=edges, weights=dur)
         kv, _ = np.histogram(end, bins=edges, weights=used * dur)
+        cached = it.column("kv_blocks_cached").to_numpy()
+        host = it.column("kv_blocks_host").to_numpy()
+        kc, _ = np.histogram(end, bins=edges, weights=cached * dur)
+        kh, _ = np.histogram(end, bins=edges, weights=host * dur)
         nb, _ = np.histogram(end, bins=edges, weights=nreq * dur)
         with np.errstate(invalid="ignore", divide="ignore"):
             axes[1].plot(mid, nb / w, lw=1.4, color="tab:green")
-            axes[2].plot(mid, 100 * kv / w / kv_total_blocks, lw=1.4, color="tab:purple")
+            active = 100 * kv / w / kv_total_blocks
+            cach = 100 * kc / w / kv_total_blocks
+            axes[2].stackplot(mid, np.nan_to_num(active), np.nan_to_num(cach),
+                              labels=["active (running requests)", "cached (reusable, evictable)"],
+                              colors=["tab:purple", "tab:orange"], alpha=0.8)
+            if host.any():
+                axes[2].plot(mid, 100 * kh / w / kv_total_blocks, color="tab:brown", lw=1.2,
+                             ls="--", label="host tier (% of GPU pool size)")
+            axes[2].legend(fontsize=8, loc="upper left")
         arr = req.column("arrival_s").to_numpy()
         a, _ = np.histogram(arr, bins=edges)
         ax2 = axes[0].twinx()

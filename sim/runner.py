@@ -140,8 +140,14 @@ def simulate(setup: Setup, check_invariants: bool = False,
     req = request_arrays(requests, its)
     it_table = iterations_table(its)
     wall = time.perf_counter() - t0
+    evp: dict[int, int] = {}
+    for e in engines:
+        if e.cache is not None:
+            for k, v in e.cache.stats.evictions_by_priority.items():
+                evp[k] = evp.get(k, 0) + v
     summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="sim",
-                        wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines))
+                        wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines),
+                        kv_block_bytes=ecfg.kv_block_bytes, evictions_by_priority=evp)
     return RunResult(req.table, it_table, summary, setup)
 
 

@@ -274,13 +274,74 @@ def test_paged_decode_more_splits_than_tokens():
 
 
 def test_choose_num_splits_depends_on_shapes_only():
-    assert choose_num_splits(256, 8, 4096, 132) == 1  # enough (seq, head) work already
-    assert choose_num_splits(1, 8, 32768, 132) == math.ceil(132 / 8)
-    assert choose_num_splits(1, 1, 32768, 132) == 32  # capped
-    assert choose_num_splits(1, 8, 300, 132) == 2  # >= 256 tokens per split
+    assert choose_num_splits(256, 8, 4096, 132) == 1  # enough (seq, kv head) programs already
+    assert choose_num_splits(1, 8, 32768, 132) == 32  # capped
+    assert choose_num_splits(4, 8, 8192, 132) == 16  # ~4 programs per SM
+    assert choose_num_splits(16, 8, 8192, 132) == 4
+    assert choose_num_splits(1, 8, 300, 132) == 5  # >= 64 tokens per split
     assert choose_num_splits(4, 8, 16, 132) == 1
     for B in range(1, 200, 7):
         assert 1 <= choose_num_splits(B, 8, 8192) <= 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_step_replays_in_cuda_graph():
+    """rope_kv_write + decode captured once, replayed with new lengths, a padded row
+    (slot -1, seq_len 0) included: no host sync inside, results match the references."""
+    from servesim.kernels.reference import paged_decode_attention_ref as dec_ref
+
+    g = gen(10)
+    dtype = torch.bfloat16
+    B, Hq, Hkv, D, bs, max_blocks, num_blocks = 4, 8, 2, 64, 16, 8, 40
+    cos_sin = make_cos_sin(max_blocks * bs, D)
+    kc = randn(num_blocks, bs, Hkv, D, dtype=dtype, g=g)
+    vc = randn(num_blocks, bs, Hkv, D, dtype=dtype, g=g)
+    q = torch.zeros(B, Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.zeros(B, Hkv, D, dtype=dtype, device=DEVICE)
+    v = torch.zeros_like(k)
+    positions = torch.zeros(B, dtype=torch.int64, device=DEVICE)
+    slots = torch.full((B,), -1, dtype=torch.int64, device=DEVICE)
+    bt = torch.randperm(num_blocks, generator=g)[: B * max_blocks].view(B, max_blocks).int().to(DEVICE)
+    sl = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    scale = D**-0.5
+
+    def step():
+        qr, _ = ops.rope_kv_write(q, k, v, positions, cos_sin, kc, vc, slots, impl="triton")
+        return ops.paged_decode_attention(qr, kc, vc, bt, sl, scale, impl="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile + warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    for trial in range(2):
+        lens = torch.randint(1, max_blocks * bs, (B,), generator=g)
+        lens[trial + 1] = 0  # padded row
+        q.copy_(randn(B, Hq, D, dtype=dtype, g=g))
+        k.copy_(randn(B, Hkv, D, dtype=dtype, g=g))
+        v.copy_(randn(B, Hkv, D, dtype=dtype, g=g))
+        pos = (lens - 1).clamp(min=0)
+        positions.copy_(pos)
+        bt_cpu = bt.cpu().long()
+        sl_new = torch.tensor([int(L) for L in lens])
+        slot_new = torch.where(
+            lens > 0, bt_cpu[torch.arange(B), pos // bs] * bs + pos % bs, torch.full_like(pos, -1)
+        )
+        slots.copy_(slot_new)
+        sl.copy_(sl_new)
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        qr_ref, _ = rope_kv_write_ref(q, k, v, positions, cos_sin, kc_ref, vc_ref, slots)
+        expected = dec_ref(qr_ref, kc_ref, vc_ref, bt, sl, scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+        assert_close(out, expected, dtype)
+        assert torch.equal(out[trial + 1], torch.zeros_like(out[trial + 1]))
 
 
 # --------------------------------------------------------------------------- prefill attention
