@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -152,42 +153,46 @@ def build_attn_metadata(context_chunks: Sequence[ContextChunkInput | tuple],
             raise ValueError(f"build_attn_metadata: max_blocks={max_blocks} < {width} blocks of a request")
         width = max_blocks
 
-    # -- block tables [R, width] ------------------------------------------------------
-    nb = torch.tensor(n_blocks, dtype=torch.int64)
-    flat = torch.tensor(list(chain.from_iterable(tables)), dtype=torch.int32)
-    rows = torch.repeat_interleave(torch.arange(n_req), nb)
-    cols = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(nb, 0) - nb, nb)
-    bt = torch.zeros(n_req, width, dtype=torch.int32)
+    # -- block tables [R, width] (numpy on the host: cheaper than torch for small arrays)
+    nb = np.asarray(n_blocks, dtype=np.int64)
+    n_flat = int(nb.sum())
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=n_flat)
+    rows = np.repeat(np.arange(n_req), nb)
+    cols = np.arange(n_flat) - np.repeat(np.cumsum(nb) - nb, nb)
+    bt = np.zeros((n_req, width), dtype=np.int32)
     bt[rows, cols] = flat
 
     # -- per-token positions and slots --------------------------------------------------
-    ql = torch.tensor(q_lens, dtype=torch.int64)
-    st = torch.tensor(starts, dtype=torch.int64)
-    cu = torch.zeros(n_req + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(ql, 0)
+    ql = np.asarray(q_lens, dtype=np.int64)
+    st = np.asarray(starts, dtype=np.int64)
+    cu = np.zeros(n_req + 1, dtype=np.int64)
+    np.cumsum(ql, out=cu[1:])
     n_tok = int(cu[-1])
-    tok_row = torch.repeat_interleave(torch.arange(n_req), ql)
-    positions = st[tok_row] + torch.arange(n_tok) - cu[:-1][tok_row]
-    slots = bt[tok_row, positions // block_size].to(torch.int64) * block_size + positions % block_size
-    input_ids = torch.tensor(list(chain.from_iterable(c.token_ids for c in chunks))
-                             + [int(d.token_id) for d in decs], dtype=torch.int64)
     n_ctx_tok = int(cu[n_ctx])
+    tok_row = np.repeat(np.arange(n_req), ql)
+    positions = st[tok_row] + np.arange(n_tok) - cu[:-1][tok_row]
+    slots = bt[tok_row, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    input_ids = np.empty(n_tok, dtype=np.int64)
+    input_ids[:n_ctx_tok] = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), dtype=np.int64,
+                                        count=n_ctx_tok)
+    input_ids[n_ctx_tok:] = [int(d.token_id) for d in decs]
     sampling_chunks = tuple(i for i, c in enumerate(chunks) if c.sample)
-    sample_idx = torch.cat([cu[1:n_ctx + 1][list(sampling_chunks)] - 1,
-                            torch.arange(n_ctx_tok, n_tok, dtype=torch.int64)])
-    seq_lens = (st + ql).to(torch.int32)
+    sample_idx = np.concatenate([cu[1:n_ctx + 1][list(sampling_chunks)] - 1,
+                                 np.arange(n_ctx_tok, n_tok, dtype=np.int64)])
+    seq_lens = (st + ql).astype(np.int32)
     max_seq_len = int(seq_lens.max())
+    n_sample = sample_idx.shape[0]
 
     # -- two host->device copies ----------------------------------------------------------
     pin = device.type == "cuda"
-    i64 = torch.cat([input_ids, positions, slots, sample_idx])
-    i32 = torch.cat([bt.flatten(), seq_lens, cu[: n_ctx + 1].to(torch.int32)])
+    i64 = torch.from_numpy(np.concatenate([input_ids, positions, slots, sample_idx]))
+    i32 = torch.from_numpy(np.concatenate([bt.ravel(), seq_lens, cu[: n_ctx + 1].astype(np.int32)]))
     if device.type != "cpu":
         if pin:
             i64, i32 = i64.pin_memory(), i32.pin_memory()
         i64 = i64.to(device, non_blocking=pin)
         i32 = i32.to(device, non_blocking=pin)
-    input_ids, positions, slots, sample_idx = i64.split([n_tok, n_tok, n_tok, sample_idx.numel()])
+    input_ids, positions, slots, sample_idx = i64.split([n_tok, n_tok, n_tok, n_sample])
     bt_d, seq_d, cu_d = i32.split([n_req * width, n_req, n_ctx + 1])
     bt_d = bt_d.view(n_req, width)
     return AttnMetadata(
@@ -270,6 +275,9 @@ class LlamaModel:
         if input_ids.shape[0] != n_tok or positions.shape[0] != n_tok:
             raise ValueError(f"forward: {input_ids.shape[0]} input ids / {positions.shape[0]} positions "
                              f"for an iteration of {n_tok} tokens")
+        if m.max_seq_len > self.max_positions:
+            raise ValueError(f"forward: a sequence reaches {m.max_seq_len} tokens, beyond the rope table's "
+                             f"{self.max_positions} positions (max_position_embeddings / max_positions)")
         impl = self.impl
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:

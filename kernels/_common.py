@@ -66,13 +66,20 @@ def use_triton(impl: str, x: torch.Tensor) -> bool:
             )
         return True
     if impl == "auto":
-        return triton_available() and (x.is_cuda or interpret_requested())
+        # (bf16 on CPU stays on torch: the interpreter does not compute it correctly)
+        on_interpreter = interpret_requested() and x.dtype != torch.bfloat16
+        return triton_available() and (x.is_cuda or on_interpreter)
     raise ValueError(f"impl must be 'triton', 'torch' or 'auto', got {impl!r}")
 
 
-def check_interpreted(kernel, x: torch.Tensor) -> None:
-    """Clear error when a compiled (non-interpreted) kernel is about to get CPU tensors."""
-    if x.is_cuda:
+def check_interpreted(kernel, *tensors: torch.Tensor) -> None:
+    """Clear errors for what Triton's CPU interpreter cannot run, instead of garbage.
+
+    CPU tensors need the kernel module to have been imported under TRITON_INTERPRET=1, and
+    the interpreter computes bf16 attention wrongly (seen with triton 3.9), so bf16 on CPU
+    is refused: use fp32/fp16 there, or impl="torch".
+    """
+    if tensors[0].is_cuda:
         return
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -81,6 +88,11 @@ def check_interpreted(kernel, x: torch.Tensor) -> None:
             "servesim.kernels: the Triton kernels were imported without TRITON_INTERPRET=1, "
             "so they cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first "
             "import of a servesim.kernels Triton module (e.g. in conftest.py)"
+        )
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError(
+            "servesim.kernels: Triton's CPU interpreter does not compute bf16 correctly; "
+            "use float32/float16 on CPU, or impl='torch'"
         )
 
 

@@ -213,7 +213,7 @@ def paged_decode_attention_triton(
     assert HQ % HKV == 0, f"Hq={HQ} must be a multiple of Hkv={HKV}"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B, "block_tables must be [B, max_blocks]"
     assert seq_lens.shape == (B,), "seq_lens must be [B]"
-    check_interpreted(_decode_split_kernel, q)
+    check_interpreted(_decode_split_kernel, q, k_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"

@@ -2,7 +2,7 @@
 
 ``impl``: ``"triton"``, ``"torch"`` (the plain-torch reference in ``reference.py``) or
 ``"auto"`` = Triton when the main input is on a CUDA device or ``TRITON_INTERPRET=1`` is set
-(Triton's CPU interpreter), else torch.
+(Triton's CPU interpreter; not for bf16, which the interpreter gets wrong), else torch.
 
 The Triton modules are imported on first use only, so this module imports without triton,
 and ``TRITON_INTERPRET`` need only be set before the first Triton call (Triton reads it when

@@ -183,7 +183,7 @@ def paged_prefill_attention_triton(
     N = seq_lens.shape[0]
     assert cu_q_lens.shape == (N + 1,), "cu_q_lens must be [N+1]"
     assert block_tables.dim() == 2 and block_tables.shape[0] == N, "block_tables must be [N, max_blocks]"
-    check_interpreted(_prefill_kernel, q)
+    check_interpreted(_prefill_kernel, q, k_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"

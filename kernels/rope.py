@@ -95,7 +95,7 @@ def rope_kv_write_triton(
     assert k_cache.dim() == 4 and k_cache.shape[2:] == (HKV, D), "k_cache must be [blocks, bs, Hkv, D]"
     assert v_cache.shape == k_cache.shape, "v_cache must match k_cache"
     assert positions.shape == (T,) and slot_mapping.shape == (T,), "positions/slot_mapping must be [T]"
-    check_interpreted(_rope_kv_write_kernel, q)
+    check_interpreted(_rope_kv_write_kernel, q, k_cache)
     q, k, v = (as_last_dim_contiguous(t) for t in (q, k, v))
     cos_sin = as_last_dim_contiguous(cos_sin)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"

@@ -75,6 +75,8 @@ class KVCacheConfig(_Strict):
     free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after "
                                             "weights and activations that the KV pool takes")
     max_tokens: int | None = Field(None, gt=0, description="cap on the pool size in tokens")
+    pool_tokens: int | None = Field(None, gt=0, description="exact pool size in tokens, overriding the "
+                                    "memory-derived size (what-if studies, e.g. an unlimited cache)")
     activation_reserve_gb: float | None = Field(None, ge=0, description="GPU memory kept for activations; "
                                                 "null estimates it from max_num_tokens")
     enable_block_reuse: bool = Field(False, description="prefix caching: reuse cached blocks of equal prefixes")

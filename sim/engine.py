@@ -168,10 +168,18 @@ class Engine:
                 self._reject(req, "tokens")
                 continue
             hits = []
+            copy_src = None
+            reused = 0
             if self.cache is not None and req.block_keys:
-                limit = (req.context_target - 1) // self.tpb  # at least one token computes
-                contents = req.block_contents
-                hits = self.cache.match(req.block_keys[:limit], contents)
+                tpb = self.tpb
+                hits = self.cache.match(req.block_keys[:req.context_target // tpb], req.block_contents)
+                reused = len(hits) * tpb
+                if reused >= req.context_target:
+                    # Every block matched, but the last prompt token must be computed (it
+                    # gives the logits): partial reuse copies the last block's first
+                    # tpb - 1 tokens into a private block (TensorRT-LLM's partial reuse).
+                    copy_src = hits.pop()
+                    reused = req.context_target - 1
             n_hit = len(hits)
             need = AdmitNeed(ctx_blocks=blocks_for(req.context_target, self.tpb) - n_hit,
                              final_blocks=blocks_for(final_kv_tokens(req), self.tpb) - n_hit,
@@ -183,11 +191,22 @@ class Engine:
                 self.cache.acquire(hits, now)  # before growing: hits must not be evicted
                 req.nodes = list(hits)
                 req.blocks = [n.block_id for n in hits]
-                if req.preemptions == 0:
-                    req.cached_tokens = n_hit * self.tpb
             kv.grow(need.ctx_blocks)
+            if copy_src is not None and (copy_src.on_host or copy_src.block_id < 0):
+                # on the host (not worth onboarding for tpb - 1 tokens) or evicted by the
+                # growth just now: recompute those tokens
+                copy_src = None
+                reused = n_hit * self.tpb
+            if reused and req.preemptions == 0:
+                req.cached_tokens = reused
+            if copy_src is not None:
+                # the copy is queued before anything can reuse the source block's id (an
+                # executor runs pending copies before the iteration's writes)
+                kv.sync(req, (n_hit + 1) * self.tpb)
+                kv.pending_copies.append((copy_src.block_id, req.blocks[n_hit]))
+                copy_src.last_used = now
             req.phase = Phase.CONTEXT
-            req.context_done = n_hit * self.tpb
+            req.context_done = reused
             req.admit_seq = self._admit_seq
             self._admit_seq += 1
             self.context.append(req)
@@ -244,7 +263,7 @@ class Engine:
         tpb = self.tpb
         it = self.g
         if cfg.capacity.pauses_on_shortage:
-            while self.n_dec and self.hist[(-it) % tpb] > kv.free:
+            while self.n_dec and self.hist[(-it) % tpb] > kv.available:
                 self._pause_newest(it)
         budget = cfg.max_num_tokens - self.n_dec
         chunks: list[ContextChunk] = []
@@ -267,6 +286,9 @@ class Engine:
             padded = cfg.graph_padding.padded(n_dec)
         onboards = kv.pending_onboard
         kv.pending_onboard = 0
+        copies = kv.pending_copies
+        if copies:
+            kv.pending_copies = []
         shape = IterationShape(
             ctx_new_tokens=tuple(c.num_tokens for c in chunks),
             ctx_prior_tokens=tuple(c.prior_tokens for c in chunks),
@@ -285,7 +307,7 @@ class Engine:
             for r in generation:
                 kv.sync(r, r.kv_len_at(it) + 1)
         used_during = kv.used  # blocks in use while the iteration runs (before releases)
-        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation))
+        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation, copies))
         end = now + result.duration_s
         ctx_tokens = 0
         for c in chunks:

@@ -41,6 +41,7 @@ class BlockManager:
         self.now = 0.0  # engine time, for retention durations
         self.pending_onboard = 0  # host->GPU block copies not yet priced
         self.pending_offload = 0  # GPU->host block copies not yet recorded
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies (partial reuse)
 
     # ---- accounting ------------------------------------------------------------
     @property

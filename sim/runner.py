@@ -66,11 +66,48 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
                                                   max_batch_size=cfg.scheduler.max_batch_size))
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
+    if kvc.pool_tokens is not None:
+        blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
     if kvc.host_cache_size_gb * 1e9 > hw.host_memory_bytes:
         raise ConfigError(f"host_cache_size_gb {kvc.host_cache_size_gb:g} GB is larger than the host memory "
                           f"of {hw.name} ({hw.host_memory_bytes / 1e9:.0f} GB)", f"{where}kv_cache.host_cache_size_gb")
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
     return Setup(cfg, model, hw, blocks, workload)
+
+
+def make_retention(cfg: RunConfig):
+    """The retention policy of a run (None: every block at the default priority)."""
+    from servesim.policies.retention import RetentionPolicy, RetentionSpec, TokenRange
+
+    r = cfg.kv_cache.retention
+    if r is None:
+        return None
+
+    def spec(c) -> RetentionSpec:
+        return RetentionSpec(tuple(TokenRange(t.start, t.end, t.priority, t.duration_s) for t in c.token_ranges),
+                             c.decode_priority)
+
+    return RetentionPolicy(spec(r), {k: spec(v) for k, v in r.tenants.items()})
+
+
+def attach_prefix_keys(requests: list[Request], df: pd.DataFrame, tokens_per_block: int) -> None:
+    """Give each request the chain keys of its full prompt blocks (and their tokens, when
+    the workload has them, so a key collision can never reuse other tokens)."""
+    from servesim.traces.reuse_bound import workload_engine_keys
+
+    if "block_hashes" not in df.columns and "prompt_tokens" not in df.columns:
+        return
+    ek = workload_engine_keys(df, tokens_per_block)
+    keys = ek.keys.tolist()
+    off = ek.offsets.tolist()
+    t = tokens_per_block
+    for i, r in enumerate(requests):
+        a, b = off[i], off[i + 1]
+        if b > a:
+            r.block_keys = tuple(keys[a:b])
+            if r.prompt_tokens is not None:
+                pt = r.prompt_tokens
+                r.block_contents = tuple(tuple(pt[j * t:(j + 1) * t]) for j in range(b - a))
 
 
 def make_requests(df: pd.DataFrame) -> list[Request]:
@@ -132,6 +169,13 @@ def simulate(setup: Setup, check_invariants: bool = False,
              progress: Callable[[float], None] | None = None) -> RunResult:
     t0 = time.perf_counter()
     requests = make_requests(setup.workload)
+    kvc = setup.cfg.kv_cache
+    if kvc.enable_block_reuse:
+        attach_prefix_keys(requests, setup.workload, kvc.tokens_per_block)
+    retention = make_retention(setup.cfg)
+    if retention is not None:
+        for r in requests:
+            r.retention = retention.for_request(r.tenant)
     cost = make_cost_model(setup)
     ecfg = engine_config(setup, check_invariants)
     engines = [Engine(ecfg, SimExecutor(cost), replica=i) for i in range(setup.cfg.cluster.replicas)]

@@ -122,6 +122,8 @@ class ScheduledBatch:
     shape: IterationShape
     context: list[ContextChunk]
     generation: list[Request]  # may be empty for the simulator's closed-form stretches
+    # KV block copies (src id, dst id) to run before the forward pass (partial reuse)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -283,6 +283,11 @@ def test_metadata_layout_and_errors():
     assert meta.ctx_block_tables.dtype == torch.int32 and meta.slot_mapping.dtype == torch.int64
     with pytest.raises(ValueError, match="needs 2 blocks"):
         build_attn_metadata([([1, 2, 3], 3, [0], True)], [], block_size=4)
+    m = LlamaModel(TINY, random_weights(TINY), dtype=F32, device="cpu", impl="torch", max_positions=8)
+    pool = m.make_kv_pool(4, BLOCK)
+    late = build_attn_metadata([], [(1, 8, [0, 1, 2])], block_size=BLOCK)
+    with pytest.raises(ValueError, match="rope table"):
+        m.forward(late.input_ids, late.positions, pool, late)
 
 
 # ----------------------------------------------------------------------------------------

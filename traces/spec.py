@@ -27,6 +27,51 @@ or generate one::
         output_len: {kind: empirical, trace: azure_conv}
       max_output_len: 1024
 
+or generate one whose prompts share prefixes (KV-cache reuse; see
+:mod:`servesim.traces.prefix_workloads`)::
+
+    workload:
+      prefix:
+        kind: multi_turn            # shared_system_prompt | multi_turn | few_shot
+        num_conversations: 200
+        arrival: {kind: poisson, rate_req_s: 0.5}   # conversation starts
+        turns: {kind: uniform, low: 2, high: 8}     # per conversation
+        system_len: 0               # tokens shared by every conversation
+        user_len: {kind: lognormal, mean: 200, sigma: 0.8, max: 2048}   # per turn
+        output_len: {kind: lognormal, mean: 300, sigma: 0.6, max: 1024} # per turn
+        think_time_s: {kind: exponential, mean: 20} # gap between a turn's arrival and the next's
+        response_s_per_token: 0.0   # + this x the turn's output_len
+        hash_block_size: 16         # block_hashes granularity; null: write prompt_tokens
+        vocab_size: 32000           # token ids drawn from [0, vocab_size)
+
+    workload:
+      prefix:
+        kind: shared_system_prompt
+        num_requests: 1000
+        arrival: {kind: poisson, rate_req_s: 5}
+        system_len: 2000
+        user_len: {kind: lognormal, mean: 300, sigma: 0.8}
+        output_len: 200
+
+    workload:
+      prefix:
+        kind: few_shot
+        num_requests: 1000
+        arrival: {kind: poisson, rate_req_s: 5}
+        num_templates: 20
+        template_len: {kind: uniform, low: 500, high: 3000}   # drawn once per template
+        popularity_zipf_a: 1.0      # template k picked with P ∝ (k + 1)^-a
+        question_len: {kind: uniform, low: 20, high: 200}
+        output_len: 100
+
+A multi-turn turn's prompt is the previous turn's prompt + its output + a new user
+message; arrivals are fixed in advance (open loop). Duration kinds (``think_time_s``;
+a bare number means ``constant``): ``constant {value}``, ``exponential {mean}``,
+``uniform {low, high}``, ``lognormal {mean, sigma}`` (seconds). ``turns`` takes the
+length kinds below except ``empirical``. ``workload.arrival`` and
+``workload.hash_block_size`` do not apply (set them inside ``prefix``); the transforms
+below do (``num_requests`` keeps the first N requests, not conversations).
+
 Arrival kinds: ``offline`` (all at t=0), ``poisson {rate_req_s}``, ``gamma {rate_req_s,
 cv}`` (cv = coefficient of variation of the gaps; 1 = Poisson), ``fixed {rate_req_s}``,
 and, for a trace only, ``trace``. Length kinds (each also takes ``min`` (default 1) and
@@ -39,7 +84,9 @@ mean in tokens, sigma = std of the log), ``zipf {a, max}`` (P(k) ∝ k^-a on [mi
 Steps, in order: load or generate -> window_s -> num_requests -> arrival override ->
 rate_scale / target_rate_req_s -> max_*_len -> slo defaults -> request_id 0..N-1.
 Random draws come from independent streams of ``seed`` (arrivals, prompt lengths, output
-lengths, arrival override), so changing one distribution leaves the others' draws alone.
+lengths, arrival override; ``prefix`` draws everything from a fifth stream, split further
+by :mod:`~servesim.traces.prefix_workloads`), so changing one distribution leaves the
+others' draws alone.
 """
 
 from __future__ import annotations
@@ -52,7 +99,7 @@ import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from servesim.sim.types import ConfigError
-from servesim.traces import synthetic, transforms
+from servesim.traces import prefix_workloads, synthetic, transforms
 from servesim.traces.fingerprint import workload_fingerprint
 from servesim.traces.readers import read_trace, resolve_trace
 from servesim.traces.schema import validate_workload
@@ -60,6 +107,7 @@ from servesim.traces.schema import validate_workload
 __all__ = [
     "WorkloadConfig",
     "SyntheticConfig",
+    "PrefixConfig",
     "SloDefaults",
     "build_workload",
     "parse_workload_config",
@@ -176,6 +224,103 @@ Length = Annotated[
 ]
 
 
+TurnCount = Annotated[
+    Union[ConstantLength, UniformLength, LognormalLength, ZipfLength],
+    Field(discriminator="kind"),
+    BeforeValidator(_int_is_constant),
+]
+
+
+# ---------------------------------------------------------------------- durations
+
+
+class ConstantDuration(_Strict):
+    kind: Literal["constant"] = "constant"
+    value: float = Field(ge=0, allow_inf_nan=False, description="seconds")
+
+
+class ExponentialDuration(_Strict):
+    kind: Literal["exponential"] = "exponential"
+    mean: float = Field(gt=0, allow_inf_nan=False, description="mean, seconds")
+
+
+class UniformDuration(_Strict):
+    kind: Literal["uniform"] = "uniform"
+    low: float = Field(ge=0, allow_inf_nan=False, description="seconds")
+    high: float = Field(ge=0, allow_inf_nan=False, description="seconds")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class LognormalDuration(_Strict):
+    kind: Literal["lognormal"] = "lognormal"
+    mean: float = Field(gt=0, allow_inf_nan=False, description="arithmetic mean, seconds")
+    sigma: float = Field(ge=0, allow_inf_nan=False, description="standard deviation of log(duration)")
+
+
+def _number_is_constant(v: Any) -> Any:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"kind": "constant", "value": v}
+    return v
+
+
+Duration = Annotated[
+    Union[ConstantDuration, ExponentialDuration, UniformDuration, LognormalDuration],
+    Field(discriminator="kind"),
+    BeforeValidator(_number_is_constant),
+]
+
+
+# ---------------------------------------------------------------------- shared-prefix workloads
+
+
+class _PrefixBase(_Strict):
+    kind: str  # each subclass narrows it to its Literal (declared here so it dumps first)
+    arrival: GeneratedArrival
+    output_len: Length
+    hash_block_size: int | None = Field(
+        16, ge=1, le=1_000_000, description="tokens per block of the written block_hashes; null: write prompt_tokens"
+    )
+    vocab_size: int = Field(32_000, ge=2, le=2**31, description="token ids are drawn from [0, vocab_size)")
+
+
+class SharedSystemPromptConfig(_PrefixBase):
+    kind: Literal["shared_system_prompt"] = "shared_system_prompt"
+    num_requests: int = Field(gt=0, le=100_000_000)
+    system_len: int = Field(ge=1, le=10_000_000, description="tokens of the system prompt every request shares")
+    user_len: Length
+
+
+class MultiTurnConfig(_PrefixBase):
+    kind: Literal["multi_turn"] = "multi_turn"
+    num_conversations: int = Field(gt=0, le=100_000_000)
+    turns: TurnCount
+    system_len: int = Field(0, ge=0, le=10_000_000, description="tokens shared by every conversation (0: none)")
+    user_len: Length
+    think_time_s: Duration
+    response_s_per_token: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="added to the gap after a turn, per output token of that turn"
+    )
+
+
+class FewShotConfig(_PrefixBase):
+    kind: Literal["few_shot"] = "few_shot"
+    num_requests: int = Field(gt=0, le=100_000_000)
+    num_templates: int = Field(gt=0, le=10_000_000)
+    template_len: Length
+    popularity_zipf_a: float = Field(1.0, ge=0, allow_inf_nan=False, description="template k picked with P ∝ (k+1)^-a")
+    question_len: Length
+
+
+PrefixConfig = Annotated[
+    Union[SharedSystemPromptConfig, MultiTurnConfig, FewShotConfig], Field(discriminator="kind")
+]
+
+
 # ---------------------------------------------------------------------- workload
 
 
@@ -195,6 +340,7 @@ class WorkloadConfig(_Strict):
     trace: str | None = Field(None, description="bundled trace name or a path relative to the experiment file")
     format: Literal["auto", "azure", "table", "mooncake"] = "auto"
     synthetic: SyntheticConfig | None = None
+    prefix: PrefixConfig | None = None
     arrival: Arrival = Field(default_factory=TraceArrival)
     rate_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     target_rate_req_s: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -207,13 +353,20 @@ class WorkloadConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if (self.trace is None) == (self.synthetic is None):
-            raise ValueError("give exactly one of 'trace' (a file to replay) or 'synthetic' (a generated workload)")
-        if self.synthetic is not None:
-            if self.arrival.kind != "trace":
-                raise ValueError("with 'synthetic', set the arrival process in synthetic.arrival, not in 'arrival'")
-            if self.format != "auto":
-                raise ValueError("'format' applies to 'trace' only")
+        given = [k for k in ("trace", "synthetic", "prefix") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'trace' (a file to replay), 'synthetic' (a generated workload) or "
+                f"'prefix' (a generated workload with shared prefixes); got {given or 'none'}"
+            )
+        for key in ("synthetic", "prefix"):
+            if getattr(self, key) is not None:
+                if self.arrival.kind != "trace":
+                    raise ValueError(f"with '{key}', set the arrival process in {key}.arrival, not in 'arrival'")
+                if self.format != "auto":
+                    raise ValueError("'format' applies to 'trace' only")
+        if self.prefix is not None and self.hash_block_size is not None:
+            raise ValueError("'hash_block_size' applies to 'trace' only; with 'prefix', set prefix.hash_block_size")
         if self.target_rate_req_s is not None and self.rate_scale != 1.0:
             raise ValueError("give 'rate_scale' or 'target_rate_req_s', not both")
         return self
@@ -298,8 +451,10 @@ def build_workload(cfg: WorkloadConfig, base_dir: Path | str, seed: int, *, conf
 
 
 def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
-    rng_arrival, rng_prompt, rng_output, rng_override = streams
+    # spawn(5)'s first four children are those of spawn(4): adding the prefix stream
+    # changed no earlier workload
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    rng_arrival, rng_prompt, rng_output, rng_override, rng_prefix = streams
 
     if cfg.trace is not None:
         path = _trace_path(cfg.trace, base_dir, "workload.trace")
@@ -308,6 +463,9 @@ def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
             fmt = resolve_trace(cfg.trace, base_dir)[1] or "auto"
         df = read_trace(path, fmt, cfg.hash_block_size)
         source = str(path)
+    elif cfg.prefix is not None:
+        df = _prefix_workload(cfg.prefix, base_dir, rng_prefix)
+        source = "workload.prefix"
     else:
         syn = cfg.synthetic
         n = syn.num_requests
@@ -383,3 +541,57 @@ def _lengths(spec: Any, n: int, rng: np.random.Generator, base_dir: Path, column
         values = read_trace(path, fmt)[spec.column or column].to_numpy()
         return synthetic.empirical_lengths(n, values, rng, lo, hi)
     raise AssertionError(f"unhandled length kind {spec.kind!r}")
+
+
+def _sampler(spec: Any, base_dir: Path, column: str, key: str):
+    """A length sampler ``f(n, rng)`` for prefix_workloads."""
+    return lambda n, rng: _lengths(spec, n, rng, base_dir, column, key)
+
+
+def _durations(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
+    if spec.kind == "constant":
+        return np.full(n, spec.value, dtype=np.float64)
+    if spec.kind == "exponential":
+        return rng.exponential(spec.mean, size=n)
+    if spec.kind == "uniform":
+        return rng.uniform(spec.low, spec.high, size=n)
+    if spec.kind == "lognormal":
+        return rng.lognormal(np.log(spec.mean) - 0.5 * spec.sigma**2, spec.sigma, size=n)
+    raise AssertionError(f"unhandled duration kind {spec.kind!r}")
+
+
+def _prefix_workload(p: Any, base_dir: Path, rng: np.random.Generator) -> pd.DataFrame:
+    key = "workload.prefix"
+    common = dict(
+        arrival_s=lambda n, r: _arrivals(p.arrival, n, r),
+        rng=rng,
+        hash_block_size=p.hash_block_size,
+        vocab_size=p.vocab_size,
+    )
+    output = _sampler(p.output_len, base_dir, "output_len", f"{key}.output_len")
+    if p.kind == "shared_system_prompt":
+        return prefix_workloads.shared_system_prompt(
+            p.num_requests, p.system_len, _sampler(p.user_len, base_dir, "prompt_len", f"{key}.user_len"), output, **common
+        )
+    if p.kind == "multi_turn":
+        return prefix_workloads.multi_turn(
+            p.num_conversations,
+            _sampler(p.turns, base_dir, "prompt_len", f"{key}.turns"),
+            _sampler(p.user_len, base_dir, "prompt_len", f"{key}.user_len"),
+            output,
+            think_time_s=lambda n, r: _durations(p.think_time_s, n, r),
+            system_len=p.system_len,
+            response_s_per_token=p.response_s_per_token,
+            **common,
+        )
+    if p.kind == "few_shot":
+        return prefix_workloads.few_shot(
+            p.num_requests,
+            p.num_templates,
+            _sampler(p.template_len, base_dir, "prompt_len", f"{key}.template_len"),
+            _sampler(p.question_len, base_dir, "prompt_len", f"{key}.question_len"),
+            output,
+            zipf_a=p.popularity_zipf_a,
+            **common,
+        )
+    raise AssertionError(f"unhandled prefix kind {p.kind!r}")
