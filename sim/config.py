@@ -193,9 +193,13 @@ def _has_path(d: Any, loc: tuple) -> bool:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, recursively. A mapping whose `kind` differs from the
+    base's replaces it whole (another kind of thing: its keys would not mix)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict) and not (
+                "kind" in v and "kind" in old and v["kind"] != old["kind"]):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -296,7 +300,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         name = path.stem
     description = raw.get("description", "")
     variants_raw = raw.get("variants", [{"name": "base"}])
-    base = {k: v for k, v in raw.items() if k not in ("name", "description", "variants")}
+    # keys starting with "x-" hold YAML anchors for the variants to use (not settings)
+    base = {k: v for k, v in raw.items()
+            if k not in ("name", "description", "variants") and not str(k).startswith("x-")}
     set_over = parse_set(overrides or [])
     if not isinstance(variants_raw, list) or not variants_raw:
         problems.append((f"{where}: variants", "expected a non-empty list of {name: ..., <overrides>}"))

@@ -360,7 +360,7 @@ class Engine:
                 prio, dur = spec.block_priority(i, tpb, req.prompt_len)
             else:
                 prio, dur = DEFAULT_PRIORITY, None
-            node = self.cache.insert(keys[i], req.blocks[i], prio, now + dur if dur else INF,
+            node = self.cache.insert(keys[i], req.blocks[i], prio, dur,
                                      contents[i] if contents is not None else None)
             if node is None:
                 break  # already cached by another request: this block stays private

@@ -44,6 +44,17 @@ def request_latencies(req: pa.Table) -> dict[str, np.ndarray]:
             "fin_mask": fin}
 
 
+def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
+    """Prefix hit rate per tenant (empty when the workload has a single tenant)."""
+    tenant = np.asarray(req.column("tenant").to_pylist(), dtype=object)[fin]
+    names = sorted(set(tenant.tolist()))
+    if len(names) < 2:
+        return {}
+    prompt = req.column("prompt_len").to_numpy()[fin]
+    cached = req.column("cached_tokens").to_numpy()[fin]
+    return {str(t): float(cached[tenant == t].sum() / prompt[tenant == t].sum()) for t in names}
+
+
 def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
               num_preemptions: int = 0, kv_block_bytes: int = 0,
               evictions_by_priority: dict[int, int] | None = None) -> dict:
@@ -87,6 +98,7 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "goodput_req_s": per(good),
         "kv_util_mean": kv_util,
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if n_fin else 0.0,
+        "prefix_hit_rate_by_tenant": _by_tenant_hit(req, fin),
         "reused_tokens": int(cached.sum()),
         # context tokens computed beyond each prompt's uncached part: preemption recompute
         "recomputed_tokens": int(it.column("ctx_tokens").to_numpy().sum() - (prompt - cached).sum())

@@ -12,7 +12,8 @@ request reuses the longest run of its leading keys found here. A node can be
   being copied back (onboarded) into a fresh GPU block.
 
 Priorities are 0..100 (default 35). A priority given with a duration falls back to the
-default once the duration has passed since the block was last released.
+default once the duration has passed since the block was last released (each release
+restarts the clock and restores the priority).
 
 When a node stores its tokens (`content`), a match compares them too, so a chain-key
 collision can never hand a request the wrong KV.
@@ -27,16 +28,17 @@ DEFAULT_PRIORITY = 35
 
 
 class CacheNode:
-    __slots__ = ("key", "block_id", "ref", "priority", "base_priority", "expire_at", "last_used",
-                 "on_host", "stamp", "content")
+    __slots__ = ("key", "block_id", "ref", "priority", "base_priority", "expire_at", "duration",
+                 "last_used", "on_host", "stamp", "content")
 
-    def __init__(self, key: int, block_id: int, priority: int, expire_at: float, content):
+    def __init__(self, key: int, block_id: int, priority: int, duration: float | None, content):
         self.key = key
         self.block_id = block_id
         self.ref = 1
         self.priority = priority  # effective priority (falls back when expired)
         self.base_priority = priority
-        self.expire_at = expire_at
+        self.duration = duration
+        self.expire_at = float("inf")
         self.last_used = 0.0
         self.on_host = False
         self.stamp = 0
@@ -114,16 +116,14 @@ class PrefixCache:
             self.stats.host_hit_blocks += 1
             kv.pending_onboard += 1
 
-    def insert(self, key: int, block_id: int, priority: int, expire_at: float, content) -> CacheNode | None:
-        """Cache a freshly computed full block held by a request (ref 1). None if the key
-        is already cached (the request keeps its block private)."""
+    def insert(self, key: int, block_id: int, priority: int, duration: float | None, content) -> CacheNode | None:
+        """Cache a freshly computed full block held by a request (ref 1), at `priority`
+        for `duration` seconds after each release (None: for good). None if the key is
+        already cached (the request keeps its block private)."""
         if key in self.nodes:
             return None
-        node = CacheNode(key, block_id, priority, expire_at, content)
+        node = CacheNode(key, block_id, priority, duration, content)
         self.nodes[key] = node
-        if expire_at < float("inf"):
-            self._seq += 1
-            heapq.heappush(self._expiry, (expire_at, self._seq, node))
         self.stats.inserted += 1
         return node
 
@@ -131,6 +131,11 @@ class PrefixCache:
         node.ref -= 1
         if node.ref == 0:
             node.last_used = now
+            if node.duration is not None:
+                node.priority = node.base_priority
+                node.expire_at = now + node.duration
+                self._seq += 1
+                heapq.heappush(self._expiry, (node.expire_at, self._seq, node))
             self.kv.used -= 1
             self.kv.cached += 1
             self._push_gpu(node)
@@ -144,10 +149,10 @@ class PrefixCache:
     def _expire(self, now: float) -> None:
         exp = self._expiry
         while exp and exp[0][0] <= now:
-            _, _, node = heapq.heappop(exp)
-            if node.priority != self.default_priority:
+            t, _, node = heapq.heappop(exp)
+            if t == node.expire_at and node.priority != self.default_priority:
                 node.priority = self.default_priority
-                if node.ref == 0 and not node.on_host and node.key in self.nodes:
+                if node.ref == 0 and not node.on_host and self.nodes.get(node.key) is node:
                     self._push_gpu(node)  # re-queue at its new priority
 
     def evict(self, n: int, now: float) -> int:
@@ -177,6 +182,7 @@ class PrefixCache:
                 heapq.heappush(self._host_heap, (node.last_used, self._seq, node))
             else:
                 del self.nodes[node.key]
+                node.stamp = -1
                 self.stats.dropped += 1
         return freed
 
@@ -187,6 +193,7 @@ class PrefixCache:
             if node.stamp != seq or node.ref != 0 or not node.on_host:
                 continue
             del self.nodes[node.key]
+            node.stamp = -1
             self.host_used -= 1
             self.stats.host_dropped += 1
             return

@@ -143,7 +143,7 @@ def test_eviction_order_priority_then_lru():
     nodes = []
     for i, p in enumerate(prios):
         kv.used += 1
-        node = cache.insert(100 + i, kv.free_ids.pop(), p, float("inf"), None)
+        node = cache.insert(100 + i, kv.free_ids.pop(), p, None, None)
         nodes.append(node)
     for t, node in zip([5.0, 1.0, 3.0, 4.0, 2.0, 0.5], nodes):
         cache.release(node, t)
@@ -159,14 +159,14 @@ def test_eviction_order_priority_then_lru():
 def test_priority_expires_to_default():
     kv, cache = _cache_with(4)
     kv.used += 2
-    hi = cache.insert(1, kv.free_ids.pop(), 90, 5.0, None)  # 90 until t=5
-    lo = cache.insert(2, kv.free_ids.pop(), 35, float("inf"), None)
+    hi = cache.insert(1, kv.free_ids.pop(), 90, 4.0, None)  # 90 until 4 s after release (t=5)
+    lo = cache.insert(2, kv.free_ids.pop(), 35, None, None)
     cache.release(hi, 1.0)
     cache.release(lo, 2.0)
     cache.evict(1, 3.0)
     assert 1 in cache.nodes and 2 not in cache.nodes  # before expiry the 90 survives
     kv.used += 1
-    lo2 = cache.insert(3, kv.free_ids.pop(), 35, float("inf"), None)
+    lo2 = cache.insert(3, kv.free_ids.pop(), 35, None, None)
     cache.release(lo2, 4.0)
     cache.evict(1, 6.0)  # now both are 35: the older (hi, used at 1.0) goes
     assert 1 not in cache.nodes and 3 in cache.nodes
@@ -175,8 +175,8 @@ def test_priority_expires_to_default():
 def test_offload_and_onboard():
     kv, cache = _cache_with(4, host=2, min_prio=35)
     kv.used += 2
-    a = cache.insert(1, kv.free_ids.pop(), 50, float("inf"), None)
-    b = cache.insert(2, kv.free_ids.pop(), 20, float("inf"), None)
+    a = cache.insert(1, kv.free_ids.pop(), 50, None, None)
+    b = cache.insert(2, kv.free_ids.pop(), 20, None, None)
     cache.release(a, 1.0)
     cache.release(b, 2.0)
     cache.evict(2, 3.0)

@@ -196,9 +196,14 @@ def shared_system_prompt(
     rng: np.random.Generator | int = 0,
     hash_block_size: int | None = DEFAULT_HASH_BLOCK_SIZE,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    shared_fraction: float = 1.0,
 ) -> pd.DataFrame:
     """``n`` requests, each the same ``system_len``-token system prompt followed by a
     unique ``user_len``-token message (``prompt_len = system_len + user_len``).
+
+    With ``shared_fraction < 1`` only that share of requests (drawn at random, tenant
+    ``"system"``) carries the system prompt; the others (tenant ``"oneoff"``) are unique
+    prompts of the same length -- background load that competes for the cache.
 
     With ``prompt_tokens`` every request shares the first ``system_len // t`` engine
     blocks of ``t`` tokens. With ``block_hashes`` of ``H`` tokens they share the system
@@ -213,12 +218,24 @@ def shared_system_prompt(
     ulen = _lengths(user_len, n, rs["user_len"], "user_len")
     olen = _lengths(output_len, n, rs["output_len"], "output_len")
     content = rs["content"]
+    if not 0 < shared_fraction <= 1:
+        raise ValueError(f"shared_fraction must be in (0, 1], got {shared_fraction}")
+    shared = (np.ones(n, dtype=bool) if shared_fraction >= 1
+              else np.random.default_rng(rs["content"].integers(1 << 62)).random(n) < shared_fraction)
     enc = _Encoder(hash_block_size)
     head = enc.head(content.integers(0, vocab_size, size=system_len))
     plen = system_len + ulen
     for i in range(n):
-        enc.add(head, int(plen[i]), content.integers(0, vocab_size, size=int(ulen[i])))
-    return enc.frame(arrival, plen, olen, _order(arrival))
+        if shared[i]:
+            enc.add(head, int(plen[i]), content.integers(0, vocab_size, size=int(ulen[i])))
+        else:
+            enc.add(enc.head(content.integers(0, vocab_size, size=0)), int(plen[i]),
+                    content.integers(0, vocab_size, size=int(plen[i])))
+    order = _order(arrival)
+    df = enc.frame(arrival, plen, olen, order)
+    if shared_fraction < 1:
+        df["tenant"] = np.where(shared[order], "system", "oneoff")
+    return df
 
 
 def few_shot(

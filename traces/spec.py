@@ -293,6 +293,8 @@ class SharedSystemPromptConfig(_PrefixBase):
     num_requests: int = Field(gt=0, le=100_000_000)
     system_len: int = Field(ge=1, le=10_000_000, description="tokens of the system prompt every request shares")
     user_len: Length
+    shared_fraction: float = Field(1.0, gt=0, le=1, description="share of requests with the system prompt "
+                                   "(tenant 'system'); the rest are unique prompts of the same length (tenant 'oneoff')")
 
 
 class MultiTurnConfig(_PrefixBase):
@@ -571,7 +573,8 @@ def _prefix_workload(p: Any, base_dir: Path, rng: np.random.Generator) -> pd.Dat
     output = _sampler(p.output_len, base_dir, "output_len", f"{key}.output_len")
     if p.kind == "shared_system_prompt":
         return prefix_workloads.shared_system_prompt(
-            p.num_requests, p.system_len, _sampler(p.user_len, base_dir, "prompt_len", f"{key}.user_len"), output, **common
+            p.num_requests, p.system_len, _sampler(p.user_len, base_dir, "prompt_len", f"{key}.user_len"), output,
+            shared_fraction=p.shared_fraction, **common
         )
     if p.kind == "multi_turn":
         return prefix_workloads.multi_turn(
