@@ -354,18 +354,14 @@ class Engine:
         spec = req.retention
         keys = req.block_keys
         contents = req.block_contents
-        inserted = 0
-        for i in range(start, n_full):
-            if spec is not None:
-                prio, dur = spec.block_priority(i, tpb, req.prompt_len)
-            else:
-                prio, dur = DEFAULT_PRIORITY, None
-            node = self.cache.insert(keys[i], req.blocks[i], prio, dur,
-                                     contents[i] if contents is not None else None)
-            if node is None:
-                break  # already cached by another request: this block stays private
-            req.nodes.append(node)
-            inserted += 1
+        if spec is None:
+            prios = None
+        else:
+            prios = [spec.block_priority(i, tpb, req.prompt_len) for i in range(start, n_full)]
+        # stops at a key another request cached meanwhile: the rest stay private
+        new = self.cache.insert_many(keys, req.blocks, start, n_full, prios, contents)
+        req.nodes.extend(new)
+        inserted = len(new)
         if self.kv.reserving:
             req.reserved_blocks -= inserted  # now counted as shared blocks in kv.reserved
 

@@ -76,10 +76,9 @@ class BlockManager:
         self.reserved -= req.reserved_blocks
         req.reserved_blocks = 0
         if nodes:
-            for node in nodes:
-                if node.ref == 1 and self.reserving:
-                    self.reserved -= 1  # the last holder stops reserving a shared block
-                self.cache.release(node, self.now)
+            freed = self.cache.release_many(nodes, self.now)
+            if self.reserving:
+                self.reserved -= freed  # the last holder stops reserving a shared block
             private = req.blocks[len(nodes):]
             req.nodes = []
         else:

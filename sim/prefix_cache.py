@@ -22,6 +22,7 @@ collision can never hand a request the wrong KV.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 DEFAULT_PRIORITY = 35
@@ -65,7 +66,13 @@ class PrefixCache:
         self.offload_min_priority = offload_min_priority
         self.default_priority = default_priority
         self.nodes: dict[int, CacheNode] = {}
-        self._gpu_heap: list = []  # (priority, last_used, seq, node) of unreferenced GPU nodes
+        # Unreferenced GPU nodes, in eviction order. The bulk (default priority) sits in an
+        # LRU-ordered dict -- releases happen in time order, so insertion order is recency
+        # order; nodes of any other priority (and default-priority nodes whose raised
+        # priority expired, whose recency is older) sit in a heap. Eviction takes the
+        # smaller (priority, last use) of the two fronts.
+        self._lru: OrderedDict[int, CacheNode] = OrderedDict()
+        self._gpu_heap: list = []  # (priority, last_used, seq, node)
         self._host_heap: list = []  # (last_used, seq, node) of host nodes
         self._expiry: list = []  # (expire_at, seq, node)
         self._seq = 0
@@ -95,10 +102,12 @@ class PrefixCache:
         """Reference `hits` for a request; host nodes are copied back to the GPU."""
         kv = self.kv
         onboard = []
+        lru = self._lru
         for n in hits:
             if n.ref == 0:
                 n.ref = 1
                 n.stamp = -1  # invalidates its heap entries
+                lru.pop(n.key, None)
                 if n.on_host:
                     onboard.append(n)
                 else:
@@ -127,18 +136,52 @@ class PrefixCache:
         self.stats.inserted += 1
         return node
 
+    def insert_many(self, keys, block_ids, start: int, stop: int, prios=None, contents=None) -> list[CacheNode]:
+        """Cache blocks start..stop-1 of a request (ref 1 each) until a key is already
+        cached; `prios` lists (priority, duration) per block (None: default)."""
+        nodes = self.nodes
+        out = []
+        dp = self.default_priority
+        for i in range(start, stop):
+            key = keys[i]
+            if key in nodes:
+                break
+            if prios is None:
+                node = CacheNode(key, block_ids[i], dp, None, None if contents is None else contents[i])
+            else:
+                p, d = prios[i - start]
+                node = CacheNode(key, block_ids[i], p, d, None if contents is None else contents[i])
+            nodes[key] = node
+            out.append(node)
+        self.stats.inserted += len(out)
+        return out
+
     def release(self, node: CacheNode, now: float) -> None:
-        node.ref -= 1
-        if node.ref == 0:
+        self.release_many((node,), now)
+
+    def release_many(self, nodes, now: float) -> int:
+        """Drop one reference of each node; returns how many became unreferenced."""
+        freed = 0
+        lru = self._lru
+        default = self.default_priority
+        for node in nodes:
+            node.ref -= 1
+            if node.ref:
+                continue
+            freed += 1
             node.last_used = now
             if node.duration is not None:
                 node.priority = node.base_priority
                 node.expire_at = now + node.duration
                 self._seq += 1
                 heapq.heappush(self._expiry, (node.expire_at, self._seq, node))
-            self.kv.used -= 1
-            self.kv.cached += 1
-            self._push_gpu(node)
+            if node.priority == default:
+                lru[node.key] = node
+            else:
+                self._push_gpu(node)
+        self.kv.used -= freed
+        self.kv.cached += freed
+        return freed
 
     # ------------------------------------------------------------------ eviction
     def _push_gpu(self, node: CacheNode) -> None:
@@ -153,38 +196,73 @@ class PrefixCache:
             if t == node.expire_at and node.priority != self.default_priority:
                 node.priority = self.default_priority
                 if node.ref == 0 and not node.on_host and self.nodes.get(node.key) is node:
-                    self._push_gpu(node)  # re-queue at its new priority
+                    self._push_gpu(node)  # re-queue at its new priority (older than the LRU's)
 
     def evict(self, n: int, now: float) -> int:
         """Free `n` GPU blocks from unreferenced cached nodes; returns how many it freed."""
         self._expire(now)
         kv = self.kv
         heap = self._gpu_heap
+        lru = self._lru
+        default = self.default_priority
         freed = 0
-        while freed < n and heap:
-            prio, _, seq, node = heapq.heappop(heap)
-            if node.stamp != seq or node.ref != 0 or node.on_host:
+        by_prio = self.stats.evictions_by_priority
+        while freed < n:
+            if not heap and lru:  # the common case: only default-priority blocks
+                node = lru.popitem(last=False)[1]
+                prio = default
+                by_prio[prio] = by_prio.get(prio, 0) + 1
+                kv.free_ids.append(node.block_id)
+                node.block_id = -1
+                kv.cached -= 1
+                freed += 1
+                if self.host_blocks > 0 and prio >= self.offload_min_priority:
+                    self._offload(node)
+                else:
+                    del self.nodes[node.key]
+                    node.stamp = -1
+                    self.stats.dropped += 1
                 continue
-            self.stats.evictions_by_priority[prio] = self.stats.evictions_by_priority.get(prio, 0) + 1
+            while heap:  # drop stale heap fronts
+                _, _, seq, top = heap[0]
+                if top.stamp == seq and top.ref == 0 and not top.on_host:
+                    break
+                heapq.heappop(heap)
+            if lru:
+                key = next(iter(lru))
+                cand = lru[key]
+                if heap and (heap[0][0], heap[0][1]) < (default, cand.last_used):
+                    prio, _, _, node = heapq.heappop(heap)
+                else:
+                    del lru[key]
+                    node, prio = cand, default
+            elif heap:
+                prio, _, _, node = heapq.heappop(heap)
+            else:
+                break
+            by_prio[prio] = by_prio.get(prio, 0) + 1
             kv.free_ids.append(node.block_id)
             node.block_id = -1
             kv.cached -= 1
             freed += 1
             if self.host_blocks > 0 and prio >= self.offload_min_priority:
-                if self.host_used >= self.host_blocks:
-                    self._drop_host()
-                node.on_host = True
-                self.host_used += 1
-                self.stats.offloaded += 1
-                kv.pending_offload += 1
-                self._seq += 1
-                node.stamp = self._seq
-                heapq.heappush(self._host_heap, (node.last_used, self._seq, node))
+                self._offload(node)
             else:
                 del self.nodes[node.key]
                 node.stamp = -1
                 self.stats.dropped += 1
         return freed
+
+    def _offload(self, node: CacheNode) -> None:
+        if self.host_used >= self.host_blocks:
+            self._drop_host()
+        node.on_host = True
+        self.host_used += 1
+        self.stats.offloaded += 1
+        self.kv.pending_offload += 1
+        self._seq += 1
+        node.stamp = self._seq
+        heapq.heappush(self._host_heap, (node.last_used, self._seq, node))
 
     def _drop_host(self) -> None:
         heap = self._host_heap
@@ -209,7 +287,12 @@ class PrefixCache:
             if node.on_host:
                 host += 1
                 assert node.ref == 0, "a referenced block is on the host"
+                assert key not in self._lru
             elif node.ref == 0:
                 gpu_cached += 1
+            else:
+                assert key not in self._lru, "a referenced block is evictable"
+        for key, node in self._lru.items():
+            assert self.nodes.get(key) is node and node.priority == self.default_priority
         assert gpu_cached == self.kv.cached, f"cached counter {self.kv.cached} != {gpu_cached}"
         assert host == self.host_used <= max(self.host_blocks, 0)

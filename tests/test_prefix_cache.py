@@ -145,7 +145,8 @@ def test_eviction_order_priority_then_lru():
         kv.used += 1
         node = cache.insert(100 + i, kv.free_ids.pop(), p, None, None)
         nodes.append(node)
-    for t, node in zip([5.0, 1.0, 3.0, 4.0, 2.0, 0.5], nodes):
+    times = [5.0, 1.0, 3.0, 4.0, 2.0, 0.5]
+    for t, node in sorted(zip(times, nodes), key=lambda x: x[0]):  # time runs forward
         cache.release(node, t)
     order = []
     for _ in range(len(nodes)):

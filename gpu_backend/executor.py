@@ -1,0 +1,509 @@
+"""The GPU executor: runs each `ScheduledBatch` of the engine on a real Llama model.
+
+`GpuExecutor` implements the engine's `Executor` protocol with ``cost_model = None`` (every
+iteration is run for real, never advanced in closed form) and ``needs_requests = True``
+(the engine hands it the request objects and materialises their KV block ids).
+
+One `execute(batch)`:
+
+1. runs ``batch.block_copies`` (partial prefix reuse: copy-on-write of a cached block);
+2. packs the iteration, context chunks first: a chunk's tokens are positions
+   ``[prior_tokens, prior_tokens + num_tokens)`` of its request's *context sequence*
+   (the prompt, followed after a preemption by the tokens generated so far, since a
+   recompute's ``context_target = prompt_len + generated``), starting at position
+   ``prior_tokens``, over ``request.blocks``; it samples iff ``is_last``. Then every
+   generation request: its last sampled token at position ``req.kv_len_at(iteration)``
+   (its KV length before the step), over its blocks;
+3. runs the model: generation-only iterations the engine marked ``shape.graph`` go through
+   the `GraphRunner` at ``shape.padded_decode`` rows (a captured CUDA graph on a GPU, the
+   same padded eager call on a CPU), every other iteration through the eager packed
+   ``LlamaModel.forward``;
+4. samples (greedy unless a temperature is given) and records the sampled token of each
+   sampling row in ``outputs[request_id]``;
+5. returns ``StepResult(duration_s, tokens)``: the wall time of the whole call, host
+   preparation included, synchronised (``torch.cuda.synchronize()`` on a GPU).
+
+Output lengths are forced by the engine: generation never stops on an EOS token.
+
+Decode inputs never come back to the host: each live request owns a *slot*; sampled tokens
+are scattered on the device into ``token_buf[slot]`` and the next iteration gathers its
+decode ``input_ids`` from there. The host keeps, per slot, the request's block table (a
+numpy row updated incrementally as the engine appends blocks), so packing an iteration is a
+few vectorised numpy operations and two pinned host-to-device copies.
+
+Prompt token ids (see `prompt_token_ids`): the request's ``prompt_tokens`` when the
+workload has them; else, when it has ``block_hashes``, ids derived from each block's hash
+(so two prompts whose blocks hash alike hold the same tokens, and prefix-cache hits reuse
+KV that really is theirs); else deterministic pseudo-random ids from ``(seed, request_id,
+position)``. Ids are drawn uniformly from ``[0, vocab_size)``.
+
+Overlap mode (``overlap=True``, the ``runtime.overlap_scheduler`` setting): ``execute(n)``
+launches iteration ``n``'s GPU work and returns *without* waiting for it; it waits for
+iteration ``n-1`` instead, after ``n`` has been queued behind it. So the host work between
+two launches -- the engine applying iteration ``n-1``'s result, the driver delivering
+arrivals, the engine scheduling ``n`` (admission, chunking, KV block ids), packing ``n``'s
+inputs and launching it -- overlaps iteration ``n-1`` on the GPU, and the GPU never idles
+between iterations. Nothing needs ``n-1``'s sampled tokens on the host in between: decode
+inputs are gathered on the device, and output lengths are forced, so the schedule does not
+depend on sampled values. (The one exception, a recompute after a preemption whose context
+includes a token still in flight, waits for it.) Sampled tokens reach the host through a
+non-blocking copy into pinned memory; ``completed_s[n]`` records when iteration ``n``'s
+tokens were on the host (``clock()`` time), which the GPU driver uses as the iteration's
+end (its tokens' emission time). ``flush()`` collects the iteration still in flight.
+In overlap mode ``StepResult.tokens`` is empty: read ``outputs`` after ``flush()``.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Sequence
+from typing import Callable
+
+import numpy as np
+import torch
+
+from servesim.sim.types import Phase, Request, ScheduledBatch, StepResult
+
+from .graph_runner import GraphRunner
+from .model import AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel, Sampler
+
+# --------------------------------------------------------------------------------------
+# prompt token ids
+# --------------------------------------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SALT_REQ = np.uint64(0x5EED0F5E9E51D00D)
+_SALT_HASH = np.uint64(0xB10C4A5B10C4A5B1)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _u64(values: Sequence[int] | int) -> np.ndarray:
+    if isinstance(values, (int, np.integer)):
+        values = [values]
+    return np.array([int(v) & _MASK64 for v in values], dtype=np.uint64)
+
+
+def prompt_token_ids(req: Request, seed: int, vocab_size: int, hash_block_size: int | None = None) -> np.ndarray:
+    """The prompt of ``req`` as int64 token ids in ``[0, vocab_size)`` (see the module doc).
+
+    * ``req.prompt_tokens`` when given (ValueError if an id is outside the vocabulary);
+    * else, with ``req.block_hashes`` at ``hash_block_size`` tokens a block: token ``j``
+      of workload block ``b`` is ``mix(mix(seed, block_hashes[b]), j) mod vocab_size`` --
+      a function of the block's hash (which digests its content and length) only;
+    * else token at position ``p`` is ``mix(mix(seed, request_id), p) mod vocab_size``.
+
+    Positions past the hashed blocks (a trace with fewer hashes than its prompt needs)
+    fall back to the per-request rule.
+    """
+    n = int(req.prompt_len)
+    if req.prompt_tokens is not None:
+        toks = np.asarray(req.prompt_tokens, dtype=np.int64)
+        if toks.shape != (n,):
+            raise ValueError(f"request {req.request_id}: {toks.size} prompt_tokens for prompt_len {n}")
+        if n and (int(toks.min()) < 0 or int(toks.max()) >= vocab_size):
+            raise ValueError(f"request {req.request_id}: prompt token id outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+        return toks
+    vocab = np.uint64(vocab_size)
+    s = _mix64(_u64(seed) ^ _SALT_REQ)
+    pos = np.arange(n, dtype=np.uint64)
+    out = np.empty(n, dtype=np.uint64)
+    covered = 0
+    if req.block_hashes is not None and hash_block_size:
+        H = int(hash_block_size)
+        covered = min(n, len(req.block_hashes) * H)
+        if covered:
+            hb = _mix64(_u64(req.block_hashes) ^ _SALT_HASH ^ s)
+            b = np.arange(covered) // H
+            j = (np.arange(covered) % H + 1).astype(np.uint64)
+            out[:covered] = _mix64(hb[b] + j * _GOLDEN) % vocab
+    if covered < n:
+        r = _mix64(_u64(req.request_id) ^ s)
+        out[covered:] = _mix64(r + (pos[covered:] + np.uint64(1)) * _GOLDEN) % vocab
+    return out.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# per-request state
+# --------------------------------------------------------------------------------------
+
+
+class _Seq:
+    """The executor's state for one request (while it is live, and while paused)."""
+
+    __slots__ = ("req", "prompt", "out", "slot", "blocks", "nb", "last_it")
+
+    def __init__(self, req: Request, prompt: np.ndarray, out: array):
+        self.req = req
+        self.prompt = prompt  # int64 [prompt_len]
+        self.out = out  # generated token ids (host), shared with GpuExecutor.outputs
+        self.slot = -1  # row of the block table / token buffer (-1: none)
+        self.blocks: list[int] | None = None  # the engine's block list this slot mirrors
+        self.nb = 0  # block ids of `blocks` copied into the slot's table row
+        self.last_it = -1
+
+
+class _InFlight:
+    """An iteration whose sampled tokens have not been read on the host yet."""
+
+    __slots__ = ("iteration", "rids", "host", "event", "device_tokens")
+
+    def __init__(self, iteration: int, rids: list[int], host: torch.Tensor, event, device_tokens: torch.Tensor):
+        self.iteration = iteration
+        self.rids = rids
+        self.host = host
+        self.event = event
+        self.device_tokens = device_tokens
+
+
+# --------------------------------------------------------------------------------------
+# the executor
+# --------------------------------------------------------------------------------------
+
+
+class GpuExecutor:
+    """Runs scheduled batches on ``model`` over a KV pool of ``num_blocks`` blocks.
+
+    ``graph_sizes``: the padded batch sizes of the engine's ``GraphPadding`` (None: CUDA
+    graphs off; the engine then never marks an iteration ``graph``). ``max_seq_len``: the
+    longest KV length any request reaches (sizes the static block tables of the graphs;
+    default the model's positions). ``overlap``: see the module docstring. ``seed`` seeds
+    the synthetic prompt tokens and the sampler. ``hash_block_size``: tokens per workload
+    block hash (for prompts given as ``block_hashes``). ``use_graphs``: capture CUDA graphs
+    (default: on a CUDA device). ``clock``: time source for ``completed_s`` (the GPU driver
+    sets it to its own wall clock).
+    """
+
+    cost_model = None
+    needs_requests = True
+
+    def __init__(self, model: LlamaModel, num_blocks: int, tokens_per_block: int, *,
+                 graph_sizes: Sequence[int] | None = None, max_seq_len: int | None = None,
+                 overlap: bool = False, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+                 hash_block_size: int | None = None, kv_dtype: torch.dtype | None = None,
+                 use_graphs: bool | None = None, clock: Callable[[], float] | None = None):
+        self.model = model
+        self.device = model.device
+        self.cuda = self.device.type == "cuda"
+        self.block_size = bs = int(tokens_per_block)
+        self.kv_pool = model.make_kv_pool(int(num_blocks), bs, kv_dtype)
+        self.vocab_size = model.dims.vocab_size
+        self.seed = int(seed)
+        self.hash_block_size = hash_block_size
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.sampler = Sampler(seed, self.device)
+        self.overlap = bool(overlap)
+        self.clock = clock or time.perf_counter
+        max_seq_len = int(max_seq_len or model.max_positions)
+        self.max_blocks = max(1, -(-max_seq_len // bs))
+        self.graph_runner: GraphRunner | None = None
+        if graph_sizes:
+            self.graph_runner = GraphRunner(model, self.kv_pool, graph_sizes, self.max_blocks, use_graphs)
+        # slot tables: row 0 is the padding slot (token 0, block table of zeros)
+        self._cap = 0
+        self._bt = np.zeros((0, self.max_blocks), dtype=np.int32)
+        self._token_buf = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._free_slots: list[int] = []
+        self._grow_slots(64)
+        self._seqs: dict[int, _Seq] = {}
+        self._pending: _InFlight | None = None
+        # outputs
+        self.outputs: dict[int, array] = {}  # request_id -> generated token ids
+        self.completed_s: dict[int, float] = {}  # iteration -> clock() when its tokens were on the host
+        self.graph_iterations = 0  # iterations run through the graph runner
+        self.eager_iterations = 0
+        self.iterations = 0
+
+    # ------------------------------------------------------------------ set-up
+    def warmup(self) -> None:
+        """Capture the CUDA graphs and run a few eager shapes (Triton compilation) before
+        the clock starts. Writes only to block 0, which every request overwrites before
+        reading it (a request reads only KV positions that it, or the cached prefix it
+        reuses, wrote), so the KV pool needs no reset."""
+        if self.graph_runner is not None:
+            self.graph_runner.capture()
+        bs = self.block_size
+        n = min(bs + 1, self.model.max_positions, bs * self.kv_pool.num_blocks)
+        zeros = [0] * self.max_blocks
+        shapes = (([ContextChunkInput([0], 0, [0])], []),
+                  ([ContextChunkInput([0] * n, 0, zeros[:-(-n // bs)])], [DecodeInput(0, 0, [0])]),
+                  ([], [DecodeInput(0, 0, [0])] * 16))
+        for chunks, decs in shapes:
+            logits = self.model.step(chunks, decs, self.kv_pool)
+            self.sampler(logits, self.temperature, self.top_p)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _grow_slots(self, cap: int) -> None:
+        old = self._cap
+        if cap <= old:
+            return
+        bt = np.zeros((cap, self._bt.shape[1]), dtype=np.int32)
+        bt[:old] = self._bt
+        self._bt = bt
+        tb = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        if old:
+            tb[:old].copy_(self._token_buf)
+        self._token_buf = tb
+        start = max(old, 1)  # slot 0 stays the padding slot
+        self._free_slots.extend(range(cap - 1, start - 1, -1))
+        self._cap = cap
+
+    def _widen(self, width: int) -> None:
+        if width <= self._bt.shape[1]:
+            return
+        bt = np.zeros((self._cap, max(width, 2 * self._bt.shape[1])), dtype=np.int32)
+        bt[:, :self._bt.shape[1]] = self._bt
+        self._bt = bt
+
+    # ------------------------------------------------------------------ request state
+    def _seq(self, req: Request, it: int) -> _Seq:
+        rid = req.request_id
+        st = self._seqs.get(rid)
+        if st is None:
+            out = self.outputs.get(rid)
+            if out is None:
+                out = self.outputs[rid] = array("q")
+            st = self._seqs[rid] = _Seq(req, prompt_token_ids(req, self.seed, self.vocab_size,
+                                                              self.hash_block_size), out)
+        if st.slot < 0:
+            if not self._free_slots:
+                self._grow_slots(2 * self._cap)
+            st.slot = self._free_slots.pop()
+            st.blocks = None
+        blocks = req.blocks
+        if st.blocks is not blocks or len(blocks) < st.nb:
+            st.blocks = blocks
+            st.nb = 0
+        n = len(blocks)
+        if n > st.nb:
+            if n > self._bt.shape[1]:
+                self._widen(n)
+            self._bt[st.slot, st.nb:n] = blocks[st.nb:n]
+            st.nb = n
+        st.last_it = it
+        return st
+
+    def _context_tokens(self, st: _Seq, a: int, b: int) -> np.ndarray:
+        """Tokens ``[a, b)`` of the request's context sequence (prompt, then generated)."""
+        P = st.prompt.shape[0]
+        if b <= P:
+            return st.prompt[a:b]
+        need = b - P
+        if len(st.out) < need and self._pending is not None:
+            self._collect()  # a recompute whose context includes a token still in flight
+        if len(st.out) < need:
+            raise RuntimeError(f"request {st.req.request_id}: context up to {b} tokens needs {need} generated "
+                               f"tokens, only {len(st.out)} were sampled")
+        gen = np.frombuffer(st.out[max(a - P, 0):need], dtype=np.int64)  # a copy of the slice
+        return np.concatenate([st.prompt[a:], gen]) if a < P else gen
+
+    def _cleanup(self, it: int) -> None:
+        """Free the slots of requests that finished or were paused (seen at an earlier
+        iteration and not scheduled now)."""
+        for rid, st in list(self._seqs.items()):
+            if st.last_it == it:
+                continue
+            ph = st.req.phase
+            if ph == Phase.FINISHED or ph == Phase.REJECTED:
+                if st.slot >= 0:
+                    self._free_slots.append(st.slot)
+                del self._seqs[rid]
+            elif ph == Phase.WAITING and st.slot >= 0:  # paused: recomputes into a new slot
+                self._free_slots.append(st.slot)
+                st.slot = -1
+                st.blocks = None
+                st.nb = 0
+
+    # ------------------------------------------------------------------ transfers
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        ids = np.asarray(copies, dtype=np.int64).reshape(-1, 2)
+        n = self.kv_pool.num_blocks
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            raise IndexError(f"block copy with an id outside [0, {n})")
+        d = self._to_device(np.ascontiguousarray(ids.T).ravel())
+        self.kv_pool.copy_blocks(d[:len(ids)], d[len(ids):])
+
+    # ------------------------------------------------------------------ execute
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        t_start = time.perf_counter()
+        it = batch.iteration
+        if batch.block_copies:
+            self._copy_blocks(batch.block_copies)
+        chunks = batch.context
+        gens = batch.generation
+        N, B = len(chunks), len(gens)
+        R = N + B
+        if R == 0:
+            raise ValueError(f"iteration {it}: empty batch")
+        bs = self.block_size
+        slots = np.empty(R, dtype=np.int64)
+        held = np.empty(R, dtype=np.int64)  # blocks each row's request holds
+        starts = np.empty(R, dtype=np.int64)
+        qlens = np.empty(R, dtype=np.int64)
+        ctx_ids: list[np.ndarray] = []
+        sample_rows: list[int] = []
+        rids: list[int] = []
+        for i, c in enumerate(chunks):
+            st = self._seq(c.request, it)
+            a, q = c.prior_tokens, c.num_tokens
+            ctx_ids.append(self._context_tokens(st, a, a + q))
+            slots[i] = st.slot
+            held[i] = st.nb
+            starts[i] = a
+            qlens[i] = q
+            if c.is_last:
+                sample_rows.append(i)
+                rids.append(c.request.request_id)
+        for j, r in enumerate(gens):
+            st = self._seq(r, it)
+            k = N + j
+            slots[k] = st.slot
+            held[k] = st.nb
+            starts[k] = r.kv_len_at(it)
+            qlens[k] = 1
+            rids.append(r.request_id)
+        # -- per-token arrays (vectorised) ---------------------------------------------
+        seq_lens = starts + qlens
+        need_blocks = -(-seq_lens // bs)
+        short = np.flatnonzero(need_blocks > held)
+        if short.size:
+            k = int(short[0])
+            req = chunks[k].request if k < N else gens[k - N]
+            raise RuntimeError(f"iteration {it}: request {req.request_id} needs {int(need_blocks[k])} KV blocks "
+                               f"for {int(seq_lens[k])} tokens but holds {len(req.blocks)}")
+        width = int(need_blocks.max())
+        cu = np.zeros(R + 1, dtype=np.int64)
+        np.cumsum(qlens, out=cu[1:])
+        T = int(cu[-1])
+        Tc = int(cu[N])
+        tok_row = np.repeat(np.arange(R), qlens)
+        positions = starts[tok_row] + np.arange(T, dtype=np.int64) - cu[:-1][tok_row]
+        slot_mapping = (self._bt[slots[tok_row], positions // bs].astype(np.int64) * bs + positions % bs)
+        bt = self._bt[slots, :width]
+        dec_slots = slots[N:]
+        sample_idx = np.concatenate([cu[1:][sample_rows] - 1, np.arange(Tc, T, dtype=np.int64)])
+        sample_slots = np.concatenate([slots[sample_rows], dec_slots])
+        S = int(sample_idx.shape[0])
+        graph = batch.shape.graph and N == 0 and self.graph_runner is not None
+        if batch.shape.graph and not graph:
+            raise RuntimeError(f"iteration {it}: the engine scheduled a CUDA-graph iteration but the executor "
+                               "has no graph runner (graph_sizes)")
+        # -- host -> device: one int64 and one int32 copy ---------------------------------
+        ctx_flat = np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, dtype=np.int64)
+        i64 = self._to_device(np.concatenate([ctx_flat, positions, slot_mapping, sample_idx, sample_slots, dec_slots]))
+        i32 = self._to_device(np.concatenate([bt.ravel(), seq_lens.astype(np.int32), cu[:N + 1].astype(np.int32)]))
+        d_ctx, d_pos, d_slot, d_sidx, d_sslots, d_dslots = i64.split([Tc, T, T, S, S, B])
+        d_bt, d_seq, d_cu = i32.split([R * width, R, N + 1])
+        d_bt = d_bt.view(R, width)
+        dec_ids = self._token_buf.index_select(0, d_dslots)
+        # -- forward ---------------------------------------------------------------------
+        if graph:
+            padded = batch.shape.padded_decode
+            if self.graph_runner.padded_size(B) != padded:
+                raise RuntimeError(f"iteration {it}: engine padded {B} requests to {padded}, the graph runner "
+                                   f"to {self.graph_runner.padded_size(B)} (different GraphPadding sizes)")
+            logits = self.graph_runner.run(dec_ids, d_pos, d_bt, d_seq, d_slot)
+            self.graph_iterations += 1
+        else:
+            if Tc:
+                input_ids = torch.cat([d_ctx, dec_ids]) if B else d_ctx
+            else:
+                input_ids = dec_ids
+            meta = AttnMetadata(
+                input_ids=input_ids, positions=d_pos, slot_mapping=d_slot, sample_indices=d_sidx,
+                ctx_block_tables=d_bt[:N], ctx_cu_q_lens=d_cu, ctx_seq_lens=d_seq[:N],
+                dec_block_tables=d_bt[N:], dec_seq_lens=d_seq[N:],
+                num_context_tokens=Tc, num_context_chunks=N, num_decode=B,
+                sampling_chunks=tuple(sample_rows), max_seq_len=int(seq_lens.max()))
+            logits = self.model.forward(input_ids, d_pos, self.kv_pool, meta)
+            self.eager_iterations += 1
+        self.iterations += 1
+        # -- sample; tokens stay on the device for the next iteration's decode inputs -----
+        if S:
+            tokens = self.sampler(logits, self.temperature, self.top_p)
+            self._token_buf.index_copy_(0, d_sslots, tokens)
+        else:
+            tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if self.cuda:
+            host = torch.empty(S, dtype=torch.int64, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = tokens, None
+        launched = _InFlight(it, rids, host, event, tokens)
+        if len(self._seqs) > R:
+            self._cleanup(it)
+        # -- collect -----------------------------------------------------------------------
+        if self.overlap:
+            prev, self._pending = self._pending, launched
+            if prev is not None:
+                self._collect_one(prev)
+            return StepResult(duration_s=time.perf_counter() - t_start)
+        if self._pending is not None:  # overlap switched off mid-run
+            self._collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        toks = self._collect_one(launched)
+        return StepResult(duration_s=time.perf_counter() - t_start,
+                          tokens={rid: [t] for rid, t in zip(rids, toks)})
+
+    # ------------------------------------------------------------------ collection
+    def _collect_one(self, f: _InFlight) -> list[int]:
+        if f.event is not None:
+            f.event.synchronize()
+        toks = f.host.tolist()
+        outs = self.outputs
+        for rid, t in zip(f.rids, toks):
+            outs[rid].append(t)
+        self.completed_s[f.iteration] = self.clock()
+        return toks
+
+    def _collect(self) -> None:
+        f, self._pending = self._pending, None
+        if f is not None:
+            self._collect_one(f)
+
+    def flush(self) -> None:
+        """Wait for the iteration still in flight (overlap mode) and record its tokens."""
+        self._collect()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def tokens(self, request_id: int) -> list[int]:
+        """Generated token ids of a request (after `flush()` in overlap mode)."""
+        return list(self.outputs.get(request_id, ()))
+
+    def stats(self) -> dict:
+        gr = self.graph_runner
+        return {
+            "device": str(self.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "iterations": self.iterations,
+            "graph_iterations": self.graph_iterations,
+            "eager_iterations": self.eager_iterations,
+            "cuda_graphs_captured": bool(gr is not None and gr.captured),
+            "overlap": self.overlap,
+            "kv_pool_bytes": self.kv_pool.nbytes,
+        }
+

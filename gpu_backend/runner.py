@@ -1,0 +1,230 @@
+"""`simulate_gpu`: run one variant of an experiment on the real model (``sim run --backend gpu``).
+
+The same engine (`servesim.sim.engine.Engine`, built by `servesim.sim.runner.engine_config`),
+the same requests (`make_requests`, prefix keys and retention exactly as
+`servesim.sim.runner.simulate` attaches them), the same records and summary
+(`iteration_arrays`, `request_arrays`, `summarize`) -- with `GpuExecutor` running every
+iteration on a Llama model and the wall-clock driver (`gpu_backend/driver.py`) in place of
+SimPy. ``summary["backend"] == "gpu"``.
+
+Model: the dimensions of ``setup.model`` (the bundled or user config the experiment names).
+Weights: random, seeded with the experiment's ``seed`` (default), or an HF safetensors
+checkpoint (file or directory, sharded or not) named by the environment variable
+``SERVESIM_WEIGHTS`` (or the ``weights=`` argument); its tensors must match the config.
+Device: CUDA when available (bf16 weights and KV cache), else the CPU (fp32, the kernels'
+torch references). The KV pool has exactly the engine's ``num_blocks`` blocks of
+``kv_cache.tokens_per_block`` tokens.
+
+Not supported (ConfigError): several replicas or tensor parallelism (one GPU), the host
+offload tier (``kv_cache.host_cache_size_gb``), models with biases or sliding-window
+attention. On a CPU the KV pool is capped at `CPU_POOL_LIMIT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from servesim.policies.routing import make_router
+from servesim.sim.engine import Engine
+from servesim.sim.memory import default_activation_reserve_bytes
+from servesim.sim.metrics import summarize
+from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
+from servesim.sim.runner import (RunResult, Setup, attach_prefix_keys, engine_config, make_requests,
+                                 make_retention)
+from servesim.sim.types import ConfigError
+from servesim.traces.schema import HASH_BLOCK_SIZE
+
+WEIGHTS_ENV = "SERVESIM_WEIGHTS"
+CPU_POOL_LIMIT_BYTES = 2 * 10**9
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def model_dims(setup: Setup):
+    """`ModelDims` of the experiment's model (ConfigError for what the backend lacks)."""
+    from .weights import ModelDims
+
+    m = setup.model
+    unsupported = [f for f in ("qkv_bias", "o_bias", "mlp_bias") if getattr(m, f, False)]
+    if unsupported:
+        raise ConfigError(f"model {m.name}: the gpu backend's Llama has no biases ({', '.join(unsupported)})",
+                          "model")
+    if getattr(m, "sliding_window", None):
+        raise ConfigError(f"model {m.name}: sliding-window attention is not supported by the gpu backend", "model")
+    try:
+        return ModelDims.from_spec(m)
+    except ValueError as e:
+        raise ConfigError(f"model {m.name}: {e}", "model") from None
+
+
+def _check_supported(setup: Setup) -> None:
+    cfg = setup.cfg
+    problems = []
+    if cfg.cluster.replicas != 1:
+        problems.append(("cluster.replicas", f"the gpu backend runs one replica on one GPU, got {cfg.cluster.replicas}"))
+    if cfg.cluster.tensor_parallel != 1:
+        problems.append(("cluster.tensor_parallel",
+                         f"the gpu backend runs on one GPU (tensor_parallel 1), got {cfg.cluster.tensor_parallel}"))
+    if cfg.kv_cache.host_cache_size_gb > 0:
+        problems.append(("kv_cache.host_cache_size_gb",
+                         "the gpu backend has no host offload tier: set it to 0"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_workload(setup: Setup, dims) -> int:
+    """The longest KV length a request can reach; ConfigError if beyond the model."""
+    df = setup.workload
+    if not len(df):
+        return 1
+    total = df["prompt_len"].to_numpy(dtype=np.int64) + df["output_len"].to_numpy(dtype=np.int64)
+    longest = int(total.max())
+    if longest - 1 > dims.max_position_embeddings:
+        raise ConfigError(f"a request reaches {longest - 1} tokens (prompt + output), beyond the model's "
+                          f"max_position_embeddings ({dims.max_position_embeddings}): cap them with "
+                          "workload.max_prompt_len / workload.max_output_len", "workload")
+    if "prompt_tokens" in df.columns:
+        hi = -1
+        lo = 0
+        for t in df["prompt_tokens"].tolist():
+            if t is not None and not (isinstance(t, float) and np.isnan(t)) and len(t):
+                a = np.asarray(t, dtype=np.int64)
+                hi = max(hi, int(a.max()))
+                lo = min(lo, int(a.min()))
+        if hi >= dims.vocab_size or lo < 0:
+            raise ConfigError(f"prompt_tokens hold token id {hi if hi >= dims.vocab_size else lo}, outside the "
+                              f"model's vocabulary [0, {dims.vocab_size}) (a generated prefix workload takes "
+                              "vocab_size)", "workload")
+    return longest
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(setup: Setup, dims, device, dtype) -> None:
+    import torch
+
+    from .kv_pool import KVPool
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    weights = dims.num_params() * elem
+    per_block = KVPool.bytes_per_block(dims.num_layers, setup.cfg.kv_cache.tokens_per_block, dims.num_kv_heads,
+                                       dims.head_dim, dtype)
+    pool = per_block * setup.num_blocks
+    kvc = setup.cfg.kv_cache
+    s = setup.cfg.scheduler
+    if device.type == "cuda":
+        reserve = (kvc.activation_reserve_gb * 1e9 if kvc.activation_reserve_gb is not None
+                   else default_activation_reserve_bytes(setup.model, s.max_num_tokens, 1,
+                                                         max_batch_size=s.max_batch_size))
+        if setup.cfg.runtime.cuda_graphs:
+            reserve += min(setup.cfg.runtime.graph_max_batch_size or s.max_batch_size, s.max_batch_size) \
+                * dims.vocab_size * 4  # the graphs' static logits
+        free, _ = torch.cuda.mem_get_info(device)
+        need = weights + pool + reserve
+        if need > free:
+            raise ConfigError(
+                f"weights {_gb(weights)} + KV pool {_gb(pool)} ({setup.num_blocks} blocks) + activation reserve "
+                f"{_gb(reserve)} = {_gb(need)} exceed the free memory of {torch.cuda.get_device_name(device)} "
+                f"({_gb(free)}): set kv_cache.pool_tokens or lower kv_cache.free_gpu_memory_fraction", "kv_cache")
+        return
+    if pool > CPU_POOL_LIMIT_BYTES:
+        raise ConfigError(
+            f"the KV pool of {setup.num_blocks} blocks takes {_gb(pool)} in fp32 on the CPU (limit "
+            f"{_gb(CPU_POOL_LIMIT_BYTES)}): set kv_cache.pool_tokens (e.g. 16384) to run the gpu backend on a CPU",
+            "kv_cache.pool_tokens")
+    avail = _mem_available_bytes()
+    if avail is not None and weights + pool > 0.9 * avail:
+        raise ConfigError(f"model {setup.model.name}: fp32 weights {_gb(weights)} + KV pool {_gb(pool)} do not fit "
+                          f"the {_gb(avail)} of available host memory (no CUDA device found)", "model")
+
+
+def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, *,
+                 check_invariants: bool = False, device: str | None = None, weights: str | os.PathLike | None = None,
+                 use_graphs: bool | None = None) -> RunResult:
+    """Run ``setup`` on the real model; returns the same `RunResult` as `simulate`.
+
+    The result also carries ``tokens`` (request_id -> generated token ids, an
+    ``array('q')`` each) and ``gpu_stats`` (device, dtype, iteration counts, whether CUDA
+    graphs were captured). ``use_graphs=False`` keeps the padded graph path but runs it
+    eagerly (default: capture on CUDA)."""
+    import torch
+
+    from .driver import run_wallclock
+    from .executor import GpuExecutor
+    from .model import LlamaModel
+    from .weights import WeightLoadError
+
+    t_start = time.perf_counter()
+    cfg = setup.cfg
+    _check_supported(setup)
+    dims = model_dims(setup)
+    longest = _check_workload(setup, dims)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    _check_memory(setup, dims, dev, dtype)
+    wpath = weights if weights is not None else (os.environ.get(WEIGHTS_ENV) or None)
+    if wpath is not None and not Path(wpath).exists():
+        raise ConfigError(f"checkpoint not found: {wpath}", WEIGHTS_ENV)
+
+    requests = make_requests(setup.workload)
+    kvc = cfg.kv_cache
+    if kvc.enable_block_reuse:
+        attach_prefix_keys(requests, setup.workload, kvc.tokens_per_block)
+    retention = make_retention(cfg)
+    if retention is not None:
+        for r in requests:
+            r.retention = retention.for_request(r.tenant)
+    ecfg = engine_config(setup, check_invariants)
+
+    try:
+        model = LlamaModel(dims, wpath, dtype=dtype, device=dev, seed=cfg.seed)
+    except (WeightLoadError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"cannot load weights from {wpath}: {e}", WEIGHTS_ENV) from None
+    hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
+    executor = GpuExecutor(model, ecfg.num_blocks, ecfg.tokens_per_block,
+                           graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
+                           max_seq_len=longest, overlap=cfg.runtime.overlap_scheduler, seed=cfg.seed,
+                           hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs)
+    executor.warmup()
+    engine = Engine(ecfg, executor)
+    run_wallclock(requests, [engine], make_router(cfg.cluster.router), progress=progress)
+
+    its = [iteration_arrays(engine)]
+    req = request_arrays(requests, its)
+    it_table = iterations_table(its)
+    evp: dict[int, int] = {}
+    if engine.cache is not None:
+        evp = dict(engine.cache.stats.evictions_by_priority)
+    tokens = executor.outputs
+    stats = executor.stats()
+    # free the model, the KV pool and the graphs before the next variant builds its own
+    engine.executor = None
+    del executor, model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    wall = time.perf_counter() - t_start
+    summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="gpu", wall_s=wall,
+                        num_preemptions=engine.num_preemptions, kv_block_bytes=ecfg.kv_block_bytes,
+                        evictions_by_priority=evp)
+    result = RunResult(req.table, it_table, summary, setup)
+    result.tokens = tokens
+    result.gpu_stats = stats
+    return result
+
