@@ -6,7 +6,11 @@ iteration is run for real, never advanced in closed form) and ``needs_requests =
 
 One `execute(batch)`:
 
-1. runs ``batch.block_copies`` (partial prefix reuse: copy-on-write of a cached block);
+1. copies to the host the KV of requests the engine just paused by *swapping*
+   (``scheduler.preemption: swap``; flagged by ``shape.gpu_to_host_bytes``) -- the engine
+   has released their block ids, the executor still holds the old block list -- and runs
+   ``batch.block_copies`` (partial prefix reuse: copy-on-write of a cached block); a
+   swapped request that is back in the batch gets its KV copied into its new blocks;
 2. packs the iteration, context chunks first: a chunk's tokens are positions
    ``[prior_tokens, prior_tokens + num_tokens)`` of its request's *context sequence*
    (the prompt, followed after a preemption by the tokens generated so far, since a
@@ -48,9 +52,13 @@ inputs are gathered on the device, and output lengths are forced, so the schedul
 depend on sampled values. (The one exception, a recompute after a preemption whose context
 includes a token still in flight, waits for it.) Sampled tokens reach the host through a
 non-blocking copy into pinned memory; ``completed_s[n]`` records when iteration ``n``'s
-tokens were on the host (``clock()`` time), which the GPU driver uses as the iteration's
-end (its tokens' emission time). ``flush()`` collects the iteration still in flight.
-In overlap mode ``StepResult.tokens`` is empty: read ``outputs`` after ``flush()``.
+tokens were seen on the host (``clock()`` time: when the host's wait for them returned; on
+a CPU, where everything is synchronous, when they were computed), which the GPU driver
+uses as the iteration's end (its tokens' emission time). ``flush()`` collects the
+iteration still in flight. In overlap mode ``StepResult.tokens`` is empty: read
+``outputs`` after ``flush()``. ``stats()`` gives ``launch_s`` (host time preparing and
+launching iterations) and ``wait_s`` (host time blocked on the GPU): with overlap the
+former hides behind the GPU's work, without it every iteration pays both in series.
 """
 
 from __future__ import annotations
@@ -141,7 +149,7 @@ def prompt_token_ids(req: Request, seed: int, vocab_size: int, hash_block_size: 
 class _Seq:
     """The executor's state for one request (while it is live, and while paused)."""
 
-    __slots__ = ("req", "prompt", "out", "slot", "blocks", "nb", "last_it")
+    __slots__ = ("req", "prompt", "out", "slot", "blocks", "nb", "last_it", "swap")
 
     def __init__(self, req: Request, prompt: np.ndarray, out: array):
         self.req = req
@@ -151,19 +159,20 @@ class _Seq:
         self.blocks: list[int] | None = None  # the engine's block list this slot mirrors
         self.nb = 0  # block ids of `blocks` copied into the slot's table row
         self.last_it = -1
+        self.swap: torch.Tensor | None = None  # its KV blocks on the host while swapped out
 
 
 class _InFlight:
     """An iteration whose sampled tokens have not been read on the host yet."""
 
-    __slots__ = ("iteration", "rids", "host", "event", "device_tokens")
+    __slots__ = ("iteration", "rids", "host", "event", "done_s")
 
-    def __init__(self, iteration: int, rids: list[int], host: torch.Tensor, event, device_tokens: torch.Tensor):
+    def __init__(self, iteration: int, rids: list[int], host: torch.Tensor, event, done_s: float | None):
         self.iteration = iteration
         self.rids = rids
-        self.host = host
-        self.event = event
-        self.device_tokens = device_tokens
+        self.host = host  # sampled tokens: pinned host buffer (CUDA) or the tokens (CPU)
+        self.event = event  # CUDA event after the device-to-host copy; None on a CPU
+        self.done_s = done_s  # CPU: clock() when computed (synchronous); None on CUDA
 
 
 # --------------------------------------------------------------------------------------
@@ -203,6 +212,9 @@ class GpuExecutor:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.sampler = Sampler(seed, self.device)
+        # sampling parameters as device tensors when they are used (no per-step host copy)
+        self._temp = self.temperature if self.temperature <= 0 else torch.tensor(self.temperature, device=self.device)
+        self._top_p = self.top_p if self.top_p >= 1 else torch.tensor(self.top_p, device=self.device)
         self.overlap = bool(overlap)
         self.clock = clock or time.perf_counter
         max_seq_len = int(max_seq_len or model.max_positions)
@@ -224,6 +236,8 @@ class GpuExecutor:
         self.graph_iterations = 0  # iterations run through the graph runner
         self.eager_iterations = 0
         self.iterations = 0
+        self.launch_s = 0.0  # host time in execute() up to the launch of the GPU work
+        self.wait_s = 0.0  # host time blocked on the GPU (syncs and event waits)
 
     # ------------------------------------------------------------------ set-up
     def warmup(self) -> None:
@@ -234,14 +248,14 @@ class GpuExecutor:
         if self.graph_runner is not None:
             self.graph_runner.capture()
         bs = self.block_size
-        n = min(bs + 1, self.model.max_positions, bs * self.kv_pool.num_blocks)
+        n = min(bs + 1, self.model.max_positions, bs * self.max_blocks)
         zeros = [0] * self.max_blocks
         shapes = (([ContextChunkInput([0], 0, [0])], []),
                   ([ContextChunkInput([0] * n, 0, zeros[:-(-n // bs)])], [DecodeInput(0, 0, [0])]),
                   ([], [DecodeInput(0, 0, [0])] * 16))
         for chunks, decs in shapes:
             logits = self.model.step(chunks, decs, self.kv_pool)
-            self.sampler(logits, self.temperature, self.top_p)
+            self.sampler(logits, self._temp, self._top_p)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -320,11 +334,12 @@ class GpuExecutor:
                 if st.slot >= 0:
                     self._free_slots.append(st.slot)
                 del self._seqs[rid]
-            elif ph == Phase.WAITING and st.slot >= 0:  # paused: recomputes into a new slot
+            elif ph == Phase.WAITING and st.slot >= 0 and st.swap is None:  # paused: recomputes
                 self._free_slots.append(st.slot)
                 st.slot = -1
                 st.blocks = None
                 st.nb = 0
+            # (a swapped-out request keeps its slot: token_buf[slot] holds its last token)
 
     # ------------------------------------------------------------------ transfers
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -341,10 +356,40 @@ class GpuExecutor:
         d = self._to_device(np.ascontiguousarray(ids.T).ravel())
         self.kv_pool.copy_blocks(d[:len(ids)], d[len(ids):])
 
+    def _swap_out(self) -> None:
+        """Copy to the host the KV of requests the engine paused by swapping this iteration.
+
+        The engine has already released their block ids (they may be reused by this very
+        iteration); the copy is queued before the iteration's forward pass, so it reads
+        the blocks before anything overwrites them. The executor still holds the released
+        block list (the engine gives a request a new list when it frees the old one)."""
+        for st in self._seqs.values():
+            req = st.req
+            n = getattr(req, "swapped_blocks", 0)
+            if n and st.swap is None and req.phase == Phase.WAITING:
+                if st.blocks is None or len(st.blocks) < n:
+                    raise RuntimeError(f"request {req.request_id}: swapped out with {n} blocks, the executor "
+                                       f"knows {0 if st.blocks is None else len(st.blocks)}")
+                ids = self._to_device(np.asarray(st.blocks[:n], dtype=np.int64))
+                st.swap = self.kv_pool.to_host(ids, non_blocking=self.cuda)
+
+    def _swap_in(self, st: _Seq) -> None:
+        """Copy a swapped-in request's KV from the host into its new blocks (before the
+        forward pass that reads them)."""
+        n = st.swap.shape[2]
+        blocks = st.req.blocks
+        if len(blocks) < n:
+            raise RuntimeError(f"request {st.req.request_id}: swapped in with {len(blocks)} blocks for {n}")
+        ids = self._to_device(np.asarray(blocks[:n], dtype=np.int64))
+        self.kv_pool.from_host(ids, st.swap, non_blocking=self.cuda)
+        st.swap = None
+
     # ------------------------------------------------------------------ execute
     def execute(self, batch: ScheduledBatch) -> StepResult:
         t_start = time.perf_counter()
         it = batch.iteration
+        if getattr(batch.shape, "gpu_to_host_bytes", 0):  # the engine swapped requests out
+            self._swap_out()
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         chunks = batch.context
@@ -374,6 +419,8 @@ class GpuExecutor:
                 rids.append(c.request.request_id)
         for j, r in enumerate(gens):
             st = self._seq(r, it)
+            if st.swap is not None:
+                self._swap_in(st)
             k = N + j
             slots[k] = st.slot
             held[k] = st.nb
@@ -438,7 +485,7 @@ class GpuExecutor:
         self.iterations += 1
         # -- sample; tokens stay on the device for the next iteration's decode inputs -----
         if S:
-            tokens = self.sampler(logits, self.temperature, self.top_p)
+            tokens = self.sampler(logits, self._temp, self._top_p)
             self._token_buf.index_copy_(0, d_sslots, tokens)
         else:
             tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -447,11 +494,12 @@ class GpuExecutor:
             host.copy_(tokens, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        else:
-            host, event = tokens, None
-        launched = _InFlight(it, rids, host, event, tokens)
+            launched = _InFlight(it, rids, host, event, None)
+        else:  # computed synchronously: the tokens are there now
+            launched = _InFlight(it, rids, tokens, None, self.clock())
         if len(self._seqs) > R:
             self._cleanup(it)
+        self.launch_s += time.perf_counter() - t_start
         # -- collect -----------------------------------------------------------------------
         if self.overlap:
             prev, self._pending = self._pending, launched
@@ -461,7 +509,9 @@ class GpuExecutor:
         if self._pending is not None:  # overlap switched off mid-run
             self._collect()
         if self.cuda:
+            t = time.perf_counter()
             torch.cuda.synchronize(self.device)
+            self.wait_s += time.perf_counter() - t
         toks = self._collect_one(launched)
         return StepResult(duration_s=time.perf_counter() - t_start,
                           tokens={rid: [t] for rid, t in zip(rids, toks)})
@@ -469,12 +519,14 @@ class GpuExecutor:
     # ------------------------------------------------------------------ collection
     def _collect_one(self, f: _InFlight) -> list[int]:
         if f.event is not None:
+            t = time.perf_counter()
             f.event.synchronize()
+            self.wait_s += time.perf_counter() - t
         toks = f.host.tolist()
         outs = self.outputs
         for rid, t in zip(f.rids, toks):
             outs[rid].append(t)
-        self.completed_s[f.iteration] = self.clock()
+        self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
         return toks
 
     def _collect(self) -> None:
@@ -505,5 +557,10 @@ class GpuExecutor:
             "cuda_graphs_captured": bool(gr is not None and gr.captured),
             "overlap": self.overlap,
             "kv_pool_bytes": self.kv_pool.nbytes,
+            # host seconds spent preparing and launching iterations, and blocked on the GPU:
+            # with overlap, launch_s is the host work hidden behind the GPU's (except what
+            # exceeds it); without, every iteration pays launch_s + its GPU time
+            "launch_s": self.launch_s,
+            "wait_s": self.wait_s,
         }
 

@@ -125,7 +125,10 @@ class GraphRunner:
             self.graphs.clear()
             self.use_graphs = False
             self.captured = False
-            torch.cuda.synchronize(self.device)
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001 - the capture error above is the one to report
+                pass
             return False
         self.captured = True
         return True

@@ -15,8 +15,11 @@ Device: CUDA when available (bf16 weights and KV cache), else the CPU (fp32, the
 torch references). The KV pool has exactly the engine's ``num_blocks`` blocks of
 ``kv_cache.tokens_per_block`` tokens.
 
-Not supported (ConfigError): several replicas or tensor parallelism (one GPU), the host
-offload tier (``kv_cache.host_cache_size_gb``), models with biases or sliding-window
+Supported: every capacity policy, chunked context, CUDA graphs with padding, the overlap
+scheduler, prefix reuse (with partial-block copies), retention priorities, preemption by
+recompute or by swap. Not supported (ConfigError): several replicas or tensor parallelism
+(one GPU), the prefix cache's host offload tier (``kv_cache.host_cache_size_gb``: the
+engine does not say which block it offloads), models with biases or sliding-window
 attention. On a CPU the KV pool is capped at `CPU_POOL_LIMIT_BYTES`.
 """
 
@@ -69,7 +72,8 @@ def _check_supported(setup: Setup) -> None:
     cfg = setup.cfg
     problems = []
     if cfg.cluster.replicas != 1:
-        problems.append(("cluster.replicas", f"the gpu backend runs one replica on one GPU, got {cfg.cluster.replicas}"))
+        problems.append(("cluster.replicas",
+                         f"the gpu backend runs one replica on one GPU, got {cfg.cluster.replicas}"))
     if cfg.cluster.tensor_parallel != 1:
         problems.append(("cluster.tensor_parallel",
                          f"the gpu backend runs on one GPU (tensor_parallel 1), got {cfg.cluster.tensor_parallel}"))
@@ -156,13 +160,14 @@ def _check_memory(setup: Setup, dims, device, dtype) -> None:
 
 def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, *,
                  check_invariants: bool = False, device: str | None = None, weights: str | os.PathLike | None = None,
-                 use_graphs: bool | None = None) -> RunResult:
+                 use_graphs: bool | None = None, dtype=None) -> RunResult:
     """Run ``setup`` on the real model; returns the same `RunResult` as `simulate`.
 
     The result also carries ``tokens`` (request_id -> generated token ids, an
     ``array('q')`` each) and ``gpu_stats`` (device, dtype, iteration counts, whether CUDA
     graphs were captured). ``use_graphs=False`` keeps the padded graph path but runs it
-    eagerly (default: capture on CUDA)."""
+    eagerly (default: capture on CUDA). ``dtype``: a torch dtype for weights and KV cache
+    (default bf16 on CUDA, fp32 on a CPU)."""
     import torch
 
     from .driver import run_wallclock
@@ -176,7 +181,8 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     dims = model_dims(setup)
     longest = _check_workload(setup, dims)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     _check_memory(setup, dims, dev, dtype)
     wpath = weights if weights is not None else (os.environ.get(WEIGHTS_ENV) or None)
     if wpath is not None and not Path(wpath).exists():
@@ -220,9 +226,10 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     wall = time.perf_counter() - t_start
+    extra = {"num_swaps": engine.num_swaps} if hasattr(engine, "num_swaps") else {}
     summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="gpu", wall_s=wall,
                         num_preemptions=engine.num_preemptions, kv_block_bytes=ecfg.kv_block_bytes,
-                        evictions_by_priority=evp)
+                        evictions_by_priority=evp, **extra)
     result = RunResult(req.table, it_table, summary, setup)
     result.tokens = tokens
     result.gpu_stats = stats

@@ -66,9 +66,11 @@ def use_triton(impl: str, x: torch.Tensor) -> bool:
             )
         return True
     if impl == "auto":
-        # (bf16 on CPU stays on torch: the interpreter does not compute it correctly)
-        on_interpreter = interpret_requested() and x.dtype != torch.bfloat16
-        return triton_available() and (x.is_cuda or on_interpreter)
+        # Triton on a GPU; on a CPU the torch reference. The interpreter (TRITON_INTERPRET=1)
+        # is orders of magnitude slower than torch, so it runs only when asked for by name
+        # (impl="triton"), as the kernel tests do -- a process-wide env var must not slow
+        # every model forward in the same process down.
+        return triton_available() and x.is_cuda
     raise ValueError(f"impl must be 'triton', 'torch' or 'auto', got {impl!r}")
 
 

@@ -1,8 +1,8 @@
 """The kernel ops the GPU backend calls: each dispatches to Triton or to its torch reference.
 
 ``impl``: ``"triton"``, ``"torch"`` (the plain-torch reference in ``reference.py``) or
-``"auto"`` = Triton when the main input is on a CUDA device or ``TRITON_INTERPRET=1`` is set
-(Triton's CPU interpreter; not for bf16, which the interpreter gets wrong), else torch.
+``"auto"`` = Triton when the main input is on a CUDA device, else torch; ``"triton"`` on a CPU
+tensor runs Triton's interpreter (``TRITON_INTERPRET=1``; fp32/fp16 only, bf16 is wrong there).
 
 The Triton modules are imported on first use only, so this module imports without triton,
 and ``TRITON_INTERPRET`` need only be set before the first Triton call (Triton reads it when

@@ -37,6 +37,10 @@ class SchedulerConfig(_Strict):
     enable_chunked_context: bool = Field(False, description="split long prompts across iterations")
     chunk_size: int | None = Field(None, gt=0, description="context tokens per chunk (multiple of "
                                    "kv_cache.tokens_per_block); null fills the iteration's budget")
+    preemption: Literal["recompute", "swap"] = Field(
+        "recompute", description="how max_utilization pauses a request: recompute (drop its KV, recompute "
+        "prompt + generated tokens on resume) or swap (copy its KV to host memory and back over PCIe)")
+    swap_space_gb: float = Field(16.0, gt=0, description="host memory for swapped-out requests (preemption: swap)")
 
 
 class TokenRangeConfig(_Strict):
@@ -140,6 +144,9 @@ class RunConfig(_Strict):
                              f"scheduler.max_batch_size ({s.max_batch_size}): every generation "
                              "request takes one token of the budget")
         kv = self.kv_cache
+        if s.preemption == "swap" and s.capacity != "max_utilization":
+            raise ValueError("scheduler.preemption: swap needs scheduler.capacity: max_utilization "
+                             "(the other policies never pause a request)")
         if kv.host_cache_size_gb > 0 and not kv.enable_block_reuse:
             raise ValueError("kv_cache.host_cache_size_gb needs kv_cache.enable_block_reuse: true "
                              "(the host tier holds evicted reusable blocks)")

@@ -239,8 +239,8 @@ class RooflineCostModel:
     def price(self, shape: IterationShape) -> float:
         """Seconds for one iteration of this shape (plus host->GPU KV copies, serial:
         the blocks must be back before the attention that reads them)."""
-        if shape.host_to_gpu_bytes:
-            return self._price(shape) + shape.host_to_gpu_bytes / self._pcie
+        if shape.host_to_gpu_bytes or shape.gpu_to_host_bytes:
+            return self._price(shape) + (shape.host_to_gpu_bytes + shape.gpu_to_host_bytes) / self._pcie
         return self._price(shape)
 
     def _price(self, shape: IterationShape) -> float:

@@ -51,6 +51,7 @@ class EngineConfig:
     host_blocks: int = 0  # host offload tier size in blocks (0: none)
     offload_min_priority: int = DEFAULT_PRIORITY
     kv_block_bytes: int = 0  # bytes of one KV block (prices host<->GPU copies)
+    swap_blocks: int = 0  # MAX_UTILIZATION preemption by swap: host blocks for paused requests (0: recompute)
 
 
 # Column order of a general iteration's record (see records.py).
@@ -76,6 +77,9 @@ class Engine:
             self.kv.cache = self.cache
         self._ev0 = 0  # cache counters at the start of the current step
         self._off0 = 0
+        self.swap_used = 0  # host blocks holding swapped-out requests
+        self.pending_swap_out = 0  # blocks copied GPU -> host by pauses this iteration
+        self.num_swaps = 0
         self.tpb = cfg.tokens_per_block
         self.waiting: deque[Request] = deque()
         self.context: list[Request] = []  # admitted, context phase, admission order
@@ -167,6 +171,10 @@ class Engine:
                 self.waiting.popleft()
                 self._reject(req, "tokens")
                 continue
+            if req.swapped_blocks:
+                if not self._swap_in(req, headroom):
+                    break
+                continue
             hits = []
             copy_src = None
             reused = 0
@@ -211,6 +219,26 @@ class Engine:
             self._admit_seq += 1
             self.context.append(req)
 
+    def _swap_in(self, req: Request, headroom: int) -> bool:
+        """Bring a swapped-out request's KV back from the host; it resumes generating."""
+        kv = self.kv
+        n = req.swapped_blocks
+        # n + 1: room for its own next block too, so the pause that follows admission in
+        # the same iteration never picks the request it just brought back
+        need = AdmitNeed(ctx_blocks=n + 1, final_blocks=blocks_for(final_kv_tokens(req), self.tpb), new_refs=0)
+        if not self.cfg.capacity.try_admit(req, kv, headroom, need):
+            return False
+        self.waiting.popleft()
+        kv.grow(n)
+        kv.pending_onboard += n
+        self.swap_used -= n
+        req.swapped_blocks = 0
+        req.admit_seq = self._admit_seq
+        self._admit_seq += 1
+        req.spans.append((self.g, 0))
+        self._enter_generation(req, self.g - 1)
+        return True
+
     def _pause_newest(self, it: int) -> None:
         """MAX_UTILIZATION: pause the newest active request; it recomputes on resume."""
         victim = None
@@ -223,6 +251,12 @@ class Engine:
         assert victim is not None
         if victim.phase == Phase.GENERATION:
             blocks = self._leave_generation(victim, it - 1)
+            if blocks <= self.cfg.swap_blocks - self.swap_used:
+                # swap: its KV goes to host memory and comes back on resume (no recompute)
+                victim.swapped_blocks = blocks
+                self.swap_used += blocks
+                self.pending_swap_out += blocks
+                self.num_swaps += 1
         else:
             self.context.remove(victim)
             blocks = blocks_for(victim.context_target, self.tpb)
@@ -248,7 +282,8 @@ class Engine:
             self._ev0 = st.dropped + st.offloaded
             self._off0 = st.offloaded
         self._admit(now)
-        if self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard:
+        if (self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard
+                or self.pending_swap_out):
             if not (self.context or self.n_dec):
                 return now
             return self._general(now)
@@ -286,6 +321,8 @@ class Engine:
             padded = cfg.graph_padding.padded(n_dec)
         onboards = kv.pending_onboard
         kv.pending_onboard = 0
+        swap_out = self.pending_swap_out
+        self.pending_swap_out = 0
         copies = kv.pending_copies
         if copies:
             kv.pending_copies = []
@@ -298,6 +335,7 @@ class Engine:
             graph=padded > 0,
             padded_decode=padded,
             host_to_gpu_bytes=onboards * cfg.kv_block_bytes,
+            gpu_to_host_bytes=swap_out * cfg.kv_block_bytes,
         )
         generation: list[Request] = []
         if self.needs_requests:

@@ -56,7 +56,7 @@ def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
 
 
 def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
-              num_preemptions: int = 0, kv_block_bytes: int = 0,
+              num_preemptions: int = 0, num_swaps: int = 0, kv_block_bytes: int = 0,
               evictions_by_priority: dict[int, int] | None = None) -> dict:
     lat = request_latencies(req)
     fin = lat["fin_mask"]
@@ -88,6 +88,7 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "num_rejected": int(req.num_rows - n_fin),
         "num_iterations": int(it.num_rows),
         "num_preemptions": int(num_preemptions),
+        "num_swaps": int(num_swaps),
         "duration_s": duration,
     }
     for k in LATENCY_KEYS:

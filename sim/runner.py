@@ -68,6 +68,12 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
     if kvc.pool_tokens is not None:
         blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
+    host_gb = kvc.host_cache_size_gb + (cfg.scheduler.swap_space_gb if cfg.scheduler.preemption == "swap" else 0)
+    if host_gb * 1e9 > hw.host_memory_bytes:
+        if kvc.host_cache_size_gb * 1e9 <= hw.host_memory_bytes:
+            raise ConfigError(f"host_cache_size_gb + swap_space_gb = {host_gb:g} GB is larger than the host "
+                              f"memory of {hw.name} ({hw.host_memory_bytes / 1e9:.0f} GB)",
+                              f"{where}scheduler.swap_space_gb")
     if kvc.host_cache_size_gb * 1e9 > hw.host_memory_bytes:
         raise ConfigError(f"host_cache_size_gb {kvc.host_cache_size_gb:g} GB is larger than the host memory "
                           f"of {hw.name} ({hw.host_memory_bytes / 1e9:.0f} GB)", f"{where}kv_cache.host_cache_size_gb")
@@ -162,6 +168,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         host_blocks=int(kvc.host_cache_size_gb * 1e9 // block_bytes),
         offload_min_priority=kvc.secondary_offload_min_priority,
         kv_block_bytes=block_bytes,
+        swap_blocks=int(s.swap_space_gb * 1e9 // block_bytes) if s.preemption == "swap" else 0,
     )
 
 
@@ -191,6 +198,7 @@ def simulate(setup: Setup, check_invariants: bool = False,
                 evp[k] = evp.get(k, 0) + v
     summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="sim",
                         wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines),
+                        num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=ecfg.kv_block_bytes, evictions_by_priority=evp)
     return RunResult(req.table, it_table, summary, setup)
 

@@ -80,6 +80,7 @@ class Request:
     block_contents: tuple | None = None
     nodes: list = field(default_factory=list)
     retention: object = None  # RetentionSpec (policies/retention.py) or None
+    swapped_blocks: int = 0  # KV blocks held on the host while paused by swap preemption
 
     def kv_len_at(self, it: int) -> int:
         """KV length *before* iteration `it` for a request in GENERATION."""
@@ -107,7 +108,8 @@ class IterationShape:
     decode_kv_sum: int = 0  # sum over generation requests of the KV length attended (incl. new token)
     graph: bool = False  # runs as a captured CUDA graph (generation-only iterations)
     padded_decode: int = 0  # batch size the graph runs at (>= n_decode); 0 when not a graph
-    host_to_gpu_bytes: int = 0  # KV blocks copied back from the host tier before this step
+    host_to_gpu_bytes: int = 0  # KV blocks copied back from the host (offload tier, swap-in)
+    gpu_to_host_bytes: int = 0  # KV blocks of swapped-out (preempted) requests copied to the host
 
     @property
     def num_tokens(self) -> int:

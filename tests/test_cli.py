@@ -151,3 +151,46 @@ def test_shipped_experiments_validate():
     assert files
     p = run_cli("validate", *files)
     assert p.returncode == 0, p.stderr
+
+
+S2_BAD = """\
+name: s2bad
+model: llama-3.1-8b
+workload: {trace: azure_conv}
+scheduler: {enable_chunked_context: true, chunk_size: 100}
+kv_cache:
+  enable_block_reuse: true
+  host_cache_size_gb: 5000
+  retention:
+    token_ranges:
+      - {start: 0, end: 100, priority: 120}
+"""
+
+
+def test_s2_bad_input(tmp_path):
+    exp = tmp_path / "s2bad.yaml"
+    exp.write_text(S2_BAD)
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "kv_cache.retention.token_ranges[0].priority" in p.stderr
+    # once the priority is fixed: overlapping ranges
+    exp.write_text(S2_BAD.replace("priority: 120}", "priority: 90}\n      - {start: 50, end: 200, priority: 60}"))
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "overlap" in p.stderr and "kv_cache.retention" in p.stderr
+    exp.write_text(S2_BAD.replace("priority: 120}", "priority: 90}"))
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "chunk_size" in p.stderr and "multiple of" in p.stderr
+    exp.write_text(S2_BAD.replace("priority: 120}", "priority: 90}").replace("chunk_size: 100", "chunk_size: 128"))
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "kv_cache.host_cache_size_gb" in p.stderr and "host memory" in p.stderr
+
+
+def test_block_hashes_disagreeing_with_block_size(tmp_path):
+    t = tmp_path / "t.csv"
+    t.write_text("# hash_block_size=16\nrequest_id,arrival_s,prompt_len,output_len,block_hashes\n"
+                 "0,0.0,40,5,1 2 3\n1,0.5,40,5,1 2\n")
+    exp = tmp_path / "e.yaml"
+    exp.write_text("name: e\nworkload: {trace: t.csv}\nkv_cache: {enable_block_reuse: true}\n")
+    p = run_cli("validate", str(exp))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "t.csv" in p.stderr and "block_hashes" in p.stderr

@@ -99,14 +99,16 @@ def test_closed_form_stretches_equal_stepwise(rows, cfg):
     np.testing.assert_allclose(a[3].token_times, b[3].token_times, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
-@given(workloads(max_n=25))
-def test_max_utilization_under_pressure_finishes(rows):
-    """A tiny pool forces pauses; every request still finishes (no livelock)."""
+@settings(max_examples=60, deadline=None)
+@given(workloads(max_n=25), st.sampled_from([0, 10, 1000]), st.booleans())
+def test_max_utilization_under_pressure_finishes(rows, swap_blocks, stepwise):
+    """A tiny pool forces pauses (recompute, or swap while host space lasts); every
+    request still finishes (no livelock) with exactly its tokens."""
     cfg = dict(capacity="max_utilization", max_batch=8, max_tokens=256, tpb=4, blocks=60,
                chunked=False, chunk_size=None, graphs=False)
-    reqs, engines, it, req = run_engine(rows, **cfg)
+    reqs, engines, it, req = run_engine(rows, swap_blocks=swap_blocks, stepwise=stepwise, **cfg)
     _check_run(rows, cfg, reqs, engines, it, req)
+    assert engines[0].swap_used == 0
 
 
 def test_pressure_causes_preemption():
@@ -117,6 +119,19 @@ def test_pressure_causes_preemption():
     assert engines[0].num_preemptions > 0
     assert sum(r.preemptions for r in reqs) == engines[0].num_preemptions
     _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_swap_preemption_avoids_recompute():
+    rows = [(0.0, 40, 80)] * 8
+    cfg = dict(capacity="max_utilization", max_batch=8, max_tokens=512, tpb=4, blocks=80,
+               chunked=False, chunk_size=None, graphs=False)
+    _, e_re, it_re, _ = run_engine(rows, **cfg)
+    reqs, e_sw, it_sw, req = run_engine(rows, swap_blocks=1000, **cfg)
+    assert e_sw[0].num_swaps > 0 and e_sw[0].num_preemptions > 0
+    # swapped requests resume generating: only the prompts are ever computed
+    assert it_sw.column("ctx_tokens").to_numpy().sum() == 8 * 40
+    assert it_re.column("ctx_tokens").to_numpy().sum() > 8 * 40
+    _check_run(rows, cfg, reqs, e_sw, it_sw, req)
 
 
 def test_guaranteed_no_evict_never_preempts():
