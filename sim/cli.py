@@ -117,6 +117,14 @@ def cmd_run(args) -> int:
         overrides.append(f"seed={args.seed}")
     try:
         exp = load_experiment(args.experiment, overrides)
+        if args.only:
+            wanted = [w for w in args.only.split(",") if w]
+            names = [v.name for v in exp.variants]
+            unknown = [w for w in wanted if w not in names]
+            if unknown:
+                raise ConfigError(f"no variant named {', '.join(unknown)} (variants: {', '.join(names)})",
+                                  "command line: --only")
+            exp.variants = [v for v in exp.variants if v.name in wanted]
         setups = []
         for i, v in enumerate(exp.variants):
             setups.append(resolve(v.config, exp.base_dir, f"{args.experiment}: variants[{i}] ({v.name}): "))
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", default=[],
                    help="override a setting in every variant (repeatable)")
     r.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    r.add_argument("--only", metavar="NAME[,NAME]", help="run only these variants")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check experiment files without running them")
     v.add_argument("files", nargs="+")
