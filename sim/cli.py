@@ -199,6 +199,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .specs import load_hardware, load_model
+
+    try:
+        model = load_model(args.model, Path.cwd(), location="--model")
+        hw = load_hardware(args.hardware, Path.cwd(), location="--hardware")
+        if args.backend == "grid" and not args.from_grid:
+            raise ConfigError("give --from-grid CSV (measurements made earlier) or --backend gpu "
+                              "(measure here)", "command line")
+        doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
+                        backend=args.backend)
+        for kv in args.provenance or []:
+            k, _, v = kv.partition("=")
+            doc["provenance"][k] = v
+        if args.provenance:
+            import yaml
+
+            Path(args.out).write_text(yaml.safe_dump(doc, sort_keys=False))
+    except ConfigError as e:
+        return _fail(e)
+    fit = doc["fit"]
+    con = _console()
+    con.print(f"[green]wrote[/] {args.out}: {model.name} on {hw.name}, {fit['points']} measurements")
+    con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items()))
+    con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
+              f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
+    con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sim", description="servesim: LLM-serving simulator with a real-GPU mode")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+")
     v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", default=[])
     v.set_defaults(fn=cmd_validate)
+    k = sub.add_parser("calibrate", help="fit the cost model to GPU measurements (writes a profile)")
+    k.add_argument("--model", required=True, help="bundled model name or config.json path")
+    k.add_argument("--hardware", default="h100-sxm")
+    k.add_argument("--backend", choices=["grid", "gpu"], default="grid",
+                   help="grid: fit --from-grid measurements; gpu: measure the grid on this machine's GPU")
+    k.add_argument("--from-grid", help="calibration CSV (benchmarks/gpu_bench.py writes one)")
+    k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
+    k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
+                   help="facts about the measurements to record (gpu, driver, torch, ...)")
+    k.set_defaults(fn=cmd_calibrate)
     c = sub.add_parser("compare", help="compare two runs of the same requests")
     c.add_argument("run_a")
     c.add_argument("run_b")

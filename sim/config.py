@@ -112,8 +112,20 @@ class ClusterConfig(_Strict):
 
 
 class CostModelConfig(_Strict):
-    kind: Literal["roofline"] = Field("roofline", description="roofline: max(FLOPs/rate, bytes/bandwidth) per op")
+    kind: Literal["roofline", "calibrated"] = Field(
+        "roofline", description="roofline: max(FLOPs/rate, bytes/bandwidth) per op; calibrated: the same "
+        "terms with efficiencies and overheads fitted to GPU measurements (a profile from sim calibrate)")
     roofline: RooflineConfig = Field(default_factory=RooflineConfig)
+    profile: str | None = Field(None, description="calibration profile (kind: calibrated), relative to the "
+                                "experiment file")
+
+    @model_validator(mode="after")
+    def _profile(self):
+        if self.kind == "calibrated" and not self.profile:
+            raise ValueError("cost_model.kind: calibrated needs cost_model.profile (made by sim calibrate)")
+        if self.kind == "roofline" and self.profile:
+            raise ValueError("cost_model.profile applies to kind: calibrated")
+        return self
 
 
 class OutputConfig(_Strict):

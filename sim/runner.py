@@ -44,6 +44,7 @@ class Setup:
     hardware: HardwareSpec
     num_blocks: int
     workload: pd.DataFrame
+    roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
 
 
 @dataclass
@@ -77,8 +78,39 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     if kvc.host_cache_size_gb * 1e9 > hw.host_memory_bytes:
         raise ConfigError(f"host_cache_size_gb {kvc.host_cache_size_gb:g} GB is larger than the host memory "
                           f"of {hw.name} ({hw.host_memory_bytes / 1e9:.0f} GB)", f"{where}kv_cache.host_cache_size_gb")
+    if cfg.workload.replay is not None:
+        check_replay(cfg, model, hw, base_dir, where)
+    roofline = cfg.cost_model.roofline
+    if cfg.cost_model.kind == "calibrated":
+        from .calibrate import load_profile
+
+        p = Path(cfg.cost_model.profile).expanduser()
+        roofline = load_profile(p if p.is_absolute() else base_dir / p, model, hw, where)
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
-    return Setup(cfg, model, hw, blocks, workload)
+    return Setup(cfg, model, hw, blocks, workload, roofline)
+
+
+def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:
+    """A replayed run must have run the same model on the same hardware: its timings are
+    what the replay is compared with."""
+    from servesim.traces.spec import replay_path
+
+    run_cfg = replay_path(cfg.workload.replay, base_dir).parent / "config.yaml"
+    if not run_cfg.is_file():
+        return  # a bare requests table: nothing to check against
+    try:
+        old = yaml.safe_load(run_cfg.read_text())["config"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise ConfigError("not a run's config.yaml (corrupt or from another tool)", str(run_cfg)) from None
+    old_model = load_model(old["model"], run_cfg.parent).name
+    old_hw = load_hardware(old["hardware"], run_cfg.parent).name
+    probs = []
+    if old_model != model.name:
+        probs.append((f"{where}model", f"replaying a run of {old_model} ({run_cfg.parent}) with {model.name}"))
+    if old_hw != hw.name:
+        probs.append((f"{where}hardware", f"replaying a run made on {old_hw} ({run_cfg.parent}) on {hw.name}"))
+    if probs:
+        raise ConfigError(probs)
 
 
 def make_retention(cfg: RunConfig):
@@ -141,7 +173,7 @@ def make_requests(df: pd.DataFrame) -> list[Request]:
 
 def make_cost_model(setup: Setup) -> RooflineCostModel:
     cfg = setup.cfg
-    return RooflineCostModel(setup.model, setup.hardware, cfg.cost_model.roofline,
+    return RooflineCostModel(setup.model, setup.hardware, setup.roofline,
                              tp=cfg.cluster.tensor_parallel, cuda_graphs=cfg.runtime.cuda_graphs,
                              overlap_scheduler=cfg.runtime.overlap_scheduler)
 

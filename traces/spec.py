@@ -343,6 +343,8 @@ class WorkloadConfig(_Strict):
     format: Literal["auto", "azure", "table", "mooncake"] = "auto"
     synthetic: SyntheticConfig | None = None
     prefix: PrefixConfig | None = None
+    replay: str | None = Field(None, description="a run directory (or its requests.parquet) whose requests "
+                               "-- arrivals, lengths, SLOs -- this run replays, on either backend")
     arrival: Arrival = Field(default_factory=TraceArrival)
     rate_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     target_rate_req_s: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -355,11 +357,12 @@ class WorkloadConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        given = [k for k in ("trace", "synthetic", "prefix") if getattr(self, k) is not None]
+        given = [k for k in ("trace", "synthetic", "prefix", "replay") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'trace' (a file to replay), 'synthetic' (a generated workload) or "
-                f"'prefix' (a generated workload with shared prefixes); got {given or 'none'}"
+                "give exactly one of 'trace' (a file to replay), 'synthetic' (a generated workload), "
+                "'prefix' (a generated workload with shared prefixes) or 'replay' (the requests of an earlier "
+                f"run); got {given or 'none'}"
             )
         for key in ("synthetic", "prefix"):
             if getattr(self, key) is not None:
@@ -438,6 +441,39 @@ def _key_path(loc: tuple, data: Any, prefix: str) -> str:
 # ---------------------------------------------------------------------- builder
 
 
+def replay_path(replay: str, base_dir: Path | str) -> Path:
+    """requests.parquet of the run directory (or file) named by `workload.replay`."""
+    p = Path(replay).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    if p.is_dir():
+        p = p / "requests.parquet"
+    if not p.is_file():
+        raise ConfigError(f"no run to replay: {p} does not exist (give a run directory holding "
+                          "requests.parquet)", "workload.replay")
+    return p
+
+
+def read_replay(path: Path) -> pd.DataFrame:
+    """The requests of an earlier run (sim or GPU): same ids, arrivals, lengths and SLOs."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path, columns=["request_id", "arrival_s", "prompt_len", "output_len",
+                                         "priority", "tenant", "slo_ttft_s", "slo_tpot_s"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+        raise ConfigError(f"cannot read a run's requests from it: {e}", str(path)) from None
+    df = t.to_pandas().sort_values(["arrival_s", "request_id"], kind="stable").reset_index(drop=True)
+    if df["tenant"].eq("").all():
+        df = df.drop(columns=["tenant"])
+    if df["priority"].eq(0).all():
+        df = df.drop(columns=["priority"])
+    for c in ("slo_ttft_s", "slo_tpot_s"):
+        if df[c].isna().all():
+            df = df.drop(columns=[c])
+    return df
+
+
 def build_workload(cfg: WorkloadConfig, base_dir: Path | str, seed: int, *, config_source: str = "") -> pd.DataFrame:
     """The workload table described by ``cfg`` (a pure function of ``cfg``, the files it
     names and ``seed``). Relative paths are resolved against ``base_dir`` (the experiment
@@ -468,6 +504,9 @@ def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
     elif cfg.prefix is not None:
         df = _prefix_workload(cfg.prefix, base_dir, rng_prefix)
         source = "workload.prefix"
+    elif cfg.replay is not None:
+        df = read_replay(replay_path(cfg.replay, base_dir))
+        source = str(replay_path(cfg.replay, base_dir))
     else:
         syn = cfg.synthetic
         n = syn.num_requests

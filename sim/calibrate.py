@@ -1,0 +1,227 @@
+"""Calibrated cost model: the roofline's terms with efficiencies and overheads fitted to
+GPU measurements.
+
+A profile is the roofline model (sim/cost_model.py) with its free parameters -- matmul and
+bandwidth efficiency, attention efficiency, eager-launch and CUDA-graph host overheads --
+fitted by least squares (relative error) to a grid of measured iterations: prefill chunks
+(tokens x cached tokens) and decode batches (batch x KV length), graphs on and off. Because
+the terms stay those of the roofline, the fitted model extrapolates beyond the grid the way
+the hardware does (compute-bound prefill, bandwidth-bound decode), instead of
+interpolating a table.
+
+    sim calibrate --model llama-3.1-8b --from-grid benchmarks/results/calibration_h100.csv \\
+                  --out profiles/h100-llama-3.1-8b.yaml        # fit measurements made earlier
+    sim calibrate --backend gpu --model llama-3.1-8b --out ...  # measure the grid here, then fit
+
+An experiment uses it with `cost_model: {kind: calibrated, profile: profiles/...yaml}`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .cost_model import RooflineConfig, RooflineCostModel
+from .specs import HardwareSpec, ModelSpec
+from .types import ConfigError, IterationShape
+
+PROFILE_SCHEMA = "servesim-profile/1"
+# fitted parameters: (name, lower, upper); searched in log space
+PARAMS = (
+    ("flops_efficiency", 0.2, 1.3),
+    ("bandwidth_efficiency", 0.2, 1.1),  # <= 1.1: a read stream beats a copy by ~10%, no more
+    ("attention_flops_efficiency", 0.05, 1.5),
+    ("host_overhead_eager_s", 1e-5, 0.1),
+    ("host_overhead_graph_s", 1e-6, 5e-3),
+)
+
+
+def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray, list[str]]:
+    """IterationShapes, measured seconds and kinds of the rows of a calibration CSV."""
+    shapes, times, kinds = [], [], []
+    for r in rows:
+        kind = r["kind"]
+        graph = str(r["graph"]).lower() in ("true", "1")
+        if kind == "decode":
+            n = int(r["n_decode"])
+            shapes.append(IterationShape(n_decode=n, decode_kv_sum=int(r["kv_sum"]), graph=graph,
+                                         padded_decode=n if graph else 0))
+        elif kind == "prefill":
+            k = int(float(r.get("n_chunks") or 1))
+            per = int(float(r.get("chunk_tokens") or int(r["ctx_tokens"]) // k))
+            prior = int(r["ctx_prior"]) // k
+            shapes.append(IterationShape(ctx_new_tokens=(per,) * k, ctx_prior_tokens=(prior,) * k,
+                                         n_ctx_sampling=k))
+        else:
+            raise ConfigError(f"unknown kind {kind!r} in a calibration grid (expected decode or prefill)")
+        times.append(float(r["time_s"]))
+        kinds.append(kind + ("-graph" if graph else "" if kind == "prefill" else "-eager"))
+    return shapes, np.asarray(times), kinds
+
+
+def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = True) -> RooflineCostModel:
+    # the grid times a forward pass alone: no scheduler work in them
+    cfg = RooflineConfig(**params, scheduler_overhead_s=0.0, scheduler_overhead_per_request_s=0.0)
+    return RooflineCostModel(model, hw, cfg, cuda_graphs=graphs)
+
+
+def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape]) -> np.ndarray:
+    cm = _model_for(model, hw, params)
+    return np.asarray([cm.price(s) for s in shapes])
+
+
+def _nelder_mead(f, x0: np.ndarray, iters: int = 600, tol: float = 1e-10) -> np.ndarray:
+    """Minimise f from x0 (a plain Nelder-Mead: 5 parameters, smooth enough)."""
+    n = len(x0)
+    simplex = [x0] + [x0 + np.eye(n)[i] * 0.3 for i in range(n)]
+    vals = [f(x) for x in simplex]
+    for _ in range(iters):
+        order = np.argsort(vals)
+        simplex = [simplex[i] for i in order]
+        vals = [vals[i] for i in order]
+        if abs(vals[-1] - vals[0]) < tol:
+            break
+        centroid = np.mean(simplex[:-1], axis=0)
+        xr = centroid + (centroid - simplex[-1])
+        fr = f(xr)
+        if fr < vals[0]:
+            xe = centroid + 2 * (centroid - simplex[-1])
+            fe = f(xe)
+            simplex[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            simplex[-1], vals[-1] = xr, fr
+        else:
+            xc = centroid + 0.5 * (simplex[-1] - centroid)
+            fc = f(xc)
+            if fc < vals[-1]:
+                simplex[-1], vals[-1] = xc, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
+                vals = [vals[0]] + [f(x) for x in simplex[1:]]
+    return simplex[int(np.argmin(vals))]
+
+
+def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dict]:
+    """Fitted parameters and fit statistics for a model's grid rows."""
+    shapes, times, kinds = shapes_from_grid(rows)
+    if len(shapes) < len(PARAMS):
+        raise ConfigError(f"{len(shapes)} measurements cannot fit {len(PARAMS)} parameters")
+    lo = np.log([p[1] for p in PARAMS])
+    hi = np.log([p[2] for p in PARAMS])
+
+    def params_of(z: np.ndarray) -> dict:
+        z = np.clip(z, lo, hi)
+        return {name: float(math.exp(v)) for (name, _, _), v in zip(PARAMS, z)}
+
+    def loss(z: np.ndarray) -> float:
+        pred = predict(model, hw, params_of(z), shapes)
+        return float(np.mean(np.log(pred / times) ** 2))
+
+    best = None
+    for start in ([0.8, 0.9, 0.5, 5e-3, 5e-5], [0.6, 0.7, 0.3, 1e-2, 2e-4], [1.0, 1.0, 0.8, 1e-3, 1e-5]):
+        z = _nelder_mead(loss, np.log(start))
+        z = _nelder_mead(loss, z)  # restart from the optimum: escapes a collapsed simplex
+        if best is None or loss(z) < loss(best):
+            best = z
+    params = params_of(best)
+    pred = predict(model, hw, params, shapes)
+    err = pred / times - 1
+    stats = {
+        "points": len(times),
+        "mape": float(np.mean(np.abs(err))),
+        "max_abs_rel_err": float(np.max(np.abs(err))),
+        "by_kind": {k: float(np.mean(np.abs(err[[i for i, kk in enumerate(kinds) if kk == k]])))
+                    for k in sorted(set(kinds))},
+        "roofline_mape": float(np.mean(np.abs(predict(model, hw, {}, shapes) / times - 1))),
+        "residuals": [{"kind": k, "measured_s": float(t), "predicted_s": float(p)}
+                      for k, t, p in zip(kinds, times, pred)],
+    }
+    return params, stats
+
+
+def read_grid(path: Path, model_name: str) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        raise ConfigError("no such calibration grid", str(path))
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)]
+    need = {"model", "kind", "n_decode", "kv_sum", "ctx_tokens", "ctx_prior", "graph", "time_s"}
+    if not rows or not need <= set(rows[0]):
+        raise ConfigError(f"not a calibration grid: expected columns {sorted(need)}", str(path))
+    mine = [r for r in rows if r["model"].lower() == model_name.lower()]
+    if not mine:
+        models = sorted({r["model"] for r in rows})
+        raise ConfigError(f"no measurements of {model_name} (it has {', '.join(models)})", str(path))
+    return mine
+
+
+def write_profile(path: Path, model: ModelSpec, hw: HardwareSpec, params: dict, stats: dict,
+                  provenance: dict) -> dict:
+    doc = {
+        "schema": PROFILE_SCHEMA,
+        "model": model.name,
+        "hardware": hw.name,
+        "roofline": params,
+        "fit": stats,
+        "provenance": provenance,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return doc
+
+
+def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = "") -> RooflineConfig:
+    """The fitted RooflineConfig of a profile, after checking it fits this model and GPU."""
+    loc = f"{where}cost_model.profile"
+    if not path.is_file():
+        raise ConfigError(f"no such calibration profile: {path}", loc)
+    try:
+        doc = yaml.safe_load(path.read_text())
+        schema = doc.get("schema")
+    except (yaml.YAMLError, AttributeError):
+        raise ConfigError("corrupt calibration profile (not a YAML mapping)", str(path)) from None
+    if schema != PROFILE_SCHEMA:
+        raise ConfigError(f"calibration profile of an incompatible version ({schema!r}; this servesim "
+                          f"reads {PROFILE_SCHEMA!r}): recalibrate with `sim calibrate`", str(path))
+    probs = []
+    if str(doc.get("model", "")).lower() != model.name.lower():
+        probs.append((loc, f"profile {path} was made for model {doc.get('model')}, the experiment runs "
+                           f"{model.name}"))
+    if str(doc.get("hardware", "")).lower() != hw.name.lower():
+        probs.append((loc, f"profile {path} was made on {doc.get('hardware')}, the experiment runs on "
+                           f"{hw.name}"))
+    if probs:
+        raise ConfigError(probs)
+    try:
+        return RooflineConfig(**doc["roofline"])
+    except Exception as e:  # noqa: BLE001 - a hand-edited profile
+        raise ConfigError(f"corrupt calibration profile: {e}", str(path)) from None
+
+
+def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid") -> dict:
+    if backend == "gpu":
+        from servesim.gpu_backend.profiler import measure_grid
+
+        rows, env = measure_grid(model)
+        source = "measured by sim calibrate --backend gpu"
+        grid_bytes = yaml.safe_dump(rows).encode()
+    else:
+        rows = read_grid(grid, model.name)
+        env = {}
+        source = str(grid)
+        grid_bytes = grid.read_bytes()
+    params, stats = fit(model, hw, rows)
+    prov = {
+        "source": source,
+        "grid_sha256": hashlib.sha256(grid_bytes).hexdigest()[:16],
+        "fitted": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **env,
+    }
+    return write_profile(out, model, hw, params, stats, prov)
