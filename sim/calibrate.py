@@ -205,13 +205,22 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
         raise ConfigError(f"corrupt calibration profile: {e}", str(path)) from None
 
 
-def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid") -> dict:
+def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
+              model_ref: str | None = None) -> dict:
     if backend == "gpu":
+        import csv
+
         from servesim.gpu_backend.profiler import measure_grid
 
-        rows, env = measure_grid(model)
-        source = "measured by sim calibrate --backend gpu"
-        grid_bytes = yaml.safe_dump(rows).encode()
+        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name)
+        grid = out.with_suffix(".grid.csv")
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        with open(grid, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        source = f"measured by sim calibrate --backend gpu ({grid.name})"
+        grid_bytes = grid.read_bytes()
     else:
         rows = read_grid(grid, model.name)
         env = {}

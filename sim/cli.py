@@ -210,7 +210,7 @@ def cmd_calibrate(args) -> int:
             raise ConfigError("give --from-grid CSV (measurements made earlier) or --backend gpu "
                               "(measure here)", "command line")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
-                        backend=args.backend)
+                        backend=args.backend, model_ref=args.model)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v

@@ -59,6 +59,7 @@ ROW_FIELDS = (
     "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
     "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "graph",
     "kv_blocks_cached", "kv_blocks_host", "evictions", "offloads", "onboards",
+    "decode_kv_tokens", "ctx_cached_tokens",
 )
 
 
@@ -368,7 +369,8 @@ class Engine:
         ev, off = self._cache_counters()
         self.rows.append((it, now, result.duration_s, len(chunks), n_dec, ctx_tokens, n_dec,
                           padded - n_dec if padded else 0, used_during, padded > 0,
-                          kv.cached, self.cache.host_used if self.cache else 0, ev, off, onboards))
+                          kv.cached, self.cache.host_used if self.cache else 0, ev, off, onboards,
+                          shape.decode_kv_sum, sum(shape.ctx_prior_tokens)))
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()

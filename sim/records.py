@@ -19,7 +19,7 @@ ITERATION_COLUMNS = [
     "replica", "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
     "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "kv_blocks_cached",
     "kv_blocks_free", "kv_blocks_host", "evictions", "offloads", "onboards",
-    "draft_tokens_proposed", "draft_tokens_accepted", "graph",
+    "draft_tokens_proposed", "draft_tokens_accepted", "graph", "decode_kv_tokens", "ctx_cached_tokens",
 ]
 
 
@@ -57,6 +57,8 @@ def iteration_arrays(engine) -> IterationArrays:
             "evictions": np.asarray(r[12], dtype=np.int64),
             "offloads": np.asarray(r[13], dtype=np.int64),
             "onboards": np.asarray(r[14], dtype=np.int64),
+            "decode_kv_tokens": np.asarray(r[15], dtype=np.int64),
+            "ctx_cached_tokens": np.asarray(r[16], dtype=np.int64),
         }
     else:
         gen = None
@@ -109,6 +111,8 @@ def iteration_arrays(engine) -> IterationArrays:
             "evictions": ev_first,
             "offloads": off_first,
             "onboards": np.zeros(len(k), dtype=np.int64),
+            "decode_kv_tokens": kv0[sid].astype(np.int64) + n[sid] * k,
+            "ctx_cached_tokens": np.zeros(len(k), dtype=np.int64),
         }
     else:
         stretch = None
@@ -118,7 +122,7 @@ def iteration_arrays(engine) -> IterationArrays:
         cols.update({c: np.zeros(0, dtype=np.int64) for c in (
             "num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens",
             "padded_tokens", "kv_blocks_used", "kv_blocks_cached", "kv_blocks_host", "evictions",
-            "offloads", "onboards")})
+            "offloads", "onboards", "decode_kv_tokens", "ctx_cached_tokens")})
         cols["graph"] = np.zeros(0, dtype=bool)
     elif len(parts) == 1:
         cols = parts[0]

@@ -92,7 +92,7 @@ def test_closed_form_stretches_equal_stepwise(rows, cfg):
     ita, itb = a[2], b[2]
     assert ita.num_rows == itb.num_rows
     for col in ("num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens",
-                "padded_tokens", "kv_blocks_used", "graph"):
+                "padded_tokens", "kv_blocks_used", "graph", "decode_kv_tokens", "ctx_cached_tokens"):
         assert np.array_equal(ita.column(col).to_numpy(), itb.column(col).to_numpy()), col
     np.testing.assert_allclose(ita.column("duration_s").to_numpy(), itb.column("duration_s").to_numpy(),
                                rtol=1e-9)

@@ -1,0 +1,121 @@
+"""Calibration: fitting, profiles, bad profiles, and the GPU measuring path on a CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from servesim.sim.calibrate import fit, load_profile, predict, read_grid, shapes_from_grid
+from servesim.sim.cli import main
+from servesim.sim.specs import load_hardware, load_model
+from servesim.sim.types import ConfigError
+
+REPO = Path(__file__).parents[1]
+GRID = REPO / "benchmarks" / "results" / "calibration_h100.csv"
+
+
+def test_fit_recovers_known_parameters():
+    """Synthetic measurements from known parameters are fitted back to them."""
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    rows = read_grid(GRID, "llama-3.1-8b")
+    shapes, _, _ = shapes_from_grid(rows)
+    true = dict(flops_efficiency=0.8, bandwidth_efficiency=0.85, attention_flops_efficiency=0.4,
+                host_overhead_eager_s=0.012, host_overhead_graph_s=3e-4)
+    times = predict(model, hw, true, shapes)
+    synth = [dict(r, time_s=t) for r, t in zip(rows, times)]
+    params, stats = fit(model, hw, synth)
+    assert stats["mape"] < 0.01
+    for k in ("flops_efficiency", "bandwidth_efficiency", "host_overhead_eager_s"):
+        assert params[k] == pytest.approx(true[k], rel=0.05), k
+
+
+def test_calibrated_profile_beats_roofline_on_its_grid(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(GRID), "--out", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["schema"] == "servesim-profile/1" and doc["model"] == "llama-3.2-1b"
+    assert doc["fit"]["mape"] < doc["fit"]["roofline_mape"]
+    assert "grid_sha256" in doc["provenance"]
+
+
+def test_shipped_profiles_load_and_are_reproducible(tmp_path):
+    """Refitting the committed grid reproduces the shipped profile's predictions."""
+    for m in ("llama-3.2-1b", "llama-3.1-8b"):
+        model, hw = load_model(m), load_hardware("h100-sxm")
+        shipped = load_profile(REPO / "profiles" / f"h100-{m}.yaml", model, hw)
+        out = tmp_path / f"{m}.yaml"
+        assert main(["calibrate", "--model", m, "--from-grid", str(GRID), "--out", str(out)]) == 0
+        again = load_profile(out, model, hw)
+        shapes, _, _ = shapes_from_grid(read_grid(GRID, m))
+        a = predict(model, hw, shipped.model_dump(exclude={"scheduler_overhead_s", "scheduler_overhead_per_request_s"}), shapes)
+        b = predict(model, hw, again.model_dump(exclude={"scheduler_overhead_s", "scheduler_overhead_per_request_s"}), shapes)
+        assert max(abs(a / b - 1)) < 0.01
+
+
+def test_bad_profiles(tmp_path):
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    with pytest.raises(ConfigError, match="made for model llama-3.2-1b"):
+        load_profile(REPO / "profiles" / "h100-llama-3.2-1b.yaml", model, hw)
+    with pytest.raises(ConfigError, match="made on h100-sxm"):
+        load_profile(REPO / "profiles" / "h100-llama-3.1-8b.yaml", model, load_hardware("a100-80gb-sxm"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: servesim-profile/0\nmodel: llama-3.1-8b\n")
+    with pytest.raises(ConfigError, match="incompatible version"):
+        load_profile(bad, model, hw)
+    bad.write_text(": : :\n- [")
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_profile(bad, model, hw)
+
+
+def test_experiment_with_calibrated_cost_model(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text(f"name: e\nmodel: llama-3.1-8b\nworkload: {{trace: azure_conv, num_requests: 100}}\n"
+                   f"cost_model: {{kind: calibrated, profile: {REPO / 'profiles/h100-llama-3.1-8b.yaml'}}}\n"
+                   "output: {plots: false}\n")
+    assert main(["run", str(exp), "--out", str(tmp_path / "o")]) == 0
+    exp.write_text(exp.read_text().replace("llama-3.1-8b\nworkload", "llama-3.2-1b\nworkload"))
+    p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "validate", str(exp)], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "made for model llama-3.1-8b" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_replay_mismatch_and_round_trip(tmp_path):
+    run = REPO / "benchmarks" / "results" / "gpu_runs" / "offline-ifb-guaranteed"
+    exp = tmp_path / "r.yaml"
+    exp.write_text(f"name: r\nmodel: llama-3.1-8b\nworkload: {{replay: {run}}}\noutput: {{plots: false}}\n")
+    assert main(["run", str(exp), "--out", str(tmp_path / "o")]) == 0
+    assert main(["compare", str(run), str(tmp_path / "o" / "base"), "--out", str(tmp_path / "c")]) == 0
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert cmp["run_a"]["backend"] == "gpu" and cmp["run_b"]["backend"] == "sim"
+    exp.write_text(exp.read_text().replace("hardware", "x").replace("model: llama-3.1-8b", "model: llama-2-7b"))
+    p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "validate", str(exp)], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "replaying a run of llama-3.1-8b" in p.stderr
+
+
+def test_gpu_measuring_path_on_cpu(tmp_path):
+    """sim calibrate --backend gpu's measuring code, on a tiny model on the CPU."""
+    pytest.importorskip("torch")
+    from servesim.gpu_backend.profiler import measure_grid
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5,
+                                   rope_theta=10000.0, max_position_embeddings=4096,
+                                   tie_word_embeddings=False)))
+    model = load_model(str(cfg))
+    rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
+                             prefill_points=[(1, 128), (2, 64)])
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"decode", "prefill"}
+    assert all(r["time_s"] > 0 for r in rows)
+    dec = [r for r in rows if r["kind"] == "decode" and r["n_decode"] == 4]
+    assert dec and all(r["kv_sum"] >= 4 * 65 for r in dec)
+    params, stats = fit(model, load_hardware("h100-sxm"), rows)
+    assert stats["points"] == len(rows)
