@@ -69,7 +69,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                              chunk_tokens=int(r.ctx_tokens) // k, graph=False, time_s=float(r.duration_s)))
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda": str(torch.version.cuda),
         "measurements": len(rows),
         "median_decode_s": float(np.median([r["time_s"] for r in rows if r["kind"] == "decode"])),
