@@ -263,7 +263,6 @@ def vs_hf(dev, dtype, smoke: bool) -> None:
         # is wasteful: compare the last position and a 32-step greedy continuation
         out = ours.step([(prompt[0].tolist(), 0, blocks, True)], [])[0]
         err = rel_err(out, ref[-1])
-        seq = prompt[0].tolist()
         hf_gen = hf.generate(prompt.to(dev), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 200:].tolist()
         mine = [int(out.argmax())]
         for i in range(31):

@@ -1,9 +1,9 @@
 """`simulate_gpu`: run one variant of an experiment on the real model (``sim run --backend gpu``).
 
 The same engine (`servesim.sim.engine.Engine`, built by `servesim.sim.runner.engine_config`),
-the same requests (`make_requests`, prefix keys and retention exactly as
+the same requests (`prepare_requests`: prefix keys and retention exactly as
 `servesim.sim.runner.simulate` attaches them), the same records and summary
-(`iteration_arrays`, `request_arrays`, `summarize`) -- with `GpuExecutor` running every
+(`finish_run`) -- with `GpuExecutor` running every
 iteration on a Llama model and the wall-clock driver (`gpu_backend/driver.py`) in place of
 SimPy. ``summary["backend"] == "gpu"``.
 
@@ -36,10 +36,7 @@ import numpy as np
 from servesim.policies.routing import make_router
 from servesim.sim.engine import Engine
 from servesim.sim.memory import default_activation_reserve_bytes
-from servesim.sim.metrics import summarize
-from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
-from servesim.sim.runner import (RunResult, Setup, attach_prefix_keys, engine_config, make_requests,
-                                 make_retention)
+from servesim.sim.runner import RunResult, Setup, engine_config, finish_run, prepare_requests
 from servesim.sim.types import ConfigError
 from servesim.traces.schema import HASH_BLOCK_SIZE
 
@@ -188,14 +185,7 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     if wpath is not None and not Path(wpath).exists():
         raise ConfigError(f"checkpoint not found: {wpath}", WEIGHTS_ENV)
 
-    requests = make_requests(setup.workload)
-    kvc = cfg.kv_cache
-    if kvc.enable_block_reuse:
-        attach_prefix_keys(requests, setup.workload, kvc.tokens_per_block)
-    retention = make_retention(cfg)
-    if retention is not None:
-        for r in requests:
-            r.retention = retention.for_request(r.tenant)
+    requests = prepare_requests(setup)
     ecfg = engine_config(setup, check_invariants)
 
     try:
@@ -211,12 +201,6 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     engine = Engine(ecfg, executor)
     run_wallclock(requests, [engine], make_router(cfg.cluster.router), progress=progress)
 
-    its = [iteration_arrays(engine)]
-    req = request_arrays(requests, its)
-    it_table = iterations_table(its)
-    evp: dict[int, int] = {}
-    if engine.cache is not None:
-        evp = dict(engine.cache.stats.evictions_by_priority)
     tokens = executor.outputs
     stats = executor.stats()
     # free the model, the KV pool and the graphs before the next variant builds its own
@@ -225,12 +209,7 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    wall = time.perf_counter() - t_start
-    extra = {"num_swaps": engine.num_swaps} if hasattr(engine, "num_swaps") else {}
-    summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="gpu", wall_s=wall,
-                        num_preemptions=engine.num_preemptions, kv_block_bytes=ecfg.kv_block_bytes,
-                        evictions_by_priority=evp, **extra)
-    result = RunResult(req.table, it_table, summary, setup)
+    result = finish_run(setup, requests, [engine], "gpu", time.perf_counter() - t_start)
     result.tokens = tokens
     result.gpu_stats = stats
     return result

@@ -74,7 +74,6 @@ def print_comparison(rows: list[dict], title: str) -> None:
 
 def cmd_validate(args) -> int:
     from .config import load_experiment
-    from .runner import resolve
 
     status = 0
     for f in args.files:

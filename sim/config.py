@@ -303,7 +303,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     path = Path(path)
     where = str(path)
     if not path.exists():
-        raise ConfigError(f"no such experiment file", where)
+        raise ConfigError("no such experiment file", where)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -201,27 +201,14 @@ class PrefixCache:
     def evict(self, n: int, now: float) -> int:
         """Free `n` GPU blocks from unreferenced cached nodes; returns how many it freed."""
         self._expire(now)
-        kv = self.kv
         heap = self._gpu_heap
         lru = self._lru
         default = self.default_priority
         freed = 0
-        by_prio = self.stats.evictions_by_priority
         while freed < n:
             if not heap and lru:  # the common case: only default-priority blocks
-                node = lru.popitem(last=False)[1]
-                prio = default
-                by_prio[prio] = by_prio.get(prio, 0) + 1
-                kv.free_ids.append(node.block_id)
-                node.block_id = -1
-                kv.cached -= 1
+                self._evict_node(lru.popitem(last=False)[1], default)
                 freed += 1
-                if self.host_blocks > 0 and prio >= self.offload_min_priority:
-                    self._offload(node)
-                else:
-                    del self.nodes[node.key]
-                    node.stamp = -1
-                    self.stats.dropped += 1
                 continue
             while heap:  # drop stale heap fronts
                 _, _, seq, top = heap[0]
@@ -240,18 +227,25 @@ class PrefixCache:
                 prio, _, _, node = heapq.heappop(heap)
             else:
                 break
-            by_prio[prio] = by_prio.get(prio, 0) + 1
-            kv.free_ids.append(node.block_id)
-            node.block_id = -1
-            kv.cached -= 1
+            self._evict_node(node, prio)
             freed += 1
-            if self.host_blocks > 0 and prio >= self.offload_min_priority:
-                self._offload(node)
-            else:
-                del self.nodes[node.key]
-                node.stamp = -1
-                self.stats.dropped += 1
         return freed
+
+    def _evict_node(self, node: CacheNode, prio: int) -> None:
+        """Free an unreferenced node's GPU block: offload it to the host tier (priority at
+        or above the threshold, a tier configured) or drop it."""
+        by_prio = self.stats.evictions_by_priority
+        by_prio[prio] = by_prio.get(prio, 0) + 1
+        kv = self.kv
+        kv.free_ids.append(node.block_id)
+        node.block_id = -1
+        kv.cached -= 1
+        if self.host_blocks > 0 and prio >= self.offload_min_priority:
+            self._offload(node)
+        else:
+            del self.nodes[node.key]
+            node.stamp = -1
+            self.stats.dropped += 1
 
     def _offload(self, node: CacheNode) -> None:
         if self.host_used >= self.host_blocks:

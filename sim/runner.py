@@ -204,9 +204,8 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     )
 
 
-def simulate(setup: Setup, check_invariants: bool = False,
-             progress: Callable[[float], None] | None = None) -> RunResult:
-    t0 = time.perf_counter()
+def prepare_requests(setup: Setup) -> list[Request]:
+    """The workload's requests with their prefix keys and retention specs (both backends)."""
     requests = make_requests(setup.workload)
     kvc = setup.cfg.kv_cache
     if kvc.enable_block_reuse:
@@ -215,24 +214,36 @@ def simulate(setup: Setup, check_invariants: bool = False,
     if retention is not None:
         for r in requests:
             r.retention = retention.for_request(r.tenant)
-    cost = make_cost_model(setup)
-    ecfg = engine_config(setup, check_invariants)
-    engines = [Engine(ecfg, SimExecutor(cost), replica=i) for i in range(setup.cfg.cluster.replicas)]
-    run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
+    return requests
+
+
+def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
+               wall_s: float) -> RunResult:
+    """Records, tables and summary of a finished run (both backends)."""
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(requests, its)
     it_table = iterations_table(its)
-    wall = time.perf_counter() - t0
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
             for k, v in e.cache.stats.evictions_by_priority.items():
                 evp[k] = evp.get(k, 0) + v
-    summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend="sim",
-                        wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines),
+    summary = summarize(req.table, it_table, kv_total_blocks=setup.num_blocks, backend=backend,
+                        wall_s=wall_s, num_preemptions=sum(e.num_preemptions for e in engines),
                         num_swaps=sum(e.num_swaps for e in engines),
-                        kv_block_bytes=ecfg.kv_block_bytes, evictions_by_priority=evp)
+                        kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp)
     return RunResult(req.table, it_table, summary, setup)
+
+
+def simulate(setup: Setup, check_invariants: bool = False,
+             progress: Callable[[float], None] | None = None) -> RunResult:
+    t0 = time.perf_counter()
+    requests = prepare_requests(setup)
+    cost = make_cost_model(setup)
+    ecfg = engine_config(setup, check_invariants)
+    engines = [Engine(ecfg, SimExecutor(cost), replica=i) for i in range(setup.cfg.cluster.replicas)]
+    run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
+    return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
 
 
 def code_version() -> str:
