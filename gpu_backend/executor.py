@@ -233,6 +233,8 @@ class GpuExecutor:
         # outputs
         self.outputs: dict[int, array] = {}  # request_id -> generated token ids
         self.completed_s: dict[int, float] = {}  # iteration -> clock() when its tokens were on the host
+        self.power_w: dict[int, float] = {}  # iteration -> GPU power (W) sampled when it completed
+        self._nvml_ok = True
         self.graph_iterations = 0  # iterations run through the graph runner
         self.eager_iterations = 0
         self.iterations = 0
@@ -527,7 +529,18 @@ class GpuExecutor:
         for rid, t in zip(f.rids, toks):
             outs[rid].append(t)
         self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
+        if self.cuda:
+            self.power_w[f.iteration] = self._power()
         return toks
+
+    def _power(self) -> float:
+        """GPU power draw in watts (NVML through torch; NaN where it is unavailable)."""
+        if self._nvml_ok:
+            try:
+                return torch.cuda.power_draw(self.device) / 1000.0
+            except Exception:  # noqa: BLE001 - no NVML / not permitted: stop asking
+                self._nvml_ok = False
+        return float("nan")
 
     def _collect(self) -> None:
         f, self._pending = self._pending, None

@@ -203,13 +203,14 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
 
     tokens = executor.outputs
     stats = executor.stats()
+    power = np.array([executor.power_w.get(i, np.nan) for i in range(engine.g)]) if executor.power_w else None
     # free the model, the KV pool and the graphs before the next variant builds its own
     engine.executor = None
     del executor, model
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    result = finish_run(setup, requests, [engine], "gpu", time.perf_counter() - t_start)
+    result = finish_run(setup, requests, [engine], "gpu", time.perf_counter() - t_start, measured_w=power)
     result.tokens = tokens
     result.gpu_stats = stats
     return result

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from servesim.traces.spec import WorkloadConfig
 
 from .cost_model import RooflineConfig
+from .power import PowerConfig
 from .types import ConfigError
 
 
@@ -146,6 +147,7 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="replicas and parallelism")
     cost_model: CostModelConfig = Field(default_factory=CostModelConfig,
                                         description="how the simulator prices an iteration")
+    power: PowerConfig = Field(default_factory=PowerConfig, description="GPU power model (energy per token)")
     output: OutputConfig = Field(default_factory=OutputConfig, description="what a run writes")
 
     @model_validator(mode="after")

@@ -218,7 +218,7 @@ def prepare_requests(setup: Setup) -> list[Request]:
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
-               wall_s: float) -> RunResult:
+               wall_s: float, measured_w=None) -> RunResult:
     """Records, tables and summary of a finished run (both backends)."""
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(requests, its)
@@ -232,7 +232,30 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
                         wall_s=wall_s, num_preemptions=sum(e.num_preemptions for e in engines),
                         num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp)
+    summary.update(energy_summary(setup, it_table, summary, measured_w))
     return RunResult(req.table, it_table, summary, setup)
+
+
+def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_w=None) -> dict:
+    """Energy over the run: modelled (sim), or from measured per-iteration power (GPU)."""
+    from .power import energy, iteration_power
+
+    pc = setup.cfg.power
+    hw = setup.hardware
+    idle = pc.idle_w or hw.idle_power_w
+    gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
+    if measured_w is not None and np.isfinite(measured_w).any():
+        p = np.where(np.isfinite(measured_w), measured_w, np.nanmedian(measured_w))
+        source = "measured (NVML)"
+    else:
+        p = iteration_power(it, idle, pc.max_w or hw.max_power_w, pc.memory_bound_fraction) * \
+            setup.cfg.cluster.tensor_parallel
+        source = "model"
+    j = energy(it, summary["duration_s"], gpus, idle, p)
+    tokens = summary["throughput_out_tok_s"] * summary["duration_s"]
+    return {"energy_j": j, "energy_per_token_j": j / tokens if tokens else None,
+            "avg_power_w": j / summary["duration_s"] if summary["duration_s"] else None,
+            "energy_source": source}
 
 
 def simulate(setup: Setup, check_invariants: bool = False,

@@ -9,7 +9,7 @@ from servesim.policies.chunking import make_chunk_policy
 from servesim.policies.graph_padding import GraphPadding, capture_sizes
 from servesim.policies.routing import make_router
 from servesim.sim.driver import run_simulation
-from servesim.sim.engine import Engine, EngineConfig
+from servesim.sim.engine import Engine, EngineConfig  # noqa: F401  (re-exported for tests)
 from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
 from servesim.sim.types import IterationShape, Phase, Request, StepResult
 

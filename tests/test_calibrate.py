@@ -121,3 +121,21 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     assert dec and all(r["kv_sum"] >= 4 * 65 for r in dec)
     params, stats = fit(model, load_hardware("h100-sxm"), rows)
     assert stats["points"] == len(rows)
+
+
+def test_energy_model_and_power_fit():
+    """Energy per token in every summary; the power fit recovers the model's parameters."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from servesim.sim.power import fit_power, iteration_power
+
+    run = REPO / "tests" / "data" / "compare" / "roofline"
+    it = pq.read_table(run / "iterations.parquet")
+    p = iteration_power(it, 90.0, 700.0, 0.4)
+    max_w, frac = fit_power(it, p, 90.0)
+    assert max_w == pytest.approx(700.0, rel=1e-6) and frac == pytest.approx(0.4, rel=1e-6)
+    assert np.all((p >= 90) & (p <= 700))
+    s = json.loads((run / "summary.json").read_text())
+    if "energy_per_token_j" in s:
+        assert s["energy_per_token_j"] > 0

@@ -63,8 +63,9 @@ def test_cli_compare_writes_json_and_png(tmp_path, capsys):
         "flops_efficiency", "bandwidth_efficiency", "attention_flops_efficiency")}
     got = {(r["metric"], r["stat"]) for r in res["metrics"]}
     want = {(k, s) for k in LATENCY for s in STATS} | {
-        (k, "value") for k in ("throughput_req_s", "throughput_out_tok_s", "goodput_req_s", "kv_util_mean")}
-    assert got == want  # no energy_per_token_j: neither summary has it
+        (k, "value") for k in ("throughput_req_s", "throughput_out_tok_s", "goodput_req_s", "kv_util_mean",
+                               "energy_per_token_j")}
+    assert got == want  # energy_per_token_j: both summaries have it
     for r in res["metrics"]:
         assert set(r) == {"metric", "stat", "a", "b", "rel_err"}
         if r["a"]:

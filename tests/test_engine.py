@@ -186,3 +186,36 @@ def test_reject_never_fits():
     reqs, engines, it, req = run_engine(rows, **cfg)
     assert reqs[0].phase == Phase.REJECTED and reqs[1].phase == Phase.FINISHED
     _check_run(rows, cfg, reqs, engines, it, req)
+
+
+@settings(max_examples=40, deadline=None)
+@given(workloads(max_n=30), st.sampled_from(["round_robin", "least_loaded"]), st.integers(2, 3))
+def test_replicas_share_the_work(rows, router, replicas):
+    """Several replicas: every request is served by exactly one, each replica's pool and
+    limits hold, and round robin alternates in arrival order."""
+    from servesim.policies.routing import make_router
+    from servesim.sim.driver import run_simulation
+    from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
+    from servesim.sim.types import Request
+
+    import engine_harness as h
+
+    reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
+    cfg = h.EngineConfig(max_batch_size=4, max_num_tokens=256, tokens_per_block=4, num_blocks=200,
+                         capacity=h.make_capacity_policy("guaranteed_no_evict"),
+                         chunking=h.make_chunk_policy(False, None), graph_padding=None, check_invariants=True)
+    engines = [h.Engine(cfg, h.SimExec(h.AffineCost()), replica=i) for i in range(replicas)]
+    run_simulation(reqs, engines, make_router(router))
+    its = [iteration_arrays(e) for e in engines]
+    req = request_arrays(reqs, its)
+    assert all(r.phase == Phase.FINISHED for r in reqs)
+    assert sorted(r.request_id for e in engines for r in e.done) == list(range(len(reqs)))
+    for r in reqs:
+        assert r in engines[r.replica].done
+    if router == "round_robin":
+        order = sorted(reqs, key=lambda r: (r.arrival_s, r.request_id))
+        assert [r.replica for r in order] == [i % replicas for i in range(len(order))]
+    it = iterations_table(its)
+    n = it.column("num_ctx_requests").to_numpy() + it.column("num_gen_requests").to_numpy()
+    assert n.max() <= 4
+    assert len(req.token_times) == sum(r.output_len for r in reqs)
