@@ -95,7 +95,8 @@ class Engine:
         self.recompute_chunking = FillBudget()
         # outputs
         self.rows: list[tuple] = []  # general iterations
-        self.stretches: list[tuple] = []  # closed-form decode stretches
+        self.stretches: list[tuple] = []  # closed-form decode stretches (numbers only)
+        self.stretch_hist: list[bytes] = []  # each stretch's block-residue histogram
         self.done: list[Request] = []  # finished or rejected, in completion order
         self.num_preemptions = 0
 
@@ -450,8 +451,9 @@ class Engine:
         # eviction is recorded at moves to the stretch's first.
         self.kv.grow(new_blocks)
         ev, off = self._cache_counters()
-        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, used0, array("q", hist).tobytes(), p0,
-                               padded, self.kv.cached, self.cache.host_used if self.cache else 0, ev, off))
+        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, used0, p0, padded, self.kv.cached,
+                               self.cache.host_used if self.cache else 0, ev, off))
+        self.stretch_hist.append(array("q", hist).tobytes())
         self.g = g0 + K
         self._pop_finishes(g0 + K - 1)
         if cfg.check_invariants:

@@ -40,44 +40,43 @@ def iteration_arrays(engine) -> IterationArrays:
     total_blocks = engine.kv.total
     rows = engine.rows
     if rows:
-        r = list(zip(*rows))
+        # one conversion of the whole list (every field is a number; exact in float64)
+        R = np.array(rows, dtype=np.float64)
+        ints = lambda j, t=np.int64: R[:, j].astype(t)  # noqa: E731
         gen = {
-            "iteration": np.asarray(r[0], dtype=np.int64),
-            "start_s": np.asarray(r[1], dtype=np.float64),
-            "duration_s": np.asarray(r[2], dtype=np.float64),
-            "num_ctx_requests": np.asarray(r[3], dtype=np.int32),
-            "num_gen_requests": np.asarray(r[4], dtype=np.int32),
-            "ctx_tokens": np.asarray(r[5], dtype=np.int64),
-            "gen_tokens": np.asarray(r[6], dtype=np.int64),
-            "padded_tokens": np.asarray(r[7], dtype=np.int32),
-            "kv_blocks_used": np.asarray(r[8], dtype=np.int64),
-            "graph": np.asarray(r[9], dtype=bool),
-            "kv_blocks_cached": np.asarray(r[10], dtype=np.int64),
-            "kv_blocks_host": np.asarray(r[11], dtype=np.int64),
-            "evictions": np.asarray(r[12], dtype=np.int64),
-            "offloads": np.asarray(r[13], dtype=np.int64),
-            "onboards": np.asarray(r[14], dtype=np.int64),
-            "decode_kv_tokens": np.asarray(r[15], dtype=np.int64),
-            "ctx_cached_tokens": np.asarray(r[16], dtype=np.int64),
+            "iteration": ints(0),
+            "start_s": R[:, 1].copy(),
+            "duration_s": R[:, 2].copy(),
+            "num_ctx_requests": ints(3, np.int32),
+            "num_gen_requests": ints(4, np.int32),
+            "ctx_tokens": ints(5),
+            "gen_tokens": ints(6),
+            "padded_tokens": ints(7, np.int32),
+            "kv_blocks_used": ints(8),
+            "graph": R[:, 9] != 0,
+            "kv_blocks_cached": ints(10),
+            "kv_blocks_host": ints(11),
+            "evictions": ints(12),
+            "offloads": ints(13),
+            "onboards": ints(14),
+            "decode_kv_tokens": ints(15),
+            "ctx_cached_tokens": ints(16),
         }
     else:
         gen = None
     st = engine.stretches
     if st:
-        s = list(zip(*st))
-        g0 = np.asarray(s[0], dtype=np.int64)
-        K = np.asarray(s[1], dtype=np.int64)
-        t0 = np.asarray(s[2], dtype=np.float64)
-        f = np.asarray(s[3], dtype=np.float64)
-        a = np.asarray(s[4], dtype=np.float64)
-        kv0 = np.asarray(s[5], dtype=np.float64)
-        n = np.asarray(s[6], dtype=np.int64)
-        used0 = np.asarray(s[7], dtype=np.int64)
-        hist = np.frombuffer(b"".join(s[8]), dtype=np.int64).reshape(len(st), tpb)
-        p0 = np.asarray(s[9], dtype=np.int64)
-        padded = np.asarray(s[10], dtype=np.int64)
-        cached = np.asarray(s[11], dtype=np.int64)
-        host = np.asarray(s[12], dtype=np.int64)
+        S = np.array(st, dtype=np.float64)
+        g0 = S[:, 0].astype(np.int64)
+        K = S[:, 1].astype(np.int64)
+        t0, f, a, kv0 = S[:, 2], S[:, 3], S[:, 4], S[:, 5]
+        n = S[:, 6].astype(np.int64)
+        used0 = S[:, 7].astype(np.int64)
+        p0 = S[:, 8].astype(np.int64)
+        padded = S[:, 9].astype(np.int64)
+        cached = S[:, 10].astype(np.int64)
+        host = S[:, 11].astype(np.int64)
+        hist = np.frombuffer(b"".join(engine.stretch_hist), dtype=np.int64).reshape(len(st), tpb)
         ev_first = np.zeros(int(K.sum()), dtype=np.int64)
         off_first = np.zeros(int(K.sum()), dtype=np.int64)
         sid = np.repeat(np.arange(len(st)), K)
@@ -93,8 +92,8 @@ def iteration_arrays(engine) -> IterationArrays:
         used = used0[sid] + cs - before[sid]
         pad = padded[sid]
         nn = n[sid]
-        ev_first[first] = np.asarray(s[13], dtype=np.int64)  # stretch evictions at its start
-        off_first[first] = np.asarray(s[14], dtype=np.int64)
+        ev_first[first] = S[:, 12].astype(np.int64)  # stretch evictions at its start
+        off_first[first] = S[:, 13].astype(np.int64)
         stretch = {
             "iteration": g0[sid] + k,
             "start_s": start,
