@@ -214,3 +214,29 @@ def test_retention_keeps_system_prompt_hot():
                               retention=ret if with_ret else None)
         hit[with_ret] = sum(r.cached_tokens for r in reqs)
     assert hit[True] == 3 * 16 and hit[False] == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([0, 10, 35, 35, 35, 60, 90, 100]), min_size=1, max_size=40), st.randoms())
+def test_eviction_order_property(blocks, rnd):
+    """Evicting one block at a time always takes the lowest priority, then the least
+    recently released -- whatever mix of priorities and release order."""
+    kv, cache = _cache_with(len(blocks) + 1)
+    nodes = []
+    for i, prio in enumerate(blocks):
+        kv.used += 1
+        nodes.append(cache.insert(1000 + i, kv.free_ids.pop(), prio, None, None))
+    order = list(range(len(nodes)))
+    rnd.shuffle(order)
+    released = {}
+    for t, i in enumerate(order):  # time runs forward
+        cache.release(nodes[i], float(t))
+        released[nodes[i].key] = (nodes[i].priority, float(t))
+    evicted = []
+    while cache.nodes:
+        before = set(cache.nodes)
+        assert cache.evict(1, 1e9) == 1
+        (gone,) = before - set(cache.nodes)
+        evicted.append(released[gone])
+    assert evicted == sorted(evicted)
+    cache.check()
