@@ -259,7 +259,31 @@ class GpuExecutor:
             logits = self.model.step(chunks, decs, self.kv_pool)
             self.sampler(logits, self._temp, self._top_p)
         if self.cuda:
+            self._compile_attention_variants()
             torch.cuda.synchronize(self.device)
+
+    def _compile_attention_variants(self) -> None:
+        """Compile every attention-kernel variant a run can meet (each decode split count,
+        both prefill tile heights) now, so no iteration stalls on a Triton compilation."""
+        from servesim.kernels import ops
+        from servesim.kernels.decode_attention import MAX_SPLITS
+
+        d = self.model.dims
+        kc, vc = self.kv_pool.k_cache(0), self.kv_pool.v_cache(0)
+        dev, dt, bs = self.device, self.model.dtype, self.block_size
+        scale = d.head_dim ** -0.5
+        bt = torch.zeros(2, 1, dtype=torch.int32, device=dev)  # block 0 only (never read back)
+        sl = torch.full((2,), min(bs, 4), dtype=torch.int32, device=dev)
+        q = torch.zeros(2, d.num_heads, d.head_dim, dtype=dt, device=dev)
+        s = 1
+        while s <= MAX_SPLITS:
+            ops.paged_decode_attention(q, kc, vc, bt, sl, scale, num_splits=s)
+            s *= 2
+        for t in (4, 300):  # chunks of <= 256 tokens per sequence use 64-row tiles, longer 128
+            qp = torch.zeros(t, d.num_heads, d.head_dim, dtype=dt, device=dev)
+            cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+            bt1 = torch.zeros(1, -(-t // bs), dtype=torch.int32, device=dev)
+            ops.paged_prefill_attention(qp, kc, vc, bt1, cu, torch.tensor([t], dtype=torch.int32, device=dev), scale)
 
     def _grow_slots(self, cap: int) -> None:
         old = self._cap

@@ -36,7 +36,10 @@ MIN_TOKENS_PER_SPLIT = 64
 WAVES = 4
 
 
-@triton.jit
+# The block-table row stride changes with the longest request of a batch; specialising on
+# it (Triton specialises integers on divisibility by 16) would compile new variants in the
+# middle of a serving run, stalling it for a second each.
+@triton.jit(do_not_specialize=["s_bt_b"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr,
     m_ptr, l_ptr, acc_ptr, out_ptr,
@@ -182,14 +185,17 @@ def choose_num_splits(
 
     Tuned on an H100 (bf16, Hq=32, D=128, Hkv 4..32, lengths 1K..8K, CUDA-graph timing):
     e.g. B*Hkv=8 -> 32 splits, 32 -> 16, 128 -> 4, >=132 -> 1 were the fastest or within
-    ~10% of it.
+    ~10% of it. Rounded down to a power of two (MAX_SPLITS is one).
     """
     work = max(batch * num_kv_heads, 1)
     if work >= sms:
         return 1
     by_sms = max((WAVES * sms) // work, 1)
     by_len = max(cdiv(max_seq_len, min_tokens_per_split), 1)
-    return max(1, min(by_sms, by_len, max_splits))
+    n = max(1, min(by_sms, by_len, max_splits))
+    # a power of two: NUM_SPLITS is a compile-time constant, and a handful of values (all
+    # compiled at warm-up) keeps a serving run from compiling new kernels as batches change
+    return 1 << (n.bit_length() - 1)
 
 
 def paged_decode_attention_triton(

@@ -78,7 +78,9 @@ def _attend_tiles(
     return m_i, l_i, acc
 
 
-@triton.jit
+# the block-table row stride and the number of sequences change every iteration: not
+# specialised, so a serving run never compiles new variants mid-run
+@triton.jit(do_not_specialize=["s_bt_b", "num_seqs"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, sl_ptr, out_ptr,
     s_q_t, s_q_h,
