@@ -142,7 +142,6 @@ def ceilings(dev, smoke: bool) -> dict:
     y = torch.randn_like(x)
     mm_s = t(lambda: x @ y, reps=10 if not smoke else 3)
     mm = 2 * m ** 3 / mm_s
-    del a, b, x, y
     md("\n## 1. Ceilings measured in this run\n")
     md("| what | measured |\n|---|---|")
     md(f"| device copy (read + write) | {copy_bw / 1e12:.2f} TB/s |")
@@ -384,8 +383,8 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
             with torch.no_grad():
                 eager = t(step, reps=10 if not smoke else 2)
                 graph = t(graphed(step, dev), reps=20 if not smoke else 2)
-            del pool
-            model.kv_pool = None
+            pool = None
+            model.kv_pool = None  # free the pool before the baseline allocates its cache
             roof = (spec.weight_bytes + int(seq.sum()) * kv_tok) / ceil["copy_bw"]
             base = float("nan")
             if dev.type == "cuda" or smoke:
@@ -405,7 +404,7 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
         # prefill chunks for calibration
         if budget.allows(20, f"prefill grid {name}"):
             prefill_grid(model, spec, name, dev, t, calib, smoke, ceil)
-        del model
+        model = None  # free the weights before the next model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
