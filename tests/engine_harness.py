@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from servesim.policies.capacity import make_capacity_policy
 from servesim.policies.chunking import make_chunk_policy

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from servesim.sim.cli import main
 
