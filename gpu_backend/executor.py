@@ -232,6 +232,7 @@ class GpuExecutor:
         self._pending: _InFlight | None = None
         # outputs
         self.outputs: dict[int, array] = {}  # request_id -> generated token ids
+        self._out_len: dict[int, int] = {}  # request_id -> tokens it keeps (output_len)
         self.completed_s: dict[int, float] = {}  # iteration -> clock() when its tokens were on the host
         self.power_w: dict[int, float] = {}  # iteration -> GPU power (W) sampled when it completed
         self._nvml_ok = True
@@ -317,6 +318,7 @@ class GpuExecutor:
                 out = self.outputs[rid] = array("q")
             st = self._seqs[rid] = _Seq(req, prompt_token_ids(req, self.seed, self.vocab_size,
                                                               self.hash_block_size), out)
+            self._out_len[rid] = req.output_len
         if st.slot < 0:
             if not self._free_slots:
                 self._grow_slots(2 * self._cap)
@@ -550,8 +552,11 @@ class GpuExecutor:
             self.wait_s += time.perf_counter() - t
         toks = f.host.tolist()
         outs = self.outputs
+        limit = self._out_len
         for rid, t in zip(f.rids, toks):
-            outs[rid].append(t)
+            o = outs[rid]
+            if len(o) < limit[rid]:  # the overlap scheduler's extra step: discarded
+                o.append(t)
         self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
         if self.cuda:
             self.power_w[f.iteration] = self._power()

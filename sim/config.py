@@ -102,7 +102,9 @@ class RuntimeConfig(_Strict):
     cuda_graphs: bool = Field(True, description="generation-only iterations run as CUDA graphs, batch "
                               "padded to a captured size")
     graph_max_batch_size: int | None = Field(None, gt=0, description="largest captured graph (default: max_batch_size)")
-    overlap_scheduler: bool = Field(False, description="host prepares iteration n+1 while the GPU runs n")
+    overlap_scheduler: bool = Field(False, description="host prepares iteration n+1 while the GPU runs n: "
+                                    "scheduling overhead hidden; a finished request runs one extra, discarded "
+                                    "step and frees its slot a step later")
 
 
 class ClusterConfig(_Strict):

@@ -52,6 +52,10 @@ class EngineConfig:
     offload_min_priority: int = DEFAULT_PRIORITY
     kv_block_bytes: int = 0  # bytes of one KV block (prices host<->GPU copies)
     swap_blocks: int = 0  # MAX_UTILIZATION preemption by swap: host blocks for paused requests (0: recompute)
+    # Overlap scheduler (TensorRT-LLM): iteration n+1 is scheduled before n's results are
+    # processed, so a request that emitted its last token at n still runs in n+1 (a
+    # discarded token, its slot and KV held) and frees its capacity one step later.
+    overlap: bool = False
 
 
 # Column order of a general iteration's record (see records.py).
@@ -123,7 +127,8 @@ class Engine:
         """`req` emitted a token at iteration `it` and now generates one per iteration."""
         req.phase = Phase.GENERATION
         req.gen_base_iter = it + 1
-        req.finish_iter = it + req.output_len - req.generated
+        # the iteration after which it leaves: its last token's, one later with overlap
+        req.finish_iter = it + req.output_len - req.generated + self.cfg.overlap
         off = self._off(req)
         self.n_dec += 1
         self.off_sum += off
@@ -138,10 +143,12 @@ class Engine:
         self.off_sum -= off
         self.hist[(off - 1) % self.tpb] -= 1
         del self.decoding[req.request_id]
-        req.generated += last_it + 1 - req.gen_base_iter
+        # tokens stop at output_len: with overlap the last iteration's token is discarded
+        last_emit = min(last_it, req.gen_base_iter - 1 + req.output_len - req.generated)
+        req.generated += last_emit + 1 - req.gen_base_iter
         req.gen_base_iter = last_it + 1
         first, _ = req.spans[-1]
-        req.spans[-1] = (first, last_it - first + 1)
+        req.spans[-1] = (first, last_emit - first + 1)
         return blocks_for(off + last_it, self.tpb)
 
     def _finish(self, req: Request, blocks: int) -> None:
@@ -253,6 +260,9 @@ class Engine:
         assert victim is not None
         if victim.phase == Phase.GENERATION:
             blocks = self._leave_generation(victim, it - 1)
+            if victim.generated >= victim.output_len:  # done (overlap: only its discarded step left)
+                self._finish(victim, blocks)
+                return
             if blocks <= self.cfg.swap_blocks - self.swap_used:
                 # swap: its KV goes to host memory and comes back on resume (no recompute)
                 victim.swapped_blocks = blocks
@@ -362,7 +372,7 @@ class Engine:
                     self._cache_prompt_blocks(req, end)
                 req.generated += 1
                 req.spans.append((it, 1))
-                if req.generated >= req.output_len:
+                if req.generated >= req.output_len and not cfg.overlap:
                     self._finish(req, blocks_for(req.context_target, tpb))
                 else:
                     self._enter_generation(req, it)

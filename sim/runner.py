@@ -201,6 +201,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         offload_min_priority=kvc.secondary_offload_min_priority,
         kv_block_bytes=block_bytes,
         swap_blocks=int(s.swap_space_gb * 1e9 // block_bytes) if s.preemption == "swap" else 0,
+        overlap=rt.overlap_scheduler,
     )
 
 

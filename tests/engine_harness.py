@@ -65,7 +65,7 @@ class SimExec:
 def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
-               contents=None, retention=None, swap_blocks=0):
+               contents=None, retention=None, swap_blocks=0, overlap=False):
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
         for r, k in zip(reqs, keys):
@@ -83,7 +83,8 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         chunking=make_chunk_policy(chunked, chunk_size),
         graph_padding=GraphPadding(capture_sizes(max_batch)) if graphs else None,
         check_invariants=check, prefix_caching=reuse, host_blocks=host_blocks,
-        offload_min_priority=offload_min_priority, kv_block_bytes=1 << 20, swap_blocks=swap_blocks)
+        offload_min_priority=offload_min_priority, kv_block_bytes=1 << 20, swap_blocks=swap_blocks,
+        overlap=overlap)
     engines = []
     for r in range(replicas):
         ex = StepwiseExecutor(cost, max_batch, max_tokens) if stepwise else SimExec(cost)

@@ -36,6 +36,7 @@ def configs(draw):
         chunked=chunked,
         chunk_size=draw(st.sampled_from([None, tpb * 4, tpb * 8])) if chunked else None,
         graphs=draw(st.booleans()),
+        overlap=draw(st.booleans()),
     )
 
 
@@ -219,3 +220,24 @@ def test_replicas_share_the_work(rows, router, replicas):
     n = it.column("num_ctx_requests").to_numpy() + it.column("num_gen_requests").to_numpy()
     assert n.max() <= 4
     assert len(req.token_times) == sum(r.output_len for r in reqs)
+
+
+def test_overlap_scheduler_runs_one_discarded_step():
+    """With the overlap scheduler a request that emitted its last token still runs one more
+    iteration (its token discarded) and frees its slot a step later."""
+    rows = [(0.0, 20, 5), (0.0, 20, 1)]
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=4, max_tokens=64, tpb=4, blocks=100,
+               chunked=False, chunk_size=None, graphs=False)
+    _, _, it_plain, req_plain = run_engine(rows, **cfg)
+    reqs, engines, it_ov, req_ov = run_engine(rows, overlap=True, **cfg)
+    _check_run(rows, cfg, reqs, engines, it_ov, req_ov)
+    assert it_ov.num_rows == it_plain.num_rows + 1
+    assert it_ov.column("gen_tokens").to_numpy().sum() == it_plain.column("gen_tokens").to_numpy().sum() + 2
+    assert len(req_ov.token_times) == len(req_plain.token_times) == 6
+    # a static batch waits for the discarded step too before the next batch forms
+    rows = [(0.0, 10, 3), (0.001, 10, 3)]
+    cfg["capacity"] = "static_batch"
+    cfg["max_batch"] = 1
+    _, _, a, ra = run_engine(rows, **cfg)
+    _, _, b, rb = run_engine(rows, overlap=True, **cfg)
+    assert rb.table.column("first_scheduled_s")[1].as_py() > ra.table.column("first_scheduled_s")[1].as_py()
