@@ -162,6 +162,10 @@ def cmd_run(args) -> int:
 
                 timeline(result.requests, result.iterations, setup.num_blocks, run_dir / "timeline.png",
                          f"{exp.name} / {v.name} ({setup.model.name}, {setup.hardware.name})")
+            if setup.cfg.output.timeline:
+                from .timeline import write_chrome_trace
+
+                write_chrome_trace(result.iterations, run_dir / "timeline.json")
             tables[v.name] = result.requests
             rows.append({"variant": v.name, **flat_row(result.summary)})
             prog.remove_task(task)

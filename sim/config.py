@@ -133,6 +133,8 @@ class CostModelConfig(_Strict):
 
 class OutputConfig(_Strict):
     plots: bool = Field(True, description="write PNG plots into the run directory")
+    timeline: bool = Field(True, description="write timeline.json (Chrome trace of the first 5,000 "
+                           "iterations: open it in ui.perfetto.dev)")
 
 
 class RunConfig(_Strict):

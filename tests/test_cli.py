@@ -50,7 +50,8 @@ def test_run_writes_every_output(tmp_path, capsys):
     assert "ifb-maxutil" in printed and "TTFT p50" in printed
     for v in ("static", "ifb", "ifb-maxutil"):
         d = out / v
-        for f in ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml", "timeline.png"):
+        for f in ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml", "timeline.png",
+                  "timeline.json"):
             assert (d / f).exists(), f"{v}/{f}"
         s = json.loads((d / "summary.json").read_text())
         for k in ("num_requests", "num_iterations", "duration_s", "ttft_s", "tpot_s", "itl_s", "e2e_s",
@@ -68,6 +69,11 @@ def test_run_writes_every_output(tmp_path, capsys):
         status = req.column("status").to_pylist()
         assert all(len(t) == o for t, o, st in zip(toks, outs, status) if st == "finished")
     assert (out / "comparison.csv").exists() and (out / "latency_cdf.png").exists()
+    trace = json.loads((out / "ifb" / "timeline.json").read_text())
+    it = pq.read_table(out / "ifb" / "iterations.parquet")
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(slices) == it.num_rows == trace["otherData"]["iterations_written"]
+    assert {e["name"] for e in slices} <= {"context", "mixed", "decode"}
     rows = (out / "comparison.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("variant,")
     # the resolved config makes every default explicit
