@@ -36,7 +36,7 @@ workload:
   trace: {trace}
   arrival: {{kind: poisson, rate_req_s: {rate}}}
 scheduler: {{capacity: guaranteed_no_evict, max_batch_size: 256, max_num_tokens: 8192}}
-output: {{plots: false}}
+output: {{plots: false, timeline: false}}
 """
 
 
