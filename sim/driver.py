@@ -1,10 +1,10 @@
-"""The simulated clock: a SimPy environment with an arrival process and one engine
-process per replica. Virtual time advances by what the executor says an iteration (or a
-closed-form decode stretch) takes.
+"""The simulated clock: a SimPy environment with one engine process per replica. Virtual
+time advances by what the executor says an iteration (or a closed-form decode stretch)
+takes; an idle replica sleeps until the next arrival.
 
-Arrivals are delivered to the replicas (through the router, in arrival order) by whoever
-looks first at a given time, so the outcome never depends on SimPy's ordering of
-simultaneous events: same config and seed, same bytes.
+Arrivals are delivered to the replicas (through the router, in arrival order) by whichever
+replica process looks first at a given time, so the outcome never depends on SimPy's
+ordering of simultaneous events: same config and seed, same bytes.
 """
 
 from __future__ import annotations
@@ -59,20 +59,6 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
     """Run to completion; returns the virtual time at which the last replica went idle."""
     env = simpy.Environment()
     arrivals = Arrivals(requests, engines, router)
-    idle: dict[int, simpy.Event] = {}
-
-    def wake_idle() -> None:
-        for k in list(idle):
-            ev = idle.pop(k)
-            ev.succeed()
-
-    def arrival_process():
-        while not arrivals.exhausted():
-            t = arrivals.next_time()
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            arrivals.deliver(env.now)
-            wake_idle()
 
     def engine_process(i: int, engine: Engine):
         steps = 0
@@ -82,9 +68,9 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
             if not engine.has_work():
                 if arrivals.exhausted():
                     return
-                ev = env.event()
-                idle[i] = ev
-                yield ev
+                # idle: sleep until the next arrival (which may be routed elsewhere; then
+                # this replica simply sleeps again)
+                yield env.timeout(arrivals.next_time() - now)
                 continue
             # Steps that end before the next arrival cannot interact with anything else
             # (replicas only meet through the router, at arrivals), so they run back to
@@ -104,7 +90,6 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
             elif engine.has_work() and not engine.context and not engine.n_dec:
                 raise RuntimeError(f"replica {i}: waiting requests can never be admitted")
 
-    env.process(arrival_process())
     procs = [env.process(engine_process(i, e)) for i, e in enumerate(engines)]
     env.run(until=simpy.AllOf(env, procs))
     return env.now
