@@ -69,14 +69,17 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     page = REPO / "benchmarks" / "results" / "fidelity.md"
+    marker = "\n## Reading the table"
+    old = page.read_text() if page.exists() else ""
+    analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
         "Command: `python benchmarks/fidelity.py`. Each cell is the simulator's relative error "
         "(sim - GPU) / GPU on the same requests (`sim compare GPU_RUN SIM_RUN`). GPU runs: "
         "benchmarks/results/gpu_runs/ (400 Azure-conversation requests each, Llama-3.1-8B, random "
         "weights, bf16, one H100, made by benchmarks/gpu_bench.py). Calibrated = "
-        "profiles/h100-llama-3.1-8b.yaml, fitted to the separate decode/prefill grid "
-        "(benchmarks/results/calibration_h100.csv), never to these workloads.\n\n" + table + "\n")
+        "profiles/h100-llama-3.1-8b.yaml, fitted to the separate grid of designed workloads "
+        "(benchmarks/results/calibration_h100_engine_llama-3.1-8b.csv), never to these workloads.\n\n" + table + "\n" + analysis)
 
 
 if __name__ == "__main__":
