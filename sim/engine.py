@@ -156,7 +156,8 @@ class Engine:
         req.phase = Phase.FINISHED
         self.done.append(req)
 
-    def _reject(self, req: Request, why: str) -> None:
+    def _reject(self, req: Request) -> None:
+        """Never fits (KV pool, or a prompt over max_num_tokens without chunking)."""
         req.phase = Phase.REJECTED
         self.done.append(req)
 
@@ -174,11 +175,11 @@ class Engine:
             req = self.waiting[0]
             if blocks_for(final_kv_tokens(req), self.tpb) > kv.total:
                 self.waiting.popleft()
-                self._reject(req, "kv")
+                self._reject(req)
                 continue
             if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and cfg.chunking.name == "none":
                 self.waiting.popleft()
-                self._reject(req, "tokens")
+                self._reject(req)
                 continue
             if req.swapped_blocks:
                 if not self._swap_in(req, headroom):
