@@ -156,6 +156,11 @@ class Engine:
         req.phase = Phase.FINISHED
         self.done.append(req)
 
+    def _final_blocks(self, req: Request) -> int:
+        """Blocks a request holds at its last step (with overlap, the discarded extra step
+        writes one more token)."""
+        return blocks_for(final_kv_tokens(req) + self.cfg.overlap, self.tpb)
+
     def _reject(self, req: Request) -> None:
         """Never fits (KV pool, or a prompt over max_num_tokens without chunking)."""
         req.phase = Phase.REJECTED
@@ -173,7 +178,7 @@ class Engine:
         headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
         while self.waiting and self.n_active() < cfg.max_batch_size:
             req = self.waiting[0]
-            if blocks_for(final_kv_tokens(req), self.tpb) > kv.total:
+            if self._final_blocks(req) > kv.total:
                 self.waiting.popleft()
                 self._reject(req)
                 continue
@@ -200,7 +205,7 @@ class Engine:
                     reused = req.context_target - 1
             n_hit = len(hits)
             need = AdmitNeed(ctx_blocks=blocks_for(req.context_target, self.tpb) - n_hit,
-                             final_blocks=blocks_for(final_kv_tokens(req), self.tpb) - n_hit,
+                             final_blocks=self._final_blocks(req) - n_hit,
                              new_refs=PrefixCache.new_refs(hits) if hits else 0)
             if not policy.try_admit(req, kv, headroom, need):
                 break
@@ -235,7 +240,7 @@ class Engine:
         n = req.swapped_blocks
         # n + 1: room for its own next block too, so the pause that follows admission in
         # the same iteration never picks the request it just brought back
-        need = AdmitNeed(ctx_blocks=n + 1, final_blocks=blocks_for(final_kv_tokens(req), self.tpb), new_refs=0)
+        need = AdmitNeed(ctx_blocks=n + 1, final_blocks=self._final_blocks(req), new_refs=0)
         if not self.cfg.capacity.try_admit(req, kv, headroom, need):
             return False
         self.waiting.popleft()
