@@ -1,11 +1,15 @@
 """Simulator fidelity: replay real GPU runs on the simulator, roofline and calibrated.
 
-For every GPU run under benchmarks/results/gpu_runs/ (made by benchmarks/gpu_bench.py on
-an H100), the same requests are replayed on the simulator (`workload: {replay: RUN}`,
-every other setting taken from the GPU run's resolved config) with the roofline cost model
-and with the calibrated profile of that model (profiles/h100-<model>.yaml, fitted on the
-separate decode/prefill grid -- never on these workloads), and `sim compare` gives the
-errors. Writes benchmarks/results/fidelity.md.
+The GPU runs under benchmarks/results/gpu_runs/ (made by benchmarks/gpu_fidelity.py on an
+H100: experiments/fidelity.yaml, Llama-3.2-1B and Llama-3.1-8B, the Azure conversation
+trace at two loads and an offline batch) are replayed on the simulator
+(`workload: {replay: RUN}`, every other setting taken from the GPU run's resolved config)
+with the roofline cost model and with the calibrated profile of the run's model
+(profiles/h100-<model>.yaml, fitted in the same device call to the designed grid --
+never to these workloads), and `sim compare` gives the errors. Then the noise floor:
+the same replays with the second calibration (benchmarks/results/calibration_repeat/),
+and the GPU runs that were made twice (benchmarks/results/gpu_runs_repeat/) compared with
+each other. Writes benchmarks/results/fidelity.md.
 
     python benchmarks/fidelity.py
 """
@@ -21,65 +25,116 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = REPO / "benchmarks" / "results" / "gpu_runs"
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = RESULTS / "gpu_runs"
+REPEAT_RUNS = RESULTS / "gpu_runs_repeat"
+REPEAT_PROFILES = RESULTS / "calibration_repeat"
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
-         ("throughput_out_tok_s", "value")]
+         ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
+P50S = {("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("throughput_out_tok_s", "value")}
+P99S = {("ttft_s", "p99"), ("tpot_s", "p99"), ("itl_s", "p99"), ("e2e_s", "p99")}
 
 
-def replay(run: Path, kind: str, out: Path) -> Path:
+def label(m: str, s: str) -> str:
+    name = {"throughput_out_tok_s": "tok/s", "energy_per_token_j": "J/token"}.get(m, m.replace("_s", "").upper())
+    return name if s == "value" else f"{name} {s}"
+
+
+def replay(run: Path, kind: str, out: Path, profile: Path | None = None) -> Path:
     from servesim.sim.cli import main
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
     cfg["workload"] = {"replay": str(run)}
-    cfg["output"] = {"plots": False}
-    if kind == "calibrated":
-        cfg["cost_model"] = {"kind": "calibrated", "profile": str(REPO / "profiles" / f"h100-{cfg['model']}.yaml")}
-    exp = out / f"{run.name}-{kind}.yaml"
-    exp.write_text(yaml.safe_dump({"name": f"{run.name}-{kind}", **cfg}))
+    cfg["output"] = {"plots": False, "timeline": False}
+    if kind != "roofline":
+        cfg["cost_model"] = {"kind": "calibrated", "profile": str(profile)}
+    name = f"{run.parent.name}-{run.name}-{kind}"
+    exp = out / f"{name}.yaml"
+    exp.write_text(yaml.safe_dump({"name": name, **cfg}))
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["run", str(exp), "--out", str(out / f"{run.name}-{kind}")]) == 0
-    return out / f"{run.name}-{kind}" / "base"
+        assert main(["run", str(exp), "--out", str(out / name)]) == 0
+    return out / name / "base"
+
+
+def errors(a: Path, b: Path, out: Path) -> tuple[dict, dict]:
+    from servesim.sim.compare import compare_runs
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        c = compare_runs(a, b, out, quiet=True)
+    return {(m["metric"], m["stat"]): m["rel_err"] for m in c["metrics"]}, c["iterations"]
+
+
+def mean_abs(vals) -> float:
+    vals = [abs(v) for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def main() -> None:
-    from servesim.sim.compare import compare_runs
-
-    rows = []
+    runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
+    rows, noise = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for run in sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists()):
+        for run in runs:
+            model = yaml.safe_load((run / "config.yaml").read_text())["config"]["model"]
+            prof = REPO / "profiles" / f"h100-{model}.yaml"
+            sims = {}
             for kind in ("roofline", "calibrated"):
-                sim_run = replay(run, kind, tmp)
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    c = compare_runs(run, sim_run, tmp / f"cmp-{run.name}-{kind}", quiet=True)
-                errs = {(m["metric"], m["stat"]): m["rel_err"] for m in c["metrics"]}
-                rows.append((run.name, kind, [errs.get(s) for s in STATS], c["iterations"]["mape"]))
-    head = "| GPU run (Llama-3.1-8B, H100) | sim cost model | " + " | ".join(
-        f"{m.replace('_s', '').replace('_out_tok', ' tok/s').upper()} {s if s != 'value' else ''}" for m, s in STATS
-    ) + " | iteration MAPE |"
+                sims[kind] = replay(run, kind, tmp, prof)
+                errs, its = errors(run, sims[kind], tmp / f"cmp-{run.name}-{kind}")
+                rows.append((run.name, kind, [errs.get(s) for s in STATS], its["mape"]))
+            rep = REPEAT_PROFILES / f"h100-{model}.yaml"
+            if rep.exists():  # calibration repeatability: sim(profile A) vs sim(profile B)
+                b = replay(run, "calibrated-repeat", tmp, rep)
+                errs, its = errors(sims["calibrated"], b, tmp / f"cmp-{run.name}-rep")
+                gpu = None
+                if (REPEAT_RUNS / run.name / "requests.parquet").exists():
+                    gpu, _ = errors(run, REPEAT_RUNS / run.name, tmp / f"cmp-{run.name}-gpu")
+                noise.append((run.name, errs, gpu))
+    head = "| GPU run | sim cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 3)]
     for name, kind, errs, mape in rows:
-        cells = " | ".join("-" if e is None else f"{e:+.0%}" for e in errs)
-        lines.append(f"| {name} | {kind} | {cells} | {mape:.0%} |")
+        cells = " | ".join("-" if e is None else f"{e:+.1%}" for e in errs)
+        lines.append(f"| {name} | {kind} | {cells} | {mape:.1%} |")
+    summary = ["", "| sim cost model | mean abs. error, all cells | p50s + throughput | p99s | energy/token | "
+               "iteration MAPE |", "|---|---|---|---|---|---|"]
     for kind in ("roofline", "calibrated"):
-        vals = [abs(e) for n, k, errs, _ in rows if k == kind for e in errs if e is not None]
-        lines.append(f"| **mean abs. error** | {kind} | {sum(vals) / len(vals):.0%} over all cells |" +
-                     " |" * (len(STATS)))
-    table = "\n".join(lines)
+        mine = [(errs, mape) for _, k, errs, mape in rows if k == kind]
+        allv = [e for errs, _ in mine for e in errs]
+        p50 = [e for errs, _ in mine for s, e in zip(STATS, errs) if s in P50S]
+        p99 = [e for errs, _ in mine for s, e in zip(STATS, errs) if s in P99S]
+        en = [errs[-1] for errs, _ in mine]
+        summary.append(f"| {kind} | {mean_abs(allv):.1%} | {mean_abs(p50):.1%} | {mean_abs(p99):.1%} | "
+                       f"{mean_abs(en):.1%} | {mean_abs([m for _, m in mine]):.1%} |")
+    noise_lines = []
+    if noise:
+        noise_lines = ["", "| workload | two calibrations: sim(A) vs sim(B), mean / max over the metrics | "
+                       "two GPU runs of the same requests, mean / max |", "|---|---|---|"]
+        for name, cal, gpu in noise:
+            c = [cal.get(s) for s in STATS]
+            cal_s = f"{mean_abs(c):.1%} / {max(abs(v) for v in c if v is not None):.1%}"
+            gpu_s = "-"
+            if gpu is not None:
+                g = [gpu.get(s) for s in STATS]
+                gpu_s = f"{mean_abs(g):.1%} / {max(abs(v) for v in g if v is not None):.1%}"
+            noise_lines.append(f"| {name} | {cal_s} | {gpu_s} |")
+    table = "\n".join(lines + summary + noise_lines)
     print(table)
-    page = REPO / "benchmarks" / "results" / "fidelity.md"
+    page = RESULTS / "fidelity.md"
     marker = "\n## Reading the table"
     old = page.read_text() if page.exists() else ""
     analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
-        "Command: `python benchmarks/fidelity.py`. Each cell is the simulator's relative error "
-        "(sim - GPU) / GPU on the same requests (`sim compare GPU_RUN SIM_RUN`). GPU runs: "
-        "benchmarks/results/gpu_runs/ (400 Azure-conversation requests each, Llama-3.1-8B, random "
-        "weights, bf16, one H100, made by benchmarks/gpu_bench.py). Calibrated = "
-        "profiles/h100-llama-3.1-8b.yaml, fitted to the separate grid of designed workloads "
-        "(benchmarks/results/calibration_h100_engine_llama-3.1-8b.csv), never to these workloads.\n\n" + table + "\n" + analysis)
+        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 540` (one device call on an "
+        "H100: calibrations and GPU runs), then `python benchmarks/fidelity.py` (anywhere: the replays and "
+        "this table). Each cell is the simulator's relative error (sim - GPU) / GPU on the same requests "
+        "(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
+        "the Azure conversation trace at two loads and offline, Llama-3.2-1B (800 requests) and "
+        "Llama-3.1-8B (300 requests), random weights, bf16, CUDA graphs, one H100). Calibrated = "
+        "profiles/h100-<model>.yaml, fitted in the same device call to the designed grid "
+        "(benchmarks/results/calibration/), never to these workloads. Energy: NVML's energy counter on "
+        "the GPU; the profile's fitted power model in the simulator.\n\n" + table + "\n" + analysis)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
 """GPU backend benchmark: correctness first, then speed against measured ceilings and
 baselines, all in one device call. Writes its tables to OUT/gpu_bench.md.
 
-    # on the GPU machine (one call; see benchmarks/results/gpu_bench.md for the command)
-    python benchmarks/gpu_bench.py --out $OUT --budget-s 470
+    # on the GPU machine (one ~9-minute call; see benchmarks/results/gpu_bench.md)
+    python benchmarks/gpu_bench.py --out $OUT --budget-s 540
     # anywhere, a CPU smoke test of every section on a tiny model
     python benchmarks/gpu_bench.py --smoke --out /tmp/gpu_bench
 
-Sections (each checks its results against a reference before timing, and each is skipped
-when the remaining time budget is too small for it):
+Sections, in the order they run (the most important results first; each checks its results
+against a reference before timing, and each is skipped when the remaining time budget is
+too small for it):
  1. ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate;
  2. kernels vs their torch references on random bf16 inputs, then achieved bytes/s as a
     fraction of the copy bandwidth;
  3. the model's logits vs transformers' LlamaForCausalLM with the same weights;
- 4. decode iterations of Llama-3.2-1B and Llama-3.1-8B (random weights, real shapes) over
-    a paged cache with mixed lengths, CUDA graphs on and off, vs the roofline
-    (weights + KV bytes read) / copy bandwidth and vs a plain-PyTorch graphed iteration
-    (cuBLAS GEMMs + SDPA over a contiguous cache) on the same shapes;
- 5. a calibration grid (prefill chunks x cached tokens, decode batch x KV) for the
+ 4. decode iterations of Llama-3.2-1B and Llama-3.1-8B (random weights, real shapes; batch
+    1-256, context 512-8k) over a paged cache with mixed lengths, CUDA graphs on and off, vs
+    the roofline (weights + KV bytes read) / copy bandwidth and vs a plain-PyTorch graphed
+    iteration (cuBLAS GEMMs + SDPA over a contiguous cache) with the same weights; a point
+    that does not fit in memory is reported in its row;
+ 5. (with 4) a calibration grid (prefill chunks x cached tokens, decode batch x KV) for the
     simulator's calibrated cost model (S4), written to OUT/calibration.csv;
- 6. end to end: `sim run experiments/ifb_vs_static.yaml --backend gpu` (small), the same
-    requests replayed on the simulator, and `sim compare` (OUT/runs.tar.gz);
- 7. offline throughput vs Hugging Face `generate` with a static cache.
+ 8. a torch.profiler profile of Llama-3.2-1B decode at batch 1 (graph replays and the eager
+    step): top kernels per iteration, kernel time vs the graph's wall time (the gaps), the
+    GEMMs' achieved bytes/s vs the copy bandwidth, and the time over the roofline by part;
+ 7. offline throughput vs Hugging Face `generate` with a static cache on 1,000 Azure-trace
+    requests (fewer when the budget stops HF early: ours then runs the same ones);
+ 6. (not in the default --sections; the GPU runs have their own script now) end to end:
+    `sim run experiments/ifb_vs_static.yaml --backend gpu` (small), the same requests
+    replayed on the simulator, and `sim compare` (OUT/runs.tar.gz).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -276,9 +284,11 @@ def vs_hf(dev, dtype, smoke: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- 4, 5
-def plain_torch_decode(spec, B, lens, dev, dtype):
+def plain_torch_decode(spec, B, lens, dev, dtype, weights=None):
     """The best a careful engineer gets from torch alone: cuBLAS GEMMs, SDPA over a
-    contiguous per-request cache (masked to each length), the whole step in a CUDA graph."""
+    contiguous per-request cache (masked to each length), the whole step in a CUDA graph.
+    ``weights``: our model's `LlamaWeights` to reuse (same shapes and layouts; saves their
+    memory), else random ones."""
     d = spec
     L, H, Hq, Hkv, D, I, V = (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
                                d.intermediate_size, d.vocab_size)
@@ -288,12 +298,19 @@ def plain_torch_decode(spec, B, lens, dev, dtype):
         return (torch.randn(*s, generator=g, device=dev, dtype=torch.float32) * 0.02).to(dtype)
 
     Lmax = int(lens.max()) + 1
-    layers = [dict(qkv=w((Hq + 2 * Hkv) * D, H), o=w(H, Hq * D), gu=w(2 * I, H), down=w(H, I),
-                   n1=torch.ones(H, device=dev, dtype=dtype), n2=torch.ones(H, device=dev, dtype=dtype))
-              for _ in range(L)]
-    emb, head = w(V, H), w(V, H)
-    kc = torch.randn(L, B, Hkv, Lmax, D, generator=g, device=dev, dtype=torch.float32).to(dtype)
-    vc = torch.randn_like(kc)
+    if weights is not None:
+        layers = [dict(qkv=lw.qkv, o=lw.o, gu=lw.gate_up, down=lw.down, n1=lw.input_norm, n2=lw.post_norm)
+                  for lw in weights.layers]
+        emb, head, final_norm = weights.embed, weights.lm_head, weights.final_norm
+    else:
+        layers = [dict(qkv=w((Hq + 2 * Hkv) * D, H), o=w(H, Hq * D), gu=w(2 * I, H), down=w(H, I),
+                       n1=torch.ones(H, device=dev, dtype=dtype), n2=torch.ones(H, device=dev, dtype=dtype))
+                  for _ in range(L)]
+        emb, head = w(V, H), w(V, H)
+        final_norm = layers[0]["n1"]
+    # drawn in the cache's dtype directly: no fp32 temporary twice the cache's size
+    kc = torch.empty(L, B, Hkv, Lmax, D, device=dev, dtype=dtype).normal_(generator=g)
+    vc = torch.empty_like(kc).normal_(generator=g)
     pos = lens.to(torch.int64).clone()
     mask = (torch.arange(Lmax, device=dev)[None, :] <= pos[:, None]).view(B, 1, 1, Lmax)
     ids = torch.randint(0, V, (B,), generator=g, device=dev)
@@ -325,88 +342,148 @@ def plain_torch_decode(spec, B, lens, dev, dtype):
             x = rms(h, p["n2"])
             gu = torch.nn.functional.linear(x, p["gu"])
             h = h + torch.nn.functional.linear(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:], p["down"])
-        return torch.nn.functional.linear(rms(h, layers[0]["n1"]), head).float()
+        return torch.nn.functional.linear(rms(h, final_norm), head).float()
 
     return step
+
+
+TINY_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def model_cfg_spec(name: str, smoke: bool):
+    """(HF config dict, ModelSpec) of a model, or of the tiny smoke model."""
+    if smoke:
+        from servesim.sim.specs import ModelSpec
+        return dict(TINY_CFG), ModelSpec.from_hf_config(dict(TINY_CFG, model_type="llama"), "tiny")
+    return json.loads((REPO / "sim" / "data" / "models" / f"{name}.json").read_text()), load_model(name)
+
+
+def tiny_json(work: Path) -> Path:
+    """The tiny smoke model as a config file for `sim run` (model: <path>)."""
+    path = work / "tiny.json"
+    path.write_text(json.dumps(dict(TINY_CFG, model_type="llama")))
+    return path
+
+
+def free_memory(dev) -> None:
+    import gc
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def decode_setup(model, spec, lens, dev, g, bs: int = 16):
+    """One decode iteration over a paged cache holding exactly the blocks each sequence needs
+    (its cached tokens and the new one), placed at random; block tables padded with block 0.
+    Returns (step, seq_lens, pool); the pool is also attached to the model."""
+    B = lens.numel()
+    nblk = (lens.to(torch.int64) + bs) // bs  # ceil((len + 1) / bs)
+    total, mb = int(nblk.sum()), int(nblk.max())
+    pool = model.make_kv_pool(total, bs)
+    bt = torch.zeros(B, mb, dtype=torch.int32, device=dev)
+    bt[torch.arange(mb, device=dev)[None, :] < nblk[:, None]] = \
+        torch.randperm(total, generator=g, device=dev).to(torch.int32)
+    pos = lens.to(torch.int64)
+    slot = bt[torch.arange(B, device=dev), pos // bs].to(torch.int64) * bs + pos % bs
+    seq = (lens + 1).to(torch.int32)
+    ids = torch.randint(0, spec.vocab_size, (B,), generator=g, device=dev)
+
+    def step():
+        return model.forward_decode(ids, pos, bt, seq, slot, pool)
+
+    return step, seq, pool
+
+
+def _time_ours(model, spec, lens, dev, g, t, smoke):
+    step, seq, pool = decode_setup(model, spec, lens, dev, g)
+    with torch.no_grad():
+        eager = t(step, reps=10 if not smoke else 2)
+        graph = t(graphed(step, dev), reps=20 if not smoke else 2)
+    return eager, graph, int(seq.sum())
+
+
+def _time_plain(model, spec, lens, dev, dtype, t, smoke):
+    with torch.no_grad():
+        fn = plain_torch_decode(spec, int(lens.numel()), lens, dev, dtype, weights=model.weights)
+        return t(graphed(fn, dev), reps=20 if not smoke else 2)
 
 
 def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]) -> None:
     from servesim.gpu_backend.model import LlamaModel
 
     t = timer(dev)
-    bs = 16
     models = ["llama-3.2-1b", "llama-3.1-8b"] if not smoke else ["tiny"]
     md("\n## 4. Decode iterations vs roofline and plain PyTorch (random weights, real shapes, "
        "paged cache, mixed lengths +-50%)\n")
-    md("Roofline = (weight bytes + KV bytes read) / measured copy bandwidth. Plain PyTorch: "
-       "cuBLAS GEMMs + SDPA over a contiguous cache, CUDA graph.\n")
-    md("| model | batch | context | ours, graph | of roofline | ours, eager | plain PyTorch (graph) | "
-       "of roofline | ours vs plain |")
-    md("|---|---|---|---|---|---|---|---|---|")
+    md("Roofline = (weight bytes + KV bytes read) / measured copy bandwidth. Ours: a paged pool holding "
+       "exactly the blocks the batch needs. Plain PyTorch: the same weights, cuBLAS GEMMs + SDPA over a "
+       "contiguous cache of batch x (longest length + 1) tokens, CUDA graph; it runs after our pool is "
+       "freed, and is skipped where that cache does not fit in the free memory.")
     for name in models:
         if not budget.allows(60, f"decode grid {name}"):
             return
-        if smoke:
-            cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
-            from servesim.sim.specs import ModelSpec
-            spec = ModelSpec.from_hf_config(dict(cfg, model_type="llama"), "tiny")
-        else:
-            spec = load_model(name)
-            cfg = json.loads((REPO / "sim" / "data" / "models" / f"{name}.json").read_text())
+        md("\n| model | batch | context | ours, graph | of roofline | ours, eager | plain PyTorch (graph) | "
+           "of roofline | ours vs plain |")
+        md("|---|---|---|---|---|---|---|---|---|")
+        cfg, spec = model_cfg_spec(name, smoke)
         model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
         grid = ([(1, 64), (4, 128)] if smoke else
-                [(1, 1024), (16, 1024), (64, 1024), (256, 1024), (64, 4096), (8, 8192)])
+                [(1, 512), (1, 1024), (16, 1024), (64, 1024), (256, 1024), (32, 2048), (64, 4096), (8, 8192),
+                 (1, 8192)])
         kv_tok = spec.kv_bytes_per_token
-        mem_cap = 24e9 if name == "llama-3.1-8b" else 40e9
+        mem_cap = 40e9  # our pool (the KV bytes of the batch), on top of the weights
         g = torch.Generator(device=dev).manual_seed(1)
         for B, ctx in grid:
             if budget.left() < 25:
                 md(f"| {name} | ... | | *budget exhausted* | | | | | |")
                 break
             lens = torch.randint(ctx // 2, ctx * 3 // 2 + 1, (B,), generator=g, device=dev).to(torch.int32)
-            if int(lens.sum()) * kv_tok > mem_cap:
+            kv_bytes = (int(lens.sum()) + B) * kv_tok
+            if kv_bytes > mem_cap:
+                md(f"| {name} | {B} | {ctx} | *skipped: KV {kv_bytes / 1e9:.0f} GB > cap {mem_cap / 1e9:.0f} GB* "
+                   "| | | | | |")
                 continue
-            mb = int(math.ceil((int(lens.max()) + 1) / bs))
-            nb = B * mb
-            pool = model.make_kv_pool(nb, bs)
-            bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, mb)
-            pos = lens.to(torch.int64)
-            slot = (bt[torch.arange(B, device=dev), (pos // bs)].to(torch.int64) * bs + pos % bs)
-            seq = (lens + 1).to(torch.int32)
-            ids = torch.randint(0, spec.vocab_size, (B,), generator=g, device=dev)
-
-            def step():
-                return model.forward_decode(ids, pos, bt, seq, slot, pool)
-
-            with torch.no_grad():
-                eager = t(step, reps=10 if not smoke else 2)
-                graph = t(graphed(step, dev), reps=20 if not smoke else 2)
-            pool = None
+            oom = ""
+            try:
+                eager, graph, kv_sum = _time_ours(model, spec, lens, dev, g, t, smoke)
+            except torch.OutOfMemoryError as e:
+                oom = str(e).splitlines()[0][:120]
             model.kv_pool = None  # free the pool before the baseline allocates its cache
-            roof = (spec.weight_bytes + int(seq.sum()) * kv_tok) / ceil["copy_bw"]
-            base = float("nan")
-            if dev.type == "cuda" or smoke:
+            free_memory(dev)  # (after the except block: its traceback holds the pool)
+            if oom:
+                md(f"| {name} | {B} | {ctx} | *out of memory (KV {kv_bytes / 1e9:.0f} GB): {oom}* | | | | | |")
+                continue
+            roof = (spec.weight_bytes + kv_sum * kv_tok) / ceil["copy_bw"]
+            # the baseline's contiguous cache, plus SDPA's GQA-expanded K and V of one layer
+            Lmax = int(lens.max()) + 1
+            cache = B * Lmax * kv_tok
+            need = cache * (1 + spec.num_heads / spec.num_kv_heads / spec.num_layers) + 2e9
+            avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else mem_cap
+            base, note = float("nan"), ""
+            if need > avail:
+                note = f"skipped: contiguous cache {cache / 1e9:.0f} GB, {avail / 1e9:.0f} GB free"
+            else:
                 try:
-                    with torch.no_grad():
-                        fn = plain_torch_decode(spec, B, lens, dev, dtype)
-                        base = t(graphed(fn, dev), reps=20 if not smoke else 2)
-                    del fn
+                    base = _time_plain(model, spec, lens, dev, dtype, t, smoke)
                 except torch.OutOfMemoryError:
-                    base = float("nan")
-                torch.cuda.empty_cache() if dev.type == "cuda" else None
+                    note = f"out of memory (contiguous cache {cache / 1e9:.0f} GB)"
+                free_memory(dev)  # the graph and its cache
+            if math.isnan(base):
+                base_cols = f"*{note}* | | "
+            else:
+                base_cols = f"{base * 1e3:.2f} ms | {roof / base:.0%} | {base / graph:.2f}x"
             md(f"| {name} | {B} | {ctx} | {graph * 1e3:.2f} ms | {roof / graph:.0%} | {eager * 1e3:.2f} ms | "
-               f"{base * 1e3:.2f} ms | {roof / base:.0%} | {base / graph:.2f}x |")
+               f"{base_cols} |")
             for gflag, val in ((True, graph), (False, eager)):
-                calib.append(dict(model=name, kind="decode", n_decode=B, kv_sum=int(seq.sum()), ctx_tokens=0,
+                calib.append(dict(model=name, kind="decode", n_decode=B, kv_sum=kv_sum, ctx_tokens=0,
                                   ctx_prior=0, graph=gflag, time_s=val))
         # prefill chunks for calibration
         if budget.allows(20, f"prefill grid {name}"):
             prefill_grid(model, spec, name, dev, t, calib, smoke, ceil)
         model = None  # free the weights before the next model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(dev)
 
 
 def prefill_grid(model, spec, name, dev, t, calib, smoke, ceil) -> None:
@@ -442,12 +519,7 @@ def end_to_end(out: Path, work: Path, smoke: bool, budget: Budget) -> None:
     runs = work / "runs"
     common = ["--set", "workload.num_requests=" + ("12" if smoke else "400"), "--set", "output.plots=true"]
     if smoke:
-        tiny = work / "tiny.json"
-        tiny.write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                        intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5,
-                                        rope_theta=10000.0, max_position_embeddings=4096,
-                                        tie_word_embeddings=False)))
+        tiny = tiny_json(work)
         common += ["--set", f"model={tiny}", "--set", "kv_cache.pool_tokens=20000",
                    "--set", "workload.max_prompt_len=200", "--set", "workload.max_output_len=20"]
     only = "online-ifb-guaranteed,offline-ifb-guaranteed,offline-static"
@@ -476,13 +548,18 @@ def end_to_end(out: Path, work: Path, smoke: bool, budget: Budget) -> None:
 
 # ---------------------------------------------------------------------------------- 7
 def vs_hf_generate(work: Path, dev, dtype, smoke: bool, budget: Budget) -> None:
-    """Offline throughput: our engine vs HF generate (static cache) on the same requests."""
+    """Offline throughput: our engine vs HF generate (static cache) on the same requests.
+
+    HF runs the requests in trace order (the naive baseline: no sorting by length), in
+    batches each padded to its longest prompt and run to its longest output. When the time
+    budget stops it early, ours runs exactly the requests HF completed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from servesim.traces.readers import read_trace
 
-    n = 16 if smoke else 128
+    n = 16 if smoke else 1000
     df = read_trace(REPO / "traces" / "data" / "AzureLLMInferenceTrace_conv.csv").head(n)
+    n = len(df)
     cap_p, cap_o = (100, 16) if smoke else (2048, 512)
     plen = np.minimum(df["prompt_len"].to_numpy(), cap_p)
     olen = np.minimum(df["output_len"].to_numpy(), cap_o)
@@ -492,29 +569,48 @@ def vs_hf_generate(work: Path, dev, dtype, smoke: bool, budget: Budget) -> None:
                    head_dim=16, vocab_size=256, num_hidden_layers=2)
     hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)}))
     hf = hf.to(dtype=dtype, device=dev).eval()
-    batch = 8 if smoke else 64
-    gen_tokens = 0
-    t0 = time.perf_counter()
+    batch = 8 if smoke else 128
+
+    def reserve(hf_s: float) -> float:
+        # ours on the same requests: start-up (weights, Triton, graph capture) + ~1/3 of HF's time
+        return 45 + hf_s / 3
+
+    hf_s, last_s, done, sizes, stop = 0.0, 0.0, 0, [], ""
     with torch.no_grad():
-        for i in range(0, n, batch):
-            if budget.left() < 40:
-                md("*HF generate: stopped early, budget*")
+        while done < n:
+            if budget.left() < last_s + reserve(hf_s + last_s):
+                stop = f"HF stopped after {done} requests: {budget.left():.0f} s of the budget left"
                 break
-            P, O = int(plen[i:i + batch].max()), int(olen[i:i + batch].max())
-            ids = torch.randint(0, cfg["vocab_size"], (min(batch, n - i), P), device=dev)
-            hf.generate(ids, max_new_tokens=O, min_new_tokens=O, do_sample=False,
-                        cache_implementation="static", pad_token_id=0)
-            gen_tokens += int(olen[i:i + batch].sum())
-            done = i + batch
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    hf_s = time.perf_counter() - t0
+            j = min(done + batch, n)
+            P, O = int(plen[done:j].max()), int(olen[done:j].max())
+            ids = torch.randint(0, cfg["vocab_size"], (j - done, P), device=dev)
+            t0 = time.perf_counter()
+            try:
+                hf.generate(ids, max_new_tokens=O, min_new_tokens=O, do_sample=False,
+                            cache_implementation="static", pad_token_id=0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch //= 2  # retry the same requests in smaller batches
+                ids = None
+                free_memory(dev)
+                log(f"HF generate: out of memory, batches of {batch} from request {done}")
+                continue
+            last_s = time.perf_counter() - t0
+            hf_s += last_s
+            sizes.append(j - done)
+            done = j
     del hf
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    # ours: the same requests, offline, through sim run --backend gpu
+    free_memory(dev)  # the subprocess needs the memory this process cached
+    md("\n## 7. Offline throughput vs Hugging Face `generate` (static cache)\n")
+    m = done
+    if m == 0:
+        md(f"*no request compared: {stop}*")
+        return
+    # ours: exactly the requests HF ran (the first m, in trace order), offline, through sim run --backend gpu
     table = work / "hf_reqs.csv"
-    m = min(done, n)
     import pandas as pd
     pd.DataFrame({"request_id": np.arange(m), "arrival_s": np.zeros(m), "prompt_len": plen[:m],
                   "output_len": olen[:m]}).to_csv(table, index=False)
@@ -522,25 +618,243 @@ def vs_hf_generate(work: Path, dev, dtype, smoke: bool, budget: Budget) -> None:
     model = "llama-3.2-1b"
     extra = "kv_cache: {pool_tokens: 1048576}\n"
     if smoke:
-        tiny = work / "tiny.json"
-        model = str(tiny)
+        model = str(tiny_json(work))
         extra = "kv_cache: {pool_tokens: 20000}\n"
     exp.write_text(f"name: vs_hf\nmodel: {model}\nworkload: {{trace: {table}}}\n"
                    f"scheduler: {{max_batch_size: 256, max_num_tokens: 8192}}\noutput: {{plots: false}}\n{extra}")
+    t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--backend", "gpu",
-                        "--out", str(work / "vs_hf")], cwd=REPO, capture_output=True, text=True)
+                        "--out", str(work / "vs_hf")], cwd=REPO, capture_output=True, text=True,
+                       timeout=max(60, budget.left() + 20))
     log(p.stdout[-3000:], p.stderr[-3000:])
-    ours = json.loads((work / "vs_hf" / "base" / "summary.json").read_text())
+    summary = work / "vs_hf" / "base" / "summary.json"
+    if p.returncode != 0 or not summary.exists():
+        raise RuntimeError(f"sim run --backend gpu exited {p.returncode}:\n{p.stderr[-2500:]}")
+    ours = json.loads(summary.read_text())
     ours_tok_s = ours["throughput_out_tok_s"]
-    hf_tok_s = int(olen[:m].sum()) / hf_s
-    md("\n## 7. Offline throughput vs Hugging Face `generate` (static cache)\n")
-    md(f"{m} Azure-conversation requests (prompts capped at {cap_p}, outputs at {cap_o} tokens), "
-       f"Llama-3.2-1B shapes, random weights, bf16. HF: batches of {batch}, each padded to its longest "
-       "prompt and run to its longest output.\n")
-    md("| engine | output tokens/s | ratio |\n|---|---|---|")
-    md(f"| HF generate, static cache | {hf_tok_s:,.0f} | 1.00x |")
-    md(f"| servesim --backend gpu (in-flight batching, paged KV, graphs) | {ours_tok_s:,.0f} | "
+    out_tok = int(olen[:m].sum())
+    hf_tok_s = out_tok / hf_s
+    if len(set(sizes[:-1])) <= 1:  # one batch size (the last batch may be smaller)
+        sz_txt = f"{sizes[0]}" + (f" (the last of {sizes[-1]})" if sizes[-1] != sizes[0] else "")
+    else:  # smaller after running out of memory
+        sz_txt = f"{', '.join(map(str, sizes))} (smaller after running out of memory)"
+    md(f"Compared on **{m} requests**: the first {m} of {n} Azure-conversation requests, in trace order"
+       + (f" ({stop})" if stop else "") + f"; prompts capped at {cap_p} and outputs at {cap_o} tokens "
+       f"({out_tok:,} output tokens). {'Tiny model' if smoke else 'Llama-3.2-1B shapes'}, random weights, "
+       f"{str(dtype).replace('torch.', '')}. "
+       f"HF: batches of {sz_txt} in trace order, each padded to its longest prompt and run to its longest output "
+       f"({hf_s:.0f} s); tokens/s counts each request's own output tokens. Ours: `sim run --backend gpu` on the "
+       f"same requests, all arriving at 0 ({time.perf_counter() - t0:.0f} s with start-up).\n")
+    md("| engine | requests | output tokens/s | ratio |\n|---|---|---|---|")
+    md(f"| HF generate, static cache | {m} | {hf_tok_s:,.0f} | 1.00x |")
+    fin, nreq = int(ours.get("num_finished", m)), int(ours.get("num_requests", m))
+    md(f"| servesim --backend gpu (in-flight batching, paged KV, graphs) | "
+       f"{fin if fin == nreq == m else f'{fin} finished of {nreq}'} | {ours_tok_s:,.0f} | "
        f"{ours_tok_s / hf_tok_s:.2f}x |")
+
+
+# ---------------------------------------------------------------------------------- 8
+def short_kernel_name(name: str, width: int = 60) -> str:
+    """A kernel's name without `void`, namespaces' noise, template and call arguments."""
+    n = name.replace("(anonymous namespace)::", "").strip()
+    if n.startswith("void "):
+        n = n[5:]
+    for ch in "<(":
+        i = n.find(ch)
+        if i > 0:
+            n = n[:i]
+    for prefix in ("at::native::", "at::cuda::"):
+        n = n.replace(prefix, "")
+    n = n.replace("|", "/")
+    return n if len(n) <= width else n[: width - 3] + "..."
+
+
+def kernel_class(name: str, cuda: bool) -> str:
+    n = name.lower()
+    if cuda:
+        if "splitkreduce" in n:
+            return "GEMM (split-K reduce)"
+        if re.search(r"gemm|gemv|nvjet|xmma|cutlass|cublas", n):
+            return "GEMM (split-K reduce)" if "reduce" in n else "GEMM"
+    elif n in ("aten::mm", "aten::addmm"):
+        return "GEMM"
+    if "attn" in n or "attention" in n or "decode_split" in n or "decode_reduce" in n:
+        return "attention"
+    if "norm" in n:
+        return "rms_norm"
+    if "rope" in n:
+        return "rope + KV write"
+    if "silu" in n:
+        return "silu_mul"
+    return "other"
+
+
+def profiled_kernels(prof, cuda: bool, trace: Path) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every GPU kernel, memcpy and memset in the profile, by start
+    time (from its Chrome trace, which holds graph replays' kernels where this torch records
+    them); on CPU, every op with its self CPU time (aten ops stand in for kernels)."""
+    if cuda:
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+        ks = [(str(e.get("name", "?")), float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
+              if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")]
+    else:
+        ks = [(e.name, float(e.time_range.start), float(e.self_cpu_time_total)) for e in prof.events()
+              if e.self_cpu_time_total > 0]
+    return sorted(ks, key=lambda k: k[1])
+
+
+def profile_decode(dev, dtype, ceil, work: Path, smoke: bool) -> None:
+    """Where the time of a batch-1 decode iteration goes: kernels, their bounds, the gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from servesim.gpu_backend.model import LlamaModel
+
+    cuda = dev.type == "cuda"
+    name = "llama-3.2-1b"
+    cfg, spec = model_cfg_spec(name, smoke)
+    model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+    ctx = 64 if smoke else 1024
+    g = torch.Generator(device=dev).manual_seed(1)
+    lens = torch.full((1,), ctx, dtype=torch.int32, device=dev)
+    step, seq, pool = decode_setup(model, spec, lens, dev, g)
+    t = timer(dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    runs: dict[str, tuple[list, int]] = {}
+    with torch.no_grad():
+        replay = graphed(step, dev)
+        wall_g = t(replay, reps=100 if cuda else 3)
+        wall_e = t(step, reps=20 if cuda else 3)
+        for label, fn, n in (("graph", replay, 20 if cuda else 2), ("eager", step, 5 if cuda else 2)):
+            for _ in range(3):
+                fn()
+            sync()
+            with profile(activities=acts) as prof:
+                for _ in range(n):
+                    fn()
+                sync()
+            runs[label] = (profiled_kernels(prof, cuda, work / f"profile_{label}.json"), n)
+    kv_tok = spec.kv_bytes_per_token
+    bw = ceil["copy_bw"]
+    kv_bytes = int(seq.sum()) * kv_tok
+    roof = (spec.weight_bytes + kv_bytes) / bw
+    us = 1e6
+    wall = wall_g * us  # per iteration, timed without the profiler
+    what = "kernel" if cuda else "op"
+    md(f"\n## 8. Profile of {'Llama-3.2-1B' if not smoke else 'the tiny model'} decode at batch 1 "
+       f"(context {ctx}, paged cache)\n")
+    md(f"Timed without the profiler: graph {wall:.0f} us per iteration, eager {wall_e * us:.0f} us; roofline "
+       f"(weights {spec.weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e6:.1f} MB) / copy bandwidth = "
+       f"{roof * us:.0f} us, so the graph runs at {roof / wall_g:.0%} of the roofline.")
+    ks, n = runs["graph"]
+    src = "graph"
+    if not cuda:
+        md("\n*CPU smoke: no CUDA graph (the graph step is the eager step) and no GPU kernels: aten ops by "
+           "self CPU time stand in for kernels.*")
+    elif ks:
+        md(f"\nPer-kernel times: torch.profiler (CUDA activities) over {n} graph replays; this torch "
+           "records the kernels inside the graph.")
+    else:
+        ks, n = runs["eager"]
+        src = "eager"
+        md(f"\nPer-kernel times: the graph replays showed no kernel events in this torch's profiler, so they "
+           f"come from {n} eager steps (the same kernels, launched one by one); the iteration's total is "
+           "the graph's wall time above.")
+    if not ks:
+        md("*the profiler recorded no kernels*")
+        return
+    per: dict[str, list] = {}
+    for k_name, _, dur in ks:
+        e = per.setdefault(k_name, [0, 0.0])
+        e[0] += 1
+        e[1] += dur
+    k_sum = sum(v[1] for v in per.values()) / n
+    md(f"\n| {what} | class | per iteration | us per iteration | share of iteration |\n|---|---|---|---|---|")
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])
+    for k_name, (cnt, tot) in top[:15]:
+        md(f"| `{short_kernel_name(k_name)}` | {kernel_class(k_name, cuda)} | {cnt / n:g} | {tot / n:.1f} | "
+           f"{tot / n / wall:.1%} |")
+    if len(top) > 15:
+        rest = sum(v[1] for _, v in top[15:]) / n
+        md(f"| {len(top) - 15} other {what}s | | {sum(v[0] for _, v in top[15:]) / n:g} | {rest:.1f} | "
+           f"{rest / wall:.1%} |")
+    md(f"| **all {what}s** | | {len(ks) / n:g} | {k_sum:.1f} | {k_sum / wall:.1%} |")
+    md(f"| **gaps: graph wall time - {what}s** | | | {wall - k_sum:.1f} | {(wall - k_sum) / wall:.1%} |")
+    # gaps seen in the trace: between consecutive kernels of one replay
+    per_it = len(ks) // n
+    if src == "graph" and cuda and per_it * n == len(ks) and per_it > 1:
+        gaps, spans = [], []
+        for i in range(n):
+            it = ks[i * per_it:(i + 1) * per_it]
+            gaps += [it[j + 1][1] - (it[j][1] + it[j][2]) for j in range(per_it - 1)]
+            spans.append(it[-1][1] + it[-1][2] - it[0][1])
+        md(f"\nIn the trace, one replay spans {np.median(spans):.0f} us from its first kernel's start to its last "
+           f"kernel's end; between its {per_it} kernels: median gap {np.median(gaps):.2f} us, "
+           f"{sum(gaps) / n:.0f} us per iteration in all.")
+    ke, ne = runs["eager"]
+    e_sum = sum(k[2] for k in ke) / ne
+    md(f"\nEager step: {what}s {e_sum:.0f} us of {wall_e * us:.0f} us wall ({len(ke) / ne:g} {what}s per "
+       "iteration): the rest is host time (Python, dispatch, launches), which the graph removes.")
+
+    # GEMMs: weight bytes / kernel time, per GEMM where the kernels map onto the model's linears in order
+    w = model.weights
+    linears: list[tuple[str, torch.Tensor]] = []
+    for lw in w.layers:
+        linears += [("qkv", lw.qkv), ("o", lw.o), ("gate_up", lw.gate_up), ("down", lw.down)]
+    linears.append(("lm_head", w.lm_head))
+    calls: list[list] = []  # [name, us] per GEMM call, split-K reductions added to their GEMM
+    for k_name, _, dur in ks:
+        c = kernel_class(k_name, cuda)
+        if c == "GEMM":
+            calls.append([k_name, dur])
+        elif c == "GEMM (split-K reduce)" and calls:
+            calls[-1][1] += dur
+    gemm_bytes = sum(x.numel() * x.element_size() for _, x in linears)
+    gemm_us = sum(c[1] for c in calls) / n
+    md(f"\n| GEMM | {what}(s) | per iteration | weight MB per call | us per call | achieved | "
+       "of copy bandwidth |\n|---|---|---|---|---|---|---|")
+    if len(calls) == n * len(linears):
+        for kind in ("qkv", "o", "gate_up", "down", "lm_head"):
+            idx = [i for i, (k, _) in enumerate(linears) if k == kind]
+            durs = [calls[r * len(linears) + i][1] for r in range(n) for i in idx]
+            names = sorted({short_kernel_name(calls[r * len(linears) + i][0], 40) for r in range(n) for i in idx})
+            b = linears[idx[0]][1].numel() * linears[idx[0]][1].element_size()
+            d = float(np.mean(durs))
+            md(f"| {kind} {tuple(linears[idx[0]][1].shape)} | {', '.join(f'`{x}`' for x in names[:2])}"
+               f"{' ...' if len(names) > 2 else ''} | {len(idx)} | {b / 1e6:.1f} | {d:.1f} | "
+               f"{b / d * us / 1e12:.2f} TB/s | {b / d * us / bw:.0%} |")
+    else:
+        md(f"| *{len(calls) / n:g} GEMM {what}s per iteration found, {len(linears)} linears expected: "
+           "per-GEMM attribution skipped* | | | | | | |")
+    if gemm_us > 0:
+        md(f"| **all GEMMs** | | {len(calls) / n:g} | {gemm_bytes / 1e6:.1f} in all | {gemm_us:.1f} in all | "
+           f"{gemm_bytes / gemm_us * us / 1e12:.2f} TB/s | {gemm_bytes / gemm_us * us / bw:.0%} |")
+
+    # where the time over the roofline goes
+    cls_us: dict[str, float] = {}
+    for k_name, _, dur in ks:
+        c = kernel_class(k_name, cuda)
+        c = "GEMM" if c.startswith("GEMM") else c
+        cls_us[c] = cls_us.get(c, 0.0) + dur / n
+    bounds = {"GEMM": gemm_bytes / bw * us, "attention": kv_bytes / bw * us}
+    parts = [(c, cls_us[c], bounds.get(c, 0.0)) for c in sorted(cls_us, key=lambda c: -cls_us[c])]
+    parts.append(("gaps between " + what + "s", wall - k_sum, 0.0))
+    over = wall - roof * us
+    md(f"\n| part of the iteration | us | bound at copy bandwidth | over its bound | share of the {over:.0f} us "
+       "over the roofline |\n|---|---|---|---|---|")
+    for c, t_us, b_us in parts:
+        md(f"| {c} | {t_us:.1f} | {b_us:.1f} | {t_us - b_us:.1f} | {(t_us - b_us) / over:.0%} |"
+           if over > 0 else f"| {c} | {t_us:.1f} | {b_us:.1f} | {t_us - b_us:.1f} | - |")
+    md(f"| **iteration** | {wall:.1f} | {roof * us:.1f} (roofline) | {over:.1f} | |")
+    worst = max(parts, key=lambda p: p[1] - p[2])
+    md(f"\nLargest term over its bound: {worst[0]}, {worst[1] - worst[2]:.0f} us of the {over:.0f} us. "
+       + (f"The GEMMs read their {gemm_bytes / 1e9:.2f} GB of weights at "
+          f"{gemm_bytes / gemm_us * us / bw:.0%} of the copy bandwidth; " if gemm_us > 0 else "")
+       + f"{what}s other than GEMMs take {k_sum - cls_us.get('GEMM', 0.0):.0f} us, the gaps between "
+       f"{what}s {wall - k_sum:.0f} us ({src} profile).")
+    del replay, step, pool, model
+    free_memory(dev)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -549,7 +863,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    ap.add_argument("--sections", default="1,2,3,4,6,7")
+    ap.add_argument("--sections", default="1,2,3,4,8,7",
+                    help="comma-separated; they run in the order 1,2,3,4,8,7,6 (6 is not a default)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -571,9 +886,10 @@ def main() -> None:
     steps = [("1", "ceilings", 15, lambda: ceil.update(ceilings(dev, args.smoke))),
              ("2", "kernels", 60, lambda: kernels(dev, dtype, ceil, args.smoke)),
              ("3", "model vs HF", 40, lambda: vs_hf(dev, dtype, args.smoke)),
-             ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget)),
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib)),
-             ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget))]
+             ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
+             ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
+             ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:
         if key not in secs or not budget.allows(need, what):
             continue

@@ -6,8 +6,11 @@ CUDA graphs are captured). Each turn: ``now = wall - t0``; requests with
 ``arrival_s <= now`` are delivered; if no replica has work, wait for the next arrival
 (an ``offline`` workload has every request at 0, so it is all delivered at once);
 otherwise each replica with work runs one engine step at ``now``. The engine's executor
-has no cost model, so a step is one real iteration and ends at ``now`` + its measured
-duration.
+has no cost model, so a step is one real iteration. Its recorded ``duration_s`` is the
+wall time of the whole step -- admission and scheduling, the executor's input packing,
+the GPU's work and the bookkeeping after it -- so iterations tile the timeline the way the
+simulator's do (its iteration price includes the scheduler's host overhead), and the
+next step starts where the last one's record ends.
 
 With an overlap-scheduling executor (``executor.overlap``), an iteration's GPU work is
 still running when its step returns; the executor records when each iteration's sampled
@@ -68,6 +71,9 @@ def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router
             t = now_s()
             n_rows = len(e.rows)
             e.step(t, INF)
+            if len(e.rows) == n_rows + 1 and not getattr(e.executor, "overlap", False):
+                row = e.rows[-1]  # the step's one iteration: it lasted until the step returned
+                e.rows[-1] = row[:_DURATION] + (now_s() - row[_START],) + row[_DURATION + 1:]
             steps += 1
             if progress is not None and steps % progress_every == 0:
                 progress(t)

@@ -234,8 +234,10 @@ class GpuExecutor:
         self.outputs: dict[int, array] = {}  # request_id -> generated token ids
         self._out_len: dict[int, int] = {}  # request_id -> tokens it keeps (output_len)
         self.completed_s: dict[int, float] = {}  # iteration -> clock() when its tokens were on the host
-        self.power_w: dict[int, float] = {}  # iteration -> GPU power (W) sampled when it completed
-        self._nvml_ok = True
+        # per iteration: host seconds from execute() to the forward's launch (input
+        # preparation), and execute()'s whole wall time (prep + GPU + sync, without overlap)
+        self.prep_s: dict[int, float] = {}
+        self.exec_s: dict[int, float] = {}
         self.graph_iterations = 0  # iterations run through the graph runner
         self.eager_iterations = 0
         self.iterations = 0
@@ -490,6 +492,7 @@ class GpuExecutor:
         d_bt = d_bt.view(R, width)
         dec_ids = self._token_buf.index_select(0, d_dslots)
         # -- forward ---------------------------------------------------------------------
+        self.prep_s[it] = time.perf_counter() - t_start
         if graph:
             padded = batch.shape.padded_decode
             if self.graph_runner.padded_size(B) != padded:
@@ -533,7 +536,8 @@ class GpuExecutor:
             prev, self._pending = self._pending, launched
             if prev is not None:
                 self._collect_one(prev)
-            return StepResult(duration_s=time.perf_counter() - t_start)
+            d = self.exec_s[it] = time.perf_counter() - t_start
+            return StepResult(duration_s=d)
         if self._pending is not None:  # overlap switched off mid-run
             self._collect()
         if self.cuda:
@@ -541,8 +545,8 @@ class GpuExecutor:
             torch.cuda.synchronize(self.device)
             self.wait_s += time.perf_counter() - t
         toks = self._collect_one(launched)
-        return StepResult(duration_s=time.perf_counter() - t_start,
-                          tokens={rid: [t] for rid, t in zip(rids, toks)})
+        d = self.exec_s[it] = time.perf_counter() - t_start
+        return StepResult(duration_s=d, tokens={rid: [t] for rid, t in zip(rids, toks)})
 
     # ------------------------------------------------------------------ collection
     def _collect_one(self, f: _InFlight) -> list[int]:
@@ -558,18 +562,7 @@ class GpuExecutor:
             if len(o) < limit[rid]:  # the overlap scheduler's extra step: discarded
                 o.append(t)
         self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
-        if self.cuda:
-            self.power_w[f.iteration] = self._power()
         return toks
-
-    def _power(self) -> float:
-        """GPU power draw in watts (NVML through torch; NaN where it is unavailable)."""
-        if self._nvml_ok:
-            try:
-                return torch.cuda.power_draw(self.device) / 1000.0
-            except Exception:  # noqa: BLE001 - no NVML / not permitted: stop asking
-                self._nvml_ok = False
-        return float("nan")
 
     def _collect(self) -> None:
         f, self._pending = self._pending, None

@@ -2,10 +2,16 @@
 
 Each grid point is a small designed workload run by `simulate_gpu` -- the very engine,
 executor, CUDA graphs and kernels a `--backend gpu` run uses -- so the measured iteration
-durations include everything an iteration costs there (input packing, the forward pass,
-sampling, synchronisation), not just the model's forward. The iterations' shapes come from
-iterations.parquet (`decode_kv_tokens`, `ctx_cached_tokens`, ...). None of these workloads
-is a fidelity workload: they are constant-length requests, offline.
+durations include everything an iteration costs there (scheduling, input packing, the
+forward pass, sampling, synchronisation, bookkeeping), not just the model's forward. Each
+row also splits off the host's part (`host_s`: the step's time outside the executor plus
+the executor's input packing), which `sim calibrate` fits separately as the scheduler
+overhead. The iterations' shapes come from iterations.parquet (`decode_kv_tokens`,
+`ctx_cached_tokens`, ...). None of these workloads is a fidelity workload: they are
+constant-length requests, offline.
+
+Energy: each grid run's GPU energy (NVML's counter) with its iterations' busy time and
+compute share, and the idle power measured before the grid, for the power model's fit.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ from servesim.sim.config import RunConfig
 from servesim.sim.runner import resolve
 from servesim.sim.specs import ModelSpec
 
-# (name, batch, prompt, output, graphs): decode points run `output` steps at `batch`
-DECODE_POINTS = [(1, 1024, 32, True), (16, 1024, 32, True), (64, 2048, 24, True), (256, 1024, 16, True),
-                 (8, 8192, 16, True), (32, 1024, 12, False)]
-PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512)]  # (requests, prompt)
+# (requests, prompt, output, graphs): offline runs of constant-length requests. Context
+# chunks are packed up to max_num_tokens (8192) per iteration, so requests enter decoding
+# in waves: one run yields decode-only iterations at several batch sizes and KV lengths
+# and mixed (context + decode) iterations, besides its full-batch steps.
+DECODE_POINTS = [(1, 1024, 32, True), (8, 2048, 24, True), (16, 512, 32, True), (32, 1024, 24, True),
+                 (64, 2048, 16, True), (128, 512, 16, True), (256, 1024, 12, True), (8, 8192, 12, True),
+                 (32, 1024, 12, False), (96, 512, 8, False)]
+PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (requests, prompt)
+SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str):
@@ -41,32 +52,65 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     })
     from pathlib import Path
 
-    return simulate_gpu(resolve(cfg, Path.cwd())).iterations.to_pandas()
+    from servesim.sim.power import compute_share, run_power_terms
+
+    setup = resolve(cfg, Path.cwd())
+    res = simulate_gpu(setup)
+    it = res.iterations.to_pandas()
+    it["exec_s"] = res.host_times["exec_s"]
+    it["prep_s"] = res.host_times["prep_s"]
+    busy, busy_share = run_power_terms(res.iterations, compute_share(res.iterations, setup.model, setup.hardware),
+                                       res.summary["duration_s"])
+    energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
+    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}", energy_j=energy,
+               span_s=res.summary["duration_s"], busy_s=busy, busy_share_s=busy_share)
+    return it, run
+
+
+def _rows(name: str, it, host) -> list[dict]:
+    """Calibration rows (kind decode / prefill / mixed) of a run's iterations."""
+    rows = []
+    for _, r in it.iterrows():
+        k, n = int(r.num_ctx_requests), int(r.num_gen_requests)
+        base = dict(model=name, n_decode=n, kv_sum=int(r.decode_kv_tokens) if n else 0, ctx_tokens=int(r.ctx_tokens),
+                    ctx_prior=int(r.ctx_cached_tokens), n_chunks=k, chunk_tokens=int(r.ctx_tokens) // k if k else 0,
+                    graph=bool(r.graph), padded=n + int(r.padded_tokens) if r.graph else 0,
+                    time_s=float(r.duration_s), host_s=host(r))
+        rows.append(dict(kind="decode" if not k else "mixed" if n else "prefill", **base))
+    return rows
 
 
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None) -> tuple[list[dict], dict]:
-    """Rows for sim/calibrate.py and the environment they were measured in. `model_ref`
-    is what an experiment would name the model by (default: its bundled name)."""
+    """Rows for sim/calibrate.py and the environment they were measured in (with
+    ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
+    it). `model_ref` is what an experiment would name the model by (default: its bundled
+    name)."""
     import torch
 
     ref = model_ref or model.name
     rows: list[dict] = []
+    runs: list[dict] = []
+    idle_w = None
+    if torch.cuda.is_available():
+        from .nvml import Nvml, device_index
+
+        nv = Nvml.open(device_index(torch.device("cuda")))
+        if nv is not None:
+            torch.cuda.synchronize()
+            idle_w = nv.idle_power_w(3.0)
+
+    def host(r) -> float:  # the step's host time: outside the executor + its input packing
+        return float(r.duration_s - r.exec_s + r.prep_s)
+
     for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
-        it = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
-        dec = it[(it.num_ctx_requests == 0) & (it.num_gen_requests == n)].iloc[2:]  # skip warm-up steps
-        for _, r in dec.iterrows():
-            rows.append(dict(model=model.name, kind="decode", n_decode=n, kv_sum=int(r.decode_kv_tokens),
-                             ctx_tokens=0, ctx_prior=0, n_chunks=0, chunk_tokens=0, graph=bool(r.graph),
-                             time_s=float(r.duration_s)))
+        it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
+        runs.append(run)
+        rows.extend(_rows(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt in (prefill_points or PREFILL_POINTS):
-        it = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
-        pre = it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)]
-        for _, r in pre.iterrows():
-            k = int(r.num_ctx_requests)
-            rows.append(dict(model=model.name, kind="prefill", n_decode=0, kv_sum=0, ctx_tokens=int(r.ctx_tokens),
-                             ctx_prior=int(r.ctx_cached_tokens), n_chunks=k,
-                             chunk_tokens=int(r.ctx_tokens) // k, graph=False, time_s=float(r.duration_s)))
+        it, run = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
+        runs.append(run)
+        rows.extend(_rows(model.name, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)], host))
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": str(torch.__version__),
@@ -87,4 +131,6 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                                        capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    env["idle_power_w"] = idle_w
+    env["power_runs"] = runs
     return rows, env

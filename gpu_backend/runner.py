@@ -161,8 +161,11 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     """Run ``setup`` on the real model; returns the same `RunResult` as `simulate`.
 
     The result also carries ``tokens`` (request_id -> generated token ids, an
-    ``array('q')`` each) and ``gpu_stats`` (device, dtype, iteration counts, whether CUDA
-    graphs were captured). ``use_graphs=False`` keeps the padded graph path but runs it
+    ``array('q')`` each), ``gpu_stats`` (device, dtype, iteration counts, whether CUDA
+    graphs were captured) and ``host_times`` (per iteration: ``prep_s``, the executor's
+    input packing before the launch, and ``exec_s``, its whole call; an iteration's
+    ``duration_s`` minus ``exec_s`` is the engine's scheduling and bookkeeping). On a GPU
+    with NVML the run's energy is the GPU's energy counter over the run. ``use_graphs=False`` keeps the padded graph path but runs it
     eagerly (default: capture on CUDA). ``dtype``: a torch dtype for weights and KV cache
     (default bf16 on CUDA, fp32 on a CPU)."""
     import torch
@@ -199,19 +202,42 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
                            hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs)
     executor.warmup()
     engine = Engine(ecfg, executor)
-    run_wallclock(requests, [engine], make_router(cfg.cluster.router), progress=progress)
+    router = make_router(cfg.cluster.router)
+    nvml = None
+    if dev.type == "cuda":
+        from .nvml import Nvml, device_index, run_energy
+
+        idx = device_index(dev)
+        nvml = Nvml.open(idx)
+    # no garbage-collector pauses mid-run (tens of ms with the run's many small objects):
+    # what exists now is frozen out of collection, and collection waits for the end
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        if nvml is not None:
+            _, energy_j = run_energy(nvml, idx, lambda: run_wallclock(requests, [engine], router, progress=progress))
+        else:
+            energy_j = None
+            run_wallclock(requests, [engine], router, progress=progress)
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
     tokens = executor.outputs
     stats = executor.stats()
-    power = np.array([executor.power_w.get(i, np.nan) for i in range(engine.g)]) if executor.power_w else None
+    host = {"prep_s": np.array([executor.prep_s.get(i, np.nan) for i in range(engine.g)]),
+            "exec_s": np.array([executor.exec_s.get(i, np.nan) for i in range(engine.g)])}
     # free the model, the KV pool and the graphs before the next variant builds its own
     engine.executor = None
     del executor, model
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    result = finish_run(setup, requests, [engine], "gpu", time.perf_counter() - t_start, measured_w=power)
+    result = finish_run(setup, requests, [engine], "gpu", time.perf_counter() - t_start,
+                        measured_energy_j=energy_j)
     result.tokens = tokens
     result.gpu_stats = stats
+    result.host_times = host
     return result
 

@@ -117,3 +117,22 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def as_last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def jit_options(no_specialize=(), no_align=()) -> dict:
+    """Keyword arguments for ``triton.jit`` that keep per-iteration values out of the
+    compilation key. Triton compiles a new variant when an integer argument changes
+    between 1 / a multiple of 16 / anything else, and when a pointer argument's 16-byte
+    alignment changes. Block tables, sequence lengths, positions and slot maps are small
+    views into one packed host-to-device buffer, so their alignment varies from iteration
+    to iteration: specialising on it made a serving run meet new variants -- a Triton
+    compilation of a second or so -- in the middle of the run. They are read as scalars,
+    so the alignment hint buys nothing there."""
+    import inspect
+
+    import triton
+
+    kw = {"do_not_specialize": list(no_specialize)}
+    if no_align and "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        kw["do_not_specialize_on_alignment"] = list(no_align)
+    return kw

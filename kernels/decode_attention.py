@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_interpreted, dot_precision, new_empty, next_pow2, num_sms
+from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -39,7 +39,7 @@ WAVES = 4
 # The block-table row stride changes with the longest request of a batch; specialising on
 # it (Triton specialises integers on divisibility by 16) would compile new variants in the
 # middle of a serving run, stalling it for a second each.
-@triton.jit(do_not_specialize=["s_bt_b"])
+@triton.jit(**jit_options(no_specialize=["s_bt_b"], no_align=["bt_ptr", "sl_ptr"]))
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr,
     m_ptr, l_ptr, acc_ptr, out_ptr,

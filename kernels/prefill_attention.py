@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_interpreted, dot_precision, new_empty, next_pow2
+from ._common import check_interpreted, dot_precision, jit_options, new_empty, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -80,7 +80,7 @@ def _attend_tiles(
 
 # the block-table row stride and the number of sequences change every iteration: not
 # specialised, so a serving run never compiles new variants mid-run
-@triton.jit(do_not_specialize=["s_bt_b", "num_seqs"])
+@triton.jit(**jit_options(no_specialize=["s_bt_b", "num_seqs"], no_align=["bt_ptr", "cu_ptr", "sl_ptr"]))
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, sl_ptr, out_ptr,
     s_q_t, s_q_h,

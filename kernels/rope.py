@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_last_dim_contiguous, check_interpreted, new_empty, next_pow2
+from ._common import as_last_dim_contiguous, check_interpreted, jit_options, new_empty, next_pow2
 
 
-@triton.jit
+@triton.jit(**jit_options(no_align=["pos_ptr", "slot_ptr"]))
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr, ko_ptr,
     s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h,

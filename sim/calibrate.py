@@ -35,6 +35,7 @@ PROFILE_SCHEMA = "servesim-profile/1"
 PARAMS = (
     ("flops_efficiency", 0.2, 1.3),
     ("bandwidth_efficiency", 0.2, 1.1),  # <= 1.1: a read stream beats a copy by ~10%, no more
+    ("kv_bandwidth_efficiency", 0.2, 1.1),
     ("attention_flops_efficiency", 0.05, 1.5),
     ("host_overhead_eager_s", 1e-5, 0.1),
     ("host_overhead_graph_s", 1e-6, 5e-3),
@@ -49,25 +50,50 @@ def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray
         graph = str(r["graph"]).lower() in ("true", "1")
         if kind == "decode":
             n = int(r["n_decode"])
+            pad = int(float(r.get("padded") or 0)) or n  # grids without the column: exact sizes
             shapes.append(IterationShape(n_decode=n, decode_kv_sum=int(r["kv_sum"]), graph=graph,
-                                         padded_decode=n if graph else 0))
-        elif kind == "prefill":
+                                         padded_decode=pad if graph else 0))
+        elif kind in ("prefill", "mixed"):
             k = int(float(r.get("n_chunks") or 1))
             per = int(float(r.get("chunk_tokens") or int(r["ctx_tokens"]) // k))
-            prior = int(r["ctx_prior"]) // k
+            prior = int(float(r["ctx_prior"])) // k
+            n = int(float(r.get("n_decode") or 0)) if kind == "mixed" else 0
             shapes.append(IterationShape(ctx_new_tokens=(per,) * k, ctx_prior_tokens=(prior,) * k,
-                                         n_ctx_sampling=k))
+                                         n_ctx_sampling=k, n_decode=n,
+                                         decode_kv_sum=int(float(r.get("kv_sum") or 0)) if n else 0))
         else:
-            raise ConfigError(f"unknown kind {kind!r} in a calibration grid (expected decode or prefill)")
+            raise ConfigError(f"unknown kind {kind!r} in a calibration grid (expected decode, prefill or mixed)")
         times.append(float(r["time_s"]))
-        kinds.append(kind + ("-graph" if graph else "" if kind == "prefill" else "-eager"))
+        kinds.append(kind + ("-graph" if graph else "-eager" if kind == "decode" else ""))
     return shapes, np.asarray(times), kinds
 
 
+SCHED = ("scheduler_overhead_s", "scheduler_overhead_per_request_s")
+
+
 def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = True) -> RooflineCostModel:
-    # the grid times a forward pass alone: no scheduler work in them
-    cfg = RooflineConfig(**params, scheduler_overhead_s=0.0, scheduler_overhead_per_request_s=0.0)
+    # a grid without host times (a bare forward's) has no scheduler work in it
+    cfg = RooflineConfig(**{"scheduler_overhead_s": 0.0, "scheduler_overhead_per_request_s": 0.0, **params})
     return RooflineCostModel(model, hw, cfg, cuda_graphs=graphs)
+
+
+def fit_host(rows: list[dict]) -> dict | None:
+    """Scheduler overhead (fixed + per request) fitted to the rows' measured host time
+    (``host_s``: the engine's scheduling and bookkeeping plus the executor's input
+    packing), by least squares; None for a grid without host times."""
+    pts = [(int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)), float(r["host_s"]))
+           for r in rows if str(r.get("host_s", "")).strip() not in ("", "nan", "None")]
+    if len(pts) < 2:
+        return None
+    n = np.array([p[0] for p in pts], dtype=np.float64)
+    h = np.array([p[1] for p in pts], dtype=np.float64)
+    A = np.stack([np.ones_like(n), n], axis=1)
+    (a, b), *_ = np.linalg.lstsq(A, h, rcond=None)
+    if b < 0:
+        a, b = float(np.mean(h)), 0.0
+    if a < 0:
+        a, b = 0.0, max(float(n @ h / max(n @ n, 1e-30)), 0.0)
+    return {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b)}
 
 
 def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape]) -> np.ndarray:
@@ -114,17 +140,19 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
         raise ConfigError(f"{len(shapes)} measurements cannot fit {len(PARAMS)} parameters")
     lo = np.log([p[1] for p in PARAMS])
     hi = np.log([p[2] for p in PARAMS])
+    sched = fit_host(rows) or {}
 
     def params_of(z: np.ndarray) -> dict:
         z = np.clip(z, lo, hi)
-        return {name: float(math.exp(v)) for (name, _, _), v in zip(PARAMS, z)}
+        return {**{name: float(math.exp(v)) for (name, _, _), v in zip(PARAMS, z)}, **sched}
 
     def loss(z: np.ndarray) -> float:
         pred = predict(model, hw, params_of(z), shapes)
         return float(np.mean(np.log(pred / times) ** 2))
 
     best = None
-    for start in ([0.8, 0.9, 0.5, 5e-3, 5e-5], [0.6, 0.7, 0.3, 1e-2, 2e-4], [1.0, 1.0, 0.8, 1e-3, 1e-5]):
+    for start in ([0.8, 0.9, 0.8, 0.5, 5e-3, 5e-5], [0.6, 0.7, 0.6, 0.3, 1e-2, 2e-4],
+                  [1.0, 1.0, 0.9, 0.8, 1e-3, 1e-5]):
         z = _nelder_mead(loss, np.log(start))
         z = _nelder_mead(loss, z)  # restart from the optimum: escapes a collapsed simplex
         if best is None or loss(z) < loss(best):
@@ -138,7 +166,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
         "max_abs_rel_err": float(np.max(np.abs(err))),
         "by_kind": {k: float(np.mean(np.abs(err[[i for i, kk in enumerate(kinds) if kk == k]])))
                     for k in sorted(set(kinds))},
-        "roofline_mape": float(np.mean(np.abs(predict(model, hw, {}, shapes) / times - 1))),
+        "roofline_mape": float(np.mean(np.abs(predict(model, hw, {k: v for k, v in RooflineConfig().model_dump()
+                                                                 .items() if k in SCHED}, shapes) / times - 1))),
         "residuals": [{"kind": k, "measured_s": float(t), "predicted_s": float(p)}
                       for k, t, p in zip(kinds, times, pred)],
     }
@@ -162,8 +191,29 @@ def read_grid(path: Path, model_name: str) -> list[dict]:
     return mine
 
 
+def fit_power_runs(runs: list[dict], idle_w: float | None) -> dict | None:
+    """The power model fitted to the grid runs' measured energies (None without them)."""
+    from .power import fit_power
+
+    # runs of under half a second are left out: the energy counter updates every few tens
+    # of milliseconds, too coarse for them
+    ok = [r for r in runs if r.get("energy_j") not in (None, "", "None") and float(r["energy_j"]) > 0
+          and float(r["span_s"]) >= 0.5]
+    if idle_w is None or len(ok) < 2:
+        return None
+    terms = [(float(r["energy_j"]), float(r["span_s"]), float(r["busy_s"]), float(r["busy_share_s"])) for r in ok]
+    max_w, frac = fit_power(terms, float(idle_w))
+    dyn = max_w - idle_w
+    pred = [idle_w * span + dyn * (frac * busy + (1 - frac) * bs) for _, span, busy, bs in terms]
+    errs = [p / t[0] - 1 for p, t in zip(pred, terms)]
+    return {"idle_w": float(idle_w), "max_w": float(max_w), "memory_bound_fraction": float(frac),
+            "fit": {"runs": len(ok), "mape": float(np.mean(np.abs(errs))),
+                    "residuals": [{"workload": r.get("workload", ""), "measured_j": t[0], "predicted_j": float(p)}
+                                  for r, t, p in zip(ok, terms, pred)]}}
+
+
 def write_profile(path: Path, model: ModelSpec, hw: HardwareSpec, params: dict, stats: dict,
-                  provenance: dict) -> dict:
+                  provenance: dict, power: dict | None = None) -> dict:
     doc = {
         "schema": PROFILE_SCHEMA,
         "model": model.name,
@@ -172,13 +222,16 @@ def write_profile(path: Path, model: ModelSpec, hw: HardwareSpec, params: dict, 
         "fit": stats,
         "provenance": provenance,
     }
+    if power is not None:
+        doc["power"] = power
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return doc
 
 
-def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = "") -> RooflineConfig:
-    """The fitted RooflineConfig of a profile, after checking it fits this model and GPU."""
+def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = "") -> tuple[RooflineConfig, dict | None]:
+    """The fitted RooflineConfig of a profile and its power model (None if it has none),
+    after checking it fits this model and GPU."""
     loc = f"{where}cost_model.profile"
     if not path.is_file():
         raise ConfigError(f"no such calibration profile: {path}", loc)
@@ -200,7 +253,13 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
     if probs:
         raise ConfigError(probs)
     try:
-        return RooflineConfig(**doc["roofline"])
+        roofline = RooflineConfig(**doc["roofline"])
+        power = doc.get("power")
+        if power is not None:
+            power = {k: float(power[k]) for k in ("idle_w", "max_w", "memory_bound_fraction")}
+            if not (0 < power["idle_w"] <= power["max_w"] and 0 <= power["memory_bound_fraction"] <= 1):
+                raise ValueError(f"power model out of range: {power}")
+        return roofline, power
     except Exception as e:  # noqa: BLE001 - a hand-edited profile
         raise ConfigError(f"corrupt calibration profile: {e}", str(path)) from None
 
@@ -213,24 +272,45 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         from servesim.gpu_backend.profiler import measure_grid
 
         rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name)
+        runs = env.pop("power_runs", [])
+        idle_w = env.pop("idle_power_w", None)
         grid = out.with_suffix(".grid.csv")
         grid.parent.mkdir(parents=True, exist_ok=True)
         with open(grid, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+        if runs:
+            with open(grid.with_suffix(".power.csv"), "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["idle_w", *runs[0]])
+                w.writeheader()
+                w.writerows({"idle_w": idle_w, **r} for r in runs)
         source = f"measured by sim calibrate --backend gpu ({grid.name})"
         grid_bytes = grid.read_bytes()
     else:
         rows = read_grid(grid, model.name)
+        runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
         env = {}
         source = str(grid)
         grid_bytes = grid.read_bytes()
     params, stats = fit(model, hw, rows)
+    power = fit_power_runs(runs, idle_w)
     prov = {
         "source": source,
         "grid_sha256": hashlib.sha256(grid_bytes).hexdigest()[:16],
         "fitted": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **env,
     }
-    return write_profile(out, model, hw, params, stats, prov)
+    return write_profile(out, model, hw, params, stats, prov, power)
+
+
+def read_power_runs(path: Path) -> tuple[list[dict], float | None]:
+    """The grid runs' energies written beside a calibration grid (none if absent)."""
+    import csv
+
+    if not path.is_file():
+        return [], None
+    with open(path, newline="") as fh:
+        runs = list(csv.DictReader(fh))
+    idle = next((float(r["idle_w"]) for r in runs if r.get("idle_w") not in (None, "", "None")), None)
+    return runs, idle

@@ -230,6 +230,11 @@ def cmd_calibrate(args) -> int:
     con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
               f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
+    pw = doc.get("power")
+    if pw:
+        con.print(f"power: idle {pw['idle_w']:.0f} W, compute-bound {pw['max_w']:.0f} W, memory-bound share "
+                  f"{pw['memory_bound_fraction']:.2f}; energy of the {pw['fit']['runs']} grid runs within "
+                  f"{pw['fit']['mape']:.1%} (MAPE)")
     return 0
 
 

@@ -75,6 +75,10 @@ class RooflineConfig(BaseModel):
 
     flops_efficiency: float = Field(1.0, gt=0, description="multiplies the hardware's achievable bf16 FLOP/s")
     bandwidth_efficiency: float = Field(1.0, gt=0, description="multiplies the achievable HBM bytes/s")
+    kv_bandwidth_efficiency: float | None = Field(
+        None, gt=0, description="the same for decode attention's KV-cache reads (paged, scattered blocks: "
+        "a kernel of its own); null: bandwidth_efficiency"
+    )
     attention_flops_efficiency: float = Field(
         1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
     )
@@ -156,7 +160,8 @@ class RooflineCostModel:
         self._ap_prior = L * float(2 * kvg * hd * b) / B
         # Decode attention: per request (Q in, O out, new K/V written), per cached token.
         self._ad_req = L * float((2 * hg * hd + 2 * kvg * hd) * b) / B
-        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / B)
+        Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
+        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / Bkv)
         # All-reduce: 2 per layer.
         if tp > 1:
             self._ar_fixed = 2 * L * cfg.allreduce_latency_s

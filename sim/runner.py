@@ -45,6 +45,7 @@ class Setup:
     num_blocks: int
     workload: pd.DataFrame
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
+    profile_power: dict | None = None  # a calibration profile's fitted power model
 
 
 @dataclass
@@ -81,13 +82,14 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     if cfg.workload.replay is not None:
         check_replay(cfg, model, hw, base_dir, where)
     roofline = cfg.cost_model.roofline
+    power = None
     if cfg.cost_model.kind == "calibrated":
         from .calibrate import load_profile
 
         p = Path(cfg.cost_model.profile).expanduser()
-        roofline = load_profile(p if p.is_absolute() else base_dir / p, model, hw, where)
+        roofline, power = load_profile(p if p.is_absolute() else base_dir / p, model, hw, where)
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
-    return Setup(cfg, model, hw, blocks, workload, roofline)
+    return Setup(cfg, model, hw, blocks, workload, roofline, power)
 
 
 def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:
@@ -219,7 +221,7 @@ def prepare_requests(setup: Setup) -> list[Request]:
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
-               wall_s: float, measured_w=None) -> RunResult:
+               wall_s: float, measured_energy_j: float | None = None) -> RunResult:
     """Records, tables and summary of a finished run (both backends)."""
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(requests, its)
@@ -233,26 +235,40 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
                         wall_s=wall_s, num_preemptions=sum(e.num_preemptions for e in engines),
                         num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp)
-    summary.update(energy_summary(setup, it_table, summary, measured_w))
+    summary.update(energy_summary(setup, it_table, summary, measured_energy_j))
     return RunResult(req.table, it_table, summary, setup)
 
 
-def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_w=None) -> dict:
-    """Energy over the run: modelled (sim), or from measured per-iteration power (GPU)."""
-    from .power import energy, iteration_power
+def power_params(setup: Setup) -> tuple[float, float, float]:
+    """(idle_w, max_w, memory_bound_fraction): the experiment's `power` settings, else the
+    calibration profile's fit, else the hardware file's idle/max and the default fraction."""
+    from .power import DEFAULT_MEMORY_BOUND_FRACTION
 
     pc = setup.cfg.power
+    prof = setup.profile_power or {}
     hw = setup.hardware
-    idle = pc.idle_w or hw.idle_power_w
-    gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
-    if measured_w is not None and np.isfinite(measured_w).any():
-        p = np.where(np.isfinite(measured_w), measured_w, np.nanmedian(measured_w))
-        source = "measured (NVML)"
+    idle = pc.idle_w or prof.get("idle_w") or hw.idle_power_w
+    mx = pc.max_w or prof.get("max_w") or hw.max_power_w
+    frac = pc.memory_bound_fraction
+    if frac is None:
+        frac = prof.get("memory_bound_fraction", DEFAULT_MEMORY_BOUND_FRACTION)
+    return float(idle), float(mx), float(frac)
+
+
+def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j: float | None = None) -> dict:
+    """Energy over the run: measured (the GPU's energy counter), or modelled (sim/power.py)."""
+    from .power import compute_share, energy, iteration_power
+
+    if measured_energy_j is not None:
+        j = float(measured_energy_j)
+        source = "measured (NVML energy counter)"
     else:
-        p = iteration_power(it, idle, pc.max_w or hw.max_power_w, pc.memory_bound_fraction) * \
-            setup.cfg.cluster.tensor_parallel
-        source = "model"
-    j = energy(it, summary["duration_s"], gpus, idle, p)
+        idle, mx, frac = power_params(setup)
+        gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
+        tp = setup.cfg.cluster.tensor_parallel
+        p = iteration_power(compute_share(it, setup.model, setup.hardware), idle, mx, frac) * tp
+        j = energy(it, summary["duration_s"], gpus, idle, p)
+        source = "model" + (" (calibrated)" if setup.profile_power and setup.cfg.power.max_w is None else "")
     tokens = summary["throughput_out_tok_s"] * summary["duration_s"]
     return {"energy_j": j, "energy_per_token_j": j / tokens if tokens else None,
             "avg_power_w": j / summary["duration_s"] if summary["duration_s"] else None,

@@ -14,10 +14,11 @@ REPO = Path(__file__).parents[1]
 def test_gpu_bench_smoke(tmp_path):
     pytest.importorskip("torch")
     p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--out", str(tmp_path),
-                        "--sections", "1,2,3,4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--sections", "1,2,3,4,8,7"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     page = (tmp_path / "gpu_bench.md").read_text()
-    for section in ("## 1. Ceilings", "## 2. Kernels", "## 3. Model vs transformers", "## 4. Decode iterations"):
+    for section in ("## 1. Ceilings", "## 2. Kernels", "## 3. Model vs transformers", "## 4. Decode iterations",
+                    "## 8. Profile", "| **all GEMMs** |", "## 7. Offline throughput", "Compared on **16 requests**"):
         assert section in page
     assert "failed" not in page, page
     assert (tmp_path / "calibration.csv").exists()
@@ -34,8 +35,34 @@ def test_fidelity_script(tmp_path, monkeypatch):
     try:
         mod.main()
         table = page.read_text()
-        assert "| offline-ifb-guaranteed | calibrated |" in table
-        assert "mean abs. error" in table
+        assert "| 8b-offline | calibrated |" in table and "| 1b-online-high | roofline |" in table
+        assert "mean abs. error" in table and "two GPU runs of the same requests" in table
         assert "## Reading the table" in table  # the hand-written analysis survives a rerun
     finally:
         page.write_text(before)
+
+
+def test_gpu_fidelity_smoke_and_install(tmp_path):
+    """The device call's script on a tiny model on the CPU, then --install into a scratch repo."""
+    pytest.importorskip("torch")
+    import importlib.util
+
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "benchmarks/gpu_fidelity.py", "--smoke", "--out", str(out), "--models", "8b",
+                        "--steps", "1,2,4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "failed" not in p.stdout, p.stdout[-3000:]
+    spec = importlib.util.spec_from_file_location("gpu_fidelity", REPO / "benchmarks" / "gpu_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    repo = tmp_path / "repo"
+    written = mod.install(out / "fidelity_gpu.tar.gz", repo)
+    res = repo / "benchmarks" / "results"
+    assert {"8b-online-low", "8b-online-high", "8b-offline"} <= {d.name for d in (res / "gpu_runs").iterdir()}
+    assert (res / "gpu_runs_repeat" / "8b-online-high" / "requests.parquet").exists()
+    prof = repo / "profiles" / "h100-llama-3.1-8b.yaml"
+    assert prof in written and (res / "calibration" / "h100-llama-3.1-8b.grid.csv").exists()
+    import yaml
+
+    assert yaml.safe_load(prof.read_text())["provenance"]["source"] == \
+        "benchmarks/results/calibration/h100-llama-3.1-8b.grid.csv"

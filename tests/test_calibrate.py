@@ -48,11 +48,11 @@ def test_shipped_profiles_load_and_are_reproducible(tmp_path):
     for m in ("llama-3.2-1b", "llama-3.1-8b"):
         model, hw = load_model(m), load_hardware("h100-sxm")
         path = REPO / "profiles" / f"h100-{m}.yaml"
-        shipped = load_profile(path, model, hw)
+        shipped, _ = load_profile(path, model, hw)
         grid = REPO / yaml.safe_load(path.read_text())["provenance"]["source"]  # the grid it was fitted to
         out = tmp_path / f"{m}.yaml"
         assert main(["calibrate", "--model", m, "--from-grid", str(grid), "--out", str(out)]) == 0
-        again = load_profile(out, model, hw)
+        again, _ = load_profile(out, model, hw)
         shapes, _, _ = shapes_from_grid(read_grid(grid, m))
         a = predict(model, hw, shipped.model_dump(exclude={"scheduler_overhead_s", "scheduler_overhead_per_request_s"}), shapes)
         b = predict(model, hw, again.model_dump(exclude={"scheduler_overhead_s", "scheduler_overhead_per_request_s"}), shapes)
@@ -87,7 +87,7 @@ def test_experiment_with_calibrated_cost_model(tmp_path):
 
 
 def test_replay_mismatch_and_round_trip(tmp_path):
-    run = REPO / "benchmarks" / "results" / "gpu_runs" / "offline-ifb-guaranteed"
+    run = REPO / "benchmarks" / "results" / "gpu_runs" / "8b-offline"
     exp = tmp_path / "r.yaml"
     exp.write_text(f"name: r\nmodel: llama-3.1-8b\nworkload: {{replay: {run}}}\noutput: {{plots: false}}\n")
     assert main(["run", str(exp), "--out", str(tmp_path / "o")]) == 0
@@ -117,6 +117,9 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     kinds = {r["kind"] for r in rows}
     assert kinds == {"decode", "prefill"}
     assert all(r["time_s"] > 0 for r in rows)
+    # the host's share of each step (scheduling, bookkeeping, input packing) is inside it
+    assert all(0 <= r["host_s"] <= r["time_s"] for r in rows)
+    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 4
     dec = [r for r in rows if r["kind"] == "decode" and r["n_decode"] == 4]
     assert dec and all(r["kv_sum"] >= 4 * 65 for r in dec)
     params, stats = fit(model, load_hardware("h100-sxm"), rows)
@@ -124,18 +127,44 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
 
 
 def test_energy_model_and_power_fit():
-    """Energy per token in every summary; the power fit recovers the model's parameters."""
+    """Energy per token in every summary; the power fit recovers the model's parameters
+    from run energies; compute share is ~0 for batch-1 decode and ~1 for long prefill."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from servesim.sim.power import fit_power, iteration_power
+    from servesim.sim.power import compute_share, energy, fit_power, iteration_power, run_power_terms
 
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
     run = REPO / "tests" / "data" / "compare" / "roofline"
     it = pq.read_table(run / "iterations.parquet")
-    p = iteration_power(it, 90.0, 700.0, 0.4)
-    max_w, frac = fit_power(it, p, 90.0)
-    assert max_w == pytest.approx(700.0, rel=1e-6) and frac == pytest.approx(0.4, rel=1e-6)
+    share = compute_share(it, model, hw)
+    assert np.all((share >= 0) & (share <= 1))
+    p = iteration_power(share, 90.0, 700.0, 0.4)
     assert np.all((p >= 90) & (p <= 700))
+    one = pa.table({"ctx_tokens": [0, 8192], "gen_tokens": [1, 0], "padded_tokens": [0, 0],
+                    "num_ctx_requests": [0, 1], "ctx_cached_tokens": [0, 0], "decode_kv_tokens": [1024, 0]})
+    lo, hi = compute_share(one, model, hw)
+    assert lo < 0.02 and hi > 0.95
+    # synthetic runs: slices of the iterations, energy from known parameters
+    runs = []
+    n = it.num_rows
+    for a, b in ((0, n // 3), (n // 3, n), (0, n // 2), (n // 4, 3 * n // 4)):
+        sub = it.slice(a, b - a)
+        span = float(sub.column("duration_s").to_numpy().sum()) * 1.3
+        e = energy(sub, span, 1, 90.0, iteration_power(share[a:b], 90.0, 700.0, 0.4))
+        runs.append((e, span, *run_power_terms(sub, share[a:b], span)))
+    max_w, frac = fit_power(runs, 90.0)
+    assert max_w == pytest.approx(700.0, rel=1e-3) and frac == pytest.approx(0.4, rel=1e-3)
     s = json.loads((run / "summary.json").read_text())
     if "energy_per_token_j" in s:
         assert s["energy_per_token_j"] > 0
+
+
+def test_host_overhead_fit():
+    from servesim.sim.calibrate import fit_host
+
+    rows = [dict(n_decode=n, n_chunks=c, host_s=4e-4 + 3e-6 * (n + c)) for n, c in ((1, 0), (16, 0), (256, 0), (0, 2))]
+    h = fit_host(rows)
+    assert h["scheduler_overhead_s"] == pytest.approx(4e-4) and h["scheduler_overhead_per_request_s"] == pytest.approx(3e-6)
+    assert fit_host([dict(n_decode=1, host_s="")]) is None

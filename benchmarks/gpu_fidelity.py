@@ -1,0 +1,184 @@
+"""The GPU half of the fidelity benchmark, in one device call: calibrate, then run the
+fidelity workloads, then calibrate again and repeat runs (for the noise floor).
+
+    # on the GPU machine (the command is in benchmarks/results/fidelity.md)
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 540
+    # anywhere: the same steps on a tiny model on the CPU (CI runs this)
+    python benchmarks/gpu_fidelity.py --smoke --out /tmp/gpu_fidelity
+
+Steps, most important first; each is skipped when the time budget left is too small:
+ 1. `sim calibrate --backend gpu` for each model (the designed grid through the real
+    engine; grid CSV, per-run energies, profile);
+ 2. `sim run experiments/fidelity.yaml --backend gpu` (the fidelity workloads: Azure
+    conversation trace at two loads, an offline batch, per model);
+ 3. a second calibration of each model (calibration repeatability);
+ 4. a repeat of the online-high runs (run-to-run noise on the GPU).
+Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device tool
+returns at most 8 files). Back on any machine,
+
+    python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz
+
+puts it in place -- runs in benchmarks/results/gpu_runs{,_repeat}/, grids in
+benchmarks/results/calibration/, profiles in profiles/ (the second calibration in
+benchmarks/results/calibration_repeat/) -- and `benchmarks/fidelity.py` replays the runs
+on the simulator and writes the error table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing (servesim/__init__.py)
+
+MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
+TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def cli(args: list[str], log) -> int:
+    from servesim.sim.cli import main
+
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = main(args)
+    log(f"$ sim {' '.join(args)}  ({time.perf_counter() - t0:.0f} s, exit {rc})\n{buf.getvalue()[-4000:]}")
+    return rc
+
+
+def install(tarball: Path, repo: Path = REPO) -> list[Path]:
+    """Unpack a device call's fidelity_gpu.tar.gz into the repository's layout."""
+    import shutil
+
+    import yaml
+
+    res = repo / "benchmarks" / "results"
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter="data")
+        src = Path(tmp) / "fidelity_gpu"
+        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+            if (src / sub).is_dir():
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(src / sub, dest)
+                written.append(dest)
+        for sub, prof_dir, grid_dir in (("profiles", repo / "profiles", res / "calibration"),
+                                        ("profiles_repeat", res / "calibration_repeat", res / "calibration_repeat")):
+            for prof in sorted((src / sub).glob("*.yaml")) if (src / sub).is_dir() else []:
+                grid_dir.mkdir(parents=True, exist_ok=True)
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                stem = prof.stem
+                for f in (src / sub).glob(f"{stem}.grid*.csv"):
+                    shutil.copy(f, grid_dir / f.name)
+                    written.append(grid_dir / f.name)
+                doc = yaml.safe_load(prof.read_text())
+                doc["provenance"]["source"] = str((grid_dir / f"{stem}.grid.csv").relative_to(repo))
+                (prof_dir / prof.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+                written.append(prof_dir / prof.name)
+        if (src / "log.txt").exists():
+            shutil.copy(src / "log.txt", res / "gpu_fidelity_log.txt")
+            written.append(res / "gpu_fidelity_log.txt")
+    return written
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--install":
+        for p in install(Path(sys.argv[2])):
+            print("wrote", p)
+        return 0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--models", default="8b,1b")
+    ap.add_argument("--steps", default="1,2,3,4")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on whatever device there is")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_fidelity_"))
+    end = time.monotonic() + args.budget_s
+    logbuf = io.StringIO()
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        logbuf.write(s + "\n")
+
+    def pack() -> None:
+        (work / "log.txt").write_text(logbuf.getvalue())
+        with tarfile.open(out / "fidelity_gpu.tar.gz", "w:gz") as tf:
+            tf.add(work, arcname="fidelity_gpu")
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    steps = set(args.steps.split(","))
+    common: list[str] = []
+    model_ref = dict(MODELS)
+    if args.smoke:
+        tiny = work / "tiny.json"
+        tiny.write_text(json.dumps(TINY))
+        model_ref = {m: str(tiny) for m in MODELS}
+        common = ["--set", f"model={tiny}", "--set", "kv_cache.pool_tokens=20000", "--set", "workload.num_requests=10",
+                  "--set", "workload.max_prompt_len=200", "--set", "workload.max_output_len=12"]
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        gpu = "no torch"
+    log(f"gpu_fidelity on {gpu}, {time.strftime('%Y-%m-%d %H:%M')}, models {models}, steps {sorted(steps)}")
+
+    def calibrate(m: str, folder: str) -> None:
+        prof = work / folder / f"h100-{MODELS[m]}.yaml"
+        if args.smoke:  # the tiny model's grid: small points
+            from servesim.gpu_backend import profiler
+
+            profiler.DECODE_POINTS = [(4, 64, 12, True), (2, 32, 10, False)]
+            profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log)
+
+    def run(m: str, variants: list[str], folder: str) -> None:
+        cli(["run", "experiments/fidelity.yaml", "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
+             "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false", *common], log)
+
+    plan = []
+    for m in models:
+        plan.append(("1", f"calibrate {m}", 90 if m == "8b" else 60, lambda m=m: calibrate(m, "profiles")))
+    for m in models:
+        plan.append(("2", f"fidelity runs {m}", 120, lambda m=m: run(m, ["online-low", "online-high", "offline"], "runs")))
+    for m in models:
+        plan.append(("3", f"calibrate {m} again", 90 if m == "8b" else 60, lambda m=m: calibrate(m, "profiles_repeat")))
+    for m in models:
+        plan.append(("4", f"repeat run {m}", 45, lambda m=m: run(m, ["online-high"], "runs_repeat")))
+    os.chdir(REPO)
+    for step, what, need, fn in plan:
+        if step not in steps:
+            continue
+        left = end - time.monotonic()
+        if left < need and not args.smoke:
+            log(f"[{what}: skipped, {left:.0f} s left, needs ~{need} s]")
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception:  # keep going: one broken step must not lose the others
+            log(f"[{what} failed]\n{traceback.format_exc()[-3000:]}")
+        log(f"[{what}: {time.perf_counter() - t0:.0f} s, {end - time.monotonic():.0f} s left]")
+        pack()
+    pack()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
