@@ -29,6 +29,7 @@ RESULTS = REPO / "benchmarks" / "results"
 RUNS = RESULTS / "gpu_runs"
 REPEAT_RUNS = RESULTS / "gpu_runs_repeat"
 REPEAT_PROFILES = RESULTS / "calibration_repeat"
+OTHER_MACHINE = RESULTS / "calibration_machine2"  # the extended grid, calibrated on another machine instance
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -87,10 +88,15 @@ def main() -> None:
             if rep.exists():  # calibration repeatability: sim(profile A) vs sim(profile B)
                 b = replay(run, "calibrated-repeat", tmp, rep)
                 errs, its = errors(sims["calibrated"], b, tmp / f"cmp-{run.name}-rep")
-                gpu = None
+                gpu = other = None
                 if (REPEAT_RUNS / run.name / "requests.parquet").exists():
                     gpu, _ = errors(run, REPEAT_RUNS / run.name, tmp / f"cmp-{run.name}-gpu")
-                noise.append((run.name, errs, gpu))
+                if (OTHER_MACHINE / f"h100-{model}.yaml").exists():
+                    c = replay(run, "calibrated-machine2", tmp, OTHER_MACHINE / f"h100-{model}.yaml")
+                    other, _ = errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-m2")
+                    og, _ = errors(run, c, tmp / f"cmp-{run.name}-m2gpu")
+                    other = (other, og)
+                noise.append((run.name, errs, gpu, other))
     head = "| GPU run | sim cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 3)]
     for name, kind, errs, mape in rows:
@@ -108,16 +114,18 @@ def main() -> None:
                        f"{mean_abs(en):.1%} | {mean_abs([m for _, m in mine]):.1%} |")
     noise_lines = []
     if noise:
-        noise_lines = ["", "| workload | two calibrations: sim(A) vs sim(B), mean / max over the metrics | "
-                       "two GPU runs of the same requests, mean / max |", "|---|---|---|"]
-        for name, cal, gpu in noise:
-            c = [cal.get(s) for s in STATS]
-            cal_s = f"{mean_abs(c):.1%} / {max(abs(v) for v in c if v is not None):.1%}"
-            gpu_s = "-"
-            if gpu is not None:
-                g = [gpu.get(s) for s in STATS]
-                gpu_s = f"{mean_abs(g):.1%} / {max(abs(v) for v in g if v is not None):.1%}"
-            noise_lines.append(f"| {name} | {cal_s} | {gpu_s} |")
+        noise_lines = ["", "| workload | two calibrations, same GPU call: sim(A) vs sim(B), mean / max over the "
+                       "metrics | two GPU runs of the same requests, mean / max | calibration on another machine "
+                       "instance (extended grid): vs sim(A) / vs the GPU run, mean abs. |", "|---|---|---|---|"]
+
+        def mm(d: dict) -> str:
+            v = [d.get(s) for s in STATS]
+            return f"{mean_abs(v):.1%} / {max(abs(x) for x in v if x is not None):.1%}"
+
+        for name, cal, gpu, other in noise:
+            oth = "-" if other is None else (f"{mean_abs([other[0].get(s) for s in STATS]):.1%} / "
+                                             f"{mean_abs([other[1].get(s) for s in STATS]):.1%}")
+            noise_lines.append(f"| {name} | {mm(cal)} | {'-' if gpu is None else mm(gpu)} | {oth} |")
     table = "\n".join(lines + summary + noise_lines)
     print(table)
     page = RESULTS / "fidelity.md"

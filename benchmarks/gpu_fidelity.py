@@ -58,25 +58,41 @@ def cli(args: list[str], log) -> int:
     return rc
 
 
-def install(tarball: Path, repo: Path = REPO) -> list[Path]:
-    """Unpack a device call's fidelity_gpu.tar.gz into the repository's layout."""
+def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] | None = None) -> list[Path]:
+    """Unpack a device call's fidelity_gpu.tar.gz into the repository's layout.
+
+    Profiles are refitted here from their grids with this checkout's `sim calibrate`
+    (keeping the GPU call's provenance: GPU, driver, versions, date), so the shipped
+    profiles always match the code that reads them. `calibration_dirs` (profiles, repeat)
+    puts the calibrations elsewhere than profiles/ + calibration_repeat/ (another machine's,
+    kept for comparison)."""
     import shutil
 
     import yaml
 
+    from servesim.sim.calibrate import calibrate
+    from servesim.sim.specs import load_hardware, load_model
+    from servesim.sim.types import ConfigError
+
     res = repo / "benchmarks" / "results"
     written: list[Path] = []
+    if calibration_dirs is None:
+        targets = (("profiles", repo / "profiles", res / "calibration"),
+                   ("profiles_repeat", res / "calibration_repeat", res / "calibration_repeat"))
+    else:
+        targets = (("profiles", res / calibration_dirs[0], res / calibration_dirs[0]),
+                   ("profiles_repeat", res / calibration_dirs[1], res / calibration_dirs[1]))
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball) as tf:
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / "fidelity_gpu"
-        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
-            if (src / sub).is_dir():
-                shutil.rmtree(dest, ignore_errors=True)
-                shutil.copytree(src / sub, dest)
-                written.append(dest)
-        for sub, prof_dir, grid_dir in (("profiles", repo / "profiles", res / "calibration"),
-                                        ("profiles_repeat", res / "calibration_repeat", res / "calibration_repeat")):
+        if calibration_dirs is None:
+            for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+                if (src / sub).is_dir():
+                    shutil.rmtree(dest, ignore_errors=True)
+                    shutil.copytree(src / sub, dest)
+                    written.append(dest)
+        for sub, prof_dir, grid_dir in targets:
             for prof in sorted((src / sub).glob("*.yaml")) if (src / sub).is_dir() else []:
                 grid_dir.mkdir(parents=True, exist_ok=True)
                 prof_dir.mkdir(parents=True, exist_ok=True)
@@ -84,19 +100,33 @@ def install(tarball: Path, repo: Path = REPO) -> list[Path]:
                 for f in (src / sub).glob(f"{stem}.grid*.csv"):
                     shutil.copy(f, grid_dir / f.name)
                     written.append(grid_dir / f.name)
-                doc = yaml.safe_load(prof.read_text())
-                doc["provenance"]["source"] = str((grid_dir / f"{stem}.grid.csv").relative_to(repo))
+                made = yaml.safe_load(prof.read_text())
+                grid = grid_dir / f"{stem}.grid.csv"
+                prov = {k: v for k, v in made["provenance"].items() if k not in ("source", "grid_sha256")}
+                try:
+                    model, hw = load_model(made["model"]), load_hardware(made["hardware"])
+                except ConfigError:  # a model this checkout does not bundle (the smoke run's): as made
+                    doc = made
+                    doc["provenance"] = {"source": str(grid.relative_to(repo)), **prov}
+                else:
+                    doc = calibrate(model, hw, grid, prof_dir / prof.name)
+                    doc["provenance"] = {"source": str(grid.relative_to(repo)),
+                                         "grid_sha256": doc["provenance"]["grid_sha256"], **prov,
+                                         "refitted": doc["provenance"]["fitted"]}
                 (prof_dir / prof.name).write_text(yaml.safe_dump(doc, sort_keys=False))
                 written.append(prof_dir / prof.name)
-        if (src / "log.txt").exists():
+        if (src / "log.txt").exists() and calibration_dirs is None:
             shutil.copy(src / "log.txt", res / "gpu_fidelity_log.txt")
             written.append(res / "gpu_fidelity_log.txt")
     return written
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--install":
-        for p in install(Path(sys.argv[2])):
+    if len(sys.argv) in (3, 5) and sys.argv[1] == "--install":
+        dirs = None
+        if len(sys.argv) == 5:  # --install TARBALL --calibration-dirs A,B
+            dirs = tuple(sys.argv[4].split(","))
+        for p in install(Path(sys.argv[2]), calibration_dirs=dirs):
             print("wrote", p)
         return 0
     ap = argparse.ArgumentParser()
@@ -146,6 +176,7 @@ def main() -> int:
 
             profiler.DECODE_POINTS = [(4, 64, 12, True), (2, 32, 10, False)]
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
+            profiler.MIXED_POINTS = [(4, 32, 6, 40)]
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log)
 
     def run(m: str, variants: list[str], folder: str) -> None:

@@ -28,14 +28,19 @@ from servesim.sim.specs import ModelSpec
 # chunks are packed up to max_num_tokens (8192) per iteration, so requests enter decoding
 # in waves: one run yields decode-only iterations at several batch sizes and KV lengths
 # and mixed (context + decode) iterations, besides its full-batch steps.
-DECODE_POINTS = [(1, 1024, 32, True), (8, 2048, 24, True), (16, 512, 32, True), (32, 1024, 24, True),
+DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
                  (64, 2048, 16, True), (128, 512, 16, True), (256, 1024, 12, True), (8, 8192, 12, True),
                  (32, 1024, 12, False), (96, 512, 8, False)]
 PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (requests, prompt)
+# (requests, prompt, output, max_num_tokens): a token budget just above one prompt, so
+# each iteration is one context chunk beside the decodes of the requests admitted before
+# it -- the mixed iterations an online run is made of (small chunks, host-bound launches)
+MIXED_POINTS = [(64, 256, 32, 320), (48, 512, 32, 640), (32, 1536, 24, 2048)]
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 
 
-def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str):
+def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
+         max_num_tokens: int = 8192):
     from .runner import simulate_gpu
 
     cfg = RunConfig.model_validate({
@@ -44,7 +49,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
         "workload": {"synthetic": {"num_requests": n, "arrival": {"kind": "offline"},
                                    "prompt_len": {"kind": "constant", "value": prompt},
                                    "output_len": {"kind": "constant", "value": output}}},
-        "scheduler": {"max_batch_size": max(n, 1), "max_num_tokens": 8192,
+        "scheduler": {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens,
                       "enable_chunked_context": chunked},
         "kv_cache": {"pool_tokens": n * (prompt + output) + 4096},
         "runtime": {"cuda_graphs": graphs},
@@ -62,7 +67,8 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     busy, busy_share = run_power_terms(res.iterations, compute_share(res.iterations, setup.model, setup.hardware),
                                        res.summary["duration_s"])
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
-    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}", energy_j=energy,
+    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}"
+                        f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, busy_share_s=busy_share)
     return it, run
 
@@ -81,7 +87,7 @@ def _rows(name: str, it, host) -> list[dict]:
 
 
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
-                 decode_points=None, prefill_points=None) -> tuple[list[dict], dict]:
+                 decode_points=None, prefill_points=None, mixed_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -105,6 +111,10 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
 
     for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
         it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
+        runs.append(run)
+        rows.extend(_rows(model.name, it.iloc[SKIP_FIRST:], host))
+    for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
+        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
         runs.append(run)
         rows.extend(_rows(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt in (prefill_points or PREFILL_POINTS):

@@ -97,6 +97,10 @@ class RooflineConfig(BaseModel):
     eager_launch_overlaps_gpu: bool = Field(
         True, description="eager launches overlap the GPU work (max) instead of adding to it"
     )
+    context_launch_overlap: float = Field(
+        1.0, ge=0, le=1, description="for eager iterations with context chunks: how much of the launch overhead "
+        "hides under GPU work (1: max(gpu, host), 0: gpu + host); a calibration fits it"
+    )
     host_overhead_graph_s: float = Field(
         40e-6, ge=0, description="per iteration with a CUDA graph: input copy + graph launch, serial"
     )
@@ -176,6 +180,7 @@ class RooflineCostModel:
             else cfg.eager_launch_base_s + cfg.eager_launch_per_layer_s * L
         )
         self._eager_overlap = cfg.eager_launch_overlaps_gpu
+        self._ctx_overlap = cfg.context_launch_overlap
         self._host_graph = cfg.host_overhead_graph_s
         if overlap_scheduler:
             self._sched_fixed = 0.0
@@ -209,14 +214,19 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         return t
 
-    def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int) -> float:
+    def _launch(self, gpu_rest: float, graph: bool, context: bool) -> float:
+        """Host launch time not hidden under the GPU's work."""
         if graph:
-            t = gpu_rest + self._host_graph
-        elif self._eager_overlap:
-            t = gpu_rest if gpu_rest > self._host_eager else self._host_eager
-        else:
-            t = gpu_rest + self._host_eager
-        return t + gpu_kv + (self._sched_fixed + self._sched_req * n_requests)
+            return self._host_graph
+        h = self._host_eager
+        if not self._eager_overlap:
+            return h
+        hidden = gpu_rest if gpu_rest < h else h
+        return h - (self._ctx_overlap * hidden if context else hidden)
+
+    def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False) -> float:
+        return gpu_rest + self._launch(gpu_rest, graph, context) + gpu_kv + \
+            (self._sched_fixed + self._sched_req * n_requests)
 
     @staticmethod
     def _decode_tokens(n: int, graph: bool, padded: int) -> int:
@@ -284,7 +294,7 @@ class RooflineCostModel:
             t += (a if a > m else m) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
-        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n)
+        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True)
 
     # --- debugging / plots ---------------------------------------------------------
     def breakdown(self, shape: IterationShape) -> dict[str, float]:
@@ -317,12 +327,7 @@ class RooflineCostModel:
         out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
-        if shape.graph:
-            out["host_launch"] = self._host_graph
-        elif self._eager_overlap:
-            out["host_launch"] = max(0.0, self._host_eager - gpu_rest)
-        else:
-            out["host_launch"] = self._host_eager
+        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens))
         out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n)
         return out
 
