@@ -344,7 +344,8 @@ class WorkloadConfig(_Strict):
     synthetic: SyntheticConfig | None = None
     prefix: PrefixConfig | None = None
     replay: str | None = Field(None, description="a run directory (or its requests.parquet) whose requests "
-                               "-- arrivals, lengths, SLOs -- this run replays, on either backend")
+                               "-- arrivals, lengths, SLOs, prompt block hashes or tokens -- this run replays, "
+                               "on either backend")
     arrival: Arrival = Field(default_factory=TraceArrival)
     rate_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     target_rate_req_s: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -458,12 +459,21 @@ def read_replay(path: Path) -> pd.DataFrame:
     """The requests of an earlier run (sim or GPU): same ids, arrivals, lengths and SLOs."""
     import pyarrow.parquet as pq
 
+    from .schema import HASH_BLOCK_SIZE, TUPLE_COLUMNS
+
+    cols = ["request_id", "arrival_s", "prompt_len", "output_len", "priority", "tenant", "slo_ttft_s", "slo_tpot_s"]
     try:
-        t = pq.read_table(path, columns=["request_id", "arrival_s", "prompt_len", "output_len",
-                                         "priority", "tenant", "slo_ttft_s", "slo_tpot_s"])
+        names = pq.read_schema(path).names
+        t = pq.read_table(path, columns=cols + [c for c in TUPLE_COLUMNS if c in names])
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
         raise ConfigError(f"cannot read a run's requests from it: {e}", str(path)) from None
+    bs = (t.schema.metadata or {}).get(b"servesim." + HASH_BLOCK_SIZE.encode())
     df = t.to_pandas().sort_values(["arrival_s", "request_id"], kind="stable").reset_index(drop=True)
+    for c in TUPLE_COLUMNS:  # the prompts' identity (prefix reuse): as tuples, like a trace's
+        if c in df.columns:
+            df[c] = [None if v is None else tuple(int(x) for x in v) for v in df[c]]
+    if bs is not None and "block_hashes" in df.columns:
+        df.attrs[HASH_BLOCK_SIZE] = int(bs)
     if df["tenant"].eq("").all():
         df = df.drop(columns=["tenant"])
     if df["priority"].eq(0).all():
