@@ -20,6 +20,7 @@ import platform
 
 import numpy as np
 
+from servesim.sim.calibrate import rows_from_iterations
 from servesim.sim.config import RunConfig
 from servesim.sim.runner import resolve
 from servesim.sim.specs import ModelSpec
@@ -73,19 +74,6 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     return it, run
 
 
-def _rows(name: str, it, host) -> list[dict]:
-    """Calibration rows (kind decode / prefill / mixed) of a run's iterations."""
-    rows = []
-    for _, r in it.iterrows():
-        k, n = int(r.num_ctx_requests), int(r.num_gen_requests)
-        base = dict(model=name, n_decode=n, kv_sum=int(r.decode_kv_tokens) if n else 0, ctx_tokens=int(r.ctx_tokens),
-                    ctx_prior=int(r.ctx_cached_tokens), n_chunks=k, chunk_tokens=int(r.ctx_tokens) // k if k else 0,
-                    graph=bool(r.graph), padded=n + int(r.padded_tokens) if r.graph else 0,
-                    time_s=float(r.duration_s), host_s=host(r))
-        rows.append(dict(kind="decode" if not k else "mixed" if n else "prefill", **base))
-    return rows
-
-
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
@@ -112,15 +100,15 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
         it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
         runs.append(run)
-        rows.extend(_rows(model.name, it.iloc[SKIP_FIRST:], host))
+        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
         runs.append(run)
-        rows.extend(_rows(model.name, it.iloc[SKIP_FIRST:], host))
+        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt in (prefill_points or PREFILL_POINTS):
         it, run = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
         runs.append(run)
-        rows.extend(_rows(model.name, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)], host))
+        rows.extend(rows_from_iterations(model.name, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)], host))
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": str(torch.__version__),

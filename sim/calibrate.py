@@ -51,6 +51,43 @@ PARAMS = (
 PRIOR_WEIGHT = 1e-4
 
 
+def rows_from_iterations(name: str, it, host=None) -> list[dict]:
+    """Calibration-grid rows (kind decode / prefill / mixed) of a run's iterations (a
+    pandas frame of iterations.parquet); ``host(row)`` gives each row's ``host_s``."""
+    rows = []
+    for r in it.itertuples(index=False):
+        k, n = int(r.num_ctx_requests), int(r.num_gen_requests)
+        row = dict(kind="decode" if not k else "mixed" if n else "prefill", model=name, n_decode=n,
+                   kv_sum=int(r.decode_kv_tokens) if n else 0, ctx_tokens=int(r.ctx_tokens),
+                   ctx_prior=int(r.ctx_cached_tokens), n_chunks=k, chunk_tokens=int(r.ctx_tokens) // k if k else 0,
+                   graph=bool(r.graph), padded=n + int(r.padded_tokens) if r.graph else 0,
+                   time_s=float(r.duration_s))
+        if host is not None:
+            row["host_s"] = host(r)
+        rows.append(row)
+    return rows
+
+
+def iteration_errors_by_kind(model: ModelSpec, hw: HardwareSpec, roofline: RooflineConfig, it) -> dict:
+    """A cost model priced on a run's own iterations (its recorded shapes, not a replay's):
+    per kind (decode-graph / decode-eager / mixed / prefill) the number of iterations,
+    their share of the run's busy time, the median signed error and the mean absolute
+    error. Separates the price of an iteration from the queueing a replay adds on top."""
+    rows = rows_from_iterations(model.name, it)
+    if not rows:
+        return {}
+    shapes, times, kinds = shapes_from_grid(rows)
+    cm = RooflineCostModel(model, hw, roofline, cuda_graphs=True)
+    err = np.array([cm.price(s) for s in shapes]) / times - 1
+    kinds = np.array(kinds)
+    out = {}
+    for k in sorted(set(kinds.tolist())):
+        m = kinds == k
+        out[k] = {"iterations": int(m.sum()), "time_share": float(times[m].sum() / times.sum()),
+                  "median_err": float(np.median(err[m])), "mape": float(np.mean(np.abs(err[m])))}
+    return out
+
+
 def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray, list[str]]:
     """IterationShapes, measured seconds and kinds of the rows of a calibration CSV."""
     shapes, times, kinds = [], [], []

@@ -170,3 +170,35 @@ def test_host_overhead_fit():
     h = fit_host(rows)
     assert h["scheduler_overhead_s"] == pytest.approx(4e-4) and h["scheduler_overhead_per_request_s"] == pytest.approx(3e-6)
     assert fit_host([dict(n_decode=1, host_s="")]) is None
+
+def test_pricing_a_runs_own_iterations(tmp_path):
+    """A sim run priced by its own cost model on its recorded shapes: no error on the
+    iterations whose shape the record fixes exactly (decode-only; one context chunk)."""
+    import pandas as pd
+
+    from servesim.sim.calibrate import iteration_errors_by_kind, rows_from_iterations, shapes_from_grid
+    from servesim.sim.cost_model import RooflineConfig, RooflineCostModel
+
+    exp = tmp_path / "e.yaml"
+    exp.write_text("name: e\nmodel: llama-3.1-8b\nworkload: {trace: azure_conv, num_requests: 150, rate_scale: 3}\n"
+                   "scheduler: {max_num_tokens: 2048, enable_chunked_context: true}\noutput: {plots: false}\n"
+                   "cost_model: {roofline: {flops_efficiency: 0.7, host_overhead_graph_s: 0.0002}}\n")
+    assert main(["run", str(exp), "--out", str(tmp_path / "o")]) == 0
+    it = pd.read_parquet(tmp_path / "o" / "base" / "iterations.parquet")
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    cfg = RooflineConfig(flops_efficiency=0.7, host_overhead_graph_s=0.0002)
+    exact = it[it.num_ctx_requests <= 1]
+    rows = rows_from_iterations("llama-3.1-8b", exact)
+    shapes, times, kinds = shapes_from_grid(rows)
+    cm = RooflineCostModel(model, hw, cfg, cuda_graphs=True)
+    err = {k: [] for k in kinds}
+    for k, s, t in zip(kinds, shapes, times):
+        err[k].append(abs(cm.price(s) / t - 1))
+    assert {"decode-graph", "mixed", "prefill"} <= set(err)
+    assert max(err["decode-graph"]) < 1e-9
+    # the record does not say whether a chunk ends its prompt: the shape samples every
+    # chunk, overpricing a non-final one by one token's lm_head (~0.6% of a 2k chunk)
+    assert max(err["mixed"] + err["prefill"]) < 0.01
+    by = iteration_errors_by_kind(model, hw, cfg, exact)
+    assert sum(v["time_share"] for v in by.values()) == pytest.approx(1.0)
+    assert by["decode-graph"]["mape"] < 1e-9 and by["mixed"]["mape"] < 0.01
