@@ -132,6 +132,25 @@ def test_eager_overlap_switch():
     assert add.price(s) - ovl.price(s) == pytest.approx(2e-3, rel=1e-9)  # 8B decode GPU > 2 ms
 
 
+def test_context_launch_overlap_and_kv_bandwidth():
+    """context_launch_overlap moves an eager context iteration between max(gpu, host) (1)
+    and gpu + host (0), leaving decode-only iterations alone; kv_bandwidth_efficiency
+    prices only decode attention's KV reads."""
+    host = 20e-3
+    s = prefill(64, sampling=1)
+    lo = RooflineCostModel(M8, H100, RooflineConfig(host_overhead_eager_s=host, context_launch_overlap=0.0))
+    hi = RooflineCostModel(M8, H100, RooflineConfig(host_overhead_eager_s=host, context_launch_overlap=1.0))
+    gpu = hi.gpu_time(s)
+    assert gpu < host
+    assert lo.price(s) - hi.price(s) == pytest.approx(gpu, rel=1e-9)
+    d = decode(8, 2000)
+    assert lo.price(d) == hi.price(d)
+    slow_kv = RooflineCostModel(M8, H100, RooflineConfig(kv_bandwidth_efficiency=0.5))
+    base = RooflineCostModel(M8, H100)
+    assert slow_kv.breakdown(d)["attn_decode_kv"] == pytest.approx(2 * base.breakdown(d)["attn_decode_kv"])
+    assert slow_kv.breakdown(d)["qkv"] == base.breakdown(d)["qkv"]
+
+
 def test_tensor_parallel_splits_work_and_adds_allreduce():
     one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
     four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
@@ -159,6 +178,7 @@ VARIANTS = [
     dict(overlap_scheduler=True),
     dict(cfg=RooflineConfig(eager_launch_overlaps_gpu=False)),
     dict(cfg=RooflineConfig(flops_efficiency=0.6, bandwidth_efficiency=0.7, attention_flops_efficiency=0.5)),
+    dict(cfg=RooflineConfig(kv_bandwidth_efficiency=0.6, context_launch_overlap=0.3, host_overhead_eager_s=0.02)),
 ]
 MODELS = [
     RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
