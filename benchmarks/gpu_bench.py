@@ -23,6 +23,10 @@ too small for it):
  8. a torch.profiler profile of Llama-3.2-1B decode at batch 1 (graph replays and the eager
     step): top kernels per iteration, kernel time vs the graph's wall time (the gaps), the
     GEMMs' achieved bytes/s vs the copy bandwidth, and the time over the roofline by part;
+ 9. eager iterations mixing one context chunk (64-2k tokens) with 32 decodes (Llama-3.1-8B):
+    wall time vs the host's launch time and the GPU's kernel time, and a count of host-device
+    synchronisations inside one (torch.cuda.set_sync_debug_mode) -- how the simulator
+    should combine host and GPU time for such iterations (fidelity.md);
  7. offline throughput vs Hugging Face `generate` with a static cache on 1,000 Azure-trace
     requests (fewer when the budget stops HF early: ours then runs the same ones);
  6. (not in the default --sections; the GPU runs have their own script now) end to end:
@@ -857,13 +861,98 @@ def profile_decode(dev, dtype, ceil, work: Path, smoke: bool) -> None:
     free_memory(dev)
 
 
+# ---------------------------------------------------------------------------------- 9
+def mixed_profile(dev, dtype, smoke: bool) -> None:
+    """An eager iteration mixing one context chunk with decodes (what an online run's
+    arrivals cost): wall time vs the host's launch time and the GPU's kernel time, and
+    whether anything in it synchronises the host with the device."""
+    from servesim.gpu_backend.model import ContextChunkInput, DecodeInput, LlamaModel, build_attn_metadata
+
+    name = "llama-3.1-8b"
+    cfg, spec = model_cfg_spec(name, smoke)
+    md(f"\n## 9. Eager mixed iterations ({'Llama-3.1-8B' if not smoke else 'the tiny model'}): one context "
+       "chunk beside 32 decodes of ~1k tokens\n")
+    md("wall = launch to tokens on the host (median of 10); host = time to issue the iteration (metadata packing "
+       "+ every launch, no wait); GPU = sum of its kernels (torch.profiler). If launches overlapped the GPU's work "
+       "perfectly, wall = max(host, GPU); gpu + host is the other extreme. syncs: host-device synchronisations "
+       "inside one iteration (torch.cuda.set_sync_debug_mode).\n")
+    md("| chunk tokens | decodes | wall | host | GPU kernels | max(host, GPU) | host + GPU | syncs |")
+    md("|---|---|---|---|---|---|---|---|")
+    model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+    bs = 16
+    n_dec, ctx = (4, 64) if smoke else (32, 1024)
+    for chunk in ((16, 48) if smoke else (64, 256, 512, 2048)):
+        need = n_dec * (-(-(ctx + 2) // bs)) + -(-chunk // bs) + 1
+        pool = model.make_kv_pool(need, bs)
+        nxt = iter(range(1, need))
+        dec_blocks = [[next(nxt) for _ in range(-(-(ctx + 2) // bs))] for _ in range(n_dec)]
+        chunk_blocks = [next(nxt) for _ in range(-(-chunk // bs))]
+        g = torch.Generator().manual_seed(chunk)
+        toks = torch.randint(0, spec.vocab_size, (chunk,), generator=g).tolist()
+
+        def issue():
+            meta = build_attn_metadata([ContextChunkInput(toks, 0, chunk_blocks)],
+                                       [DecodeInput(1, ctx, b) for b in dec_blocks], bs, dev)
+            return model.forward(meta.input_ids, meta.positions, pool, meta)
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        with torch.no_grad():
+            for _ in range(3):
+                issue()
+            sync()
+            walls, hosts = [], []
+            for _ in range(3 if smoke else 10):
+                t0 = time.perf_counter()
+                issue()
+                t1 = time.perf_counter()
+                sync()
+                walls.append(time.perf_counter() - t0)
+                hosts.append(t1 - t0)
+            wall, host = float(np.median(walls)), float(np.median(hosts))
+            syncs = "-"
+            if dev.type == "cuda":
+                import warnings
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        issue()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                sync()
+                syncs = str(sum("synchroniz" in str(w.message).lower() for w in caught))
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                issue()
+                sync()
+            gpu = float("nan")
+            if dev.type == "cuda":
+                try:  # kernel events (device type CUDA); their duration in us
+                    ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                    gpu = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in ks) / 1e6
+                except Exception as exc:  # noqa: BLE001 - a profiler API difference must not lose the row
+                    log(f"section 9: no kernel times ({exc})")
+        md(f"| {chunk} | {n_dec} | {wall * 1e3:.2f} ms | {host * 1e3:.2f} ms | {gpu * 1e3:.2f} ms | "
+           f"{max(host, gpu) * 1e3 if gpu == gpu else float('nan'):.2f} ms | "
+           f"{(host + gpu) * 1e3 if gpu == gpu else float('nan'):.2f} ms | {syncs} |")
+        pool = None
+    model = None
+    free_memory(dev)
+
+
 # ---------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    ap.add_argument("--sections", default="1,2,3,4,8,7",
+    ap.add_argument("--sections", default="1,2,3,4,8,9,7",
                     help="comma-separated; they run in the order 1,2,3,4,8,7,6 (6 is not a default)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
@@ -888,6 +977,7 @@ def main() -> None:
              ("3", "model vs HF", 40, lambda: vs_hf(dev, dtype, args.smoke)),
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib)),
              ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
+             ("9", "mixed iterations", 40, lambda: mixed_profile(dev, dtype, args.smoke)),
              ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
              ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:
