@@ -51,14 +51,6 @@ class Nvml:
             raise RuntimeError(f"nvmlDeviceGetTotalEnergyConsumption failed (NVML error {rc})")
         return mj.value / 1000.0
 
-    def power_w(self) -> float:
-        """Power draw now (NVML's averaged reading), in watts."""
-        mw = ctypes.c_uint()
-        rc = self._lib.nvmlDeviceGetPowerUsage(self._handle, ctypes.byref(mw))
-        if rc != 0:
-            raise RuntimeError(f"nvmlDeviceGetPowerUsage failed (NVML error {rc})")
-        return mw.value / 1000.0
-
     def tick(self, timeout_s: float = 0.5) -> tuple[float, float]:
         """(time, energy) just after the counter's next update. The driver updates it
         every few tens of milliseconds, so a run shorter than a second reads a different

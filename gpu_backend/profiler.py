@@ -65,8 +65,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     it = res.iterations.to_pandas()
     it["exec_s"] = res.host_times["exec_s"]
     it["prep_s"] = res.host_times["prep_s"]
-    busy, busy_share = run_power_terms(res.iterations, compute_share(res.iterations, setup.model, setup.hardware),
-                                       res.summary["duration_s"])
+    busy, busy_share = run_power_terms(res.iterations, compute_share(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,

@@ -82,7 +82,7 @@ def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.nd
     return float((power_w * dur).sum()) + idle_w * max(span_s * gpus - busy, 0.0)
 
 
-def run_power_terms(it: pa.Table, share: np.ndarray, span_s: float) -> tuple[float, float]:
+def run_power_terms(it: pa.Table, share: np.ndarray) -> tuple[float, float]:
     """(busy seconds, sum of duration x compute_share): the run's two regressors."""
     dur = it.column("duration_s").to_numpy().astype(np.float64)
     return float(dur.sum()), float((dur * share).sum())

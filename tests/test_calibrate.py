@@ -155,7 +155,7 @@ def test_energy_model_and_power_fit():
         sub = it.slice(a, b - a)
         span = float(sub.column("duration_s").to_numpy().sum()) * 1.3
         e = energy(sub, span, 1, 90.0, iteration_power(share[a:b], 90.0, 700.0, 0.4))
-        runs.append((e, span, *run_power_terms(sub, share[a:b], span)))
+        runs.append((e, span, *run_power_terms(sub, share[a:b])))
     max_w, frac = fit_power(runs, 90.0)
     assert max_w == pytest.approx(700.0, rel=1e-3) and frac == pytest.approx(0.4, rel=1e-3)
     s = json.loads((run / "summary.json").read_text())
