@@ -37,6 +37,7 @@ too small for it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -862,88 +863,138 @@ def profile_decode(dev, dtype, ceil, work: Path, smoke: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- 9
-def mixed_profile(dev, dtype, smoke: bool) -> None:
-    """An eager iteration mixing one context chunk with decodes (what an online run's
-    arrivals cost): wall time vs the host's launch time and the GPU's kernel time, and
-    whether anything in it synchronises the host with the device."""
+MIXED_CHUNKS = (16, 64, 256, 1024, 4096)
+
+
+def mixed_profile(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
+    """Eager iterations with one context chunk, alone or beside 32 decodes of ~1k tokens
+    (what an online run's arrivals cost): wall time vs the host's issue time and the GPU's
+    kernel time; then every host-device synchronisation of a short real engine run, by
+    where it happens. Rows also go to OUT/mixed_iterations.csv."""
+    import warnings
+
+    import pandas as pd
+
     from servesim.gpu_backend.model import ContextChunkInput, DecodeInput, LlamaModel, build_attn_metadata
 
-    name = "llama-3.1-8b"
-    cfg, spec = model_cfg_spec(name, smoke)
-    md(f"\n## 9. Eager mixed iterations ({'Llama-3.1-8B' if not smoke else 'the tiny model'}): one context "
-       "chunk beside 32 decodes of ~1k tokens\n")
-    md("wall = launch to tokens on the host (median of 10); host = time to issue the iteration (metadata packing "
-       "+ every launch, no wait); GPU = sum of its kernels (torch.profiler). If launches overlapped the GPU's work "
-       "perfectly, wall = max(host, GPU); gpu + host is the other extreme. syncs: host-device synchronisations "
-       "inside one iteration (torch.cuda.set_sync_debug_mode).\n")
-    md("| chunk tokens | decodes | wall | host | GPU kernels | max(host, GPU) | host + GPU | syncs |")
-    md("|---|---|---|---|---|---|---|---|")
-    model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+    md("\n## 9. Eager mixed iterations: where the time goes\n")
+    md("One context chunk alone or beside 32 decodes of ~1k tokens, no CUDA graph. wall = issue to tokens on the "
+       "host (median of 10); host = time to issue the iteration (metadata packing + every launch; median, and "
+       "the spread min-max); GPU = sum of its kernels (torch.profiler). If launches overlapped the GPU's work "
+       "perfectly, wall = max(host, GPU); host + GPU is the other extreme: overlap = (host + GPU - wall) / "
+       "min(host, GPU). syncs: implicit host-device synchronisations inside one iteration "
+       "(torch.cuda.set_sync_debug_mode).\n")
+    md("| model | chunk | decodes | wall | host (min-max) | GPU kernels | max(host, GPU) | host + GPU | overlap | syncs |")
+    md("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     bs = 16
-    n_dec, ctx = (4, 64) if smoke else (32, 1024)
-    for chunk in ((16, 48) if smoke else (64, 256, 512, 2048)):
-        need = n_dec * (-(-(ctx + 2) // bs)) + -(-chunk // bs) + 1
-        pool = model.make_kv_pool(need, bs)
-        nxt = iter(range(1, need))
-        dec_blocks = [[next(nxt) for _ in range(-(-(ctx + 2) // bs))] for _ in range(n_dec)]
-        chunk_blocks = [next(nxt) for _ in range(-(-chunk // bs))]
-        g = torch.Generator().manual_seed(chunk)
-        toks = torch.randint(0, spec.vocab_size, (chunk,), generator=g).tolist()
+    for name in (("llama-3.2-1b",) if smoke else ("llama-3.2-1b", "llama-3.1-8b")):
+        cfg, spec = model_cfg_spec(name, smoke)
+        model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+        ctx = 64 if smoke else 1024
+        for n_dec in (0, 4 if smoke else 32):
+            for chunk in ((16, 48) if smoke else MIXED_CHUNKS):
+                need = n_dec * (-(-(ctx + 2) // bs)) + -(-chunk // bs) + 1
+                pool = model.make_kv_pool(need, bs)
+                nxt = iter(range(1, need))
+                dec_blocks = [[next(nxt) for _ in range(-(-(ctx + 2) // bs))] for _ in range(n_dec)]
+                chunk_blocks = [next(nxt) for _ in range(-(-chunk // bs))]
+                g = torch.Generator().manual_seed(chunk)
+                toks = torch.randint(0, spec.vocab_size, (chunk,), generator=g).tolist()
 
-        def issue():
-            meta = build_attn_metadata([ContextChunkInput(toks, 0, chunk_blocks)],
-                                       [DecodeInput(1, ctx, b) for b in dec_blocks], bs, dev)
-            return model.forward(meta.input_ids, meta.positions, pool, meta)
+                def issue():
+                    meta = build_attn_metadata([ContextChunkInput(toks, 0, chunk_blocks)],
+                                               [DecodeInput(1, ctx, b) for b in dec_blocks], bs, dev)
+                    logits = model.forward(meta.input_ids, meta.positions, pool, meta)
+                    return logits.argmax(-1).to("cpu", non_blocking=True)  # what the executor does
 
-        def sync():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+                def sync():
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
 
-        with torch.no_grad():
-            for _ in range(3):
-                issue()
-            sync()
-            walls, hosts = [], []
-            for _ in range(3 if smoke else 10):
-                t0 = time.perf_counter()
-                issue()
-                t1 = time.perf_counter()
-                sync()
-                walls.append(time.perf_counter() - t0)
-                hosts.append(t1 - t0)
-            wall, host = float(np.median(walls)), float(np.median(hosts))
-            syncs = "-"
-            if dev.type == "cuda":
-                import warnings
-
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
+                with torch.no_grad():
+                    for _ in range(3):
                         issue()
-                    finally:
-                        torch.cuda.set_sync_debug_mode("default")
-                sync()
-                syncs = str(sum("synchroniz" in str(w.message).lower() for w in caught))
-            from torch.profiler import ProfilerActivity, profile
+                    sync()
+                    walls, hosts = [], []
+                    for _ in range(3 if smoke else 10):
+                        t0 = time.perf_counter()
+                        issue()
+                        t1 = time.perf_counter()
+                        sync()
+                        walls.append(time.perf_counter() - t0)
+                        hosts.append(t1 - t0)
+                    wall, host = float(np.median(walls)), float(np.median(hosts))
+                    syncs = -1
+                    if dev.type == "cuda":
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            torch.cuda.set_sync_debug_mode("warn")
+                            try:
+                                issue()
+                            finally:
+                                torch.cuda.set_sync_debug_mode("default")
+                        sync()
+                        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+                    from torch.profiler import ProfilerActivity, profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=acts) as prof:
-                issue()
-                sync()
-            gpu = float("nan")
-            if dev.type == "cuda":
-                try:  # kernel events (device type CUDA); their duration in us
-                    ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-                    gpu = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in ks) / 1e6
-                except Exception as exc:  # noqa: BLE001 - a profiler API difference must not lose the row
-                    log(f"section 9: no kernel times ({exc})")
-        md(f"| {chunk} | {n_dec} | {wall * 1e3:.2f} ms | {host * 1e3:.2f} ms | {gpu * 1e3:.2f} ms | "
-           f"{max(host, gpu) * 1e3 if gpu == gpu else float('nan'):.2f} ms | "
-           f"{(host + gpu) * 1e3 if gpu == gpu else float('nan'):.2f} ms | {syncs} |")
-        pool = None
-    model = None
-    free_memory(dev)
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                    with profile(activities=acts) as prof:
+                        issue()
+                        sync()
+                    gpu = float("nan")
+                    if dev.type == "cuda":
+                        try:  # kernel and memcpy events (device type CUDA); durations in us
+                            ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                            gpu = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+                                      for e in ks) / 1e6
+                        except Exception as exc:  # noqa: BLE001 - a profiler API difference must not lose the row
+                            log(f"section 9: no kernel times ({exc})")
+                lo, hi = min(hosts), max(hosts)
+                ov = (host + gpu - wall) / min(host, gpu) if gpu == gpu and min(host, gpu) > 0 else float("nan")
+                rows.append(dict(model=name, chunk=chunk, decodes=n_dec, kv_len=ctx, wall_s=wall, host_s=host,
+                                 host_min_s=lo, host_max_s=hi, gpu_s=gpu, syncs=syncs, overlap=ov))
+                md(f"| {name} | {chunk} | {n_dec} | {wall * 1e3:.2f} ms | {host * 1e3:.2f} ({lo * 1e3:.2f}-"
+                   f"{hi * 1e3:.2f}) ms | {gpu * 1e3:.2f} ms | {max(host, gpu) * 1e3:.2f} ms | "
+                   f"{(host + gpu) * 1e3:.2f} ms | {ov:.2f} | {syncs if syncs >= 0 else '-'} |")
+                pool = None
+        model = None
+        free_memory(dev)
+    pd.DataFrame(rows).to_csv(out / "mixed_iterations.csv", index=False)
+    sync_audit(dev, smoke, work)
+
+
+def sync_audit(dev, smoke: bool, work: Path) -> None:
+    """Every synchronisation of a short real GPU engine run (1B, online, graphs on), by the
+    line that caused it: the executor's one wait per iteration is expected; any other is
+    time the host cannot overlap with the GPU."""
+    import warnings
+    from collections import Counter
+
+    from servesim.sim.cli import main as sim_main
+
+    if dev.type != "cuda":
+        return
+    args = ["run", "experiments/fidelity.yaml", "--backend", "gpu", "--only", "1b-online-low",
+            "--set", "workload.num_requests=60", "--out", str(work / "sync_audit")]
+    buf = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with contextlib.redirect_stdout(buf):
+                rc = sim_main(args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    import pandas as pd
+
+    n_it = len(pd.read_parquet(work / "sync_audit" / "1b-online-low" / "iterations.parquet"))
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
+    md(f"\nSynchronisations in `sim {' '.join(args[:-2])}` (exit {rc}, {n_it} iterations), by source line:\n")
+    md("| where | count | per iteration |")
+    md("|---|---|---|")
+    for k, v in where.most_common(12):
+        md(f"| {k} | {v} | {v / max(n_it, 1):.2f} |")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -977,7 +1028,7 @@ def main() -> None:
              ("3", "model vs HF", 40, lambda: vs_hf(dev, dtype, args.smoke)),
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib)),
              ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
-             ("9", "mixed iterations", 40, lambda: mixed_profile(dev, dtype, args.smoke)),
+             ("9", "mixed iterations", 90, lambda: mixed_profile(dev, dtype, args.smoke, out, work)),
              ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
              ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:
