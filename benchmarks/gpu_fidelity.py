@@ -17,6 +17,7 @@ Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device t
 returns at most 8 files). Back on any machine,
 
     python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz
+    python benchmarks/gpu_fidelity.py --refit     # after a change to the fitting code
 
 puts it in place -- runs in benchmarks/results/gpu_runs{,_repeat}/, grids in
 benchmarks/results/calibration/, profiles in profiles/ (the second calibration in
@@ -70,10 +71,6 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
 
     import yaml
 
-    from servesim.sim.calibrate import calibrate
-    from servesim.sim.specs import load_hardware, load_model
-    from servesim.sim.types import ConfigError
-
     res = repo / "benchmarks" / "results"
     written: list[Path] = []
     if calibration_dirs is None:
@@ -101,27 +98,55 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
                     shutil.copy(f, grid_dir / f.name)
                     written.append(grid_dir / f.name)
                 made = yaml.safe_load(prof.read_text())
-                grid = grid_dir / f"{stem}.grid.csv"
-                prov = {k: v for k, v in made["provenance"].items() if k not in ("source", "grid_sha256")}
-                try:
-                    model, hw = load_model(made["model"]), load_hardware(made["hardware"])
-                except ConfigError:  # a model this checkout does not bundle (the smoke run's): as made
-                    doc = made
-                    doc["provenance"] = {"source": str(grid.relative_to(repo)), **prov}
-                else:
-                    doc = calibrate(model, hw, grid, prof_dir / prof.name)
-                    doc["provenance"] = {"source": str(grid.relative_to(repo)),
-                                         "grid_sha256": doc["provenance"]["grid_sha256"], **prov,
-                                         "refitted": doc["provenance"]["fitted"]}
-                (prof_dir / prof.name).write_text(yaml.safe_dump(doc, sort_keys=False))
-                written.append(prof_dir / prof.name)
+                written.append(refit_profile(made, grid_dir / f"{stem}.grid.csv", prof_dir / prof.name, repo))
         if (src / "log.txt").exists() and calibration_dirs is None:
             shutil.copy(src / "log.txt", res / "gpu_fidelity_log.txt")
             written.append(res / "gpu_fidelity_log.txt")
     return written
 
 
+def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO) -> Path:
+    """Write to ``dest`` the profile fitted to ``grid`` by this checkout's `sim calibrate`,
+    keeping the provenance of ``made`` (the profile as the GPU call wrote it)."""
+    import yaml
+
+    from servesim.sim.calibrate import calibrate
+    from servesim.sim.specs import load_hardware, load_model
+    from servesim.sim.types import ConfigError
+
+    prov = {k: v for k, v in made["provenance"].items() if k not in ("source", "grid_sha256", "refitted")}
+    try:
+        model, hw = load_model(made["model"]), load_hardware(made["hardware"])
+    except ConfigError:  # a model this checkout does not bundle (the smoke run's): as made
+        doc = made
+        doc["provenance"] = {"source": str(grid.relative_to(repo)), **prov}
+    else:
+        doc = calibrate(model, hw, grid, dest)
+        doc["provenance"] = {"source": str(grid.relative_to(repo)), "grid_sha256": doc["provenance"]["grid_sha256"],
+                             **prov, "refitted": doc["provenance"]["fitted"]}
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def refit_shipped(repo: Path = REPO) -> list[Path]:
+    """Refit every shipped profile (profiles/, benchmarks/results/calibration*/) from the grid
+    its provenance names: after a change to the fitting code, no profile is left stale."""
+    import yaml
+
+    out = []
+    for prof in sorted([*(repo / "profiles").glob("*.yaml"), *(repo / "benchmarks" / "results").glob("calibration*/*.yaml")]):
+        made = yaml.safe_load(prof.read_text())
+        src = (made.get("provenance") or {}).get("source")
+        if src and (repo / src).is_file():
+            out.append(refit_profile(made, repo / src, prof, repo))
+    return out
+
+
 def main() -> int:
+    if len(sys.argv) == 2 and sys.argv[1] == "--refit":
+        for p in refit_shipped():
+            print("refitted", p)
+        return 0
     if len(sys.argv) in (3, 5) and sys.argv[1] == "--install":
         dirs = None
         if len(sys.argv) == 5:  # --install TARBALL --calibration-dirs A,B

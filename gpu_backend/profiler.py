@@ -36,7 +36,7 @@ PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (reque
 # (requests, prompt, output, max_num_tokens): a token budget just above one prompt, so
 # each iteration is one context chunk beside the decodes of the requests admitted before
 # it -- the mixed iterations an online run is made of (small chunks, host-bound launches)
-MIXED_POINTS = [(64, 256, 32, 320), (48, 512, 32, 640), (32, 1536, 24, 2048)]
+MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1536, 24, 2048)]
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 
 
@@ -58,18 +58,18 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     })
     from pathlib import Path
 
-    from servesim.sim.power import compute_share, run_power_terms
+    from servesim.sim.power import roofline_work, run_power_terms
 
     setup = resolve(cfg, Path.cwd())
     res = simulate_gpu(setup)
     it = res.iterations.to_pandas()
     it["exec_s"] = res.host_times["exec_s"]
     it["prep_s"] = res.host_times["prep_s"]
-    busy, busy_share = run_power_terms(res.iterations, compute_share(res.iterations, setup.model, setup.hardware))
+    busy, bytes_s, flops_s = run_power_terms(res.iterations, *roofline_work(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
-               span_s=res.summary["duration_s"], busy_s=busy, busy_share_s=busy_share)
+               span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
     return it, run
 
 

@@ -232,8 +232,9 @@ def cmd_calibrate(args) -> int:
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
     pw = doc.get("power")
     if pw:
-        con.print(f"power: idle {pw['idle_w']:.0f} W, compute-bound {pw['max_w']:.0f} W, memory-bound share "
-                  f"{pw['memory_bound_fraction']:.2f}; energy of the {pw['fit']['runs']} grid runs within "
+        con.print(f"power: idle {pw['idle_w']:.0f} W, busy +{pw['busy_w']:.0f} W, at full bandwidth "
+                  f"+{pw['memory_w']:.0f} W, at the full matmul rate +{pw['compute_w']:.0f} W; energy of the "
+                  f"{pw['fit']['runs']} grid runs within "
                   f"{pw['fit']['mape']:.1%} (MAPE)")
     return 0
 

@@ -32,8 +32,9 @@ Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention'
 ``decode_kv_sum`` term and ``gpu_rest`` = everything else)::
 
     graph:  gpu_rest + host_overhead_graph_s                    + gpu_kv + sched
-    eager:  max(gpu_rest, host_overhead_eager)                  + gpu_kv + sched
-            (gpu_rest + host_overhead_eager when eager_launch_overlaps_gpu is false)
+    eager:  max(gpu_rest, host_eager)                           + gpu_kv + sched
+            (gpu_rest + host_eager when eager_launch_overlaps_gpu is false)
+    host_eager = host_overhead_eager_s (+ host_overhead_context_s with context chunks)
     sched = 0 with the overlap scheduler (the next batch is scheduled while the GPU
             runs this one), else scheduler_overhead_s + per_request * requests
 
@@ -96,6 +97,10 @@ class RooflineConfig(BaseModel):
     )
     eager_launch_overlaps_gpu: bool = Field(
         True, description="eager launches overlap the GPU work (max) instead of adding to it"
+    )
+    host_overhead_context_s: float = Field(
+        0.0, ge=0, description="additional launch time of an eager iteration with context chunks (prefill "
+        "attention beside or instead of decode attention, the concatenation of their outputs)"
     )
     context_launch_overlap: float = Field(
         1.0, ge=0, le=1, description="for eager iterations with context chunks: how much of the launch overhead "
@@ -179,6 +184,7 @@ class RooflineCostModel:
             if cfg.host_overhead_eager_s is not None
             else cfg.eager_launch_base_s + cfg.eager_launch_per_layer_s * L
         )
+        self._host_ctx = cfg.host_overhead_context_s
         self._eager_overlap = cfg.eager_launch_overlaps_gpu
         self._ctx_overlap = cfg.context_launch_overlap
         self._host_graph = cfg.host_overhead_graph_s
@@ -218,7 +224,7 @@ class RooflineCostModel:
         """Host launch time not hidden under the GPU's work."""
         if graph:
             return self._host_graph
-        h = self._host_eager
+        h = self._host_eager + self._host_ctx if context else self._host_eager
         if not self._eager_overlap:
             return h
         hidden = gpu_rest if gpu_rest < h else h

@@ -1,26 +1,32 @@
-"""GPU power and energy: a two-state model (idle / busy), the busy power scaled by how
-compute-bound the iteration is.
+"""GPU power and energy: idle power, plus per iteration a busy level and energy per unit of
+work -- bytes moved through HBM and arithmetic done.
 
-    P(iteration) = idle + (max - idle) * (memory_bound_fraction
-                                          + (1 - memory_bound_fraction) * compute_share)
+    P(iteration) = idle + busy + memory * t_bytes / duration + compute * t_flops / duration
+                   (capped at the hardware's max power)
 
-`compute_share` is the share of the iteration's roofline time that is arithmetic:
-t_flops / (t_flops + t_bytes), with t_flops = FLOPs / achievable matmul rate (linear
-layers over every token, lm_head over the sampled ones, causal attention over context
-chunks) and t_bytes = bytes / achievable bandwidth (weights once, the KV cache that decode
-attention reads). A batch-1 decode step is ~0 (streams weights: memory bound), a long
-prefill ~1 (tensor cores busy), a batch-256 decode in between -- which is what the GPU's
-power draw does. Between iterations the GPU draws `idle`. Energy is integrated over the
-run (first arrival to last finish) per GPU; `energy_per_token_j` is that energy over the
-output tokens.
+``t_bytes`` is the iteration's HBM traffic (weights once, the KV cache decode attention
+reads) over the achievable bandwidth and ``t_flops`` its FLOPs (linear layers over every
+token, lm_head over the sampled ones, causal attention over context chunks) over the
+achievable bf16 matmul rate: the seconds the work would take at full speed. So
+``memory`` is the power above the busy level of a step streaming HBM at the achievable
+rate and ``compute`` that of one using the tensor cores at their achievable rate; energy
+goes with the work done, not with the time an iteration takes. An iteration that is slow
+for reasons other than work -- an eager forward waiting on Python's kernel launches, a
+small kernel that cannot fill the GPU -- draws little above the busy level, which is what
+the GPU's power draw does (the two-level idle/max model this replaces overestimated
+exactly those iterations by 20-40%). Between iterations the GPU draws ``idle``. Energy is
+integrated over the run (first arrival to last finish) per GPU; ``energy_per_token_j``
+is that energy over the output tokens.
 
 On the GPU backend the energy is measured instead (NVML's energy counter over the run);
-`fit_power` fits the model's two busy levels to the energies of several such runs (the
+`fit_power` fits busy, memory and compute to the energies of several such runs (the
 calibration grid), given the measured idle power, and `sim calibrate` stores them in the
 profile, which the calibrated cost model then uses.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -32,17 +38,22 @@ class PowerConfig(BaseModel):
 
     idle_w: float | None = Field(None, gt=0, description="idle power per GPU (null: the calibration profile's, "
                                  "else the hardware file's)")
-    max_w: float | None = Field(None, gt=0, description="power of a compute-bound step (null: the profile's, "
-                                "else the hardware's max)")
-    memory_bound_fraction: float | None = Field(None, ge=0, le=1, description="share of the idle..max range a "
-                                                "memory-bound (decode) step draws (null: the profile's, else 0.55)")
+    busy_w: float | None = Field(None, ge=0, description="power above idle while an iteration runs, before its "
+                                 "work (null: the profile's, else 10% of the hardware's max - idle)")
+    memory_w: float | None = Field(None, ge=0, description="power above busy of a step streaming HBM at the "
+                                   "achievable bandwidth (null: the profile's, else 45% of max - idle)")
+    compute_w: float | None = Field(None, ge=0, description="power above busy of a step at the achievable bf16 "
+                                    "matmul rate (null: the profile's, else 90% of max - idle)")
 
 
-DEFAULT_MEMORY_BOUND_FRACTION = 0.55
+# shares of the hardware's (max - idle) power when neither experiment nor profile set them
+DEFAULT_SHARES = {"busy_w": 0.10, "memory_w": 0.45, "compute_w": 0.90}
+POWER_KEYS = ("idle_w", "busy_w", "memory_w", "compute_w")
 
 
-def compute_share(it: pa.Table, model, hw) -> np.ndarray:
-    """Per iteration: t_flops / (t_flops + t_bytes) of its roofline (see the module doc)."""
+def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray]:
+    """Per iteration: (t_flops, t_bytes), its FLOPs over the achievable bf16 rate and its
+    HBM bytes over the achievable bandwidth (see the module doc)."""
     def col(name):
         return it.column(name).to_numpy().astype(np.float64) if name in it.column_names else np.zeros(it.num_rows)
 
@@ -57,12 +68,15 @@ def compute_share(it: pa.Table, model, hw) -> np.ndarray:
                                                                              / np.maximum(2 * nctx, 1))
     flops = model.num_layers * per_layer * tokens + f["lm_head"] * sampled + attn
     t_f = flops / hw.achievable_bf16_flops
-    t_b = (model.weight_bytes + kv * model.kv_bytes_per_token) / hw.achievable_hbm_bytes_per_s
-    return t_f / np.maximum(t_f + t_b, 1e-30)
+    t_b = np.where(tokens > 0, model.weight_bytes + kv * model.kv_bytes_per_token, 0.0) / hw.achievable_hbm_bytes_per_s
+    return t_f, t_b
 
 
-def iteration_power(share: np.ndarray, idle_w: float, max_w: float, mem_frac: float) -> np.ndarray:
-    return idle_w + (max_w - idle_w) * (mem_frac + (1 - mem_frac) * share)
+def iteration_power(dur: np.ndarray, t_f: np.ndarray, t_b: np.ndarray, p: dict, cap_w: float) -> np.ndarray:
+    """Watts per iteration (``p``: idle_w, busy_w, memory_w, compute_w), at most ``cap_w``."""
+    d = np.maximum(np.asarray(dur, dtype=np.float64), 1e-12)
+    w = p["idle_w"] + p["busy_w"] + (p["memory_w"] * t_b + p["compute_w"] * t_f) / d
+    return np.minimum(w, cap_w)
 
 
 def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.ndarray) -> float:
@@ -82,30 +96,34 @@ def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.nd
     return float((power_w * dur).sum()) + idle_w * max(span_s * gpus - busy, 0.0)
 
 
-def run_power_terms(it: pa.Table, share: np.ndarray) -> tuple[float, float]:
-    """(busy seconds, sum of duration x compute_share): the run's two regressors."""
+def run_power_terms(it: pa.Table, t_f: np.ndarray, t_b: np.ndarray) -> tuple[float, float, float]:
+    """(busy seconds, sum of t_bytes, sum of t_flops): a run's three regressors."""
     dur = it.column("duration_s").to_numpy().astype(np.float64)
-    return float(dur.sum()), float((dur * share).sum())
+    return float(dur.sum()), float(np.sum(t_b)), float(np.sum(t_f))
 
 
-def fit_power(runs: list[tuple[float, float, float, float]], idle_w: float) -> tuple[float, float]:
-    """(max_w, memory_bound_fraction) that best explain measured run energies.
+def fit_power(runs: list[tuple[float, float, float, float, float]], idle_w: float) -> dict:
+    """busy_w, memory_w and compute_w that best explain measured run energies.
 
-    `runs`: (energy_j, span_s, busy_s, busy_share_s) per run, with busy_share_s the sum of
-    iteration duration x compute_share. Model: E = idle*span + a*busy + b*busy_share with
-    a = (max-idle)*frac, b = (max-idle)*(1-frac): a least-squares fit of a and b (>= 0)
-    on relative errors."""
+    `runs`: (energy_j, span_s, busy_s, bytes_s, flops_s) per run. Model:
+    E = idle*span + busy_w*busy_s + memory_w*bytes_s + compute_w*flops_s: least squares
+    on relative errors (a short run counts as much as a long one), the three powers >= 0
+    (every subset of them is tried; the best fit with none negative wins)."""
     E = np.array([r[0] for r in runs], dtype=np.float64)
     span = np.array([r[1] for r in runs], dtype=np.float64)
-    X = np.array([[r[2], r[3]] for r in runs], dtype=np.float64)
-    y = E - idle_w * span
-    w = 1.0 / np.maximum(E, 1e-9)  # relative error: short runs count as much as long ones
-    Xw, yw = X * w[:, None], y * w
-    (a, b), *_ = np.linalg.lstsq(Xw, yw, rcond=None)
-    if a < 0 or b < 0:  # non-negative: keep the one term that fits alone
-        k = 1 if a < 0 else 0
-        c = max(float(Xw[:, k] @ yw / max(Xw[:, k] @ Xw[:, k], 1e-30)), 0.0)
-        a, b = (0.0, c) if k == 1 else (c, 0.0)
-    a, b = float(a), float(b)
-    dyn = a + b
-    return idle_w + dyn, float(a / dyn) if dyn > 0 else 0.0
+    X = np.array([[r[2], r[3], r[4]] for r in runs], dtype=np.float64)
+    w = 1.0 / np.maximum(E, 1e-9)
+    Xw, yw = X * w[:, None], (E - idle_w * span) * w
+    best, best_res = np.zeros(3), float(yw @ yw)
+    for k in (3, 2, 1):
+        for cols in itertools.combinations(range(3), k):
+            c = list(cols)
+            sol, *_ = np.linalg.lstsq(Xw[:, c], yw, rcond=None)
+            if np.any(sol < 0):
+                continue
+            x = np.zeros(3)
+            x[c] = sol
+            r = yw - Xw @ x
+            if float(r @ r) < best_res - 1e-15:
+                best, best_res = x, float(r @ r)
+    return {"busy_w": float(best[0]), "memory_w": float(best[1]), "compute_w": float(best[2])}

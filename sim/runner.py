@@ -239,36 +239,39 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
     return RunResult(req.table, it_table, summary, setup)
 
 
-def power_params(setup: Setup) -> tuple[float, float, float]:
-    """(idle_w, max_w, memory_bound_fraction): the experiment's `power` settings, else the
-    calibration profile's fit, else the hardware file's idle/max and the default fraction."""
-    from .power import DEFAULT_MEMORY_BOUND_FRACTION
+def power_params(setup: Setup) -> dict:
+    """idle_w, busy_w, memory_w, compute_w: each the experiment's `power` setting, else the
+    calibration profile's fit, else the hardware file's (idle; shares of max - idle)."""
+    from .power import DEFAULT_SHARES
 
     pc = setup.cfg.power
     prof = setup.profile_power or {}
     hw = setup.hardware
-    idle = pc.idle_w or prof.get("idle_w") or hw.idle_power_w
-    mx = pc.max_w or prof.get("max_w") or hw.max_power_w
-    frac = pc.memory_bound_fraction
-    if frac is None:
-        frac = prof.get("memory_bound_fraction", DEFAULT_MEMORY_BOUND_FRACTION)
-    return float(idle), float(mx), float(frac)
+    out = {"idle_w": pc.idle_w or prof.get("idle_w") or hw.idle_power_w}
+    span = max(hw.max_power_w - out["idle_w"], 0.0)
+    for k, share in DEFAULT_SHARES.items():
+        v = getattr(pc, k)
+        out[k] = float(v if v is not None else prof.get(k, share * span))
+    return out
 
 
 def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j: float | None = None) -> dict:
     """Energy over the run: measured (the GPU's energy counter), or modelled (sim/power.py)."""
-    from .power import compute_share, energy, iteration_power
+    from .power import energy, iteration_power, roofline_work
 
     if measured_energy_j is not None:
         j = float(measured_energy_j)
         source = "measured (NVML energy counter)"
     else:
-        idle, mx, frac = power_params(setup)
+        p = power_params(setup)
         gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
         tp = setup.cfg.cluster.tensor_parallel
-        p = iteration_power(compute_share(it, setup.model, setup.hardware), idle, mx, frac) * tp
-        j = energy(it, summary["duration_s"], gpus, idle, p)
-        source = "model" + (" (calibrated)" if setup.profile_power and setup.cfg.power.max_w is None else "")
+        dur = it.column("duration_s").to_numpy()
+        w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, setup.hardware.max_power_w) * tp
+        j = energy(it, summary["duration_s"], gpus, p["idle_w"], w)
+        pc = setup.cfg.power
+        own = all(getattr(pc, k) is None for k in ("busy_w", "memory_w", "compute_w"))
+        source = "model" + (" (calibrated)" if setup.profile_power and own else "")
     tokens = summary["throughput_out_tok_s"] * summary["duration_s"]
     return {"energy_j": j, "energy_per_token_j": j / tokens if tokens else None,
             "avg_power_w": j / summary["duration_s"] if summary["duration_s"] else None,

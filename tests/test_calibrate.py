@@ -38,7 +38,7 @@ def test_calibrated_profile_beats_roofline_on_its_grid(tmp_path):
     out = tmp_path / "p.yaml"
     assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(GRID), "--out", str(out)]) == 0
     doc = yaml.safe_load(out.read_text())
-    assert doc["schema"] == "servesim-profile/1" and doc["model"] == "llama-3.2-1b"
+    assert doc["schema"] == "servesim-profile/2" and doc["model"] == "llama-3.2-1b"
     assert doc["fit"]["mape"] < doc["fit"]["roofline_mape"]
     assert "grid_sha256" in doc["provenance"]
 
@@ -130,34 +130,46 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
 
 def test_energy_model_and_power_fit():
     """Energy per token in every summary; the power fit recovers the model's parameters
-    from run energies; compute share is ~0 for batch-1 decode and ~1 for long prefill."""
+    from run energies; a batch-1 decode step is all bytes, a long prefill all FLOPs; an
+    iteration slower than its work (host-bound) draws less than one that is not."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from servesim.sim.power import compute_share, energy, fit_power, iteration_power, run_power_terms
+    from servesim.sim.power import energy, fit_power, iteration_power, roofline_work, run_power_terms
 
     model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
     run = REPO / "tests" / "data" / "compare" / "roofline"
     it = pq.read_table(run / "iterations.parquet")
-    share = compute_share(it, model, hw)
-    assert np.all((share >= 0) & (share <= 1))
-    p = iteration_power(share, 90.0, 700.0, 0.4)
-    assert np.all((p >= 90) & (p <= 700))
+    t_f, t_b = roofline_work(it, model, hw)
+    assert np.all(t_f >= 0) and np.all(t_b >= 0)
+    truth = {"idle_w": 90.0, "busy_w": 60.0, "memory_w": 320.0, "compute_w": 520.0}
+    dur = it.column("duration_s").to_numpy()
+    p = iteration_power(dur, t_f, t_b, truth, 700.0)
+    assert np.all((p >= 150) & (p <= 700))
     one = pa.table({"ctx_tokens": [0, 8192], "gen_tokens": [1, 0], "padded_tokens": [0, 0],
                     "num_ctx_requests": [0, 1], "ctx_cached_tokens": [0, 0], "decode_kv_tokens": [1024, 0]})
-    lo, hi = compute_share(one, model, hw)
-    assert lo < 0.02 and hi > 0.95
+    (f_dec, f_pre), (b_dec, b_pre) = roofline_work(one, model, hw)
+    assert f_dec < 0.02 * b_dec and f_pre > 20 * b_pre
+    fast, slow = iteration_power(np.array([b_dec / 0.8, b_dec / 0.3]), np.array([f_dec] * 2), np.array([b_dec] * 2),
+                                 truth, 700.0)
+    assert slow < fast <= 700.0
+    assert iteration_power(np.array([f_pre / 2]), np.array([f_pre]), np.array([b_pre]), truth, 700.0)[0] == 700.0
     # synthetic runs: slices of the iterations, energy from known parameters
     runs = []
     n = it.num_rows
-    for a, b in ((0, n // 3), (n // 3, n), (0, n // 2), (n // 4, 3 * n // 4)):
+    for a, b in ((0, n // 3), (n // 3, n), (0, n // 2), (n // 4, 3 * n // 4), (n // 5, n // 2)):
         sub = it.slice(a, b - a)
         span = float(sub.column("duration_s").to_numpy().sum()) * 1.3
-        e = energy(sub, span, 1, 90.0, iteration_power(share[a:b], 90.0, 700.0, 0.4))
-        runs.append((e, span, *run_power_terms(sub, share[a:b])))
-    max_w, frac = fit_power(runs, 90.0)
-    assert max_w == pytest.approx(700.0, rel=1e-3) and frac == pytest.approx(0.4, rel=1e-3)
+        w = iteration_power(dur[a:b], t_f[a:b], t_b[a:b], truth, 1e9)  # uncapped: the fit's model exactly
+        e = energy(sub, span, 1, truth["idle_w"], w)
+        runs.append((e, span, *run_power_terms(sub, t_f[a:b], t_b[a:b])))
+    got = fit_power(runs, truth["idle_w"])
+    for k in ("busy_w", "memory_w", "compute_w"):
+        assert got[k] == pytest.approx(truth[k], rel=1e-3), k
+    # no negative power: a fit that would want one drops that term
+    neg = [(e - 0.5 * bt, span, busy, bt, ft) for e, span, busy, bt, ft in runs]
+    assert min(fit_power(neg, truth["idle_w"]).values()) >= 0
     s = json.loads((run / "summary.json").read_text())
     if "energy_per_token_j" in s:
         assert s["energy_per_token_j"] > 0
