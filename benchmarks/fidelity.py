@@ -29,7 +29,7 @@ RESULTS = REPO / "benchmarks" / "results"
 RUNS = RESULTS / "gpu_runs"
 REPEAT_RUNS = RESULTS / "gpu_runs_repeat"
 REPEAT_PROFILES = RESULTS / "calibration_repeat"
-OTHER_MACHINE = RESULTS / "calibration_machine2"  # the extended grid, calibrated on another machine instance
+OTHER_MACHINE = RESULTS / "calibration_machine2"  # calibrated in another device call, on another machine instance
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -130,7 +130,7 @@ def main() -> None:
     if noise:
         noise_lines = ["", "| workload | two calibrations, same GPU call: sim(A) vs sim(B), mean / max over the "
                        "metrics | two GPU runs of the same requests, mean / max | calibration on another machine "
-                       "instance (extended grid): vs sim(A) / vs the GPU run, mean abs. |", "|---|---|---|---|"]
+                       "instance (another device call): vs sim(A) / vs the GPU run, mean abs. |", "|---|---|---|---|"]
 
         def mm(d: dict) -> str:
             v = [d.get(s) for s in STATS]
@@ -158,7 +158,7 @@ def main() -> None:
     analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
-        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 470` (one device call on an "
+        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 480` (one device call on an "
         "H100: calibrations and GPU runs), then `python benchmarks/fidelity.py` (anywhere: the replays and "
         "this table). Each cell is the simulator's relative error (sim - GPU) / GPU on the same requests "
         "(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
