@@ -151,6 +151,21 @@ def test_context_launch_overlap_and_kv_bandwidth():
     assert slow_kv.breakdown(d)["qkv"] == base.breakdown(d)["qkv"]
 
 
+def test_host_overhead_context_only_in_eager_context_iterations():
+    """host_overhead_context_s lengthens the launch of an eager iteration with context
+    chunks (host-bound: by exactly that much) and of nothing else."""
+    base = RooflineCostModel(M8, H100, RooflineConfig(host_overhead_eager_s=20e-3))
+    more = RooflineCostModel(M8, H100, RooflineConfig(host_overhead_eager_s=20e-3, host_overhead_context_s=4e-3))
+    s = prefill(64, sampling=1)
+    assert more.gpu_time(s) < 20e-3  # host-bound
+    assert more.price(s) - base.price(s) == pytest.approx(4e-3, rel=1e-9)
+    assert more.breakdown(s)["host_launch"] - base.breakdown(s)["host_launch"] == pytest.approx(4e-3, rel=1e-9)
+    for d in (decode(8, 2000), decode(8, 2000, graph=True, padded=8)):
+        assert more.price(d) == base.price(d)
+    big = prefill(8192, sampling=1)  # GPU-bound: the launches hide under the GPU work either way
+    assert more.price(big) == pytest.approx(base.price(big), rel=1e-12)
+
+
 def test_tensor_parallel_splits_work_and_adds_allreduce():
     one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
     four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
@@ -178,7 +193,8 @@ VARIANTS = [
     dict(overlap_scheduler=True),
     dict(cfg=RooflineConfig(eager_launch_overlaps_gpu=False)),
     dict(cfg=RooflineConfig(flops_efficiency=0.6, bandwidth_efficiency=0.7, attention_flops_efficiency=0.5)),
-    dict(cfg=RooflineConfig(kv_bandwidth_efficiency=0.6, context_launch_overlap=0.3, host_overhead_eager_s=0.02)),
+    dict(cfg=RooflineConfig(kv_bandwidth_efficiency=0.6, context_launch_overlap=0.3, host_overhead_eager_s=0.02,
+                            host_overhead_context_s=0.005)),
 ]
 MODELS = [
     RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
