@@ -48,14 +48,27 @@ TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attenti
             max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def cli(args: list[str], log) -> int:
-    from servesim.sim.cli import main
-
-    buf = io.StringIO()
+def cli(args: list[str], log, fresh: bool = True) -> int:
+    """`sim ARGS`, in a process of its own (``fresh``: what a user's command gets, and no
+    state -- a model's allocations, the Python heap, compiled kernels of another model --
+    carried from one step into the next) or in this one (the smoke run, whose grid points
+    are set on the module)."""
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        rc = main(args)
-    log(f"$ sim {' '.join(args)}  ({time.perf_counter() - t0:.0f} s, exit {rc})\n{buf.getvalue()[-4000:]}")
+    if fresh:
+        import subprocess
+
+        p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", *args], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "COLUMNS": "160",  # a checkout: importable from REPO
+                                           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+        rc, out = p.returncode, p.stdout + (p.stderr[-2000:] if p.returncode else "")
+    else:
+        from servesim.sim.cli import main
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(args)
+        out = buf.getvalue()
+    log(f"$ sim {' '.join(args)}  ({time.perf_counter() - t0:.0f} s, exit {rc})\n{out[-4000:]}")
     return rc
 
 
@@ -202,11 +215,12 @@ def main() -> int:
             profiler.DECODE_POINTS = [(4, 64, 12, True), (2, 32, 10, False)]
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
             profiler.MIXED_POINTS = [(4, 32, 6, 40)]
-        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log)
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
 
     def run(m: str, variants: list[str], folder: str) -> None:
         cli(["run", "experiments/fidelity.yaml", "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
-             "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false", *common], log)
+             "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false", *common], log,
+            fresh=not args.smoke)
 
     plan = []
     for m in models:
