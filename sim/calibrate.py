@@ -75,7 +75,8 @@ def iteration_errors_by_kind(model: ModelSpec, hw: HardwareSpec, roofline: Roofl
     """A cost model priced on a run's own iterations (its recorded shapes, not a replay's):
     per kind (decode-graph / decode-eager / mixed / prefill) the number of iterations,
     their share of the run's busy time, the median signed error, the mean absolute error
-    and the error of their total time (what throughput and mean latencies see). Separates the price of an iteration from the queueing a replay adds on top."""
+    and the error of their total time (what throughput and mean latencies see). Separates
+    the price of an iteration from the queueing a replay adds on top."""
     rows = rows_from_iterations(model.name, it)
     if not rows:
         return {}

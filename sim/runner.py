@@ -257,7 +257,7 @@ def power_params(setup: Setup) -> dict:
 
 def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j: float | None = None) -> dict:
     """Energy over the run: measured (the GPU's energy counter), or modelled (sim/power.py)."""
-    from .power import energy, iteration_power, roofline_work
+    from .power import DEFAULT_SHARES, energy, iteration_power, roofline_work
 
     if measured_energy_j is not None:
         j = float(measured_energy_j)
@@ -270,7 +270,7 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
         w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, setup.hardware.max_power_w) * tp
         j = energy(it, summary["duration_s"], gpus, p["idle_w"], w)
         pc = setup.cfg.power
-        own = all(getattr(pc, k) is None for k in ("busy_w", "memory_w", "compute_w"))
+        own = all(getattr(pc, k) is None for k in DEFAULT_SHARES)
         source = "model" + (" (calibrated)" if setup.profile_power and own else "")
     tokens = summary["throughput_out_tok_s"] * summary["duration_s"]
     return {"energy_j": j, "energy_per_token_j": j / tokens if tokens else None,
