@@ -140,7 +140,9 @@ def main() -> None:
             oth = "-" if other is None else (f"{mean_abs([other[0].get(s) for s in STATS]):.1%} / "
                                              f"{mean_abs([other[1].get(s) for s in STATS]):.1%}")
             noise_lines.append(f"| {name} | {mm(cal)} | {'-' if gpu is None else mm(gpu)} | {oth} |")
-    kinds = ("decode-graph", "decode-eager", "mixed", "prefill")
+    order = ("decode-graph", "decode-eager", "mixed-piecewise", "mixed", "prefill-piecewise", "prefill")
+    seen = {k for _, by in own for k in by}
+    kinds = [k for k in order if k in seen] + sorted(seen - set(order))
     own_lines = ["", "The calibrated model priced on each GPU run's own iterations (their recorded shapes; no "
                  "replay, so no queueing feedback): per kind, share of the run's busy time, median signed "
                  "error / mean absolute error / error of the kind's total time.", "",

@@ -215,6 +215,7 @@ def main() -> int:
             profiler.DECODE_POINTS = [(4, 64, 12, True), (2, 32, 10, False)]
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
             profiler.MIXED_POINTS = [(4, 32, 6, 40)]
+            profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
 
     def run(m: str, variants: list[str], folder: str) -> None:

@@ -18,6 +18,21 @@ def capture_sizes(max_batch_size: int, step: int = 8) -> list[int]:
     return sizes
 
 
+def token_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts captured for piecewise graphs: every 16 up to 256, every 64 up to 1024,
+    then every 128 (GEMM tiles are 64-128 rows, so the padding adds little work), and
+    max_tokens itself."""
+    if max_tokens <= 0:
+        raise ValueError(f"piecewise graphs: max_tokens must be positive, got {max_tokens}")
+    sizes = [s for s in range(16, 257, 16)] + list(range(320, 1025, 64))
+    s = 1152
+    while s < max_tokens:
+        sizes.append(s)
+        s += 128
+    sizes = [s for s in sizes if s < max_tokens] + [max_tokens]
+    return sizes
+
+
 class GraphPadding:
     def __init__(self, sizes: list[int]):
         self.sizes = sorted(sizes)

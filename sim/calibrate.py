@@ -43,6 +43,8 @@ PARAMS = (
     ("host_overhead_graph_s", 1e-6, 5e-3, 1e-4),
     # gpu_bench section 9 measured 0.76-0.99 (median 0.96) on forward passes with one chunk
     ("context_launch_overlap", 1e-3, 1.0, 0.9),
+    # a graph replay and ~3 attention launches per layer (gpu_bench section 10)
+    ("host_overhead_piecewise_s", 1e-5, 0.1, 3e-3),
 )
 # Some parameters trade off against each other on a grid (a batch-1 decode step is
 # weights / bandwidth + the graph's host overhead: a lower bandwidth efficiency and a
@@ -56,14 +58,17 @@ PRIOR_WEIGHT = 1e-4
 
 def rows_from_iterations(name: str, it, host=None) -> list[dict]:
     """Calibration-grid rows (kind decode / prefill / mixed) of a run's iterations (a
-    pandas frame of iterations.parquet); ``host(row)`` gives each row's ``host_s``."""
+    pandas frame of iterations.parquet); ``host(row)`` gives each row's ``host_s``.
+    ``graph`` with ``padded``: a decode-only iteration's CUDA graph and its padded batch,
+    or an iteration with context chunks run as piecewise graphs at ``padded`` tokens."""
     rows = []
     for r in it.itertuples(index=False):
         k, n = int(r.num_ctx_requests), int(r.num_gen_requests)
+        real = n + (int(r.ctx_tokens) if k else 0)
         row = dict(kind="decode" if not k else "mixed" if n else "prefill", model=name, n_decode=n,
                    kv_sum=int(r.decode_kv_tokens) if n else 0, ctx_tokens=int(r.ctx_tokens),
                    ctx_prior=int(r.ctx_cached_tokens), n_chunks=k, chunk_tokens=int(r.ctx_tokens) // k if k else 0,
-                   graph=bool(r.graph), padded=n + int(r.padded_tokens) if r.graph else 0,
+                   graph=bool(r.graph), padded=real + int(r.padded_tokens) if r.graph else 0,
                    time_s=float(r.duration_s))
         if host is not None:
             row["host_s"] = host(r)
@@ -73,7 +78,8 @@ def rows_from_iterations(name: str, it, host=None) -> list[dict]:
 
 def iteration_errors_by_kind(model: ModelSpec, hw: HardwareSpec, roofline: RooflineConfig, it) -> dict:
     """A cost model priced on a run's own iterations (its recorded shapes, not a replay's):
-    per kind (decode-graph / decode-eager / mixed / prefill) the number of iterations,
+    per kind (decode-graph / decode-eager / mixed / prefill, with -piecewise for piecewise
+    graphs) the number of iterations,
     their share of the run's busy time, the median signed error, the mean absolute error
     and the error of their total time (what throughput and mean latencies see). Separates
     the price of an iteration from the queueing a replay adds on top."""
@@ -110,13 +116,17 @@ def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray
             per = int(float(r.get("chunk_tokens") or int(r["ctx_tokens"]) // k))
             prior = int(float(r["ctx_prior"])) // k
             n = int(float(r.get("n_decode") or 0)) if kind == "mixed" else 0
+            # piecewise graphs: at the recorded padded size (never below the real count)
+            pw = max(int(float(r.get("padded") or 0)), per * k + n) if graph else 0
             shapes.append(IterationShape(ctx_new_tokens=(per,) * k, ctx_prior_tokens=(prior,) * k,
                                          n_ctx_sampling=k, n_decode=n,
-                                         decode_kv_sum=int(float(r.get("kv_sum") or 0)) if n else 0))
+                                         decode_kv_sum=int(float(r.get("kv_sum") or 0)) if n else 0,
+                                         piecewise_tokens=pw))
         else:
             raise ConfigError(f"unknown kind {kind!r} in a calibration grid (expected decode, prefill or mixed)")
         times.append(float(r["time_s"]))
-        kinds.append(kind + ("-graph" if graph else "-eager" if kind == "decode" else ""))
+        kinds.append(kind + ("-graph" if graph else "-eager") if kind == "decode" else
+                     kind + ("-piecewise" if graph else ""))
     return shapes, np.asarray(times), kinds
 
 
@@ -204,8 +214,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
         return float(np.mean(np.log(pred / times) ** 2) + PRIOR_WEIGHT * np.sum((np.clip(z, lo, hi) - z0) ** 2))
 
     best = None
-    for start in ([0.8, 0.9, 0.8, 0.5, 5e-3, 2e-3, 5e-5, 0.9], [0.6, 0.7, 0.6, 0.3, 1e-2, 5e-3, 2e-4, 0.1],
-                  [1.0, 1.0, 0.9, 0.8, 1e-3, 1e-4, 1e-5, 0.5]):
+    for start in ([0.8, 0.9, 0.8, 0.5, 5e-3, 2e-3, 5e-5, 0.9, 3e-3], [0.6, 0.7, 0.6, 0.3, 1e-2, 5e-3, 2e-4, 0.1, 1e-2],
+                  [1.0, 1.0, 0.9, 0.8, 1e-3, 1e-4, 1e-5, 0.5, 1e-3]):
         z = _nelder_mead(loss, np.log(start))
         z = _nelder_mead(loss, z)  # restart from the optimum: escapes a collapsed simplex
         if best is None or loss(z) < loss(best):

@@ -35,6 +35,11 @@ Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention'
     eager:  max(gpu_rest, host_eager)                           + gpu_kv + sched
             (gpu_rest + host_eager when eager_launch_overlaps_gpu is false)
     host_eager = host_overhead_eager_s (+ host_overhead_context_s with context chunks)
+    piecewise: as eager with host_overhead_piecewise_s for host_eager, and the
+            token-wise terms (linears, elementwise, all-reduce) at the padded
+            ``piecewise_tokens`` (attention and the sampled rows stay real)
+
+With context chunks only ``context_launch_overlap`` of the hideable launch time hides.
     sched = 0 with the overlap scheduler (the next batch is scheduled while the GPU
             runs this one), else scheduler_overhead_s + per_request * requests
 
@@ -108,6 +113,14 @@ class RooflineConfig(BaseModel):
     )
     host_overhead_graph_s: float = Field(
         40e-6, ge=0, description="per iteration with a CUDA graph: input copy + graph launch, serial"
+    )
+    host_overhead_piecewise_s: float | None = Field(
+        None, ge=0, description="launch time of an iteration run as piecewise CUDA graphs (per layer a graph "
+        "replay and the eager attention launches); null: eager_launch_base_s + piecewise_launch_per_layer_s * "
+        "num_layers. Hides under GPU work like an eager context iteration's (context_launch_overlap)"
+    )
+    piecewise_launch_per_layer_s: float = Field(
+        20e-6, ge=0, description="one graph replay and 2-3 attention kernels per decoder layer"
     )
     scheduler_overhead_s: float = Field(
         300e-6, ge=0, description="host scheduling work per iteration (hidden by the overlap scheduler)"
@@ -188,6 +201,11 @@ class RooflineCostModel:
         self._eager_overlap = cfg.eager_launch_overlaps_gpu
         self._ctx_overlap = cfg.context_launch_overlap
         self._host_graph = cfg.host_overhead_graph_s
+        self._host_pw = (
+            cfg.host_overhead_piecewise_s
+            if cfg.host_overhead_piecewise_s is not None
+            else cfg.eager_launch_base_s + cfg.piecewise_launch_per_layer_s * L
+        )
         if overlap_scheduler:
             self._sched_fixed = 0.0
             self._sched_req = 0.0
@@ -220,18 +238,22 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         return t
 
-    def _launch(self, gpu_rest: float, graph: bool, context: bool) -> float:
+    def _launch(self, gpu_rest: float, graph: bool, context: bool, piecewise: bool = False) -> float:
         """Host launch time not hidden under the GPU's work."""
         if graph:
             return self._host_graph
-        h = self._host_eager + self._host_ctx if context else self._host_eager
+        if piecewise:
+            h = self._host_pw
+        else:
+            h = self._host_eager + self._host_ctx if context else self._host_eager
         if not self._eager_overlap:
             return h
         hidden = gpu_rest if gpu_rest < h else h
         return h - (self._ctx_overlap * hidden if context else hidden)
 
-    def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False) -> float:
-        return gpu_rest + self._launch(gpu_rest, graph, context) + gpu_kv + \
+    def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False,
+               piecewise: bool = False) -> float:
+        return gpu_rest + self._launch(gpu_rest, graph, context, piecewise) + gpu_kv + \
             (self._sched_fixed + self._sched_req * n_requests)
 
     @staticmethod
@@ -287,8 +309,13 @@ class RooflineCostModel:
         if T == 0:
             return 0.0
         S = shape.n_ctx_sampling + nd
-        # Inlined _gpu_rest (price is the hot path).
-        t = attn + self._elem * T + self._ad_req * nd
+        # Inlined _gpu_rest (price is the hot path); piecewise graphs pad the token-wise
+        # work (not attention, not the sampled rows) to their captured size.
+        pw = shape.piecewise_tokens
+        t = attn + self._ad_req * nd
+        if pw > T:
+            T = pw
+        t += self._elem * T
         for cf, w, ca in self._lin_layers:
             a = cf * T
             m = w + ca * T
@@ -300,7 +327,7 @@ class RooflineCostModel:
             t += (a if a > m else m) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
-        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True)
+        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0)
 
     # --- debugging / plots ---------------------------------------------------------
     def breakdown(self, shape: IterationShape) -> dict[str, float]:
@@ -315,6 +342,8 @@ class RooflineCostModel:
         if T == 0:
             return out
         S = shape.n_ctx_sampling + nd
+        pw = shape.piecewise_tokens if shape.ctx_new_tokens else 0
+        T = max(T, pw)
 
         def lin(coef: tuple[float, float, float], tokens: int) -> float:
             cf, w, ca = coef
@@ -333,7 +362,7 @@ class RooflineCostModel:
         out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
-        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens))
+        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0)
         out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n)
         return out
 

@@ -46,6 +46,9 @@ class EngineConfig:
     capacity: CapacityPolicy
     chunking: ChunkPolicy
     graph_padding: GraphPadding | None  # None: CUDA graphs off
+    # token counts of the piecewise CUDA graphs for iterations with context chunks
+    # (runtime.piecewise_graphs); None: such iterations run eagerly
+    piecewise_padding: GraphPadding | None = None
     check_invariants: bool = False
     prefix_caching: bool = False  # reuse cached prompt blocks (needs request block keys)
     host_blocks: int = 0  # host offload tier size in blocks (0: none)
@@ -335,8 +338,12 @@ class Engine:
             raise RuntimeError("engine has context requests but could schedule none (livelock)")
         kv.grow(self.hist[(-it) % tpb] if n_dec else 0)
         padded = 0
-        if not chunks and cfg.graph_padding is not None:
-            padded = cfg.graph_padding.padded(n_dec)
+        piecewise = 0
+        if not chunks:
+            if cfg.graph_padding is not None:
+                padded = cfg.graph_padding.padded(n_dec)
+        elif cfg.piecewise_padding is not None:
+            piecewise = cfg.piecewise_padding.padded(n_dec + sum(c.num_tokens for c in chunks))
         onboards = kv.pending_onboard
         kv.pending_onboard = 0
         swap_out = self.pending_swap_out
@@ -352,6 +359,7 @@ class Engine:
             decode_kv_sum=self.off_sum + n_dec * it,
             graph=padded > 0,
             padded_decode=padded,
+            piecewise_tokens=piecewise,
             host_to_gpu_bytes=onboards * cfg.kv_block_bytes,
             gpu_to_host_bytes=swap_out * cfg.kv_block_bytes,
         )
@@ -385,7 +393,8 @@ class Engine:
         self._pop_finishes(it)
         ev, off = self._cache_counters()
         self.rows.append((it, now, result.duration_s, len(chunks), n_dec, ctx_tokens, n_dec,
-                          padded - n_dec if padded else 0, used_during, padded > 0,
+                          (padded - n_dec if padded else piecewise - n_dec - ctx_tokens if piecewise else 0),
+                          used_during, padded > 0 or piecewise > 0,
                           kv.cached, self.cache.host_used if self.cache else 0, ev, off, onboards,
                           shape.decode_kv_sum, sum(shape.ctx_prior_tokens)))
         self.g = it + 1

@@ -62,8 +62,8 @@ def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray]:
     nctx = col("num_ctx_requests")
     f = model.linear_flops_per_token
     per_layer = f["qkv"] + f["o"] + f["gate_up"] + f["down"]
-    tokens = ctx + gen + pad
-    sampled = gen + pad + nctx
+    tokens = ctx + gen + pad  # padding rows: a decode graph's, or piecewise graphs' (token-wise work only)
+    sampled = gen + nctx + np.where(nctx > 0, 0, pad)
     attn = 4.0 * model.num_layers * model.num_heads * model.head_dim * ctx * (prior / np.maximum(nctx, 1) + ctx
                                                                              / np.maximum(2 * nctx, 1))
     flops = model.num_layers * per_layer * tokens + f["lm_head"] * sampled + attn

@@ -19,7 +19,7 @@ import yaml
 import servesim
 from servesim.policies.capacity import make_capacity_policy
 from servesim.policies.chunking import make_chunk_policy
-from servesim.policies.graph_padding import GraphPadding, capture_sizes
+from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
 from servesim.policies.routing import make_router
 from servesim.traces.spec import build_workload
 
@@ -197,6 +197,8 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         capacity=make_capacity_policy(s.capacity),
         chunking=make_chunk_policy(s.enable_chunked_context, s.chunk_size),
         graph_padding=padding,
+        piecewise_padding=(GraphPadding(token_capture_sizes(min(rt.piecewise_max_tokens, s.max_num_tokens)))
+                           if rt.piecewise_graphs else None),
         check_invariants=check_invariants,
         prefix_caching=kvc.enable_block_reuse,
         host_blocks=int(kvc.host_cache_size_gb * 1e9 // block_bytes),

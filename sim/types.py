@@ -108,6 +108,10 @@ class IterationShape:
     decode_kv_sum: int = 0  # sum over generation requests of the KV length attended (incl. new token)
     graph: bool = False  # runs as a captured CUDA graph (generation-only iterations)
     padded_decode: int = 0  # batch size the graph runs at (>= n_decode); 0 when not a graph
+    # iterations with context chunks under runtime.piecewise_graphs: the token count the
+    # piecewise CUDA graphs run at (>= num_tokens; token-wise work padded to it, attention
+    # eager on the real rows); 0: eager
+    piecewise_tokens: int = 0
     host_to_gpu_bytes: int = 0  # KV blocks copied back from the host (offload tier, swap-in)
     gpu_to_host_bytes: int = 0  # KV blocks of swapped-out (preempted) requests copied to the host
 

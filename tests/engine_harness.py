@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from servesim.policies.capacity import make_capacity_policy
 from servesim.policies.chunking import make_chunk_policy
-from servesim.policies.graph_padding import GraphPadding, capture_sizes
+from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
 from servesim.policies.routing import make_router
 from servesim.sim.driver import run_simulation
 from servesim.sim.engine import Engine, EngineConfig  # noqa: F401  (re-exported for tests)
@@ -20,7 +20,8 @@ class AffineCost:
         ctx = sum(shape.ctx_new_tokens)
         prior = sum(shape.ctx_prior_tokens)
         fixed, per_kv = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
-        return fixed + per_kv * shape.decode_kv_sum + 2e-5 * ctx + 1e-8 * prior * 1.0 + 3e-4 * bool(ctx)
+        launch = 1e-4 if shape.piecewise_tokens else 3e-4  # piecewise graphs: fewer launches
+        return fixed + per_kv * shape.decode_kv_sum + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
 
     def decode_affine(self, n: int, graph: bool, padded: int):
         b = padded if graph else n
@@ -47,6 +48,8 @@ class StepwiseExecutor:
         assert len(ctx) + len(gen) <= self.max_batch
         assert batch.shape.num_tokens <= self.max_tokens
         assert len(gen) == batch.shape.n_decode
+        pw = batch.shape.piecewise_tokens
+        assert not pw or (ctx and pw >= batch.shape.num_tokens), "piecewise size below the iteration's tokens"
         for r in gen:  # block ids cover the KV being written
             assert len(r.blocks) * 1 >= 1
         return StepResult(self.cost.price(batch.shape))
@@ -65,7 +68,7 @@ class SimExec:
 def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
-               contents=None, retention=None, swap_blocks=0, overlap=False):
+               contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None):
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
         for r, k in zip(reqs, keys):
@@ -84,7 +87,8 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         graph_padding=GraphPadding(capture_sizes(max_batch)) if graphs else None,
         check_invariants=check, prefix_caching=reuse, host_blocks=host_blocks,
         offload_min_priority=offload_min_priority, kv_block_bytes=1 << 20, swap_blocks=swap_blocks,
-        overlap=overlap)
+        overlap=overlap,
+        piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None)
     engines = []
     for r in range(replicas):
         ex = StepwiseExecutor(cost, max_batch, max_tokens) if stepwise else SimExec(cost)

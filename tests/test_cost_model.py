@@ -166,6 +166,36 @@ def test_host_overhead_context_only_in_eager_context_iterations():
     assert more.price(big) == pytest.approx(base.price(big), rel=1e-12)
 
 
+def test_piecewise_graphs_pad_token_work_and_cut_launches():
+    """A piecewise-graph iteration: the token-wise terms at the padded count, attention and
+    the sampled rows at the real ones, and its own (smaller) launch overhead."""
+    cfg = RooflineConfig(host_overhead_eager_s=20e-3, host_overhead_context_s=4e-3, host_overhead_piecewise_s=10e-3)
+    cm = RooflineCostModel(M8, H100, cfg)
+    s = prefill(100, 20, prior=(500, 0), sampling=1, n_decode=12, kv_sum=12 * 900)
+    T = 132
+    pw = IterationShape(**{**{f: getattr(s, f) for f in s.__slots__}, "piecewise_tokens": 160})
+    exact = IterationShape(**{**{f: getattr(s, f) for f in s.__slots__}, "piecewise_tokens": T})
+    eager, b_pw, b_exact = cm.breakdown(s), cm.breakdown(pw), cm.breakdown(exact)
+    for k in ("qkv", "o", "gate_up", "down", "elementwise"):
+        assert b_exact[k] == pytest.approx(eager[k], rel=1e-12)
+        assert b_pw[k] > b_exact[k]
+    for k in ("attn_prefill", "attn_decode", "attn_decode_kv", "lm_head", "sampler"):
+        assert b_pw[k] == eager[k]
+    # host-bound either way: the piecewise launch replaces the eager one
+    assert cm.gpu_time(pw) < 10e-3
+    assert cm.price(s) - cm.price(exact) == pytest.approx(eager["host_launch"] - b_exact["host_launch"], rel=1e-9)
+    assert b_exact["host_launch"] < eager["host_launch"]
+    # the default piecewise overhead scales with the layers, below the eager default
+    d = RooflineCostModel(M1, H100)
+    small = prefill(16, sampling=1)
+    small_pw = IterationShape(**{**{f: getattr(small, f) for f in small.__slots__}, "piecewise_tokens": 16})
+    assert d.breakdown(small_pw)["host_launch"] < d.breakdown(small)["host_launch"]
+    # decode-only iterations ignore the field (they are full graphs or eager)
+    dec = decode(8, 2000, graph=True, padded=8)
+    assert cm.price(dec) == cm.price(IterationShape(**{**{f: getattr(dec, f) for f in dec.__slots__},
+                                                       "piecewise_tokens": 64}))
+
+
 def test_tensor_parallel_splits_work_and_adds_allreduce():
     one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
     four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
@@ -223,12 +253,15 @@ def mixed_shapes(draw):
     prior = tuple(draw(st.integers(0, 32768)) for _ in range(k))
     n = draw(st.integers(0, 256))
     kv = draw(st.integers(n, n * 32768)) if n else 0
+    T = sum(new) + n
+    piecewise = T + draw(st.integers(0, 256)) if k and draw(st.booleans()) else 0
     return IterationShape(
         ctx_new_tokens=new,
         ctx_prior_tokens=prior,
         n_ctx_sampling=draw(st.integers(0, k)),
         n_decode=n,
         decode_kv_sum=kv,
+        piecewise_tokens=piecewise,
     )
 
 
@@ -259,27 +292,25 @@ def test_breakdown_sums_to_price(i, shape):
 @settings(max_examples=200, deadline=None)
 @given(model_idx, mixed_shapes(), st.integers(0, 2), st.integers(1, 4096))
 def test_monotonic(i, shape, which, extra):
+    """More work never costs less, with the same launch mode (a piecewise iteration keeps
+    its padded size unless the extra tokens outgrow it)."""
     cm = MODELS[i]
     p = cm.price(shape)
+    f = {k: getattr(shape, k) for k in shape.__slots__}
     if which == 0 and shape.ctx_new_tokens:  # more new tokens in a chunk
-        new = (shape.ctx_new_tokens[0] + extra,) + shape.ctx_new_tokens[1:]
-        bigger = IterationShape(new, shape.ctx_prior_tokens, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum)
+        f["ctx_new_tokens"] = (shape.ctx_new_tokens[0] + extra,) + shape.ctx_new_tokens[1:]
     elif which == 1 and shape.ctx_new_tokens:  # more prior (cached) tokens
-        prior = (shape.ctx_prior_tokens[0] + extra,) + shape.ctx_prior_tokens[1:]
-        bigger = IterationShape(shape.ctx_new_tokens, prior, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum)
+        f["ctx_prior_tokens"] = (shape.ctx_prior_tokens[0] + extra,) + shape.ctx_prior_tokens[1:]
     else:  # more generation requests, more KV
-        bigger = IterationShape(
-            shape.ctx_new_tokens,
-            shape.ctx_prior_tokens,
-            shape.n_ctx_sampling,
-            shape.n_decode + 1,
-            shape.decode_kv_sum + extra,
-        )
+        f["n_decode"] += 1
+        f["decode_kv_sum"] += extra
+    bigger = IterationShape(**f)
+    if bigger.piecewise_tokens:
+        bigger.piecewise_tokens = max(bigger.piecewise_tokens, bigger.num_tokens)
     assert cm.price(bigger) >= p
     if shape.n_decode:
-        more_kv = IterationShape(
-            shape.ctx_new_tokens, shape.ctx_prior_tokens, shape.n_ctx_sampling, shape.n_decode, shape.decode_kv_sum + extra
-        )
+        more_kv = IterationShape(**{**{k: getattr(shape, k) for k in shape.__slots__},
+                                    "decode_kv_sum": shape.decode_kv_sum + extra})
         assert cm.price(more_kv) > p
 
 

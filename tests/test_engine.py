@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from servesim.policies.graph_padding import token_capture_sizes
 from servesim.sim.types import Phase
 
 from engine_harness import run_engine
@@ -37,6 +38,7 @@ def configs(draw):
         chunk_size=draw(st.sampled_from([None, tpb * 4, tpb * 8])) if chunked else None,
         graphs=draw(st.booleans()),
         overlap=draw(st.booleans()),
+        piecewise=draw(st.sampled_from([None, 32, 100])),
     )
 
 
@@ -67,6 +69,19 @@ def _check_run(rows, cfg, reqs, engines, it, req):
     assert np.all(tok > 0)
     used = it.column("kv_blocks_used").to_numpy()
     assert np.all(used <= cfg["blocks"]) and np.all(used >= 0)
+    # CUDA graphs: decode-only iterations padded to a captured batch; with piecewise graphs,
+    # every iteration with context that fits the largest token size runs at a captured size
+    graph = it.column("graph").to_numpy()
+    pad = it.column("padded_tokens").to_numpy()
+    assert np.all(pad >= 0) and not np.any(pad[~graph])
+    with_ctx = ctx_req > 0
+    pw = cfg.get("piecewise")
+    if pw is None:
+        assert not np.any(graph & with_ctx)
+    else:
+        sizes = set(token_capture_sizes(min(pw, cfg["max_tokens"])))
+        assert np.array_equal(graph[with_ctx], tok[with_ctx] <= max(sizes))
+        assert all(int(t + p) in sizes for t, p in zip(tok[with_ctx & graph], pad[with_ctx & graph]))
     start = it.column("start_s").to_numpy()
     dur = it.column("duration_s").to_numpy()
     assert np.all(dur > 0)
