@@ -27,6 +27,12 @@ too small for it):
     wall time vs the host's launch time and the GPU's kernel time, and a count of host-device
     synchronisations inside one (torch.cuda.set_sync_debug_mode) -- how the simulator
     should combine host and GPU time for such iterations (fidelity.md);
+10. (not in the default --sections: its own device call, ~150 s) iterations with context
+    chunks as piecewise CUDA graphs (`PiecewiseRunner`) vs eager, both models: the captured
+    pieces' logits vs the eager forward on random mixed iterations first, then capture time
+    and graph memory, and wall / host / GPU time of one chunk (16-2k tokens) alone or beside
+    32 decodes of ~1k tokens (OUT/piecewise_iterations.csv):
+        python benchmarks/gpu_bench.py --out $OUT --sections 10 --budget-s 200
  7. offline throughput vs Hugging Face `generate` with a static cache on 1,000 Azure-trace
     requests (fewer when the budget stops HF early: ours then runs the same ones);
  6. (not in the default --sections; the GPU runs have their own script now) end to end:
@@ -997,6 +1003,210 @@ def sync_audit(dev, smoke: bool, work: Path) -> None:
         md(f"| {k} | {v} | {v / max(n_it, 1):.2f} |")
 
 
+# ---------------------------------------------------------------------------------- 10
+PIECEWISE_CHUNKS = (16, 64, 256, 1024, 2048)
+PIECEWISE_TOL = 5e-2  # logits' relative error (bf16): GEMMs of another row count round differently
+
+
+def _random_mixed(rng, max_tokens: int, max_prior: int, vocab: int):
+    """A random mixed iteration of at most ``max_tokens`` tokens: 1-3 context chunks over
+    cached prefixes (the second one not sampling) and 0-32 decodes. Returns
+    ``(chunks as (tokens, prior, sample), decode KV lengths)``."""
+    n_dec = int(rng.integers(0, min(32, max_tokens // 8) + 1))
+    n_ctx = int(rng.integers(1, 4))
+    new = max(n_ctx, max_tokens - n_dec - int(rng.integers(0, max_tokens // 4 + 1)))
+    cuts = np.sort(rng.choice(np.arange(1, new), n_ctx - 1, replace=False)) if n_ctx > 1 else np.zeros(0, int)
+    q_lens = np.diff(np.concatenate([[0], cuts, [new]]))
+    chunks = [(rng.integers(0, vocab, int(q)).tolist(), int(rng.integers(0, max_prior + 1)), i != 1)
+              for i, q in enumerate(q_lens)]
+    return chunks, rng.integers(1, max_prior + 1, n_dec).tolist()
+
+
+def _blocks_needed(chunks, decodes, bs: int) -> int:
+    return sum(-(-(p + len(t)) // bs) for t, p, _ in chunks) + sum(-(-(x + 1) // bs) for x in decodes)
+
+
+def _place(chunks, decodes, bs: int, blocks):
+    """`ContextChunkInput` / `DecodeInput` lists over blocks taken from the iterator ``blocks``."""
+    from servesim.gpu_backend.model import ContextChunkInput, DecodeInput
+
+    def take(n_tok):
+        return [next(blocks) for _ in range(-(-n_tok // bs))]
+
+    return ([ContextChunkInput(t, prior, take(prior + len(t)), sample) for t, prior, sample in chunks],
+            [DecodeInput(1, pos, take(pos + 1)) for pos in decodes])
+
+
+def _time_issue(issue, sync, reps: int) -> dict:
+    """Median wall (issue to sync) and host-issue time of ``reps`` calls after 3 warm-ups,
+    with the host time's min and max."""
+    for _ in range(3):
+        issue()
+    sync()
+    walls, hosts = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        issue()
+        t1 = time.perf_counter()
+        sync()
+        walls.append(time.perf_counter() - t0)
+        hosts.append(t1 - t0)
+    return dict(wall_s=float(np.median(walls)), host_s=float(np.median(hosts)), host_min_s=min(hosts),
+                host_max_s=max(hosts))
+
+
+def piecewise_bench(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
+    """Iterations with context chunks, eager vs piecewise CUDA graphs (`PiecewiseRunner`),
+    per model: (1) capture, its time and the memory the graphs hold; (2) correctness,
+    before any timing -- the captured pieces' logits vs the eager forward on random mixed
+    iterations (several chunks over cached prefixes + decodes), raising if off; (3) one
+    chunk alone or beside 32 decodes of ~1k tokens: wall, host-issue and GPU-kernel time of
+    both paths. Rows also go to OUT/piecewise_iterations.csv. The tables are written even
+    when a check fails."""
+    import pandas as pd
+    from torch.profiler import ProfilerActivity, profile
+
+    from servesim.gpu_backend.model import LlamaModel, build_attn_metadata
+    from servesim.gpu_backend.piecewise_runner import PiecewiseRunner
+    from servesim.policies.graph_padding import token_capture_sizes
+
+    cuda = dev.type == "cuda"
+    bs, ctx, reps = 16, (64 if smoke else 1024), (3 if smoke else 10)
+    chunks_grid, decs_grid = ((16, 48), (0, 4)) if smoke else (PIECEWISE_CHUNKS, (0, 32))
+    max_prior = 40 if smoke else 1500
+    sizes = token_capture_sizes(max(chunks_grid) + max(decs_grid))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def gpu_time(issue, label: str) -> float:
+        """Kernels, copies and memsets of one issued iteration (the profile's Chrome trace holds
+        the kernels of graph replays too); NaN on a CPU."""
+        if not cuda:
+            return float("nan")
+        with profile(activities=acts) as prof:
+            issue()
+            sync()
+        ks = profiled_kernels(prof, cuda, work / f"piecewise_{label}.json")
+        return sum(k[2] for k in ks) / 1e6 if ks else float("nan")
+
+    checks, costs, rows = [], [], []
+
+    def one_model(name: str) -> None:
+        cfg, spec = model_cfg_spec(name, smoke)
+        model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+        rng = np.random.default_rng(0)
+        batches = [_random_mixed(rng, int(rng.integers(sizes[-1] // 8, sizes[-1] + 1)), max_prior, spec.vocab_size)
+                   for _ in range(4)]
+        timing_blocks = max(decs_grid) * -(-(ctx + 2) // bs) + -(-max(chunks_grid) // bs)
+        pool = model.make_kv_pool(max([_blocks_needed(c, d, bs) for c, d in batches] + [timing_blocks]) + 1, bs)
+        pool.kv.normal_()  # cached prefixes and decode contexts: random KV
+        metas = []
+        for n, (c, d) in enumerate(batches):  # each iteration over blocks of the pool drawn at random
+            blocks = iter(np.random.default_rng(n).permutation(pool.num_blocks).tolist())
+            metas.append(build_attn_metadata(*_place(c, d, bs, blocks), bs, dev))
+        with torch.no_grad():
+            model.forward(metas[0].input_ids, metas[0].positions, pool, metas[0])  # compiles the Triton kernels
+            sync()
+            free_memory(dev)
+            # (1) capture
+            held0 = torch.cuda.memory_reserved(dev) if cuda else 0
+            runner = PiecewiseRunner(model, pool, sizes)
+            runner.capture()
+            free_memory(dev)
+            held = torch.cuda.memory_reserved(dev) - held0 if cuda else float("nan")
+            costs.append((name, len(sizes), len(sizes) * runner.num_pieces, runner.captured, runner.capture_s,
+                          runner.static_bytes, held))
+            # (2) both paths on each iteration in turn (the iterations' blocks overlap; each
+            # path rewrites only its iteration's new tokens, so both read the same KV)
+            for m, (c, d) in zip(metas, batches):
+                ref = model.forward(m.input_ids, m.positions, pool, m)
+                got = runner.run(m.input_ids, m.positions, m)
+                err, diff = rel_err(got, ref), float((got - ref).abs().max())
+                agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+                P = runner.padded_size(m.num_tokens)
+                checks.append((name, len(c), len(d), m.num_tokens, P, diff, err, agree))
+                if not err <= PIECEWISE_TOL:  # NaN fails too
+                    raise RuntimeError(f"{name}: piecewise logits differ from the eager forward's: relative error "
+                                       f"{err:.2e} (max abs {diff:.3g}) on {len(c)} chunks + {len(d)} decodes, "
+                                       f"{m.num_tokens} tokens at {P}")
+            # (3) one chunk alone or beside decodes, as in section 9, through both paths
+            for n_dec in decs_grid:
+                for chunk in chunks_grid:
+                    g = torch.Generator().manual_seed(chunk)
+                    toks = torch.randint(0, spec.vocab_size, (chunk,), generator=g).tolist()
+                    ctx_in, dec_in = _place([(toks, 0, True)], [ctx] * n_dec, bs, iter(range(1, pool.num_blocks)))
+
+                    def eager():
+                        m = build_attn_metadata(ctx_in, dec_in, bs, dev)
+                        return model.forward(m.input_ids, m.positions, pool, m)
+
+                    def piecewise():
+                        m = build_attn_metadata(ctx_in, dec_in, bs, dev)
+                        return runner.run(m.input_ids, m.positions, m)
+
+                    row = dict(model=name, chunk=chunk, decodes=n_dec, kv_len=ctx, tokens=chunk + n_dec,
+                               padded=runner.padded_size(chunk + n_dec), captured=runner.captured)
+                    for label, fwd in (("eager", eager), ("piecewise", piecewise)):
+                        def issue():
+                            return fwd().argmax(-1).to("cpu", non_blocking=True)  # what the executor does
+
+                        t = _time_issue(issue, sync, reps)
+                        t["gpu_s"] = gpu_time(issue, label)
+                        row.update({f"{label}_{k}": v for k, v in t.items()})
+                    rows.append(row)
+
+    md("\n## 10. Piecewise CUDA graphs for iterations with context chunks\n")
+    md(f"`PiecewiseRunner` with the engine's token sizes up to {sizes[-1]} tokens ({len(sizes)} sizes, "
+       f"`token_capture_sizes({sizes[-1]})`): per padded size P, L + 1 captured pieces (embedding, every layer's "
+       "token-wise work: rmsnorm, qkv GEMM, rope + KV write, o GEMM, rmsnorm, gate_up, silu_mul, down) with each "
+       "layer's attention launched eagerly between them on the real rows; the sampled rows' logits eager. "
+       "Random weights, real shapes, paged cache of 16-token blocks."
+       + (" *CPU smoke: nothing is captured, the pieces run eagerly at the padded size.*" if not cuda else ""))
+    try:
+        for name in (("llama-3.2-1b",) if smoke else ("llama-3.2-1b", "llama-3.1-8b")):
+            one_model(name)
+            free_memory(dev)  # the model, its pool and its graphs went with one_model's frame
+    finally:  # what was measured is written, also when a check failed
+        md(f"\n**Correctness** (checked before any timing; fails above {PIECEWISE_TOL:.0e} relative error): "
+           "logits of the captured pieces vs `LlamaModel.forward` on the same random mixed iterations and pool.\n")
+        md("| model | chunks | decodes | tokens | padded to | max abs diff | rel. error | argmax agree |")
+        md("|---|---|---|---|---|---|---|---|")
+        for name, nc, nd, T, P, diff, err, agree in checks:
+            md(f"| {name} | {nc} | {nd} | {T} | {P} | {diff:.3g} | {err:.1e} | {agree:.0%} |")
+        md("\n**Capture**: warm-up of every size on a side stream, then every piece, largest size first, into "
+           "one shared graph pool. Graph memory: what the caching allocator holds more after the capture than "
+           "before it (the graph pool, cuBLAS workspaces), the static buffers apart.\n")
+        md("| model | sizes | graphs | captured | capture time | static buffers | graph memory |")
+        md("|---|---|---|---|---|---|---|")
+        for name, ns, ng, cap, cap_s, static, held in costs:
+            md(f"| {name} | {ns} | {ng} | {'yes' if cap else 'no'} | {cap_s:.1f} s | {static / 1e6:.1f} MB | "
+               + (f"{held / 1e6:.0f} MB |" if held == held else "- |"))
+
+        def ms(x):
+            return f"{x * 1e3:.2f} ms" if x == x else "-"
+
+        def host(r, p):
+            return (f"{r[p + '_host_s'] * 1e3:.2f} ({r[p + '_host_min_s'] * 1e3:.2f}-"
+                    f"{r[p + '_host_max_s'] * 1e3:.2f}) ms")
+
+        md(f"\n**Timing**: one context chunk alone or beside {max(decs_grid)} decodes of ~{ctx} tokens, through "
+           f"both paths. wall = issue to tokens on the host (median of {reps}); host = time to issue the "
+           "iteration (metadata packing + launches or replays; median, and min-max); GPU = sum of its kernels "
+           "and copies (torch.profiler). padded = the piecewise size P.\n")
+        md("| model | chunk | decodes | padded | eager wall | eager host (min-max) | eager GPU | piecewise wall | "
+           "piecewise host (min-max) | piecewise GPU | eager / piecewise wall |")
+        md("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            md(f"| {r['model']} | {r['chunk']} | {r['decodes']} | {r['padded']} | {ms(r['eager_wall_s'])} | "
+               f"{host(r, 'eager')} | {ms(r['eager_gpu_s'])} | {ms(r['piecewise_wall_s'])} | "
+               f"{host(r, 'piecewise')} | {ms(r['piecewise_gpu_s'])} | "
+               f"{r['eager_wall_s'] / r['piecewise_wall_s']:.2f}x |")
+        pd.DataFrame(rows).to_csv(out / "piecewise_iterations.csv", index=False)
+
+
 # ---------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -1004,7 +1214,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
     ap.add_argument("--sections", default="1,2,3,4,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,4,8,7,6 (6 is not a default)")
+                    help="comma-separated; they run in the order 1,2,3,4,8,9,10,7,6 (6 and 10 are not defaults)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -1029,6 +1239,7 @@ def main() -> None:
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib)),
              ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
              ("9", "mixed iterations", 90, lambda: mixed_profile(dev, dtype, args.smoke, out, work)),
+             ("10", "piecewise graphs", 100, lambda: piecewise_bench(dev, dtype, args.smoke, out, work)),
              ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
              ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:

@@ -20,8 +20,11 @@ One `execute(batch)`:
    (its KV length before the step), over its blocks;
 3. runs the model: generation-only iterations the engine marked ``shape.graph`` go through
    the `GraphRunner` at ``shape.padded_decode`` rows (a captured CUDA graph on a GPU, the
-   same padded eager call on a CPU), every other iteration through the eager packed
-   ``LlamaModel.forward``;
+   same padded eager call on a CPU); iterations with context chunks that the engine gave
+   ``shape.piecewise_tokens = P`` (``runtime.piecewise_graphs``) go through the
+   `PiecewiseRunner` at ``P`` tokens (captured token-wise pieces with the attention eager
+   between them on a GPU, the same pieces eagerly on a CPU); every other iteration through
+   the eager packed ``LlamaModel.forward``;
 4. samples (greedy unless a temperature is given) and records the sampled token of each
    sampling row in ``outputs[request_id]``;
 5. returns ``StepResult(duration_s, tokens)``: the wall time of the whole call, host
@@ -75,6 +78,7 @@ from servesim.sim.types import Phase, Request, ScheduledBatch, StepResult
 
 from .graph_runner import GraphRunner
 from .model import AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel, Sampler
+from .piecewise_runner import PiecewiseRunner
 
 # --------------------------------------------------------------------------------------
 # prompt token ids
@@ -184,7 +188,9 @@ class GpuExecutor:
     """Runs scheduled batches on ``model`` over a KV pool of ``num_blocks`` blocks.
 
     ``graph_sizes``: the padded batch sizes of the engine's ``GraphPadding`` (None: CUDA
-    graphs off; the engine then never marks an iteration ``graph``). ``max_seq_len``: the
+    graphs off; the engine then never marks an iteration ``graph``). ``piecewise_sizes``:
+    the padded token counts of the engine's piecewise ``GraphPadding`` (None: piecewise
+    graphs off; the engine then never sets ``piecewise_tokens``). ``max_seq_len``: the
     longest KV length any request reaches (sizes the static block tables of the graphs;
     default the model's positions). ``overlap``: see the module docstring. ``seed`` seeds
     the synthetic prompt tokens and the sampler. ``hash_block_size``: tokens per workload
@@ -197,7 +203,8 @@ class GpuExecutor:
     needs_requests = True
 
     def __init__(self, model: LlamaModel, num_blocks: int, tokens_per_block: int, *,
-                 graph_sizes: Sequence[int] | None = None, max_seq_len: int | None = None,
+                 graph_sizes: Sequence[int] | None = None, piecewise_sizes: Sequence[int] | None = None,
+                 max_seq_len: int | None = None,
                  overlap: bool = False, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                  hash_block_size: int | None = None, kv_dtype: torch.dtype | None = None,
                  use_graphs: bool | None = None, clock: Callable[[], float] | None = None):
@@ -222,6 +229,9 @@ class GpuExecutor:
         self.graph_runner: GraphRunner | None = None
         if graph_sizes:
             self.graph_runner = GraphRunner(model, self.kv_pool, graph_sizes, self.max_blocks, use_graphs)
+        self.piecewise_runner: PiecewiseRunner | None = None
+        if piecewise_sizes:
+            self.piecewise_runner = PiecewiseRunner(model, self.kv_pool, piecewise_sizes, use_graphs)
         # slot tables: row 0 is the padding slot (token 0, block table of zeros)
         self._cap = 0
         self._bt = np.zeros((0, self.max_blocks), dtype=np.int32)
@@ -239,6 +249,7 @@ class GpuExecutor:
         self.prep_s: dict[int, float] = {}
         self.exec_s: dict[int, float] = {}
         self.graph_iterations = 0  # iterations run through the graph runner
+        self.piecewise_iterations = 0  # iterations run through the piecewise runner
         self.eager_iterations = 0
         self.iterations = 0
         self.launch_s = 0.0  # host time in execute() up to the launch of the GPU work
@@ -246,12 +257,14 @@ class GpuExecutor:
 
     # ------------------------------------------------------------------ set-up
     def warmup(self) -> None:
-        """Capture the CUDA graphs and run a few eager shapes (Triton compilation) before
-        the clock starts. Writes only to block 0, which every request overwrites before
-        reading it (a request reads only KV positions that it, or the cached prefix it
-        reuses, wrote), so the KV pool needs no reset."""
+        """Capture the CUDA graphs (decode and piecewise) and run a few eager shapes (Triton
+        compilation) before the clock starts. Writes only to block 0, which every request
+        overwrites before reading it (a request reads only KV positions that it, or the
+        cached prefix it reuses, wrote), so the KV pool needs no reset."""
         if self.graph_runner is not None:
             self.graph_runner.capture()
+        if self.piecewise_runner is not None:
+            self.piecewise_runner.capture()
         bs = self.block_size
         n = min(bs + 1, self.model.max_positions, bs * self.max_blocks)
         zeros = [0] * self.max_blocks
@@ -483,6 +496,9 @@ class GpuExecutor:
         if batch.shape.graph and not graph:
             raise RuntimeError(f"iteration {it}: the engine scheduled a CUDA-graph iteration but the executor "
                                "has no graph runner (graph_sizes)")
+        piecewise = batch.shape.piecewise_tokens
+        if piecewise:
+            self._check_piecewise(it, N, T, piecewise)
         # -- host -> device: one int64 and one int32 copy ---------------------------------
         ctx_flat = np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, dtype=np.int64)
         i64 = self._to_device(np.concatenate([ctx_flat, positions, slot_mapping, sample_idx, sample_slots, dec_slots]))
@@ -511,8 +527,12 @@ class GpuExecutor:
                 dec_block_tables=d_bt[N:], dec_seq_lens=d_seq[N:],
                 num_context_tokens=Tc, num_context_chunks=N, num_decode=B,
                 sampling_chunks=tuple(sample_rows), max_seq_len=int(seq_lens.max()))
-            logits = self.model.forward(input_ids, d_pos, self.kv_pool, meta)
-            self.eager_iterations += 1
+            if piecewise:
+                logits = self.piecewise_runner.run(input_ids, d_pos, meta, piecewise)
+                self.piecewise_iterations += 1
+            else:
+                logits = self.model.forward(input_ids, d_pos, self.kv_pool, meta)
+                self.eager_iterations += 1
         self.iterations += 1
         # -- sample; tokens stay on the device for the next iteration's decode inputs -----
         if S:
@@ -548,6 +568,21 @@ class GpuExecutor:
         d = self.exec_s[it] = time.perf_counter() - t_start
         return StepResult(duration_s=d, tokens={rid: [t] for rid, t in zip(rids, toks)})
 
+    def _check_piecewise(self, it: int, n_chunks: int, n_tokens: int, padded: int) -> None:
+        """RuntimeError unless the piecewise runner can run this iteration at ``padded`` tokens."""
+        pr = self.piecewise_runner
+        if pr is None:
+            raise RuntimeError(f"iteration {it}: the engine scheduled a piecewise-graph iteration but the executor "
+                               "has no piecewise runner (piecewise_sizes)")
+        if n_chunks == 0:
+            raise RuntimeError(f"iteration {it}: the engine scheduled a piecewise-graph iteration without a "
+                               "context chunk")
+        mine = pr.padded_size(n_tokens) if n_tokens <= pr.max_tokens else None
+        if mine != padded:
+            raise RuntimeError(f"iteration {it}: engine padded {n_tokens} tokens to {padded}, the piecewise runner "
+                               f"to {mine if mine is not None else 'none (beyond its largest size)'} "
+                               "(different piecewise GraphPadding sizes)")
+
     # ------------------------------------------------------------------ collection
     def _collect_one(self, f: _InFlight) -> list[int]:
         if f.event is not None:
@@ -582,7 +617,7 @@ class GpuExecutor:
         return list(self.outputs.get(request_id, ()))
 
     def stats(self) -> dict:
-        gr = self.graph_runner
+        gr, pr = self.graph_runner, self.piecewise_runner
         return {
             "device": str(self.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
@@ -590,6 +625,8 @@ class GpuExecutor:
             "graph_iterations": self.graph_iterations,
             "eager_iterations": self.eager_iterations,
             "cuda_graphs_captured": bool(gr is not None and gr.captured),
+            "piecewise_iterations": self.piecewise_iterations,
+            "piecewise_graphs_captured": bool(pr is not None and pr.captured),
             "overlap": self.overlap,
             "kv_pool_bytes": self.kv_pool.nbytes,
             # host seconds spent preparing and launching iterations, and blocked on the GPU:

@@ -17,7 +17,11 @@ chunk that samples (chunk order), then every decode token.
 One layer = fused rmsnorm -> qkv GEMM -> rope_kv_write -> paged prefill attention (context
 part) and paged decode attention (decode part) -> o GEMM -> fused residual add + rmsnorm ->
 gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear``; the rest are
-`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU).
+`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). A layer is
+three parts: ``_pre_attention`` (token-wise, up to and including the KV-cache write),
+``_attention`` (per sequence) and ``_post_attention`` (token-wise); the eager forward
+runs them in turn, `piecewise_runner.PiecewiseRunner` captures the token-wise parts in
+CUDA graphs and runs only the attention eagerly between them.
 
 `LlamaModel.forward_decode` is the decode-only path with static-shape inputs only (no host
 syncs, no data-dependent shapes) for CUDA-graph capture.
@@ -271,27 +275,15 @@ class LlamaModel:
         """One packed iteration; returns fp32 logits ``[num_sampling, vocab]``."""
         self._check_pool(kv_pool)
         m = attn_meta
-        tc, n_tok = m.num_context_tokens, m.num_tokens
+        n_tok = m.num_tokens
         if input_ids.shape[0] != n_tok or positions.shape[0] != n_tok:
             raise ValueError(f"forward: {input_ids.shape[0]} input ids / {positions.shape[0]} positions "
                              f"for an iteration of {n_tok} tokens")
         if m.max_seq_len > self.max_positions:
             raise ValueError(f"forward: a sequence reaches {m.max_seq_len} tokens, beyond the rope table's "
                              f"{self.max_positions} positions (max_position_embeddings / max_positions)")
-        impl = self.impl
-
-        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-            kc, vc = kv_pool.k_caches[layer], kv_pool.v_caches[layer]
-            parts = []
-            if tc:
-                parts.append(ops.paged_prefill_attention(
-                    q[:tc], kc, vc, m.ctx_block_tables, m.ctx_cu_q_lens, m.ctx_seq_lens, self.scale, impl=impl))
-            if m.num_decode:
-                parts.append(ops.paged_decode_attention(
-                    q[tc:], kc, vc, m.dec_block_tables, m.dec_seq_lens, self.scale, impl=impl))
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-        h, residual = self._run_layers(input_ids, positions, m.slot_mapping, kv_pool, attend)
+        h, residual = self._run_layers(input_ids, positions, m.slot_mapping, kv_pool,
+                                       lambda layer, q: self._attention(layer, q, kv_pool, m))
         idx = m.sample_indices
         return self._logits(h[idx], residual[idx])
 
@@ -318,23 +310,62 @@ class LlamaModel:
         h, residual = self._run_layers(input_ids, positions, slot_mapping, pool, attend)
         return self._logits(h, residual)
 
+    # ---- the parts of a forward pass (shared by the eager paths and the piecewise runner) -
     def _run_layers(self, input_ids, positions, slot_mapping, kv_pool, attend):
-        d, w, impl = self.dims, self.weights, self.impl
-        n_tok = input_ids.shape[0]
-        h = F.embedding(input_ids, w.embed)
-        residual = None
-        for layer, lw in enumerate(w.layers):
-            x, residual = ops.rms_norm(h, lw.input_norm, d.rms_norm_eps, residual, impl=impl)
-            q, k, v = F.linear(x, lw.qkv).split(self._split, dim=-1)
-            q, k = ops.rope_kv_write(
-                q.view(n_tok, d.num_heads, d.head_dim), k.view(n_tok, d.num_kv_heads, d.head_dim),
-                v.view(n_tok, d.num_kv_heads, d.head_dim), positions, self.cos_sin,
-                kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, impl=impl)
-            attn = attend(layer, q)
-            h = F.linear(attn.reshape(n_tok, d.q_size), lw.o)
-            x, residual = ops.rms_norm(h, lw.post_norm, d.rms_norm_eps, residual, impl=impl)
-            h = F.linear(ops.silu_mul(F.linear(x, lw.gate_up), impl=impl), lw.down)
+        """Embedding and every layer; ``attend(layer, q)`` is the attention of a layer.
+        Returns the last layer's output and the residual stream (before the final norm)."""
+        h, residual = self._embed(input_ids), None
+        for layer in range(self.dims.num_layers):
+            q, residual = self._pre_attention(layer, h, residual, positions, slot_mapping, kv_pool)
+            h, residual = self._post_attention(layer, attend(layer, q), residual)
         return h, residual
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weights.embed)
+
+    def _pre_attention(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                       slot_mapping: torch.Tensor, kv_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer up to its attention, token-wise: fused residual add + rmsnorm, qkv GEMM,
+        rotary on q and k and the write of k and v to the KV cache at ``slot_mapping``
+        (-1: not written). ``residual`` is None for the first layer (``h`` is the embedding).
+        Returns ``(q [T, Hq, D], residual [T, H])``."""
+        d, lw, impl = self.dims, self.weights.layers[layer], self.impl
+        n_tok = h.shape[0]
+        x, residual = ops.rms_norm(h, lw.input_norm, d.rms_norm_eps, residual, impl=impl)
+        q, k, v = F.linear(x, lw.qkv).split(self._split, dim=-1)
+        q, _ = ops.rope_kv_write(
+            q.view(n_tok, d.num_heads, d.head_dim), k.view(n_tok, d.num_kv_heads, d.head_dim),
+            v.view(n_tok, d.num_kv_heads, d.head_dim), positions, self.cos_sin,
+            kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, impl=impl)
+        return q, residual
+
+    def _post_attention(self, layer: int, attn: torch.Tensor,
+                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer after its attention (``attn [T, Hq, D]``), token-wise: o GEMM, fused
+        residual add + rmsnorm, gate_up GEMM, silu_mul, down GEMM. Returns ``(h, residual)``."""
+        d, lw, impl = self.dims, self.weights.layers[layer], self.impl
+        h = F.linear(attn.reshape(attn.shape[0], d.q_size), lw.o)
+        x, residual = ops.rms_norm(h, lw.post_norm, d.rms_norm_eps, residual, impl=impl)
+        return F.linear(ops.silu_mul(F.linear(x, lw.gate_up), impl=impl), lw.down), residual
+
+    def _attention(self, layer: int, q: torch.Tensor, kv_pool: KVPool, m: AttnMetadata,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of one layer for a packed iteration: paged prefill attention on the
+        ``m.num_context_tokens`` context rows of ``q``, paged decode attention on the
+        ``m.num_decode`` rows after them. Returns ``[T, Hq, D]``, written into ``out``
+        when given (a static buffer of the piecewise runner)."""
+        kc, vc = kv_pool.k_caches[layer], kv_pool.v_caches[layer]
+        tc, impl = m.num_context_tokens, self.impl
+        parts = []
+        if tc:
+            parts.append(ops.paged_prefill_attention(
+                q[:tc], kc, vc, m.ctx_block_tables, m.ctx_cu_q_lens, m.ctx_seq_lens, self.scale, impl=impl))
+        if m.num_decode:
+            parts.append(ops.paged_decode_attention(
+                q[tc:], kc, vc, m.dec_block_tables, m.dec_seq_lens, self.scale, impl=impl))
+        if out is None:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out.copy_(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0, out=out)
 
     def _logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         w = self.weights

@@ -37,11 +37,14 @@ PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (reque
 # each iteration is one context chunk beside the decodes of the requests admitted before
 # it -- the mixed iterations an online run is made of (small chunks, host-bound launches)
 MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1536, 24, 2048)]
+# The same kind of runs with piecewise CUDA graphs (runtime.piecewise_graphs): its mixed
+# iterations at padded token counts, and one-chunk prefills (the last point)
+PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), (8, 512, 1, 512)]
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
-         max_num_tokens: int = 8192):
+         max_num_tokens: int = 8192, piecewise: bool = False):
     from .runner import simulate_gpu
 
     cfg = RunConfig.model_validate({
@@ -53,7 +56,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
         "scheduler": {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens,
                       "enable_chunked_context": chunked},
         "kv_cache": {"pool_tokens": n * (prompt + output) + 4096},
-        "runtime": {"cuda_graphs": graphs},
+        "runtime": {"cuda_graphs": graphs, "piecewise_graphs": piecewise},
         "output": {"plots": False},
     })
     from pathlib import Path
@@ -67,14 +70,15 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     it["prep_s"] = res.host_times["prep_s"]
     busy, bytes_s, flops_s = run_power_terms(res.iterations, *roofline_work(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
-    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}"
+    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
     return it, run
 
 
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
-                 decode_points=None, prefill_points=None, mixed_points=None) -> tuple[list[dict], dict]:
+                 decode_points=None, prefill_points=None, mixed_points=None,
+                piecewise_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -102,6 +106,11 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
+        runs.append(run)
+        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+    for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
+        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget,
+                       piecewise=True)
         runs.append(run)
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt in (prefill_points or PREFILL_POINTS):

@@ -15,12 +15,14 @@ Device: CUDA when available (bf16 weights and KV cache), else the CPU (fp32, the
 torch references). The KV pool has exactly the engine's ``num_blocks`` blocks of
 ``kv_cache.tokens_per_block`` tokens.
 
-Supported: every capacity policy, chunked context, CUDA graphs with padding, the overlap
-scheduler, prefix reuse (with partial-block copies), retention priorities, preemption by
-recompute or by swap. Not supported (ConfigError): several replicas or tensor parallelism
-(one GPU), the prefix cache's host offload tier (``kv_cache.host_cache_size_gb``: the
-engine does not say which block it offloads), models with biases or sliding-window
-attention. On a CPU the KV pool is capped at `CPU_POOL_LIMIT_BYTES`.
+Supported: every capacity policy, chunked context, CUDA graphs with padding (decode-only
+iterations whole; iterations with context chunks piecewise, ``runtime.piecewise_graphs``),
+the overlap scheduler, prefix reuse (with partial-block copies), retention priorities,
+preemption by recompute or by swap. Not supported (ConfigError): several replicas or
+tensor parallelism (one GPU), the prefix cache's host offload tier
+(``kv_cache.host_cache_size_gb``: the engine does not say which block it offloads), models
+with biases or sliding-window attention. On a CPU the KV pool is capped at
+`CPU_POOL_LIMIT_BYTES`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
 from servesim.policies.routing import make_router
 from servesim.sim.engine import Engine
@@ -117,10 +120,13 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
-def _check_memory(setup: Setup, dims, device, dtype) -> None:
+def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0) -> None:
+    """ConfigError unless weights, KV pool and reserves fit the device (the host on a CPU).
+    ``piecewise_tokens``: the largest token count of the piecewise graphs (0: off)."""
     import torch
 
     from .kv_pool import KVPool
+    from .piecewise_runner import static_buffer_bytes
 
     elem = torch.empty((), dtype=dtype).element_size()
     weights = dims.num_params() * elem
@@ -136,6 +142,8 @@ def _check_memory(setup: Setup, dims, device, dtype) -> None:
         if setup.cfg.runtime.cuda_graphs:
             reserve += min(setup.cfg.runtime.graph_max_batch_size or s.max_batch_size, s.max_batch_size) \
                 * dims.vocab_size * 4  # the graphs' static logits
+        if piecewise_tokens:
+            reserve += static_buffer_bytes(dims, piecewise_tokens, dtype)  # the piecewise graphs' buffers
         free, _ = torch.cuda.mem_get_info(device)
         need = weights + pool + reserve
         if need > free:
@@ -165,9 +173,10 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     graphs were captured) and ``host_times`` (per iteration: ``prep_s``, the executor's
     input packing before the launch, and ``exec_s``, its whole call; an iteration's
     ``duration_s`` minus ``exec_s`` is the engine's scheduling and bookkeeping). On a GPU
-    with NVML the run's energy is the GPU's energy counter over the run. ``use_graphs=False`` keeps the padded graph path but runs it
-    eagerly (default: capture on CUDA). ``dtype``: a torch dtype for weights and KV cache
-    (default bf16 on CUDA, fp32 on a CPU)."""
+    with NVML the run's energy is the GPU's energy counter over the run. ``use_graphs=False``
+    keeps the padded graph paths (decode and piecewise) but runs them eagerly (default:
+    capture on CUDA). ``dtype``: a torch dtype for weights and KV cache (default bf16 on
+    CUDA, fp32 on a CPU)."""
     import torch
 
     from .driver import run_wallclock
@@ -183,13 +192,14 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    _check_memory(setup, dims, dev, dtype)
+    ecfg = engine_config(setup, check_invariants)
+    pw = ecfg.piecewise_padding
+    _check_memory(setup, dims, dev, dtype, piecewise_tokens=pw.sizes[-1] if pw is not None else 0)
     wpath = weights if weights is not None else (os.environ.get(WEIGHTS_ENV) or None)
     if wpath is not None and not Path(wpath).exists():
         raise ConfigError(f"checkpoint not found: {wpath}", WEIGHTS_ENV)
 
     requests = prepare_requests(setup)
-    ecfg = engine_config(setup, check_invariants)
 
     try:
         model = LlamaModel(dims, wpath, dtype=dtype, device=dev, seed=cfg.seed)
@@ -198,6 +208,7 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
     executor = GpuExecutor(model, ecfg.num_blocks, ecfg.tokens_per_block,
                            graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
+                           piecewise_sizes=pw.sizes if pw is not None else None,
                            max_seq_len=longest, overlap=cfg.runtime.overlap_scheduler, seed=cfg.seed,
                            hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs)
     executor.warmup()
@@ -239,5 +250,12 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     result.tokens = tokens
     result.gpu_stats = stats
     result.host_times = host
+    # per iteration, the executor's host time (input packing; its whole call) beside the
+    # engine's columns: where an iteration's time went, for `sim compare` and calibration
+    its = result.iterations
+    if its.num_rows:
+        idx = its.column("iteration").to_numpy()
+        for name, arr in (("host_prep_s", host["prep_s"]), ("host_exec_s", host["exec_s"])):
+            result.iterations = result.iterations.append_column(name, pa.array(arr[idx], type=pa.float64()))
     return result
 

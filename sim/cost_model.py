@@ -35,7 +35,8 @@ Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention'
     eager:  max(gpu_rest, host_eager)                           + gpu_kv + sched
             (gpu_rest + host_eager when eager_launch_overlaps_gpu is false)
     host_eager = host_overhead_eager_s (+ host_overhead_context_s with context chunks)
-    piecewise: as eager with host_overhead_piecewise_s for host_eager, and the
+    piecewise: as eager with host_overhead_piecewise_s (+ host_overhead_piecewise_decode_s
+            with generation requests) for host_eager, and the
             token-wise terms (linears, elementwise, all-reduce) at the padded
             ``piecewise_tokens`` (attention and the sampled rows stay real)
 
@@ -122,6 +123,10 @@ class RooflineConfig(BaseModel):
     piecewise_launch_per_layer_s: float = Field(
         20e-6, ge=0, description="one graph replay and 2-3 attention kernels per decoder layer"
     )
+    host_overhead_piecewise_decode_s: float = Field(
+        0.0, ge=0, description="additional launch time of a piecewise-graph iteration with generation requests "
+        "beside its chunks (the decode attention's kernels in every layer)"
+    )
     scheduler_overhead_s: float = Field(
         300e-6, ge=0, description="host scheduling work per iteration (hidden by the overlap scheduler)"
     )
@@ -201,6 +206,7 @@ class RooflineCostModel:
         self._eager_overlap = cfg.eager_launch_overlaps_gpu
         self._ctx_overlap = cfg.context_launch_overlap
         self._host_graph = cfg.host_overhead_graph_s
+        self._host_pw_dec = cfg.host_overhead_piecewise_decode_s
         self._host_pw = (
             cfg.host_overhead_piecewise_s
             if cfg.host_overhead_piecewise_s is not None
@@ -238,12 +244,15 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         return t
 
-    def _launch(self, gpu_rest: float, graph: bool, context: bool, piecewise: bool = False) -> float:
+    def _launch(self, gpu_rest: float, graph: bool, context: bool, piecewise: bool = False,
+                with_decode: bool = False) -> float:
         """Host launch time not hidden under the GPU's work."""
         if graph:
             return self._host_graph
         if piecewise:
             h = self._host_pw
+            if with_decode:
+                h += self._host_pw_dec
         else:
             h = self._host_eager + self._host_ctx if context else self._host_eager
         if not self._eager_overlap:
@@ -252,8 +261,8 @@ class RooflineCostModel:
         return h - (self._ctx_overlap * hidden if context else hidden)
 
     def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False,
-               piecewise: bool = False) -> float:
-        return gpu_rest + self._launch(gpu_rest, graph, context, piecewise) + gpu_kv + \
+               piecewise: bool = False, with_decode: bool = False) -> float:
+        return gpu_rest + self._launch(gpu_rest, graph, context, piecewise, with_decode) + gpu_kv + \
             (self._sched_fixed + self._sched_req * n_requests)
 
     @staticmethod
@@ -327,7 +336,8 @@ class RooflineCostModel:
             t += (a if a > m else m) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
-        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0)
+        return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
+                           n > 0)
 
     # --- debugging / plots ---------------------------------------------------------
     def breakdown(self, shape: IterationShape) -> dict[str, float]:
@@ -362,7 +372,7 @@ class RooflineCostModel:
         out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
-        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0)
+        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0, n > 0)
         out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n)
         return out
 

@@ -14,14 +14,16 @@ REPO = Path(__file__).parents[1]
 def test_gpu_bench_smoke(tmp_path):
     pytest.importorskip("torch")
     p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--out", str(tmp_path),
-                        "--sections", "1,2,3,4,8,9,7"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--sections", "1,2,3,4,8,9,10,7"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     page = (tmp_path / "gpu_bench.md").read_text()
     for section in ("## 1. Ceilings", "## 2. Kernels", "## 3. Model vs transformers", "## 4. Decode iterations",
-                    "## 8. Profile", "| **all GEMMs** |", "## 9. Eager mixed iterations", "## 7. Offline throughput", "Compared on **16 requests**"):
+                    "## 8. Profile", "| **all GEMMs** |", "## 9. Eager mixed iterations", "## 7. Offline throughput", "Compared on **16 requests**",
+                    "## 10. Piecewise CUDA graphs", "| model | chunks | decodes | tokens | padded to |"):
         assert section in page
     assert "failed" not in page, page
     assert (tmp_path / "calibration.csv").exists()
+    assert len((tmp_path / "piecewise_iterations.csv").read_text().splitlines()) == 1 + 4  # header + 2 x 2 points
 
 
 def test_fidelity_script(tmp_path, monkeypatch):

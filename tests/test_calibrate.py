@@ -113,13 +113,18 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
                                    tie_word_embeddings=False)))
     model = load_model(str(cfg))
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
-                             prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)])
+                             prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
+                             piecewise_points=[(4, 32, 6, 40)])
     kinds = {r["kind"] for r in rows}
     assert kinds == {"decode", "prefill", "mixed"}
+    # the piecewise point's mixed iterations ran at captured token counts
+    pw = [r for r in rows if r["kind"] == "mixed" and r["graph"]]
+    assert pw and all(r["padded"] >= r["ctx_tokens"] + r["n_decode"] for r in pw)
+    assert any(r["kind"] == "mixed" and not r["graph"] for r in rows)
     assert all(r["time_s"] > 0 for r in rows)
     # the host's share of each step (scheduling, bookkeeping, input packing) is inside it
     assert all(0 <= r["host_s"] <= r["time_s"] for r in rows)
-    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 5
+    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 6
     dec = [r for r in rows if r["kind"] == "decode" and r["n_decode"] == 4]
     # every decoding request holds at least its prompt (>= 32 tokens) plus one
     assert dec and all(r["kv_sum"] >= r["n_decode"] * 33 for r in rows if r["kind"] != "prefill")

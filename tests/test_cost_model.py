@@ -185,6 +185,14 @@ def test_piecewise_graphs_pad_token_work_and_cut_launches():
     assert cm.gpu_time(pw) < 10e-3
     assert cm.price(s) - cm.price(exact) == pytest.approx(eager["host_launch"] - b_exact["host_launch"], rel=1e-9)
     assert b_exact["host_launch"] < eager["host_launch"]
+    # decodes beside the chunks add their attention launches, to piecewise iterations only
+    dec_cfg = RooflineConfig(**{**cfg.model_dump(), "host_overhead_piecewise_decode_s": 2e-3})
+    cm_dec = RooflineCostModel(M8, H100, dec_cfg)
+    assert cm_dec.price(exact) - cm.price(exact) == pytest.approx(2e-3, rel=1e-9)
+    assert cm_dec.price(s) == cm.price(s)
+    alone = prefill(100, sampling=1)
+    alone_pw = IterationShape(**{**{f: getattr(alone, f) for f in alone.__slots__}, "piecewise_tokens": 128})
+    assert cm_dec.price(alone_pw) == cm.price(alone_pw)
     # the default piecewise overhead scales with the layers, below the eager default
     d = RooflineCostModel(M1, H100)
     small = prefill(16, sampling=1)

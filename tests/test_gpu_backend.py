@@ -1,10 +1,10 @@
 """The GPU backend end to end on a CPU (fp32, the kernels' torch references): a tiny Llama
 driven by the real engine through `sim run --backend gpu`, `simulate_gpu`, the executor,
-the graph runner (padding path) and the wall-clock driver.
+the graph runners (decode and piecewise, their padding paths) and the wall-clock driver.
 
 The central check: greedy tokens of a request do not depend on how it was scheduled --
-alone or batched, chunked context or not, CUDA-graph padding or not, overlap scheduler or
-not, prefix reuse or not, preempted and recomputed or not.
+alone or batched, chunked context or not, CUDA-graph padding or not, piecewise graphs or
+not, overlap scheduler or not, prefix reuse or not, preempted and recomputed or not.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
@@ -23,6 +25,7 @@ pytest.importorskip("safetensors")
 from servesim.gpu_backend.executor import GpuExecutor, prompt_token_ids  # noqa: E402
 from servesim.gpu_backend.graph_runner import GraphRunner  # noqa: E402
 from servesim.gpu_backend.model import LlamaModel  # noqa: E402
+from servesim.gpu_backend.piecewise_runner import PiecewiseRunner  # noqa: E402
 from servesim.gpu_backend.runner import WEIGHTS_ENV, simulate_gpu  # noqa: E402
 from servesim.gpu_backend.weights import random_weights, save_hf_checkpoint  # noqa: E402
 from servesim.sim.cli import main  # noqa: E402
@@ -194,7 +197,8 @@ def test_cli_gpu_backend_writes_the_sim_outputs(tiny, tmp_path, monkeypatch):
         rg, rs = pq.read_table(g / "requests.parquet"), pq.read_table(s / "requests.parquet")
         ig, is_ = pq.read_table(g / "iterations.parquet"), pq.read_table(s / "iterations.parquet")
         assert rg.schema.names == rs.schema.names
-        assert ig.schema.names == is_.schema.names
+        # the GPU's table: the sim's columns, then the executor's host time per iteration
+        assert ig.schema.names == is_.schema.names + ["host_prep_s", "host_exec_s"]
         assert set(ITERATION_COLUMNS) <= set(ig.schema.names)
         req = rg.to_pandas()
         assert [len(t) for t in req["token_times"]] == req["output_len"].tolist()
@@ -202,6 +206,9 @@ def test_cli_gpu_backend_writes_the_sim_outputs(tiny, tmp_path, monkeypatch):
         assert req["arrival_s"].max() > 0
         it = ig.to_pandas()
         assert (it["duration_s"] > 0).all()
+        assert (it["host_prep_s"] > 0).all() and (it["host_prep_s"] <= it["host_exec_s"]).all()
+        if v == "base":  # without overlap the executor's call is inside the engine step
+            assert (it["host_exec_s"] <= it["duration_s"]).all()
         assert it["graph"].any() and not it["graph"].all()  # decode-only iterations ran padded
         assert (it.loc[it["graph"], "num_ctx_requests"] == 0).all()
 
@@ -464,3 +471,217 @@ def test_on_cuda_graphs_and_overlap(tiny, tmp_path):
     assert runs["batched-offline"].gpu_stats["cuda_graphs_captured"]
     assert runs["batched-offline"].gpu_stats["graph_iterations"] > 0
     assert runs["overlap"].gpu_stats["overlap"]
+
+
+# --------------------------------------------------------------------------------------
+# piecewise CUDA graphs for iterations with context chunks
+# --------------------------------------------------------------------------------------
+
+PW_BLOCK = 4
+PW_SIZES = [8, 16, 24, 40, 64]
+
+
+def _mixed_iteration(chunks, decodes, seed: int, num_blocks: int):
+    """``ContextChunkInput`` / ``DecodeInput`` lists of one iteration: ``chunks`` as
+    ``(prior tokens, new tokens, sample)``, ``decodes`` as KV lengths before the step; each
+    request over blocks of its own drawn at random, tokens at random."""
+    from servesim.gpu_backend.model import ContextChunkInput, DecodeInput
+
+    rng = np.random.default_rng(seed)
+    free = rng.permutation(num_blocks).tolist()
+
+    def blocks(n_tokens):
+        n = -(-n_tokens // PW_BLOCK)
+        assert n <= len(free), "pool too small for the drawn iteration"
+        return [free.pop() for _ in range(n)]
+
+    ctx = [ContextChunkInput(rng.integers(0, TINY["vocab_size"], q).tolist(), prior, blocks(prior + q), sample)
+           for prior, q, sample in chunks]
+    dec = [DecodeInput(int(rng.integers(0, TINY["vocab_size"])), pos, blocks(pos + 1)) for pos in decodes]
+    return ctx, dec
+
+
+def _piecewise_vs_forward(model, pool, runner, ctx, dec, padded):
+    """Logits of ``runner.run`` at ``padded`` tokens and of ``model.forward`` from the same
+    pool contents, and the pool before, after the eager forward and after the runner."""
+    from servesim.gpu_backend.model import build_attn_metadata
+
+    meta = build_attn_metadata(ctx, dec, PW_BLOCK, model.device)
+    before = pool.kv.clone()
+    want = model.forward(meta.input_ids, meta.positions, pool, meta)
+    after_eager = pool.kv.clone()
+    pool.kv.copy_(before)
+    got = runner.run(meta.input_ids, meta.positions, meta, padded)
+    return meta, got, want, before, after_eager
+
+
+def _written_mask(pool, slot_mapping) -> torch.Tensor:
+    """[num_blocks, block_size] True at the slots an iteration writes."""
+    written = torch.zeros(pool.num_blocks * pool.block_size, dtype=torch.bool, device=pool.kv.device)
+    written[slot_mapping] = True
+    return written.view(pool.num_blocks, pool.block_size)
+
+
+@pytest.fixture(scope="module")
+def pw_cpu():
+    model = LlamaModel(TINY, random_weights(TINY, seed=1, std=0.3), dtype=torch.float32, device="cpu")
+    pool = model.make_kv_pool(96, PW_BLOCK)
+    pool.kv.normal_(generator=torch.Generator().manual_seed(0))  # cached prefixes: KV of earlier steps
+    return model, pool, PiecewiseRunner(model, pool, PW_SIZES)
+
+
+@settings(max_examples=30, deadline=None)
+@given(chunks=st.lists(st.tuples(st.integers(0, 24), st.integers(1, 20), st.booleans()), min_size=1, max_size=3),
+       decodes=st.lists(st.integers(0, 30), max_size=4), extra=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_piecewise_runner_matches_forward_and_padding_writes_nothing(pw_cpu, chunks, decodes, extra, seed):
+    """Random mixed iterations (chunks over cached prefixes, sampling or not, and decodes)
+    at every padded size that fits them: the runner's pieces, run eagerly on a CPU, give
+    the eager forward's logits and KV writes; padding rows write nothing."""
+    model, pool, runner = pw_cpu
+    assert not runner.use_graphs and not runner.captured
+    ctx, dec = _mixed_iteration(chunks, decodes, seed, pool.num_blocks)
+    T = sum(q for _, q, _ in chunks) + len(decodes)
+    fits = [s for s in PW_SIZES if s >= T]
+    padded = fits[min(extra, len(fits) - 1)]
+    assert runner.padded_size(T) == fits[0]
+    runs = runner.eager_runs
+    meta, got, want, before, after_eager = _piecewise_vs_forward(model, pool, runner, ctx, dec, padded)
+    assert runner.eager_runs == runs + 1
+    assert got.shape == want.shape == (meta.num_sampling, TINY["vocab_size"]) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    written = _written_mask(pool, meta.slot_mapping)
+    torch.testing.assert_close(pool.kv[:, :, written], after_eager[:, :, written])
+    assert torch.equal(pool.kv[:, :, ~written], before[:, :, ~written])
+    # the padding rows ran as token 0 at position 0 with no KV slot
+    assert (runner.slot_mapping[T:padded] == -1).all() and (runner.input_ids[T:padded] == 0).all()
+
+
+def test_piecewise_runner_rejects_misuse(pw_cpu):
+    from servesim.gpu_backend.model import build_attn_metadata
+    model, pool, runner = pw_cpu
+    ctx, dec = _mixed_iteration([(0, 20, True)], [3, 4], seed=1, num_blocks=pool.num_blocks)
+    meta = build_attn_metadata(ctx, dec, PW_BLOCK)  # 22 tokens
+    assert runner.padded_size(22) == 24
+    for padded in (16, 30):  # below the token count; not a captured size
+        with pytest.raises(ValueError, match="cannot run 22 tokens"):
+            runner.run(meta.input_ids, meta.positions, meta, padded)
+    with pytest.raises(ValueError, match="input ids"):
+        runner.run(meta.input_ids[:-1], meta.positions, meta)
+    big = build_attn_metadata(*_mixed_iteration([(0, 65, True)], [], seed=2, num_blocks=pool.num_blocks), PW_BLOCK)
+    with pytest.raises(ValueError, match="exceed the largest captured size 64"):
+        runner.run(big.input_ids, big.positions, big)
+    with pytest.raises(ValueError, match="no token counts"):
+        PiecewiseRunner(model, pool, [])
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        PiecewiseRunner(model, pool, [16], use_graphs=True)
+    other = LlamaModel(dict(TINY, num_hidden_layers=3), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        PiecewiseRunner(other, pool, [16])
+
+
+PIECEWISE_VARIANTS = """\
+variants:
+  - name: eager
+    scheduler: {enable_chunked_context: true, max_num_tokens: 64}
+  - name: piecewise        # up to 40 tokens; bigger iterations with context run eagerly
+    scheduler: {enable_chunked_context: true, max_num_tokens: 64}
+    runtime: {piecewise_graphs: true, piecewise_max_tokens: 40}
+  - name: piecewise-overlap-offline
+    scheduler: {enable_chunked_context: true, max_num_tokens: 64}
+    runtime: {piecewise_graphs: true, piecewise_max_tokens: 40, overlap_scheduler: true}
+    workload: {synthetic: {arrival: {kind: offline}}}
+"""
+
+
+def test_piecewise_graphs_give_the_same_tokens_and_record_their_padding(tiny, tmp_path):
+    from servesim.policies.graph_padding import GraphPadding, token_capture_sizes
+
+    path = tmp_path / "piecewise.yaml"
+    path.write_text(BASE.format(model=tiny["config"]) + PIECEWISE_VARIANTS)
+    runs = {k: simulate_gpu(s, weights=tiny["ckpt"], check_invariants=True) for k, s in _setups(path).items()}
+    ref = _tokens(runs["eager"])
+    pad = GraphPadding(token_capture_sizes(40))
+    assert runs["eager"].gpu_stats["piecewise_iterations"] == 0
+    for k in ("piecewise", "piecewise-overlap-offline"):
+        r = runs[k]
+        _check_complete(r)
+        assert _tokens(r) == ref, k
+        it = r.iterations.to_pandas()
+        ctx = it[it["num_ctx_requests"] > 0]
+        T = (ctx["ctx_tokens"] + ctx["num_gen_requests"]).to_numpy()
+        small = T <= 40
+        assert small.any() and (~small).any(), k  # both paths ran
+        assert ctx["graph"].to_numpy().tolist() == small.tolist(), k
+        want_pad = np.where(small, [pad.padded(int(t)) - int(t) if t <= 40 else 0 for t in T], 0)
+        assert ctx["padded_tokens"].to_numpy().tolist() == want_pad.tolist(), k
+        assert (want_pad > 0).any(), k  # padding rows actually ran
+        st_ = r.gpu_stats
+        assert st_["piecewise_iterations"] == int(small.sum()), k
+        assert not st_["piecewise_graphs_captured"]  # a CPU runs the pieces eagerly
+        assert st_["graph_iterations"] == int(it.loc[it["num_ctx_requests"] == 0, "graph"].sum()) > 0, k
+        assert st_["iterations"] == len(it) == st_["graph_iterations"] + st_["piecewise_iterations"] \
+            + st_["eager_iterations"], k
+
+
+def test_executor_checks_the_piecewise_padding(tiny):
+    """An engine that pads iterations with context for piecewise graphs needs an executor
+    with a piecewise runner of the same sizes."""
+    from servesim.gpu_backend.driver import run_wallclock
+    from servesim.policies.capacity import make_capacity_policy
+    from servesim.policies.chunking import make_chunk_policy
+    from servesim.policies.graph_padding import GraphPadding
+    from servesim.policies.routing import make_router
+    from servesim.sim.engine import Engine, EngineConfig
+
+    model = LlamaModel(TINY, tiny["ckpt"], dtype=torch.float32, device="cpu")
+    for executor_sizes, error in ((None, "no piecewise runner"), ([52, 64], "different piecewise GraphPadding")):
+        ex = GpuExecutor(model, 64, 8, piecewise_sizes=executor_sizes, max_seq_len=128)
+        cfg = EngineConfig(max_batch_size=4, max_num_tokens=64, tokens_per_block=8, num_blocks=64,
+                           capacity=make_capacity_policy("guaranteed_no_evict"),
+                           chunking=make_chunk_policy(True, None), graph_padding=None,
+                           piecewise_padding=GraphPadding([16, 32, 64]))
+        with pytest.raises(RuntimeError, match=error):
+            run_wallclock([Request(i, 0.0, 10 + 7 * i, 3) for i in range(3)], [Engine(cfg, ex)],
+                          make_router("round_robin"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_piecewise_capture_matches_eager(tiny, tmp_path):
+    """On a GPU: warm-up and capture write nothing to the KV cache; replayed pieces with
+    eager attention between them give the eager forward's logits and KV writes (fp32;
+    GEMMs of another row count may round differently); a GPU run with piecewise graphs
+    captures them, runs its iterations with context through them and finishes."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = LlamaModel(TINY, tiny["ckpt"], dtype=torch.float32, device="cuda")
+    pool = model.make_kv_pool(96, PW_BLOCK)
+    pool.kv.normal_()
+    runner = PiecewiseRunner(model, pool, PW_SIZES)
+    before = pool.kv.clone()
+    assert runner.capture() and runner.captured and runner.capture_s > 0
+    assert sorted(runner.graphs) == PW_SIZES and all(len(g) == TINY["num_hidden_layers"] + 1
+                                                     for g in runner.graphs.values())
+    assert torch.equal(pool.kv, before)
+    shapes = [([(0, 20, True)], []), ([(5, 7, True), (0, 9, False), (12, 3, True)], [4, 17, 30]),
+              ([(24, 1, True)], [0]), ([(3, 20, True), (0, 20, True), (8, 20, True)], [1, 2, 3, 4])]
+    for n, (chunks, decodes) in enumerate(shapes):
+        ctx, dec = _mixed_iteration(chunks, decodes, seed=n, num_blocks=pool.num_blocks)
+        T = sum(q for _, q, _ in chunks) + len(decodes)
+        meta, got, want, before, after_eager = _piecewise_vs_forward(model, pool, runner, ctx, dec,
+                                                                     runner.padded_size(T))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        written = _written_mask(pool, meta.slot_mapping)
+        torch.testing.assert_close(pool.kv[:, :, written], after_eager[:, :, written], rtol=1e-4, atol=1e-4)
+        assert torch.equal(pool.kv[:, :, ~written], before[:, :, ~written])
+    assert runner.replays == len(shapes) and runner.eager_runs == 0
+
+    path = tmp_path / "piecewise.yaml"
+    path.write_text(BASE.format(model=tiny["config"]) + PIECEWISE_VARIANTS)
+    runs = {k: simulate_gpu(s, weights=tiny["ckpt"], dtype=torch.float32) for k, s in _setups(path).items()}
+    ref = _tokens(runs["eager"])
+    for k in ("piecewise", "piecewise-overlap-offline"):
+        _check_complete(runs[k])
+        assert runs[k].gpu_stats["piecewise_graphs_captured"], k
+        assert runs[k].gpu_stats["piecewise_iterations"] > 0, k
+        same = sum(_tokens(runs[k])[i] == ref[i] for i in ref)
+        assert same >= 0.9 * len(ref), (k, same)
