@@ -33,6 +33,10 @@ too small for it):
     and graph memory, and wall / host / GPU time of one chunk (16-2k tokens) alone or beside
     32 decodes of ~1k tokens (OUT/piecewise_iterations.csv):
         python benchmarks/gpu_bench.py --out $OUT --sections 10 --budget-s 200
+11. (not in the default --sections) paged decode attention over sequences of equal vs
+    unequal lengths (same total KV) for every split count: the stragglers a batch leaves
+    when it runs one program per (sequence, kv head) (OUT/decode_splits.csv):
+        python benchmarks/gpu_bench.py --out $OUT --sections 1,11 --budget-s 200
  7. offline throughput vs Hugging Face `generate` with a static cache on 1,000 Azure-trace
     requests (fewer when the budget stops HF early: ours then runs the same ones);
  6. (not in the default --sections; the GPU runs have their own script now) end to end:
@@ -1208,13 +1212,91 @@ def piecewise_bench(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------- 11
+def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
+    """Paged decode attention over sequences of equal vs unequal lengths (the same total KV),
+    for every split count: a batch whose one (sequence, kv head) program per SM already
+    fills the GPU (no split) leaves the longest sequences running alone at the end. Checks
+    each split count against the torch reference first. Rows also in
+    OUT/decode_splits.csv."""
+    import pandas as pd
+
+    from servesim.kernels import ops
+    from servesim.kernels.decode_attention import choose_num_splits
+
+    t = timer(dev)
+    rng = np.random.default_rng(0)
+    bs = 16
+    bound = 256 if smoke else 8192  # the block table's width x block size (a run's longest request)
+    mean = 64 if smoke else 1024
+    shapes = [("llama-3.2-1b", 32, 8, 64), ("llama-3.1-8b", 32, 8, 128)]
+    batches = (4, 32) if smoke else (8, 16, 32, 64, 128, 256)
+    splits = (1, 2, 4) if smoke else (1, 2, 4, 8, 16, 32)
+    rows, worst = [], 0.0
+    for name, hq, hkv, D in shapes:
+        for B in batches:
+            for dist in ("equal", "unequal"):
+                if dist == "equal":
+                    lens = np.full(B, mean)
+                else:  # lognormal (sigma 1, like conversation prompts), scaled to the same total
+                    x = rng.lognormal(0.0, 1.0, B)
+                    lens = np.clip(np.round(x / x.mean() * mean), 1, bound).astype(np.int64)
+                nblk = [-(-int(n) // bs) for n in lens]
+                total = sum(nblk)
+                kc = torch.randn(total + 1, bs, hkv, D, dtype=dtype, device=dev)
+                vc = torch.randn_like(kc)
+                perm = torch.randperm(total, generator=torch.Generator().manual_seed(B)) + 1
+                bt = torch.zeros(B, bound // bs, dtype=torch.int32)
+                o = 0
+                for i, k in enumerate(nblk):
+                    bt[i, :k] = perm[o:o + k].to(torch.int32)
+                    o += k
+                bt = bt.to(dev)
+                sl = torch.tensor(lens, dtype=torch.int32, device=dev)
+                q = torch.randn(B, hq, D, dtype=dtype, device=dev)
+                ref = ops.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5, impl="torch")
+                kv_bytes = 2 * int(lens.sum()) * hkv * D * q.element_size()
+                auto = choose_num_splits(B, hkv, bound)
+                row = dict(model=name, batch=B, lengths=dist, max_len=int(lens.max()), kv_tokens=int(lens.sum()),
+                           auto_splits=auto, roofline_us=kv_bytes / ceil["copy_bw"] * 1e6)
+                for sp in sorted(set(splits) | {auto}):
+                    out_ = ops.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5, num_splits=sp)
+                    err = rel_err(out_, ref)
+                    worst = max(worst, err)
+                    if not err < 2e-2:
+                        raise AssertionError(f"decode attention {name} B={B} {dist} splits={sp}: rel. error {err}")
+                    fn = graphed(lambda sp=sp: ops.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5,
+                                                                          num_splits=sp), dev)
+                    row[f"s{sp}_us"] = t(fn, reps=3 if smoke else 20) * 1e6
+                rows.append(row)
+                del kc, vc
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "decode_splits.csv", index=False)
+    md("\n## 11. Decode attention: equal vs unequal sequence lengths, by split count\n")
+    md(f"One layer's paged decode attention (CUDA-graph replay, median of 20), batch B of sequences of {mean} "
+       f"tokens on average: all equal, or lognormal (sigma 1) with the same total; block table {bound} tokens "
+       "wide (a run's longest request, as in the decode graphs). Every split count was checked against the "
+       f"torch reference first (worst rel. error {worst:.1e}). auto = `choose_num_splits`. roofline = KV bytes "
+       "/ copy bandwidth (bytes read + written per second).\n")
+    head = "| model | B | lengths | longest | auto | " + " | ".join(f"{sp} split{'s' * (sp > 1)}" for sp in splits) \
+        + " | best / auto | roofline |"
+    md(head)
+    md("|---" * (6 + len(splits)) + "|---|")
+    for r in rows:
+        ts = [r[f"s{sp}_us"] for sp in splits]
+        auto_us = r["s%d_us" % r["auto_splits"]]
+        md(f"| {r['model']} | {r['batch']} | {r['lengths']} | {r['max_len']} | {r['auto_splits']} | "
+           + " | ".join(f"{x:.1f} us" for x in ts)
+           + f" | {min(ts) / auto_us:.2f} | {r['roofline_us']:.1f} us |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
     ap.add_argument("--sections", default="1,2,3,4,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,4,8,9,10,7,6 (6 and 10 are not defaults)")
+                    help="comma-separated; they run in the order 1,2,3,4,8,9,10,11,7,6 (6, 10, 11 are not defaults)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -1240,6 +1322,7 @@ def main() -> None:
              ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
              ("9", "mixed iterations", 90, lambda: mixed_profile(dev, dtype, args.smoke, out, work)),
              ("10", "piecewise graphs", 100, lambda: piecewise_bench(dev, dtype, args.smoke, out, work)),
+             ("11", "decode splits", 60, lambda: decode_splits(dev, dtype, ceil, args.smoke, out)),
              ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
              ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:

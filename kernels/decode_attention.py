@@ -34,6 +34,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 MIN_TOKENS_PER_SPLIT = 64
 WAVES = 4
+STRAGGLER_SPLITS = 8  # see choose_num_splits
 
 
 # The block-table row stride changes with the longest request of a batch; specialising on
@@ -177,22 +178,28 @@ def _decode_reduce_kernel(
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, sms: int = 132,
     max_splits: int = MAX_SPLITS, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+    straggler_splits: int = STRAGGLER_SPLITS,
 ) -> int:
-    """Splits per (sequence, kv head): none once ``B * Hkv`` programs fill the SMs, else
-    about ``WAVES`` programs per SM, at most ``max_splits``, and no split shorter than
-    ``min_tokens_per_split`` tokens of ``max_seq_len``, an upper bound known from shapes
-    (block-table width x block size). Depends on shapes only (CUDA-graph safe).
+    """Splits per (sequence, kv head): about ``WAVES`` programs per SM while ``B * Hkv``
+    programs leave SMs idle, and never fewer than ``straggler_splits``; at most
+    ``max_splits``, and no split shorter than ``min_tokens_per_split`` tokens of
+    ``max_seq_len``, an upper bound known from shapes (block-table width x block size).
+    Depends on shapes only (CUDA-graph safe).
 
-    Tuned on an H100 (bf16, Hq=32, D=128, Hkv 4..32, lengths 1K..8K, CUDA-graph timing):
-    e.g. B*Hkv=8 -> 32 splits, 32 -> 16, 128 -> 4, >=132 -> 1 were the fastest or within
-    ~10% of it. Rounded down to a power of two (MAX_SPLITS is one).
+    Why the floor: a sequence's splits share its own length, so with one split per
+    sequence the longest sequence of a batch is walked by one program while the GPU runs
+    out of other work -- serving batches mix lengths (lognormal prompts), and gpu_bench
+    section 11 measured one split at 2-3x the time of 8 on such batches of 32-64 (the same
+    total KV in equal lengths: within 15% either way), and 8 splits within 10% of the best
+    count for every batch of 8-256 with unequal lengths.
+
+    Tuned on an H100 (bf16, Hq=32, D=64/128, Hkv 8, lengths 1K..8K, CUDA-graph timing).
+    Rounded down to a power of two (MAX_SPLITS is one).
     """
     work = max(batch * num_kv_heads, 1)
-    if work >= sms:
-        return 1
     by_sms = max((WAVES * sms) // work, 1)
     by_len = max(cdiv(max_seq_len, min_tokens_per_split), 1)
-    n = max(1, min(by_sms, by_len, max_splits))
+    n = max(1, min(max(by_sms, straggler_splits), by_len, max_splits))
     # a power of two: NUM_SPLITS is a compile-time constant, and a handful of values (all
     # compiled at warm-up) keeps a serving run from compiling new kernels as batches change
     return 1 << (n.bit_length() - 1)

@@ -273,10 +273,14 @@ def test_paged_decode_more_splits_than_tokens():
 
 
 def test_choose_num_splits_depends_on_shapes_only():
-    assert choose_num_splits(256, 8, 4096, 132) == 1  # enough (seq, kv head) programs already
+    # enough (seq, kv head) programs already, but the longest sequences split 8 ways
+    assert choose_num_splits(256, 8, 4096, 132) == 8
+    assert choose_num_splits(256, 8, 4096, 132, straggler_splits=1) == 1
+    assert choose_num_splits(256, 8, 300, 132) == 4  # >= 64 tokens per split
     assert choose_num_splits(1, 8, 32768, 132) == 32  # capped
     assert choose_num_splits(4, 8, 8192, 132) == 16  # ~4 programs per SM
-    assert choose_num_splits(16, 8, 8192, 132) == 4
+    assert choose_num_splits(16, 8, 8192, 132) == 8
+    assert choose_num_splits(16, 8, 8192, 132, straggler_splits=1) == 4
     assert choose_num_splits(1, 8, 300, 132) == 4  # >= 64 tokens per split (5), as a power of two
     assert choose_num_splits(4, 8, 16, 132) == 1
     seen = set()
