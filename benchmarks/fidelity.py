@@ -129,7 +129,8 @@ def main() -> None:
     noise_lines = []
     if noise:
         noise_lines = ["", "| workload | two calibrations, same GPU call: sim(A) vs sim(B), mean / max over the "
-                       "metrics | two GPU runs of the same requests, mean / max | calibration on another machine "
+                       "metrics | two GPU runs of the same requests (the second in another device call, on another machine "
+                       "instance), mean / max | calibration on another machine "
                        "instance (another device call): vs sim(A) / vs the GPU run, mean abs. |", "|---|---|---|---|"]
 
         def mm(d: dict) -> str:
