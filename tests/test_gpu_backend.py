@@ -548,9 +548,11 @@ def test_piecewise_runner_matches_forward_and_padding_writes_nothing(pw_cpu, chu
     meta, got, want, before, after_eager = _piecewise_vs_forward(model, pool, runner, ctx, dec, padded)
     assert runner.eager_runs == runs + 1
     assert got.shape == want.shape == (meta.num_sampling, TINY["vocab_size"]) and got.dtype == torch.float32
-    torch.testing.assert_close(got, want)
+    # fp32 on a CPU: a GEMM of more rows may take another BLAS blocking, so the real rows
+    # round differently in the last bits (the H100's bf16 pieces matched exactly, section 10)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
     written = _written_mask(pool, meta.slot_mapping)
-    torch.testing.assert_close(pool.kv[:, :, written], after_eager[:, :, written])
+    torch.testing.assert_close(pool.kv[:, :, written], after_eager[:, :, written], rtol=2e-4, atol=2e-4)
     assert torch.equal(pool.kv[:, :, ~written], before[:, :, ~written])
     # the padding rows ran as token 0 at position 0 with no KV slot
     assert (runner.slot_mapping[T:padded] == -1).all() and (runner.input_ids[T:padded] == 0).all()
