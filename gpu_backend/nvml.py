@@ -51,6 +51,15 @@ class Nvml:
             raise RuntimeError(f"nvmlDeviceGetTotalEnergyConsumption failed (NVML error {rc})")
         return mj.value / 1000.0
 
+    def temperature_c(self) -> float | None:
+        """The GPU die's temperature (None if NVML does not report it)."""
+        t = ctypes.c_uint()
+        try:
+            rc = self._lib.nvmlDeviceGetTemperature(self._handle, ctypes.c_int(0), ctypes.byref(t))
+        except (AttributeError, OSError):
+            return None
+        return float(t.value) if rc == 0 else None
+
     def tick(self, timeout_s: float = 0.5) -> tuple[float, float]:
         """(time, energy) just after the counter's next update. The driver updates it
         every few tens of milliseconds, so a run shorter than a second reads a different
@@ -86,6 +95,22 @@ def run_energy(nvml: "Nvml", index: int, run) -> tuple[object, float]:
     t_end = time.perf_counter()
     t1, e1 = nvml.tick()
     return out, max(e1 - e0 - _IDLE_W[index] * (t1 - t_end), 0.0)
+
+
+def heat_up(device, seconds: float) -> None:
+    """Keep the GPU busy with bf16 matmuls for ``seconds``: a serving GPU runs hot, and its
+    power at the same work rises with its temperature (leakage), so power is calibrated on
+    a warm GPU rather than on one that idled while the model was being built."""
+    import torch
+
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn_like(a)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ b
+        torch.cuda.synchronize(device)
+    del a, b
 
 
 def device_index(device) -> int:

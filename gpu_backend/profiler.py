@@ -11,7 +11,10 @@ overhead. The iterations' shapes come from iterations.parquet (`decode_kv_tokens
 constant-length requests, offline.
 
 Energy: each grid run's GPU energy (NVML's counter) with its iterations' busy time and
-compute share, and the idle power measured before the grid, for the power model's fit.
+work, and the idle power, for the power model's fit. The GPU is first kept busy for
+`HEAT_UP_S` seconds: a serving GPU runs hot, and the fidelity runs' energy came out 5-14%
+above a power model fitted on a GPU that had idled while the grid's models were built.
+Each run records the die's temperature at its start and end.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1
 # iterations at padded token counts, and one-chunk prefills (the last point)
 PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), (8, 512, 1, 512)]
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
+HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
 
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
@@ -73,6 +77,8 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
+    temps = res.summary.get("gpu_temperature_c") or {}
+    run.update(temp_start_c=temps.get("start"), temp_end_c=temps.get("end"))
     return it, run
 
 
@@ -94,6 +100,11 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
 
         nv = Nvml.open(device_index(torch.device("cuda")))
         if nv is not None:
+            from .nvml import heat_up
+
+            # warm the GPU first (serving GPUs run hot; power at the same work rises with
+            # temperature), then its idle power: what a warm GPU draws between iterations
+            heat_up(torch.device("cuda"), HEAT_UP_S)
             torch.cuda.synchronize()
             idle_w = nv.idle_power_w(3.0)
 

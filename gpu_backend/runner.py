@@ -220,6 +220,7 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
 
         idx = device_index(dev)
         nvml = Nvml.open(idx)
+    temps = {}
     # no garbage-collector pauses mid-run (tens of ms with the run's many small objects):
     # what exists now is frozen out of collection, and collection waits for the end
     gc.collect()
@@ -227,7 +228,9 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     gc.disable()
     try:
         if nvml is not None:
+            temps["start"] = nvml.temperature_c()
             _, energy_j = run_energy(nvml, idx, lambda: run_wallclock(requests, [engine], router, progress=progress))
+            temps["end"] = nvml.temperature_c()
         else:
             energy_j = None
             run_wallclock(requests, [engine], router, progress=progress)
@@ -249,6 +252,8 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
                         measured_energy_j=energy_j)
     result.tokens = tokens
     result.gpu_stats = stats
+    if temps.get("start") is not None:  # the die's temperature at the run's start and end
+        result.summary["gpu_temperature_c"] = temps
     result.host_times = host
     # per iteration, the executor's host time (input packing; its whole call) beside the
     # engine's columns: where an iteration's time went, for `sim compare` and calibration

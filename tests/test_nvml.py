@@ -53,3 +53,20 @@ def test_open_without_nvml_returns_none(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", no_lib)
     assert nv.Nvml.open(0) is None
+
+
+def test_temperature_reads_nvml_and_is_none_when_unreported():
+    import ctypes
+
+    class Lib:
+        def __init__(self, rc):
+            self.rc = rc
+
+        def nvmlDeviceGetTemperature(self, handle, sensor, out):
+            assert sensor.value == 0  # NVML_TEMPERATURE_GPU: the die
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_uint)).contents.value = 67
+            return self.rc
+
+    assert nv.Nvml(Lib(0), ctypes.c_void_p()).temperature_c() == 67.0
+    assert nv.Nvml(Lib(3), ctypes.c_void_p()).temperature_c() is None  # NVML_ERROR_NOT_SUPPORTED
+    assert nv.Nvml(object(), ctypes.c_void_p()).temperature_c() is None  # an old driver without it
