@@ -923,18 +923,8 @@ def mixed_profile(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
                         torch.cuda.synchronize()
 
                 with torch.no_grad():
-                    for _ in range(3):
-                        issue()
-                    sync()
-                    walls, hosts = [], []
-                    for _ in range(3 if smoke else 10):
-                        t0 = time.perf_counter()
-                        issue()
-                        t1 = time.perf_counter()
-                        sync()
-                        walls.append(time.perf_counter() - t0)
-                        hosts.append(t1 - t0)
-                    wall, host = float(np.median(walls)), float(np.median(hosts))
+                    tm = _time_issue(issue, sync, 3 if smoke else 10)
+                    wall, host = tm["wall_s"], tm["host_s"]
                     syncs = -1
                     if dev.type == "cuda":
                         with warnings.catch_warnings(record=True) as caught:
@@ -960,7 +950,7 @@ def mixed_profile(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
                                       for e in ks) / 1e6
                         except Exception as exc:  # noqa: BLE001 - a profiler API difference must not lose the row
                             log(f"section 9: no kernel times ({exc})")
-                lo, hi = min(hosts), max(hosts)
+                lo, hi = tm["host_min_s"], tm["host_max_s"]
                 ov = (host + gpu - wall) / min(host, gpu) if gpu == gpu and min(host, gpu) > 0 else float("nan")
                 rows.append(dict(model=name, chunk=chunk, decodes=n_dec, kv_len=ctx, wall_s=wall, host_s=host,
                                  host_min_s=lo, host_max_s=hi, gpu_s=gpu, syncs=syncs, overlap=ov))

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from servesim.policies.graph_padding import GraphPadding
+
 from .kv_pool import KVPool
 from .model import LlamaModel
 
@@ -46,6 +48,7 @@ class GraphRunner:
         self.model = model
         self.kv_pool = kv_pool
         self.sizes = sorted({int(s) for s in sizes})
+        self.padding = GraphPadding(self.sizes)  # the engine's rule: smallest captured size >= n
         if self.sizes[0] <= 0:
             raise ValueError(f"GraphRunner: batch sizes must be positive, got {self.sizes}")
         self.max_batch = self.sizes[-1]
@@ -71,10 +74,10 @@ class GraphRunner:
     # ------------------------------------------------------------------ sizes
     def padded_size(self, n: int) -> int:
         """The captured size that runs a batch of ``n`` (ValueError if none)."""
-        for s in self.sizes:
-            if s >= n:
-                return s
-        raise ValueError(f"GraphRunner: batch of {n} exceeds the largest captured size {self.max_batch}")
+        p = self.padding.padded(n)
+        if p == 0:
+            raise ValueError(f"GraphRunner: batch of {n} exceeds the largest captured size {self.max_batch}")
+        return p
 
     # ------------------------------------------------------------------ capture
     def _set_padding(self, lo: int, hi: int) -> None:

@@ -54,6 +54,8 @@ from collections.abc import Sequence
 
 import torch
 
+from servesim.policies.graph_padding import GraphPadding
+
 from .kv_pool import KVPool
 from .model import AttnMetadata, LlamaModel
 from .weights import ModelDims
@@ -78,6 +80,7 @@ class PiecewiseRunner:
         self.model = model
         self.kv_pool = kv_pool
         self.sizes = sorted({int(s) for s in sizes})
+        self.padding = GraphPadding(self.sizes)  # the engine's rule: smallest captured size >= n
         if self.sizes[0] <= 0:
             raise ValueError(f"PiecewiseRunner: token counts must be positive, got {self.sizes}")
         self.max_tokens = P = self.sizes[-1]
@@ -104,10 +107,10 @@ class PiecewiseRunner:
     # ------------------------------------------------------------------ sizes
     def padded_size(self, n: int) -> int:
         """The captured token count that runs an iteration of ``n`` tokens (ValueError if none)."""
-        for s in self.sizes:
-            if s >= n:
-                return s
-        raise ValueError(f"PiecewiseRunner: {n} tokens exceed the largest captured size {self.max_tokens}")
+        p = self.padding.padded(n)
+        if p == 0:
+            raise ValueError(f"PiecewiseRunner: {n} tokens exceed the largest captured size {self.max_tokens}")
+        return p
 
     # ------------------------------------------------------------------ the pieces
     def _set_padding(self, lo: int, hi: int) -> None:
