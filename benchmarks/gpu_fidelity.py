@@ -107,7 +107,7 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
                 grid_dir.mkdir(parents=True, exist_ok=True)
                 prof_dir.mkdir(parents=True, exist_ok=True)
                 stem = prof.stem
-                for f in (src / sub).glob(f"{stem}.grid*.csv"):
+                for f in (src / sub).glob(f"{stem}.grid*.*"):  # grid, its power runs, its iterations
                     shutil.copy(f, grid_dir / f.name)
                     written.append(grid_dir / f.name)
                 made = yaml.safe_load(prof.read_text())

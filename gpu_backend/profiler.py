@@ -14,7 +14,10 @@ Energy: each grid run's GPU energy (NVML's counter) with its iterations' busy ti
 work, and the idle power, for the power model's fit. The GPU is first kept busy for
 `HEAT_UP_S` seconds: a serving GPU runs hot, and the fidelity runs' energy came out 5-14%
 above a power model fitted on a GPU that had idled while the grid's models were built.
-Each run records the die's temperature at its start and end.
+Each run records the die's temperature at its start and end. Every grid run's iterations
+(all of them, with their run's label) are kept too: `sim calibrate` writes them beside
+the grid (``.grid.iterations.parquet``) for models that need the runs' per-iteration
+detail (the power model's) rather than the grid's rows.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import platform
 
 import numpy as np
+import pandas as pd
 
 from servesim.sim.calibrate import rows_from_iterations
 from servesim.sim.config import RunConfig
@@ -79,6 +83,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
     temps = res.summary.get("gpu_temperature_c") or {}
     run.update(temp_start_c=temps.get("start"), temp_end_c=temps.get("end"))
+    it["workload"] = run["workload"]
     return it, run
 
 
@@ -94,6 +99,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     ref = model_ref or model.name
     rows: list[dict] = []
     runs: list[dict] = []
+    its = []  # every grid run's iterations, labelled by run (kept beside the grid)
     idle_w = None
     if torch.cuda.is_available():
         from .nvml import Nvml, device_index
@@ -114,19 +120,23 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
         it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
         runs.append(run)
+        its.append(it)
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
         runs.append(run)
+        its.append(it)
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget,
                        piecewise=True)
         runs.append(run)
+        its.append(it)
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
     for n, prompt in (prefill_points or PREFILL_POINTS):
         it, run = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
         runs.append(run)
+        its.append(it)
         rows.extend(rows_from_iterations(model.name, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)], host))
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -150,4 +160,5 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
         pass
     env["idle_power_w"] = idle_w
     env["power_runs"] = runs
+    env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
     return rows, env

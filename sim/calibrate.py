@@ -2,8 +2,10 @@
 GPU measurements.
 
 A profile is the roofline model (sim/cost_model.py) with its free parameters -- matmul and
-bandwidth efficiency, attention efficiency, eager-launch and CUDA-graph host overheads --
-fitted by least squares (relative error) to a grid of measured iterations: prefill chunks
+bandwidth efficiency, attention efficiency, the per-layer kernel floor, eager-launch,
+piecewise-graph and CUDA-graph host overheads -- fitted to a grid of measured iterations
+by robust least squares (pseudo-Huber in the log error, so a few iterations slowed by a
+host hiccup do not pull the fit; scipy's bounded trust-region solver): prefill chunks
 (tokens x cached tokens) and decode batches (batch x KV length), graphs on and off. Because
 the terms stay those of the roofline, the fitted model extrapolates beyond the grid the way
 the hardware does (compute-bound prefill, bandwidth-bound decode), instead of
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.optimize import least_squares
 
 from .cost_model import RooflineConfig, RooflineCostModel
 from .power import POWER_KEYS
@@ -47,6 +50,8 @@ PARAMS = (
     ("host_overhead_piecewise_s", 1e-5, 0.1, 3e-3),
     # beside decodes: the decode attention's split and reduce kernels per layer (section 10)
     ("host_overhead_piecewise_decode_s", 1e-5, 0.1, 2e-3),
+    # ~180 kernels of a few microseconds in a Llama-3.2-1B decode step (gpu_bench section 8)
+    ("layer_latency_s", 1e-7, 2e-4, 1.5e-5),
 )
 # Some parameters trade off against each other on a grid (a batch-1 decode step is
 # weights / bandwidth + the graph's host overhead: a lower bandwidth efficiency and a
@@ -56,6 +61,10 @@ PARAMS = (
 # same GPU give the same model instead of two ends of the ridge. Where the grid
 # determines a parameter, the data outweigh the prior.
 PRIOR_WEIGHT = 1e-4
+# The loss is pseudo-Huber in the log error: quadratic within ~ROBUST_SCALE, linear beyond,
+# so a few iterations that a host hiccup (a garbage collection, a page fault) made 2x
+# slower pull the fit no more than their share.
+ROBUST_SCALE = 0.05
 
 
 def rows_from_iterations(name: str, it, host=None) -> list[dict]:
@@ -165,38 +174,6 @@ def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[Itera
     return np.asarray([cm.price(s) for s in shapes])
 
 
-def _nelder_mead(f, x0: np.ndarray, iters: int = 600, tol: float = 1e-10) -> np.ndarray:
-    """Minimise f from x0 (a plain Nelder-Mead: 5 parameters, smooth enough)."""
-    n = len(x0)
-    simplex = [x0] + [x0 + np.eye(n)[i] * 0.3 for i in range(n)]
-    vals = [f(x) for x in simplex]
-    for _ in range(iters):
-        order = np.argsort(vals)
-        simplex = [simplex[i] for i in order]
-        vals = [vals[i] for i in order]
-        if abs(vals[-1] - vals[0]) < tol:
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        xr = centroid + (centroid - simplex[-1])
-        fr = f(xr)
-        if fr < vals[0]:
-            xe = centroid + 2 * (centroid - simplex[-1])
-            fe = f(xe)
-            simplex[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
-        elif fr < vals[-2]:
-            simplex[-1], vals[-1] = xr, fr
-        else:
-            xc = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(xc)
-            if fc < vals[-1]:
-                simplex[-1], vals[-1] = xc, fc
-            else:
-                best = simplex[0]
-                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
-                vals = [vals[0]] + [f(x) for x in simplex[1:]]
-    return simplex[int(np.argmin(vals))]
-
-
 def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dict]:
     """Fitted parameters and fit statistics for a model's grid rows."""
     shapes, times, kinds = shapes_from_grid(rows)
@@ -211,18 +188,23 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
         z = np.clip(z, lo, hi)
         return {**{p[0]: float(math.exp(v)) for p, v in zip(PARAMS, z)}, **sched}
 
-    def loss(z: np.ndarray) -> float:
-        pred = predict(model, hw, params_of(z), shapes)
-        return float(np.mean(np.log(pred / times) ** 2) + PRIOR_WEIGHT * np.sum((np.clip(z, lo, hi) - z0) ** 2))
+    n = len(shapes)
+    prior_w = math.sqrt(n * PRIOR_WEIGHT)
 
-    best = None
-    for start in ([0.8, 0.9, 0.8, 0.5, 5e-3, 2e-3, 5e-5, 0.9, 3e-3, 2e-3],
-                  [0.6, 0.7, 0.6, 0.3, 1e-2, 5e-3, 2e-4, 0.1, 1e-2, 5e-3],
-                  [1.0, 1.0, 0.9, 0.8, 1e-3, 1e-4, 1e-5, 0.5, 1e-3, 5e-4]):
-        z = _nelder_mead(loss, np.log(start))
-        z = _nelder_mead(loss, z)  # restart from the optimum: escapes a collapsed simplex
-        if best is None or loss(z) < loss(best):
-            best = z
+    def residuals(z: np.ndarray) -> np.ndarray:
+        # pseudo-Huber of the log error as a sum of squares (signed square roots), so
+        # that least squares minimises it; then the priors' pull
+        r = np.log(predict(model, hw, params_of(z), shapes) / times)
+        h = np.sign(r) * ROBUST_SCALE * np.sqrt(2 * (np.sqrt(1 + (r / ROBUST_SCALE) ** 2) - 1))
+        return np.concatenate([h, prior_w * (z - z0)])
+
+    best, best_cost = None, math.inf
+    span = hi - lo
+    for start in (z0, lo + 0.3 * span, lo + 0.7 * span):
+        sol = least_squares(residuals, np.clip(start, lo + 1e-9, hi - 1e-9), bounds=(lo, hi), method="trf",
+                            diff_step=1e-4, x_scale=1.0, max_nfev=400)
+        if sol.cost < best_cost:
+            best, best_cost = sol.x, sol.cost
     params = params_of(best)
     pred = predict(model, hw, params, shapes)
     err = pred / times - 1
@@ -340,8 +322,11 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name)
         runs = env.pop("power_runs", [])
         idle_w = env.pop("idle_power_w", None)
+        grid_its = env.pop("grid_iterations", None)
         grid = out.with_suffix(".grid.csv")
         grid.parent.mkdir(parents=True, exist_ok=True)
+        if grid_its is not None:
+            grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
         with open(grid, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()

@@ -22,6 +22,12 @@ generation count when the iteration runs as a CUDA graph) and ``S`` sampling tok
   practice and keeps the iteration affine in ``decode_kv_sum``;
 * **elementwise** (bytes only): embedding gather, fused residual-add + RMSNorm twice per
   layer and once at the end, RoPE on q and k, SiLU*up;
+* **kernel floor**: ``layer_latency_s`` per decoder layer per iteration, GPU time that no
+  FLOP or byte explains -- each of a layer's ~11 kernels takes a few microseconds however
+  little it does (ramp-up, tail, the gaps between kernels). gpu_bench section 8 measured
+  ~20 us per layer in a Llama-3.2-1B decode step (norms, RoPE, SiLU, attention's floor,
+  gaps), 24% of the step; it is what makes a small model's decode slower than its bytes.
+  0 in the pure roofline; a calibration fits it;
 * **all-reduce** (tp > 1): 2 per layer (after o and down), ring algorithm:
   ``latency + 2*(tp-1)/tp * T*hidden*b / (nvlink_bytes_per_s * efficiency)``.
 
@@ -70,6 +76,7 @@ GPU_TERMS = (
     "attn_prefill",
     "attn_decode",
     "attn_decode_kv",
+    "kernel_floor",
     "allreduce",
 )
 HOST_TERMS = ("host_launch", "scheduler")
@@ -88,6 +95,10 @@ class RooflineConfig(BaseModel):
     )
     attention_flops_efficiency: float = Field(
         1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
+    )
+    layer_latency_s: float = Field(
+        0.0, ge=0, description="GPU time per decoder layer per iteration beyond its FLOPs and bytes: the floor "
+        "of its ~11 small kernels and the gaps between them (0: pure roofline; a calibration fits it)"
     )
     host_overhead_eager_s: float | None = Field(
         None,
@@ -189,6 +200,7 @@ class RooflineCostModel:
         self._ad_req = L * float((2 * hg * hd + 2 * kvg * hd) * b) / B
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
         self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / Bkv)
+        self._floor = L * cfg.layer_latency_s
         # All-reduce: 2 per layer.
         if tp > 1:
             self._ar_fixed = 2 * L * cfg.allreduce_latency_s
@@ -239,7 +251,7 @@ class RooflineCostModel:
             a = cf * S
             m = w + ca * S
             t += (a if a > m else m) + self._sampler * S
-        t += self._elem * T + self._ad_req * n_dec
+        t += self._elem * T + self._ad_req * n_dec + self._floor
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
         return t
@@ -321,7 +333,7 @@ class RooflineCostModel:
         # Inlined _gpu_rest (price is the hot path); piecewise graphs pad the token-wise
         # work (not attention, not the sampled rows) to their captured size.
         pw = shape.piecewise_tokens
-        t = attn + self._ad_req * nd
+        t = attn + self._ad_req * nd + self._floor
         if pw > T:
             T = pw
         t += self._elem * T
@@ -370,6 +382,7 @@ class RooflineCostModel:
         ) + 0.0
         out["attn_decode"] = self._ad_req * nd
         out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
+        out["kernel_floor"] = self._floor
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
         out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0, n > 0)

@@ -204,6 +204,27 @@ def test_piecewise_graphs_pad_token_work_and_cut_launches():
                                                        "piecewise_tokens": 64}))
 
 
+def test_kernel_floor_is_per_layer_and_gpu_side():
+    """layer_latency_s adds num_layers x itself of GPU time to every iteration with tokens
+    (graph, eager, piecewise, prefill alike), nothing to an empty one, and keeps a decode
+    step affine in its KV length."""
+    base = RooflineCostModel(M1, H100, RooflineConfig(host_overhead_eager_s=1e-4))
+    floor = RooflineCostModel(M1, H100, RooflineConfig(host_overhead_eager_s=1e-4, layer_latency_s=25e-6))
+    extra = M1.num_layers * 25e-6
+    shapes = [IterationShape(n_decode=8, decode_kv_sum=8000, graph=True, padded_decode=8),
+              IterationShape(ctx_new_tokens=(2048,), ctx_prior_tokens=(0,), n_ctx_sampling=1),
+              IterationShape(ctx_new_tokens=(100,), ctx_prior_tokens=(50,), n_ctx_sampling=1, n_decode=3,
+                             decode_kv_sum=900, piecewise_tokens=112)]
+    for s in shapes:
+        assert floor.gpu_time(s) - base.gpu_time(s) == pytest.approx(extra, rel=1e-9)
+        assert floor.breakdown(s)["kernel_floor"] == pytest.approx(extra)
+        # a GPU-bound iteration gets all of it (the 2048-token prefill is, with 0.1 ms of launches)
+    assert floor.price(shapes[1]) - base.price(shapes[1]) == pytest.approx(extra, rel=1e-6)
+    assert floor.price(IterationShape()) == 0.0
+    fixed, per_kv = floor.decode_affine(8, True, 8)
+    assert floor.price(shapes[0]) == pytest.approx(fixed + per_kv * 8000)
+
+
 def test_tensor_parallel_splits_work_and_adds_allreduce():
     one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
     four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
@@ -233,6 +254,7 @@ VARIANTS = [
     dict(cfg=RooflineConfig(flops_efficiency=0.6, bandwidth_efficiency=0.7, attention_flops_efficiency=0.5)),
     dict(cfg=RooflineConfig(kv_bandwidth_efficiency=0.6, context_launch_overlap=0.3, host_overhead_eager_s=0.02,
                             host_overhead_context_s=0.005)),
+    dict(cfg=RooflineConfig(layer_latency_s=30e-6, bandwidth_efficiency=0.9)),
 ]
 MODELS = [
     RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
