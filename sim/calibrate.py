@@ -141,32 +141,37 @@ def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray
     return shapes, np.asarray(times), kinds
 
 
-SCHED = ("scheduler_overhead_s", "scheduler_overhead_per_request_s")
+SCHED = ("scheduler_overhead_s", "scheduler_overhead_per_request_s", "scheduler_overhead_per_context_token_s")
 
 
 def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = True) -> RooflineCostModel:
     # a grid without host times (a bare forward's) has no scheduler work in it
-    cfg = RooflineConfig(**{"scheduler_overhead_s": 0.0, "scheduler_overhead_per_request_s": 0.0, **params})
+    cfg = RooflineConfig(**{**dict.fromkeys(SCHED, 0.0), **params})
     return RooflineCostModel(model, hw, cfg, cuda_graphs=graphs)
 
 
 def fit_host(rows: list[dict]) -> dict | None:
-    """Scheduler overhead (fixed + per request) fitted to the rows' measured host time
-    (``host_s``: the engine's scheduling and bookkeeping plus the executor's input
-    packing), by least squares; None for a grid without host times."""
-    pts = [(int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)), float(r["host_s"]))
+    """Scheduler overhead -- fixed, per request and per new context token -- fitted to the
+    rows' measured host time (``host_s``: the engine's scheduling and bookkeeping plus
+    the executor's input packing) by robust least squares, each term >= 0; None for a
+    grid without host times. The context-token term keeps the long prompts' input
+    packing (ids, positions, KV slots per token) from inflating the per-request term,
+    which a decode of hundreds of requests would then pay many times over."""
+    pts = [(int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)),
+            int(float(r.get("ctx_tokens") or 0)), float(r["host_s"]))
            for r in rows if str(r.get("host_s", "")).strip() not in ("", "nan", "None")]
-    if len(pts) < 2:
+    if len(pts) < 3:
         return None
-    n = np.array([p[0] for p in pts], dtype=np.float64)
-    h = np.array([p[1] for p in pts], dtype=np.float64)
-    A = np.stack([np.ones_like(n), n], axis=1)
-    (a, b), *_ = np.linalg.lstsq(A, h, rcond=None)
-    if b < 0:
-        a, b = float(np.mean(h)), 0.0
-    if a < 0:
-        a, b = 0.0, max(float(n @ h / max(n @ n, 1e-30)), 0.0)
-    return {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b)}
+    X = np.array([[1.0, p[0], p[1]] for p in pts])
+    h = np.array([p[2] for p in pts])
+    scale = np.maximum(X.max(axis=0), 1.0)  # solve in units where every column is O(1)
+    x0 = np.linalg.lstsq(X / scale, h, rcond=None)[0].clip(0)
+    med = float(np.median(h))
+    sol = least_squares(lambda x: (X / scale) @ x - h, x0, bounds=(0, np.inf), loss="soft_l1",
+                        f_scale=max(0.05 * med, 1e-7))
+    a, b, c = sol.x / scale
+    return {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b),
+            "scheduler_overhead_per_context_token_s": float(c)}
 
 
 def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape]) -> np.ndarray:

@@ -49,6 +49,7 @@ Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention'
 With context chunks only ``context_launch_overlap`` of the hideable launch time hides.
     sched = 0 with the overlap scheduler (the next batch is scheduled while the GPU
             runs this one), else scheduler_overhead_s + per_request * requests
+            + per_context_token * context tokens
 
 Eager kernel launches run ahead of the GPU asynchronously, so they overlap the GPU work;
 letting them overlap only ``gpu_rest`` (not the decode_kv_sum term) keeps the price of a
@@ -144,6 +145,10 @@ class RooflineConfig(BaseModel):
     scheduler_overhead_per_request_s: float = Field(
         1e-6, ge=0, description="additional scheduling work per request in the batch"
     )
+    scheduler_overhead_per_context_token_s: float = Field(
+        0.0, ge=0, description="additional host work per new context token (its id, position and KV slot "
+        "packed into the step's inputs); a calibration fits it"
+    )
     allreduce_latency_s: float = Field(10e-6, ge=0, description="fixed cost of one NCCL all-reduce (tp > 1)")
     allreduce_bandwidth_efficiency: float = Field(
         0.8, gt=0, description="fraction of nvlink_bytes_per_s a ring all-reduce reaches"
@@ -227,9 +232,11 @@ class RooflineCostModel:
         if overlap_scheduler:
             self._sched_fixed = 0.0
             self._sched_req = 0.0
+            self._sched_tok = 0.0
         else:
             self._sched_fixed = cfg.scheduler_overhead_s
             self._sched_req = cfg.scheduler_overhead_per_request_s
+            self._sched_tok = cfg.scheduler_overhead_per_context_token_s
         self._affine: dict[tuple[int, bool, int], tuple[float, float]] = {}
         self._pcie = hw.pcie_bytes_per_s  # per direction
 
@@ -273,9 +280,9 @@ class RooflineCostModel:
         return h - (self._ctx_overlap * hidden if context else hidden)
 
     def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False,
-               piecewise: bool = False, with_decode: bool = False) -> float:
+               piecewise: bool = False, with_decode: bool = False, ctx_tokens: int = 0) -> float:
         return gpu_rest + self._launch(gpu_rest, graph, context, piecewise, with_decode) + gpu_kv + \
-            (self._sched_fixed + self._sched_req * n_requests)
+            (self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens)
 
     @staticmethod
     def _decode_tokens(n: int, graph: bool, padded: int) -> int:
@@ -330,6 +337,7 @@ class RooflineCostModel:
         if T == 0:
             return 0.0
         S = shape.n_ctx_sampling + nd
+        ct = T - nd  # context tokens
         # Inlined _gpu_rest (price is the hot path); piecewise graphs pad the token-wise
         # work (not attention, not the sampled rows) to their captured size.
         pw = shape.piecewise_tokens
@@ -349,7 +357,7 @@ class RooflineCostModel:
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
-                           n > 0)
+                           n > 0, ct)
 
     # --- debugging / plots ---------------------------------------------------------
     def breakdown(self, shape: IterationShape) -> dict[str, float]:
@@ -386,7 +394,8 @@ class RooflineCostModel:
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
         out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0, n > 0)
-        out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n)
+        out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n) + \
+            self._sched_tok * sum(shape.ctx_new_tokens)
         return out
 
     def gpu_time(self, shape: IterationShape) -> float:
