@@ -216,6 +216,7 @@ def main() -> int:
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
             profiler.MIXED_POINTS = [(4, 32, 6, 40)]
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
+            profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
 
     def run(m: str, variants: list[str], folder: str) -> None:

@@ -47,23 +47,39 @@ MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1
 # The same kind of runs with piecewise CUDA graphs (runtime.piecewise_graphs): its mixed
 # iterations at padded token counts, and one-chunk prefills (the last point)
 PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), (8, 512, 1, 512)]
+# (requests, Poisson rate req/s, mean prompt, mean output; lognormal lengths): a sustained
+# serving run of ~15 s, "small" for models under ~3B parameters, else "large" (a rate
+# the model sustains on an H100 at roughly half load). A short grid run samples the host's speed once --
+# it varies by up to 1.8x from one run to the next (benchmarks/results/host_probe.md) --
+# while a served run averages it, and its batches have the unequal KV lengths and the
+# queue of a real workload. Not a fidelity workload: synthetic arrivals and lengths.
+SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
 
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
-         max_num_tokens: int = 8192, piecewise: bool = False):
+         max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None):
     from .runner import simulate_gpu
 
+    if served_rate is None:
+        workload = {"num_requests": n, "arrival": {"kind": "offline"},
+                    "prompt_len": {"kind": "constant", "value": prompt},
+                    "output_len": {"kind": "constant", "value": output}}
+        sched = {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens, "enable_chunked_context": chunked}
+        kv = {"pool_tokens": n * (prompt + output) + 4096}
+    else:  # a served run: Poisson arrivals, lognormal lengths, a serving engine's limits
+        workload = {"num_requests": n, "arrival": {"kind": "poisson", "rate_req_s": served_rate},
+                    "prompt_len": {"kind": "lognormal", "mean": prompt, "sigma": 0.8, "max": 6144},
+                    "output_len": {"kind": "lognormal", "mean": output, "sigma": 0.6, "max": 768}}
+        sched = {"max_batch_size": 256, "max_num_tokens": max_num_tokens, "enable_chunked_context": chunked}
+        kv = {"free_gpu_memory_fraction": 0.9}  # as a serving engine sizes its pool
     cfg = RunConfig.model_validate({
         "model": model_ref,
         "hardware": hardware,
-        "workload": {"synthetic": {"num_requests": n, "arrival": {"kind": "offline"},
-                                   "prompt_len": {"kind": "constant", "value": prompt},
-                                   "output_len": {"kind": "constant", "value": output}}},
-        "scheduler": {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens,
-                      "enable_chunked_context": chunked},
-        "kv_cache": {"pool_tokens": n * (prompt + output) + 4096},
+        "workload": {"synthetic": workload},
+        "scheduler": sched,
+        "kv_cache": kv,
         "runtime": {"cuda_graphs": graphs, "piecewise_graphs": piecewise},
         "output": {"plots": False},
     })
@@ -78,7 +94,9 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     it["prep_s"] = res.host_times["prep_s"]
     busy, bytes_s, flops_s = run_power_terms(res.iterations, *roofline_work(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
-    run = dict(workload=f"{n}x{prompt}+{output}{'' if graphs else ' eager'}{' piecewise' if piecewise else ''}"
+    label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
+             f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
+    run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
     temps = res.summary.get("gpu_temperature_c") or {}
@@ -87,9 +105,14 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     return it, run
 
 
+def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
+    """The served run for this model: the small point below ~3B parameters."""
+    return SERVED_POINTS["small" if model.weight_bytes < 6e9 else "large"]
+
+
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
-                piecewise_points=None) -> tuple[list[dict], dict]:
+                 piecewise_points=None, served_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -130,6 +153,12 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget,
                        piecewise=True)
+        runs.append(run)
+        its.append(it)
+        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+    for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
+        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, piecewise=True,
+                       served_rate=rate)
         runs.append(run)
         its.append(it)
         rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))

@@ -61,6 +61,7 @@ PARAMS = (
 # same GPU give the same model instead of two ends of the ridge. Where the grid
 # determines a parameter, the data outweigh the prior.
 PRIOR_WEIGHT = 1e-4
+RUN_ROW_CAP = 300  # see fit()
 # The loss is pseudo-Huber in the log error: quadratic within ~ROBUST_SCALE, linear beyond,
 # so a few iterations that a host hiccup (a garbage collection, a page fault) made 2x
 # slower pull the fit no more than their share.
@@ -80,7 +81,7 @@ def rows_from_iterations(name: str, it, host=None) -> list[dict]:
                    kv_sum=int(r.decode_kv_tokens) if n else 0, ctx_tokens=int(r.ctx_tokens),
                    ctx_prior=int(r.ctx_cached_tokens), n_chunks=k, chunk_tokens=int(r.ctx_tokens) // k if k else 0,
                    graph=bool(r.graph), padded=real + int(r.padded_tokens) if r.graph else 0,
-                   time_s=float(r.duration_s))
+                   time_s=float(r.duration_s), run=str(getattr(r, "workload", "")))
         if host is not None:
             row["host_s"] = host(r)
         rows.append(row)
@@ -193,15 +194,21 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
         z = np.clip(z, lo, hi)
         return {**{p[0]: float(math.exp(v)) for p, v in zip(PARAMS, z)}, **sched}
 
-    n = len(shapes)
-    prior_w = math.sqrt(n * PRIOR_WEIGHT)
+    # no run outweighs the rest: a run's rows beyond RUN_ROW_CAP count less each (a served
+    # run has thousands of iterations, a grid point tens)
+    runs = [str(r.get("run") or "") for r in rows]
+    counts: dict[str, int] = {}
+    for k in runs:
+        counts[k] = counts.get(k, 0) + 1
+    row_w = np.sqrt([min(1.0, RUN_ROW_CAP / counts[k]) if k else 1.0 for k in runs])
+    prior_w = math.sqrt(float(row_w @ row_w) * PRIOR_WEIGHT)  # the prior weighs as much as before per row
 
     def residuals(z: np.ndarray) -> np.ndarray:
         # pseudo-Huber of the log error as a sum of squares (signed square roots), so
         # that least squares minimises it; then the priors' pull
         r = np.log(predict(model, hw, params_of(z), shapes) / times)
         h = np.sign(r) * ROBUST_SCALE * np.sqrt(2 * (np.sqrt(1 + (r / ROBUST_SCALE) ** 2) - 1))
-        return np.concatenate([h, prior_w * (z - z0)])
+        return np.concatenate([h * row_w, prior_w * (z - z0)])
 
     best, best_cost = None, math.inf
     span = hi - lo

@@ -142,7 +142,7 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     model = load_model(str(cfg))
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
                              prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
-                             piecewise_points=[(4, 32, 6, 40)])
+                             piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)])
     kinds = {r["kind"] for r in rows}
     assert kinds == {"decode", "prefill", "mixed"}
     # the piecewise point's mixed iterations ran at captured token counts
@@ -152,10 +152,14 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     assert all(r["time_s"] > 0 for r in rows)
     # the host's share of each step (scheduling, bookkeeping, input packing) is inside it
     assert all(0 <= r["host_s"] <= r["time_s"] for r in rows)
-    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 6
+    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 7
+    # the served run: Poisson arrivals, unequal lengths, labelled rows
+    served = [r for r in rows if r["run"].startswith("served")]
+    assert served and len({r["kv_sum"] for r in served if r["kind"] == "decode"}) > 1
     dec = [r for r in rows if r["kind"] == "decode" and r["n_decode"] == 4]
     # every decoding request holds at least its prompt (>= 32 tokens) plus one
-    assert dec and all(r["kv_sum"] >= r["n_decode"] * 33 for r in rows if r["kind"] != "prefill")
+    assert dec and all(r["kv_sum"] >= r["n_decode"] * 33 for r in rows
+                       if r["kind"] != "prefill" and not r["run"].startswith("served"))  # (constant prompts)
     assert max(r["kv_sum"] for r in dec) >= 4 * 65  # the 4 x 64-token point's steps
     params, stats = fit(model, load_hardware("h100-sxm"), rows)
     assert stats["points"] == len(rows)
