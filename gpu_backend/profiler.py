@@ -73,7 +73,12 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
                     "prompt_len": {"kind": "lognormal", "mean": prompt, "sigma": 0.8, "max": 6144},
                     "output_len": {"kind": "lognormal", "mean": output, "sigma": 0.6, "max": 768}}
         sched = {"max_batch_size": 256, "max_num_tokens": max_num_tokens, "enable_chunked_context": chunked}
-        kv = {"free_gpu_memory_fraction": 0.9}  # as a serving engine sizes its pool
+        import torch
+
+        # as a serving engine sizes its pool (on a CPU, where that is the host's memory: a
+        # pool for every request at three times the mean lengths)
+        kv = {"free_gpu_memory_fraction": 0.9} if torch.cuda.is_available() else \
+            {"pool_tokens": 3 * n * (prompt + output) + 4096}
     cfg = RunConfig.model_validate({
         "model": model_ref,
         "hardware": hardware,
