@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     ap.add_argument("--repeat", type=int, default=0, help="instead: the first grid point this many times in a row "
                     "(does host time grow with the process's age?)")
+    ap.add_argument("--heat-up", type=float, default=0.0, help="seconds of matmuls first, as sim calibrate does")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -90,6 +91,13 @@ def main() -> int:
     ex_mod.GpuExecutor._to_device = timed_to_device
     ex_mod.GpuExecutor.execute = tracked_execute
 
+    if args.heat_up > 0:
+        import torch
+
+        from servesim.gpu_backend.nvml import heat_up
+
+        if torch.cuda.is_available():
+            heat_up(torch.device("cuda"), args.heat_up)
     small = 1 if args.smoke else 0
     runs = [
         ("grid 16x512+64 (first run of the process)", _cfg(model, 16, 512 >> (3 * small), 64, pool_tokens=16 * 576 + 4096)),
