@@ -97,13 +97,14 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     it = res.iterations.to_pandas()
     it["exec_s"] = res.host_times["exec_s"]
     it["prep_s"] = res.host_times["prep_s"]
-    busy, bytes_s, flops_s = run_power_terms(res.iterations, *roofline_work(res.iterations, setup.model, setup.hardware))
+    busy, bytes_s, kv_s, flops_s = run_power_terms(res.iterations,
+                                                   *roofline_work(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
              f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
     run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
-               span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, flops_s=flops_s)
+               span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, kv_s=kv_s, flops_s=flops_s)
     temps = res.summary.get("gpu_temperature_c") or {}
     run.update(temp_start_c=temps.get("start"), temp_end_c=temps.get("end"))
     it["workload"] = run["workload"]

@@ -251,9 +251,17 @@ def read_grid(path: Path, model_name: str) -> list[dict]:
     return mine
 
 
-def fit_power_runs(runs: list[dict], idle_w: float | None) -> dict | None:
-    """The power model fitted to the grid runs' measured energies (None without them)."""
-    from .power import fit_power
+def fit_power_runs(runs: list[dict], idle_w: float | None, iterations=None, model: ModelSpec | None = None,
+                   hw: HardwareSpec | None = None) -> dict | None:
+    """The power model fitted to the grid runs' measured energies (None without them).
+
+    A run's regressors come from its iterations where the grid kept them (``iterations``:
+    the grid runs' iterations with a ``workload`` column, priced by this checkout's
+    `roofline_work`), else from the power CSV's columns; a CSV without ``kv_s`` (grids
+    before the KV term) fits weights and KV reads with one power (kv_w = memory_w)."""
+    import pyarrow as pa
+
+    from .power import POWER_TERMS, fit_power, roofline_work, run_power_terms
 
     # runs of under 0.2 s are left out: the energy counter updates every few tens of
     # milliseconds, too coarse for them even with readings aligned on its updates
@@ -261,12 +269,26 @@ def fit_power_runs(runs: list[dict], idle_w: float | None) -> dict | None:
           and float(r["span_s"]) >= 0.2 and r.get("bytes_s") not in (None, "")]
     if idle_w is None or len(ok) < 3:
         return None
-    terms = [tuple(float(r[k]) for k in ("energy_j", "span_s", "busy_s", "bytes_s", "flops_s")) for r in ok]
-    fitted = fit_power(terms, float(idle_w))
-    pred = [idle_w * span + fitted["busy_w"] * busy + fitted["memory_w"] * b + fitted["compute_w"] * f
-            for _, span, busy, b, f in terms]
+    names = POWER_TERMS
+    if iterations is not None and model is not None and hw is not None and "workload" in iterations.columns:
+        groups = {k: g for k, g in iterations.groupby("workload", sort=False)}
+        ok = [r for r in ok if r.get("workload") in groups]
+        terms = []
+        for r in ok:
+            t = pa.Table.from_pandas(groups[r["workload"]].drop(columns=["workload"]), preserve_index=False)
+            terms.append((float(r["energy_j"]), float(r["span_s"]), *run_power_terms(t, *roofline_work(t, model, hw))))
+    elif all(r.get("kv_s") not in (None, "") for r in ok):
+        terms = [tuple(float(r[k]) for k in ("energy_j", "span_s", "busy_s", "bytes_s", "kv_s", "flops_s")) for r in ok]
+    else:
+        names = ("busy_w", "memory_w", "compute_w")
+        terms = [tuple(float(r[k]) for k in ("energy_j", "span_s", "busy_s", "bytes_s", "flops_s")) for r in ok]
+    if len(terms) < 3:
+        return None
+    fitted = fit_power(terms, float(idle_w), names)
+    pred = [idle_w * t[1] + sum(fitted[n] * x for n, x in zip(names, t[2:])) for t in terms]
     errs = [p / t[0] - 1 for p, t in zip(pred, terms)]
-    return {"idle_w": float(idle_w), **fitted,
+    fitted.setdefault("kv_w", fitted["memory_w"])
+    return {"idle_w": float(idle_w), **{k: fitted[k] for k in POWER_TERMS},
             "fit": {"runs": len(ok), "mape": float(np.mean(np.abs(errs))),
                     "residuals": [{"workload": r.get("workload", ""), "measured_j": t[0], "predicted_j": float(p)}
                                   for r, t, p in zip(ok, terms, pred)]}}
@@ -316,7 +338,9 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
         roofline = RooflineConfig(**doc["roofline"])
         power = doc.get("power")
         if power is not None:
+            kv = power.get("kv_w")
             power = {k: float(power[k]) for k in POWER_KEYS}
+            power["kv_w"] = float(kv) if kv is not None else power["memory_w"]
             if not (power["idle_w"] > 0 and min(power.values()) >= 0):
                 raise ValueError(f"power model out of range: {power}")
         return roofline, power
@@ -339,6 +363,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         grid.parent.mkdir(parents=True, exist_ok=True)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
+            grid_its = None  # read back below, as a refit from the files would
         with open(grid, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
@@ -357,7 +382,13 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         source = str(grid)
         grid_bytes = grid.read_bytes()
     params, stats = fit(model, hw, rows)
-    power = fit_power_runs(runs, idle_w)
+    its_path = grid.with_suffix(".iterations.parquet")
+    grid_its = None
+    if its_path.is_file():
+        import pandas as pd
+
+        grid_its = pd.read_parquet(its_path)
+    power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
         "grid_sha256": hashlib.sha256(grid_bytes).hexdigest()[:16],

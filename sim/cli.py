@@ -232,8 +232,9 @@ def cmd_calibrate(args) -> int:
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
     pw = doc.get("power")
     if pw:
-        con.print(f"power: idle {pw['idle_w']:.0f} W, busy +{pw['busy_w']:.0f} W, at full bandwidth "
-                  f"+{pw['memory_w']:.0f} W, at the full matmul rate +{pw['compute_w']:.0f} W; energy of the "
+        con.print(f"power: idle {pw['idle_w']:.0f} W, busy +{pw['busy_w']:.0f} W, reading weights at full bandwidth "
+                  f"+{pw['memory_w']:.0f} W, the KV cache +{pw.get('kv_w', pw['memory_w']):.0f} W, at the full "
+                  f"matmul rate +{pw['compute_w']:.0f} W; energy of the "
                   f"{pw['fit']['runs']} grid runs within "
                   f"{pw['fit']['mape']:.1%} (MAPE)")
     return 0

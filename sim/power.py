@@ -1,15 +1,19 @@
 """GPU power and energy: idle power, plus per iteration a busy level and energy per unit of
 work -- bytes moved through HBM and arithmetic done.
 
-    P(iteration) = idle + busy + memory * t_bytes / duration + compute * t_flops / duration
+    P(iteration) = idle + busy + (memory * t_bytes + kv * t_kv + compute * t_flops) / duration
                    (capped at the hardware's max power)
 
-``t_bytes`` is the iteration's HBM traffic (weights once, the KV cache decode attention
-reads) over the achievable bandwidth and ``t_flops`` its FLOPs (linear layers over every
-token, lm_head over the sampled ones, causal attention over context chunks) over the
-achievable bf16 matmul rate: the seconds the work would take at full speed. So
-``memory`` is the power above the busy level of a step streaming HBM at the achievable
-rate and ``compute`` that of one using the tensor cores at their achievable rate; energy
+``t_bytes`` is the iteration's weight traffic (each weight read once) over the achievable
+HBM bandwidth, ``t_kv`` the KV cache decode attention reads over the same bandwidth, and
+``t_flops`` its FLOPs (linear layers over every token, lm_head over the sampled ones,
+causal attention over context chunks) over the achievable bf16 matmul rate: the seconds
+the work would take at full speed. So ``memory`` is the power above the busy level of a
+step streaming weights at the achievable rate, ``kv`` that of the attention kernel
+streaming the cache (it computes on what it reads -- scores, softmax, the weighted sum
+-- and the calibrations find it draws 1.2-1.8x the power per byte of a weight read;
+one term for both priced KV-heavy runs 7-12% low), and ``compute`` that of one using the
+tensor cores at their achievable rate; energy
 goes with the work done, not with the time an iteration takes. An iteration that is slow
 for reasons other than work -- an eager forward waiting on Python's kernel launches, a
 small kernel that cannot fill the GPU -- draws little above the busy level, which is what
@@ -40,6 +44,8 @@ class PowerConfig(BaseModel):
                                  "else the hardware file's)")
     busy_w: float | None = Field(None, ge=0, description="power above idle while an iteration runs, before its "
                                  "work (null: the profile's, else 10% of the hardware's max - idle)")
+    kv_w: float | None = Field(None, ge=0, description="power above busy of decode attention streaming the KV "
+                               "cache at the achievable bandwidth (null: the profile's, else memory_w)")
     memory_w: float | None = Field(None, ge=0, description="power above busy of a step streaming HBM at the "
                                    "achievable bandwidth (null: the profile's, else 45% of max - idle)")
     compute_w: float | None = Field(None, ge=0, description="power above busy of a step at the achievable bf16 "
@@ -48,12 +54,12 @@ class PowerConfig(BaseModel):
 
 # shares of the hardware's (max - idle) power when neither experiment nor profile set them
 DEFAULT_SHARES = {"busy_w": 0.10, "memory_w": 0.45, "compute_w": 0.90}
-POWER_KEYS = ("idle_w", "busy_w", "memory_w", "compute_w")
+POWER_KEYS = ("idle_w", "busy_w", "memory_w", "compute_w")  # kv_w: optional (older profiles: memory_w)
 
 
-def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray]:
-    """Per iteration: (t_flops, t_bytes), its FLOPs over the achievable bf16 rate and its
-    HBM bytes over the achievable bandwidth (see the module doc)."""
+def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per iteration: (t_flops, t_bytes, t_kv), its FLOPs over the achievable bf16 rate,
+    its weight bytes and its KV-cache reads over the achievable bandwidth (module doc)."""
     def col(name):
         return it.column(name).to_numpy().astype(np.float64) if name in it.column_names else np.zeros(it.num_rows)
 
@@ -68,14 +74,19 @@ def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray]:
                                                                              / np.maximum(2 * nctx, 1))
     flops = model.num_layers * per_layer * tokens + f["lm_head"] * sampled + attn
     t_f = flops / hw.achievable_bf16_flops
-    t_b = np.where(tokens > 0, model.weight_bytes + kv * model.kv_bytes_per_token, 0.0) / hw.achievable_hbm_bytes_per_s
-    return t_f, t_b
+    t_b = np.where(tokens > 0, float(model.weight_bytes), 0.0) / hw.achievable_hbm_bytes_per_s
+    t_kv = np.where(tokens > 0, kv * model.kv_bytes_per_token, 0.0) / hw.achievable_hbm_bytes_per_s
+    return t_f, t_b, t_kv
 
 
-def iteration_power(dur: np.ndarray, t_f: np.ndarray, t_b: np.ndarray, p: dict, cap_w: float) -> np.ndarray:
-    """Watts per iteration (``p``: idle_w, busy_w, memory_w, compute_w), at most ``cap_w``."""
+def iteration_power(dur: np.ndarray, t_f: np.ndarray, t_b: np.ndarray, t_kv: np.ndarray, p: dict,
+                    cap_w: float) -> np.ndarray:
+    """Watts per iteration (``p``: idle_w, busy_w, memory_w, compute_w and kv_w, which
+    defaults to memory_w), at most ``cap_w``."""
     d = np.maximum(np.asarray(dur, dtype=np.float64), 1e-12)
-    w = p["idle_w"] + p["busy_w"] + (p["memory_w"] * t_b + p["compute_w"] * t_f) / d
+    kv_w = p.get("kv_w")
+    kv_w = p["memory_w"] if kv_w is None else kv_w
+    w = p["idle_w"] + p["busy_w"] + (p["memory_w"] * t_b + kv_w * t_kv + p["compute_w"] * t_f) / d
     return np.minimum(w, cap_w)
 
 
@@ -96,34 +107,38 @@ def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.nd
     return float((power_w * dur).sum()) + idle_w * max(span_s * gpus - busy, 0.0)
 
 
-def run_power_terms(it: pa.Table, t_f: np.ndarray, t_b: np.ndarray) -> tuple[float, float, float]:
-    """(busy seconds, sum of t_bytes, sum of t_flops): a run's three regressors."""
+def run_power_terms(it: pa.Table, t_f: np.ndarray, t_b: np.ndarray, t_kv: np.ndarray) -> tuple[float, ...]:
+    """(busy seconds, sum of t_bytes, sum of t_kv, sum of t_flops): a run's regressors."""
     dur = it.column("duration_s").to_numpy().astype(np.float64)
-    return float(dur.sum()), float(np.sum(t_b)), float(np.sum(t_f))
+    return float(dur.sum()), float(np.sum(t_b)), float(np.sum(t_kv)), float(np.sum(t_f))
 
 
-def fit_power(runs: list[tuple[float, float, float, float, float]], idle_w: float) -> dict:
-    """busy_w, memory_w and compute_w that best explain measured run energies.
+POWER_TERMS = ("busy_w", "memory_w", "kv_w", "compute_w")  # the fitted terms, in run_power_terms' order
 
-    `runs`: (energy_j, span_s, busy_s, bytes_s, flops_s) per run. Model:
-    E = idle*span + busy_w*busy_s + memory_w*bytes_s + compute_w*flops_s: least squares
-    on relative errors (a short run counts as much as a long one), the three powers >= 0
-    (every subset of them is tried; the best fit with none negative wins)."""
+
+def fit_power(runs: list[tuple[float, ...]], idle_w: float, names: tuple[str, ...] = POWER_TERMS) -> dict:
+    """The powers (``names``) that best explain measured run energies.
+
+    `runs`: (energy_j, span_s, *regressors) per run, one regressor per name (by default
+    busy_s, bytes_s, kv_s, flops_s). Model: E = idle*span + sum(power_i * regressor_i):
+    least squares on relative errors (a short run counts as much as a long one), every
+    power >= 0 (every subset of them is tried; the best fit with none negative wins)."""
+    k = len(names)
     E = np.array([r[0] for r in runs], dtype=np.float64)
     span = np.array([r[1] for r in runs], dtype=np.float64)
-    X = np.array([[r[2], r[3], r[4]] for r in runs], dtype=np.float64)
+    X = np.array([list(r[2:2 + k]) for r in runs], dtype=np.float64)
     w = 1.0 / np.maximum(E, 1e-9)
     Xw, yw = X * w[:, None], (E - idle_w * span) * w
-    best, best_res = np.zeros(3), float(yw @ yw)
-    for k in (3, 2, 1):
-        for cols in itertools.combinations(range(3), k):
+    best, best_res = np.zeros(k), float(yw @ yw)
+    for m in range(k, 0, -1):
+        for cols in itertools.combinations(range(k), m):
             c = list(cols)
             sol, *_ = np.linalg.lstsq(Xw[:, c], yw, rcond=None)
             if np.any(sol < 0):
                 continue
-            x = np.zeros(3)
+            x = np.zeros(k)
             x[c] = sol
             r = yw - Xw @ x
             if float(r @ r) < best_res - 1e-15:
                 best, best_res = x, float(r @ r)
-    return {"busy_w": float(best[0]), "memory_w": float(best[1]), "compute_w": float(best[2])}
+    return {n: float(v) for n, v in zip(names, best)}

@@ -178,34 +178,40 @@ def test_energy_model_and_power_fit():
     model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
     run = REPO / "tests" / "data" / "compare" / "roofline"
     it = pq.read_table(run / "iterations.parquet")
-    t_f, t_b = roofline_work(it, model, hw)
-    assert np.all(t_f >= 0) and np.all(t_b >= 0)
-    truth = {"idle_w": 90.0, "busy_w": 60.0, "memory_w": 320.0, "compute_w": 520.0}
+    t_f, t_b, t_kv = roofline_work(it, model, hw)
+    assert np.all(t_f >= 0) and np.all(t_b >= 0) and np.all(t_kv >= 0) and t_kv.sum() > 0
+    truth = {"idle_w": 90.0, "busy_w": 60.0, "memory_w": 320.0, "kv_w": 480.0, "compute_w": 520.0}
     dur = it.column("duration_s").to_numpy()
-    p = iteration_power(dur, t_f, t_b, truth, 700.0)
+    p = iteration_power(dur, t_f, t_b, t_kv, truth, 700.0)
     assert np.all((p >= 150) & (p <= 700))
+    # without kv_w (a profile from before the term) KV reads draw memory_w
+    same = iteration_power(dur, t_f, t_b, t_kv, {**truth, "kv_w": None, "memory_w": 320.0}, 1e9)
+    assert np.allclose(same, iteration_power(dur, t_f, t_b + t_kv, 0 * t_kv, truth, 1e9))
     one = pa.table({"ctx_tokens": [0, 8192], "gen_tokens": [1, 0], "padded_tokens": [0, 0],
                     "num_ctx_requests": [0, 1], "ctx_cached_tokens": [0, 0], "decode_kv_tokens": [1024, 0]})
-    (f_dec, f_pre), (b_dec, b_pre) = roofline_work(one, model, hw)
+    (f_dec, f_pre), (b_dec, b_pre), (kv_dec, kv_pre) = roofline_work(one, model, hw)
     assert f_dec < 0.02 * b_dec and f_pre > 20 * b_pre
+    assert kv_dec == pytest.approx(1024 * model.kv_bytes_per_token / hw.achievable_hbm_bytes_per_s) and kv_pre == 0
+    z = np.zeros(2)
     fast, slow = iteration_power(np.array([b_dec / 0.8, b_dec / 0.3]), np.array([f_dec] * 2), np.array([b_dec] * 2),
-                                 truth, 700.0)
+                                 z, truth, 700.0)
     assert slow < fast <= 700.0
-    assert iteration_power(np.array([f_pre / 2]), np.array([f_pre]), np.array([b_pre]), truth, 700.0)[0] == 700.0
-    # synthetic runs: slices of the iterations, energy from known parameters
+    assert iteration_power(np.array([f_pre / 2]), np.array([f_pre]), np.array([b_pre]), z[:1], truth, 700.0)[0] == 700.0
+    # synthetic runs: slices of the iterations, energy from known parameters; the KV
+    # reads' share differs between slices, so all four powers are identifiable
     runs = []
     n = it.num_rows
-    for a, b in ((0, n // 3), (n // 3, n), (0, n // 2), (n // 4, 3 * n // 4), (n // 5, n // 2)):
+    for a, b in ((0, n // 3), (n // 3, n), (0, n // 2), (n // 4, 3 * n // 4), (n // 5, n // 2), (n // 2, n)):
         sub = it.slice(a, b - a)
         span = float(sub.column("duration_s").to_numpy().sum()) * 1.3
-        w = iteration_power(dur[a:b], t_f[a:b], t_b[a:b], truth, 1e9)  # uncapped: the fit's model exactly
+        w = iteration_power(dur[a:b], t_f[a:b], t_b[a:b], t_kv[a:b], truth, 1e9)  # uncapped: the fit's model
         e = energy(sub, span, 1, truth["idle_w"], w)
-        runs.append((e, span, *run_power_terms(sub, t_f[a:b], t_b[a:b])))
+        runs.append((e, span, *run_power_terms(sub, t_f[a:b], t_b[a:b], t_kv[a:b])))
     got = fit_power(runs, truth["idle_w"])
-    for k in ("busy_w", "memory_w", "compute_w"):
+    for k in ("busy_w", "memory_w", "kv_w", "compute_w"):
         assert got[k] == pytest.approx(truth[k], rel=1e-3), k
     # no negative power: a fit that would want one drops that term
-    neg = [(e - 0.5 * bt, span, busy, bt, ft) for e, span, busy, bt, ft in runs]
+    neg = [(e - 0.5 * bt, span, busy, bt, kt, ft) for e, span, busy, bt, kt, ft in runs]
     assert min(fit_power(neg, truth["idle_w"]).values()) >= 0
     s = json.loads((run / "summary.json").read_text())
     if "energy_per_token_j" in s:
