@@ -79,7 +79,8 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
     (keeping the GPU call's provenance: GPU, driver, versions, date), so the shipped
     profiles always match the code that reads them. `calibration_dirs` (profiles, repeat)
     puts the calibrations elsewhere than profiles/ + calibration_repeat/ (another machine's,
-    kept for comparison)."""
+    kept for comparison); such a call's repeat runs (step 4) still replace gpu_runs_repeat/,
+    its fidelity runs are not installed, and its log goes to gpu_fidelity_log_<A>.txt."""
     import shutil
 
     import yaml
@@ -96,8 +97,9 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
         with tarfile.open(tarball) as tf:
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / "fidelity_gpu"
-        if calibration_dirs is None:
-            for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+        # another machine's call (calibration_dirs) brings its repeat runs, not the table's runs
+        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+            if calibration_dirs is None or sub == "runs_repeat":
                 if (src / sub).is_dir():
                     shutil.rmtree(dest, ignore_errors=True)
                     shutil.copytree(src / sub, dest)
@@ -112,9 +114,11 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
                     written.append(grid_dir / f.name)
                 made = yaml.safe_load(prof.read_text())
                 written.append(refit_profile(made, grid_dir / f"{stem}.grid.csv", prof_dir / prof.name, repo))
-        if (src / "log.txt").exists() and calibration_dirs is None:
-            shutil.copy(src / "log.txt", res / "gpu_fidelity_log.txt")
-            written.append(res / "gpu_fidelity_log.txt")
+        if (src / "log.txt").exists():
+            log = res / ("gpu_fidelity_log.txt" if calibration_dirs is None else
+                         f"gpu_fidelity_log_{calibration_dirs[0].removeprefix('calibration_')}.txt")
+            shutil.copy(src / "log.txt", log)
+            written.append(log)
     return written
 
 
