@@ -52,6 +52,8 @@ PARAMS = (
     ("host_overhead_piecewise_decode_s", 1e-5, 0.1, 2e-3),
     # ~180 kernels of a few microseconds in a Llama-3.2-1B decode step (gpu_bench section 8)
     ("layer_latency_s", 1e-7, 2e-4, 1.5e-5),
+    # a GEMM near its ridge point (M ~ 100-500 rows on an H100) reaches neither roof
+    ("linear_ridge_exponent", 1.2, 40.0, 6.0),
 )
 # Some parameters trade off against each other on a grid (a batch-1 decode step is
 # weights / bandwidth + the graph's host overhead: a lower bandwidth efficiency and a

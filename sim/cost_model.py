@@ -8,7 +8,9 @@ generation count when the iteration runs as a CUDA graph) and ``S`` sampling tok
 (context chunks that complete a prompt + generation requests, padded likewise):
 
 * **linear layers** qkv, o, gate_up, down of all layers, each
-  ``max(2*T*K*N / F, (K*N + T*(K+N)) * b / B)``: weights read once, activations in/out;
+  ``max(2*T*K*N / F, (K*N + T*(K+N)) * b / B)``: weights read once, activations in/out
+  (with ``linear_ridge_exponent`` p, the smooth max ``(flops^p + bytes^p)^(1/p)``: near
+  the ridge point a GEMM reaches neither roof);
 * **lm_head** on the ``S`` sampling tokens only (fp32 logits out), plus a **sampler** term
   reading the fp32 logits;
 * **prefill attention**, per context chunk of ``n`` new tokens over ``p`` cached ones:
@@ -96,6 +98,11 @@ class RooflineConfig(BaseModel):
     )
     attention_flops_efficiency: float = Field(
         1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
+    )
+    linear_ridge_exponent: float | None = Field(
+        None, ge=1, description="a linear layer's time is (t_flops^p + t_bytes^p)^(1/p) with this p instead of "
+        "max(t_flops, t_bytes): near the ridge point (tens to hundreds of tokens) a GEMM reaches neither "
+        "roof, up to 2^(1/p) slower than the max (null: the max, the pure roofline; a calibration fits it)"
     )
     layer_latency_s: float = Field(
         0.0, ge=0, description="GPU time per decoder layer per iteration beyond its FLOPs and bytes: the floor "
@@ -206,6 +213,7 @@ class RooflineCostModel:
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
         self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / Bkv)
         self._floor = L * cfg.layer_latency_s
+        self._ridge_p = cfg.linear_ridge_exponent
         # All-reduce: 2 per layer.
         if tp > 1:
             self._ar_fixed = 2 * L * cfg.allreduce_latency_s
@@ -245,6 +253,17 @@ class RooflineCostModel:
     def host_overhead_eager_s(self) -> float:
         return self._host_eager
 
+    def _lin_time(self, a: float, m: float) -> float:
+        """A linear layer's time from its compute (a) and memory (m) times."""
+        p = self._ridge_p
+        if p is None:
+            return a if a > m else m
+        hi = a if a > m else m
+        if hi <= 0.0:
+            return 0.0
+        lo = (m if a > m else a) / hi
+        return hi * (1.0 + lo ** p) ** (1.0 / p)
+
     def _gpu_rest(self, T: int, S: int, n_dec: int) -> float:
         """GPU time of everything but attention over cached/chunk tokens: linears,
         lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
@@ -252,12 +271,12 @@ class RooflineCostModel:
         for cf, w, ca in self._lin_layers:
             a = cf * T
             m = w + ca * T
-            t += a if a > m else m
+            t += self._lin_time(a, m)
         if S:
             cf, w, ca = self._lin["lm_head"]
             a = cf * S
             m = w + ca * S
-            t += (a if a > m else m) + self._sampler * S
+            t += self._lin_time(a, m) + self._sampler * S
         t += self._elem * T + self._ad_req * n_dec + self._floor
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
@@ -348,12 +367,12 @@ class RooflineCostModel:
         for cf, w, ca in self._lin_layers:
             a = cf * T
             m = w + ca * T
-            t += a if a > m else m
+            t += self._lin_time(a, m)
         if S:
             cf, w, ca = self._lin["lm_head"]
             a = cf * S
             m = w + ca * S
-            t += (a if a > m else m) + self._sampler * S
+            t += self._lin_time(a, m) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
@@ -377,7 +396,7 @@ class RooflineCostModel:
 
         def lin(coef: tuple[float, float, float], tokens: int) -> float:
             cf, w, ca = coef
-            return max(cf * tokens, w + ca * tokens) if tokens else 0.0
+            return self._lin_time(cf * tokens, w + ca * tokens) if tokens else 0.0
 
         for k in ("qkv", "o", "gate_up", "down"):
             out[k] = lin(self._lin[k], T)

@@ -225,6 +225,23 @@ def test_kernel_floor_is_per_layer_and_gpu_side():
     assert floor.price(shapes[0]) == pytest.approx(fixed + per_kv * 8000)
 
 
+def test_linear_ridge_exponent_smooths_the_max():
+    """With p, a linear layer takes (flops^p + bytes^p)^(1/p): 2^(1/p) x the max at its ridge
+    point, the max far from it (a decode step's weight read, a long prefill's FLOPs)."""
+    cm = RooflineCostModel(M8, H100, RooflineConfig(linear_ridge_exponent=3.0))
+    assert cm._lin_time(1.0, 1.0) == pytest.approx(2 ** (1 / 3))
+    assert cm._lin_time(1.0, 0.01) == pytest.approx(1.0, rel=1e-5)
+    assert cm._lin_time(0.0, 0.0) == 0.0
+    pure = RooflineCostModel(M8, H100)
+    for s in (IterationShape(n_decode=1, decode_kv_sum=1000, graph=True, padded_decode=1),
+              IterationShape(ctx_new_tokens=(8192,), ctx_prior_tokens=(0,), n_ctx_sampling=1)):
+        assert cm.gpu_time(s) == pytest.approx(pure.gpu_time(s), rel=0.01)  # far from the ridge
+    # a 256-token chunk sits at an H100's ridge: its linears take up to 2^(1/3) x longer
+    mid = IterationShape(ctx_new_tokens=(256,), ctx_prior_tokens=(0,), n_ctx_sampling=1)
+    assert 1.1 * pure.gpu_time(mid) < cm.gpu_time(mid) < 2 ** (1 / 3) * pure.gpu_time(mid)
+    assert sum(cm.breakdown(mid).values()) == pytest.approx(cm.price(mid))
+
+
 def test_tensor_parallel_splits_work_and_adds_allreduce():
     one = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=1)
     four = RooflineCostModel(M70, load_hardware("h200-sxm"), tp=4)
@@ -254,7 +271,7 @@ VARIANTS = [
     dict(cfg=RooflineConfig(flops_efficiency=0.6, bandwidth_efficiency=0.7, attention_flops_efficiency=0.5)),
     dict(cfg=RooflineConfig(kv_bandwidth_efficiency=0.6, context_launch_overlap=0.3, host_overhead_eager_s=0.02,
                             host_overhead_context_s=0.005)),
-    dict(cfg=RooflineConfig(layer_latency_s=30e-6, bandwidth_efficiency=0.9)),
+    dict(cfg=RooflineConfig(layer_latency_s=30e-6, bandwidth_efficiency=0.9, linear_ridge_exponent=2.5)),
 ]
 MODELS = [
     RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
