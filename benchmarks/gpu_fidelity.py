@@ -234,7 +234,7 @@ def main() -> int:
     for m in models:
         plan.append(("2", f"fidelity runs {m}", 120, lambda m=m: run(m, ["online-low", "online-high", "offline"], "runs")))
     for m in models:
-        plan.append(("3", f"calibrate {m} again", 90 if m == "8b" else 60, lambda m=m: calibrate(m, "profiles_repeat")))
+        plan.append(("3", f"calibrate {m} again", 90 if m == "8b" else 55, lambda m=m: calibrate(m, "profiles_repeat")))
     for m in models:
         plan.append(("4", f"repeat run {m}", 45, lambda m=m: run(m, ["online-high"], "runs_repeat")))
     os.chdir(REPO)

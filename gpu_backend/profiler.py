@@ -36,8 +36,10 @@ from servesim.sim.specs import ModelSpec
 # chunks are packed up to max_num_tokens (8192) per iteration, so requests enter decoding
 # in waves: one run yields decode-only iterations at several batch sizes and KV lengths
 # and mixed (context + decode) iterations, besides its full-batch steps.
+# The two largest batches decode 48 tokens: enough full-batch steps at long KV (an offline
+# run's regime) that the fit does not extrapolate there.
 DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
-                 (64, 2048, 16, True), (128, 512, 16, True), (256, 1024, 12, True), (8, 8192, 12, True),
+                 (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
                  (32, 1024, 12, False), (96, 512, 8, False)]
 PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (requests, prompt)
 # (requests, prompt, output, max_num_tokens): a token budget just above one prompt, so
