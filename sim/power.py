@@ -10,9 +10,10 @@ HBM bandwidth, ``t_kv`` the KV cache decode attention reads over the same bandwi
 causal attention over context chunks) over the achievable bf16 matmul rate: the seconds
 the work would take at full speed. So ``memory`` is the power above the busy level of a
 step streaming weights at the achievable rate, ``kv`` that of the attention kernel
-streaming the cache (it computes on what it reads -- scores, softmax, the weighted sum
--- and the calibrations find it draws 1.2-1.8x the power per byte of a weight read;
-one term for both priced KV-heavy runs 7-12% low), and ``compute`` that of one using the
+streaming the cache (it computes on what it reads -- scores, softmax, the weighted sum;
+the H100 calibrations fit it at 1.8x a weight read's power per byte for Llama-3.2-1B and
+0.9-1.25x for Llama-3.1-8B; one term for both had priced the 1B's KV-heavy runs 7-12%
+low), and ``compute`` that of one using the
 tensor cores at their achievable rate; energy
 goes with the work done, not with the time an iteration takes. An iteration that is slow
 for reasons other than work -- an eager forward waiting on Python's kernel launches, a
