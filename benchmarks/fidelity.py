@@ -216,7 +216,7 @@ def main() -> None:
     analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
-        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 560 --steps 1,2,3` (one device call on an "
+        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 590 --steps 1,2,3` (one device call on an "
         "H100: calibrations and GPU runs), then `python benchmarks/fidelity.py` (anywhere: the replays and "
         "this table). Each cell is the simulator's relative error (sim - GPU) / GPU on the same requests "
         "(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
