@@ -84,9 +84,10 @@ def own_iterations(run: Path, model: str, profile: Path) -> dict:
 HOST_TERMS = ("scheduler_overhead_s", "scheduler_overhead_per_request_s", "scheduler_overhead_per_context_token_s")
 
 
-def host_speed_ratio(run: Path, grid_iterations: Path) -> float:
+def host_speed_ratio(run: Path, grid_iterations: Path) -> float | None:
     """The run's process's host time per decode step over the calibration process's: the
-    median of duration - exec + prep over decode-only steps of up to 40 requests."""
+    median of duration - exec + prep over decode-only steps of up to 40 requests (None
+    when either lacks the host times)."""
     import pandas as pd
 
     def med(it, exec_col, prep_col) -> float:
@@ -94,6 +95,8 @@ def host_speed_ratio(run: Path, grid_iterations: Path) -> float:
         return float((d.duration_s - d[exec_col] + d[prep_col]).median())
 
     run_it = pd.read_parquet(run / "iterations.parquet")
+    if not grid_iterations.exists() or "host_prep_s" not in run_it.columns:
+        return None
     return med(run_it, "host_exec_s", "host_prep_s") / med(pd.read_parquet(grid_iterations), "exec_s", "prep_s")
 
 
@@ -115,8 +118,6 @@ def mean_abs(vals) -> float:
 
 def main() -> None:
     runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
-    import pandas as pd
-
     rows, noise, own, diag = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -129,9 +130,8 @@ def main() -> None:
                 sims[kind] = replay(run, kind, tmp, prof)
                 errs, its = errors(run, sims[kind], tmp / f"cmp-{run.name}-{kind}")
                 rows.append((run.name, kind, [errs.get(s) for s in STATS], its["mape"]))
-            grid_its = RESULTS / "calibration" / f"h100-{model}.grid.iterations.parquet"
-            if grid_its.exists() and "host_prep_s" in pd.read_parquet(run / "iterations.parquet").columns:
-                ratio = host_speed_ratio(run, grid_its)
+            ratio = host_speed_ratio(run, RESULTS / "calibration" / f"h100-{model}.grid.iterations.parquet")
+            if ratio is not None:
                 hp = host_scaled_profile(prof, ratio, tmp / f"host-{run.name}.yaml")
                 errs, its = errors(run, replay(run, "calibrated-host", tmp, hp), tmp / f"cmp-{run.name}-host")
                 diag.append((run.name, ratio, [errs.get(s) for s in STATS], its["mape"]))

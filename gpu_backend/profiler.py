@@ -51,10 +51,10 @@ MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1
 PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), (8, 512, 1, 512)]
 # (requests, Poisson rate req/s, mean prompt, mean output; lognormal lengths): a sustained
 # serving run of ~15 s, "small" for models under ~3B parameters, else "large" (a rate
-# the model sustains on an H100 at roughly half load). A short grid run samples the host's speed once --
-# it varies by up to 1.8x from one run to the next (benchmarks/results/host_probe.md) --
-# while a served run averages it, and its batches have the unequal KV lengths and the
-# queue of a real workload. Not a fidelity workload: synthetic arrivals and lengths.
+# the model sustains on an H100 at roughly half load). Its batches have the unequal KV
+# lengths and the queue of a real workload, and it averages the host's speed over
+# thousands of steps where a short grid run samples it once (the speed also differs
+# between processes: benchmarks/results/host_probe.md). Not a fidelity workload: synthetic arrivals and lengths.
 SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
@@ -148,33 +148,28 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     def host(r) -> float:  # the step's host time: outside the executor + its input packing
         return float(r.duration_s - r.exec_s + r.prep_s)
 
+    def keep(it, run, measured) -> None:  # a grid run: its energy, all its iterations, its rows
+        runs.append(run)
+        its.append(it)
+        rows.extend(rows_from_iterations(model.name, measured, host))
+
     for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
         it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
-        runs.append(run)
-        its.append(it)
-        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+        keep(it, run, it.iloc[SKIP_FIRST:])
     for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
-        runs.append(run)
-        its.append(it)
-        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+        keep(it, run, it.iloc[SKIP_FIRST:])
     for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget,
                        piecewise=True)
-        runs.append(run)
-        its.append(it)
-        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+        keep(it, run, it.iloc[SKIP_FIRST:])
     for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
         it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, piecewise=True,
                        served_rate=rate)
-        runs.append(run)
-        its.append(it)
-        rows.extend(rows_from_iterations(model.name, it.iloc[SKIP_FIRST:], host))
+        keep(it, run, it.iloc[SKIP_FIRST:])
     for n, prompt in (prefill_points or PREFILL_POINTS):
         it, run = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
-        runs.append(run)
-        its.append(it)
-        rows.extend(rows_from_iterations(model.name, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)], host))
+        keep(it, run, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)])
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": str(torch.__version__),

@@ -365,7 +365,6 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         grid.parent.mkdir(parents=True, exist_ok=True)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
-            grid_its = None  # read back below, as a refit from the files would
         with open(grid, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
@@ -380,16 +379,16 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     else:
         rows = read_grid(grid, model.name)
         runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
+        its_path = grid.with_suffix(".iterations.parquet")
+        grid_its = None
+        if its_path.is_file():  # grids from before the iterations were kept have none
+            import pandas as pd
+
+            grid_its = pd.read_parquet(its_path)
         env = {}
         source = str(grid)
         grid_bytes = grid.read_bytes()
     params, stats = fit(model, hw, rows)
-    its_path = grid.with_suffix(".iterations.parquet")
-    grid_its = None
-    if its_path.is_file():
-        import pandas as pd
-
-        grid_its = pd.read_parquet(its_path)
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,

@@ -364,15 +364,16 @@ class RooflineCostModel:
         if pw > T:
             T = pw
         t += self._elem * T
+        lin = self._lin_time if self._ridge_p is not None else None  # the pure max inline: the hot path
         for cf, w, ca in self._lin_layers:
             a = cf * T
             m = w + ca * T
-            t += self._lin_time(a, m)
+            t += (a if a > m else m) if lin is None else lin(a, m)
         if S:
             cf, w, ca = self._lin["lm_head"]
             a = cf * S
             m = w + ca * S
-            t += self._lin_time(a, m) + self._sampler * S
+            t += ((a if a > m else m) if lin is None else lin(a, m)) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
