@@ -4,15 +4,12 @@ it than the served runs (fidelity.md: 0.44 vs 0.26 ms per Llama-3.2-1B step at b
 In one process, on the GPU (or a CPU, for a smoke check), it runs the same small engine
 workloads under different settings and prints, per run, the median per decode step of:
 the executor's input packing (``prep``), the part of it in host->device copies
-(``to_device``: taking the staging buffers + the async copies' launch), and the engine's time outside the
+(``to_device``: pinning + the async copy's launch), and the engine's time outside the
 executor (``outside``). Settings varied, one at a time, from a calibration grid point:
 the KV pool's size, ``max_batch_size``, the longest sequence the executor is built for
 (its block-table width), and where in the process the run comes (first, or after others).
 
-    python benchmarks/host_probe.py --out $OUT [--model llama-3.2-1b] [--staging fresh] [--repeat N]
-
-``--staging fresh`` measures the executor as it was before its reused staging buffers
-(gpu_backend/staging.py): a freshly allocated pinned buffer for every copy.
+    python benchmarks/host_probe.py --out $OUT [--model llama-3.2-1b]
 """
 
 from __future__ import annotations
@@ -54,8 +51,6 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     ap.add_argument("--repeat", type=int, default=0, help="instead: the first grid point this many times in a row "
                     "(does host time grow with the process's age?)")
-    ap.add_argument("--staging", choices=("reused", "fresh"), default="reused",
-                    help="fresh: a new pinned buffer per copy, as the executor did before gpu_backend/staging.py")
     ap.add_argument("--heat-up", type=float, default=0.0, help="seconds of matmuls first, as sim calibrate does")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -77,36 +72,23 @@ def main() -> int:
                                         tie_word_embeddings=False)))
         model = str(tiny)
 
-    # time spent staging and launching the executor's per-step host->device copies
-    from servesim.gpu_backend import staging as st_mod
-
+    # time spent in the executor's host->device copies, per iteration
     to_dev: dict[int, float] = {}
-    orig_take = st_mod.Slot.take
-    orig_to = st_mod.HostStaging.to_device
+    orig = ex_mod.GpuExecutor._to_device
     orig_exec = ex_mod.GpuExecutor.execute
     cur = {"it": -1}
 
-    def _timed(fn):
-        def wrapped(*a, **k):
-            t0 = time.perf_counter()
-            r = fn(*a, **k)
-            to_dev[cur["it"]] = to_dev.get(cur["it"], 0.0) + time.perf_counter() - t0
-            return r
-        return wrapped
-
-    def fresh_take(self, dtype, n):
-        """The executor before reused staging: a new pinned buffer for every copy."""
-        import torch
-
-        t = torch.empty(n, dtype=dtype, pin_memory=self._pin)
-        return t, t.numpy()
+    def timed_to_device(self, a):
+        t0 = time.perf_counter()
+        r = orig(self, a)
+        to_dev[cur["it"]] = to_dev.get(cur["it"], 0.0) + time.perf_counter() - t0
+        return r
 
     def tracked_execute(self, batch):
         cur["it"] = batch.iteration
         return orig_exec(self, batch)
 
-    st_mod.Slot.take = _timed(fresh_take if args.staging == "fresh" else orig_take)
-    st_mod.HostStaging.to_device = _timed(orig_to)
+    ex_mod.GpuExecutor._to_device = timed_to_device
     ex_mod.GpuExecutor.execute = tracked_execute
 
     if args.heat_up > 0:

@@ -36,8 +36,7 @@ Decode inputs never come back to the host: each live request owns a *slot*; samp
 are scattered on the device into ``token_buf[slot]`` and the next iteration gathers its
 decode ``input_ids`` from there. The host keeps, per slot, the request's block table (a
 numpy row updated incrementally as the engine appends blocks), so packing an iteration is a
-few vectorised numpy operations written straight into reused pinned buffers (`staging`)
-and two host-to-device copies.
+few vectorised numpy operations and two pinned host-to-device copies.
 
 Prompt token ids (see `prompt_token_ids`): the request's ``prompt_tokens`` when the
 workload has them; else, when it has ``block_hashes``, ids derived from each block's hash
@@ -80,7 +79,6 @@ from servesim.sim.types import Phase, Request, ScheduledBatch, StepResult
 from .graph_runner import GraphRunner
 from .model import AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel, Sampler
 from .piecewise_runner import PiecewiseRunner
-from .staging import HostStaging
 
 # --------------------------------------------------------------------------------------
 # prompt token ids
@@ -242,7 +240,6 @@ class GpuExecutor:
         self._grow_slots(64)
         self._seqs: dict[int, _Seq] = {}
         self._pending: _InFlight | None = None
-        self._staging = HostStaging(self.device)  # reused (pinned) buffers of the per-step copies
         # outputs
         self.outputs: dict[int, array] = {}  # request_id -> generated token ids
         self._out_len: dict[int, int] = {}  # request_id -> tokens it keeps (output_len)
@@ -502,14 +499,10 @@ class GpuExecutor:
         piecewise = batch.shape.piecewise_tokens
         if piecewise:
             self._check_piecewise(it, N, T, piecewise)
-        # -- host -> device: one int64 and one int32 copy, through the step's staging slot --
-        slot = self._staging.next()
-        h64, v64 = slot.take(torch.int64, Tc + 2 * T + 2 * S + B)
-        np.concatenate([*ctx_ids, positions, slot_mapping, sample_idx, sample_slots, dec_slots], out=v64)
-        h32, v32 = slot.take(torch.int32, R * width + R + N + 1)
-        np.concatenate([bt.ravel(), seq_lens, cu[:N + 1]], out=v32, casting="same_kind")
-        i64 = self._staging.to_device(h64)
-        i32 = self._staging.to_device(h32)
+        # -- host -> device: one int64 and one int32 copy ---------------------------------
+        ctx_flat = np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, dtype=np.int64)
+        i64 = self._to_device(np.concatenate([ctx_flat, positions, slot_mapping, sample_idx, sample_slots, dec_slots]))
+        i32 = self._to_device(np.concatenate([bt.ravel(), seq_lens.astype(np.int32), cu[:N + 1].astype(np.int32)]))
         d_ctx, d_pos, d_slot, d_sidx, d_sslots, d_dslots = i64.split([Tc, T, T, S, S, B])
         d_bt, d_seq, d_cu = i32.split([R * width, R, N + 1])
         d_bt = d_bt.view(R, width)
@@ -548,9 +541,9 @@ class GpuExecutor:
         else:
             tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         if self.cuda:
-            host = slot.take(torch.int64, S)[0]
+            host = torch.empty(S, dtype=torch.int64, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-            event = slot.event = torch.cuda.Event()
+            event = torch.cuda.Event()
             event.record()
             launched = _InFlight(it, rids, host, event, None)
         else:  # computed synchronously: the tokens are there now
@@ -641,7 +634,5 @@ class GpuExecutor:
             # exceeds it); without, every iteration pays launch_s + its GPU time
             "launch_s": self.launch_s,
             "wait_s": self.wait_s,
-            # iterations whose staging slot still had copies in flight (host waited on them)
-            "staging_waits": self._staging.waits,
         }
 
