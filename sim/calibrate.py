@@ -290,7 +290,10 @@ def fit_power_runs(runs: list[dict], idle_w: float | None, iterations=None, mode
     pred = [idle_w * t[1] + sum(fitted[n] * x for n, x in zip(names, t[2:])) for t in terms]
     errs = [p / t[0] - 1 for p, t in zip(pred, terms)]
     fitted.setdefault("kv_w", fitted["memory_w"])
-    return {"idle_w": float(idle_w), **{k: fitted[k] for k in POWER_TERMS},
+    # the cap: the highest average power of a sustained grid run (power.py), never below the board's limit
+    sustained = max(float(r["energy_j"]) / float(r["span_s"]) for r in ok)
+    max_w = max(sustained, hw.max_power_w) if hw is not None else sustained
+    return {"idle_w": float(idle_w), **{k: fitted[k] for k in POWER_TERMS}, "max_w": float(max_w),
             "fit": {"runs": len(ok), "mape": float(np.mean(np.abs(errs))),
                     "residuals": [{"workload": r.get("workload", ""), "measured_j": t[0], "predicted_j": float(p)}
                                   for r, t, p in zip(ok, terms, pred)]}}
@@ -340,9 +343,11 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
         roofline = RooflineConfig(**doc["roofline"])
         power = doc.get("power")
         if power is not None:
-            kv = power.get("kv_w")
+            kv, cap = power.get("kv_w"), power.get("max_w")
             power = {k: float(power[k]) for k in POWER_KEYS}
             power["kv_w"] = float(kv) if kv is not None else power["memory_w"]
+            if cap is not None:  # older profiles: the hardware file's max_power_w
+                power["max_w"] = float(cap)
             if not (power["idle_w"] > 0 and min(power.values()) >= 0):
                 raise ValueError(f"power model out of range: {power}")
         return roofline, power

@@ -2,7 +2,7 @@
 work -- bytes moved through HBM and arithmetic done.
 
     P(iteration) = idle + busy + (memory * t_bytes + kv * t_kv + compute * t_flops) / duration
-                   (capped at the hardware's max power)
+                   (capped at max_w)
 
 ``t_bytes`` is the iteration's weight traffic (each weight read once) over the achievable
 HBM bandwidth, ``t_kv`` the KV cache decode attention reads over the same bandwidth, and
@@ -22,6 +22,14 @@ the GPU's power draw does (the two-level idle/max model this replaces overestima
 exactly those iterations by 20-40%). Between iterations the GPU draws ``idle``. Energy is
 integrated over the run (first arrival to last finish) per GPU; ``energy_per_token_j``
 is that energy over the output tokens.
+
+The cap ``max_w`` is the hardware file's ``max_power_w`` (the board's power limit, 700 W on
+an H100 SXM) unless a calibration measured more: NVML's energy counter, which the fit
+explains, counts more than the power the limit holds (on the H100s here the grid's
+prefill runs of 0.3-0.5 s averaged 730-760 W under a 700 W limit; the driver also
+reports ~40 W of memory power separately). A cap below what the fit saw would clip
+exactly the iterations it was fitted on, so a profile stores the highest average power
+of its sustained grid runs (``max_w``) and that is the cap.
 
 On the GPU backend the energy is measured instead (NVML's energy counter over the run);
 `fit_power` fits busy, memory and compute to the energies of several such runs (the
@@ -51,6 +59,9 @@ class PowerConfig(BaseModel):
                                    "achievable bandwidth (null: the profile's, else 45% of max - idle)")
     compute_w: float | None = Field(None, ge=0, description="power above busy of a step at the achievable bf16 "
                                     "matmul rate (null: the profile's, else 90% of max - idle)")
+    max_w: float | None = Field(None, gt=0, description="the most an iteration draws, as the energy counter "
+                                "sees it (null: the profile's highest sustained grid power, else the hardware "
+                                "file's max_power_w)")
 
 
 # shares of the hardware's (max - idle) power when neither experiment nor profile set them

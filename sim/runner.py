@@ -242,9 +242,9 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
 
 
 def power_params(setup: Setup) -> dict:
-    """idle_w, busy_w, memory_w, kv_w, compute_w: each the experiment's `power` setting, else
-    the calibration profile's fit, else the hardware file's (idle; shares of max - idle;
-    kv_w: memory_w)."""
+    """idle_w, busy_w, memory_w, kv_w, compute_w, max_w: each the experiment's `power`
+    setting, else the calibration profile's fit, else the hardware file's (idle; shares of
+    max - idle; kv_w: memory_w; max_w: max_power_w)."""
     from .power import DEFAULT_SHARES
 
     pc = setup.cfg.power
@@ -257,6 +257,7 @@ def power_params(setup: Setup) -> dict:
         out[k] = float(v if v is not None else prof.get(k, share * span))
     kv = pc.kv_w if pc.kv_w is not None else prof.get("kv_w")
     out["kv_w"] = float(kv) if kv is not None else out["memory_w"]
+    out["max_w"] = float(pc.max_w or prof.get("max_w") or hw.max_power_w)
     return out
 
 
@@ -272,10 +273,10 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
         gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
         tp = setup.cfg.cluster.tensor_parallel
         dur = it.column("duration_s").to_numpy()
-        w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, setup.hardware.max_power_w) * tp
+        w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, p["max_w"]) * tp
         j = energy(it, summary["duration_s"], gpus, p["idle_w"], w)
         pc = setup.cfg.power
-        own = all(getattr(pc, k) is None for k in (*DEFAULT_SHARES, "kv_w"))
+        own = all(getattr(pc, k) is None for k in (*DEFAULT_SHARES, "kv_w", "max_w"))
         source = "model" + (" (calibrated)" if setup.profile_power and own else "")
     tokens = summary["throughput_out_tok_s"] * summary["duration_s"]
     return {"energy_j": j, "energy_per_token_j": j / tokens if tokens else None,

@@ -261,3 +261,38 @@ def test_pricing_a_runs_own_iterations(tmp_path):
     by = iteration_errors_by_kind(model, hw, cfg, exact)
     assert sum(v["time_share"] for v in by.values()) == pytest.approx(1.0)
     assert by["decode-graph"]["mape"] < 1e-9 and by["mixed"]["mape"] < 0.01
+
+
+def test_power_cap_is_the_highest_sustained_grid_power(tmp_path):
+    """The power cap a profile stores: the highest average power of its grid runs of >= 0.2 s
+    (a short run's reading is too coarse), never below the board's limit; the sim caps
+    iterations there, an experiment's power.max_w overrides it, and a profile without one
+    falls back to the hardware file's max_power_w."""
+    from servesim.sim.calibrate import fit_power_runs
+    from servesim.sim.config import RunConfig
+    from servesim.sim.runner import power_params, resolve
+
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    runs = [dict(workload=f"r{i}", energy_j=e, span_s=s, busy_s=s, bytes_s=b, kv_s=k, flops_s=f)
+            for i, (e, s, b, k, f) in enumerate([(300.0, 0.4, 0.2, 0.01, 0.05), (760.0, 1.0, 0.1, 0.0, 0.9),
+                                                  (200.0, 0.5, 0.4, 0.05, 0.01), (90.0, 0.1, 0.0, 0.0, 0.1),
+                                                  (400.0, 0.8, 0.3, 0.2, 0.1)])]
+    p = fit_power_runs(runs, 100.0, model=model, hw=hw)
+    assert p["max_w"] == pytest.approx(760.0)  # the 900 W of the 0.1 s run does not count
+    low = fit_power_runs([dict(r, energy_j=r["energy_j"] / 2) for r in runs], 100.0, model=model, hw=hw)
+    assert low["max_w"] == hw.max_power_w  # nothing sustained above the board's limit
+
+    doc = yaml.safe_load((REPO / "profiles" / "h100-llama-3.1-8b.yaml").read_text())
+    doc["power"]["max_w"] = 777.0
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(doc))
+    assert load_profile(prof, model, hw)[1]["max_w"] == 777.0
+    raw = {"model": "llama-3.1-8b", "workload": {"trace": "azure_conv", "num_requests": 10},
+           "cost_model": {"kind": "calibrated", "profile": str(prof)}}
+    assert power_params(resolve(RunConfig.model_validate(raw), REPO))["max_w"] == 777.0
+    raw["power"] = {"max_w": 650.0}
+    assert power_params(resolve(RunConfig.model_validate(raw), REPO))["max_w"] == 650.0
+    del doc["power"]["max_w"]
+    prof.write_text(yaml.safe_dump(doc))
+    raw.pop("power")
+    assert power_params(resolve(RunConfig.model_validate(raw), REPO))["max_w"] == hw.max_power_w
