@@ -18,6 +18,13 @@ Each run records the die's temperature at its start and end. Every grid run's it
 (all of them, with their run's label) are kept too: `sim calibrate` writes them beside
 the grid (``.grid.iterations.parquet``) for models that need the runs' per-iteration
 detail (the power model's) rather than the grid's rows.
+
+GEMMs: `gemm_sweep` times each decoder-layer GEMM alone at ~180 row counts (``.grid.gemm.csv``
+beside the grid), and the calibrated cost model prices the linears from these curves
+(`RooflineConfig.gemm_times`) instead of max(FLOPs, bytes): cuBLAS picks a tile per shape
+and runs it in waves over the SMs, so a GEMM's time is a staircase in the rows, not a
+line. On the H100 Llama-3.1-8B's piecewise iterations padded to 448 tokens measured
+18-19 ms where 384 took 12.9 and 512 18.1; the roofline line priced them 25% low.
 """
 
 from __future__ import annotations
@@ -57,6 +64,12 @@ PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), 
 # between processes: benchmarks/results/host_probe.md). Not a fidelity workload: synthetic arrivals and lengths.
 SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
+# Row counts of the GEMM sweep: the decode graphs' small batches, every multiple of 16 up to
+# 2048 (the piecewise graphs' padded sizes; cuBLAS's tiles are 64-256 rows, so a step in
+# time between two of them is at most 16 rows off), then coarser up to a full 8192-token
+# budget with 512 decodes beside it
+GEMM_TOKENS = (1, 2, 4, 8, *range(16, 2049, 16), *range(2112, 4097, 64), *range(4352, 8705, 256))
+L2_BYTES = 50 * 2**20  # H100 L2; the sweep cycles through enough weight copies to miss it
 HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
 
 
@@ -118,6 +131,56 @@ def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
     return SERVED_POINTS["small" if model.weight_bytes < 6e9 else "large"]
 
 
+def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, reps: int = 5) -> list[dict]:
+    """Seconds of each decoder-layer GEMM of ``model`` (``F.linear``, as the model runs
+    it) at each row count in ``tokens``: rows ``linear, k, n, tokens, seconds`` for
+    `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
+    enough weight copies that the weights come from HBM, as in a forward pass whose other
+    layers have evicted them from L2. CUDA: events around ``reps`` calls after a warm-up
+    call; elsewhere (tests) the host's clock."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from servesim.sim.cost_model import LINEARS
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cuda = dev.type == "cuda"
+    elem = torch.empty((), dtype=dt).element_size()
+    shapes = model.linear_shapes(1)
+    top = max(tokens)
+    out = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name in LINEARS:
+        k, n = shapes[name]
+        copies = max(2, -(-2 * L2_BYTES // (k * n * elem))) if cuda else 1
+        ws = [torch.randn(n, k, generator=gen, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
+        x = torch.randn(top, k, generator=gen, device=dev, dtype=dt)
+        for t in tokens:
+            xt = x[:t]
+            F.linear(xt, ws[0])  # warm-up: cuBLAS's heuristics and workspace for this shape
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for r in range(reps):
+                    F.linear(xt, ws[(r + 1) % copies])
+                b.record()
+                b.synchronize()
+                s = a.elapsed_time(b) / 1e3 / reps
+            else:
+                t0 = time.perf_counter()
+                for r in range(reps):
+                    F.linear(xt, ws[(r + 1) % copies])
+                s = (time.perf_counter() - t0) / reps
+            out.append({"linear": name, "k": k, "n": n, "tokens": int(t), "seconds": float(s)})
+        del ws, x
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None) -> tuple[list[dict], dict]:
@@ -144,6 +207,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
             heat_up(torch.device("cuda"), HEAT_UP_S)
             torch.cuda.synchronize()
             idle_w = nv.idle_power_w(3.0)
+    gemm = gemm_sweep(model)
 
     def host(r) -> float:  # the step's host time: outside the executor + its input packing
         return float(r.duration_s - r.exec_s + r.prep_s)
@@ -193,4 +257,5 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     env["idle_power_w"] = idle_w
     env["power_runs"] = runs
     env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
+    env["gemm"] = gemm
     return rows, env

@@ -182,8 +182,9 @@ def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[Itera
     return np.asarray([cm.price(s) for s in shapes])
 
 
-def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dict]:
-    """Fitted parameters and fit statistics for a model's grid rows."""
+def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None = None) -> tuple[dict, dict]:
+    """Fitted parameters and fit statistics for a model's grid rows; ``gemm``: measured
+    GEMM curves (`gemm_curves`), which price the linears and come into the parameters."""
     shapes, times, kinds = shapes_from_grid(rows)
     if len(shapes) < len(PARAMS):
         raise ConfigError(f"{len(shapes)} measurements cannot fit {len(PARAMS)} parameters")
@@ -191,6 +192,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict]) -> tuple[dict, dic
     hi = np.log([p[2] for p in PARAMS])
     z0 = np.log([p[3] for p in PARAMS])
     sched = fit_host(rows) or {}
+    if gemm:
+        sched = {**sched, "gemm_times": gemm}  # fixed during the fit, like the host terms
 
     def params_of(z: np.ndarray) -> dict:
         z = np.clip(z, lo, hi)
@@ -366,8 +369,14 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         runs = env.pop("power_runs", [])
         idle_w = env.pop("idle_power_w", None)
         grid_its = env.pop("grid_iterations", None)
+        gemm_rows = env.pop("gemm", None) or []
         grid = out.with_suffix(".grid.csv")
         grid.parent.mkdir(parents=True, exist_ok=True)
+        if gemm_rows:
+            with open(grid.with_suffix(".gemm.csv"), "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(gemm_rows[0]))
+                w.writeheader()
+                w.writerows(gemm_rows)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
         with open(grid, "w", newline="") as fh:
@@ -384,6 +393,12 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     else:
         rows = read_grid(grid, model.name)
         runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
+        gemm_rows = []
+        if grid.with_suffix(".gemm.csv").is_file():  # grids from before the GEMM sweep have none
+            import csv
+
+            with open(grid.with_suffix(".gemm.csv"), newline="") as fh:
+                gemm_rows = list(csv.DictReader(fh))
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -393,7 +408,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         env = {}
         source = str(grid)
         grid_bytes = grid.read_bytes()
-    params, stats = fit(model, hw, rows)
+    params, stats = fit(model, hw, rows, gemm_curves(gemm_rows))
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
@@ -402,6 +417,17 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         **env,
     }
     return write_profile(out, model, hw, params, stats, prov, power)
+
+
+def gemm_curves(rows: list[dict]) -> dict | None:
+    """`RooflineConfig.gemm_times` from GEMM-sweep rows (`gpu_backend.profiler.gemm_sweep`,
+    or its CSV beside a grid): per linear its k, n and seconds by row count."""
+    curves: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["linear"], int(r["tokens"]))):
+        c = curves.setdefault(r["linear"], {"k": int(r["k"]), "n": int(r["n"]), "tokens": [], "seconds": []})
+        c["tokens"].append(int(r["tokens"]))
+        c["seconds"].append(float(r["seconds"]))
+    return curves or None
 
 
 def read_power_runs(path: Path) -> tuple[list[dict], float | None]:

@@ -226,7 +226,12 @@ def cmd_calibrate(args) -> int:
     fit = doc["fit"]
     con = _console()
     con.print(f"[green]wrote[/] {args.out}: {model.name} on {hw.name}, {fit['points']} measurements")
-    con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items()))
+    con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items() if k != "gemm_times"))
+    gemm = doc["roofline"].get("gemm_times")
+    if gemm:
+        con.print("GEMM curves measured (they price the linears): " + ", ".join(
+            f"{k} [{c['k']}x{c['n']}] {len(c['tokens'])} row counts, {c['seconds'][-1] * 1e6:.0f} us at "
+            f"{c['tokens'][-1]} rows" for k, c in gemm.items()))
     con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
               f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))

@@ -63,7 +63,10 @@ reason the overlap scheduler hides the scheduler overhead entirely rather than t
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from bisect import bisect_left
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from servesim.sim.specs import HardwareSpec, ModelSpec
 from servesim.sim.types import IterationShape
@@ -85,6 +88,51 @@ GPU_TERMS = (
 HOST_TERMS = ("host_launch", "scheduler")
 
 
+class GemmCurve(BaseModel):
+    """One decoder layer's GEMM of weight shape [k, n] (x[tokens, k] @ W^T -> [tokens, n]),
+    measured: ``seconds[i]`` at ``tokens[i]`` rows (a calibration's GEMM sweep)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(gt=0, description="input features")
+    n: int = Field(gt=0, description="output features")
+    tokens: list[int] = Field(min_length=1, description="row counts measured, strictly increasing, >= 1")
+    seconds: list[float] = Field(min_length=1, description="seconds of one GEMM at each row count")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.tokens) != len(self.seconds):
+            raise ValueError(f"{len(self.tokens)} token counts but {len(self.seconds)} times")
+        if self.tokens[0] < 1 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError("token counts must be >= 1 and strictly increasing")
+        if min(self.seconds) <= 0:
+            raise ValueError("GEMM times must be positive")
+        return self
+
+
+class _Curve:
+    """A GemmCurve over all ``layers``: linear between the measured row counts, the first
+    time below them, and beyond the last scaled with the rows (compute-bound there)."""
+
+    __slots__ = ("m", "s", "layers")
+
+    def __init__(self, c: GemmCurve, layers: int):
+        self.m, self.s, self.layers = list(c.tokens), list(c.seconds), layers
+
+    def __call__(self, t: int) -> float:
+        m, s = self.m, self.s
+        if t <= m[0]:
+            return self.layers * s[0]
+        if t >= m[-1]:
+            return self.layers * s[-1] * t / m[-1]
+        i = bisect_left(m, t)
+        a, b = m[i - 1], m[i]
+        return self.layers * (s[i - 1] + (s[i] - s[i - 1]) * (t - a) / (b - a))
+
+
+LINEARS = ("qkv", "o", "gate_up", "down")  # a decoder layer's GEMMs
+
+
 class RooflineConfig(BaseModel):
     """Knobs of the roofline model. Defaults: pure roofline on the achievable rates."""
 
@@ -103,6 +151,11 @@ class RooflineConfig(BaseModel):
         None, ge=1, description="a linear layer's time is (t_flops^p + t_bytes^p)^(1/p) with this p instead of "
         "max(t_flops, t_bytes): near the ridge point (tens to hundreds of tokens) a GEMM reaches neither "
         "roof, up to 2^(1/p) slower than the max (null: the max, the pure roofline; a calibration fits it)"
+    )
+    gemm_times: dict[Literal["qkv", "o", "gate_up", "down"], GemmCurve] | None = Field(
+        None, description="measured seconds of a decoder layer's GEMMs by row count (a calibration's GEMM "
+        "sweep: cuBLAS's tile and wave quantization, its small-M kernels); a linear whose [k, n] is the "
+        "model's per-GPU shape is priced from its curve instead of max(FLOPs, bytes) (null: the roofline)"
     )
     layer_latency_s: float = Field(
         0.0, ge=0, description="GPU time per decoder layer per iteration beyond its FLOPs and bytes: the floor "
@@ -200,7 +253,11 @@ class RooflineCostModel:
             self._lin[k] = (L * 2.0 * K * N / F, L * float(K * N * b) / B, L * float((K + N) * b) / B)
         K, V = shapes["lm_head"]
         self._lin["lm_head"] = (2.0 * K * V / F, float(K * V * b) / B, float(K * b + V * 4) / B)
-        self._lin_layers = tuple(self._lin[k] for k in ("qkv", "o", "gate_up", "down"))
+        # measured GEMM curves where the profile has one for this per-GPU shape (tp changes it)
+        gt = cfg.gemm_times or {}
+        self._curves = {k: _Curve(gt[k], L) for k in LINEARS
+                        if k in gt and (gt[k].k, gt[k].n) == tuple(shapes[k])}
+        self._lin_layers = tuple((*self._lin[k], self._curves.get(k)) for k in LINEARS)
         self._sampler = V * 4.0 / B  # the sampler reads the fp32 logits
         per_layer_elem = 8 * d + 2 * (hg + kvg) * hd + 3 * (model.intermediate_size // tp)
         self._elem = float((L * per_layer_elem + 4 * d + 2 * d) * b) / B
@@ -268,7 +325,10 @@ class RooflineCostModel:
         """GPU time of everything but attention over cached/chunk tokens: linears,
         lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
         t = 0.0
-        for cf, w, ca in self._lin_layers:
+        for cf, w, ca, cv in self._lin_layers:
+            if cv is not None:
+                t += cv(T)
+                continue
             a = cf * T
             m = w + ca * T
             t += self._lin_time(a, m)
@@ -365,7 +425,10 @@ class RooflineCostModel:
             T = pw
         t += self._elem * T
         lin = self._lin_time if self._ridge_p is not None else None  # the pure max inline: the hot path
-        for cf, w, ca in self._lin_layers:
+        for cf, w, ca, cv in self._lin_layers:
+            if cv is not None:
+                t += cv(T)
+                continue
             a = cf * T
             m = w + ca * T
             t += (a if a > m else m) if lin is None else lin(a, m)
@@ -399,8 +462,9 @@ class RooflineCostModel:
             cf, w, ca = coef
             return self._lin_time(cf * tokens, w + ca * tokens) if tokens else 0.0
 
-        for k in ("qkv", "o", "gate_up", "down"):
-            out[k] = lin(self._lin[k], T)
+        for k in LINEARS:
+            cv = self._curves.get(k)
+            out[k] = cv(T) if cv is not None else lin(self._lin[k], T)
         out["lm_head"] = lin(self._lin["lm_head"], S)
         out["sampler"] = self._sampler * S
         out["elementwise"] = self._elem * T
@@ -424,4 +488,4 @@ class RooflineCostModel:
         return sum(bd[k] for k in GPU_TERMS)
 
 
-__all__ = ["RooflineConfig", "RooflineCostModel", "GPU_TERMS", "HOST_TERMS"]
+__all__ = ["GemmCurve", "RooflineConfig", "RooflineCostModel", "GPU_TERMS", "HOST_TERMS", "LINEARS"]

@@ -296,3 +296,36 @@ def test_power_cap_is_the_highest_sustained_grid_power(tmp_path):
     prof.write_text(yaml.safe_dump(doc))
     raw.pop("power")
     assert power_params(resolve(RunConfig.model_validate(raw), REPO))["max_w"] == hw.max_power_w
+
+
+def test_gemm_sweep_and_curves_in_the_profile(tmp_path, capsys):
+    """`gemm_sweep` times every decoder-layer GEMM of the model's real shapes at each row
+    count; a grid with a GEMM CSV beside it gives a profile whose linears are priced from
+    the curves (RooflineConfig.gemm_times), and the profile loads."""
+    import csv
+
+    from servesim.gpu_backend.profiler import gemm_sweep
+    from servesim.sim.calibrate import gemm_curves
+    from servesim.sim.cost_model import LINEARS
+
+    model = load_model("llama-3.2-1b")
+    rows = gemm_sweep(model, device="cpu", tokens=(1, 16, 48), reps=1)
+    shapes = model.linear_shapes(1)
+    assert [(r["linear"], r["tokens"]) for r in rows] == [(k, t) for k in LINEARS for t in (1, 16, 48)]
+    assert all(r["seconds"] > 0 and (r["k"], r["n"]) == shapes[r["linear"]] for r in rows)
+
+    grid = tmp_path / "g.grid.csv"
+    grid.write_bytes(GRID.read_bytes())
+    toks = [1, 8, *range(16, 2049, 16)]
+    sweep = [{"linear": k, "k": shapes[k][0], "n": shapes[k][1], "tokens": t,
+              "seconds": 1e-12 * shapes[k][0] * shapes[k][1] * (4 + -(-t // 128))} for k in LINEARS for t in toks]
+    with open(grid.with_suffix(".gemm.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(sweep[0]))
+        w.writeheader()
+        w.writerows(sweep)
+    out = tmp_path / "p.yaml"
+    assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(grid), "--out", str(out)]) == 0
+    assert "GEMM curves measured" in capsys.readouterr().out
+    roof, _ = load_profile(out, model, load_hardware("h100-sxm"))
+    assert set(roof.gemm_times) == set(LINEARS) and roof.gemm_times["down"].tokens == toks
+    assert gemm_curves(sweep)["qkv"]["seconds"] == roof.gemm_times["qkv"].seconds

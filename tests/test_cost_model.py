@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from servesim.sim.cost_model import GPU_TERMS, RooflineConfig, RooflineCostModel
+from servesim.sim.cost_model import GPU_TERMS, LINEARS, GemmCurve, RooflineConfig, RooflineCostModel
 from servesim.sim.specs import load_hardware, load_model
 from servesim.sim.types import IterationShape
 
@@ -273,10 +273,21 @@ VARIANTS = [
                             host_overhead_context_s=0.005)),
     dict(cfg=RooflineConfig(layer_latency_s=30e-6, bandwidth_efficiency=0.9, linear_ridge_exponent=2.5)),
 ]
+def staircase(model, tokens=(1, 8, *range(16, 2049, 16), *range(2112, 4097, 64))) -> dict:
+    """GEMM curves shaped like cuBLAS's: a floor, then a step per 128-row tile."""
+    out = {}
+    for k, (K, N) in model.linear_shapes(1).items():
+        if k in LINEARS:
+            w = 2e-12 * K * N
+            out[k] = GemmCurve(k=K, n=N, tokens=list(tokens), seconds=[w * (10 + -(-t // 128)) for t in tokens])
+    return out
+
+
 MODELS = [
     RooflineCostModel(M8, H100, **kw) for kw in VARIANTS
 ] + [
     RooflineCostModel(M1, H100),
+    RooflineCostModel(M8, H100, RooflineConfig(gemm_times=staircase(M8), linear_ridge_exponent=3.0)),
     RooflineCostModel(M70, H100, tp=4),
     RooflineCostModel(M70, H100, tp=2, overlap_scheduler=True),
 ]
@@ -405,3 +416,38 @@ def test_graph_shape_without_cuda_graphs_is_an_error():
 def test_model_spec_hashable_and_comparable():
     assert hash(M8) == hash(load_model("llama-3.1-8b")) and M8 == load_model("llama-3.1-8b")
     assert M8 != M1
+
+
+def test_measured_gemm_curves_price_the_linears():
+    """A GEMM curve replaces max(FLOPs, bytes) for its linear: one that is the roofline
+    reproduces every price; a staircase prices a tile's worth of rows alike; between
+    measured row counts it interpolates, beyond the last it scales with the rows; a
+    curve of another shape (tensor parallelism splits the weights) is not used."""
+    F, B, b = H100.achievable_bf16_flops, H100.achievable_hbm_bytes_per_s, M8.dtype_bytes
+    toks = list(range(1, 9001))
+    roof = {k: GemmCurve(k=K, n=N, tokens=toks, seconds=[max(2 * t * K * N / F, (K * N + t * (K + N)) * b / B)
+                                                            for t in toks])
+            for k, (K, N) in M8.linear_shapes(1).items() if k in LINEARS}
+    base, same = RooflineCostModel(M8, H100), RooflineCostModel(M8, H100, RooflineConfig(gemm_times=roof))
+    for s in (decode(16, 1000, graph=True, padded=16), prefill(400, n_decode=5, kv_sum=3000),
+              prefill(8000, prior=(100,))):
+        assert close(base.price(s), same.price(s))
+    cm = RooflineCostModel(M8, H100, RooflineConfig(gemm_times=staircase(M8)))
+    L = M8.num_layers
+    gu = cm.breakdown(prefill(400))["gate_up"]
+    assert gu == pytest.approx(cm.breakdown(prefill(510))["gate_up"], rel=0.02)  # 4 tiles each
+    assert cm.breakdown(prefill(380))["gate_up"] < gu  # 3 tiles
+    last = staircase(M8)["gate_up"]
+    assert cm.breakdown(prefill(8192))["gate_up"] == pytest.approx(L * last.seconds[-1] * 8192 / last.tokens[-1])
+    assert RooflineCostModel(M8, H100, RooflineConfig(gemm_times=staircase(M8)), tp=2)._curves == {}
+
+
+def test_gemm_curve_validation():
+    ok = dict(k=8, n=8, tokens=[1, 16], seconds=[1e-6, 2e-6])
+    GemmCurve(**ok)
+    for bad, msg in ((dict(tokens=[16, 1]), "strictly increasing"), (dict(tokens=[0, 16]), ">= 1"),
+                     (dict(seconds=[1e-6]), "2 token counts but 1 times"), (dict(seconds=[0.0, 1e-6]), "positive")):
+        with pytest.raises(ValidationError, match=msg):
+            GemmCurve(**{**ok, **bad})
+    with pytest.raises(ValidationError, match="gemm_times.mlp"):
+        RooflineConfig(gemm_times={"mlp": ok})
