@@ -68,3 +68,14 @@ def test_gpu_fidelity_smoke_and_install(tmp_path):
 
     assert yaml.safe_load(prof.read_text())["provenance"]["source"] == \
         "benchmarks/results/calibration/h100-llama-3.1-8b.grid.csv"
+
+
+def test_gemm_curves_smoke(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/gemm_curves.py", "--smoke", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import pandas as pd
+
+    d = pd.read_csv(tmp_path / "gemm_curves.csv")
+    assert set(d.linear) == {"qkv", "o", "gate_up", "down"} and set(d.tokens) == {1, 16}
+    assert (d.seconds > 0).all() and (tmp_path / "gemm_curves.png").stat().st_size > 0
