@@ -51,9 +51,14 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     ap.add_argument("--repeat", type=int, default=0, help="instead: the first grid point this many times in a row "
                     "(does host time grow with the process's age?)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first (0: torch's default)")
     ap.add_argument("--heat-up", type=float, default=0.0, help="seconds of matmuls first, as sim calibrate does")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from servesim.gpu_backend import executor as ex_mod
     from servesim.gpu_backend.runner import simulate_gpu
