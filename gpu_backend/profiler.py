@@ -19,6 +19,15 @@ Each run records the die's temperature at its start and end. Every grid run's it
 the grid (``.grid.iterations.parquet``) for models that need the runs' per-iteration
 detail (the power model's) rather than the grid's rows.
 
+Processes: a step's host part (input packing, scheduling, launches) runs 1.5-2x faster or
+slower from one process to the next on the H100 hosts here (benchmarks/results/host_probe.md),
+and a grid measured in one process carries that speed into every host term: two
+calibrations of Llama-3.2-1B in one device call predicted 5.8-20% apart. `sim calibrate
+--backend gpu` therefore spreads the grid's runs over several fresh processes (``--processes``,
+default 3; job i in process i mod K, the served run split into one part per process), so
+each kind of run is measured at several processes' speeds and the robust fit takes the
+typical one.
+
 GEMMs: `gemm_sweep` times each decoder-layer GEMM alone at ~180 row counts (``.grid.gemm.csv``
 beside the grid), and the calibrated cost model prices the linears from these curves
 (`RooflineConfig.gemm_times`) instead of max(FLOPs, bytes): cuBLAS picks a tile per shape
@@ -72,10 +81,12 @@ GEMM_TOKENS = (1, 2, 4, 8, *range(16, 2049, 16), *range(2112, 4097, 64), *range(
 L2_BYTES = 50 * 2**20  # H100 L2; the sweep cycles through enough weight copies to miss it
 SPIN_CYCLES = 3_000_000  # ~1.5-2 ms of GPU spin before each timing window (gemm_sweep)
 HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
+WORKER_HEAT_UP_S = 2.0  # and at the start of each further grid process
 
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
-         max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None):
+         max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None,
+         part: str = ""):
     from .runner import simulate_gpu
 
     if served_rate is None:
@@ -119,7 +130,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
              f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
     run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
-                        f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}", energy_j=energy,
+                        f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}{part}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, kv_s=kv_s, flops_s=flops_s)
     temps = res.summary.get("gpu_temperature_c") or {}
     run.update(temp_start_c=temps.get("start"), temp_end_c=temps.get("end"))
@@ -194,13 +205,78 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
     return out
 
 
+def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_points=None,
+              piecewise_points=None, served_points=None, processes: int = 1) -> list[dict]:
+    """The grid's runs, in order: each a dict of `_run`'s keyword arguments plus ``keep``
+    (which iterations become rows: all but the first SKIP_FIRST, or the prefills only).
+    With several processes the served run is split into one part per process (the same
+    arrivals, 1/processes of the requests each), so the host terms it informs come from
+    every process."""
+    jobs = []
+    for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
+        jobs.append(dict(n=n, prompt=prompt, output=output, graphs=graphs, keep="skip"))
+    for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
+        jobs.append(dict(n=n, prompt=prompt, output=output, graphs=True, max_num_tokens=budget, keep="skip"))
+    for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
+        jobs.append(dict(n=n, prompt=prompt, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
+                         keep="skip"))
+    for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
+        k = max(1, min(processes, n))
+        for part in range(k):
+            jobs.append(dict(n=n // k + (part < n % k), prompt=prompt, output=output, graphs=True, piecewise=True,
+                             served_rate=rate, part=f" part {part + 1}/{k}" if k > 1 else "", keep="skip"))
+    for n, prompt in (prefill_points or PREFILL_POINTS):
+        jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, keep="prefill"))
+    return jobs
+
+
+def run_jobs(ref: str, hardware: str, jobs: list[dict]) -> list[tuple]:
+    """(iterations, energy run) of each job, run in this process."""
+    out = []
+    for j in jobs:
+        kw = {k: v for k, v in j.items() if k != "keep"}
+        out.append(_run(ref, chunked=True, hardware=hardware, **kw))
+    return out
+
+
+def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int) -> list[tuple]:
+    """`run_jobs` over `processes` fresh Python processes, one after the other, job i in
+    process i mod processes: each grid run is measured at some process's host speed, and
+    every kind of run at several (host_probe.md: the host part of a step runs 1.5-2x
+    faster or slower from one process to the next; a one-process calibration carries its
+    process's speed into every host term)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    results: list[tuple | None] = [None] * len(jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in range(processes):
+            mine = [i for i in range(len(jobs)) if i % processes == w]
+            if not mine:
+                continue
+            spec, out = Path(tmp) / f"jobs{w}.pkl", Path(tmp) / f"out{w}.pkl"
+            spec.write_bytes(pickle.dumps({"ref": ref, "hardware": hardware, "jobs": [jobs[i] for i in mine]}))
+            p = subprocess.run([sys.executable, "-m", "servesim.gpu_backend.profiler", str(spec), str(out)],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"calibration grid process {w + 1}/{processes} failed "
+                                   f"(exit {p.returncode}):\n{p.stderr[-3000:]}")
+            for i, r in zip(mine, pickle.loads(out.read_bytes())):
+                results[i] = r
+    return results  # type: ignore[return-value]
+
+
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
-                 piecewise_points=None, served_points=None) -> tuple[list[dict], dict]:
+                 piecewise_points=None, served_points=None, processes: int = 1) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
-    name)."""
+    name). ``processes``: the grid's runs are spread over this many fresh processes
+    (`_run_in_processes`); the heat-up, the idle power and the GEMM sweep run here."""
     import torch
 
     ref = model_ref or model.name
@@ -225,28 +301,16 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     def host(r) -> float:  # the step's host time: outside the executor + its input packing
         return float(r.duration_s - r.exec_s + r.prep_s)
 
-    def keep(it, run, measured) -> None:  # a grid run: its energy, all its iterations, its rows
+    jobs = grid_jobs(model, decode_points, prefill_points, mixed_points, piecewise_points, served_points,
+                     processes)
+    results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
+               _run_in_processes(ref, hardware, jobs, processes))
+    for j, (it, run) in zip(jobs, results):  # a grid run: its energy, all its iterations, its rows
+        measured = it.iloc[SKIP_FIRST:] if j["keep"] == "skip" else \
+            it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)]
         runs.append(run)
         its.append(it)
         rows.extend(rows_from_iterations(model.name, measured, host))
-
-    for n, prompt, output, graphs in (decode_points or DECODE_POINTS):
-        it, run = _run(ref, n, prompt, output, graphs, chunked=True, hardware=hardware)
-        keep(it, run, it.iloc[SKIP_FIRST:])
-    for n, prompt, output, budget in (MIXED_POINTS if mixed_points is None else mixed_points):
-        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget)
-        keep(it, run, it.iloc[SKIP_FIRST:])
-    for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
-        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, max_num_tokens=budget,
-                       piecewise=True)
-        keep(it, run, it.iloc[SKIP_FIRST:])
-    for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
-        it, run = _run(ref, n, prompt, output, True, chunked=True, hardware=hardware, piecewise=True,
-                       served_rate=rate)
-        keep(it, run, it.iloc[SKIP_FIRST:])
-    for n, prompt in (prefill_points or PREFILL_POINTS):
-        it, run = _run(ref, n, prompt, 1, True, chunked=True, hardware=hardware)
-        keep(it, run, it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)])
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": str(torch.__version__),
@@ -267,8 +331,31 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                                        capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    env["grid_processes"] = max(1, processes)
     env["idle_power_w"] = idle_w
     env["power_runs"] = runs
     env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
     env["gemm"] = gemm
     return rows, env
+
+
+def _worker(spec_path: str, out_path: str) -> int:
+    """A grid process (`_run_in_processes`): runs its jobs, pickles their results."""
+    import pickle
+    from pathlib import Path
+
+    import torch
+
+    spec = pickle.loads(Path(spec_path).read_bytes())
+    if torch.cuda.is_available():  # the GPU cooled while this process started
+        from .nvml import heat_up
+
+        heat_up(torch.device("cuda"), WORKER_HEAT_UP_S)
+    Path(out_path).write_bytes(pickle.dumps(run_jobs(spec["ref"], spec["hardware"], spec["jobs"])))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_worker(*sys.argv[1:3]))

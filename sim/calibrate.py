@@ -359,13 +359,13 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
 
 
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
-              model_ref: str | None = None) -> dict:
+              model_ref: str | None = None, processes: int = 1) -> dict:
     if backend == "gpu":
         import csv
 
         from servesim.gpu_backend.profiler import measure_grid
 
-        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name)
+        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes)
         runs = env.pop("power_runs", [])
         idle_w = env.pop("idle_power_w", None)
         grid_its = env.pop("grid_iterations", None)

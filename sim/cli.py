@@ -209,11 +209,13 @@ def cmd_calibrate(args) -> int:
     try:
         model = load_model(args.model, Path.cwd(), location="--model")
         hw = load_hardware(args.hardware, Path.cwd(), location="--hardware")
+        if args.processes < 1:
+            raise ConfigError(f"--processes {args.processes}: give 1 or more", "command line")
         if args.backend == "grid" and not args.from_grid:
             raise ConfigError("give --from-grid CSV (measurements made earlier) or --backend gpu "
                               "(measure here)", "command line")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
-                        backend=args.backend, model_ref=args.model)
+                        backend=args.backend, model_ref=args.model, processes=args.processes)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -267,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--backend", choices=["grid", "gpu"], default="grid",
                    help="grid: fit --from-grid measurements; gpu: measure the grid on this machine's GPU")
     k.add_argument("--from-grid", help="calibration CSV (benchmarks/gpu_bench.py writes one)")
+    k.add_argument("--processes", type=int, default=3,
+                   help="--backend gpu: spread the grid's runs over this many fresh processes, one after the other "
+                        "(the host part of a step runs at a speed that differs from process to process; "
+                        "several average it out); default 3")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")

@@ -329,3 +329,32 @@ def test_gemm_sweep_and_curves_in_the_profile(tmp_path, capsys):
     roof, _ = load_profile(out, model, load_hardware("h100-sxm"))
     assert set(roof.gemm_times) == set(LINEARS) and roof.gemm_times["down"].tokens == toks
     assert gemm_curves(sweep)["qkv"]["seconds"] == roof.gemm_times["qkv"].seconds
+
+
+def test_grid_over_several_processes(tmp_path):
+    """--processes K: the grid's runs are spread over K fresh processes (job i in process i
+    mod K), the served run split into K parts of the same arrivals; every run comes back
+    with its iterations, rows and energy record, under a label of its own."""
+    from servesim.gpu_backend import profiler as prof
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
+                                    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                                    tie_word_embeddings=False)))
+    model = load_model(str(tiny))
+    small = dict(decode_points=[(4, 64, 8, True), (8, 32, 8, False)], prefill_points=[(1, 64)],
+                 mixed_points=[(4, 16, 4, 32)], piecewise_points=[(4, 16, 4, 32)], served_points=[(10, 50.0, 40, 8)])
+    jobs = prof.grid_jobs(model, processes=3, **small)
+    served = [j for j in jobs if j.get("served_rate")]
+    assert [j["n"] for j in served] == [4, 3, 3] and len({j["part"] for j in served}) == 3
+    assert len(prof.grid_jobs(model, processes=1, **small)) == len(jobs) - 2
+    rows, env = prof.measure_grid(model, str(tiny), processes=2, **small)
+    labels = [r["workload"] for r in env["power_runs"]]
+    assert len(labels) == len(jobs) - 1 == len(set(labels)) and env["grid_processes"] == 2  # served: 2 parts
+    assert {r["run"] for r in rows} == set(labels)  # every run gave rows
+    assert set(env["grid_iterations"].workload) == set(labels)
+    p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "calibrate", "--model", "llama-3.2-1b",
+                        "--backend", "gpu", "--processes", "0", "--out", str(tmp_path / "x.yaml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--processes 0" in p.stderr
