@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = RESULTS / "gpu_runs"
 REPEAT_RUNS = RESULTS / "gpu_runs_repeat"
-REPEAT_PROFILES = RESULTS / "calibration_repeat"
+# two calibrations made one after the other in one device call, on the machine instance of
+# the table's runs (their call came next): the calibration's repeatability on one GPU
+PAIR_PROFILES = (RESULTS / "calibration_pair", RESULTS / "calibration_repeat")
 OTHER_MACHINE = RESULTS / "calibration_machine2"  # calibrated in another device call, on another machine instance
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
@@ -135,10 +137,12 @@ def main() -> None:
                 hp = host_scaled_profile(prof, ratio, tmp / f"host-{run.name}.yaml")
                 errs, its = errors(run, replay(run, "calibrated-host", tmp, hp), tmp / f"cmp-{run.name}-host")
                 diag.append((run.name, ratio, [errs.get(s) for s in STATS], its["mape"]))
-            rep = REPEAT_PROFILES / f"h100-{model}.yaml"
-            if rep.exists():  # calibration repeatability: sim(profile A) vs sim(profile B)
-                b = replay(run, "calibrated-repeat", tmp, rep)
-                errs, its = errors(sims["calibrated"], b, tmp / f"cmp-{run.name}-rep")
+            pa, pb = (d / f"h100-{model}.yaml" for d in PAIR_PROFILES)
+            if pa.exists() and pb.exists():  # calibration repeatability: sim(profile A) vs sim(profile B)
+                a = replay(run, "calibrated-pair-a", tmp, pa)
+                b = replay(run, "calibrated-pair-b", tmp, pb)
+                errs, its = errors(a, b, tmp / f"cmp-{run.name}-rep")
+                vs = tuple(errors(sims["calibrated"], x, tmp / f"cmp-{run.name}-vs{i}")[0] for i, x in enumerate((a, b)))
                 gpu = other = None
                 if (REPEAT_RUNS / run.name / "requests.parquet").exists():
                     gpu, _ = errors(run, REPEAT_RUNS / run.name, tmp / f"cmp-{run.name}-gpu")
@@ -147,7 +151,7 @@ def main() -> None:
                     other, _ = errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-m2")
                     og, _ = errors(run, c, tmp / f"cmp-{run.name}-m2gpu")
                     other = (other, og)
-                noise.append((run.name, errs, gpu, other))
+                noise.append((run.name, errs, vs, gpu, other))
     head = "| GPU run | sim cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 3)]
     for name, kind, errs, mape in rows:
@@ -165,19 +169,23 @@ def main() -> None:
                        f"{mean_abs(en):.1%} | {mean_abs([m for _, m in mine]):.1%} |")
     noise_lines = []
     if noise:
-        noise_lines = ["", "| workload | two calibrations, same GPU call: sim(A) vs sim(B), mean / max over the "
-                       "metrics | two GPU runs of the same requests (the second in another device call, on another machine "
-                       "instance), mean / max | calibration on another machine "
-                       "instance (another device call): vs sim(A) / vs the GPU run, mean abs. |", "|---|---|---|---|"]
+        noise_lines = ["", "| workload | two calibrations in one device call (A, B): sim(A) vs sim(B), mean / max "
+                       "over the metrics | the table's calibration (the next call, same machine) vs sim(A) / vs "
+                       "sim(B), mean abs. | two GPU runs of the same requests (the second in another device call, on "
+                       "another machine instance), mean / max | calibration on another machine instance (another "
+                       "device call): vs the table's sim / vs the GPU run, mean abs. |", "|---|---|---|---|---|"]
 
         def mm(d: dict) -> str:
             v = [d.get(s) for s in STATS]
             return f"{mean_abs(v):.1%} / {max(abs(x) for x in v if x is not None):.1%}"
 
-        for name, cal, gpu, other in noise:
-            oth = "-" if other is None else (f"{mean_abs([other[0].get(s) for s in STATS]):.1%} / "
-                                             f"{mean_abs([other[1].get(s) for s in STATS]):.1%}")
-            noise_lines.append(f"| {name} | {mm(cal)} | {'-' if gpu is None else mm(gpu)} | {oth} |")
+        def ma(d: dict) -> str:
+            return f"{mean_abs([d.get(s) for s in STATS]):.1%}"
+
+        for name, cal, vs, gpu, other in noise:
+            oth = "-" if other is None else f"{ma(other[0])} / {ma(other[1])}"
+            noise_lines.append(f"| {name} | {mm(cal)} | {ma(vs[0])} / {ma(vs[1])} | {'-' if gpu is None else mm(gpu)} "
+                               f"| {oth} |")
     order = ("decode-graph", "decode-eager", "mixed-piecewise", "mixed", "prefill-piecewise", "prefill")
     seen = {k for _, by in own for k in by}
     kinds = [k for k in order if k in seen] + sorted(seen - set(order))
