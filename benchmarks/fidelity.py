@@ -7,8 +7,10 @@ trace at two loads and an offline batch) are replayed on the simulator
 with the roofline cost model and with the calibrated profile of the run's model
 (profiles/h100-<model>.yaml, fitted in the same device call to the designed grid --
 never to these workloads), and `sim compare` gives the errors. Then the noise floor:
-the same replays with the second calibration (benchmarks/results/calibration_repeat/),
-and the GPU runs that were made twice (benchmarks/results/gpu_runs_repeat/) compared with
+the same replays with two calibrations made one after the other in one device call
+(benchmarks/results/calibration_pair/ and calibration_repeat/), compared with each other
+and with the table's; a calibration from another machine (calibration_machine2/); and
+the GPU runs that were made twice (benchmarks/results/gpu_runs_repeat/) compared with
 each other. Writes benchmarks/results/fidelity.md.
 
     python benchmarks/fidelity.py
