@@ -230,12 +230,24 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
     return jobs
 
 
-def run_jobs(ref: str, hardware: str, jobs: list[dict]) -> list[tuple]:
+def _progress(msg: str) -> None:
+    """A line on stderr: a calibration runs for minutes."""
+    import sys
+
+    print(f"[sim calibrate] {msg}", file=sys.stderr, flush=True)
+
+
+def run_jobs(ref: str, hardware: str, jobs: list[dict], where: str = "") -> list[tuple]:
     """(iterations, energy run) of each job, run in this process."""
+    import time
+
     out = []
-    for j in jobs:
+    for i, j in enumerate(jobs):
         kw = {k: v for k, v in j.items() if k != "keep"}
+        t0 = time.perf_counter()
         out.append(_run(ref, chunked=True, hardware=hardware, **kw))
+        _progress(f"{where}grid run {i + 1}/{len(jobs)} {out[-1][1]['workload']!r}: "
+                  f"{len(out[-1][0])} iterations, {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -259,11 +271,12 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
                 continue
             spec, out = Path(tmp) / f"jobs{w}.pkl", Path(tmp) / f"out{w}.pkl"
             spec.write_bytes(pickle.dumps({"ref": ref, "hardware": hardware, "jobs": [jobs[i] for i in mine]}))
-            p = subprocess.run([sys.executable, "-m", "servesim.gpu_backend.profiler", str(spec), str(out)],
-                               capture_output=True, text=True)
+            _progress(f"grid process {w + 1}/{processes}: {len(mine)} runs")
+            p = subprocess.run([sys.executable, "-m", "servesim.gpu_backend.profiler", str(spec), str(out),
+                                f"process {w + 1}/{processes}: "], stdout=subprocess.DEVNULL)  # stderr: live
             if p.returncode != 0:
-                raise RuntimeError(f"calibration grid process {w + 1}/{processes} failed "
-                                   f"(exit {p.returncode}):\n{p.stderr[-3000:]}")
+                raise RuntimeError(f"calibration grid process {w + 1}/{processes} failed (exit {p.returncode}; "
+                                   "its traceback is above)")
             for i, r in zip(mine, pickle.loads(out.read_bytes())):
                 results[i] = r
     return results  # type: ignore[return-value]
@@ -296,6 +309,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
             heat_up(torch.device("cuda"), HEAT_UP_S)
             torch.cuda.synchronize()
             idle_w = nv.idle_power_w(3.0)
+    _progress(f"{model.name}: timing the decoder-layer GEMMs at {len(GEMM_TOKENS)} row counts")
     gemm = gemm_sweep(model)
 
     def host(r) -> float:  # the step's host time: outside the executor + its input packing
@@ -339,7 +353,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     return rows, env
 
 
-def _worker(spec_path: str, out_path: str) -> int:
+def _worker(spec_path: str, out_path: str, where: str = "") -> int:
     """A grid process (`_run_in_processes`): runs its jobs, pickles their results."""
     import pickle
     from pathlib import Path
@@ -351,11 +365,11 @@ def _worker(spec_path: str, out_path: str) -> int:
         from .nvml import heat_up
 
         heat_up(torch.device("cuda"), WORKER_HEAT_UP_S)
-    Path(out_path).write_bytes(pickle.dumps(run_jobs(spec["ref"], spec["hardware"], spec["jobs"])))
+    Path(out_path).write_bytes(pickle.dumps(run_jobs(spec["ref"], spec["hardware"], spec["jobs"], where)))
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(_worker(*sys.argv[1:3]))
+    sys.exit(_worker(*sys.argv[1:4]))
