@@ -10,7 +10,9 @@ generation count when the iteration runs as a CUDA graph) and ``S`` sampling tok
 * **linear layers** qkv, o, gate_up, down of all layers, each
   ``max(2*T*K*N / F, (K*N + T*(K+N)) * b / B)``: weights read once, activations in/out
   (with ``linear_ridge_exponent`` p, the smooth max ``(flops^p + bytes^p)^(1/p)``: near
-  the ridge point a GEMM reaches neither roof);
+  the ridge point a GEMM reaches neither roof); with measured curves
+  (``gemm_times``, a calibration's GEMM sweep) a linear is priced from its curve instead:
+  cuBLAS's tiles, waves and per-shape kernels make its time a staircase in ``T``;
 * **lm_head** on the ``S`` sampling tokens only (fp32 logits out), plus a **sampler** term
   reading the fp32 logits;
 * **prefill attention**, per context chunk of ``n`` new tokens over ``p`` cached ones:
