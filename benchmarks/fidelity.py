@@ -226,8 +226,9 @@ def main() -> None:
     analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
-        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 590 --steps 1,2,3` (one device call on an "
-        "H100: calibrations and GPU runs), then `python benchmarks/fidelity.py` (anywhere: the replays and "
+        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --steps 1,2` (one device call on an "
+        "H100: the calibration and the GPU runs; `--steps 1,3` for a repeatability pair, `--steps 1,4` on another "
+        "machine; see Reading the table), then `python benchmarks/fidelity.py` (anywhere: the replays and "
         "this table). Each cell is the simulator's relative error (sim - GPU) / GPU on the same requests "
         "(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
         "the Azure conversation trace at two loads and offline, Llama-3.2-1B (800 requests) and "
