@@ -35,7 +35,9 @@ def main() -> int:
     import pandas as pd
 
     from servesim.gpu_backend.profiler import GEMM_TOKENS, gemm_sweep
+    from servesim.sim.cost_model import RooflineCostModel
     from servesim.sim.specs import load_hardware, load_model
+    from servesim.sim.types import IterationShape
 
     hw = load_hardware("h100-sxm")
     tokens = (1, 16) if args.smoke else tuple(sorted(set(GEMM_TOKENS) | set(SHOWN)))
@@ -48,9 +50,15 @@ def main() -> int:
         d.insert(0, "model", name)
         frames.append(d)
     d = pd.concat(frames, ignore_index=True)
-    d["roofline_s"] = [max(2 * t * k * n / hw.achievable_bf16_flops, (k * n + t * (k + n)) * m_bytes
-                           / hw.achievable_hbm_bytes_per_s) for t, k, n, m_bytes in
-                       zip(d.tokens, d.k, d.n, [2] * len(d))]
+    # the pure roofline's price of one layer's GEMM: its term of an iteration of t tokens over the layers
+    roof = {}
+    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+        m = load_model(name)
+        cm = RooflineCostModel(m, hw)
+        for t in sorted(set(d.tokens)):
+            b = cm.breakdown(IterationShape(ctx_new_tokens=(int(t),), ctx_prior_tokens=(0,), n_ctx_sampling=1))
+            roof.update({(name, lin, t): b[lin] / m.num_layers for lin in set(d.linear)})
+    d["roofline_s"] = [roof[k] for k in zip(d.model, d.linear, d.tokens)]
     d["over_roofline"] = d.seconds / d.roofline_s
     d.to_csv(args.out / "gemm_curves.csv", index=False)
     lines = ["| model | linear [k x n] | " + " | ".join(f"{t} rows" for t in SHOWN if t in tokens) + " |",

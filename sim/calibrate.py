@@ -358,11 +358,30 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
         raise ConfigError(f"corrupt calibration profile: {e}", str(path)) from None
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV beside a grid; nothing for no rows."""
+    import csv
+
+    if rows:
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV beside a grid ([] if there is none)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
               model_ref: str | None = None, processes: int = 1) -> dict:
     if backend == "gpu":
-        import csv
-
         from servesim.gpu_backend.profiler import measure_grid
 
         rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes)
@@ -372,33 +391,17 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         gemm_rows = env.pop("gemm", None) or []
         grid = out.with_suffix(".grid.csv")
         grid.parent.mkdir(parents=True, exist_ok=True)
-        if gemm_rows:
-            with open(grid.with_suffix(".gemm.csv"), "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(gemm_rows[0]))
-                w.writeheader()
-                w.writerows(gemm_rows)
+        _write_csv(grid, rows)
+        _write_csv(grid.with_suffix(".gemm.csv"), gemm_rows)
+        _write_csv(grid.with_suffix(".power.csv"), [{"idle_w": idle_w, **r} for r in runs])
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
-        with open(grid, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        if runs:
-            with open(grid.with_suffix(".power.csv"), "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["idle_w", *runs[0]])
-                w.writeheader()
-                w.writerows({"idle_w": idle_w, **r} for r in runs)
         source = f"measured by sim calibrate --backend gpu ({grid.name})"
         grid_bytes = grid.read_bytes()
     else:
         rows = read_grid(grid, model.name)
         runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
-        gemm_rows = []
-        if grid.with_suffix(".gemm.csv").is_file():  # grids from before the GEMM sweep have none
-            import csv
-
-            with open(grid.with_suffix(".gemm.csv"), newline="") as fh:
-                gemm_rows = list(csv.DictReader(fh))
+        gemm_rows = _read_csv(grid.with_suffix(".gemm.csv"))  # none for grids from before the GEMM sweep
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -432,11 +435,8 @@ def gemm_curves(rows: list[dict]) -> dict | None:
 
 def read_power_runs(path: Path) -> tuple[list[dict], float | None]:
     """The grid runs' energies written beside a calibration grid (none if absent)."""
-    import csv
-
-    if not path.is_file():
+    runs = _read_csv(path)
+    if not runs:
         return [], None
-    with open(path, newline="") as fh:
-        runs = list(csv.DictReader(fh))
     idle = next((float(r["idle_w"]) for r in runs if r.get("idle_w") not in (None, "", "None")), None)
     return runs, idle
