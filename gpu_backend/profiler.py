@@ -53,10 +53,16 @@ from servesim.sim.specs import ModelSpec
 # in waves: one run yields decode-only iterations at several batch sizes and KV lengths
 # and mixed (context + decode) iterations, besides its full-batch steps.
 # The two largest batches decode 48 tokens: enough full-batch steps at long KV (an offline
-# run's regime) that the fit does not extrapolate there.
+# run's regime) that the fit does not extrapolate there. The long decode (128 x 1024 + 384)
+# is the one run whose time goes mostly to decoding at a large batch, so a third of it is
+# decode attention reading the KV cache, as in an offline or busy serving run: the short
+# runs spend theirs on the prefills, and without it the 8B's power model fitted its KV term
+# on runs with at most 8% of their time there and priced the offline fidelity run's energy
+# (22% there) 9% low. Its batch holds 128 requests for ~380 steps while their KV grows by
+# 128 tokens a step: the KV read's cost at a large batch, measured directly.
 DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
                  (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
-                 (32, 1024, 12, False), (96, 512, 8, False)]
+                 (32, 1024, 12, False), (96, 512, 8, False), (128, 1024, 384, True)]
 PREFILL_POINTS = [(1, 512), (1, 2048), (2, 8192), (8, 512), (4, 3000)]  # (requests, prompt)
 # (requests, prompt, output, max_num_tokens): a token budget just above one prompt, so
 # each iteration is one context chunk beside the decodes of the requests admitted before
