@@ -98,12 +98,17 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / "fidelity_gpu"
         # another machine's call (calibration_dirs) brings its repeat runs, not the table's runs
+        # run by run: a call with one model's runs leaves the other model's in place
         for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
             if calibration_dirs is None or sub == "runs_repeat":
-                if (src / sub).is_dir():
-                    shutil.rmtree(dest, ignore_errors=True)
-                    shutil.copytree(src / sub, dest)
-                    written.append(dest)
+                for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    if run.is_dir():
+                        shutil.rmtree(dest / run.name, ignore_errors=True)
+                        shutil.copytree(run, dest / run.name)
+                    else:  # the call's comparison table and experiment record
+                        shutil.copy(run, dest / run.name)
+                    written.append(dest / run.name)
         for sub, prof_dir, grid_dir in targets:
             for prof in sorted((src / sub).glob("*.yaml")) if (src / sub).is_dir() else []:
                 grid_dir.mkdir(parents=True, exist_ok=True)

@@ -325,12 +325,14 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                      processes)
     results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
                _run_in_processes(ref, hardware, jobs, processes))
-    for j, (it, run) in zip(jobs, results):  # a grid run: its energy, all its iterations, its rows
+    k = max(1, processes)
+    for i, (j, (it, run)) in enumerate(zip(jobs, results)):  # a grid run: its energy, iterations, rows
         measured = it.iloc[SKIP_FIRST:] if j["keep"] == "skip" else \
             it[(it.num_gen_requests == 0) & (it.ctx_tokens > 0)]
         runs.append(run)
         its.append(it)
-        rows.extend(rows_from_iterations(model.name, measured, host))
+        # the process it ran in (job i in process i mod k): fit_host gives each its host speed
+        rows.extend({**r, "process": i % k} for r in rows_from_iterations(model.name, measured, host))
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": str(torch.__version__),

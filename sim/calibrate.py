@@ -153,33 +153,77 @@ def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = 
     return RooflineCostModel(model, hw, cfg, cuda_graphs=graphs)
 
 
-def fit_host(rows: list[dict]) -> dict | None:
+# the parameters that are host (CPU) time: a process's host speed scales them all
+HOST_PARAMS = ("host_overhead_eager_s", "host_overhead_context_s", "host_overhead_graph_s",
+               "host_overhead_piecewise_s", "host_overhead_piecewise_decode_s", *SCHED)
+
+
+def _processes(rows: list[dict]) -> np.ndarray:
+    """Each row's grid process as an index 0..K-1 (the ``process`` column of a grid measured
+    over several processes; one process for grids without it)."""
+    labels = [str(r.get("process") if r.get("process") not in (None, "") else "0") for r in rows]
+    order = {k: i for i, k in enumerate(sorted(set(labels)))}
+    return np.array([order[k] for k in labels], dtype=int)
+
+
+def fit_host(rows: list[dict], with_speeds: bool = False):
     """Scheduler overhead -- fixed, per request and per new context token -- fitted to the
     rows' measured host time (``host_s``: the engine's scheduling and bookkeeping plus
     the executor's input packing) by robust least squares, each term >= 0; None for a
     grid without host times. The context-token term keeps the long prompts' input
     packing (ids, positions, KV slots per token) from inflating the per-request term,
-    which a decode of hundreds of requests would then pay many times over."""
-    pts = [(int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)),
-            int(float(r.get("ctx_tokens") or 0)), float(r["host_s"]))
-           for r in rows if str(r.get("host_s", "")).strip() not in ("", "nan", "None")]
-    if len(pts) < 3:
-        return None
-    X = np.array([[1.0, p[0], p[1]] for p in pts])
-    h = np.array([p[2] for p in pts])
+    which a decode of hundreds of requests would then pay many times over.
+
+    A grid measured over several processes (rows with ``process``): each process runs the
+    host part at a speed of its own (1.5-2x apart on the H100 hosts here; host_probe.md),
+    the same factor on every host operation, so the model is ``speed[p] * (fixed +
+    per_request * requests + per_token * tokens)`` with the speeds' geometric mean 1: the
+    terms are those of a typical process, and a grid point that happened to run in a slow
+    process does not tilt them (the served run, split over every process, ties the speeds
+    together). ``with_speeds``: also the speeds, one per process (index of `_processes`)."""
+    keep = [r for r in rows if str(r.get("host_s", "")).strip() not in ("", "nan", "None")]
+    if len(keep) < 3:
+        return (None, None) if with_speeds else None
+    X = np.array([[1.0, int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)),
+                   int(float(r.get("ctx_tokens") or 0))] for r in keep])
+    h = np.array([float(r["host_s"]) for r in keep])
+    proc = _processes(keep)
+    k = int(proc.max()) + 1
     scale = np.maximum(X.max(axis=0), 1.0)  # solve in units where every column is O(1)
-    x0 = np.linalg.lstsq(X / scale, h, rcond=None)[0].clip(0)
-    med = float(np.median(h))
-    sol = least_squares(lambda x: (X / scale) @ x - h, x0, bounds=(0, np.inf), loss="soft_l1",
-                        f_scale=max(0.05 * med, 1e-7))
-    a, b, c = sol.x / scale
-    return {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b),
-            "scheduler_overhead_per_context_token_s": float(c)}
+    Xs = X / scale
+    x0 = np.linalg.lstsq(Xs, h, rcond=None)[0].clip(0)
+    f_scale = max(0.05 * float(np.median(h)), 1e-7)
+
+    def speeds(u: np.ndarray) -> np.ndarray:  # k-1 free log speeds, their mean 0
+        u = np.concatenate([u, [-u.sum()]]) if k > 1 else np.zeros(1)
+        return np.exp(u)
+
+    def res(z: np.ndarray) -> np.ndarray:
+        return speeds(z[3:])[proc] * (Xs @ z[:3]) - h
+
+    lo = np.concatenate([np.zeros(3), np.full(k - 1, -2.0)])
+    hi = np.concatenate([np.full(3, np.inf), np.full(k - 1, 2.0)])
+    sol = least_squares(res, np.concatenate([x0, np.zeros(k - 1)]), bounds=(lo, hi), loss="soft_l1",
+                        f_scale=f_scale)
+    a, b, c = sol.x[:3] / scale
+    terms = {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b),
+             "scheduler_overhead_per_context_token_s": float(c)}
+    return (terms, speeds(sol.x[3:])) if with_speeds else terms
 
 
-def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape]) -> np.ndarray:
-    cm = _model_for(model, hw, params)
-    return np.asarray([cm.price(s) for s in shapes])
+def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape],
+            proc: np.ndarray | None = None, speeds: np.ndarray | None = None) -> np.ndarray:
+    """Prices of ``shapes``; with ``proc`` and ``speeds`` (`fit_host`), each shape's host
+    terms (HOST_PARAMS) at the speed of the process it was measured in."""
+    if proc is None or speeds is None or len(speeds) < 2:
+        cm = _model_for(model, hw, params)
+        return np.asarray([cm.price(s) for s in shapes])
+    out = np.empty(len(shapes))
+    for p, sp in enumerate(speeds):
+        idx = np.flatnonzero(proc == p)
+        cm = _model_for(model, hw, {**params, **{k: params[k] * sp for k in HOST_PARAMS if params.get(k) is not None}})
+        out[idx] = [cm.price(shapes[i]) for i in idx]
+    return out
 
 
 def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None = None) -> tuple[dict, dict]:
@@ -191,7 +235,11 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     lo = np.log([p[1] for p in PARAMS])
     hi = np.log([p[2] for p in PARAMS])
     z0 = np.log([p[3] for p in PARAMS])
-    sched = fit_host(rows) or {}
+    sched, speeds = fit_host(rows, with_speeds=True)
+    sched = sched or {}
+    proc = _processes(rows)  # each row's host terms at its process's speed (fit_host)
+    if speeds is not None and len(speeds) != int(proc.max()) + 1:  # rows without host times
+        speeds = None
     if gemm:
         sched = {**sched, "gemm_times": gemm}  # fixed during the fit, like the host terms
 
@@ -211,7 +259,7 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     def residuals(z: np.ndarray) -> np.ndarray:
         # pseudo-Huber of the log error as a sum of squares (signed square roots), so
         # that least squares minimises it; then the priors' pull
-        r = np.log(predict(model, hw, params_of(z), shapes) / times)
+        r = np.log(predict(model, hw, params_of(z), shapes, proc, speeds) / times)
         h = np.sign(r) * ROBUST_SCALE * np.sqrt(2 * (np.sqrt(1 + (r / ROBUST_SCALE) ** 2) - 1))
         return np.concatenate([h * row_w, prior_w * (z - z0)])
 
@@ -223,10 +271,12 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         if sol.cost < best_cost:
             best, best_cost = sol.x, sol.cost
     params = params_of(best)
-    pred = predict(model, hw, params, shapes)
+    pred = predict(model, hw, params, shapes, proc, speeds)
     err = pred / times - 1
     stats = {
         "points": len(times),
+        **({"process_host_speeds": [round(float(v), 4) for v in speeds]} if speeds is not None and len(speeds) > 1
+           else {}),
         "mape": float(np.mean(np.abs(err))),
         "max_abs_rel_err": float(np.max(np.abs(err))),
         "by_kind": {k: float(np.mean(np.abs(err[[i for i, kk in enumerate(kinds) if kk == k]])))
