@@ -6,12 +6,13 @@ trace at two loads and an offline batch) are replayed on the simulator
 (`workload: {replay: RUN}`, every other setting taken from the GPU run's resolved config)
 with the roofline cost model and with the calibrated profile of the run's model
 (profiles/h100-<model>.yaml, fitted in the same device call to the designed grid --
-never to these workloads), and `sim compare` gives the errors. Then the noise floor:
-the same replays with two calibrations made one after the other in one device call
-(benchmarks/results/calibration_pair/ and calibration_repeat/), compared with each other
-and with the table's; a calibration from another machine (calibration_machine2/); and
-the GPU runs that were made twice (benchmarks/results/gpu_runs_repeat/) compared with
-each other. Writes benchmarks/results/fidelity.md.
+never to these workloads), and `sim compare` gives the errors. Then the noise floor: a
+second calibration made right after the table's in the same device call
+(benchmarks/results/calibration_repeat/); the same GPU runs made again on the same machine
+(gpu_runs_repeat/: in the call of the table's runs; gpu_runs_third/: an earlier call); and
+another machine instance's calibration and runs of the same workloads
+(calibration_machine2/, gpu_runs_machine2/), compared with the table's and on their own.
+Writes benchmarks/results/fidelity.md.
 
     python benchmarks/fidelity.py
 """
@@ -29,11 +30,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = RESULTS / "gpu_runs"
-REPEAT_RUNS = RESULTS / "gpu_runs_repeat"
-# two calibrations made one after the other in one device call, on the machine instance of
-# the table's runs (their call came next): the calibration's repeatability on one GPU
-PAIR_PROFILES = (RESULTS / "calibration_pair", RESULTS / "calibration_repeat")
-OTHER_MACHINE = RESULTS / "calibration_machine2"  # calibrated in another device call, on another machine instance
+REPEAT_RUNS = RESULTS / "gpu_runs_repeat"  # the same requests again, on the table's machine, in the same call
+THIRD_RUNS = RESULTS / "gpu_runs_third"  # and once more, on that machine, in an earlier call
+# two calibrations made one after the other in one device call on the machine of the table's
+# runs: the table's own (profiles/) and the one after it -- the calibration's repeatability
+PAIR_PROFILES = (REPO / "profiles", RESULTS / "calibration_repeat")
+# another machine instance (another device call): its calibration and its runs of the same workloads
+OTHER_MACHINE = RESULTS / "calibration_machine2"
+OTHER_RUNS = RESULTS / "gpu_runs_machine2"
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -122,7 +126,7 @@ def mean_abs(vals) -> float:
 
 def main() -> None:
     runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
-    rows, noise, own, diag = [], [], [], []
+    rows, noise, own, diag, rows_other = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for run in runs:
@@ -140,20 +144,25 @@ def main() -> None:
                 errs, its = errors(run, replay(run, "calibrated-host", tmp, hp), tmp / f"cmp-{run.name}-host")
                 diag.append((run.name, ratio, [errs.get(s) for s in STATS], its["mape"]))
             pa, pb = (d / f"h100-{model}.yaml" for d in PAIR_PROFILES)
-            if pa.exists() and pb.exists():  # calibration repeatability: sim(profile A) vs sim(profile B)
-                a = replay(run, "calibrated-pair-a", tmp, pa)
-                b = replay(run, "calibrated-pair-b", tmp, pb)
-                errs, its = errors(a, b, tmp / f"cmp-{run.name}-rep")
-                vs = tuple(errors(sims["calibrated"], x, tmp / f"cmp-{run.name}-vs{i}")[0] for i, x in enumerate((a, b)))
-                gpu = other = None
-                if (REPEAT_RUNS / run.name / "requests.parquet").exists():
-                    gpu, _ = errors(run, REPEAT_RUNS / run.name, tmp / f"cmp-{run.name}-gpu")
+            if pa.exists() and pb.exists():  # calibration repeatability: sim(table's profile) vs sim(the next one)
+                b = replay(run, "calibrated-repeat", tmp, pb)
+                cal, _ = errors(sims["calibrated"], b, tmp / f"cmp-{run.name}-rep")
+                gpu = [errors(run, d / run.name, tmp / f"cmp-{run.name}-gpu{i}")[0]
+                       for i, d in enumerate((REPEAT_RUNS, THIRD_RUNS)) if (d / run.name / "requests.parquet").exists()]
+                other = other_gpu = None
                 if (OTHER_MACHINE / f"h100-{model}.yaml").exists():
                     c = replay(run, "calibrated-machine2", tmp, OTHER_MACHINE / f"h100-{model}.yaml")
-                    other, _ = errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-m2")
-                    og, _ = errors(run, c, tmp / f"cmp-{run.name}-m2gpu")
-                    other = (other, og)
-                noise.append((run.name, errs, vs, gpu, other))
+                    other = (errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-m2")[0],
+                             errors(run, c, tmp / f"cmp-{run.name}-m2gpu")[0])
+                if (OTHER_RUNS / run.name / "requests.parquet").exists():
+                    other_gpu, _ = errors(run, OTHER_RUNS / run.name, tmp / f"cmp-{run.name}-m2runs")
+                noise.append((run.name, cal, gpu, other, other_gpu))
+            if (OTHER_RUNS / run.name / "requests.parquet").exists() and (OTHER_MACHINE / f"h100-{model}.yaml").exists():
+                # the other machine's own table: its calibration, its runs
+                o = OTHER_RUNS / run.name
+                errs, its = errors(o, replay(o, "calibrated-own", tmp, OTHER_MACHINE / f"h100-{model}.yaml"),
+                                   tmp / f"cmp-{run.name}-m2own")
+                rows_other.append((run.name, "calibrated", [errs.get(s) for s in STATS], its["mape"]))
     head = "| GPU run | sim cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 3)]
     for name, kind, errs, mape in rows:
@@ -161,21 +170,28 @@ def main() -> None:
         lines.append(f"| {name} | {kind} | {cells} | {mape:.1%} |")
     summary = ["", "| sim cost model | mean abs. error, all cells | p50s + throughput | p99s | energy/token | "
                "iteration MAPE |", "|---|---|---|---|---|---|"]
-    for kind in ("roofline", "calibrated"):
-        mine = [(errs, mape) for _, k, errs, mape in rows if k == kind]
+
+    def summarize(label: str, mine: list) -> str:
         allv = [e for errs, _ in mine for e in errs]
         p50 = [e for errs, _ in mine for s, e in zip(STATS, errs) if s in P50S]
         p99 = [e for errs, _ in mine for s, e in zip(STATS, errs) if s in P99S]
         en = [errs[-1] for errs, _ in mine]
-        summary.append(f"| {kind} | {mean_abs(allv):.1%} | {mean_abs(p50):.1%} | {mean_abs(p99):.1%} | "
-                       f"{mean_abs(en):.1%} | {mean_abs([m for _, m in mine]):.1%} |")
+        return (f"| {label} | {mean_abs(allv):.1%} | {mean_abs(p50):.1%} | {mean_abs(p99):.1%} | "
+                f"{mean_abs(en):.1%} | {mean_abs([m for _, m in mine]):.1%} |")
+
+    for kind in ("roofline", "calibrated"):
+        summary.append(summarize(kind, [(errs, mape) for _, k, errs, mape in rows if k == kind]))
+    if rows_other:
+        summary.append(summarize("calibrated, on another machine instance (its own calibration and runs)",
+                                 [(errs, mape) for *_, errs, mape in rows_other]))
     noise_lines = []
     if noise:
-        noise_lines = ["", "| workload | two calibrations in one device call (A, B): sim(A) vs sim(B), mean / max "
-                       "over the metrics | the table's calibration (the next call, same machine) vs sim(A) / vs "
-                       "sim(B), mean abs. | two GPU runs of the same requests (the second in another device call, on "
-                       "another machine instance), mean / max | calibration on another machine instance (another "
-                       "device call): vs the table's sim / vs the GPU run, mean abs. |", "|---|---|---|---|---|"]
+        noise_lines = ["", "| workload | two calibrations in one device call, on the table's machine (the table's and "
+                       "the next): sim vs sim, mean / max over the metrics | GPU runs of the same requests on the "
+                       "table's machine: the table's vs the same call's repeat, mean / max; vs an earlier call's, mean "
+                       "| calibration on another machine instance: its sim vs the table's sim / vs the table's GPU "
+                       "run, mean abs. | GPU run on another machine instance vs the table's GPU run, mean / max |",
+                       "|---|---|---|---|---|"]
 
         def mm(d: dict) -> str:
             v = [d.get(s) for s in STATS]
@@ -184,10 +200,10 @@ def main() -> None:
         def ma(d: dict) -> str:
             return f"{mean_abs([d.get(s) for s in STATS]):.1%}"
 
-        for name, cal, vs, gpu, other in noise:
+        for name, cal, gpu, other, other_gpu in noise:
+            g = "-" if not gpu else mm(gpu[0]) + (f"; {ma(gpu[1])}" if len(gpu) > 1 else "")
             oth = "-" if other is None else f"{ma(other[0])} / {ma(other[1])}"
-            noise_lines.append(f"| {name} | {mm(cal)} | {ma(vs[0])} / {ma(vs[1])} | {'-' if gpu is None else mm(gpu)} "
-                               f"| {oth} |")
+            noise_lines.append(f"| {name} | {mm(cal)} | {g} | {oth} | {'-' if other_gpu is None else mm(other_gpu)} |")
     order = ("decode-graph", "decode-eager", "mixed-piecewise", "mixed", "prefill-piecewise", "prefill")
     seen = {k for _, by in own for k in by}
     kinds = [k for k in order if k in seen] + sorted(seen - set(order))

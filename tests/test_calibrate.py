@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from servesim.sim import calibrate
 from servesim.sim.calibrate import SCHED, fit, load_profile, predict, read_grid, shapes_from_grid
@@ -230,6 +232,34 @@ def test_host_overhead_fit():
     assert h["scheduler_overhead_per_context_token_s"] == pytest.approx(1.5e-7, rel=0.05)
     assert fit_host([dict(n_decode=1, host_s="")]) is None
 
+@settings(max_examples=25, deadline=None)
+@given(speeds=st.lists(st.floats(0.5, 2.0), min_size=2, max_size=4), seed=st.integers(0, 2**16))
+def test_host_fit_separates_process_speeds(speeds, seed):
+    """Rows measured in processes of different host speed: fit_host recovers the typical
+    process's terms (speeds' geometric mean 1) and each process's speed, wherever the
+    grid's points happened to run, since every process also ran a part of the same served
+    run."""
+    from servesim.sim.calibrate import fit_host
+
+    rng = np.random.default_rng(seed)
+    s = np.asarray(speeds) / np.exp(np.mean(np.log(speeds)))
+    a, b, c = 3e-4, 2.5e-6, 1.5e-7
+    rows = []
+    for p in range(len(s)):  # a part of the served run in every process: small batches, short chunks
+        for _ in range(40):
+            n, k, t = int(rng.integers(1, 40)), int(rng.integers(0, 2)), 0
+            t = int(rng.integers(16, 700)) if k else 0
+            rows.append(dict(n_decode=n, n_chunks=k, ctx_tokens=t, process=p, host_s=s[p] * (a + b * (n + k) + c * t)))
+    for i, (n, k, t) in enumerate(((256, 0, 0), (128, 0, 0), (0, 2, 8192), (64, 1, 2048), (1, 0, 0))):
+        p = int(rng.integers(0, len(s)))  # a grid point in one process
+        rows += [dict(n_decode=n, n_chunks=k, ctx_tokens=t, process=p, host_s=s[p] * (a + b * (n + k) + c * t))] * 10
+    terms, got = fit_host(rows, with_speeds=True)
+    assert terms["scheduler_overhead_s"] == pytest.approx(a, rel=0.02)
+    assert terms["scheduler_overhead_per_request_s"] == pytest.approx(b, rel=0.02)
+    assert terms["scheduler_overhead_per_context_token_s"] == pytest.approx(c, rel=0.02)
+    assert got == pytest.approx(s, rel=0.02)
+
+
 def test_pricing_a_runs_own_iterations(tmp_path):
     """A sim run priced by its own cost model on its recorded shapes: no error on the
     iterations whose shape the record fixes exactly (decode-only; one context chunk)."""
@@ -353,6 +383,8 @@ def test_grid_over_several_processes(tmp_path):
     labels = [r["workload"] for r in env["power_runs"]]
     assert len(labels) == len(jobs) - 1 == len(set(labels)) and env["grid_processes"] == 2  # served: 2 parts
     assert {r["run"] for r in rows} == set(labels)  # every run gave rows
+    order = {w: i for i, w in enumerate(labels)}  # job i ran in process i mod 2
+    assert all(r["process"] == order[r["run"]] % 2 for r in rows)
     assert set(env["grid_iterations"].workload) == set(labels)
     p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "calibrate", "--model", "llama-3.2-1b",
                         "--backend", "gpu", "--processes", "0", "--out", str(tmp_path / "x.yaml")],
