@@ -222,6 +222,7 @@ def main() -> int:
             from servesim.gpu_backend import profiler
 
             profiler.DECODE_POINTS = [(4, 64, 12, True), (2, 32, 10, False)]
+            profiler.POWER_POINTS = [(4, 64, 16, True)]
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
             profiler.MIXED_POINTS = [(4, 32, 6, 40)]
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]

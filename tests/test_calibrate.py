@@ -144,7 +144,8 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     model = load_model(str(cfg))
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
                              prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
-                             piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)])
+                             piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)],
+                                 power_points=[])
     kinds = {r["kind"] for r in rows}
     assert kinds == {"decode", "prefill", "mixed"}
     # the piecewise point's mixed iterations ran at captured token counts
@@ -374,15 +375,19 @@ def test_grid_over_several_processes(tmp_path):
                                     tie_word_embeddings=False)))
     model = load_model(str(tiny))
     small = dict(decode_points=[(4, 64, 8, True), (8, 32, 8, False)], prefill_points=[(1, 64)],
-                 mixed_points=[(4, 16, 4, 32)], piecewise_points=[(4, 16, 4, 32)], served_points=[(10, 50.0, 40, 8)])
+                 mixed_points=[(4, 16, 4, 32)], piecewise_points=[(4, 16, 4, 32)], served_points=[(10, 50.0, 40, 8)],
+                 power_points=[(4, 32, 12, True)])
     jobs = prof.grid_jobs(model, processes=3, **small)
     served = [j for j in jobs if j.get("served_rate")]
     assert [j["n"] for j in served] == [4, 3, 3] and len({j["part"] for j in served}) == 3
     assert len(prof.grid_jobs(model, processes=1, **small)) == len(jobs) - 2
+    assert [j["keep"] for j in jobs if j["n"] == 4 and j["output"] == 12] == ["power"]
     rows, env = prof.measure_grid(model, str(tiny), processes=2, **small)
     labels = [r["workload"] for r in env["power_runs"]]
     assert len(labels) == len(jobs) - 1 == len(set(labels)) and env["grid_processes"] == 2  # served: 2 parts
-    assert {r["run"] for r in rows} == set(labels)  # every run gave rows
+    # every run gave rows but the power model's, which gave its energy and iterations only
+    assert {r["run"] for r in rows} == set(labels) - {"4x32+12"}
+    assert "4x32+12" in set(env["grid_iterations"].workload)
     order = {w: i for i, w in enumerate(labels)}  # job i ran in process i mod 2
     assert all(r["process"] == order[r["run"]] % 2 for r in rows)
     assert set(env["grid_iterations"].workload) == set(labels)
