@@ -242,14 +242,15 @@ def main() -> None:
     analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
     page.write_text(
         "# Simulator fidelity against the GPU\n\n"
-        "Commands: `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --steps 1,2` (one device call on an "
-        "H100: the calibration and the GPU runs; `--steps 1,3` for a repeatability pair, `--steps 1,4` on another "
-        "machine; see Reading the table), then `python benchmarks/fidelity.py` (anywhere: the replays and "
-        "this table). Each cell is the simulator's relative error (sim - GPU) / GPU on the same requests "
-        "(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
+        "Commands: device calls on an H100, `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --steps S "
+        "[--models M]` (steps: 1 calibrate, 2 the fidelity runs, 3 calibrate again, 4 the online-high runs again; "
+        "the calls are listed under Reading the table), each installed with `--install`; then "
+        "`python benchmarks/fidelity.py` (anywhere: the replays and these tables). Each cell is the simulator's "
+        "relative error (sim - GPU) / GPU on the same requests "
+"(`sim compare GPU_RUN SIM_RUN`). GPU runs: benchmarks/results/gpu_runs/ (experiments/fidelity.yaml: "
         "the Azure conversation trace at two loads and offline, Llama-3.2-1B (800 requests) and "
         "Llama-3.1-8B (300 requests), random weights, bf16, CUDA graphs, one H100). Calibrated = "
-        "profiles/h100-<model>.yaml, fitted in the same device call to the designed grid "
+        "profiles/h100-<model>.yaml, fitted on the same machine instance to the designed grid "
         "(benchmarks/results/calibration/), never to these workloads. Energy: NVML's energy counter on "
         "the GPU; the profile's fitted power model in the simulator.\n\n" + table + "\n" + analysis)
 
