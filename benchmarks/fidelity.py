@@ -10,8 +10,9 @@ never to these workloads), and `sim compare` gives the errors. Then the noise fl
 second calibration made right after the table's in the same device call
 (benchmarks/results/calibration_repeat/); the same GPU runs made again on the same machine
 (gpu_runs_repeat/: in the call of the table's runs; gpu_runs_third/: an earlier call); and
-another machine instance's calibration and runs of the same workloads
-(calibration_machine2/, gpu_runs_machine2/), compared with the table's and on their own.
+two other machine instances' calibrations and runs of the same workloads
+(calibration_machine2/ + gpu_runs_machine2/: A; calibration_machine3/ + gpu_runs_machine3/:
+C), compared with the table's and each on its own.
 Writes benchmarks/results/fidelity.md.
 
     python benchmarks/fidelity.py
@@ -35,9 +36,9 @@ THIRD_RUNS = RESULTS / "gpu_runs_third"  # and once more, on that machine, in an
 # two calibrations made one after the other in one device call on the machine of the table's
 # runs: the table's own (profiles/) and the one after it -- the calibration's repeatability
 PAIR_PROFILES = (REPO / "profiles", RESULTS / "calibration_repeat")
-# another machine instance (another device call): its calibration and its runs of the same workloads
-OTHER_MACHINE = RESULTS / "calibration_machine2"
-OTHER_RUNS = RESULTS / "gpu_runs_machine2"
+# other machine instances (other device calls): name, their calibration, their runs of the same workloads
+OTHER_MACHINES = (("A", RESULTS / "calibration_machine2", RESULTS / "gpu_runs_machine2"),
+                  ("C", RESULTS / "calibration_machine3", RESULTS / "gpu_runs_machine3"))
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -126,7 +127,7 @@ def mean_abs(vals) -> float:
 
 def main() -> None:
     runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
-    rows, noise, own, diag, rows_other = [], [], [], [], []
+    rows, noise, own, diag, rows_other = [], [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for run in runs:
@@ -149,20 +150,23 @@ def main() -> None:
                 cal, _ = errors(sims["calibrated"], b, tmp / f"cmp-{run.name}-rep")
                 gpu = [errors(run, d / run.name, tmp / f"cmp-{run.name}-gpu{i}")[0]
                        for i, d in enumerate((REPEAT_RUNS, THIRD_RUNS)) if (d / run.name / "requests.parquet").exists()]
-                other = other_gpu = None
-                if (OTHER_MACHINE / f"h100-{model}.yaml").exists():
-                    c = replay(run, "calibrated-machine2", tmp, OTHER_MACHINE / f"h100-{model}.yaml")
-                    other = (errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-m2")[0],
-                             errors(run, c, tmp / f"cmp-{run.name}-m2gpu")[0])
-                if (OTHER_RUNS / run.name / "requests.parquet").exists():
-                    other_gpu, _ = errors(run, OTHER_RUNS / run.name, tmp / f"cmp-{run.name}-m2runs")
+                other, other_gpu = {}, {}
+                for mach, cal_dir, runs_dir in OTHER_MACHINES:
+                    if (cal_dir / f"h100-{model}.yaml").exists():
+                        c = replay(run, f"calibrated-{mach}", tmp, cal_dir / f"h100-{model}.yaml")
+                        other[mach] = (errors(sims["calibrated"], c, tmp / f"cmp-{run.name}-{mach}")[0],
+                                       errors(run, c, tmp / f"cmp-{run.name}-{mach}gpu")[0])
+                    if (runs_dir / run.name / "requests.parquet").exists():
+                        other_gpu[mach], _ = errors(run, runs_dir / run.name, tmp / f"cmp-{run.name}-{mach}runs")
                 noise.append((run.name, cal, gpu, other, other_gpu))
-            if (OTHER_RUNS / run.name / "requests.parquet").exists() and (OTHER_MACHINE / f"h100-{model}.yaml").exists():
-                # the other machine's own table: its calibration, its runs
-                o = OTHER_RUNS / run.name
-                errs, its = errors(o, replay(o, "calibrated-own", tmp, OTHER_MACHINE / f"h100-{model}.yaml"),
-                                   tmp / f"cmp-{run.name}-m2own")
-                rows_other.append((run.name, "calibrated", [errs.get(s) for s in STATS], its["mape"]))
+            for mach, cal_dir, runs_dir in OTHER_MACHINES:  # each other machine's own table
+                o = runs_dir / run.name
+                if (o / "requests.parquet").exists() and (cal_dir / f"h100-{model}.yaml").exists():
+                    errs, its = errors(o, replay(o, f"calibrated-own-{mach}", tmp, cal_dir / f"h100-{model}.yaml"),
+                                       tmp / f"cmp-{run.name}-{mach}own")
+                    rows_other.setdefault(mach, []).append((run.name, "calibrated", [errs.get(s) for s in STATS],
+                                                            its["mape"]))
+
     head = "| GPU run | sim cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 3)]
     for name, kind, errs, mape in rows:
@@ -181,16 +185,17 @@ def main() -> None:
 
     for kind in ("roofline", "calibrated"):
         summary.append(summarize(kind, [(errs, mape) for _, k, errs, mape in rows if k == kind]))
-    if rows_other:
-        summary.append(summarize("calibrated, on another machine instance (its own calibration and runs)",
-                                 [(errs, mape) for *_, errs, mape in rows_other]))
+    for mach, mine in rows_other.items():
+        summary.append(summarize(f"calibrated, machine instance {mach} (its own calibration and runs)",
+                                 [(errs, mape) for *_, errs, mape in mine]))
     noise_lines = []
     if noise:
         noise_lines = ["", "| workload | two calibrations in one device call, on the table's machine (the table's and "
                        "the next): sim vs sim, mean / max over the metrics | GPU runs of the same requests on the "
                        "table's machine: the table's vs the same call's repeat, mean / max; vs an earlier call's, mean "
-                       "| calibration on another machine instance: its sim vs the table's sim / vs the table's GPU "
-                       "run, mean abs. | GPU run on another machine instance vs the table's GPU run, mean / max |",
+                       "| calibrations on other machine instances (A; C): their sim vs the table's sim / vs the table's "
+                       "GPU run, mean abs. | GPU runs on other machine instances (A; C) vs the table's GPU run, mean / "
+                       "max |",
                        "|---|---|---|---|---|"]
 
         def mm(d: dict) -> str:
@@ -202,8 +207,9 @@ def main() -> None:
 
         for name, cal, gpu, other, other_gpu in noise:
             g = "-" if not gpu else mm(gpu[0]) + (f"; {ma(gpu[1])}" if len(gpu) > 1 else "")
-            oth = "-" if other is None else f"{ma(other[0])} / {ma(other[1])}"
-            noise_lines.append(f"| {name} | {mm(cal)} | {g} | {oth} | {'-' if other_gpu is None else mm(other_gpu)} |")
+            oth = "; ".join(f"{ma(a)} / {ma(b)}" for a, b in other.values()) or "-"
+            ogpu = "; ".join(mm(d) for d in other_gpu.values()) or "-"
+            noise_lines.append(f"| {name} | {mm(cal)} | {g} | {oth} | {ogpu} |")
     order = ("decode-graph", "decode-eager", "mixed-piecewise", "mixed", "prefill-piecewise", "prefill")
     seen = {k for _, by in own for k in by}
     kinds = [k for k in order if k in seen] + sorted(seen - set(order))
