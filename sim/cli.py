@@ -237,6 +237,9 @@ def cmd_calibrate(args) -> int:
     con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
               f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
+    if fit.get("process_host_speeds"):
+        con.print("host speed of each grid process (the host terms are a typical process's): " + ", ".join(
+            f"{v:.2f}" for v in fit["process_host_speeds"]))
     pw = doc.get("power")
     if pw:
         con.print(f"power: idle {pw['idle_w']:.0f} W, busy +{pw['busy_w']:.0f} W, reading weights at full bandwidth "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +74,9 @@ def test_calibrated_profile_beats_roofline_on_its_grid(tmp_path):
     assert "grid_sha256" in doc["provenance"]
 
 
-def test_shipped_profiles_load_and_are_reproducible(tmp_path):
-    """Refitting the committed grid reproduces the shipped profile's predictions."""
+def test_shipped_profiles_load_and_are_reproducible(tmp_path, capsys):
+    """Refitting the committed grid reproduces the shipped profile's predictions (and
+    reports the host speed of each of the grid's three processes)."""
     for m in ("llama-3.2-1b", "llama-3.1-8b"):
         model, hw = load_model(m), load_hardware("h100-sxm")
         path = REPO / "profiles" / f"h100-{m}.yaml"
@@ -87,6 +89,8 @@ def test_shipped_profiles_load_and_are_reproducible(tmp_path):
         a = predict(model, hw, shipped.model_dump(exclude=set(SCHED)), shapes)
         b = predict(model, hw, again.model_dump(exclude=set(SCHED)), shapes)
         assert max(abs(a / b - 1)) < 0.01
+        speeds = re.search(r"host speed of each grid process[^:]*: ([\d., ]+)", capsys.readouterr().out)
+        assert speeds and len(speeds.group(1).split(",")) == 3
 
 
 def test_bad_profiles(tmp_path):
