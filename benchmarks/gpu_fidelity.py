@@ -79,8 +79,9 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
     (keeping the GPU call's provenance: GPU, driver, versions, date), so the shipped
     profiles always match the code that reads them. `calibration_dirs` (profiles, repeat)
     puts the calibrations elsewhere than profiles/ + calibration_repeat/ (another machine's,
-    kept for comparison); such a call's repeat runs (step 4) still replace gpu_runs_repeat/,
-    its fidelity runs are not installed, and its log goes to gpu_fidelity_log_<A>.txt."""
+    kept for comparison); such a call's repeat runs (step 4) still go to gpu_runs_repeat/,
+    its fidelity runs are not installed, and its log goes to gpu_fidelity_log_<A>.txt. GPU
+    runs replace those of the same name only: a call with one model's runs keeps the other's."""
     import shutil
 
     import yaml
