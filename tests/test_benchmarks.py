@@ -80,3 +80,29 @@ def test_gemm_curves_smoke(tmp_path):
     d = pd.read_csv(tmp_path / "gemm_curves.csv")
     assert set(d.linear) == {"qkv", "o", "gate_up", "down"} and set(d.tokens) == {1, 16}
     assert (d.seconds > 0).all() and (tmp_path / "gemm_curves.png").stat().st_size > 0
+
+
+def test_fidelity_ablation_refits_without_a_run(tmp_path):
+    """benchmarks/fidelity_ablation.py's refit: the dropped grid run leaves the power fit
+    (its energy, its iterations) and nothing else; without a drop the shipped profile's
+    power runs come back."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("fidelity_ablation", REPO / "benchmarks" / "fidelity_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cal = REPO / "benchmarks" / "results" / "calibration"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    kept = mod.refit(cal, tmp_path / "a", None, "both", False)
+    dropped = mod.refit(cal, tmp_path / "b", "128x1024+384", "power", False)
+    for m in mod.MODELS:
+        def power_runs(p):
+            return {r["workload"] for r in yaml.safe_load(p.read_text())["power"]["fit"]["residuals"]}
+
+        assert "128x1024+384" in power_runs(kept[m]) and "128x1024+384" not in power_runs(dropped[m])
+        assert power_runs(kept[m]) - power_runs(dropped[m]) == {"128x1024+384"}
+        a, b = (yaml.safe_load(p[m].read_text())["fit"]["points"] for p in (kept, dropped))
+        assert a == b  # the time fit's rows are the same
