@@ -68,12 +68,27 @@ def replay(run: Path, kind: str, out: Path, profile: Path | None = None) -> Path
     return out / name / "base"
 
 
-def errors(a: Path, b: Path, out: Path) -> tuple[dict, dict]:
+def errors(a: Path, b: Path, out: Path, values: bool = False) -> tuple[dict, dict]:
+    """Per (metric, stat) the relative error (b - a) / a of `sim compare A B` (with
+    ``values``: the pair of values (a, b) instead), and its per-iteration comparison."""
     from servesim.sim.compare import compare_runs
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         c = compare_runs(a, b, out, quiet=True)
-    return {(m["metric"], m["stat"]): m["rel_err"] for m in c["metrics"]}, c["iterations"]
+    return {(m["metric"], m["stat"]): (m["a"], m["b"]) if values else m["rel_err"] for m in c["metrics"]}, \
+        c["iterations"]
+
+
+def vs_mean_of_runs(gpu_runs: list[Path], sim: Path, out: Path) -> dict:
+    """The simulator's relative error against the mean of several GPU runs of the same
+    requests, per (metric, stat): what is left when the GPU's run-to-run noise is averaged."""
+    vals = [errors(g, sim, out / f"mean{i}", values=True)[0] for i, g in enumerate(gpu_runs)]
+    res = {}
+    for k, (_, b) in vals[0].items():
+        a = [v[k][0] for v in vals if v.get(k) and v[k][0] is not None]
+        if b is not None and len(a) == len(vals) and sum(a):
+            res[k] = b / (sum(a) / len(a)) - 1
+    return res
 
 
 def own_iterations(run: Path, model: str, profile: Path) -> dict:
@@ -127,7 +142,7 @@ def mean_abs(vals) -> float:
 
 def main() -> None:
     runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
-    rows, noise, own, diag, rows_other = [], [], [], [], {}
+    rows, noise, own, diag, rows_other, vs_mean = [], [], [], [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for run in runs:
@@ -159,6 +174,11 @@ def main() -> None:
                     if (runs_dir / run.name / "requests.parquet").exists():
                         other_gpu[mach], _ = errors(run, runs_dir / run.name, tmp / f"cmp-{run.name}-{mach}runs")
                 noise.append((run.name, cal, gpu, other, other_gpu))
+                many = [run] + [d / run.name for d in (REPEAT_RUNS, THIRD_RUNS)
+                                if (d / run.name / "requests.parquet").exists()]
+                if len(many) > 2:  # the calibrated row of this run, and against the runs' mean
+                    mean = vs_mean_of_runs(many, sims["calibrated"], tmp / f"m-{run.name}")
+                    vs_mean.append((run.name, len(many), (rows[-1][2], [mean.get(s) for s in STATS])))
             for mach, cal_dir, runs_dir in OTHER_MACHINES:  # each other machine's own table
                 o = runs_dir / run.name
                 if (o / "requests.parquet").exists() and (cal_dir / f"h100-{model}.yaml").exists():
@@ -240,7 +260,18 @@ def main() -> None:
         diag_lines.append(f"| mean abs. | | all cells {mean_abs(allv):.1%}, p50s + throughput {mean_abs(p50):.1%}, "
                           f"p99s {mean_abs(p99):.1%}, iteration MAPE {mean_abs([m for *_, m in diag]):.1%} |"
                           + " |" * (len(STATS) - 1))
-    table = "\n".join(lines + summary + own_lines + noise_lines + diag_lines)
+    mean_lines = []
+    if vs_mean:
+        mean_lines = ["", "The calibrated simulator against the table's GPU run and against the mean of that workload's GPU "
+                      "runs on the table's machine (the same requests, run several times): how much of its error is the "
+                      "GPU's run-to-run noise.", "",
+                      "| GPU run | against | " + " | ".join(label(m, s) for m, s in STATS) + " | mean abs. |",
+                      "|" + "---|" * (len(STATS) + 3)]
+        for name, k, (one, mean) in vs_mean:
+            for what, errs in (("the table's run", one), (f"the mean of {k} runs", mean)):
+                cells = " | ".join("-" if e is None else f"{e:+.1%}" for e in errs)
+                mean_lines.append(f"| {name} | {what} | {cells} | {mean_abs(errs):.1%} |")
+    table = "\n".join(lines + summary + own_lines + noise_lines + mean_lines + diag_lines)
     print(table)
     page = RESULTS / "fidelity.md"
     marker = "\n## Reading the table"
