@@ -12,7 +12,9 @@ Steps, most important first; each is skipped when the time budget left is too sm
  2. `sim run experiments/fidelity.yaml --backend gpu` (the fidelity workloads: Azure
     conversation trace at two loads, an offline batch, per model);
  3. a second calibration of each model (calibration repeatability);
- 4. a repeat of the online-high runs (run-to-run noise on the GPU).
+ 4. a repeat of the online-high runs (run-to-run noise on the GPU);
+ 5, 6. every fidelity run again, twice (runs_repeat/, runs_third/: the table against the
+    mean of three GPU runs of each workload). Not in the default steps.
 Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device tool
 returns at most 8 files). Back on any machine,
 
@@ -244,6 +246,10 @@ def main() -> int:
         plan.append(("3", f"calibrate {m} again", 90 if m == "8b" else 55, lambda m=m: calibrate(m, "profiles_repeat")))
     for m in models:
         plan.append(("4", f"repeat run {m}", 45, lambda m=m: run(m, ["online-high"], "runs_repeat")))
+    for step, folder in (("5", "runs_repeat"), ("6", "runs_third")):  # every fidelity run again
+        for m in models:
+            plan.append((step, f"fidelity runs {m} again ({folder})", 120,
+                         lambda m=m, f=folder: run(m, ["online-low", "online-high", "offline"], f)))
     os.chdir(REPO)
     for step, what, need, fn in plan:
         if step not in steps:
