@@ -39,6 +39,10 @@ PAIR_PROFILES = (REPO / "profiles", RESULTS / "calibration_repeat")
 # other machine instances (other device calls): name, their calibration, their runs of the same workloads
 OTHER_MACHINES = (("A", RESULTS / "calibration_machine2", RESULTS / "gpu_runs_machine2"),
                   ("C", RESULTS / "calibration_machine3", RESULTS / "gpu_runs_machine3"))
+# machine instances whose every fidelity run was made three times (D for the 8B, E for the 1B:
+# one device call per model), with the calibration of the same call
+THRICE = (RESULTS / "calibration_machine4",
+          tuple(RESULTS / f"gpu_runs_machine4{s}" for s in ("", "_repeat", "_third")))
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -179,6 +183,17 @@ def main() -> None:
                 if len(many) > 2:  # the calibrated row of this run, and against the runs' mean
                     mean = vs_mean_of_runs(many, sims["calibrated"], tmp / f"m-{run.name}")
                     vs_mean.append((run.name, len(many), (rows[-1][2], [mean.get(s) for s in STATS])))
+            cal4, runs4 = THRICE
+            if (cal4 / f"h100-{model}.yaml").exists() and all((d / run.name / "requests.parquet").exists()
+                                                             for d in runs4):
+                many = [d / run.name for d in runs4]
+                sim4 = replay(many[0], "calibrated-thrice", tmp, cal4 / f"h100-{model}.yaml")
+                one, its = errors(many[0], sim4, tmp / f"cmp-{run.name}-thrice")
+                mean = vs_mean_of_runs(many, sim4, tmp / f"m4-{run.name}")
+                rows_other.setdefault("D/E, against one GPU run", []).append(
+                    (run.name, "calibrated", [one.get(s) for s in STATS], its["mape"]))
+                rows_other.setdefault("D/E, against the mean of its three GPU runs", []).append(
+                    (run.name, "calibrated", [mean.get(s) for s in STATS], its["mape"]))
             for mach, cal_dir, runs_dir in OTHER_MACHINES:  # each other machine's own table
                 o = runs_dir / run.name
                 if (o / "requests.parquet").exists() and (cal_dir / f"h100-{model}.yaml").exists():
