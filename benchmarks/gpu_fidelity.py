@@ -15,6 +15,9 @@ Steps, most important first; each is skipped when the time budget left is too sm
  4. a repeat of the online-high runs (run-to-run noise on the GPU);
  5, 6. every fidelity run again, twice (runs_repeat/, runs_third/: the table against the
     mean of three GPU runs of each workload). Not in the default steps.
+ 7, 8, 9. experiments/fidelity_features.yaml: the overlap scheduler off and on (7), prefix
+    reuse off and on (8), the overlap pair again (9; features/, features_repeat/:
+    benchmarks/feature_fidelity.py's table). Not in the default steps.
 Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device tool
 returns at most 8 files). Back on any machine,
 
@@ -45,6 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing (servesim/__init__.py)
 
 MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
+# experiments/fidelity_features.yaml's pairs (variant names after the model's "8b-" / "1b-")
+OVERLAP_PAIR = ("online-high", "online-high-overlap")
+REUSE_PAIR = ("multiturn-noreuse", "multiturn-reuse")
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
             max_position_embeddings=4096, tie_word_embeddings=False)
@@ -102,8 +108,9 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
         src = Path(tmp) / "fidelity_gpu"
         # another machine's call (calibration_dirs) brings its repeat runs, not the table's runs
         # run by run: a call with one model's runs leaves the other model's in place
-        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
-            if calibration_dirs is None or sub == "runs_repeat":
+        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat"),
+                          ("features", res / "gpu_runs_features"), ("features_repeat", res / "gpu_runs_features_repeat")):
+            if calibration_dirs is None or sub != "runs":
                 for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
                     dest.mkdir(parents=True, exist_ok=True)
                     if run.is_dir():
@@ -125,6 +132,11 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
         if (src / "log.txt").exists():
             log = res / ("gpu_fidelity_log.txt" if calibration_dirs is None else
                          f"gpu_fidelity_log_{calibration_dirs[0].removeprefix('calibration_')}.txt")
+            if calibration_dirs is not None:  # a second call installed into the same dirs keeps the first's log
+                k = 2
+                while log.exists():
+                    log = log.with_name(f"{log.stem.rsplit('_call', 1)[0]}_call{k}.txt")
+                    k += 1
             shutil.copy(src / "log.txt", log)
             written.append(log)
     return written
@@ -232,8 +244,8 @@ def main() -> int:
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
 
-    def run(m: str, variants: list[str], folder: str) -> None:
-        cli(["run", "experiments/fidelity.yaml", "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
+    def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml") -> None:
+        cli(["run", experiment, "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
              "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false", *common], log,
             fresh=not args.smoke)
 
@@ -250,6 +262,13 @@ def main() -> int:
         for m in models:
             plan.append((step, f"fidelity runs {m} again ({folder})", 120,
                          lambda m=m, f=folder: run(m, ["online-low", "online-high", "offline"], f)))
+    features = "experiments/fidelity_features.yaml"  # each feature off and on, same requests
+    for step, what, variants, folder in (("7", "overlap scheduler off / on", OVERLAP_PAIR, "features"),
+                                         ("8", "prefix reuse off / on", REUSE_PAIR, "features"),
+                                         ("9", "overlap scheduler off / on again", OVERLAP_PAIR, "features_repeat")):
+        for m in models:
+            plan.append((step, f"{what} {m}", 70 if "overlap" in what else 110,
+                         lambda m=m, v=variants, f=folder: run(m, list(v), f, features)))
     os.chdir(REPO)
     for step, what, need, fn in plan:
         if step not in steps:
