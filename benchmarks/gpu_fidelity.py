@@ -23,11 +23,13 @@ returns at most 8 files). Back on any machine,
 
     python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz
     python benchmarks/gpu_fidelity.py --refit     # after a change to the fitting code
+    python benchmarks/gpu_fidelity.py --install-features PATH/fidelity_gpu.tar.gz NAME  # steps 1, 7-9
 
 puts it in place -- runs in benchmarks/results/gpu_runs{,_repeat}/, grids in
 benchmarks/results/calibration/, profiles in profiles/ (the second calibration in
 benchmarks/results/calibration_repeat/) -- and `benchmarks/fidelity.py` replays the runs
-on the simulator and writes the error table.
+on the simulator and writes the error table. A call of the feature steps goes, with its
+calibration, to benchmarks/results/features/NAME/ (`benchmarks/feature_fidelity.py`).
 """
 
 from __future__ import annotations
@@ -142,6 +144,42 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
     return written
 
 
+def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
+    """Unpack a device call's feature runs (steps 7-9) with that call's calibration (step 1)
+    into benchmarks/results/features/NAME/: profiles/ (refitted here, provenance kept, with
+    their grids), runs/ (steps 7, 8), runs_repeat/ (step 9), log.txt -- one machine
+    instance, one folder, so each run is replayed with its own machine's calibration."""
+    import shutil
+
+    import yaml
+
+    dest = repo / "benchmarks" / "results" / "features" / name
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter="data")
+        src = Path(tmp) / "fidelity_gpu"
+        if not any((src / s).is_dir() for s in ("features", "features_repeat")):
+            raise SystemExit(f"{tarball}: no feature runs (steps 7-9) in it")
+        for sub, to in (("features", "runs"), ("features_repeat", "runs_repeat")):
+            for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
+                if run.is_dir():
+                    (dest / to).mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(dest / to / run.name, ignore_errors=True)
+                    shutil.copytree(run, dest / to / run.name)
+                    written.append(dest / to / run.name)
+        for prof in sorted((src / "profiles").glob("*.yaml")) if (src / "profiles").is_dir() else []:
+            (dest / "profiles").mkdir(parents=True, exist_ok=True)
+            for f in (src / "profiles").glob(f"{prof.stem}.grid*.*"):
+                shutil.copy(f, dest / "profiles" / f.name)
+            written.append(refit_profile(yaml.safe_load(prof.read_text()), dest / "profiles" / f"{prof.stem}.grid.csv",
+                                         dest / "profiles" / prof.name, repo))
+        if (src / "log.txt").exists():
+            shutil.copy(src / "log.txt", dest / "log.txt")
+            written.append(dest / "log.txt")
+    return written
+
+
 def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO) -> Path:
     """Write to ``dest`` the profile fitted to ``grid`` by this checkout's `sim calibrate`,
     keeping the provenance of ``made`` (the profile as the GPU call wrote it)."""
@@ -166,12 +204,13 @@ def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO) -> Path
 
 
 def refit_shipped(repo: Path = REPO) -> list[Path]:
-    """Refit every shipped profile (profiles/, benchmarks/results/calibration*/) from the grid
+    """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,features/*/profiles}/) from the grid
     its provenance names: after a change to the fitting code, no profile is left stale."""
     import yaml
 
     out = []
-    for prof in sorted([*(repo / "profiles").glob("*.yaml"), *(repo / "benchmarks" / "results").glob("calibration*/*.yaml")]):
+    for prof in sorted([*(repo / "profiles").glob("*.yaml"), *(repo / "benchmarks" / "results").glob("calibration*/*.yaml"),
+                        *(repo / "benchmarks" / "results").glob("features/*/profiles/*.yaml")]):
         made = yaml.safe_load(prof.read_text())
         src = (made.get("provenance") or {}).get("source")
         if src and (repo / src).is_file():
@@ -183,6 +222,10 @@ def main() -> int:
     if len(sys.argv) == 2 and sys.argv[1] == "--refit":
         for p in refit_shipped():
             print("refitted", p)
+        return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--install-features":  # --install-features TARBALL NAME
+        for p in install_features(Path(sys.argv[2]), sys.argv[3]):
+            print("wrote", p)
         return 0
     if len(sys.argv) in (3, 5) and sys.argv[1] == "--install":
         dirs = None
@@ -241,6 +284,7 @@ def main() -> int:
             profiler.PREFILL_POINTS = [(1, 128), (2, 64)]
             profiler.MIXED_POINTS = [(4, 32, 6, 40)]
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
+            profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
 

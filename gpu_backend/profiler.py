@@ -78,6 +78,14 @@ MIXED_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (48, 512, 32, 640), (32, 1
 # The same kind of runs with piecewise CUDA graphs (runtime.piecewise_graphs): its mixed
 # iterations at padded token counts, and one-chunk prefills (the last point)
 PIECEWISE_POINTS = [(48, 64, 24, 96), (64, 256, 32, 320), (32, 1536, 24, 2048), (8, 512, 1, 512)]
+# Cached context (KV reuse): (requests, cached prefix, new tokens, output, max_num_tokens).
+# Every request shares the prefix (a system prompt) and arrives 1/PREFIX_RATE s after the
+# previous one, when the prefix is cached: each is one chunk of its new tokens over the
+# cached prefix beside the earlier requests' decodes -- the iterations of a multi-turn
+# conversation, whose attention walks the whole prefix with few programs.
+PREFIX_POINTS = [(16, 1024, 256, 16, 320), (16, 3072, 512, 16, 640), (12, 6144, 768, 16, 896),
+                 (16, 2048, 128, 16, 192)]
+PREFIX_RATE = 8.0
 # (requests, Poisson rate req/s, mean prompt, mean output; lognormal lengths): a sustained
 # serving run of ~15 s, "small" for models under ~3B parameters, else "large" (a rate
 # the model sustains on an H100 at roughly half load). Its batches have the unequal KV
@@ -99,10 +107,19 @@ WORKER_HEAT_UP_S = 2.0  # and at the start of each further grid process
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
          max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None,
-         part: str = ""):
+         part: str = "", prefix: int = 0):
     from .runner import simulate_gpu
 
-    if served_rate is None:
+    reuse = False
+    if prefix:  # a shared cached prefix, one request at a time (PREFIX_POINTS)
+        workload = {"prefix": {"kind": "shared_system_prompt", "num_requests": n,
+                               "arrival": {"kind": "fixed", "rate_req_s": PREFIX_RATE}, "system_len": prefix,
+                               "user_len": {"kind": "constant", "value": prompt},
+                               "output_len": {"kind": "constant", "value": output}}}
+        sched = {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens, "enable_chunked_context": True}
+        kv = {"pool_tokens": n * (prefix + prompt + output) + 4096}
+        reuse = True
+    elif served_rate is None:
         workload = {"num_requests": n, "arrival": {"kind": "offline"},
                     "prompt_len": {"kind": "constant", "value": prompt},
                     "output_len": {"kind": "constant", "value": output}}
@@ -122,9 +139,9 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     cfg = RunConfig.model_validate({
         "model": model_ref,
         "hardware": hardware,
-        "workload": {"synthetic": workload},
+        "workload": workload if prefix else {"synthetic": workload},
         "scheduler": sched,
-        "kv_cache": kv,
+        "kv_cache": {**kv, "enable_block_reuse": reuse},
         "runtime": {"cuda_graphs": graphs, "piecewise_graphs": piecewise},
         "output": {"plots": False},
     })
@@ -141,6 +158,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
                                                    *roofline_work(res.iterations, setup.model, setup.hardware))
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
+             f"{n}x({prefix} cached)+{prompt}+{output}" if prefix else
              f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
     run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}{part}", energy_j=energy,
@@ -219,7 +237,8 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
 
 
 def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_points=None,
-              piecewise_points=None, served_points=None, processes: int = 1, power_points=None) -> list[dict]:
+              piecewise_points=None, served_points=None, processes: int = 1, power_points=None,
+              prefix_points=None) -> list[dict]:
     """The grid's runs, in order: each a dict of `_run`'s keyword arguments plus ``keep``
     (which iterations become rows: all but the first SKIP_FIRST, the prefills only, or none
     for the power model's runs).
@@ -236,6 +255,9 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
     for n, prompt, output, budget in (PIECEWISE_POINTS if piecewise_points is None else piecewise_points):
         jobs.append(dict(n=n, prompt=prompt, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
                          keep="skip"))
+    for n, prefix, new, output, budget in (PREFIX_POINTS if prefix_points is None else prefix_points):
+        jobs.append(dict(n=n, prompt=new, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
+                         prefix=prefix, keep="skip"))
     for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
         k = max(1, min(processes, n))
         for part in range(k):
@@ -301,7 +323,7 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None, processes: int = 1,
-                 power_points=None) -> tuple[list[dict], dict]:
+                 power_points=None, prefix_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -333,7 +355,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
         return float(r.duration_s - r.exec_s + r.prep_s)
 
     jobs = grid_jobs(model, decode_points, prefill_points, mixed_points, piecewise_points, served_points,
-                     processes, power_points)
+                     processes, power_points, prefix_points)
     results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
                _run_in_processes(ref, hardware, jobs, processes))
     k = max(1, processes)

@@ -41,6 +41,8 @@ PARAMS = (
     ("bandwidth_efficiency", 0.2, 1.1, 0.9),  # <= 1.1: a read stream beats a copy by ~10%, no more
     ("kv_bandwidth_efficiency", 0.2, 1.1, 0.8),
     ("attention_flops_efficiency", 0.05, 1.5, 0.5),
+    # a chunk over a long cached prefix: its last program's walk (the cached-context points)
+    ("prefill_attention_program_speed", 0.05, 1.5, 0.5),
     ("host_overhead_eager_s", 1e-5, 0.1, 1e-2),
     ("host_overhead_context_s", 1e-5, 0.1, 2e-3),
     ("host_overhead_graph_s", 1e-6, 5e-3, 1e-4),

@@ -19,6 +19,12 @@ generation count when the iteration runs as a CUDA graph) and ``S`` sampling tok
   FLOPs ``4 * head_dim * heads * (n*p + n*(n+1)/2)`` per layer (QK^T and PV, causal),
   bytes: Q in, O out, the chunk's K/V in and written to the cache, the ``p`` cached
   tokens' K/V read;
+  and at least the time of the kernel's longest program -- the last query tile of the
+  chunk with the most KV (``prefill_attention_rows`` rows over its cached + new tokens) on
+  one SM at ``prefill_attention_program_speed / num_sms`` of the attention rate (an SM
+  needs several resident programs for its full rate): a short chunk over a long reused prefix
+  has too few programs to fill the GPU, and its time grows with the prefix, not the
+  product the FLOPs count;
 * **decode attention**: a per-request part (Q in, O out, the new K/V written) and a part
   linear in ``decode_kv_sum``: per cached token ``max(4*head_dim*heads / F,
   2*kv_heads*head_dim*b / B)`` per layer. With GQA it is memory bound by a factor of
@@ -51,16 +57,18 @@ Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention'
             ``piecewise_tokens`` (attention and the sampled rows stay real)
 
 With context chunks only ``context_launch_overlap`` of the hideable launch time hides.
-    sched = 0 with the overlap scheduler (the next batch is scheduled while the GPU
-            runs this one), else scheduler_overhead_s + per_request * requests
-            + per_context_token * context tokens
+    sched = scheduler_overhead_s + per_request * requests + per_context_token * context tokens
+
+With the overlap scheduler the host schedules, prepares and launches iteration n+1 while
+the GPU runs n, so an iteration costs ``max(gpu_rest, host_work + sched) + gpu_kv``,
+``host_work`` the whole launch time of its mode (graph, piecewise, eager: nothing of it
+hidden by the mode itself) -- the host shows only where it is slower than the GPU.
 
 Eager kernel launches run ahead of the GPU asynchronously, so they overlap the GPU work;
 letting them overlap only ``gpu_rest`` (not the decode_kv_sum term) keeps the price of a
 generation-only iteration exactly affine in ``decode_kv_sum`` -- the contract of
 ``CostModel`` -- at the cost of a small overestimate when launches dominate. For the same
-reason the overlap scheduler hides the scheduler overhead entirely rather than taking
-``max(gpu, host)``. An iteration with no tokens costs 0.
+reason the overlap scheduler's host work hides under ``gpu_rest`` only. An iteration with no tokens costs 0.
 """
 
 from __future__ import annotations
@@ -148,6 +156,18 @@ class RooflineConfig(BaseModel):
     )
     attention_flops_efficiency: float = Field(
         1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
+    )
+    prefill_attention_rows: int = Field(
+        128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "
+        "attention kernel holds (half of it when the iteration's chunks average at most twice that many tokens, "
+        "the GPU backend's kernel's tile for short chunks). A chunk's last program walks the chunk's whole KV "
+        "(cached + new) with them on one SM, so attention takes at least that long however few programs the "
+        "chunk has (hardware num_sms). 0: no such bound"
+    )
+    prefill_attention_program_speed: float = Field(
+        0.5, gt=0, description="one prefill attention program's speed relative to an SM's share of the attention "
+        "rate (attention rate / num_sms): an SM needs several resident programs to reach its rate, a program alone "
+        "gets part of it; a calibration fits it"
     )
     linear_ridge_exponent: float | None = Field(
         None, ge=1, description="a linear layer's time is (t_flops^p + t_bytes^p)^(1/p) with this p instead of "
@@ -267,6 +287,10 @@ class RooflineCostModel:
         self._ap_f = L * 4.0 * hd * hg / Fa
         self._ap_new = L * float((2 * hg * hd + 4 * kvg * hd) * b) / B
         self._ap_prior = L * float(2 * kvg * hd * b) / B
+        # longest-program bound: seconds per (query row x key) of one program at one SM's
+        # share of the attention rate, all layers
+        self._ap_rows = cfg.prefill_attention_rows if hw.num_sms else 0
+        self._ap_prog = L * 4.0 * hd / (Fa / hw.num_sms * cfg.prefill_attention_program_speed) if hw.num_sms else 0.0
         # Decode attention: per request (Q in, O out, new K/V written), per cached token.
         self._ad_req = L * float((2 * hg * hd + 2 * kvg * hd) * b) / B
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
@@ -296,14 +320,9 @@ class RooflineCostModel:
             if cfg.host_overhead_piecewise_s is not None
             else cfg.eager_launch_base_s + cfg.piecewise_launch_per_layer_s * L
         )
-        if overlap_scheduler:
-            self._sched_fixed = 0.0
-            self._sched_req = 0.0
-            self._sched_tok = 0.0
-        else:
-            self._sched_fixed = cfg.scheduler_overhead_s
-            self._sched_req = cfg.scheduler_overhead_per_request_s
-            self._sched_tok = cfg.scheduler_overhead_per_context_token_s
+        self._sched_fixed = cfg.scheduler_overhead_s
+        self._sched_req = cfg.scheduler_overhead_per_request_s
+        self._sched_tok = cfg.scheduler_overhead_per_context_token_s
         self._affine: dict[tuple[int, bool, int], tuple[float, float]] = {}
         self._pcie = hw.pcie_bytes_per_s  # per direction
 
@@ -360,14 +379,37 @@ class RooflineCostModel:
         hidden = gpu_rest if gpu_rest < h else h
         return h - (self._ctx_overlap * hidden if context else hidden)
 
+    def _host_work(self, graph: bool, context: bool, piecewise: bool, with_decode: bool) -> float:
+        """The host's whole launch work for an iteration (none of it hidden)."""
+        if graph:
+            return self._host_graph
+        if piecewise:
+            return self._host_pw + self._host_pw_dec if with_decode else self._host_pw
+        return self._host_eager + self._host_ctx if context else self._host_eager
+
     def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False,
                piecewise: bool = False, with_decode: bool = False, ctx_tokens: int = 0) -> float:
-        return gpu_rest + self._launch(gpu_rest, graph, context, piecewise, with_decode) + gpu_kv + \
-            (self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens)
+        sched = self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens
+        if self.overlap_scheduler:
+            # the host schedules, prepares and launches this iteration while the GPU runs the
+            # previous one: the step is the longer of the two (the host's part hiding under
+            # gpu_rest only, so a decode step stays affine in decode_kv_sum)
+            host = self._host_work(graph, context, piecewise, with_decode) + sched
+            return (gpu_rest if gpu_rest > host else host) + gpu_kv
+        return gpu_rest + self._launch(gpu_rest, graph, context, piecewise, with_decode) + gpu_kv + sched
 
     @staticmethod
     def _decode_tokens(n: int, graph: bool, padded: int) -> int:
         return padded if (graph and n > 0 and padded > n) else n
+
+    def _longest_program(self, ctx: tuple[int, ...], prior: tuple[int, ...]) -> float:
+        """Seconds of the prefill attention's longest program: the last query tile of the
+        chunk with the most KV, walking it all on one SM (the GPU's time is at least that,
+        however few programs the iteration has)."""
+        rows = self._ap_rows
+        if sum(ctx) <= 2 * rows * len(ctx):
+            rows //= 2
+        return self._ap_prog * rows * max(c + p for c, p in zip(ctx, prior))
 
     # --- CostModel protocol --------------------------------------------------------
     def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
@@ -417,6 +459,10 @@ class RooflineCostModel:
             attn += f if f > m else m
         if T == 0:
             return 0.0
+        if self._ap_rows:
+            longest = self._longest_program(ctx, shape.ctx_prior_tokens)
+            if longest > attn:
+                attn = longest
         S = shape.n_ctx_sampling + nd
         ct = T - nd  # context tokens
         # Inlined _gpu_rest (price is the hot path); piecewise graphs pad the token-wise
@@ -474,14 +520,25 @@ class RooflineCostModel:
             max(self._ap_f * (c * p + c * (c + 1) // 2), self._ap_new * c + self._ap_prior * p)
             for c, p in zip(shape.ctx_new_tokens, shape.ctx_prior_tokens)
         ) + 0.0
+        if self._ap_rows and shape.ctx_new_tokens:
+            out["attn_prefill"] = max(out["attn_prefill"],
+                                      self._longest_program(shape.ctx_new_tokens, shape.ctx_prior_tokens))
         out["attn_decode"] = self._ad_req * nd
         out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
         out["kernel_floor"] = self._floor
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
-        out["host_launch"] = self._launch(gpu_rest, shape.graph, bool(shape.ctx_new_tokens), pw > 0, n > 0)
-        out["scheduler"] = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n) + \
+        ctx = bool(shape.ctx_new_tokens)
+        sched = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n) + \
             self._sched_tok * sum(shape.ctx_new_tokens)
+        if self.overlap_scheduler:  # what of the host's work shows past gpu_rest, split pro rata
+            h = self._host_work(shape.graph, ctx, pw > 0, n > 0)
+            shown = max(h + sched - gpu_rest, 0.0)
+            out["host_launch"] = shown * h / (h + sched) if h + sched else 0.0
+            out["scheduler"] = shown - out["host_launch"]
+        else:
+            out["host_launch"] = self._launch(gpu_rest, shape.graph, ctx, pw > 0, n > 0)
+            out["scheduler"] = sched
         return out
 
     def gpu_time(self, shape: IterationShape) -> float:

@@ -76,6 +76,12 @@ class Engine:
         self.executor = executor
         self.replica = replica
         self.cost = getattr(executor, "cost_model", None)
+        # The overlap scheduler decides iteration n+1 while n runs, so a request that arrives
+        # after n started waits for n+2. A real overlapping executor (the GPU's) lags by
+        # construction; on a simulated clock the engine holds such arrivals back itself.
+        self.models_lag = cfg.overlap and not getattr(executor, "overlap", False)
+        self._last_start = -INF  # the last iteration run: its start and end
+        self._last_end = -INF
         self.needs_requests = bool(getattr(executor, "needs_requests", False))
         self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
         self.kv.reserving = cfg.capacity.reserves
@@ -170,17 +176,21 @@ class Engine:
         self.done.append(req)
 
     # ------------------------------------------------------------------ admission
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float, cutoff: float = INF) -> bool:
+        """Admit waiting requests (those that arrived by `cutoff`, or were preempted); True
+        when one was held back by the cutoff."""
         cfg = self.cfg
         policy = cfg.capacity
         if not self.waiting:
-            return
+            return False
         if not policy.admit_while_busy and self.n_active():
-            return
+            return False
         kv = self.kv
         headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
         while self.waiting and self.n_active() < cfg.max_batch_size:
             req = self.waiting[0]
+            if req.arrival_s > cutoff and not req.preemptions:
+                return True
             if self._final_blocks(req) > kv.total:
                 self.waiting.popleft()
                 self._reject(req)
@@ -236,6 +246,7 @@ class Engine:
             req.admit_seq = self._admit_seq
             self._admit_seq += 1
             self.context.append(req)
+        return False
 
     def _swap_in(self, req: Request, headroom: int) -> bool:
         """Bring a swapped-out request's KV back from the host; it resumes generating."""
@@ -302,7 +313,11 @@ class Engine:
             st = self.cache.stats
             self._ev0 = st.dropped + st.offloaded
             self._off0 = st.offloaded
-        self._admit(now)
+        cutoff = now  # requests that arrived after it wait for a later iteration
+        if self.models_lag and now <= self._last_end + 1e-9 and (self.context or self.n_dec):
+            cutoff = self._last_start  # this iteration was decided when the last one started
+        if self._admit(now, cutoff):
+            horizon = now  # one iteration: the next decides on the arrivals held back
         if (self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard
                 or self.pending_swap_out):
             if not (self.context or self.n_dec):
@@ -400,6 +415,7 @@ class Engine:
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()
+        self._last_start, self._last_end = now, end
         return end
 
     def _cache_counters(self) -> tuple[int, int]:
@@ -457,8 +473,8 @@ class Engine:
         padded = cfg.graph_padding.padded(n) if cfg.graph_padding is not None else 0
         fixed, per_kv = self.cost.decode_affine(n, padded > 0, padded)
         kv0 = self.off_sum + n * g0
-        if horizon < INF:
-            K = min(K, _iterations_before(horizon - now, fixed, per_kv, kv0, n))
+        if horizon < INF:  # at least one: a horizon at `now` asks for exactly one
+            K = min(K, max(1, _iterations_before(max(horizon - now, 0.0), fixed, per_kv, kv0, n)))
         hist = self.hist
         p0 = (-g0) % tpb
         if cfg.capacity.pauses_on_shortage:
@@ -483,7 +499,9 @@ class Engine:
         self._pop_finishes(g0 + K - 1)
         if cfg.check_invariants:
             self.check_invariants()
-        return now + total
+        self._last_start = now + (K - 1) * fixed + per_kv * ((K - 1) * kv0 + n * (K - 1) * (K - 2) / 2)
+        self._last_end = now + total
+        return self._last_end
 
     # ------------------------------------------------------------------ checks
     def live(self) -> list[tuple[Request, int]]:

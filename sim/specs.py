@@ -420,6 +420,9 @@ class HardwareSpec(BaseModel):
     achievable_hbm_bytes_per_s: float = _Pos
     idle_power_w: float = _Pos
     max_power_w: float = _Pos
+    # streaming multiprocessors: a kernel with fewer programs than this leaves SMs idle
+    # (the cost model's longest-program bound on prefill attention); None: not modelled
+    num_sms: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareSpec:

@@ -380,8 +380,9 @@ def test_grid_over_several_processes(tmp_path):
     model = load_model(str(tiny))
     small = dict(decode_points=[(4, 64, 8, True), (8, 32, 8, False)], prefill_points=[(1, 64)],
                  mixed_points=[(4, 16, 4, 32)], piecewise_points=[(4, 16, 4, 32)], served_points=[(10, 50.0, 40, 8)],
-                 power_points=[(4, 32, 12, True)])
+                 power_points=[(4, 32, 12, True)], prefix_points=[(3, 64, 16, 4, 48)])
     jobs = prof.grid_jobs(model, processes=3, **small)
+    assert [j["prefix"] for j in jobs if j.get("prefix")] == [64]
     served = [j for j in jobs if j.get("served_rate")]
     assert [j["n"] for j in served] == [4, 3, 3] and len({j["part"] for j in served}) == 3
     assert len(prof.grid_jobs(model, processes=1, **small)) == len(jobs) - 2

@@ -106,13 +106,29 @@ def test_empty_iteration_costs_nothing():
 # --- host side -----------------------------------------------------------------------------
 
 
-def test_overlap_scheduler_hides_scheduler_overhead():
+def test_overlap_scheduler_hides_host_work_under_the_gpu():
+    """With the overlap scheduler an iteration costs max(gpu_rest, host launch + scheduler)
+    + the decode KV term: the host's whole work hides where the GPU is slower, and shows
+    past the GPU's where it is not (an eager 1B decode step is host-bound)."""
     a = RooflineCostModel(M8, H100, overlap_scheduler=False)
     b = RooflineCostModel(M8, H100, overlap_scheduler=True)
     for s in (decode(16, 1000, graph=True, padded=16), prefill(1000, 200, n_decode=3, kv_sum=900)):
         n_req = len(s.ctx_new_tokens) + s.n_decode
-        assert a.price(s) - b.price(s) == pytest.approx(300e-6 + 1e-6 * n_req, rel=1e-9)
-        assert b.breakdown(s)["scheduler"] == 0
+        sched = 300e-6 + 1e-6 * n_req
+        bd = a.breakdown(s)
+        assert bd["scheduler"] == pytest.approx(sched)
+        gpu_kv = bd["attn_decode_kv"]
+        gpu_rest = sum(bd[k] for k in GPU_TERMS) - gpu_kv
+        host = (a.cfg.host_overhead_graph_s if s.graph else a.host_overhead_eager_s + a.cfg.host_overhead_context_s)
+        assert b.price(s) == pytest.approx(max(gpu_rest, host + sched) + gpu_kv, rel=1e-9)
+        assert b.price(s) < a.price(s)
+        assert sum(b.breakdown(s).values()) == pytest.approx(b.price(s), rel=1e-9)
+    # host-bound: an eager 1B decode step of one request costs its host work
+    c = RooflineCostModel(M1, H100, overlap_scheduler=True)
+    s = decode(1, 512)
+    bd = c.breakdown(s)
+    assert c.price(s) == pytest.approx(c.host_overhead_eager_s + 300e-6 + 1e-6 + bd["attn_decode_kv"], rel=1e-9)
+    assert bd["host_launch"] > 0 and bd["scheduler"] > 0
 
 
 def test_eager_costs_more_than_graph_for_small_decode():
