@@ -102,9 +102,11 @@ class RuntimeConfig(_Strict):
     cuda_graphs: bool = Field(True, description="generation-only iterations run as CUDA graphs, batch "
                               "padded to a captured size")
     graph_max_batch_size: int | None = Field(None, gt=0, description="largest captured graph (default: max_batch_size)")
-    overlap_scheduler: bool = Field(False, description="host prepares iteration n+1 while the GPU runs n: "
-                                    "scheduling overhead hidden; a finished request runs one extra, discarded "
-                                    "step and frees its slot a step later")
+    overlap_scheduler: bool = Field(False, description="host schedules and launches iteration n+1 while the GPU "
+                                    "runs n: the host's work hides under the GPU's (an iteration costs the longer "
+                                    "of the two), a request arriving after n started waits for n+2, and a "
+                                    "finished request runs one extra, discarded step and frees its slot a step "
+                                    "later")
     piecewise_graphs: bool = Field(False, description="iterations with context chunks run as piecewise CUDA "
                                    "graphs (vLLM style): everything but attention captured per layer for padded "
                                    "token counts, attention launched eagerly between the pieces; cuts the host's "

@@ -222,7 +222,7 @@ class RooflineConfig(BaseModel):
         "beside its chunks (the decode attention's kernels in every layer)"
     )
     scheduler_overhead_s: float = Field(
-        300e-6, ge=0, description="host scheduling work per iteration (hidden by the overlap scheduler)"
+        300e-6, ge=0, description="host scheduling work per iteration (hides under the previous iteration's GPU work with the overlap scheduler)"
     )
     scheduler_overhead_per_request_s: float = Field(
         1e-6, ge=0, description="additional scheduling work per request in the batch"

@@ -52,7 +52,7 @@ def test_gpu_fidelity_smoke_and_install(tmp_path):
 
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "benchmarks/gpu_fidelity.py", "--smoke", "--out", str(out), "--models", "8b",
-                        "--steps", "1,2,4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--steps", "1,2,4,8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "failed" not in p.stdout, p.stdout[-3000:]
     spec = importlib.util.spec_from_file_location("gpu_fidelity", REPO / "benchmarks" / "gpu_fidelity.py")
@@ -69,6 +69,42 @@ def test_gpu_fidelity_smoke_and_install(tmp_path):
 
     assert yaml.safe_load(prof.read_text())["provenance"]["source"] == \
         "benchmarks/results/calibration/h100-llama-3.1-8b.grid.csv"
+    # the feature runs (step 8) with the call's calibration, into one machine's folder
+    mod.install_features(out / "fidelity_gpu.tar.gz", "cpu-x", repo)
+    mach = res / "features" / "cpu-x"
+    assert {"8b-multiturn-noreuse", "8b-multiturn-reuse"} <= {d.name for d in (mach / "runs").iterdir()}
+    assert (mach / "profiles" / "h100-llama-3.1-8b.yaml").exists() and (mach / "log.txt").exists()
+
+
+def test_feature_fidelity_on_committed_runs(tmp_path):
+    """benchmarks/feature_fidelity.py on one committed machine's runs (an H100's 8B: the
+    overlap scheduler and prefix reuse, each off and on): the simulator predicts each
+    feature's effect in the GPU's direction and size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("feature_fidelity", REPO / "benchmarks" / "feature_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    feats = tmp_path / "features"
+    feats.mkdir()
+    (feats / "h100-g").symlink_to(REPO / "benchmarks" / "results" / "features" / "h100-g")
+    out = tmp_path / "ff.md"
+    assert mod.main(feats, out) == 0
+    text = out.read_text()
+    assert "| h100-g | 8b | prefix reuse | on |" in text and "| h100-g | 8b | overlap scheduler | off |" in text
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        recs = mod.measure([feats / "h100-g"], Path(tmp))
+    by = {r["feature"]: r for r in recs}
+    reuse, overlap = by["prefix reuse"], by["overlap scheduler"]
+    ttft, tpot = ("ttft_s", "p50"), ("tpot_s", "p50")
+    # reuse cuts TTFT by about two thirds on the GPU; the sim within 5 points of it
+    g, c = mod.effect(reuse["gpu_vals"], ttft), mod.sim_effect(reuse, "calibrated", ttft)
+    assert g < -0.5 and abs(g - c) < 0.05
+    # the overlap scheduler trades TTFT (decided a step ahead) for TPOT (host hidden)
+    for k, sign in ((ttft, 1), (tpot, -1)):
+        g, c = mod.effect(overlap["gpu_vals"], k), mod.sim_effect(overlap, "calibrated", k)
+        assert g * sign > 0.05 and c * sign > 0.05 and abs(g - c) < 0.05
 
 
 def test_gemm_curves_smoke(tmp_path):

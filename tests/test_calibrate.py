@@ -149,8 +149,11 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
                              prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
                              piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)],
-                                 power_points=[])
+                                 power_points=[], prefix_points=[(3, 64, 16, 4, 48)])
     kinds = {r["kind"] for r in rows}
+    # the cached-context point: its later requests' chunks run over the 64 cached prefix tokens
+    cached = [r for r in rows if r["run"].startswith("3x(64 cached)")]
+    assert any(r["ctx_prior"] == 64 and r["ctx_tokens"] == 16 for r in cached)
     assert kinds == {"decode", "prefill", "mixed"}
     # the piecewise point's mixed iterations ran at captured token counts
     pw = [r for r in rows if r["kind"] == "mixed" and r["graph"]]
@@ -159,7 +162,7 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     assert all(r["time_s"] > 0 for r in rows)
     # the host's share of each step (scheduling, bookkeeping, input packing) is inside it
     assert all(0 <= r["host_s"] <= r["time_s"] for r in rows)
-    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 7
+    assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 8
     # the served run: Poisson arrivals, unequal lengths, labelled rows
     served = [r for r in rows if r["run"].startswith("served")]
     assert served and len({r["kv_sum"] for r in served if r["kind"] == "decode"}) > 1

@@ -83,7 +83,7 @@ def test_lm_head_only_on_sampling_tokens():
 
 
 def test_prefill_attention_counts_prior_tokens():
-    cm = RooflineCostModel(M8, H100)
+    cm = RooflineCostModel(M8, H100, RooflineConfig(prefill_attention_rows=0))  # the FLOP/byte roofline alone
     a = cm.breakdown(prefill(512, prior=(0,)))["attn_prefill"]
     b = cm.breakdown(prefill(512, prior=(8192,)))["attn_prefill"]
     assert b > a
@@ -467,3 +467,28 @@ def test_gemm_curve_validation():
             GemmCurve(**{**ok, **bad})
     with pytest.raises(ValidationError, match="gemm_times.mlp"):
         RooflineConfig(gemm_times={"mlp": ok})
+
+
+def test_prefill_attention_longest_program_bound():
+    """A short chunk over a long cached prefix has too few attention programs to fill the
+    GPU: its attention costs at least its last program's walk over the whole KV on one SM,
+    linear in the prefix -- and never less than the FLOP/byte roofline."""
+    cfg = RooflineConfig(prefill_attention_rows=128, prefill_attention_program_speed=0.4)
+    cm = RooflineCostModel(M1, H100, cfg)
+    off = RooflineCostModel(M1, H100, cfg.model_copy(update={"prefill_attention_rows": 0}))
+    no_sms = RooflineCostModel(M1, H100.model_copy(update={"num_sms": None}), cfg)
+    Fa = H100.achievable_bf16_flops * cfg.flops_efficiency * cfg.attention_flops_efficiency
+    per_row_key = M1.num_layers * 4.0 * M1.head_dim / (Fa / H100.num_sms * 0.4)
+    times = []
+    for p in (0, 2000, 4000, 6000):
+        s = prefill(600, prior=(p,))
+        attn, roof = cm.breakdown(s)["attn_prefill"], off.breakdown(s)["attn_prefill"]
+        assert attn == pytest.approx(max(roof, per_row_key * 128 * (600 + p)), rel=1e-9)
+        assert attn >= roof and no_sms.breakdown(s)["attn_prefill"] == pytest.approx(roof)
+        assert sum(cm.breakdown(s).values()) == pytest.approx(cm.price(s), rel=1e-9)
+        times.append(attn)
+    assert times[3] > times[2] > times[1]  # the bound binds over a long prefix
+    assert times[3] - times[2] == pytest.approx(times[2] - times[1], rel=1e-9)  # linear in the prefix
+    # short chunks (average <= 2 x rows tokens): the kernel's half-height tile
+    s = prefill(200, prior=(8000,))
+    assert cm.breakdown(s)["attn_prefill"] == pytest.approx(per_row_key * 64 * 8200, rel=1e-9)

@@ -86,6 +86,21 @@ def _check_run(rows, cfg, reqs, engines, it, req):
     dur = it.column("duration_s").to_numpy()
     assert np.all(dur > 0)
     assert np.all(start[1:] >= start[:-1] + dur[:-1] - 1e-9), "iterations overlap"
+    if cfg.get("overlap") and len(engines) == 1:
+        # the overlap scheduler decides iteration j when j-1 starts: a request that arrived
+        # after j-1 started (j-1 running into j) enters j only if nothing else was running
+        first_at: dict[float, int] = {}
+        for r in reqs:
+            if r.phase == Phase.FINISHED:
+                first_at[r.first_scheduled_s] = first_at.get(r.first_scheduled_s, 0) + 1
+        index = {float(s): j for j, s in enumerate(start)}
+        for r in reqs:
+            if r.phase != Phase.FINISHED:
+                continue
+            j = index[r.first_scheduled_s]
+            if j > 0 and start[j] <= start[j - 1] + dur[j - 1] + 1e-9 and start[j - 1] < r.arrival_s:
+                assert gen_req[j] == 0 and first_at[r.first_scheduled_s] == ctx_req[j], \
+                    "a request entered the iteration decided before it arrived"
     for e in engines:  # nothing left behind, pool fully returned
         assert not e.has_work()
         assert e.kv.used == 0 and e.kv.reserved == 0
@@ -236,6 +251,22 @@ def test_replicas_share_the_work(rows, router, replicas):
     n = it.column("num_ctx_requests").to_numpy() + it.column("num_gen_requests").to_numpy()
     assert n.max() <= 4
     assert len(req.token_times) == sum(r.output_len for r in reqs)
+
+
+def test_overlap_scheduler_decides_one_iteration_ahead():
+    """With the overlap scheduler a request arriving while the engine is busy waits one
+    iteration more: iteration n+1 was decided when n started. On an idle engine it starts
+    at once, as without."""
+    cfg = dict(capacity="guaranteed_no_evict", max_batch=4, max_tokens=64, tpb=4, blocks=100,
+               chunked=False, chunk_size=None, graphs=False)
+    rows = [(0.0, 8, 40), (0.0105, 8, 3)]  # the second arrives mid-decode of the first
+    firsts = {}
+    for overlap in (False, True):
+        reqs, _, it, _ = run_engine(rows, overlap=overlap, **cfg)
+        start = it.column("start_s").to_numpy()
+        firsts[overlap] = [int(np.searchsorted(start, r.first_scheduled_s)) for r in reqs]
+        assert reqs[0].first_scheduled_s == 0.0  # idle engine: no lag
+    assert firsts[True][1] == firsts[False][1] + 1
 
 
 def test_overlap_scheduler_runs_one_discarded_step():

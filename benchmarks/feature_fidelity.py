@@ -1,0 +1,206 @@
+"""Feature fidelity: does the simulator predict what a feature *does*, not only one fixed
+configuration?
+
+experiments/fidelity_features.yaml runs two features off and on over the same requests,
+for Llama-3.2-1B and Llama-3.1-8B: the overlap scheduler (the Azure conversation trace at
+the higher load of experiments/fidelity.yaml) and KV-cache prefix reuse (multi-turn
+conversations). benchmarks/gpu_fidelity.py (steps 1 and 7-9) runs them on a GPU together
+with a calibration in the same device call; each call's results sit in
+benchmarks/results/features/<machine>/ (profiles/, runs/, runs_repeat/). Here every GPU
+run is replayed on the simulator with its own machine's calibrated profile and with the
+uncalibrated roofline, and two tables are written to benchmarks/results/feature_fidelity.md
+(with a plot, feature_fidelity.png):
+
+* the calibrated sim's relative error per run (feature off and on), as in fidelity.md;
+* each feature's *effect* -- (on / off) - 1 of TTFT, TPOT, E2E and throughput -- on the GPU
+  and as the simulator predicts it, and their difference in percentage points.
+
+Neither workload is used to calibrate (the calibration grid is designed, see
+gpu_backend/profiler.py).
+
+    python benchmarks/feature_fidelity.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import errors, label, mean_abs, replay  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FEATURES = RESULTS / "features"
+MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
+# (feature, variant off, variant on), variant names after the model's "8b-" / "1b-"
+PAIRS = (("overlap scheduler", "online-high", "online-high-overlap"),
+         ("prefix reuse", "multiturn-noreuse", "multiturn-reuse"))
+STATS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"), ("itl_s", "p50"),
+         ("e2e_s", "p50"), ("e2e_s", "p99"), ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
+EFFECTS = [("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("e2e_s", "p99"), ("throughput_out_tok_s", "value")]
+
+
+def pairs(machine: Path) -> list[tuple[str, str, str, Path, Path]]:
+    """(feature, model key, runs folder, run off, run on) of every complete pair a machine has."""
+    out = []
+    for sub in ("runs", "runs_repeat"):
+        for feature, off, on in PAIRS:
+            for m in MODELS:
+                a, b = machine / sub / f"{m}-{off}", machine / sub / f"{m}-{on}"
+                if (a / "requests.parquet").exists() and (b / "requests.parquet").exists():
+                    out.append((feature, m, sub, a, b))
+    return out
+
+
+def gpu_name(machine: Path) -> str:
+    for prof in sorted((machine / "profiles").glob("*.yaml")):
+        return str(yaml.safe_load(prof.read_text()).get("provenance", {}).get("gpu", "?"))
+    return "?"
+
+
+def effect(values: dict, k: tuple[str, str]) -> float | None:
+    off, on = values.get(("off",) + k), values.get(("on",) + k)
+    return None if off in (None, 0) or on is None else on / off - 1
+
+
+def measure(machines: list[Path], tmp: Path) -> list[dict]:
+    """One record per pair: its errors per variant and kind, and the effect on GPU and sim."""
+    recs = []
+    for mach in machines:
+        for feature, m, sub, a, b in pairs(mach):
+            prof = mach / "profiles" / f"h100-{MODELS[m]}.yaml"
+            if not prof.exists():
+                print(f"{mach.name}: no {prof.name}, {a.name} skipped", file=sys.stderr)
+                continue
+            rec = {"machine": mach.name, "gpu": gpu_name(mach), "feature": feature, "model": m, "folder": sub,
+                   "err": {}, "gpu_vals": {}, "sim_vals": {}}
+            for side, run in (("off", a), ("on", b)):
+                for kind in ("calibrated", "roofline"):
+                    out = tmp / mach.name / sub / kind
+                    out.mkdir(parents=True, exist_ok=True)
+                    sim = replay(run, kind, out, prof)
+                    vals, its = errors(run, sim, out / f"cmp-{run.name}", values=True)
+                    for k in STATS:
+                        g, s = vals.get(k, (None, None))
+                        rec["err"][(side, kind) + k] = None if not g or s is None else s / g - 1
+                        rec["gpu_vals"][(side,) + k] = g
+                        rec["sim_vals"][(kind, side) + k] = s
+                    rec["err"][(side, kind, "mape")] = its.get("mape")
+            recs.append(rec)
+            print(f"{mach.name} {sub} {m} {feature}: done", file=sys.stderr)
+    return recs
+
+
+def sim_effect(rec: dict, kind: str, k: tuple[str, str]) -> float | None:
+    off, on = rec["sim_vals"].get((kind, "off") + k), rec["sim_vals"].get((kind, "on") + k)
+    return None if off in (None, 0) or on is None else on / off - 1
+
+
+def render(recs: list[dict]) -> str:
+    lines = ["# Feature fidelity: the simulator against the GPU, each feature off and on", "",
+             "Made by `python benchmarks/feature_fidelity.py` from the GPU runs under "
+             "benchmarks/results/features/<machine>/ (`python benchmarks/gpu_fidelity.py --out $OUT --models M "
+             "--steps 1,8,9` on the device, then `--install-features TARBALL NAME`). Each machine instance's runs "
+             "are replayed with the profile calibrated in the same device call; the workloads "
+             "(experiments/fidelity_features.yaml) are never used to fit.", ""]
+    mach = sorted({(r["machine"], r["gpu"]) for r in recs})
+    lines += ["Machine instances: " + ", ".join(f"{m} ({g})" for m, g in mach) + ".", ""]
+    lines += ["## The calibrated sim's error, feature off and on", "",
+              "| machine | model | feature | variant | " + " | ".join(label(*k) for k in STATS) +
+              " | iteration MAPE |", "|" + "---|" * (len(STATS) + 5)]
+    for r in recs:
+        for side in ("off", "on"):
+            cells = " | ".join("-" if r["err"].get((side, "calibrated") + k) is None else
+                               f"{r['err'][(side, 'calibrated') + k]:+.1%}" for k in STATS)
+            mape = r["err"].get((side, "calibrated", "mape"))
+            mape_s = "-" if mape is None or side == "on" and r["feature"] == "overlap scheduler" else f"{mape:.1%}"
+            lines.append(f"| {r['machine']} | {r['model']} | {r['feature']} | {side} | {cells} | {mape_s} |")
+    lines += ["", "Iteration MAPE is left out with the overlap scheduler on: the GPU's iterations overlap in "
+              "time there (each one's duration runs to its tokens' emission), so they are not the sim's "
+              "back-to-back iterations.", ""]
+    # summary: mean abs error by feature and side, calibrated vs roofline
+    lines += ["| feature | variant | mean abs. error, calibrated (all cells) | p50s + throughput | "
+              "roofline (all cells) |", "|---|---|---|---|---|"]
+    p50 = {("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("throughput_out_tok_s", "value")}
+    for feature, *_ in PAIRS:
+        for side in ("off", "on"):
+            mine = [r for r in recs if r["feature"] == feature]
+            cal = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS]
+            cal50 = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS if k in p50]
+            roof = [r["err"].get((side, "roofline") + k) for r in mine for k in STATS]
+            lines.append(f"| {feature} | {side} | {mean_abs(cal):.1%} | {mean_abs(cal50):.1%} | {mean_abs(roof):.1%} |")
+    lines += ["", "## Each feature's effect: (on / off) - 1, GPU vs simulator", "",
+              "Cells: GPU / calibrated sim / roofline sim; the difference column is |GPU - calibrated| in "
+              "percentage points, averaged over the row.", "",
+              "| machine | model | feature | " + " | ".join(label(*k) for k in EFFECTS) + " | mean diff. (pp) |",
+              "|" + "---|" * (len(EFFECTS) + 4)]
+    diffs_all: dict[str, list[float]] = {}
+    for r in recs:
+        cells, diffs = [], []
+        for k in EFFECTS:
+            g = effect(r["gpu_vals"], k)
+            c, f = sim_effect(r, "calibrated", k), sim_effect(r, "roofline", k)
+            cells.append("-" if g is None else f"{g:+.1%} / {c:+.1%} / {f:+.1%}")
+            if g is not None and c is not None:
+                diffs.append(abs(g - c))
+        diffs_all.setdefault(r["feature"], []).extend(diffs)
+        lines.append(f"| {r['machine']} | {r['model']} | {r['feature']} | " + " | ".join(cells) +
+                     f" | {100 * mean_abs(diffs):.1f} |")
+    lines += ["", "| feature | mean |GPU effect - sim effect| (pp), calibrated |", "|---|---|"]
+    for feature, d in diffs_all.items():
+        lines.append(f"| {feature} | {100 * mean_abs(d):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(PAIRS), figsize=(6.5 * len(PAIRS), 4.2), squeeze=False)
+    for ax, (feature, *_) in zip(axes[0], PAIRS):
+        mine = [r for r in recs if r["feature"] == feature]
+        x = np.arange(len(EFFECTS))
+        w = 0.8 / max(len(mine), 1)
+        for i, r in enumerate(mine):
+            g = [100 * (effect(r["gpu_vals"], k) or 0) for k in EFFECTS]
+            c = [100 * (sim_effect(r, "calibrated", k) or 0) for k in EFFECTS]
+            bars = ax.bar(x - 0.4 + (i + 0.5) * w, g, w * 0.9, alpha=0.55, label=f"{r['machine']} {r['model']} GPU")
+            ax.scatter(x - 0.4 + (i + 0.5) * w, c, marker="_", s=160, color=bars.patches[0].get_facecolor()[:3],
+                       linewidths=2.5, label=f"{r['machine']} {r['model']} sim")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(x, [label(*k) for k in EFFECTS], fontsize=8)
+        ax.set_ylabel("effect of turning it on, %")
+        ax.set_title(f"{feature}: GPU (bars) vs calibrated sim (dashes)", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(features: Path = FEATURES, out_md: Path = RESULTS / "feature_fidelity.md") -> int:
+    machines = sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
+    if not machines:
+        print(f"no feature runs under {features}: run benchmarks/gpu_fidelity.py --steps 1,7,8,9 on a GPU and "
+              "install them with --install-features", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = measure(machines, Path(tmp))
+    text = render(recs)
+    keep = "## Reading the table"  # the hand-written analysis below the tables survives a rerun
+    if out_md.exists() and keep in (old := out_md.read_text()):
+        text += "\n" + old[old.index(keep):]
+    out_md.write_text(text)
+    plot(recs, out_md.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
