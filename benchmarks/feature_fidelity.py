@@ -6,7 +6,7 @@ for Llama-3.2-1B and Llama-3.1-8B: the overlap scheduler (the Azure conversation
 the higher load of experiments/fidelity.yaml) and KV-cache prefix reuse (multi-turn
 conversations). benchmarks/gpu_fidelity.py (steps 1 and 7-9) runs them on a GPU together
 with a calibration in the same device call; each call's results sit in
-benchmarks/results/features/<machine>/ (profiles/, runs/, runs_repeat/). Here every GPU
+benchmarks/results/features/<machine>/ (profiles/, pairs/, pairs_repeat/). Here every GPU
 run is replayed on the simulator with its own machine's calibrated profile and with the
 uncalibrated roofline, and two tables are written to benchmarks/results/feature_fidelity.md
 (with a plot, feature_fidelity.png):
@@ -47,7 +47,7 @@ EFFECTS = [("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("e2e_s", "p9
 def pairs(machine: Path) -> list[tuple[str, str, str, Path, Path]]:
     """(feature, model key, runs folder, run off, run on) of every complete pair a machine has."""
     out = []
-    for sub in ("runs", "runs_repeat"):
+    for sub in ("pairs", "pairs_repeat"):
         for feature, off, on in PAIRS:
             for m in MODELS:
                 a, b = machine / sub / f"{m}-{off}", machine / sub / f"{m}-{on}"
@@ -95,12 +95,34 @@ def measure(machines: list[Path], tmp: Path) -> list[dict]:
     return recs
 
 
+def gpu_effect_noise(machines: list[Path], tmp: Path) -> list[tuple[str, str, str, dict, dict]]:
+    """(machine, model, feature, effects of the first pair, of the second) for every pair a
+    machine ran twice (pairs/ and pairs_repeat/): how much the GPU's own measurement of an
+    effect moves between two runs of the same requests on the same machine."""
+    out = []
+    for mach in machines:
+        done = {(f, m): (a, b) for f, m, sub, a, b in pairs(mach) if sub == "pairs"}
+        for f, m, sub, a, b in pairs(mach):
+            if sub != "pairs_repeat" or (f, m) not in done:
+                continue
+            eff = []
+            for i, (off, on) in enumerate((done[(f, m)], (a, b))):
+                vals, _ = errors(off, on, tmp / f"noise-{mach.name}-{m}-{i}-{on.name}", values=True)
+                eff.append({k: (v[1] / v[0] - 1 if v[0] and v[1] is not None else None) for k, v in vals.items()})
+            out.append((mach.name, m, f, eff[0], eff[1]))
+    return out
+
+
 def sim_effect(rec: dict, kind: str, k: tuple[str, str]) -> float | None:
     off, on = rec["sim_vals"].get((kind, "off") + k), rec["sim_vals"].get((kind, "on") + k)
     return None if off in (None, 0) or on is None else on / off - 1
 
 
-def render(recs: list[dict]) -> str:
+def render(recs: list[dict], noise: list | None = None) -> str:
+    firsts = {(r["machine"], r["model"], r["feature"]) for r in recs if r["folder"] == "pairs"}
+    for r in recs:  # a machine's second run of a pair is labelled as such
+        r["label"] = r["machine"] + (", run 2" if r["folder"] == "pairs_repeat" and
+                                     (r["machine"], r["model"], r["feature"]) in firsts else "")
     lines = ["# Feature fidelity: the simulator against the GPU, each feature off and on", "",
              "Made by `python benchmarks/feature_fidelity.py` from the GPU runs under "
              "benchmarks/results/features/<machine>/ (`python benchmarks/gpu_fidelity.py --out $OUT --models M "
@@ -118,27 +140,31 @@ def render(recs: list[dict]) -> str:
                                f"{r['err'][(side, 'calibrated') + k]:+.1%}" for k in STATS)
             mape = r["err"].get((side, "calibrated", "mape"))
             mape_s = "-" if mape is None or side == "on" and r["feature"] == "overlap scheduler" else f"{mape:.1%}"
-            lines.append(f"| {r['machine']} | {r['model']} | {r['feature']} | {side} | {cells} | {mape_s} |")
+            lines.append(f"| {r['label']} | {r['model']} | {r['feature']} | {side} | {cells} | {mape_s} |")
     lines += ["", "Iteration MAPE is left out with the overlap scheduler on: the GPU's iterations overlap in "
               "time there (each one's duration runs to its tokens' emission), so they are not the sim's "
               "back-to-back iterations.", ""]
     # summary: mean abs error by feature and side, calibrated vs roofline
-    lines += ["| feature | variant | mean abs. error, calibrated (all cells) | p50s + throughput | "
-              "roofline (all cells) |", "|---|---|---|---|---|"]
+    lines += ["| feature | model | variant | mean abs. error, calibrated (all cells) | p50s + throughput | "
+              "roofline (all cells) |", "|---|---|---|---|---|---|"]
     p50 = {("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("throughput_out_tok_s", "value")}
     for feature, *_ in PAIRS:
-        for side in ("off", "on"):
-            mine = [r for r in recs if r["feature"] == feature]
-            cal = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS]
-            cal50 = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS if k in p50]
-            roof = [r["err"].get((side, "roofline") + k) for r in mine for k in STATS]
-            lines.append(f"| {feature} | {side} | {mean_abs(cal):.1%} | {mean_abs(cal50):.1%} | {mean_abs(roof):.1%} |")
+        for m in MODELS:
+            for side in ("off", "on"):
+                mine = [r for r in recs if r["feature"] == feature and r["model"] == m]
+                if not mine:
+                    continue
+                cal = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS]
+                cal50 = [r["err"].get((side, "calibrated") + k) for r in mine for k in STATS if k in p50]
+                roof = [r["err"].get((side, "roofline") + k) for r in mine for k in STATS]
+                lines.append(f"| {feature} | {m} | {side} | {mean_abs(cal):.1%} | {mean_abs(cal50):.1%} | "
+                             f"{mean_abs(roof):.1%} |")
     lines += ["", "## Each feature's effect: (on / off) - 1, GPU vs simulator", "",
               "Cells: GPU / calibrated sim / roofline sim; the difference column is |GPU - calibrated| in "
               "percentage points, averaged over the row.", "",
               "| machine | model | feature | " + " | ".join(label(*k) for k in EFFECTS) + " | mean diff. (pp) |",
               "|" + "---|" * (len(EFFECTS) + 4)]
-    diffs_all: dict[str, list[float]] = {}
+    diffs_all: dict[tuple[str, str], list[float]] = {}
     for r in recs:
         cells, diffs = [], []
         for k in EFFECTS:
@@ -147,12 +173,27 @@ def render(recs: list[dict]) -> str:
             cells.append("-" if g is None else f"{g:+.1%} / {c:+.1%} / {f:+.1%}")
             if g is not None and c is not None:
                 diffs.append(abs(g - c))
-        diffs_all.setdefault(r["feature"], []).extend(diffs)
-        lines.append(f"| {r['machine']} | {r['model']} | {r['feature']} | " + " | ".join(cells) +
+        diffs_all.setdefault((r["feature"], r["model"]), []).extend(diffs)
+        lines.append(f"| {r['label']} | {r['model']} | {r['feature']} | " + " | ".join(cells) +
                      f" | {100 * mean_abs(diffs):.1f} |")
-    lines += ["", "| feature | mean |GPU effect - sim effect| (pp), calibrated |", "|---|---|"]
-    for feature, d in diffs_all.items():
-        lines.append(f"| {feature} | {100 * mean_abs(d):.1f} |")
+    lines += ["", "| feature | model | mean |GPU effect - sim effect| (pp), calibrated |", "|---|---|---|"]
+    for (feature, m), d in sorted(diffs_all.items()):
+        lines.append(f"| {feature} | {m} | {100 * mean_abs(d):.1f} |")
+    if noise:
+        lines += ["", "## The GPU's own noise in an effect", "",
+                  "The same pair run twice on one machine instance, one run after the other: the effect each "
+                  "time (first / second) and their difference in percentage points -- the floor under the "
+                  "differences above.", "",
+                  "| machine | model | feature | " + " | ".join(label(*k) for k in EFFECTS) + " | mean diff. (pp) |",
+                  "|" + "---|" * (len(EFFECTS) + 4)]
+        for mach, m, f, e1, e2 in noise:
+            cells, d = [], []
+            for k in EFFECTS:
+                a, b = e1.get(k), e2.get(k)
+                cells.append("-" if a is None or b is None else f"{a:+.1%} / {b:+.1%}")
+                if a is not None and b is not None:
+                    d.append(abs(a - b))
+            lines.append(f"| {mach} | {m} | {f} | " + " | ".join(cells) + f" | {100 * mean_abs(d):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,9 +212,10 @@ def plot(recs: list[dict], path: Path) -> None:
         for i, r in enumerate(mine):
             g = [100 * (effect(r["gpu_vals"], k) or 0) for k in EFFECTS]
             c = [100 * (sim_effect(r, "calibrated", k) or 0) for k in EFFECTS]
-            bars = ax.bar(x - 0.4 + (i + 0.5) * w, g, w * 0.9, alpha=0.55, label=f"{r['machine']} {r['model']} GPU")
+            name = f"{r.get('label', r['machine'])} {r['model']}"
+            bars = ax.bar(x - 0.4 + (i + 0.5) * w, g, w * 0.9, alpha=0.55, label=f"{name} GPU")
             ax.scatter(x - 0.4 + (i + 0.5) * w, c, marker="_", s=160, color=bars.patches[0].get_facecolor()[:3],
-                       linewidths=2.5, label=f"{r['machine']} {r['model']} sim")
+                       linewidths=2.5, label=f"{name} sim")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(x, [label(*k) for k in EFFECTS], fontsize=8)
         ax.set_ylabel("effect of turning it on, %")
@@ -192,7 +234,8 @@ def main(features: Path = FEATURES, out_md: Path = RESULTS / "feature_fidelity.m
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         recs = measure(machines, Path(tmp))
-    text = render(recs)
+        noise = gpu_effect_noise(machines, Path(tmp))
+    text = render(recs, noise)
     keep = "## Reading the table"  # the hand-written analysis below the tables survives a rerun
     if out_md.exists() and keep in (old := out_md.read_text()):
         text += "\n" + old[old.index(keep):]

@@ -147,7 +147,7 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
 def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
     """Unpack a device call's feature runs (steps 7-9) with that call's calibration (step 1)
     into benchmarks/results/features/NAME/: profiles/ (refitted here, provenance kept, with
-    their grids), runs/ (steps 7, 8), runs_repeat/ (step 9), log.txt -- one machine
+    their grids), pairs/ (steps 7, 8), pairs_repeat/ (step 9), log.txt -- one machine
     instance, one folder, so each run is replayed with its own machine's calibration."""
     import shutil
 
@@ -161,7 +161,7 @@ def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
         src = Path(tmp) / "fidelity_gpu"
         if not any((src / s).is_dir() for s in ("features", "features_repeat")):
             raise SystemExit(f"{tarball}: no feature runs (steps 7-9) in it")
-        for sub, to in (("features", "runs"), ("features_repeat", "runs_repeat")):
+        for sub, to in (("features", "pairs"), ("features_repeat", "pairs_repeat")):
             for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
                 if run.is_dir():
                     (dest / to).mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def test_gpu_fidelity_smoke_and_install(tmp_path):
     # the feature runs (step 8) with the call's calibration, into one machine's folder
     mod.install_features(out / "fidelity_gpu.tar.gz", "cpu-x", repo)
     mach = res / "features" / "cpu-x"
-    assert {"8b-multiturn-noreuse", "8b-multiturn-reuse"} <= {d.name for d in (mach / "runs").iterdir()}
+    assert {"8b-multiturn-noreuse", "8b-multiturn-reuse"} <= {d.name for d in (mach / "pairs").iterdir()}
     assert (mach / "profiles" / "h100-llama-3.1-8b.yaml").exists() and (mach / "log.txt").exists()
 
 
