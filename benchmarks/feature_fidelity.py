@@ -176,7 +176,7 @@ def render(recs: list[dict], noise: list | None = None) -> str:
         diffs_all.setdefault((r["feature"], r["model"]), []).extend(diffs)
         lines.append(f"| {r['label']} | {r['model']} | {r['feature']} | " + " | ".join(cells) +
                      f" | {100 * mean_abs(diffs):.1f} |")
-    lines += ["", "| feature | model | mean |GPU effect - sim effect| (pp), calibrated |", "|---|---|---|"]
+    lines += ["", "| feature | model | mean abs. difference, GPU effect vs calibrated sim effect (pp) |", "|---|---|---|"]
     for (feature, m), d in sorted(diffs_all.items()):
         lines.append(f"| {feature} | {m} | {100 * mean_abs(d):.1f} |")
     if noise:
