@@ -204,7 +204,7 @@ def plot(recs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(PAIRS), figsize=(6.5 * len(PAIRS), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(PAIRS), figsize=(6.5 * len(PAIRS), 5.6), squeeze=False)
     for ax, (feature, *_) in zip(axes[0], PAIRS):
         mine = [r for r in recs if r["feature"] == feature]
         x = np.arange(len(EFFECTS))
@@ -220,7 +220,7 @@ def plot(recs: list[dict], path: Path) -> None:
         ax.set_xticks(x, [label(*k) for k in EFFECTS], fontsize=8)
         ax.set_ylabel("effect of turning it on, %")
         ax.set_title(f"{feature}: GPU (bars) vs calibrated sim (dashes)", fontsize=10)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
