@@ -72,10 +72,11 @@ def measure(machines: list[Path], tmp: Path) -> list[dict]:
     recs = []
     for mach in machines:
         for feature, m, sub, a, b in pairs(mach):
-            prof = mach / "profiles" / f"h100-{MODELS[m]}.yaml"
-            if not prof.exists():
-                print(f"{mach.name}: no {prof.name}, {a.name} skipped", file=sys.stderr)
+            profs = sorted((mach / "profiles").glob(f"*-{MODELS[m]}.yaml"))  # h100-..., h200-...
+            if not profs:
+                print(f"{mach.name}: no profile of {MODELS[m]}, {a.name} skipped", file=sys.stderr)
                 continue
+            prof = profs[0]
             rec = {"machine": mach.name, "gpu": gpu_name(mach), "feature": feature, "model": m, "folder": sub,
                    "err": {}, "gpu_vals": {}, "sim_vals": {}}
             for side, run in (("off", a), ("on", b)):

@@ -272,10 +272,14 @@ def main() -> int:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     except ImportError:
         gpu = "no torch"
-    log(f"gpu_fidelity on {gpu}, {time.strftime('%Y-%m-%d %H:%M')}, models {models}, steps {sorted(steps)}")
+    # the hardware spec of this GPU (the GPU backend refuses another's): runs and profiles say which card
+    hardware = "h200-sxm" if "H200" in gpu else "h100-sxm"
+    prefix = hardware.split("-")[0]
+    log(f"gpu_fidelity on {gpu} ({hardware}), {time.strftime('%Y-%m-%d %H:%M')}, models {models}, "
+        f"steps {sorted(steps)}")
 
     def calibrate(m: str, folder: str) -> None:
-        prof = work / folder / f"h100-{MODELS[m]}.yaml"
+        prof = work / folder / f"{prefix}-{MODELS[m]}.yaml"
         if args.smoke:  # the tiny model's grid: small points
             from servesim.gpu_backend import profiler
 
@@ -286,11 +290,13 @@ def main() -> int:
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
             profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
-        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--out", str(prof)], log, fresh=not args.smoke)
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof)], log,
+            fresh=not args.smoke)
 
     def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml") -> None:
         cli(["run", experiment, "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
-             "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false", *common], log,
+             "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false",
+             "--set", f"hardware={hardware}", *common], log,
             fresh=not args.smoke)
 
     plan = []

@@ -336,8 +336,13 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     runs: list[dict] = []
     its = []  # every grid run's iterations, labelled by run (kept beside the grid)
     idle_w = None
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before minutes of measuring: is this the spec's GPU?
+        from servesim.sim.specs import load_hardware
+
         from .nvml import Nvml, device_index
+        from .runner import check_device
+
+        check_device(load_hardware(hardware), torch.cuda.get_device_name())
 
         nv = Nvml.open(device_index(torch.device("cuda")))
         if nv is not None:

@@ -163,6 +163,15 @@ def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0) 
                           f"the {_gb(avail)} of available host memory (no CUDA device found)", "model")
 
 
+def check_device(hw, device_name: str) -> None:
+    """ConfigError when the CUDA device is not the GPU the hardware spec describes: a run
+    or a calibration on it would be recorded, and a profile fitted, as that other GPU's."""
+    names = hw.device_names
+    if names and not any(n.lower() in device_name.lower() for n in names):
+        raise ConfigError(f"this machine's GPU is {device_name!r} but hardware {hw.name!r} describes "
+                          f"{' / '.join(names)}: name this GPU's hardware spec (hardware: / --hardware)", "hardware")
+
+
 def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, *,
                  check_invariants: bool = False, device: str | None = None, weights: str | os.PathLike | None = None,
                  use_graphs: bool | None = None, dtype=None) -> RunResult:
@@ -190,6 +199,8 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     dims = model_dims(setup)
     longest = _check_workload(setup, dims)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        check_device(setup.hardware, torch.cuda.get_device_name(dev))
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ecfg = engine_config(setup, check_invariants)

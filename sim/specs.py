@@ -423,6 +423,9 @@ class HardwareSpec(BaseModel):
     # streaming multiprocessors: a kernel with fewer programs than this leaves SMs idle
     # (the cost model's longest-program bound on prefill attention); None: not modelled
     num_sms: int | None = Field(default=None, gt=0)
+    # substrings of the CUDA device name this spec describes (the GPU backend refuses to run
+    # or calibrate a spec on another GPU); empty: not checked
+    device_names: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareSpec:

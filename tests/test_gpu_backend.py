@@ -687,3 +687,20 @@ def test_on_cuda_piecewise_capture_matches_eager(tiny, tmp_path):
         assert runs[k].gpu_stats["piecewise_iterations"] > 0, k
         same = sum(_tokens(runs[k])[i] == ref[i] for i in ref)
         assert same >= 0.9 * len(ref), (k, same)
+
+
+def test_gpu_backend_refuses_another_gpus_hardware_spec():
+    """A run or calibration on an H200 named h100-sxm would be recorded, and its profile
+    fitted, as an H100's: a ConfigError naming both instead."""
+    from servesim.gpu_backend.runner import check_device
+    from servesim.sim.specs import load_hardware
+    from servesim.sim.types import ConfigError
+
+    h100, h200 = load_hardware("h100-sxm"), load_hardware("h200-sxm")
+    check_device(h100, "NVIDIA H100 80GB HBM3")
+    check_device(h200, "NVIDIA H200")
+    with pytest.raises(ConfigError, match=r"NVIDIA H200.*h100-sxm.*H100"):
+        check_device(h100, "NVIDIA H200")
+    with pytest.raises(ConfigError, match="h200-sxm"):
+        check_device(h200, "NVIDIA A100-SXM4-80GB")
+    check_device(h100.model_copy(update={"device_names": []}), "anything")  # a spec that names none
