@@ -56,7 +56,12 @@ from servesim.sim.specs import ModelSpec
 # and mixed (context + decode) iterations, besides its full-batch steps.
 # The two largest batches decode 48 tokens: enough full-batch steps at long KV (an offline
 # run's regime) that the fit does not extrapolate there.
+# 48, 64 and 96 requests x 32-40 tokens: a serving batch's sizes (the 1B's online runs spend
+# half their decode steps at 32-96 requests), where the grid had ~20 pure decode steps (the
+# 64 x 2048 run's context takes most of its 16 steps) and the fit interpolated: +12% there
+# on an H200 (benchmarks/results/feature_fidelity.md).
 DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
+                 (48, 1024, 40, True), (64, 1024, 40, True), (96, 768, 32, True),
                  (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
                  (32, 1024, 12, False), (96, 512, 8, False)]
 # Runs for the power model only (their energy and iterations; no rows for the time fit). A
