@@ -31,14 +31,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import errors, label, mean_abs, replay  # noqa: E402
+from gpu_fidelity import MODELS, OVERLAP_PAIR, REUSE_PAIR  # noqa: E402  (the pairs the device call runs)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 FEATURES = RESULTS / "features"
-MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
 # (feature, variant off, variant on), variant names after the model's "8b-" / "1b-"
-PAIRS = (("overlap scheduler", "online-high", "online-high-overlap"),
-         ("prefix reuse", "multiturn-noreuse", "multiturn-reuse"))
+PAIRS = (("overlap scheduler", *OVERLAP_PAIR), ("prefix reuse", *REUSE_PAIR))
 STATS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"), ("itl_s", "p50"),
          ("e2e_s", "p50"), ("e2e_s", "p99"), ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
 EFFECTS = [("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("e2e_s", "p99"), ("throughput_out_tok_s", "value")]
@@ -62,9 +61,14 @@ def gpu_name(machine: Path) -> str:
     return "?"
 
 
+def change(off: float | None, on: float | None) -> float | None:
+    """on / off - 1, None where either is missing (or off is 0)."""
+    return None if not off or on is None else on / off - 1
+
+
 def effect(values: dict, k: tuple[str, str]) -> float | None:
-    off, on = values.get(("off",) + k), values.get(("on",) + k)
-    return None if off in (None, 0) or on is None else on / off - 1
+    """A feature's effect on the GPU's metric `k` (gpu_vals of a record)."""
+    return change(values.get(("off",) + k), values.get(("on",) + k))
 
 
 def measure(machines: list[Path], tmp: Path) -> list[dict]:
@@ -87,7 +91,7 @@ def measure(machines: list[Path], tmp: Path) -> list[dict]:
                     vals, its = errors(run, sim, out / f"cmp-{run.name}", values=True)
                     for k in STATS:
                         g, s = vals.get(k, (None, None))
-                        rec["err"][(side, kind) + k] = None if not g or s is None else s / g - 1
+                        rec["err"][(side, kind) + k] = change(g, s)
                         rec["gpu_vals"][(side,) + k] = g
                         rec["sim_vals"][(kind, side) + k] = s
                     rec["err"][(side, kind, "mape")] = its.get("mape")
@@ -109,14 +113,14 @@ def gpu_effect_noise(machines: list[Path], tmp: Path) -> list[tuple[str, str, st
             eff = []
             for i, (off, on) in enumerate((done[(f, m)], (a, b))):
                 vals, _ = errors(off, on, tmp / f"noise-{mach.name}-{m}-{i}-{on.name}", values=True)
-                eff.append({k: (v[1] / v[0] - 1 if v[0] and v[1] is not None else None) for k, v in vals.items()})
+                eff.append({k: change(*v) for k, v in vals.items()})
             out.append((mach.name, m, f, eff[0], eff[1]))
     return out
 
 
 def sim_effect(rec: dict, kind: str, k: tuple[str, str]) -> float | None:
-    off, on = rec["sim_vals"].get((kind, "off") + k), rec["sim_vals"].get((kind, "on") + k)
-    return None if off in (None, 0) or on is None else on / off - 1
+    """The effect the simulator with cost model `kind` predicts on metric `k`."""
+    return change(rec["sim_vals"].get((kind, "off") + k), rec["sim_vals"].get((kind, "on") + k))
 
 
 def render(recs: list[dict], noise: list | None = None) -> str:

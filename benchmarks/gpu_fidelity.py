@@ -94,8 +94,6 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
     runs replace those of the same name only: a call with one model's runs keeps the other's."""
     import shutil
 
-    import yaml
-
     res = repo / "benchmarks" / "results"
     written: list[Path] = []
     if calibration_dirs is None:
@@ -110,9 +108,8 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
         src = Path(tmp) / "fidelity_gpu"
         # another machine's call (calibration_dirs) brings its repeat runs, not the table's runs
         # run by run: a call with one model's runs leaves the other model's in place
-        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat"),
-                          ("features", res / "gpu_runs_features"), ("features_repeat", res / "gpu_runs_features_repeat")):
-            if calibration_dirs is None or sub != "runs":
+        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+            if calibration_dirs is None or sub == "runs_repeat":
                 for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
                     dest.mkdir(parents=True, exist_ok=True)
                     if run.is_dir():
@@ -122,15 +119,7 @@ def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] 
                         shutil.copy(run, dest / run.name)
                     written.append(dest / run.name)
         for sub, prof_dir, grid_dir in targets:
-            for prof in sorted((src / sub).glob("*.yaml")) if (src / sub).is_dir() else []:
-                grid_dir.mkdir(parents=True, exist_ok=True)
-                prof_dir.mkdir(parents=True, exist_ok=True)
-                stem = prof.stem
-                for f in (src / sub).glob(f"{stem}.grid*.*"):  # grid, its power runs, its iterations
-                    shutil.copy(f, grid_dir / f.name)
-                    written.append(grid_dir / f.name)
-                made = yaml.safe_load(prof.read_text())
-                written.append(refit_profile(made, grid_dir / f"{stem}.grid.csv", prof_dir / prof.name, repo))
+            written += install_profiles(src / sub, prof_dir, grid_dir, repo)
         if (src / "log.txt").exists():
             log = res / ("gpu_fidelity_log.txt" if calibration_dirs is None else
                          f"gpu_fidelity_log_{calibration_dirs[0].removeprefix('calibration_')}.txt")
@@ -151,8 +140,6 @@ def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
     instance, one folder, so each run is replayed with its own machine's calibration."""
     import shutil
 
-    import yaml
-
     dest = repo / "benchmarks" / "results" / "features" / name
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,15 +155,29 @@ def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
                     shutil.rmtree(dest / to / run.name, ignore_errors=True)
                     shutil.copytree(run, dest / to / run.name)
                     written.append(dest / to / run.name)
-        for prof in sorted((src / "profiles").glob("*.yaml")) if (src / "profiles").is_dir() else []:
-            (dest / "profiles").mkdir(parents=True, exist_ok=True)
-            for f in (src / "profiles").glob(f"{prof.stem}.grid*.*"):
-                shutil.copy(f, dest / "profiles" / f.name)
-            written.append(refit_profile(yaml.safe_load(prof.read_text()), dest / "profiles" / f"{prof.stem}.grid.csv",
-                                         dest / "profiles" / prof.name, repo))
+        written += install_profiles(src / "profiles", dest / "profiles", dest / "profiles", repo)
         if (src / "log.txt").exists():
             shutil.copy(src / "log.txt", dest / "log.txt")
             written.append(dest / "log.txt")
+    return written
+
+
+def install_profiles(src: Path, prof_dir: Path, grid_dir: Path, repo: Path = REPO) -> list[Path]:
+    """Each profile of a call's folder `src`, refitted by this checkout into `prof_dir`,
+    with its grid files (grid, power runs, iterations) copied into `grid_dir`."""
+    import shutil
+
+    import yaml
+
+    written: list[Path] = []
+    for prof in sorted(src.glob("*.yaml")) if src.is_dir() else []:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        prof_dir.mkdir(parents=True, exist_ok=True)
+        for f in src.glob(f"{prof.stem}.grid*.*"):
+            shutil.copy(f, grid_dir / f.name)
+            written.append(grid_dir / f.name)
+        written.append(refit_profile(yaml.safe_load(prof.read_text()), grid_dir / f"{prof.stem}.grid.csv",
+                                     prof_dir / prof.name, repo))
     return written
 
 
@@ -273,7 +274,9 @@ def main() -> int:
     except ImportError:
         gpu = "no torch"
     # the hardware spec of this GPU (the GPU backend refuses another's): runs and profiles say which card
-    hardware = "h200-sxm" if "H200" in gpu else "h100-sxm"
+    from servesim.sim.specs import hardware_for_device
+
+    hardware = hardware_for_device(gpu) or "h100-sxm"  # no CUDA device (the smoke run): the experiments' own
     prefix = hardware.split("-")[0]
     log(f"gpu_fidelity on {gpu} ({hardware}), {time.strftime('%Y-%m-%d %H:%M')}, models {models}, "
         f"steps {sorted(steps)}")

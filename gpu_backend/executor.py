@@ -568,6 +568,11 @@ class GpuExecutor:
         d = self.exec_s[it] = time.perf_counter() - t_start
         return StepResult(duration_s=d, tokens={rid: [t] for rid, t in zip(rids, toks)})
 
+    def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float:
+        """Every arrival so far: the engine steps on the wall clock, so with overlap the
+        decision for iteration n+1 really is made while n runs."""
+        return now
+
     def _check_piecewise(self, it: int, n_chunks: int, n_tokens: int, padded: int) -> None:
         """RuntimeError unless the piecewise runner can run this iteration at ``padded`` tokens."""
         pr = self.piecewise_runner

@@ -68,7 +68,8 @@ Eager kernel launches run ahead of the GPU asynchronously, so they overlap the G
 letting them overlap only ``gpu_rest`` (not the decode_kv_sum term) keeps the price of a
 generation-only iteration exactly affine in ``decode_kv_sum`` -- the contract of
 ``CostModel`` -- at the cost of a small overestimate when launches dominate. For the same
-reason the overlap scheduler's host work hides under ``gpu_rest`` only. An iteration with no tokens costs 0.
+reason the overlap scheduler's host work hides under ``gpu_rest`` only. An iteration with
+no tokens costs 0.
 """
 
 from __future__ import annotations
@@ -222,7 +223,9 @@ class RooflineConfig(BaseModel):
         "beside its chunks (the decode attention's kernels in every layer)"
     )
     scheduler_overhead_s: float = Field(
-        300e-6, ge=0, description="host scheduling work per iteration (hides under the previous iteration's GPU work with the overlap scheduler)"
+        300e-6, ge=0,
+        description="host scheduling work per iteration (hides under the previous iteration's GPU work with the "
+        "overlap scheduler)"
     )
     scheduler_overhead_per_request_s: float = Field(
         1e-6, ge=0, description="additional scheduling work per request in the batch"
@@ -387,9 +390,12 @@ class RooflineCostModel:
             return self._host_pw + self._host_pw_dec if with_decode else self._host_pw
         return self._host_eager + self._host_ctx if context else self._host_eager
 
+    def _sched(self, n_requests: int, ctx_tokens: int) -> float:
+        return self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens
+
     def _total(self, gpu_rest: float, gpu_kv: float, graph: bool, n_requests: int, context: bool = False,
                piecewise: bool = False, with_decode: bool = False, ctx_tokens: int = 0) -> float:
-        sched = self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens
+        sched = self._sched(n_requests, ctx_tokens)
         if self.overlap_scheduler:
             # the host schedules, prepares and launches this iteration while the GPU runs the
             # previous one: the step is the longer of the two (the host's part hiding under
@@ -529,8 +535,7 @@ class RooflineCostModel:
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")
         ctx = bool(shape.ctx_new_tokens)
-        sched = self._sched_fixed + self._sched_req * (len(shape.ctx_new_tokens) + n) + \
-            self._sched_tok * sum(shape.ctx_new_tokens)
+        sched = self._sched(len(shape.ctx_new_tokens) + n, sum(shape.ctx_new_tokens))
         if self.overlap_scheduler:  # what of the host's work shows past gpu_rest, split pro rata
             h = self._host_work(shape.graph, ctx, pw > 0, n > 0)
             shown = max(h + sched - gpu_rest, 0.0)

@@ -76,10 +76,6 @@ class Engine:
         self.executor = executor
         self.replica = replica
         self.cost = getattr(executor, "cost_model", None)
-        # The overlap scheduler decides iteration n+1 while n runs, so a request that arrives
-        # after n started waits for n+2. A real overlapping executor (the GPU's) lags by
-        # construction; on a simulated clock the engine holds such arrivals back itself.
-        self.models_lag = cfg.overlap and not getattr(executor, "overlap", False)
         self._last_start = -INF  # the last iteration run: its start and end
         self._last_end = -INF
         self.needs_requests = bool(getattr(executor, "needs_requests", False))
@@ -314,8 +310,8 @@ class Engine:
             self._ev0 = st.dropped + st.offloaded
             self._off0 = st.offloaded
         cutoff = now  # requests that arrived after it wait for a later iteration
-        if self.models_lag and now <= self._last_end + 1e-9 and (self.context or self.n_dec):
-            cutoff = self._last_start  # this iteration was decided when the last one started
+        if self.context or self.n_dec:  # (with nothing to run, nothing was decided ahead)
+            cutoff = self.executor.admits_arrivals_until(now, self._last_start, self._last_end)
         if self._admit(now, cutoff):
             horizon = now  # one iteration: the next decides on the arrivals held back
         if (self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard

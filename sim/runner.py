@@ -290,7 +290,8 @@ def simulate(setup: Setup, check_invariants: bool = False,
     requests = prepare_requests(setup)
     cost = make_cost_model(setup)
     ecfg = engine_config(setup, check_invariants)
-    engines = [Engine(ecfg, SimExecutor(cost), replica=i) for i in range(setup.cfg.cluster.replicas)]
+    engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler), replica=i)
+               for i in range(setup.cfg.cluster.replicas)]
     run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
 

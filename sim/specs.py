@@ -486,6 +486,14 @@ def load_hardware(name_or_path: str | Path, base_dir: str | Path | None = None, 
     return HardwareSpec.from_file(path)
 
 
+def hardware_for_device(device_name: str) -> str | None:
+    """The bundled hardware spec whose ``device_names`` match a CUDA device name (None: none)."""
+    for name in bundled_hardware():
+        if any(n.lower() in device_name.lower() for n in load_hardware(name).device_names):
+            return name
+    return None
+
+
 def gb(nbytes: float) -> str:
     """Decimal gigabytes with one decimal, for messages."""
     return f"{nbytes / 1e9:.1f} GB"

@@ -161,6 +161,11 @@ class Executor(Protocol):
 
     def execute(self, batch: ScheduledBatch) -> StepResult: ...
 
+    # The arrival time up to which requests can join the iteration starting at `now` that
+    # follows one that ran over [last_start, last_end]: `now` for an executor whose clock
+    # is the real one; a simulated overlap scheduler decided it when the last one started.
+    def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float: ...
+
     # A simulator executor also exposes its cost model (attribute `cost_model`) so the
     # engine can advance decode-only stretches in closed form; a GPU executor sets it to
     # None and every iteration is executed for real.

@@ -9,6 +9,7 @@ from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_c
 from servesim.policies.routing import make_router
 from servesim.sim.driver import run_simulation
 from servesim.sim.engine import Engine, EngineConfig  # noqa: F401  (re-exported for tests)
+from servesim.sim.executor import SimExecutor
 from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
 from servesim.sim.types import IterationShape, Phase, Request, StepResult
 
@@ -34,8 +35,11 @@ class StepwiseExecutor:
     cost_model = None
     needs_requests = True
 
-    def __init__(self, cost, max_batch: int, max_tokens: int):
+    admits_arrivals_until = SimExecutor.admits_arrivals_until
+
+    def __init__(self, cost, max_batch: int, max_tokens: int, overlap: bool = False):
         self.cost = cost
+        self.overlap = overlap
         self.max_batch = max_batch
         self.max_tokens = max_tokens
 
@@ -55,14 +59,7 @@ class StepwiseExecutor:
         return StepResult(self.cost.price(batch.shape))
 
 
-class SimExec:
-    needs_requests = False
-
-    def __init__(self, cost):
-        self.cost_model = cost
-
-    def execute(self, batch):
-        return StepResult(self.cost_model.price(batch.shape))
+SimExec = SimExecutor
 
 
 def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
@@ -91,7 +88,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None)
     engines = []
     for r in range(replicas):
-        ex = StepwiseExecutor(cost, max_batch, max_tokens) if stepwise else SimExec(cost)
+        ex = StepwiseExecutor(cost, max_batch, max_tokens, overlap) if stepwise else SimExec(cost, overlap)
         engines.append(Engine(cfg, ex, replica=r))
     run_simulation(reqs, engines, make_router("round_robin"))
     its = [iteration_arrays(e) for e in engines]

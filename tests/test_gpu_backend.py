@@ -704,3 +704,8 @@ def test_gpu_backend_refuses_another_gpus_hardware_spec():
     with pytest.raises(ConfigError, match="h200-sxm"):
         check_device(h200, "NVIDIA A100-SXM4-80GB")
     check_device(h100.model_copy(update={"device_names": []}), "anything")  # a spec that names none
+    from servesim.sim.specs import hardware_for_device
+
+    assert hardware_for_device("NVIDIA H200") == "h200-sxm"
+    assert hardware_for_device("NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert hardware_for_device("cpu") is None
