@@ -12,13 +12,12 @@ the GPU's work and the bookkeeping after it -- so iterations tile the timeline t
 simulator's do (its iteration price includes the scheduler's host overhead), and the
 next step starts where the last one's record ends.
 
-With an overlap-scheduling executor (``executor.overlap``), an iteration's GPU work is
-still running when its step returns; the executor records when each iteration's sampled
-tokens reached the host (``executor.completed_s``), and the driver rewrites each recorded
-iteration's ``duration_s`` so that ``start_s + duration_s`` is that time -- the emission
-time of the iteration's tokens, as in the non-overlapped case. Iterations of an overlapped
-run therefore overlap in time in ``iterations.parquet`` (the next one starts while the
-previous one runs), which is what overlap means.
+Time comes from the executor: the engine records each iteration's duration as the
+executor says (`iteration_duration`: the wall time since the step began), and with the
+overlap scheduler, whose tokens reach the host only after the next iteration was launched,
+the ends the executor learns later (`finish`), so iterations of an overlapped run overlap
+in time in ``iterations.parquet`` (the next one starts while the previous one runs), which
+is what overlap means. The driver never touches the records.
 """
 
 from __future__ import annotations
@@ -28,12 +27,8 @@ from typing import Callable, Sequence
 
 from servesim.policies.routing import Router
 from servesim.sim.driver import Arrivals
-from servesim.sim.engine import INF, ROW_FIELDS, Engine
+from servesim.sim.engine import INF, Engine
 from servesim.sim.types import Request
-
-_START = ROW_FIELDS.index("start_s")
-_DURATION = ROW_FIELDS.index("duration_s")
-_ITERATION = ROW_FIELDS.index("iteration")
 
 
 def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router: Router,
@@ -50,17 +45,16 @@ def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router
     def now_s() -> float:
         return clock() - t0
 
-    executors = [e.executor for e in engines]
-    for ex in executors:
-        if hasattr(ex, "clock"):
-            ex.clock = now_s
+    for e in engines:
+        e.executor.start_clock(now_s)
     steps = 0
     while True:
         now = now_s()
         arrivals.deliver(now)
         busy = [(i, e) for i, e in enumerate(engines) if e.has_work()]
         if not busy:
-            _flush(executors)
+            for e in engines:
+                e.finish()
             if arrivals.exhausted():
                 break
             wait = arrivals.next_time() - now_s()
@@ -71,38 +65,14 @@ def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router
             t = now_s()
             n_rows = len(e.rows)
             e.step(t, INF)
-            if len(e.rows) == n_rows + 1 and not getattr(e.executor, "overlap", False):
-                row = e.rows[-1]  # the step's one iteration: it lasted until the step returned
-                e.rows[-1] = row[:_DURATION] + (now_s() - row[_START],) + row[_DURATION + 1:]
             steps += 1
             if progress is not None and steps % progress_every == 0:
                 progress(t)
             if len(e.rows) == n_rows and e.has_work() and not e.context and not e.n_dec:
                 # nothing ran and nothing is running: admission failed on an idle replica
                 raise RuntimeError(f"replica {i}: waiting requests can never be admitted")
-    _flush(executors)
     for e in engines:
-        if getattr(e.executor, "overlap", False):
-            _overlap_durations(e, e.executor.completed_s)
+        e.finish()
     if progress is not None:
         progress(now_s())
     return now_s()
-
-
-def _flush(executors) -> None:
-    for ex in executors:
-        f = getattr(ex, "flush", None)
-        if f is not None:
-            f()
-
-
-def _overlap_durations(engine: Engine, completed_s: dict[int, float]) -> None:
-    """Set each iteration's duration so that it ends when its tokens reached the host."""
-    rows = engine.rows
-    for k, row in enumerate(rows):
-        done = completed_s.get(row[_ITERATION])
-        if done is None:
-            continue
-        r = list(row)
-        r[_DURATION] = max(done - row[_START], 0.0)
-        rows[k] = tuple(r)

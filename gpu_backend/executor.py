@@ -1,16 +1,16 @@
 """The GPU executor: runs each `ScheduledBatch` of the engine on a real Llama model.
 
-`GpuExecutor` implements the engine's `Executor` protocol with ``cost_model = None`` (every
-iteration is run for real, never advanced in closed form) and ``needs_requests = True``
-(the engine hands it the request objects and materialises their KV block ids).
+`GpuExecutor` implements the engine's `Executor` protocol (sim/types.py): it plans no
+closed-form decode stretch (every iteration is run for real) and ``needs_block_ids`` (the
+engine hands it the request objects and materialises their KV block ids).
 
 One `execute(batch)`:
 
 1. copies to the host the KV of requests the engine just paused by *swapping*
-   (``scheduler.preemption: swap``; flagged by ``shape.gpu_to_host_bytes``) -- the engine
-   has released their block ids, the executor still holds the old block list -- and runs
-   ``batch.block_copies`` (partial prefix reuse: copy-on-write of a cached block); a
-   swapped request that is back in the batch gets its KV copied into its new blocks;
+   (``scheduler.preemption: swap``; ``batch.swap_out`` lists them with the block ids their
+   KV occupied, already released by the engine), runs ``batch.block_copies`` (partial
+   prefix reuse: copy-on-write of a cached block), and copies back into their new blocks
+   the KV of the requests in ``batch.swap_in``;
 2. packs the iteration, context chunks first: a chunk's tokens are positions
    ``[prior_tokens, prior_tokens + num_tokens)`` of its request's *context sequence*
    (the prompt, followed after a preemption by the tokens generated so far, since a
@@ -57,8 +57,8 @@ includes a token still in flight, waits for it.) Sampled tokens reach the host t
 non-blocking copy into pinned memory; ``completed_s[n]`` records when iteration ``n``'s
 tokens were seen on the host (``clock()`` time: when the host's wait for them returned; on
 a CPU, where everything is synchronous, when they were computed), which the GPU driver
-uses as the iteration's end (its tokens' emission time). ``flush()`` collects the
-iteration still in flight. In overlap mode ``StepResult.tokens`` is empty: read
+reports to the engine (``finish()``) as the iteration's end (its tokens' emission time).
+``flush()`` collects the iteration still in flight. In overlap mode ``StepResult.tokens`` is empty: read
 ``outputs`` after ``flush()``. ``stats()`` gives ``launch_s`` (host time preparing and
 launching iterations) and ``wait_s`` (host time blocked on the GPU): with overlap the
 former hides behind the GPU's work, without it every iteration pays both in series.
@@ -196,11 +196,10 @@ class GpuExecutor:
     the synthetic prompt tokens and the sampler. ``hash_block_size``: tokens per workload
     block hash (for prompts given as ``block_hashes``). ``use_graphs``: capture CUDA graphs
     (default: on a CUDA device). ``clock``: time source for ``completed_s`` (the GPU driver
-    sets it to its own wall clock).
+    sets it to its own wall clock: ``start_clock``).
     """
 
-    cost_model = None
-    needs_requests = True
+    needs_block_ids = True
 
     def __init__(self, model: LlamaModel, num_blocks: int, tokens_per_block: int, *,
                  graph_sizes: Sequence[int] | None = None, piecewise_sizes: Sequence[int] | None = None,
@@ -244,6 +243,7 @@ class GpuExecutor:
         self.outputs: dict[int, array] = {}  # request_id -> generated token ids
         self._out_len: dict[int, int] = {}  # request_id -> tokens it keeps (output_len)
         self.completed_s: dict[int, float] = {}  # iteration -> clock() when its tokens were on the host
+        self._unreported: dict[int, float] = {}  # ... of those, overlapped ones the engine has not been told
         # per iteration: host seconds from execute() to the forward's launch (input
         # preparation), and execute()'s whole wall time (prep + GPU + sync, without overlap)
         self.prep_s: dict[int, float] = {}
@@ -399,22 +399,19 @@ class GpuExecutor:
         d = self._to_device(np.ascontiguousarray(ids.T).ravel())
         self.kv_pool.copy_blocks(d[:len(ids)], d[len(ids):])
 
-    def _swap_out(self) -> None:
+    def _swap_out(self, swap_out: list[tuple[int, list[int]]]) -> None:
         """Copy to the host the KV of requests the engine paused by swapping this iteration.
 
         The engine has already released their block ids (they may be reused by this very
         iteration); the copy is queued before the iteration's forward pass, so it reads
-        the blocks before anything overwrites them. The executor still holds the released
-        block list (the engine gives a request a new list when it frees the old one)."""
-        for st in self._seqs.values():
-            req = st.req
-            n = getattr(req, "swapped_blocks", 0)
-            if n and st.swap is None and req.phase == Phase.WAITING:
-                if st.blocks is None or len(st.blocks) < n:
-                    raise RuntimeError(f"request {req.request_id}: swapped out with {n} blocks, the executor "
-                                       f"knows {0 if st.blocks is None else len(st.blocks)}")
-                ids = self._to_device(np.asarray(st.blocks[:n], dtype=np.int64))
-                st.swap = self.kv_pool.to_host(ids, non_blocking=self.cuda)
+        the blocks before anything overwrites them."""
+        for rid, blocks in swap_out:
+            st = self._seqs.get(rid)
+            if st is None or st.swap is not None:
+                raise RuntimeError(f"request {rid}: swapped out but the executor "
+                                   f"{'never ran it' if st is None else 'holds its swapped KV already'}")
+            ids = self._to_device(np.asarray(blocks, dtype=np.int64))
+            st.swap = self.kv_pool.to_host(ids, non_blocking=self.cuda)
 
     def _swap_in(self, st: _Seq) -> None:
         """Copy a swapped-in request's KV from the host into its new blocks (before the
@@ -431,10 +428,11 @@ class GpuExecutor:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         t_start = time.perf_counter()
         it = batch.iteration
-        if getattr(batch.shape, "gpu_to_host_bytes", 0):  # the engine swapped requests out
-            self._swap_out()
+        if batch.swap_out:
+            self._swap_out(batch.swap_out)
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
+        swap_in = set(batch.swap_in)
         chunks = batch.context
         gens = batch.generation
         N, B = len(chunks), len(gens)
@@ -462,14 +460,20 @@ class GpuExecutor:
                 rids.append(c.request.request_id)
         for j, r in enumerate(gens):
             st = self._seq(r, it)
-            if st.swap is not None:
+            if r.request_id in swap_in:
+                if st.swap is None:
+                    raise RuntimeError(f"iteration {it}: request {r.request_id} swapped in, but the executor "
+                                       "holds no swapped KV for it")
                 self._swap_in(st)
+                swap_in.discard(r.request_id)
             k = N + j
             slots[k] = st.slot
             held[k] = st.nb
             starts[k] = r.kv_len_at(it)
             qlens[k] = 1
             rids.append(r.request_id)
+        if swap_in:
+            raise RuntimeError(f"iteration {it}: requests {sorted(swap_in)} swapped in but not scheduled")
         # -- per-token arrays (vectorised) ---------------------------------------------
         seq_lens = starts + qlens
         need_blocks = -(-seq_lens // bs)
@@ -573,6 +577,23 @@ class GpuExecutor:
         decision for iteration n+1 really is made while n runs."""
         return now
 
+    def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> None:
+        return None  # every iteration runs for real
+
+    def iteration_duration(self, start_s: float, result: StepResult) -> float:
+        """Until now on the driver's clock (the engine's bookkeeping included); with
+        overlap the iteration is still running: its end comes with `finish()`."""
+        return result.duration_s if self.overlap else self.clock() - start_s
+
+    def start_clock(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def finish(self) -> dict[int, float]:
+        """Collect the iteration in flight; the ends of overlapped iterations not yet reported."""
+        self.flush()
+        out, self._unreported = self._unreported, {}
+        return out
+
     def _check_piecewise(self, it: int, n_chunks: int, n_tokens: int, padded: int) -> None:
         """RuntimeError unless the piecewise runner can run this iteration at ``padded`` tokens."""
         pr = self.piecewise_runner
@@ -601,7 +622,9 @@ class GpuExecutor:
             o = outs[rid]
             if len(o) < limit[rid]:  # the overlap scheduler's extra step: discarded
                 o.append(t)
-        self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
+        done = self.completed_s[f.iteration] = self.clock() if f.done_s is None else f.done_s
+        if self.overlap:
+            self._unreported[f.iteration] = done
         return toks
 
     def _collect(self) -> None:

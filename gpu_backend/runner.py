@@ -40,6 +40,7 @@ from servesim.policies.routing import make_router
 from servesim.sim.engine import Engine
 from servesim.sim.memory import default_activation_reserve_bytes
 from servesim.sim.runner import RunResult, Setup, engine_config, finish_run, prepare_requests
+from servesim.sim.schemas import build_table
 from servesim.sim.types import ConfigError
 from servesim.traces.schema import HASH_BLOCK_SIZE
 
@@ -269,9 +270,9 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     # per iteration, the executor's host time (input packing; its whole call) beside the
     # engine's columns: where an iteration's time went, for `sim compare` and calibration
     its = result.iterations
-    if its.num_rows:
-        idx = its.column("iteration").to_numpy()
-        for name, arr in (("host_prep_s", host["prep_s"]), ("host_exec_s", host["exec_s"])):
-            result.iterations = result.iterations.append_column(name, pa.array(arr[idx], type=pa.float64()))
+    idx = its.column("iteration").to_numpy()
+    result.iterations = build_table("iterations", {**{c: its.column(c) for c in its.column_names},
+                                                   "host_prep_s": host["prep_s"][idx],
+                                                   "host_exec_s": host["exec_s"][idx]})
     return result
 

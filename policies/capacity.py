@@ -7,8 +7,8 @@
 - STATIC_BATCH forms a batch only while the engine is idle and lets nothing join until
   the batch's last request has finished; finished slots stay idle.
 
-A policy decides; the engine carries out. Policies see the block manager and the request
-only, never the executor.
+A policy decides; the engine carries out (the reservation, the pause). Policies see the
+block manager's counts and what the request needs, never the executor, and change nothing.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ class CapacityPolicy(Protocol):
     admit_while_busy: bool  # False: only admit into an idle engine (static batching)
     pauses_on_shortage: bool  # True: the engine pauses the newest request when blocks run out
 
-    reserves: bool  # keeps kv.reserved (GUARANTEED_NO_EVICT-style accounting)
+    # the engine reserves an admitted request's final blocks (and counts the cached blocks
+    # it starts referencing) in kv.reserved (GUARANTEED_NO_EVICT-style accounting)
+    reserves: bool
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
-        """Reserve what the policy needs for `req`; False leaves the pool untouched.
+    def admits(self, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+        """Whether a request needing `need` can be admitted now. Reads the pool's counts,
+        changes nothing.
 
         `headroom` is the number of blocks the running requests will take in the next
         iteration (a policy that does not reserve ahead must leave them free)."""
@@ -56,12 +59,8 @@ class GuaranteedNoEvict:
 
     reserves = True
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
-        if kv.reserved + need.final_blocks + need.new_refs > kv.total:
-            return False
-        kv.reserve(req, need.final_blocks)
-        kv.reserved += need.new_refs
-        return True
+    def admits(self, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+        return kv.reserved + need.final_blocks + need.new_refs <= kv.total
 
 
 class MaxUtilization:
@@ -71,7 +70,7 @@ class MaxUtilization:
 
     reserves = False
 
-    def try_admit(self, req: Request, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+    def admits(self, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
         # The prompt's blocks must be available now (free or evictable), beyond what the
         # running requests take in the next iteration; generation grows into the rest.
         return need.ctx_blocks + need.new_refs + headroom <= kv.available

@@ -13,6 +13,7 @@ from typing import Protocol
 
 class ChunkPolicy(Protocol):
     name: str
+    splits: bool  # False: a context runs whole in one iteration (a prompt over the token budget never fits)
 
     def chunk(self, remaining: int, budget: int, tokens_per_block: int) -> int: ...
 
@@ -21,6 +22,7 @@ class NoChunking:
     """The whole remaining context in one iteration, or wait."""
 
     name = "none"
+    splits = False
 
     def chunk(self, remaining: int, budget: int, tokens_per_block: int) -> int:
         return remaining if remaining <= budget else 0
@@ -30,6 +32,7 @@ class FixedChunk:
     """At most `chunk_size` tokens per iteration, fewer when the budget is short."""
 
     name = "fixed"
+    splits = True
 
     def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size

@@ -31,18 +31,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
 from .metrics import LATENCY_KEYS, summarize
+from .schemas import read_run_table
 from .types import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of compare.json (the run tables have theirs: sim/schemas.py)
 RUN_FILES = ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml")
 REQUEST_COLUMNS = ("request_id", "status", "arrival_s", "first_token_s", "finish_s", "prompt_len",
                    "output_len", "cached_tokens", "slo_ttft_s", "slo_tpot_s", "token_times")
 ITERATION_COLUMNS = ("start_s", "duration_s", "num_ctx_requests", "num_gen_requests", "ctx_tokens",
-                     "gen_tokens", "kv_blocks_used", "draft_tokens_proposed", "draft_tokens_accepted")
+                     "gen_tokens", "kv_blocks_used")
 ITERATION_KEY = ("num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens")
 PHASES = ("prefill", "decode", "mixed")
 STATS = ("mean", "p50", "p90", "p99")
@@ -79,18 +79,12 @@ class Run:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_parquet(path: Path, columns: tuple[str, ...], problems: list) -> pa.Table | None:
+def _read_parquet(path: Path, kind: str, columns: tuple[str, ...], problems: list) -> pa.Table | None:
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # ArrowInvalid, OSError, ...: whatever it is, the file is unreadable
-        problems.append((str(path), f"cannot read this Parquet file ({type(e).__name__}: {e})"))
+        return read_run_table(path, kind, columns)
+    except ConfigError as e:
+        problems.extend(e.problems)
         return None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        problems.append((str(path), f"missing column(s) {', '.join(missing)}; expected the "
-                                    f"columns a run writes (sim/records.py)"))
-        return None
-    return table
 
 
 def _read_json(path: Path, problems: list) -> dict | None:
@@ -141,8 +135,8 @@ def load_run(path: Path, problems: list) -> Run | None:
                                             f"holds {', '.join(RUN_FILES)})"))
         return None
     n0 = len(problems)
-    req = _read_parquet(path / "requests.parquet", REQUEST_COLUMNS, problems)
-    it = _read_parquet(path / "iterations.parquet", ITERATION_COLUMNS, problems)
+    req = _read_parquet(path / "requests.parquet", "requests", REQUEST_COLUMNS, problems)
+    it = _read_parquet(path / "iterations.parquet", "iterations", ITERATION_COLUMNS, problems)
     summary_file = _read_json(path / "summary.json", problems)
     config = _read_yaml(path / "config.yaml", problems)
     if len(problems) > n0:

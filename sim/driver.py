@@ -92,4 +92,6 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
 
     procs = [env.process(engine_process(i, e)) for i, e in enumerate(engines)]
     env.run(until=simpy.AllOf(env, procs))
+    for e in engines:
+        e.finish()
     return env.now

@@ -6,11 +6,14 @@ either
 * one *general* iteration (context chunks first, then every generation request, packed),
   handed to the executor, or
 * a *decode stretch*: iterations in which only generation requests run and nothing is
-  admitted, finishes or pauses. When the executor exposes a cost model whose decode price
-  is affine in the KV length (the `CostModel` contract), the stretch is advanced in closed
-  form: its length, total duration, KV growth and token times follow from a few sums, and
-  its per-iteration records are materialised later, vectorised (sim/records.py). A GPU
-  executor has no cost model, so every iteration runs for real.
+  admitted, finishes or pauses. When the executor can price such iterations in closed
+  form (`Executor.plan_decode_stretch` gives an affine price in the KV length), the stretch
+  is advanced at once: its length, total duration, KV growth and token times follow from a
+  few sums, and its per-iteration records are materialised later, vectorised
+  (sim/records.py). A GPU executor plans none, so every iteration runs for real.
+
+Time comes only from the executor (`execute`, `plan_decode_stretch`, `iteration_duration`,
+`finish`); policies decide (admission, chunking, padding) and the engine applies.
 
 Generation requests are kept as aggregates so that per-iteration work never loops over
 the batch: each one's KV length is `off + it` (it grows by one a step), the pool's new
@@ -20,6 +23,7 @@ come from a heap keyed by the iteration that emits the last token.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from array import array
@@ -32,6 +36,7 @@ from servesim.policies.graph_padding import GraphPadding
 
 from .kv_cache import BlockManager, blocks_for
 from .prefix_cache import DEFAULT_PRIORITY, PrefixCache
+from .records import IterationRecord, StretchRecord
 from .types import ContextChunk, Executor, IterationShape, Phase, Request, ScheduledBatch
 
 INF = float("inf")
@@ -61,24 +66,14 @@ class EngineConfig:
     overlap: bool = False
 
 
-# Column order of a general iteration's record (see records.py).
-ROW_FIELDS = (
-    "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
-    "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "graph",
-    "kv_blocks_cached", "kv_blocks_host", "evictions", "offloads", "onboards",
-    "decode_kv_tokens", "ctx_cached_tokens",
-)
-
-
 class Engine:
     def __init__(self, cfg: EngineConfig, executor: Executor, replica: int = 0):
         self.cfg = cfg
         self.executor = executor
         self.replica = replica
-        self.cost = getattr(executor, "cost_model", None)
         self._last_start = -INF  # the last iteration run: its start and end
         self._last_end = -INF
-        self.needs_requests = bool(getattr(executor, "needs_requests", False))
+        self.needs_block_ids = executor.needs_block_ids
         self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
         self.kv.reserving = cfg.capacity.reserves
         self.cache: PrefixCache | None = None
@@ -89,6 +84,9 @@ class Engine:
         self._off0 = 0
         self.swap_used = 0  # host blocks holding swapped-out requests
         self.pending_swap_out = 0  # blocks copied GPU -> host by pauses this iteration
+        # ... and, when the executor needs block ids, whose and which (request id, block ids)
+        self.pending_swap_out_ids: list[tuple[int, list[int]]] = []
+        self.pending_swap_in: list[int] = []  # requests whose KV comes back this iteration
         self.num_swaps = 0
         self.tpb = cfg.tokens_per_block
         self.waiting: deque[Request] = deque()
@@ -103,8 +101,8 @@ class Engine:
         self._admit_seq = 0
         self.recompute_chunking = FillBudget()
         # outputs
-        self.rows: list[tuple] = []  # general iterations
-        self.stretches: list[tuple] = []  # closed-form decode stretches (numbers only)
+        self.rows: list[IterationRecord] = []  # general iterations
+        self.stretches: list[StretchRecord] = []  # closed-form decode stretches
         self.stretch_hist: list[bytes] = []  # each stretch's block-residue histogram
         self.done: list[Request] = []  # finished or rejected, in completion order
         self.num_preemptions = 0
@@ -191,7 +189,7 @@ class Engine:
                 self.waiting.popleft()
                 self._reject(req)
                 continue
-            if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and cfg.chunking.name == "none":
+            if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and not cfg.chunking.splits:
                 self.waiting.popleft()
                 self._reject(req)
                 continue
@@ -216,12 +214,14 @@ class Engine:
             need = AdmitNeed(ctx_blocks=blocks_for(req.context_target, self.tpb) - n_hit,
                              final_blocks=self._final_blocks(req) - n_hit,
                              new_refs=PrefixCache.new_refs(hits) if hits else 0)
-            if not policy.try_admit(req, kv, headroom, need):
+            if not policy.admits(kv, headroom, need):
                 break
+            self._reserve(req, need)
             self.waiting.popleft()
             if hits:
                 self.cache.acquire(hits, now)  # before growing: hits must not be evicted
                 req.nodes = list(hits)
+                req.node_blocks = list(range(len(hits)))
                 req.blocks = [n.block_id for n in hits]
             kv.grow(need.ctx_blocks)
             if copy_src is not None and (copy_src.on_host or copy_src.block_id < 0):
@@ -251,11 +251,14 @@ class Engine:
         # n + 1: room for its own next block too, so the pause that follows admission in
         # the same iteration never picks the request it just brought back
         need = AdmitNeed(ctx_blocks=n + 1, final_blocks=self._final_blocks(req), new_refs=0)
-        if not self.cfg.capacity.try_admit(req, kv, headroom, need):
+        if not self.cfg.capacity.admits(kv, headroom, need):
             return False
+        self._reserve(req, need)
         self.waiting.popleft()
         kv.grow(n)
         kv.pending_onboard += n
+        if self.needs_block_ids:
+            self.pending_swap_in.append(req.request_id)
         self.swap_used -= n
         req.swapped_blocks = 0
         req.admit_seq = self._admit_seq
@@ -263,6 +266,12 @@ class Engine:
         req.spans.append((self.g, 0))
         self._enter_generation(req, self.g - 1)
         return True
+
+    def _reserve(self, req: Request, need: AdmitNeed) -> None:
+        """Carry out an admission the capacity policy accepted: its reservation."""
+        if self.cfg.capacity.reserves:
+            self.kv.reserve(req, need.final_blocks)
+            self.kv.reserved += need.new_refs
 
     def _pause_newest(self, it: int) -> None:
         """MAX_UTILIZATION: pause the newest active request; it recomputes on resume."""
@@ -284,6 +293,9 @@ class Engine:
                 victim.swapped_blocks = blocks
                 self.swap_used += blocks
                 self.pending_swap_out += blocks
+                if self.needs_block_ids:  # the ids it holds now, before they are released
+                    self.kv.sync(victim, blocks * self.tpb)
+                    self.pending_swap_out_ids.append((victim.request_id, list(victim.blocks[:blocks])))
                 self.num_swaps += 1
         else:
             self.context.remove(victim)
@@ -314,13 +326,12 @@ class Engine:
             cutoff = self.executor.admits_arrivals_until(now, self._last_start, self._last_end)
         if self._admit(now, cutoff):
             horizon = now  # one iteration: the next decides on the arrivals held back
-        if (self.context or self.cost is None or self.n_dec == 0 or self.kv.pending_onboard
-                or self.pending_swap_out):
+        if self.context or self.n_dec == 0 or self.kv.pending_onboard or self.pending_swap_out:
             if not (self.context or self.n_dec):
                 return now
             return self._general(now)
         end = self._stretch(now, horizon)
-        if end is None:  # KV exhausted right now: a general iteration pauses someone
+        if end is None:  # no closed form, or KV exhausted right now (a general iteration pauses someone)
             return self._general(now)
         return end
 
@@ -375,14 +386,18 @@ class Engine:
             gpu_to_host_bytes=swap_out * cfg.kv_block_bytes,
         )
         generation: list[Request] = []
-        if self.needs_requests:
+        swap_out: list[tuple[int, list[int]]] = []
+        swap_in: list[int] = []
+        if self.needs_block_ids:
+            swap_out, self.pending_swap_out_ids = self.pending_swap_out_ids, []
+            swap_in, self.pending_swap_in = self.pending_swap_in, []
             generation = list(self.decoding.values())
             for c in chunks:
                 kv.sync(c.request, c.prior_tokens + c.num_tokens)
             for r in generation:
                 kv.sync(r, r.kv_len_at(it) + 1)
         used_during = kv.used  # blocks in use while the iteration runs (before releases)
-        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation, copies))
+        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation, copies, swap_out, swap_in))
         end = now + result.duration_s
         ctx_tokens = 0
         for c in chunks:
@@ -403,11 +418,14 @@ class Engine:
                     self._enter_generation(req, it)
         self._pop_finishes(it)
         ev, off = self._cache_counters()
-        self.rows.append((it, now, result.duration_s, len(chunks), n_dec, ctx_tokens, n_dec,
-                          (padded - n_dec if padded else piecewise - n_dec - ctx_tokens if piecewise else 0),
-                          used_during, padded > 0 or piecewise > 0,
-                          kv.cached, self.cache.host_used if self.cache else 0, ev, off, onboards,
-                          shape.decode_kv_sum, sum(shape.ctx_prior_tokens)))
+        self.rows.append(IterationRecord(
+            iteration=it, start_s=now, duration_s=self.executor.iteration_duration(now, result),
+            num_ctx_requests=len(chunks), num_gen_requests=n_dec, ctx_tokens=ctx_tokens, gen_tokens=n_dec,
+            padded_tokens=padded - n_dec if padded else piecewise - n_dec - ctx_tokens if piecewise else 0,
+            kv_blocks_used=used_during, kv_blocks_cached=kv.cached,
+            kv_blocks_host=self.cache.host_used if self.cache else 0, evictions=ev, offloads=off,
+            onboards=onboards, graph=padded > 0 or piecewise > 0, decode_kv_tokens=shape.decode_kv_sum,
+            ctx_cached_tokens=sum(shape.ctx_prior_tokens)))
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()
@@ -436,9 +454,10 @@ class Engine:
             prios = None
         else:
             prios = [spec.block_priority(i, tpb, req.prompt_len) for i in range(start, n_full)]
-        # stops at a key another request cached meanwhile: the rest stay private
-        new = self.cache.insert_many(keys, req.blocks, start, n_full, prios, contents)
+        # steps over keys another request cached meanwhile (those blocks stay private)
+        new, idx = self.cache.insert_many(keys, req.blocks, start, n_full, prios, contents)
         req.nodes.extend(new)
+        req.node_blocks.extend(idx)
         inserted = len(new)
         if self.kv.reserving:
             req.reserved_blocks -= inserted  # now counted as shared blocks in kv.reserved
@@ -465,10 +484,13 @@ class Engine:
         tpb = self.tpb
         g0 = self.g
         n = self.n_dec
-        K = self._next_finish() - g0 + 1
         padded = cfg.graph_padding.padded(n) if cfg.graph_padding is not None else 0
-        fixed, per_kv = self.cost.decode_affine(n, padded > 0, padded)
+        plan = self.executor.plan_decode_stretch(n, padded)
+        if plan is None:
+            return None
+        fixed, per_kv = plan
         kv0 = self.off_sum + n * g0
+        K = self._next_finish() - g0 + 1
         if horizon < INF:  # at least one: a horizon at `now` asks for exactly one
             K = min(K, max(1, _iterations_before(max(horizon - now, 0.0), fixed, per_kv, kv0, n)))
         hist = self.hist
@@ -488,8 +510,9 @@ class Engine:
         # eviction is recorded at moves to the stretch's first.
         self.kv.grow(new_blocks)
         ev, off = self._cache_counters()
-        self.stretches.append((g0, K, now, fixed, per_kv, kv0, n, used0, p0, padded, self.kv.cached,
-                               self.cache.host_used if self.cache else 0, ev, off))
+        self.stretches.append(StretchRecord(
+            g0=g0, K=K, t0=now, fixed=fixed, per_kv=per_kv, kv0=kv0, n=n, used0=used0, p0=p0, padded=padded,
+            cached=self.kv.cached, host=self.cache.host_used if self.cache else 0, evictions=ev, offloads=off))
         self.stretch_hist.append(array("q", hist).tobytes())
         self.g = g0 + K
         self._pop_finishes(g0 + K - 1)
@@ -498,6 +521,19 @@ class Engine:
         self._last_start = now + (K - 1) * fixed + per_kv * ((K - 1) * kv0 + n * (K - 1) * (K - 2) / 2)
         self._last_end = now + total
         return self._last_end
+
+    def finish(self) -> None:
+        """The run is over (or idle): let the executor complete what is in flight, and
+        record the ends it learnt only now (an overlapped GPU's iterations)."""
+        ends = self.executor.finish()
+        if not ends:
+            return
+        rows = self.rows
+        for it, end in ends.items():
+            k = bisect.bisect_left(rows, it, key=_iteration_of)
+            if k == len(rows) or rows[k].iteration != it:
+                raise RuntimeError(f"the executor reported the end of iteration {it}, which the engine did not run")
+            rows[k] = rows[k]._replace(duration_s=max(end - rows[k].start_s, 0.0))
 
     # ------------------------------------------------------------------ checks
     def live(self) -> list[tuple[Request, int]]:
@@ -515,7 +551,9 @@ class Engine:
         self.kv.check(live)
         if self.cache is not None:
             for req, _ in live:  # a reused block holds exactly the request's tokens
-                for i, node in enumerate(req.nodes):
+                assert len(req.node_blocks) == len(req.nodes), "cache nodes without their block index"
+                assert all(a < b for a, b in zip(req.node_blocks, req.node_blocks[1:])), "node indices unordered"
+                for i, node in zip(req.node_blocks, req.nodes):
                     assert node.key == req.block_keys[i], "cached block with another key"
                     if req.block_contents is not None and node.content is not None:
                         assert node.content == req.block_contents[i], "cached block with other tokens"
@@ -523,6 +561,10 @@ class Engine:
         assert self.n_active() <= self.cfg.max_batch_size, "more active requests than max_batch_size"
         if not self.cfg.capacity.pauses_on_shortage:
             assert self.kv.used <= self.kv.reserved
+
+
+def _iteration_of(r: IterationRecord) -> int:
+    return r.iteration
 
 
 def _iterations_before(h: float, f: float, a: float, kv0: int, n: int) -> int:

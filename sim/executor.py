@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .types import CostModel, ScheduledBatch, StepResult
+from typing import Callable
+
+from .types import CostModel, DecodePrice, ScheduledBatch, StepResult
 
 
 class SimExecutor:
-    needs_requests = False  # prices shapes; never needs request objects or block ids
+    needs_block_ids = False  # prices shapes; never needs request objects or block ids
 
     def __init__(self, cost_model: CostModel, overlap: bool = False):
         self.cost_model = cost_model
@@ -17,7 +19,19 @@ class SimExecutor:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         return StepResult(self.cost_model.price(batch.shape))
 
+    def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
+        return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))
+
     def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float:
         """With the overlap scheduler an iteration that follows the last one back to back
         was decided when the last one started: later arrivals wait one iteration more."""
         return last_start if self.overlap and now <= last_end + 1e-9 else now
+
+    def iteration_duration(self, start_s: float, result: StepResult) -> float:
+        return result.duration_s
+
+    def start_clock(self, clock: Callable[[], float]) -> None:
+        raise TypeError("the simulated executor runs on the simulated clock, not a wall clock")
+
+    def finish(self) -> dict[int, float]:
+        return {}

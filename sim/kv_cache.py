@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from .prefix_cache import PrefixCache
 
 
+def private_blocks(req: Request) -> list[int]:
+    """The block ids of `req` that are not prefix-cache nodes (its own)."""
+    nb = req.node_blocks
+    if not nb or nb[-1] == len(nb) - 1:  # the nodes are its first blocks (the usual case)
+        return req.blocks[len(nb):]
+    shared = set(nb)
+    return [b for i, b in enumerate(req.blocks) if i not in shared]
+
+
 def blocks_for(tokens: int, tokens_per_block: int) -> int:
     """Number of blocks that hold `tokens` tokens."""
     return -(-tokens // tokens_per_block)
@@ -79,8 +88,9 @@ class BlockManager:
             freed = self.cache.release_many(nodes, self.now)
             if self.reserving:
                 self.reserved -= freed  # the last holder stops reserving a shared block
-            private = req.blocks[len(nodes):]
+            private = private_blocks(req)
             req.nodes = []
+            req.node_blocks = []
         else:
             private = req.blocks
         if private:
@@ -104,9 +114,14 @@ class BlockManager:
             nodes = req.nodes
             if len(req.blocks) > n:
                 raise AssertionError(f"request {req.request_id} holds {len(req.blocks)} ids for {n} blocks")
+            at = dict(zip(req.node_blocks, nodes))
+            if len(at) != len(nodes):
+                raise AssertionError(f"request {req.request_id}: cache nodes without a distinct block index")
+            if any(i >= len(req.blocks) for i in at):
+                raise AssertionError(f"request {req.request_id}: a cache node past its materialised blocks")
             for i, b in enumerate(req.blocks):
-                if i < len(nodes):
-                    node = nodes[i]
+                node = at.get(i)
+                if node is not None:
                     if node.block_id != b or node.on_host or node.ref <= 0:
                         raise AssertionError(f"request {req.request_id} block {i} is not its cached node")
                     if owner.get(b, node) is not node:

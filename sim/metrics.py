@@ -55,6 +55,11 @@ def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
     return {str(t): float(cached[tenant == t].sum() / prompt[tenant == t].sum()) for t in names}
 
 
+def _hit_rate_all(req: pa.Table) -> float:
+    prompt = int(req.column("prompt_len").to_numpy().sum())
+    return float(req.column("cached_tokens").to_numpy().sum() / prompt) if prompt else 0.0
+
+
 def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
               num_preemptions: int = 0, num_swaps: int = 0, kv_block_bytes: int = 0,
               evictions_by_priority: dict[int, int] | None = None) -> dict:
@@ -79,8 +84,6 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
     dur_it = it.column("duration_s").to_numpy()
     used = it.column("kv_blocks_used").to_numpy()
     kv_util = float((used * dur_it).sum() / (dur_it.sum() * kv_total_blocks)) if len(dur_it) else 0.0
-    proposed = int(it.column("draft_tokens_proposed").to_numpy().sum()) if len(dur_it) else 0
-    accepted = int(it.column("draft_tokens_accepted").to_numpy().sum()) if len(dur_it) else 0
     per = lambda x: x / duration if duration > 0 else 0.0  # noqa: E731
     summary = {
         "num_requests": int(req.num_rows),
@@ -98,7 +101,10 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "throughput_out_tok_s": per(float(out.sum())),
         "goodput_req_s": per(good),
         "kv_util_mean": kv_util,
+        # over the prompt tokens of finished requests (a rejected request never ran)...
         "prefix_hit_rate": float(cached.sum() / prompt.sum()) if n_fin else 0.0,
+        # ... and over every request's prompt tokens, rejected ones included
+        "prefix_hit_rate_all_requests": _hit_rate_all(req),
         "prefix_hit_rate_by_tenant": _by_tenant_hit(req, fin),
         "reused_tokens": int(cached.sum()),
         # context tokens computed beyond each prompt's uncached part: preemption recompute
@@ -110,7 +116,6 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "onboarded_blocks": int(it.column("onboards").to_numpy().sum()),
         "offloaded_bytes": int(it.column("offloads").to_numpy().sum()) * kv_block_bytes,
         "onboarded_bytes": int(it.column("onboards").to_numpy().sum()) * kv_block_bytes,
-        "spec_acceptance_rate": (accepted / proposed) if proposed else None,
         "backend": backend,
         "wall_s": float(wall_s),
     })

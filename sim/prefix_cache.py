@@ -136,16 +136,22 @@ class PrefixCache:
         self.stats.inserted += 1
         return node
 
-    def insert_many(self, keys, block_ids, start: int, stop: int, prios=None, contents=None) -> list[CacheNode]:
-        """Cache blocks start..stop-1 of a request (ref 1 each) until a key is already
-        cached; `prios` lists (priority, duration) per block (None: default)."""
+    def insert_many(self, keys, block_ids, start: int, stop: int, prios=None,
+                    contents=None) -> tuple[list[CacheNode], list[int]]:
+        """Cache blocks start..stop-1 of a request (ref 1 each); returns the new nodes and
+        the block index of each. A key another request cached meanwhile is stepped over,
+        as TensorRT-LLM's block reuse steps into the matched block: that block of the
+        request stays private (a duplicate, freed with the request) and the blocks after it
+        are inserted (their chain keys extend the matched one). `prios` lists (priority,
+        duration) per block (None: default)."""
         nodes = self.nodes
         out = []
+        idx = []
         dp = self.default_priority
         for i in range(start, stop):
             key = keys[i]
             if key in nodes:
-                break
+                continue
             if prios is None:
                 node = CacheNode(key, block_ids[i], dp, None, None if contents is None else contents[i])
             else:
@@ -153,8 +159,9 @@ class PrefixCache:
                 node = CacheNode(key, block_ids[i], p, d, None if contents is None else contents[i])
             nodes[key] = node
             out.append(node)
+            idx.append(i)
         self.stats.inserted += len(out)
-        return out
+        return out, idx
 
     def release(self, node: CacheNode, now: float) -> None:
         self.release_many((node,), now)

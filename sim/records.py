@@ -1,7 +1,7 @@
 """Materialise an engine's compact records into the output tables of DESIGN.md.
 
-The engine keeps general iterations as tuples and decode stretches as a handful of
-numbers each; here they become per-iteration rows (vectorised over all stretches) and
+The engine keeps general iterations as `IterationRecord`s and decode stretches as
+`StretchRecord`s (a handful of numbers each); here they become per-iteration rows (vectorised over all stretches) and
 per-request rows with their per-token emission times (a list column), without a Python
 loop over tokens or iterations.
 """
@@ -9,18 +9,68 @@ loop over tokens or iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from .schemas import ITERATIONS, OPTIONAL, build_table, empty_columns, fill_value
 from .types import Phase, Request
 
-ITERATION_COLUMNS = [
-    "replica", "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
-    "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "kv_blocks_cached",
-    "kv_blocks_free", "kv_blocks_host", "evictions", "offloads", "onboards",
-    "draft_tokens_proposed", "draft_tokens_accepted", "graph", "decode_kv_tokens", "ctx_cached_tokens",
-]
+# Columns the records derive rather than the engine: which replica, and the free blocks
+# (total - used - cached).
+DERIVED = ("replica", "kv_blocks_free")
+
+
+class IterationRecord(NamedTuple):
+    """One general iteration as the engine records it (every column of iterations.parquet
+    but DERIVED; the schema, sim/schemas.py, gives their types and units)."""
+
+    iteration: int
+    start_s: float
+    duration_s: float
+    num_ctx_requests: int
+    num_gen_requests: int
+    ctx_tokens: int
+    gen_tokens: int
+    padded_tokens: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_host: int
+    evictions: int
+    offloads: int
+    onboards: int
+    graph: bool
+    decode_kv_tokens: int
+    ctx_cached_tokens: int
+
+
+class StretchRecord(NamedTuple):
+    """A closed-form decode stretch: K iterations of the same n generation requests; the
+    k-th (from 0) starts at t0 + k*fixed + per_kv*(k*kv0 + n*k*(k-1)/2) and lasts
+    fixed + per_kv*(kv0 + n*k). Its per-iteration rows are materialised here, vectorised."""
+
+    g0: int  # index of its first iteration
+    K: int  # number of iterations
+    t0: float  # start of its first iteration
+    fixed: float  # affine decode price: fixed part (s)
+    per_kv: float  # ... and seconds per KV token attended
+    kv0: int  # decode_kv_tokens of its first iteration
+    n: int  # generation requests
+    used0: int  # KV blocks used before the stretch
+    p0: int  # block-residue phase of its first iteration ((-g0) mod tokens_per_block)
+    padded: int  # CUDA-graph batch size (0: eager)
+    cached: int  # prefix-cache blocks (constant over the stretch)
+    host: int  # host-tier blocks (constant over the stretch)
+    evictions: int  # evicted at its start (all blocks it needs are taken then)
+    offloads: int
+
+
+ITERATION_COLUMNS = tuple(n for n in ITERATIONS.names if n not in OPTIONAL["iterations"])
+if set(IterationRecord._fields) | set(DERIVED) != set(ITERATION_COLUMNS):
+    raise ImportError("sim/records.py IterationRecord and the iterations schema (sim/schemas.py) disagree: "
+                      f"{sorted(set(IterationRecord._fields) ^ (set(ITERATION_COLUMNS) - set(DERIVED)))}")
+_NP = {f.name: np.dtype(f.type.to_pandas_dtype()) for f in ITERATIONS}
 
 
 @dataclass
@@ -34,95 +84,78 @@ class IterationArrays:
         return self.columns["start_s"] + self.columns["duration_s"]
 
 
+def _general_columns(rows: list[IterationRecord]) -> dict[str, np.ndarray]:
+    # one conversion of the whole list (every field is a number; exact in float64)
+    R = np.array(rows, dtype=np.float64)
+    out = {}
+    for j, name in enumerate(IterationRecord._fields):
+        dt = _NP[name]
+        col = R[:, j]
+        out[name] = col != 0 if dt == np.bool_ else (col.copy() if dt == np.float64 else col.astype(dt))
+    return out
+
+
+def _stretch_columns(st: list[StretchRecord], hist_bytes: list[bytes], tpb: int) -> dict[str, np.ndarray]:
+    S = np.array(st, dtype=np.float64)
+    F = {name: S[:, j] for j, name in enumerate(StretchRecord._fields)}
+    g0 = F["g0"].astype(np.int64)
+    K = F["K"].astype(np.int64)
+    t0, f, a, kv0 = F["t0"], F["fixed"], F["per_kv"], F["kv0"]
+    n = F["n"].astype(np.int64)
+    used0 = F["used0"].astype(np.int64)
+    p0 = F["p0"].astype(np.int64)
+    padded = F["padded"].astype(np.int64)
+    hist = np.frombuffer(b"".join(hist_bytes), dtype=np.int64).reshape(len(st), tpb)
+    total = int(K.sum())
+    ev_first = np.zeros(total, dtype=np.int64)
+    off_first = np.zeros(total, dtype=np.int64)
+    sid = np.repeat(np.arange(len(st)), K)
+    first = np.cumsum(K) - K
+    k = np.arange(total, dtype=np.int64) - np.repeat(first, K)
+    kf = k.astype(np.float64)
+    ns = n[sid].astype(np.float64)
+    start = t0[sid] + kf * f[sid] + a[sid] * (kf * kv0[sid] + ns * kf * (kf - 1) / 2)
+    dur = f[sid] + a[sid] * (kv0[sid] + ns * kf)
+    new = hist[sid, (p0[sid] - k) % tpb]
+    cs = np.cumsum(new)
+    before = (cs - new)[first]
+    pad = padded[sid]
+    nn = n[sid]
+    ev_first[first] = F["evictions"].astype(np.int64)  # stretch evictions at its start
+    off_first[first] = F["offloads"].astype(np.int64)
+    cols = {
+        "iteration": g0[sid] + k,
+        "start_s": start,
+        "duration_s": dur,
+        "num_gen_requests": nn,
+        "gen_tokens": nn,
+        "padded_tokens": np.where(pad > 0, pad - nn, 0),
+        "kv_blocks_used": used0[sid] + cs - before[sid],
+        "graph": pad > 0,
+        "kv_blocks_cached": F["cached"].astype(np.int64)[sid],
+        "kv_blocks_host": F["host"].astype(np.int64)[sid],
+        "evictions": ev_first,
+        "offloads": off_first,
+        "decode_kv_tokens": kv0[sid].astype(np.int64) + n[sid] * k,
+    }
+    for name in IterationRecord._fields:  # what a decode-only iteration never has: its fill
+        if name not in cols:
+            v = fill_value(ITERATIONS, name)
+            if v is None:
+                raise AssertionError(f"column {name}: no formula for decode stretches and no fill value")
+            cols[name] = np.full(total, v)
+    return {name: cols[name].astype(_NP[name], copy=False) for name in IterationRecord._fields}
+
+
 def iteration_arrays(engine) -> IterationArrays:
     """All iterations of one engine, sorted by iteration index (general + stretches)."""
-    tpb = engine.tpb
-    total_blocks = engine.kv.total
-    rows = engine.rows
-    if rows:
-        # one conversion of the whole list (every field is a number; exact in float64)
-        R = np.array(rows, dtype=np.float64)
-        ints = lambda j, t=np.int64: R[:, j].astype(t)  # noqa: E731
-        gen = {
-            "iteration": ints(0),
-            "start_s": R[:, 1].copy(),
-            "duration_s": R[:, 2].copy(),
-            "num_ctx_requests": ints(3, np.int32),
-            "num_gen_requests": ints(4, np.int32),
-            "ctx_tokens": ints(5),
-            "gen_tokens": ints(6),
-            "padded_tokens": ints(7, np.int32),
-            "kv_blocks_used": ints(8),
-            "graph": R[:, 9] != 0,
-            "kv_blocks_cached": ints(10),
-            "kv_blocks_host": ints(11),
-            "evictions": ints(12),
-            "offloads": ints(13),
-            "onboards": ints(14),
-            "decode_kv_tokens": ints(15),
-            "ctx_cached_tokens": ints(16),
-        }
-    else:
-        gen = None
-    st = engine.stretches
-    if st:
-        S = np.array(st, dtype=np.float64)
-        g0 = S[:, 0].astype(np.int64)
-        K = S[:, 1].astype(np.int64)
-        t0, f, a, kv0 = S[:, 2], S[:, 3], S[:, 4], S[:, 5]
-        n = S[:, 6].astype(np.int64)
-        used0 = S[:, 7].astype(np.int64)
-        p0 = S[:, 8].astype(np.int64)
-        padded = S[:, 9].astype(np.int64)
-        cached = S[:, 10].astype(np.int64)
-        host = S[:, 11].astype(np.int64)
-        hist = np.frombuffer(b"".join(engine.stretch_hist), dtype=np.int64).reshape(len(st), tpb)
-        ev_first = np.zeros(int(K.sum()), dtype=np.int64)
-        off_first = np.zeros(int(K.sum()), dtype=np.int64)
-        sid = np.repeat(np.arange(len(st)), K)
-        first = np.cumsum(K) - K
-        k = np.arange(int(K.sum()), dtype=np.int64) - np.repeat(first, K)
-        kf = k.astype(np.float64)
-        ns = n[sid].astype(np.float64)
-        start = t0[sid] + kf * f[sid] + a[sid] * (kf * kv0[sid] + ns * kf * (kf - 1) / 2)
-        dur = f[sid] + a[sid] * (kv0[sid] + ns * kf)
-        new = hist[sid, (p0[sid] - k) % tpb]
-        cs = np.cumsum(new)
-        before = (cs - new)[first]
-        used = used0[sid] + cs - before[sid]
-        pad = padded[sid]
-        nn = n[sid]
-        ev_first[first] = S[:, 12].astype(np.int64)  # stretch evictions at its start
-        off_first[first] = S[:, 13].astype(np.int64)
-        stretch = {
-            "iteration": g0[sid] + k,
-            "start_s": start,
-            "duration_s": dur,
-            "num_ctx_requests": np.zeros(len(k), dtype=np.int32),
-            "num_gen_requests": nn.astype(np.int32),
-            "ctx_tokens": np.zeros(len(k), dtype=np.int64),
-            "gen_tokens": nn,
-            "padded_tokens": np.where(pad > 0, pad - nn, 0).astype(np.int32),
-            "kv_blocks_used": used,
-            "graph": pad > 0,
-            "kv_blocks_cached": cached[sid],
-            "kv_blocks_host": host[sid],
-            "evictions": ev_first,
-            "offloads": off_first,
-            "onboards": np.zeros(len(k), dtype=np.int64),
-            "decode_kv_tokens": kv0[sid].astype(np.int64) + n[sid] * k,
-            "ctx_cached_tokens": np.zeros(len(k), dtype=np.int64),
-        }
-    else:
-        stretch = None
-    parts = [p for p in (gen, stretch) if p is not None]
+    parts = []
+    if engine.rows:
+        parts.append(_general_columns(engine.rows))
+    if engine.stretches:
+        parts.append(_stretch_columns(engine.stretches, engine.stretch_hist, engine.tpb))
     if not parts:
-        cols = {c: np.zeros(0) for c in ("iteration", "start_s", "duration_s")}
-        cols.update({c: np.zeros(0, dtype=np.int64) for c in (
-            "num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens",
-            "padded_tokens", "kv_blocks_used", "kv_blocks_cached", "kv_blocks_host", "evictions",
-            "offloads", "onboards", "decode_kv_tokens", "ctx_cached_tokens")})
-        cols["graph"] = np.zeros(0, dtype=bool)
+        cols = {name: v for name, v in empty_columns("iterations").items() if name not in DERIVED}
     elif len(parts) == 1:
         cols = parts[0]
     else:
@@ -132,17 +165,16 @@ def iteration_arrays(engine) -> IterationArrays:
     m = len(cols["iteration"])
     if m and not np.array_equal(cols["iteration"], np.arange(m)):
         raise AssertionError("iteration records are not contiguous")
-    cols["kv_blocks_free"] = total_blocks - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
-    zeros = np.zeros(m, dtype=np.int64)
-    for c in ("draft_tokens_proposed", "draft_tokens_accepted"):
-        cols.setdefault(c, zeros)
+    cols["kv_blocks_free"] = engine.kv.total - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
     cols["replica"] = np.full(m, engine.replica, dtype=np.int32)
     return IterationArrays(cols)
 
 
-def iterations_table(its: list[IterationArrays]) -> pa.Table:
+def iterations_table(its: list[IterationArrays], extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """The iterations table of all replicas; `extra`: optional columns of the schema (a GPU
+    run's host times), in the same row order."""
     cols = {c: np.concatenate([i.columns[c] for i in its]) for c in ITERATION_COLUMNS}
-    return pa.table(cols)
+    return build_table("iterations", {**cols, **(extra or {})})
 
 
 @dataclass
@@ -193,7 +225,7 @@ def request_arrays(requests: list[Request], its: list[IterationArrays]) -> Reque
                            dtype=np.float64, count=n)
 
     status = np.where(finished, "finished", "rejected")
-    table = pa.table({
+    table = build_table("requests", {
         "request_id": col("request_id", np.int64),
         "replica": col("replica", np.int32),
         "status": status,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 
 class ConfigError(Exception):
@@ -74,11 +74,13 @@ class Request:
     spans: list[tuple[int, int]] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # KV block ids, materialised lazily
     # Prefix cache (S2): chain keys of the prompt's full blocks at the engine's block size,
-    # the tokens of each (for collision-proof matching, when known), and the cache nodes
-    # this request holds (its first len(nodes) blocks).
+    # the tokens of each (for collision-proof matching, when known), the cache nodes this
+    # request holds and the index of its block each one is (increasing; the matched
+    # prefix first, then the blocks it inserted past keys other requests had cached).
     block_keys: tuple[int, ...] | None = None
     block_contents: tuple | None = None
     nodes: list = field(default_factory=list)
+    node_blocks: list[int] = field(default_factory=list)
     retention: object = None  # RetentionSpec (policies/retention.py) or None
     swapped_blocks: int = 0  # KV blocks held on the host while paused by swap preemption
 
@@ -127,9 +129,17 @@ class ScheduledBatch:
     iteration: int
     shape: IterationShape
     context: list[ContextChunk]
-    generation: list[Request]  # may be empty for the simulator's closed-form stretches
+    # the generation requests, with their block ids materialised, when the executor
+    # `needs_block_ids`; empty otherwise (a simulated executor prices the shape)
+    generation: list[Request]
     # KV block copies (src id, dst id) to run before the forward pass (partial reuse)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # swap preemption (only when the executor needs block ids): requests paused by swapping
+    # this iteration, with the block ids their KV occupied (already released: the copy to
+    # the host runs before this iteration's forward pass writes anything), and requests
+    # whose KV comes back from the host into their new blocks before the forward pass
+    swap_out: list[tuple[int, list[int]]] = field(default_factory=list)
+    swap_in: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -138,8 +148,6 @@ class StepResult:
     # Sampled token ids per request (GPU backend); the simulator leaves it empty because
     # output lengths are forced by the workload.
     tokens: dict[int, list[int]] = field(default_factory=dict)
-    draft_proposed: int = 0
-    draft_accepted: int = 0
 
 
 class CostModel(Protocol):
@@ -147,8 +155,9 @@ class CostModel(Protocol):
 
     Contract: for a generation-only shape, ``price(shape) ==
     fixed + per_kv * shape.decode_kv_sum`` where ``(fixed, per_kv) =
-    decode_affine(n_decode, graph, padded)``. The engine uses the affine form to advance
-    decode-only stretches in closed form, so the two must agree exactly.
+    decode_affine(n_decode, graph, padded)``. The simulated executor hands the affine form
+    to the engine (`Executor.plan_decode_stretch`) to advance decode-only stretches in
+    closed form, so the two must agree exactly.
     """
 
     def price(self, shape: IterationShape) -> float: ...
@@ -156,17 +165,53 @@ class CostModel(Protocol):
     def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]: ...
 
 
+class DecodePrice(NamedTuple):
+    """Every iteration of a decode-only stretch at a batch lasts fixed_s + per_kv_token_s *
+    decode_kv_sum (the sum of the KV lengths its generation requests attend to)."""
+
+    fixed_s: float
+    per_kv_token_s: float
+
+
 class Executor(Protocol):
-    """Runs (GPU) or prices (sim) one scheduled batch."""
+    """Runs (GPU) or prices (sim) scheduled batches: the engine's only source of time.
+
+    What an executor can do is declared here, never probed: the engine calls exactly these.
+    """
+
+    # The engine materialises block ids (and hands it the generation requests, swap lists)
+    # for every iteration: a real executor addresses the KV pool by them; a simulated one
+    # prices shapes and needs none.
+    needs_block_ids: bool
 
     def execute(self, batch: ScheduledBatch) -> StepResult: ...
 
-    # The arrival time up to which requests can join the iteration starting at `now` that
-    # follows one that ran over [last_start, last_end]: `now` for an executor whose clock
-    # is the real one; a simulated overlap scheduler decided it when the last one started.
-    def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float: ...
+    def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice | None:
+        """The closed-form price of decode-only iterations of `n_decode` requests (run as a
+        CUDA graph at `padded_decode` rows when > 0), for the engine to advance a stretch
+        of them at once; None: every iteration must be executed (a real GPU)."""
+        ...
 
-    # A simulator executor also exposes its cost model (attribute `cost_model`) so the
-    # engine can advance decode-only stretches in closed form; a GPU executor sets it to
-    # None and every iteration is executed for real.
-    cost_model: CostModel | None
+    def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float:
+        """The arrival time up to which requests can join the iteration starting at `now`
+        that follows one that ran over [last_start, last_end]: `now` for an executor whose
+        clock is the real one; a simulated overlap scheduler decided it when the last one
+        started."""
+        ...
+
+    def iteration_duration(self, start_s: float, result: StepResult) -> float:
+        """The duration to record for the iteration that started at `start_s`, asked once
+        the engine has applied `result`: its price on a simulated clock; on a real one the
+        time since `start_s` (the engine's bookkeeping included, so iterations tile the
+        timeline as the simulator's do)."""
+        ...
+
+    def start_clock(self, clock: Callable[[], float]) -> None:
+        """The clock (seconds) a wall-clock driver runs on; a simulated executor has none."""
+        ...
+
+    def finish(self) -> dict[int, float]:
+        """Complete any work in flight; returns {iteration: end time} for iterations whose
+        end became known only now (an overlapped GPU's tokens reach the host after the
+        next iteration was launched), which the engine records."""
+        ...

@@ -10,6 +10,7 @@ from servesim.policies.routing import make_router
 from servesim.sim.driver import run_simulation
 from servesim.sim.engine import Engine, EngineConfig  # noqa: F401  (re-exported for tests)
 from servesim.sim.executor import SimExecutor
+from servesim.sim.kv_cache import private_blocks
 from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
 from servesim.sim.types import IterationShape, Phase, Request, StepResult
 
@@ -29,19 +30,23 @@ class AffineCost:
         return (2e-3 if not graph else 1e-3) + 5e-5 * b, 3e-7
 
 
-class StepwiseExecutor:
-    """Prices every iteration one by one (no closed-form stretches) and checks batches."""
+class StepwiseExecutor(SimExecutor):
+    """Prices every iteration one by one (no closed-form stretches), asks for block ids,
+    and checks every batch it is handed."""
 
-    cost_model = None
-    needs_requests = True
+    needs_block_ids = True
 
-    admits_arrivals_until = SimExecutor.admits_arrivals_until
-
-    def __init__(self, cost, max_batch: int, max_tokens: int, overlap: bool = False):
-        self.cost = cost
-        self.overlap = overlap
+    def __init__(self, cost, max_batch: int, max_tokens: int, overlap: bool = False, tpb: int = 4,
+                 num_blocks: int = 64):
+        super().__init__(cost, overlap)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
+        self.tpb = tpb
+        self.num_blocks = num_blocks
+        self.swapped: set[int] = set()
+
+    def plan_decode_stretch(self, n_decode, padded_decode):
+        return None
 
     def execute(self, batch):
         ctx = [c.request for c in batch.context]
@@ -54,9 +59,26 @@ class StepwiseExecutor:
         assert len(gen) == batch.shape.n_decode
         pw = batch.shape.piecewise_tokens
         assert not pw or (ctx and pw >= batch.shape.num_tokens), "piecewise size below the iteration's tokens"
-        for r in gen:  # block ids cover the KV being written
-            assert len(r.blocks) * 1 >= 1
-        return StepResult(self.cost.price(batch.shape))
+        tpb = self.tpb
+        # block ids cover the KV each row writes, lie in the pool, and private blocks
+        # (those past the shared prefix-cache nodes) belong to one request only
+        owner: dict[int, int] = {}
+        rows = [(c.request, c.prior_tokens + c.num_tokens) for c in batch.context]
+        rows += [(r, r.kv_len_at(batch.iteration) + 1) for r in gen]
+        for r, kv_len in rows:
+            assert len(r.blocks) >= -(-kv_len // tpb), (
+                f"request {r.request_id} writes {kv_len} tokens with {len(r.blocks)} blocks")
+            assert all(0 <= b < self.num_blocks for b in r.blocks), "block id outside the pool"
+            for b in private_blocks(r):
+                assert owner.setdefault(b, r.request_id) == r.request_id, f"block {b} owned twice"
+        for rid, blocks in batch.swap_out:
+            assert rid not in self.swapped and blocks, "swapped out twice, or with no blocks"
+            self.swapped.add(rid)
+        gen_ids = {r.request_id for r in gen}
+        for rid in batch.swap_in:
+            assert rid in self.swapped and rid in gen_ids, "swapped in without a swap-out, or not scheduled"
+            self.swapped.discard(rid)
+        return StepResult(self.cost_model.price(batch.shape))
 
 
 SimExec = SimExecutor
@@ -88,7 +110,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None)
     engines = []
     for r in range(replicas):
-        ex = StepwiseExecutor(cost, max_batch, max_tokens, overlap) if stepwise else SimExec(cost, overlap)
+        ex = StepwiseExecutor(cost, max_batch, max_tokens, overlap, tpb, blocks) if stepwise else SimExec(cost, overlap)
         engines.append(Engine(cfg, ex, replica=r))
     run_simulation(reqs, engines, make_router("round_robin"))
     its = [iteration_arrays(e) for e in engines]

@@ -56,7 +56,7 @@ def test_run_writes_every_output(tmp_path, capsys):
         s = json.loads((d / "summary.json").read_text())
         for k in ("num_requests", "num_iterations", "duration_s", "ttft_s", "tpot_s", "itl_s", "e2e_s",
                   "throughput_req_s", "throughput_out_tok_s", "goodput_req_s", "kv_util_mean",
-                  "prefix_hit_rate", "spec_acceptance_rate", "backend", "wall_s", "energy_per_token_j"):
+                  "prefix_hit_rate", "prefix_hit_rate_all_requests", "backend", "wall_s", "energy_per_token_j"):
             assert k in s, k
         assert s["backend"] == "sim" and s["num_requests"] == 300
         for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
