@@ -1,67 +1,17 @@
 """The GPU executor: runs each `ScheduledBatch` of the engine on a real Llama model.
 
-`GpuExecutor` implements the engine's `Executor` protocol (sim/types.py): it plans no
-closed-form decode stretch (every iteration is run for real) and ``needs_block_ids`` (the
-engine hands it the request objects and materialises their KV block ids).
+`GpuExecutor` implements the engine's `Executor` protocol (sim/types.py): it
+``needs_block_ids`` (the engine hands it the requests and their KV block ids), plans no
+closed-form decode stretch, and measures each iteration's wall time. One `execute(batch)`
+runs the batch's swap-outs, block copies and swap-ins, packs the iteration (context
+chunks first, then the generation requests; decode inputs gathered on the device from
+per-slot token buffers), runs it through the CUDA-graph runner, the piecewise runner or
+the eager forward, and samples. `prompt_token_ids` gives each request's prompt ids (its
+own, derived from its block hashes, or seeded pseudo-random ones). With ``overlap=True``
+(``runtime.overlap_scheduler``) `execute(n)` launches iteration n and waits for n-1
+instead, so the host's work overlaps the GPU's; iterations' ends reach the engine by `finish()`.
 
-One `execute(batch)`:
-
-1. copies to the host the KV of requests the engine just paused by *swapping*
-   (``scheduler.preemption: swap``; ``batch.swap_out`` lists them with the block ids their
-   KV occupied, already released by the engine), runs ``batch.block_copies`` (partial
-   prefix reuse: copy-on-write of a cached block), and copies back into their new blocks
-   the KV of the requests in ``batch.swap_in``;
-2. packs the iteration, context chunks first: a chunk's tokens are positions
-   ``[prior_tokens, prior_tokens + num_tokens)`` of its request's *context sequence*
-   (the prompt, followed after a preemption by the tokens generated so far, since a
-   recompute's ``context_target = prompt_len + generated``), starting at position
-   ``prior_tokens``, over ``request.blocks``; it samples iff ``is_last``. Then every
-   generation request: its last sampled token at position ``req.kv_len_at(iteration)``
-   (its KV length before the step), over its blocks;
-3. runs the model: generation-only iterations the engine marked ``shape.graph`` go through
-   the `GraphRunner` at ``shape.padded_decode`` rows (a captured CUDA graph on a GPU, the
-   same padded eager call on a CPU); iterations with context chunks that the engine gave
-   ``shape.piecewise_tokens = P`` (``runtime.piecewise_graphs``) go through the
-   `PiecewiseRunner` at ``P`` tokens (captured token-wise pieces with the attention eager
-   between them on a GPU, the same pieces eagerly on a CPU); every other iteration through
-   the eager packed ``LlamaModel.forward``;
-4. samples (greedy unless a temperature is given) and records the sampled token of each
-   sampling row in ``outputs[request_id]``;
-5. returns ``StepResult(duration_s, tokens)``: the wall time of the whole call, host
-   preparation included, synchronised (``torch.cuda.synchronize()`` on a GPU).
-
-Output lengths are forced by the engine: generation never stops on an EOS token.
-
-Decode inputs never come back to the host: each live request owns a *slot*; sampled tokens
-are scattered on the device into ``token_buf[slot]`` and the next iteration gathers its
-decode ``input_ids`` from there. The host keeps, per slot, the request's block table (a
-numpy row updated incrementally as the engine appends blocks), so packing an iteration is a
-few vectorised numpy operations and two pinned host-to-device copies.
-
-Prompt token ids (see `prompt_token_ids`): the request's ``prompt_tokens`` when the
-workload has them; else, when it has ``block_hashes``, ids derived from each block's hash
-(so two prompts whose blocks hash alike hold the same tokens, and prefix-cache hits reuse
-KV that really is theirs); else deterministic pseudo-random ids from ``(seed, request_id,
-position)``. Ids are drawn uniformly from ``[0, vocab_size)``.
-
-Overlap mode (``overlap=True``, the ``runtime.overlap_scheduler`` setting): ``execute(n)``
-launches iteration ``n``'s GPU work and returns *without* waiting for it; it waits for
-iteration ``n-1`` instead, after ``n`` has been queued behind it. So the host work between
-two launches -- the engine applying iteration ``n-1``'s result, the driver delivering
-arrivals, the engine scheduling ``n`` (admission, chunking, KV block ids), packing ``n``'s
-inputs and launching it -- overlaps iteration ``n-1`` on the GPU, and the GPU never idles
-between iterations. Nothing needs ``n-1``'s sampled tokens on the host in between: decode
-inputs are gathered on the device, and output lengths are forced, so the schedule does not
-depend on sampled values. (The one exception, a recompute after a preemption whose context
-includes a token still in flight, waits for it.) Sampled tokens reach the host through a
-non-blocking copy into pinned memory; ``completed_s[n]`` records when iteration ``n``'s
-tokens were seen on the host (``clock()`` time: when the host's wait for them returned; on
-a CPU, where everything is synchronous, when they were computed), which the GPU driver
-reports to the engine (``finish()``) as the iteration's end (its tokens' emission time).
-``flush()`` collects the iteration still in flight. In overlap mode ``StepResult.tokens`` is empty: read
-``outputs`` after ``flush()``. ``stats()`` gives ``launch_s`` (host time preparing and
-launching iterations) and ``wait_s`` (host time blocked on the GPU): with overlap the
-former hides behind the GPU's work, without it every iteration pays both in series.
+The execute steps, prompt token ids and overlap mode in full: docs/gpu_backend.md.
 """
 
 from __future__ import annotations

@@ -1,41 +1,15 @@
 """Measure a calibration grid on the GPU with the real engine and executor.
 
-Each grid point is a small designed workload run by `simulate_gpu` -- the very engine,
-executor, CUDA graphs and kernels a `--backend gpu` run uses -- so the measured iteration
-durations include everything an iteration costs there (scheduling, input packing, the
-forward pass, sampling, synchronisation, bookkeeping), not just the model's forward. Each
-row also splits off the host's part (`host_s`: the step's time outside the executor plus
-the executor's input packing), which `sim calibrate` fits separately as the scheduler
-overhead. The iterations' shapes come from iterations.parquet (`decode_kv_tokens`,
-`ctx_cached_tokens`, ...). None of these workloads is a fidelity workload: they are
-constant-length requests, offline.
+Each grid point (`DECODE_POINTS`, `MIXED_POINTS`, `PIECEWISE_POINTS`, `PREFIX_POINTS`,
+`SERVED_POINTS`, `PREFILL_POINTS`; `POWER_POINTS` for the power model only) is a small
+designed workload run by `simulate_gpu`, so the measured iterations cost what they cost in
+a `--backend gpu` run; each row splits off the host's part for the fit of the scheduler
+overhead. `measure_grid` heats the GPU up, measures its idle power, times every
+decoder-layer GEMM alone (`gemm_sweep`), and spreads the grid's runs over several fresh
+processes (a step's host speed differs between processes), returning the rows, each run's
+energy and iterations, and the environment for `sim calibrate` (sim/calibrate.py) to fit.
 
-Energy: each grid run's GPU energy (NVML's counter) with its iterations' busy time and
-work, and the idle power, for the power model's fit. The GPU is first kept busy for
-`HEAT_UP_S` seconds: a serving GPU runs hot, and the fidelity runs' energy came out 5-14%
-above a power model fitted on a GPU that had idled while the grid's models were built.
-Each run records the die's temperature at its start and end. Every grid run's iterations
-(all of them, with their run's label) are kept too: `sim calibrate` writes them beside
-the grid (``.grid.iterations.parquet``) for models that need the runs' per-iteration
-detail (the power model's) rather than the grid's rows.
-
-Processes: a step's host part (input packing, scheduling, launches) runs 1.5-2x faster or
-slower from one process to the next on the H100 hosts here (benchmarks/results/host_probe.md),
-and a grid measured in one process carries that speed into every host term: two
-calibrations of Llama-3.2-1B in one device call predicted 5.8-20% apart. `sim calibrate
---backend gpu` therefore spreads the grid's runs over several fresh processes (``--processes``,
-default 3; job i in process i mod K, the served run split into one part per process), so
-each kind of run is measured at several processes' speeds. Each row carries its process
-(``process``), and `sim calibrate` fits one host speed per process beside the host terms
-(`fit_host`), which are then those of a typical process. On two calibrations of the 1B in
-one call this brought their predictions from 5.5-8.3% to 4.7-5.4% apart.
-
-GEMMs: `gemm_sweep` times each decoder-layer GEMM alone at ~180 row counts (``.grid.gemm.csv``
-beside the grid), and the calibrated cost model prices the linears from these curves
-(`RooflineConfig.gemm_times`) instead of max(FLOPs, bytes): cuBLAS picks a tile per shape
-and runs it in waves over the SMs, so a GEMM's time is a staircase in the rows, not a
-line. On the H100 Llama-3.1-8B's piecewise iterations padded to 448 tokens measured
-18-19 ms where 384 took 12.9 and 512 18.1; the roofline line priced them 25% low.
+The grid, why each point is there, and the measurements behind it: docs/calibration.md.
 """
 
 from __future__ import annotations

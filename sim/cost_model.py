@@ -1,75 +1,17 @@
 """Roofline cost model: the time of one engine iteration from model and hardware specs.
 
-Every GPU operation is priced as ``max(FLOPs / F, bytes / B)`` where ``F`` and ``B`` are
-the hardware's *achievable* bf16 matmul rate and HBM bandwidth (``HardwareSpec``) times
-the efficiencies of :class:`RooflineConfig`. Terms, per GPU, with ``T`` tokens in the
-iteration (context tokens + generation requests; the padded batch size replaces the
-generation count when the iteration runs as a CUDA graph) and ``S`` sampling tokens
-(context chunks that complete a prompt + generation requests, padded likewise):
+`RooflineCostModel` implements the `CostModel` protocol of sim/types.py: `price(shape)`
+gives the seconds of one `IterationShape`, `decode_affine(...)` the price of a
+generation-only iteration as ``fixed + per_kv * decode_kv_sum``, exactly (the engine
+advances decode stretches in closed form from it). Every GPU operation is priced as
+``max(FLOPs / F, bytes / B)`` at the hardware's achievable rates times the efficiencies
+of `RooflineConfig` -- linears (or measured GEMM curves), lm_head and sampler, prefill and
+decode attention, elementwise, a per-layer kernel floor, all-reduce -- and host terms
+(launches by mode, the scheduler, the overlap scheduler) are added so that the price stays
+affine in the KV length. A calibrated profile (sim/calibrate.py) is this model with fitted
+parameters. `breakdown(shape)` gives seconds per term.
 
-* **linear layers** qkv, o, gate_up, down of all layers, each
-  ``max(2*T*K*N / F, (K*N + T*(K+N)) * b / B)``: weights read once, activations in/out
-  (with ``linear_ridge_exponent`` p, the smooth max ``(flops^p + bytes^p)^(1/p)``: near
-  the ridge point a GEMM reaches neither roof); with measured curves
-  (``gemm_times``, a calibration's GEMM sweep) a linear is priced from its curve instead:
-  cuBLAS's tiles, waves and per-shape kernels make its time a staircase in ``T``;
-* **lm_head** on the ``S`` sampling tokens only (fp32 logits out), plus a **sampler** term
-  reading the fp32 logits;
-* **prefill attention**, per context chunk of ``n`` new tokens over ``p`` cached ones:
-  FLOPs ``4 * head_dim * heads * (n*p + n*(n+1)/2)`` per layer (QK^T and PV, causal),
-  bytes: Q in, O out, the chunk's K/V in and written to the cache, the ``p`` cached
-  tokens' K/V read;
-  and at least the time of the kernel's longest program -- the last query tile of the
-  chunk with the most KV (``prefill_attention_rows`` rows over its cached + new tokens) on
-  one SM at ``prefill_attention_program_speed / num_sms`` of the attention rate (an SM
-  needs several resident programs for its full rate): a short chunk over a long reused prefix
-  has too few programs to fill the GPU, and its time grows with the prefix, not the
-  product the FLOPs count;
-* **decode attention**: a per-request part (Q in, O out, the new K/V written) and a part
-  linear in ``decode_kv_sum``: per cached token ``max(4*head_dim*heads / F,
-  2*kv_heads*head_dim*b / B)`` per layer. With GQA it is memory bound by a factor of
-  ``F/B / (heads/kv_heads)`` (~60 on an H100), so taking the max per token is exact in
-  practice and keeps the iteration affine in ``decode_kv_sum``;
-* **elementwise** (bytes only): embedding gather, fused residual-add + RMSNorm twice per
-  layer and once at the end, RoPE on q and k, SiLU*up;
-* **kernel floor**: ``layer_latency_s`` per decoder layer per iteration, GPU time that no
-  FLOP or byte explains -- each of a layer's ~11 kernels takes a few microseconds however
-  little it does (ramp-up, tail, the gaps between kernels). gpu_bench section 8 measured
-  ~20 us per layer in a Llama-3.2-1B decode step (norms, RoPE, SiLU, attention's floor,
-  gaps), 24% of the step; it is what makes a small model's decode slower than its bytes.
-  0 in the pure roofline; a calibration fits it;
-* **all-reduce** (tp > 1): 2 per layer (after o and down), ring algorithm:
-  ``latency + 2*(tp-1)/tp * T*hidden*b / (nvlink_bytes_per_s * efficiency)``.
-
-With tensor parallelism heads, KV heads (replicated when tp exceeds them), the MLP and
-the vocabulary are split over ``tp`` GPUs; hidden-size activations are replicated.
-
-Host side, per iteration (the GPU work split into ``gpu_kv`` = decode attention's
-``decode_kv_sum`` term and ``gpu_rest`` = everything else)::
-
-    graph:  gpu_rest + host_overhead_graph_s                    + gpu_kv + sched
-    eager:  max(gpu_rest, host_eager)                           + gpu_kv + sched
-            (gpu_rest + host_eager when eager_launch_overlaps_gpu is false)
-    host_eager = host_overhead_eager_s (+ host_overhead_context_s with context chunks)
-    piecewise: as eager with host_overhead_piecewise_s (+ host_overhead_piecewise_decode_s
-            with generation requests) for host_eager, and the
-            token-wise terms (linears, elementwise, all-reduce) at the padded
-            ``piecewise_tokens`` (attention and the sampled rows stay real)
-
-With context chunks only ``context_launch_overlap`` of the hideable launch time hides.
-    sched = scheduler_overhead_s + per_request * requests + per_context_token * context tokens
-
-With the overlap scheduler the host schedules, prepares and launches iteration n+1 while
-the GPU runs n, so an iteration costs ``max(gpu_rest, host_work + sched) + gpu_kv``,
-``host_work`` the whole launch time of its mode (graph, piecewise, eager: nothing of it
-hidden by the mode itself) -- the host shows only where it is slower than the GPU.
-
-Eager kernel launches run ahead of the GPU asynchronously, so they overlap the GPU work;
-letting them overlap only ``gpu_rest`` (not the decode_kv_sum term) keeps the price of a
-generation-only iteration exactly affine in ``decode_kv_sum`` -- the contract of
-``CostModel`` -- at the cost of a small overestimate when launches dominate. For the same
-reason the overlap scheduler's host work hides under ``gpu_rest`` only. An iteration with
-no tokens costs 0.
+Every term and its reasons: docs/cost_model.md.
 """
 
 from __future__ import annotations
