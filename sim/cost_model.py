@@ -17,6 +17,7 @@ Every term and its reasons: docs/cost_model.md.
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -204,6 +205,7 @@ class RooflineCostModel:
 
         F = hw.achievable_bf16_flops * cfg.flops_efficiency
         Fa = F * cfg.attention_flops_efficiency
+        self._Fa = Fa
         B = hw.achievable_hbm_bytes_per_s * cfg.bandwidth_efficiency
         b = model.dtype_bytes
         L = model.num_layers
@@ -386,6 +388,8 @@ class RooflineCostModel:
         return self._price(shape)
 
     def _price(self, shape: IterationShape) -> float:
+        if shape.decode_draft_tokens:
+            return self._price_verify(shape)
         ctx = shape.ctx_new_tokens
         if not ctx:
             r = self._affine.get((shape.n_decode, shape.graph, shape.padded_decode))
@@ -437,6 +441,39 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
                            n > 0, ct)
+
+    def _price_verify(self, shape: IterationShape) -> float:
+        """An iteration whose generation requests carry draft tokens to verify: every
+        verified position is a token of the linears and a sampled row, and attends to its
+        request's cached KV, which is read once for all its positions (memory-bound
+        decode attention with 1 + k queries; its FLOPs grow with the queries)."""
+        D = shape.decode_draft_tokens
+        n = shape.n_decode
+        base = replace(shape, decode_draft_tokens=0, draft_steps=0)
+        if not n:
+            return self._price(base)
+        nd = self._decode_tokens(n, shape.graph, shape.padded_decode)
+        T = sum(shape.ctx_new_tokens) + nd
+        extra = 0.0
+        for cf, w, ca, cv in self._lin_layers:  # the linears' extra time at T + D tokens
+            if cv is not None:
+                extra += cv(T + D) - cv(T)
+            else:
+                extra += self._lin_time(cf * (T + D), w + ca * (T + D)) - self._lin_time(cf * T, w + ca * T)
+        S = shape.n_ctx_sampling + nd
+        cf, w, ca = self._lin["lm_head"]
+        extra += self._lin_time(cf * (S + D), w + ca * (S + D)) - self._lin_time(cf * S, w + ca * S)
+        extra += self._sampler * D + self._elem * D + self._ad_req * D
+        if self._ar_tok:
+            extra += self._ar_tok * D
+        # attention over the cached tokens with q = 1 + D/n queries per request
+        q = 1.0 + D / n
+        L = self.model.num_layers
+        hd = self.model.head_dim
+        hg = self.model.num_heads // self.tp
+        flops_kv = L * q * 4.0 * hd * hg / self._Fa
+        extra += max(flops_kv - self._ad_kv, 0.0) * shape.decode_kv_sum
+        return self._price(base) + extra
 
     # --- debugging / plots ---------------------------------------------------------
     def breakdown(self, shape: IterationShape) -> dict[str, float]:

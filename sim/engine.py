@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from servesim.policies.capacity import AdmitNeed, CapacityPolicy, final_kv_tokens
 from servesim.policies.chunking import ChunkPolicy, FillBudget
 from servesim.policies.graph_padding import GraphPadding
+from servesim.policies.speculative import DraftPolicy, fit_draft_lens
 
 from .kv_cache import BlockManager, blocks_for
 from .prefix_cache import DEFAULT_PRIORITY, PrefixCache
@@ -64,6 +65,9 @@ class EngineConfig:
     # processed, so a request that emitted its last token at n still runs in n+1 (a
     # discarded token, its slot and KV held) and frees its capacity one step later.
     overlap: bool = False
+    # speculative decoding (policies/speculative.py): draft tokens per generation request;
+    # None: off. Iterations with drafts are stepped one by one (no closed-form stretches).
+    speculation: DraftPolicy | None = None
 
 
 class Engine:
@@ -106,6 +110,9 @@ class Engine:
         self.stretch_hist: list[bytes] = []  # each stretch's block-residue histogram
         self.done: list[Request] = []  # finished or rejected, in completion order
         self.num_preemptions = 0
+        # speculative decoding, per iteration with drafts: (iteration, requests with >= i
+        # drafts, requests with >= i accepted) for i = 1..max_draft_len
+        self.draft_positions: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
 
     # ------------------------------------------------------------------ queries
     def enqueue(self, req: Request) -> None:
@@ -150,8 +157,9 @@ class Engine:
         last_emit = min(last_it, req.gen_base_iter - 1 + req.output_len - req.generated)
         req.generated += last_emit + 1 - req.gen_base_iter
         req.gen_base_iter = last_it + 1
-        first, _ = req.spans[-1]
-        req.spans[-1] = (first, last_emit - first + 1)
+        if self.cfg.speculation is None:  # (with speculation every step appended its own tokens)
+            first, _ = req.spans[-1]
+            req.spans[-1] = (first, last_emit - first + 1)
         return blocks_for(off + last_it, self.tpb)
 
     def _finish(self, req: Request, blocks: int) -> None:
@@ -326,7 +334,8 @@ class Engine:
             cutoff = self.executor.admits_arrivals_until(now, self._last_start, self._last_end)
         if self._admit(now, cutoff):
             horizon = now  # one iteration: the next decides on the arrivals held back
-        if self.context or self.n_dec == 0 or self.kv.pending_onboard or self.pending_swap_out:
+        if (self.context or self.n_dec == 0 or self.kv.pending_onboard or self.pending_swap_out
+                or self.cfg.speculation is not None):
             if not (self.context or self.n_dec):
                 return now
             return self._general(now)
@@ -344,6 +353,9 @@ class Engine:
             while self.n_dec and self.hist[(-it) % tpb] > kv.available:
                 self._pause_newest(it)
         budget = cfg.max_num_tokens - self.n_dec
+        drafts = self._draft_lens(it, budget) if cfg.speculation is not None and self.n_dec else None
+        if drafts is not None:
+            budget -= drafts[3]
         chunks: list[ContextChunk] = []
         for req in self.context:
             if budget <= 0:
@@ -352,20 +364,27 @@ class Engine:
             policy = self.recompute_chunking if req.preemptions else cfg.chunking
             n = policy.chunk(remaining, budget, tpb)
             if n <= 0:
+                if not policy.splits:
+                    # a whole context that does not fit blocks the ones behind it
+                    # (head-of-line, as TensorRT-LLM's MicroBatchScheduler does without
+                    # chunking): overtaken forever, a long prompt would starve while the
+                    # running decodes never leave it the budget
+                    break
                 continue
             chunks.append(ContextChunk(req, n, req.context_done, n == remaining))
             budget -= n
         n_dec = self.n_dec
         if not chunks and not n_dec:
             raise RuntimeError("engine has context requests but could schedule none (livelock)")
-        kv.grow(self.hist[(-it) % tpb] if n_dec else 0)
+        kv.grow((self.hist[(-it) % tpb] if n_dec else 0) + (drafts[4] if drafts is not None else 0))
         padded = 0
         piecewise = 0
         if not chunks:
             if cfg.graph_padding is not None:
                 padded = cfg.graph_padding.padded(n_dec)
         elif cfg.piecewise_padding is not None:
-            piecewise = cfg.piecewise_padding.padded(n_dec + sum(c.num_tokens for c in chunks))
+            piecewise = cfg.piecewise_padding.padded(n_dec + sum(c.num_tokens for c in chunks)
+                                                     + (drafts[3] if drafts is not None else 0))
         onboards = kv.pending_onboard
         kv.pending_onboard = 0
         swap_out = self.pending_swap_out
@@ -384,6 +403,8 @@ class Engine:
             piecewise_tokens=piecewise,
             host_to_gpu_bytes=onboards * cfg.kv_block_bytes,
             gpu_to_host_bytes=swap_out * cfg.kv_block_bytes,
+            decode_draft_tokens=drafts[3] if drafts is not None else 0,
+            draft_steps=max(drafts[1], default=0) if drafts is not None else 0,
         )
         generation: list[Request] = []
         swap_out: list[tuple[int, list[int]]] = []
@@ -394,11 +415,17 @@ class Engine:
             generation = list(self.decoding.values())
             for c in chunks:
                 kv.sync(c.request, c.prior_tokens + c.num_tokens)
-            for r in generation:
-                kv.sync(r, r.kv_len_at(it) + 1)
+            for j, r in enumerate(generation):
+                kv.sync(r, r.kv_len_at(it) + 1 + (drafts[2][j] if drafts is not None else 0))
         used_during = kv.used  # blocks in use while the iteration runs (before releases)
-        result = self.executor.execute(ScheduledBatch(it, shape, chunks, generation, copies, swap_out, swap_in))
+        batch = ScheduledBatch(it, shape, chunks, generation, copies, swap_out, swap_in)
+        if drafts is not None:
+            batch.drafts = list(zip((r.request_id for r in drafts[0]), drafts[1]))
+        result = self.executor.execute(batch)
         end = now + result.duration_s
+        proposed = accepted = 0
+        if drafts is not None:
+            proposed, accepted = self._apply_drafts(it, drafts, result.accepted)
         ctx_tokens = 0
         for c in chunks:
             req = c.request
@@ -420,17 +447,86 @@ class Engine:
         ev, off = self._cache_counters()
         self.rows.append(IterationRecord(
             iteration=it, start_s=now, duration_s=self.executor.iteration_duration(now, result),
-            num_ctx_requests=len(chunks), num_gen_requests=n_dec, ctx_tokens=ctx_tokens, gen_tokens=n_dec,
-            padded_tokens=padded - n_dec if padded else piecewise - n_dec - ctx_tokens if piecewise else 0,
+            num_ctx_requests=len(chunks), num_gen_requests=n_dec, ctx_tokens=ctx_tokens,
+            gen_tokens=n_dec + shape.decode_draft_tokens,
+            padded_tokens=(padded - n_dec if padded else
+                           piecewise - n_dec - shape.decode_draft_tokens - ctx_tokens if piecewise else 0),
             kv_blocks_used=used_during, kv_blocks_cached=kv.cached,
             kv_blocks_host=self.cache.host_used if self.cache else 0, evictions=ev, offloads=off,
             onboards=onboards, graph=padded > 0 or piecewise > 0, decode_kv_tokens=shape.decode_kv_sum,
-            ctx_cached_tokens=sum(shape.ctx_prior_tokens)))
+            ctx_cached_tokens=sum(shape.ctx_prior_tokens), draft_tokens_proposed=proposed,
+            draft_tokens_accepted=accepted))
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()
         self._last_start, self._last_end = now, end
         return end
+
+    def _draft_lens(self, it: int, budget: int):
+        """Draft tokens of each generation request this iteration, fitted to the token
+        budget and (MAX_UTILIZATION) to the free blocks: (requests, draft lengths, verified
+        tokens each, their sum, extra KV blocks they write)."""
+        spec = self.cfg.speculation
+        tpb = self.tpb
+        reqs = list(self.decoding.values())
+        # tokens still to emit before this step: output_len - (generated + it - gen_base_iter)
+        ks = [spec.draft_len(r.output_len - r.generated - it + r.gen_base_iter) for r in reqs]
+        ks = fit_draft_lens(ks, budget)
+        vt = [spec.verify_tokens(k) for k in ks]
+        if sum(vt) > budget:
+            vt = ks
+        extra = 0
+        for r, v in zip(reqs, vt):
+            if v:
+                kv_b = r.kv_len_at(it) + 1
+                extra += blocks_for(kv_b + v, tpb) - blocks_for(kv_b, tpb)
+        if (extra and self.cfg.capacity.pauses_on_shortage
+                and self.hist[(-it) % tpb] + extra > self.kv.available):
+            ks = [0] * len(reqs)  # no room for the drafts' KV this step: plain decoding
+            vt = ks
+            extra = 0
+        return reqs, ks, vt, sum(vt), extra
+
+    def _apply_drafts(self, it: int, drafts, accepted: list[int]) -> tuple[int, int]:
+        """The step's outcome: each request emits its accepted drafts and one token more;
+        the KV of rejected drafts is rolled back. Returns (proposed, accepted) drafts."""
+        reqs, ks, vt, _, _ = drafts
+        if len(accepted) != len(reqs):
+            raise RuntimeError(f"iteration {it}: the executor accepted drafts of {len(accepted)} requests, "
+                               f"{len(reqs)} were proposed")
+        tpb = self.tpb
+        kv = self.kv
+        hist = self.hist
+        kmax = self.cfg.speculation.max_draft_len
+        prop_pos = [0] * kmax
+        acc_pos = [0] * kmax
+        rollback = 0
+        for r, k, v, a in zip(reqs, ks, vt, accepted):
+            if a < 0 or a > k:
+                raise RuntimeError(f"iteration {it}: request {r.request_id} accepted {a} of {k} drafts")
+            for i in range(k):
+                prop_pos[i] += 1
+            for i in range(a):
+                acc_pos[i] += 1
+            kv_b = r.kv_len_at(it) + 1  # KV after this step without drafts
+            r.spans.extend([(it, 1)] * (a + 1))
+            if v:
+                keep = blocks_for(kv_b + a, tpb)
+                rollback += blocks_for(kv_b + v, tpb) - keep
+                if len(r.blocks) > keep:
+                    kv.free_ids.extend(reversed(r.blocks[keep:]))
+                    del r.blocks[keep:]
+            if a:
+                off = self._off(r)
+                hist[(off - 1) % tpb] -= 1
+                hist[(off + a - 1) % tpb] += 1
+                self.off_sum += a
+                r.gen_base_iter -= a
+                r.finish_iter -= a
+                heapq.heappush(self.finish_heap, (r.finish_iter, r.admit_seq, r))
+        kv.used -= rollback
+        self.draft_positions.append((it, tuple(prop_pos), tuple(acc_pos)))
+        return sum(ks), sum(accepted)
 
     def _cache_counters(self) -> tuple[int, int]:
         """Evictions and offloads since the step began."""

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from .speculation import AcceptanceModel, DrafterCost
 from .types import CostModel, DecodePrice, ScheduledBatch, StepResult
+
+
+@dataclass
+class SimSpeculation:
+    """Speculative decoding on the simulated clock: what is accepted, what drafting costs."""
+
+    acceptance: AcceptanceModel
+    drafter: DrafterCost
 
 
 class SimExecutor:
     needs_block_ids = False  # prices shapes; never needs request objects or block ids
 
-    def __init__(self, cost_model: CostModel, overlap: bool = False):
+    def __init__(self, cost_model: CostModel, overlap: bool = False, speculation: SimSpeculation | None = None):
         self.cost_model = cost_model
         # the overlap scheduler: iteration n+1 is decided while n runs (the GPU executor
         # lags so by construction; on the simulated clock it is this executor's to say)
         self.overlap = overlap
+        self.speculation = speculation
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        return StepResult(self.cost_model.price(batch.shape))
+        if not batch.drafts:
+            return StepResult(self.cost_model.price(batch.shape))
+        spec = self.speculation
+        if spec is None:
+            raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
+        rids = [r for r, _ in batch.drafts]
+        ks = [k for _, k in batch.drafts]
+        return StepResult(self.cost_model.price(batch.shape) + spec.drafter.price(batch.shape),
+                          accepted=spec.acceptance.accepted(rids, ks))
 
     def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
         return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))

@@ -10,6 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 LATENCY_KEYS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+# a request waited "long" when its queueing delay (arrival to first scheduled) exceeds this
+# many times the run's median end-to-end latency: a sign of starvation, warned about
+LONG_WAIT_FACTOR = 10.0
 
 
 def dist(x: np.ndarray) -> dict[str, float | None]:
@@ -40,8 +43,18 @@ def request_latencies(req: pa.Table) -> dict[str, np.ndarray]:
     itl = d[mask] if len(d) else d
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (last - first) / np.maximum(out - 1, 1), np.nan)
+    sched = req.column("first_scheduled_s").to_numpy()[fin]
     return {"ttft_s": first - arrival, "tpot_s": tpot, "itl_s": itl, "e2e_s": last - arrival,
-            "fin_mask": fin}
+            "queue_s": sched - arrival, "fin_mask": fin}
+
+
+def long_waits(queue_s: np.ndarray, e2e_s: np.ndarray, factor: float = LONG_WAIT_FACTOR) -> dict:
+    """Requests whose queueing delay exceeded `factor` x the median end-to-end latency."""
+    if not len(e2e_s):
+        return {"factor": factor, "threshold_s": None, "count": 0, "max_wait_s": None}
+    thr = factor * float(np.median(e2e_s))
+    return {"factor": factor, "threshold_s": thr, "count": int((queue_s > thr).sum()),
+            "max_wait_s": float(queue_s.max())}
 
 
 def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
@@ -58,6 +71,37 @@ def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
 def _hit_rate_all(req: pa.Table) -> float:
     prompt = int(req.column("prompt_len").to_numpy().sum())
     return float(req.column("cached_tokens").to_numpy().sum() / prompt) if prompt else 0.0
+
+
+def speculation_summary(it: pa.Table) -> dict:
+    """Speculative decoding's outcome: accepted / proposed drafts, tokens a generation
+    request emits per step in which it drafted, and the acceptance rate per draft position
+    (of the requests that drafted it). None when nothing was drafted."""
+    proposed = int(it.column("draft_tokens_proposed").to_numpy().sum()) if "draft_tokens_proposed" in \
+        it.column_names else 0
+    out = {"spec_acceptance_rate": None, "spec_tokens_per_step": None, "spec_acceptance_by_position": None}
+    if not proposed:
+        return out
+    accepted = int(it.column("draft_tokens_accepted").to_numpy().sum())
+    out["spec_acceptance_rate"] = accepted / proposed
+    if "draft_proposed_by_position" in it.column_names:
+        P = _sum_lists(it.column("draft_proposed_by_position"))
+        A = _sum_lists(it.column("draft_accepted_by_position"))
+        if len(P) and P[0]:
+            out["spec_tokens_per_step"] = 1.0 + accepted / float(P[0])
+            out["spec_acceptance_by_position"] = [float(a / p) if p else None for a, p in zip(A, P)]
+    return out
+
+
+def _sum_lists(col) -> np.ndarray:
+    """Element-wise sum of a list<int> column's rows (rows may be shorter)."""
+    rows = col.to_pylist()
+    n = max((len(r) for r in rows if r), default=0)
+    out = np.zeros(n, dtype=np.int64)
+    for r in rows:
+        if r:
+            out[:len(r)] += r
+    return out
 
 
 def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str, wall_s: float,
@@ -96,6 +140,8 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
     }
     for k in LATENCY_KEYS:
         summary[k] = dist(lat[k])
+    summary["queue_s"] = dist(lat["queue_s"])
+    summary["long_waits"] = long_waits(lat["queue_s"], lat["e2e_s"])
     summary.update({
         "throughput_req_s": per(n_fin),
         "throughput_out_tok_s": per(float(out.sum())),
@@ -116,6 +162,7 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "onboarded_blocks": int(it.column("onboards").to_numpy().sum()),
         "offloaded_bytes": int(it.column("offloads").to_numpy().sum()) * kv_block_bytes,
         "onboarded_bytes": int(it.column("onboards").to_numpy().sum()) * kv_block_bytes,
+        **speculation_summary(it),
         "backend": backend,
         "wall_s": float(wall_s),
     })

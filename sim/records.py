@@ -43,6 +43,8 @@ class IterationRecord(NamedTuple):
     graph: bool
     decode_kv_tokens: int
     ctx_cached_tokens: int
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
 
 
 class StretchRecord(NamedTuple):
@@ -78,6 +80,8 @@ class IterationArrays:
     """Per-iteration columns of one replica, indexed by iteration number."""
 
     columns: dict[str, np.ndarray]
+    # optional list columns (speculative decoding's per-position counts), one list per row
+    lists: dict[str, list] | None = None
 
     @property
     def end_s(self) -> np.ndarray:
@@ -167,13 +171,24 @@ def iteration_arrays(engine) -> IterationArrays:
         raise AssertionError("iteration records are not contiguous")
     cols["kv_blocks_free"] = engine.kv.total - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
     cols["replica"] = np.full(m, engine.replica, dtype=np.int32)
-    return IterationArrays(cols)
+    lists = None
+    if engine.cfg.speculation is not None:
+        prop: list = [[] for _ in range(m)]
+        acc: list = [[] for _ in range(m)]
+        for it, p, a in engine.draft_positions:
+            prop[it] = list(p)
+            acc[it] = list(a)
+        lists = {"draft_proposed_by_position": prop, "draft_accepted_by_position": acc}
+    return IterationArrays(cols, lists)
 
 
 def iterations_table(its: list[IterationArrays], extra: dict[str, np.ndarray] | None = None) -> pa.Table:
     """The iterations table of all replicas; `extra`: optional columns of the schema (a GPU
     run's host times), in the same row order."""
     cols = {c: np.concatenate([i.columns[c] for i in its]) for c in ITERATION_COLUMNS}
+    if any(i.lists for i in its):
+        for name in ("draft_proposed_by_position", "draft_accepted_by_position"):
+            cols[name] = [x for i in its for x in (i.lists[name] if i.lists else [[]] * len(i.columns["iteration"]))]
     return build_table("iterations", {**cols, **(extra or {})})
 
 

@@ -46,6 +46,19 @@ class Setup:
     workload: pd.DataFrame
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
     profile_power: dict | None = None  # a calibration profile's fitted power model
+    speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
+
+
+@dataclass
+class SpeculationSetup:
+    """Speculative decoding of a run: the proposer's policy and what the simulator needs."""
+
+    policy: object  # policies/speculative.py DraftPolicy
+    drafter: ModelSpec | None  # the draft model, or the head's one-layer model (eagle, medusa)
+    drafter_roofline: object  # its RooflineConfig
+    alpha: list[float] | None  # per-position acceptance (or None with beta)
+    beta: tuple[float, float] | None
+    host_s_per_request: float
 
 
 @dataclass
@@ -89,7 +102,87 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
         p = Path(cfg.cost_model.profile).expanduser()
         roofline, power = load_profile(p if p.is_absolute() else base_dir / p, model, hw, where)
     workload = build_workload(cfg.workload, base_dir, cfg.seed)
-    return Setup(cfg, model, hw, blocks, workload, roofline, power)
+    spec = resolve_speculation(cfg, model, hw, roofline, base_dir, where)
+    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+
+
+def resolve_speculation(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, roofline, base_dir: Path,
+                        where: str) -> SpeculationSetup | None:
+    """The run's speculative decoding (raises ConfigError naming the key)."""
+    from dataclasses import replace
+
+    from servesim.policies.speculative import make_draft_policy
+
+    from .speculation import alpha_from_run
+
+    sp = cfg.speculative
+    if sp is None or sp.max_draft_len == 0:
+        return None
+    loc = f"{where}speculative"
+    policy = make_draft_policy(sp.proposer, sp.max_draft_len, sp.tree_nodes)
+    drafter = None
+    if sp.proposer == "draft_model":
+        drafter = load_model(sp.draft_model, base_dir, location=f"{loc}.draft_model")
+        if drafter.vocab_size != model.vocab_size:
+            raise ConfigError(f"the drafter {drafter.name} has a vocabulary of {drafter.vocab_size} tokens, the "
+                              f"target {model.name} {model.vocab_size}: drafts must be the target's tokens",
+                              f"{loc}.draft_model")
+        if drafter.model_type != model.model_type:
+            raise ConfigError(f"the drafter is a {drafter.model_type} model, the target a {model.model_type} "
+                              "one: a drafter must share the target's tokenizer family", f"{loc}.draft_model")
+    elif sp.proposer in ("eagle", "medusa"):  # a head: one decoder layer of the target's shape
+        drafter = replace(model, name=f"{model.name}-{sp.proposer}-head", num_layers=1)
+    droof = roofline
+    if sp.draft_profile is not None:
+        if drafter is None:
+            raise ConfigError(f"draft_profile applies to a drafter model, not proposer: {sp.proposer}",
+                              f"{loc}.draft_profile")
+        from .calibrate import load_profile
+
+        p = Path(sp.draft_profile).expanduser()
+        droof, _ = load_profile(p if p.is_absolute() else base_dir / p, drafter, hw, f"{loc}.draft_profile: ")
+    alpha = beta = None
+    acc = sp.acceptance
+    if isinstance(acc, float):
+        alpha = [acc]
+    elif isinstance(acc, list):
+        alpha = list(acc)
+    elif hasattr(acc, "beta"):
+        beta = tuple(acc.beta)
+    else:
+        from .schemas import read_run_table
+
+        run = Path(acc.run).expanduser()
+        run = run if run.is_absolute() else base_dir / run
+        if not (run / "iterations.parquet").is_file():
+            raise ConfigError(f"not a run directory (no iterations.parquet): {run}", f"{loc}.acceptance.run")
+        try:
+            it = read_run_table(run / "iterations.parquet", "iterations",
+                                ("draft_proposed_by_position", "draft_accepted_by_position"))
+        except ConfigError as e:
+            raise ConfigError([(f"{loc}.acceptance.run: {where_}", msg) for where_, msg in e.problems]) from None
+        try:
+            alpha = alpha_from_run(it, sp.max_draft_len)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({run})", f"{loc}.acceptance.run") from None
+    return SpeculationSetup(policy, drafter, droof, alpha, beta, sp.host_s_per_request)
+
+
+def make_sim_speculation(setup: Setup, replica: int):
+    """The simulated executor's speculation model of a run (None: off)."""
+    from .executor import SimSpeculation
+    from .speculation import AcceptanceModel, DrafterCost
+
+    sp = setup.speculation
+    if sp is None:
+        return None
+    cfg = setup.cfg
+    drafter = None
+    if sp.drafter is not None:
+        drafter = RooflineCostModel(sp.drafter, setup.hardware, sp.drafter_roofline, tp=cfg.cluster.tensor_parallel,
+                                    cuda_graphs=cfg.runtime.cuda_graphs)
+    return SimSpeculation(AcceptanceModel(sp.alpha, sp.beta, seed=cfg.seed * 1009 + replica),
+                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request))
 
 
 def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:
@@ -206,6 +299,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         kv_block_bytes=block_bytes,
         swap_blocks=int(s.swap_space_gb * 1e9 // block_bytes) if s.preemption == "swap" else 0,
         overlap=rt.overlap_scheduler,
+        speculation=setup.speculation.policy if setup.speculation is not None else None,
     )
 
 
@@ -290,8 +384,8 @@ def simulate(setup: Setup, check_invariants: bool = False,
     requests = prepare_requests(setup)
     cost = make_cost_model(setup)
     ecfg = engine_config(setup, check_invariants)
-    engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler), replica=i)
-               for i in range(setup.cfg.cluster.replicas)]
+    engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
+                      replica=i) for i in range(setup.cfg.cluster.replicas)]
     run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
 
@@ -329,10 +423,17 @@ def with_prompt_identity(requests: pa.Table, workload: pd.DataFrame) -> pa.Table
     return build_table("requests", columns, meta)
 
 
-def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str) -> None:
+def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str,
+              phase: Callable[[str], None] | None = None) -> None:
+    """The run's files in `out_dir` (`sim run` gives it a ``.<variant>.partial`` folder,
+    renamed when complete: sim/rundir.py). ``phase(file)`` is called before each file."""
+    phase = phase or (lambda _: None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    phase("requests.parquet")
     write_run_table(with_prompt_identity(result.requests, result.setup.workload), out_dir / "requests.parquet")
+    phase("iterations.parquet")
     write_run_table(result.iterations, out_dir / "iterations.parquet")
+    phase("summary.json")
     summary = dict(result.summary)
     summary["kv_pool_blocks"] = result.setup.num_blocks
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -348,4 +449,5 @@ def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str) -
             "num_requests": len(result.setup.workload),
         },
     }
+    phase("config.yaml")
     (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from .types import ConfigError
 
-# 1: the layout before schemas were declared (no version in the file; it also carried two
-#    always-zero draft_tokens_* columns). 2: declared schemas, version in the metadata.
+# 1: the layout before schemas were declared (no version in the file). 2: declared
+#    schemas, version in the metadata; draft_tokens_* filled by speculative decoding.
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 VERSION_KEY = b"servesim.schema_version"
@@ -66,6 +66,14 @@ ITERATIONS = pa.schema([
            "sum over generation requests of the KV length attended (new token included)"),
     _field("ctx_cached_tokens", pa.int64(), "tokens",
            "sum over context chunks of the tokens already in cache that they attend to", fill=0),
+    _field("draft_tokens_proposed", pa.int64(), "tokens", "speculative decoding: draft tokens verified", fill=0),
+    _field("draft_tokens_accepted", pa.int64(), "tokens", "speculative decoding: draft tokens accepted", fill=0),
+    # speculative decoding on: per draft position i = 1..k, the requests that drafted it and
+    # that had it accepted (empty lists in iterations without drafts)
+    _field("draft_proposed_by_position", pa.list_(pa.int32()), "requests",
+           "per draft position: requests that proposed it"),
+    _field("draft_accepted_by_position", pa.list_(pa.int32()), "requests",
+           "per draft position: requests that had it accepted"),
     # GPU runs: where an iteration's host time went (NaN where the executor did not run it)
     _field("host_prep_s", pa.float64(), "s", "GPU executor: host time packing inputs, up to the launch"),
     _field("host_exec_s", pa.float64(), "s", "GPU executor: wall time of its whole execute() call"),
@@ -94,7 +102,8 @@ REQUESTS = pa.schema([
 ], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: b"requests"})
 
 # columns a writer may leave out (the workload did not have them)
-OPTIONAL = {"requests": ("block_hashes", "prompt_tokens"), "iterations": ("host_prep_s", "host_exec_s")}
+OPTIONAL = {"requests": ("block_hashes", "prompt_tokens"),
+            "iterations": ("host_prep_s", "host_exec_s", "draft_proposed_by_position", "draft_accepted_by_position")}
 SCHEMAS = {"requests": REQUESTS, "iterations": ITERATIONS}
 
 

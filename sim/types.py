@@ -116,10 +116,15 @@ class IterationShape:
     piecewise_tokens: int = 0
     host_to_gpu_bytes: int = 0  # KV blocks copied back from the host (offload tier, swap-in)
     gpu_to_host_bytes: int = 0  # KV blocks of swapped-out (preempted) requests copied to the host
+    # speculative decoding: draft tokens the target verifies beside the generation requests'
+    # own tokens (summed over them; an EAGLE tree's nodes), and the drafter's sequential
+    # steps this iteration (the longest draft)
+    decode_draft_tokens: int = 0
+    draft_steps: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.ctx_new_tokens) + self.n_decode
+        return sum(self.ctx_new_tokens) + self.n_decode + self.decode_draft_tokens
 
 
 @dataclass(slots=True)
@@ -140,6 +145,9 @@ class ScheduledBatch:
     # whose KV comes back from the host into their new blocks before the forward pass
     swap_out: list[tuple[int, list[int]]] = field(default_factory=list)
     swap_in: list[int] = field(default_factory=list)
+    # speculative decoding: (request id, draft tokens k) of every generation request, in
+    # `generation`'s order (when the executor needs block ids), when speculation is on
+    drafts: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,6 +156,8 @@ class StepResult:
     # Sampled token ids per request (GPU backend); the simulator leaves it empty because
     # output lengths are forced by the workload.
     tokens: dict[int, list[int]] = field(default_factory=dict)
+    # speculative decoding: drafts accepted per entry of `ScheduledBatch.drafts`
+    accepted: list[int] = field(default_factory=list)
 
 
 class CostModel(Protocol):

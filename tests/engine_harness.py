@@ -9,10 +9,12 @@ from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_c
 from servesim.policies.routing import make_router
 from servesim.sim.driver import run_simulation
 from servesim.sim.engine import Engine, EngineConfig  # noqa: F401  (re-exported for tests)
-from servesim.sim.executor import SimExecutor
+from servesim.policies.speculative import make_draft_policy
+from servesim.sim.executor import SimExecutor, SimSpeculation
+from servesim.sim.speculation import AcceptanceModel, DrafterCost
 from servesim.sim.kv_cache import private_blocks
 from servesim.sim.records import iteration_arrays, iterations_table, request_arrays
-from servesim.sim.types import IterationShape, Phase, Request, StepResult
+from servesim.sim.types import IterationShape, Phase, Request
 
 
 class AffineCost:
@@ -64,7 +66,8 @@ class StepwiseExecutor(SimExecutor):
         # (those past the shared prefix-cache nodes) belong to one request only
         owner: dict[int, int] = {}
         rows = [(c.request, c.prior_tokens + c.num_tokens) for c in batch.context]
-        rows += [(r, r.kv_len_at(batch.iteration) + 1) for r in gen]
+        k = dict(batch.drafts)
+        rows += [(r, r.kv_len_at(batch.iteration) + 1 + k.get(r.request_id, 0)) for r in gen]
         for r, kv_len in rows:
             assert len(r.blocks) >= -(-kv_len // tpb), (
                 f"request {r.request_id} writes {kv_len} tokens with {len(r.blocks)} blocks")
@@ -78,7 +81,9 @@ class StepwiseExecutor(SimExecutor):
         for rid in batch.swap_in:
             assert rid in self.swapped and rid in gen_ids, "swapped in without a swap-out, or not scheduled"
             self.swapped.discard(rid)
-        return StepResult(self.cost_model.price(batch.shape))
+        if batch.drafts:
+            assert [rid for rid, _ in batch.drafts] == [r.request_id for r in gen], "drafts not in batch order"
+        return super().execute(batch)
 
 
 SimExec = SimExecutor
@@ -87,7 +92,8 @@ SimExec = SimExecutor
 def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
-               contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None):
+               contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None):
+    """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step)."""
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
         for r, k in zip(reqs, keys):
@@ -107,10 +113,15 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         check_invariants=check, prefix_caching=reuse, host_blocks=host_blocks,
         offload_min_priority=offload_min_priority, kv_block_bytes=1 << 20, swap_blocks=swap_blocks,
         overlap=overlap,
-        piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None)
+        piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None,
+        speculation=make_draft_policy("draft_model", spec[0]) if spec else None)
     engines = []
     for r in range(replicas):
         ex = StepwiseExecutor(cost, max_batch, max_tokens, overlap, tpb, blocks) if stepwise else SimExec(cost, overlap)
+        if spec:
+            alpha = spec[1] if isinstance(spec[1], (list, tuple)) else [spec[1]]
+            ex.speculation = SimSpeculation(AcceptanceModel(list(alpha), seed=r),
+                                            DrafterCost("ngram", host_s_per_request=spec[2]))
         engines.append(Engine(cfg, ex, replica=r))
     run_simulation(reqs, engines, make_router("round_robin"))
     its = [iteration_arrays(e) for e in engines]

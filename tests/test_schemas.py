@@ -34,7 +34,6 @@ def test_every_field_has_unit_and_doc():
 def test_engine_record_is_the_schema():
     req_cols = [n for n in schemas.ITERATIONS.names if n not in schemas.OPTIONAL["iterations"]]
     assert set(IterationRecord._fields) == set(req_cols) - set(DERIVED)
-    assert "draft_tokens_proposed" not in schemas.ITERATIONS.names  # no column for a feature not built
     assert StretchRecord._fields[:3] == ("g0", "K", "t0")
 
 
@@ -101,12 +100,11 @@ def test_files_carry_version_and_other_versions_are_refused(tmp_path):
 
 
 def test_pre_schema_runs_are_read(tmp_path):
-    """Version 1 (no version key: the layout before declared schemas, with two always-zero
-    draft columns) stays readable: the committed GPU runs are of that version."""
+    """Version 1 (no version key: the layout before declared schemas) stays readable: the
+    committed GPU runs are of that version."""
     run = _run(tmp_path)
     t = pq.read_table(run / "iterations.parquet")
-    old = t.append_column("draft_tokens_proposed", pa.array(np.zeros(t.num_rows, dtype=np.int64)))
-    pq.write_table(old.replace_schema_metadata(None), run / "iterations.parquet")
+    pq.write_table(t.replace_schema_metadata(None), run / "iterations.parquet")
     assert schemas.file_version(pq.read_schema(run / "iterations.parquet")) == 1
     assert schemas.read_run_table(run / "iterations.parquet", "iterations", ("duration_s",)).num_rows == t.num_rows
 
@@ -115,7 +113,7 @@ def test_summary_names_both_hit_rates(tmp_path):
     run = _run(tmp_path)
     s = json.loads((run / "summary.json").read_text())
     assert "prefix_hit_rate" in s and "prefix_hit_rate_all_requests" in s
-    assert "spec_acceptance_rate" not in s  # no speculative decoding yet: no key claiming it
+    assert s["spec_acceptance_rate"] is None  # no speculative decoding in this run
 
 
 def test_hit_rate_over_finished_and_over_all_requests():
