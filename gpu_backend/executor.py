@@ -26,6 +26,8 @@ import torch
 
 from servesim.sim.types import Phase, Request, ScheduledBatch, StepResult
 
+from ..traces.hashing import GOLDEN as _GOLDEN
+from ..traces.hashing import splitmix64 as _mix64
 from .graph_runner import GraphRunner
 from .model import AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel, Sampler
 from .piecewise_runner import PiecewiseRunner
@@ -34,19 +36,9 @@ from .piecewise_runner import PiecewiseRunner
 # prompt token ids
 # --------------------------------------------------------------------------------------
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SALT_REQ = np.uint64(0x5EED0F5E9E51D00D)
 _SALT_HASH = np.uint64(0xB10C4A5B10C4A5B1)
 _MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
 
 
 def _u64(values: Sequence[int] | int) -> np.ndarray:

@@ -10,7 +10,9 @@ order and precision, as ``transformers`` (``_compute_default_rope_parameters``,
 with it bit for bit on the same device.
 
 Supported scalings: none (``rope_scaling`` null or ``rope_type: default``), ``linear`` and
-``llama3``. Anything else is a clear error rather than a silently wrong model.
+``llama3``. Anything else is a clear error rather than a silently wrong model. The settings
+themselves (theta, scaling, either config layout) are read once, by
+`servesim.sim.specs.rope_settings`; this module only computes the tables.
 """
 
 from __future__ import annotations
@@ -21,41 +23,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_ROPE_THETA = 10000.0
+from ..sim.specs import DEFAULT_ROPE_THETA, rope_type
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def rope_settings(config: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """``(rope_theta, rope_scaling)`` from an HF config dict.
-
-    Understands both the classic layout (``rope_theta`` plus ``rope_scaling``) and the
-    transformers>=5 layout (``rope_parameters`` holding ``rope_theta`` and the scaling keys).
-    """
-    params = config.get("rope_parameters")
-    scaling = config.get("rope_scaling")
-    theta = config.get("rope_theta")
-    if isinstance(params, Mapping) and params:
-        if theta is None:
-            theta = params.get("rope_theta")
-        if scaling is None:
-            scaling = {k: v for k, v in params.items() if k not in ("rope_theta",)}
-    if theta is None:
-        theta = DEFAULT_ROPE_THETA
-    if scaling is not None:
-        scaling = {k: v for k, v in dict(scaling).items() if k != "rope_theta"}
-        if "original_max_position_embeddings" not in scaling and config.get("max_position_embeddings"):
-            # transformers falls back to max_position_embeddings for llama3 scaling.
-            if _rope_type(scaling) == "llama3":
-                scaling["original_max_position_embeddings"] = config["max_position_embeddings"]
-        if _rope_type(scaling) == "default":
-            scaling = None
-    return float(theta), scaling
-
-
-def _rope_type(scaling: Mapping[str, Any] | None) -> str:
-    if not scaling:
-        return "default"
-    return str(scaling.get("rope_type", scaling.get("type", "default")))
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float = DEFAULT_ROPE_THETA,
@@ -64,22 +34,22 @@ def rope_inv_freq(head_dim: int, rope_theta: float = DEFAULT_ROPE_THETA,
     """Inverse frequencies ``[head_dim // 2]`` (fp32), as transformers computes them."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope: head_dim must be a positive even number, got {head_dim}")
-    rope_type = _rope_type(rope_scaling)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    kind = rope_type(rope_scaling)
+    if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
-            f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if rope_scaling and float(rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("rope: partial_rotary_factor != 1 is not supported for Llama models")
     dim = head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     inv_freq = 1.0 / (rope_theta ** exponents)
-    if rope_type == "default":
+    if kind == "default":
         return inv_freq
     try:
         factor = float(rope_scaling["factor"])
     except KeyError:
-        raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'") from None
-    if rope_type == "linear":
+        raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'") from None
+    if kind == "linear":
         return inv_freq / factor
     # llama3
     missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .rope import rope_settings
+from ..sim.specs import ModelSpec, rope_type
+from .rope import SUPPORTED_ROPE_TYPES
 
 
 class WeightLoadError(ValueError):
@@ -38,144 +39,70 @@ class WeightLoadError(ValueError):
 # model dimensions
 # --------------------------------------------------------------------------------------
 
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "hidden_size": ("hidden_size", "d_model"),
-    "num_layers": ("num_hidden_layers", "num_layers", "n_layers"),
-    "num_heads": ("num_attention_heads", "num_heads", "n_heads"),
-    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads"),
-    "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "ffn_dim"),
-    "vocab_size": ("vocab_size",),
-    "rms_norm_eps": ("rms_norm_eps",),
-    "tie_word_embeddings": ("tie_word_embeddings",),
-    "max_position_embeddings": ("max_position_embeddings", "max_seq_len"),
-}
-
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The fields of an HF Llama config that the GPU backend uses."""
+    """What the GPU backend's Llama needs of a model: a view of a `ModelSpec` (the one
+    parser of ``config.json``), refusing what this backend does not implement.
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 2048
+    Its attributes are the spec's (``hidden_size``, ``num_layers``, ``head_dim``,
+    ``rope_theta``, ``rope_scaling``, ``q_size``, ...); nothing is read again."""
 
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
+    spec: ModelSpec
 
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    def __post_init__(self) -> None:
+        m, problems = self.spec, []
+        biases = [f for f in ("qkv_bias", "o_bias", "mlp_bias") if getattr(m, f)]
+        if biases:
+            problems.append(f"biases ({', '.join(biases)}) are not supported")
+        if m.qk_norm:
+            problems.append("per-head q/k RMSNorm (qk_norm, Qwen3) is not supported")
+        if m.sliding_window is not None:
+            problems.append(f"sliding-window attention (sliding_window {m.sliding_window}) is not supported")
+        kind = rope_type(m.rope_scaling)
+        if kind not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope_scaling type {kind!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if m.rope_scaling and float(m.rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+            problems.append("partial_rotary_factor != 1 is not supported")
+        if problems:
+            raise ValueError(f"model {m.name}: " + "; ".join(problems))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "spec":  # copy/pickle probes, and before __init__
+            raise AttributeError(name)
+        return getattr(self.spec, name)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> ModelDims:
-        """From an HF config dict, an object with the same attribute names (an HF
-        ``PretrainedConfig``, a model spec), or a ``ModelDims``."""
+    def from_spec(cls, spec: ModelSpec | Mapping | Any) -> ModelDims:
+        """From a `ModelSpec`, a `ModelDims`, or what `ModelSpec.from_hf_config` reads: an
+        HF config dict (``model_type`` defaults to ``llama``: this backend's model is
+        LlamaForCausalLM) or an HF ``PretrainedConfig`` (its ``to_dict()``)."""
         if isinstance(spec, ModelDims):
             return spec
-        if isinstance(spec, Mapping):
-            get = spec.get
-        else:
-            def get(key, default=None):
-                return getattr(spec, key, default)
-
-        def pick(field: str, default: Any = None, required: bool = True) -> Any:
-            for key in _ALIASES[field]:
-                v = get(key)
-                if v is not None:
-                    return v
-            if required and default is None:
-                raise ValueError(f"model config: missing '{_ALIASES[field][0]}'")
-            return default
-
-        hidden = int(pick("hidden_size"))
-        heads = int(pick("num_heads"))
-        kv_heads = int(pick("num_kv_heads", heads))
-        head_dim = pick("head_dim", required=False)
-        if head_dim is None:
-            if hidden % heads:
-                raise ValueError(f"model config: hidden_size {hidden} is not divisible by "
-                                 f"num_attention_heads {heads}; give head_dim")
-            head_dim = hidden // heads
-        if heads % kv_heads:
-            raise ValueError(f"model config: num_attention_heads {heads} is not a multiple of "
-                             f"num_key_value_heads {kv_heads}")
-        for flag in ("attention_bias", "mlp_bias"):
-            if get(flag):
-                raise ValueError(f"model config: {flag}=true is not supported")
-        rope_src = {k: get(k) for k in ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings")}
-        rope_src = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in rope_src.items() if v is not None}
-        theta, scaling = rope_settings(rope_src)
-        dims = cls(
-            hidden_size=hidden,
-            num_layers=int(pick("num_layers")),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            intermediate_size=int(pick("intermediate_size")),
-            vocab_size=int(pick("vocab_size")),
-            rms_norm_eps=float(pick("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(pick("tie_word_embeddings", False)),
-            max_position_embeddings=int(pick("max_position_embeddings", 2048)),
-        )
-        for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "vocab_size"):
-            if getattr(dims, f) <= 0:
-                raise ValueError(f"model config: {f} must be positive, got {getattr(dims, f)}")
-        return dims
-
-    def to_hf_config(self) -> dict:
-        """An HF ``config.json`` dict (LlamaForCausalLM) with these dimensions."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": "float32",
-        }
+        if isinstance(spec, ModelSpec):
+            return cls(spec)
+        if not isinstance(spec, Mapping) and callable(getattr(spec, "to_dict", None)):
+            spec = spec.to_dict()
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"expected a ModelSpec or an HF config dict, got {type(spec).__name__}")
+        cfg = dict(spec)
+        if cfg.get("model_type") is None:
+            cfg["model_type"] = "llama"
+        return cls(ModelSpec.from_hf_config(cfg, name=str(cfg.get("_name_or_path") or "model")))
 
     def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        per_layer = 2 * h + h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i
-        return v * h * (1 if self.tie_word_embeddings else 2) + h + self.num_layers * per_layer
+        return self.spec.params
+
+    def to_hf_config(self) -> dict:
+        """The HF ``config.json`` dict of the model (`ModelSpec.to_hf_config`)."""
+        return self.spec.to_hf_config()
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` of a checkpoint directory (or the file itself)."""
+def load_config(path: str | os.PathLike) -> ModelSpec:
+    """The model of a checkpoint directory (its ``config.json``) or of the file itself."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"model config not found: {p}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    return ModelSpec.from_file(p / "config.json" if p.is_dir() else p)
 
 
 # --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from servesim.traces.spec import WorkloadConfig
 
 from .cost_model import RooflineConfig
+from .errors import format_key, key_parts, load_yaml, problem_message
 from .power import PowerConfig
 from .types import ConfigError
 
@@ -205,16 +206,6 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------------------------
-def _fmt_loc(loc: tuple) -> str:
-    out = ""
-    for p in loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + str(p)
-    return out
-
-
 def _has_path(d: Any, loc: tuple) -> bool:
     for p in loc:
         if isinstance(d, dict) and p in d:
@@ -263,53 +254,26 @@ def parse_set(pairs: list[str]) -> dict:
     return out
 
 
-def _clean_loc(raw: Any, loc: tuple) -> tuple:
-    """Drop the tags pydantic adds for unions (`arrival.poisson.rate_req_s` ->
-    `arrival.rate_req_s`): path elements that are not keys of the user's input."""
-    out = []
-    d = raw
-    for p in loc:
-        if isinstance(p, str) and p.startswith("function-"):
-            continue
-        if isinstance(d, dict) and p not in d and isinstance(p, str):
-            continue  # a union member's tag, not a key the user wrote
-        out.append(p)
-        if isinstance(d, dict):
-            d = d.get(p)
-        elif isinstance(d, list) and isinstance(p, int) and p < len(d):
-            d = d[p]
-        else:
-            d = None
-    return tuple(out)
+_UNKNOWN_KEY_HINT = "check the spelling; `sim validate` lists the allowed keys in the README"
 
 
 def _pydantic_problems(err: ValidationError, where: str, variant_raw: dict | None,
                        vi: int | None, set_over: dict, merged: dict) -> list[tuple[str, str]]:
+    """Each error located where the user wrote the value: the command line's --set, the
+    variant's overrides, or the shared settings."""
     probs = []
     for e in err.errors():
-        loc = e["loc"]
-        if e["type"] == "missing":  # the last element is absent by definition
-            loc = _clean_loc(merged, loc[:-1]) + loc[-1:]
-        else:
-            loc = _clean_loc(merged, loc)
-        # discriminated unions add the tag as a path element; keep it, it names the kind
+        loc = key_parts(e["loc"], merged, missing=e["type"] == "missing")
         if set_over and _has_path(set_over, loc):
-            key = f"--set {_fmt_loc(loc)}"
+            key = f"--set {format_key(loc)}"
             w = "command line"
         elif variant_raw is not None and _has_path(variant_raw, loc):
-            key = f"variants[{vi}].{_fmt_loc(loc)}"
+            key = format_key(loc, f"variants[{vi}]")
             w = where
         else:
-            key = _fmt_loc(loc) if loc else "(top level)"
+            key = format_key(loc) if loc else "(top level)"
             w = where
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `sim validate` lists the allowed keys in the README)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        probs.append((f"{w}: {key}", msg))
+        probs.append((f"{w}: {key}", problem_message(e, _UNKNOWN_KEY_HINT)))
     return probs
 
 
@@ -317,14 +281,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     """Read, merge and validate an experiment file. Raises ConfigError with every problem."""
     path = Path(path)
     where = str(path)
-    if not path.exists():
-        raise ConfigError("no such experiment file", where)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", f"{where}{line}") from None
+    raw = load_yaml(path, "experiment file")
     if not isinstance(raw, dict):
         raise ConfigError("an experiment file must be a mapping with name, workload and variants", where)
     problems: list[tuple[str, str]] = []

@@ -1,9 +1,12 @@
 """Model and hardware specifications.
 
-* :class:`ModelSpec` describes a dense Llama-family decoder (Llama, Mistral, Qwen2) as
-  read from a Hugging Face ``config.json``. The simulator prices it; the GPU backend
-  builds the real model from the very same object, so every field it needs
-  (RoPE settings, norm epsilon, biases) lives here.
+* :class:`ModelSpec` describes a dense Llama-family decoder (Llama, Mistral, Qwen2, Qwen3)
+  as read from a Hugging Face ``config.json`` -- the one parser of that file. The simulator
+  prices it; the GPU backend builds the real model from the very same object
+  (`servesim.gpu_backend.weights.ModelDims` is a view of it), so every field it needs
+  (RoPE settings, norm epsilon, biases) lives here. Both config layouts are read: the
+  classic one (``rope_theta``, ``rope_scaling``) and transformers >= 5's
+  (``rope_parameters``).
 * :class:`HardwareSpec` describes one accelerator, read from a small YAML file a user
   can copy and edit (``sim/data/hardware/*.yaml``).
 
@@ -14,15 +17,15 @@ file and the key for anything they cannot use.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from servesim.sim.types import ConfigError
+from .errors import load_json, load_yaml, validation_problems
+from .types import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MODELS_DIR = DATA_DIR / "models"
@@ -32,33 +35,94 @@ HARDWARE_DIR = DATA_DIR / "hardware"
 # bf16, so the serving dtype is a run setting (default bf16), not the checkpoint's.
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4}
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 # transformers' defaults for keys a config.json may leave out, per model_type; applying
-# them is what `AutoConfig.from_pretrained` would do, not a guess of ours.
+# them is what `AutoConfig.from_pretrained` would do, not a guess of ours. head_dim None:
+# hidden_size // num_attention_heads. num_key_value_heads and sliding_window: the default
+# when the key is absent, while null means num_attention_heads / no window.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-    "mistral": {
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 4096 * 32,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-    "qwen2": {
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
+    "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "head_dim": None,
+              "num_key_value_heads": None, "sliding_window": None},
+    "mistral": {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32, "head_dim": None,
+                "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "head_dim": None,
+              "num_key_value_heads": 32, "sliding_window": 4096},
+    "qwen3": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "head_dim": 128,
+              "num_key_value_heads": 32, "sliding_window": 4096},
 }
+
+# ---------------------------------------------------------------------------------------
+# RoPE settings
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta of every supported model_type
+# RoPE types whose scaling needs the pre-training context (transformers falls back to
+# max_position_embeddings), and the keys a type needs (checked when the config names it)
+_ROPE_ORIGINAL_MAX = ("llama3", "yarn", "longrope")
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_type(scaling: Mapping[str, Any] | None) -> str:
+    """The RoPE type of a ``rope_scaling`` dict (``default`` for None)."""
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type", scaling.get("type", "default")))
+
+
+def rope_settings(cfg: Mapping[str, Any], source: str = "config.json",
+                  problems: list[tuple[str, str]] | None = None) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` of an HF config dict, the way transformers (>= 5)
+    reads them: ``rope_scaling`` (classic layout) or else ``rope_parameters`` (new layout)
+    holds the scaling; its ``rope_theta`` wins over a top-level one; ``llama3`` / ``yarn``
+    / ``longrope`` scaling without ``original_max_position_embeddings`` takes
+    ``max_position_embeddings``. ``rope_scaling`` comes back without ``rope_theta``, with
+    ``rope_type`` set, and None for plain RoPE. Problems go to `problems` (raised as a
+    ConfigError when it is None)."""
+    own = problems is None
+    problems = [] if own else problems
+    params: Any = None
+    where = "rope_scaling"
+    for key in ("rope_scaling", "rope_parameters"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, Mapping):
+            problems.append((f"{source}: {key}", f"expected an object or null, got {v!r}"))
+        elif v and params is None:
+            params, where = dict(v), key
+    params = params or {}
+    if params and any(isinstance(v, Mapping) for v in params.values()):
+        problems.append((f"{source}: {where}", "RoPE settings per layer type are not supported (one set for "
+                         "every layer)"))
+        params = {}
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = cfg.get("rope_theta")
+    if theta is None:
+        theta = DEFAULT_ROPE_THETA
+    elif isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        problems.append((f"{source}: rope_theta", f"expected a positive number, got {theta!r}"))
+        theta = DEFAULT_ROPE_THETA
+    if cfg.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    kind = rope_type(params)
+    params.setdefault("rope_type", kind)
+    if kind in _ROPE_ORIGINAL_MAX:
+        if cfg.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        elif cfg.get("max_position_embeddings") is not None:
+            params.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+    for k in _ROPE_KEYS.get(kind, ()):
+        v = params.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            problems.append((f"{source}: {where}.{k}",
+                             f"RoPE scaling of type {kind!r} needs a positive number, got {v!r}"))
+    if own and problems:
+        raise ConfigError(problems)
+    plain = kind == "default" and set(params) <= {"rope_type", "type"}
+    return float(theta), None if plain else params
 
 
 def _bundled(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -87,7 +151,10 @@ def bundled_hardware() -> list[str]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A dense Llama-family decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU MLP)."""
+    """A dense Llama-family decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU MLP).
+
+    ``rope_scaling`` is normalised (see `rope_settings`): None for plain RoPE, else a dict
+    with ``rope_type`` and without ``rope_theta``."""
 
     name: str
     hidden_size: int
@@ -108,6 +175,7 @@ class ModelSpec:
     o_bias: bool = False  # bias on the output projection (Llama with attention_bias)
     mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
     sliding_window: int | None = None  # Mistral v0.1 style local attention (not priced)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
 
     # --- derived sizes -------------------------------------------------------------
     @property
@@ -131,6 +199,8 @@ class ModelSpec:
             n += d
         if self.mlp_bias:
             n += 2 * i + d
+        if self.qk_norm:
+            n += 2 * self.head_dim
         return n
 
     @property
@@ -216,10 +286,12 @@ class ModelSpec:
     def from_hf_config(
         cls, cfg: dict, name: str, source: str = "config.json", dtype_bytes: int = 2
     ) -> ModelSpec:
-        """Build from a Hugging Face ``config.json`` dict (model_type llama, mistral or
-        qwen2). `source` names the file in error messages. `dtype_bytes` is the serving
-        dtype (2: bf16/fp16), independent of the checkpoint's ``torch_dtype``."""
-        if not isinstance(cfg, dict):
+        """Build from a Hugging Face ``config.json`` dict (model_type llama, mistral, qwen2
+        or qwen3; classic or transformers >= 5 layout). `source` names the file in error
+        messages. `dtype_bytes` is the serving dtype (2: bf16/fp16), independent of the
+        checkpoint's ``torch_dtype``. Anything that would make the numbers wrong (another
+        family, a quantized checkpoint, another activation) is a ConfigError."""
+        if not isinstance(cfg, Mapping):
             raise ConfigError(f"expected a JSON object, got {type(cfg).__name__}", source)
         mt = cfg.get("model_type")
         if mt is None:
@@ -264,14 +336,22 @@ class ModelSpec:
                 return default
             return v
 
+        if cfg.get("quantization_config") is not None:
+            method = cfg["quantization_config"]
+            method = method.get("quant_method", "?") if isinstance(method, Mapping) else method
+            problems.append((f"{source}: quantization_config", f"quantized checkpoints ({method}) are not supported: "
+                             "the model would be priced as unquantized weights"))
         hidden = get_int("hidden_size")
         layers = get_int("num_hidden_layers")
         heads = get_int("num_attention_heads")
         inter = get_int("intermediate_size")
         vocab = get_int("vocab_size")
-        kv_heads = get_int("num_key_value_heads", heads)
-        head_dim = get_int("head_dim", 0)
-        if head_dim == 0:
+        def if_absent(key: str) -> Any:  # transformers' default for an absent key (null: none)
+            return defaults[key] if key not in cfg else None
+
+        kv_heads = get_int("num_key_value_heads", if_absent("num_key_value_heads") or heads)
+        head_dim = get_int("head_dim", defaults["head_dim"])
+        if head_dim is None:
             if hidden % heads:
                 problems.append(
                     (f"{source}: head_dim", f"missing, and hidden_size {hidden} is not divisible by num_attention_heads {heads}")
@@ -281,26 +361,27 @@ class ModelSpec:
             problems.append(
                 (f"{source}: num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
             )
-        act = cfg.get("hidden_act", defaults["hidden_act"])
+        act = cfg.get("hidden_act", "silu")
         if act != "silu":
             problems.append((f"{source}: hidden_act", f"only 'silu' (SwiGLU) is supported, got {act!r}"))
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is not None and not isinstance(rope_scaling, dict):
-            problems.append((f"{source}: rope_scaling", f"expected an object or null, got {rope_scaling!r}"))
-            rope_scaling = None
         max_pos = get_int("max_position_embeddings", defaults["max_position_embeddings"])
-        rope_theta = get_float("rope_theta")
+        rope_theta, rope_scaling = rope_settings(cfg, source, problems)
         eps = get_float("rms_norm_eps")
-        tie = get_bool("tie_word_embeddings", defaults["tie_word_embeddings"])
+        tie = get_bool("tie_word_embeddings", False)
+        qk_norm = mt == "qwen3"
         if mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
-            sw = get_int("sliding_window", None) if get_bool("use_sliding_window", False) else None
         elif mt == "mistral":
             qkv_bias = o_bias = mlp_bias = False
-            sw = get_int("sliding_window", None)
         else:
             qkv_bias = o_bias = get_bool("attention_bias", False)
-            mlp_bias = get_bool("mlp_bias", False)
+            mlp_bias = get_bool("mlp_bias", False) if mt == "llama" else False
+        if mt in ("qwen2", "qwen3"):
+            use = get_bool("use_sliding_window", False)
+            sw = get_int("sliding_window", if_absent("sliding_window")) if use else None
+        elif mt == "mistral":
+            sw = get_int("sliding_window", if_absent("sliding_window"))
+        else:
             sw = None
         if sw is not None and sw >= max_pos:
             sw = None  # a window as long as the context changes nothing
@@ -318,7 +399,7 @@ class ModelSpec:
             tie_word_embeddings=tie,
             dtype_bytes=dtype_bytes,
             rope_theta=rope_theta,
-            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            rope_scaling=rope_scaling,
             rms_norm_eps=eps,
             max_position_embeddings=max_pos,
             model_type=mt,
@@ -326,19 +407,45 @@ class ModelSpec:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             sliding_window=sw,
+            qk_norm=qk_norm,
         )
+
+    def to_hf_config(self) -> dict:
+        """A Hugging Face ``config.json`` dict of this model (classic RoPE layout);
+        `from_hf_config` reads it back to an equal spec."""
+        cfg: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.model_type in ("llama", "qwen3"):
+            if self.qkv_bias != self.o_bias:
+                raise ValueError(f"model {self.name}: {self.model_type} has biases on q/k/v and o alike")
+            cfg["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = self.mlp_bias
+        if self.model_type in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type != "llama":
+            cfg["sliding_window"] = self.sliding_window
+        return cfg
 
     @classmethod
     def from_file(cls, path: str | Path, name: str | None = None, dtype_bytes: int = 2) -> ModelSpec:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read model config: {e.strerror}", str(path)) from None
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"invalid JSON: {e.msg}", f"{path}: line {e.lineno}") from None
+        cfg = load_json(path, "model config")
         if name is None:
             name = path.parent.name if path.name == "config.json" else path.stem
         return cls.from_hf_config(cfg, name=name, source=str(path), dtype_bytes=dtype_bytes)
@@ -448,31 +555,12 @@ class HardwareSpec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            problems = []
-            for err in e.errors():
-                loc = ".".join(str(x) for x in err["loc"])
-                msg = err["msg"].removeprefix("Value error, ")
-                if err["type"] == "extra_forbidden":
-                    msg = f"unknown key (expected one of: {', '.join(cls.model_fields)})"
-                elif err["type"] == "missing":
-                    msg = "missing key"
-                problems.append((f"{source}: {loc}" if loc else source, msg))
-            raise ConfigError(problems) from None
+            hint = f"expected one of: {', '.join(cls.model_fields)}"
+            raise ConfigError(validation_problems(e, data, source, unknown_key_hint=hint)) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> HardwareSpec:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read hardware file: {e.strerror}", str(path)) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f"{path}: line {mark.line + 1}" if mark is not None else str(path)
-            raise ConfigError(f"invalid YAML: {getattr(e, 'problem', None) or e}", loc) from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, "hardware file"), source=str(path))
 
 
 def load_hardware(name_or_path: str | Path, base_dir: str | Path | None = None, location: str = "") -> HardwareSpec:
@@ -501,6 +589,8 @@ def gb(nbytes: float) -> str:
 
 __all__ = [
     "ModelSpec",
+    "rope_settings",
+    "rope_type",
     "HardwareSpec",
     "load_model",
     "load_hardware",

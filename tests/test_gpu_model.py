@@ -17,9 +17,11 @@ from safetensors.torch import save_file  # noqa: E402
 from servesim.gpu_backend.kv_pool import KVPool  # noqa: E402
 from servesim.gpu_backend.model import (AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel,  # noqa: E402
                                         Sampler, build_attn_metadata, sample_tokens)
-from servesim.gpu_backend.rope import build_cos_sin_cache, rope_settings  # noqa: E402
+from servesim.gpu_backend.rope import build_cos_sin_cache  # noqa: E402
 from servesim.gpu_backend.weights import (ModelDims, WeightLoadError, hf_tensor_shapes,  # noqa: E402
                                           load_safetensors_weights, random_weights, save_hf_checkpoint)
+from servesim.sim.specs import ModelSpec, rope_settings  # noqa: E402
+from servesim.sim.types import ConfigError  # noqa: E402
 
 F32 = torch.float32
 BLOCK = 4
@@ -135,6 +137,24 @@ def test_rope_table_matches_transformers_exactly(scaling):
     table = build_cos_sin_cache(16, 300, theta, sc)
     assert torch.equal(table[:, :8], cos[0, :, :8])
     assert torch.equal(table[:, 8:], sin[0, :, :8])
+
+
+def test_model_spec_in_transformers5_layout_builds_the_same_rope():
+    """Regression (S9): a transformers >= 5 config (``rope_parameters``) built through
+    `ModelSpec` gave the GPU model rope_theta 10000 and no scaling."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    classic = dict(TINY, rope_theta=500000.0)
+    v5 = {k: v for k, v in classic.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(classic["rope_scaling"], rope_theta=500000.0)
+    dims = ModelDims.from_spec(ModelSpec.from_hf_config(v5, "tiny"))
+    assert dims.rope_theta == 500000.0 and dims.rope_scaling["rope_type"] == "llama3"
+    assert dims == ModelDims.from_spec(ModelSpec.from_hf_config(classic, "tiny"))
+    m = LlamaModel(ModelSpec.from_hf_config(v5, "tiny"), random_weights(classic), dtype=F32, device="cpu",
+                   impl="torch", max_positions=300)
+    emb = LlamaRotaryEmbedding(transformers.LlamaConfig(**v5))
+    cos, sin = emb(torch.zeros(1, dtype=F32), torch.arange(300)[None])
+    assert torch.equal(m.cos_sin[:, :8], cos[0, :, :8]) and torch.equal(m.cos_sin[:, 8:], sin[0, :, :8])
 
 
 def test_rope_rejects_unknown_scaling():
@@ -351,8 +371,24 @@ def test_model_dims_from_spec():
     new = {k: v for k, v in TINY.items() if k not in ("rope_theta", "rope_scaling")}
     new["rope_parameters"] = dict(TINY["rope_scaling"], rope_theta=10000.0)
     assert ModelDims.from_spec(new) == d
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with pytest.raises(ConfigError, match="num_attention_heads"):
         ModelDims.from_spec({k: v for k, v in TINY.items() if k != "num_attention_heads"})
+
+
+@pytest.mark.parametrize("name,what", [("qwen2-7b", r"biases \(qkv_bias\)"), ("qwen3-8b", "qk_norm"),
+                                       ("mistral-7b-v0.1", "sliding-window attention")])
+def test_model_dims_refuse_what_the_backend_lacks(name, what):
+    from pathlib import Path
+
+    from servesim.sim.specs import load_model
+
+    spec = load_model(str(Path(__file__).parent / "data" / "models" / f"{name}.json"))
+    with pytest.raises(ValueError, match=what):
+        ModelDims.from_spec(spec)
+    with pytest.raises(ValueError, match="'yarn' is not supported"):
+        ModelDims.from_spec(dict(TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match=r"biases \(qkv_bias, o_bias\)"):
+        LlamaModel(dict(TINY, attention_bias=True), dtype=F32, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------

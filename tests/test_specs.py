@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from servesim.sim.specs import (
     bundled_models,
     load_hardware,
     load_model,
+    rope_settings,
 )
 from servesim.sim.types import ConfigError
 
@@ -139,6 +141,141 @@ def test_qwen2_and_mistral():
     mi = ModelSpec.from_hf_config(MISTRAL_7B_V01, "mistral-7b")
     assert mi.sliding_window == 4096
     assert abs(mi.params - 7.24e9) / 7.24e9 < 0.005
+
+
+def _v5_layout(cfg: dict) -> dict:
+    """A classic config.json in the transformers >= 5 layout: the RoPE settings inside
+    ``rope_parameters`` (with ``rope_theta``), no top-level ``rope_theta`` / ``rope_scaling``."""
+    out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    out["rope_parameters"] = dict(cfg.get("rope_scaling") or {"rope_type": "default"}, rope_theta=cfg["rope_theta"])
+    return out
+
+
+def test_transformers5_rope_parameters_layout():
+    """Regression (S9): a transformers >= 5 config (``rope_parameters``) read as rope_theta
+    10000 and no scaling."""
+    classic = json.loads((MODELS_DIR / "llama-3.1-8b.json").read_text())
+    v5 = _v5_layout(classic)
+    m = ModelSpec.from_hf_config(v5, "llama-3.1-8b")
+    assert m.rope_theta == 500000.0
+    assert m.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    assert m == ModelSpec.from_hf_config(classic, "llama-3.1-8b")
+    # default RoPE in the new layout: no scaling, the theta it names
+    q = ModelSpec.from_hf_config(_v5_layout(QWEN2_7B), "qwen2-7b")
+    assert q.rope_theta == 1e6 and q.rope_scaling is None
+
+
+# Real config.json files of other families (public Hugging Face values), beside the bundled ones.
+HF_CONFIGS_DIR = Path(__file__).parent / "data" / "models"
+HF_PARAMS = {"mistral-7b-v0.1": 7_241_732_096, "qwen2-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360}
+ALL_CONFIGS = sorted(MODELS_DIR.glob("*.json")) + sorted(HF_CONFIGS_DIR.glob("*.json"))
+# keys a config.json may leave out (transformers then applies its per-family default)
+OPTIONAL_KEYS = ("head_dim", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
+                 "tie_word_embeddings", "sliding_window", "rope_theta", "hidden_act")
+
+
+def _check_against_transformers(m: ModelSpec, hf) -> None:
+    """Every field of `m` that transformers also derives, equal to its value."""
+    assert m.model_type == hf.model_type
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads) == (
+        hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
+    # Qwen2's config has no head_dim: its attention takes hidden_size // num_attention_heads
+    assert m.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert (m.intermediate_size, m.vocab_size) == (hf.intermediate_size, hf.vocab_size)
+    assert m.tie_word_embeddings == hf.tie_word_embeddings
+    assert m.rms_norm_eps == hf.rms_norm_eps
+    assert m.max_position_embeddings == hf.max_position_embeddings
+    rp = dict(hf.rope_parameters)
+    assert m.rope_theta == rp.pop("rope_theta")
+    assert m.rope_scaling == (None if rp == {"rope_type": "default"} else rp)
+    sw = getattr(hf, "sliding_window", None)
+    assert m.sliding_window == (sw if sw is not None and sw < hf.max_position_embeddings else None)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["as-published", "optional-keys-dropped"])
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
+def test_configs_match_transformers(path, drop, tmp_path):
+    """Every bundled config and real configs of other families (Mistral, Qwen2, Qwen3) read
+    as transformers reads them -- also with the optional keys left out (its per-family
+    defaults), in its own >= 5 layout (`to_dict`), and after `to_hf_config`."""
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads(path.read_text())
+    if drop:
+        cfg = {k: v for k, v in cfg.items() if k not in OPTIONAL_KEYS}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    if hf.num_attention_heads % hf.num_key_value_heads:  # Qwen2's default of 32 KV heads, 28 heads
+        with pytest.raises(ConfigError, match="num_key_value_heads: 32 does not divide"):
+            ModelSpec.from_hf_config(cfg, path.stem)
+        return
+    m = ModelSpec.from_hf_config(cfg, path.stem)
+    for hf in (hf, transformers.AutoConfig.for_model(**cfg)):
+        _check_against_transformers(m, hf)
+    new_layout = hf.to_dict()
+    assert "rope_parameters" in new_layout and "rope_scaling" not in new_layout
+    assert ModelSpec.from_hf_config(new_layout, path.stem) == m
+    assert ModelSpec.from_hf_config(m.to_hf_config(), path.stem) == m
+
+
+@pytest.mark.parametrize("name", sorted(HF_PARAMS))
+def test_other_families_param_counts(name):
+    """Biases (Qwen2's q/k/v) and Qwen3's per-head q/k norms are counted like transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads((HF_CONFIGS_DIR / f"{name}.json").read_text())
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    m = load_model(str(HF_CONFIGS_DIR / f"{name}.json"))
+    assert m.params == sum(p.numel() for p in hf.parameters()) == HF_PARAMS[name]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gemma2", "phi3", "deepseek_v3", "qwen2_moe"])
+def test_other_families_are_refused(model_type):
+    cfg = {**json.loads((HF_CONFIGS_DIR / "mistral-7b-v0.1.json").read_text()), "model_type": model_type}
+    with pytest.raises(ConfigError) as e:
+        ModelSpec.from_hf_config(cfg, "x", source="x.json")
+    assert e.value.problems[0][0] == "x.json: model_type" and model_type in str(e.value)
+
+
+def test_quantized_config_is_refused():
+    cfg = json.loads((HF_CONFIGS_DIR / "qwen3-8b.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with pytest.raises(ConfigError) as e:
+        ModelSpec.from_hf_config(cfg, "x", source="x.json")
+    assert [loc for loc, _ in e.value.problems] == ["x.json: quantization_config"]
+    assert "fp8" in str(e.value) and "not supported" in str(e.value)
+
+
+@pytest.mark.parametrize("edit,key", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor"),
+    ({"rope_scaling": "llama3"}, "rope_scaling"),
+    ({"rope_scaling": None, "rope_parameters": [1]}, "rope_parameters"),
+    ({"rope_theta": -1}, "rope_theta"),
+    ({"rope_scaling": None, "rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "rope_parameters"),
+])
+def test_bad_rope_settings_name_the_key(edit, key):
+    cfg = {**json.loads((MODELS_DIR / "llama-3.1-8b.json").read_text()), **edit}
+    with pytest.raises(ConfigError) as e:
+        ModelSpec.from_hf_config(cfg, "x", source="x.json")
+    assert f"x.json: {key}" in [loc for loc, _ in e.value.problems], e.value.problems
+
+
+def test_rope_settings_layouts():
+    base = {"max_position_embeddings": 4096}
+    assert rope_settings(base) == (10000.0, None)
+    assert rope_settings({**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2}}) == (
+        5e5, {"type": "linear", "factor": 2, "rope_type": "linear"})
+    # llama3 without original_max_position_embeddings: transformers takes max_position_embeddings
+    p = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 5e5}
+    theta, sc = rope_settings({**base, "rope_parameters": p})
+    assert theta == 5e5 and sc["original_max_position_embeddings"] == 4096 and "rope_theta" not in sc
+    # rope_parameters' theta wins over a top-level one; rope_scaling over rope_parameters (transformers' order)
+    default7 = {"rope_type": "default", "rope_theta": 7.0}
+    assert rope_settings({**base, "rope_theta": 1.0, "rope_parameters": default7}) == (7.0, None)
+    assert rope_settings({**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                          "rope_parameters": p})[1] == {"rope_type": "linear", "factor": 2.0}
 
 
 def test_load_model_case_insensitive_and_hf_ids():

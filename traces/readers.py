@@ -30,6 +30,8 @@ from servesim.sim.types import ConfigError
 from servesim.traces import schema
 from servesim.traces.schema import HASH_BLOCK_SIZE, make_workload, tuple_column
 
+from ..sim.errors import at_line, existing_file, file_error, read_text
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_TRACES: dict[str, tuple[str, str]] = {
     # name: (file in traces/data, format)
@@ -43,19 +45,6 @@ MOONCAKE_BLOCK_SIZE = 512
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _existing_file(path: str | Path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"file not found (resolved to {p.resolve()})", str(p))
-    if not p.is_file():
-        raise ConfigError("not a regular file", str(p))
-    return p
-
-
-def _at(path: Path, line: int | None = None) -> str:
-    return str(path) if line is None else f"{path}, line {line}"
 
 
 def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -80,7 +69,7 @@ def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) 
             )
     except pd.errors.ParserWarning:
         line, want, got = _first_long_line(path, skiprows)
-        raise ConfigError(f"malformed CSV: expected {want} fields, saw {got}", _at(path, line)) from None
+        raise ConfigError(f"malformed CSV: expected {want} fields, saw {got}", at_line(path, line)) from None
     except pd.errors.EmptyDataError:
         raise ConfigError("the file is empty (expected a CSV header line)", str(path)) from None
     except pd.errors.ParserError as e:
@@ -89,10 +78,10 @@ def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) 
             detail = re.sub(r"^.*?C error: ", "", str(e)).strip()
             detail = re.sub(r"Expected (\d+) fields in line \d+, saw (\d+)", r"expected \1 fields, saw \2", detail)
             # pandas counts the skipped metadata lines too: its number is the file's line
-            raise ConfigError(f"malformed CSV: {detail}", _at(path, int(m.group(1)))) from None
+            raise ConfigError(f"malformed CSV: {detail}", at_line(path, int(m.group(1)))) from None
         raise ConfigError(f"malformed CSV: {e}", str(path)) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not a UTF-8 text file ({e.reason} at byte {e.start})", str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise file_error(path, e, "trace file") from None
     df.columns = [str(c).strip() for c in df.columns]
     if len(df):
         blank = df.isna().all(axis=1).to_numpy()
@@ -137,7 +126,7 @@ def _int_column(values: pd.Series, name: str, path: Path, first_line: int, *, mi
     if not ok.all():
         i = int(np.argmin(ok))
         want = "an integer" if min_value is None else f"an integer >= {min_value}"
-        raise ConfigError(f"{name} must be {want}, got {_describe_cell(values.iat[i])}", _at(path, first_line + i))
+        raise ConfigError(f"{name} must be {want}, got {_describe_cell(values.iat[i])}", at_line(path, first_line + i))
     return num.astype(np.int64)
 
 
@@ -150,7 +139,7 @@ def _float_column(values: pd.Series, name: str, path: Path, first_line: int, *, 
     if not ok.all():
         i = int(np.argmin(ok))
         want = "a finite number" + (" or empty" if allow_empty else "")
-        raise ConfigError(f"{name} must be {want}, got {_describe_cell(values.iat[i])}", _at(path, first_line + i))
+        raise ConfigError(f"{name} must be {want}, got {_describe_cell(values.iat[i])}", at_line(path, first_line + i))
     return num
 
 
@@ -177,7 +166,7 @@ def read_azure(path: str | Path) -> pd.DataFrame:
     ``output_len = GeneratedTokens`` (both must be >= 1). Extra columns are ignored;
     header names match case-insensitively.
     """
-    path = _existing_file(path)
+    path = existing_file(path, "trace file")
     raw = _read_csv(path)
     lower = {c.lower(): c for c in raw.columns}
     missing = [c for c in AZURE_COLUMNS if c.lower() not in lower]
@@ -185,7 +174,7 @@ def read_azure(path: str | Path) -> pd.DataFrame:
         raise ConfigError(
             f"not an Azure LLM trace: missing column(s) {missing} in the header {list(raw.columns)}; "
             f"expected {list(AZURE_COLUMNS)}",
-            _at(path, 1),
+            at_line(path, 1),
         )
     if len(raw) == 0:
         raise ConfigError("the trace has a header but no requests", str(path))
@@ -211,7 +200,7 @@ def _timestamps_to_seconds(ts: pd.Series, path: Path) -> np.ndarray:
         raise ConfigError(
             "TIMESTAMP must be a datetime (like 2023-11-16 18:15:46.6805900 or "
             f"2024-05-10 00:00:00.009930+00:00) or a number of seconds, got {_describe_cell(ts.iat[i])}",
-            _at(path, i + 2),
+            at_line(path, i + 2),
         )
     return sec
 
@@ -226,7 +215,7 @@ def read_mooncake(path: str | Path, hash_block_size: int = MOONCAKE_BLOCK_SIZE) 
     ``len(hash_ids) == ceil(input_length / hash_block_size)``). Extra keys are ignored;
     blank lines are skipped. ``arrival_s = timestamp / 1000`` (not re-based);
     ``block_hashes`` = the tuple of ``hash_ids``."""
-    path = _existing_file(path)
+    path = existing_file(path, "trace file")
     df = _mooncake_fast(path, hash_block_size)
     if df is None:  # something is off: walk the lines to say where (always raises)
         _mooncake_diagnose(path, hash_block_size)
@@ -262,10 +251,7 @@ def _mooncake_fast(path: Path, bs: int) -> pd.DataFrame | None:
 
 
 def _mooncake_diagnose(path: Path, bs: int) -> None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not a UTF-8 text file ({e.reason} at byte {e.start})", str(path)) from None
+    text = read_text(path, "trace file")
     n = 0
     for ln, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -273,25 +259,25 @@ def _mooncake_diagnose(path: Path, bs: int) -> None:
         n += 1
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"invalid JSON: {e}", _at(path, ln)) from None
+        except json.JSONDecodeError as e:
+            raise file_error(path, e, "trace file", first_line=ln) from None
         if type(rec) is not dict:
-            raise ConfigError(f"expected a JSON object, got {type(rec).__name__}", _at(path, ln))
+            raise ConfigError(f"expected a JSON object, got {type(rec).__name__}", at_line(path, ln))
         missing = [k for k in MOONCAKE_KEYS if k not in rec]
         if missing:
-            raise ConfigError(f"missing key(s) {missing}; expected {list(MOONCAKE_KEYS)}", _at(path, ln))
+            raise ConfigError(f"missing key(s) {missing}; expected {list(MOONCAKE_KEYS)}", at_line(path, ln))
         t, i_len, o_len, h = (rec[k] for k in MOONCAKE_KEYS)
         if type(t) not in (int, float) or not math.isfinite(t) or t < 0:
-            raise ConfigError(f"timestamp must be a number of milliseconds >= 0, got {t!r}", _at(path, ln))
+            raise ConfigError(f"timestamp must be a number of milliseconds >= 0, got {t!r}", at_line(path, ln))
         for key, v in (("input_length", i_len), ("output_length", o_len)):
             if type(v) is not int or v < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {v!r}", _at(path, ln))
+                raise ConfigError(f"{key} must be an integer >= 1, got {v!r}", at_line(path, ln))
         if type(h) is not list or any(type(x) is not int for x in h):
-            raise ConfigError("hash_ids must be a list of integers", _at(path, ln))
+            raise ConfigError("hash_ids must be a list of integers", at_line(path, ln))
         want = -(-i_len // bs)
         if len(h) != want:
             raise ConfigError(
-                f"hash_ids has {len(h)} entries, expected ceil(input_length / {bs}) = {want}", _at(path, ln)
+                f"hash_ids has {len(h)} entries, expected ceil(input_length / {bs}) = {want}", at_line(path, ln)
             )
     if n == 0:
         raise ConfigError("the file is empty (expected one JSON object a line)", str(path))
@@ -311,7 +297,7 @@ def read_table(path: str | Path, hash_block_size: int | None = None) -> pd.DataF
     ``block_hashes``. A ``hash_block_size`` given here must agree with the file's.
     Rows must already be sorted by arrival time.
     """
-    path = _existing_file(path)
+    path = existing_file(path, "trace file")
     if path.suffix.lower() in (".parquet", ".pq"):
         df, first_line = _table_from_parquet(path), None
     else:
@@ -335,7 +321,7 @@ def read_table(path: str | Path, hash_block_size: int | None = None) -> pd.DataF
         elif first_line is None:
             where = f"{path}, row {row}"
         else:
-            where = _at(path, first_line + row)
+            where = at_line(path, first_line + row)
         raise ConfigError(msg, where)
     return df
 
@@ -356,11 +342,11 @@ def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int]:
     first = skip + 2  # the line of the first data row
     unknown = [c for c in raw.columns if c not in schema.COLUMNS]
     if unknown:
-        raise ConfigError(f"unknown column(s) {unknown}; allowed: {list(schema.COLUMNS)}", _at(path, skip + 1))
+        raise ConfigError(f"unknown column(s) {unknown}; allowed: {list(schema.COLUMNS)}", at_line(path, skip + 1))
     missing = [c for c in schema.CORE_COLUMNS[1:] if c not in raw.columns]
     if missing:
         raise ConfigError(
-            f"missing column(s) {missing}; a request table needs {list(schema.CORE_COLUMNS)}", _at(path, skip + 1)
+            f"missing column(s) {missing}; a request table needs {list(schema.CORE_COLUMNS)}", at_line(path, skip + 1)
         )
     if len(raw) == 0:
         raise ConfigError("the table has a header but no requests", str(path))
@@ -384,7 +370,7 @@ def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int]:
                 raise ValueError
         except ValueError:
             raise ConfigError(
-                f"hash_block_size must be a positive integer, got {meta[HASH_BLOCK_SIZE]!r}", _at(path, 1)
+                f"hash_block_size must be a positive integer, got {meta[HASH_BLOCK_SIZE]!r}", at_line(path, 1)
             ) from None
     optional = {k: v for k, v in cols.items() if k in schema.OPTIONAL_COLUMNS}
     df = make_workload(
@@ -408,7 +394,7 @@ def _parse_int_lists(values: pd.Series, name: str, path: Path, first_line: int) 
             out[i] = tuple(int(x) for x in s.split())
         except ValueError:
             raise ConfigError(
-                f"{name} must be space-separated integers, got {s[:60]!r}", _at(path, first_line + i)
+                f"{name} must be space-separated integers, got {s[:60]!r}", at_line(path, first_line + i)
             ) from None
     return out
 
@@ -451,7 +437,7 @@ def resolve_trace(trace: str | Path, base_dir: str | Path | None = None) -> tupl
 
 def sniff_format(path: str | Path) -> str:
     """``azure``, ``table`` or ``mooncake`` from the extension and the CSV header."""
-    path = _existing_file(path)
+    path = existing_file(path, "trace file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "mooncake"
@@ -483,7 +469,7 @@ def sniff_format(path: str | Path) -> str:
 
 def read_trace(path: str | Path, format: str = "auto", hash_block_size: int | None = None) -> pd.DataFrame:
     """Read a workload file of the given format (``auto`` sniffs it)."""
-    path = _existing_file(path)
+    path = existing_file(path, "trace file")
     if format not in FORMATS:
         raise ConfigError(f"unknown trace format {format!r}; expected one of {list(FORMATS)}", str(path))
     fmt = sniff_format(path) if format == "auto" else format

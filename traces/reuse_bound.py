@@ -55,15 +55,17 @@ Mooncake trace's 4.5 M 32-token blocks take a fraction of a second).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from servesim.traces.schema import HASH_BLOCK_SIZE
+
+from .hashing import GOLDEN, MASK64, fmix64, ints_to_u64
+from .hashing import U64 as _U64
 
 __all__ = [
     "EngineKeys",
@@ -75,13 +77,8 @@ __all__ = [
     "content_block_hashes",
 ]
 
-_U64 = np.uint64
-_MASK = (1 << 64) - 1
-_P = 0x9E3779B97F4A7C15  # odd: invertible mod 2**64
+_P = int(GOLDEN)  # odd: invertible mod 2**64
 _Q = pow(_P, -1, 1 << 64)
-_M1 = _U64(0xFF51AFD7ED558CCD)
-_M2 = _U64(0xC4CEB9FE1A85EC53)
-_S33 = _U64(33)
 # seeds and salts: arbitrary fixed constants, distinct per domain
 _SEED_WORKLOAD = 0x243F6A8885A308D3  # chain over workload blocks
 _SEED_ENGINE_H = 0x13198A2E03707345  # engine chain, block_hashes source
@@ -94,16 +91,6 @@ _SALT_CONTENT = _U64(0x3F84D5B5B5470917)
 
 
 # ---------------------------------------------------------------------- primitives
-
-
-def _fmix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser (a bijection on uint64), elementwise; a new array."""
-    x = x ^ (x >> _S33)
-    x *= _M1
-    x ^= x >> _S33
-    x *= _M2
-    x ^= x >> _S33
-    return x
 
 
 class _Powers:
@@ -155,28 +142,9 @@ def _poly_chain(c: np.ndarray, segs: _Segments, seed: int) -> np.ndarray:
     nz = (starts > 0) & (segs.counts > 0)
     before[nz] = cs[starts[nz] - 1]
     cs -= before[segs.seg]
-    cs += _U64((_P * seed) & _MASK)
+    cs += _U64((_P * seed) & MASK64)
     cs *= _PPOW.get(n)[segs.local]
-    return _fmix64(cs)
-
-
-def _ints_to_u64(make_iter: Callable[[], Iterable[int]], count: int) -> np.ndarray:
-    """Python ints (from ``make_iter()``, called again if the fast path fails) -> uint64.
-    Ints in the int64 range map by two's complement; any other int to a blake2b digest
-    of its bytes, so distinct ints stay distinct up to hash collisions."""
-    try:
-        return np.fromiter(make_iter(), dtype=np.int64, count=count).view(_U64)
-    except (OverflowError, ValueError, TypeError):
-        pass
-    out = np.empty(count, dtype=_U64)
-    for k, x in enumerate(make_iter()):
-        x = int(x)
-        if -(1 << 63) <= x < (1 << 63):
-            out[k] = x & _MASK
-        else:
-            raw = x.to_bytes((x.bit_length() + 8) // 8, "little", signed=True)
-            out[k] = int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=b"servesim-bigint").digest(), "little")
-    return out
+    return fmix64(cs)
 
 
 def _positive_int(name: str, v: Any) -> int:
@@ -200,13 +168,13 @@ def _workload_chain(rows: Sequence[Sequence[int]], plens: np.ndarray, H: int) ->
             f"(prompt_len {int(plens[i])})"
         )
     segs = _Segments(nb)
-    ids = _ints_to_u64(lambda: itertools.chain.from_iterable(rows), segs.total)
+    ids = ints_to_u64(lambda: itertools.chain.from_iterable(rows), segs.total)
     blen = np.full(ids.size, H, dtype=np.int64)  # H, except the last block of each row
     has = nb > 0
     blen[segs.offsets[1:][has] - 1] = plens[has] - (nb[has] - 1) * H
-    d = _fmix64(ids ^ _SALT_ID)
+    d = fmix64(ids ^ _SALT_ID)
     d ^= blen.view(_U64) * _SALT_LEN
-    return _poly_chain(_fmix64(d), segs, _SEED_WORKLOAD), segs
+    return _poly_chain(fmix64(d), segs, _SEED_WORKLOAD), segs
 
 
 def _keys_from_hashes(rows: Sequence[Sequence[int]], plens: np.ndarray, H: int, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,9 +187,9 @@ def _keys_from_hashes(rows: Sequence[Sequence[int]], plens: np.ndarray, H: int, 
     esegs = _Segments(ne)
     j = esegs.local
     b_hi = ((j + 1) * t - 1) // H
-    c = _fmix64(j.view(_U64) ^ _SALT_POS)
+    c = fmix64(j.view(_U64) ^ _SALT_POS)
     c ^= chain[wsegs.offsets[:-1][esegs.seg] + b_hi]
-    return _poly_chain(_fmix64(c), esegs, _SEED_ENGINE_H), ne
+    return _poly_chain(fmix64(c), esegs, _SEED_ENGINE_H), ne
 
 
 def _keys_from_tokens(rows: Sequence[Sequence[int]], t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,9 +203,9 @@ def _keys_from_tokens(rows: Sequence[Sequence[int]], t: int) -> tuple[np.ndarray
         flat = lambda: itertools.chain.from_iterable(rows)  # noqa: E731
     else:
         flat = lambda: itertools.chain.from_iterable(itertools.islice(r, int(u)) for r, u in zip(rows, used))  # noqa: E731
-    tok = _fmix64(_ints_to_u64(flat, int(used.sum())) ^ _SALT_TOK).reshape(-1, t)
+    tok = fmix64(ints_to_u64(flat, int(used.sum())) ^ _SALT_TOK).reshape(-1, t)
     tok *= _PPOW.get(t)[::-1]  # digest of a block's tokens: sum_k f(x_k) P**(t-1-k), mixed
-    c = _fmix64(tok.sum(axis=1, dtype=_U64) ^ _SALT_CONTENT)
+    c = fmix64(tok.sum(axis=1, dtype=_U64) ^ _SALT_CONTENT)
     return _poly_chain(c, _Segments(ne), _SEED_ENGINE_T), ne
 
 
@@ -279,9 +247,9 @@ def content_block_hashes(tokens: Sequence[int] | np.ndarray, hash_block_size: in
         return np.zeros(0, dtype=np.int64)
     padded = np.full(nb * H, -1, dtype=np.int64)  # -1 past the end: the length is in the digest
     padded[: tokens.size] = tokens
-    f = _fmix64(padded.view(_U64) ^ _SALT_TOK).reshape(nb, H)
+    f = fmix64(padded.view(_U64) ^ _SALT_TOK).reshape(nb, H)
     f *= _PPOW.get(H)[::-1]
-    h = _fmix64(f.sum(axis=1, dtype=_U64) ^ _SALT_CONTENT)
+    h = fmix64(f.sum(axis=1, dtype=_U64) ^ _SALT_CONTENT)
     return (h >> _U64(1)).view(np.int64)
 
 

@@ -98,11 +98,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from servesim.sim.types import ConfigError
 from servesim.traces import prefix_workloads, synthetic, transforms
 from servesim.traces.fingerprint import workload_fingerprint
 from servesim.traces.readers import read_trace, resolve_trace
 from servesim.traces.schema import validate_workload
+
+from ..sim.errors import validation_problems
+from ..sim.types import ConfigError
 
 __all__ = [
     "WorkloadConfig",
@@ -111,7 +113,6 @@ __all__ = [
     "SloDefaults",
     "build_workload",
     "parse_workload_config",
-    "config_error_from_validation",
     "workload_fingerprint",
 ]
 
@@ -394,49 +395,7 @@ def parse_workload_config(data: Any, source: str = "", prefix: str = "workload")
     try:
         return WorkloadConfig.model_validate(data)
     except ValidationError as e:
-        raise config_error_from_validation(e, data, source, prefix) from None
-
-
-def config_error_from_validation(err: ValidationError, data: Any, source: str = "", prefix: str = "") -> ConfigError:
-    """One (location, message) per pydantic error. Locations are dotted key paths
-    (``workload.synthetic.arrival.rate_req_s``, ``workload.window_s[1]``) with the
-    discriminated-union tags pydantic inserts (``poisson`` ...) left out."""
-    problems = []
-    for item in err.errors():
-        path = _key_path(item["loc"], data, prefix)
-        loc = f"{source}: {path}" if source and path else (source or path)
-        msg = item["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif item["type"] == "union_tag_not_found":
-            msg = f"missing key {item.get('ctx', {}).get('discriminator', 'kind').strip(chr(39))!r}"
-        elif item["type"] == "missing":
-            msg = "missing key"
-        elif item["type"] not in ("missing", "union_tag_invalid", "union_tag_not_found") and "input" in item:
-            inp = item["input"]
-            if not isinstance(inp, (dict, list)):
-                msg = f"{msg}, got {inp!r}"
-        problems.append((loc, msg))
-    return ConfigError(problems)
-
-
-def _key_path(loc: tuple, data: Any, prefix: str) -> str:
-    parts: list[str] = [prefix] if prefix else []
-    node = data
-    for item in loc:
-        if isinstance(item, str) and isinstance(node, dict) and item not in node and node.get("kind") == item:
-            continue  # a union tag, not a key of the input
-        if isinstance(item, str) and node is not None and not isinstance(node, (dict, list, tuple)):
-            break  # a scalar shorthand (``prompt_len: 0``) expanded by a validator: the path ends here
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, (list, tuple)) and item < len(node) else None
-        else:
-            parts.append(f".{item}" if parts else str(item))
-            node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts)
+        raise ConfigError(validation_problems(e, data, source, prefix)) from None
 
 
 # ---------------------------------------------------------------------- builder
