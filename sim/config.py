@@ -141,6 +141,57 @@ class CostModelConfig(_Strict):
         return self
 
 
+class BetaAcceptance(_Strict):
+    beta: tuple[float, float] = Field(description="per request, its acceptance rate ~ Beta(a, b)")
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if min(self.beta) <= 0:
+            raise ValueError("beta parameters must be positive")
+        return self
+
+
+class RunAcceptance(_Strict):
+    run: str = Field(description="a run directory whose iterations.parquet recorded acceptance per draft "
+                     "position (a GPU or sim run with speculative decoding)")
+
+
+class SpeculativeConfig(_Strict):
+    proposer: Literal["draft_model", "ngram", "medusa", "eagle"] = Field(
+        "draft_model", description="what proposes the drafts (policies/speculative.py)")
+    max_draft_len: int = Field(4, ge=0, description="k: draft tokens per request and step (0: off)")
+    draft_model: str | None = Field(None, description="the drafter: a bundled model name or a config.json "
+                                    "(proposer: draft_model; same vocabulary as the target)")
+    draft_profile: str | None = Field(None, description="calibration profile of the drafter (default: the "
+                                      "target's cost-model settings)")
+    acceptance: float | list[float] | BetaAcceptance | RunAcceptance = Field(
+            0.7, description="probability each draft position is accepted given the ones before it: one "
+            "number, a list per position, {beta: [a, b]} per request, or {run: RUN_DIR} measured")
+    tree_nodes: int = Field(0, ge=0, description="eagle: candidate-tree nodes verified per request (0: a chain)")
+    host_s_per_request: float = Field(2e-6, ge=0, description="host seconds per request and step of "
+                                      "proposing (n-gram lookup, draft bookkeeping)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.proposer == "draft_model" and self.max_draft_len and self.draft_model is None:
+            raise ValueError("proposer: draft_model needs draft_model (e.g. llama-3.2-1b)")
+        if self.proposer != "draft_model" and self.draft_model is not None:
+            raise ValueError(f"draft_model applies to proposer: draft_model, not {self.proposer}")
+        if isinstance(self.acceptance, list) and not self.acceptance:
+            raise ValueError("acceptance: an empty list (give one rate per draft position)")
+        rates = self.acceptance if isinstance(self.acceptance, list) else [self.acceptance] \
+            if isinstance(self.acceptance, float) else []
+        bad = [a for a in rates if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"acceptance rates must be in [0, 1], not {bad[0]:g}")
+        if self.tree_nodes and self.proposer != "eagle":
+            raise ValueError("tree_nodes applies to proposer: eagle")
+        if self.tree_nodes and self.tree_nodes < self.max_draft_len:
+            raise ValueError(f"tree_nodes ({self.tree_nodes}) must be at least max_draft_len "
+                             f"({self.max_draft_len}): a tree holds the chain")
+        return self
+
+
 class OutputConfig(_Strict):
     plots: bool = Field(True, description="write PNG plots into the run directory")
     timeline: bool = Field(True, description="write timeline.json (Chrome trace of the first 5,000 "
@@ -162,6 +213,7 @@ class RunConfig(_Strict):
     cost_model: CostModelConfig = Field(default_factory=CostModelConfig,
                                         description="how the simulator prices an iteration")
     power: PowerConfig = Field(default_factory=PowerConfig, description="GPU power model (energy per token)")
+    speculative: SpeculativeConfig | None = Field(None, description="speculative decoding (null: off)")
     output: OutputConfig = Field(default_factory=OutputConfig, description="what a run writes")
 
     @model_validator(mode="after")
@@ -180,6 +232,15 @@ class RunConfig(_Strict):
                              "(the host tier holds evicted reusable blocks)")
         if kv.retention is not None and not kv.enable_block_reuse:
             raise ValueError("kv_cache.retention needs kv_cache.enable_block_reuse: true")
+        sp = self.speculative
+        if sp is not None and sp.max_draft_len:
+            verify = max(sp.max_draft_len, sp.tree_nodes)
+            if verify + 1 > s.max_num_tokens:
+                raise ValueError(f"speculative.max_draft_len: {verify} draft tokens + 1 can never fit "
+                                 f"scheduler.max_num_tokens ({s.max_num_tokens})")
+            if self.runtime.overlap_scheduler:
+                raise ValueError("speculative decoding with runtime.overlap_scheduler is not modelled "
+                                 "(the next iteration's drafts need this one's accepted tokens)")
         if s.chunk_size is not None and s.chunk_size % self.kv_cache.tokens_per_block:
             raise ValueError(f"scheduler.chunk_size ({s.chunk_size}) must be a multiple of "
                              f"kv_cache.tokens_per_block ({self.kv_cache.tokens_per_block})")
@@ -277,6 +338,13 @@ def _pydantic_problems(err: ValidationError, where: str, variant_raw: dict | Non
     return probs
 
 
+def _folder_name_problem(name: str) -> str | None:
+    """Why `name` (an experiment's or a variant's) cannot name its output folder, or None."""
+    if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        return f"{name!r}: use letters, digits, '-', '_' and '.' (not first): it names a folder"
+    return None
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, merge and validate an experiment file. Raises ConfigError with every problem."""
     path = Path(path)
@@ -289,6 +357,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     if not isinstance(name, str) or not name.strip():
         problems.append((f"{where}: name", "required: a non-empty string naming the experiment"))
         name = path.stem
+    elif _folder_name_problem(name):
+        problems.append((f"{where}: name", _folder_name_problem(name)))
     description = raw.get("description", "")
     variants_raw = raw.get("variants", [{"name": "base"}])
     # keys starting with "x-" hold YAML anchors for the variants to use (not settings)
@@ -311,9 +381,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
             vname = f"variant{i}"
         elif vname in seen_names:
             problems.append((f"{where}: variants[{i}].name", f"duplicate variant name {vname!r}"))
-        elif not all(c.isalnum() or c in "-_." for c in vname):
-            problems.append((f"{where}: variants[{i}].name",
-                             f"{vname!r}: use letters, digits, '-', '_' or '.' (it names a folder)"))
+        elif _folder_name_problem(vname):
+            problems.append((f"{where}: variants[{i}].name", _folder_name_problem(vname)))
         seen_names.add(vname)
         over = {k: val for k, val in v.items() if k != "name"}
         merged = deep_merge(deep_merge(base, over), set_over)
