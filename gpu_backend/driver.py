@@ -32,13 +32,14 @@ from servesim.sim.types import Request
 
 
 def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router: Router,
-                  progress: Callable[[float], None] | None = None, progress_every: int = 64,
+                  progress: Callable[[float, int], None] | None = None, progress_every: int = 64,
                   sleep: Callable[[float], None] = time.sleep,
                   clock: Callable[[], float] = time.perf_counter) -> float:
     """Run every request to completion in real time; returns the wall seconds elapsed.
 
-    ``progress(now)`` is called every ``progress_every`` steps (``now`` in seconds since
-    the start, comparable with arrival times)."""
+    ``progress(now, finished)`` is called every ``progress_every`` steps (``now`` in seconds
+    since the start, comparable with arrival times; ``finished``: requests finished or
+    rejected so far)."""
     arrivals = Arrivals(requests, engines, router)
     t0 = clock()
 
@@ -67,12 +68,12 @@ def run_wallclock(requests: Sequence[Request], engines: Sequence[Engine], router
             e.step(t, INF)
             steps += 1
             if progress is not None and steps % progress_every == 0:
-                progress(t)
+                progress(t, sum(len(x.done) for x in engines))
             if len(e.rows) == n_rows and e.has_work() and not e.context and not e.n_dec:
                 # nothing ran and nothing is running: admission failed on an idle replica
                 raise RuntimeError(f"replica {i}: waiting requests can never be admitted")
     for e in engines:
         e.finish()
     if progress is not None:
-        progress(now_s())
+        progress(now_s(), sum(len(x.done) for x in engines))
     return now_s()

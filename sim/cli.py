@@ -102,11 +102,155 @@ def setup_check(cfg, base_dir: Path, where: str) -> None:
     resolve(cfg, base_dir, where)
 
 
+class RunProgress:
+    """What a person sees while `sim run` works, on stderr: a live bar on a terminal, else a
+    plain line every ``SERVESIM_PROGRESS_S`` seconds (default 5). Progress counts finished
+    requests (an offline run, all arriving at 0, moves too), and the write phase shows the
+    file being written."""
+
+    def __init__(self, stdout_terminal: bool, backend: str):
+        import os
+
+        self.err = _console(stderr=True)
+        self.live = self.err.is_terminal
+        try:
+            self.every = float(os.environ.get("SERVESIM_PROGRESS_S", "5"))
+        except ValueError:
+            self.every = 5.0
+        self.stdout_terminal = stdout_terminal
+        self.verb = "simulating" if backend == "sim" else "running on the GPU"
+        self.prog = None
+        self.task = None
+        self.variant, self.label, self.total, self.finished, self.now = "", "", 0, 0, 0.0
+        self.t0 = self.last = 0.0
+        self.writing_shown = False
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                                 TimeElapsedColumn(), console=self.err, transient=True,
+                                 redirect_stdout=self.stdout_terminal, redirect_stderr=True)
+            self.prog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.prog is not None:
+            self.prog.stop()
+
+    def _line(self, text: str) -> None:
+        import time
+
+        print(f"sim run: {text}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
+
+    def _task(self, description: str, total, detail: str = "") -> None:
+        if self.task is not None:
+            self.prog.remove_task(self.task)
+        self.task = self.prog.add_task(description, total=total, detail=detail)
+
+    def _detail(self) -> str:
+        return f"{self.finished:,}/{self.total:,} requests, simulated {self.now:,.1f} s"
+
+    def start(self, variant: str, i: int, n: int, total: int) -> None:
+        import time
+
+        self.variant, self.label, self.total, self.finished, self.now = variant, f"{variant} ({i}/{n})", total, 0, 0.0
+        self.t0 = time.monotonic()
+        self.writing_shown = False
+        if self.prog is not None:
+            self._task(self.label, max(total, 1), self._detail())
+        else:
+            self._line(f"{self.label}: {self.verb} {total:,} requests")
+
+    def update(self, now: float, finished: int) -> None:
+        """The engine's progress callback: virtual (or wall) time, requests finished."""
+        import time
+
+        self.now, self.finished = now, finished
+        if self.prog is not None:
+            self.prog.update(self.task, completed=finished, detail=self._detail())
+        elif time.monotonic() - self.last >= self.every:
+            self._line(f"{self.label}: {self._detail()}, wall {time.monotonic() - self.t0:,.1f} s")
+
+    def simulated(self, finished: int, duration_s: float) -> None:
+        import time
+
+        self.now, self.finished = duration_s, finished
+        if self.prog is None:
+            self._line(f"{self.label}: {self._detail()}, wall {time.monotonic() - self.t0:,.1f} s; done")
+
+    def writing(self, what: str, where: Path) -> None:
+        """A file of the write phase is next (`where`: the folder it goes to)."""
+        import time
+
+        head = f"{self.label}: " if self.label else ""
+        if self.prog is not None:
+            self._task(f"{head}writing {what}", None, f"-> {where}/")
+        elif not self.writing_shown or time.monotonic() - self.last >= self.every:
+            self._line(f"{head}writing {what} -> {where}/")  # at the phase's start, then every few s
+        self.writing_shown = True
+
+    def end_variant(self) -> None:
+        if self.prog is not None and self.task is not None:
+            self.prog.remove_task(self.task)
+            self.task = None
+        self.label, self.writing_shown = "", False
+
+
+def _interrupted(state: dict, out: Path, exp, write_index) -> int:
+    """Ctrl-C: say what was interrupted, remove the unfinished variant, exit 130."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+    try:
+        return _report_interrupt(state, out, exp, write_index)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _report_interrupt(state: dict, out: Path, exp, write_index) -> int:
+    from . import rundir
+
+    v = state.get("variant")
+    names = [x.name for x in exp.variants]
+    if v is not None:
+        rundir.remove(rundir.partial_dir(out, v))
+    try:
+        write_index("interrupted", {"interrupted": {"variant": v, "phase": state.get("phase")}})
+    except ConfigError:
+        pass
+    lines = []
+    if v is not None:
+        i = names.index(v) + 1
+        what = state.get("phase", "simulating")
+        prog = state.get("progress")
+        counts = (f", {prog.finished:,}/{prog.total:,} requests finished" if prog is not None and what == "simulating"
+                  else "")
+        kept = (f"; {out / v} still holds an earlier run" if (out / v).is_dir() else "")
+        lines.append(f"interrupted (Ctrl-C) while {what} variant {v!r} ({i}/{len(names)}{counts}): its unfinished "
+                     f"output was removed{kept}")
+    else:
+        lines.append(f"interrupted (Ctrl-C) while {state.get('phase', 'starting')}")
+    done = state.get("done", [])
+    if done:
+        lines.append(f"finished and written: {', '.join(done)} (in {out}/)")
+    rest = [x for x in names if x not in done and x != v]
+    if rest:
+        lines.append(f"not run: {', '.join(rest)}")
+    lines.append("comparison.csv and latency_cdf.png were not written")
+    for ln in lines:
+        print(ln, file=sys.stderr, flush=True)
+    return 130
+
+
 def cmd_run(args) -> int:
+    import io
     import json
+    import os
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from . import rundir
     from .config import load_experiment
     from .metrics import flat_row
     from .runner import resolve, simulate, write_run
@@ -114,79 +258,151 @@ def cmd_run(args) -> int:
     overrides = list(args.set or [])
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    made = None
     try:
         exp = load_experiment(args.experiment, overrides)
-        if args.only:
-            wanted = [w for w in args.only.split(",") if w]
-            names = [v.name for v in exp.variants]
+        # every variant's config identity, --only or not: it tells other folders apart
+        hashes = {v.name: rundir.config_hash(v.config.model_dump(mode="json")) for v in exp.variants}
+        names = [v.name for v in exp.variants]
+        if args.only is not None:
+            wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+            if not wanted:
+                raise ConfigError(f"{args.only!r} names no variant: give one or more, comma-separated "
+                                  f"(variants: {', '.join(names)})", "command line: --only")
             unknown = [w for w in wanted if w not in names]
             if unknown:
                 raise ConfigError(f"no variant named {', '.join(unknown)} (variants: {', '.join(names)})",
                                   "command line: --only")
             exp.variants = [v for v in exp.variants if v.name in wanted]
+        # the output folder, before any work: a file there, a read-only or pseudo filesystem
+        out = Path(args.out) if args.out else Path("runs") / exp.name
+        where = ("command line: --out" if args.out else
+                 f"output folder {out} (the default, runs/<experiment name>; choose another with --out)")
+        made = next((q for q in reversed((out, *out.parents)) if not q.exists()), None)  # what the check makes
+        rundir.check_output_dir(out, where)
+        for v in exp.variants:
+            if (out / v.name).exists() and not (out / v.name).is_dir():
+                raise ConfigError(f"{out / v.name} is a file where variant {v.name!r}'s folder goes", where)
         setups = []
         for i, v in enumerate(exp.variants):
             setups.append(resolve(v.config, exp.base_dir, f"{args.experiment}: variants[{i}] ({v.name}): "))
+        if args.backend == "gpu":
+            try:
+                from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch
+            except ImportError as e:
+                raise ConfigError(f"--backend gpu needs the gpu extra (torch, triton): {e}",
+                                  "command line") from None
     except ConfigError as e:
+        if made is not None:  # folders the output check made, for a run that never started
+            for q in (out, *out.parents):
+                try:
+                    q.rmdir()  # only if empty
+                except OSError:
+                    break
+                if q == made:
+                    break
         return _fail(e)
-    out = Path(args.out) if args.out else Path("runs") / exp.name
-    out.mkdir(parents=True, exist_ok=True)
-    if args.backend == "gpu":
+    running = {v.name for v in exp.variants}
+    foreign = rundir.foreign_folders(out, hashes, args.backend, running)
+    if foreign:
+        _console(stderr=True).print(
+            f"[yellow]warning[/]: {out} holds {len(foreign)} folder(s) this configuration did not write, left as "
+            f"they are (comparison.csv lists this run's variants only): "
+            + "; ".join(f"{name}: {why}" for name, why in foreign), soft_wrap=True)
+    index = {k: e for k, e in rundir.read_index(out).items() if (out / k).is_dir()}
+
+    def write_index(status: str, extra: dict | None = None) -> None:
         try:
-            from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch
-        except ImportError as e:
-            return _fail(ConfigError(f"--backend gpu needs the gpu extra (torch, triton): {e}",
-                                     "command line"))
+            rundir.write_atomic(out / rundir.INDEX, json.dumps(
+                {"name": exp.name, "description": exp.description, "source": str(args.experiment),
+                 "variants": [v.name for v in exp.variants], "backend": args.backend, "status": status,
+                 **(extra or {}), "runs": dict(sorted(index.items()))}, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write {out / rundir.INDEX}: {e.strerror or e}", where) from None
+
     rows = []
     tables = {}
     con = _console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=con, transient=True,
-                  disable=not con.is_terminal) as prog:
-        for v, setup in zip(exp.variants, setups):
-            horizon = float(setup.workload["arrival_s"].max()) if len(setup.workload) else 0.0
-            task = prog.add_task(f"{v.name} ({len(setup.workload)} requests)", total=max(horizon, 1e-9))
-            cb = lambda t, task=task: prog.update(task, completed=min(t, horizon))  # noqa: E731
+    state: dict = {"variant": None, "phase": "starting", "done": []}
+    try:
+        write_index("running")
+        with RunProgress(con.is_terminal, args.backend) as prog:
+            state["progress"] = prog
+            for i, (v, setup) in enumerate(zip(exp.variants, setups), 1):
+                state.update(variant=v.name, phase="simulating")
+                prog.start(v.name, i, len(exp.variants), len(setup.workload))
+                try:
+                    if args.backend == "gpu":
+                        result = simulate_gpu(setup, progress=prog.update)
+                    else:
+                        result = simulate(setup, progress=prog.update)
+                except ConfigError as e:
+                    write_index("failed")
+                    return _fail(e)
+                prog.simulated(result.requests.num_rows, result.summary["duration_s"])  # finished or rejected
+                # the variant goes to .<name>.partial, renamed to <name> once every file is in it
+                state["phase"] = "writing"
+                run_dir = out / v.name
+                tmp = rundir.partial_dir(out, v.name)
+                rundir.remove(tmp)
+                try:
+                    write_run(result, tmp, exp.name, v.name, phase=lambda f: prog.writing(f, run_dir))
+                    if setup.cfg.output.plots:
+                        from .plots import timeline
+
+                        prog.writing("timeline.png", run_dir)
+                        timeline(result.requests, result.iterations, setup.num_blocks, tmp / "timeline.png",
+                                 f"{exp.name} / {v.name} ({setup.model.name}, {setup.hardware.name})")
+                    if setup.cfg.output.timeline:
+                        from .timeline import write_chrome_trace
+
+                        prog.writing("timeline.json", run_dir)
+                        write_chrome_trace(result.iterations, tmp / "timeline.json")
+                    rundir.finish_dir(tmp, run_dir)
+                except OSError as e:
+                    rundir.remove(tmp)
+                    write_index("failed")
+                    raise ConfigError(f"cannot write {e.filename or run_dir}: {e.strerror or e} (variant {v.name!r} "
+                                      "not written)", where) from None
+                index[v.name] = {"config_sha256": hashes[v.name], "backend": args.backend}
+                state["done"].append(v.name)
+                write_index("running")
+                state.update(variant=None, phase="writing the experiment's files")
+                prog.end_variant()
+                tables[v.name] = result.requests
+                rows.append({"variant": v.name, **flat_row(result.summary)})
+                con.print(f"[dim]{v.name}: {result.summary['num_finished']} requests, "
+                          f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
+                          f"-> {run_dir}[/]")
+                lw = result.summary["long_waits"]
+                if lw["count"]:
+                    _console(stderr=True).print(
+                        f"[yellow]warning[/]: {v.name}: {lw['count']} request(s) waited longer than "
+                        f"{lw['factor']:g}x the median end-to-end latency ({lw['threshold_s']:.3g} s) before "
+                        f"being scheduled, up to {lw['max_wait_s']:.3g} s: starvation? (summary.json long_waits)")
             try:
-                if args.backend == "gpu":
-                    result = simulate_gpu(setup, progress=cb)
-                else:
-                    result = simulate(setup, progress=cb)
-            except ConfigError as e:
-                return _fail(e)
-            prog.update(task, completed=horizon)
-            run_dir = out / v.name
-            write_run(result, run_dir, exp.name, v.name)
-            if setup.cfg.output.plots:
-                from .plots import timeline
+                if any(s.cfg.output.plots for s in setups):
+                    from .plots import latency_cdfs
 
-                timeline(result.requests, result.iterations, setup.num_blocks, run_dir / "timeline.png",
-                         f"{exp.name} / {v.name} ({setup.model.name}, {setup.hardware.name})")
-            if setup.cfg.output.timeline:
-                from .timeline import write_chrome_trace
-
-                write_chrome_trace(result.iterations, run_dir / "timeline.json")
-            tables[v.name] = result.requests
-            rows.append({"variant": v.name, **flat_row(result.summary)})
-            prog.remove_task(task)
-            con.print(f"[dim]{v.name}: {result.summary['num_finished']} requests, "
-                      f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
-                      f"-> {run_dir}[/]")
-    if any(s.cfg.output.plots for s in setups):
-        from .plots import latency_cdfs
-
-        latency_cdfs(tables, out / "latency_cdf.png", f"{exp.name}: latency per variant")
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    with open(out / "comparison.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+                    prog.writing("latency_cdf.png", out)
+                    tmp_png = out / ".latency_cdf.partial.png"
+                    latency_cdfs(tables, tmp_png, f"{exp.name}: latency per variant")
+                    os.replace(tmp_png, out / "latency_cdf.png")
+                prog.writing("comparison.csv", out)
+                keys: list[str] = []
+                for r in rows:
+                    keys.extend(k for k in r if k not in keys)
+                buf = io.StringIO(newline="")
+                w = csv.DictWriter(buf, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+                rundir.write_atomic(out / "comparison.csv", buf.getvalue())
+                write_index("finished")
+            except OSError as e:
+                raise ConfigError(f"cannot write {e.filename or out}: {e.strerror or e}", where) from None
+    except KeyboardInterrupt:
+        return _interrupted(state, out, exp, write_index)
     print_comparison(rows, f"{exp.name} ({args.backend}) -> {out}/comparison.csv")
-    (out / "experiment.json").write_text(json.dumps(
-        {"name": exp.name, "description": exp.description, "source": str(args.experiment),
-         "variants": [v.name for v in exp.variants], "backend": args.backend}, indent=2) + "\n")
     return 0
 
 
@@ -202,6 +418,30 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _check_text_file(path: Path, what: str) -> None:
+    """ConfigError naming `path` if it is not UTF-8 text (a missing file is reported by its reader)."""
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not a UTF-8 text file ({e.reason} at byte {e.start}): a {what} expected",
+                          str(path)) from None
+    except OSError:
+        pass
+
+
+def _check_cuda(what: str) -> None:
+    """Measuring the calibration grid needs a CUDA GPU: without one it would run the grid on
+    the CPU for minutes and fit nothing that describes a GPU. Refuse at once."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ConfigError(f"{what} needs the gpu extra (torch, triton): {e}", "command line: --backend") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} measures this machine's GPU, and torch sees no CUDA device here "
+                          f"(torch {torch.__version__}); run it on the GPU machine, or fit measurements made "
+                          "there with --from-grid CSV", "command line: --backend")
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .specs import load_hardware, load_model
@@ -214,6 +454,10 @@ def cmd_calibrate(args) -> int:
         if args.backend == "grid" and not args.from_grid:
             raise ConfigError("give --from-grid CSV (measurements made earlier) or --backend gpu "
                               "(measure here)", "command line")
+        if args.from_grid and args.backend == "grid":
+            _check_text_file(Path(args.from_grid), "calibration grid (CSV)")
+        if args.backend == "gpu":
+            _check_cuda("sim calibrate --backend gpu")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
                         backend=args.backend, model_ref=args.model, processes=args.processes)
         for kv in args.provenance or []:
@@ -295,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(e)
     except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C): sim {args.cmd} stopped", file=sys.stderr, flush=True)
         return 130
 
 

@@ -34,11 +34,11 @@ import pyarrow.compute as pc
 import yaml
 
 from .metrics import LATENCY_KEYS, summarize
+from .rundir import RUN_FILES, check_output_dir, unfinished_problems
 from .schemas import read_run_table
 from .types import ConfigError
 
 SCHEMA_VERSION = 1  # of compare.json (the run tables have theirs: sim/schemas.py)
-RUN_FILES = ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml")
 REQUEST_COLUMNS = ("request_id", "status", "arrival_s", "first_token_s", "finish_s", "prompt_len",
                    "output_len", "cached_tokens", "slo_ttft_s", "slo_tpot_s", "token_times")
 ITERATION_COLUMNS = ("start_s", "duration_s", "num_ctx_requests", "num_gen_requests", "ctx_tokens",
@@ -128,11 +128,9 @@ def load_run(path: Path, problems: list) -> Run | None:
         problems.append((str(path), f"not a run directory: it {what} (expected a directory with "
                                     f"{', '.join(RUN_FILES)}, as `sim run` writes)"))
         return None
-    missing = [f for f in RUN_FILES if not (path / f).is_file()]
-    if missing:
-        for f in missing:
-            problems.append((str(path / f), f"not a run directory: {f} is missing (a run directory "
-                                            f"holds {', '.join(RUN_FILES)})"))
+    unfinished = unfinished_problems(path)  # interrupted (.partial) or without its files
+    if unfinished:
+        problems.extend(unfinished)
         return None
     n0 = len(problems)
     req = _read_parquet(path / "requests.parquet", "requests", REQUEST_COLUMNS, problems)
@@ -441,9 +439,11 @@ def compare_runs(run_a: Path, run_b: Path, out: Path | None = None, *, bins: int
     if problems:
         raise ConfigError(problems)
     check_same_requests(a, b)
+    # before the work: a folder compare.json and compare.png can be written to
+    check_output_dir(Path(out) if out is not None else run_b,
+                     "command line: --out" if out is not None else "command line: RUN_B (where compare.json goes "
+                     "without --out)")
     out = Path(out) if out is not None else run_b
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out must be a directory (compare.json and compare.png go there)", str(out))
 
     warnings: list[str] = []
     ca, cb = a.config.get("config") or {}, b.config.get("config") or {}

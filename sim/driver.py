@@ -54,9 +54,12 @@ class Arrivals:
 
 
 def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], router: Router,
-                   progress: Callable[[float], None] | None = None,
+                   progress: Callable[[float, int], None] | None = None,
                    progress_every: int = 4096) -> float:
-    """Run to completion; returns the virtual time at which the last replica went idle."""
+    """Run to completion; returns the virtual time at which the last replica went idle.
+
+    ``progress(now, finished)`` is called every ``progress_every`` steps of a replica:
+    the virtual time and the number of requests finished (or rejected) by all replicas."""
     env = simpy.Environment()
     arrivals = Arrivals(requests, engines, router)
 
@@ -81,7 +84,7 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
                 end = engine.step(t, horizon)
                 steps += 1
                 if progress is not None and steps % progress_every == 0:
-                    progress(end)
+                    progress(end, sum(len(e.done) for e in engines))
                 if end >= horizon or end == t or not engine.has_work():
                     break
                 t = end

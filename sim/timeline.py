@@ -17,8 +17,11 @@ def write_chrome_trace(it: pa.Table, path: Path, max_iterations: int = 5_000) ->
     cols = {c: it.column(c).to_numpy()[:n] for c in (
         "replica", "iteration", "start_s", "duration_s", "num_ctx_requests", "num_gen_requests",
         "ctx_tokens", "gen_tokens", "padded_tokens", "kv_blocks_used", "graph")}
+    # ts and end rounded, dur their difference: back-to-back iterations meet exactly (rounding
+    # ts and dur separately made slices overlap by a nanosecond)
     ts = np.round(cols["start_s"] * 1e6, 3)
-    dur = np.round(cols["duration_s"] * 1e6, 3)
+    end = np.round((cols["start_s"] + cols["duration_s"]) * 1e6, 3)
+    dur = np.round(end - ts, 3)
     events = []
     for r in np.unique(cols["replica"]):
         events.append({"name": "process_name", "ph": "M", "pid": int(r), "args": {"name": f"replica {r}"}})

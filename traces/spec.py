@@ -406,6 +406,9 @@ def replay_path(replay: str, base_dir: Path | str) -> Path:
     p = Path(replay).expanduser()
     if not p.is_absolute():
         p = Path(base_dir) / p
+    from ..sim.rundir import check_finished_run
+
+    check_finished_run(p, "workload.replay")  # not an interrupted run, not a run folder without its files
     if p.is_dir():
         p = p / "requests.parquet"
     if not p.is_file():
