@@ -68,6 +68,8 @@ class EngineConfig:
     # speculative decoding (policies/speculative.py): draft tokens per generation request;
     # None: off. Iterations with drafts are stepped one by one (no closed-form stretches).
     speculation: DraftPolicy | None = None
+    # the model's max_position_embeddings: a request whose KV would outgrow it is rejected
+    max_positions: int | None = None
 
 
 class Engine:
@@ -172,9 +174,11 @@ class Engine:
         writes one more token)."""
         return blocks_for(final_kv_tokens(req) + self.cfg.overlap, self.tpb)
 
-    def _reject(self, req: Request) -> None:
-        """Never fits (KV pool, or a prompt over max_num_tokens without chunking)."""
+    def _reject(self, req: Request, reason: str) -> None:
+        """Never fits: the KV pool ("kv_pool"), a prompt over max_num_tokens without
+        chunking ("token_budget"), or beyond the model's positions ("max_positions")."""
         req.phase = Phase.REJECTED
+        req.reject_reason = reason
         self.done.append(req)
 
     # ------------------------------------------------------------------ admission
@@ -193,13 +197,17 @@ class Engine:
             req = self.waiting[0]
             if req.arrival_s > cutoff and not req.preemptions:
                 return True
+            if cfg.max_positions is not None and final_kv_tokens(req) > cfg.max_positions:
+                self.waiting.popleft()
+                self._reject(req, "max_positions")
+                continue
             if self._final_blocks(req) > kv.total:
                 self.waiting.popleft()
-                self._reject(req)
+                self._reject(req, "kv_pool")
                 continue
             if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and not cfg.chunking.splits:
                 self.waiting.popleft()
-                self._reject(req)
+                self._reject(req, "token_budget")
                 continue
             if req.swapped_blocks:
                 if not self._swap_in(req, headroom):

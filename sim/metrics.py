@@ -68,6 +68,17 @@ def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
     return {str(t): float(cached[tenant == t].sum() / prompt[tenant == t].sum()) for t in names}
 
 
+def _rejected_by_reason(req: pa.Table) -> dict[str, int]:
+    if "reject_reason" not in req.column_names:  # a run of schema version 1
+        return {}
+    reasons = req.column("reject_reason").to_pylist()
+    out: dict[str, int] = {}
+    for r in reasons:
+        if r:
+            out[r] = out.get(r, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _hit_rate_all(req: pa.Table) -> float:
     prompt = int(req.column("prompt_len").to_numpy().sum())
     return float(req.column("cached_tokens").to_numpy().sum() / prompt) if prompt else 0.0
@@ -133,6 +144,7 @@ def summarize(req: pa.Table, it: pa.Table, *, kv_total_blocks: int, backend: str
         "num_requests": int(req.num_rows),
         "num_finished": n_fin,
         "num_rejected": int(req.num_rows - n_fin),
+        "rejected_by_reason": _rejected_by_reason(req),
         "num_iterations": int(it.num_rows),
         "num_preemptions": int(num_preemptions),
         "num_swaps": int(num_swaps),

@@ -244,6 +244,7 @@ def request_arrays(requests: list[Request], its: list[IterationArrays]) -> Reque
         "request_id": col("request_id", np.int64),
         "replica": col("replica", np.int32),
         "status": status,
+        "reject_reason": [r.reject_reason for r in requests],
         "arrival_s": col("arrival_s", np.float64),
         "first_scheduled_s": col("first_scheduled_s", np.float64),
         "first_token_s": first_tok,

@@ -300,6 +300,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         swap_blocks=int(s.swap_space_gb * 1e9 // block_bytes) if s.preemption == "swap" else 0,
         overlap=rt.overlap_scheduler,
         speculation=setup.speculation.policy if setup.speculation is not None else None,
+        max_positions=setup.model.max_position_embeddings,
     )
 
 

@@ -82,7 +82,10 @@ ITERATIONS = pa.schema([
 REQUESTS = pa.schema([
     _field("request_id", pa.int64(), "", "the workload's request id"),
     _field("replica", pa.int32(), "", "replica that served it (-1: never routed)"),
-    _field("status", pa.string(), "", "finished | rejected (can never fit the KV pool or token budget)"),
+    _field("status", pa.string(), "", "finished | rejected (can never run: see reject_reason)"),
+    _field("reject_reason", pa.string(), "",
+           "rejected: kv_pool (never fits the pool) | token_budget (prompt over max_num_tokens, no "
+           "chunking) | max_positions (beyond the model's max_position_embeddings); empty if finished"),
     _field("arrival_s", pa.float64(), "s", "arrival time"),
     _field("first_scheduled_s", pa.float64(), "s", "start of its first iteration (NaN: never scheduled)"),
     _field("first_token_s", pa.float64(), "s", "emission time of its first token (NaN: rejected)"),

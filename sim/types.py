@@ -83,6 +83,7 @@ class Request:
     node_blocks: list[int] = field(default_factory=list)
     retention: object = None  # RetentionSpec (policies/retention.py) or None
     swapped_blocks: int = 0  # KV blocks held on the host while paused by swap preemption
+    reject_reason: str = ""  # REJECTED: why it can never run (see Engine._reject)
 
     def kv_len_at(self, it: int) -> int:
         """KV length *before* iteration `it` for a request in GENERATION."""

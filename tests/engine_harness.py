@@ -92,7 +92,8 @@ SimExec = SimExecutor
 def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=64, tpb=4,
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
-               contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None):
+               contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None,
+               max_positions=None):
     """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step)."""
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
@@ -114,7 +115,8 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
         offload_min_priority=offload_min_priority, kv_block_bytes=1 << 20, swap_blocks=swap_blocks,
         overlap=overlap,
         piecewise_padding=GraphPadding(token_capture_sizes(min(piecewise, max_tokens))) if piecewise else None,
-        speculation=make_draft_policy("draft_model", spec[0]) if spec else None)
+        speculation=make_draft_policy("draft_model", spec[0]) if spec else None,
+        max_positions=max_positions)
     engines = []
     for r in range(replicas):
         ex = StepwiseExecutor(cost, max_batch, max_tokens, overlap, tpb, blocks) if stepwise else SimExec(cost, overlap)

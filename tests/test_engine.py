@@ -322,3 +322,18 @@ def test_overlap_scheduler_runs_one_discarded_step():
     _, _, a, ra = run_engine(rows, **cfg)
     _, _, b, rb = run_engine(rows, overlap=True, **cfg)
     assert rb.table.column("first_scheduled_s")[1].as_py() > ra.table.column("first_scheduled_s")[1].as_py()
+
+
+def test_requests_beyond_the_models_positions_are_rejected_and_counted():
+    """S12: a request whose KV would outgrow max_position_embeddings is rejected, per
+    request, with its reason; the others run."""
+    from servesim.sim.metrics import summarize
+
+    rows = [(0.0, 30, 10), (0.0, 60, 50), (0.0, 20, 5)]  # the second reaches 109 KV tokens
+    reqs, engines, it, req = run_engine(rows, max_tokens=128, blocks=400, max_positions=100)
+    by_id = {r.request_id: r for r in reqs}
+    assert by_id[1].phase == Phase.REJECTED and by_id[1].reject_reason == "max_positions"
+    assert by_id[0].phase == by_id[2].phase == Phase.FINISHED
+    assert req.table.column("reject_reason").to_pylist() == ["", "max_positions", ""]
+    s = summarize(req.table, it, kv_total_blocks=400, backend="sim", wall_s=0)
+    assert s["num_rejected"] == 1 and s["rejected_by_reason"] == {"max_positions": 1}

@@ -121,7 +121,7 @@ def test_hit_rate_over_finished_and_over_all_requests():
 
     nan = float("nan")
     req = schemas.build_table("requests", {
-        "request_id": [0, 1], "replica": [0, 0], "status": ["finished", "rejected"],
+        "request_id": [0, 1], "replica": [0, 0], "status": ["finished", "rejected"], "reject_reason": ["", "kv_pool"],
         "arrival_s": [0.0, 0.0], "first_scheduled_s": [0.0, nan], "first_token_s": [0.5, nan],
         "finish_s": [1.0, nan], "prompt_len": [100, 1000], "output_len": [2, 5], "cached_tokens": [50, 0],
         "preemptions": [0, 0], "priority": [0, 0], "tenant": ["", ""], "slo_ttft_s": [nan, nan],
