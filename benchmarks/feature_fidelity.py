@@ -6,10 +6,12 @@ for Llama-3.2-1B and Llama-3.1-8B: the overlap scheduler (the Azure conversation
 the higher load of experiments/fidelity.yaml) and KV-cache prefix reuse (multi-turn
 conversations). benchmarks/gpu_fidelity.py (steps 1 and 7-9) runs them on a GPU together
 with a calibration in the same device call; each call's results sit in
-benchmarks/results/features/<machine>/ (profiles/, pairs/, pairs_repeat/). Here every GPU
-run is replayed on the simulator with its own machine's calibrated profile and with the
-uncalibrated roofline, and two tables are written to benchmarks/results/feature_fidelity.md
-(with a plot, feature_fidelity.png):
+benchmarks/results/features/<machine>/ (profiles/, pairs/, pairs_repeat/: the profiles tracked,
+the runs and grids in the calls' archives, benchmarks/results/archives/, unpacked on first
+use). Here every GPU run is replayed on the simulator with its own machine's calibrated
+profile and with the uncalibrated roofline, and two tables are written to
+benchmarks/out/feature_fidelity.md (benchmarks/results/ with --write-results), with a plot,
+feature_fidelity.png:
 
 * the calibrated sim's relative error per run (feature off and on), as in fidelity.md;
 * each feature's *effect* -- (on / off) - 1 of TTFT, TPOT, E2E and throughput -- on the GPU
@@ -18,24 +20,47 @@ uncalibrated roofline, and two tables are written to benchmarks/results/feature_
 Neither workload is used to calibrate (the calibration grid is designed, see
 gpu_backend/profiler.py).
 
-    python benchmarks/feature_fidelity.py
+    python benchmarks/feature_fidelity.py [--write-results] [--machines h100-g,h200-i]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import errors, label, mean_abs, replay  # noqa: E402
 from gpu_fidelity import MODELS, OVERLAP_PAIR, REUSE_PAIR  # noqa: E402  (the pairs the device call runs)
+from results_io import RESULTS as STORE  # noqa: E402
+from results_io import add_write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FEATURES = RESULTS / "features"
+FEATURES = RESULTS / "features"  # each machine's profiles (tracked); its runs: STORE.path("features/NAME")
+
+
+class Machine(NamedTuple):
+    """One machine instance's feature runs: its name, the folder of its profiles (tracked)
+    and the folder of its runs (pairs/, pairs_repeat/: unpacked from its calls' archives)."""
+    name: str
+    profiles: Path
+    runs: Path
+
+
+def machines(names: list[str] | None = None) -> list[Machine]:
+    """The machine instances with feature runs (every one the archives or the tracked tree
+    know, or ``names``), their runs unpacked."""
+    if names is None:
+        known = {m.split("/")[1] for man in STORE.manifests().values() for m in man["members"]
+                 if m.startswith("features/") and m.count("/") >= 2}
+        known |= {p.name for p in FEATURES.iterdir() if p.is_dir()} if FEATURES.is_dir() else set()
+        names = sorted(known)
+    return [Machine(n, FEATURES / n / "profiles", STORE.path(f"features/{n}")) for n in names]
 # (feature, variant off, variant on), variant names after the model's "8b-" / "1b-"
 PAIRS = (("overlap scheduler", *OVERLAP_PAIR), ("prefix reuse", *REUSE_PAIR))
 STATS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"), ("itl_s", "p50"),
@@ -43,20 +68,20 @@ STATS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p9
 EFFECTS = [("ttft_s", "p50"), ("tpot_s", "p50"), ("e2e_s", "p50"), ("e2e_s", "p99"), ("throughput_out_tok_s", "value")]
 
 
-def pairs(machine: Path) -> list[tuple[str, str, str, Path, Path]]:
+def pairs(machine: Machine) -> list[tuple[str, str, str, Path, Path]]:
     """(feature, model key, runs folder, run off, run on) of every complete pair a machine has."""
     out = []
     for sub in ("pairs", "pairs_repeat"):
         for feature, off, on in PAIRS:
             for m in MODELS:
-                a, b = machine / sub / f"{m}-{off}", machine / sub / f"{m}-{on}"
+                a, b = machine.runs / sub / f"{m}-{off}", machine.runs / sub / f"{m}-{on}"
                 if (a / "requests.parquet").exists() and (b / "requests.parquet").exists():
                     out.append((feature, m, sub, a, b))
     return out
 
 
-def gpu_name(machine: Path) -> str:
-    for prof in sorted((machine / "profiles").glob("*.yaml")):
+def gpu_name(machine: Machine) -> str:
+    for prof in sorted(machine.profiles.glob("*.yaml")):
         return str(yaml.safe_load(prof.read_text()).get("provenance", {}).get("gpu", "?"))
     return "?"
 
@@ -71,12 +96,19 @@ def effect(values: dict, k: tuple[str, str]) -> float | None:
     return change(values.get(("off",) + k), values.get(("on",) + k))
 
 
-def measure(machines: list[Path], tmp: Path) -> list[dict]:
-    """One record per pair: its errors per variant and kind, and the effect on GPU and sim."""
-    recs = []
+_MEASURED: dict[tuple, list[dict]] = {}  # measure()'s records by machines, for a second call in one process
+
+
+def measure(machines: list[Machine], tmp: Path) -> list[dict]:
+    """One record per pair: its errors per variant and kind, and the effect on GPU and sim
+    (computed once per process for the same machines: the replays are deterministic)."""
+    key = tuple(machines)
+    if key in _MEASURED:
+        return _MEASURED[key]
+    recs = _MEASURED[key] = []
     for mach in machines:
         for feature, m, sub, a, b in pairs(mach):
-            profs = sorted((mach / "profiles").glob(f"*-{MODELS[m]}.yaml"))  # h100-..., h200-...
+            profs = sorted(mach.profiles.glob(f"*-{MODELS[m]}.yaml"))  # h100-..., h200-...
             if not profs:
                 print(f"{mach.name}: no profile of {MODELS[m]}, {a.name} skipped", file=sys.stderr)
                 continue
@@ -100,7 +132,7 @@ def measure(machines: list[Path], tmp: Path) -> list[dict]:
     return recs
 
 
-def gpu_effect_noise(machines: list[Path], tmp: Path) -> list[tuple[str, str, str, dict, dict]]:
+def gpu_effect_noise(machines: list[Machine], tmp: Path) -> list[tuple[str, str, str, dict, dict]]:
     """(machine, model, feature, effects of the first pair, of the second) for every pair a
     machine ran twice (pairs/ and pairs_repeat/): how much the GPU's own measurement of an
     effect moves between two runs of the same requests on the same machine."""
@@ -231,19 +263,27 @@ def plot(recs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(features: Path = FEATURES, out_md: Path = RESULTS / "feature_fidelity.md") -> int:
-    machines = sorted(p for p in features.iterdir() if p.is_dir()) if features.is_dir() else []
-    if not machines:
-        print(f"no feature runs under {features}: run benchmarks/gpu_fidelity.py --steps 1,7,8,9 on a GPU and "
-              "install them with --install-features", file=sys.stderr)
+def main(argv: list[str] | None = None, out_md: Path | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_write_results(ap)
+    ap.add_argument("--machines", help="comma-separated machine names (default: every one)")
+    args = ap.parse_args(argv)
+    if out_md is None:
+        out_md = STORE.out_dir(args.write_results) / "feature_fidelity.md"
+    mach = [m for m in machines(args.machines.split(",") if args.machines else None) if pairs(m)]
+    if not mach:
+        print(f"no feature runs under {FEATURES} or in benchmarks/results/archives/: run benchmarks/gpu_fidelity.py "
+              "--steps 1,7,8,9 on a GPU and install them with --install-features", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory() as tmp:
-        recs = measure(machines, Path(tmp))
-        noise = gpu_effect_noise(machines, Path(tmp))
+        recs = measure(mach, Path(tmp))
+        noise = gpu_effect_noise(mach, Path(tmp))
     text = render(recs, noise)
-    keep = "## Reading the table"  # the hand-written analysis below the tables survives a rerun
-    if out_md.exists() and keep in (old := out_md.read_text()):
+    keep = "## Reading the table"  # the tracked page's hand-written analysis below the tables survives a rerun
+    page = RESULTS / "feature_fidelity.md"
+    if page.exists() and keep in (old := page.read_text()):
         text += "\n" + old[old.index(keep):]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     plot(recs, out_md.with_suffix(".png"))
     print(text)

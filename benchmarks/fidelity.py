@@ -13,13 +13,16 @@ second calibration made right after the table's in the same device call
 two other machine instances' calibrations and runs of the same workloads
 (calibration_machine2/ + gpu_runs_machine2/: A; calibration_machine3/ + gpu_runs_machine3/:
 C), compared with the table's and each on its own.
-Writes benchmarks/results/fidelity.md.
+The GPU runs and grids come from the device calls' archives (benchmarks/results/archives/,
+unpacked on first use: benchmarks/results_io.py); the profiles are the tracked ones.
+Writes benchmarks/out/fidelity.md (benchmarks/results/fidelity.md with --write-results).
 
-    python benchmarks/fidelity.py
+    python benchmarks/fidelity.py [--write-results]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -28,21 +31,26 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS as STORE  # noqa: E402
+from results_io import add_write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-RUNS = RESULTS / "gpu_runs"
-REPEAT_RUNS = RESULTS / "gpu_runs_repeat"  # the same requests again, on the table's machine, in the same call
-THIRD_RUNS = RESULTS / "gpu_runs_third"  # and once more, on that machine, in an earlier call
+RESULTS = REPO / "benchmarks" / "results"  # the tracked tables and profiles
+# GPU runs and grids: folders under benchmarks/results/ as the archives name them (STORE.path
+# unpacks them and gives the folder)
+RUNS_AT = "gpu_runs"
+REPEAT_RUNS_AT = "gpu_runs_repeat"  # the same requests again, on the table's machine, in the same call
+THIRD_RUNS_AT = "gpu_runs_third"  # and once more, on that machine, in an earlier call
 # two calibrations made one after the other in one device call on the machine of the table's
 # runs: the table's own (profiles/) and the one after it -- the calibration's repeatability
 PAIR_PROFILES = (REPO / "profiles", RESULTS / "calibration_repeat")
-# other machine instances (other device calls): name, their calibration, their runs of the same workloads
-OTHER_MACHINES = (("A", RESULTS / "calibration_machine2", RESULTS / "gpu_runs_machine2"),
-                  ("C", RESULTS / "calibration_machine3", RESULTS / "gpu_runs_machine3"))
+# other machine instances (other device calls): name, their calibration (profiles), their runs of the same workloads
+OTHER_MACHINES_AT = (("A", RESULTS / "calibration_machine2", "gpu_runs_machine2"),
+                     ("C", RESULTS / "calibration_machine3", "gpu_runs_machine3"))
 # machine instances whose every fidelity run was made three times (D for the 8B, E for the 1B:
 # one device call per model), with the calibration of the same call
-THRICE = (RESULTS / "calibration_machine4",
-          tuple(RESULTS / f"gpu_runs_machine4{s}" for s in ("", "_repeat", "_third")))
+THRICE_AT = (RESULTS / "calibration_machine4", tuple(f"gpu_runs_machine4{s}" for s in ("", "_repeat", "_third")))
 STATS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99"),
          ("itl_s", "p50"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
          ("throughput_out_tok_s", "value"), ("energy_per_token_j", "value")]
@@ -102,7 +110,8 @@ def own_iterations(run: Path, model: str, profile: Path) -> dict:
     from servesim.sim.calibrate import iteration_errors_by_kind, load_profile
     from servesim.sim.specs import load_hardware, load_model
 
-    m, hw = load_model(model), load_hardware("h100-sxm")
+    hardware = yaml.safe_load((run / "config.yaml").read_text())["config"]["hardware"]  # the run's card
+    m, hw = load_model(model), load_hardware(hardware)
     roofline, _ = load_profile(profile, m, hw)
     return iteration_errors_by_kind(m, hw, roofline, pd.read_parquet(run / "iterations.parquet"))
 
@@ -144,7 +153,19 @@ def mean_abs(vals) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, out_md: Path | None = None) -> Path:
+    """Write the page (``out_md``; default benchmarks/out/fidelity.md, with
+    ``--write-results`` benchmarks/results/fidelity.md) and return its path."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_write_results(ap)
+    args = ap.parse_args(argv)
+    if out_md is None:
+        out_md = STORE.out_dir(args.write_results) / "fidelity.md"
+    RUNS, REPEAT_RUNS, THIRD_RUNS = (STORE.path(d) for d in (RUNS_AT, REPEAT_RUNS_AT, THIRD_RUNS_AT))
+    OTHER_MACHINES = tuple((m, cal, STORE.path(r)) for m, cal, r in OTHER_MACHINES_AT)
+    THRICE = (THRICE_AT[0], tuple(STORE.path(r) for r in THRICE_AT[1]))
+    if not RUNS.is_dir():
+        raise SystemExit(f"no GPU runs: {RUNS} (benchmarks/results/archives/ holds them)")
     runs = sorted(p for p in RUNS.iterdir() if (p / "requests.parquet").exists())
     rows, noise, own, diag, rows_other, vs_mean = [], [], [], [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +179,7 @@ def main() -> None:
                 sims[kind] = replay(run, kind, tmp, prof)
                 errs, its = errors(run, sims[kind], tmp / f"cmp-{run.name}-{kind}")
                 rows.append((run.name, kind, [errs.get(s) for s in STATS], its["mape"]))
-            ratio = host_speed_ratio(run, RESULTS / "calibration" / f"h100-{model}.grid.iterations.parquet")
+            ratio = host_speed_ratio(run, STORE.path(f"calibration/h100-{model}.grid.iterations.parquet"))
             if ratio is not None:
                 hp = host_scaled_profile(prof, ratio, tmp / f"host-{run.name}.yaml")
                 errs, its = errors(run, replay(run, "calibrated-host", tmp, hp), tmp / f"cmp-{run.name}-host")
@@ -288,11 +309,12 @@ def main() -> None:
                 mean_lines.append(f"| {name} | {what} | {cells} | {mean_abs(errs):.1%} |")
     table = "\n".join(lines + summary + own_lines + noise_lines + mean_lines + diag_lines)
     print(table)
-    page = RESULTS / "fidelity.md"
+    page = RESULTS / "fidelity.md"  # the tracked page: its hand-written analysis is kept
     marker = "\n## Reading the table"
     old = page.read_text() if page.exists() else ""
-    analysis = old[old.index(marker):] if marker in old else ""  # hand-written analysis: kept
-    page.write_text(
+    analysis = old[old.index(marker):] if marker in old else ""
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(
         "# Simulator fidelity against the GPU\n\n"
         "Commands: device calls on an H100, `python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --steps S "
         "[--models M]` (steps: 1 calibrate, 2 the fidelity runs, 3 calibrate again, 4 the online-high runs again; "
@@ -305,7 +327,9 @@ def main() -> None:
         "profiles/h100-<model>.yaml, fitted on the same machine instance to the designed grid "
         "(benchmarks/results/calibration/), never to these workloads. Energy: NVML's energy counter on "
         "the GPU; the profile's fitted power model in the simulator.\n\n" + table + "\n" + analysis)
+    print(f"wrote {out_md}", file=sys.stderr)
+    return out_md
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,8 @@ without it, replay the table's GPU runs with the refitted profiles, print the su
 
 ``--drop-run LABEL --from time|power|both``: the grid run's rows out of the time fit, its
 energy and iterations out of the power fit, or both. Nothing under benchmarks/results is
-changed (the refits go to a temporary folder). ~70 s.
+changed (the refits go to a temporary folder; the grids and runs come from the calls'
+archives, benchmarks/results_io.py). ~70 s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import csv
 import importlib.util
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,9 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from results_io import RESULTS as STORE  # noqa: E402
+
 MODELS = ("llama-3.2-1b", "llama-3.1-8b")
 
 
@@ -42,15 +46,16 @@ def _write(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def refit(cal: Path, out: Path, drop: str | None, where: str, no_process: bool) -> dict[str, Path]:
+def refit(cal: Path, out: Path, drop: str | None, where: str, no_process: bool,
+          hardware: str = "h100-sxm") -> dict[str, Path]:
     from servesim.sim.calibrate import calibrate
     from servesim.sim.specs import load_hardware, load_model
 
-    hw = load_hardware("h100-sxm")
     profiles = {}
     for m in MODELS:
         src = cal / f"h100-{m}.grid.csv"
         grid = out / src.name
+        hw = load_hardware(hardware)  # the card the grid was measured on (its shipped profile's)
         rows = list(csv.DictReader(open(src, newline="")))
         if drop and where in ("time", "both"):
             rows = [r for r in rows if r["run"] != drop]
@@ -78,11 +83,13 @@ def main() -> None:
     ap.add_argument("--machine2", action="store_true")
     args = ap.parse_args()
     fid = _fidelity()
-    cal = RESULTS / ("calibration_machine2" if args.machine2 else "calibration")
-    runs_dir = RESULTS / ("gpu_runs_machine2" if args.machine2 else "gpu_runs")
+    cal = STORE.path("calibration_machine2" if args.machine2 else "calibration")
+    runs_dir = STORE.path("gpu_runs_machine2" if args.machine2 else "gpu_runs")
+    shipped = STORE.tables / "calibration_machine2" if args.machine2 else REPO / "profiles"
+    hardware = {yaml.safe_load(p.read_text())["hardware"] for p in shipped.glob("h100-*.yaml")}.pop()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        profiles = refit(cal, tmp, args.drop_run, args.where, args.no_process)
+        profiles = refit(cal, tmp, args.drop_run, args.where, args.no_process, hardware)
         res = []
         for run in sorted(p for p in runs_dir.iterdir() if (p / "requests.parquet").exists()):
             model = yaml.safe_load((run / "config.yaml").read_text())["config"]["model"]

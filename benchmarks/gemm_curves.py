@@ -39,10 +39,14 @@ def main() -> int:
     from servesim.sim.specs import load_hardware, load_model
     from servesim.sim.types import IterationShape
 
-    hw = load_hardware("h100-sxm")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_device import hardware_here
+
+    hw = load_hardware(hardware_here())  # the roofline of the card the GEMMs ran on
     tokens = (1, 16) if args.smoke else tuple(sorted(set(GEMM_TOKENS) | set(SHOWN)))
     frames = []
-    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+    names = ("llama-3.2-1b",) if args.smoke else ("llama-3.2-1b", "llama-3.1-8b")  # smoke: the small one
+    for name in names:
         m = load_model(name)
         t0 = time.perf_counter()
         d = pd.DataFrame(gemm_sweep(m, tokens=tokens, reps=1 if args.smoke else 5))
@@ -52,7 +56,7 @@ def main() -> int:
     d = pd.concat(frames, ignore_index=True)
     # the pure roofline's price of one layer's GEMM: its term of an iteration of t tokens over the layers
     roof = {}
-    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+    for name in names:
         m = load_model(name)
         cm = RooflineCostModel(m, hw)
         for t in sorted(set(d.tokens)):

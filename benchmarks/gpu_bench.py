@@ -63,10 +63,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing (servesim/__init__.py)
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_device import hardware_here  # noqa: E402
 from servesim.sim.specs import load_model  # noqa: E402
 
 LOG = io.StringIO()
@@ -532,7 +534,9 @@ def prefill_grid(model, spec, name, dev, t, calib, smoke, ceil) -> None:
 def end_to_end(out: Path, work: Path, smoke: bool, budget: Budget) -> None:
     md("\n## 6. End to end: the same requests on the GPU and on the simulator\n")
     runs = work / "runs"
-    common = ["--set", "workload.num_requests=" + ("12" if smoke else "400"), "--set", "output.plots=true"]
+    # this device's hardware spec (the GPU backend refuses another card's; the sim replays the same card)
+    common = ["--set", "workload.num_requests=" + ("12" if smoke else "400"), "--set", "output.plots=true",
+              "--set", f"hardware={hardware_here()}"]
     if smoke:
         tiny = tiny_json(work)
         common += ["--set", f"model={tiny}", "--set", "kv_cache.pool_tokens=20000",
@@ -635,7 +639,7 @@ def vs_hf_generate(work: Path, dev, dtype, smoke: bool, budget: Budget) -> None:
     if smoke:
         model = str(tiny_json(work))
         extra = "kv_cache: {pool_tokens: 20000}\n"
-    exp.write_text(f"name: vs_hf\nmodel: {model}\nworkload: {{trace: {table}}}\n"
+    exp.write_text(f"name: vs_hf\nmodel: {model}\nhardware: {hardware_here()}\nworkload: {{trace: {table}}}\n"
                    f"scheduler: {{max_batch_size: 256, max_num_tokens: 8192}}\noutput: {{plots: false}}\n{extra}")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--backend", "gpu",
@@ -976,7 +980,7 @@ def sync_audit(dev, smoke: bool, work: Path) -> None:
     if dev.type != "cuda":
         return
     args = ["run", "experiments/fidelity.yaml", "--backend", "gpu", "--only", "1b-online-low",
-            "--set", "workload.num_requests=60", "--out", str(work / "sync_audit")]
+            "--set", "workload.num_requests=60", "--set", f"hardware={hardware_here()}", "--out", str(work / "sync_audit")]
     buf = io.StringIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1296,7 +1300,8 @@ def main() -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     secs = set(args.sections.split(","))
     md("# GPU backend benchmark\n")
-    info = f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; torch {torch.__version__}"
+    info = (f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'} (hardware spec "
+            f"{hardware_here()}); torch {torch.__version__}")
     try:
         import triton
         info += f"; triton {triton.__version__}"

@@ -19,17 +19,20 @@ Steps, most important first; each is skipped when the time budget left is too sm
     reuse off and on (8), the overlap pair again (9; features/, features_repeat/:
     benchmarks/feature_fidelity.py's table). Not in the default steps.
 Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device tool
-returns at most 8 files). Back on any machine,
+returns at most 8 files), with call.json (the command, date and device). Back on any machine,
 
-    python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz
+    python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz [--name CALL]
     python benchmarks/gpu_fidelity.py --refit     # after a change to the fitting code
-    python benchmarks/gpu_fidelity.py --install-features PATH/fidelity_gpu.tar.gz NAME  # steps 1, 7-9
+    python benchmarks/gpu_fidelity.py --install-features PATH/fidelity_gpu.tar.gz NAME [--name CALL]  # steps 1, 7-9
 
-puts it in place -- runs in benchmarks/results/gpu_runs{,_repeat}/, grids in
-benchmarks/results/calibration/, profiles in profiles/ (the second calibration in
-benchmarks/results/calibration_repeat/) -- and `benchmarks/fidelity.py` replays the runs
-on the simulator and writes the error table. A call of the feature steps goes, with its
-calibration, to benchmarks/results/features/NAME/ (`benchmarks/feature_fidelity.py`).
+packs the call's raw files into ONE archive, benchmarks/results/archives/CALL.tar.xz with its
+manifest CALL.json (benchmarks/results_io.py), its members named by where the tables look
+for them -- runs in gpu_runs{,_repeat}/, grids in calibration/ (the second calibration's in
+calibration_repeat/); a call of the feature steps under features/NAME/ -- and refits the
+call's profiles into profiles/ (the second calibration into
+benchmarks/results/calibration_repeat/; feature calls into features/NAME/profiles/). Then
+`benchmarks/fidelity.py` replays the runs on the simulator and writes the error table
+(`benchmarks/feature_fidelity.py`: the feature table).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing (servesim/__init__.py)
+sys.path.insert(0, str(REPO / "benchmarks"))  # results_io, when this file is loaded as a module
 
 MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
 # experiments/fidelity_features.yaml's pairs (variant names after the model's "8b-" / "1b-")
@@ -82,157 +86,227 @@ def cli(args: list[str], log, fresh: bool = True) -> int:
     return rc
 
 
-def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] | None = None) -> list[Path]:
-    """Unpack a device call's fidelity_gpu.tar.gz into the repository's layout.
+def call_info(src: Path, tarball: Path) -> dict:
+    """What a device call's tarball says about the call: the command, date, device and
+    hardware (its call.json; for tarballs from before it, the log's first line)."""
+    import re
 
-    Profiles are refitted here from their grids with this checkout's `sim calibrate`
-    (keeping the GPU call's provenance: GPU, driver, versions, date), so the shipped
-    profiles always match the code that reads them. `calibration_dirs` (profiles, repeat)
-    puts the calibrations elsewhere than profiles/ + calibration_repeat/ (another machine's,
-    kept for comparison); such a call's repeat runs (step 4) still go to gpu_runs_repeat/,
-    its fidelity runs are not installed, and its log goes to gpu_fidelity_log_<A>.txt. GPU
-    runs replace those of the same name only: a call with one model's runs keeps the other's."""
-    import shutil
+    if (src / "call.json").is_file():
+        return json.loads((src / "call.json").read_text())
+    first = (src / "log.txt").read_text().splitlines()[0] if (src / "log.txt").is_file() else ""
+    m = re.match(r"gpu_fidelity on (.+?)(?: \((\S+)\))?, (\d{4}-\d\d-\d\d \d\d:\d\d), models \[(.*?)\], "
+                 r"steps \[(.*?)\]", first)
+    if not m:
+        return {"command": f"python benchmarks/gpu_fidelity.py (made {tarball.name})", "date": "", "device": "?"}
+    device, hardware, date, models, steps = m.groups()
+    unq = lambda t: ",".join(x.strip().strip("'") for x in t.split(","))  # noqa: E731
+    return {"command": f"python benchmarks/gpu_fidelity.py --out $OUT --models {unq(models)} --steps {unq(steps)}",
+            "date": date, "device": device, **({"hardware": hardware} if hardware else {})}
+
+
+def call_name(info: dict) -> str:
+    """A device call's default archive name: its date and card (20261127-0250-h200-sxm)."""
+    date = info.get("date", "").replace("-", "").replace(":", "").replace(" ", "-") or time.strftime("%Y%m%d-%H%M")
+    card = info.get("hardware") or "".join(c if c.isalnum() else "-" for c in info.get("device", "gpu").lower())
+    return f"{date}-{card}"
+
+
+def _tree(folder: Path, rel: str) -> dict[str, Path]:
+    """Every file under ``folder`` as archive members under ``rel``."""
+    return {f"{rel}/{f.relative_to(folder).as_posix()}": f for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _store(files: dict[str, Path], replaced: set[str], name: str, info: dict, how: str, repo: Path) -> list[Path]:
+    """Pack a call's files into its archive (one per call, with its manifest), take what it
+    replaces out of the older archives, and unpack it into the cache."""
+    from results_io import Results
+
+    store = Results(repo)
+    changed = store.supersede(replaced, by=name)
+    arc = store.pack(name, files, {**{k: info[k] for k in ("device", "date", "command", "hardware") if k in info},
+                                   "installed": how})
+    store.unpack(name)
+    return [arc, arc.with_name(f"{name}.json"), *(store.archives / f"{c}.json" for c in changed)]
+
+
+def install(tarball: Path, repo: Path = REPO, calibration_dirs: tuple[str, str] | None = None,
+            name: str | None = None) -> list[Path]:
+    """Install a device call's fidelity_gpu.tar.gz: its raw files (runs, grids, log) packed
+    as ONE archive, benchmarks/results/archives/NAME.tar.xz with its manifest (NAME: the
+    call's date and card unless given), its members named by the results layout:
+
+    runs in gpu_runs/ and gpu_runs_repeat/, grids in calibration/ (the second calibration's in
+    calibration_repeat/), the log as gpu_fidelity_log_NAME.txt. Profiles are refitted here
+    from their grids with this checkout's `sim calibrate` (keeping the GPU call's provenance:
+    GPU, driver, versions, date) into profiles/ and benchmarks/results/calibration_repeat/
+    (tracked), so the shipped profiles always match the code that reads them.
+    `calibration_dirs` (profiles, repeat) puts the calibrations elsewhere (another machine's,
+    kept for comparison); such a call's repeat runs (step 4) still go to gpu_runs_repeat/ and
+    its fidelity runs are not installed. A run replaces the run of the same name (and a grid
+    the grid) in the older archives: a call with one model's runs keeps the other's."""
+    import yaml
 
     res = repo / "benchmarks" / "results"
-    written: list[Path] = []
     if calibration_dirs is None:
-        targets = (("profiles", repo / "profiles", res / "calibration"),
-                   ("profiles_repeat", res / "calibration_repeat", res / "calibration_repeat"))
+        targets = (("profiles", repo / "profiles", "calibration"),
+                   ("profiles_repeat", res / "calibration_repeat", "calibration_repeat"))
     else:
-        targets = (("profiles", res / calibration_dirs[0], res / calibration_dirs[0]),
-                   ("profiles_repeat", res / calibration_dirs[1], res / calibration_dirs[1]))
+        targets = (("profiles", res / calibration_dirs[0], calibration_dirs[0]),
+                   ("profiles_repeat", res / calibration_dirs[1], calibration_dirs[1]))
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball) as tf:
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / "fidelity_gpu"
+        info = call_info(src, tarball)
+        name = name or call_name(info)
+        files: dict[str, Path] = {}
+        replaced: set[str] = set()
         # another machine's call (calibration_dirs) brings its repeat runs, not the table's runs
-        # run by run: a call with one model's runs leaves the other model's in place
-        for sub, dest in (("runs", res / "gpu_runs"), ("runs_repeat", res / "gpu_runs_repeat")):
+        for sub, dest in (("runs", "gpu_runs"), ("runs_repeat", "gpu_runs_repeat")):
             if calibration_dirs is None or sub == "runs_repeat":
                 for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
-                    dest.mkdir(parents=True, exist_ok=True)
-                    if run.is_dir():
-                        shutil.rmtree(dest / run.name, ignore_errors=True)
-                        shutil.copytree(run, dest / run.name)
-                    else:  # the call's comparison table and experiment record
-                        shutil.copy(run, dest / run.name)
-                    written.append(dest / run.name)
-        for sub, prof_dir, grid_dir in targets:
-            written += install_profiles(src / sub, prof_dir, grid_dir, repo)
+                    replaced.add(f"{dest}/{run.name}")
+                    # a folder per run; the call's comparison table and experiment record beside them
+                    files.update(_tree(run, f"{dest}/{run.name}") if run.is_dir() else {f"{dest}/{run.name}": run})
+        profs = []
+        for sub, prof_dir, grid_rel in targets:
+            for prof in sorted((src / sub).glob("*.yaml")) if (src / sub).is_dir() else []:
+                for f in sorted((src / sub).glob(f"{prof.stem}.grid*.*")):
+                    files[f"{grid_rel}/{f.name}"] = f
+                    replaced.add(f"{grid_rel}/{f.name}")
+                profs.append((prof, prof_dir, grid_rel))
         if (src / "log.txt").exists():
-            log = res / ("gpu_fidelity_log.txt" if calibration_dirs is None else
-                         f"gpu_fidelity_log_{calibration_dirs[0].removeprefix('calibration_')}.txt")
-            if calibration_dirs is not None:  # a second call installed into the same dirs keeps the first's log
-                k = 2
-                while log.exists():
-                    log = log.with_name(f"{log.stem.rsplit('_call', 1)[0]}_call{k}.txt")
-                    k += 1
-            shutil.copy(src / "log.txt", log)
-            written.append(log)
+            files[f"gpu_fidelity_log_{name}.txt"] = src / "log.txt"
+        how = f"python benchmarks/gpu_fidelity.py --install {tarball.name}" + \
+            (f" --calibration-dirs {','.join(calibration_dirs)}" if calibration_dirs else "")
+        written = _store(files, replaced, name, info, how, repo)
+        from results_io import Results
+
+        store = Results(repo)
+        for prof, prof_dir, grid_rel in profs:
+            grid = f"{grid_rel}/{prof.stem}.grid.csv"
+            written.append(refit_profile(yaml.safe_load(prof.read_text()), store.path(grid), prof_dir / prof.name,
+                                         repo, source=f"benchmarks/results/{grid}", made_path=prof))
     return written
 
 
-def install_features(tarball: Path, name: str, repo: Path = REPO) -> list[Path]:
-    """Unpack a device call's feature runs (steps 7-9) with that call's calibration (step 1)
-    into benchmarks/results/features/NAME/: profiles/ (refitted here, provenance kept, with
-    their grids), pairs/ (steps 7, 8), pairs_repeat/ (step 9), log.txt -- one machine
-    instance, one folder, so each run is replayed with its own machine's calibration."""
-    import shutil
+def install_features(tarball: Path, name: str, repo: Path = REPO, call: str | None = None) -> list[Path]:
+    """Install a device call's feature runs (steps 7-9) with that call's calibration (step 1)
+    for machine instance NAME: its raw files as ONE archive (benchmarks/results/archives/CALL,
+    CALL: the call's date and card unless given), members under features/NAME/ -- pairs/
+    (steps 7, 8), pairs_repeat/ (step 9), profiles/ (the grids), log.txt -- and the call's
+    profiles refitted here (provenance kept) into benchmarks/results/features/NAME/profiles/
+    (tracked): one machine instance, one folder, so each run is replayed with its own
+    machine's calibration."""
+    import yaml
 
-    dest = repo / "benchmarks" / "results" / "features" / name
-    written: list[Path] = []
+    from results_io import Results
+
+    store = Results(repo)
+    base = f"features/{name}"
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball) as tf:
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / "fidelity_gpu"
         if not any((src / s).is_dir() for s in ("features", "features_repeat")):
             raise SystemExit(f"{tarball}: no feature runs (steps 7-9) in it")
+        info = call_info(src, tarball)
+        call = call or call_name(info)
+        files: dict[str, Path] = {}
+        replaced: set[str] = set()
         for sub, to in (("features", "pairs"), ("features_repeat", "pairs_repeat")):
             for run in sorted((src / sub).iterdir()) if (src / sub).is_dir() else []:
                 if run.is_dir():
-                    (dest / to).mkdir(parents=True, exist_ok=True)
-                    shutil.rmtree(dest / to / run.name, ignore_errors=True)
-                    shutil.copytree(run, dest / to / run.name)
-                    written.append(dest / to / run.name)
-        written += install_profiles(src / "profiles", dest / "profiles", dest / "profiles", repo)
-        if (src / "log.txt").exists():
-            shutil.copy(src / "log.txt", dest / "log.txt")
-            written.append(dest / "log.txt")
+                    files.update(_tree(run, f"{base}/{to}/{run.name}"))
+                    replaced.add(f"{base}/{to}/{run.name}")
+        profs = sorted((src / "profiles").glob("*.yaml")) if (src / "profiles").is_dir() else []
+        for prof in profs:
+            for f in sorted((src / "profiles").glob(f"{prof.stem}.grid*.*")):
+                files[f"{base}/profiles/{f.name}"] = f
+                replaced.add(f"{base}/profiles/{f.name}")
+        if (src / "log.txt").exists():  # a second call for the same machine: its log beside the first's
+            taken = {m for c, man in store.manifests().items() if c != call for m in man["members"]}
+            log = f"{base}/log.txt" if f"{base}/log.txt" not in taken else f"{base}/log_{call}.txt"
+            files[log] = src / "log.txt"
+        written = _store(files, replaced, call, info,
+                         f"python benchmarks/gpu_fidelity.py --install-features {tarball.name} {name}", repo)
+        store = Results(repo)
+        for prof in profs:
+            grid = f"{base}/profiles/{prof.stem}.grid.csv"
+            written.append(refit_profile(yaml.safe_load(prof.read_text()), store.path(grid),
+                                         store.tables / base / "profiles" / prof.name, repo,
+                                         source=f"benchmarks/results/{grid}", made_path=prof))
     return written
 
 
-def install_profiles(src: Path, prof_dir: Path, grid_dir: Path, repo: Path = REPO) -> list[Path]:
-    """Each profile of a call's folder `src`, refitted by this checkout into `prof_dir`,
-    with its grid files (grid, power runs, iterations) copied into `grid_dir`."""
+def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO, source: str | None = None,
+                  made_path: Path | None = None) -> Path:
+    """Write to ``dest`` the profile fitted to ``grid`` by this checkout's `sim calibrate`,
+    keeping the provenance of ``made`` (the profile as the GPU call wrote it, at
+    ``made_path``); ``source``: the grid's name in the provenance (default: its path in
+    the repository; an archived grid's is its path under benchmarks/results/)."""
     import shutil
 
-    import yaml
-
-    written: list[Path] = []
-    for prof in sorted(src.glob("*.yaml")) if src.is_dir() else []:
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        prof_dir.mkdir(parents=True, exist_ok=True)
-        for f in src.glob(f"{prof.stem}.grid*.*"):
-            shutil.copy(f, grid_dir / f.name)
-            written.append(grid_dir / f.name)
-        written.append(refit_profile(yaml.safe_load(prof.read_text()), grid_dir / f"{prof.stem}.grid.csv",
-                                     prof_dir / prof.name, repo))
-    return written
-
-
-def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO) -> Path:
-    """Write to ``dest`` the profile fitted to ``grid`` by this checkout's `sim calibrate`,
-    keeping the provenance of ``made`` (the profile as the GPU call wrote it)."""
-    import yaml
-
-    from servesim.sim.calibrate import calibrate
+    from servesim.sim.calibrate import calibrate, dump_profile, residuals_path
     from servesim.sim.specs import load_hardware, load_model
     from servesim.sim.types import ConfigError
 
+    source = source or str(grid.relative_to(repo))
     prov = {k: v for k, v in made["provenance"].items() if k not in ("source", "grid_sha256", "refitted")}
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         model, hw = load_model(made["model"]), load_hardware(made["hardware"])
-    except ConfigError:  # a model this checkout does not bundle (the smoke run's): as made
+    except ConfigError:  # a model this checkout does not bundle (the smoke run's): as made, with its residuals
         doc = made
-        doc["provenance"] = {"source": str(grid.relative_to(repo)), **prov}
+        doc["provenance"] = {"source": source, **prov}
+        ref = (doc.get("fit") or {}).get("residuals")
+        if isinstance(ref, dict) and made_path is not None and (made_path.parent / ref["file"]).is_file():
+            shutil.copy(made_path.parent / ref["file"], residuals_path(dest))
+            doc["fit"]["residuals"] = {**ref, "file": residuals_path(dest).name}
     else:
         doc = calibrate(model, hw, grid, dest)
-        doc["provenance"] = {"source": str(grid.relative_to(repo)), "grid_sha256": doc["provenance"]["grid_sha256"],
+        doc["provenance"] = {"source": source, "grid_sha256": doc["provenance"]["grid_sha256"],
                              **prov, "refitted": doc["provenance"]["fitted"]}
-    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    dump_profile(dest, doc)
     return dest
 
 
 def refit_shipped(repo: Path = REPO) -> list[Path]:
     """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,features/*/profiles}/) from the grid
-    its provenance names: after a change to the fitting code, no profile is left stale."""
+    its provenance names (in the calls' archives): after a change to the fitting code, no profile is left stale."""
     import yaml
 
+    from results_io import Results
+
+    store = Results(repo)
     out = []
-    for prof in sorted([*(repo / "profiles").glob("*.yaml"), *(repo / "benchmarks" / "results").glob("calibration*/*.yaml"),
-                        *(repo / "benchmarks" / "results").glob("features/*/profiles/*.yaml")]):
+    for prof in sorted([*(repo / "profiles").glob("*.yaml"), *store.tables.glob("calibration*/*.yaml"),
+                        *store.tables.glob("features/*/profiles/*.yaml")]):
         made = yaml.safe_load(prof.read_text())
         src = (made.get("provenance") or {}).get("source")
-        if src and (repo / src).is_file():
-            out.append(refit_profile(made, repo / src, prof, repo))
+        grid = store.path(src) if src and src.startswith("benchmarks/results/") else repo / src if src else None
+        if grid is not None and grid.is_file():
+            out.append(refit_profile(made, grid, prof, repo, source=src))
     return out
 
 
 def main() -> int:
-    if len(sys.argv) == 2 and sys.argv[1] == "--refit":
-        for p in refit_shipped():
-            print("refitted", p)
-        return 0
-    if len(sys.argv) == 4 and sys.argv[1] == "--install-features":  # --install-features TARBALL NAME
-        for p in install_features(Path(sys.argv[2]), sys.argv[3]):
-            print("wrote", p)
-        return 0
-    if len(sys.argv) in (3, 5) and sys.argv[1] == "--install":
-        dirs = None
-        if len(sys.argv) == 5:  # --install TARBALL --calibration-dirs A,B
-            dirs = tuple(sys.argv[4].split(","))
-        for p in install(Path(sys.argv[2]), calibration_dirs=dirs):
+    if sys.argv[1:2] in (["--refit"], ["--install"], ["--install-features"]):
+        ap = argparse.ArgumentParser(prog="gpu_fidelity.py", description="install or refit (on any machine)")
+        ap.add_argument("--refit", action="store_true")
+        ap.add_argument("--install", metavar="TARBALL", type=Path)
+        ap.add_argument("--install-features", nargs=2, metavar=("TARBALL", "NAME"))
+        ap.add_argument("--calibration-dirs", help="A,B: --install's calibrations go to benchmarks/results/A, B")
+        ap.add_argument("--name", help="the call's archive name (default: its date and card)")
+        a = ap.parse_args()
+        if a.refit:
+            written = refit_shipped()
+        elif a.install_features:
+            written = install_features(Path(a.install_features[0]), a.install_features[1], call=a.name)
+        else:
+            written = install(a.install, calibration_dirs=tuple(a.calibration_dirs.split(",")) if a.calibration_dirs
+                              else None, name=a.name)
+        for p in written:
             print("wrote", p)
         return 0
     ap = argparse.ArgumentParser()
@@ -254,6 +328,7 @@ def main() -> int:
 
     def pack() -> None:
         (work / "log.txt").write_text(logbuf.getvalue())
+        (work / "call.json").write_text(json.dumps(call, indent=1) + "\n")  # the manifest's command, date, device
         with tarfile.open(out / "fidelity_gpu.tar.gz", "w:gz") as tf:
             tf.add(work, arcname="fidelity_gpu")
 
@@ -267,19 +342,14 @@ def main() -> int:
         model_ref = {m: str(tiny) for m in MODELS}
         common = ["--set", f"model={tiny}", "--set", "kv_cache.pool_tokens=20000", "--set", "workload.num_requests=10",
                   "--set", "workload.max_prompt_len=200", "--set", "workload.max_output_len=12"]
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        gpu = "no torch"
     # the hardware spec of this GPU (the GPU backend refuses another's): runs and profiles say which card
-    from servesim.sim.specs import hardware_for_device
+    from bench_device import device_name, hardware_here
 
-    hardware = hardware_for_device(gpu) or "h100-sxm"  # no CUDA device (the smoke run): the experiments' own
+    gpu, hardware = device_name(), hardware_here()  # no CUDA device (the smoke run): the experiments' own
     prefix = hardware.split("-")[0]
-    log(f"gpu_fidelity on {gpu} ({hardware}), {time.strftime('%Y-%m-%d %H:%M')}, models {models}, "
-        f"steps {sorted(steps)}")
+    call = {"command": "python benchmarks/gpu_fidelity.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "device": gpu, "hardware": hardware}
+    log(f"gpu_fidelity on {gpu} ({hardware}), {call['date']}, models {models}, steps {sorted(steps)}")
 
     def calibrate(m: str, folder: str) -> None:
         prof = work / folder / f"{prefix}-{MODELS[m]}.yaml"
@@ -293,7 +363,8 @@ def main() -> int:
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
             profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
-        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof)], log,
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof),
+             *(["--processes", "1"] if args.smoke else [])], log,  # smoke: one grid process (fewer start-ups)
             fresh=not args.smoke)
 
     def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml") -> None:

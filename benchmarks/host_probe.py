@@ -21,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_device import hardware_here  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -33,7 +36,7 @@ def _cfg(model: str, n: int, prompt: int, output: int, *, pool_tokens: int | Non
     if mem_fraction is not None:
         kv["free_gpu_memory_fraction"] = mem_fraction
     return {
-        "model": model, "hardware": "h100-sxm",
+        "model": model, "hardware": hardware_here(),  # this device's spec: the GPU backend checks it
         "workload": {"synthetic": {"num_requests": n, "arrival": arrival or {"kind": "offline"},
                                    "prompt_len": {"kind": "constant", "value": prompt},
                                    "output_len": {"kind": "constant", "value": output}}},

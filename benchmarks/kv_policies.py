@@ -1,11 +1,13 @@
-"""Full-size runs of the KV-policy experiments (S2); writes benchmarks/results/kv_policies.md
-and the Mooncake hit-rate-vs-cache-size plot.
+"""Full-size runs of the KV-policy experiments (S2); writes kv_policies.md and the Mooncake
+hit-rate-vs-cache-size plot (mooncake_hit_rate.png) into benchmarks/out/ (benchmarks/results/,
+tracked, with --write-results).
 
-    python benchmarks/kv_policies.py          # ~5 minutes on 2 cores
+    python benchmarks/kv_policies.py [--write-results]   # ~5 minutes on 2 cores
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -19,7 +21,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from results_io import RESULTS as STORE  # noqa: E402
+from results_io import add_write_results  # noqa: E402
 
 EXPERIMENTS = {
     "prefix_reuse": ["prefix_hit_rate", "ttft_s_mean", "ttft_s_p50", "ttft_s_p99", "throughput_out_tok_s",
@@ -46,6 +50,10 @@ def fmt(v) -> str:
 
 def main() -> None:
     from servesim.sim.cli import main as sim
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_write_results(ap)
+    dest = STORE.out_dir(ap.parse_args().write_results)  # where the page and the plot go
 
     out = Path("runs")
     parts = ["# KV-cache policies: full-size results\n",
@@ -86,10 +94,10 @@ def main() -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(RESULTS / "mooncake_hit_rate.png", dpi=110)
+            fig.savefig(dest / "mooncake_hit_rate.png", dpi=110)
             parts.append("![hit rate vs cache size](mooncake_hit_rate.png)\n")
         print(f"{exp}: done", file=sys.stderr)
-    (RESULTS / "kv_policies.md").write_text("\n".join(parts) + "\n")
+    (dest / "kv_policies.md").write_text("\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ includes Python start-up, imports, loading the trace, simulating, and writing
 requests.parquet / iterations.parquet / summary.json (plots off). Peak memory is the
 child's max RSS.
 
-    python benchmarks/sim_speed.py            # prints the table, writes benchmarks/results/sim_speed.md
+    python benchmarks/sim_speed.py            # prints the table, writes benchmarks/out/sim_speed.md
+    python benchmarks/sim_speed.py --write-results   # ... into benchmarks/results/sim_speed.md (tracked)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from results_io import RESULTS, add_write_results  # noqa: E402
+
 VIDUR_WALL_S = 52.0  # Vidur, same trace and setup, 2-core machine (after ~18 min of training)
 
 EXPERIMENT = """\
@@ -89,8 +93,12 @@ def main() -> None:
     ap.add_argument("--mults", default="1,2,4")
     ap.add_argument("--rate", type=float, default=6.45)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--write", default=str(REPO / "benchmarks" / "results" / "sim_speed.md"))
+    ap.add_argument("--write", help="the table's file (default: sim_speed.md in benchmarks/out/, or in "
+                                    "benchmarks/results/ with --write-results; '' for none)")
+    add_write_results(ap)
     args = ap.parse_args()
+    if args.write is None:
+        args.write = str(RESULTS.out_dir(args.write_results) / "sim_speed.md")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in [int(x) for x in args.mults.split(",")]:

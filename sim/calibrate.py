@@ -16,6 +16,13 @@ interpolating a table.
     sim calibrate --backend gpu --model llama-3.1-8b --out ...  # measure the grid here, then fit
 
 An experiment uses it with `cost_model: {kind: calibrated, profile: profiles/...yaml}`.
+
+A profile (schema servesim-profile/3) is a small YAML -- the fitted parameters, the fit's
+statistics, the provenance and the power model -- and, beside it, the time fit's residuals
+(one row a grid measurement: kind, measured_s, predicted_s) in ``<name>.residuals.parquet``
+(`residuals_path`, `load_residuals`); loading a profile reads the YAML only.
+servesim-profile/2 files (the residuals inline) are converted with
+``python -m servesim.sim.calibrate convert PROFILE.yaml``.
 """
 
 from __future__ import annotations
@@ -27,14 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy.optimize import least_squares
 
 from .cost_model import RooflineConfig, RooflineCostModel
 from .power import POWER_KEYS
 from .specs import HardwareSpec, ModelSpec
 from .types import ConfigError, IterationShape
+from .yamlio import dump_readable, safe_load
 
-PROFILE_SCHEMA = "servesim-profile/2"  # 2: work-based power model, host_overhead_context_s
+# 2: work-based power model, host_overhead_context_s; 3: the time fit's residuals (one row a
+# grid measurement) in a Parquet file beside the profile (residuals_path), not in the YAML
+PROFILE_SCHEMA = "servesim-profile/3"
+INLINE_RESIDUALS_SCHEMA = "servesim-profile/2"  # the same profile with its residuals inline: convert_profile
+RESIDUAL_COLUMNS = ("kind", "measured_s", "predicted_s")
 # fitted parameters: (name, lower, upper, prior); searched in log space
 PARAMS = (
     ("flops_efficiency", 0.2, 1.3, 0.8),
@@ -205,6 +216,8 @@ def fit_host(rows: list[dict], with_speeds: bool = False):
 
     lo = np.concatenate([np.zeros(3), np.full(k - 1, -2.0)])
     hi = np.concatenate([np.full(3, np.inf), np.full(k - 1, 2.0)])
+    from scipy.optimize import least_squares
+
     sol = least_squares(res, np.concatenate([x0, np.zeros(k - 1)]), bounds=(lo, hi), loss="soft_l1",
                         f_scale=f_scale)
     a, b, c = sol.x[:3] / scale
@@ -264,6 +277,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         r = np.log(predict(model, hw, params_of(z), shapes, proc, speeds) / times)
         h = np.sign(r) * ROBUST_SCALE * np.sqrt(2 * (np.sqrt(1 + (r / ROBUST_SCALE) ** 2) - 1))
         return np.concatenate([h * row_w, prior_w * (z - z0)])
+
+    from scipy.optimize import least_squares  # here, not at the top: loading a profile needs no scipy
 
     best, best_cost = None, math.inf
     span = hi - lo
@@ -354,8 +369,52 @@ def fit_power_runs(runs: list[dict], idle_w: float | None, iterations=None, mode
                                   for r, t, p in zip(ok, terms, pred)]}}
 
 
+def residuals_path(profile: Path) -> Path:
+    """The sidecar of a profile: its time fit's residuals, one row a grid measurement
+    (kind, measured_s, predicted_s), in ``<profile stem>.residuals.parquet`` beside it."""
+    profile = Path(profile)
+    return profile.with_name(f"{profile.stem}.residuals.parquet")
+
+
+def _write_residuals(path: Path, residuals: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"kind": pa.array([r["kind"] for r in residuals], pa.string()),
+                      "measured_s": pa.array([float(r["measured_s"]) for r in residuals], pa.float64()),
+                      "predicted_s": pa.array([float(r["predicted_s"]) for r in residuals], pa.float64())})
+    pq.write_table(table, path, compression="zstd")
+
+
+def load_residuals(profile: Path):
+    """A profile's time-fit residuals as a pandas frame (kind, measured_s, predicted_s),
+    read from its sidecar Parquet; a clear error when the sidecar is missing."""
+    import pandas as pd
+
+    profile = Path(profile)
+    doc = safe_load(profile.read_text())
+    ref = (doc.get("fit") or {}).get("residuals") if isinstance(doc, dict) else None
+    if isinstance(ref, list):  # a servesim-profile/2 file: inline
+        return pd.DataFrame(ref, columns=list(RESIDUAL_COLUMNS))
+    side = profile.with_name(ref["file"]) if isinstance(ref, dict) and ref.get("file") else residuals_path(profile)
+    if not side.is_file():
+        raise ConfigError(f"the profile's residuals file {side.name} is missing (it is written beside the profile "
+                          "by `sim calibrate`)", str(profile))
+    return pd.read_parquet(side)
+
+
 def write_profile(path: Path, model: ModelSpec, hw: HardwareSpec, params: dict, stats: dict,
                   provenance: dict, power: dict | None = None) -> dict:
+    """Write a profile: the YAML (parameters, fit statistics, provenance, power model) and,
+    beside it, the time fit's residuals (`residuals_path`). Returns the YAML's document."""
+    path = Path(path)
+    stats = dict(stats)
+    residuals = stats.pop("residuals", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if residuals is not None:
+        _write_residuals(residuals_path(path), residuals)
+        stats["residuals"] = {"file": residuals_path(path).name, "rows": len(residuals),
+                              "columns": list(RESIDUAL_COLUMNS)}
     doc = {
         "schema": PROFILE_SCHEMA,
         "model": model.name,
@@ -366,22 +425,53 @@ def write_profile(path: Path, model: ModelSpec, hw: HardwareSpec, params: dict, 
     }
     if power is not None:
         doc["power"] = power
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    dump_profile(path, doc)
     return doc
+
+
+def dump_profile(path: Path, doc: dict) -> None:
+    """Write a profile's YAML document ``doc`` (its residuals sidecar is not touched):
+    block style, keys in order, lists of numbers on one line."""
+    Path(path).write_text(dump_readable(doc))
+
+
+def convert_profile(path: Path, out: Path | None = None) -> Path:
+    """Rewrite a servesim-profile/2 file (time-fit residuals inline) as a servesim-profile/3
+    one (`PROFILE_SCHEMA`): the residuals into the sidecar Parquet, the rest unchanged, so
+    it loads to the same RooflineConfig and power model. ``out``: elsewhere than in place."""
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    doc = safe_load(path.read_text())
+    if not isinstance(doc, dict) or doc.get("schema") != INLINE_RESIDUALS_SCHEMA:
+        raise ConfigError(f"not a {INLINE_RESIDUALS_SCHEMA} profile (schema {doc.get('schema')!r})"
+                          if isinstance(doc, dict) else "not a calibration profile", str(path))
+    fit_stats = dict(doc.get("fit") or {})
+    residuals = fit_stats.pop("residuals", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if residuals is not None:
+        _write_residuals(residuals_path(out), residuals)
+        fit_stats["residuals"] = {"file": residuals_path(out).name, "rows": len(residuals),
+                                  "columns": list(RESIDUAL_COLUMNS)}
+    doc = {**doc, "schema": PROFILE_SCHEMA, "fit": fit_stats}
+    dump_profile(out, doc)
+    return out
 
 
 def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = "") -> tuple[RooflineConfig, dict | None]:
     """The fitted RooflineConfig of a profile and its power model (None if it has none),
-    after checking it fits this model and GPU."""
+    after checking it fits this model and GPU. Reads the YAML only (not the residuals)."""
     loc = f"{where}cost_model.profile"
     if not path.is_file():
         raise ConfigError(f"no such calibration profile: {path}", loc)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = safe_load(path.read_text())
         schema = doc.get("schema")
     except (yaml.YAMLError, AttributeError):
         raise ConfigError("corrupt calibration profile (not a YAML mapping)", str(path)) from None
+    if schema == INLINE_RESIDUALS_SCHEMA:
+        raise ConfigError(f"calibration profile of the older version {schema!r} (its residuals inline; this "
+                          f"servesim reads {PROFILE_SCHEMA!r}): convert it with `python -m servesim.sim.calibrate "
+                          f"convert {path}` (same parameters), or recalibrate with `sim calibrate`", str(path))
     if schema != PROFILE_SCHEMA:
         raise ConfigError(f"calibration profile of an incompatible version ({schema!r}; this servesim "
                           f"reads {PROFILE_SCHEMA!r}): recalibrate with `sim calibrate`", str(path))
@@ -492,3 +582,26 @@ def read_power_runs(path: Path) -> tuple[list[dict], float | None]:
         return [], None
     idle = next((float(r["idle_w"]) for r in runs if r.get("idle_w") not in (None, "", "None")), None)
     return runs, idle
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m servesim.sim.calibrate convert PROFILE...``: servesim-profile/2 files
+    rewritten in place as servesim-profile/3 (residuals into their sidecar Parquet)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "convert":
+        print("usage: python -m servesim.sim.calibrate convert PROFILE.yaml ...", file=sys.stderr)
+        return 2
+    try:
+        for a in args[1:]:
+            out = convert_profile(Path(a))
+            print(f"converted {out} (residuals: {residuals_path(out)})")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

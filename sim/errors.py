@@ -12,7 +12,7 @@ One place for the two ways user input fails before it means anything:
   wrote (``workload.synthetic.arrival.rate_req_s``, ``window_s[1]``), without the tags
   pydantic adds for unions.
 
-Imports nothing from the project but :mod:`servesim.sim.types`.
+Imports nothing from the project but :mod:`servesim.sim.types` and :mod:`servesim.sim.yamlio`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .types import ConfigError
+from .yamlio import safe_load
 
 # ---------------------------------------------------------------------------------------
 # files
@@ -75,11 +76,11 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
-    """The parsed YAML of `path` (``yaml.safe_load``); ConfigError naming the file (and the
-    line of a syntax error)."""
+    """The parsed YAML of `path` (``yaml.safe_load``, with libyaml's C parser where there is
+    one: sim/yamlio.py); ConfigError naming the file (and the line of a syntax error)."""
     text = read_text(path, what)
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError as e:
         raise file_error(path, e, what) from None
 

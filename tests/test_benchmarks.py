@@ -11,6 +11,22 @@ import pytest
 REPO = Path(__file__).parents[1]
 
 
+def _load(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def committed(rel: str) -> Path:
+    """A committed GPU call's file or folder under benchmarks/results/, unpacked from its
+    archive (benchmarks/results_io.py)."""
+    return _load("results_io").RESULTS.require(rel)
+
+
 def test_gpu_bench_smoke(tmp_path):
     pytest.importorskip("torch")
     p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--out", str(tmp_path),
@@ -26,75 +42,72 @@ def test_gpu_bench_smoke(tmp_path):
     assert len((tmp_path / "piecewise_iterations.csv").read_text().splitlines()) == 1 + 4  # header + 2 x 2 points
 
 
-def test_fidelity_script(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fidelity", REPO / "benchmarks" / "fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    page = REPO / "benchmarks" / "results" / "fidelity.md"
-    before = page.read_text()
-    try:
-        mod.main()
-        table = page.read_text()
-        assert "| 8b-offline | calibrated |" in table and "| 1b-online-high | roofline |" in table
-        assert "mean abs. error" in table and "GPU runs of the same requests on the table's machine" in table
-        assert "calibrated, machine instance A" in table and "| 8b-online-high | the mean of 3 runs |" in table
-        assert "## Reading the table" in table  # the hand-written analysis survives a rerun
-    finally:
-        page.write_text(before)
+def test_fidelity_script(tmp_path):
+    """benchmarks/fidelity.py from the committed archives, into a scratch page (the tracked
+    one is only read, for its hand-written analysis)."""
+    mod = _load("fidelity")
+    page = mod.main([], out_md=tmp_path / "fidelity.md")
+    assert page == tmp_path / "fidelity.md"
+    table = page.read_text()
+    assert "| 8b-offline | calibrated |" in table and "| 1b-online-high | roofline |" in table
+    assert "mean abs. error" in table and "GPU runs of the same requests on the table's machine" in table
+    assert "calibrated, machine instance A" in table and "| 8b-online-high | the mean of 3 runs |" in table
+    assert "## Reading the table" in table  # the hand-written analysis survives a rerun
+    # the committed page is what the committed runs give, byte for byte (a change on purpose:
+    # python benchmarks/fidelity.py --write-results)
+    assert table == (REPO / "benchmarks" / "results" / "fidelity.md").read_text()
 
 
 def test_gpu_fidelity_smoke_and_install(tmp_path):
     """The device call's script on a tiny model on the CPU, then --install into a scratch repo."""
     pytest.importorskip("torch")
-    import importlib.util
-
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "benchmarks/gpu_fidelity.py", "--smoke", "--out", str(out), "--models", "8b",
                         "--steps", "1,2,4,8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "failed" not in p.stdout, p.stdout[-3000:]
-    spec = importlib.util.spec_from_file_location("gpu_fidelity", REPO / "benchmarks" / "gpu_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("gpu_fidelity")
     repo = tmp_path / "repo"
-    written = mod.install(out / "fidelity_gpu.tar.gz", repo)
-    res = repo / "benchmarks" / "results"
-    assert {"8b-online-low", "8b-online-high", "8b-offline"} <= {d.name for d in (res / "gpu_runs").iterdir()}
-    assert (res / "gpu_runs_repeat" / "8b-online-high" / "requests.parquet").exists()
+    written = mod.install(out / "fidelity_gpu.tar.gz", repo, name="call-a")
+    store = _load("results_io").Results(repo)
+    res = store.tables
+    # the call's raw files: one archive with its manifest (command, device, every member's sha256)
+    man = store.manifests()["call-a"]
+    assert res / "archives" / "call-a.tar.xz" in written and man["command"].startswith("python benchmarks/gpu_fidelity.py")
+    assert man["device"] and all(len(m["sha256"]) == 64 for m in man["members"].values())
+    assert {"8b-online-low", "8b-online-high", "8b-offline"} <= {d.name for d in store.path("gpu_runs").iterdir()}
+    assert store.path("gpu_runs_repeat/8b-online-high/requests.parquet").exists()
     prof = repo / "profiles" / "h100-llama-3.1-8b.yaml"
-    assert prof in written and (res / "calibration" / "h100-llama-3.1-8b.grid.csv").exists()
+    assert prof in written and store.path("calibration/h100-llama-3.1-8b.grid.csv").exists()
     import yaml
 
     assert yaml.safe_load(prof.read_text())["provenance"]["source"] == \
         "benchmarks/results/calibration/h100-llama-3.1-8b.grid.csv"
     # the feature runs (step 8) with the call's calibration, into one machine's folder
-    mod.install_features(out / "fidelity_gpu.tar.gz", "cpu-x", repo)
-    mach = res / "features" / "cpu-x"
+    mod.install_features(out / "fidelity_gpu.tar.gz", "cpu-x", repo, call="call-b")
+    mach = store.path("features/cpu-x")
     assert {"8b-multiturn-noreuse", "8b-multiturn-reuse"} <= {d.name for d in (mach / "pairs").iterdir()}
-    assert (mach / "profiles" / "h100-llama-3.1-8b.yaml").exists() and (mach / "log.txt").exists()
+    assert (res / "features" / "cpu-x" / "profiles" / "h100-llama-3.1-8b.yaml").exists() and (mach / "log.txt").exists()
+    # the same call installed again under another name: its runs and grids leave the first archive
+    mod.install(out / "fidelity_gpu.tar.gz", repo, name="call-c")
+    store = _load("results_io").Results(repo)
+    assert "call-a" not in store.manifests() or not any(m.startswith(("gpu_runs", "calibration/"))
+                                                         for m in store.manifests()["call-a"]["members"])
+    assert store.path("gpu_runs/8b-offline/requests.parquet").exists() and store.verify() == []
 
 
 def test_feature_fidelity_on_committed_runs(tmp_path):
     """benchmarks/feature_fidelity.py on one committed machine's runs (an H100's 8B: the
     overlap scheduler and prefix reuse, each off and on): the simulator predicts each
     feature's effect in the GPU's direction and size."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("feature_fidelity", REPO / "benchmarks" / "feature_fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    feats = tmp_path / "features"
-    feats.mkdir()
-    (feats / "h100-g").symlink_to(REPO / "benchmarks" / "results" / "features" / "h100-g")
+    mod = _load("feature_fidelity")
     out = tmp_path / "ff.md"
-    assert mod.main(feats, out) == 0
+    assert mod.main(["--machines", "h100-g"], out_md=out) == 0
     text = out.read_text()
     assert "| h100-g | 8b | prefix reuse | on |" in text and "| h100-g | 8b | overlap scheduler | off |" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
     with __import__("tempfile").TemporaryDirectory() as tmp:
-        recs = mod.measure([feats / "h100-g"], Path(tmp))
+        recs = mod.measure(mod.machines(["h100-g"]), Path(tmp))
     by = {r["feature"]: r for r in recs}
     reuse, overlap = by["prefix reuse"], by["overlap scheduler"]
     ttft, tpot = ("ttft_s", "p50"), ("tpot_s", "p50")
@@ -122,14 +135,10 @@ def test_fidelity_ablation_refits_without_a_run(tmp_path):
     """benchmarks/fidelity_ablation.py's refit: the dropped grid run leaves the power fit
     (its energy, its iterations) and nothing else; without a drop the shipped profile's
     power runs come back."""
-    import importlib.util
-
     import yaml
 
-    spec = importlib.util.spec_from_file_location("fidelity_ablation", REPO / "benchmarks" / "fidelity_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cal = REPO / "benchmarks" / "results" / "calibration"
+    mod = _load("fidelity_ablation")
+    cal = committed("calibration")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     kept = mod.refit(cal, tmp_path / "a", None, "both", False)
