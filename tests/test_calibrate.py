@@ -22,7 +22,16 @@ from servesim.sim.types import ConfigError
 
 REPO = Path(__file__).parents[1]
 GRID = REPO / "benchmarks" / "results" / "calibration_h100.csv"
-GRID_1B = REPO / "benchmarks" / "results" / "calibration" / "h100-llama-3.2-1b.grid.csv"
+GRID_1B = "calibration/h100-llama-3.2-1b.grid.csv"  # in a GPU call's archive: committed(GRID_1B)
+
+
+def committed(rel: str) -> Path:
+    """A committed GPU call's file under benchmarks/results/, unpacked from its archive
+    (benchmarks/results_io.py)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from results_io import RESULTS
+
+    return RESULTS.require(rel)
 
 
 def test_fit_recovers_known_parameters():
@@ -46,7 +55,7 @@ def test_fit_is_robust_to_host_hiccups(monkeypatch):
     model, hw = load_model("llama-3.2-1b"), load_hardware("h100-sxm")
     # (without the rows' measured host times, which would add a scheduler term the
     # synthetic times lack)
-    rows = [{k: v for k, v in r.items() if k != "host_s"} for r in read_grid(GRID_1B, "llama-3.2-1b")[::4]]
+    rows = [{k: v for k, v in r.items() if k != "host_s"} for r in read_grid(committed(GRID_1B), "llama-3.2-1b")[::4]]
     shapes, _, _ = shapes_from_grid(rows)
     true = dict(flops_efficiency=0.8, bandwidth_efficiency=0.85, kv_bandwidth_efficiency=0.9,
                 attention_flops_efficiency=0.45, host_overhead_eager_s=0.012, host_overhead_graph_s=1e-4,
@@ -69,7 +78,8 @@ def test_calibrated_profile_beats_roofline_on_its_grid(tmp_path):
     out = tmp_path / "p.yaml"
     assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(GRID), "--out", str(out)]) == 0
     doc = yaml.safe_load(out.read_text())
-    assert doc["schema"] == "servesim-profile/2" and doc["model"] == "llama-3.2-1b"
+    assert doc["schema"] == "servesim-profile/3" and doc["model"] == "llama-3.2-1b"
+    assert calibrate.load_residuals(out).shape == (doc["fit"]["points"], 3)  # the residuals beside it
     assert doc["fit"]["mape"] < doc["fit"]["roofline_mape"]
     assert "grid_sha256" in doc["provenance"]
 
@@ -81,7 +91,7 @@ def test_shipped_profiles_load_and_are_reproducible(tmp_path, capsys):
         model, hw = load_model(m), load_hardware("h100-sxm")
         path = REPO / "profiles" / f"h100-{m}.yaml"
         shipped, _ = load_profile(path, model, hw)
-        grid = REPO / yaml.safe_load(path.read_text())["provenance"]["source"]  # the grid it was fitted to
+        grid = committed(yaml.safe_load(path.read_text())["provenance"]["source"])  # the grid it was fitted to
         out = tmp_path / f"{m}.yaml"
         assert main(["calibrate", "--model", m, "--from-grid", str(grid), "--out", str(out)]) == 0
         again, _ = load_profile(out, model, hw)
@@ -121,7 +131,7 @@ def test_experiment_with_calibrated_cost_model(tmp_path):
 
 
 def test_replay_mismatch_and_round_trip(tmp_path):
-    run = REPO / "benchmarks" / "results" / "gpu_runs" / "8b-offline"
+    run = committed("gpu_runs/8b-offline")
     exp = tmp_path / "r.yaml"
     exp.write_text(f"name: r\nmodel: llama-3.1-8b\nworkload: {{replay: {run}}}\noutput: {{plots: false}}\n")
     assert main(["run", str(exp), "--out", str(tmp_path / "o")]) == 0
