@@ -84,7 +84,7 @@ def test_calibrated_profile_beats_roofline_on_its_grid(tmp_path):
     assert "grid_sha256" in doc["provenance"]
 
 
-def test_shipped_profiles_load_and_are_reproducible(tmp_path, capsys):
+def test_shipped_profiles_load_and_are_reproducible(calibration_fit):
     """Refitting the committed grid reproduces the shipped profile's predictions (and
     reports the host speed of each of the grid's three processes)."""
     for m in ("llama-3.2-1b", "llama-3.1-8b"):
@@ -92,14 +92,14 @@ def test_shipped_profiles_load_and_are_reproducible(tmp_path, capsys):
         path = REPO / "profiles" / f"h100-{m}.yaml"
         shipped, _ = load_profile(path, model, hw)
         grid = committed(yaml.safe_load(path.read_text())["provenance"]["source"])  # the grid it was fitted to
-        out = tmp_path / f"{m}.yaml"
-        assert main(["calibrate", "--model", m, "--from-grid", str(grid), "--out", str(out)]) == 0
+        rc, out, printed = calibration_fit(m, grid)  # (a session's one fit of this grid)
+        assert rc == 0
         again, _ = load_profile(out, model, hw)
         shapes, _, _ = shapes_from_grid(read_grid(grid, m))
         a = predict(model, hw, shipped.model_dump(exclude=set(SCHED)), shapes)
         b = predict(model, hw, again.model_dump(exclude=set(SCHED)), shapes)
         assert max(abs(a / b - 1)) < 0.01
-        speeds = re.search(r"host speed of each grid process[^:]*: ([\d., ]+)", capsys.readouterr().out)
+        speeds = re.search(r"host speed of each grid process[^:]*: ([\d., ]+)", printed)
         assert speeds and len(speeds.group(1).split(",")) == 3
 
 
@@ -144,7 +144,28 @@ def test_replay_mismatch_and_round_trip(tmp_path):
     assert p.returncode == 2 and "replaying a run of llama-3.1-8b" in p.stderr
 
 
-def test_gpu_measuring_path_on_cpu(tmp_path):
+SWEEP_TOKENS = (1, 16, 48)
+
+
+@pytest.fixture
+def small_gemm_sweep(monkeypatch):
+    """measure_grid's GEMM sweep at three row counts instead of GEMM_TOKENS' ~200: the
+    same code (test_gemm_sweep_and_curves_in_the_profile checks its rows), without ~4.5 s
+    of CPU matmuls per grid that the tests below never read."""
+    from servesim.gpu_backend import profiler
+
+    sweep = profiler.gemm_sweep
+    monkeypatch.setattr(profiler, "gemm_sweep", lambda model, **kw: sweep(model, **{"tokens": SWEEP_TOKENS, **kw}))
+
+
+def _check_gemm(env, model):
+    from servesim.sim.cost_model import LINEARS
+
+    assert [(r["linear"], r["tokens"]) for r in env["gemm"]] == [(k, t) for k in LINEARS for t in SWEEP_TOKENS]
+    assert all(r["seconds"] > 0 and (r["k"], r["n"]) == model.linear_shapes(1)[r["linear"]] for r in env["gemm"])
+
+
+def test_gpu_measuring_path_on_cpu(tmp_path, small_gemm_sweep):
     """sim calibrate --backend gpu's measuring code, on a tiny model on the CPU."""
     pytest.importorskip("torch")
     from servesim.gpu_backend.profiler import measure_grid
@@ -183,6 +204,7 @@ def test_gpu_measuring_path_on_cpu(tmp_path):
     assert max(r["kv_sum"] for r in dec) >= 4 * 65  # the 4 x 64-token point's steps
     params, stats = fit(model, load_hardware("h100-sxm"), rows)
     assert stats["points"] == len(rows)
+    _check_gemm(env, model)
 
 
 def test_energy_model_and_power_fit():
@@ -379,7 +401,7 @@ def test_gemm_sweep_and_curves_in_the_profile(tmp_path, capsys):
     assert gemm_curves(sweep)["qkv"]["seconds"] == roof.gemm_times["qkv"].seconds
 
 
-def test_grid_over_several_processes(tmp_path):
+def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
     """--processes K: the grid's runs are spread over K fresh processes (job i in process i
     mod K), the served run split into K parts of the same arrivals; every run comes back
     with its iterations, rows and energy record, under a label of its own."""
@@ -409,6 +431,7 @@ def test_grid_over_several_processes(tmp_path):
     order = {w: i for i, w in enumerate(labels)}  # job i ran in process i mod 2
     assert all(r["process"] == order[r["run"]] % 2 for r in rows)
     assert set(env["grid_iterations"].workload) == set(labels)
+    _check_gemm(env, model)
     p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "calibrate", "--model", "llama-3.2-1b",
                         "--backend", "gpu", "--processes", "0", "--out", str(tmp_path / "x.yaml")],
                        capture_output=True, text=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servesim.policies.retention import RetentionSpec, TokenRange
-from servesim.sim.kv_cache import BlockManager
+from servesim.sim.kv_cache import BlockManager, blocks_for
 from servesim.sim.prefix_cache import PrefixCache
 from servesim.sim.types import Phase
 
@@ -43,6 +44,20 @@ def shared_prefix_workload(draw, tpb):
     return rows, keys, contents
 
 
+def unlimited_pool(rows, tpb):
+    """A pool nothing can exhaust: every block every request could ever hold, none of
+    them shared (a request holds at most blocks_for(prompt + output) blocks, and a block
+    allocated once is never allocated again while held or cached). Sized to the workload
+    rather than 100k blocks, so the O(pool) invariant check after every step stays cheap."""
+    return sum(blocks_for(p + o, tpb) for _, p, o in rows) + 1
+
+
+def assert_never_short(reqs, it):
+    """Nothing was evicted and nobody paused: the pool really was unlimited for this run."""
+    assert not it.column("evictions").to_numpy().any(), "an unlimited pool evicted"
+    assert all(r.preemptions == 0 for r in reqs), "an unlimited pool paused a request"
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.sampled_from(["guaranteed_no_evict", "max_utilization"]), st.sampled_from([2, 4]),
        st.integers(12, 80), st.sampled_from([0, 8]), st.booleans())
@@ -75,8 +90,9 @@ def test_unlimited_pool_capacity_policies_agree(data):
     outs = []
     for cap in ("guaranteed_no_evict", "max_utilization"):
         reqs, engines, it, req = run_engine(rows, capacity=cap, max_batch=6, max_tokens=128, tpb=4,
-                                            blocks=100_000, reuse=True, keys=keys, contents=contents,
-                                            graphs=False)
+                                            blocks=unlimited_pool(rows, 4), reuse=True, keys=keys,
+                                            contents=contents, graphs=False)
+        assert_never_short(reqs, it)
         outs.append((req.token_times, it.column("ctx_tokens").to_numpy()))
     assert np.array_equal(outs[0][0], outs[1][0])
     assert np.array_equal(outs[0][1], outs[1][1])
@@ -89,9 +105,11 @@ def test_reuse_never_changes_outputs_only_work(data, chunked):
     prompt tokens computed plus those reused equal the prompts (no pauses here)."""
     rows, keys, contents = data.draw(shared_prefix_workload(4))
     for reuse in (False, True):
-        reqs, engines, it, req = run_engine(rows, max_batch=6, max_tokens=128, tpb=4, blocks=100_000,
-                                            reuse=reuse, keys=keys, contents=contents, chunked=chunked,
+        reqs, engines, it, req = run_engine(rows, max_batch=6, max_tokens=128, tpb=4,
+                                            blocks=unlimited_pool(rows, 4), reuse=reuse, keys=keys,
+                                            contents=contents, chunked=chunked,
                                             chunk_size=8 if chunked else None, graphs=False)
+        assert_never_short(reqs, it)
         computed = int(it.column("ctx_tokens").to_numpy().sum())
         reused = sum(r.cached_tokens for r in reqs)
         assert computed + reused == sum(p for _, p, _ in rows)
@@ -240,3 +258,85 @@ def test_eviction_order_property(blocks, rnd):
         evicted.append(released[gone])
     assert evicted == sorted(evicted)
     cache.check()
+
+
+def _consistent_pool():
+    """A pool in a valid state: request 0 holds two cached blocks and a private one, a
+    third cached block is unreferenced (evictable), one node is on the host tier."""
+    from servesim.sim.types import Request
+
+    kv, cache = _cache_with(12, host=2)
+
+    def hold(rid, n_blocks, keys):  # a request holding n_blocks, the first len(keys) cached
+        req = Request(rid, 0.0, 4 * n_blocks, 1)
+        kv.used += n_blocks
+        req.blocks = [kv.free_ids.pop() for _ in range(n_blocks)]
+        req.nodes = [cache.insert(k, b, 35, None, None) for k, b in zip(keys, req.blocks)]
+        req.node_blocks = list(range(len(keys)))
+        return req
+
+    req = hold(0, 3, [11, 12])
+    gone = hold(1, 2, [21, 22])
+    kv.release(gone, 2)  # both cached, unreferenced
+    cache.evict(1, 1.0)  # the older one goes to the host tier (priority 35 >= 35)
+    live = [(req, 3)]
+    kv.check(live)
+    assert cache.host_used == 1 and kv.cached == 1 and len(kv.free_ids) == 12 - 3 - 1
+    return kv, cache, req, live
+
+
+def _corruptions():
+    def cached_block_also_free(kv, cache, req):
+        n = next(n for n in cache.nodes.values() if n.ref == 0 and not n.on_host)
+        kv.free_ids.append(n.block_id)
+
+    def leaked_free_block(kv, cache, req):
+        kv.free_ids.pop()
+
+    def free_block_twice(kv, cache, req):
+        kv.free_ids[1] = kv.free_ids[0]  # the count stays right; one id is listed twice
+
+    def private_block_also_free(kv, cache, req):
+        kv.free_ids.append(req.blocks[2])
+        kv.free_ids.pop(0)
+
+    def cached_counter_off(kv, cache, req):
+        kv.cached += 1
+        kv.used -= 1
+
+    def used_counter_off(kv, cache, req):
+        kv.used += 1
+
+    def referenced_block_evictable(kv, cache, req):
+        cache._lru[req.nodes[0].key] = req.nodes[0]
+
+    def negative_reference(kv, cache, req):
+        n = next(n for n in cache.nodes.values() if n.ref == 0 and not n.on_host)
+        n.ref = -1
+
+    def referenced_block_on_host(kv, cache, req):
+        req.nodes[1].on_host = True
+
+    def host_counter_off(kv, cache, req):
+        cache.host_used += 1
+
+    def node_under_another_key(kv, cache, req):
+        cache.nodes[99] = cache.nodes.pop(req.nodes[0].key)
+
+    def shared_block_owned_twice(kv, cache, req):
+        req.blocks[2] = req.blocks[0]
+
+    return [cached_block_also_free, leaked_free_block, free_block_twice, private_block_also_free,
+            cached_counter_off, used_counter_off, referenced_block_evictable, negative_reference,
+            referenced_block_on_host, host_counter_off, node_under_another_key, shared_block_owned_twice]
+
+
+@pytest.mark.parametrize("corrupt", _corruptions(), ids=lambda f: f.__name__)
+def test_invariant_checks_catch_a_corrupted_pool(corrupt):
+    """The per-step check the properties above rely on (BlockManager.check, which runs
+    PrefixCache.check) catches each kind of corruption, on a pool the size those
+    properties now use (small: sized to the workload, not 100k blocks)."""
+    kv, cache, req, live = _consistent_pool()
+    corrupt(kv, cache, req)
+    with pytest.raises(AssertionError):
+        kv.check(live)

@@ -93,6 +93,9 @@ def test_mooncake_unlimited_cache_reaches_reuse_bound(tmp_path):
     bound = reuse_bound(df, 32)
     plen = df["prompt_len"].to_numpy()
     expected = np.minimum(bound["per_request"], plen - 1).sum() / plen.sum()
+    # an unlimited cache: room for every block of every request at once, none shared (not
+    # a 10^9-token pool, whose 31M-entry free list alone takes seconds); evictions == 0 below
+    pool = int((-(-(plen + df["output_len"].to_numpy()) // 32) * 32).sum())
     out = tmp_path / "moon"
     exp = tmp_path / "moon.yaml"
     exp.write_text(
@@ -100,7 +103,7 @@ def test_mooncake_unlimited_cache_reaches_reuse_bound(tmp_path):
         f"workload: {{trace: {REPO / 'traces/data/mooncake_conversation_trace.jsonl'}, num_requests: {n}, "
         "arrival: {kind: fixed, rate_req_s: 0.01}}\n"
         "scheduler: {enable_chunked_context: true}\n"
-        "kv_cache: {enable_block_reuse: true, tokens_per_block: 32, pool_tokens: 1000000000}\n"
+        f"kv_cache: {{enable_block_reuse: true, tokens_per_block: 32, pool_tokens: {pool}}}\n"
         "output: {plots: false}\n")
     assert main(["run", str(exp), "--out", str(out)]) == 0
     s = json.loads((out / "base" / "summary.json").read_text())
