@@ -363,9 +363,29 @@ def main() -> int:
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
             profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
-        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof),
-             *(["--processes", "1"] if args.smoke else [])], log,  # smoke: one grid process (fewer start-ups)
-            fresh=not args.smoke)
+            if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
+                sweep = profiler.gemm_sweep
+
+                def small_sweep(model, **kw):
+                    return sweep(model, **{"tokens": (1, 16, 48), **kw})
+
+                small_sweep.smoke = True
+                profiler.gemm_sweep = small_sweep
+            # `sim calibrate --backend gpu` refuses a machine without CUDA; the smoke measures the
+            # tiny model's grid on whatever device there is through the same function, in one
+            # grid process (fewer start-ups than the device's three)
+            from servesim.sim.calibrate import calibrate as fit_grid
+            from servesim.sim.specs import load_hardware, load_model
+
+            t0 = time.perf_counter()
+            doc = fit_grid(load_model(model_ref[m]), load_hardware(hardware), None, prof, backend="gpu",
+                           model_ref=model_ref[m], processes=1)
+            log(f"$ sim calibrate --backend gpu --model {model_ref[m]} --hardware {hardware} --out {prof} "
+                f"--processes 1  (in this process: {time.perf_counter() - t0:.0f} s)\nwrote {prof}: "
+                f"{doc['fit']['points']} measurements")
+            return
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof)],
+            log)
 
     def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml") -> None:
         cli(["run", experiment, "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
