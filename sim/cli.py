@@ -406,6 +406,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bounds(args) -> int:
+    from .bounds import run_cli
+
+    try:
+        return run_cli(args, _console())
+    except ConfigError as e:
+        return _fail(e)
+
+
 def cmd_compare(args) -> int:
     try:
         from .compare import compare_runs
@@ -529,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_b")
     c.add_argument("--out", help="where to write compare.json (default: RUN_B)")
     c.set_defaults(fn=cmd_compare)
+    b = sub.add_parser("bounds", help="what the hardware allows: memory fit, decode and prefill rooflines, "
+                       "end-to-end tokens/s; --claim-tok-s checks a claimed figure")
+    from .bounds import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(fn=cmd_bounds)
     return p
 
 

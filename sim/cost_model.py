@@ -123,6 +123,25 @@ class RooflineConfig(BaseModel):
         "sweep: cuBLAS's tile and wave quantization, its small-M kernels); a linear whose [k, n] is the "
         "model's per-GPU shape is priced from its curve instead of max(FLOPs, bytes) (null: the roofline)"
     )
+    gemm_times_by_precision: dict[Literal["fp8", "int8", "int4"],
+                                  dict[Literal["qkv", "o", "gate_up", "down"], GemmCurve]] | None = Field(
+        None, description="measured GEMM curves of quantised weights, by weight precision (fp8, int8: the GEMM "
+        "of already-quantised inputs; int4: the fused dequantising GEMM); a quantised linear without one takes "
+        "the bf16 curve (gemm_times) times the ratio of its roofline to bf16's at that row count"
+    )
+    int4_dequant_weights_per_s: float = Field(
+        4.0e13, gt=0, description="int4 weight-only GEMMs: weights dequantised to bf16 per second (CUDA cores, "
+        "beside the tensor cores' math and competing with it; an estimate, not measured)"
+    )
+    int4_dequant_rows: int = Field(
+        64, gt=0, description="int4 weight-only GEMMs: rows (tokens) one dequantisation of a weight tile serves "
+        "(the kernel's M tile): each further block of this many rows dequantises the weights again"
+    )
+    act_quant_latency_s: float | None = Field(
+        None, ge=0, description="fp8 / int8 (W8A8): GPU time of the kernel that quantises one linear's input "
+        "beyond its bytes, per linear and layer; null: layer_latency_s / 11 (the floor of one of a layer's ~11 "
+        "kernels)"
+    )
     layer_latency_s: float = Field(
         0.0, ge=0, description="GPU time per decoder layer per iteration beyond its FLOPs and bytes: the floor "
         "of its ~11 small kernels and the gaps between them (0: pure roofline; a calibration fits it)"
@@ -208,6 +227,7 @@ class RooflineCostModel:
         self._Fa = Fa
         B = hw.achievable_hbm_bytes_per_s * cfg.bandwidth_efficiency
         b = model.dtype_bytes
+        kvb = model.kv_elem_bytes  # KV-cache element bytes (bf16: b; fp8 / int8: 1)
         L = model.num_layers
         d = model.hidden_size
         hd = model.head_dim
@@ -232,18 +252,19 @@ class RooflineCostModel:
         self._elem = float((L * per_layer_elem + 4 * d + 2 * d) * b) / B
         # Prefill attention: flops per (query, key) pair, bytes per new / per prior token.
         self._ap_f = L * 4.0 * hd * hg / Fa
-        self._ap_new = L * float((2 * hg * hd + 4 * kvg * hd) * b) / B
-        self._ap_prior = L * float(2 * kvg * hd * b) / B
+        self._ap_new = L * float((2 * hg * hd + 2 * kvg * hd) * b + 2 * kvg * hd * kvb) / B
+        self._ap_prior = L * float(2 * kvg * hd * kvb) / B
         # longest-program bound: seconds per (query row x key) of one program at one SM's
         # share of the attention rate, all layers
         self._ap_rows = cfg.prefill_attention_rows if hw.num_sms else 0
         self._ap_prog = L * 4.0 * hd / (Fa / hw.num_sms * cfg.prefill_attention_program_speed) if hw.num_sms else 0.0
         # Decode attention: per request (Q in, O out, new K/V written), per cached token.
-        self._ad_req = L * float((2 * hg * hd + 2 * kvg * hd) * b) / B
+        self._ad_req = L * float(2 * hg * hd * b + 2 * kvg * hd * kvb) / B
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
-        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * b) / Bkv)
+        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * kvb) / Bkv)
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
+        self._qlin = self._quantized_linears(model, hw, cfg, shapes, B) if not model.quant.is_bf16 else None
         # All-reduce: 2 per layer.
         if tp > 1:
             self._ar_fixed = 2 * L * cfg.allreduce_latency_s
@@ -274,6 +295,58 @@ class RooflineCostModel:
         self._pcie = hw.pcie_bytes_per_s  # per direction
 
     # ------------------------------------------------------------------------------
+    def _quantized_linears(self, model: ModelSpec, hw: HardwareSpec, cfg: RooflineConfig,
+                           shapes: dict[str, tuple[int, int]], B: float) -> dict[str, tuple]:
+        """Per decoder linear of a quantised model, what `_qlin_time` prices it from."""
+        q = model.quant
+        rate = hw.matmul_rate(q.matmul)
+        if rate is None:
+            raise ValueError(f"{hw.name} has no {q.matmul} tensor cores for {q.label} weights "
+                             "(sim/specs.py check_precision refuses such a run)")
+        F = rate * cfg.flops_efficiency
+        b, L = model.dtype_bytes, model.num_layers
+        measured = (cfg.gemm_times_by_precision or {}).get(q.weights) or {}
+        quant_lat = cfg.act_quant_latency_s if cfg.act_quant_latency_s is not None else cfg.layer_latency_s / 11
+        out = {}
+        for k in LINEARS:
+            K, N = shapes[k]
+            # the GEMM reads the 1-byte input of a W8A8 scheme, bf16 for weight-only int4
+            act = K + N * b if q.quantizes_activations else (K + N) * b
+            cf, w, ca = L * 2.0 * K * N / F, L * float(q.weight_bytes(K, N, b)) / B, L * float(act) / B
+            dq = L * K * N / cfg.int4_dequant_weights_per_s if q.weights == "int4" else 0.0
+            # W8A8: a pass that reads the bf16 input and writes it quantised with a per-token fp32 scale
+            x_fix, x_tok = (L * quant_lat, L * float(K * b + K + 4) / B) if q.quantizes_activations else (0.0, 0.0)
+            c = measured.get(k)
+            if c is not None and (c.k, c.n) == (K, N):
+                curve, scaled = _Curve(c, L), False
+            else:
+                curve, scaled = self._curves.get(k), True
+            out[k] = (cf, w, ca, dq, x_fix, x_tok, curve, scaled, self._lin[k])
+        return out
+
+    def _qlin_time(self, k: str, T: int) -> float:
+        """Seconds of quantised linear `k` (all layers) at `T` tokens: max(FLOPs at the
+        precision's rate (+ int4 dequantisation), bytes of the quantised weights and the
+        activations), or a measured curve (a bf16 curve scaled by the roofline ratio), plus
+        the W8A8 input-quantisation pass."""
+        if T <= 0:
+            return 0.0
+        cf, w, ca, dq, x_fix, x_tok, curve, scaled, bf = self._qlin[k]
+        a = cf * T
+        if dq:
+            a += dq * -(-T // self.cfg.int4_dequant_rows)
+        m = w + ca * T
+        if curve is None:
+            t = self._lin_time(a, m)
+        elif scaled:
+            t = curve(T) * self._lin_time(a, m) / self._lin_time(bf[0] * T, bf[1] + bf[2] * T)
+        else:
+            t = curve(T)
+        return t + x_fix + x_tok * T
+
+    def _qlin_sum(self, T: int) -> float:
+        return sum(self._qlin_time(k, T) for k in LINEARS)
+
     @property
     def host_overhead_eager_s(self) -> float:
         return self._host_eager
@@ -293,13 +366,16 @@ class RooflineCostModel:
         """GPU time of everything but attention over cached/chunk tokens: linears,
         lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
         t = 0.0
-        for cf, w, ca, cv in self._lin_layers:
-            if cv is not None:
-                t += cv(T)
-                continue
-            a = cf * T
-            m = w + ca * T
-            t += self._lin_time(a, m)
+        if self._qlin is not None:
+            t += self._qlin_sum(T)
+        else:
+            for cf, w, ca, cv in self._lin_layers:
+                if cv is not None:
+                    t += cv(T)
+                    continue
+                a = cf * T
+                m = w + ca * T
+                t += self._lin_time(a, m)
         if S:
             cf, w, ca = self._lin["lm_head"]
             a = cf * S
@@ -425,13 +501,16 @@ class RooflineCostModel:
             T = pw
         t += self._elem * T
         lin = self._lin_time if self._ridge_p is not None else None  # the pure max inline: the hot path
-        for cf, w, ca, cv in self._lin_layers:
-            if cv is not None:
-                t += cv(T)
-                continue
-            a = cf * T
-            m = w + ca * T
-            t += (a if a > m else m) if lin is None else lin(a, m)
+        if self._qlin is not None:
+            t += self._qlin_sum(T)
+        else:
+            for cf, w, ca, cv in self._lin_layers:
+                if cv is not None:
+                    t += cv(T)
+                    continue
+                a = cf * T
+                m = w + ca * T
+                t += (a if a > m else m) if lin is None else lin(a, m)
         if S:
             cf, w, ca = self._lin["lm_head"]
             a = cf * S
@@ -455,7 +534,9 @@ class RooflineCostModel:
         nd = self._decode_tokens(n, shape.graph, shape.padded_decode)
         T = sum(shape.ctx_new_tokens) + nd
         extra = 0.0
-        for cf, w, ca, cv in self._lin_layers:  # the linears' extra time at T + D tokens
+        if self._qlin is not None:
+            extra += self._qlin_sum(T + D) - self._qlin_sum(T)
+        for cf, w, ca, cv in (self._lin_layers if self._qlin is None else ()):  # the linears' extra at T + D tokens
             if cv is not None:
                 extra += cv(T + D) - cv(T)
             else:
@@ -497,7 +578,10 @@ class RooflineCostModel:
 
         for k in LINEARS:
             cv = self._curves.get(k)
-            out[k] = cv(T) if cv is not None else lin(self._lin[k], T)
+            if self._qlin is not None:
+                out[k] = self._qlin_time(k, T)
+            else:
+                out[k] = cv(T) if cv is not None else lin(self._lin[k], T)
         out["lm_head"] = lin(self._lin["lm_head"], S)
         out["sampler"] = self._sampler * S
         out["elementwise"] = self._elem * T

@@ -7,7 +7,10 @@ Per GPU, with tensor parallelism over `tp` GPUs::
     block_bytes = tokens_per_block * kv_bytes_per_token / num_kv_heads * kv_heads_per_gpu
 
 (``kv_heads_per_gpu`` is ``num_kv_heads / tp``, or 1 when tp exceeds the KV heads and
-they are replicated.) ``max_tokens`` caps the pool at ``ceil(max_tokens /
+they are replicated.) ``weight_bytes`` counts the decoder linears in the model's weight
+precision with their scales (fp8 / int8: 1 byte a weight, int4: half a byte plus group
+scales; sim/specs.py ``Quantization``) and the rest in bf16; ``kv_bytes_per_token`` the
+KV cache's element format (bf16: 2 bytes, fp8 / int8: 1). ``max_tokens`` caps the pool at ``ceil(max_tokens /
 tokens_per_block)`` blocks, so at least ``max_tokens`` tokens fit, as TensorRT-LLM's
 ``KvCacheConfig.max_tokens`` does.
 """
@@ -25,8 +28,8 @@ FIXED_RESERVE_BYTES = 512 * 2**20
 
 
 def kv_bytes_per_block(model: ModelSpec, tokens_per_block: int, tp: int = 1) -> int:
-    """KV bytes one block occupies on one GPU (all layers, K and V)."""
-    per_token = 2 * model.num_layers * model.kv_heads_per_gpu(tp) * model.head_dim * model.dtype_bytes
+    """KV bytes one block occupies on one GPU (all layers, K and V), in the model's KV dtype."""
+    per_token = 2 * model.num_layers * model.kv_heads_per_gpu(tp) * model.head_dim * model.kv_elem_bytes
     return tokens_per_block * per_token
 
 
@@ -101,7 +104,9 @@ def kv_pool_blocks(
     per_gpu = " per GPU" if tp > 1 else ""
     if weights >= hbm:
         raise ConfigError(
-            f"model {model.name} needs {gb(weights)} of weights per GPU"
+            f"model {model.name} needs {gb(weights)} of "
+            + ("" if model.quant.is_bf16 else f"{model.quant.label} ")
+            + "weights per GPU"
             + (f" (tp={tp})" if tp > 1 else "")
             + f" but {hw.name} has {gb(hbm)}",
             location,

@@ -31,7 +31,7 @@ from .memory import default_activation_reserve_bytes, kv_bytes_per_block, kv_poo
 from .metrics import summarize
 from .records import iteration_arrays, iterations_table, request_arrays
 from .schemas import build_table, write_run_table
-from .specs import HardwareSpec, ModelSpec, load_hardware, load_model
+from .specs import HardwareSpec, ModelSpec, apply_precision, load_hardware, load_model
 from .types import ConfigError, Request
 
 
@@ -76,6 +76,8 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     tp = cfg.cluster.tensor_parallel
     model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
     kvc = cfg.kv_cache
+    model = apply_precision(model, hw, cfg.model_precision, kvc.dtype, tp, f"{where}model_precision",
+                            f"{where}kv_cache.dtype")
     reserve = (kvc.activation_reserve_gb * 1e9 if kvc.activation_reserve_gb is not None
                else default_activation_reserve_bytes(model, cfg.scheduler.max_num_tokens, tp,
                                                   max_batch_size=cfg.scheduler.max_batch_size))
@@ -333,6 +335,9 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
                         num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp)
     summary.update(energy_summary(setup, it_table, summary, measured_energy_j))
+    from .bounds import run_bounds
+
+    summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
     return RunResult(req.table, it_table, summary, setup)
 
 

@@ -18,7 +18,7 @@ file and the key for anything they cannot use.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,332 @@ def rope_settings(cfg: Mapping[str, Any], source: str = "config.json",
     return float(theta), None if plain else params
 
 
+# ---------------------------------------------------------------------------------------
+# Precisions (quantization)
+# ---------------------------------------------------------------------------------------
+
+# Weight formats of the decoder layers' linears (qkv, o, gate_up, down). Embeddings,
+# norms and lm_head stay in the serving dtype (bf16) in every scheme servesim models, as
+# in vLLM's and TensorRT-LLM's fp8 / SmoothQuant / AWQ / GPTQ paths.
+WEIGHT_PRECISIONS = ("bf16", "fp8", "int8", "int4")
+# what a precision's GEMM multiplies in: W8A8 schemes quantise the activations too (fp8:
+# e4m3 with dynamic per-token scales; int8: SmoothQuant W8A8, per-token); int4 is
+# weight-only (W4A16: dequantised to bf16 inside the GEMM, bf16 math)
+MATMUL_PRECISION = {"bf16": "bf16", "fp8": "fp8", "int8": "int8", "int4": "bf16"}
+_WEIGHT_BITS = {"bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+# the scale layouts each format may have (the first is its default)
+_SCALES = {"bf16": ("none",), "fp8": ("tensor", "channel", "block"), "int8": ("channel", "tensor"),
+           "int4": ("group", "channel")}
+DEFAULT_GROUP_SIZE = 128  # int4 groups along the input dimension; fp8 block edge
+# KV-cache element formats (one fp32 scale per layer and tensor: negligible bytes). int4
+# KV is refused: 4-bit keys need per-group scales and kernels servesim does not model.
+KV_DTYPES = ("bf16", "fp8", "int8")
+_KV_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8-e4m3": "fp8",
+               "float8_e4m3fn": "fp8", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the decoder layers' linear weights are stored and multiplied.
+
+    ``weights``: bf16 | fp8 (e4m3) | int8 (SmoothQuant W8A8) | int4 (AWQ/GPTQ-style
+    weight-only). ``scales``: none (bf16) | tensor | channel (one per output channel) |
+    group (int4: one per ``group_size`` inputs and output channel) | block (fp8:
+    ``group_size`` x ``group_size`` tiles). ``zero_point``: int4 with zero points (AWQ).
+    ``source``: ``checkpoint`` when read from a config.json's ``quantization_config`` (the
+    weights on disk are quantised), ``run`` when the run quantises a bf16 checkpoint."""
+
+    weights: str = "bf16"
+    scales: str = "none"
+    group_size: int = 0
+    zero_point: bool = False
+    source: str = field(default="run", compare=False)
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.weights == "bf16"
+
+    @property
+    def matmul(self) -> str:
+        """The precision the GEMM's tensor cores run: fp8, int8, or bf16 (bf16 and int4)."""
+        return MATMUL_PRECISION[self.weights]
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """W8A8: each linear's input is quantised (a pass over the activations) first."""
+        return self.weights in ("fp8", "int8")
+
+    @property
+    def label(self) -> str:
+        """A short name that `parse_precision` reads back: bf16, fp8, fp8-channel,
+        fp8-block, int8, int8-tensor, int4-g128, int4-g128-zp, int4-channel, ..."""
+        if self.is_bf16:
+            return "bf16"
+        s = self.weights
+        if self.scales != _SCALES[self.weights][0]:
+            s += f"-{self.scales}"
+        if self.scales == "group" or (self.scales == "block" and self.group_size != DEFAULT_GROUP_SIZE):
+            s += f"-g{self.group_size}"
+        if self.zero_point:
+            s += "-zp"
+        return s
+
+    def weight_bytes(self, k: int, n: int, dtype_bytes: int = 2) -> int:
+        """Bytes of a [k in, n out] weight in this format, scales included."""
+        if self.is_bf16:
+            return k * n * dtype_bytes
+        return (k * n * _WEIGHT_BITS[self.weights] + 7) // 8 + self.scale_bytes(k, n)
+
+    def scale_bytes(self, k: int, n: int) -> int:
+        """Bytes of the scales (and zero points) of a [k, n] weight: fp32 per tensor,
+        channel or block; fp16 per group (+ a packed 4-bit zero per group with zero points)."""
+        if self.scales == "tensor":
+            return 4
+        if self.scales == "channel":
+            return 4 * n
+        g = self.group_size
+        if self.scales == "block":
+            return 4 * (-(-k // g)) * (-(-n // g))
+        if self.scales == "group":
+            groups = -(-k // g) * n
+            return 2 * groups + ((groups + 1) // 2 if self.zero_point else 0)
+        return 0
+
+
+BF16 = Quantization()
+
+
+def parse_precision(value: Any, location: str = "model_precision") -> Quantization:
+    """A `Quantization` from a run setting: a name (``bf16``, ``fp8``, ``fp8-channel``,
+    ``fp8-block``, ``int8``, ``int4``, ``int4-g64``, ``int4-g128-zp``, ...) or a mapping
+    ``{weights, scales, group_size, zero_point}``. ConfigError at `location` otherwise."""
+    if isinstance(value, Quantization):
+        return value
+    if isinstance(value, str):
+        parts = value.strip().lower().replace("_", "-").split("-")
+        if parts and parts[0] == "bfloat16":
+            parts[0] = "bf16"
+        if parts and parts[0] in ("w4a16", "awq", "gptq"):
+            parts[0] = "int4"
+        spec: dict[str, Any] = {"weights": parts[0] if parts else ""}
+        for p in parts[1:]:
+            if p in ("tensor", "channel", "group", "block"):
+                spec["scales"] = p
+            elif p == "zp":
+                spec["zero_point"] = True
+            elif p.startswith("g") and p[1:].isdigit():
+                spec["group_size"] = int(p[1:])
+            elif p == "e4m3" and spec["weights"] == "fp8":
+                pass
+            else:
+                raise ConfigError(f"unknown precision {value!r} (expected one of bf16, fp8, fp8-channel, fp8-block, "
+                                  "int8, int4, int4-g<N>, int4-g<N>-zp; or {weights, scales, group_size, "
+                                  "zero_point})", location)
+        value = spec
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a precision name (bf16, fp8, int8, int4, ...) or a mapping, got {value!r}",
+                          location)
+    unknown = sorted(set(value) - {"weights", "scales", "group_size", "zero_point"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(map(str, unknown))} (expected weights, scales, group_size, "
+                          "zero_point)", location)
+    w = value.get("weights", "bf16")
+    if w not in WEIGHT_PRECISIONS:
+        raise ConfigError(f"unknown weight precision {w!r} (expected one of {', '.join(WEIGHT_PRECISIONS)})",
+                          f"{location}.weights" if not isinstance(w, str) or "weights" in value else location)
+    scales = value.get("scales") or _SCALES[w][0]
+    if scales not in _SCALES[w]:
+        raise ConfigError(f"{w} weights take scales {' / '.join(_SCALES[w])}, not {scales!r}", f"{location}.scales")
+    g = value.get("group_size")
+    if scales in ("group", "block"):
+        g = DEFAULT_GROUP_SIZE if g is None else g
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConfigError(f"group_size must be a positive integer, got {g!r}", f"{location}.group_size")
+    elif g not in (None, 0):
+        raise ConfigError(f"group_size applies to int4 group scales or fp8 block scales, not {w} {scales} scales",
+                          f"{location}.group_size")
+    else:
+        g = 0
+    zp = value.get("zero_point", False)
+    if not isinstance(zp, bool):
+        raise ConfigError(f"zero_point: expected true or false, got {zp!r}", f"{location}.zero_point")
+    if zp and w != "int4":
+        raise ConfigError(f"zero points apply to int4 weights, not {w}", f"{location}.zero_point")
+    return Quantization(w, scales, g, zp)
+
+
+def parse_kv_dtype(value: Any, location: str = "kv_cache.dtype") -> str:
+    """bf16 | fp8 | int8 from a setting (ConfigError naming `location` otherwise; int4 is
+    refused with its reason)."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v in ("int4", "fp4", "nvfp4"):
+        raise ConfigError(f"a {v} KV cache is not supported: 4-bit keys and values need per-group scales and "
+                          "attention kernels servesim does not model (use fp8 or int8)", location)
+    if v not in _KV_ALIASES:
+        raise ConfigError(f"unknown KV-cache dtype {value!r} (expected one of {', '.join(KV_DTYPES)}, or auto)",
+                          location)
+    return _KV_ALIASES[v]
+
+
+def _kv_elem_bytes(kv_dtype: str, dtype_bytes: int) -> int:
+    return dtype_bytes if kv_dtype == "bf16" else 1
+
+
+def quantization_from_hf(qc: Any, source: str, hidden: int, inter: int,
+                         problems: list[tuple[str, str]]) -> tuple[Quantization, str | None]:
+    """The (weights, KV dtype or None) of a config.json's ``quantization_config``: the
+    methods servesim models (fp8, fbgemm_fp8, awq / gptq with 4 bits, compressed-tensors
+    W8A8 int8 / fp8 and W4A16, modelopt FP8). Anything else, or a config that does not fit
+    the model (a group size that does not divide the layers' input sizes), goes to
+    `problems`, located at the key."""
+    loc = f"{source}: quantization_config"
+    if not isinstance(qc, Mapping):
+        problems.append((loc, f"expected an object, got {qc!r}"))
+        return BF16, None
+    method = qc.get("quant_method")
+    supported = "fp8, fbgemm_fp8, awq, gptq, compressed-tensors, modelopt"
+    q: Quantization | None = None
+    kv: str | None = None
+
+    def fail(key: str, msg: str) -> tuple[Quantization, None]:
+        problems.append((f"{loc}.{key}" if key else loc, msg))
+        return BF16, None
+
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None:
+            q = Quantization("fp8", "tensor", 0)
+        elif (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
+              and not isinstance(block[0], bool) and block[0] > 0):
+            q = Quantization("fp8", "block", block[0])
+        else:
+            return fail("weight_block_size", f"expected two equal positive integers, got {block!r}")
+        if qc.get("activation_scheme", "dynamic") not in ("dynamic", "static"):
+            return fail("activation_scheme", f"expected dynamic or static, got {qc.get('activation_scheme')!r}")
+    elif method == "fbgemm_fp8":
+        q = Quantization("fp8", "channel", 0)
+    elif method in ("awq", "gptq"):
+        bits = qc.get("bits", qc.get("w_bit"))
+        if bits != 4:
+            return fail("bits", f"{method} with {bits!r} bits is not supported (4-bit weights only)")
+        g = qc.get("group_size", qc.get("q_group_size", DEFAULT_GROUP_SIZE))
+        if isinstance(g, bool) or not isinstance(g, int) or (g < 1 and g != -1):
+            return fail("group_size", f"expected a positive integer or -1 (per channel), got {g!r}")
+        zp = bool(qc.get("zero_point", True)) if method == "awq" else not bool(qc.get("sym", True))
+        q = Quantization("int4", "channel", 0, zp) if g == -1 else Quantization("int4", "group", g, zp)
+        if zp and g == -1:
+            q = Quantization("int4", "channel", 0, False)
+    elif method == "compressed-tensors":
+        groups = qc.get("config_groups")
+        if not isinstance(groups, Mapping) or not groups:
+            return fail("config_groups", "expected an object of quantization groups")
+        schemes = list(groups.items())
+        if any(s != schemes[0][1] for _, s in schemes[1:]):
+            return fail("config_groups", "groups with different schemes are not modelled (one scheme for every linear)")
+        gname, scheme = schemes[0]
+        if not isinstance(scheme, Mapping):
+            return fail(f"config_groups.{gname}", "expected an object")
+        w, a = scheme.get("weights") or {}, scheme.get("input_activations") or None
+        key = f"config_groups.{gname}.weights"
+        bits, typ, strat = w.get("num_bits"), w.get("type"), w.get("strategy")
+        if (bits, typ) == (8, "float"):
+            if a is None or (a.get("num_bits"), a.get("type")) != (8, "float"):
+                return fail(f"config_groups.{gname}.input_activations", "fp8 weights with activations that are "
+                            "not fp8 (weight-only fp8) are not modelled")
+            scales = {"tensor": "tensor", "channel": "channel", "block": "block"}.get(strat)
+            if scales is None:
+                return fail(f"{key}.strategy", f"fp8 weights with strategy {strat!r}: expected tensor, channel or "
+                            "block")
+            bs = w.get("block_structure") or [DEFAULT_GROUP_SIZE, DEFAULT_GROUP_SIZE]
+            q = Quantization("fp8", scales, bs[0] if scales == "block" else 0)
+        elif (bits, typ) == (8, "int"):
+            if a is None or (a.get("num_bits"), a.get("type")) != (8, "int"):
+                return fail(f"config_groups.{gname}.input_activations", "int8 weights need int8 activations "
+                            "(W8A8, SmoothQuant-style); weight-only int8 is not modelled")
+            if strat not in ("channel", "tensor"):
+                return fail(f"{key}.strategy", f"int8 weights with strategy {strat!r}: expected channel or tensor")
+            q = Quantization("int8", strat, 0)
+        elif (bits, typ) == (4, "int"):
+            if a is not None:
+                return fail(f"config_groups.{gname}.input_activations", "4-bit weights with quantised activations "
+                            "(W4A8) are not modelled (W4A16 only)")
+            if strat == "group":
+                g = w.get("group_size")
+                if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+                    return fail(f"{key}.group_size", f"expected a positive integer, got {g!r}")
+                q = Quantization("int4", "group", g, not w.get("symmetric", True))
+            elif strat == "channel":
+                q = Quantization("int4", "channel", 0)
+            else:
+                return fail(f"{key}.strategy", f"int4 weights with strategy {strat!r}: expected group or channel")
+        else:
+            return fail(key, f"{bits}-bit {typ} weights are not modelled (fp8, int8 W8A8 and int4 W4A16 are)")
+        ignore = [i for i in qc.get("ignore") or [] if "lm_head" not in str(i)]
+        if ignore:
+            return fail("ignore", f"layers left unquantised ({', '.join(map(str, ignore[:3]))}) are not modelled "
+                        "(every decoder linear is priced in one precision; lm_head stays bf16)")
+        kvs = qc.get("kv_cache_scheme")
+        if kvs:
+            kv_key = (kvs.get("num_bits"), kvs.get("type")) if isinstance(kvs, Mapping) else None
+            kv = {(8, "float"): "fp8", (8, "int"): "int8"}.get(kv_key)
+            if kv is None:
+                return fail("kv_cache_scheme", f"a KV cache of {kvs!r} is not modelled (8-bit float or int)")
+    elif method == "modelopt":
+        algo = qc.get("quant_algo")
+        if algo != "FP8":
+            return fail("quant_algo", f"modelopt {algo!r} is not modelled (FP8 only)")
+        q = Quantization("fp8", "tensor", 0)
+        kva = qc.get("kv_cache_quant_algo")
+        if kva is not None:
+            kv = {"FP8": "fp8", "INT8": "int8"}.get(kva)
+            if kv is None:
+                return fail("kv_cache_quant_algo", f"{kva!r} is not modelled (FP8 or INT8)")
+    else:
+        return fail("quant_method" if isinstance(qc, Mapping) and "quant_method" in qc else "",
+                    f"quantized checkpoints of method {method!r} are not supported (supported: {supported})")
+    if q.scales in ("group", "block"):
+        bad = [f"{name} {size}" for name, size in (("hidden_size", hidden), ("intermediate_size", inter))
+               if size % q.group_size]
+        if bad:
+            key = "weight_block_size" if method == "fp8" else "group_size"
+            return fail(key if method in ("fp8", "awq", "gptq") else "config_groups",
+                        f"group size {q.group_size} does not divide the model's {' and '.join(bad)}: this "
+                        "quantization_config is not of this model")
+    return replace(q, source="checkpoint"), kv
+
+
+def quantization_to_hf(q: Quantization, kv_dtype: str = "bf16") -> dict | None:
+    """A ``quantization_config`` that `quantization_from_hf` reads back to `q` (None for bf16)."""
+    if q.is_bf16 and kv_dtype == "bf16":
+        return None
+    if q.weights == "fp8" and q.scales == "tensor" and kv_dtype == "bf16":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    if q.weights == "fp8" and q.scales == "block" and kv_dtype == "bf16":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [q.group_size] * 2}
+    if q.weights == "int4" and kv_dtype == "bf16":
+        g = q.group_size if q.scales == "group" else -1
+        if q.zero_point:
+            return {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True, "version": "gemm"}
+        return {"quant_method": "gptq", "bits": 4, "group_size": g, "sym": True, "desc_act": False}
+    if q.is_bf16:
+        raise ValueError("a quantised KV cache without quantised weights has no quantization_config")
+    w = {"num_bits": 8 if q.weights != "int4" else 4, "type": "float" if q.weights == "fp8" else "int",
+         "strategy": q.scales, "symmetric": not q.zero_point, "dynamic": False}
+    if q.scales == "group":
+        w["group_size"] = q.group_size
+    if q.scales == "block":
+        w["block_structure"] = [q.group_size, q.group_size]
+    scheme: dict[str, Any] = {"targets": ["Linear"], "weights": w}
+    if q.quantizes_activations:
+        scheme["input_activations"] = {"num_bits": 8, "type": w["type"], "strategy": "token", "dynamic": True}
+    out: dict[str, Any] = {"quant_method": "compressed-tensors", "config_groups": {"group_0": scheme},
+                           "ignore": ["lm_head"]}
+    if kv_dtype != "bf16":
+        out["kv_cache_scheme"] = {"num_bits": 8, "type": "float" if kv_dtype == "fp8" else "int",
+                                  "strategy": "tensor", "dynamic": False}
+    return out
+
+
 def _bundled(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if directory.is_dir():
@@ -176,6 +502,10 @@ class ModelSpec:
     mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
     sliding_window: int | None = None  # Mistral v0.1 style local attention (not priced)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    # precisions: the decoder linears' weight format (embeddings, norms, lm_head stay in
+    # the dtype of dtype_bytes) and the KV cache's element format
+    quant: Quantization = BF16
+    kv_dtype: str = "bf16"
 
     # --- derived sizes -------------------------------------------------------------
     @property
@@ -224,12 +554,35 @@ class ModelSpec:
 
     @property
     def weight_bytes(self) -> int:
-        return self.params * self.dtype_bytes
+        """Bytes of all weights: the decoder linears in `quant`'s format (scales
+        included), everything else in the serving dtype."""
+        if self.quant.is_bf16:
+            return self.params * self.dtype_bytes
+        shapes = self.linear_shapes(1)
+        lin = [shapes[k] for k in ("qkv", "o", "gate_up", "down")]
+        elems = sum(k * n for k, n in lin)
+        q = sum(self.quant.weight_bytes(k, n) for k, n in lin)
+        return (self.params - self.num_layers * elems) * self.dtype_bytes + self.num_layers * q
+
+    @property
+    def kv_elem_bytes(self) -> int:
+        """Bytes of one KV-cache element (bf16: the serving dtype's; fp8 / int8: 1)."""
+        return _kv_elem_bytes(self.kv_dtype, self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token occupies over all layers (K and V), one GPU."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_elem_bytes
+
+    @property
+    def precision_label(self) -> str:
+        """``weights/KV``, e.g. ``bf16``, ``fp8``, ``int4-g128/kv-fp8``."""
+        return self.quant.label + ("" if self.kv_dtype == "bf16" else f"/kv-{self.kv_dtype}")
+
+    def with_precision(self, quant: Quantization | None = None, kv_dtype: str | None = None) -> ModelSpec:
+        """This model with other weight / KV-cache precisions (None: unchanged)."""
+        return replace(self, quant=self.quant if quant is None else quant,
+                       kv_dtype=self.kv_dtype if kv_dtype is None else kv_dtype)
 
     def linear_shapes(self, tp: int = 1) -> dict[str, tuple[int, int]]:
         """(in, out) features of each per-layer linear on one of `tp` GPUs (Megatron
@@ -336,11 +689,6 @@ class ModelSpec:
                 return default
             return v
 
-        if cfg.get("quantization_config") is not None:
-            method = cfg["quantization_config"]
-            method = method.get("quant_method", "?") if isinstance(method, Mapping) else method
-            problems.append((f"{source}: quantization_config", f"quantized checkpoints ({method}) are not supported: "
-                             "the model would be priced as unquantized weights"))
         hidden = get_int("hidden_size")
         layers = get_int("num_hidden_layers")
         heads = get_int("num_attention_heads")
@@ -385,6 +733,12 @@ class ModelSpec:
             sw = None
         if sw is not None and sw >= max_pos:
             sw = None  # a window as long as the context changes nothing
+        quant, kv_dtype = BF16, None
+        if cfg.get("quantization_config") is not None:
+            quant, kv_dtype = quantization_from_hf(cfg["quantization_config"], source, hidden, inter, problems)
+            if quant.scales in ("group", "block") and (heads * head_dim) % quant.group_size:
+                problems.append((f"{source}: quantization_config", f"group size {quant.group_size} does not divide "
+                                 f"the o projection's {heads * head_dim} inputs: not a quantization of this model"))
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -408,6 +762,8 @@ class ModelSpec:
             mlp_bias=mlp_bias,
             sliding_window=sw,
             qk_norm=qk_norm,
+            quant=quant,
+            kv_dtype=kv_dtype or "bf16",
         )
 
     def to_hf_config(self) -> dict:
@@ -440,6 +796,8 @@ class ModelSpec:
             cfg["use_sliding_window"] = self.sliding_window is not None
         if self.model_type != "llama":
             cfg["sliding_window"] = self.sliding_window
+        if self.quant.source == "checkpoint":  # a run's own quantization is no property of the files
+            cfg["quantization_config"] = quantization_to_hf(self.quant, self.kv_dtype)
         return cfg
 
     @classmethod
@@ -524,6 +882,8 @@ class HardwareSpec(BaseModel):
     host_memory_bytes: float = _Pos
     achievable_bf16_flops: float = _Pos
     achievable_fp8_flops: float | None = Field(default=None, gt=0)
+    peak_int8_ops: float | None = Field(default=None, gt=0)  # None: no int8 tensor cores (W8A8 refused)
+    achievable_int8_ops: float | None = Field(default=None, gt=0)
     achievable_hbm_bytes_per_s: float = _Pos
     idle_power_w: float = _Pos
     max_power_w: float = _Pos
@@ -544,9 +904,24 @@ class HardwareSpec(BaseModel):
             raise ValueError("give both peak_fp8_flops and achievable_fp8_flops, or neither")
         if self.peak_fp8_flops is not None and self.achievable_fp8_flops > self.peak_fp8_flops:
             raise ValueError("achievable_fp8_flops exceeds peak_fp8_flops")
+        if (self.peak_int8_ops is None) != (self.achievable_int8_ops is None):
+            raise ValueError("give both peak_int8_ops and achievable_int8_ops, or neither")
+        if self.peak_int8_ops is not None and self.achievable_int8_ops > self.peak_int8_ops:
+            raise ValueError("achievable_int8_ops exceeds peak_int8_ops")
         if self.idle_power_w > self.max_power_w:
             raise ValueError("idle_power_w exceeds max_power_w")
         return self
+
+    def matmul_rate(self, precision: str, achievable: bool = True) -> float | None:
+        """Tensor-core rate (FLOP/s or int8 OP/s) of a GEMM in `precision` (bf16, fp8,
+        int8); None when this accelerator has no tensor cores for it."""
+        if precision == "bf16":
+            return self.achievable_bf16_flops if achievable else self.peak_bf16_flops
+        if precision == "fp8":
+            return self.achievable_fp8_flops if achievable else self.peak_fp8_flops
+        if precision == "int8":
+            return self.achievable_int8_ops if achievable else self.peak_int8_ops
+        raise ValueError(f"no matmul precision {precision!r}")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "hardware") -> HardwareSpec:
@@ -574,6 +949,54 @@ def load_hardware(name_or_path: str | Path, base_dir: str | Path | None = None, 
     return HardwareSpec.from_file(path)
 
 
+def check_precision(model: ModelSpec, hw: HardwareSpec, tp: int = 1, weights_loc: str = "model_precision",
+                    kv_loc: str = "kv_cache.dtype") -> None:
+    """ConfigError (naming the setting) unless `hw` runs `model`'s precisions on `tp` GPUs:
+    fp8 (weights or KV cache) needs FP8 tensor cores (Hopper or later), int8 W8A8 int8
+    tensor cores; int4 groups must divide each GPU's share of every linear's inputs."""
+    problems = []
+    q = model.quant
+    if q.matmul != "bf16" and hw.matmul_rate(q.matmul) is None:
+        key = "peak_fp8_flops" if q.matmul == "fp8" else "peak_int8_ops"
+        why = "FP8 tensor cores (Hopper or later)" if q.matmul == "fp8" else "int8 tensor cores"
+        problems.append((weights_loc, f"{q.label} weights need {why}: {hw.name} has none ({key} is null in its "
+                         "hardware file)"))
+    if model.kv_dtype == "fp8" and hw.peak_fp8_flops is None:
+        problems.append((kv_loc, f"an fp8 KV cache needs FP8 support (Hopper or later): {hw.name} has none "
+                         "(peak_fp8_flops is null in its hardware file); use int8 or bf16"))
+    if q.scales in ("group", "block") and not problems:
+        try:
+            shapes = model.linear_shapes(tp)
+        except ConfigError:
+            shapes = {}
+        bad = sorted({f"{k} ({shapes[k][0]} inputs per GPU)" for k in ("qkv", "o", "gate_up", "down")
+                      if k in shapes and shapes[k][0] % q.group_size})
+        if bad:
+            problems.append((weights_loc, f"group size {q.group_size} does not divide the inputs of "
+                             f"{', '.join(bad)}" + (f" with tp={tp}" if tp > 1 else "")))
+    if problems:
+        raise ConfigError(problems)
+
+
+def apply_precision(model: ModelSpec, hw: HardwareSpec, precision: Any = None, kv_dtype: str | None = "auto",
+                    tp: int = 1, weights_loc: str = "model_precision", kv_loc: str = "kv_cache.dtype") -> ModelSpec:
+    """`model` with a run's precisions, checked against the checkpoint and the hardware.
+    ``precision`` None keeps the checkpoint's (bf16 unless its config.json has a
+    ``quantization_config``); a checkpoint stored quantised cannot be served in another
+    weight format. ``kv_dtype`` ``auto`` / None: the checkpoint's KV scheme, else bf16."""
+    q = model.quant
+    if precision is not None:
+        q = parse_precision(precision, weights_loc)
+        if model.quant.source == "checkpoint" and q != model.quant:
+            raise ConfigError(f"model {model.name}'s checkpoint holds {model.quant.label} weights (its config.json's "
+                              f"quantization_config): serving it as {q.label} needs the unquantised checkpoint",
+                              weights_loc)
+    kv = model.kv_dtype if kv_dtype in (None, "auto") else parse_kv_dtype(kv_dtype, kv_loc)
+    out = model if (q == model.quant and kv == model.kv_dtype) else model.with_precision(q, kv)
+    check_precision(out, hw, tp, weights_loc, kv_loc)
+    return out
+
+
 def hardware_for_device(device_name: str) -> str | None:
     """The bundled hardware spec whose ``device_names`` match a CUDA device name (None: none)."""
     for name in bundled_hardware():
@@ -598,4 +1021,14 @@ __all__ = [
     "bundled_hardware",
     "DTYPE_BYTES",
     "gb",
+    "Quantization",
+    "BF16",
+    "WEIGHT_PRECISIONS",
+    "KV_DTYPES",
+    "parse_precision",
+    "parse_kv_dtype",
+    "quantization_from_hf",
+    "quantization_to_hf",
+    "check_precision",
+    "apply_precision",
 ]
