@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from servesim.traces.spec import WorkloadConfig
 
@@ -90,6 +90,21 @@ class KVCacheConfig(_Strict):
     secondary_offload_min_priority: int = Field(35, ge=0, le=100, description="blocks evicted at or above "
                                                 "this priority go to the host tier; lower ones are dropped")
     retention: RetentionConfig | None = Field(None, description="retention priorities of token ranges")
+    dtype: str = Field("auto", description="KV-cache element format: bf16, fp8 (e4m3, Hopper or later) or int8, "
+                       "one scale per layer and tensor; auto: the checkpoint's (its quantization_config's KV "
+                       "scheme), else bf16")
+
+    @field_validator("dtype")
+    @classmethod
+    def _kv_dtype(cls, v):
+        from .specs import parse_kv_dtype
+
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            return parse_kv_dtype(v)
+        except ConfigError as e:
+            raise ValueError(e.problems[0][1]) from None
 
     @model_validator(mode="after")
     def _pow2(self):
@@ -204,6 +219,11 @@ class RunConfig(_Strict):
     seed: int = Field(0, description="seeds synthetic workloads and sampling")
     model: str = Field("llama-3.1-8b", description="bundled model name or path to a HF config.json")
     hardware: str = Field("h100-sxm", description="bundled hardware name or path to a hardware YAML")
+    model_precision: str | dict | None = Field(
+        None, description="the decoder linears' weights: bf16, fp8 (e4m3, per-tensor scales; fp8-channel, "
+        "fp8-block), int8 (SmoothQuant W8A8, per-channel), int4 (AWQ/GPTQ-style weight-only, groups of 128; "
+        "int4-g64, int4-g128-zp with zero points), or {weights, scales, group_size, zero_point}; null: the "
+        "checkpoint's quantization_config, else bf16. The hardware must run it (fp8: Hopper or later)")
     workload: WorkloadConfig
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig,
                                        description="batching and admission (TensorRT-LLM semantics)")
@@ -215,6 +235,18 @@ class RunConfig(_Strict):
     power: PowerConfig = Field(default_factory=PowerConfig, description="GPU power model (energy per token)")
     speculative: SpeculativeConfig | None = Field(None, description="speculative decoding (null: off)")
     output: OutputConfig = Field(default_factory=OutputConfig, description="what a run writes")
+
+    @field_validator("model_precision")
+    @classmethod
+    def _precision(cls, v):
+        from .specs import parse_precision
+
+        if v is None:
+            return None
+        try:
+            return parse_precision(v).label
+        except ConfigError as e:
+            raise ValueError(e.problems[0][1]) from None
 
     @model_validator(mode="after")
     def _cross_checks(self):
