@@ -53,9 +53,11 @@ def test_fidelity_script(tmp_path):
     assert "mean abs. error" in table and "GPU runs of the same requests on the table's machine" in table
     assert "calibrated, machine instance A" in table and "| 8b-online-high | the mean of 3 runs |" in table
     assert "## Reading the table" in table  # the hand-written analysis survives a rerun
-    # the committed page is what the committed runs give, byte for byte (a change on purpose:
-    # python benchmarks/fidelity.py --write-results)
-    assert table == (REPO / "benchmarks" / "results" / "fidelity.md").read_text()
+    # the committed page is what the committed runs give with this code, byte for byte
+    assert table == (REPO / "benchmarks" / "results" / "fidelity.md").read_text(), (
+        "benchmarks/results/fidelity.md is not what this code gives on the committed GPU runs: a change of the "
+        "simulator's results on purpose -> python benchmarks/fidelity.py --write-results (and the analysis); "
+        f"else a regression. This code's page: {page}")
 
 
 def test_gpu_fidelity_smoke_and_install(tmp_path):
