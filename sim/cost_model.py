@@ -137,8 +137,13 @@ class RooflineConfig(BaseModel):
         64, gt=0, description="int4 weight-only GEMMs: rows (tokens) one dequantisation of a weight tile serves "
         "(the kernel's M tile): each further block of this many rows dequantises the weights again"
     )
+    act_quant_fused: bool = Field(
+        True, description="fp8 / int8 (W8A8): the kernel before each linear (norm, attention, SiLU) writes its "
+        "input quantised (TensorRT-LLM's fusions: nothing but the GEMM's 1-byte read); false: a kernel of its own "
+        "per linear reads the bf16 input and writes it quantised (bytes + act_quant_latency_s)"
+    )
     act_quant_latency_s: float | None = Field(
-        None, ge=0, description="fp8 / int8 (W8A8): GPU time of the kernel that quantises one linear's input "
+        None, ge=0, description="act_quant_fused false: GPU time of the kernel that quantises one linear's input "
         "beyond its bytes, per linear and layer; null: layer_latency_s / 11 (the floor of one of a layer's ~11 "
         "kernels)"
     )
@@ -314,8 +319,9 @@ class RooflineCostModel:
             act = K + N * b if q.quantizes_activations else (K + N) * b
             cf, w, ca = L * 2.0 * K * N / F, L * float(q.weight_bytes(K, N, b)) / B, L * float(act) / B
             dq = L * K * N / cfg.int4_dequant_weights_per_s if q.weights == "int4" else 0.0
-            # W8A8: a pass that reads the bf16 input and writes it quantised with a per-token fp32 scale
-            x_fix, x_tok = (L * quant_lat, L * float(K * b + K + 4) / B) if q.quantizes_activations else (0.0, 0.0)
+            # W8A8 unfused: a pass that reads the bf16 input and writes it quantised with a per-token fp32 scale
+            x_fix, x_tok = ((L * quant_lat, L * float(K * b + K + 4) / B)
+                            if q.quantizes_activations and not cfg.act_quant_fused else (0.0, 0.0))
             c = measured.get(k)
             if c is not None and (c.k, c.n) == (K, N):
                 curve, scaled = _Curve(c, L), False
