@@ -414,3 +414,22 @@ def test_simulated_throughput_never_exceeds_its_bound(tmp_path_factory, model, h
     assert s["throughput_out_tok_s"] <= s["bounds"]["output_tok_s_achievable"] * (1 + 1e-9) \
         <= s["bounds"]["output_tok_s"] * (1 + 1e-9), s["bounds"]
     assert s["bounds"]["achieved_over_bound"] <= 1 + 1e-9
+
+
+def test_quantization_benchmark_tables():
+    """benchmarks/quantization.py's memory table and claims (the runs are sim runs tested above)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qbench", REPO / "benchmarks" / "quantization.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    mem = {(r["model"], r["hardware"], r["precision"]): r for r in q.memory_rows()}
+    assert not mem[("llama-3.1-70b", "h100-sxm", "bf16")]["fits"] and not mem[("llama-3.1-70b", "h200-sxm", "bf16")]["fits"]
+    assert mem[("llama-3.1-70b", "h200-sxm", "fp8")]["fits"]
+    for m in q.MODELS:
+        for h in q.HARDWARE:
+            c = [mem[(m, h, q.label(p, kv))]["max_concurrency"] for p, kv in q.PRECISIONS]
+            assert c[0] <= c[1] <= c[2] and c[1] <= c[4] <= c[5], (m, h, c)
+    assert [c["verdict"] for c in q.claim_rows()] == ["possible", "impossible", "impossible"]
+    md = q.markdown(list(mem.values()), [], q.claim_rows(), 1.0)
+    assert "does not fit" in md and "sim bounds --model llama-2-13b" in md
