@@ -31,6 +31,8 @@ from ..traces.hashing import splitmix64 as _mix64
 from .graph_runner import GraphRunner
 from .model import AttnMetadata, ContextChunkInput, DecodeInput, LlamaModel, Sampler
 from .piecewise_runner import PiecewiseRunner
+from .speculative import (DraftModel, GpuSpeculation, NgramIndex, controlled_emit, greedy_verify, race_sample,
+                          rejection_verify, sampling_probs)
 
 # --------------------------------------------------------------------------------------
 # prompt token ids
@@ -95,7 +97,7 @@ def prompt_token_ids(req: Request, seed: int, vocab_size: int, hash_block_size: 
 class _Seq:
     """The executor's state for one request (while it is live, and while paused)."""
 
-    __slots__ = ("req", "prompt", "out", "slot", "blocks", "nb", "last_it", "swap")
+    __slots__ = ("req", "prompt", "out", "slot", "blocks", "nb", "last_it", "swap", "dlen", "dswap", "ngram")
 
     def __init__(self, req: Request, prompt: np.ndarray, out: array):
         self.req = req
@@ -106,6 +108,11 @@ class _Seq:
         self.nb = 0  # block ids of `blocks` copied into the slot's table row
         self.last_it = -1
         self.swap: torch.Tensor | None = None  # its KV blocks on the host while swapped out
+        # speculative decoding: positions [0, dlen) of the drafter's KV hold its tokens; the
+        # drafter's KV blocks on the host while swapped out; its n-gram index
+        self.dlen = 0
+        self.dswap: torch.Tensor | None = None
+        self.ngram: NgramIndex | None = None
 
 
 class _InFlight:
@@ -119,6 +126,37 @@ class _InFlight:
         self.host = host  # sampled tokens: pinned host buffer (CUDA) or the tokens (CPU)
         self.event = event  # CUDA event after the device-to-host copy; None on a CPU
         self.done_s = done_s  # CPU: clock() when computed (synchronous); None on CUDA
+
+
+def verify_sizes(graph_sizes: Sequence[int], max_draft_len: int) -> list[int]:
+    """Token counts of the verification's piecewise graphs: a decode-only iteration of n
+    requests with up to k drafts each has at most ``padded(n) * (1 + k)`` tokens, so the
+    graph sizes times 1 + k cover every one of them."""
+    return sorted({int(b) * (1 + int(max_draft_len)) for b in graph_sizes})
+
+
+def _compile_attention_variants(model: LlamaModel, pool, block_size: int) -> None:
+    """Compile every attention-kernel variant a run can meet (each decode split count,
+    both prefill tile heights) now, so no iteration stalls on a Triton compilation."""
+    from servesim.kernels import ops
+    from servesim.kernels.decode_attention import MAX_SPLITS
+
+    d = model.dims
+    kc, vc = pool.k_cache(0), pool.v_cache(0)
+    dev, dt, bs = model.device, model.dtype, block_size
+    scale = d.head_dim ** -0.5
+    bt = torch.zeros(2, 1, dtype=torch.int32, device=dev)  # block 0 only (never read back)
+    sl = torch.full((2,), min(bs, 4), dtype=torch.int32, device=dev)
+    q = torch.zeros(2, d.num_heads, d.head_dim, dtype=dt, device=dev)
+    s = 1
+    while s <= MAX_SPLITS:
+        ops.paged_decode_attention(q, kc, vc, bt, sl, scale, num_splits=s)
+        s *= 2
+    for t in (4, 300):  # chunks of <= 256 tokens per sequence use 64-row tiles, longer 128
+        qp = torch.zeros(t, d.num_heads, d.head_dim, dtype=dt, device=dev)
+        cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+        bt1 = torch.zeros(1, -(-t // bs), dtype=torch.int32, device=dev)
+        ops.paged_prefill_attention(qp, kc, vc, bt1, cu, torch.tensor([t], dtype=torch.int32, device=dev), scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -138,7 +176,11 @@ class GpuExecutor:
     the synthetic prompt tokens and the sampler. ``hash_block_size``: tokens per workload
     block hash (for prompts given as ``block_hashes``). ``use_graphs``: capture CUDA graphs
     (default: on a CUDA device). ``clock``: time source for ``completed_s`` (the GPU driver
-    sets it to its own wall clock: ``start_clock``).
+    sets it to its own wall clock: ``start_clock``). ``speculation``: speculative decoding
+    (`speculative.GpuSpeculation`: the proposer, its drafter, the acceptance mode; not with
+    ``overlap``); iterations with drafts run the drafter and verify the drafts
+    (gpu_backend/speculative.py), decode-only ones through piecewise CUDA graphs of the
+    verification's token counts when ``graph_sizes`` are given, else eagerly.
     """
 
     needs_block_ids = True
@@ -148,7 +190,8 @@ class GpuExecutor:
                  max_seq_len: int | None = None,
                  overlap: bool = False, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                  hash_block_size: int | None = None, kv_dtype: torch.dtype | None = None,
-                 use_graphs: bool | None = None, clock: Callable[[], float] | None = None):
+                 use_graphs: bool | None = None, clock: Callable[[], float] | None = None,
+                 speculation: GpuSpeculation | None = None):
         self.model = model
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -173,6 +216,34 @@ class GpuExecutor:
         self.piecewise_runner: PiecewiseRunner | None = None
         if piecewise_sizes:
             self.piecewise_runner = PiecewiseRunner(model, self.kv_pool, piecewise_sizes, use_graphs)
+        # speculative decoding
+        self.spec = speculation
+        self.drafter: DraftModel | None = None
+        self.verify_runner: PiecewiseRunner | None = None
+        self._acceptance = None
+        if speculation is not None:
+            if self.overlap:
+                raise ValueError("speculative decoding needs the accepted tokens before the next step: "
+                                 "not with the overlap scheduler")
+            if speculation.drafter is not None:
+                dm = speculation.drafter
+                if dm.dims.vocab_size != self.vocab_size:
+                    raise ValueError(f"the drafter's vocabulary ({dm.dims.vocab_size}) is not the target's "
+                                     f"({self.vocab_size})")
+                if dm.device != self.device:
+                    raise ValueError(f"the drafter is on {dm.device}, the target on {self.device}")
+                self.drafter = DraftModel(dm, int(num_blocks), bs, kv_dtype=kv_dtype, graph_sizes=graph_sizes,
+                                          max_blocks=self.max_blocks, use_graphs=use_graphs)
+            if graph_sizes:
+                self.verify_runner = PiecewiseRunner(model, self.kv_pool,
+                                                     verify_sizes(graph_sizes, speculation.max_draft_len), use_graphs)
+            self._acceptance = speculation.acceptance_model()
+        # blocks at the end of a request's list that a rollback of rejected drafts may change
+        self._spec_tail = 0 if speculation is None else -(-speculation.max_draft_len // bs) + 1
+        self.spec_iterations = 0  # iterations that verified drafts
+        self.verify_graph_iterations = 0  # ... of those, through the verification's piecewise graphs
+        self.drafts_proposed = 0
+        self.drafts_accepted = 0
         # slot tables: row 0 is the padding slot (token 0, block table of zeros)
         self._cap = 0
         self._bt = np.zeros((0, self.max_blocks), dtype=np.int32)
@@ -207,6 +278,16 @@ class GpuExecutor:
             self.graph_runner.capture()
         if self.piecewise_runner is not None:
             self.piecewise_runner.capture()
+        if self.verify_runner is not None:
+            self.verify_runner.capture()
+        if self.drafter is not None:
+            self.drafter.warmup()
+            dm = self.drafter.model
+            n = min(self.block_size + 1, dm.max_positions, self.block_size * self.max_blocks)
+            dm.step([ContextChunkInput([0] * n, 0, [0] * -(-n // self.block_size))], [DecodeInput(0, 0, [0])],
+                    self.drafter.pool)
+            if self.cuda:
+                _compile_attention_variants(dm, self.drafter.pool, self.block_size)
         bs = self.block_size
         n = min(bs + 1, self.model.max_positions, bs * self.max_blocks)
         zeros = [0] * self.max_blocks
@@ -217,31 +298,8 @@ class GpuExecutor:
             logits = self.model.step(chunks, decs, self.kv_pool)
             self.sampler(logits, self._temp, self._top_p)
         if self.cuda:
-            self._compile_attention_variants()
+            _compile_attention_variants(self.model, self.kv_pool, self.block_size)
             torch.cuda.synchronize(self.device)
-
-    def _compile_attention_variants(self) -> None:
-        """Compile every attention-kernel variant a run can meet (each decode split count,
-        both prefill tile heights) now, so no iteration stalls on a Triton compilation."""
-        from servesim.kernels import ops
-        from servesim.kernels.decode_attention import MAX_SPLITS
-
-        d = self.model.dims
-        kc, vc = self.kv_pool.k_cache(0), self.kv_pool.v_cache(0)
-        dev, dt, bs = self.device, self.model.dtype, self.block_size
-        scale = d.head_dim ** -0.5
-        bt = torch.zeros(2, 1, dtype=torch.int32, device=dev)  # block 0 only (never read back)
-        sl = torch.full((2,), min(bs, 4), dtype=torch.int32, device=dev)
-        q = torch.zeros(2, d.num_heads, d.head_dim, dtype=dt, device=dev)
-        s = 1
-        while s <= MAX_SPLITS:
-            ops.paged_decode_attention(q, kc, vc, bt, sl, scale, num_splits=s)
-            s *= 2
-        for t in (4, 300):  # chunks of <= 256 tokens per sequence use 64-row tiles, longer 128
-            qp = torch.zeros(t, d.num_heads, d.head_dim, dtype=dt, device=dev)
-            cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
-            bt1 = torch.zeros(1, -(-t // bs), dtype=torch.int32, device=dev)
-            ops.paged_prefill_attention(qp, kc, vc, bt1, cu, torch.tensor([t], dtype=torch.int32, device=dev), scale)
 
     def _grow_slots(self, cap: int) -> None:
         old = self._cap
@@ -286,10 +344,15 @@ class GpuExecutor:
             st.blocks = blocks
             st.nb = 0
         n = len(blocks)
-        if n > st.nb:
+        lo = st.nb
+        if self._spec_tail and lo:
+            # the engine rolls back the blocks of rejected drafts (deleting them from the
+            # list's end) and appends others later: the tail may hold other ids at the same length
+            lo = max(0, min(lo, n) - self._spec_tail)
+        if n > lo:
             if n > self._bt.shape[1]:
                 self._widen(n)
-            self._bt[st.slot, st.nb:n] = blocks[st.nb:n]
+            self._bt[st.slot, lo:n] = blocks[lo:n]
             st.nb = n
         st.last_it = it
         return st
@@ -340,6 +403,8 @@ class GpuExecutor:
             raise IndexError(f"block copy with an id outside [0, {n})")
         d = self._to_device(np.ascontiguousarray(ids.T).ravel())
         self.kv_pool.copy_blocks(d[:len(ids)], d[len(ids):])
+        if self.drafter is not None:  # the drafter's KV of a request lives in the same block ids
+            self.drafter.pool.copy_blocks(d[:len(ids)], d[len(ids):])
 
     def _swap_out(self, swap_out: list[tuple[int, list[int]]]) -> None:
         """Copy to the host the KV of requests the engine paused by swapping this iteration.
@@ -354,6 +419,8 @@ class GpuExecutor:
                                    f"{'never ran it' if st is None else 'holds its swapped KV already'}")
             ids = self._to_device(np.asarray(blocks, dtype=np.int64))
             st.swap = self.kv_pool.to_host(ids, non_blocking=self.cuda)
+            if self.drafter is not None:
+                st.dswap = self.drafter.pool.to_host(ids, non_blocking=self.cuda)
 
     def _swap_in(self, st: _Seq) -> None:
         """Copy a swapped-in request's KV from the host into its new blocks (before the
@@ -365,6 +432,9 @@ class GpuExecutor:
         ids = self._to_device(np.asarray(blocks[:n], dtype=np.int64))
         self.kv_pool.from_host(ids, st.swap, non_blocking=self.cuda)
         st.swap = None
+        if st.dswap is not None:
+            self.drafter.pool.from_host(ids, st.dswap, non_blocking=self.cuda)
+            st.dswap = None
 
     # ------------------------------------------------------------------ execute
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -381,6 +451,8 @@ class GpuExecutor:
         R = N + B
         if R == 0:
             raise ValueError(f"iteration {it}: empty batch")
+        ks = self._draft_lens(batch)
+        spec = ks is not None and bool(ks.any())  # drafts to verify (else a plain step)
         bs = self.block_size
         slots = np.empty(R, dtype=np.int64)
         held = np.empty(R, dtype=np.int64)  # blocks each row's request holds
@@ -389,8 +461,10 @@ class GpuExecutor:
         ctx_ids: list[np.ndarray] = []
         sample_rows: list[int] = []
         rids: list[int] = []
+        seqs: list[_Seq] = []
         for i, c in enumerate(chunks):
             st = self._seq(c.request, it)
+            seqs.append(st)
             a, q = c.prior_tokens, c.num_tokens
             ctx_ids.append(self._context_tokens(st, a, a + q))
             slots[i] = st.slot
@@ -402,6 +476,7 @@ class GpuExecutor:
                 rids.append(c.request.request_id)
         for j, r in enumerate(gens):
             st = self._seq(r, it)
+            seqs.append(st)
             if r.request_id in swap_in:
                 if st.swap is None:
                     raise RuntimeError(f"iteration {it}: request {r.request_id} swapped in, but the executor "
@@ -412,7 +487,7 @@ class GpuExecutor:
             slots[k] = st.slot
             held[k] = st.nb
             starts[k] = r.kv_len_at(it)
-            qlens[k] = 1
+            qlens[k] = 1 + int(ks[j]) if spec else 1
             rids.append(r.request_id)
         if swap_in:
             raise RuntimeError(f"iteration {it}: requests {sorted(swap_in)} swapped in but not scheduled")
@@ -434,19 +509,23 @@ class GpuExecutor:
         positions = starts[tok_row] + np.arange(T, dtype=np.int64) - cu[:-1][tok_row]
         slot_mapping = (self._bt[slots[tok_row], positions // bs].astype(np.int64) * bs + positions % bs)
         bt = self._bt[slots, :width]
+        ctx_flat = np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, dtype=np.int64)
+        if batch.shape.graph and (N or self.graph_runner is None):
+            raise RuntimeError(f"iteration {it}: the engine scheduled a CUDA-graph iteration but the executor "
+                               "has no graph runner (graph_sizes)" if not N else
+                               f"iteration {it}: a CUDA-graph iteration with context chunks")
+        piecewise = batch.shape.piecewise_tokens
+        if piecewise:
+            self._check_piecewise(it, N, T, piecewise)
+        if spec:
+            return self._execute_spec(batch, t_start, seqs, ks, slots, starts, seq_lens, cu, positions,
+                                      slot_mapping, bt, ctx_flat, sample_rows, rids[:len(sample_rows)])
         dec_slots = slots[N:]
         sample_idx = np.concatenate([cu[1:][sample_rows] - 1, np.arange(Tc, T, dtype=np.int64)])
         sample_slots = np.concatenate([slots[sample_rows], dec_slots])
         S = int(sample_idx.shape[0])
-        graph = batch.shape.graph and N == 0 and self.graph_runner is not None
-        if batch.shape.graph and not graph:
-            raise RuntimeError(f"iteration {it}: the engine scheduled a CUDA-graph iteration but the executor "
-                               "has no graph runner (graph_sizes)")
-        piecewise = batch.shape.piecewise_tokens
-        if piecewise:
-            self._check_piecewise(it, N, T, piecewise)
+        graph = batch.shape.graph and N == 0
         # -- host -> device: one int64 and one int32 copy ---------------------------------
-        ctx_flat = np.concatenate(ctx_ids) if ctx_ids else np.zeros(0, dtype=np.int64)
         i64 = self._to_device(np.concatenate([ctx_flat, positions, slot_mapping, sample_idx, sample_slots, dec_slots]))
         i32 = self._to_device(np.concatenate([bt.ravel(), seq_lens.astype(np.int32), cu[:N + 1].astype(np.int32)]))
         d_ctx, d_pos, d_slot, d_sidx, d_sslots, d_dslots = i64.split([Tc, T, T, S, S, B])
@@ -479,6 +558,8 @@ class GpuExecutor:
             else:
                 logits = self.model.forward(input_ids, d_pos, self.kv_pool, meta)
                 self.eager_iterations += 1
+        if self.drafter is not None and N:
+            self._draft_prefill(chunks, seqs, d_ctx, d_pos, d_slot, d_bt, d_cu, d_seq, seq_lens)
         self.iterations += 1
         # -- sample; tokens stay on the device for the next iteration's decode inputs -----
         if S:
@@ -512,7 +593,198 @@ class GpuExecutor:
             self.wait_s += time.perf_counter() - t
         toks = self._collect_one(launched)
         d = self.exec_s[it] = time.perf_counter() - t_start
-        return StepResult(duration_s=d, tokens={rid: [t] for rid, t in zip(rids, toks)})
+        return StepResult(duration_s=d, tokens={rid: [t] for rid, t in zip(rids, toks)},
+                          accepted=[0] * B if ks is not None else [])
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _draft_lens(self, batch: ScheduledBatch) -> np.ndarray | None:
+        """Drafts per generation request (``batch.drafts``, checked against the batch and the
+        executor's speculation); None without drafts."""
+        d = batch.drafts
+        if not d:
+            return None
+        it = batch.iteration
+        if self.spec is None:
+            raise RuntimeError(f"iteration {it}: the engine proposed drafts but the executor runs no speculative "
+                               "decoding (speculation)")
+        gens = batch.generation
+        if len(d) != len(gens) or any(rid != r.request_id for (rid, _), r in zip(d, gens)):
+            raise RuntimeError(f"iteration {it}: batch.drafts does not follow batch.generation's requests")
+        ks = np.fromiter((k for _, k in d), dtype=np.int64, count=len(d))
+        if ks.min() < 0 or ks.max() > self.spec.max_draft_len:
+            raise RuntimeError(f"iteration {it}: draft lengths outside [0, {self.spec.max_draft_len}]: "
+                               f"{int(ks.min())}..{int(ks.max())}")
+        return ks
+
+    def _draft_prefill(self, chunks, seqs, d_ctx, d_pos, d_slot, d_bt, d_cu, d_seq, seq_lens) -> None:
+        """The drafter's pass over the iteration's context chunks (its KV of their tokens)."""
+        N = len(chunks)
+        Tc = int(d_ctx.shape[0])
+        self.drafter.prefill(d_ctx, d_pos[:Tc], d_slot[:Tc], d_bt[:N], d_cu[:N + 1], d_seq[:N],
+                             int(seq_lens[:N].max()))
+        for c, st in zip(chunks, seqs):
+            st.dlen = c.prior_tokens + c.num_tokens
+
+    def _draft_sample(self, logits: torch.Tensor):
+        """A drafter step's tokens and, when the rejection rule needs it, its distribution."""
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1), None
+        q = sampling_probs(logits, self.temperature, self.top_p)
+        return race_sample(q, self.sampler.generator), (q if self._acceptance is None else None)
+
+    def _execute_spec(self, batch: ScheduledBatch, t_start: float, seqs: list[_Seq], ks: np.ndarray,
+                      slots: np.ndarray, starts: np.ndarray, seq_lens: np.ndarray, cu: np.ndarray,
+                      positions: np.ndarray, slot_mapping: np.ndarray, bt: np.ndarray, ctx_flat: np.ndarray,
+                      sample_rows: list[int], ctx_rids: list[int]) -> StepResult:
+        """An iteration whose generation requests carry drafts (gpu_backend/speculative.py):
+        propose, verify the 1 + k positions of each in one target pass (each a context
+        chunk over its cached KV; every position a sampling row), accept."""
+        it = batch.iteration
+        chunks, gens = batch.context, batch.generation
+        N, B = len(chunks), len(gens)
+        R = N + B
+        T = int(cu[-1])
+        Tc = int(cu[N])
+        Tg = T - Tc
+        width = bt.shape[1]
+        dev = self.device
+        kmax = int(ks.max())
+        K1 = kmax + 1
+        g1 = ks + 1
+        cu_g = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(g1, out=cu_g[1:])
+        grow = np.repeat(np.arange(B), g1)
+        gidx = grow * K1 + (np.arange(Tg, dtype=np.int64) - cu_g[:-1][grow])  # into [B, 1 + kmax]
+        # rows of the generation logits for each request's positions 0..kmax (clamped to its k)
+        lrow = cu_g[:-1, None] + np.minimum(np.arange(K1)[None, :], ks[:, None])
+        nc = len(sample_rows)
+        sample_idx = np.concatenate([cu[1:][sample_rows] - 1, np.arange(Tc, T, dtype=np.int64)])
+        S = int(sample_idx.shape[0])
+        dec_slots = slots[N:]
+        drafting = np.flatnonzero(ks)
+        parts64 = [ctx_flat, positions, slot_mapping, sample_idx, slots[sample_rows], dec_slots, gidx,
+                   lrow.ravel(), ks, drafting]
+        sizes64 = [Tc, T, T, S, nc, B, Tg, B * K1, B, len(drafting)]
+        if self._acceptance is not None:  # controlled: the accepted lengths are drawn now
+            acc = self._acceptance.accepted([r.request_id for r in gens], ks.tolist())
+            parts64.append(np.asarray(acc, dtype=np.int64))
+            sizes64.append(B)
+        gseqs = seqs[N:]
+        if self.spec.proposer == "ngram":
+            prop = np.zeros((B, kmax), dtype=np.int64)
+            for j in drafting:
+                st = gseqs[j]
+                if st.ngram is None:
+                    st.ngram = NgramIndex(self.spec.ngram_sizes)
+                st.ngram.sync(st.prompt, st.out)
+                prop[j, :ks[j]] = st.ngram.propose(int(ks[j]))
+            parts64.append(prop.ravel())
+            sizes64.append(B * kmax)
+        i64 = self._to_device(np.concatenate(parts64))
+        i32 = self._to_device(np.concatenate([bt.ravel(), seq_lens.astype(np.int32), cu.astype(np.int32)]))
+        d64 = i64.split(sizes64)
+        d_ctx, d_pos, d_slot, d_sidx, d_csl, d_dslots, d_gidx, d_lrow, d_ks, d_drafting = d64[:10]
+        d_bt, d_seq, d_cu = i32.split([R * width, R, R + 1])
+        d_bt = d_bt.view(R, width)
+        self.prep_s[it] = time.perf_counter() - t_start
+        # -- propose -----------------------------------------------------------------------
+        q = None
+        if self.drafter is not None:
+            if N:
+                self._draft_prefill(chunks, seqs, d_ctx, d_pos, d_slot, d_bt, d_cu, d_seq, seq_lens)
+            kv = starts[N:][drafting]
+            dl = np.fromiter((min(gseqs[j].dlen, int(starts[N + j])) for j in drafting), dtype=np.int64,
+                             count=len(drafting))
+            catch = np.concatenate([self._context_tokens(gseqs[j], int(a), int(b) + 1)
+                                    for j, a, b in zip(drafting, dl, kv)])
+            dd, extras = self.drafter.propose(self._bt, dec_slots[drafting], kv, dl, ks[drafting], catch,
+                                              self._to_device, self._draft_sample)
+            full = len(drafting) == B
+            drafts = dd if full else torch.zeros(B, kmax, dtype=torch.int64, device=dev).index_copy_(
+                0, d_drafting, dd)
+            if extras[0][1] is not None:  # the drafter's distributions, for the rejection rule
+                q = torch.zeros(B, kmax, self.vocab_size, dtype=torch.float32, device=dev)
+                for j, (req, qj) in enumerate(extras):
+                    rows = d_drafting if req is None else d_drafting.index_select(0, req)
+                    q[:, j].index_copy_(0, rows, qj)
+        else:
+            drafts = d64[-1].view(B, kmax)
+        # -- verify: every generation request is a chunk of 1 + k tokens over its KV ---------
+        gen_in = torch.cat([self._token_buf.index_select(0, d_dslots)[:, None], drafts], dim=1)
+        gen_ids = gen_in.reshape(-1).index_select(0, d_gidx)
+        input_ids = torch.cat([d_ctx, gen_ids]) if Tc else gen_ids
+        meta = AttnMetadata(
+            input_ids=input_ids, positions=d_pos, slot_mapping=d_slot, sample_indices=d_sidx,
+            ctx_block_tables=d_bt, ctx_cu_q_lens=d_cu, ctx_seq_lens=d_seq,
+            dec_block_tables=d_bt[R:], dec_seq_lens=d_seq[R:],
+            num_context_tokens=T, num_context_chunks=R, num_decode=0,
+            sampling_chunks=tuple(sample_rows), max_seq_len=int(seq_lens.max()))
+        vr = self.verify_runner
+        if batch.shape.piecewise_tokens:
+            logits = self.piecewise_runner.run(input_ids, d_pos, meta, batch.shape.piecewise_tokens)
+            self.piecewise_iterations += 1
+        elif N == 0 and batch.shape.graph and vr is not None and T <= vr.max_tokens:
+            logits = vr.run(input_ids, d_pos, meta, vr.padded_size(T))
+            self.verify_graph_iterations += 1
+        else:
+            logits = self.model.forward(input_ids, d_pos, self.kv_pool, meta)
+            self.eager_iterations += 1
+        self.iterations += 1
+        self.spec_iterations += 1
+        # -- accept ------------------------------------------------------------------------
+        if nc:
+            ctx_tok = self.sampler(logits[:nc], self._temp, self._top_p)
+            self._token_buf.index_copy_(0, d_csl, ctx_tok)
+        else:
+            ctx_tok = torch.zeros(0, dtype=torch.int64, device=dev)
+        glog = logits[nc:]
+        rows = d_lrow.view(B, K1)
+        if self._acceptance is not None:
+            accepted = d64[10]
+            emitted = controlled_emit(self.sampler(glog, self._temp, self._top_p)[rows], drafts, accepted)
+        elif self.temperature <= 0:
+            accepted, emitted = greedy_verify(glog.argmax(dim=-1)[rows], drafts, d_ks)
+        else:
+            p = sampling_probs(glog, self.temperature, self.top_p)[rows]
+            accepted, emitted = rejection_verify(p, q, drafts, d_ks, self.sampler.generator)
+        self._token_buf.index_copy_(0, d_dslots, emitted.gather(1, accepted[:, None]).squeeze(1))
+        out = torch.cat([ctx_tok, emitted.reshape(-1), accepted])
+        self.launch_s += time.perf_counter() - t_start
+        if self.cuda:
+            t = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            self.wait_s += time.perf_counter() - t
+        vals = out.tolist()
+        self.completed_s[it] = self.clock()
+        # -- record --------------------------------------------------------------------------
+        outs, limit = self.outputs, self._out_len
+        tokens: dict[int, list[int]] = {}
+        for rid, t in zip(ctx_rids, vals[:nc]):
+            o = outs[rid]
+            if len(o) < limit[rid]:
+                o.append(t)
+            tokens[rid] = [t]
+        em = vals[nc:nc + B * K1]
+        acc = vals[nc + B * K1:]
+        drafter = self.drafter is not None
+        for j, (r, st) in enumerate(zip(gens, gseqs)):
+            a = acc[j]
+            row = em[j * K1:j * K1 + a + 1]
+            rid = r.request_id
+            o = outs[rid]
+            room = limit[rid] - len(o)
+            if room > 0:
+                o.extend(row[:room])
+            tokens[rid] = row
+            k = int(ks[j])
+            if drafter and k:
+                st.dlen = int(starts[N + j]) + min(a, k - 1) + 1
+        self.drafts_proposed += int(ks.sum())
+        self.drafts_accepted += sum(acc)
+        if len(self._seqs) > R:
+            self._cleanup(it)
+        d = self.exec_s[it] = time.perf_counter() - t_start
+        return StepResult(duration_s=d, tokens=tokens, accepted=acc)
 
     def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float:
         """Every arrival so far: the engine steps on the wall clock, so with overlap the
@@ -604,5 +876,22 @@ class GpuExecutor:
             # exceeds it); without, every iteration pays launch_s + its GPU time
             "launch_s": self.launch_s,
             "wait_s": self.wait_s,
+            **({} if self.spec is None else self._spec_stats()),
         }
+
+    def _spec_stats(self) -> dict:
+        dr, vr = self.drafter, self.verify_runner
+        return {
+            "speculation": {
+                "proposer": self.spec.proposer, "acceptance": self.spec.acceptance,
+                "max_draft_len": self.spec.max_draft_len,
+                "iterations": self.spec_iterations,  # iterations that verified drafts
+                "verify_graph_iterations": self.verify_graph_iterations,
+                "verify_graphs_captured": bool(vr is not None and vr.captured),
+                "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,
+                "drafter_steps": dr.steps if dr is not None else 0,
+                "drafter_graph_steps": dr.graph_steps if dr is not None else 0,
+                "drafter_graphs_captured": bool(dr is not None and dr.runner is not None and dr.runner.captured),
+                "drafter_kv_pool_bytes": dr.pool.nbytes if dr is not None else 0,
+            }}
 

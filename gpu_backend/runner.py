@@ -18,8 +18,13 @@ torch references). The KV pool has exactly the engine's ``num_blocks`` blocks of
 Supported: every capacity policy, chunked context, CUDA graphs with padding (decode-only
 iterations whole; iterations with context chunks piecewise, ``runtime.piecewise_graphs``),
 the overlap scheduler, prefix reuse (with partial-block copies), retention priorities,
-preemption by recompute or by swap. Not supported (ConfigError): several replicas or
-tensor parallelism (one GPU), the prefix cache's host offload tier
+preemption by recompute or by swap, speculative decoding with the ``draft_model`` and
+``ngram`` proposers (gpu_backend/speculative.py; acceptance ``speculative.gpu_acceptance``:
+``controlled`` draws it as the simulator does, ``natural`` verifies the drafts; the drafter
+gets random weights seeded with the experiment's ``seed``, or the checkpoint named by
+``SERVESIM_DRAFT_WEIGHTS``). Not supported (ConfigError): several replicas or
+tensor parallelism (one GPU), the ``medusa`` and ``eagle`` proposers (no heads), the
+prefix cache's host offload tier
 (``kv_cache.host_cache_size_gb``: the engine does not say which block it offloads), models
 with biases or sliding-window attention. On a CPU the KV pool is capped at
 `CPU_POOL_LIMIT_BYTES`.
@@ -45,6 +50,7 @@ from servesim.sim.types import ConfigError
 from servesim.traces.schema import HASH_BLOCK_SIZE
 
 WEIGHTS_ENV = "SERVESIM_WEIGHTS"
+DRAFT_WEIGHTS_ENV = "SERVESIM_DRAFT_WEIGHTS"
 CPU_POOL_LIMIT_BYTES = 2 * 10**9
 
 
@@ -69,6 +75,16 @@ def model_dims(setup: Setup):
         raise ConfigError(f"model {m.name}: {e}", "model") from None
 
 
+def drafter_dims(setup: Setup):
+    """`ModelDims` of the speculative drafter (ConfigError for what the backend lacks)."""
+    from .weights import ModelDims
+
+    try:
+        return ModelDims.from_spec(setup.speculation.drafter)
+    except ValueError as e:
+        raise ConfigError(f"drafter {setup.speculation.drafter.name}: {e}", "speculative.draft_model") from None
+
+
 def _check_supported(setup: Setup) -> None:
     cfg = setup.cfg
     problems = []
@@ -81,6 +97,9 @@ def _check_supported(setup: Setup) -> None:
     if cfg.kv_cache.host_cache_size_gb > 0:
         problems.append(("kv_cache.host_cache_size_gb",
                          "the gpu backend has no host offload tier: set it to 0"))
+    if setup.speculation is not None and cfg.speculative.proposer not in ("draft_model", "ngram"):
+        problems.append(("speculative.proposer", f"the gpu backend runs the draft_model and ngram proposers, not "
+                         f"{cfg.speculative.proposer} (no {cfg.speculative.proposer} heads)"))
     if problems:
         raise ConfigError(problems)
 
@@ -121,9 +140,14 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
-def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0) -> None:
+def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0, drafter=None,
+                  verify_tokens: int = 0, resident_bytes: int = 0) -> None:
     """ConfigError unless weights, KV pool and reserves fit the device (the host on a CPU).
-    ``piecewise_tokens``: the largest token count of the piecewise graphs (0: off)."""
+    ``piecewise_tokens``: the largest token count of the piecewise graphs (0: off).
+    ``drafter``: the draft model's `ModelDims` (its weights and its own KV pool of the same
+    block count count too); ``verify_tokens``: the largest token count of the verification's
+    piecewise graphs (0: none); ``resident_bytes``: of the weights, those already on the
+    device (models kept from an earlier run)."""
     import torch
 
     from .kv_pool import KVPool
@@ -134,6 +158,10 @@ def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0) 
     per_block = KVPool.bytes_per_block(dims.num_layers, setup.cfg.kv_cache.tokens_per_block, dims.num_kv_heads,
                                        dims.head_dim, dtype)
     pool = per_block * setup.num_blocks
+    if drafter is not None:
+        weights += drafter.num_params() * elem
+        pool += KVPool.bytes_per_block(drafter.num_layers, setup.cfg.kv_cache.tokens_per_block,
+                                       drafter.num_kv_heads, drafter.head_dim, dtype) * setup.num_blocks
     kvc = setup.cfg.kv_cache
     s = setup.cfg.scheduler
     if device.type == "cuda":
@@ -145,11 +173,17 @@ def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0) 
                 * dims.vocab_size * 4  # the graphs' static logits
         if piecewise_tokens:
             reserve += static_buffer_bytes(dims, piecewise_tokens, dtype)  # the piecewise graphs' buffers
+        if verify_tokens:
+            reserve += static_buffer_bytes(dims, verify_tokens, dtype)
+        if drafter is not None and setup.cfg.runtime.cuda_graphs:  # the drafter's static logits (2x rows)
+            reserve += 2 * min(setup.cfg.runtime.graph_max_batch_size or s.max_batch_size, s.max_batch_size) \
+                * dims.vocab_size * 4
         free, _ = torch.cuda.mem_get_info(device)
-        need = weights + pool + reserve
+        need = weights - resident_bytes + pool + reserve
         if need > free:
             raise ConfigError(
-                f"weights {_gb(weights)} + KV pool {_gb(pool)} ({setup.num_blocks} blocks) + activation reserve "
+                f"weights {_gb(weights)} + KV pool {_gb(pool)} ({setup.num_blocks} blocks"
+                f"{', the drafter and its pool included' if drafter is not None else ''}) + activation reserve "
                 f"{_gb(reserve)} = {_gb(need)} exceed the free memory of {torch.cuda.get_device_name(device)} "
                 f"({_gb(free)}): set kv_cache.pool_tokens or lower kv_cache.free_gpu_memory_fraction", "kv_cache")
         return
@@ -175,7 +209,8 @@ def check_device(hw, device_name: str) -> None:
 
 def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, *,
                  check_invariants: bool = False, device: str | None = None, weights: str | os.PathLike | None = None,
-                 use_graphs: bool | None = None, dtype=None) -> RunResult:
+                 use_graphs: bool | None = None, dtype=None, draft_weights: str | os.PathLike | None = None,
+                 model_cache: dict | None = None) -> RunResult:
     """Run ``setup`` on the real model; returns the same `RunResult` as `simulate`.
 
     The result also carries ``tokens`` (request_id -> generated token ids, an
@@ -186,7 +221,11 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     with NVML the run's energy is the GPU's energy counter over the run. ``use_graphs=False``
     keeps the padded graph paths (decode and piecewise) but runs them eagerly (default:
     capture on CUDA). ``dtype``: a torch dtype for weights and KV cache (default bf16 on
-    CUDA, fp32 on a CPU)."""
+    CUDA, fp32 on a CPU). ``draft_weights``: the drafter's checkpoint (default
+    ``SERVESIM_DRAFT_WEIGHTS``, else random weights seeded with the experiment's ``seed``).
+    ``model_cache``: a dict in which the built models are kept and reused by later calls
+    with the same model, weights, dtype, device and seed (a benchmark's many runs; the
+    caller frees it), instead of being freed after the run."""
     import torch
 
     from .driver import run_wallclock
@@ -206,23 +245,67 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ecfg = engine_config(setup, check_invariants)
     pw = ecfg.piecewise_padding
-    _check_memory(setup, dims, dev, dtype, piecewise_tokens=pw.sizes[-1] if pw is not None else 0)
+    sp = setup.speculation
+    ddims = None
+    if sp is not None and sp.drafter is not None:
+        ddims = drafter_dims(setup)
+    gp = ecfg.graph_padding
+    vt = 0
+    if sp is not None and gp is not None:
+        from .executor import verify_sizes
+
+        vt = verify_sizes(gp.sizes, sp.policy.max_draft_len)[-1]
     wpath = weights if weights is not None else (os.environ.get(WEIGHTS_ENV) or None)
     if wpath is not None and not Path(wpath).exists():
         raise ConfigError(f"checkpoint not found: {wpath}", WEIGHTS_ENV)
+    dpath = None
+    if ddims is not None:
+        dpath = draft_weights if draft_weights is not None else (os.environ.get(DRAFT_WEIGHTS_ENV) or None)
+        if dpath is not None and not Path(dpath).exists():
+            raise ConfigError(f"checkpoint not found: {dpath}", DRAFT_WEIGHTS_ENV)
+
+    def key(d, path):
+        return (repr(d.spec), str(path), str(dtype), str(dev), cfg.seed)
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    resident = sum(d.num_params() * elem for d, p in ((dims, wpath), (ddims, dpath))
+                   if d is not None and model_cache is not None and key(d, p) in model_cache)
+    _check_memory(setup, dims, dev, dtype, piecewise_tokens=pw.sizes[-1] if pw is not None else 0,
+                  drafter=ddims, verify_tokens=vt, resident_bytes=resident)
 
     requests = prepare_requests(setup)
 
-    try:
-        model = LlamaModel(dims, wpath, dtype=dtype, device=dev, seed=cfg.seed)
-    except (WeightLoadError, FileNotFoundError, OSError) as e:
-        raise ConfigError(f"cannot load weights from {wpath}: {e}", WEIGHTS_ENV) from None
+    def build(d, path, env):
+        k = key(d, path)
+        if model_cache is not None and k in model_cache:
+            return model_cache[k]
+        try:
+            m = LlamaModel(d, path, dtype=dtype, device=dev, seed=cfg.seed)
+        except (WeightLoadError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"cannot load weights from {path}: {e}", env) from None
+        if model_cache is not None:
+            model_cache[k] = m
+        return m
+
+    model = build(dims, wpath, WEIGHTS_ENV)
+    speculation = None
+    if sp is not None:
+        from .speculative import GpuSpeculation
+
+        scfg = cfg.speculative
+        speculation = GpuSpeculation(
+            scfg.proposer, sp.policy.max_draft_len, acceptance=scfg.gpu_acceptance, alpha=sp.alpha, beta=sp.beta,
+            # the simulator's seed for the same replica (sim/runner.make_sim_speculation): a run
+            # and its simulated replay draw the same acceptances for the same schedule
+            seed=cfg.seed * 1009 + 0,
+            drafter=build(ddims, dpath, DRAFT_WEIGHTS_ENV) if ddims is not None else None)
     hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
     executor = GpuExecutor(model, ecfg.num_blocks, ecfg.tokens_per_block,
                            graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
                            piecewise_sizes=pw.sizes if pw is not None else None,
                            max_seq_len=longest, overlap=cfg.runtime.overlap_scheduler, seed=cfg.seed,
-                           hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs)
+                           hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs,
+                           speculation=speculation)
     executor.warmup()
     engine = Engine(ecfg, executor)
     router = make_router(cfg.cluster.router)
@@ -256,7 +339,10 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
             "exec_s": np.array([executor.exec_s.get(i, np.nan) for i in range(engine.g)])}
     # free the model, the KV pool and the graphs before the next variant builds its own
     engine.executor = None
-    del executor, model
+    model.kv_pool = None  # (a cached model outlives the run: not its pool)
+    if speculation is not None and speculation.drafter is not None:
+        speculation.drafter.kv_pool = None
+    del executor, model, speculation
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -185,6 +185,10 @@ class SpeculativeConfig(_Strict):
     tree_nodes: int = Field(0, ge=0, description="eagle: candidate-tree nodes verified per request (0: a chain)")
     host_s_per_request: float = Field(2e-6, ge=0, description="host seconds per request and step of "
                                       "proposing (n-gram lookup, draft bookkeeping)")
+    gpu_acceptance: Literal["natural", "controlled"] = Field(
+        "controlled", description="--backend gpu: controlled runs the real drafting and verification but accepts "
+        "each position as `acceptance` says (random weights make natural acceptance meaningless); natural "
+        "accepts what the target's verification accepts")
 
     @model_validator(mode="after")
     def _check(self):
