@@ -19,9 +19,10 @@ each from runs of the same requests on the same GPU (or the same simulated one).
     python benchmarks/gpu_spec_decoding.py --smoke --out DIR          # CPU, tiny shapes (~20 s)
 
 Writes OUT/gpu_spec_decoding.md (the table, the command, the device), OUT/gpu_spec_decoding.csv
-(one row per run) and the GPU runs (OUT/runs/<case>/, run folders as `sim run` writes them).
-The page and the CSV are rewritten after every case, so a call cut short keeps what it
-measured; --budget-s skips the cases that would start after it.
+(one row per run) and OUT/gpu_spec_decoding_runs.tar.gz (the GPU runs, runs/<case>/, run
+folders as `sim run` writes them: three files in OUT, as a device call brings back). All three
+are rewritten after every case, so a call cut short keeps what it measured; --budget-s
+skips the cases that would start after it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,6 +160,14 @@ def write_page(out: Path, rows: list[dict], plain: dict, info: dict) -> None:
     (out / "gpu_spec_decoding.md").write_text("\n".join(lines))
 
 
+def pack(runs: Path, out: Path) -> None:
+    """The GPU runs into OUT/gpu_spec_decoding_runs.tar.gz (written aside, then renamed)."""
+    tmp = out / ".gpu_spec_decoding_runs.tar.gz.partial"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(runs, arcname="runs")
+    tmp.replace(out / "gpu_spec_decoding_runs.tar.gz")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (the device call's $OUT)")
@@ -180,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_spec_decoding_"))  # the runs (packed into OUT) and smoke models
+    try:
+        return _main(args, ap, argv, out, work, t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _main(args, ap, argv, out: Path, work: Path, t0: float) -> int:
     import torch
 
     from bench_device import device_name, hardware_here
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from servesim.sim.runner import resolve, write_run
 
     if args.smoke:
-        models = out / "models"
+        models = work / "models"
         models.mkdir(exist_ok=True)
         (models / "tiny.json").write_text(json.dumps(TINY))
         (models / "tiny-draft.json").write_text(json.dumps(TINY_DRAFT))
@@ -229,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         res = simulate_gpu(resolve(RunConfig.model_validate(cfg), REPO), model_cache=cache)
         wall = time.perf_counter() - t
-        run_dir = out / "runs" / case
+        run_dir = work / "runs" / case
         write_run(res, run_dir, "gpu_spec_decoding", case)
+        pack(work / "runs", out)
         sim = sim_replay(cfg, run_dir, args.profile, args.draft_profile)
         g, s = metrics(res.summary), metrics(sim["summary"])
         gacc = res.iterations.column("draft_tokens_accepted").to_pylist()

@@ -480,3 +480,12 @@ def test_gpu_spec_decoding_benchmark_smoke(tmp_path):
     assert len(rows) == 2 * 2 * 2  # the smoke grid: 2 alphas x 2 ks x 2 batches
     csv = (tmp_path / "gpu_spec_decoding.csv").read_text().splitlines()
     assert len(csv) == 1 + 8 + 2  # header, speculative cases, plain baselines
+    assert "no" not in {r.split("|")[-2].strip() for r in rows}  # the replays accepted what the GPU did
+    # three files (a device call brings back few): the runs packed, each a run folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_spec_decoding.csv", "gpu_spec_decoding.md",
+                                                         "gpu_spec_decoding_runs.tar.gz"]
+    import tarfile
+
+    with tarfile.open(tmp_path / "gpu_spec_decoding_runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.endswith("/iterations.parquet") for n in names) == 10
