@@ -3,6 +3,8 @@ baselines, all in one device call. Writes its tables to OUT/gpu_bench.md.
 
     # on the GPU machine (one ~9-minute call; see benchmarks/results/gpu_bench.md)
     python benchmarks/gpu_bench.py --out $OUT --budget-s 540
+    # issue S10's call (sections 1, 12, 4, 14; ~4-5 minutes on an H200)
+    python3 benchmarks/gpu_bench.py --sections s10 --out $OUT --budget-s 330
     # anywhere, a CPU smoke test of every section on a tiny model
     python benchmarks/gpu_bench.py --smoke --out /tmp/gpu_bench
 
@@ -13,13 +15,24 @@ too small for it):
  2. kernels vs their torch references on random bf16 inputs, then achieved bytes/s as a
     fraction of the copy bandwidth;
  3. the model's logits vs transformers' LlamaForCausalLM with the same weights;
+12. (S10; not in the default --sections) decode attention autotune: candidate launch configs
+    (tiles, warps, pipelining stages, split bounds, fused reduce, program order) of both
+    models' shapes at batch 1-256 x context 1k-8k, each checked against the torch reference
+    before it is timed; the best per batch written to OUT/decode_attention_tuning.json
+    (`SERVESIM_DECODE_TUNING=...` or kernels/tuning/ makes the executor use it) and installed
+    for section 4; every timing in OUT/decode_attention_tuning.csv;
  4. decode iterations of Llama-3.2-1B and Llama-3.1-8B (random weights, real shapes; batch
-    1-256, context 512-8k) over a paged cache with mixed lengths, CUDA graphs on and off, vs
-    the roofline (weights + KV bytes read) / copy bandwidth and vs a plain-PyTorch graphed
-    iteration (cuBLAS GEMMs + SDPA over a contiguous cache) with the same weights; a point
-    that does not fit in memory is reported in its row;
+    1/16/64/256 x context 1k/4k) over a paged cache with lengths +-50%, CUDA graphs, vs the
+    roofline (bytes read / copy bandwidth) and vs issue S10's plain-PyTorch baseline (cuBLAS
+    `x @ W` with weights [in, out], F.rms_norm, SDPA over a contiguous cache, one graph,
+    argmax) in its equal-length and its mixed-length-padded form; the baseline is first
+    checked to compute our model's function on our KV (OUT/decode_grid.csv);
  5. (with 4) a calibration grid (prefill chunks x cached tokens, decode batch x KV) for the
     simulator's calibrated cost model (S4), written to OUT/calibration.csv;
+14. (S10, with 4; not in the default --sections) torch.profiler of ours and of the baseline
+    at a few of section 4's points: kernel time vs graph wall time per kernel kind, top
+    kernels (OUT/profile_s10.csv); the decode GEMMs alone in both weight layouts
+    (OUT/gemm_layouts.csv);
  8. a torch.profiler profile of Llama-3.2-1B decode at batch 1 (graph replays and the eager
     step): top kernels per iteration, kernel time vs the graph's wall time (the gaps), the
     GEMMs' achieved bytes/s vs the copy bandwidth, and the time over the roofline by part;
@@ -301,65 +314,102 @@ def vs_hf(dev, dtype, smoke: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- 4, 5
-def plain_torch_decode(spec, B, lens, dev, dtype, weights=None):
-    """The best a careful engineer gets from torch alone: cuBLAS GEMMs, SDPA over a
-    contiguous per-request cache (masked to each length), the whole step in a CUDA graph.
-    ``weights``: our model's `LlamaWeights` to reuse (same shapes and layouts; saves their
-    memory), else random ones."""
+def plain_weights(model) -> dict:
+    """Our model's weights laid out for the plain-PyTorch baseline: every linear ``[in, out]``
+    (contiguous copies, so the step is ``x @ W``), norms and embedding shared."""
+    w = model.weights
+    return dict(layers=[dict(qkv=lw.qkv.t().contiguous(), o=lw.o.t().contiguous(),
+                             gu=lw.gate_up.t().contiguous(), down=lw.down.t().contiguous(),
+                             n1=lw.input_norm, n2=lw.post_norm) for lw in w.layers],
+                embed=w.embed, head=w.lm_head.t().contiguous(), final_norm=w.final_norm)
+
+
+PLAIN_FORMS = ("gqa", "grouped")
+
+
+def plain_torch_decode(spec, pw: dict, lens, dev, dtype, *, padded: bool, form: str = "gqa", cos_sin=None,
+                       ids=None, kv=None, logits: bool = False, seed: int = 3):
+    """The best a careful engineer gets from torch alone (issue S10's baseline): cuBLAS
+    ``x @ W`` with weights stored [in, out] (``pw``, `plain_weights`), ``F.rms_norm``, RoPE,
+    the new token's K/V written into a contiguous cache ``[layers][batch, kv_heads, ctx,
+    head_dim]``, ``F.scaled_dot_product_attention``, argmax at the end; the caller captures
+    the whole step in one CUDA graph.
+
+    ``padded``: sequences of lengths ``lens`` (their new token at position ``lens[b]``) in
+    one cache padded to the longest, with a boolean attention mask; else every sequence has
+    ``lens[0]`` cached tokens (the equal-length form: no mask). ``form``: ``"gqa"`` is
+    ``sdpa(q [B, Hq, 1, D], K, V, enable_gqa=True)``; ``"grouped"`` puts a kv head's
+    ``Hq / Hkv`` query heads on the query-length axis, ``sdpa(q [B, Hkv, G, D], K, V)`` (the
+    same attention: query head h uses kv head h // G). ``cos_sin``: the rotary table (our
+    model's, so both compute the same function); ``kv(layer) -> (K, V)``: the first positions
+    of the caches (the rest random). ``logits``: return fp32 logits instead of token ids."""
+    import torch.nn.functional as F
+
     d = spec
-    L, H, Hq, Hkv, D, I, V = (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
-                               d.intermediate_size, d.vocab_size)
-    g = torch.Generator(device=dev).manual_seed(3)
-
-    def w(*s):
-        return (torch.randn(*s, generator=g, device=dev, dtype=torch.float32) * 0.02).to(dtype)
-
-    Lmax = int(lens.max()) + 1
-    if weights is not None:
-        layers = [dict(qkv=lw.qkv, o=lw.o, gu=lw.gate_up, down=lw.down, n1=lw.input_norm, n2=lw.post_norm)
-                  for lw in weights.layers]
-        emb, head, final_norm = weights.embed, weights.lm_head, weights.final_norm
+    L, H, Hq, Hkv, D, I = (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
+                           d.intermediate_size)
+    G = Hq // Hkv
+    eps = float(getattr(d, "rms_norm_eps", 1e-5))
+    B = int(lens.numel())
+    g = torch.Generator(device=dev).manual_seed(seed)
+    lens = lens.to(dev)
+    if not padded:
+        lens = torch.full_like(lens, int(lens[0]))
+    Lc = int(lens.max()) + 1
+    if padded:  # the masked cache's length a multiple of 16 (SDPA's kernels want the mask's rows aligned)
+        Lc = -(-Lc // 16) * 16
+    caches = []
+    for i in range(L):
+        # drawn in the cache's dtype directly: no fp32 temporary
+        kc = torch.empty(B, Hkv, Lc, D, device=dev, dtype=dtype).normal_(generator=g)
+        vc = torch.empty(B, Hkv, Lc, D, device=dev, dtype=dtype).normal_(generator=g)
+        if kv is not None:
+            k0, v0 = kv(i)
+            kc[:, :, : k0.shape[2]] = k0
+            vc[:, :, : v0.shape[2]] = v0
+        caches.append((kc, vc))
+    pos = lens.to(torch.int64)
+    mask = (torch.arange(Lc, device=dev)[None, :] <= pos[:, None]).view(B, 1, 1, Lc) if padded else None
+    if ids is None:
+        ids = torch.randint(0, d.vocab_size, (B,), generator=g, device=dev)
+    if cos_sin is None:
+        inv = 1.0 / (float(getattr(d, "rope_theta", 10000.0)) ** (torch.arange(0, D, 2, device=dev).float() / D))
+        ang = pos[:, None].float() * inv[None, :]
+        cs = torch.cat([ang.cos(), ang.sin()], -1)
     else:
-        layers = [dict(qkv=w((Hq + 2 * Hkv) * D, H), o=w(H, Hq * D), gu=w(2 * I, H), down=w(H, I),
-                       n1=torch.ones(H, device=dev, dtype=dtype), n2=torch.ones(H, device=dev, dtype=dtype))
-                  for _ in range(L)]
-        emb, head = w(V, H), w(V, H)
-        final_norm = layers[0]["n1"]
-    # drawn in the cache's dtype directly: no fp32 temporary twice the cache's size
-    kc = torch.empty(L, B, Hkv, Lmax, D, device=dev, dtype=dtype).normal_(generator=g)
-    vc = torch.empty_like(kc).normal_(generator=g)
-    pos = lens.to(torch.int64).clone()
-    mask = (torch.arange(Lmax, device=dev)[None, :] <= pos[:, None]).view(B, 1, 1, Lmax)
-    ids = torch.randint(0, V, (B,), generator=g, device=dev)
-    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
-    ang = pos[:, None].float() * inv[None, :]
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+        cs = cos_sin[pos].float()
+    cos = torch.cat([cs[:, : D // 2]] * 2, -1).to(dtype)[:, None, :]  # [B, 1, D]
+    sin = torch.cat([cs[:, D // 2:]] * 2, -1).to(dtype)[:, None, :]
     bidx = torch.arange(B, device=dev)
+    layers, emb, head, fnorm = pw["layers"], pw["embed"], pw["head"], pw["final_norm"]
 
-    def rope(x):
+    def rope(x):  # HF's rotate_half form
         x1, x2 = x[..., : D // 2], x[..., D // 2:]
-        return x * cos[:, None, :] + torch.cat([-x2, x1], -1) * sin[:, None, :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    def rms(x, wt):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * wt
+    def attend(q, kc, vc):
+        if form == "gqa":
+            return F.scaled_dot_product_attention(q.view(B, Hq, 1, D), kc, vc, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q.view(B, Hkv, G, D), kc, vc, attn_mask=mask)
+
+    if form not in PLAIN_FORMS:
+        raise ValueError(f"form must be one of {PLAIN_FORMS}, got {form!r}")
 
     def step():
         h = emb[ids]
         for i, p in enumerate(layers):
-            x = rms(h, p["n1"])
-            qkv = torch.nn.functional.linear(x, p["qkv"])
-            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+            kc, vc = caches[i]
+            x = F.rms_norm(h, (H,), p["n1"], eps)
+            q, k, v = (x @ p["qkv"]).split([Hq * D, Hkv * D, Hkv * D], -1)
             q, k = rope(q.view(B, Hq, D)), rope(k.view(B, Hkv, D))
-            kc[i, bidx, :, pos] = k
-            vc[i, bidx, :, pos] = v.view(B, Hkv, D)
-            a = torch.nn.functional.scaled_dot_product_attention(
-                q.view(B, Hq, 1, D), kc[i], vc[i], attn_mask=mask, enable_gqa=True)
-            h = h + torch.nn.functional.linear(a.reshape(B, Hq * D), p["o"])
-            x = rms(h, p["n2"])
-            gu = torch.nn.functional.linear(x, p["gu"])
-            h = h + torch.nn.functional.linear(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:], p["down"])
-        return torch.nn.functional.linear(rms(h, final_norm), head).float()
+            kc[bidx, :, pos] = k
+            vc[bidx, :, pos] = v.view(B, Hkv, D)
+            h = h + attend(q, kc, vc).reshape(B, Hq * D) @ p["o"]
+            x = F.rms_norm(h, (H,), p["n2"], eps)
+            gu = x @ p["gu"]
+            h = h + (F.silu(gu[:, :I]) * gu[:, I:]) @ p["down"]
+        out = F.rms_norm(h, (H,), fnorm, eps) @ head
+        return out.float() if logits else out.argmax(-1)
 
     return step
 
@@ -395,7 +445,15 @@ def decode_setup(model, spec, lens, dev, g, bs: int = 16):
     """One decode iteration over a paged cache holding exactly the blocks each sequence needs
     (its cached tokens and the new one), placed at random; block tables padded with block 0.
     Returns (step, seq_lens, pool); the pool is also attached to the model."""
+    p = paged_decode_inputs(model, spec, lens, dev, g, bs)
+    return p["step"], p["seq"], p["pool"]
+
+
+def paged_decode_inputs(model, spec, lens, dev, g, bs: int = 16, ids=None, argmax: bool = False) -> dict:
+    """`decode_setup`'s iteration, with its inputs: dict(step, seq, pool, bt, pos, ids).
+    ``argmax``: the step returns token ids (as the baseline does) instead of logits."""
     B = lens.numel()
+    lens = lens.to(dev)
     nblk = (lens.to(torch.int64) + bs) // bs  # ceil((len + 1) / bs)
     total, mb = int(nblk.sum()), int(nblk.max())
     pool = model.make_kv_pool(total, bs)
@@ -405,102 +463,280 @@ def decode_setup(model, spec, lens, dev, g, bs: int = 16):
     pos = lens.to(torch.int64)
     slot = bt[torch.arange(B, device=dev), pos // bs].to(torch.int64) * bs + pos % bs
     seq = (lens + 1).to(torch.int32)
-    ids = torch.randint(0, spec.vocab_size, (B,), generator=g, device=dev)
+    if ids is None:
+        ids = torch.randint(0, spec.vocab_size, (B,), generator=g, device=dev)
 
-    def step():
+    def logits():
         return model.forward_decode(ids, pos, bt, seq, slot, pool)
 
-    return step, seq, pool
+    def step():
+        return logits().argmax(-1) if argmax else logits()
+
+    return dict(step=step, logits=logits, seq=seq, pool=pool, bt=bt, pos=pos, ids=ids)
 
 
-def _time_ours(model, spec, lens, dev, g, t, smoke):
-    step, seq, pool = decode_setup(model, spec, lens, dev, g)
-    with torch.no_grad():
-        eager = t(step, reps=10 if not smoke else 2)
-        graph = t(graphed(step, dev), reps=20 if not smoke else 2)
-    return eager, graph, int(seq.sum())
+def pool_as_contiguous(pool, bt, n_tokens: int):
+    """``kv(layer) -> (K, V)`` reading a paged pool into the baseline's contiguous layout
+    ``[B, Hkv, n_tokens, D]`` (the first ``n_tokens`` positions of each block table row)."""
+    def kv(layer):
+        out = []
+        for c in (pool.k_caches[layer], pool.v_caches[layer]):
+            x = c[bt.long()]  # [B, blocks, bs, Hkv, D]
+            out.append(x.flatten(1, 2)[:, :n_tokens].permute(0, 2, 1, 3).contiguous())
+        return out
+    return kv
 
 
-def _time_plain(model, spec, lens, dev, dtype, t, smoke):
-    with torch.no_grad():
-        fn = plain_torch_decode(spec, int(lens.numel()), lens, dev, dtype, weights=model.weights)
-        return t(graphed(fn, dev), reps=20 if not smoke else 2)
+def bytes_read(spec, batch: int, kv_tokens: int) -> int:
+    """Bytes a decode step must read: every weight once (an untied embedding table only the
+    ``batch`` rows it gathers) and the KV of ``kv_tokens`` tokens."""
+    emb = spec.embedding_params * spec.dtype_bytes
+    w = spec.weight_bytes - (emb - batch * spec.hidden_size * spec.dtype_bytes if not spec.tie_word_embeddings else 0)
+    return int(w + kv_tokens * spec.kv_bytes_per_token)
 
 
-def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]) -> None:
+S10_GRID = ((1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 4096), (16, 4096), (64, 4096), (256, 4096))
+S10_PROFILE = {"llama-3.2-1b": ((1, 1024), (256, 1024), (64, 4096)),
+               "llama-3.1-8b": ((1, 1024), (256, 1024), (64, 4096))}
+S10_BLOCK = 32  # tokens per KV block: the serving runs' (kv_cache.tokens_per_block)
+# logits' relative error, ours vs the baseline on the same weights and KV: bf16 rounding through every layer
+# (RoPE in fp32 vs bf16, fused vs separate residual add + RMSNorm, other attention kernels) stays well under;
+# a baseline that computed something else (a wrong head grouping, mask or KV position) is off by ~1
+CHECK_TOL = 0.15
+
+
+def _check_plain(model, spec, pw, ours: dict, lens, dev, dtype, padded: bool) -> list[tuple]:
+    """The baseline computes our model's function: its logits on our pool's KV (read into
+    its contiguous cache) and our ids, both SDPA forms, vs ours. Raises if off."""
+    ref = ours["logits"]().float()  # ours (writes the new token's KV: rewritten identically below)
+    rows = []
+    n_tok = int(lens.max()) + 1
+    for form in PLAIN_FORMS:
+        fn = plain_torch_decode(spec, pw, lens, dev, dtype, padded=padded, form=form, cos_sin=model.cos_sin,
+                                ids=ours["ids"], kv=pool_as_contiguous(ours["pool"], ours["bt"], n_tok), logits=True)
+        got = fn()
+        err = rel_err(got, ref)
+        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        rows.append((form, err, agree))
+        if not err <= CHECK_TOL:
+            raise AssertionError(f"plain-PyTorch baseline ({'padded' if padded else 'equal'}, {form}) differs from "
+                                 f"our model on the same weights and KV: logits rel. error {err:.2e}")
+        del fn, got
+    return rows
+
+
+def _roof_share(spec, B, kv_tokens, bw, s) -> float:
+    return bytes_read(spec, B, kv_tokens) / bw / s
+
+
+def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict], out: Path | None = None,
+                work: Path | None = None, profile: bool = False, only_profile: bool = False,
+                prefill: bool = False) -> None:
+    """Section 4 (S10): graphed decode iterations of both models, ours (paged pool, lengths
+    +-50%, the tuned decode-attention configs if section 12 ran, and the default ones; and
+    the same batch with every length equal to the mean) against the plain-PyTorch baseline
+    in its equal-length form (every sequence at the mean length: the same KV) and its
+    mixed-length form (the same lengths, padded to the longest, masked), each in both SDPA
+    forms, the faster reported. Before any timing, at one point per model, the baseline's
+    logits on our pool's KV are checked against ours. ``profile``: section 14 at the
+    points of S10_PROFILE (torch.profiler: kernel time vs graph wall time, per kernel)."""
     from servesim.gpu_backend.model import LlamaModel
+    from servesim.kernels import decode_attention as da
 
     t = timer(dev)
+    cuda = dev.type == "cuda"
+    reps = 20 if not smoke else 2
     models = ["llama-3.2-1b", "llama-3.1-8b"] if not smoke else ["tiny"]
-    md("\n## 4. Decode iterations vs roofline and plain PyTorch (random weights, real shapes, "
-       "paged cache, mixed lengths +-50%)\n")
-    md("Roofline = (weight bytes + KV bytes read) / measured copy bandwidth. Ours: a paged pool holding "
-       "exactly the blocks the batch needs. Plain PyTorch: the same weights, cuBLAS GEMMs + SDPA over a "
-       "contiguous cache of batch x (longest length + 1) tokens, CUDA graph; it runs after our pool is "
-       "freed, and is skipped where that cache does not fit in the free memory.")
-    for name in models:
-        if not budget.allows(60, f"decode grid {name}"):
-            return
-        md("\n| model | batch | context | ours, graph | of roofline | ours, eager | plain PyTorch (graph) | "
-           "of roofline | ours vs plain |")
-        md("|---|---|---|---|---|---|---|---|---|")
-        cfg, spec = model_cfg_spec(name, smoke)
-        model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
-        grid = ([(1, 64), (4, 128)] if smoke else
-                [(1, 512), (1, 1024), (16, 1024), (64, 1024), (256, 1024), (32, 2048), (64, 4096), (8, 8192),
-                 (1, 8192)])
-        kv_tok = spec.kv_bytes_per_token
-        mem_cap = 40e9  # our pool (the KV bytes of the batch), on top of the weights
-        g = torch.Generator(device=dev).manual_seed(1)
-        for B, ctx in grid:
-            if budget.left() < 25:
-                md(f"| {name} | ... | | *budget exhausted* | | | | | |")
+    grid = S10_GRID if not smoke else ((1, 32), (4, 64))
+    prof_points = S10_PROFILE if not smoke else {"tiny": ((4, 64),)}
+    bs = S10_BLOCK if not smoke else 16
+    tuned = da.get_tuning()
+    rows, checks, prof_rows, gemm_rows, gemm_md = [], [], [], [], []
+    if not only_profile:
+        md("\n## 4. Decode iterations vs roofline and an honest plain-PyTorch baseline (random weights, real "
+           "shapes)\n")
+        md(f"One graphed decode iteration (argmax included) per point. **Ours**: the paged pool of {bs}-token blocks "
+           "(placed at random), lengths uniform in +-50% of the context; decode attention with the configs of "
+           + (f"the tuning table installed ({tuned.get('made_by', '?')}, on {tuned.get('device', '?')})" if tuned
+              else "*no tuning table (section 12 not run): the default configs*")
+           + ", and with the default configs; *ours, equal* is the same batch with every length at the mean. "
+           "**Plain PyTorch** (issue S10's baseline, the same weights re-laid [in, out]): cuBLAS `x @ W`, "
+           "`F.rms_norm`, RoPE, the new K/V written into a contiguous `[batch, kv_heads, ctx, head_dim]` cache, "
+           "`F.scaled_dot_product_attention`, argmax, one CUDA graph; *equal*: every sequence at the mean length "
+           "(the same KV bytes as ours, no mask); *padded*: our lengths, the cache padded to the longest, a "
+           "boolean mask. Each in both SDPA forms (`gqa`: `enable_gqa=True` on [B, Hq, 1, D] queries; `grouped`: "
+           "a kv head's query heads as the query-length axis, [B, Hkv, G, D]), the faster shown. **Share** = "
+           "(bytes read: weights once -- of an untied embedding only the gathered rows -- and the useful KV) / "
+           "copy bandwidth / time; for *padded* the useful KV is ours. ratio = baseline time / ours.\n")
+    try:  # the tables of what was measured are written also when a check failed
+        for name in models:
+            if not budget.allows(45 if not only_profile else 20, f"decode grid {name}"):
                 break
-            lens = torch.randint(ctx // 2, ctx * 3 // 2 + 1, (B,), generator=g, device=dev).to(torch.int32)
-            kv_bytes = (int(lens.sum()) + B) * kv_tok
-            if kv_bytes > mem_cap:
-                md(f"| {name} | {B} | {ctx} | *skipped: KV {kv_bytes / 1e9:.0f} GB > cap {mem_cap / 1e9:.0f} GB* "
-                   "| | | | | |")
-                continue
-            oom = ""
-            try:
-                eager, graph, kv_sum = _time_ours(model, spec, lens, dev, g, t, smoke)
-            except torch.OutOfMemoryError as e:
-                oom = str(e).splitlines()[0][:120]
-            model.kv_pool = None  # free the pool before the baseline allocates its cache
-            free_memory(dev)  # (after the except block: its traceback holds the pool)
-            if oom:
-                md(f"| {name} | {B} | {ctx} | *out of memory (KV {kv_bytes / 1e9:.0f} GB): {oom}* | | | | | |")
-                continue
-            roof = (spec.weight_bytes + kv_sum * kv_tok) / ceil["copy_bw"]
-            # the baseline's contiguous cache, plus SDPA's GQA-expanded K and V of one layer
-            Lmax = int(lens.max()) + 1
-            cache = B * Lmax * kv_tok
-            need = cache * (1 + spec.num_heads / spec.num_kv_heads / spec.num_layers) + 2e9
-            avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else mem_cap
-            base, note = float("nan"), ""
-            if need > avail:
-                note = f"skipped: contiguous cache {cache / 1e9:.0f} GB, {avail / 1e9:.0f} GB free"
-            else:
+            cfg, spec = model_cfg_spec(name, smoke)
+            model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+            pw = plain_weights(model)
+            g = torch.Generator(device=dev).manual_seed(1)
+            kv_tok = spec.kv_bytes_per_token
+            free = (torch.cuda.mem_get_info(dev)[0] if cuda else 64e9) - 3e9
+            points = prof_points.get(name, ()) if only_profile else grid
+            checked = False
+            for B, ctx in points:
+                if budget.left() < 20:
+                    md(f"\n*{name} {B} x {ctx} and later points: skipped, {budget.left():.0f} s of the budget left*")
+                    break
+                lens = torch.randint(ctx // 2, ctx * 3 // 2 + 1, (B,), generator=g, device=dev).to(torch.int32)
+                L_eq = int(round(float(lens.float().mean())))
+                eq = torch.full_like(lens, L_eq)
+                kv_mixed, kv_eq = int(lens.sum()) + B, B * (L_eq + 1)
+                Lmax = int(lens.max()) + 1
+                need = max(kv_mixed, B * Lmax) * kv_tok
+                r = dict(model=name, batch=B, ctx=ctx, kv_tokens=kv_mixed, kv_tokens_equal=kv_eq, longest=Lmax - 1)
+                if need > free:
+                    r["note"] = f"skipped: KV {need / 1e9:.0f} GB > {free / 1e9:.0f} GB free"
+                    rows.append(r)
+                    continue
                 try:
-                    base = _time_plain(model, spec, lens, dev, dtype, t, smoke)
-                except torch.OutOfMemoryError:
-                    note = f"out of memory (contiguous cache {cache / 1e9:.0f} GB)"
-                free_memory(dev)  # the graph and its cache
-            if math.isnan(base):
-                base_cols = f"*{note}* | | "
-            else:
-                base_cols = f"{base * 1e3:.2f} ms | {roof / base:.0%} | {base / graph:.2f}x"
-            md(f"| {name} | {B} | {ctx} | {graph * 1e3:.2f} ms | {roof / graph:.0%} | {eager * 1e3:.2f} ms | "
-               f"{base_cols} |")
-            for gflag, val in ((True, graph), (False, eager)):
-                calib.append(dict(model=name, kind="decode", n_decode=B, kv_sum=kv_sum, ctx_tokens=0,
-                                  ctx_prior=0, graph=gflag, time_s=val))
-        # prefill chunks for calibration
-        if budget.allows(20, f"prefill grid {name}"):
-            prefill_grid(model, spec, name, dev, t, calib, smoke, ceil)
-        model = None  # free the weights before the next model
-        free_memory(dev)
+                    with torch.no_grad():
+                        # ours, mixed lengths: tuned, then default attention configs
+                        o = paged_decode_inputs(model, spec, lens, dev, g, bs, argmax=True)
+                        if not checked and (B >= 4 or smoke):
+                            o["pool"].kv.normal_(generator=g)
+                            checks += [(name, B, ctx, "padded", *c) for c in
+                                       _check_plain(model, spec, pw, o, lens, dev, dtype, padded=True)]
+                        r["ours_s"] = t(graphed(o["step"], dev), reps=reps)
+                        if tuned:
+                            da.set_tuning(None)
+                            try:
+                                r["ours_default_s"] = t(graphed(o["step"], dev), reps=reps)
+                            finally:
+                                da.set_tuning(tuned)
+                        else:
+                            r["ours_default_s"] = r["ours_s"]
+                        r["ours_eager_s"] = t(o["step"], reps=5 if not smoke else 1)
+                        if profile and (B, ctx) in prof_points.get(name, ()):
+                            prof_rows += profile_step(o["step"], dev, work, name, B, ctx, "ours", r["ours_s"])
+                        model.kv_pool = None
+                        o = None
+                        free_memory(dev)
+                        if not only_profile:
+                            # ours, equal lengths
+                            o = paged_decode_inputs(model, spec, eq, dev, g, bs, argmax=True)
+                            if not checked and (B >= 4 or smoke):
+                                o["pool"].kv.normal_(generator=g)
+                                checks += [(name, B, ctx, "equal", *c) for c in
+                                           _check_plain(model, spec, pw, o, eq, dev, dtype, padded=False)]
+                                checked = True
+                            r["ours_equal_s"] = t(graphed(o["step"], dev), reps=reps)
+                            model.kv_pool = None
+                            o = None
+                            free_memory(dev)
+                        # the baseline, both forms, equal and padded
+                        for padded, key in ((False, "plain_equal"), (True, "plain_padded")):
+                            if only_profile and not padded:
+                                continue
+                            best = None
+                            for form in PLAIN_FORMS:  # one cache at a time: each can take half the memory
+                                fn = plain_torch_decode(spec, pw, lens if padded else eq, dev, dtype, padded=padded,
+                                                        form=form, cos_sin=model.cos_sin)
+                                s = t(graphed(fn, dev), reps=reps)
+                                r[f"{key}_{form}_s"] = s
+                                if best is None or s < best[0]:
+                                    best = (s, form)
+                                fn = None
+                                free_memory(dev)
+                            r[f"{key}_s"], r[f"{key}_form"] = best
+                            if profile and padded and (B, ctx) in prof_points.get(name, ()):
+                                fn = plain_torch_decode(spec, pw, lens, dev, dtype, padded=True, form=best[1],
+                                                        cos_sin=model.cos_sin)
+                                prof_rows += profile_step(fn, dev, work, name, B, ctx, f"plain padded ({best[1]})",
+                                                          best[0])
+                                fn = None
+                                free_memory(dev)
+                except torch.OutOfMemoryError as e:
+                    r["note"] = "out of memory: " + str(e).splitlines()[0][:100]
+                except AssertionError:
+                    raise  # the baseline does not compute our model's function: nothing here is comparable
+                except Exception as e:  # noqa: BLE001 - keep the other points; the log has the traceback
+                    log(traceback.format_exc())
+                    r["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                model.kv_pool = None
+                o = fn = None
+                free_memory(dev)
+                rows.append(r)
+                if "ours_s" in r:
+                    for gflag, key in ((True, "ours_s"), (False, "ours_eager_s")):
+                        if key in r:
+                            calib.append(dict(model=name, kind="decode", n_decode=B, kv_sum=kv_mixed, ctx_tokens=0,
+                                              ctx_prior=0, graph=gflag, time_s=r[key]))
+            if prefill and budget.allows(20, f"prefill grid {name}"):  # section 5: the calibration's prefill points
+                prefill_grid(model, spec, name, dev, t, calib, smoke, ceil)
+            model = pw = None
+            free_memory(dev)
+            if profile and budget.left() > 15:
+                g_rows, g_md = gemm_layouts(spec, name, dev, dtype, ceil, smoke)
+                gemm_rows += g_rows
+                gemm_md += g_md
+    finally:
+        if not only_profile:
+            _grid_tables(rows, checks, ceil, smoke, out)
+        if profile:
+            _profile_tables(prof_rows, out)
+            for line in gemm_md:
+                md(line)
+            if out is not None and gemm_rows:
+                import pandas as pd
+                pd.DataFrame(gemm_rows).to_csv(out / "gemm_layouts.csv", index=False)
+
+
+def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: Path | None) -> None:
+    bw = ceil["copy_bw"]
+    md("\n**Check before timing** (one point per model): the baseline's logits on our pool's KV and our ids vs "
+       f"our model's (fails above {CHECK_TOL:g} relative error).\n")
+    md("| model | batch | context | baseline | SDPA form | logits rel. error | argmax agree |\n|---|---|---|---|---|---|---|")
+    for name, B, ctx, kind, form, err, agree in checks:
+        md(f"| {name} | {B} | {ctx} | {kind} | {form} | {err:.1e} | {agree:.0%} |")
+    md("\n| model | batch | context | ours | share | ours, default attn | ours, equal lengths | plain, equal | share "
+       "| plain, padded | share | ours vs plain equal | ours vs plain padded |")
+    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    specs = {}
+    for r in rows:
+        name, B, ctx = r["model"], r["batch"], r["ctx"]
+        if "ours_s" not in r:
+            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 10)
+            continue
+        spec = specs.setdefault(name, model_cfg_spec(name, smoke)[1])
+        kv_m = r["kv_tokens"]
+
+        def ms(key):
+            return f"{r[key] * 1e3:.2f} ms" if key in r else "-"
+
+        def sh(key, kv):
+            return f"{_roof_share(spec, B, kv, bw, r[key]):.0%}" if key in r else "-"
+
+        kv_e = r["kv_tokens_equal"]
+        pe = f"{ms('plain_equal_s')} ({r.get('plain_equal_form', '-')})" if "plain_equal_s" in r else "-"
+        pp = f"{ms('plain_padded_s')} ({r.get('plain_padded_form', '-')})" if "plain_padded_s" in r else "-"
+        ve = f"**{r['plain_equal_s'] / r['ours_s']:.2f}x**" if "plain_equal_s" in r else "-"
+        vp = f"**{r['plain_padded_s'] / r['ours_s']:.2f}x**" if "plain_padded_s" in r else "-"
+        md(f"| {name} | {B} | {ctx} | {ms('ours_s')} | {sh('ours_s', kv_m)} | {ms('ours_default_s')} | "
+           f"{ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
+           f"{ve} | {vp} |")
+    done = [r for r in rows if "plain_equal_s" in r and "plain_padded_s" in r]
+    if done:
+        ve = min(r["plain_equal_s"] / r["ours_s"] for r in done)
+        vp = min(r["plain_padded_s"] / r["ours_s"] for r in done)
+        md(f"\nAcross the {len(done)} points: ours vs plain equal >= **{ve:.2f}x** (target >= 1.00x), vs plain "
+           f"padded >= **{vp:.2f}x** (target >= 1.10x).")
+        for name, lo, what in (("llama-3.1-8b", 16, "from batch 16 up (target >= 85%)"),
+                               ("llama-3.2-1b", 1, "at batch 1 (target >= 65%)")):
+            pts = [r for r in done if r["model"] == name and (r["batch"] >= lo if lo > 1 else r["batch"] == 1)]
+            if pts:
+                spec = specs[name]
+                shares = [_roof_share(spec, r["batch"], r["kv_tokens"], bw, r["ours_s"]) for r in pts]
+                md(f"{name} share of roofline {what}: {min(shares):.0%}-{max(shares):.0%}.")
+    if out is not None:
+        import pandas as pd
+        pd.DataFrame(rows).to_csv(out / "decode_grid.csv", index=False)
 
 
 def prefill_grid(model, spec, name, dev, t, calib, smoke, ceil) -> None:
@@ -1205,6 +1441,425 @@ def piecewise_bench(dev, dtype, smoke: bool, out: Path, work: Path) -> None:
         pd.DataFrame(rows).to_csv(out / "piecewise_iterations.csv", index=False)
 
 
+# ---------------------------------------------------------------------------------- 12
+ATTN_TILES = ((64, 4, 0), (64, 4, 2), (32, 4, 3), (32, 2, 4), (128, 4, 2), (128, 8, 3), (64, 8, 4))
+ATTN_BATCHES = (1, 4, 16, 64, 256)
+ATTN_CTXS = (1024, 2048, 4096, 8192)
+ATTN_MIN_TOKENS = (64, 256)
+ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+def _attn_case(B, ctx, hq, hkv, D, bs, dtype, dev, seed, layers):
+    """Random q and paged K/V of ``layers`` independent layers (disjoint random blocks of one
+    pool, so timing ``layers`` calls in a row reads cold KV as a model does), lengths
+    uniform in +-50% of ``ctx``."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(max(ctx // 2, 1), ctx * 3 // 2 + 1, (B,), generator=g)
+    nblk = (lens + bs - 1) // bs
+    nb, width = int(nblk.sum()), int(nblk.max())
+    kc = torch.empty(layers * nb + 1, bs, hkv, D, dtype=dtype, device=dev).normal_()
+    vc = torch.empty_like(kc).normal_()
+    perm = (torch.randperm(layers * nb, generator=g) + 1).to(torch.int32)
+    used = torch.arange(width)[None, :] < nblk[:, None]
+    bts = []
+    for r in range(layers):
+        bt = torch.zeros(B, width, dtype=torch.int32)
+        bt[used] = perm[r * nb:(r + 1) * nb]
+        bts.append(bt.to(dev))
+    q = torch.randn(B, hq, D, generator=g).to(dtype=dtype, device=dev)
+    return dict(q=q, kc=kc, vc=vc, bts=bts, sl=lens.to(torch.int32).to(dev), lens=lens, width=width)
+
+
+def _split_bounds(B, hkv, sms, smoke) -> tuple[int, ...]:
+    if smoke:
+        return (1, 4)
+    s = tuple(p for p in (1, 2, 4, 8, 16, 32, 64) if sms // 4 <= B * hkv * p <= 32 * sms)
+    return s or (1,)
+
+
+def attention_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dict | None:
+    """Section 12: decode attention autotune. For each model's attention shapes, times
+    candidate `DecodeConfig`s (tiles x warps x pipelining stages, split bounds, fused reduce,
+    program order) on random mixed-length batches -- every one checked against the torch
+    reference first, and its CUDA-graph output again after timing -- picks per batch size
+    the config best over the context lengths (the batch is all a decode graph knows), and
+    writes OUT/decode_attention_tuning.json (installed in this process, so section 4 runs
+    with it) and OUT/decode_attention_tuning.csv. Returns the table."""
+    import pandas as pd
+
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels._common import num_sms
+    from servesim.kernels.reference import paged_decode_attention_ref
+
+    from dataclasses import replace
+
+    deadline = time.monotonic() + allow_s
+    cuda = dev.type == "cuda"
+    t = timer(dev)
+    sms = num_sms(dev)
+    bs = S10_BLOCK if not smoke else 16
+    if smoke:
+        shapes = {"tiny": (4, 2, 16)}
+        tiles, batches, ctxs, mins, top_tiles, top_combos = ((16, 4, 0), (32, 2, 0)), (1, 4), (48,), (16,), 1, 1
+    else:
+        shapes = {n: (s.num_heads, s.num_kv_heads, s.head_dim) for n in ("llama-3.2-1b", "llama-3.1-8b")
+                  for s in [load_model(n)]}
+        tiles, batches, ctxs, mins, top_tiles, top_combos = ATTN_TILES, ATTN_BATCHES, ATTN_CTXS, ATTN_MIN_TOKENS, 2, 2
+    tol = ATTN_TOL[dtype]
+    da.set_tuning(None)  # candidates and "default" resolve against the default config
+    reps = 5 if cuda else 1
+    bw = ceil["copy_bw"]
+    records, rejected = [], []
+    table = dict(version=da.TUNING_VERSION, device=torch.cuda.get_device_name() if cuda else "cpu", sms=sms,
+                 torch=torch.__version__, triton=_triton_version(), dtype=str(dtype).replace("torch.", ""),
+                 made_by="python benchmarks/gpu_bench.py --sections 12 (" + time.strftime("%Y-%m-%d %H:%M") + ")",
+                 entries={}, measurements=[])
+    summary = []
+
+    def over() -> bool:
+        return time.monotonic() > deadline
+
+    for name, (hq, hkv, D) in shapes.items():
+        group = hq // hkv
+        key = da.tuning_key(dtype, group, hkv, D, bs, sms)
+        scale = D ** -0.5
+        cases, refs = {}, {}
+        bad: set = set()  # compile keys that failed to compile or to check
+        times: dict = {}  # (B, ctx) -> {config (resolved): seconds}
+
+        def case(B, ctx):
+            if (B, ctx) not in cases:
+                kv_bytes = B * ctx * 2 * hkv * D * torch.empty((), dtype=dtype).element_size()
+                layers = 1 if smoke else max(2, min(64, math.ceil(4 * 60e6 / kv_bytes)))
+                c = _attn_case(B, ctx, hq, hkv, D, bs, dtype, dev, seed=B * 7919 + ctx, layers=layers)
+                refs[(B, ctx)] = paged_decode_attention_ref(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale)
+                cases[(B, ctx)] = c
+            return cases[(B, ctx)]
+
+        def measure(B, ctx, cfg):
+            """Seconds per call of ``cfg`` (resolved) at (B, ctx), or None if rejected."""
+            c = case(B, ctx)
+            full = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, cfg)
+            tt = times.setdefault((B, ctx), {})
+            if full in tt:
+                return tt[full]
+            if full.compile_key() in bad:
+                return None
+            ref = refs[(B, ctx)]
+            f = da.paged_decode_attention_triton
+            try:
+                o = f(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale, config=full)
+                err = rel_err(o, ref)
+                if not err <= tol:  # NaN fails too
+                    raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
+                R = len(c["bts"])
+                outs = [None] * R
+
+                def run():
+                    for r in range(R):
+                        outs[r] = f(c["q"], c["kc"], c["vc"], c["bts"][r], c["sl"], scale, config=full)
+
+                rep = graphed(run, dev)
+                s = t(rep, reps=reps, warmup=1) / R
+                err2 = rel_err(outs[0], ref)
+                if not err2 <= tol:
+                    raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
+                del rep
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile or check is left out
+                bad.add(full.compile_key())
+                rejected.append((name, B, ctx, full.label(), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                log(f"section 12: {name} B={B} ctx={ctx} {full.label()} rejected: {e}")
+                return None
+            tt[full] = s
+            records.append(dict(model=name, batch=B, ctx=ctx, config=full.label(), us=s * 1e6,
+                                kv_mb=_attn_bytes(c, hkv, D, dtype) / 1e6,
+                                of_copy_bw=_attn_bytes(c, hkv, D, dtype) / bw / s, **full.to_dict()))
+            return s
+
+        grid = [(B, ctx) for B in batches for ctx in ctxs]
+        # phase 1: tiles at the default split bounds
+        tile_t: dict = {}
+        for tile in (None, *tiles):  # None: the default config, always measured first
+            if tile is not None and over():
+                break
+            cfg = da.DecodeConfig() if tile is None else da.DecodeConfig(
+                block_n=tile[0], num_warps=tile[1], num_stages=tile[2], fused_reduce=False, head_major=False)
+            got = [measure(B, ctx, cfg) for B, ctx in grid]
+            if tile is None:
+                if any(x is None for x in got):
+                    raise AssertionError(f"section 12 {name}: the default decode-attention config failed its check")
+                d0 = da.resolve_config(1, hkv, bs, D, group, bs, dtype, sms, None)
+                tile = (d0.block_n, d0.num_warps, d0.num_stages)
+            if all(x is not None for x in got):
+                tile_t[tile] = got
+        if not tile_t:
+            raise AssertionError(f"section 12 {name}: no tile config compiled and checked")
+        best_shape = [min(v[i] for v in tile_t.values()) for i in range(len(grid))]
+        score = {k: _geomean([x / b for x, b in zip(v, best_shape)]) for k, v in tile_t.items()}
+        top = sorted(score, key=score.get)[:top_tiles]
+        # phase 2a: split bounds for the best tiles
+        for tile in top:
+            for B in batches:
+                for S in _split_bounds(B, hkv, sms, smoke):
+                    for T in mins:
+                        if over():
+                            break
+                        cfg = da.DecodeConfig(max_splits=S, min_split_tokens=T, block_n=tile[0], num_warps=tile[1],
+                                              num_stages=tile[2], fused_reduce=False, head_major=False)
+                        for ctx in ctxs:
+                            measure(B, ctx, cfg)
+        # phase 2b: fused reduce and program order for each batch's best combos
+        for B in batches:
+            for cfg in _rank(times, B, ctxs)[:top_combos]:
+                for fused, hm in ((True, False), (False, True), (True, True)):
+                    if over():
+                        break
+                    for ctx in ctxs:
+                        measure(B, ctx, replace(cfg, fused_reduce=fused, head_major=hm))
+        # the pick per batch
+        entries = []
+        for B in batches:
+            ranked = _rank(times, B, ctxs)
+            if not ranked:
+                continue
+            pick = ranked[0]
+            entries.append(dict(batch=B, config=pick.to_dict()))
+            for ctx in ctxs:
+                tt = times.get((B, ctx), {})
+                c = cases[(B, ctx)]
+                dflt = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, None)
+                best = min(tt, key=tt.get)
+                nbytes = _attn_bytes(c, hkv, D, dtype)
+                row = dict(model=name, batch=B, ctx=ctx, kv_mb=nbytes / 1e6, default_us=tt[dflt] * 1e6,
+                           best_us=tt[best] * 1e6, best=best.label(), chosen_us=tt[pick] * 1e6, chosen=pick.label(),
+                           candidates=len(tt))
+                for k in ("default", "best", "chosen"):
+                    row[f"{k}_of_copy_bw"] = nbytes / bw / (row[f"{k}_us"] * 1e-6)
+                summary.append(row)
+                table["measurements"].append({k: row[k] for k in ("model", "batch", "ctx", "default_us", "best_us",
+                                                                  "chosen_us", "best", "chosen")})
+        table["entries"][key] = entries
+        cases.clear()
+        refs.clear()
+        free_memory(dev)
+
+    (out / "decode_attention_tuning.json").write_text(json.dumps(table, indent=1) + "\n")
+    pd.DataFrame(records).to_csv(out / "decode_attention_tuning.csv", index=False)
+    da.set_tuning(table)
+    md("\n## 12. Decode attention: autotune at start-up\n")
+    tile_txt = ", ".join(f"{a}/{b}/{c or 'd'}" for a, b, c in tiles)
+    md(f"Paged decode attention of each model's shapes ({', '.join(f'{n}: Hq {a}, Hkv {b}, D {c}' for n, (a, b, c) in shapes.items())}"
+       f"; {bs}-token blocks at random places), batches of random lengths in +-50% of the context; each config "
+       f"timed as CUDA-graph replays of one call per layer over as many layers as keep the KV several times the L2 "
+       f"(cold KV, as in a model), median of {reps}. Every candidate was checked against the torch reference "
+       f"(`paged_decode_attention_ref`, rel. error <= {tol:.0e}) before it was timed, and its graph's output again "
+       "after. Candidates: tiles x warps x pipelining stages "
+       f"({tile_txt}) at the default split bounds; for the best "
+       f"{top_tiles}, split bounds (max splits x min tokens per split {mins}); for each batch's best "
+       f"{top_combos}, the fused reduce and the head-major program order. **chosen** = the config written to "
+       "OUT/decode_attention_tuning.json for that batch (the best over its context lengths: a decode graph knows "
+       "its batch, not its lengths); installed for section 4. Share = (KV + q + out bytes) / copy bandwidth / "
+       "time.\n")
+    md("| model | batch | context | KV MB | default | share | best | share | best config | chosen | share | "
+       "chosen config | candidates |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary:
+        md(f"| {r['model']} | {r['batch']} | {r['ctx']} | {r['kv_mb']:.0f} | {r['default_us']:.1f} us | "
+           f"{r['default_of_copy_bw']:.0%} | {r['best_us']:.1f} us | {r['best_of_copy_bw']:.0%} | `{r['best']}` | "
+           f"{r['chosen_us']:.1f} us | {r['chosen_of_copy_bw']:.0%} | `{r['chosen']}` | {r['candidates']} |")
+    big = [r for r in summary if r["batch"] >= 64 and r["ctx"] >= 2048]
+    if big:
+        lo = min(r["chosen_of_copy_bw"] for r in big)
+        md(f"\nFrom 64 x 2k up ({len(big)} points): chosen configs at {lo:.0%}-"
+           f"{max(r['chosen_of_copy_bw'] for r in big):.0%} of copy bandwidth (target >= 85%); default "
+           f"{min(r['default_of_copy_bw'] for r in big):.0%}-{max(r['default_of_copy_bw'] for r in big):.0%}.")
+    md("\nConfig labels: S max splits / T min tokens per split / N tile tokens / w warps / st pipelining stages "
+       "(d: Triton's default) / fused: one kernel (the last split merges) / hm: head-major program order.")
+    if rejected:
+        md(f"\n**{len(rejected)} candidate(s) left out** (did not compile, or did not match the reference):\n")
+        md("| model | batch | context | config | why |\n|---|---|---|---|---|")
+        for name, B, ctx, lab, why in rejected[:20]:
+            md(f"| {name} | {B} | {ctx} | `{lab}` | {why} |")
+    if over():
+        md(f"\n*The tuning's time allowance ({allow_s:.0f} s) ran out: later candidates were not timed.*")
+    return table
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "-"
+
+
+def _attn_bytes(c: dict, hkv: int, D: int, dtype) -> int:
+    e = torch.empty((), dtype=dtype).element_size()
+    return int(c["lens"].sum()) * 2 * hkv * D * e + 2 * c["q"].numel() * e
+
+
+def _geomean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return float(math.exp(sum(math.log(x) for x in xs) / len(xs))) if xs else float("nan")
+
+
+def _rank(times: dict, B: int, ctxs) -> list:
+    """Configs measured at every context of batch B, best first (geometric mean of their
+    time over the best time at each context)."""
+    per = [times.get((B, c), {}) for c in ctxs]
+    if not per or not all(per):
+        return []
+    common = set(per[0]).intersection(*per[1:])
+    best = [min(p.values()) for p in per]
+    return sorted(common, key=lambda cfg: (_geomean([p[cfg] / b for p, b in zip(per, best)]), cfg.label()))
+
+
+# ---------------------------------------------------------------------------------- 14
+def s10_class(name: str, cuda: bool) -> str:
+    """`kernel_class`, with the baseline's kernels named too (SDPA, index_put, elementwise)."""
+    c = kernel_class(name, cuda)
+    if c != "other":
+        return c
+    n = name.lower()
+    if any(x in n for x in ("fmha", "flash", "sdpa", "efficient_attention", "cudnn", "softmax")):
+        return "attention"
+    if "index_put" in n or "indexput" in n or "scatter" in n:
+        return "KV write (index_put)"
+    if "argmax" in n or "reduce_kernel" in n:
+        return "argmax / reductions"
+    if "elementwise" in n or "vectorized" in n or "cat" in n or "copy" in n:
+        return "elementwise / copies"
+    return "other"
+
+
+def profile_step(step, dev, work: Path | None, name: str, B: int, ctx: int, engine: str, wall_s: float) -> list[dict]:
+    """Section 14, one engine at one point: torch.profiler over replays of ``step``'s CUDA
+    graph; per kernel its launches and time per iteration, beside the iteration's wall time
+    (timed without the profiler). On a CPU, aten ops by self time stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    n = 10 if cuda else 1
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rep = graphed(step, dev)
+    for _ in range(3):
+        rep()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            rep()
+        if cuda:
+            torch.cuda.synchronize()
+    trace = Path(work or tempfile.gettempdir()) / f"prof_{name}_{B}_{ctx}_{re.sub(r'[^a-z]+', '_', engine)}.json"
+    ks = profiled_kernels(prof, cuda, trace)
+    per: dict = {}
+    for k_name, _, dur in ks:
+        key = short_kernel_name(k_name)
+        e = per.setdefault(key, [0, 0.0, s10_class(k_name, cuda)])
+        e[0] += 1
+        e[1] += dur
+    del rep
+    return [dict(model=name, batch=B, ctx=ctx, engine=engine, kernel=k, kind=c, per_iteration=cnt / n,
+                 us=tot / n, wall_us=wall_s * 1e6, share_of_wall=tot / n / (wall_s * 1e6))
+            for k, (cnt, tot, c) in sorted(per.items(), key=lambda kv: -kv[1][1])]
+
+
+def _profile_tables(rows: list[dict], out: Path | None) -> None:
+    import pandas as pd
+
+    md("\n## 14. Profile: kernel time vs graph wall time, ours and the plain-PyTorch baseline\n")
+    md("torch.profiler (CUDA activities) over 10 replays of each point's CUDA graph (the kernels inside the graph "
+       "are recorded), per iteration; wall = the graph's replay time measured without the profiler (section 4). "
+       "gaps = wall - all kernels (launch latency inside the graph, idle SMs between kernels). The per-kernel "
+       "rows are in OUT/profile_s10.csv.\n")
+    if not rows:
+        md("*no profile was taken*")
+        return
+    df = pd.DataFrame(rows)
+    if out is not None:
+        df.to_csv(out / "profile_s10.csv", index=False)
+    for (name, B, ctx), pt in df.groupby(["model", "batch", "ctx"], sort=False):
+        engines = list(dict.fromkeys(pt["engine"]))
+        md(f"\n**{name}, batch {B} x context {ctx}**\n")
+        md("| kind | " + " | ".join(f"{e}: us / iteration (launches)" for e in engines) + " |")
+        md("|---" * (1 + len(engines)) + "|")
+        kinds = list(dict.fromkeys(pt.sort_values("us", ascending=False)["kind"]))
+        for kd in kinds:
+            cells = []
+            for e in engines:
+                x = pt[(pt.engine == e) & (pt.kind == kd)]
+                cells.append(f"{x.us.sum():.1f} ({x.per_iteration.sum():g})" if len(x) else "-")
+            md(f"| {kd} | " + " | ".join(cells) + " |")
+        tot, gaps = [], []
+        for e in engines:
+            x = pt[pt.engine == e]
+            wall = float(x.wall_us.iloc[0])
+            tot.append(f"{x.us.sum():.1f} of {wall:.1f} wall ({x.us.sum() / wall:.0%})")
+            gaps.append(f"{wall - x.us.sum():.1f} ({(wall - x.us.sum()) / wall:.0%})")
+        md("| **all kernels** | " + " | ".join(tot) + " |")
+        md("| **gaps** | " + " | ".join(gaps) + " |")
+        ours = pt[pt.engine == engines[0]].sort_values("us", ascending=False).head(6)
+        md(f"\nTop kernels of {engines[0]}: " + "; ".join(
+            f"`{r.kernel}` {r.us:.1f} us ({r.per_iteration:g}x, {r.share_of_wall:.0%})" for r in ours.itertuples()))
+
+
+def gemm_layouts(spec, name: str, dev, dtype, ceil, smoke: bool) -> tuple[list[dict], list[str]]:
+    """Section 14: the decode GEMMs alone, in our weights' layout (``F.linear(x, W)``,
+    W [out, in]) and the baseline's (``x @ W``, W [in, out]), per row count M: time per call
+    (CUDA-graph replays over copies of the weight that keep it out of L2) and achieved
+    bytes/s vs the copy bandwidth. Returns the rows (OUT/gemm_layouts.csv) and the table's
+    markdown lines."""
+    import pandas as pd
+    import torch.nn.functional as F
+
+    t = timer(dev)
+    d = spec
+    shapes = dict(qkv=(d.hidden_size, d.q_size + 2 * d.kv_size), o=(d.q_size, d.hidden_size),
+                  gate_up=(d.hidden_size, 2 * d.intermediate_size), down=(d.intermediate_size, d.hidden_size),
+                  lm_head=(d.hidden_size, d.vocab_size))
+    count = dict(qkv=d.num_layers, o=d.num_layers, gate_up=d.num_layers, down=d.num_layers, lm_head=1)
+    Ms = (1, 16, 64, 256) if not smoke else (1, 4)
+    bw = ceil["copy_bw"]
+    e = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for kind, (k, n) in shapes.items():
+        nbytes = k * n * e
+        R = 1 if smoke else max(1, min(32, math.ceil(240e6 / nbytes)))
+        w_oi = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(R)]
+        w_io = [torch.randn(k, n, device=dev, dtype=dtype) * 0.02 for _ in range(R)]
+        for M in Ms:
+            x = torch.randn(M, k, device=dev, dtype=dtype)
+            s_oi = t(graphed(lambda: [F.linear(x, w) for w in w_oi], dev), reps=10 if not smoke else 1) / R
+            s_io = t(graphed(lambda: [x @ w for w in w_io], dev), reps=10 if not smoke else 1) / R
+            rows.append(dict(model=name, linear=kind, k=k, n=n, M=M, per_step=count[kind], mb=nbytes / 1e6,
+                             linear_out_in_us=s_oi * 1e6, matmul_in_out_us=s_io * 1e6,
+                             linear_out_in_of_bw=nbytes / s_oi / bw, matmul_in_out_of_bw=nbytes / s_io / bw))
+        w_oi = w_io = None
+        free_memory(dev)
+    df = pd.DataFrame(rows)
+    lines = [f"\n**{name}: the decode GEMMs alone, weights [out, in] (`F.linear`, ours) vs [in, out] (`x @ W`, "
+             "the baseline)**: us per call (share of copy bandwidth); the last row is a step's GEMMs, each linear "
+             "times its count per step.\n"]
+    lines.append("| linear (in x out) | MB | " + " | ".join(f"M={M}: ours layout | M={M}: [in, out]" for M in Ms) + " |")
+    lines.append("|---|---|" + "---|---|" * len(Ms))
+    for kind in shapes:
+        x = df[df.linear == kind]
+        cells = []
+        for M in Ms:
+            r = x[x.M == M].iloc[0]
+            cells += [f"{r.linear_out_in_us:.1f} ({r.linear_out_in_of_bw:.0%})",
+                      f"{r.matmul_in_out_us:.1f} ({r.matmul_in_out_of_bw:.0%})"]
+        lines.append(f"| {kind} ({shapes[kind][0]} x {shapes[kind][1]}) | {x.mb.iloc[0]:.1f} | " + " | ".join(cells) + " |")
+    cells = []
+    for M in Ms:
+        x = df[df.M == M]
+        a = float((x.linear_out_in_us * x.per_step).sum())
+        b = float((x.matmul_in_out_us * x.per_step).sum())
+        cells += [f"{a / 1e3:.2f} ms", f"{b / 1e3:.2f} ms"]
+    lines.append("| **a step's GEMMs** | | " + " | ".join(cells) + " |")
+    return rows, lines
+
+
 # ---------------------------------------------------------------------------------- main
 # ---------------------------------------------------------------------------------- 11
 def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
@@ -1284,13 +1939,18 @@ def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
            + f" | {min(ts) / auto_us:.2f} | {r['roofline_us']:.1f} us |")
 
 
+S10_SECTIONS = "1,12,4,14"
+S10_TUNING_S = 150  # section 12's time allowance (s)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    ap.add_argument("--sections", default="1,2,3,4,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,4,8,9,10,11,7,6 (6, 10, 11 are not defaults)")
+    ap.add_argument("--sections", default="1,2,3,4,5,8,9,7",
+                    help="comma-separated; they run in the order 1,2,3,12,4,5,14,8,9,10,11,7,6 (6, 10, 11, 12, 14 "
+                         f"are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -1298,7 +1958,10 @@ def main() -> None:
     budget = Budget(args.budget_s)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    secs = set(args.sections.split(","))
+    secs = set(args.sections.replace("s10", S10_SECTIONS).split(","))
+    if args.smoke and dev.type != "cuda":
+        # section 12 runs the Triton kernels in the interpreter (before any kernel module is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     md("# GPU backend benchmark\n")
     info = (f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'} (hardware spec "
             f"{hardware_here()}); torch {torch.__version__}")
@@ -1313,7 +1976,14 @@ def main() -> None:
     steps = [("1", "ceilings", 15, lambda: ceil.update(ceilings(dev, args.smoke))),
              ("2", "kernels", 60, lambda: kernels(dev, dtype, ceil, args.smoke)),
              ("3", "model vs HF", 40, lambda: vs_hf(dev, dtype, args.smoke)),
-             ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib)),
+             ("12", "decode attention tuning", 60,
+              lambda: attention_tuning(dev, dtype, ceil, args.smoke, out,
+                                       allow_s=S10_TUNING_S if args.smoke else min(S10_TUNING_S, budget.left() - 150))),
+             ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib, out=out, work=work,
+                                                          profile="14" in secs, prefill="5" in secs)),
+             ("14", "decode profile (S10)", 40,
+              lambda: None if "4" in secs else decode_grid(dev, dtype, ceil, budget, args.smoke, calib, out=out,
+                                                           work=work, profile=True, only_profile=True)),
              ("8", "decode profile", 30, lambda: profile_decode(dev, dtype, ceil, work, args.smoke)),
              ("9", "mixed iterations", 90, lambda: mixed_profile(dev, dtype, args.smoke, out, work)),
              ("10", "piecewise graphs", 100, lambda: piecewise_bench(dev, dtype, args.smoke, out, work)),
@@ -1335,6 +2005,22 @@ def main() -> None:
             pd.DataFrame(calib).to_csv(out / "calibration.csv", index=False)
     (out / "gpu_bench.md").write_text("\n".join(MD) + "\n")
     (out / "log.txt").write_text(LOG.getvalue())
+    fit_out(out)
+
+
+def fit_out(out: Path, max_files: int = 8) -> None:
+    """The device tool returns at most ``max_files`` files from OUT: past that, the CSV tables
+    go into one OUT/tables.tar.gz."""
+    files = [f for f in out.rglob("*") if f.is_file()]
+    if len(files) <= max_files:
+        return
+    csvs = sorted(f for f in out.glob("*.csv"))
+    with tarfile.open(out / "tables.tar.gz", "w:gz") as tf:
+        for f in csvs:
+            tf.add(f, arcname=f.name)
+    for f in csvs:
+        f.unlink()
+    log(f"{len(files)} files in {out}: the {len(csvs)} CSV tables are in tables.tar.gz")
 
 
 if __name__ == "__main__":

@@ -2,27 +2,52 @@
 
 Reference: ``reference.paged_decode_attention_ref``.
 
-Kernel 1 (``_decode_split_kernel``), grid ``(B, Hkv, num_splits)``: one program takes the
-``group = Hq // Hkv`` query heads that share one kv head as a ``[group, D]`` tile, so each
-KV tile is loaded once per group, and walks its split of the sequence in ``BLOCK_N``-token
-tiles gathered through the block table, with an online softmax (base-2 exponentials, the
-scale folded into ``qk_scale``). It writes the split's running max ``m`` (log2 domain),
-sum ``l`` and unnormalised accumulator ``acc``; with one split it writes the output itself.
+Kernel 1 (``_decode_split_kernel``), a 1-D grid of ``B * Hkv * max_splits`` programs: one
+program takes the ``group = Hq // Hkv`` query heads that share one kv head as a
+``[group, D]`` tile, so each KV tile is loaded once per group, and walks its split of the
+sequence in ``BLOCK_N``-token tiles gathered through the block table, with an online softmax
+(base-2 exponentials, the scale folded into ``qk_scale``).
 
-Kernel 2 (``_decode_reduce_kernel``), grid ``(B, Hq)``: merges the splits'
-``(m, l, acc)`` into the output.
+How a sequence is split is decided *in the kernel*, from its own ``seq_lens[b]``: it uses
+``n = min(max_splits, cdiv(len, min_split_tokens))`` splits (so a short sequence of a batch
+of long ones uses few, and its programs beyond ``n`` exit at once), each
+``cdiv(cdiv(len, n), BLOCK_N) * BLOCK_N`` tokens long (the last ones may be empty and are
+not used). Nothing is read back to the host, so the op can be captured in a CUDA graph; the
+grid depends on shapes only, and ``max_splits`` / ``min_split_tokens`` are run-time
+arguments, so no split count compiles a kernel of its own.
 
-Each sequence's split length is derived *in the kernel* from its own ``seq_lens[b]``
-(``cdiv(cdiv(len, S), BLOCK_N) * BLOCK_N``), so nothing is read back to the host and the op
-can be captured in a CUDA graph; ``num_splits`` depends only on shapes.
+A sequence that uses one split gets its output written by that program. Otherwise each split
+writes its running max ``m`` (log2 domain), sum ``l`` and unnormalised accumulator ``acc``
+(fp32) and the splits are merged
+
+* by kernel 2 (``_decode_reduce_kernel``, grid ``B * Hkv``), or
+* with ``fused_reduce``, in kernel 1 itself: each split program increments a per-(sequence,
+  kv head) counter after writing its partials (release), and the one that finds itself last
+  (acquire) merges them and resets the counter to 0 for the next launch (the counters live in
+  a per-device buffer zeroed once; CUDA-graph safe). One launch instead of two.
 
 Scores: ``tl.dot`` on a ``[BLOCK_G, D] x [D, BLOCK_N]`` tile when ``use_dot`` (BLOCK_G is the
 group padded to >= 16 rows, the padding rows masked; the default, fastest on an H100 for
 every group measured), else a broadcast multiply + sum over a ``[BLOCK_G, BLOCK_N, D]`` tile
 (``use_dot=False``, groups < 16 only).
+
+Launch parameters are a `DecodeConfig`: split bounds, tile, warps, pipelining stages, the
+reduce (fused or not) and the program order. Where they are not given, they come from a
+*tuning table* (`set_tuning`, `load_tuning`, the JSON file named by the environment variable
+``SERVESIM_DECODE_TUNING``, or a table in ``kernels/tuning/`` made on this CUDA device;
+``benchmarks/gpu_bench.py --sections 12`` measures one on the device and writes it), looked up
+by the shapes of the call (dtype, group, kv heads, head dim, block size, batch) and the
+device's SM count; else from `default_config`, the safe default (the heuristics this kernel
+shipped with). `precompile` compiles every variant a table can pick before a run starts.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -35,38 +60,64 @@ MAX_SPLITS = 32
 MIN_TOKENS_PER_SPLIT = 64
 WAVES = 4
 STRAGGLER_SPLITS = 8  # see choose_num_splits
+MERGE_CHUNK = 16  # splits a merge reads at once (one compiled variant for every split count)
+TUNING_ENV = "SERVESIM_DECODE_TUNING"
+TUNING_VERSION = 1
 
 
-# The block-table row stride changes with the longest request of a batch; specialising on
-# it (Triton specialises integers on divisibility by 16) would compile new variants in the
-# middle of a serving run, stalling it for a second each.
-@triton.jit(**jit_options(no_specialize=["s_bt_b"], no_align=["bt_ptr", "sl_ptr"]))
+# The block-table row stride changes with the longest request of a batch, the batch and the
+# split bounds with every batch size; specialising on them (Triton specialises integers on
+# divisibility by 16 and on == 1) would compile new variants in the middle of a serving run,
+# stalling it for a second each.
+@triton.jit(**jit_options(
+    no_specialize=["s_bt_b", "n_kv_heads", "max_splits", "min_split_tokens",
+                   "s_ml_b", "s_ml_h", "s_ml_s", "s_acc_b", "s_acc_h", "s_acc_s"],
+    no_align=["bt_ptr", "sl_ptr"]))
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr,
-    m_ptr, l_ptr, acc_ptr, out_ptr,
+    m_ptr, l_ptr, acc_ptr, cnt_ptr, out_ptr,
     s_q_b, s_q_h,
     s_kc_b, s_kc_o, s_kc_h,
     s_vc_b, s_vc_o, s_vc_h,
     s_bt_b,
-    s_ml_b, s_ml_h,
+    s_ml_b, s_ml_h, s_ml_s,
     s_acc_b, s_acc_h, s_acc_s,
     s_o_b, s_o_h,
     qk_scale,
-    HEAD_DIM, block_size,
+    n_kv_heads, max_splits, min_split_tokens,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
     GROUP: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    pid = tl.program_id(0)
+    if HEAD_MAJOR:  # kv heads of one (sequence, split) side by side: they read the same blocks
+        kvh = pid % n_kv_heads
+        rest = pid // n_kv_heads
+        split = rest % max_splits
+        b = rest // max_splits
+    else:  # sequences side by side (the order of the former (B, Hkv, splits) grid)
+        n_seq = tl.num_programs(0) // (n_kv_heads * max_splits)
+        b = pid % n_seq
+        rest = pid // n_seq
+        kvh = rest % n_kv_heads
+        split = rest // n_kv_heads
+    b = b.to(tl.int64)
+    kvh = kvh.to(tl.int64)
 
     seq_len = tl.load(sl_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_want = tl.minimum(tl.maximum(tl.cdiv(seq_len, min_split_tokens), 1), max_splits)
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(seq_len, 1), n_want), BLOCK_N) * BLOCK_N
+    n_used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+    if split >= n_used:
+        return
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -76,11 +127,8 @@ def _decode_split_kernel(
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
     heads = kvh * GROUP + g
-    q = tl.load(
-        q_ptr + b * s_q_b + heads[:, None] * s_q_h + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + b * s_q_b + heads[:, None] * s_q_h + d[None, :], mask=gd_mask, other=0.0)
     if not USE_DOT:
         qf = q.to(tl.float32)
 
@@ -92,8 +140,8 @@ def _decode_split_kernel(
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + n
         p_mask = pos < end
-        blk = tl.load(bt_row + pos // block_size, mask=p_mask, other=0).to(tl.int64)
-        off = (pos % block_size).to(tl.int64)
+        blk = tl.load(bt_row + pos // PAGE, mask=p_mask, other=0).to(tl.int64)
+        off = (pos % PAGE).to(tl.int64)
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(
             kc_ptr + blk[:, None] * s_kc_b + off[:, None] * s_kc_o + kvh * s_kc_h + d[None, :],
@@ -122,57 +170,137 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    gd_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    o_ptrs = out_ptr + b * s_o_b + heads[:, None] * s_o_h + d[None, :]
+    if n_used == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # seq_len == 0 -> acc == 0 -> zeros
-        o = acc / l_safe[:, None]
-        tl.store(
-            out_ptr + b * s_o_b + heads[:, None] * s_o_h + d[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=gd_mask,
-        )
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        ml_off = b * s_ml_b + heads * s_ml_h + split
-        tl.store(m_ptr + ml_off, m_i, mask=g_mask)
-        tl.store(l_ptr + ml_off, l_i, mask=g_mask)
-        tl.store(
-            acc_ptr + b * s_acc_b + heads[:, None] * s_acc_h + split * s_acc_s + d[None, :],
-            acc,
-            mask=gd_mask,
-        )
+        ml_row = b * s_ml_b + kvh * s_ml_h + g
+        acc_tile = b * s_acc_b + kvh * s_acc_h + g[:, None] * BLOCK_D + d[None, :]
+        tl.store(m_ptr + ml_row + split * s_ml_s, m_i, mask=g_mask)
+        tl.store(l_ptr + ml_row + split * s_ml_s, l_i, mask=g_mask)
+        tl.store(acc_ptr + acc_tile + split * s_acc_s, acc, mask=gd_mask)
+        if FUSED_REDUCE:
+            # every thread's partials are written before one thread's release increment
+            tl.debug_barrier()
+            cnt = cnt_ptr + b * n_kv_heads + kvh
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_used - 1:  # the last split of this (sequence, kv head): merge
+                for gi in tl.static_range(GROUP):
+                    # .cg: from L2, where the other programs' partials are (not a stale L1)
+                    o = _merge_splits(m_ptr, l_ptr, acc_ptr, b * s_ml_b + kvh * s_ml_h + gi,
+                                      b * s_acc_b + kvh * s_acc_h + gi * BLOCK_D, n_used, s_ml_s, s_acc_s,
+                                      CHUNK, BLOCK_D, HEAD_DIM, ".cg")
+                    tl.store(out_ptr + b * s_o_b + (kvh * GROUP + gi) * s_o_h + d, o.to(out_ptr.dtype.element_ty),
+                             mask=d_mask)
+                tl.store(cnt, 0)  # all n_used arrived: ready for the next launch
 
 
 @triton.jit
+def _merge_splits(m_ptr, l_ptr, acc_ptr, ml_off, acc_off, n_used, s_ml_s, s_acc_s,
+                  CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
+    """One head's output from its ``n_used`` (>= 2, all non-empty) splits' partials, read
+    ``CHUNK`` splits at a time: the max first, then the weighted sums."""
+    c = tl.arange(0, CHUNK)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    m_run = tl.max(tl.full([CHUNK], float("-inf"), dtype=tl.float32), axis=0)
+    for c0 in range(0, n_used, CHUNK):
+        sp = c0 + c
+        m_c = tl.load(m_ptr + ml_off + sp * s_ml_s, mask=sp < n_used, other=float("-inf"), cache_modifier=CACHE)
+        m_run = tl.maximum(m_run, tl.max(m_c, axis=0))
+    l_run = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)
+    a_run = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, n_used, CHUNK):
+        sp = c0 + c
+        s_mask = sp < n_used
+        m_c = tl.load(m_ptr + ml_off + sp * s_ml_s, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
+        l_c = tl.load(l_ptr + ml_off + sp * s_ml_s, mask=s_mask, other=0.0, cache_modifier=CACHE)
+        a_c = tl.load(acc_ptr + acc_off + sp[:, None] * s_acc_s + d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                      other=0.0, cache_modifier=CACHE)
+        w = tl.exp2(m_c - m_run)  # masked splits: exp2(-inf) = 0
+        l_run += tl.sum(w * l_c, axis=0)
+        a_run += tl.sum(w[:, None] * a_c, axis=0)
+    return a_run / l_run
+
+
+@triton.jit(**jit_options(
+    no_specialize=["n_q_heads", "n_kv_heads", "max_splits", "min_split_tokens",
+                   "s_ml_b", "s_ml_h", "s_ml_s", "s_acc_b", "s_acc_h", "s_acc_s"],
+    no_align=["sl_ptr"]))
 def _decode_reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr,
-    s_ml_b, s_ml_h,
+    sl_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+    s_ml_b, s_ml_h, s_ml_s,
     s_acc_b, s_acc_h, s_acc_s,
     s_o_b, s_o_h,
-    HEAD_DIM,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    n_q_heads, n_kv_heads, max_splits, min_split_tokens,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
+    pid = tl.program_id(0)
+    b = (pid // n_q_heads).to(tl.int64)
+    h = (pid % n_q_heads).to(tl.int64)
+    kvh = h // GROUP
+    gi = h % GROUP
+    seq_len = tl.load(sl_ptr + b)
+    # the split kernel's rule, to the letter
+    n_want = tl.minimum(tl.maximum(tl.cdiv(seq_len, min_split_tokens), 1), max_splits)
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(seq_len, 1), n_want), BLOCK_N) * BLOCK_N
+    n_used = tl.maximum(tl.cdiv(seq_len, split_len), 1)
+    if n_used == 1:  # the split kernel wrote the output itself
+        return
     d = tl.arange(0, BLOCK_D)
-    s_mask = sp < NUM_SPLITS
-    d_mask = d < HEAD_DIM
-    ml_off = b * s_ml_b + h * s_ml_h + sp
-    m = tl.load(m_ptr + ml_off, mask=s_mask, other=float("-inf"))
-    l = tl.load(l_ptr + ml_off, mask=s_mask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty (seq_len 0)
-    w = tl.exp2(m - m_max)  # empty split: exp2(-inf) = 0
-    l_tot = tl.sum(w * l, axis=0)
-    acc = tl.load(
-        acc_ptr + b * s_acc_b + h * s_acc_h + sp[:, None] * s_acc_s + d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot == 0.0, 1.0, l_tot)
-    tl.store(out_ptr + b * s_o_b + h * s_o_h + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    o = _merge_splits(m_ptr, l_ptr, acc_ptr, b * s_ml_b + kvh * s_ml_h + gi, b * s_acc_b + kvh * s_acc_h + gi * BLOCK_D,
+                      n_used, s_ml_s, s_acc_s, CHUNK, BLOCK_D, HEAD_DIM, "")
+    tl.store(out_ptr + b * s_o_b + h * s_o_h + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode attention. ``None`` fields are filled by
+    `resolve_config` from the call's shapes (see `default_config`).
+
+    Every field ``None`` means "not set here" (`resolve_config` fills it).
+    ``max_splits``: the grid's splits per (sequence, kv head), an upper bound; a sequence of
+    ``L`` tokens uses ``min(max_splits, cdiv(L, min_split_tokens))`` of them (decided on the
+    device). ``block_n``: tokens per tile. ``num_stages``: Triton's software-pipelining depth
+    (0: Triton's default). ``fused_reduce``: merge the splits in the split kernel (one
+    launch) instead of a second kernel. ``head_major``: program order with the kv heads of
+    one (sequence, split) adjacent instead of the sequences.
+    """
+
+    max_splits: int | None = None
+    min_split_tokens: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None  # (0 in a resolved config: Triton's default)
+    fused_reduce: bool | None = None
+    head_major: bool | None = None
+    use_dot: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"DecodeConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def compile_key(self) -> tuple:
+        """What makes a separate Triton compilation (the split bounds do not)."""
+        return (self.block_n, self.num_warps, self.num_stages, self.fused_reduce, self.head_major, self.use_dot)
+
+    def label(self) -> str:
+        return (f"S{self.max_splits}/T{self.min_split_tokens}/N{self.block_n}/w{self.num_warps}/"
+                f"st{self.num_stages or 'd'}"
+                f"{'/fused' if self.fused_reduce else ''}{'/hm' if self.head_major else ''}")
 
 
 def choose_num_splits(
@@ -200,11 +328,155 @@ def choose_num_splits(
     by_sms = max((WAVES * sms) // work, 1)
     by_len = max(cdiv(max_seq_len, min_tokens_per_split), 1)
     n = max(1, min(max(by_sms, straggler_splits), by_len, max_splits))
-    # a power of two: NUM_SPLITS is a compile-time constant, and a handful of values (all
-    # compiled at warm-up) keeps a serving run from compiling new kernels as batches change
     return 1 << (n.bit_length() - 1)
 
 
+def default_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int,
+                   sms: int = 132) -> DecodeConfig:
+    """The safe default: `choose_num_splits`' split bound, 64-token tiles (32 past head_dim
+    128), 4 warps, Triton's default pipelining, the separate reduce kernel."""
+    use_dot = True
+    block_d = max(next_pow2(head_dim), 16)
+    return DecodeConfig(
+        max_splits=choose_num_splits(batch, num_kv_heads, max_seq_len, sms),
+        min_split_tokens=MIN_TOKENS_PER_SPLIT,
+        block_n=64 if block_d <= 128 else 32,
+        num_warps=4, num_stages=0, fused_reduce=False, head_major=False, use_dot=use_dot)
+
+
+# ---------------------------------------------------------------------------------- tuning table
+_TUNING: dict | None = None
+_TUNING_LOADED_ENV = False
+
+
+def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int, sms: int) -> str:
+    return f"{str(dtype).replace('torch.', '')}/g{group}/kv{num_kv_heads}/d{head_dim}/bs{block_size}/sm{sms}"
+
+
+def set_tuning(table: dict | None) -> None:
+    """Install a tuning table (the dict `load_tuning` reads; None: back to `default_config`).
+    Checks its entries; ValueError naming the bad one."""
+    global _TUNING, _TUNING_LOADED_ENV
+    if table is not None:
+        if table.get("version") != TUNING_VERSION:
+            raise ValueError(f"decode attention tuning: version {table.get('version')!r}, expected {TUNING_VERSION}")
+        for key, rows in table.get("entries", {}).items():
+            for i, row in enumerate(rows):
+                if "batch" not in row or "config" not in row:
+                    raise ValueError(f"decode attention tuning: entries[{key!r}][{i}] needs 'batch' and 'config'")
+                DecodeConfig.from_dict(row["config"])
+    _TUNING = table
+    _TUNING_LOADED_ENV = True  # an explicit table wins over the environment variable
+
+
+def load_tuning(path: str | os.PathLike) -> dict:
+    """Read and install a tuning table written by ``gpu_bench.py --sections 12``."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"decode attention tuning {path}: {e}") from None
+    try:
+        set_tuning(table)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return table
+
+
+TUNING_DIR = Path(__file__).parent / "tuning"
+
+
+def get_tuning() -> dict | None:
+    """The installed table; at the first call, the file named by ``SERVESIM_DECODE_TUNING``
+    (``none``: no table), else the table in ``kernels/tuning/*.json`` made on this CUDA
+    device (its ``device`` name and SM count), if one is there."""
+    global _TUNING_LOADED_ENV
+    if not _TUNING_LOADED_ENV:
+        _TUNING_LOADED_ENV = True
+        path = os.environ.get(TUNING_ENV, "").strip()
+        if path.lower() == "none":
+            return _TUNING
+        if path:
+            load_tuning(path)
+        else:
+            found = _tuning_for_this_device()
+            if found is not None:
+                load_tuning(found)
+    return _TUNING
+
+
+def _tuning_for_this_device() -> Path | None:
+    if not torch.cuda.is_available() or not TUNING_DIR.is_dir():
+        return None
+    name, sms = torch.cuda.get_device_name(), num_sms(torch.device("cuda"))
+    for f in sorted(TUNING_DIR.glob("*.json")):
+        try:
+            t = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if t.get("device") == name and t.get("sms") == sms:
+            return f
+    return None
+
+
+def tuned_config(batch: int, key: str) -> DecodeConfig | None:
+    """The table's config for ``key`` at the tuned batch nearest ``batch`` (in log2; ties
+    to the larger), its split bound scaled to keep the same number of programs."""
+    table = get_tuning()
+    rows = (table or {}).get("entries", {}).get(key)
+    if not rows:
+        return None
+    lb = math.log2(max(batch, 1))
+    row = min(rows, key=lambda r: (abs(math.log2(max(int(r["batch"]), 1)) - lb), -int(r["batch"])))
+    cfg = DecodeConfig.from_dict(row["config"])
+    tb = int(row["batch"])
+    if cfg.max_splits is not None and tb != batch:
+        s = cfg.max_splits * tb / max(batch, 1)
+        s = 1 << max(0, int(round(math.log2(max(s, 1.0)))))
+        cfg = replace(cfg, max_splits=max(1, min(s, 2 * MAX_SPLITS)))
+    return cfg
+
+
+def resolve_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int, block_size: int,
+                   dtype: torch.dtype, sms: int, config: DecodeConfig | None = None) -> DecodeConfig:
+    """The config a call runs: ``config``'s fields where set, else the tuning table's for
+    these shapes, else `default_config`'s."""
+    base = default_config(batch, num_kv_heads, max_seq_len, head_dim, group, sms)
+    tuned = tuned_config(batch, tuning_key(dtype, group, num_kv_heads, head_dim, block_size, sms))
+    if tuned is not None:
+        base = _fill(tuned, base)
+    if config is not None:
+        base = _fill(config, base)
+    return base
+
+
+def _fill(cfg: DecodeConfig, base: DecodeConfig) -> DecodeConfig:
+    """``cfg`` with its None fields taken from ``base``."""
+    return replace(cfg, **{f.name: getattr(base, f.name) for f in fields(cfg) if getattr(cfg, f.name) is None})
+
+
+# ---------------------------------------------------------------------------------- counters
+_COUNTERS: dict = {}
+_KEEP: list = []  # buffers replaced by larger ones stay alive: captured graphs point at them
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of >= n counters for the fused reduce, kept per device (each
+    launch leaves its counters at 0). Inside a CUDA-graph capture a buffer too small is
+    not replaced: the capture gets a zeroed one of its own (a memset node of the graph)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if buf is not None:
+        _KEEP.append(buf)
+    buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    _COUNTERS[key] = buf
+    return buf
+
+
+# ---------------------------------------------------------------------------------- entry point
 def paged_decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -217,7 +489,15 @@ def paged_decode_attention_triton(
     use_dot: bool | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    config: DecodeConfig | None = None,
+    min_split_tokens: int | None = None,
+    num_stages: int | None = None,
+    fused_reduce: bool | None = None,
+    head_major: bool | None = None,
 ) -> torch.Tensor:
+    """``num_splits`` given: every sequence is split ``num_splits`` ways (by its own length,
+    in whole tiles; ``min_split_tokens`` defaults to 1 then). The keyword arguments override
+    single fields of ``config`` / the tuned / the default config."""
     assert q.dim() == 3, f"q must be [B, Hq, D], got {tuple(q.shape)}"
     B, HQ, D = q.shape
     assert k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "caches must be [blocks, bs, Hkv, D]"
@@ -237,43 +517,59 @@ def paged_decode_attention_triton(
     out = new_empty((B, HQ, D), q.dtype, q.device)
     if B == 0:
         return out
-    if num_splits is None:
-        num_splits = choose_num_splits(B, HKV, block_tables.shape[1] * block_size, num_sms(q.device))
-    num_splits = max(int(num_splits), 1)
+    over = {}
+    if num_splits is not None:
+        over["max_splits"] = max(int(num_splits), 1)
+        over["min_split_tokens"] = 1
+    for name, val in (("use_dot", use_dot), ("block_n", block_n), ("num_warps", num_warps),
+                      ("min_split_tokens", min_split_tokens), ("num_stages", num_stages),
+                      ("fused_reduce", fused_reduce), ("head_major", head_major)):
+        if val is not None:
+            over[name] = val
+    if over:
+        config = replace(config or DecodeConfig(), **over)
+    cfg = resolve_config(B, HKV, block_tables.shape[1] * block_size, D, group, block_size, q.dtype,
+                         num_sms(q.device), config)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg)
 
-    if use_dot is None:
-        # Measured on an H100 (bf16, D=128): the group padded to 16 rows with tl.dot beat the
-        # broadcast multiply-sum for every group tried (1, 4), by up to 4x at group 4.
-        use_dot = True
+
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: DecodeConfig) -> torch.Tensor:
+    B, HQ, D = q.shape
+    _, block_size, HKV, _ = k_cache.shape
+    group = HQ // HKV
+    use_dot = True if cfg.use_dot is None else bool(cfg.use_dot)
     if group >= 16:
         # (the broadcast tile gains nothing here, and Triton's compiler would rewrite its
         # multiply-reduce into a dot of default, TF32, precision for fp32 inputs)
         use_dot = True
     BLOCK_D = max(next_pow2(D), 16)
     BLOCK_G = max(next_pow2(group), 16) if use_dot else next_pow2(group)
+    block_n = cfg.block_n
     if block_n is None:
-        if use_dot:
-            block_n = 64 if BLOCK_D <= 128 else 32
-        else:  # keep the [G, N, D] broadcast tile at ~8K elements
-            block_n = max(16, min(64, 8192 // (BLOCK_G * BLOCK_D)))
+        block_n = 64 if BLOCK_D <= 128 else 32
+    if not use_dot:  # keep the [G, N, D] broadcast tile at ~8K elements
+        block_n = max(16, min(block_n, 8192 // (BLOCK_G * BLOCK_D)))
     BLOCK_N = max(next_pow2(block_n), 16)
-    if num_warps is None:
-        num_warps = 4
+    S = max(int(cfg.max_splits or 1), 1)
+    T = max(int(cfg.min_split_tokens), 1)
+    fused = bool(cfg.fused_reduce) and S > 1
+    chunk = MERGE_CHUNK
 
-    if num_splits == 1:
+    if S == 1:
         m = l = acc = out  # unused placeholders
-        s_ml = (0, 0)
+        s_ml = (0, 0, 0)
         s_acc = (0, 0, 0)
     else:
-        m = new_empty((B, HQ, num_splits), torch.float32, q.device)
+        m = new_empty((B, HKV, S, BLOCK_G), torch.float32, q.device)
         l = new_empty(m.shape, m.dtype, m.device)
-        acc = new_empty((B, HQ, num_splits, D), torch.float32, q.device)
-        s_ml = (m.stride(0), m.stride(1))
+        acc = new_empty((B, HKV, S, BLOCK_G, BLOCK_D), torch.float32, q.device)
+        s_ml = (m.stride(0), m.stride(1), m.stride(2))
         s_acc = (acc.stride(0), acc.stride(1), acc.stride(2))
-
-    _decode_split_kernel[(B, HKV, num_splits)](
+    cnt = _counters(q.device, B * HKV) if fused else out
+    extra = {"num_stages": int(cfg.num_stages)} if cfg.num_stages else {}
+    _decode_split_kernel[(B * HKV * S,)](
         q, k_cache, v_cache, block_tables, seq_lens,
-        m, l, acc, out,
+        m, l, acc, cnt, out,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -281,25 +577,63 @@ def paged_decode_attention_triton(
         *s_ml, *s_acc,
         out.stride(0), out.stride(1),
         float(scale) * LOG2E,
-        D, block_size,
+        HKV, S, T,
+        HEAD_DIM=D,
+        PAGE=block_size,
         GROUP=group,
-        NUM_SPLITS=num_splits,
         BLOCK_G=BLOCK_G,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        USE_DOT=bool(use_dot),
+        USE_DOT=use_dot,
         DOT_PREC=dot_precision(q.dtype),
-        num_warps=num_warps,
+        FUSED_REDUCE=fused,
+        HEAD_MAJOR=bool(cfg.head_major),
+        CHUNK=chunk if fused else 1,
+        num_warps=int(cfg.num_warps),
+        **extra,
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(B, HQ)](
-            m, l, acc, out,
+    if S > 1 and not fused:
+        _decode_reduce_kernel[(B * HQ,)](
+            seq_lens, m, l, acc, out,
             *s_ml, *s_acc,
             out.stride(0), out.stride(1),
-            D,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
+            HQ, HKV, S, T,
+            HEAD_DIM=D,
+            GROUP=group,
+            BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
-            num_warps=1 if BLOCK_D <= 64 else 2,
+            CHUNK=chunk,
+            num_warps=1 if chunk * BLOCK_D <= 512 else (2 if chunk * BLOCK_D <= 2048 else 4),
         )
     return out
+
+
+def table_configs(key: str) -> list[DecodeConfig]:
+    """Every distinct config of the installed table for ``key`` (e.g. to compile them all
+    before a run starts: `precompile`)."""
+    rows = ((get_tuning() or {}).get("entries", {}) or {}).get(key, [])
+    seen, out = set(), []
+    for r in rows:
+        c = DecodeConfig.from_dict(r["config"])
+        if c.compile_key() not in seen:
+            seen.add(c.compile_key())
+            out.append(c)
+    return out
+
+
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float) -> int:
+    """Compile every kernel variant the installed tuning table (and the default) can pick for
+    this cache's shapes, on a 2-sequence batch over block 0 (read only), so no iteration of a
+    run meets a Triton compilation. Returns how many variants ran."""
+    _, bs, hkv, d = k_cache.shape
+    dev = k_cache.device
+    key = tuning_key(k_cache.dtype, num_heads // hkv, hkv, d, bs, num_sms(dev))
+    cfgs = table_configs(key) + [default_config(2, hkv, bs, d, num_heads // hkv, num_sms(dev))]
+    q = torch.zeros(2, num_heads, d, dtype=k_cache.dtype, device=dev)
+    bt = torch.zeros(2, 1, dtype=torch.int32, device=dev)
+    sl = torch.full((2,), min(bs, 4), dtype=torch.int32, device=dev)
+    for c in cfgs:
+        for s in (1, 2):  # the one-split path and the split + merge path
+            paged_decode_attention_triton(q, k_cache, v_cache, bt, sl, scale, config=replace(
+                c, max_splits=s, min_split_tokens=1))
+    return len(cfgs)

@@ -6,6 +6,7 @@ on a GPU). TRITON_INTERPRET must be set before a Triton kernel module is importe
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -539,3 +540,121 @@ def test_ops_signatures_are_the_contract():
     }
     for name, params in expected.items():
         assert list(inspect.signature(getattr(ops, name)).parameters) == params
+
+
+# --------------------------------------------------------------------------- decode attention configs (S10)
+
+from servesim.kernels import decode_attention as _da  # noqa: E402
+
+
+@pytest.fixture
+def _no_tuning(monkeypatch):
+    """A clean tuning state (no table, the environment variable not read yet), restored after."""
+    monkeypatch.setattr(_da, "_TUNING", None)
+    monkeypatch.setattr(_da, "_TUNING_LOADED_ENV", False)
+    monkeypatch.delenv(_da.TUNING_ENV, raising=False)
+
+
+DECODE_SEQS = [37, 0, 5, 150, 64, 1, 129]  # not multiples of the block size; an empty row; one token
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("head_major", [False, True])
+@pytest.mark.parametrize("max_splits,min_tokens", [(4, 16), (8, 1), (3, 48), (64, 16)])
+def test_paged_decode_configs_match_reference(_no_tuning, dtype, fused, head_major, max_splits, min_tokens):
+    """Every config path: per-sequence split counts from each length (short rows use fewer
+    splits; splits past a row's length exit), the one-split direct write, the separate
+    reduce and the fused last-split merge (more than MERGE_CHUNK splits too), both program
+    orders."""
+    q, kc, vc, bt, sl = _decode_case(dtype, 8, 2, 32, DECODE_SEQS, 16, seed=max_splits + min_tokens)
+    cfg = _da.DecodeConfig(max_splits=max_splits, min_split_tokens=min_tokens, block_n=16, num_warps=2,
+                           num_stages=2, fused_reduce=fused, head_major=head_major)
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.2, config=cfg)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, 0.2), dtype)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # seq_len 0 -> zeros
+    if fused and max_splits > 1:  # the last split of each (sequence, kv head) reset its counter
+        assert int(_da._counters(q.device, 1).abs().sum()) == 0
+        again = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.2, config=cfg)
+        assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_paged_decode_config_group_and_tiles(_no_tuning, use_dot):
+    """MQA-like group 8 and tiles wider than the blocks, with and without tl.dot, fused."""
+    q, kc, vc, bt, sl = _decode_case(torch.float32, 8, 1, 16, [70, 3, 33], 8, seed=3)
+    for block_n in (16, 64):
+        cfg = _da.DecodeConfig(max_splits=4, min_split_tokens=8, block_n=block_n, fused_reduce=True, use_dot=use_dot)
+        out = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.3, config=cfg)
+        assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, 0.3), torch.float32)
+
+
+def test_decode_config_resolution(_no_tuning):
+    """explicit fields > the tuning table's > default_config's; num_splits= keeps its old
+    meaning (every sequence split that many ways)."""
+    key = _da.tuning_key(torch.float32, 4, 2, 32, 16, 132)
+    d = _da.resolve_config(16, 2, 256, 32, 4, 16, torch.float32, 132)
+    assert d == _da.default_config(16, 2, 256, 32, 4, 132)
+    assert d.fused_reduce is False and d.min_split_tokens == _da.MIN_TOKENS_PER_SPLIT and d.num_stages == 0
+    full = dict(max_splits=4, min_split_tokens=128, block_n=32, num_warps=8, num_stages=3, fused_reduce=True,
+                head_major=True, use_dot=True)
+    _da.set_tuning(dict(version=_da.TUNING_VERSION, entries={key: [dict(batch=1, config=dict(full, max_splits=32)),
+                                                                   dict(batch=64, config=full)]}))
+    assert _da.resolve_config(64, 2, 256, 32, 4, 16, torch.float32, 132) == _da.DecodeConfig(**full)
+    # nearest tuned batch in log2, its split bound scaled to the same number of programs
+    assert _da.tuned_config(2, key) == _da.DecodeConfig(**dict(full, max_splits=16))
+    assert _da.tuned_config(128, key).max_splits == 2
+    assert _da.tuned_config(256, key).max_splits == 1
+    # 8 is as near 1 as 64 in log2: ties go to the larger, whose 4 splits at 64 become 32 at 8
+    assert _da.tuned_config(8, key) == _da.DecodeConfig(**dict(full, max_splits=32))
+    assert _da.tuned_config(8, "float32/g1/kv1/d8/bs16/sm132") is None
+    over = _da.resolve_config(64, 2, 256, 32, 4, 16, torch.float32, 132, _da.DecodeConfig(num_warps=2))
+    assert over == _da.DecodeConfig(**dict(full, num_warps=2))
+    _da.set_tuning(None)
+    assert _da.tuned_config(64, key) is None
+
+
+def test_decode_tuning_table_is_checked_and_loaded(_no_tuning, tmp_path, monkeypatch):
+    key = _da.tuning_key(torch.float32, 4, 2, 32, 16, 132)
+    with pytest.raises(ValueError, match="version"):
+        _da.set_tuning(dict(version=99, entries={}))
+    with pytest.raises(ValueError, match="batch"):
+        _da.set_tuning(dict(version=_da.TUNING_VERSION, entries={key: [dict(config={})]}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        _da.set_tuning(dict(version=_da.TUNING_VERSION, entries={key: [dict(batch=1, config=dict(splits=2))]}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        _da.load_tuning(bad)
+    good = tmp_path / "tuning.json"
+    good.write_text(json.dumps(dict(version=_da.TUNING_VERSION, entries={key: [dict(
+        batch=4, config=dict(max_splits=2, min_split_tokens=16, block_n=16, fused_reduce=True))]})))
+    # the environment variable is read at the first lookup
+    monkeypatch.setattr(_da, "_TUNING", None)
+    monkeypatch.setattr(_da, "_TUNING_LOADED_ENV", False)
+    monkeypatch.setenv(_da.TUNING_ENV, str(good))
+    cfg = _da.resolve_config(4, 2, 256, 32, 4, 16, torch.float32, 132)
+    assert (cfg.max_splits, cfg.min_split_tokens, cfg.block_n, cfg.fused_reduce) == (2, 16, 16, True)
+    assert cfg.num_warps == 4  # not in the table: the default's
+    # ... and the kernel runs the tuned config (B = 4, this test's shapes) correctly
+    q, kc, vc, bt, sl = _decode_case(torch.float32, 8, 2, 32, [100, 17, 1, 64], 16, seed=8)
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, 0.2)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, 0.2), torch.float32)
+    assert len(_da.table_configs(key)) == 1
+    assert _da.precompile(kc, vc, 8, 0.2) == 2  # the table's config and the default
+
+
+def test_decode_config_label_and_roundtrip():
+    c = _da.DecodeConfig(max_splits=8, min_split_tokens=64, block_n=64, num_warps=4, num_stages=0,
+                         fused_reduce=True, head_major=False, use_dot=True)
+    assert _da.DecodeConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c.label() == "S8/T64/N64/w4/std/fused"
+    assert c.compile_key() == _da.DecodeConfig(max_splits=1, min_split_tokens=1, block_n=64, num_warps=4,
+                                               num_stages=0, fused_reduce=True, head_major=False,
+                                               use_dot=True).compile_key()
+
+
+def test_decode_tuning_env_none_means_no_table(_no_tuning, monkeypatch):
+    monkeypatch.setenv(_da.TUNING_ENV, "none")
+    assert _da.get_tuning() is None
+    assert _da.resolve_config(4, 2, 256, 32, 4, 16, torch.float32, 132) == _da.default_config(4, 2, 256, 32, 4, 132)
