@@ -43,6 +43,7 @@ shipped with). `precompile` compiles every variant a table can pick before a run
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -347,6 +348,7 @@ def default_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: in
 # ---------------------------------------------------------------------------------- tuning table
 _TUNING: dict | None = None
 _TUNING_LOADED_ENV = False
+_EPOCH = 0  # bumped by every set_tuning (resolve_config's memo)
 
 
 def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int, sms: int) -> str:
@@ -356,7 +358,7 @@ def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int,
 def set_tuning(table: dict | None) -> None:
     """Install a tuning table (the dict `load_tuning` reads; None: back to `default_config`).
     Checks its entries; ValueError naming the bad one."""
-    global _TUNING, _TUNING_LOADED_ENV
+    global _TUNING, _TUNING_LOADED_ENV, _EPOCH
     if table is not None:
         if table.get("version") != TUNING_VERSION:
             raise ValueError(f"decode attention tuning: version {table.get('version')!r}, expected {TUNING_VERSION}")
@@ -367,6 +369,7 @@ def set_tuning(table: dict | None) -> None:
                 DecodeConfig.from_dict(row["config"])
     _TUNING = table
     _TUNING_LOADED_ENV = True  # an explicit table wins over the environment variable
+    _EPOCH += 1
 
 
 def load_tuning(path: str | os.PathLike) -> dict:
@@ -439,7 +442,16 @@ def tuned_config(batch: int, key: str) -> DecodeConfig | None:
 def resolve_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int, block_size: int,
                    dtype: torch.dtype, sms: int, config: DecodeConfig | None = None) -> DecodeConfig:
     """The config a call runs: ``config``'s fields where set, else the tuning table's for
-    these shapes, else `default_config`'s."""
+    these shapes, else `default_config`'s. Memoised per installed table (an eager forward
+    asks once per layer: the lookup must not add host time)."""
+    table = get_tuning()
+    return _resolve_cached(batch, num_kv_heads, max_seq_len, head_dim, group, block_size, dtype, sms, config,
+                           (_EPOCH, id(table)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_cached(batch, num_kv_heads, max_seq_len, head_dim, group, block_size, dtype, sms, config,
+                    _table_id) -> DecodeConfig:
     base = default_config(batch, num_kv_heads, max_seq_len, head_dim, group, sms)
     tuned = tuned_config(batch, tuning_key(dtype, group, num_kv_heads, head_dim, block_size, sms))
     if tuned is not None:
