@@ -16,7 +16,9 @@ chunk that samples (chunk order), then every decode token.
 
 One layer = fused rmsnorm -> qkv GEMM -> rope_kv_write -> paged prefill attention (context
 part) and paged decode attention (decode part) -> o GEMM -> fused residual add + rmsnorm ->
-gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear``; the rest are
+gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear`` (with fp8 weights,
+``model_precision: fp8``: the input quantised per token and ``torch._scaled_mm``,
+`weights.fp8_linear`; lm_head stays in the model's dtype); the rest are
 `servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). A layer is
 three parts: ``_pre_attention`` (token-wise, up to and including the KV-cache write),
 ``_attention`` (per sequence) and ``_post_attention`` (token-wise); the eager forward
@@ -43,8 +45,8 @@ from servesim.kernels import ops
 
 from .kv_pool import KVPool
 from .rope import build_cos_sin_cache
-from .weights import (LlamaWeights, ModelDims, load_config, load_safetensors_weights,
-                      random_weights)
+from .weights import (Fp8Weight, LlamaWeights, ModelDims, fp8_linear, load_config, load_safetensors_weights,
+                      quantize_weights_fp8, random_weights)
 
 # --------------------------------------------------------------------------------------
 # per-iteration inputs and attention metadata
@@ -235,6 +237,8 @@ class LlamaModel:
         else:
             weights = weights.to(dtype=dtype, device=self.device)
         weights.check(dims)
+        if dims.quant.weights == "fp8":  # the four linears of every layer (per-tensor or per-channel scales)
+            weights = quantize_weights_fp8(weights, per_channel=dims.quant.scales == "channel")
         self.weights = weights
         self.max_positions = int(max_positions or dims.max_position_embeddings)
         self.cos_sin = build_cos_sin_cache(dims.head_dim, self.max_positions, dims.rope_theta,
@@ -332,7 +336,7 @@ class LlamaModel:
         d, lw, impl = self.dims, self.weights.layers[layer], self.impl
         n_tok = h.shape[0]
         x, residual = ops.rms_norm(h, lw.input_norm, d.rms_norm_eps, residual, impl=impl)
-        q, k, v = F.linear(x, lw.qkv).split(self._split, dim=-1)
+        q, k, v = self._linear(x, lw.qkv).split(self._split, dim=-1)
         q, _ = ops.rope_kv_write(
             q.view(n_tok, d.num_heads, d.head_dim), k.view(n_tok, d.num_kv_heads, d.head_dim),
             v.view(n_tok, d.num_kv_heads, d.head_dim), positions, self.cos_sin,
@@ -344,9 +348,15 @@ class LlamaModel:
         """A layer after its attention (``attn [T, Hq, D]``), token-wise: o GEMM, fused
         residual add + rmsnorm, gate_up GEMM, silu_mul, down GEMM. Returns ``(h, residual)``."""
         d, lw, impl = self.dims, self.weights.layers[layer], self.impl
-        h = F.linear(attn.reshape(attn.shape[0], d.q_size), lw.o)
+        h = self._linear(attn.reshape(attn.shape[0], d.q_size), lw.o)
         x, residual = ops.rms_norm(h, lw.post_norm, d.rms_norm_eps, residual, impl=impl)
-        return F.linear(ops.silu_mul(F.linear(x, lw.gate_up), impl=impl), lw.down), residual
+        return self._linear(ops.silu_mul(self._linear(x, lw.gate_up), impl=impl), lw.down), residual
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Fp8Weight) -> torch.Tensor:
+        """``x @ w.T``: ``F.linear``, or the fp8 path for a quantised weight."""
+        if isinstance(w, Fp8Weight):
+            return fp8_linear(x, w, impl=self.impl)
+        return F.linear(x, w)
 
     def _attention(self, layer: int, q: torch.Tensor, kv_pool: KVPool, m: AttnMetadata,
                    out: torch.Tensor | None = None) -> torch.Tensor:

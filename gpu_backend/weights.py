@@ -65,6 +65,12 @@ class ModelDims:
                             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if m.rope_scaling and float(m.rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
             problems.append("partial_rotary_factor != 1 is not supported")
+        q = m.quant
+        if q.weights not in ("bf16", "fp8") or q.scales not in ("none", "tensor", "channel"):
+            problems.append(f"{q.label} weights are not supported (bf16, and fp8 with per-tensor or per-channel "
+                            "scales through torch._scaled_mm)")
+        if m.kv_dtype != "bf16":
+            problems.append(f"a {m.kv_dtype} KV cache is not supported (the KV cache is in the model's dtype)")
         if problems:
             raise ValueError(f"model {m.name}: " + "; ".join(problems))
 
@@ -106,6 +112,102 @@ def load_config(path: str | os.PathLike) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------------------
+# fp8 weights
+# --------------------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class Fp8Weight:
+    """A linear's weight ``[N out, K in]`` in float8_e4m3fn with fp32 scales ``[1, N]`` (one per
+    output channel; a per-tensor scale is held expanded), ``w ~= q * scale.T``. Multiplied by
+    `fp8_linear` (``torch._scaled_mm``, per-token activation scales)."""
+
+    q: torch.Tensor  # [N, K] float8_e4m3fn, row-major (``q.t()`` is the column-major mat2 cuBLASLt wants)
+    scale: torch.Tensor  # [1, N] float32
+    per_channel: bool = True
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Fp8Weight:
+        """On ``device`` (the dtype stays fp8: a quantised weight is not converted back)."""
+        return Fp8Weight(self.q.to(device=device or self.q.device), self.scale.to(device=device or self.q.device),
+                         self.per_channel)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scale.t()).to(dtype)
+
+
+def quantize_fp8(w: torch.Tensor, per_channel: bool = True) -> Fp8Weight:
+    """``w [N, K]`` as e4m3 with per-output-channel (or per-tensor) scales ``amax / 448``
+    (round to nearest even, fp32 math)."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=1, keepdim=True) if per_channel else wf.abs().amax().reshape(1, 1)
+    scale = amax.clamp_min(1e-12) / FP8_MAX  # [N, 1] or [1, 1]
+    q = (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Weight(q.contiguous(), scale.reshape(1, -1).expand(1, w.shape[0]).contiguous().float(), per_channel)
+
+
+_ROWWISE: dict[str, bool] = {}  # device type -> torch._scaled_mm takes row-wise scales there
+
+
+def fp8_linear(x: torch.Tensor, w: Fp8Weight, impl: str = "auto") -> torch.Tensor:
+    """``x [T, K] @ w.T`` in fp8: x quantised per token (`kernels.ops.quant_fp8_rowwise`),
+    ``torch._scaled_mm`` with row-wise scales, fp32 accumulation, ``x.dtype`` out. Where
+    this torch's ``_scaled_mm`` takes no row-wise scales, x is quantised per tensor and the
+    weight's channel scales multiply the output (one more elementwise kernel)."""
+    from servesim.kernels import ops
+
+    if _ROWWISE.get(x.device.type, True):
+        xq, sx = ops.quant_fp8_rowwise(x, impl=impl)
+        try:
+            out = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=x.dtype)
+            _ROWWISE[x.device.type] = True
+            return out
+        except RuntimeError as e:
+            if x.device.type in _ROWWISE:  # it worked before: a real error
+                raise
+            import warnings
+
+            warnings.warn(f"torch._scaled_mm without row-wise scales here ({e}); fp8 linears fall back to "
+                          "per-tensor input scales", stacklevel=2)
+            _ROWWISE[x.device.type] = False
+    sx = x.float().abs().amax().clamp_min(1e-12).reshape(1, 1) / FP8_MAX
+    xq = (x.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    return (torch._scaled_mm(xq, w.q.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.float32)
+            * w.scale).to(x.dtype)
+
+
+def fp8_linear_ref(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """`fp8_linear` in plain fp32 torch: dequantise both operands, multiply."""
+    from servesim.kernels.reference import quant_fp8_rowwise_ref
+
+    xq, sx = quant_fp8_rowwise_ref(x)
+    return ((xq.float() * sx) @ w.dequantize(torch.float32).t()).to(x.dtype)
+
+
+LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
+
+
+def quantize_weights_fp8(weights: LlamaWeights, per_channel: bool = True) -> LlamaWeights:
+    """The decoder layers' four linears in fp8 (`quantize_fp8`); embedding, norms and lm_head
+    kept as they are (the precisions servesim's cost model prices: sim/specs.py)."""
+    layers = [LayerWeights(**{f.name: (quantize_fp8(getattr(lw, f.name), per_channel)
+                                       if f.name in LINEAR_FIELDS and not isinstance(getattr(lw, f.name), Fp8Weight)
+                                       else getattr(lw, f.name)) for f in fields(lw)})
+              for lw in weights.layers]
+    return LlamaWeights(weights.embed, layers, weights.final_norm, weights.lm_head)
+
+
+# --------------------------------------------------------------------------------------
 # weight containers
 # --------------------------------------------------------------------------------------
 
@@ -134,7 +236,12 @@ class LlamaWeights:
         yield self.embed
         for lw in self.layers:
             for f in fields(lw):
-                yield getattr(lw, f.name)
+                t = getattr(lw, f.name)
+                if isinstance(t, Fp8Weight):
+                    yield t.q
+                    yield t.scale
+                else:
+                    yield t
         yield self.final_norm
         if not self.tied:
             yield self.lm_head
@@ -142,6 +249,8 @@ class LlamaWeights:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LlamaWeights:
         """A copy in ``dtype`` on ``device`` (tensors already there are shared, tying is kept)."""
         def cv(t: torch.Tensor) -> torch.Tensor:
+            if isinstance(t, Fp8Weight):
+                return t.to(device=device)
             return t.to(dtype=dtype or t.dtype, device=device or t.device)
 
         embed = cv(self.embed)
@@ -330,6 +439,10 @@ def load_safetensors_weights(spec: Any, path: str | os.PathLike, dtype: torch.dt
     from safetensors import safe_open
 
     dims = ModelDims.from_spec(spec)
+    if dims.quant.source == "checkpoint":
+        raise WeightLoadError(f"the config of {path} describes a quantised checkpoint ({dims.quant.label}, its "
+                              "quantization_config): the gpu backend loads bf16 / fp16 / fp32 checkpoints and "
+                              "quantises them itself (model_precision: fp8)")
     root = Path(path)
     located = _checkpoint_files(root)
     expected = hf_tensor_shapes(dims)

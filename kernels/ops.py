@@ -20,6 +20,7 @@ from ._common import use_triton
 from .reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
+    quant_fp8_rowwise_ref,
     rms_norm_ref,
     rope_kv_write_ref,
     silu_mul_ref,
@@ -31,6 +32,7 @@ __all__ = [
     "rope_kv_write",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "quant_fp8_rowwise",
 ]
 
 
@@ -131,3 +133,13 @@ def paged_prefill_attention(
             q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale
         )
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale)
+
+
+def quant_fp8_rowwise(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp8-e4m3 quantisation: ``x [T, K]`` -> ``(q [T, K] float8_e4m3fn, scale [T, 1]
+    fp32)`` with ``x ~= q * scale`` (row absmax / 448)."""
+    if use_triton(impl, x):
+        from .quant import quant_fp8_rowwise_triton
+
+        return quant_fp8_rowwise_triton(x)
+    return quant_fp8_rowwise_ref(x)

@@ -160,3 +160,13 @@ def paged_prefill_attention_ref(
         mask = kpos[None, :] <= qpos[:, None]
         out[q0:q1] = _masked_attention(q[q0:q1], k, v, mask, scale).to(q.dtype)
     return out
+
+
+def quant_fp8_rowwise_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8-e4m3 quantisation of ``x [T, K]``: ``scale = max(amax_row, 1e-12) / 448``
+    (fp32 ``[T, 1]``), ``q = clamp(x / scale, -448, 448)`` rounded to e4m3 (nearest even).
+    ``q.float() * scale`` is ``x`` within e4m3's rounding (3 mantissa bits)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 448.0
+    q = (xf * (1.0 / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, scale

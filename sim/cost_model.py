@@ -11,6 +11,15 @@ decode attention, elementwise, a per-layer kernel floor, all-reduce -- and host 
 affine in the KV length. A calibrated profile (sim/calibrate.py) is this model with fitted
 parameters. `breakdown(shape)` gives seconds per term.
 
+Precisions (the model's ``quant`` and ``kv_dtype``, sim/specs.py): a quantised model's
+linears read their weights in its format with their scales and multiply at its
+tensor-core rate (fp8, int8; int4 weight-only at the bf16 rate plus its dequantisation,
+once per `int4_dequant_rows` rows); W8A8 inputs are read at one byte (quantised by the
+kernel before, or by a kernel of their own: `act_quant_fused`); measured curves of the
+precision (`gemm_times_by_precision`) price them, else the bf16 curves times the ratio of
+the two rooflines; KV bytes everywhere are the KV dtype's. bf16 prices are bit-identical
+to the code before precisions existed.
+
 Every term and its reasons: docs/cost_model.md.
 """
 
@@ -46,7 +55,7 @@ class GemmCurve(BaseModel):
     """One decoder layer's GEMM of weight shape [k, n] (x[tokens, k] @ W^T -> [tokens, n]),
     measured: ``seconds[i]`` at ``tokens[i]`` rows (a calibration's GEMM sweep)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     k: int = Field(gt=0, description="input features")
     n: int = Field(gt=0, description="output features")
@@ -90,7 +99,7 @@ LINEARS = ("qkv", "o", "gate_up", "down")  # a decoder layer's GEMMs
 class RooflineConfig(BaseModel):
     """Knobs of the roofline model. Defaults: pure roofline on the achievable rates."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
     flops_efficiency: float = Field(1.0, gt=0, description="multiplies the hardware's achievable bf16 FLOP/s")
     bandwidth_efficiency: float = Field(1.0, gt=0, description="multiplies the achievable HBM bytes/s")
