@@ -433,3 +433,26 @@ def test_quantization_benchmark_tables():
     assert [c["verdict"] for c in q.claim_rows()] == ["possible", "impossible", "impossible"]
     md = q.markdown(list(mem.values()), [], q.claim_rows(), 1.0)
     assert "does not fit" in md and "sim bounds --model llama-2-13b" in md
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["llama-3.2-1b", "llama-3.1-8b"]), st.sampled_from(["h100-sxm", "h200-sxm"]),
+       st.sampled_from(PRECISIONS), st.sampled_from(["bf16", "fp8", "int8"]), st.sampled_from([1, 2]),
+       st.sampled_from([1, 3, 16, 64]), st.integers(1, 2000), st.integers(1, 300), st.booleans())
+def test_simulated_throughput_never_exceeds_sim_bounds(tmp_path_factory, model, hw, prec, kv, tp, batch, P, O,
+                                                       overlap):
+    """`sim bounds` for (model, hardware, precision, tp, batch, prompt, output) bounds the output
+    tok/s of a simulated offline run of such requests with at most `batch` in flight."""
+    text = (f"name: p\nmodel: {model}\nhardware: {hw}\nmodel_precision: {prec}\nkv_cache: {{dtype: {kv}}}\n"
+            f"cluster: {{tensor_parallel: {tp}}}\nruntime: {{overlap_scheduler: {str(overlap).lower()}}}\n"
+            f"scheduler: {{max_batch_size: {batch}, max_num_tokens: 4096, enable_chunked_context: true}}\n"
+            f"workload:\n  synthetic:\n    num_requests: {2 * batch + 1}\n    arrival: {{kind: offline}}\n"
+            f"    prompt_len: {{kind: constant, value: {P}}}\n    output_len: {{kind: constant, value: {O}}}\n")
+    p = tmp_path_factory.mktemp("sb") / "p.yaml"
+    p.write_text(text)
+    setup = resolve(load_experiment(p).variants[0].config, p.parent)
+    got = simulate(setup).summary["throughput_out_tok_s"]
+    b = compute_bounds(setup.model, setup.hardware, tp=tp, batch=batch, prompt_len=P, output_len=O,
+                       max_num_tokens=4096)
+    assert got <= b.e2e_out_tok_s_achievable * (1 + 1e-9) <= b.e2e_out_tok_s * (1 + 1e-9), (got, b)
