@@ -284,7 +284,7 @@ def parse_kv_dtype(value: Any, location: str = "kv_cache.dtype") -> str:
     refused with its reason)."""
     v = value.strip().lower() if isinstance(value, str) else value
     if v in ("int4", "fp4", "nvfp4"):
-        raise ConfigError(f"a {v} KV cache is not supported: 4-bit keys and values need per-group scales and "
+        raise ConfigError(f"{v} KV caches are not supported: 4-bit keys and values need per-group scales and "
                           "attention kernels servesim does not model (use fp8 or int8)", location)
     if v not in _KV_ALIASES:
         raise ConfigError(f"unknown KV-cache dtype {value!r} (expected one of {', '.join(KV_DTYPES)}, or auto)",
