@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from servesim.policies.capacity import AdmitNeed, CapacityPolicy, final_kv_tokens
 from servesim.policies.chunking import ChunkPolicy, FillBudget
 from servesim.policies.graph_padding import GraphPadding
+from servesim.policies.ordering import WaitingOrder, WaitingView
 from servesim.policies.speculative import DraftPolicy, fit_draft_lens
 
 from .kv_cache import BlockManager, blocks_for
@@ -70,6 +71,7 @@ class EngineConfig:
     speculation: DraftPolicy | None = None
     # the model's max_position_embeddings: a request whose KV would outgrow it is rejected
     max_positions: int | None = None
+    order: WaitingOrder | None = None  # which waiting request to try next (None: FCFS)
 
 
 class Engine:
@@ -182,6 +184,16 @@ class Engine:
         self.done.append(req)
 
     # ------------------------------------------------------------------ admission
+    def _pick_next(self, cutoff: float) -> None:
+        """Move the waiting request `cfg.order` picks (among those arrived) to the front."""
+        views = [WaitingView(r.request_id, r.arrival_s, r.prompt_len, r.output_len, r.priority,
+                             r.tenant, r.preemptions) for r in self.waiting if r.arrival_s <= cutoff]
+        i = self.cfg.order.pick(views) if len(views) > 1 else 0
+        if i:
+            req = self.waiting[i]
+            del self.waiting[i]
+            self.waiting.appendleft(req)
+
     def _admit(self, now: float, cutoff: float = INF) -> bool:
         """Admit waiting requests (those that arrived by `cutoff`, or were preempted); True
         when one was held back by the cutoff."""
@@ -194,6 +206,8 @@ class Engine:
         kv = self.kv
         headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
         while self.waiting and self.n_active() < cfg.max_batch_size:
+            if cfg.order is not None and not self.waiting[0].preemptions:
+                self._pick_next(cutoff)
             req = self.waiting[0]
             if req.arrival_s > cutoff and not req.preemptions:
                 return True
