@@ -33,9 +33,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import yaml
+from pydantic import ValidationError
 
 from .cost_model import RooflineConfig, RooflineCostModel
+from .errors import load_yaml, validation_problems
 from .power import POWER_KEYS
 from .specs import HardwareSpec, ModelSpec
 from .types import ConfigError, IterationShape
@@ -463,11 +464,10 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
     loc = f"{where}cost_model.profile"
     if not path.is_file():
         raise ConfigError(f"no such calibration profile: {path}", loc)
-    try:
-        doc = safe_load(path.read_text())
-        schema = doc.get("schema")
-    except (yaml.YAMLError, AttributeError):
-        raise ConfigError("corrupt calibration profile (not a YAML mapping)", str(path)) from None
+    doc = load_yaml(path, "calibration profile")  # not UTF-8, bad YAML, a key twice: named with its line
+    if not isinstance(doc, dict):
+        raise ConfigError("corrupt calibration profile (not a YAML mapping)", str(path))
+    schema = doc.get("schema")
     if schema == INLINE_RESIDUALS_SCHEMA:
         raise ConfigError(f"calibration profile of the older version {schema!r} (its residuals inline; this "
                           f"servesim reads {PROFILE_SCHEMA!r}): convert it with `python -m servesim.sim.calibrate "
@@ -485,7 +485,12 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
     if probs:
         raise ConfigError(probs)
     try:
-        roofline = RooflineConfig(**doc["roofline"])
+        roofline = RooflineConfig.model_validate(doc["roofline"])
+    except ValidationError as e:  # a hand-edited profile: each bad parameter at its key
+        raise ConfigError(validation_problems(e, doc["roofline"], str(path), "roofline")) from None
+    except (KeyError, TypeError):
+        raise ConfigError("corrupt calibration profile: no roofline mapping", str(path)) from None
+    try:
         power = doc.get("power")
         if power is not None:
             kv, cap = power.get("kv_w"), power.get("max_w")
@@ -493,7 +498,7 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
             power["kv_w"] = float(kv) if kv is not None else power["memory_w"]
             if cap is not None:  # older profiles: the hardware file's max_power_w
                 power["max_w"] = float(cap)
-            if not (power["idle_w"] > 0 and min(power.values()) >= 0):
+            if not (power["idle_w"] > 0 and min(power.values()) >= 0 and all(map(math.isfinite, power.values()))):
                 raise ValueError(f"power model out of range: {power}")
         return roofline, power
     except Exception as e:  # noqa: BLE001 - a hand-edited profile

@@ -74,32 +74,19 @@ def print_comparison(rows: list[dict], title: str) -> None:
 
 def cmd_validate(args) -> int:
     from .config import load_experiment
+    from .runner import resolve_experiment
 
     status = 0
     for f in args.files:
         try:
             exp = load_experiment(f, args.set)
-            problems = []
-            for i, v in enumerate(exp.variants):
-                try:
-                    setup_check(v.config, exp.base_dir, f"{f}: variants[{i}] ({v.name}): ")
-                except ConfigError as e:
-                    problems.extend(e.problems)
-            if problems:
-                raise ConfigError(problems)
+            resolve_experiment(exp, f)  # the checks sim run makes, in its order
         except ConfigError as e:
             status = _fail(e)
             continue
         _console().print(f"[green]ok[/] {f}: {len(exp.variants)} variant(s): "
                          + ", ".join(v.name for v in exp.variants))
     return status
-
-
-def setup_check(cfg, base_dir: Path, where: str) -> None:
-    """The checks that need the model, hardware and trace files (no simulation)."""
-    from .runner import resolve
-
-    resolve(cfg, base_dir, where)
 
 
 class RunProgress:
@@ -253,7 +240,7 @@ def cmd_run(args) -> int:
     from . import rundir
     from .config import load_experiment
     from .metrics import flat_row
-    from .runner import resolve, simulate, write_run
+    from .runner import resolve_experiment, simulate, write_run
 
     overrides = list(args.set or [])
     if args.seed is not None:
@@ -278,14 +265,22 @@ def cmd_run(args) -> int:
         out = Path(args.out) if args.out else Path("runs") / exp.name
         where = ("command line: --out" if args.out else
                  f"output folder {out} (the default, runs/<experiment name>; choose another with --out)")
+        # the file's problems as sim validate reports them (same checks, same order), then the output's
+        problems = []
+        try:
+            setups = resolve_experiment(exp, args.experiment)
+        except ConfigError as e:
+            problems.extend(e.problems)
         made = next((q for q in reversed((out, *out.parents)) if not q.exists()), None)  # what the check makes
-        rundir.check_output_dir(out, where)
-        for v in exp.variants:
-            if (out / v.name).exists() and not (out / v.name).is_dir():
-                raise ConfigError(f"{out / v.name} is a file where variant {v.name!r}'s folder goes", where)
-        setups = []
-        for i, v in enumerate(exp.variants):
-            setups.append(resolve(v.config, exp.base_dir, f"{args.experiment}: variants[{i}] ({v.name}): "))
+        try:
+            rundir.check_output_dir(out, where)
+            for v in exp.variants:
+                if (out / v.name).exists() and not (out / v.name).is_dir():
+                    raise ConfigError(f"{out / v.name} is a file where variant {v.name!r}'s folder goes", where)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
         if args.backend == "gpu":
             try:
                 from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch

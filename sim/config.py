@@ -19,13 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from servesim.traces.spec import WorkloadConfig
 
 from .cost_model import RooflineConfig
-from .errors import format_key, key_parts, load_yaml, problem_message
+from .errors import KeyedError, PathStr, format_key, load_yaml, located_errors, path_problem, problem_message
 from .power import PowerConfig
 from .types import ConfigError
+from .yamlio import DuplicateKeyError, safe_load
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # every float finite: .inf / .nan are refused (all of them at once, each at its key)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SchedulerConfig(_Strict):
@@ -34,10 +36,13 @@ class SchedulerConfig(_Strict):
         description="admission policy: guaranteed_no_evict reserves KV for prompt+output; "
         "max_utilization admits greedily and pauses the newest request when KV runs out; "
         "static_batch forms a batch only when the engine is idle")
-    max_batch_size: int = Field(256, gt=0, description="most requests active at once")
-    max_num_tokens: int = Field(8192, gt=0, description="most tokens (context + generation) in one iteration")
+    # upper bounds: far beyond any engine's, and small enough that graph-size lists and
+    # per-iteration arrays stay small (a 10^20-request batch would exhaust memory)
+    max_batch_size: int = Field(256, gt=0, le=2**20, description="most requests active at once")
+    max_num_tokens: int = Field(8192, gt=0, le=2**24,
+                                description="most tokens (context + generation) in one iteration")
     enable_chunked_context: bool = Field(False, description="split long prompts across iterations")
-    chunk_size: int | None = Field(None, gt=0, description="context tokens per chunk (multiple of "
+    chunk_size: int | None = Field(None, gt=0, le=2**24, description="context tokens per chunk (multiple of "
                                    "kv_cache.tokens_per_block); null fills the iteration's budget")
     preemption: Literal["recompute", "swap"] = Field(
         "recompute", description="how max_utilization pauses a request: recompute (drop its KV, recompute "
@@ -77,7 +82,7 @@ class RetentionConfig(RetentionSpecConfig):
 
 
 class KVCacheConfig(_Strict):
-    tokens_per_block: int = Field(32, gt=0, description="tokens per KV block (power of two)")
+    tokens_per_block: int = Field(32, gt=0, le=2**16, description="tokens per KV block (power of two)")
     free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after "
                                             "weights and activations that the KV pool takes")
     max_tokens: int | None = Field(None, gt=0, description="cap on the pool size in tokens")
@@ -117,7 +122,8 @@ class KVCacheConfig(_Strict):
 class RuntimeConfig(_Strict):
     cuda_graphs: bool = Field(True, description="generation-only iterations run as CUDA graphs, batch "
                               "padded to a captured size")
-    graph_max_batch_size: int | None = Field(None, gt=0, description="largest captured graph (default: max_batch_size)")
+    graph_max_batch_size: int | None = Field(None, gt=0, le=2**20,
+                                             description="largest captured graph (default: max_batch_size)")
     overlap_scheduler: bool = Field(False, description="host schedules and launches iteration n+1 while the GPU "
                                     "runs n: the host's work hides under the GPU's (an iteration costs the longer "
                                     "of the two), a request arriving after n started waits for n+2, and a "
@@ -127,13 +133,14 @@ class RuntimeConfig(_Strict):
                                    "graphs (vLLM style): everything but attention captured per layer for padded "
                                    "token counts, attention launched eagerly between the pieces; cuts the host's "
                                    "kernel launches from ~12 to ~3 per layer")
-    piecewise_max_tokens: int = Field(2048, gt=0, description="largest token count captured for piecewise graphs "
+    piecewise_max_tokens: int = Field(2048, gt=0, le=2**24,
+                                      description="largest token count captured for piecewise graphs "
                                       "(capped at scheduler.max_num_tokens); bigger iterations run eagerly, where "
                                       "the GPU's work hides the launches anyway")
 
 
 class ClusterConfig(_Strict):
-    replicas: int = Field(1, gt=0, description="engine replicas, each on its own GPUs")
+    replicas: int = Field(1, gt=0, le=1024, description="engine replicas, each on its own GPUs")
     router: Literal["round_robin", "least_loaded"] = Field(
         "round_robin", description="which replica an arriving request goes to")
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
@@ -144,7 +151,7 @@ class CostModelConfig(_Strict):
         "roofline", description="roofline: max(FLOPs/rate, bytes/bandwidth) per op; calibrated: the same "
         "terms with efficiencies and overheads fitted to GPU measurements (a profile from sim calibrate)")
     roofline: RooflineConfig = Field(default_factory=RooflineConfig)
-    profile: str | None = Field(None, description="calibration profile (kind: calibrated), relative to the "
+    profile: PathStr | None = Field(None, description="calibration profile (kind: calibrated), relative to the "
                                 "experiment file")
 
     @model_validator(mode="after")
@@ -167,7 +174,7 @@ class BetaAcceptance(_Strict):
 
 
 class RunAcceptance(_Strict):
-    run: str = Field(description="a run directory whose iterations.parquet recorded acceptance per draft "
+    run: PathStr = Field(description="a run directory whose iterations.parquet recorded acceptance per draft "
                      "position (a GPU or sim run with speculative decoding)")
 
 
@@ -175,9 +182,9 @@ class SpeculativeConfig(_Strict):
     proposer: Literal["draft_model", "ngram", "medusa", "eagle"] = Field(
         "draft_model", description="what proposes the drafts (policies/speculative.py)")
     max_draft_len: int = Field(4, ge=0, description="k: draft tokens per request and step (0: off)")
-    draft_model: str | None = Field(None, description="the drafter: a bundled model name or a config.json "
+    draft_model: PathStr | None = Field(None, description="the drafter: a bundled model name or a config.json "
                                     "(proposer: draft_model; same vocabulary as the target)")
-    draft_profile: str | None = Field(None, description="calibration profile of the drafter (default: the "
+    draft_profile: PathStr | None = Field(None, description="calibration profile of the drafter (default: the "
                                       "target's cost-model settings)")
     acceptance: float | list[float] | BetaAcceptance | RunAcceptance = Field(
             0.7, description="probability each draft position is accepted given the ones before it: one "
@@ -220,9 +227,9 @@ class OutputConfig(_Strict):
 class RunConfig(_Strict):
     """The settings of one run (one variant)."""
 
-    seed: int = Field(0, description="seeds synthetic workloads and sampling")
-    model: str = Field("llama-3.1-8b", description="bundled model name or path to a HF config.json")
-    hardware: str = Field("h100-sxm", description="bundled hardware name or path to a hardware YAML")
+    seed: int = Field(0, ge=0, description="seeds synthetic workloads and sampling")
+    model: PathStr = Field("llama-3.1-8b", description="bundled model name or path to a HF config.json")
+    hardware: PathStr = Field("h100-sxm", description="bundled hardware name or path to a hardware YAML")
     model_precision: str | dict | None = Field(
         None, description="the decoder linears' weights: bf16, fp8 (e4m3, per-tensor scales; fp8-channel, "
         "fp8-block), int8 (SmoothQuant W8A8, per-channel), int4 (AWQ/GPTQ-style weight-only, groups of 128; "
@@ -256,38 +263,46 @@ class RunConfig(_Strict):
     def _cross_checks(self):
         s = self.scheduler
         if s.max_num_tokens < s.max_batch_size:
-            raise ValueError(f"scheduler.max_num_tokens ({s.max_num_tokens}) must be at least "
+            raise KeyedError(f"scheduler.max_num_tokens ({s.max_num_tokens}) must be at least "
                              f"scheduler.max_batch_size ({s.max_batch_size}): every generation "
-                             "request takes one token of the budget")
+                             "request takes one token of the budget", "scheduler.max_num_tokens",
+                             "scheduler.max_batch_size")
         kv = self.kv_cache
         if s.preemption == "swap" and s.capacity != "max_utilization":
-            raise ValueError("scheduler.preemption: swap needs scheduler.capacity: max_utilization "
-                             "(the other policies never pause a request)")
+            raise KeyedError("scheduler.preemption: swap needs scheduler.capacity: max_utilization "
+                             "(the other policies never pause a request)", "scheduler.preemption",
+                             "scheduler.capacity")
         if kv.host_cache_size_gb > 0 and not kv.enable_block_reuse:
-            raise ValueError("kv_cache.host_cache_size_gb needs kv_cache.enable_block_reuse: true "
-                             "(the host tier holds evicted reusable blocks)")
+            raise KeyedError("kv_cache.host_cache_size_gb needs kv_cache.enable_block_reuse: true "
+                             "(the host tier holds evicted reusable blocks)", "kv_cache.host_cache_size_gb",
+                             "kv_cache.enable_block_reuse")
         if kv.retention is not None and not kv.enable_block_reuse:
-            raise ValueError("kv_cache.retention needs kv_cache.enable_block_reuse: true")
+            raise KeyedError("kv_cache.retention needs kv_cache.enable_block_reuse: true", "kv_cache.retention",
+                             "kv_cache.enable_block_reuse")
         sp = self.speculative
         if sp is not None and sp.max_draft_len:
             verify = max(sp.max_draft_len, sp.tree_nodes)
             if verify + 1 > s.max_num_tokens:
-                raise ValueError(f"speculative.max_draft_len: {verify} draft tokens + 1 can never fit "
-                                 f"scheduler.max_num_tokens ({s.max_num_tokens})")
+                raise KeyedError(f"speculative.max_draft_len: {verify} draft tokens + 1 can never fit "
+                                 f"scheduler.max_num_tokens ({s.max_num_tokens})", "speculative.max_draft_len",
+                                 "speculative.tree_nodes", "scheduler.max_num_tokens")
             if self.runtime.overlap_scheduler:
-                raise ValueError("speculative decoding with runtime.overlap_scheduler is not modelled "
-                                 "(the next iteration's drafts need this one's accepted tokens)")
+                raise KeyedError("speculative decoding with runtime.overlap_scheduler is not modelled "
+                                 "(the next iteration's drafts need this one's accepted tokens)",
+                                 "runtime.overlap_scheduler", "speculative")
         if s.chunk_size is not None and s.chunk_size % self.kv_cache.tokens_per_block:
-            raise ValueError(f"scheduler.chunk_size ({s.chunk_size}) must be a multiple of "
-                             f"kv_cache.tokens_per_block ({self.kv_cache.tokens_per_block})")
+            raise KeyedError(f"scheduler.chunk_size ({s.chunk_size}) must be a multiple of "
+                             f"kv_cache.tokens_per_block ({self.kv_cache.tokens_per_block})", "scheduler.chunk_size",
+                             "kv_cache.tokens_per_block")
         return self
 
 
 class Variant:
-    def __init__(self, name: str, config: RunConfig, raw: dict):
+    def __init__(self, name: str, config: RunConfig, raw: dict, index: int = 0):
         self.name = name
         self.config = config
         self.raw = raw
+        self.index = index  # its place in the file's variants list (variants[index])
 
 
 class Experiment:
@@ -339,7 +354,9 @@ def parse_set(pairs: list[str]) -> dict:
         if not parts:
             raise ConfigError(f"--set has an empty key in {pair!r}", "command line")
         try:
-            value = yaml.safe_load(val)
+            value = safe_load(val)
+        except DuplicateKeyError as e:
+            raise ConfigError(f"--set {key.strip()}: {e.duplicates[0][1]}", "command line") from None
         except yaml.YAMLError:
             value = val
         d = out
@@ -359,15 +376,18 @@ def _pydantic_problems(err: ValidationError, where: str, variant_raw: dict | Non
     """Each error located where the user wrote the value: the command line's --set, the
     variant's overrides, or the shared settings."""
     probs = []
-    for e in err.errors():
-        loc = key_parts(e["loc"], merged, missing=e["type"] == "missing")
-        if set_over and _has_path(set_over, loc):
-            key = f"--set {format_key(loc)}"
+    for paths, e in located_errors(err, merged):
+        # a cross-check names several keys (KeyedError): the most specific one the user wrote
+        in_set = [p for p in paths if set_over and _has_path(set_over, p)]
+        in_variant = [p for p in paths if variant_raw is not None and p and _has_path(variant_raw, p)]
+        if in_set:
+            key = f"--set {format_key(in_set[0])}"
             w = "command line"
-        elif variant_raw is not None and _has_path(variant_raw, loc):
-            key = format_key(loc, f"variants[{vi}]")
+        elif in_variant or (variant_raw is not None and not paths[0] and _has_path(variant_raw, ())):
+            key = format_key(in_variant[0] if in_variant else (), f"variants[{vi}]")
             w = where
         else:
+            loc = next((p for p in paths if _has_path(merged, p)), paths[0])
             key = format_key(loc) if loc else "(top level)"
             w = where
         probs.append((f"{w}: {key}", problem_message(e, _UNKNOWN_KEY_HINT)))
@@ -378,6 +398,8 @@ def _folder_name_problem(name: str) -> str | None:
     """Why `name` (an experiment's or a variant's) cannot name its output folder, or None."""
     if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         return f"{name!r}: use letters, digits, '-', '_' and '.' (not first): it names a folder"
+    if len(name) > 200 or path_problem(name):
+        return f"a name of {len(name)} characters: at most 200 (it names a folder)"
     return None
 
 
@@ -432,7 +454,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
                     base_reported.add(p)
                     problems.append(p)
             continue
-        variants.append(Variant(vname, cfg, merged))
+        variants.append(Variant(vname, cfg, merged, i))
     if problems:
         # de-duplicate while keeping order
         seen = set()

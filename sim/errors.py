@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator
 
 from .types import ConfigError
-from .yamlio import safe_load
+from .yamlio import DuplicateKeyError, safe_load
 
 # ---------------------------------------------------------------------------------------
 # files
@@ -60,11 +61,39 @@ def file_error(path: str | Path, err: BaseException, what: str = "file", first_l
         return ConfigError(f"not a UTF-8 text file ({err.reason} at byte {err.start})", str(path))
     if isinstance(err, json.JSONDecodeError):
         return ConfigError(f"invalid JSON: {err.msg} (column {err.colno})", at_line(path, first_line + err.lineno - 1))
+    if isinstance(err, DuplicateKeyError):  # every repeated key, each at its line
+        return ConfigError([(at_line(path, first_line + line - 1), f"invalid YAML: {msg}")
+                            for line, msg in err.duplicates])
     if isinstance(err, yaml.YAMLError):
         mark = getattr(err, "problem_mark", None)
         line = first_line + mark.line if mark is not None else None
         return ConfigError(f"invalid YAML: {getattr(err, 'problem', None) or err}", at_line(path, line))
     return ConfigError(f"cannot read {what}: {err}", str(path))
+
+
+def path_problem(text: str) -> str | None:
+    """Why the string `text` can name no file on this system (a NUL character, a name
+    longer than a file system allows), or None. Such a string makes ``os.stat`` raise
+    instead of saying that no such file exists."""
+    if "\x00" in text:
+        return "a path cannot contain a NUL character"
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in text.split("/")), default=0)
+    if longest > 255:
+        return f"not a usable path: it holds a name of {longest} bytes (a file or folder name has at most 255)"
+    if len(text.encode("utf-8", "surrogateescape")) > 4095:
+        return "not a usable path: longer than 4,095 bytes"
+    return None
+
+
+def _usable_path(v: Any) -> Any:
+    problem = path_problem(v) if isinstance(v, str) else None
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+# A setting that names a file (a bundled name or a path): refused when no file can have it.
+PathStr = Annotated[str, AfterValidator(_usable_path)]
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
@@ -154,20 +183,95 @@ def problem_message(item: dict, unknown_key_hint: str = "") -> str:
     return msg
 
 
+class KeyedError(ValueError):
+    """A model validator's problem about particular keys (a cross-check of two settings):
+    ``keys`` are their dotted paths relative to the model validated, the most relevant
+    first. Raised inside a pydantic validator, it reaches :func:`located_errors`, which
+    puts the problem at the key the user wrote instead of at the model's mapping."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = tuple(tuple(k.split(".")) for k in keys)
+
+
+def _has_path(d: Any, loc: tuple) -> bool:
+    for p in loc:
+        if isinstance(d, dict) and p in d:
+            d = d[p]
+        elif isinstance(d, list) and isinstance(p, int) and p < len(d):
+            d = d[p]
+        else:
+            return False
+    return True
+
+
+def error_keys(item: dict, data: Any) -> list[tuple]:
+    """The key paths in `data` an error item is about: its own location, or for a
+    :class:`KeyedError` the location extended by each of its keys."""
+    loc = key_parts(item["loc"], data, missing=item["type"] == "missing")
+    exc = (item.get("ctx") or {}).get("error")
+    if isinstance(exc, KeyedError) and exc.keys:
+        return [loc + k for k in exc.keys]
+    return [loc]
+
+
+def _type_mismatch(kind: str) -> bool:
+    return kind.endswith(("_type", "_parsing")) or kind in ("is_instance_of", "finite_number")
+
+
+def located_errors(err: Any, data: Any) -> list[tuple[list[tuple], dict]]:
+    """``(candidate key paths, error item)`` per problem of a pydantic ``ValidationError``,
+    in pydantic's order. The errors of a union's members at one key become one: a value
+    that matches one member's type keeps that member's error (``acceptance: .inf``: "a
+    finite number", not also "a valid list"); a value of no member's type gets one message
+    listing what it may be."""
+    items = err.errors()
+    keyed = [(error_keys(it, data), it) for it in items]
+    by_path: dict[tuple, list[int]] = {}
+    for i, (paths, it) in enumerate(keyed):
+        by_path.setdefault(paths[0], []).append(i)
+    drop: set[int] = set()
+    merged: dict[int, dict] = {}
+    for idx in by_path.values():
+        if len(idx) < 2 or len({tuple(items[i]["loc"]) for i in idx}) < len(idx):
+            continue  # one error at this key, or not a union's members
+        typed = [i for i in idx if _type_mismatch(items[i]["type"])]
+        if len(typed) < len(idx):  # the value has some member's type: that member's errors tell what is wrong
+            drop.update(typed)
+            continue
+        finite = [i for i in idx if items[i]["type"] == "finite_number"]
+        if finite:  # a number, but not a finite one
+            drop.update(i for i in idx if i != finite[0])
+            continue
+        whats = []
+        for i in idx:
+            w = items[i]["msg"].removeprefix("Input should be ").split(", ")[0]
+            if w not in whats:
+                whats.append(w)
+        msg = ", ".join(whats[:-1]) + " or " + whats[-1] if len(whats) > 1 else whats[0]
+        merged[idx[0]] = {**items[idx[0]], "type": "union_type", "msg": f"Input should be {msg}"}
+        drop.update(idx[1:])
+    return [(paths, merged.get(i, it)) for i, (paths, it) in enumerate(keyed) if i not in drop]
+
+
 def validation_problems(err: Any, data: Any, source: str = "", prefix: str = "",
                         unknown_key_hint: str = "") -> list[tuple[str, str]]:
     """One ``(location, message)`` per error of a pydantic ``ValidationError`` raised
     validating `data`; locations are ``source: prefix.key.path`` (`source` alone for an
-    error of the whole input)."""
+    error of the whole input); a :class:`KeyedError` at the first of its keys that `data`
+    holds."""
     problems = []
-    for item in err.errors():
-        path = format_key(key_parts(item["loc"], data, missing=item["type"] == "missing"), prefix)
+    for paths, item in located_errors(err, data):
+        parts = next((p for p in paths if _has_path(data, p)), paths[0])
+        path = format_key(parts, prefix)
         problems.append((f"{source}: {path}" if source and path else (source or path),
                          problem_message(item, unknown_key_hint)))
     return problems
 
 
 __all__ = [
+    "PathStr",
+    "path_problem",
     "at_line",
     "existing_file",
     "file_error",
@@ -178,4 +282,7 @@ __all__ = [
     "format_key",
     "problem_message",
     "validation_problems",
+    "located_errors",
+    "error_keys",
+    "KeyedError",
 ]

@@ -22,6 +22,10 @@ import math
 from servesim.sim.specs import HardwareSpec, ModelSpec, gb
 from servesim.sim.types import ConfigError
 
+# The most KV blocks a pool may hold: the block manager keeps a list of the free ones (2^26:
+# ~2.5 GB of Python ints; the "unlimited" 10^9-token cache at 32 tokens a block is 31M).
+MAX_POOL_BLOCKS = 2**26
+
 # Fixed part of the activation reserve: cuBLAS/attention workspaces, CUDA-graph memory
 # pools, allocator slack. A round, conservative figure; users override the reserve.
 FIXED_RESERVE_BYTES = 512 * 2**20
@@ -80,11 +84,18 @@ def kv_pool_blocks(
     tp: int = 1,
     max_tokens: int | None = None,
     location: str = "",
+    reserve_location: str | None = None,
+    reserve_note: str = "",
+    reserve_hint: str = "",
 ) -> int:
     """Number of KV blocks per GPU (see the module docstring for the formula).
 
     Raises ConfigError (at `location`, e.g. ``exp.yaml: variants[0]``) when the weights do
-    not fit on a GPU, when nothing is left for the KV cache, or on bad arguments.
+    not fit on a GPU, when nothing is left for the KV cache, or on bad arguments. When the
+    weights alone would leave room and it is the activation reserve that takes it, the
+    error is at ``reserve_location`` (the setting the reserve comes from, e.g.
+    ``scheduler.max_num_tokens``), ``reserve_note`` saying how it was derived and
+    ``reserve_hint`` what to do.
     """
     problems: list[str] = []
     if not isinstance(tokens_per_block, int) or tokens_per_block < 1:
@@ -114,20 +125,65 @@ def kv_pool_blocks(
     available = hbm - weights - activation_reserve_bytes
     block = kv_bytes_per_block(model, tokens_per_block, tp)
     blocks = int(math.floor(free_gpu_memory_fraction * available / block)) if available > 0 else 0
+    if blocks < 1 and reserve_location is not None and free_gpu_memory_fraction * (hbm - weights) >= block:
+        raise ConfigError(
+            f"no room for the KV cache: the activation reserve{' ' + reserve_note if reserve_note else ''} is "
+            f"{human_bytes(activation_reserve_bytes)}, more than the {gb(hbm - weights)} that {hw.name} "
+            f"({gb(hbm)}{per_gpu}) leaves beside model {model.name}'s weights"
+            + (f"; {reserve_hint}" if reserve_hint else ""),
+            reserve_location,
+        )
     if blocks < 1:
         raise ConfigError(
             f"no room for the KV cache: {hw.name} has {gb(hbm)}{per_gpu}, model {model.name} takes "
-            f"{gb(weights)} of weights{per_gpu} and the activation reserve {gb(activation_reserve_bytes)}; "
+            f"{gb(weights)} of weights{per_gpu} and the activation reserve {human_bytes(activation_reserve_bytes)}; "
             f"one KV block of {tokens_per_block} tokens needs {block / 1e6:.1f} MB "
             f"(free_gpu_memory_fraction={free_gpu_memory_fraction})",
             location,
         )
     if max_tokens is not None:
         blocks = min(blocks, -(-max_tokens // tokens_per_block))
+    if blocks > MAX_POOL_BLOCKS:
+        raise ConfigError(f"a KV pool of {blocks:,} blocks ({gb(hbm)} of {hw.name}): the simulator holds at most "
+                          f"{MAX_POOL_BLOCKS:,}; cap it with kv_cache.max_tokens", location)
     return blocks
 
 
+def human_bytes(nbytes: float) -> str:
+    """Decimal bytes in a unit fit for the number, for messages: ``80.0 GB``,
+    ``6.8 TB``, ``1.1 PB``, ``3.2e+05 EB``."""
+    for unit, scale in (("GB", 1e9), ("TB", 1e12), ("PB", 1e15)):
+        if nbytes < 1000 * scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1e18:.3g} EB"
+
+
+def max_num_tokens_that_fit(model: ModelSpec, hw: HardwareSpec, tokens_per_block: int, free_gpu_memory_fraction: float,
+                            tp: int = 1, max_batch_size: int | None = None) -> int:
+    """The largest max_num_tokens whose estimated activation reserve
+    (:func:`default_activation_reserve_bytes`) leaves room for one KV block (0: none)."""
+    room = hw.hbm_capacity_bytes - model.weight_bytes / tp
+    block = kv_bytes_per_block(model, tokens_per_block, tp)
+
+    def fits(t: int) -> bool:
+        reserve = default_activation_reserve_bytes(model, t, tp, max_batch_size=max_batch_size)
+        return free_gpu_memory_fraction * (room - reserve) >= block
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 __all__ = [
+    "MAX_POOL_BLOCKS",
+    "human_bytes",
+    "max_num_tokens_that_fit",
     "kv_pool_blocks",
     "kv_bytes_per_block",
     "default_activation_reserve_bytes",

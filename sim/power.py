@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class PowerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
 
     idle_w: float | None = Field(None, gt=0, description="idle power per GPU (null: the calibration profile's, "
                                  "else the hardware file's)")

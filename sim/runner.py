@@ -27,7 +27,8 @@ from .cost_model import RooflineCostModel
 from .driver import run_simulation
 from .engine import Engine, EngineConfig
 from .executor import SimExecutor
-from .memory import default_activation_reserve_bytes, kv_bytes_per_block, kv_pool_blocks
+from .memory import (MAX_POOL_BLOCKS, default_activation_reserve_bytes, kv_bytes_per_block, kv_pool_blocks,
+                     max_num_tokens_that_fit)
 from .metrics import summarize
 from .records import iteration_arrays, iterations_table, request_arrays
 from .schemas import build_table, write_run_table
@@ -70,21 +71,59 @@ class RunResult:
 
 
 def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
-    """Load model, hardware and workload; size the KV pool (raises ConfigError)."""
-    model = load_model(cfg.model, base_dir, location=f"{where}model")
-    hw = load_hardware(cfg.hardware, base_dir, location=f"{where}hardware")
+    """Load model, hardware and workload; size the KV pool. Raises ConfigError with the
+    problems of all three (the model and hardware, what depends on them, the workload)."""
+    problems: list[tuple[str, str]] = []
+
+    def attempt(fn):
+        try:
+            return fn()
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return None
+
+    model = attempt(lambda: load_model(cfg.model, base_dir, location=f"{where}model"))
+    hw = attempt(lambda: load_hardware(cfg.hardware, base_dir, location=f"{where}hardware"))
+    fitted = None if model is None or hw is None else attempt(lambda: _fit(cfg, model, hw, base_dir, where))
+    # the workload names the experiment file and variant too (a missing trace)
+    workload = attempt(lambda: build_workload(cfg.workload, base_dir, cfg.seed, config_source=where.removesuffix(": ")))
+    spec = None
+    if fitted is not None:
+        model, blocks, roofline, power = fitted
+        spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where))
+    if problems:
+        raise ConfigError(problems)
+    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+
+
+def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str):
+    """(the model in the run's precisions, KV blocks, the RooflineConfig, a profile's power
+    model) of a run: what depends on the model and the hardware (raises ConfigError)."""
     tp = cfg.cluster.tensor_parallel
     model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
     kvc = cfg.kv_cache
     model = apply_precision(model, hw, cfg.model_precision, kvc.dtype, tp, f"{where}model_precision",
                             f"{where}kv_cache.dtype")
-    reserve = (kvc.activation_reserve_gb * 1e9 if kvc.activation_reserve_gb is not None
-               else default_activation_reserve_bytes(model, cfg.scheduler.max_num_tokens, tp,
-                                                  max_batch_size=cfg.scheduler.max_batch_size))
+    s = cfg.scheduler
+    if kvc.activation_reserve_gb is not None:
+        reserve = kvc.activation_reserve_gb * 1e9
+        reserve_loc, note, hint = f"{where}kv_cache.activation_reserve_gb", "you set", ""
+    else:  # estimated from max_num_tokens: when that is what leaves no room, say so there
+        reserve = default_activation_reserve_bytes(model, s.max_num_tokens, tp, max_batch_size=s.max_batch_size)
+        reserve_loc = f"{where}scheduler.max_num_tokens"
+        note = f"estimated for an iteration of scheduler.max_num_tokens = {s.max_num_tokens:,} tokens"
+        fit = max_num_tokens_that_fit(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction, tp,
+                                      s.max_batch_size)
+        hint = f"at most {fit:,} tokens an iteration leave room (or set kv_cache.activation_reserve_gb)"
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
-                            reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model")
+                            reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model",
+                            reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint)
     if kvc.pool_tokens is not None:
         blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
+        if blocks > MAX_POOL_BLOCKS:  # the block manager lists every free block
+            raise ConfigError(f"{kvc.pool_tokens:,} tokens are {blocks:,} blocks of {kvc.tokens_per_block}: the "
+                              f"simulator holds at most {MAX_POOL_BLOCKS:,} blocks (use fewer tokens or larger "
+                              "kv_cache.tokens_per_block)", f"{where}kv_cache.pool_tokens")
     host_gb = kvc.host_cache_size_gb + (cfg.scheduler.swap_space_gb if cfg.scheduler.preemption == "swap" else 0)
     if host_gb * 1e9 > hw.host_memory_bytes:
         if kvc.host_cache_size_gb * 1e9 <= hw.host_memory_bytes:
@@ -103,9 +142,43 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
 
         p = Path(cfg.cost_model.profile).expanduser()
         roofline, power = load_profile(p if p.is_absolute() else base_dir / p, model, hw, where)
-    workload = build_workload(cfg.workload, base_dir, cfg.seed)
-    spec = resolve_speculation(cfg, model, hw, roofline, base_dir, where)
-    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    return model, blocks, roofline, power
+
+
+def resolve_experiment(exp, source: str | Path) -> list[Setup]:
+    """Every variant's :func:`resolve`, or one ConfigError with the problems of all of
+    them, located ``source: variants[i] (name): key``; a problem every listed variant
+    shares is reported once. ``sim validate`` and ``sim run`` both check through here: the
+    same checks in the same order, the same problems."""
+    setups, per_variant = [], []
+    for v in exp.variants:
+        prefix = f"{source}: variants[{v.index}] ({v.name})"
+        try:
+            setups.append(resolve(v.config, exp.base_dir, f"{prefix}: "))
+        except ConfigError as e:
+            per_variant.append((prefix, e.problems))
+    if not per_variant:
+        return setups
+    # the same problem of several variants (a shared trace that is missing): one line
+    groups: dict[tuple[str, str, bool], list[str]] = {}
+    for prefix, probs in per_variant:
+        for loc, msg in probs:
+            rest = loc[len(prefix):].removeprefix(": ") if loc.startswith(prefix) else None
+            groups.setdefault((loc if rest is None else rest, msg, rest is not None), []).append(prefix)
+    problems = []
+    for (rest, msg, in_variant), prefixes in groups.items():
+        if not in_variant:
+            problems.append((rest, msg))  # a file's own location (a trace's line): the same for each variant
+            continue
+        names = [p.removeprefix(f"{source}: ") for p in dict.fromkeys(prefixes)]
+        if len(names) == 1:
+            head = prefixes[0]
+        elif len(names) == len(exp.variants):
+            head = f"{source}: every variant ({len(names)})"
+        else:
+            head = f"{source}: " + ", ".join(names)
+        problems.append((f"{head}: {rest}" if rest else head, msg))
+    raise ConfigError(problems)
 
 
 def resolve_speculation(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, roofline, base_dir: Path,

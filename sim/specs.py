@@ -870,7 +870,7 @@ class HardwareSpec(BaseModel):
     reaches); the roofline cost model uses the achievable ones. Units: FLOP/s, bytes,
     bytes/s, watts. Link rates are per direction."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
     name: str = Field(min_length=1)
     peak_bf16_flops: float = _Pos

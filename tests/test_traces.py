@@ -304,7 +304,6 @@ def test_table_csv_minimal_and_errors(tmp_path):
     df = read_table(p)
     assert df["request_id"].tolist() == [0, 1] and df["prompt_len"].tolist() == [5, 7]
     cases = [
-        ("arrival_s,prompt_len,output_len\n0,5,1\n1.5,5,1\n1.0,5,1\n", "line 4: arrival_s must be non-decreasing"),
         ("arrival_s,prompt_len,output_len,slo_ttft\n0,5,1,1\n", "line 1: unknown column(s) ['slo_ttft']"),
         ("arrival_s,prompt_len,output_len\n0,5,1\n1,0,1\n", "line 3: prompt_len must be >= 1"),
         ("arrival_s,prompt_len,output_len,slo_tpot_s\n0,5,1,\n1,5,1,-2\n", "line 3: slo_tpot_s must be > 0"),

@@ -10,8 +10,10 @@
 
 Every reader raises :class:`ConfigError` naming the file and, for malformed content,
 the 1-based line number (Parquet: the 0-based row). Each reader parses vectorised and
-only walks the file line by line when something is wrong, to say where. Readers of
-external traces sort requests by arrival time (stable) when the file is not sorted.
+only walks the file line by line when something is wrong, to say where. One rule for
+row order, in every reader: a file not sorted by arrival time is sorted, stably, and a
+warning line on stderr says so. CSVs may start with a UTF-8 byte-order mark (an Excel
+export).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import csv
 import json
 import math
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import pandas as pd
 
 from servesim.sim.types import ConfigError
 from servesim.traces import schema
-from servesim.traces.schema import HASH_BLOCK_SIZE, make_workload, tuple_column
+from servesim.traces.schema import HASH_BLOCK_SIZE, MAX_LENGTH, make_workload, tuple_column
 
 from ..sim.errors import at_line, existing_file, file_error, read_text
 
@@ -59,6 +62,7 @@ def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) 
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(
                 path,
+                encoding="utf-8-sig",  # a UTF-8 byte-order mark (an Excel export) is no part of the header
                 index_col=False,
                 skip_blank_lines=False,
                 skiprows=skiprows,
@@ -93,7 +97,7 @@ def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) 
 
 def _first_long_line(path: Path, skiprows: int) -> tuple[int, int, int]:
     """(line, header fields, fields) of the first row longer than the header."""
-    with path.open("r", encoding="utf-8", newline="") as f:
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
         for _ in range(skiprows):
             f.readline()
         rows = csv.reader(f, skipinitialspace=True)
@@ -112,20 +116,29 @@ def _describe_cell(v: object) -> str:
     return repr(str(v))
 
 
-def _int_column(values: pd.Series, name: str, path: Path, first_line: int, *, min_value: int | None = 1) -> np.ndarray:
-    """-> int64, raising at the first line that is not an integer >= min_value. Cheap when
-    the parser already produced int64; the slow path only runs to locate a bad cell."""
+def _int_column(values: pd.Series, name: str, path: Path, first_line: int, *, min_value: int | None = 1,
+                max_value: int | None = None) -> np.ndarray:
+    """-> int64, raising at the first line that is not an integer in [min_value, max_value]
+    (default: one that fits int64; a bigger one is named as written, never wrapped around).
+    Cheap when the parser already produced int64; the slow path only runs to locate a bad
+    cell."""
     if values.dtype == np.int64:
         arr = values.to_numpy()
-        if min_value is None or arr.size == 0 or arr.min() >= min_value:
+        if arr.size == 0 or ((min_value is None or arr.min() >= min_value)
+                             and (max_value is None or arr.max() <= max_value)):
             return arr
     num = pd.to_numeric(values.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    ok = np.isfinite(num) & (num == np.round(num))
+    ok = np.isfinite(num) & (num == np.round(num)) & (np.abs(num) < 2.0**63)
     if min_value is not None:
         ok &= num >= min_value
+    if max_value is not None:
+        ok &= num <= max_value
     if not ok.all():
         i = int(np.argmin(ok))
         want = "an integer" if min_value is None else f"an integer >= {min_value}"
+        if max_value is not None and num[i] > max_value:  # as written: never wrapped around to a negative
+            raise ConfigError(f"{name} must be at most {max_value:,}, got {_describe_cell(values.iat[i])}",
+                              at_line(path, first_line + i))
         raise ConfigError(f"{name} must be {want}, got {_describe_cell(values.iat[i])}", at_line(path, first_line + i))
     return num.astype(np.int64)
 
@@ -143,13 +156,36 @@ def _float_column(values: pd.Series, name: str, path: Path, first_line: int, *, 
     return num
 
 
-def _sorted_by_arrival(df: pd.DataFrame) -> pd.DataFrame:
+_SORT_WARNED: set[tuple] = set()  # files already reported unsorted in this process
+
+
+def _sorted_by_arrival(df: pd.DataFrame, path: Path, first_line: int | None, renumber: bool = True) -> pd.DataFrame:
+    """`df` in arrival order. One rule for every reader: a file whose rows are not sorted
+    by arrival time is sorted, stably (requests arriving together keep the file's order),
+    and a warning line on stderr says so (once per file and process). ``first_line``: the
+    file line of row 0 (None: name rows). ``renumber``: request_id = 0..N-1 in the new
+    order (ids the file did not give); else each row keeps its request_id."""
     arr = df["arrival_s"].to_numpy()
-    if arr.size > 1 and (np.diff(arr) < 0).any():
-        attrs = dict(df.attrs)
-        df = df.iloc[np.argsort(arr, kind="stable")].reset_index(drop=True)
-        df["request_id"] = np.arange(len(df), dtype=np.int64)
-        df.attrs = attrs
+    if arr.size > 1:
+        back = np.flatnonzero(np.diff(arr) < 0)
+        if back.size:
+            i = int(back[0]) + 1
+            try:
+                st = path.stat()
+                key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            except OSError:
+                key = (str(path),)
+            if key not in _SORT_WARNED:
+                _SORT_WARNED.add(key)
+                where = f"line {first_line + i}" if first_line is not None else f"row {i}"
+                print(f"warning: {path}: the requests are not in arrival order ({back.size:,} step(s) back in "
+                      f"time, the first at {where}: {arr[i]:g} s after {arr[i - 1]:g} s); sorted by arrival "
+                      "time, stably (requests arriving together keep the file's order)", file=sys.stderr, flush=True)
+            attrs = dict(df.attrs)
+            df = df.iloc[np.argsort(arr, kind="stable")].reset_index(drop=True)
+            if renumber:
+                df["request_id"] = np.arange(len(df), dtype=np.int64)
+            df.attrs = attrs
     return df
 
 
@@ -178,11 +214,11 @@ def read_azure(path: str | Path) -> pd.DataFrame:
         )
     if len(raw) == 0:
         raise ConfigError("the trace has a header but no requests", str(path))
-    prompt = _int_column(raw[lower["contexttokens"]], "ContextTokens", path, 2)
-    output = _int_column(raw[lower["generatedtokens"]], "GeneratedTokens", path, 2)
+    prompt = _int_column(raw[lower["contexttokens"]], "ContextTokens", path, 2, max_value=MAX_LENGTH)
+    output = _int_column(raw[lower["generatedtokens"]], "GeneratedTokens", path, 2, max_value=MAX_LENGTH)
     seconds = _timestamps_to_seconds(raw[lower["timestamp"]], path)
     df = make_workload(seconds - seconds.min(), prompt, output)
-    return _sorted_by_arrival(df)
+    return _sorted_by_arrival(df, path, 2)
 
 
 def _timestamps_to_seconds(ts: pd.Series, path: Path) -> np.ndarray:
@@ -220,7 +256,7 @@ def read_mooncake(path: str | Path, hash_block_size: int = MOONCAKE_BLOCK_SIZE) 
     if df is None:  # something is off: walk the lines to say where (always raises)
         _mooncake_diagnose(path, hash_block_size)
         raise ConfigError("could not read this file as Mooncake JSONL", str(path))
-    return _sorted_by_arrival(df)
+    return _sorted_by_arrival(df, path, None)
 
 
 def _mooncake_fast(path: Path, bs: int) -> pd.DataFrame | None:
@@ -238,7 +274,8 @@ def _mooncake_fast(path: Path, bs: int) -> pd.DataFrame | None:
         return None
     ts_ms = ts.to_numpy(dtype=np.float64)
     inp_a, out_a = inp.to_numpy(), out.to_numpy()
-    if not (np.isfinite(ts_ms).all() and ts_ms.min() >= 0 and inp_a.min() >= 1 and out_a.min() >= 1):
+    if not (np.isfinite(ts_ms).all() and ts_ms.min() >= 0 and inp_a.min() >= 1 and out_a.min() >= 1
+            and max(inp_a.max(), out_a.max()) <= MAX_LENGTH):
         return None
     hashes = np.empty(len(raw), dtype=object)
     for i, h in enumerate(raw["hash_ids"].to_numpy(dtype=object)):
@@ -270,8 +307,9 @@ def _mooncake_diagnose(path: Path, bs: int) -> None:
         if type(t) not in (int, float) or not math.isfinite(t) or t < 0:
             raise ConfigError(f"timestamp must be a number of milliseconds >= 0, got {t!r}", at_line(path, ln))
         for key, v in (("input_length", i_len), ("output_length", o_len)):
-            if type(v) is not int or v < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {v!r}", at_line(path, ln))
+            if type(v) is not int or not 1 <= v <= MAX_LENGTH:
+                raise ConfigError(f"{key} must be an integer >= 1" + (f" and at most {MAX_LENGTH:,}" if type(v) is int
+                                  and v > 1 else "") + f", got {v!r}", at_line(path, ln))
         if type(h) is not list or any(type(x) is not int for x in h):
             raise ConfigError("hash_ids must be a list of integers", at_line(path, ln))
         want = -(-i_len // bs)
@@ -295,13 +333,14 @@ def read_table(path: str | Path, hash_block_size: int | None = None) -> pd.DataF
     ``prompt_tokens`` are space-separated integers (empty = None). Leading lines starting
     with ``#`` are metadata: ``# hash_block_size=16`` gives the block size of
     ``block_hashes``. A ``hash_block_size`` given here must agree with the file's.
-    Rows must already be sorted by arrival time.
+    Rows out of arrival order are sorted (stably, with a warning on stderr), as every
+    reader does; each keeps its request_id.
     """
     path = existing_file(path, "trace file")
     if path.suffix.lower() in (".parquet", ".pq"):
-        df, first_line = _table_from_parquet(path), None
+        (df, ids_given), first_line = _table_from_parquet(path), None
     else:
-        df, first_line = _table_from_csv(path)
+        df, first_line, ids_given = _table_from_csv(path)
     if hash_block_size is not None:
         have = df.attrs.get(HASH_BLOCK_SIZE)
         if have is not None and int(have) != hash_block_size:
@@ -313,7 +352,7 @@ def read_table(path: str | Path, hash_block_size: int | None = None) -> pd.DataF
             "or set workload.hash_block_size",
             str(path),
         )
-    problem = schema.find_problem(df)
+    problem = schema.find_problem(df, require_sorted=False)  # sorted below
     if problem is not None:
         row, msg = problem
         if row is None:
@@ -323,13 +362,14 @@ def read_table(path: str | Path, hash_block_size: int | None = None) -> pd.DataF
         else:
             where = at_line(path, first_line + row)
         raise ConfigError(msg, where)
-    return df
+    return _sorted_by_arrival(df, path, first_line, renumber=not ids_given)
 
 
-def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int]:
+def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int, bool]:
+    """(the table, the line of its first row, whether the file gives request_id)"""
     meta: dict[str, str] = {}
     skip = 0
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if not line.startswith("#"):
                 break
@@ -353,7 +393,8 @@ def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int]:
     cols: dict[str, object] = {}
     for c in schema.INT_COLUMNS:
         if c in raw.columns:
-            cols[c] = _int_column(raw[c], c, path, first, min_value=None)
+            cols[c] = _int_column(raw[c], c, path, first, min_value=None,
+                                  max_value=MAX_LENGTH if c in ("prompt_len", "output_len") else None)
     for c in schema.FLOAT_COLUMNS:
         if c in raw.columns:
             cols[c] = _float_column(raw[c], c, path, first, allow_empty=c != "arrival_s")
@@ -381,7 +422,7 @@ def _table_from_csv(path: Path) -> tuple[pd.DataFrame, int]:
         hash_block_size=bs,
         **optional,
     )
-    return df, first
+    return df, first, "request_id" in cols
 
 
 def _parse_int_lists(values: pd.Series, name: str, path: Path, first_line: int) -> np.ndarray:
@@ -399,7 +440,8 @@ def _parse_int_lists(values: pd.Series, name: str, path: Path, first_line: int) 
     return out
 
 
-def _table_from_parquet(path: Path) -> pd.DataFrame:
+def _table_from_parquet(path: Path) -> tuple[pd.DataFrame, bool]:
+    """(the table, whether the file gives request_id)"""
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types for a bad file
@@ -407,7 +449,8 @@ def _table_from_parquet(path: Path) -> pd.DataFrame:
     unknown = [c for c in df.columns if c not in schema.COLUMNS]
     if unknown:
         raise ConfigError(f"unknown column(s) {unknown}; allowed: {list(schema.COLUMNS)}", str(path))
-    if "request_id" not in df.columns:
+    ids_given = "request_id" in df.columns
+    if not ids_given:
         df.insert(0, "request_id", np.arange(len(df), dtype=np.int64))
     for c in schema.TUPLE_COLUMNS:
         if c in df.columns:
@@ -417,7 +460,7 @@ def _table_from_parquet(path: Path) -> pd.DataFrame:
     bs = df.attrs.get(HASH_BLOCK_SIZE)
     df = df[schema.present_columns(df)].reset_index(drop=True)
     df.attrs = {} if bs is None else {HASH_BLOCK_SIZE: int(bs)}
-    return df
+    return df, ids_given
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -445,7 +488,7 @@ def sniff_format(path: str | Path) -> str:
         return "table"
     if suffix == ".csv":
         header = ""
-        with path.open("r", encoding="utf-8", errors="replace") as f:
+        with path.open("r", encoding="utf-8-sig", errors="replace") as f:
             for line in f:
                 if not line.startswith("#"):
                     header = line

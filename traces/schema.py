@@ -6,10 +6,11 @@ Columns (see DESIGN.md, "Data contracts"):
 column              dtype      meaning
 ==================  =========  ================================================
 ``request_id``      int64      unique
-``arrival_s``       float64    arrival time in seconds, finite, non-decreasing
+``arrival_s``       float64    arrival time in seconds, finite, non-decreasing,
+                               at most MAX_ARRIVAL_S (1e9) from 0
                                (the origin is free: traces start at 0)
-``prompt_len``      int64      prompt tokens, >= 1
-``output_len``      int64      tokens to generate (forced), >= 1
+``prompt_len``      int64      prompt tokens, >= 1, <= MAX_LENGTH (10^9)
+``output_len``      int64      tokens to generate (forced), >= 1, <= MAX_LENGTH
 ``priority``        int64      optional; larger is more important
 ``tenant``          str        optional; "" for none
 ``slo_ttft_s``      float64    optional; > 0, NaN = no SLO
@@ -52,6 +53,14 @@ INT_COLUMNS: tuple[str, ...] = ("request_id", "prompt_len", "output_len", "prior
 FLOAT_COLUMNS: tuple[str, ...] = ("arrival_s", "slo_ttft_s", "slo_tpot_s")
 TUPLE_COLUMNS: tuple[str, ...] = ("block_hashes", "prompt_tokens")
 HASH_BLOCK_SIZE = "hash_block_size"  # key in df.attrs
+# The longest prompt or output accepted (tokens): far beyond any model's context, and small
+# enough that sums over 10^8 requests stay exact in int64 (a length of 10^23 would wrap
+# around to a negative number). Configs, generators and readers all refuse more.
+MAX_LENGTH = 1_000_000_000
+# The latest arrival accepted (seconds, ~31.7 years): a simulated clock later than this
+# has too little floating-point resolution left for microsecond iterations (at 1e300 s an
+# iteration would not move the clock at all).
+MAX_ARRIVAL_S = 1e9
 
 
 def make_workload(
@@ -118,10 +127,11 @@ def validate_workload(df: pd.DataFrame, source: str) -> None:
     raise ConfigError(msg, f"{source}: row {row}{rid}")
 
 
-def find_problem(df: pd.DataFrame) -> tuple[int | None, str] | None:
+def find_problem(df: pd.DataFrame, require_sorted: bool = True) -> tuple[int | None, str] | None:
     """The first schema violation as ``(row, message)``, ``row`` being the 0-based
     position or None for a problem with the whole table; None when the frame is valid.
-    Readers use it to report file line numbers instead of rows."""
+    Readers use it to report file line numbers instead of rows (with ``require_sorted``
+    False: they sort a file's rows by arrival themselves)."""
     if not isinstance(df, pd.DataFrame):
         return None, f"expected a pandas DataFrame, got {type(df).__name__}"
     missing = [c for c in CORE_COLUMNS if c not in df.columns]
@@ -151,12 +161,16 @@ def find_problem(df: pd.DataFrame) -> tuple[int | None, str] | None:
     rule(df["request_id"].duplicated().to_numpy(), lambda i: f"request_id {int(rid[i])} is not unique")
     arr = df["arrival_s"].to_numpy()
     rule(~np.isfinite(arr), lambda i: f"arrival_s must be a finite number, got {arr[i]}")
-    if arr.size > 1:
+    rule(np.isfinite(arr) & (np.abs(arr) > MAX_ARRIVAL_S), lambda i: f"arrival_s must be within "
+         f"±{MAX_ARRIVAL_S:g} s (~31.7 years; later times leave the simulated clock too little precision), "
+         f"got {arr[i]:g}")
+    if arr.size > 1 and require_sorted:
         dec = np.concatenate([[False], np.diff(arr) < 0])
         rule(dec, lambda i: f"arrival_s must be non-decreasing: {arr[i]} after {arr[i - 1]}")
     for col in ("prompt_len", "output_len"):
         v = df[col].to_numpy()
         rule(v < 1, lambda i, v=v, col=col: f"{col} must be >= 1, got {int(v[i])}")
+        rule(v > MAX_LENGTH, lambda i, v=v, col=col: f"{col} must be at most {MAX_LENGTH:,} tokens, got {int(v[i]):,}")
     for col in ("slo_ttft_s", "slo_tpot_s"):
         if col in df.columns:
             v = df[col].to_numpy()

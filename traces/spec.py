@@ -101,9 +101,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from servesim.traces import prefix_workloads, synthetic, transforms
 from servesim.traces.fingerprint import workload_fingerprint
 from servesim.traces.readers import read_trace, resolve_trace
-from servesim.traces.schema import validate_workload
+from servesim.traces.schema import MAX_LENGTH, validate_workload
 
-from ..sim.errors import validation_problems
+from ..sim.errors import KeyedError, PathStr, validation_problems
 from ..sim.types import ConfigError
 
 __all__ = [
@@ -118,7 +118,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
 
 
 # ---------------------------------------------------------------------- arrivals
@@ -164,36 +164,37 @@ Arrival = Annotated[
 
 
 class _Length(_Strict):
-    min: int = Field(1, ge=1, description="clip: smallest length")
-    max: int | None = Field(None, ge=1, description="clip: largest length (none: unbounded)")
+    min: int = Field(1, ge=1, le=MAX_LENGTH, description="clip: smallest length")
+    max: int | None = Field(None, ge=1, le=MAX_LENGTH, description="clip: largest length (none: unbounded)")
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.max is not None and self.max < self.min:
-            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+            raise KeyedError(f"max ({self.max}) must be >= min ({self.min})", "max", "min")
         return self
 
 
 class ConstantLength(_Length):
     kind: Literal["constant"] = "constant"
-    value: int = Field(ge=1)
+    value: int = Field(ge=1, le=MAX_LENGTH)
 
 
 class UniformLength(_Length):
     kind: Literal["uniform"] = "uniform"
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
+    low: int = Field(ge=1, le=MAX_LENGTH)
+    high: int = Field(ge=1, le=MAX_LENGTH)
 
     @model_validator(mode="after")
     def _order(self):
         if self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+            raise KeyedError(f"high ({self.high}) must be >= low ({self.low})", "high", "low")
         return self
 
 
 class LognormalLength(_Length):
     kind: Literal["lognormal"] = "lognormal"
-    mean: float = Field(gt=0, allow_inf_nan=False, description="arithmetic mean in tokens (before clipping)")
+    mean: float = Field(gt=0, le=MAX_LENGTH, allow_inf_nan=False,
+                        description="arithmetic mean in tokens (before clipping)")
     sigma: float = Field(ge=0, allow_inf_nan=False, description="standard deviation of log(length)")
 
 
@@ -205,7 +206,7 @@ class ZipfLength(_Length):
 
 class EmpiricalLength(_Length):
     kind: Literal["empirical"] = "empirical"
-    trace: str = Field(description="bundled trace name or path whose lengths are resampled")
+    trace: PathStr = Field(description="bundled trace name or path whose lengths are resampled")
     format: Literal["auto", "azure", "table", "mooncake"] = "auto"
     column: Literal["prompt_len", "output_len"] | None = Field(
         None, description="which lengths of the trace (default: the one being generated)"
@@ -340,20 +341,20 @@ class SloDefaults(_Strict):
 
 
 class WorkloadConfig(_Strict):
-    trace: str | None = Field(None, description="bundled trace name or a path relative to the experiment file")
+    trace: PathStr | None = Field(None, description="bundled trace name or a path relative to the experiment file")
     format: Literal["auto", "azure", "table", "mooncake"] = "auto"
     synthetic: SyntheticConfig | None = None
     prefix: PrefixConfig | None = None
-    replay: str | None = Field(None, description="a run directory (or its requests.parquet) whose requests "
+    replay: PathStr | None = Field(None, description="a run directory (or its requests.parquet) whose requests "
                                "-- arrivals, lengths, SLOs, prompt block hashes or tokens -- this run replays, "
                                "on either backend")
     arrival: Arrival = Field(default_factory=TraceArrival)
     rate_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     target_rate_req_s: float | None = Field(None, gt=0, allow_inf_nan=False)
-    num_requests: int | None = Field(None, gt=0)
+    num_requests: int | None = Field(None, gt=0, le=MAX_LENGTH)
     window_s: tuple[Annotated[float, Field(ge=0, allow_inf_nan=False)], Annotated[float, Field(gt=0)]] | None = None
-    max_prompt_len: int | None = Field(None, ge=1)
-    max_output_len: int | None = Field(None, ge=1)
+    max_prompt_len: int | None = Field(None, ge=1, le=MAX_LENGTH)
+    max_output_len: int | None = Field(None, ge=1, le=MAX_LENGTH)
     hash_block_size: int | None = Field(None, gt=0)
     slo: SloDefaults = Field(default_factory=SloDefaults)
 
@@ -361,21 +362,23 @@ class WorkloadConfig(_Strict):
     def _consistent(self):
         given = [k for k in ("trace", "synthetic", "prefix", "replay") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
+            raise KeyedError(
                 "give exactly one of 'trace' (a file to replay), 'synthetic' (a generated workload), "
                 "'prefix' (a generated workload with shared prefixes) or 'replay' (the requests of an earlier "
-                f"run); got {given or 'none'}"
+                f"run); got {given or 'none'}", *given[::-1]
             )
         for key in ("synthetic", "prefix"):
             if getattr(self, key) is not None:
                 if self.arrival.kind != "trace":
-                    raise ValueError(f"with '{key}', set the arrival process in {key}.arrival, not in 'arrival'")
+                    raise KeyedError(f"with '{key}', set the arrival process in {key}.arrival, not in 'arrival'",
+                                     "arrival", key)
                 if self.format != "auto":
-                    raise ValueError("'format' applies to 'trace' only")
+                    raise KeyedError("'format' applies to 'trace' only", "format")
         if self.prefix is not None and self.hash_block_size is not None:
-            raise ValueError("'hash_block_size' applies to 'trace' only; with 'prefix', set prefix.hash_block_size")
+            raise KeyedError("'hash_block_size' applies to 'trace' only; with 'prefix', set prefix.hash_block_size",
+                             "hash_block_size")
         if self.target_rate_req_s is not None and self.rate_scale != 1.0:
-            raise ValueError("give 'rate_scale' or 'target_rate_req_s', not both")
+            raise KeyedError("give 'rate_scale' or 'target_rate_req_s', not both", "target_rate_req_s", "rate_scale")
         return self
 
     @field_validator("window_s")
@@ -452,7 +455,10 @@ def build_workload(cfg: WorkloadConfig, base_dir: Path | str, seed: int, *, conf
     file's folder). request_id is 0..N-1 in arrival order. Errors about config keys are
     located at ``config_source: workload.key`` (trace-file errors name the file)."""
     try:
-        return _build(cfg, Path(base_dir), seed)
+        # overflowing arithmetic (a rate of 1e-300 req/s) is caught by validate_workload,
+        # which names the key; numpy's warnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return _build(cfg, Path(base_dir), seed)
     except ConfigError as e:
         if not config_source:
             raise
@@ -482,7 +488,7 @@ def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
     else:
         syn = cfg.synthetic
         n = syn.num_requests
-        arrivals = _arrivals(syn.arrival, n, rng_arrival)
+        arrivals = _arrivals(syn.arrival, n, rng_arrival, "workload.synthetic.arrival")
         prompt = _lengths(syn.prompt_len, n, rng_prompt, base_dir, "prompt_len", "workload.synthetic.prompt_len")
         output = _lengths(syn.output_len, n, rng_output, base_dir, "output_len", "workload.synthetic.output_len")
         df = synthetic.synthetic_workload(arrivals, prompt, output)
@@ -526,7 +532,14 @@ def _trace_path(trace: str, base_dir: Path, key: str) -> Path:
     return path
 
 
-def _arrivals(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
+def _arrivals(spec: Any, n: int, rng: np.random.Generator, key: str = "workload.arrival") -> np.ndarray:
+    try:
+        return _arrivals_of(spec, n, rng)
+    except ValueError as e:  # parameters numpy cannot draw from (a cv so small its shape overflows)
+        raise ConfigError(f"cannot draw arrivals: {e}", key) from None
+
+
+def _arrivals_of(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
     if spec.kind == "offline":
         return synthetic.offline_arrivals(n)
     if spec.kind == "poisson":
@@ -539,6 +552,13 @@ def _arrivals(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _lengths(spec: Any, n: int, rng: np.random.Generator, base_dir: Path, column: str, key: str) -> np.ndarray:
+    try:
+        return _lengths_of(spec, n, rng, base_dir, column, key)
+    except ValueError as e:  # a draw beyond MAX_LENGTH (a lognormal's tail), parameters numpy refuses
+        raise ConfigError(str(e), key) from None
+
+
+def _lengths_of(spec: Any, n: int, rng: np.random.Generator, base_dir: Path, column: str, key: str) -> np.ndarray:
     lo, hi = spec.min, spec.max
     if spec.kind == "constant":
         return synthetic.constant_lengths(n, spec.value, lo, hi)
@@ -576,7 +596,7 @@ def _durations(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
 def _prefix_workload(p: Any, base_dir: Path, rng: np.random.Generator) -> pd.DataFrame:
     key = "workload.prefix"
     common = dict(
-        arrival_s=lambda n, r: _arrivals(p.arrival, n, r),
+        arrival_s=lambda n, r: _arrivals(p.arrival, n, r, f"{key}.arrival"),
         rng=rng,
         hash_block_size=p.hash_block_size,
         vocab_size=p.vocab_size,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from servesim.traces.schema import make_workload
+from servesim.traces.schema import MAX_LENGTH, make_workload
 
 # ---------------------------------------------------------------------- arrivals
 
@@ -53,8 +53,12 @@ def gamma_arrivals(n: int, rate_req_s: float, cv: float, rng: np.random.Generato
     _check_pos("cv", cv)
     if n == 0:
         return np.zeros(0)
-    shape = 1.0 / (cv * cv)
-    return _from_gaps(rng.gamma(shape, 1.0 / (rate_req_s * shape), size=n - 1))
+    shape = 1.0 / (cv * cv) if cv * cv > 0 else np.inf
+    scale = 1.0 / (rate_req_s * shape) if rate_req_s * shape > 0 else np.inf
+    if not (np.isfinite(shape) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"a gamma process of rate {rate_req_s:g} and cv {cv:g} is beyond floating point "
+                         f"(shape 1/cv^2 = {shape:g}, scale = {scale:g})")
+    return _from_gaps(rng.gamma(shape, scale, size=n - 1))
 
 
 def fixed_arrivals(n: int, rate_req_s: float) -> np.ndarray:
@@ -74,11 +78,18 @@ def offline_arrivals(n: int) -> np.ndarray:
 
 
 def clip_lengths(x: np.ndarray, lo: int = 1, hi: int | None = None) -> np.ndarray:
-    """Round to the nearest integer and clip to ``[max(lo, 1), hi]``."""
+    """Round to the nearest integer and clip to ``[max(lo, 1), hi]``. ValueError for a
+    value that is not a number or, after clipping, longer than ``schema.MAX_LENGTH`` (a
+    cast to int64 would wrap it around to a negative length)."""
     lo = max(int(lo), 1)
     if hi is not None and hi < lo:
         raise ValueError(f"length bounds are empty: min {lo} > max {hi}")
-    return np.clip(np.rint(np.asarray(x, dtype=np.float64)), lo, hi if hi is not None else np.inf).astype(np.int64)
+    out = np.clip(np.rint(np.asarray(x, dtype=np.float64)), lo, hi if hi is not None else np.inf)
+    if out.size and not (out.max() <= MAX_LENGTH):  # also NaN
+        bad = out[~(out <= MAX_LENGTH)][0]
+        raise ValueError(f"a drawn length of {bad:.3g} tokens is beyond the largest length, {MAX_LENGTH:,}: "
+                         "give the distribution a 'max' (or smaller parameters)")
+    return out.astype(np.int64)
 
 
 def constant_lengths(n: int, value: int, lo: int = 1, hi: int | None = None) -> np.ndarray:
