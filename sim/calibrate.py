@@ -464,7 +464,10 @@ def load_profile(path: Path, model: ModelSpec, hw: HardwareSpec, where: str = ""
     loc = f"{where}cost_model.profile"
     if not path.is_file():
         raise ConfigError(f"no such calibration profile: {path}", loc)
-    doc = load_yaml(path, "calibration profile")  # not UTF-8, bad YAML, a key twice: named with its line
+    try:
+        doc = load_yaml(path, "calibration profile")  # not UTF-8, bad YAML, a key twice: named with its line
+    except ConfigError as e:
+        raise ConfigError([(where_, f"corrupt calibration profile: {msg}") for where_, msg in e.problems]) from None
     if not isinstance(doc, dict):
         raise ConfigError("corrupt calibration profile (not a YAML mapping)", str(path))
     schema = doc.get("schema")
