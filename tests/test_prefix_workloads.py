@@ -547,10 +547,12 @@ def test_yaml_prefix_errors_name_key_paths():
         with pytest.raises(ConfigError) as ce:
             parse_workload_config({"prefix": prefix}, "exp.yaml")
         assert [loc for loc, _ in ce.value.problems] == [path], (path, ce.value.problems)
-    for extra in ({"hash_block_size": 16}, {"arrival": {"kind": "offline"}}, {"trace": "azure_conv"}, {"format": "table"}):
+    # a cross-check is reported at the key that breaks it (errors.KeyedError), not at workload
+    for extra, key in (({"hash_block_size": 16}, "hash_block_size"), ({"arrival": {"kind": "offline"}}, "arrival"),
+                       ({"trace": "azure_conv"}, "prefix"), ({"format": "table"}, "format")):
         with pytest.raises(ConfigError) as ce:
             parse_workload_config({**base, **extra}, "exp.yaml")
-        assert [loc for loc, _ in ce.value.problems] == ["exp.yaml: workload"]
+        assert [loc for loc, _ in ce.value.problems] == [f"exp.yaml: workload.{key}"], ce.value.problems
 
 
 def test_prefix_stream_leaves_existing_streams_alone():

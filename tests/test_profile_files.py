@@ -27,7 +27,11 @@ def _spec(doc: dict):
 
 
 def test_the_c_loader_when_there_is_one():
-    assert yamlio.SafeLoader is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    # the duplicate-key refusing loader is built on libyaml's C loader where PyYAML has it
+    assert issubclass(yamlio.SafeLoader, getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    with pytest.raises(yamlio.DuplicateKeyError) as de:
+        yamlio.safe_load("a: 1\nb: 2\na: 3\n")
+    assert de.value.duplicates[0][0] == 3 and "'a'" in de.value.duplicates[0][1]
     doc = {"a": [1, 2.5e-07, 0.1 + 0.2], "b": {"c": "x", "d": [{"e": 1}]}, "f": True}
     text = yamlio.dump_readable(doc)
     assert yamlio.safe_load(text) == doc and "a: [1, 2.5e-07, 0.30000000000000004]" in text

@@ -316,8 +316,7 @@ def test_quantised_curves_by_precision():
     for k in ("qkv", "gate_up", "down"):
         assert 0.45 < sc[k] / bf[k] < 0.6, k
     curves = {k: {**c.model_dump(), "seconds": [s / 3 for s in c.seconds]} for k, c in prof.gemm_times.items()}
-    measured = prof.model_copy(update={"gemm_times_by_precision": {"fp8": curves}})
-    measured = RooflineConfig(**measured.model_dump())
+    measured = RooflineConfig(**{**prof.model_dump(), "gemm_times_by_precision": {"fp8": curves}})
     me = RooflineCostModel(fp8, hw, measured).breakdown(shape)
     for k in ("qkv", "o", "gate_up", "down"):
         assert me[k] == pytest.approx(bf[k] / 3)
