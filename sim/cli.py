@@ -369,6 +369,10 @@ def cmd_run(args) -> int:
                 con.print(f"[dim]{v.name}: {result.summary['num_finished']} requests, "
                           f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
                           f"-> {run_dir}[/]")
+                if result.summary.get("per_replica"):
+                    from .cluster import print_per_replica
+
+                    print_per_replica(result.summary["per_replica"], f"{v.name}: per replica")
                 lw = result.summary["long_waits"]
                 if lw["count"]:
                     _console(stderr=True).print(

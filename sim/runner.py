@@ -48,6 +48,7 @@ class Setup:
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
     profile_power: dict | None = None  # a calibration profile's fitted power model
     speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
+    cluster: object = None  # sim/cluster.py ClusterSetup: replica groups or pools (None: identical replicas)
 
 
 @dataclass
@@ -93,7 +94,12 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
         spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where))
     if problems:
         raise ConfigError(problems)
-    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    setup = Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    if cfg.cluster.groups or cfg.cluster.disaggregation is not None:
+        from .cluster import resolve_cluster
+
+        setup.cluster = resolve_cluster(setup, base_dir, where)
+    return setup
 
 
 def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str):
@@ -393,11 +399,16 @@ def prepare_requests(setup: Setup) -> list[Request]:
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
-               wall_s: float, measured_energy_j: float | None = None) -> RunResult:
-    """Records, tables and summary of a finished run (both backends)."""
+               wall_s: float, measured_energy_j: float | None = None,
+               pools: dict[int, str] | None = None) -> RunResult:
+    """Records, tables and summary of a finished run (both backends). `pools`: replica ->
+    its pool ("prefill" / "decode") of a disaggregated run."""
     its = [iteration_arrays(e) for e in engines]
-    req = request_arrays(requests, its)
-    it_table = iterations_table(its)
+    disagg = bool(pools) and any(pools.values())
+    req = request_arrays(requests, its, disaggregated=disagg)
+    it_table = iterations_table(its, {"pool": np.concatenate(
+        [np.full(len(i.columns["iteration"]), pools[e.replica], dtype=object) for i, e in zip(its, engines)])}
+        if disagg else None)
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
@@ -411,6 +422,11 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
     from .bounds import run_bounds
 
     summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    if len(engines) > 1:
+        from .cluster import per_replica_summary
+
+        summary["per_replica"] = per_replica_summary(req.table, it_table, summary["duration_s"],
+                                                     pools or {e.replica: "" for e in engines})
     return RunResult(req.table, it_table, summary, setup)
 
 
@@ -444,6 +460,8 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
     else:
         p = power_params(setup)
         gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
+        if setup.cluster is not None:
+            gpus = setup.cluster.num_gpus
         tp = setup.cfg.cluster.tensor_parallel
         dur = it.column("duration_s").to_numpy()
         w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, p["max_w"]) * tp
@@ -460,13 +478,26 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
 def simulate(setup: Setup, check_invariants: bool = False,
              progress: Callable[[float], None] | None = None) -> RunResult:
     t0 = time.perf_counter()
+    if setup.cluster is not None:
+        from .cluster import simulate_cluster
+
+        return simulate_cluster(setup, check_invariants, progress, t0)
     requests = prepare_requests(setup)
     cost = make_cost_model(setup)
     ecfg = engine_config(setup, check_invariants)
     engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
                       replica=i) for i in range(setup.cfg.cluster.replicas)]
-    run_simulation(requests, engines, make_router(setup.cfg.cluster.router), progress=progress)
+    run_simulation(requests, engines, make_run_router(setup.cfg), progress=progress)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
+
+
+def make_run_router(cfg: RunConfig, name: str | None = None):
+    """The run's router (`name`: another of its keys' built-in, e.g. the decode pool's)."""
+    name = name or cfg.cluster.router
+    if name == "prefix_aware":
+        pa_cfg = cfg.cluster.prefix_aware
+        return make_router(name, load_factor=pa_cfg.load_factor, slack_tokens=pa_cfg.slack_tokens)
+    return make_router(name)
 
 
 def code_version() -> str:
