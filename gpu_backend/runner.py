@@ -91,6 +91,12 @@ def _check_supported(setup: Setup) -> None:
     if cfg.cluster.replicas != 1:
         problems.append(("cluster.replicas",
                          f"the gpu backend runs one replica on one GPU, got {cfg.cluster.replicas}"))
+    if cfg.cluster.groups and cfg.cluster.replicas == 1:
+        problems.append(("cluster.groups", "the gpu backend runs the run's own settings on one GPU: give them "
+                         "at the top level, not in cluster.groups"))
+    if cfg.cluster.disaggregation is not None:
+        problems.append(("cluster.disaggregation", "the gpu backend runs one replica on one GPU: disaggregated "
+                         "serving is simulated only (--backend sim)"))
     if cfg.cluster.tensor_parallel != 1:
         problems.append(("cluster.tensor_parallel",
                          f"the gpu backend runs on one GPU (tensor_parallel 1), got {cfg.cluster.tensor_parallel}"))

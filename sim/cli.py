@@ -372,7 +372,7 @@ def cmd_run(args) -> int:
                 if result.summary.get("per_replica"):
                     from .cluster import print_per_replica
 
-                    print_per_replica(result.summary["per_replica"], f"{v.name}: per replica")
+                    print_per_replica(result.summary["per_replica"], f"{v.name}: per replica", _console())
                 lw = result.summary["long_waits"]
                 if lw["count"]:
                     _console(stderr=True).print(

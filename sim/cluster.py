@@ -320,8 +320,7 @@ def per_replica_summary(req: pa.Table, it: pa.Table, duration_s: float, pools: d
     return rows
 
 
-def print_per_replica(rows: list[dict], title: str) -> None:
-    from rich.console import Console
+def print_per_replica(rows: list[dict], title: str, console=None) -> None:
     from rich.table import Table
 
     def f(v, fmt):
@@ -337,7 +336,11 @@ def print_per_replica(rows: list[dict], title: str) -> None:
                   f(None if r["tpot_p50_s"] is None else r["tpot_p50_s"] * 1e3, "{:.1f}"),
                   f(None if r["tpot_p99_s"] is None else r["tpot_p99_s"] * 1e3, "{:.1f}"),
                   f(r["prefix_hit_rate"], "{:.1%}"), f(r["busy"], "{:.0%}"))
-    Console().print(t)
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    console.print(t)
 
 
 def finished(req: Request) -> bool:

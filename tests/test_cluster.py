@@ -157,17 +157,17 @@ def test_kv_reaches_the_decode_pool_before_its_first_decode_step(d):
         assert 0 <= r.prefill_replica < P <= r.replica
         blocks = -(-r.prompt_len // 32)
         assert r.kv_transfer_s >= d["latency"] + blocks * 32 * per_tok / (d["bw"] * 1e9) * (1 - 1e-9)
-        arrived = r.first_token_s + r.kv_transfer_s
+        arrived = r.first_token_s + r.kv_transfer_s  # (one rounding of the sum: compared within 1e-9 s)
         mine = it[it.replica == r.replica]
         ends = (mine.start_s + mine.duration_s).to_numpy()
         k = int(np.argmin(np.abs(ends - tt[1])))
         assert ends[k] == tt[1]
         starts = mine.start_s.to_numpy()
-        assert starts[k] >= arrived  # its first decode step began after the KV was there
+        assert starts[k] >= arrived - 1e-9  # its first decode step began after the KV was there
         if d["capacity"] == "guaranteed_no_evict":
             # ... and as soon as it was there: every iteration of its replica that began
             # after then and before its first step ran a full batch
-            skipped = (starts > arrived) & (starts < starts[k])
+            skipped = (starts > arrived + 1e-9) & (starts < starts[k])
             assert (mine.num_gen_requests.to_numpy()[skipped] == 16).all()
     rows = res.summary["per_replica"]
     assert [r["pool"] for r in rows] == ["prefill"] * P + ["decode"] * d["decode"]
@@ -396,3 +396,15 @@ def test_per_replica_summary_and_table(tmp_path, capsys):
     assert [r["replica"] for r in rows] == [0, 1, 2] and {r["pool"] for r in rows} == {"colocated"}
     assert sum(r["requests"] for r in rows) == s["num_finished"] == 40
     assert "per_replica" not in (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0]
+
+
+def test_gpu_backend_refuses_pools_and_groups():
+    from servesim.gpu_backend.runner import _check_supported
+    from servesim.sim.types import ConfigError
+
+    for cluster, key in (({"disaggregation": {"prefill": {"count": 1}, "decode": {"count": 1}}},
+                          "cluster.disaggregation"),
+                         ({"groups": [{"count": 1, "scheduler": {"max_batch_size": 4}}]}, "cluster.groups")):
+        with pytest.raises(ConfigError) as e:
+            _check_supported(resolve(_cfg(n=4, cluster=cluster), Path(".")))
+        assert key in str(e.value)
