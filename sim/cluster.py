@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
-from .types import ConfigError, Phase, Request
+from .types import ConfigError, Request
 
 _HINT = "check the spelling; `sim validate` lists the allowed keys in the README"
 
@@ -343,10 +343,6 @@ def print_per_replica(rows: list[dict], title: str, console=None) -> None:
     console.print(t)
 
 
-def finished(req: Request) -> bool:
-    return req.phase == Phase.FINISHED
-
-
 # ---------------------------------------------------------------------------------------
 def simulate_cluster(setup, check_invariants: bool, progress, t0: float):
     """A run of replica groups or of disaggregated pools (sim/runner.py `simulate`)."""
@@ -386,3 +382,23 @@ def simulate_cluster(setup, check_invariants: bool, progress, t0: float):
                           make_run_router(setup.cfg, setup.cfg.cluster.disaggregation.decode_router),
                           link.bandwidth_gb_s * 1e9, link.latency_s, per_token)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0, pools=pools)
+
+
+def bounds_setup(setup):
+    """A Setup whose `run_bounds` (sim/bounds.py) holds for this cluster: as many replicas
+    of the run's own layout as the cluster has, when every replica has that model,
+    hardware and tensor parallelism (a disaggregated pair of pools is a restriction of
+    those replicas, so their bound holds), at the largest batch and KV pool of any of
+    them; None when replicas differ in model, hardware or layout."""
+    cl: ClusterSetup = setup.cluster
+    base = setup.cfg
+    for r in cl.replicas:
+        c = r.setup
+        if (c.model.name, c.hardware.name, c.cfg.cluster.tensor_parallel, c.model.precision_label) != (
+                setup.model.name, setup.hardware.name, base.cluster.tensor_parallel, setup.model.precision_label):
+            return None
+    # the largest batch and pool of any replica: the bound stays an upper bound
+    mbs = max(r.setup.cfg.scheduler.max_batch_size for r in cl.replicas)
+    cfg = base.model_copy(update={"cluster": base.cluster.model_copy(update={"replicas": len(cl.replicas)}),
+                                  "scheduler": base.scheduler.model_copy(update={"max_batch_size": mbs})})
+    return replace(setup, cfg=cfg, num_blocks=max(r.setup.num_blocks for r in cl.replicas))

@@ -421,7 +421,13 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
     summary.update(energy_summary(setup, it_table, summary, measured_energy_j))
     from .bounds import run_bounds
 
-    summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    if setup.cluster is None:
+        summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    else:  # replica groups or pools: the bound of as many identical replicas, where they are identical
+        from .cluster import bounds_setup
+
+        bs = bounds_setup(setup)
+        summary["bounds"] = run_bounds(bs, req.table, summary) if bs is not None else None
     if len(engines) > 1:
         from .cluster import per_replica_summary
 
