@@ -174,16 +174,67 @@ def test_kv_reaches_the_decode_pool_before_its_first_decode_step(d):
     assert sum(r["requests"] for r in rows if r["pool"] == "prefill") == int((req.output_len > 1).sum())
 
 
-def test_same_config_same_bytes_cluster():
-    d = {"prefill": 2, "decode": 2, "bw": 5.0, "latency": 1e-4, "rate": 100.0, "seed": 7,
-         "capacity": "max_utilization", "router": "prefix_aware", "decode_router": "least_outstanding_tokens"}
+@settings(max_examples=5, deadline=None)
+@given(d=DISAGG, router=st.sampled_from(sorted(ROUTERS)))
+def test_same_config_same_bytes_cluster(d, router):
     for make in (lambda: _disagg_cfg(d),
-                 lambda: _cfg(n=40, rate=100.0, seed=3, kv_cache={"enable_block_reuse": True},
-                              cluster={"router": "prefix_aware", "groups": [
+                 lambda: _cfg(n=40, rate=100.0, seed=d["seed"], kv_cache={"enable_block_reuse": True},
+                              cluster={"router": router, "groups": [
                                   {"count": 2}, {"count": 1, "hardware": "h200-sxm",
                                                  "scheduler": {"max_batch_size": 4}}]})):
         a, b = (simulate(resolve(make(), Path("."))) for _ in range(2))
         assert _bytes(a.requests) == _bytes(b.requests) and _bytes(a.iterations) == _bytes(b.iterations)
+
+
+class _CheckingRouter:
+    """least_outstanding_tokens, checking each view's outstanding tokens against a count
+    over every request of its engine."""
+
+    name = "checking"
+
+    def __init__(self):
+        self.inner = make_router("least_outstanding_tokens")
+        self.checks = 0
+
+    def route(self, request, replicas):
+        for h in replicas:
+            e = h._engine
+            want = sum(r.prompt_len + r.output_len - r.generated - (r.prompt_len if r.transfer_in else 0)
+                       for r in e.waiting)
+            want += sum(r.prompt_len - min(r.context_done, r.prompt_len) + r.output_len - r.generated
+                        for r in e.context)
+            want += sum(r.output_len - (r.generated + e.g - r.gen_base_iter) for r in e.decoding.values())
+            assert h.outstanding_tokens() == max(want, 0)
+            self.checks += 1
+        return self.inner.route(request, replicas)
+
+
+@PROPS
+@given(seed=st.integers(0, 1000), capacity=st.sampled_from(["guaranteed_no_evict", "max_utilization"]),
+       chunked=st.booleans(), disagg=st.booleans())
+def test_outstanding_tokens_is_the_work_left(seed, capacity, chunked, disagg):
+    from servesim.sim import cluster as cl
+
+    router = _CheckingRouter()
+    orig = cl.Dispatch.__init__
+
+    def patched(self, handles, engines, r):  # every dispatcher of the run uses the checking router
+        orig(self, handles, engines, router)
+
+    cl.Dispatch.__init__ = patched
+    try:
+        # long prompts over a small token budget: chunks (mid-context requests at arrivals)
+        # or rejections; a small pool: pauses under max_utilization
+        sched = {"max_batch_size": 8, "max_num_tokens": 512, "capacity": capacity, "enable_chunked_context": chunked}
+        kv = {"max_tokens": 12000}
+        cluster = ({"disaggregation": {"prefill": {"count": 2}, "decode": {"count": 2}}} if disagg
+                   else {"replicas": 3})
+        simulate(resolve(_cfg(n=40, rate=200.0, prompt=(16, 2000), seed=seed, scheduler=sched, kv_cache=kv,
+                              cluster=cluster),
+                         Path(".")), check_invariants=True)
+    finally:
+        cl.Dispatch.__init__ = orig
+    assert router.checks > 0
 
 
 # ---------------------------------------------------------------------------------------
