@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
+from .errors import _has_path
 from .types import ConfigError, Request
 
 _HINT = "check the spelling; `sim validate` lists the allowed keys in the README"
@@ -68,15 +69,6 @@ def group_config(cfg, group, where: str, key: str):
             loc = format_key(mine[0], key) if mine else format_key(paths[0])
             probs.append((f"{where}{loc}", problem_message(e, _HINT)))
         raise ConfigError(probs) from None
-
-
-def _has_path(d, loc) -> bool:
-    for p in loc:
-        if isinstance(d, dict) and p in d:
-            d = d[p]
-        else:
-            return False
-    return True
 
 
 def resolve_cluster(setup, base_dir: Path, where: str = "") -> ClusterSetup | None:
