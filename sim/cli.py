@@ -282,6 +282,12 @@ def cmd_run(args) -> int:
         if problems:
             raise ConfigError(problems)
         if args.backend == "gpu":
+            from .pipeline import gpu_backend_problems
+
+            gpu_probs = [(f"{args.experiment}: variants[{v.index}] ({v.name}): {k}", m)
+                         for v, s in zip(exp.variants, setups) for k, m in gpu_backend_problems(s.cfg, s.model)]
+            if gpu_probs:
+                raise ConfigError(gpu_probs)
             try:
                 from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch
             except ImportError as e:
