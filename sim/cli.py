@@ -459,6 +459,9 @@ def cmd_calibrate(args) -> int:
     try:
         model = load_model(args.model, Path.cwd(), location="--model")
         hw = load_hardware(args.hardware, Path.cwd(), location="--hardware")
+        if model.is_moe:  # the grid measures a dense Llama's GEMMs and steps (gpu_backend/)
+            raise ConfigError(f"model {model.name} is a mixture of experts: calibration measures dense Llama-family "
+                              "models only", "command line: --model")
         if args.processes < 1:
             raise ConfigError(f"--processes {args.processes}: give 1 or more", "command line")
         if args.backend == "grid" and not args.from_grid:

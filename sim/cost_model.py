@@ -20,6 +20,13 @@ precision (`gemm_times_by_precision`) price them, else the bf16 curves times the
 the two rooflines; KV bytes everywhere are the KV dtype's. bf16 prices are bit-identical
 to the code before precisions existed.
 
+Parallelism: with ``tp`` GPUs every linear is priced at its per-GPU [k, n] (column- /
+row-parallel, KV heads replicated when tp exceeds them) and two ring all-reduces a layer
+over the GPU-to-GPU link (NVLink, or PCIe for a part without it); an MoE model's MLP is a
+router and the experts a GPU holds (``ep`` expert groups, tokens dispatched and combined by
+all-to-all); `work(shape)` is each GPU's FLOPs and bytes, which sharding conserves.
+Pipelines: sim/pipeline.py builds on `stage_time`.
+
 Every term and its reasons: docs/cost_model.md.
 """
 

@@ -110,12 +110,14 @@ class PipelineCostModel:
                     heapq.heappush(heap, (tok + 1, j))
         T = shape.num_tokens
         out = []
+        cum = 0
         for j in range(m):
             idx = sorted(ctx[j])
             nj = dec[j]
-            kv = shape.decode_kv_sum * nj // n if n else 0
-            if n and j == m - 1:  # the remainder: the KV sums add up
-                kv = shape.decode_kv_sum - sum(o.decode_kv_sum for o in out)
+            # the KV in proportion to the requests (cumulative rounding: the sums add up, each
+            # micro-batch within one token of its share)
+            kv = (shape.decode_kv_sum * (cum + nj) // n - shape.decode_kv_sum * cum // n) if n else 0
+            cum += nj
             graph = shape.graph and nj > 0
             pad = -(-shape.padded_decode * nj // n) if graph and shape.padded_decode else 0
             tj = sum(chunks[i][0] for i in idx) + nj

@@ -121,7 +121,7 @@ def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, whe
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model",
                             reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint,
-                            layout=None if layout.is_trivial else layout)
+                            layout=layout)
     if kvc.pool_tokens is not None:
         blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
         if blocks > MAX_POOL_BLOCKS:  # the block manager lists every free block
