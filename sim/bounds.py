@@ -421,7 +421,7 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     from .memory import weight_bytes_per_gpu
 
     lay = Layout.of(cfg.cluster)
-    out["weights_gb_per_gpu"] = (model.weight_bytes / tp if lay.is_trivial or (pp == 1 and lay.ep == 1)
+    out["weights_gb_per_gpu"] = (model.weight_bytes / tp if pp == 1 and lay.ep == 1  # as before S6
                                  else weight_bytes_per_gpu(model, lay)) / 1e9
     out["assumes"] = ("datasheet peaks; one token per request and step" + (f" (+{k} drafts)" if k else "")
                       + "; the run's prefix hits")

@@ -18,8 +18,8 @@ import yaml
 import servesim
 from servesim.policies.capacity import make_capacity_policy
 from servesim.policies.chunking import make_chunk_policy
-from servesim.policies.parallelism import Layout
 from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
+from servesim.policies.parallelism import Layout
 from servesim.policies.routing import make_router
 from servesim.traces.spec import build_workload
 

@@ -306,3 +306,30 @@ def test_pipeline_and_moe_runs_end_to_end(tmp_path, capsys):
     assert main(["run", str(q), "--out", str(tmp_path / "moe")]) == 0
     s = json.loads((tmp_path / "moe" / "base" / "summary.json").read_text())
     assert s["bounds"]["achieved_over_bound"] <= 1.0
+
+
+def test_gemm_curves_price_only_the_shape_they_measured():
+    """A profile's GEMM curve prices a linear at the per-GPU [k, n] it was measured at: a
+    tp=1 curve does not price tp=2's halved GEMM (roofline there), a curve of tp=2's shape
+    does; an MoE model's expert curve is matched at the expert's per-GPU shape."""
+    from servesim.sim.cost_model import GemmCurve
+
+    def curve(k, n):
+        return GemmCurve(k=k, n=n, tokens=[1, 4096], seconds=[1e-3, 2e-3])
+
+    s = IterationShape(ctx_new_tokens=(2048,), ctx_prior_tokens=(0,), n_ctx_sampling=1)
+    K1, N1 = M70.linear_shapes(1)["gate_up"]
+    K2, N2 = M70.linear_shapes(2)["gate_up"]
+    at1 = RooflineConfig(gemm_times={"gate_up": curve(K1, N1)})
+    at2 = RooflineConfig(gemm_times={"gate_up": curve(K2, N2)})
+    roof = RooflineCostModel(M70, H100, tp=2).breakdown(s)["gate_up"]
+    assert RooflineCostModel(M70, H100, at1, tp=2).breakdown(s)["gate_up"] == roof
+    assert RooflineCostModel(M70, H100, at2, tp=2).breakdown(s)["gate_up"] == pytest.approx(
+        M70.num_layers * (1e-3 + 1e-3 * 2047 / 4095))
+    # Mixtral at tp=4, ep=2: each expert split over 2 GPUs
+    d, ie = MIX.hidden_size, MIX.moe_intermediate_size // 2
+    ex = RooflineConfig(gemm_times={"gate_up": curve(d, 2 * ie), "down": curve(ie, d)})
+    plain = RooflineCostModel(MIX, H100, tp=4, ep=2).breakdown(s)["experts"]
+    cal = RooflineCostModel(MIX, H100, ex, tp=4, ep=2)
+    assert set(cal._moe.curves) == {"gate_up", "down"} and cal.breakdown(s)["experts"] != plain
+    assert not RooflineCostModel(MIX, H100, ex, tp=4, ep=4)._moe.curves  # other shapes: the roofline
