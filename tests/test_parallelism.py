@@ -333,3 +333,27 @@ def test_gemm_curves_price_only_the_shape_they_measured():
     cal = RooflineCostModel(MIX, H100, ex, tp=4, ep=2)
     assert set(cal._moe.curves) == {"gate_up", "down"} and cal.breakdown(s)["experts"] != plain
     assert not RooflineCostModel(MIX, H100, ex, tp=4, ep=4)._moe.curves  # other shapes: the roofline
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(["llama-3.1-70b", "mixtral-8x7b-v0.1", "qwen3-30b-a3b", "llama-3.1-8b"]),
+       st.sampled_from(["h100-sxm", "h200-sxm", "a100-80gb-sxm"]), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4]), st.sampled_from([2048, 8192, 32768]))
+def test_runs_size_the_kv_pool_within_every_gpu(tmp_path_factory, name, hw, tp, pp, ep, max_tokens):
+    """Through the run's own resolution (sim/runner.py): a layout is refused with a
+    ConfigError, or every GPU of the replica holds its weights, reserve and KV pool."""
+    from servesim.sim.config import load_experiment
+    from servesim.sim.runner import resolve
+
+    m = MODELS[name]
+    ep = ep if m.is_moe else 1
+    p = tmp_path_factory.mktemp("mem") / "m.yaml"
+    p.write_text(EXP.format(model=name, hw=hw, cluster=f"{{tensor_parallel: {tp}, pipeline_parallel: {pp}, "
+                            f"expert_parallel: {ep}}}") + f"scheduler: {{max_num_tokens: {max_tokens}}}\n")
+    try:
+        setup = resolve(load_experiment(p).variants[0].config, p.parent)
+    except ConfigError:
+        return
+    lay = Layout(tp, pp, ep)
+    reserve = default_activation_reserve_bytes(setup.model, max_tokens, tp, max_batch_size=256, layout=lay)
+    assert per_gpu_memory_bytes(setup.model, lay, 32, setup.num_blocks, reserve) <= HW[hw].hbm_capacity_bytes
