@@ -46,7 +46,7 @@ class ClusterSetup:
 
     @property
     def num_gpus(self) -> int:
-        return sum(r.setup.cfg.cluster.tensor_parallel for r in self.replicas)
+        return sum(r.setup.cfg.cluster.tensor_parallel * r.setup.cfg.cluster.pipeline_parallel for r in self.replicas)
 
 
 def group_config(cfg, group, where: str, key: str):

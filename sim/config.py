@@ -156,6 +156,17 @@ class ClusterConfig(_Strict):
         "(fewest requests), least_outstanding_tokens (least prompt + output tokens left), prefix_aware (the "
         "longest cached prefix, within a load bound: cluster.prefix_aware)")
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
+    # parallelism beyond TP (policies/parallelism.py checks a layout, sim/pipeline.py prices pp)
+    pipeline_parallel: int = Field(1, gt=0, le=1024, description="pipeline stages per replica, each of "
+                                   "num_layers / pipeline_parallel layers on tensor_parallel GPUs (a replica: "
+                                   "tensor_parallel x pipeline_parallel GPUs)")
+    expert_parallel: int = Field(1, gt=0, description="MoE models: GPU groups of a stage's tensor-parallel group "
+                                 "the experts are split over (num_experts / expert_parallel each, every expert "
+                                 "split over tensor_parallel / expert_parallel GPUs), tokens dispatched to them by "
+                                 "all-to-all; must divide tensor_parallel (1: every expert split over all of them)")
+    pp_micro_batches: int | None = Field(None, gt=0, description="pipeline_parallel > 1: micro-batches of "
+                                         "disjoint requests in flight through the stages (null: "
+                                         "pipeline_parallel, as TensorRT-LLM)")
     prefix_aware: PrefixAwareConfig = Field(default_factory=PrefixAwareConfig,
                                             description="the prefix_aware router's load bound")
     groups: list["ReplicaGroup"] = Field(
@@ -187,8 +198,7 @@ class ClusterConfig(_Strict):
         return self
 
 
-# what a replica group or a pool may not set: the run's own settings, not a replica's
-_NOT_PER_REPLICA = ("workload", "seed", "output", "speculative", "power")
+# keys of `cluster` that describe the whole cluster, not one replica (a group may not set them)
 _CLUSTER_ONLY = ("replicas", "router", "prefix_aware", "groups", "disaggregation")
 
 
