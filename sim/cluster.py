@@ -95,7 +95,7 @@ def resolve_cluster(setup, base_dir: Path, where: str = "") -> ClusterSetup | No
             model = load_model(gcfg.model, base_dir, location=f"{where}{key}.model" if g.model else f"{where}model")
             hw = load_hardware(gcfg.hardware, base_dir,
                                location=f"{where}{key}.hardware" if g.hardware else f"{where}hardware")
-            gwhere = f"{where}{key}: "
+            gwhere = f"{where}{key}."  # its problems at its keys: cluster.groups[1].cluster.tensor_parallel
             model, blocks, roofline, power = _fit(gcfg, model, hw, base_dir, gwhere)
             spec = resolve_speculation(gcfg, model, hw, roofline, base_dir, gwhere)
         except ConfigError as e:

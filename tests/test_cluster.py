@@ -459,3 +459,17 @@ def test_gpu_backend_refuses_pools_and_groups():
         with pytest.raises(ConfigError) as e:
             _check_supported(resolve(_cfg(n=4, cluster=cluster), Path(".")))
         assert key in str(e.value)
+
+
+def test_group_layouts_ride_along(tmp_path, capsys):
+    """A group's parallelism is resolved as a run's (the cost model's layout keys), and its
+    problems are named at the group's keys."""
+    s = resolve(_cfg(n=4, cluster={"groups": [{"count": 2}, {"count": 1, "cluster": {"tensor_parallel": 2}}]}),
+                Path("."))
+    assert [r.setup.cfg.cluster.tensor_parallel for r in s.cluster.replicas] == [1, 1, 2]
+    assert s.cluster.num_gpus == 4 and s.cfg.cluster.replicas == 3
+    p = tmp_path / "bad.yaml"
+    p.write_text(BASE + "cluster: {groups: [{count: 1}, {count: 1, cluster: {tensor_parallel: 3}}]}\n")
+    assert main(["validate", str(p)]) == 2
+    assert "cluster.groups[1].cluster.tensor_parallel: model llama-3.2-1b has 32 attention heads" in \
+        capsys.readouterr().err
