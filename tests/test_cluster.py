@@ -473,3 +473,16 @@ def test_group_layouts_ride_along(tmp_path, capsys):
     assert main(["validate", str(p)]) == 2
     assert "cluster.groups[1].cluster.tensor_parallel: model llama-3.2-1b has 32 attention heads" in \
         capsys.readouterr().err
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(2, 4), router=st.sampled_from(sorted(ROUTERS)), seed=st.integers(0, 1000))
+def test_groups_without_overrides_are_replicas(n, router, seed):
+    """`groups: [{count: n}]` (or n groups of one) is `replicas: n`, byte for byte."""
+    runs = [simulate(resolve(_cfg(n=30, rate=100.0, seed=seed, kv_cache={"enable_block_reuse": True},
+                                  cluster=c), Path(".")))
+            for c in ({"replicas": n, "router": router}, {"groups": [{"count": n}], "router": router},
+                      {"groups": [{"count": 1}] * n, "router": router})]
+    for r in runs[1:]:
+        assert _bytes(r.requests) == _bytes(runs[0].requests) and _bytes(r.iterations) == _bytes(runs[0].iterations)
+    assert runs[1].summary["per_replica"] == runs[0].summary["per_replica"]
