@@ -1,0 +1,307 @@
+"""Tensor parallelism in the GPU backend, on CPUs: 2 processes over gloo (gpu_backend/tp.py).
+
+The central checks: the logits of the model sharded over 2 ranks equal the unsharded
+model's (fp32, prefill and decode steps through the paged KV cache; random weights and a
+safetensors checkpoint the test writes; KV heads split and replicated; a vocabulary that
+does not divide), and a whole `simulate_gpu` run at ``cluster.tensor_parallel: 2`` (rank 0
+driving the engine, the other rank in lock step) emits exactly the greedy tokens of the
+same run at 1, through decode graphs, piecewise graphs, swap preemption and prefix reuse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+
+from servesim.gpu_backend.model import ContextChunkInput, DecodeInput, LlamaModel  # noqa: E402
+from servesim.gpu_backend.tp import (ShardDims, free_tcp_address, init_tp, shard_dims, shard_weights,  # noqa: E402
+                                     sharded_random_weights)
+from servesim.gpu_backend.weights import ModelDims, random_weights, save_hf_checkpoint  # noqa: E402
+from servesim.sim.config import load_experiment  # noqa: E402
+from servesim.sim.runner import resolve  # noqa: E402
+from servesim.sim.specs import ModelSpec  # noqa: E402
+from servesim.sim.types import ConfigError  # noqa: E402
+
+F32 = torch.float32
+BLOCK = 4
+
+
+def tiny(**kw) -> dict:
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "intermediate_size": 128, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 512, "tie_word_embeddings": False}
+    cfg.update(kw)
+    return cfg
+
+
+# the models of the logits test: KV heads split (2 over 2 ranks), replicated (1 KV head on
+# both ranks), and tied embeddings with a vocabulary that 2 does not divide (padded lm_head)
+MODELS = {"split-kv": tiny(), "replicated-kv": tiny(num_key_value_heads=1, vocab_size=200),
+          "tied-odd-vocab": tiny(vocab_size=251, tie_word_embeddings=True)}
+
+
+def _steps(model, pool) -> list[torch.Tensor]:
+    """A prefill of two chunks (one a second chunk over cached KV), then three decode
+    steps of both requests beside a new chunk: every path of the paged KV cache."""
+    a = list(range(1, 23))
+    out = [model.step([ContextChunkInput(a[:14], 0, [0, 1, 2, 3]), ContextChunkInput(a[3:11], 0, [6, 7])], [],
+                      pool)]
+    out.append(model.step([ContextChunkInput(a[14:], 14, [0, 1, 2, 3, 4, 5])], [DecodeInput(9, 8, [6, 7, 8])],
+                          pool))
+    for i in range(3):
+        out.append(model.step([ContextChunkInput([5 + i, 7], 2 * i, [10 + i, 11 + i][: 1 + (2 * i + 2 > BLOCK)])]
+                              if i < 2 else [],
+                              [DecodeInput(7 + i, 22 + i, [0, 1, 2, 3, 4, 5, 9]), DecodeInput(3, 9 + i, [6, 7, 8])],
+                              pool))
+    return out
+
+
+def _rank(rank: int, addr: str, out_dir: str, ckpt: str) -> None:
+    torch.set_num_threads(1)
+    init_tp(rank, 2, addr, torch.device("cpu"))
+    from servesim.gpu_backend.tp import TPLlamaModel
+
+    res = {}
+    try:
+        for name, cfg in MODELS.items():
+            m = TPLlamaModel(cfg, 2, rank, None, dtype=F32, device="cpu", seed=5)
+            res[name] = _steps(m, m.make_kv_pool(16, BLOCK))
+        m = TPLlamaModel(MODELS["split-kv"], 2, rank, ckpt, dtype=F32, device="cpu")
+        res["checkpoint"] = _steps(m, m.make_kv_pool(16, BLOCK))
+        res["kv_heads"] = m.kv_pool.num_kv_heads
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_logits(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp("tp")
+    ckpt = save_hf_checkpoint(random_weights(MODELS["split-kv"], seed=9, std=0.1), MODELS["split-kv"], d / "ckpt",
+                              num_shards=2)
+    mp.spawn(_rank, args=(free_tcp_address(), str(d), str(ckpt)), nprocs=2)
+    return {r: torch.load(d / f"rank{r}.pt") for r in (0, 1)}, ckpt
+
+
+def _ref(cfg, weights=None, seed=5):
+    m = LlamaModel(cfg, weights, dtype=F32, device="cpu", seed=seed)
+    return _steps(m, m.make_kv_pool(16, BLOCK))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tp2_logits_equal_tp1(tp_logits, name):
+    ranks, _ = tp_logits
+    ref = _ref(MODELS[name])
+    for step, (r0, want) in enumerate(zip(ranks[0][name], ref)):
+        assert r0.shape == want.shape
+        torch.testing.assert_close(r0, want, rtol=1e-4, atol=1e-5, msg=f"{name} step {step}")
+        torch.testing.assert_close(ranks[1][name][step], r0, rtol=0, atol=0)  # all-gathered: same on both ranks
+
+
+def test_tp2_logits_from_a_sharded_checkpoint(tp_logits):
+    ranks, ckpt = tp_logits
+    ref = _ref(MODELS["split-kv"], weights=str(ckpt))
+    for r0, want in zip(ranks[0]["checkpoint"], ref):
+        torch.testing.assert_close(r0, want, rtol=1e-4, atol=1e-5)
+    assert ranks[0]["kv_heads"] == ranks[1]["kv_heads"] == 1  # each rank's pool holds its KV head
+
+
+# --------------------------------------------------------------------------------------
+# shards (no processes)
+# --------------------------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw):
+    tp = draw(st.sampled_from([1, 2, 4, 8]))
+    kv = draw(st.sampled_from([k for k in (1, 2, 4, 8, 16) if k % tp == 0 or tp % k == 0]))
+    group = draw(st.integers(1, 4))
+    heads = max(kv * group, tp)
+    heads += (-heads) % tp
+    heads += (-heads) % kv
+    inter = tp * draw(st.integers(1, 12))
+    vocab = draw(st.integers(tp, 300))
+    return tp, ModelSpec(name="m", hidden_size=32, num_layers=1, num_heads=heads, num_kv_heads=kv, head_dim=4,
+                         intermediate_size=inter, vocab_size=vocab)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts())
+def test_shards_partition_the_model(layout):
+    """Query heads, MLP features and vocabulary rows are split into disjoint ranges that
+    cover the model; each rank's KV heads are exactly the ones its query heads read
+    (GQA: query head j reads KV head j // (Hq / Hkv)); shapes match the cost model's."""
+    tp, spec = layout
+    shards = [ShardDims(spec, tp=tp, rank=r) for r in range(tp)]
+    hd, group = spec.head_dim, spec.num_heads // spec.num_kv_heads
+    for rows, total in ((lambda s: s.q_rows(), spec.q_size), (lambda s: s.inter_rows(), spec.intermediate_size),
+                        (lambda s: s.vocab_rows(), spec.vocab_size)):
+        covered = [i for s in shards for i in range(*rows(s))]
+        assert covered == list(range(total))
+    for s in shards:
+        q0, q1 = s.q_rows()
+        k0, k1 = s.kv_rows()
+        assert {(q // hd) // group for q in range(q0, q1)} == set(range(k0 // hd, k1 // hd))
+        assert k1 - k0 == s.kv_size == spec.kv_heads_per_gpu(tp) * hd
+        shapes = spec.linear_shapes(tp)
+        assert shapes["qkv"] == (spec.hidden_size, s.q_size + 2 * s.kv_size)
+        assert shapes["gate_up"] == (spec.hidden_size, 2 * s.intermediate_size)
+        assert shapes["lm_head"] == (spec.hidden_size, s.vocab_per_rank)
+    assert sum(s.num_params() for s in shards) >= spec.params
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.sampled_from([(2, 2), (2, 1), (4, 2), (4, 1)]), st.integers(0, 2**16))
+def test_sharded_random_weights_are_slices_of_the_full_ones(tp_kv, seed):
+    tp, kv = tp_kv
+    cfg = tiny(num_key_value_heads=kv, vocab_size=250)
+    full = random_weights(cfg, seed=seed)
+    for r in range(tp):
+        sd = shard_dims(cfg, tp, r)
+        a, b = sharded_random_weights(sd, seed=seed), shard_weights(full, sd)
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y)
+
+
+def test_shard_dims_refuse_a_layout_that_does_not_divide():
+    with pytest.raises(ConfigError, match="cluster.tensor_parallel"):
+        shard_dims(tiny(), 3, 0)
+    with pytest.raises(ConfigError, match="KV heads"):
+        shard_dims(tiny(num_attention_heads=12, num_key_value_heads=3), 2, 0)
+    assert isinstance(shard_dims(tiny(), 2, 1), ModelDims)
+
+
+# --------------------------------------------------------------------------------------
+# a whole run, rank 0 driving the engine and rank 1 in lock step
+# --------------------------------------------------------------------------------------
+
+RUN = """\
+name: tp
+model: {model}
+hardware: h100-sxm
+seed: 7
+kv_cache: {{pool_tokens: 128, tokens_per_block: 16}}
+workload:
+  prefix:
+    kind: shared_system_prompt
+    num_requests: 10
+    arrival: {{kind: offline}}
+    system_len: 40
+    user_len: {{kind: uniform, low: 1, high: 30}}
+    output_len: 12
+    hash_block_size: 16
+    vocab_size: 256
+scheduler: {{max_batch_size: 6, max_num_tokens: 96, capacity: max_utilization, preemption: swap,
+            enable_chunked_context: true}}
+runtime: {{piecewise_graphs: true}}
+output: {{plots: false}}
+variants:
+  - name: tp1
+    kv_cache: {{enable_block_reuse: true}}
+  - name: tp2
+    kv_cache: {{enable_block_reuse: true}}
+    cluster: {{tensor_parallel: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tpm")
+    f = d / "tiny.json"
+    f.write_text(json.dumps(tiny()))
+    return f
+
+
+def _setups(path: Path, overrides=()) -> dict:
+    exp = load_experiment(path, list(overrides))
+    return {v.name: resolve(v.config, exp.base_dir) for v in exp.variants}
+
+
+def test_tp2_run_emits_the_tokens_of_tp1(model_file):
+    from servesim.gpu_backend.runner import simulate_gpu
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exp = model_file.parent / "run.yaml"
+        exp.write_text(RUN.format(model=model_file.name))
+        s = _setups(exp)
+        a = simulate_gpu(s["tp1"], check_invariants=True)
+        b = simulate_gpu(s["tp2"], check_invariants=True)
+    finally:
+        torch.set_num_threads(n)
+    ta = {k: list(v) for k, v in a.tokens.items()}
+    assert {k: list(v) for k, v in b.tokens.items()} == ta
+    assert all(len(t) == 12 for t in ta.values())
+    st_ = b.gpu_stats
+    assert st_["tensor_parallel"] == 2 and st_["graph_iterations"] > 0 and st_["piecewise_iterations"] > 0
+    assert st_["kv_pool_bytes"] * 2 == a.gpu_stats["kv_pool_bytes"]  # each rank: half the KV heads
+    # every iteration and every block copy / swap reached the other rank
+    req, it = b.requests.to_pandas(), b.iterations.to_pandas()
+    assert req["preemptions"].sum() > 0 and it["ctx_cached_tokens"].sum() > 0
+    assert st_["lockstep_messages"] >= st_["iterations"] + 2 * int(req["preemptions"].sum())
+    assert b.summary["num_iterations"] == a.summary["num_iterations"]
+
+
+def test_tp_run_refusals(model_file, monkeypatch):
+    from servesim.gpu_backend import runner as gr
+
+    exp = model_file.parent / "bad.yaml"
+    exp.write_text(RUN.format(model=model_file.name))
+    with pytest.raises(ConfigError, match="tensor_parallel"):  # 4 heads over 3 GPUs
+        _setups(exp, ["cluster.tensor_parallel=3"])
+    s = _setups(exp)["tp2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError) as e:
+        gr._check_supported(s)
+    assert "cluster.tensor_parallel" in str(e.value) and "1 GPU(s) are visible" in str(e.value)
+
+
+def test_tp_bench_smoke(tmp_path):
+    """benchmarks/tp_bench.py --smoke: the TP=2 check passes, every table is written."""
+    import csv
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tp_bench.py"
+    spec = importlib.util.spec_from_file_location("tp_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(path), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = (tmp_path / "tp_bench.md").read_text()
+    assert "**ok**" in text and "All-reduce by message size (TP=2)" in text
+    dec = list(csv.DictReader((tmp_path / "tp_decode.csv").open()))
+    assert {(r["tp"], r["batch"]) for r in dec} == {("1", "1"), ("1", "4"), ("2", "1"), ("2", "4")}
+    assert all(float(r["ms"]) > 0 and float(r["pred_gpu_ms"]) > 0 for r in dec)
+    ar = list(csv.DictReader((tmp_path / "tp_allreduce.csv").open()))
+    assert len(ar) >= 9 and all(float(r["model_us"]) > 0 for r in ar)
+    # the bytes one GPU reads: at TP=1 exactly gpu_bench's decode bytes
+    from servesim.sim.specs import load_model
+
+    sys_path = str(path.parent)
+    sys.path.insert(0, sys_path)
+    try:
+        from gpu_bench import bytes_read
+    finally:
+        sys.path.remove(sys_path)
+    m = load_model("llama-3.1-8b")
+    assert mod.bytes_per_gpu(m, 1, 16, 20000) == bytes_read(m, 16, 20000)
+    assert mod.bytes_per_gpu(m, 2, 16, 20000) < 0.55 * bytes_read(m, 16, 20000)
