@@ -58,11 +58,11 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from servesim.gpu_backend.tp import DECODE_BATCHES, PREFILL_TOKENS  # noqa: E402
+
 MODEL = "llama-3.1-8b"
 GRID = ((1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 4096), (16, 4096), (64, 4096), (256, 4096))
 SMOKE_GRID = ((1, 32), (4, 64))
-DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PREFILL_TOKENS = (512, 1024, 2048, 4096, 8192)
 BLOCK = 32  # tokens per KV block (the serving runs' kv_cache.tokens_per_block)
 SMOKE_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128, vocab_size=250, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -240,10 +240,9 @@ def rank_work(rank: int, tp: int, smoke: bool, grid, reps: int, ar_sizes: list[i
             res["check"] = _check_steps(model, dev)
             # all-reduce by message size
             if tp > 1:
-                for nbytes in ar_sizes:
-                    x = torch.ones(nbytes // 2, dtype=torch.bfloat16 if cuda else torch.float32, device=dev)
-                    s = timed(lambda: dist.all_reduce(x), dev, reps=reps, sync=barrier)
-                    res["ar"].append({"bytes": nbytes, "seconds": s})
+                from servesim.gpu_backend.tp import time_allreduce
+
+                res["ar"] = time_allreduce(ar_sizes, dev, reps)
             free = (torch.cuda.mem_get_info(dev)[0] if cuda else 8e9) - 6e9
             kv_tok = model.dims.num_layers * 2 * model.dims.num_kv_heads * model.dims.head_dim * \
                 torch.empty((), dtype=dtype).element_size()
@@ -329,8 +328,9 @@ def main(argv=None) -> int:
     cfg = model_cfg(smoke)
     spec = spec_of(cfg)
     h = spec.hidden_size
-    ar_sizes = sorted({b * h * 2 for b in DECODE_BATCHES} | {t * h * 2 for t in (PREFILL_TOKENS if not smoke
-                                                                                  else (64, 512))})
+    from servesim.gpu_backend.tp import allreduce_sizes
+
+    ar_sizes = allreduce_sizes(spec, DECODE_BATCHES, PREFILL_TOKENS if not smoke else (64, 512))
     from servesim.sim.specs import load_hardware
 
     if args.hardware:

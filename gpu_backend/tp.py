@@ -721,3 +721,82 @@ def tp_executor(spec: Any, tp: int, device: torch.device, dtype: torch.dtype, we
         group.close(ok=False)
         raise
     return group, ex
+
+
+# --------------------------------------------------------------------------------------
+# all-reduce timing (the calibration's sweep and benchmarks/tp_bench.py)
+# --------------------------------------------------------------------------------------
+
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_TOKENS = (512, 1024, 2048, 4096, 8192)
+
+
+def allreduce_sizes(spec: Any, decode_batches=DECODE_BATCHES, prefill_tokens=PREFILL_TOKENS) -> list[int]:
+    """Bytes of one layer's all-reduce in a decode step of each batch and a prefill step of
+    each token count: rows x hidden x the serving dtype's bytes."""
+    s = ModelDims.from_spec(spec).spec
+    return sorted({int(n) * s.hidden_size * s.dtype_bytes for n in (*decode_batches, *prefill_tokens)})
+
+
+def time_allreduce(sizes: Sequence[int], device: torch.device, reps: int = 20, group=None) -> list[dict]:
+    """Seconds of one ``all_reduce`` of each message size (bytes of bf16; fp32 on a CPU,
+    the same element count), on every rank of the current group together: the median of
+    ``reps`` calls, each between a barrier and a CUDA-event pair (the host clock on a CPU)."""
+    import numpy as np
+
+    cuda = device.type == "cuda"
+    out = []
+    for nbytes in sizes:
+        x = torch.ones(max(1, int(nbytes) // 2), dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+        for _ in range(3):
+            dist.all_reduce(x, group=group)
+        times = []
+        for _ in range(reps):
+            dist.barrier(group=group)
+            if cuda:
+                torch.cuda.synchronize(device)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                dist.all_reduce(x, group=group)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                import time
+
+                t = time.perf_counter()
+                dist.all_reduce(x, group=group)
+                times.append(time.perf_counter() - t)
+        out.append({"bytes": int(nbytes), "seconds": float(np.median(times))})
+    return out
+
+
+def _sweep_rank(rank: int, tp: int, addr: str, sizes: list[int], reps: int, device_type: str, out: str) -> None:
+    dev = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    init_tp(rank, tp, addr, dev)
+    try:
+        rows = time_allreduce(sizes, dev, reps)
+        if rank == 0:
+            import json
+
+            with open(out, "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce_sweep(tp: int, sizes: Sequence[int], reps: int = 20, device_type: str | None = None) -> list[dict]:
+    """`time_allreduce` over ``tp`` spawned ranks (one a GPU; gloo processes on a CPU)."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and torch.cuda.device_count() < tp:
+        raise RuntimeError(f"all-reduce sweep over {tp} GPUs: {torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "allreduce.json")
+        mp.spawn(_sweep_rank, args=(tp, free_tcp_address(), list(sizes), reps, device_type, out), nprocs=tp)
+        with open(out) as f:
+            return json.load(f)

@@ -305,3 +305,75 @@ def test_tp_bench_smoke(tmp_path):
     m = load_model("llama-3.1-8b")
     assert mod.bytes_per_gpu(m, 1, 16, 20000) == bytes_read(m, 16, 20000)
     assert mod.bytes_per_gpu(m, 2, 16, 20000) < 0.55 * bytes_read(m, 16, 20000)
+
+
+# --------------------------------------------------------------------------------------
+# calibration at tp > 1
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(2e-6, 60e-6), st.floats(0.2, 1.0), st.sampled_from([2, 4, 8]))
+def test_fit_allreduce_recovers_the_terms(lat, eff, tp):
+    """All-reduce times made by the cost model's own formula are fitted back to its two
+    parameters, and the fitted cost model prices every measured message as measured."""
+    from servesim.sim.calibrate import fit_allreduce
+    from servesim.sim.cost_model import RooflineConfig
+    from servesim.sim.specs import load_hardware, load_model
+
+    hw, m = load_hardware("h200-sxm"), load_model("llama-3.1-8b")
+    from servesim.gpu_backend.tp import allreduce_sizes
+
+    rows = [{"bytes": b, "seconds": lat + 2 * (tp - 1) / tp * b / (hw.nvlink_bytes_per_s * eff)}
+            for b in allreduce_sizes(m)]
+    got = fit_allreduce(rows, hw, tp)
+    assert got["allreduce_latency_s"] == pytest.approx(lat, rel=1e-4)
+    assert got["allreduce_bandwidth_efficiency"] == pytest.approx(eff, rel=1e-4)
+    RooflineConfig(**got)  # valid cost-model parameters
+    assert fit_allreduce(rows[:1], hw, tp) is None
+
+
+def test_gemm_sweep_at_the_sharded_shapes():
+    from servesim.gpu_backend.profiler import gemm_sweep
+    from servesim.sim.specs import load_model
+
+    m = load_model("llama-3.1-8b")
+    rows = gemm_sweep(m, device="cpu", tokens=(1,), reps=1, tp=2)
+    assert {r["linear"]: (r["k"], r["n"]) for r in rows} == {k: v for k, v in m.linear_shapes(2).items()
+                                                              if k != "lm_head"}
+
+
+def test_calibrate_from_a_tp2_grid(tmp_path, capsys):
+    """`sim calibrate --from-grid G --tensor-parallel 2`: the all-reduce sweep beside the
+    grid fits the cost model's all-reduce terms into the profile, whose tensor_parallel
+    mapping keeps the sweep; without the sweep it is a ConfigError naming the flag."""
+    import csv
+
+    import yaml
+
+    from servesim.gpu_backend.tp import allreduce_sizes
+    from servesim.sim.calibrate import TP_PROFILE_KEY, load_profile
+    from servesim.sim.cli import main
+    from servesim.sim.specs import load_hardware, load_model
+
+    src = Path(__file__).parents[1] / "benchmarks" / "results" / "calibration_h100.csv"
+    grid = tmp_path / "g.grid.csv"
+    grid.write_bytes(src.read_bytes())
+    model = next(iter(csv.DictReader(grid.open())))["model"]
+    out = tmp_path / "p.yaml"
+    args = ["calibrate", "--model", model, "--hardware", "h100-sxm", "--from-grid", str(grid), "--out", str(out),
+            "--tensor-parallel", "2"]
+    assert main(args) == 2
+    assert "--tensor-parallel" in capsys.readouterr().err
+    hw = load_hardware("h100-sxm")
+    sizes = allreduce_sizes(load_model(model))
+    with open(grid.with_suffix(".allreduce.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["bytes", "seconds"])
+        w.writeheader()
+        w.writerows({"bytes": b, "seconds": 12e-6 + b / (hw.nvlink_bytes_per_s * 0.6)} for b in sizes)
+    assert main(args) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc[TP_PROFILE_KEY]["tp"] == 2 and doc[TP_PROFILE_KEY]["allreduce_bytes"] == sizes
+    roof, _ = load_profile(out, load_model(model), hw)
+    assert roof.allreduce_latency_s == pytest.approx(12e-6, rel=1e-3)
+    assert roof.allreduce_bandwidth_efficiency == pytest.approx(0.6, rel=1e-3)
