@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from servesim.gpu_backend.tp import DECODE_BATCHES, PREFILL_TOKENS  # noqa: E402
 
 MODEL = "llama-3.1-8b"
+BIG_MODEL = "llama-3.1-70b"  # 70B-shaped: at TP=2 only (141 GB of bf16 weights do not fit one H200)
 GRID = ((1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 4096), (16, 4096), (64, 4096), (256, 4096))
 SMOKE_GRID = ((1, 32), (4, 64))
 BLOCK = 32  # tokens per KV block (the serving runs' kv_cache.tokens_per_block)
@@ -73,10 +74,10 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def model_cfg(smoke: bool) -> dict:
+def model_cfg(smoke: bool, name: str = MODEL) -> dict:
     if smoke:
         return dict(SMOKE_CFG)
-    return json.loads((REPO / "sim" / "data" / "models" / f"{MODEL}.json").read_text())
+    return json.loads((REPO / "sim" / "data" / "models" / f"{name}.json").read_text())
 
 
 def spec_of(cfg: dict):
@@ -204,10 +205,12 @@ def _check_steps(model, dev) -> list[torch.Tensor]:
     return [o.float().cpu() for o in out]
 
 
-def rank_work(rank: int, tp: int, smoke: bool, grid, reps: int, ar_sizes: list[int], addr: str,
+def rank_work(rank: int, tp: int, smoke: bool, models: list[str], grid, reps: int, ar_sizes: list[int], addr: str,
               out_dir: str) -> dict:
-    """Everything one rank measures: the check's logits, the all-reduces, the decode grid.
-    TP=1: rank 0 only, no process group. Returns (and on rank 0 writes) its results."""
+    """Everything one rank measures: the all-reduces, then per model the check's logits and
+    the decode grid. TP=1: rank 0 only, no process group. Every skip is agreed by all
+    ranks (a rank alone skipping a point would leave the others in a collective).
+    Returns (and on rank 0 writes) its results."""
     from servesim.gpu_backend.graph_runner import GraphRunner
     from servesim.gpu_backend.model import LlamaModel
 
@@ -216,62 +219,76 @@ def rank_work(rank: int, tp: int, smoke: bool, grid, reps: int, ar_sizes: list[i
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:
         torch.set_num_threads(1)
-    cfg = model_cfg(smoke)
-    spec = spec_of(cfg)
-    res: dict = {"tp": tp, "ar": [], "decode": []}
+    res: dict = {"tp": tp, "ar": [], "models": {}}
     barrier = None
+
+    def agree(ok: bool) -> bool:  # True on every rank iff True on all of them
+        if tp == 1:
+            return ok
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     if tp > 1:
         import torch.distributed as dist
 
-        from servesim.gpu_backend.tp import TPGraphRunner, TPLlamaModel, init_tp
+        from servesim.gpu_backend.tp import TPGraphRunner, TPLlamaModel, init_tp, time_allreduce
 
         init_tp(rank, tp, addr, dev)
         barrier = dist.barrier
-        t0 = time.perf_counter()
-        model = TPLlamaModel(cfg, tp, rank, None, dtype=dtype, device=dev, seed=0)
-        runner_cls = TPGraphRunner
-    else:
-        t0 = time.perf_counter()
-        model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
-        runner_cls = GraphRunner
-    res["build_s"] = time.perf_counter() - t0
     try:
         with torch.no_grad():
-            res["check"] = _check_steps(model, dev)
-            # all-reduce by message size
-            if tp > 1:
-                from servesim.gpu_backend.tp import time_allreduce
-
+            if tp > 1:  # all-reduce by message size
                 res["ar"] = time_allreduce(ar_sizes, dev, reps)
-            free = (torch.cuda.mem_get_info(dev)[0] if cuda else 8e9) - 6e9
-            kv_tok = model.dims.num_layers * 2 * model.dims.num_kv_heads * model.dims.head_dim * \
-                torch.empty((), dtype=dtype).element_size()
-            for i, (B, ctx) in enumerate(grid):
-                lens = _lens(B, ctx, 100 + i)
-                kv_sum = int(lens.sum()) + B
-                need = (kv_sum + B * BLOCK) * kv_tok
-                row = {"batch": B, "ctx": ctx, "kv_tokens": kv_sum}
-                # every rank decides alike (equal shards: the same need and free memory)
-                if need > free:
-                    row["note"] = f"skipped: KV {need / 1e9:.0f} GB > {free / 1e9:.0f} GB free on one GPU"
-                    res["decode"].append(row)
-                    continue
-                try:
-                    bs = BLOCK if not smoke else 16
-                    total, inputs = _decode_inputs(lens, bs, dev, 200 + i, spec.vocab_size)
-                    pool = model.make_kv_pool(total, bs)
-                    runner = runner_cls(model, pool, [B], inputs[2].shape[1])
-                    runner.capture()
-                    row["graph"] = bool(runner.captured)
-                    row["seconds"] = timed(lambda: runner.run(*inputs), dev, reps=reps, sync=barrier)
-                except torch.OutOfMemoryError as e:
-                    row["note"] = "out of memory: " + str(e).splitlines()[0][:100]
-                finally:
+            for name in models:
+                cfg = model_cfg(smoke, name)
+                t0 = time.perf_counter()
+                if tp > 1:
+                    model = TPLlamaModel(cfg, tp, rank, None, dtype=dtype, device=dev, seed=0)
+                    runner_cls = TPGraphRunner
+                else:
+                    model = LlamaModel(cfg, None, dtype=dtype, device=dev, seed=0)
+                    runner_cls = GraphRunner
+                mres = res["models"][name] = {"build_s": time.perf_counter() - t0, "decode": []}
+                mres["check"] = _check_steps(model, dev)
+                free = (torch.cuda.mem_get_info(dev)[0] if cuda else 8e9) - 6e9
+                kv_tok = model.dims.num_layers * 2 * model.dims.num_kv_heads * model.dims.head_dim * \
+                    torch.empty((), dtype=dtype).element_size()
+                for i, (B, ctx) in enumerate(grid):
+                    lens = _lens(B, ctx, 100 + i)
+                    kv_sum = int(lens.sum()) + B
+                    need = (kv_sum + B * BLOCK) * kv_tok
+                    row = {"batch": B, "ctx": ctx, "kv_tokens": kv_sum}
+                    if not agree(need <= free):
+                        row["note"] = f"skipped: KV {need / 1e9:.0f} GB > {free / 1e9:.0f} GB free on one GPU"
+                        mres["decode"].append(row)
+                        continue
                     runner = pool = inputs = None
-                    model.kv_pool = None
-                    if cuda:
-                        torch.cuda.empty_cache()
-                res["decode"].append(row)
+                    try:
+                        bs = BLOCK if not smoke else 16
+                        try:
+                            total, inputs = _decode_inputs(lens, bs, dev, 200 + i, model.dims.vocab_size)
+                            pool = model.make_kv_pool(total, bs)
+                            ok = True
+                        except torch.OutOfMemoryError as e:
+                            row["note"] = "out of memory: " + str(e).splitlines()[0][:100]
+                            ok = False
+                        if agree(ok):
+                            runner = runner_cls(model, pool, [B], inputs[2].shape[1])
+                            runner.capture()
+                            row["graph"] = bool(runner.captured)
+                            row["seconds"] = timed(lambda: runner.run(*inputs), dev, reps=reps, sync=barrier)
+                        elif ok:
+                            row["note"] = "skipped: another rank ran out of memory"
+                    finally:
+                        runner = pool = inputs = None
+                        model.kv_pool = None
+                        if cuda:
+                            torch.cuda.empty_cache()
+                    mres["decode"].append(row)
+                model = None
+                if cuda:
+                    torch.cuda.empty_cache()
     finally:
         if tp > 1:
             dist.destroy_process_group()
@@ -280,22 +297,22 @@ def rank_work(rank: int, tp: int, smoke: bool, grid, reps: int, ar_sizes: list[i
     return res
 
 
-def _spawned(rank: int, tp: int, smoke: bool, grid, reps: int, ar_sizes, addr: str, out_dir: str) -> None:
+def _spawned(rank: int, tp: int, smoke: bool, models, grid, reps: int, ar_sizes, addr: str, out_dir: str) -> None:
     try:
-        rank_work(rank, tp, smoke, grid, reps, ar_sizes, addr, out_dir)
+        rank_work(rank, tp, smoke, models, grid, reps, ar_sizes, addr, out_dir)
     except Exception:
         traceback.print_exc()
         raise
 
 
-def run_tp(tp: int, smoke: bool, grid, reps: int, ar_sizes, work: Path) -> dict:
+def run_tp(tp: int, smoke: bool, models, grid, reps: int, ar_sizes, work: Path) -> dict:
     if tp == 1:
-        return rank_work(0, 1, smoke, grid, reps, ar_sizes, "", str(work))
+        return rank_work(0, 1, smoke, models, grid, reps, ar_sizes, "", str(work))
     import torch.multiprocessing as mp
 
     from servesim.gpu_backend.tp import free_tcp_address
 
-    mp.spawn(_spawned, args=(tp, smoke, grid, reps, ar_sizes, free_tcp_address(), str(work)), nprocs=tp)
+    mp.spawn(_spawned, args=(tp, smoke, models, grid, reps, ar_sizes, free_tcp_address(), str(work)), nprocs=tp)
     return torch.load(work / f"tp{tp}.pt")
 
 
@@ -304,13 +321,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def fits(name: str, smoke: bool, tp: int) -> bool:
+    """The model's weights (one GPU's shard) fit in 90% of GPU 0's memory, with room left."""
+    if smoke or not torch.cuda.is_available():
+        return True
+    from servesim.gpu_backend.tp import shard_dims
+
+    cfg = model_cfg(smoke, name)
+    n = shard_dims(cfg, tp, 0).num_params() if tp > 1 else spec_of(cfg).params
+    return n * 2 < 0.9 * torch.cuda.get_device_properties(0).total_memory - 16e9
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "out" / "tp_bench"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, gloo, 2 CPU processes")
     ap.add_argument("--tp", type=int, default=None, help="the TP size beside TP=1 (default: 2 when >= 2 GPUs)")
+    ap.add_argument("--models", default=f"{MODEL},{BIG_MODEL}",
+                    help="bundled models (each where its weights fit one GPU's memory at that TP: the 70B at TP=2 "
+                         "only); the all-reduce sweep has the first one's message sizes")
     ap.add_argument("--hardware", default=None, help="hardware spec of the prediction (default: this GPU's)")
-    ap.add_argument("--profile", default=None, help="calibration profile for the prediction (TP=1 shapes)")
+    ap.add_argument("--profile", default=None, help="calibration profile for the prediction of the first model")
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -323,13 +354,14 @@ def main(argv=None) -> int:
     if tp2 is not None and cuda and n_gpus < tp2:
         print(f"--tp {tp2}: {n_gpus} GPU(s) visible", file=sys.stderr)
         return 2
+    models = ["tiny"] if smoke else [m.strip() for m in args.models.split(",") if m.strip()]
     grid = SMOKE_GRID if smoke else GRID
     reps = args.reps or (3 if smoke else 20)
-    cfg = model_cfg(smoke)
-    spec = spec_of(cfg)
-    h = spec.hidden_size
+    specs = {m: spec_of(model_cfg(smoke, m)) for m in models}
     from servesim.gpu_backend.tp import allreduce_sizes
 
+    spec = specs[models[0]]
+    h = spec.hidden_size
     ar_sizes = allreduce_sizes(spec, DECODE_BATCHES, PREFILL_TOKENS if not smoke else (64, 512))
     from servesim.sim.specs import load_hardware
 
@@ -344,33 +376,37 @@ def main(argv=None) -> int:
     profile = Path(args.profile) if args.profile else None
     dev0 = torch.device("cuda:0" if cuda else "cpu")
     bw = copy_bandwidth(dev0, smoke)
+    tps = [1] + ([tp2] if tp2 is not None else [])
+    runs = {tp: [m for m in models if fits(m, smoke, tp)] for tp in tps}
     lines = ["# Tensor parallelism on the GPU backend (benchmarks/tp_bench.py)", ""]
     dname = torch.cuda.get_device_name(0) if cuda else "CPU (smoke: tiny model, fp32, gloo)"
-    lines += [f"Device: {n_gpus if cuda else 'no'} x {dname}; torch {torch.__version__}; model "
-              f"{spec.name if not smoke else 'tiny'} (random weights, real shapes); hardware spec of the "
-              f"predictions: {hw.name}{f', profile {profile}' if profile else ''}. "
+    lines += [f"Device: {n_gpus if cuda else 'no'} x {dname}; torch {torch.__version__}; models "
+              + "; ".join(f"TP={tp}: {', '.join(ms) or 'none'}" for tp, ms in runs.items())
+              + f" (random weights, real shapes); hardware spec of the predictions: {hw.name}"
+              f"{f', profile {profile} ({models[0]})' if profile else ''}. "
               f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}.", "",
               f"Copy bandwidth (read + write) on GPU 0: **{bw / 1e12:.2f} TB/s**" if cuda else
               f"Copy bandwidth (host): {bw / 1e9:.1f} GB/s", ""]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {1: run_tp(1, smoke, grid, reps, ar_sizes, work)}
-        if tp2 is not None:
-            results[tp2] = run_tp(tp2, smoke, grid, reps, ar_sizes, work)
+        results = {tp: run_tp(tp, smoke, runs[tp], grid, reps, ar_sizes, work) for tp in tps}
     # -- the check -----------------------------------------------------------------------
+    ok = True
     if tp2 is not None:
-        errs = [rel_err(a, b) for a, b in zip(results[tp2]["check"], results[1]["check"])]
-        agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean())
-                 for a, b in zip(results[tp2]["check"], results[1]["check"])]
-        tol = 2e-2 if cuda else 1e-5
-        ok = max(errs) <= tol
-        lines += [f"## Check: TP={tp2} logits vs TP=1 (same random weights)", "",
-                  f"prefill step: rel. error {errs[0]:.1e}, argmax agreement {agree[0]:.0%}; decode step: "
-                  f"{errs[1]:.1e}, {agree[1]:.0%} (tolerance {tol:g}): **{'ok' if ok else 'FAILED'}**", ""]
-        if not ok:
-            (out / "tp_bench.md").write_text("\n".join(lines) + "\n")
-            print("\n".join(lines))
-            return 1
+        lines += [f"## Check: TP={tp2} logits vs TP=1 (same random weights), before any timing", ""]
+        for m in runs[tp2]:
+            if m not in results[1]["models"]:
+                lines.append(f"- {m}: no TP=1 reference (its weights do not fit one GPU)")
+                continue
+            a_, b_ = results[tp2]["models"][m]["check"], results[1]["models"][m]["check"]
+            errs = [rel_err(a, b) for a, b in zip(a_, b_)]
+            agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(a_, b_)]
+            tol = 2e-2 if cuda else 1e-5
+            good = max(errs) <= tol
+            ok &= good
+            lines.append(f"- {m}: prefill step rel. error {errs[0]:.1e}, argmax agreement {agree[0]:.0%}; decode "
+                         f"step {errs[1]:.1e}, {agree[1]:.0%} (tolerance {tol:g}): **{'ok' if good else 'FAILED'}**")
+        lines.append("")
     # -- all-reduce ----------------------------------------------------------------------
     import pandas as pd
 
@@ -386,7 +422,7 @@ def main(argv=None) -> int:
             ar_rows.append({"tp": tp2, "bytes": n, "step": what, "measured_us": r["seconds"] * 1e6,
                             "model_us": p * 1e6, "model_over_measured": p / r["seconds"],
                             "bus_gb_s": 2 * (tp2 - 1) / tp2 * n / r["seconds"] / 1e9})
-        lines += [f"## All-reduce by message size (TP={tp2})", "",
+        lines += [f"## All-reduce by message size (TP={tp2}, {models[0]}'s hidden size)", "",
                   f"Model: {how}. bus GB/s = 2(tp-1)/tp x bytes / time.", "",
                   "| message | bytes | measured us | model us | model / measured | bus GB/s |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['bytes']} | {r['measured_us']:.1f} | {r['model_us']:.1f} | "
@@ -398,49 +434,53 @@ def main(argv=None) -> int:
     # -- decode --------------------------------------------------------------------------
     rows = []
     for tp, res in results.items():
-        for r in res["decode"]:
-            row = {"tp": tp, **r}
-            gpu_s, price_s = predicted(spec, hw, tp, r["batch"], r["kv_tokens"], profile)
-            row.update(pred_gpu_ms=gpu_s * 1e3, pred_price_ms=price_s * 1e3)
-            if "seconds" in r:
-                row["ms"] = r["seconds"] * 1e3
-                row["roofline_share"] = bytes_per_gpu(spec, tp, r["batch"], r["kv_tokens"]) / bw / r["seconds"]
-                row["pred_gpu_err"] = gpu_s / r["seconds"] - 1
-            rows.append(row)
+        for m, mres in res["models"].items():
+            for r in mres["decode"]:
+                row = {"model": m, "tp": tp, **r}
+                gpu_s, price_s = predicted(specs[m], hw, tp, r["batch"], r["kv_tokens"],
+                                           profile if m == models[0] else None)
+                row.update(pred_gpu_ms=gpu_s * 1e3, pred_price_ms=price_s * 1e3)
+                if "seconds" in r:
+                    row["ms"] = r["seconds"] * 1e3
+                    row["roofline_share"] = bytes_per_gpu(specs[m], tp, r["batch"], r["kv_tokens"]) / bw / r["seconds"]
+                    row["pred_gpu_err"] = gpu_s / r["seconds"] - 1
+                rows.append(row)
     df = pd.DataFrame(rows)
-    if tp2 is not None and "ms" in df:
-        one = df[df.tp == 1].set_index(["batch", "ctx"])["ms"]
-        two = df[df.tp == tp2].set_index(["batch", "ctx"])
-        df.loc[df.tp == tp2, "speedup"] = [one.get((b, c), np.nan) / m if m == m else np.nan
-                                           for (b, c), m in zip(two.index, two.get("ms", pd.Series(np.nan)))]
-        p1 = df[df.tp == 1].set_index(["batch", "ctx"])["pred_gpu_ms"]
-        df.loc[df.tp == tp2, "pred_speedup"] = [p1.get((b, c), np.nan) / m for (b, c), m in
-                                                zip(two.index, two["pred_gpu_ms"])]
+    if tp2 is not None and len(df):
+        key = ["model", "batch", "ctx"]
+        one = df[df.tp == 1].set_index(key)
+        for col, src in (("speedup", "ms"), ("pred_speedup", "pred_gpu_ms")):
+            if src in df:
+                base = one[src] if src in one else pd.Series(dtype=float)
+                df.loc[df.tp == tp2, col] = [base.get(k, np.nan) / v for k, v in
+                                             zip(df[df.tp == tp2][key].itertuples(index=False, name=None),
+                                                 df.loc[df.tp == tp2, src])]
     df.to_csv(out / "tp_decode.csv", index=False)
     lines += ["## Decode iterations (CUDA graph per batch, paged KV, lengths +-50%)", "",
               "ms: measured per iteration (rank 0's CUDA events; all ranks replay in step). share: bytes one GPU "
               "reads / copy bandwidth / time. predicted: the cost model's GPU time of the iteration (its whole "
-              "price with host terms in the CSV). speedup: TP=1 ms / TP=N ms.", "",
-              "| tp | batch | ctx | ms | share of roofline | predicted ms | pred. err | speedup | pred. speedup "
-              "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "price with host terms in the CSV). speedup: TP=1 ms / TP=N ms (measured; predicted).", "",
+              "| model | tp | batch | ctx | ms | share of roofline | predicted ms | pred. err | speedup | "
+              "pred. speedup | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
 
     for r in df.to_dict("records"):
-        lines.append(f"| {r['tp']} | {r['batch']} | {r['ctx']} | {f(r.get('ms'), '.3f')} | "
+        note = r.get("note") if isinstance(r.get("note"), str) else ""
+        if cuda and r.get("graph") is False:
+            note += " (eager: the graph capture failed)"
+        lines.append(f"| {r['model']} | {r['tp']} | {r['batch']} | {r['ctx']} | {f(r.get('ms'), '.3f')} | "
                      f"{f(r.get('roofline_share'), '.0%')} | {f(r.get('pred_gpu_ms'), '.3f')} | "
                      f"{f(r.get('pred_gpu_err'), '+.1%')} | {f(r.get('speedup'), '.2f')} | "
-                     f"{f(r.get('pred_speedup'), '.2f')} | {r.get('note') if isinstance(r.get('note'), str) else ''}"
-                     + (" (eager: the graph capture failed)" if cuda and r.get("graph") is False else "")
-                     + " |")
-    lines += ["", f"Model build: TP=1 {results[1]['build_s']:.1f} s"
-              + (f", TP={tp2} {results[tp2]['build_s']:.1f} s" if tp2 else "")
-              + f"; whole run {time.perf_counter() - t_start:.0f} s."]
+                     f"{f(r.get('pred_speedup'), '.2f')} | {note} |")
+    lines += ["", "Model build (random weights): " + "; ".join(
+        f"{m} TP={tp} {mres['build_s']:.1f} s" for tp, res in results.items() for m, mres in res["models"].items())
+        + f". Whole run {time.perf_counter() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     (out / "tp_bench.md").write_text(text)
     print(text)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -370,6 +370,10 @@ def _run_gpu(setup: Setup, box: list, requests, dev, t_start: float, progress, c
         idx = device_index(dev)
         nvml = Nvml.open(idx)
     temps = {}
+    tp = cfg.cluster.tensor_parallel
+    ranks_nvml = []  # the other ranks' GPUs: their energy counters over the run count too
+    if nvml is not None and tp > 1:
+        ranks_nvml = [n for n in (Nvml.open(i) for i in range(1, tp)) if n is not None]
     # no garbage-collector pauses mid-run (tens of ms with the run's many small objects):
     # what exists now is frozen out of collection, and collection waits for the end
     gc.collect()
@@ -378,7 +382,9 @@ def _run_gpu(setup: Setup, box: list, requests, dev, t_start: float, progress, c
     try:
         if nvml is not None:
             temps["start"] = nvml.temperature_c()
+            others0 = [n.energy_j() for n in ranks_nvml]
             _, energy_j = run_energy(nvml, idx, lambda: run_wallclock(requests, [engine], router, progress=progress))
+            energy_j += sum(n.energy_j() - e0 for n, e0 in zip(ranks_nvml, others0))
             temps["end"] = nvml.temperature_c()
         else:
             energy_j = None

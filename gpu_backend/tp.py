@@ -253,66 +253,92 @@ HEADER = 1024  # int64 words of a message's header
 _DTYPES = (torch.int64, torch.int32)
 
 
+def encode_header(op: int, ints: Sequence[int], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ``HEADER``-word int64 header of a message: ``op``, the counts, each tensor's
+    dtype code and shape (2 dims at most), the ints."""
+    if not 0 <= op < len(OP_NAMES):
+        raise ValueError(f"Lockstep: unknown operation {op}")
+    words = [op, len(ints), len(tensors)]
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"Lockstep: {OP_NAMES[op]} tensor of {t.dtype} (int64 / int32 only)")
+        if t.dim() > 2:
+            raise ValueError(f"Lockstep: {OP_NAMES[op]} tensor of {t.dim()} dims (at most 2)")
+        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (2 - t.dim())]
+    words += [int(i) for i in ints]
+    if len(words) > HEADER:
+        raise ValueError(f"Lockstep: a {OP_NAMES[op]} message of {len(words)} header words (at most {HEADER})")
+    head = torch.zeros(HEADER, dtype=torch.int64)
+    head[:len(words)] = torch.tensor(words, dtype=torch.int64)
+    return head
+
+
+def decode_header(head: torch.Tensor) -> tuple[int, list[int], list[tuple[torch.dtype, tuple[int, ...]]]]:
+    """``(op, ints, [(dtype, shape), ...])`` of a header made by `encode_header`."""
+    w = head.tolist()
+    op, n_ints, n_t = w[0], w[1], w[2]
+    specs = [w[3 + 4 * i: 7 + 4 * i] for i in range(n_t)]
+    ints = w[3 + 4 * n_t: 3 + 4 * n_t + n_ints]
+    return op, ints, [(_DTYPES[c], tuple(dims[:nd])) for c, nd, *dims in specs]
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The message's payload: per dtype of `_DTYPES` with elements, its tensors flattened
+    and concatenated (in order)."""
+    out = []
+    for dt in _DTYPES:
+        parts = [t.reshape(-1) for t in tensors if t.dtype == dt]
+        if parts and sum(p.numel() for p in parts):
+            out.append(torch.cat(parts))
+    return out
+
+
+def unpack(shapes: Sequence[tuple[torch.dtype, tuple[int, ...]]], fill, device) -> list[torch.Tensor]:
+    """The tensors of a message from its header's shapes; ``fill(flat)`` receives each
+    payload buffer of `pack` in place (a broadcast) before it is split into views."""
+    out: list[torch.Tensor | None] = [None] * len(shapes)
+    for dt in _DTYPES:
+        idx = [i for i, (d, _) in enumerate(shapes) if d == dt]
+        sizes = [int(torch.Size(shapes[i][1]).numel()) for i in idx]
+        flat = torch.empty(sum(sizes), dtype=dt, device=device)
+        if sum(sizes):
+            fill(flat)
+        for i, part in zip(idx, flat.split(sizes)):
+            out[i] = part.view(shapes[i][1])
+    return out  # type: ignore[return-value]
+
+
 class Lockstep:
-    """Rank 0's device operations, broadcast to the other ranks of ``group``.
+    """Rank 0's device operations, broadcast to the other ranks.
 
     A message is ``op``, a few ints and int64/int32 tensors: one broadcast of a fixed
-    ``HEADER``-word int64 header (op, the ints, each tensor's dtype and shape), then one of
-    the int64 tensors packed together and one of the int32 ones (absent when empty). On
-    NCCL everything stays on the GPU; the receiving rank reads the header on its host."""
+    ``HEADER``-word int64 header (`encode_header`: op, the ints, each tensor's dtype and
+    shape) over ``header_group``, a gloo group (host memory: a waiting rank blocks on a
+    socket, not in a GPU kernel, however long the engine is idle between arrivals), then,
+    over the default group (NCCL on GPUs: device to device), one broadcast of the int64
+    tensors packed together and one of the int32 ones (`pack`; absent when empty)."""
 
-    def __init__(self, group=None, device: torch.device | str = "cpu"):
-        self.group = group
+    def __init__(self, device: torch.device | str = "cpu", header_group=None):
         self.device = torch.device(device)
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
+        self.header_group = header_group
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
         self.sent = 0  # messages sent (rank 0)
-        self._src = dist.get_global_rank(group, 0) if group is not None else 0
-
-    def _bcast(self, t: torch.Tensor) -> None:
-        dist.broadcast(t, self._src, group=self.group)
 
     def send(self, op: int, ints: Sequence[int] = (), tensors: Sequence[torch.Tensor] = ()) -> None:
+        head = encode_header(op, ints, tensors)
         if self.world == 1:
             return
-        words = [op, len(ints), len(tensors)]
-        for t in tensors:
-            if t.dtype not in _DTYPES:
-                raise TypeError(f"Lockstep: {OP_NAMES[op]} tensor of {t.dtype} (int64 / int32 only)")
-            if t.dim() > 2:
-                raise ValueError(f"Lockstep: {OP_NAMES[op]} tensor of {t.dim()} dims (at most 2)")
-            shape = list(t.shape) + [0] * (2 - t.dim())
-            words += [_DTYPES.index(t.dtype), t.dim(), *shape]
-        words += [int(i) for i in ints]
-        if len(words) > HEADER:
-            raise ValueError(f"Lockstep: a {OP_NAMES[op]} message of {len(words)} header words (at most {HEADER})")
-        head = torch.zeros(HEADER, dtype=torch.int64)
-        head[:len(words)] = torch.tensor(words, dtype=torch.int64)
-        self._bcast(head.to(self.device))
-        for dt in _DTYPES:
-            parts = [t.reshape(-1) for t in tensors if t.dtype == dt]
-            if parts and sum(p.numel() for p in parts):
-                self._bcast(torch.cat(parts).to(self.device))
+        dist.broadcast(head, 0, group=self.header_group)
+        for flat in pack(tensors):
+            dist.broadcast(flat.to(self.device), 0)
         self.sent += 1
 
     def recv(self) -> tuple[int, list[int], list[torch.Tensor]]:
-        head = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        self._bcast(head)
-        w = head.tolist()
-        op, n_ints, n_t = w[0], w[1], w[2]
-        specs = [w[3 + 4 * i: 7 + 4 * i] for i in range(n_t)]
-        ints = w[3 + 4 * n_t: 3 + 4 * n_t + n_ints]
-        shapes = [(_DTYPES[c], tuple(dims[:nd])) for c, nd, *dims in specs]
-        out: list[torch.Tensor | None] = [None] * n_t
-        for dt in _DTYPES:
-            idx = [i for i, (d, _) in enumerate(shapes) if d == dt]
-            sizes = [int(torch.Size(shapes[i][1]).numel()) for i in idx]
-            flat = torch.empty(sum(sizes), dtype=dt, device=self.device)
-            if sum(sizes):
-                self._bcast(flat)
-            for i, part in zip(idx, flat.split(sizes)):
-                out[i] = part.view(shapes[i][1])
-        return op, ints, out  # type: ignore[return-value]
+        head = torch.empty(HEADER, dtype=torch.int64)
+        dist.broadcast(head, 0, group=self.header_group)
+        op, ints, shapes = decode_header(head)
+        return op, ints, unpack(shapes, lambda flat: dist.broadcast(flat, 0), self.device)
 
 
 def _meta_message(m: AttnMetadata) -> tuple[list[int], list[torch.Tensor]]:
@@ -503,9 +529,14 @@ def free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def init_tp(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 600.0):
-    """Join the ranks' default process group (NCCL on CUDA, gloo on a CPU) and run one
-    eager all-reduce (the communicator then exists before any CUDA-graph capture)."""
+IDLE_TIMEOUT = timedelta(days=7)  # the header group's: a rank may wait that long for the next operation
+
+
+def init_tp(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 300.0):
+    """Join the ranks' default process group (NCCL on CUDA, gloo on a CPU; ``timeout_s``
+    bounds a collective: ranks meet inside one operation within seconds), run one eager
+    all-reduce (the communicator then exists before any CUDA-graph capture), and make the
+    gloo group the `Lockstep` headers go over (its timeout `IDLE_TIMEOUT`). Returns it."""
     if dist.is_initialized():
         raise RuntimeError("tensor parallel: a torch.distributed process group exists already in this process")
     if device.type == "cuda":
@@ -520,6 +551,7 @@ def init_tp(rank: int, world: int, init_method: str, device: torch.device, timeo
     dist.all_reduce(t)
     if int(t.item()) != world:
         raise RuntimeError(f"tensor parallel: the first all-reduce gave {t.item()}, expected {world}")
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 @dataclass
@@ -595,14 +627,14 @@ def worker_main(rank: int, ws: WorkerSpec) -> None:
     dev = torch.device(f"cuda:{rank}" if ws.device_type == "cuda" else "cpu")
     if ws.device_type == "cpu":
         torch.set_num_threads(1)
-    init_tp(rank, ws.tp, ws.init_method, dev)
+    headers = init_tp(rank, ws.tp, ws.init_method, dev)
     try:
         model, pool, gr, pr = build_worker(ws, rank)
         if ws.compile_attention and dev.type == "cuda":
             from .executor import _compile_attention_variants
 
             _compile_attention_variants(model, pool, ws.block_size)
-        worker_loop(model, pool, gr, pr, Lockstep(None, dev))
+        worker_loop(model, pool, gr, pr, Lockstep(dev, headers))
     except Exception as e:
         print(f"servesim tensor-parallel rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
@@ -627,11 +659,11 @@ class TPGroup:
         self.join_timeout_s = join_timeout_s
         self.chan: Lockstep | None = None
         try:
-            init_tp(0, ws.tp, ws.init_method, self.device)
+            headers = init_tp(0, ws.tp, ws.init_method, self.device)
         except Exception:
             self._kill()
             raise
-        self.chan = Lockstep(None, self.device)
+        self.chan = Lockstep(self.device, headers)
 
     def __enter__(self) -> TPGroup:
         return self

@@ -176,6 +176,56 @@ def test_sharded_random_weights_are_slices_of_the_full_ones(tp_kv, seed):
             assert torch.equal(x, y)
 
 
+@st.composite
+def messages(draw):
+    from servesim.gpu_backend.tp import OP_NAMES
+
+    op = draw(st.integers(0, len(OP_NAMES) - 1))
+    ints = draw(st.lists(st.integers(-2**40, 2**40), max_size=40))
+    tensors = []
+    for _ in range(draw(st.integers(0, 9))):
+        dt = draw(st.sampled_from([torch.int64, torch.int32]))
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=2)))
+        hi = 2**62 if dt == torch.int64 else 2**30
+        n = int(torch.Size(shape).numel())
+        vals = draw(st.lists(st.integers(-hi, hi), min_size=n, max_size=n))
+        tensors.append(torch.tensor(vals, dtype=dt).reshape(shape))
+    return op, ints, tensors
+
+
+@settings(max_examples=80, deadline=None)
+@given(messages())
+def test_lockstep_messages_round_trip(msg):
+    """Every message rank 0 can send arrives as sent: the op, the ints, and each tensor with
+    its dtype, shape (0-, 1- and 2-D, empty ones too) and values (the payload buffers taken
+    in the order `pack` made them, as the broadcasts deliver them)."""
+    from servesim.gpu_backend.tp import decode_header, encode_header, pack, unpack
+
+    op, ints, tensors = msg
+    head = encode_header(op, ints, tensors)
+    got_op, got_ints, shapes = decode_header(head.clone())
+    payload = iter(pack(tensors))
+    got = unpack(shapes, lambda flat: flat.copy_(next(payload)), "cpu")
+    assert next(payload, None) is None  # every payload buffer consumed
+    assert (got_op, got_ints) == (op, ints)
+    assert len(got) == len(tensors)
+    for a, b in zip(got, tensors):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_lockstep_refuses_what_it_cannot_carry():
+    from servesim.gpu_backend.tp import HEADER, encode_header
+
+    with pytest.raises(TypeError, match="int64 / int32"):
+        encode_header(1, [], [torch.zeros(2)])
+    with pytest.raises(ValueError, match="at most 2"):
+        encode_header(1, [], [torch.zeros(1, 1, 1, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="header words"):
+        encode_header(1, list(range(HEADER)), [])
+    with pytest.raises(ValueError, match="unknown operation"):
+        encode_header(99, [], [])
+
+
 def test_shard_dims_refuse_a_layout_that_does_not_divide():
     with pytest.raises(ConfigError, match="cluster.tensor_parallel"):
         shard_dims(tiny(), 3, 0)
