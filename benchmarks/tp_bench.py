@@ -291,7 +291,10 @@ def rank_work(rank: int, tp: int, smoke: bool, models: list[str], grid, reps: in
                     torch.cuda.empty_cache()
     finally:
         if tp > 1:
-            dist.destroy_process_group()
+            from servesim.gpu_backend.tp import destroy_group
+
+            model = runner = None  # (graphs holding NCCL collectives go before the communicator)
+            destroy_group(dev)
     if rank == 0:
         torch.save(res, Path(out_dir) / f"tp{tp}.pt")
     return res

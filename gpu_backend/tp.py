@@ -554,6 +554,34 @@ def init_tp(rank: int, world: int, init_method: str, device: torch.device, timeo
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
+def destroy_group(device: torch.device, timeout_s: float = 30.0) -> bool:
+    """Destroy this process's process groups, waiting at most ``timeout_s``. NCCL's
+    communicator teardown waits until every CUDA graph that captured one of its collectives
+    is destroyed (drop the runners first: the callers do), and a peer that died can hang
+    it too: the teardown runs in a daemon thread, and a timeout is reported rather than
+    waited out. Returns whether it finished."""
+    import gc
+    import threading
+
+    if not dist.is_initialized():
+        return True
+    gc.collect()  # captured graphs not referenced any more: destroyed now
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - a failed device: the teardown below may still work
+            pass
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        print(f"servesim tensor parallel: the process group's teardown did not finish in {timeout_s:.0f} s "
+              "(a CUDA graph still holding an NCCL collective, or a dead rank); continuing without it",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 @dataclass
 class WorkerSpec:
     """What a rank > 0 needs to build its shard and runners (picklable)."""
@@ -628,18 +656,20 @@ def worker_main(rank: int, ws: WorkerSpec) -> None:
     if ws.device_type == "cpu":
         torch.set_num_threads(1)
     headers = init_tp(rank, ws.tp, ws.init_method, dev)
+    parts = None
     try:
-        model, pool, gr, pr = build_worker(ws, rank)
+        parts = build_worker(ws, rank)
         if ws.compile_attention and dev.type == "cuda":
             from .executor import _compile_attention_variants
 
-            _compile_attention_variants(model, pool, ws.block_size)
-        worker_loop(model, pool, gr, pr, Lockstep(dev, headers))
+            _compile_attention_variants(parts[0], parts[1], ws.block_size)
+        worker_loop(*parts, Lockstep(dev, headers))
     except Exception as e:
         print(f"servesim tensor-parallel rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:
-        dist.destroy_process_group()
+        parts = None  # the runners' graphs before the communicator (destroy_group)
+        destroy_group(dev)
 
 
 class TPGroup:
@@ -684,9 +714,8 @@ class TPGroup:
             p.join(self.join_timeout_s if ok else 2)
         self._kill()
         bad = [p.exitcode for p in self.procs if p.exitcode not in (0, None)]
-        if dist.is_initialized():
-            dist.destroy_process_group()
         self.chan = None
+        destroy_group(self.device, 30.0 if ok else 5.0)
         if ok and bad:
             raise RuntimeError(f"tensor-parallel worker(s) exited with {bad} (their messages are above)")
 
@@ -814,7 +843,7 @@ def _sweep_rank(rank: int, tp: int, addr: str, sizes: list[int], reps: int, devi
             with open(out, "w") as f:
                 json.dump(rows, f)
     finally:
-        dist.destroy_process_group()
+        destroy_group(dev)
 
 
 def allreduce_sweep(tp: int, sizes: Sequence[int], reps: int = 20, device_type: str | None = None) -> list[dict]:

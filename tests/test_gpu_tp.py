@@ -82,7 +82,9 @@ def _rank(rank: int, addr: str, out_dir: str, ckpt: str) -> None:
         res["kv_heads"] = m.kv_pool.num_kv_heads
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        from servesim.gpu_backend.tp import destroy_group
+
+        destroy_group(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
