@@ -308,14 +308,23 @@ def test_tp2_run_emits_the_tokens_of_tp1(model_file):
     assert b.summary["num_iterations"] == a.summary["num_iterations"]
 
 
-def test_tp_run_refusals(model_file, monkeypatch):
+def test_tp_run_refusals(model_file, monkeypatch, capsys, tmp_path):
     from servesim.gpu_backend import runner as gr
+    from servesim.sim.cli import main
 
     exp = model_file.parent / "bad.yaml"
     exp.write_text(RUN.format(model=model_file.name))
+    assert main(["run", str(exp), "--backend", "gpu", "--out", str(tmp_path / "o"),
+                 "--set", "cluster.tensor_parallel=3"]) == 2
+    assert "cluster.tensor_parallel" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="tensor_parallel"):  # 4 heads over 3 GPUs
         _setups(exp, ["cluster.tensor_parallel=3"])
+    spec = _setups(exp, ["speculative.proposer=ngram", "speculative.max_draft_len=2"])["tp2"]
+    with pytest.raises(ConfigError) as e:  # speculative decoding runs on one GPU
+        gr._check_supported(spec)
+    assert "cluster.tensor_parallel" in str(e.value) and "speculative" in str(e.value)
     s = _setups(exp)["tp2"]
+    gr._check_supported(s)  # on a CPU: gloo ranks
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError) as e:
