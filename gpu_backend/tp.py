@@ -324,15 +324,26 @@ class Lockstep:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.sent = 0  # messages sent (rank 0)
+        self._head = None  # (work, header) of the last header sent, in flight
 
     def send(self, op: int, ints: Sequence[int] = (), tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Broadcast one operation. The header goes asynchronously (its gloo round trip
+        overlaps rank 0's next host work; the previous one is waited for first, so headers
+        keep their order and buffers); the payload follows on the device."""
         head = encode_header(op, ints, tensors)
         if self.world == 1:
             return
-        dist.broadcast(head, 0, group=self.header_group)
+        self.flush()
+        self._head = (dist.broadcast(head, 0, group=self.header_group, async_op=True), head)
         for flat in pack(tensors):
             dist.broadcast(flat.to(self.device), 0)
         self.sent += 1
+
+    def flush(self) -> None:
+        """Wait until the last header has been sent."""
+        if self._head is not None:
+            self._head[0].wait()
+            self._head = None
 
     def recv(self) -> tuple[int, list[int], list[torch.Tensor]]:
         head = torch.empty(HEADER, dtype=torch.int64)
@@ -708,6 +719,7 @@ class TPGroup:
         if self.chan is not None and ok:
             try:
                 self.chan.send(STOP)
+                self.chan.flush()
             except Exception:  # noqa: BLE001 - a dead worker: terminate below
                 ok = False
         for p in self.procs:

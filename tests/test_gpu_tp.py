@@ -258,7 +258,7 @@ workload:
     vocab_size: 256
 scheduler: {{max_batch_size: 6, max_num_tokens: 96, capacity: max_utilization, preemption: swap,
             enable_chunked_context: true}}
-runtime: {{piecewise_graphs: true}}
+runtime: {{piecewise_graphs: true, overlap_scheduler: true}}
 output: {{plots: false}}
 variants:
   - name: tp1
@@ -319,7 +319,8 @@ def test_tp_run_refusals(model_file, monkeypatch, capsys, tmp_path):
     assert "cluster.tensor_parallel" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="tensor_parallel"):  # 4 heads over 3 GPUs
         _setups(exp, ["cluster.tensor_parallel=3"])
-    spec = _setups(exp, ["speculative.proposer=ngram", "speculative.max_draft_len=2"])["tp2"]
+    spec = _setups(exp, ["speculative.proposer=ngram", "speculative.max_draft_len=2",
+                         "runtime.overlap_scheduler=false"])["tp2"]
     with pytest.raises(ConfigError) as e:  # speculative decoding runs on one GPU
         gr._check_supported(spec)
     assert "cluster.tensor_parallel" in str(e.value) and "speculative" in str(e.value)
