@@ -25,7 +25,8 @@ are read one rank's rows or columns at a time.
 Lock step. Rank 0 is the serving process: the engine, its scheduler and block manager,
 the executor's input packing and the sampler live there. Every device operation that
 touches the model or the KV pool is first broadcast to the other ranks as a small message
-(`Lockstep`: an int64 header, then the packed int64 and int32 inputs), and each of them
+(`Lockstep`: an int64 header over gloo, then the packed int64 and int32 inputs over the
+default group, device to device on NCCL), and each of them
 runs the same operation on its shard (`worker_loop`): eager forward passes, decode CUDA
 graphs, piecewise graphs, their captures, block copies and swaps. The collectives inside a
 forward pass then pair up across the ranks. On GPUs the collectives are NCCL and the CUDA
@@ -50,6 +51,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from servesim.kernels import ops
 
 from .graph_runner import GraphRunner
 from .kv_pool import KVPool
@@ -418,7 +421,9 @@ class TPKVPool(KVPool):
 class TPLlamaModel(LlamaModel):
     """One rank's shard of a Llama model (see the module docstring). ``self.dims`` is the
     rank's `ShardDims`; `forward` returns the whole vocabulary's logits on every rank. On
-    rank 0 ``leader`` (a `Lockstep`) makes `forward` broadcast its inputs first."""
+    rank 0 ``leader`` (a `Lockstep`) makes `forward` broadcast its inputs first.
+    ``weights``: None (random, `sharded_random_weights`), a checkpoint path (this rank's
+    slices of it), or this rank's `LlamaWeights` (`shard_weights`)."""
 
     def __init__(self, spec: Any, tp: int, rank: int, weights: LlamaWeights | str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda", *, group=None,
@@ -462,8 +467,6 @@ class TPLlamaModel(LlamaModel):
     def _post_attention(self, layer: int, attn: torch.Tensor, residual: torch.Tensor):
         """Row-parallel o and down, each followed by the all-reduce of its partial sums."""
         d, lw, impl = self.dims, self.weights.layers[layer], self.impl
-        from servesim.kernels import ops
-
         h = self._all_reduce(self._linear(attn.reshape(attn.shape[0], d.q_size), lw.o))
         x, residual = ops.rms_norm(h, lw.post_norm, d.rms_norm_eps, residual, impl=impl)
         out = self._linear(ops.silu_mul(self._linear(x, lw.gate_up), impl=impl), lw.down)
@@ -472,8 +475,6 @@ class TPLlamaModel(LlamaModel):
     def _logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The vocab-parallel lm_head: each rank's rows, all-gathered (every rank gets
         ``[S, vocab]`` fp32)."""
-        from servesim.kernels import ops
-
         w = self.weights
         x, _ = ops.rms_norm(h, w.final_norm, self.dims.rms_norm_eps, residual, impl=self.impl)
         local = F.linear(x, w.lm_head)  # [S, Vp]
