@@ -1,12 +1,13 @@
 """Tensor parallelism on the GPU backend (issue S6b), in one device call: NCCL all-reduce time by
 message size beside the cost model's all-reduce term, and decode iterations of Llama-3.1-8B
-(real shapes, random weights) at TP=1 and, with two or more GPUs, TP=2 -- ms per iteration,
-share of the roofline, TP=2/TP=1 speedup, and the simulator's predicted time beside each.
+(real shapes, random weights; with two GPUs also the 70B-shaped Llama-3.1-70B at TP=2, where
+one GPU's shard fits) at TP=1 and, with two or more GPUs, TP=2 -- ms per iteration, share of
+the roofline, TP=2/TP=1 speedup, and the simulator's predicted time beside each.
 
-    # one H200 (the TP=1 half; ~1.5-2 minutes):
+    # one H200 (the TP=1 half, Llama-3.1-8B only; ~1.5 minutes):
     NCCL_NVLS_ENABLE=0 python3 benchmarks/tp_bench.py --out $OUT
-    # two H200s (both halves):
-    NCCL_NVLS_ENABLE=0 python3 benchmarks/tp_bench.py --out $OUT --tp 2
+    # two H200s (both halves; TP=2 is the default with two GPUs):
+    NCCL_NVLS_ENABLE=0 python3 benchmarks/tp_bench.py --out $OUT
     # anywhere: tiny shapes, gloo, 2 CPU processes (tests/test_gpu_tp.py runs it)
     python benchmarks/tp_bench.py --smoke --out /tmp/tp_bench
 
@@ -15,11 +16,12 @@ What is measured, in order (correctness first):
 1. ceilings: device-to-device copy bandwidth (bytes read + written) on GPU 0, this run;
 2. a check: the logits of one prefill and one decode step of the TP=2 model (rank 0)
    equal the TP=1 model's on the same random weights (`gpu_backend/tp.py`), before any
-   timing (bf16 on GPUs: relative error and argmax agreement; fp32 on a CPU);
+   timing (bf16 on GPUs: relative error <= 5e-2, argmax agreement shown; fp32 on a CPU:
+   1e-5); a failed check is reported in the table and makes the exit status 1;
 3. all-reduce (``torch.distributed.all_reduce`` of bf16 tensors, NCCL; gloo in the smoke
    run) of the sizes one layer's all-reduce has in a decode step (batch x hidden x 2 bytes,
-   batch 1-256) and in a prefill step (512-8192 tokens): the median of back-to-back calls
-   between CUDA events, beside the cost model's term for that message
+   batch 1-256) and in a prefill step (512-8192 tokens): the median of 20 calls, each
+   between a barrier and two CUDA events (`tp.time_allreduce`), beside the cost model's term for that message
    (`all-reduce model`: `cost_model.allreduce_seconds` if the cost model has it, else
    ``allreduce_latency_s + 2 (tp-1)/tp * bytes / (nvlink_bytes_per_s *
    allreduce_bandwidth_efficiency)`` from its `RooflineConfig`: the table says which);
@@ -404,7 +406,7 @@ def main(argv=None) -> int:
             a_, b_ = results[tp2]["models"][m]["check"], results[1]["models"][m]["check"]
             errs = [rel_err(a, b) for a, b in zip(a_, b_)]
             agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(a_, b_)]
-            tol = 2e-2 if cuda else 1e-5
+            tol = 5e-2 if cuda else 1e-5  # bf16: partial sums rounded before the all-reduce
             good = max(errs) <= tol
             ok &= good
             lines.append(f"- {m}: prefill step rel. error {errs[0]:.1e}, argmax agreement {agree[0]:.0%}; decode "
