@@ -124,25 +124,44 @@ def copy_bandwidth(dev: torch.device, smoke: bool) -> float:
 
 # ---------------------------------------------------------------------------------- the simulator's terms
 def allreduce_model(spec, hw, tp: int):
-    """(seconds(bytes), description) of the cost model's price of one all-reduce."""
+    """(seconds(bytes), description) of the cost model's price of one all-reduce, from
+    sim/cost_model.py as it is: a function ``allreduce_seconds(hw, tp, bytes)`` if it has
+    one; else its ``breakdown(shape)["allreduce"]`` of a step of ``bytes / (hidden x
+    dtype bytes)`` tokens over the step's ``2 x layers`` all-reduces; else the formula of
+    its `RooflineConfig` fields."""
     from servesim.sim import cost_model as cm
+    from servesim.sim.types import IterationShape
 
     fn = getattr(cm, "allreduce_seconds", None)  # a function the cost-model engineer may add
     if callable(fn):
         try:
+            fn(hw, tp, 8192)
             return (lambda nbytes: float(fn(hw, tp, nbytes))), "cost_model.allreduce_seconds(hw, tp, bytes)"
-        except Exception:  # noqa: BLE001 - another signature: the formula below
+        except Exception:  # noqa: BLE001 - another signature: the next way
             pass
+    try:
+        m = cm.RooflineCostModel(spec, hw, tp=tp, cuda_graphs=False)
+        per_row = spec.hidden_size * spec.dtype_bytes
+
+        def price(nbytes: int) -> float:
+            t = max(1, round(nbytes / per_row))
+            return float(m.breakdown(IterationShape(n_decode=t, decode_kv_sum=t))["allreduce"]) / (2 * spec.num_layers)
+
+        if price(8192) > 0 or tp == 1:
+            return price, ("RooflineCostModel(tp).breakdown(step)['allreduce'] / (2 x layers), the step's tokens = "
+                           "bytes / (hidden x 2)")
+    except Exception:  # noqa: BLE001 - the formula below
+        pass
     cfg = cm.RooflineConfig()
     lat = float(getattr(cfg, "allreduce_latency_s", 10e-6))
     eff = float(getattr(cfg, "allreduce_bandwidth_efficiency", 0.8))
     bw = float(getattr(hw, "nvlink_bytes_per_s"))
 
-    def price(nbytes: int) -> float:
+    def formula(nbytes: int) -> float:
         return lat + 2.0 * (tp - 1) / tp * nbytes / (bw * eff) if tp > 1 else 0.0
 
-    return price, (f"RooflineConfig: allreduce_latency_s {lat * 1e6:.1f} us + 2(tp-1)/tp x bytes / "
-                   f"(nvlink {bw / 1e9:.0f} GB/s x allreduce_bandwidth_efficiency {eff})")
+    return formula, (f"RooflineConfig: allreduce_latency_s {lat * 1e6:.1f} us + 2(tp-1)/tp x bytes / "
+                     f"(nvlink {bw / 1e9:.0f} GB/s x allreduce_bandwidth_efficiency {eff})")
 
 
 def predicted(spec, hw, tp: int, B: int, kv_sum: int, profile: Path | None) -> tuple[float, float]:
