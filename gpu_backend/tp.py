@@ -327,6 +327,7 @@ class Lockstep:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.sent = 0  # messages sent (rank 0)
+        self.counts = dict.fromkeys(OP_NAMES, 0)  # ... of each operation
         self._head = None  # (work, header) of the last header sent, in flight
 
     def send(self, op: int, ints: Sequence[int] = (), tensors: Sequence[torch.Tensor] = ()) -> None:
@@ -341,6 +342,7 @@ class Lockstep:
         for flat in pack(tensors):
             dist.broadcast(flat.to(self.device), 0)
         self.sent += 1
+        self.counts[OP_NAMES[op]] += 1
 
     def flush(self) -> None:
         """Wait until the last header has been sent."""
@@ -761,8 +763,10 @@ def _executor_cls():
             super().__init__(model, *a, **kw)
 
         def stats(self) -> dict:
+            lead = self.model.leader
             return {**super().stats(), "tensor_parallel": self.model.tp,
-                    "lockstep_messages": self.model.leader.sent if self.model.leader is not None else 0}
+                    "lockstep_messages": lead.sent if lead is not None else 0,
+                    "lockstep_ops": dict(lead.counts) if lead is not None else {}}
 
     return TPExecutor
 
