@@ -153,15 +153,16 @@ def allreduce_model(spec, hw, tp: int):
     except Exception:  # noqa: BLE001 - the formula below
         pass
     cfg = cm.RooflineConfig()
-    lat = float(getattr(cfg, "allreduce_latency_s", 10e-6))
+    lat = float(getattr(cfg, "allreduce_latency_s", 10e-6)) + 2 * (tp - 1) * float(
+        getattr(cfg, "collective_step_latency_s", 0.0))
     eff = float(getattr(cfg, "allreduce_bandwidth_efficiency", 0.8))
-    bw = float(getattr(hw, "nvlink_bytes_per_s"))
+    bw = float(getattr(hw, "link_bytes_per_s", None) or hw.nvlink_bytes_per_s)
 
     def formula(nbytes: int) -> float:
         return lat + 2.0 * (tp - 1) / tp * nbytes / (bw * eff) if tp > 1 else 0.0
 
-    return formula, (f"RooflineConfig: allreduce_latency_s {lat * 1e6:.1f} us + 2(tp-1)/tp x bytes / "
-                     f"(nvlink {bw / 1e9:.0f} GB/s x allreduce_bandwidth_efficiency {eff})")
+    return formula, (f"RooflineConfig: {lat * 1e6:.1f} us fixed + 2(tp-1)/tp x bytes / "
+                     f"(link {bw / 1e9:.0f} GB/s x allreduce_bandwidth_efficiency {eff})")
 
 
 def predicted(spec, hw, tp: int, B: int, kv_sum: int, profile: Path | None) -> tuple[float, float]:

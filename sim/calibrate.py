@@ -607,22 +607,33 @@ TP_PROFILE_KEY = "tensor_parallel"
 
 
 def fit_allreduce(rows: list[dict], hw: HardwareSpec, tp: int) -> dict | None:
-    """``allreduce_latency_s`` and ``allreduce_bandwidth_efficiency`` of the cost model's
-    all-reduce term, ``latency + 2 (tp-1)/tp * bytes / (nvlink_bytes_per_s * efficiency)``,
-    fitted to measured (bytes, seconds) rows by least squares in relative error (the
-    small messages, latency-bound, count as much as the large ones); None for no rows."""
+    """The cost model's all-reduce parameters fitted to measured (bytes, seconds) rows.
+
+    The model prices one all-reduce over ``tp`` GPUs as ``fixed + 2 (tp-1)/tp * bytes /
+    (hw.link_bytes_per_s * allreduce_bandwidth_efficiency)`` with ``fixed =
+    allreduce_latency_s + 2 (tp-1) * collective_step_latency_s`` (sim/cost_model.py). Both
+    coefficients are fitted by least squares in relative error (the small messages,
+    latency-bound, count as much as the large ones). One TP size cannot tell the two
+    latencies apart: the step latency keeps its default and ``allreduce_latency_s`` takes
+    the rest (when the fixed part is below the default steps' share, the step latency
+    takes all of it). None for fewer than two rows."""
     pts = [(float(r["bytes"]), float(r["seconds"])) for r in rows
            if str(r.get("seconds", "")).strip() not in ("", "nan", "None")]
-    if len(pts) < 2:
+    if len(pts) < 2 or tp < 2:
         return None
-    b = np.array([p[0] for p in pts]) * 2.0 * (tp - 1) / tp / hw.nvlink_bytes_per_s
+    ring = 2.0 * (tp - 1) / tp
+    b = np.array([p[0] for p in pts]) * ring / hw.link_bytes_per_s
     t = np.array([p[1] for p in pts])
     A = np.stack([np.ones_like(b), b], axis=1) / t[:, None]  # rows scaled by 1/t: relative error
     from scipy.optimize import lsq_linear
 
-    sol = lsq_linear(A, np.ones_like(t), bounds=([0.0, 1e-3], [np.inf, np.inf]))
-    lat, inv_eff = sol.x
-    return {"allreduce_latency_s": float(lat), "allreduce_bandwidth_efficiency": float(1.0 / inv_eff)}
+    fixed, inv_eff = lsq_linear(A, np.ones_like(t), bounds=([0.0, 1e-3], [np.inf, np.inf])).x
+    steps = 2 * (tp - 1)
+    step = float(RooflineConfig().collective_step_latency_s)
+    out = {"allreduce_latency_s": float(fixed - steps * step), "allreduce_bandwidth_efficiency": float(1.0 / inv_eff)}
+    if out["allreduce_latency_s"] < 0:
+        out.update(allreduce_latency_s=0.0, collective_step_latency_s=float(fixed / steps))
+    return out
 
 
 def gemm_curves(rows: list[dict]) -> dict | None:

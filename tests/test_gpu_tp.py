@@ -378,24 +378,38 @@ def test_tp_bench_smoke(tmp_path, monkeypatch):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.floats(2e-6, 60e-6), st.floats(0.2, 1.0), st.sampled_from([2, 4, 8]))
-def test_fit_allreduce_recovers_the_terms(lat, eff, tp):
-    """All-reduce times made by the cost model's own formula are fitted back to its two
-    parameters, and the fitted cost model prices every measured message as measured."""
-    from servesim.sim.calibrate import fit_allreduce
-    from servesim.sim.cost_model import RooflineConfig
-    from servesim.sim.specs import load_hardware, load_model
-
-    hw, m = load_hardware("h200-sxm"), load_model("llama-3.1-8b")
+@given(st.floats(2e-6, 60e-6), st.floats(0.2, 1.0), st.sampled_from([2, 4, 8]), st.sampled_from(["h200-sxm",
+                                                                                              "h100-pcie"]))
+def test_fit_allreduce_recovers_the_cost_models_terms(lat, eff, tp, hw_name):
+    """All-reduce times priced by the cost model itself (its all-reduce term of a step over
+    the step's 2 x layers all-reduces, NVLink or PCIe) are fitted back to the parameters
+    that priced them, and the fitted model prices every message as measured."""
     from servesim.gpu_backend.tp import allreduce_sizes
+    from servesim.sim.calibrate import fit_allreduce
+    from servesim.sim.cost_model import RooflineConfig, RooflineCostModel
+    from servesim.sim.specs import load_hardware, load_model
+    from servesim.sim.types import IterationShape
 
-    rows = [{"bytes": b, "seconds": lat + 2 * (tp - 1) / tp * b / (hw.nvlink_bytes_per_s * eff)}
-            for b in allreduce_sizes(m)]
+    hw, m = load_hardware(hw_name), load_model("llama-3.1-8b")
+
+    def per_allreduce(cfg: RooflineConfig, nbytes: int) -> float:
+        t = nbytes // (m.hidden_size * m.dtype_bytes)
+        cm = RooflineCostModel(m, hw, cfg, tp=tp, cuda_graphs=False)
+        return cm.breakdown(IterationShape(n_decode=t, decode_kv_sum=t))["allreduce"] / (2 * m.num_layers)
+
+    true = RooflineConfig(allreduce_latency_s=lat, allreduce_bandwidth_efficiency=eff)
+    rows = [{"bytes": b, "seconds": per_allreduce(true, b)} for b in allreduce_sizes(m)]
     got = fit_allreduce(rows, hw, tp)
-    assert got["allreduce_latency_s"] == pytest.approx(lat, rel=1e-4)
-    assert got["allreduce_bandwidth_efficiency"] == pytest.approx(eff, rel=1e-4)
-    RooflineConfig(**got)  # valid cost-model parameters
+    assert got["allreduce_latency_s"] == pytest.approx(lat, rel=1e-3)
+    assert got["allreduce_bandwidth_efficiency"] == pytest.approx(eff, rel=1e-3)
+    fitted = RooflineConfig(**got)
+    for r in rows:
+        assert per_allreduce(fitted, r["bytes"]) == pytest.approx(r["seconds"], rel=1e-3)
     assert fit_allreduce(rows[:1], hw, tp) is None
+    # a fixed part below the default steps' share goes to the step latency
+    fixed = lat + 2 * (tp - 1) * true.collective_step_latency_s
+    low = fit_allreduce([{"bytes": r["bytes"], "seconds": r["seconds"] - fixed + 1e-7} for r in rows], hw, tp)
+    assert low["allreduce_latency_s"] == 0.0 and low["collective_step_latency_s"] > 0
 
 
 def test_gemm_sweep_at_the_sharded_shapes():
@@ -440,7 +454,8 @@ def test_calibrate_from_a_tp2_grid(tmp_path, capsys):
     doc = yaml.safe_load(out.read_text())
     assert doc[TP_PROFILE_KEY]["tp"] == 2 and doc[TP_PROFILE_KEY]["allreduce_bytes"] == sizes
     roof, _ = load_profile(out, load_model(model), hw)
-    assert roof.allreduce_latency_s == pytest.approx(12e-6, rel=1e-3)
+    # one all-reduce's fixed part: the latency and 2 (tp - 1) ring steps
+    assert roof.allreduce_latency_s + 2 * roof.collective_step_latency_s == pytest.approx(12e-6, rel=1e-3)
     assert roof.allreduce_bandwidth_efficiency == pytest.approx(0.6, rel=1e-3)
 
 
