@@ -416,7 +416,7 @@ def test_gemm_sweep_at_the_sharded_shapes():
     from servesim.gpu_backend.profiler import gemm_sweep
     from servesim.sim.specs import load_model
 
-    m = load_model("llama-3.1-8b")
+    m = load_model("llama-3.2-1b")
     rows = gemm_sweep(m, device="cpu", tokens=(1,), reps=1, tp=2)
     assert {r["linear"]: (r["k"], r["n"]) for r in rows} == {k: v for k, v in m.linear_shapes(2).items()
                                                               if k != "lm_head"}
