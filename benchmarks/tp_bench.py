@@ -449,7 +449,8 @@ def main(argv=None) -> int:
                             "bus_gb_s": 2 * (tp2 - 1) / tp2 * n / r["seconds"] / 1e9})
         lines += [f"## All-reduce by message size (TP={tp2}, {models[0]}'s hidden size)", "",
                   f"Model: {how}. bus GB/s = 2(tp-1)/tp x bytes / time.", "",
-                  "| message | bytes | measured us | model us | model / measured | bus GB/s |", "|---|---|---|---|---|---|"]
+                  "| message | bytes | measured us | model us | model / measured | bus GB/s |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['bytes']} | {r['measured_us']:.1f} | {r['model_us']:.1f} | "
                   f"{r['model_over_measured']:.2f} | {r['bus_gb_s']:.1f} |" for r in ar_rows]
         lines.append("")

@@ -157,8 +157,8 @@ def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
 def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, reps: int = 5,
                windows: int = 3, tp: int = 1) -> list[dict]:
     """Seconds of each decoder-layer GEMM of ``model`` (``F.linear``, as the model runs
-    it; at ``tp > 1`` one GPU's shard of it, `ModelSpec.linear_shapes`) at each row count in ``tokens``: rows ``linear, k, n, tokens, seconds`` for
-    `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
+    it; at ``tp > 1`` one GPU's shard of it, `ModelSpec.linear_shapes`) at each row count
+    in ``tokens``: rows ``linear, k, n, tokens, seconds`` for `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
     enough weight copies that the weights come from HBM, as in a forward pass whose other
     layers have evicted them from L2.
 

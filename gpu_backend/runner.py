@@ -24,8 +24,8 @@ preemption by recompute or by swap, speculative decoding with the ``draft_model`
 gets random weights seeded with the experiment's ``seed``, or the checkpoint named by
 ``SERVESIM_DRAFT_WEIGHTS``), tensor parallelism (``cluster.tensor_parallel``: one process per
 GPU, rank 0 here and the others spawned, gloo on a CPU: gpu_backend/tp.py). Not supported
-(ConfigError): several replicas, speculative decoding with tensor parallelism, the ``medusa`` and ``eagle`` proposers (no heads), the
-prefix cache's host offload tier
+(ConfigError): several replicas, speculative decoding with tensor parallelism, the
+``medusa`` and ``eagle`` proposers (no heads), the prefix cache's host offload tier
 (``kv_cache.host_cache_size_gb``: the engine does not say which block it offloads), models
 with biases or sliding-window attention. On a CPU the KV pool is capped at
 `CPU_POOL_LIMIT_BYTES`.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -305,7 +304,6 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
         return m
 
     hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
-    group = None
     if tp > 1:
         from .tp import tp_executor
 
@@ -318,12 +316,15 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
                 hash_block_size=int(hbs) if hbs else None)
         except (WeightLoadError, FileNotFoundError) as e:
             raise ConfigError(f"cannot load weights from {wpath}: {e}", WEIGHTS_ENV) from None
+        ok = False
         try:
             box = [executor]
             del executor
-            return _run_gpu(setup, box, requests, dev, t_start, progress, check_invariants, ecfg)
+            result = _run_gpu(setup, box, requests, dev, t_start, progress, check_invariants, ecfg)
+            ok = True
+            return result
         finally:
-            group.close(ok=sys.exc_info()[0] is None)
+            group.close(ok=ok)  # after a failure: the other ranks are terminated, not waited for
     model = build(dims, wpath, WEIGHTS_ENV)
     speculation = None
     if sp is not None:

@@ -236,7 +236,8 @@ def _check_shard_weights(w: LlamaWeights, sd: ShardDims) -> None:
     if len(w.layers) != s.num_layers:
         raise WeightLoadError(f"weights have {len(w.layers)} layers, the config {s.num_layers}")
     for n, lw in enumerate(w.layers):
-        want += [(f"layers[{n}].qkv", lw.qkv, (sd.q_size + 2 * sd.kv_size, h)), (f"layers[{n}].o", lw.o, (h, sd.q_size)),
+        want += [(f"layers[{n}].qkv", lw.qkv, (sd.q_size + 2 * sd.kv_size, h)),
+                 (f"layers[{n}].o", lw.o, (h, sd.q_size)),
                  (f"layers[{n}].gate_up", lw.gate_up, (2 * sd.intermediate_size, h)),
                  (f"layers[{n}].down", lw.down, (h, sd.intermediate_size))]
     bad = [f"{name}: shape {tuple(t.shape)}, expected {shape}" for name, t, shape in want if tuple(t.shape) != shape]
