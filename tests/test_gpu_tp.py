@@ -477,3 +477,34 @@ def test_on_two_gpus_tp2_captures_nccl_in_graphs_and_matches_tp1(model_file):
     assert b.gpu_stats["graph_iterations"] > 0
     ta, tb = ({k: list(v) for k, v in r.tokens.items()} for r in (a, b))
     assert sum(ta[k] == tb[k] for k in ta) >= 0.9 * len(ta)
+
+
+def test_calibration_grid_at_tp2_on_cpu(model_file, monkeypatch):
+    """`sim calibrate --backend gpu --tensor-parallel 2`'s measuring code on a CPU (gloo):
+    every grid run starts a TP=2 group, the GEMM sweep times one rank's shard, and the
+    all-reduce sweep times every message size over 2 ranks."""
+    from servesim.gpu_backend import profiler, tp
+    from servesim.gpu_backend.tp import allreduce_sizes
+    from servesim.sim.specs import load_model
+
+    monkeypatch.setattr(profiler, "gemm_sweep", (lambda sweep: lambda model, **kw: sweep(model, **{
+        "tokens": (1, 16), "reps": 1, **kw}))(profiler.gemm_sweep))
+    groups = []
+    real = tp.tp_executor
+    monkeypatch.setattr(tp, "tp_executor", lambda *a, **kw: groups.append(a[1]) or real(*a, **kw))
+    monkeypatch.setattr(tp, "allreduce_sizes", lambda spec: allreduce_sizes(spec, (1, 64), (512,)))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(str(model_file))
+        rows, env = profiler.measure_grid(model, model_ref=str(model_file), decode_points=[(2, 24, 6, True)],
+                                          prefill_points=[(1, 40)], mixed_points=[], piecewise_points=[],
+                                          served_points=[], power_points=[], prefix_points=[], tp=2)
+    finally:
+        torch.set_num_threads(n)
+    assert groups == [2, 2]  # both grid runs on 2 ranks
+    assert {r["kind"] for r in rows} == {"decode", "prefill"} and all(r["time_s"] > 0 for r in rows)
+    assert env["tensor_parallel"] == 2
+    assert {(r["k"], r["n"]) for r in env["gemm"]} == {v for k, v in model.linear_shapes(2).items() if k != "lm_head"}
+    assert [r["bytes"] for r in env["allreduce"]] == allreduce_sizes(model, (1, 64), (512,))
+    assert all(r["seconds"] > 0 for r in env["allreduce"])
