@@ -475,8 +475,17 @@ def cmd_calibrate(args) -> int:
             _check_text_file(Path(args.from_grid), "calibration grid (CSV)")
         if args.backend == "gpu":
             _check_cuda("sim calibrate --backend gpu")
+        if args.tensor_parallel < 1:
+            raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: give 1 or more", "command line")
+        if args.backend == "gpu" and args.tensor_parallel > 1:
+            import torch
+
+            if torch.cuda.device_count() < args.tensor_parallel:
+                raise ConfigError(f"--tensor-parallel {args.tensor_parallel} measures on that many GPUs, "
+                                  f"{torch.cuda.device_count()} visible", "command line: --tensor-parallel")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
-                        backend=args.backend, model_ref=args.model, processes=args.processes)
+                        backend=args.backend, model_ref=args.model, processes=args.processes,
+                        tp=args.tensor_parallel)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -537,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend gpu: spread the grid's runs over this many fresh processes, one after the other "
                         "(the host part of a step runs at a speed that differs from process to process; "
                         "several average it out); default 3")
+    k.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="--backend gpu: measure on N GPUs (cluster.tensor_parallel: the grid, the GEMMs at one GPU's "
+                        "shard, and an all-reduce sweep fitting allreduce_latency_s / "
+                        "allreduce_bandwidth_efficiency); with --from-grid: the TP the grid ran at")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")
