@@ -341,13 +341,15 @@ def ray_init(address: str, jobs: int | None):
 
 
 def run_tasks(tasks: list[Task], done: Callable[[Task, dict], None], *, jobs: int | None = None,
-              ray_address: str | None = None) -> None:
+              ray_address: str | None = None, ray_module=None) -> None:
     """Run every task, calling ``done(task, result)`` in the calling process as each finishes
-    (in finishing order). Local: `jobs` processes (1: in this process). Ray: one task each."""
+    (in finishing order). Local: `jobs` processes (1: in this process). Ray: one task each,
+    on a cluster connected for this call (`ray_address`) or already (`ray_module`: the
+    ``ray`` module after :func:`ray_init`)."""
     if not tasks:
         return
-    if ray_address is not None:
-        ray = ray_init(ray_address, jobs)
+    if ray_module is not None or ray_address is not None:
+        ray = ray_module or ray_init(ray_address, jobs)
         try:
             remote = ray.remote(num_cpus=1)(_run_task)
             pending = {remote.remote(t.args()): t for t in tasks}
@@ -356,7 +358,8 @@ def run_tasks(tasks: list[Task], done: Callable[[Task, dict], None], *, jobs: in
                 for ref in ready:
                     done(pending.pop(ref), ray.get(ref))
         finally:
-            ray.shutdown()
+            if ray_module is None:
+                ray.shutdown()
         return
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     if jobs == 1:
