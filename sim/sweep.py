@@ -459,7 +459,7 @@ def write_point(out: Path, task: Task, params: dict, result: dict) -> None:
 
 
 def run_sweep(sweep: Sweep, out: Path, *, jobs: int | None = None, ray_address: str | None = None,
-              keep_runs: bool = False, progress: bool = True) -> dict:
+              keep_runs: bool = False, progress: bool = True, plots: bool = True) -> dict:
     """Run the sweep's unfinished points and write the results table and plots. Returns
     ``{"table": pa.Table, "ran": n, "skipped": n, "failed": n, "wall_s": s}``."""
     if keep_runs and ray_address not in (None, "local"):
@@ -487,7 +487,7 @@ def run_sweep(sweep: Sweep, out: Path, *, jobs: int | None = None, ray_address: 
 
         run_tasks(todo, done, jobs=jobs, ray_address=ray_address)
     table = results_table(sweep, out)
-    write_results(sweep, table, out)
+    write_results(sweep, table, out, plots)
     return {"table": table, "ran": len(todo), "skipped": skipped, "failed": failed,
             "wall_s": time.perf_counter() - t0}
 
@@ -579,12 +579,14 @@ def pareto_flags(rows: list[dict], x: str = "out_tok_s_per_gpu", y: str = "ttft_
     return out
 
 
-def write_results(sweep: Sweep, table, out: Path) -> None:
+def write_results(sweep: Sweep, table, out: Path, plots: bool = True) -> None:
     import pyarrow.parquet as pq
 
     tmp = out / ".results.partial.parquet"
     pq.write_table(table, tmp)
     os.replace(tmp, out / "results.parquet")
+    if not plots:
+        return
     from .plots_sweep import latency_vs_load, pareto_plot
 
     df = table.to_pandas()

@@ -70,12 +70,12 @@ def test_grid_runs_resumes_and_grows(tmp_path):
         assert (out / f).is_file(), f
     first = (out / "results.parquet").read_bytes()
     # again: nothing runs, the same table
-    res2 = run_sweep(load_sweep(tmp_path / "sweep.yaml"), out, jobs=1, progress=False)
+    res2 = run_sweep(load_sweep(tmp_path / "sweep.yaml"), out, jobs=1, progress=False, plots=False)
     assert (res2["ran"], res2["skipped"]) == (0, 6)
     assert (out / "results.parquet").read_bytes() == first
     # a grid grown by one value runs only the new points
     grown = {**GRID, "grid": {**GRID["grid"], "scheduler.max_batch_size": [4, 16, 32]}}
-    res3 = run_sweep(load_sweep(write(tmp_path, grown)), out, jobs=1, progress=False)
+    res3 = run_sweep(load_sweep(write(tmp_path, grown)), out, jobs=1, progress=False, plots=False)
     assert (res3["ran"], res3["skipped"]) == (3, 6)
     df3 = res3["table"].to_pandas()
     old = df.set_index("config_sha256").drop(columns=["point", "knee", "saturated", "pareto"])
@@ -86,7 +86,7 @@ def test_grid_runs_resumes_and_grows(tmp_path):
 def test_point_matches_sim_run(tmp_path):
     """A sweep point's metrics are the summary of `sim run` with the same --set pairs."""
     sweep = load_sweep(write(tmp_path, {"variant": "b", "grid": {"workload.target_rate_req_s": [40]}}))
-    df = run_sweep(sweep, tmp_path / "out", jobs=1, progress=False)["table"].to_pandas()
+    df = run_sweep(sweep, tmp_path / "out", jobs=1, progress=False, plots=False)["table"].to_pandas()
     with contextlib.redirect_stdout(io.StringIO()):
         rc = main(["run", str(tmp_path / "exp.yaml"), "--only", "b", "--out", str(tmp_path / "run"),
                    "--set", "workload.target_rate_req_s=40"])
@@ -102,8 +102,8 @@ def test_point_matches_sim_run(tmp_path):
 
 def test_processes_give_the_same_table(tmp_path):
     path = write(tmp_path, GRID)
-    a = run_sweep(load_sweep(path), tmp_path / "one", jobs=1, progress=False)["table"]
-    b = run_sweep(load_sweep(path), tmp_path / "two", jobs=2, progress=False)["table"]
+    a = run_sweep(load_sweep(path), tmp_path / "one", jobs=1, progress=False, plots=False)["table"]
+    b = run_sweep(load_sweep(path), tmp_path / "two", jobs=2, progress=False, plots=False)["table"]
     assert a.equals(b, check_metadata=True)
 
 
@@ -220,7 +220,7 @@ def test_ray_local_gives_the_same_table(tmp_path):
     without the ray extra."""
     pytest.importorskip("ray")
     path = write(tmp_path, GRID)
-    a = run_sweep(load_sweep(path), tmp_path / "local", jobs=1, progress=False)
-    b = run_sweep(load_sweep(path), tmp_path / "ray", jobs=2, ray_address="local", progress=False)
+    a = run_sweep(load_sweep(path), tmp_path / "local", jobs=1, progress=False, plots=False)
+    b = run_sweep(load_sweep(path), tmp_path / "ray", jobs=2, ray_address="local", progress=False, plots=False)
     assert a["table"].equals(b["table"], check_metadata=True)
     assert (tmp_path / "local" / "results.parquet").read_bytes() == (tmp_path / "ray" / "results.parquet").read_bytes()
