@@ -40,7 +40,8 @@ How it searches:
    simulated (and, with ``frontier_cost_factor`` F > 1, every one up to F x its cost, to draw
    the frontier beyond the answer). The choice is therefore the cheapest configuration of the space that meets
    the SLOs in simulation (ties: the lower p90 TTFT); nothing cheaper was skipped except by
-   the physics above.
+   the physics above. The choice does not depend on how many workers there are; the table
+   may hold a few more simulated candidates with more (a wave is as wide as the workers).
 3. A candidate *meets the SLOs* when its p90 TTFT and p99 TPOT are within them, no request
    was rejected, and its request throughput is at least 90% of the offered rate.
 

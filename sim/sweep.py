@@ -26,7 +26,8 @@ Every point is validated as `sim run` validates a file (each problem named at it
 keyed by the hash of its resolved config (`sim/rundir.py` ``config_hash``): a finished
 point's result is kept in ``OUT/points/<hash>.json`` and skipped when the sweep runs again,
 so an interrupted sweep resumes where it stopped and a grid grown by a value runs only the
-new points. The points run in local processes (``--jobs N``) or as tasks on a Ray cluster
+new points (a point written by another version of the simulator -- ``code_version``, as in a
+run's config.yaml -- runs again). The points run in local processes (``--jobs N``) or as tasks on a Ray cluster
 (``--ray ADDRESS``, ``--ray local``); a point is a pure function of its config, so both give
 the same results, and the table holds no wall-clock time (``points/*.json`` do).
 
@@ -442,20 +443,37 @@ def point_file(out: Path, key: str) -> Path:
     return out / "points" / f"{key}.json"
 
 
+def code_version() -> str:
+    """The simulator's version (sim/runner.py's: package version + git describe), once per process."""
+    global _CODE
+    if _CODE is None:
+        from .runner import code_version as cv
+
+        _CODE = cv()
+    return _CODE
+
+
+_CODE: str | None = None
+
+
 def read_point(out: Path, key: str) -> dict | None:
-    """A finished point's stored result, or None (missing, unreadable or a failed point)."""
+    """A finished point's stored result, or None: missing, unreadable, a failed point, or
+    written by another version of the simulator (its numbers may differ: it runs again)."""
     try:
         doc = json.loads(point_file(out, key).read_text())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) and doc.get("metrics") is not None else None
+    if not isinstance(doc, dict) or doc.get("metrics") is None or doc.get("code_version") != code_version():
+        return None
+    return doc
 
 
 def write_point(out: Path, task: Task, params: dict, result: dict) -> None:
     from .rundir import write_atomic
 
     write_atomic(point_file(out, task.key), json.dumps(
-        {"config_sha256": task.key, "params": params, **result, "config": task.config}, indent=1, default=str) + "\n")
+        {"config_sha256": task.key, "code_version": code_version(), "params": params, **result,
+         "config": task.config}, indent=1, default=str) + "\n")
 
 
 def run_sweep(sweep: Sweep, out: Path, *, jobs: int | None = None, ray_address: str | None = None,

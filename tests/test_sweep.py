@@ -78,6 +78,13 @@ def test_grid_runs_resumes_and_grows(tmp_path):
     res3 = run_sweep(load_sweep(write(tmp_path, grown)), out, jobs=1, progress=False, plots=False)
     assert (res3["ran"], res3["skipped"]) == (3, 6)
     df3 = res3["table"].to_pandas()
+    # a point written by another version of the simulator runs again
+    f = out / "points" / f"{sweep.points[0].config_sha256}.json"
+    doc = json.loads(f.read_text())
+    f.write_text(json.dumps({**doc, "code_version": "0.0.0+other"}))
+    res4 = run_sweep(load_sweep(tmp_path / "sweep.yaml"), out, jobs=1, progress=False, plots=False)
+    assert (res4["ran"], res4["skipped"]) == (1, 8)
+    assert json.loads(f.read_text())["code_version"] != "0.0.0+other"
     old = df.set_index("config_sha256").drop(columns=["point", "knee", "saturated", "pareto"])
     new = df3.set_index("config_sha256").loc[old.index, old.columns]
     assert new.equals(old)
