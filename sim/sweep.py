@@ -586,14 +586,24 @@ def knee_flags(rows: list[dict], load_key: str | None, keys: list[str], knee: Kn
 
 
 def pareto_flags(rows: list[dict], x: str = "out_tok_s_per_gpu", y: str = "ttft_s_p99") -> list[bool | None]:
-    """True where no other row has x >= and y <= with one strictly better (x up, y down)."""
+    """True where no other row has x >= and y <= with one strictly better (x up, y down);
+    None for rows without both values. O(n log n): by x descending, each point against the
+    lowest y of the points with a larger x and of its own x."""
     pts = [(r[x], r[y]) if r["status"] == "ok" and r[x] is not None and r[y] is not None else None for r in rows]
-    out: list[bool | None] = []
-    for p in pts:
-        if p is None:
-            out.append(None)
-            continue
-        out.append(not any(q is not None and q[0] >= p[0] and q[1] <= p[1] and q != p for q in pts))
+    out: list[bool | None] = [None] * len(rows)
+    order = sorted((i for i, p in enumerate(pts) if p is not None), key=lambda i: -pts[i][0])
+    best_above = math.inf  # the lowest y among points with a strictly larger x
+    k = 0
+    while k < len(order):
+        j = k
+        while j < len(order) and pts[order[j]][0] == pts[order[k]][0]:
+            j += 1
+        group = order[k:j]
+        low = min(pts[i][1] for i in group)
+        for i in group:
+            out[i] = not (best_above <= pts[i][1] or low < pts[i][1])
+        best_above = min(best_above, low)
+        k = j
     return out
 
 
