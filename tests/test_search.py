@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from servesim.sim.cli import main
 from servesim.sim.search import SearchFile, load_search, meets, run_search
@@ -132,3 +134,57 @@ def test_bad_search_files_name_the_key(tmp_path, change, where, what):
 def test_prices_source_is_recorded():
     spec = SearchFile.model_validate({**SEARCH, "prices_source": "my contract"})
     assert spec.prices_source == "my contract"
+
+
+@pytest.fixture(scope="module")
+def small_search(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prop")
+    return load_search(write(d, {**SEARCH, "max_replicas": 4}))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), jobs=st.integers(1, 5))
+def test_cheapest_first_finds_the_brute_force_choice(small_search, tmp_path_factory, monkeypatch, data, jobs):
+    """Whatever candidates meet the SLOs and however wide a wave is, the search's choice is the
+    cheapest candidate (lowest p90 TTFT among equals) of all that meet them, every cheaper
+    candidate was simulated, and with one worker nothing costlier than the choice was
+    (frontier_cost_factor 1). The simulator is replaced by a table drawn by hypothesis."""
+    import servesim.sim.search as search_mod
+
+    search = small_search
+    live = [sh for sh in search.shapes if not sh.pruned]
+    cands = [(sh, r) for sh in live for r in range(sh.min_replicas, search.spec.max_replicas + 1)]
+    good = data.draw(st.lists(st.booleans(), min_size=len(cands), max_size=len(cands)))
+    ttfts = data.draw(st.lists(st.floats(0.01, 0.2), min_size=len(cands), max_size=len(cands), unique=True))
+    table = {(tuple(sorted(sh.settings.items())), r): (ok, t) for (sh, r), ok, t in zip(cands, good, ttfts)}
+    keys = list(search.shapes[0].settings)
+
+    def fake_run(tasks, done, **kw):
+        for t in tasks:
+            cfg = t.config
+            got = {"hardware": cfg["hardware"], "model_precision": cfg["model_precision"],
+                   "scheduler.max_batch_size": cfg["scheduler"]["max_batch_size"]}
+            ok, ttft = table[(tuple(sorted((k, got[k]) for k in keys)), cfg["cluster"]["replicas"])]
+            done(t, {"metrics": {"ttft_s_p90": ttft if ok else 5.0, "tpot_s_p99": 0.01, "num_requests": 10,
+                                 "num_rejected": 0, "throughput_req_s": 1.0, "offered_rate_req_s": 1.0},
+                     "gpus": 1, "wall_s": 0.0, "error": None})
+
+    monkeypatch.setattr(search_mod, "run_tasks", fake_run)
+    monkeypatch.setattr(search_mod, "write_search", lambda *a, **k: None)
+    monkeypatch.setattr(search_mod, "read_point", lambda *a, **k: None)
+    res = run_search(search, tmp_path_factory.mktemp("o"), jobs=jobs, progress=False)
+    meeting = [(r * sh.gpus_per_replica * sh.price, t, f"{sh.label}, replicas={r}")
+               for (sh, r), ok, t in zip(cands, good, ttfts) if ok]
+    if not meeting:
+        assert res["choice"] is None
+        return
+    best = min(meeting)
+    assert (res["choice"]["cost_per_hour"], res["choice"]["label"]) == (best[0], best[2])
+    df = res["table"].to_pandas()
+    sim = df[df.status == "simulated"]
+    # every candidate cheaper than the choice was simulated (and missed)
+    cheaper = {lab for c, _, lab in [(r * sh.gpus_per_replica * sh.price, 0, f"{sh.label}, replicas={r}")
+                                     for sh, r in cands] if c < best[0]}
+    assert cheaper <= set(sim.label) and not sim[sim.label.isin(cheaper)].meets_slo.any()
+    if jobs == 1:  # one candidate a wave: nothing costlier than the choice is simulated
+        assert (sim.cost_per_hour <= best[0] + 1e-9).all()
