@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import servesim.sim.timeline as tl
@@ -76,18 +76,24 @@ def test_every_iteration_and_request(run_dir, tmp_path):
         assert "prefill" in sp
 
 
-@settings(max_examples=8, deadline=None)
-@given(st.integers(1, 300))
-def test_output_does_not_depend_on_the_batch_size(run_dir, tmp_path_factory, rows):
-    d = tmp_path_factory.mktemp("b")
+@pytest.fixture(scope="module")
+def whole(run_dir, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("whole")
     tl.write_run_trace(run_dir, d / "all.json")
+    return json.loads((d / "all.json").read_text())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 3000))
+def test_output_does_not_depend_on_the_batch_size(run_dir, whole, tmp_path_factory, rows):
+    d = tmp_path_factory.mktemp("b")
     old = tl.BATCH_ROWS
     try:
         tl.BATCH_ROWS = rows
         tl.write_run_trace(run_dir, d / "small.json")
     finally:
         tl.BATCH_ROWS = old
-    a = json.loads((d / "all.json").read_text())
+    a = whole
     b = json.loads((d / "small.json").read_text())
     key = lambda e: json.dumps(e, sort_keys=True)  # noqa: E731
     assert sorted(map(key, a["traceEvents"])) == sorted(map(key, b["traceEvents"]))
