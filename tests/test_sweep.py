@@ -232,3 +232,18 @@ def test_ray_local_gives_the_same_table(tmp_path):
     b = run_sweep(load_sweep(path), tmp_path / "ray", jobs=2, ray_address="local", progress=False, plots=False)
     assert a["table"].equals(b["table"], check_metadata=True)
     assert (tmp_path / "local" / "results.parquet").read_bytes() == (tmp_path / "ray" / "results.parquet").read_bytes()
+
+
+def test_committed_sweep_and_search_files_load():
+    from servesim.sim.search import load_search
+
+    repo = Path(__file__).resolve().parents[1]
+    sweeps = sorted((repo / "experiments" / "sweeps").glob("*.yaml"))
+    searches = sorted((repo / "experiments" / "search").glob("*.yaml"))
+    assert sweeps and searches
+    for f in sweeps:
+        s = load_sweep(f)
+        assert len(s.points) >= 50 and s.load_key is not None
+    for f in searches:
+        s = load_search(f)
+        assert any(not sh.pruned for sh in s.shapes)
