@@ -90,14 +90,15 @@ def search_plot(df: pd.DataFrame, path: Path, title: str, slo_ttft: float, choic
     if choice is not None and choice in set(df.candidate):
         c = df[df.candidate == choice].iloc[0]
         ax.scatter([c.cost_per_hour], [c.ttft_s_p90], marker="*", s=260, color="gold", edgecolors="k", zorder=4,
-                   label=f"choice: {c.label}")
+                   label=f"choice: {c.gpus} GPU(s), ${c.cost_per_hour:.2f}/h")
     ax.axhline(slo_ttft, color="tab:red", ls=":", lw=1, label=f"SLO p90 TTFT {slo_ttft:g} s")
     ax.set_xlabel("$ per hour")
     ax.set_ylabel("p90 TTFT (s)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    ax.set_title(title + ("" if choice is None or choice not in set(df.candidate) else
+                          "\nchoice: " + df[df.candidate == choice].iloc[0].label), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
