@@ -433,6 +433,11 @@ def cmd_sweep(args) -> int:
         res = run_sweep(sweep, out, jobs=args.jobs, ray_address=args.ray, keep_runs=args.keep_runs)
     except ConfigError as e:
         return _fail(e)
+    except KeyboardInterrupt:
+        kept = len(list((out / "points").glob("*.json"))) if (out / "points").is_dir() else 0
+        print(f"interrupted (Ctrl-C): {kept} finished point(s) kept in {out}/points/; the same command resumes "
+              "(results.parquet was not written)", file=sys.stderr, flush=True)
+        return 130
     print_results(sweep, res["table"], _console(), out)
     _console().print(f"[dim]{res['ran']} point(s) run, {res['skipped']} already done, {res['failed']} failed; "
                      f"wall {res['wall_s']:.1f} s; plots: {out}/latency_vs_load.png, {out}/pareto.png[/]")
