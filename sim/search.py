@@ -234,9 +234,12 @@ def _prune(sh: Shape, cfg, base_dir: Path, spec: SearchFile, stats: dict | None)
                         free_gpu_memory_fraction=cfg.kv_cache.free_gpu_memory_fraction,
                         max_num_tokens=cfg.scheduler.max_num_tokens)
     need = spec.target_rate_req_s * stats["output_mean"]
-    sh.floors = {"tpot_floor_s": tpot_floor, "ttft_floor_s": b1.ttft_s, "replica_out_tok_s_bound": bb.e2e_out_tok_s,
+    # a pipeline of pp stages (tensor_parallel GPUs each) works on up to pp micro-batches at
+    # once: at most pp x the bound of one stage group holding the whole model
+    per_replica = bb.e2e_out_tok_s * getattr(cfg.cluster, "pipeline_parallel", 1)
+    sh.floors = {"tpot_floor_s": tpot_floor, "ttft_floor_s": b1.ttft_s, "replica_out_tok_s_bound": per_replica,
                  "bound_batch": batch}
-    sh.min_replicas = max(1, math.ceil(need / bb.e2e_out_tok_s)) if bb.e2e_out_tok_s > 0 else spec.max_replicas + 1
+    sh.min_replicas = max(1, math.ceil(need / per_replica)) if per_replica > 0 else spec.max_replicas + 1
     if tpot_floor > spec.slo.tpot_p99_s:
         sh.pruned = (f"TPOT floor {tpot_floor * 1e3:.1f} ms (weights read per step at peak bandwidth) > SLO "
                      f"{spec.slo.tpot_p99_s * 1e3:g} ms")
@@ -244,7 +247,7 @@ def _prune(sh: Shape, cfg, base_dir: Path, spec: SearchFile, stats: dict | None)
         sh.pruned = f"TTFT floor {b1.ttft_s:.3f} s (p90 prompt's prefill at peak) > SLO {spec.slo.ttft_p90_s:g} s"
     elif sh.min_replicas > spec.max_replicas:
         sh.pruned = (f"throughput floor: {need:,.0f} out tok/s needs >= {sh.min_replicas} replicas of "
-                     f"{bb.e2e_out_tok_s:,.0f} tok/s (bound) > max_replicas {spec.max_replicas}")
+                     f"{per_replica:,.0f} tok/s (bound) > max_replicas {spec.max_replicas}")
     return stats
 
 

@@ -188,3 +188,21 @@ def test_cheapest_first_finds_the_brute_force_choice(small_search, tmp_path_fact
     assert cheaper <= set(sim.label) and not sim[sim.label.isin(cheaper)].meets_slo.any()
     if jobs == 1:  # one candidate a wave: nothing costlier than the choice is simulated
         assert (sim.cost_per_hour <= best[0] + 1e-9).all()
+
+
+def test_layouts_take_any_parallel_keys(tmp_path):
+    """A layout is config keys: pipeline parallel counts its GPUs (tp x pp per replica; expert
+    parallel splits a TP group and adds none), and a candidate with it simulates."""
+    from servesim.sim.sweep import gpus_of
+
+    assert gpus_of({"cluster": {"replicas": 3, "tensor_parallel": 2, "pipeline_parallel": 2,
+                                "expert_parallel": 2}}) == 12
+    path = write(tmp_path, {**SEARCH, "space": {"hardware": ["h100-sxm"]}, "prices": {"h100-sxm": 2.0},
+                            "layouts": [{"cluster.tensor_parallel": 1},
+                                        {"cluster.tensor_parallel": 1, "cluster.pipeline_parallel": 2},
+                                        {"cluster.tensor_parallel": 2}], "max_replicas": 1})
+    search = load_search(path)
+    assert [sh.gpus_per_replica for sh in search.shapes] == [1, 2, 2]
+    res = run_search(search, tmp_path / "out", jobs=1, progress=False)
+    df = res["table"].to_pandas()
+    assert set(df.gpus) <= {1, 2} and (df.cost_per_hour == df.gpus * 2.0).all()
