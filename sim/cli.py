@@ -429,17 +429,24 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from . import rundir
     from .sweep import load_sweep, print_results, run_sweep
 
+    out = None
     try:
         if args.jobs is not None and args.jobs < 1:
             raise ConfigError(f"--jobs {args.jobs}: give 1 or more", "command line: --jobs")
         sweep = load_sweep(args.sweep, args.set)
         out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.spec.name
+        rundir.check_output_dir(out, "command line: --out" if args.out else f"output folder {out}")
         res = run_sweep(sweep, out, jobs=args.jobs, ray_address=args.ray, keep_runs=args.keep_runs)
     except ConfigError as e:
         return _fail(e)
+    except OSError as e:
+        return _fail(ConfigError(f"cannot write {e.filename or out}: {e.strerror or e}", "command line: --out"))
     except KeyboardInterrupt:
+        if out is None:
+            raise
         kept = len(list((out / "points").glob("*.json"))) if (out / "points").is_dir() else 0
         print(f"interrupted (Ctrl-C): {kept} finished point(s) kept in {out}/points/; the same command resumes "
               "(results.parquet was not written)", file=sys.stderr, flush=True)
@@ -451,6 +458,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from . import rundir
     from .search import load_search, print_search, run_search
 
     try:
@@ -458,9 +466,12 @@ def cmd_search(args) -> int:
             raise ConfigError(f"--jobs {args.jobs}: give 1 or more", "command line: --jobs")
         search = load_search(args.search, args.set)
         out = Path(args.out) if args.out else Path("runs") / "search" / search.spec.name
+        rundir.check_output_dir(out, "command line: --out" if args.out else f"output folder {out}")
         res = run_search(search, out, jobs=args.jobs, ray_address=args.ray)
     except ConfigError as e:
         return _fail(e)
+    except OSError as e:
+        return _fail(ConfigError(f"cannot write {e.filename or out}: {e.strerror or e}", "command line: --out"))
     print_search(search, res, _console(), out)
     return 0 if res["choice"] is not None else 1
 

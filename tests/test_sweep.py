@@ -247,3 +247,12 @@ def test_committed_sweep_and_search_files_load():
     for f in searches:
         s = load_search(f)
         assert any(not sh.pruned for sh in s.shapes)
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    path = write(tmp_path, {"grid": {"seed": [1]}})
+    (tmp_path / "taken").write_text("x")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["sweep", str(path), "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file, not a folder" in err.getvalue() and "Traceback" not in err.getvalue()
