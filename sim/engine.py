@@ -394,13 +394,15 @@ class Engine:
             policy = self.recompute_chunking if req.preemptions else cfg.chunking
             n = policy.chunk(remaining, budget, tpb)
             if n <= 0:
-                if not policy.splits:
-                    # a whole context that does not fit blocks the ones behind it
-                    # (head-of-line, as TensorRT-LLM's MicroBatchScheduler does without
-                    # chunking): overtaken forever, a long prompt would starve while the
-                    # running decodes never leave it the budget
-                    break
-                continue
+                # a context that gets no tokens this iteration blocks the ones behind it
+                # (head-of-line, as TensorRT-LLM's MicroBatchScheduler does without
+                # chunking): overtaken forever, a long prompt would starve while the
+                # running decodes never leave it the budget. With chunking this happens
+                # only when less than one block of budget is left (a chunk that does not
+                # finish a prompt is whole blocks); TensorRT-LLM would still let a later
+                # prompt whose whole remainder fits pass, which can starve the first when
+                # max_num_tokens < max_batch_size + tokens_per_block: here it waits.
+                break
             chunks.append(ContextChunk(req, n, req.context_done, n == remaining))
             budget -= n
         n_dec = self.n_dec

@@ -314,7 +314,9 @@ def test_an_oversized_max_num_tokens_is_named_in_sane_units(tmp_path, capsys):
     assert "less than or equal to 16777216, got 100000000000000000000000" in prob  # refused before any arithmetic
     # the weights themselves not fitting still names the model
     (prob,) = _validate(capsys, exp, "--set", "model=llama-2-70b")
-    assert prob.endswith("model: model llama-2-70b needs 138.0 GB of weights per GPU but h100-sxm has 80.0 GB")
+    assert prob.endswith("model: model llama-2-70b needs 138.0 GB of weights per GPU but h100-sxm has 80.0 GB (at least "
+                         "2 GPUs' memory for the weights alone: use more GPUs, cluster.tensor_parallel x "
+                         "cluster.pipeline_parallel, or a smaller precision)"), prob
     from servesim.sim.memory import human_bytes
 
     assert [human_bytes(x) for x in (8e10, 6.8e12, 6.76e16, 6.76e27)] == ["80.0 GB", "6.8 TB", "67.6 PB", "6.76e+09 EB"]
