@@ -6,7 +6,8 @@ Every policy key of an experiment (``scheduler.capacity``, ``scheduler.order``,
 
 * a built-in name (``fcfs``), which is only a short name for the built-in's class
   (``servesim.policies.ordering:Fcfs``);
-* ``module:Class`` (``my_policies:ShortestJobFirst``);
+* ``module:Class`` (``my_policies:ShortestJobFirst``), or ``path/to/file.py:Class`` (a
+  file, relative to the experiment's folder);
 * ``{class: module:Class, args: {...}}``: keyword arguments for its constructor.
 
 A built-in goes through exactly the same steps as a user's class: import, argument check,
@@ -32,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servesim.sim.types import ConfigError
 
-REF_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+# module:Class, or path/to/file.py:Class (relative to the experiment's folder)
+REF_PATTERN = r"^([A-Za-z_][\w.]*|[\w./~-]+\.py):[A-Za-z_][\w.]*$"
 
 
 class PolicyRef(BaseModel):
@@ -180,6 +182,11 @@ def _local_file(modname: str, base_dir: Path | None) -> Path | None:
 
 def _import(modname: str, base_dir: Path | None, key: str):
     local = _local_file(modname, base_dir)
+    if modname.endswith(".py"):  # a file path
+        local = (Path(base_dir or Path.cwd()) / Path(modname).expanduser()).resolve()
+        if not local.is_file():
+            raise ConfigError(f"policy file not found: {local}", key)
+        modname = f"_servesim_policy_{local.stem}_{hashlib.sha256(str(local).encode()).hexdigest()[:10]}"
     try:
         if local is not None and "." not in modname:
             # a file next to the experiment: (re)loaded when it is not the module already
@@ -278,7 +285,7 @@ def load_policy(value: "str | PolicyRef | dict", family: str, key: str | None = 
         c = classes[value]
         builtin = value
         ref = PolicyRef(class_=f"{c.__module__}:{c.__qualname__}", args=dict(builtin_args or {}))
-    modname, _, attr = ref.class_.partition(":")
+    modname, _, attr = ref.class_.rpartition(":")
     obj: Any = _import(modname, base_dir, key)
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -10,7 +10,9 @@ A request is *overtaken* when a request that arrived after it is picked before i
 but FCFS overtakes; overtaken without bound, a request starves for as long as the load lasts
 (README, "Scheduling order: nothing starves"). The built-in reorderings therefore carry an
 aging bound, ``max_overtakes``: a request overtaken that many times goes next (the oldest
-such first). ``sim check-policy`` holds every order policy to a bound on overtakes.
+such first). ``sim check-policy`` holds every order policy to a bound on overtakes (16 by default:
+a policy's own bound, 8 for the built-ins, leaves room for the overtakes chunked context
+makes when a short prompt's chunk fits a budget a long one's does not).
 
 Worked example (``scheduler.order: {class: my_policies:ShortestJobFirst, args:
 {max_overtakes: 8}}``), shortest prompt + output first with the bound::
@@ -75,7 +77,7 @@ class AgedOrder:
 
     name = "aged"
 
-    def __init__(self, key: Callable[[WaitingView], object], max_overtakes: int = 16):
+    def __init__(self, key: Callable[[WaitingView], object], max_overtakes: int = 8):
         if max_overtakes < 0:
             raise ValueError(f"max_overtakes must be >= 0, got {max_overtakes}")
         self.key = key
@@ -102,7 +104,7 @@ class Priority(AgedOrder):
 
     name = "priority"
 
-    def __init__(self, max_overtakes: int = 16):
+    def __init__(self, max_overtakes: int = 8):
         super().__init__(lambda w: -w.priority, max_overtakes)
 
 
@@ -111,7 +113,7 @@ class ShortestPromptFirst(AgedOrder):
 
     name = "shortest_prompt_first"
 
-    def __init__(self, max_overtakes: int = 16):
+    def __init__(self, max_overtakes: int = 8):
         super().__init__(lambda w: w.prompt_len, max_overtakes)
 
 

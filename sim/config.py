@@ -46,7 +46,7 @@ class SchedulerConfig(_Strict):
         "static_batch forms a batch only when the engine is idle" + _USER)
     order: PolicySpec = Field("fcfs", description="which arrived request is admitted next: fcfs; priority "
                               "(highest first), shortest_prompt_first (both with an aging bound, max_overtakes "
-                              "16)" + _USER)
+                              "8)" + _USER)
     chunking: PolicySpec | None = Field(None, description="context chunking policy: none, fixed (args: "
                                         "chunk_size), fill_budget; null: from enable_chunked_context and "
                                         "chunk_size" + _USER)

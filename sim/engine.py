@@ -732,7 +732,10 @@ class Engine:
         assert self.n_dec == len(self.decoding)
         assert self.n_active() <= self.cfg.max_batch_size, "more active requests than max_batch_size"
         if not self.cfg.capacity.pauses_on_shortage:
-            assert self.kv.used <= self.kv.reserved
+            assert self.kv.used <= self.kv.reserved, (
+                f"{self.kv.used} KV blocks in use but {self.kv.reserved} reserved: a capacity policy that never "
+                "pauses (pauses_on_shortage False) must reserve every block its requests will use, or the "
+                "running requests outgrow the pool")
 
 
 class _WaitingViews:

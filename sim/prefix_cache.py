@@ -126,10 +126,12 @@ class PrefixCache:
                 n.ref += 1
         self.stats.hit_blocks += len(hits)
         for n in onboard:  # pinned above, so making room cannot evict them
-            kv.grow(1)
-            n.block_id = kv.free_ids.pop()
+            # off the host tier first: making room on the GPU may offload a block to the
+            # host, and a full tier of blocks being onboarded has none to drop
             n.on_host = False
             self.host_used -= 1
+            kv.grow(1)
+            n.block_id = kv.free_ids.pop()
             self.stats.onboarded += 1
             self.stats.host_hit_blocks += 1
             kv.pending_onboard += 1
