@@ -131,6 +131,11 @@ class LoadedPolicy:
     sha256: str | None = None
     builtin: str | None = None  # the built-in name it was given by, if any
 
+    @property
+    def config_key(self) -> str:
+        """The experiment key it is set by (``scheduler.order``)."""
+        return FAMILIES[self.family].key
+
     def make(self) -> Any:
         """A fresh instance (one per engine and run: a stateful policy starts clean)."""
         return self.cls(**self.args)

@@ -544,7 +544,7 @@ def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str,
         "code_version": code_version(),
         "config": result.setup.cfg.model_dump(mode="json"),
         # each policy key: the class it resolved to, its arguments, its source file and sha256
-        "policies": {p.key: p.provenance() for p in run_policies(result.setup).values()},
+        "policies": {p.config_key: p.provenance() for p in run_policies(result.setup).values()},
         "derived": {
             "kv_pool_blocks": result.setup.num_blocks,
             "kv_pool_tokens": result.setup.num_blocks * result.setup.cfg.kv_cache.tokens_per_block,
