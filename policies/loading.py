@@ -50,8 +50,8 @@ class PolicyRef(BaseModel):
     def _ref(cls, v: str) -> str:
         import re
 
-        if not re.match(REF_PATTERN, v.strip()):
-            raise ValueError("expected module:Class (e.g. my_policies:ShortestJobFirst)")
+        if not re.match(REF_PATTERN, v.strip()) and not re.match(r"^[A-Za-z_]\w*$", v.strip()):
+            raise ValueError("expected module:Class (e.g. my_policies:ShortestJobFirst) or a built-in's name")
         return v.strip()
 
 
@@ -282,14 +282,16 @@ def load_policy(value: "str | PolicyRef | dict", family: str, key: str | None = 
     except Exception as e:
         raise ConfigError(f"expected a built-in name, module:Class or {{class, args}}: {e}", key) from None
     builtin = None
-    if ref is None:
+    if ref is None or ":" not in ref.class_:  # a built-in's name (with args in {class, args})
+        name = value if ref is None else ref.class_
         classes = fam.builtin_classes()
-        if value not in classes:
-            raise ConfigError(f"unknown {family} policy {value!r}: a built-in ({', '.join(classes)}) or "
+        if name not in classes:
+            raise ConfigError(f"unknown {family} policy {name!r}: a built-in ({', '.join(classes)}) or "
                               "module:Class", key)
-        c = classes[value]
-        builtin = value
-        ref = PolicyRef(class_=f"{c.__module__}:{c.__qualname__}", args=dict(builtin_args or {}))
+        c = classes[name]
+        builtin = name
+        args = dict(builtin_args or {}) if ref is None else {**(builtin_args or {}), **ref.args}
+        ref = PolicyRef(class_=f"{c.__module__}:{c.__qualname__}", args=args)
     modname, _, attr = ref.class_.rpartition(":")
     obj: Any = _import(modname, base_dir, key)
     for part in attr.split("."):

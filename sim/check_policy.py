@@ -349,8 +349,6 @@ def policy_value(policy: str, args: dict | None):
     """The config value for POLICY and --args: a name or module:Class, or {class, args}."""
     if not args:
         return policy
-    if ":" not in policy:
-        raise ConfigError("--args applies to module:Class (a built-in name takes its defaults)", "command line: --args")
     return {"class": policy, "args": dict(args)}
 
 
@@ -368,7 +366,9 @@ def check_policy(policy: str, family: str | None = None, args: dict | None = Non
         family = find_family(value, base_dir, "POLICY")
     elif family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})", "command line: --family")
-    load_policy(value, family, f"POLICY ({FAMILIES[family].key})", base_dir)  # its errors, up front
+    # its errors, up front (a draft policy's built-in takes the examples' speculative settings)
+    load_policy(value, family, f"POLICY ({FAMILIES[family].key})", base_dir,
+                {"name": "ngram", "max_draft_len": 2} if family == "draft" else None)
     base = _Base(base_dir)
     report = CheckReport(policy if not args else f"{policy} {args}", family)
     found: dict = {}
