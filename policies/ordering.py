@@ -30,7 +30,10 @@ Worked example (``scheduler.order: {class: my_policies:ShortestJobFirst, args:
                                          key=lambda i: (waiting[i].prompt_len + waiting[i].output_len, i))
             for w in waiting[:i]:  # the earlier arrivals it passes
                 self.overtaken[w.request_id] = self.overtaken.get(w.request_id, 0) + 1
-            self.overtaken.pop(waiting[i].request_id, None)
+            # keep the counts of those still waiting (the one picked too: if the pool is
+            # short it is not admitted, and is asked for again)
+            self.overtaken = {w.request_id: self.overtaken[w.request_id] for w in waiting
+                              if w.request_id in self.overtaken}
             return i
 """
 
@@ -95,7 +98,9 @@ class AgedOrder:
             i = min(range(n), key=lambda j: (key(views[j]), j))
         for w in views[:i]:
             over[w.request_id] = over.get(w.request_id, 0) + 1
-        over.pop(views[i].request_id, None)
+        # forget the requests no longer waiting; the one picked keeps its count until it is
+        # admitted (the pool may be short: it is asked for again, and must stay aged)
+        self.overtaken = {w.request_id: over[w.request_id] for w in views if w.request_id in over}
         return i
 
 

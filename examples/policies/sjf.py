@@ -36,5 +36,9 @@ class ShortestJobFirst:
             i = min(range(len(views)), key=lambda j: (views[j].prompt_len + views[j].output_len, j))
         for w in views[:i]:  # the earlier arrivals it passes
             over[w.request_id] = over.get(w.request_id, 0) + 1
-        over.pop(views[i].request_id, None)
+        # Keep the counts of the requests still waiting, the one picked included: when the
+        # pool is short it is not admitted and the engine asks again, and it must stay aged.
+        # (Popping its count here starved requests under static batching: sim check-policy
+        # found it.)
+        self.overtaken = {w.request_id: over[w.request_id] for w in views if w.request_id in over}
         return i
