@@ -421,11 +421,31 @@ def check_policy(policy: str, family: str | None = None, args: dict | None = Non
         settings_, work, v = found["last"]
         report.violation, report.settings, report.rows = v, settings_, work
         if out is not None:
-            report.reproducer = write_reproducer(out, settings_, work, v, report)
+            report.reproducer = write_reproducer(out, settings_, work, v, report, base_dir, family)
     return report
 
 
-def write_reproducer(path: Path, settings: dict, work: dict, v: Violation, report: CheckReport) -> Path:
+def _portable(value, base_dir: Path, out_dir: Path):
+    """The policy reference as the reproducer's folder resolves it: a module or file found
+    from `base_dir` becomes a path relative to `out_dir` (an installed module stays)."""
+    import os
+
+    ref = value.get("class") if isinstance(value, dict) else value
+    if not isinstance(ref, str) or ":" not in ref:
+        return value
+    mod, _, cls = ref.rpartition(":")
+    if mod.endswith(".py"):
+        f = (base_dir / mod).resolve()
+    else:
+        f = base_dir / (mod.replace(".", "/") + ".py")
+        if not f.is_file() or "." in mod:
+            return value
+    new = f"{os.path.relpath(f.resolve(), out_dir.resolve())}:{cls}"
+    return {**value, "class": new} if isinstance(value, dict) else new
+
+
+def write_reproducer(path: Path, settings: dict, work: dict, v: Violation, report: CheckReport,
+                     base_dir: Path | None = None, family: str | None = None) -> Path:
     """The example as an experiment file and its workload (``<stem>.csv`` beside it)."""
     from servesim.traces.writers import write_table
 
@@ -435,6 +455,12 @@ def write_reproducer(path: Path, settings: dict, work: dict, v: Violation, repor
     write_table(workload_frame(work), trace)
     doc = {"name": path.stem, "description": f"sim check-policy {report.policy}: {v.invariant}: {v.message}"}
     s = copy.deepcopy(settings)
+    if base_dir is not None and family is not None:
+        d = s
+        parts = FAMILIES[family].key.split(".")
+        for p in parts[:-1]:
+            d = d[p]
+        d[parts[-1]] = _portable(d[parts[-1]], Path(base_dir), path.parent)
     s["workload"] = {"trace": trace.name}
     doc.update(s)
     head = (f"# Found by `sim check-policy {report.policy} --family {report.family}`: {v.invariant}\n"

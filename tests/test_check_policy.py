@@ -45,7 +45,7 @@ def test_cli_catches_the_pool_overcommitting_policy(broken, capsys):
     assert "violation" in out and "engine_invariants" in out and "reserved" in out
     yaml_file = broken / "check-policy-failure.yaml"
     text = yaml_file.read_text()
-    assert "capacity: broken:OverCommit" in text and text in out  # printed whole
+    assert "capacity: broken.py:OverCommit" in text and text in out  # printed whole
     assert (broken / "check-policy-failure.csv").is_file()
     # shrunk: a single short request is enough
     assert sum(1 for _ in (broken / "check-policy-failure.csv").open()) <= 3
@@ -64,7 +64,7 @@ def test_cli_catches_the_starving_policy(broken, capsys):
     assert v is not None and v.invariant == "no_starvation"
     # the same workload with FCFS keeps every invariant
     fcfs = broken / "fcfs.yaml"
-    fcfs.write_text(out_file.read_text().replace("order: broken:Lifo", "order: fcfs"))
+    fcfs.write_text(out_file.read_text().replace("order: broken.py:Lifo", "order: fcfs"))
     [(_, v)] = reproduce(fcfs)
     assert v is None
 
