@@ -298,7 +298,7 @@ def load_policy(value: "str | PolicyRef | dict", family: str, key: str | None = 
         if not hasattr(obj, part):
             raise ConfigError(f"module {modname!r} ({getattr(obj, '__file__', '?')}) has no attribute {attr!r}", key)
         obj = getattr(obj, part)
-    if not callable(obj):
+    if not inspect.isclass(obj):  # (a function of some module is not called: `os:system`)
         raise ConfigError(f"{ref.class_} is a {type(obj).__name__}, not a class", key)
     try:
         inspect.signature(obj).bind(**ref.args)

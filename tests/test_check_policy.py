@@ -41,7 +41,8 @@ def broken(tmp_path, monkeypatch):
 def test_cli_catches_the_pool_overcommitting_policy(broken, capsys):
     assert main(["check-policy", "broken:OverCommit", "--examples", "30"]) == 1
     out = capsys.readouterr().out
-    print(out)  # the shrunk reproducer, in the test log (.ci/run)
+    with capsys.disabled():  # the shrunk reproducer, in the test log (.ci/run)
+        print("\n" + out)
     assert "violation" in out and "engine_invariants" in out and "reserved" in out
     yaml_file = broken / "check-policy-failure.yaml"
     text = yaml_file.read_text()
@@ -58,7 +59,8 @@ def test_cli_catches_the_starving_policy(broken, capsys):
     out_file = broken / "starve.yaml"
     assert main(["check-policy", "broken:Lifo", "--examples", "30", "--out", str(out_file)]) == 1
     out = capsys.readouterr().out
-    print(out)
+    with capsys.disabled():
+        print("\n" + out)
     assert "no_starvation" in out and "overtaken by" in out
     [(name, v)] = reproduce(out_file)
     assert v is not None and v.invariant == "no_starvation"
