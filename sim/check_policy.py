@@ -132,7 +132,7 @@ def example_strategy(family: str, policy_value: Any, max_n: int = 40):
         if family not in ("capacity",):
             _set(settings, FAMILIES[family].key, policy_value)
         # the workload: an offline burst or a stream faster than the engine serves it
-        offline = draw(st.booleans())
+        offline = draw(st.integers(0, 3)) == 3  # a quarter offline bursts, the rest streams
         prefix = draw(st.lists(st.integers(0, 64), min_size=4, max_size=4))
         reqs = draw(st.lists(st.tuples(st.floats(0, 0.004), st.integers(1, 120), st.integers(1, 80),
                                        st.integers(0, 3), st.integers(0, 3)),

@@ -282,6 +282,12 @@ def cmd_run(args) -> int:
         if problems:
             raise ConfigError(problems)
         if args.backend == "gpu":
+            from .pipeline import gpu_backend_problems
+
+            gpu_probs = [(f"{args.experiment}: variants[{v.index}] ({v.name}): {k}", m)
+                         for v, s in zip(exp.variants, setups) for k, m in gpu_backend_problems(s.cfg, s.model)]
+            if gpu_probs:
+                raise ConfigError(gpu_probs)
             try:
                 from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch
             except ImportError as e:
@@ -453,6 +459,9 @@ def cmd_calibrate(args) -> int:
     try:
         model = load_model(args.model, Path.cwd(), location="--model")
         hw = load_hardware(args.hardware, Path.cwd(), location="--hardware")
+        if model.is_moe:  # the grid measures a dense Llama's GEMMs and steps (gpu_backend/)
+            raise ConfigError(f"model {model.name} is a mixture of experts: calibration measures dense Llama-family "
+                              "models only", "command line: --model")
         if args.processes < 1:
             raise ConfigError(f"--processes {args.processes}: give 1 or more", "command line")
         if args.backend == "grid" and not args.from_grid:

@@ -183,6 +183,17 @@ class ClusterConfig(_Strict):
     router: PolicySpec = Field(
         "round_robin", description="which replica an arriving request goes to: round_robin, least_loaded, ..." + _USER)
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
+    # parallelism beyond TP (policies/parallelism.py checks a layout, sim/pipeline.py prices pp)
+    pipeline_parallel: int = Field(1, gt=0, le=1024, description="pipeline stages per replica, each of "
+                                   "num_layers / pipeline_parallel layers on tensor_parallel GPUs (a replica: "
+                                   "tensor_parallel x pipeline_parallel GPUs)")
+    expert_parallel: int = Field(1, gt=0, description="MoE models: GPU groups of a stage's tensor-parallel group "
+                                 "the experts are split over (num_experts / expert_parallel each, every expert "
+                                 "split over tensor_parallel / expert_parallel GPUs), tokens dispatched to them by "
+                                 "all-to-all; must divide tensor_parallel (1: every expert split over all of them)")
+    pp_micro_batches: int | None = Field(None, gt=0, description="pipeline_parallel > 1: micro-batches of "
+                                         "disjoint requests in flight through the stages (null: "
+                                         "pipeline_parallel, as TensorRT-LLM)")
 
     @field_validator("router", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ import yaml
 import servesim
 from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
 from servesim.policies.loading import LoadedPolicy, load_run_policies
+from servesim.policies.parallelism import Layout
 from servesim.traces.spec import build_workload
 
 from .config import RunConfig
@@ -28,6 +29,7 @@ from .executor import SimExecutor
 from .memory import (MAX_POOL_BLOCKS, default_activation_reserve_bytes, kv_bytes_per_block, kv_pool_blocks,
                      max_num_tokens_that_fit)
 from .metrics import summarize
+from .pipeline import make_layout_cost_model, run_layout
 from .records import iteration_arrays, iterations_table, request_arrays
 from .schemas import build_table, write_run_table
 from .specs import HardwareSpec, ModelSpec, apply_precision, load_hardware, load_model
@@ -103,7 +105,7 @@ def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, whe
     """(the model in the run's precisions, KV blocks, the RooflineConfig, a profile's power
     model) of a run: what depends on the model and the hardware (raises ConfigError)."""
     tp = cfg.cluster.tensor_parallel
-    model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
+    layout = run_layout(cfg, model, hw, where)  # cluster.tensor/pipeline/expert_parallel (sim/pipeline.py)
     kvc = cfg.kv_cache
     model = apply_precision(model, hw, cfg.model_precision, kvc.dtype, tp, f"{where}model_precision",
                             f"{where}kv_cache.dtype")
@@ -112,15 +114,17 @@ def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, whe
         reserve = kvc.activation_reserve_gb * 1e9
         reserve_loc, note, hint = f"{where}kv_cache.activation_reserve_gb", "you set", ""
     else:  # estimated from max_num_tokens: when that is what leaves no room, say so there
-        reserve = default_activation_reserve_bytes(model, s.max_num_tokens, tp, max_batch_size=s.max_batch_size)
+        reserve = default_activation_reserve_bytes(model, s.max_num_tokens, tp, max_batch_size=s.max_batch_size,
+                                                   layout=layout)
         reserve_loc = f"{where}scheduler.max_num_tokens"
         note = f"estimated for an iteration of scheduler.max_num_tokens = {s.max_num_tokens:,} tokens"
         fit = max_num_tokens_that_fit(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction, tp,
-                                      s.max_batch_size)
+                                      s.max_batch_size, layout=layout)
         hint = f"at most {fit:,} tokens an iteration leave room (or set kv_cache.activation_reserve_gb)"
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model",
-                            reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint)
+                            reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint,
+                            layout=layout)
     if kvc.pool_tokens is not None:
         blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
         if blocks > MAX_POOL_BLOCKS:  # the block manager lists every free block
@@ -345,11 +349,10 @@ def make_requests(df: pd.DataFrame) -> list[Request]:
                     stpot[i], hashes[i], toks[i]) for i in range(n)]
 
 
-def make_cost_model(setup: Setup) -> RooflineCostModel:
+def make_cost_model(setup: Setup):
     cfg = setup.cfg
-    return RooflineCostModel(setup.model, setup.hardware, setup.roofline,
-                             tp=cfg.cluster.tensor_parallel, cuda_graphs=cfg.runtime.cuda_graphs,
-                             overlap_scheduler=cfg.runtime.overlap_scheduler)
+    return make_layout_cost_model(setup.model, setup.hardware, setup.roofline, Layout.of(cfg.cluster),
+                                  cuda_graphs=cfg.runtime.cuda_graphs, overlap_scheduler=cfg.runtime.overlap_scheduler)
 
 
 def run_policies(setup: Setup) -> dict[str, LoadedPolicy]:
@@ -371,7 +374,8 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     s = setup.cfg.scheduler
     rt = setup.cfg.runtime
     kvc = setup.cfg.kv_cache
-    block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel)
+    block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel,
+                                     setup.cfg.cluster.pipeline_parallel)
     padding = None
     if rt.cuda_graphs:
         padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
@@ -465,8 +469,8 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
         source = "measured (NVML energy counter)"
     else:
         p = power_params(setup)
-        gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
-        tp = setup.cfg.cluster.tensor_parallel
+        gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
+        tp = setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
         dur = it.column("duration_s").to_numpy()
         w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, p["max_w"]) * tp
         j = energy(it, summary["duration_s"], gpus, p["idle_w"], w)

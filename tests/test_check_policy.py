@@ -57,7 +57,7 @@ def test_cli_catches_the_pool_overcommitting_policy(broken, capsys):
 
 def test_cli_catches_the_starving_policy(broken, capsys):
     out_file = broken / "starve.yaml"
-    assert main(["check-policy", "broken:Lifo", "--examples", "30", "--out", str(out_file)]) == 1
+    assert main(["check-policy", "broken:Lifo", "--examples", "60", "--out", str(out_file)]) == 1
     out = capsys.readouterr().out
     with capsys.disabled():
         print("\n" + out)
