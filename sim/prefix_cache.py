@@ -30,7 +30,8 @@ DEFAULT_PRIORITY = 35
 
 class CacheNode:
     __slots__ = ("key", "block_id", "ref", "priority", "base_priority", "expire_at", "duration",
-                 "last_used", "on_host", "stamp", "content", "hits", "tenant", "index", "released")
+                 "last_used", "on_host", "stamp", "content", "hits", "tenant", "index", "released",
+                 "released_s")
 
     def __init__(self, key: int, block_id: int, priority: int, duration: float | None, content):
         self.key = key
@@ -48,6 +49,7 @@ class CacheNode:
         self.tenant = ""  # the tenant of the request that cached it
         self.index = -1  # its block's position in that prompt
         self.released = 0  # sequence number of its last release (eviction candidates' order)
+        self.released_s = 0.0  # time of its last release (last_used may be touched since: a copy source)
 
 
 @dataclass
@@ -192,6 +194,7 @@ class PrefixCache:
             node.last_used = now
             self._rel_seq += 1
             node.released = self._rel_seq
+            node.released_s = now
             if node.duration is not None:
                 node.priority = node.base_priority
                 node.expire_at = now + node.duration
@@ -271,7 +274,7 @@ class PrefixCache:
         n = min(n, len(cands))
         if n <= 0:
             return 0
-        views = [CachedBlockView(c.key, c.index, c.tenant, c.priority, c.last_used, c.hits) for c in cands]
+        views = [CachedBlockView(c.key, c.index, c.tenant, c.priority, c.released_s, c.hits) for c in cands]
         import operator
 
         picked = list(self.eviction.evict(views, n, now))
