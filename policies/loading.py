@@ -348,7 +348,7 @@ def run_policy_values(cfg) -> dict[str, tuple[Any, dict]]:
         "order": (s.order, {}),
         "preemption": (s.preemption_victim, {}),
         "eviction": (cfg.kv_cache.eviction, {}),
-        "router": (cfg.cluster.router, {}),
+        "router": (cfg.cluster.router, router_builtin_args(cfg, cfg.cluster.router)),
     }
     if s.chunking is not None:
         out["chunking"] = (s.chunking, {})
@@ -363,6 +363,14 @@ def run_policy_values(cfg) -> dict[str, tuple[Any, dict]]:
         out["draft"] = (sp.draft_policy, {"name": sp.proposer, "max_draft_len": sp.max_draft_len,
                                           "tree_nodes": sp.tree_nodes if sp.proposer == "eagle" else 0})
     return out
+
+
+def router_builtin_args(cfg, value) -> dict:
+    """The arguments a built-in router takes from other settings (prefix_aware's load bound)."""
+    if value == "prefix_aware":
+        pa = cfg.cluster.prefix_aware
+        return {"load_factor": pa.load_factor, "slack_tokens": pa.slack_tokens}
+    return {}
 
 
 def load_run_policies(cfg, base_dir: Path | None, where: str = "") -> dict[str, LoadedPolicy]:

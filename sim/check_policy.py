@@ -332,7 +332,7 @@ class _Base:
         blocks = cfg.kv_cache.pool_tokens // cfg.kv_cache.tokens_per_block
         spec = resolve_speculation(cfg, self.model, self.hw, cfg.cost_model.roofline, self.base_dir, "", pols)
         return Setup(cfg, self.model, self.hw, blocks, workload_frame(work), cfg.cost_model.roofline, None, spec,
-                     pols, self.base_dir)
+                     policies=pols, base_dir=self.base_dir)
 
 
 _VIOLATION_TYPES: dict[str, type] = {}

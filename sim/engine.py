@@ -194,6 +194,18 @@ class Engine:
         req.reject_reason = reason
         self.done.append(req)
 
+    def never_fits(self, req: Request) -> str | None:
+        """Why `req` can never run here (the reason it is rejected with), or None."""
+        cfg = self.cfg
+        if cfg.max_positions is not None and final_kv_tokens(req) > cfg.max_positions:
+            return "max_positions"
+        if self._final_blocks(req) > self.kv.total:
+            return "kv_pool"
+        if (req.preemptions == 0 and not req.transfer_in and req.prompt_len > cfg.max_num_tokens
+                and not cfg.chunking.splits):
+            return "token_budget"
+        return None
+
     # ------------------------------------------------------------------ admission
     def _pick_next(self, cutoff: float) -> None:
         """Move the waiting request `cfg.order` picks (among those arrived) to the front."""
@@ -240,17 +252,10 @@ class Engine:
             req = self.waiting[0]
             if req.arrival_s > cutoff and not req.preemptions:
                 return True
-            if cfg.max_positions is not None and final_kv_tokens(req) > cfg.max_positions:
+            reason = self.never_fits(req)
+            if reason is not None:
                 self.waiting.popleft()
-                self._reject(req, "max_positions")
-                continue
-            if self._final_blocks(req) > kv.total:
-                self.waiting.popleft()
-                self._reject(req, "kv_pool")
-                continue
-            if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and not cfg.chunking.splits:
-                self.waiting.popleft()
-                self._reject(req, "token_budget")
+                self._reject(req, reason)
                 continue
             if req.swapped_blocks:
                 if not self._swap_in(req, headroom):
@@ -315,10 +320,13 @@ class Engine:
         self._reserve(req, need)
         self.waiting.popleft()
         kv.grow(n)
-        kv.pending_onboard += n
-        if self.needs_block_ids:
-            self.pending_swap_in.append(req.request_id)
-        self.swap_used -= n
+        if req.transfer_in:  # its KV came over the link from a prefill replica (sim/disagg.py)
+            req.transfer_in = False
+        else:
+            kv.pending_onboard += n
+            if self.needs_block_ids:
+                self.pending_swap_in.append(req.request_id)
+            self.swap_used -= n
         req.swapped_blocks = 0
         req.admit_seq = self._admit_seq
         self._admit_seq += 1

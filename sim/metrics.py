@@ -185,6 +185,8 @@ def flat_row(summary: dict) -> dict:
     """One comparison.csv row: scalars as they are, distributions as key_stat columns."""
     row = {}
     for k, v in summary.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            continue  # a table of its own (per_replica): summary.json has it
         if isinstance(v, dict):
             for s, x in v.items():
                 row[f"{k}_{s}"] = x

@@ -200,8 +200,9 @@ class RequestArrays:
     finished: np.ndarray  # bool per row
 
 
-def request_arrays(requests: list[Request], its: list[IterationArrays]) -> RequestArrays:
-    """Per-request rows; token times gathered from iteration end times via the spans."""
+def request_arrays(requests: list[Request], its: list[IterationArrays], disaggregated: bool = False) -> RequestArrays:
+    """Per-request rows; token times gathered from iteration end times via the spans (a
+    disaggregated request's first token from its prefill replica's iteration)."""
     requests = sorted(requests, key=lambda r: r.request_id)
     ends = [i.end_s for i in its]
     base = np.cumsum([0] + [len(e) for e in ends])[:-1]
@@ -214,6 +215,10 @@ def request_arrays(requests: list[Request], its: list[IterationArrays]) -> Reque
             continue
         b = base[r.replica]
         tot = 0
+        if r.first_token_at is not None:
+            span_start.append(base[r.first_token_at[0]] + r.first_token_at[1])
+            span_len.append(1)
+            tot += 1
         for first, cnt in r.spans:
             span_start.append(b + first)
             span_len.append(cnt)
@@ -240,6 +245,10 @@ def request_arrays(requests: list[Request], its: list[IterationArrays]) -> Reque
                            dtype=np.float64, count=n)
 
     status = np.where(finished, "finished", "rejected")
+    extra = {}
+    if disaggregated:
+        extra = {"prefill_replica": col("prefill_replica", np.int32),
+                 "kv_transfer_s": [r.kv_transfer_s for r in requests]}
     table = build_table("requests", {
         "request_id": col("request_id", np.int64),
         "replica": col("replica", np.int32),
@@ -258,5 +267,6 @@ def request_arrays(requests: list[Request], its: list[IterationArrays]) -> Reque
         "slo_ttft_s": opt("slo_ttft_s"),
         "slo_tpot_s": opt("slo_tpot_s"),
         "token_times": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(times)),
+        **extra,
     })
     return RequestArrays(table, times, offsets, finished)

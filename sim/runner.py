@@ -48,6 +48,7 @@ class Setup:
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
     profile_power: dict | None = None  # a calibration profile's fitted power model
     speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
+    cluster: object = None  # sim/cluster.py ClusterSetup: replica groups or pools (None: identical replicas)
     # family -> the policy class its key names, loaded and checked (policies/loading.py);
     # None: loaded from cfg when first needed
     policies: dict[str, LoadedPolicy] | None = None
@@ -98,7 +99,12 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
         spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where, policies))
     if problems:
         raise ConfigError(problems)
-    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec, policies, base_dir)
+    setup = Setup(cfg, model, hw, blocks, workload, roofline, power, spec, policies=policies, base_dir=base_dir)
+    if cfg.cluster.groups or cfg.cluster.disaggregation is not None:
+        from .cluster import resolve_cluster
+
+        setup.cluster = resolve_cluster(setup, base_dir, where)
+    return setup
 
 
 def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str):
@@ -362,9 +368,16 @@ def run_policies(setup: Setup) -> dict[str, LoadedPolicy]:
     return setup.policies
 
 
-def make_run_router(setup: Setup):
-    """A fresh instance of the run's router (cluster.router)."""
-    return run_policies(setup)["router"].make()
+def make_run_router(setup: Setup, name: str | None = None):
+    """A fresh instance of the run's router (cluster.router), or of another key's built-in
+    router `name` (the decode pool's, cluster.disaggregation.decode_router), loaded through
+    the same path."""
+    if name is None:
+        return run_policies(setup)["router"].make()
+    from servesim.policies.loading import load_policy, router_builtin_args
+
+    return load_policy(name, "router", "cluster.disaggregation.decode_router", setup.base_dir,
+                       router_builtin_args(setup.cfg, name)).make()
 
 
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
@@ -419,11 +432,16 @@ def prepare_requests(setup: Setup) -> list[Request]:
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
-               wall_s: float, measured_energy_j: float | None = None) -> RunResult:
-    """Records, tables and summary of a finished run (both backends)."""
+               wall_s: float, measured_energy_j: float | None = None,
+               pools: dict[int, str] | None = None) -> RunResult:
+    """Records, tables and summary of a finished run (both backends). `pools`: replica ->
+    its pool ("prefill" / "decode") of a disaggregated run."""
     its = [iteration_arrays(e) for e in engines]
-    req = request_arrays(requests, its)
-    it_table = iterations_table(its)
+    disagg = bool(pools) and any(pools.values())
+    req = request_arrays(requests, its, disaggregated=disagg)
+    it_table = iterations_table(its, {"pool": np.concatenate(
+        [np.full(len(i.columns["iteration"]), pools[e.replica], dtype=object) for i, e in zip(its, engines)])}
+        if disagg else None)
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
@@ -436,7 +454,18 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
     summary.update(energy_summary(setup, it_table, summary, measured_energy_j))
     from .bounds import run_bounds
 
-    summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    if setup.cluster is None:
+        summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    else:  # replica groups or pools: the bound of as many identical replicas, where they are identical
+        from .cluster import bounds_setup
+
+        bs = bounds_setup(setup)
+        summary["bounds"] = run_bounds(bs, req.table, summary) if bs is not None else None
+    if len(engines) > 1:
+        from .cluster import per_replica_summary
+
+        summary["per_replica"] = per_replica_summary(req.table, it_table, summary["duration_s"],
+                                                     pools or {e.replica: "" for e in engines})
     return RunResult(req.table, it_table, summary, setup)
 
 
@@ -470,6 +499,8 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
     else:
         p = power_params(setup)
         gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
+        if setup.cluster is not None:
+            gpus = setup.cluster.num_gpus
         tp = setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
         dur = it.column("duration_s").to_numpy()
         w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, p["max_w"]) * tp
@@ -486,6 +517,10 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
 def simulate(setup: Setup, check_invariants: bool = False,
              progress: Callable[[float], None] | None = None) -> RunResult:
     t0 = time.perf_counter()
+    if setup.cluster is not None:
+        from .cluster import simulate_cluster
+
+        return simulate_cluster(setup, check_invariants, progress, t0)
     requests = prepare_requests(setup)
     cost = make_cost_model(setup)
     engines = [Engine(engine_config(setup, check_invariants),
@@ -493,6 +528,8 @@ def simulate(setup: Setup, check_invariants: bool = False,
                       replica=i) for i in range(setup.cfg.cluster.replicas)]
     run_simulation(requests, engines, make_run_router(setup), progress=progress)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
+
+
 
 
 def code_version() -> str:
