@@ -42,10 +42,9 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from servesim.policies.routing import make_router
 from servesim.sim.engine import Engine
 from servesim.sim.memory import default_activation_reserve_bytes
-from servesim.sim.runner import RunResult, Setup, engine_config, finish_run, prepare_requests
+from servesim.sim.runner import RunResult, Setup, engine_config, finish_run, make_run_router, prepare_requests
 from servesim.sim.schemas import build_table
 from servesim.sim.types import ConfigError
 from servesim.traces.schema import HASH_BLOCK_SIZE
@@ -369,7 +368,7 @@ def _run_gpu(setup: Setup, box: list, requests, dev, t_start: float, progress, c
     speculation = executor.spec
     executor.warmup()
     engine = Engine(ecfg, executor)
-    router = make_router(cfg.cluster.router)
+    router = make_run_router(setup)  # the same router class (and policies) as the simulator's
     nvml = None
     if dev.type == "cuda":
         from .nvml import Nvml, device_index, run_energy

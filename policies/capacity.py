@@ -7,8 +7,21 @@
 - STATIC_BATCH forms a batch only while the engine is idle and lets nothing join until
   the batch's last request has finished; finished slots stay idle.
 
-A policy decides; the engine carries out (the reservation, the pause). Policies see the
-block manager's counts and what the request needs, never the executor, and change nothing.
+A policy decides; the engine carries out (the reservation, the pause). Policies see a
+read-only view of the block manager's counts (:class:`PoolView`) and what the request
+needs, never the executor, and change nothing.
+
+Worked example (``scheduler.capacity: my_policies:HalfPool``): admit while the reserved
+blocks stay under half the pool, reserving like GUARANTEED_NO_EVICT::
+
+    class HalfPool:
+        name = "half_pool"
+        admit_while_busy = True
+        pauses_on_shortage = False
+        reserves = True
+
+        def admits(self, kv, headroom, need):
+            return kv.reserved + need.final_blocks + need.new_refs <= kv.total // 2
 """
 
 from __future__ import annotations
@@ -34,6 +47,45 @@ class AdmitNeed:
     new_refs: int  # cached blocks it starts referencing (they stop being evictable)
 
 
+class PoolView:
+    """What a capacity policy sees of the KV pool: its counts, read-only (in blocks)."""
+
+    __slots__ = ("_kv",)
+
+    def __init__(self, kv: BlockManager):
+        self._kv = kv
+
+    @property
+    def total(self) -> int:
+        """Blocks in the pool."""
+        return self._kv.total
+
+    @property
+    def used(self) -> int:
+        """Blocks held by live requests (a shared prefix block counted once)."""
+        return self._kv.used
+
+    @property
+    def cached(self) -> int:
+        """Unreferenced blocks the prefix cache keeps (evictable)."""
+        return self._kv.cached
+
+    @property
+    def reserved(self) -> int:
+        """Blocks promised to admitted requests (policies with ``reserves``)."""
+        return self._kv.reserved
+
+    @property
+    def free(self) -> int:
+        """Blocks neither used nor cached."""
+        return self._kv.free
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation can get now (free plus evictable)."""
+        return self._kv.available
+
+
 class CapacityPolicy(Protocol):
     name: str
     admit_while_busy: bool  # False: only admit into an idle engine (static batching)
@@ -43,7 +95,7 @@ class CapacityPolicy(Protocol):
     # it starts referencing) in kv.reserved (GUARANTEED_NO_EVICT-style accounting)
     reserves: bool
 
-    def admits(self, kv: BlockManager, headroom: int, need: AdmitNeed) -> bool:
+    def admits(self, kv: PoolView, headroom: int, need: AdmitNeed) -> bool:
         """Whether a request needing `need` can be admitted now. Reads the pool's counts,
         changes nothing.
 

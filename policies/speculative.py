@@ -16,6 +16,20 @@ Proposers differ in what drafting costs and how verification is shaped:
 - ``medusa``: k heads on the target's last hidden state, one pass;
 - ``eagle``: a one-layer head run k times; ``tree_nodes`` > k verifies a tree of
   candidates (the node count is what the target computes per request).
+
+Worked example (``speculative.draft_policy: my_policies:ShortDraftsNearTheEnd``): the
+proposer (``speculative.proposer``) still prices the drafting; the policy chooses k per
+request and step from what it sees (the tokens it still has to emit)::
+
+    class ShortDraftsNearTheEnd:
+        name = "short_near_end"
+        max_draft_len = 4
+
+        def draft_len(self, remaining):
+            return min(self.max_draft_len, max(remaining // 8, 1), max(remaining - 1, 0))
+
+        def verify_tokens(self, k):
+            return k
 """
 
 from __future__ import annotations
@@ -55,6 +69,9 @@ class FixedDraft:
         if self.tree_nodes and k == self.max_draft_len:
             return self.tree_nodes
         return k
+
+
+DRAFT_POLICIES: dict[str, type] = {"fixed": FixedDraft}
 
 
 def fit_draft_lens(ks: list[int], budget: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""`sim` command line: run, validate, compare.
+"""`sim` command line: run, validate, compare, check-policy.
 
 Bad input (ConfigError) prints one readable message per problem, naming the file and
 key path, and exits with status 2 — never a traceback.
@@ -577,6 +577,51 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_check_policy(args) -> int:
+    from .check_policy import INVARIANTS, check_policy, reproduce
+
+    con = _console()
+    if args.reproduce:
+        try:
+            results = reproduce(Path(args.reproduce), args.max_overtakes)
+        except ConfigError as e:
+            return _fail(e)
+        bad = [(n, v) for n, v in results if v is not None]
+        for n, v in results:
+            con.print(f"{n}: " + (f"[bold red]{v.invariant}[/]: {v.message}" if v else "[green]every invariant "
+                                  "holds[/]"), soft_wrap=True)
+        return 1 if bad else 0
+    if not args.policy:
+        return _fail(ConfigError("give POLICY (a built-in name or module:Class) or --reproduce FILE", "command line"))
+    try:
+        import yaml
+
+        pargs = yaml.safe_load(args.args) if args.args else None
+        if pargs is not None and not isinstance(pargs, dict):
+            raise ConfigError(f"--args expects a mapping, e.g. '{{max_overtakes: 8}}', got {args.args!r}",
+                              "command line: --args")
+        if args.examples < 1:
+            raise ConfigError(f"--examples {args.examples}: give 1 or more", "command line: --examples")
+        out = Path(args.out)
+        rep = check_policy(args.policy, args.family, pargs, base_dir=Path.cwd(), examples=args.examples,
+                           seed=args.seed, max_overtakes=args.max_overtakes, out=out)
+    except ConfigError as e:
+        return _fail(e)
+    if rep.violation is None:
+        con.print(f"[green]ok[/] {rep.policy} ({rep.family}): {rep.examples} random examples, every invariant held: "
+                  + ", ".join(INVARIANTS) + f" (most overtakes of one request: {rep.max_overtakes_seen}, "
+                  f"bound {args.max_overtakes})", soft_wrap=True)
+        return 0
+    v = rep.violation
+    con.print(f"[bold red]violation[/] {rep.policy} ({rep.family}): [bold]{v.invariant}[/] after {rep.examples} "
+              f"examples (shrinking included)", soft_wrap=True)
+    con.print(f"  {v.message}", soft_wrap=True)
+    con.print(f"shrunk reproducer: {rep.reproducer} (+ {rep.reproducer.with_suffix('.csv').name}): "
+              f"{len(rep.rows['rows'])} requests", soft_wrap=True)
+    con.print(rep.reproducer.read_text(), soft_wrap=True, markup=False)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sim", description="servesim: LLM-serving simulator with a real-GPU mode")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -618,6 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare)
     b = sub.add_parser("bounds", help="what the hardware allows: memory fit, decode and prefill rooflines, "
                        "end-to-end tokens/s; --claim-tok-s checks a claimed figure")
+    cp = sub.add_parser("check-policy", help="check a policy against the engine's invariants on random workloads; "
+                        "the first violation, shrunk, is written as an experiment file")
+    cp.add_argument("policy", nargs="?", help="a built-in name or module:Class (module looked for in the current "
+                    "folder, then installed), or file.py:Class")
+    cp.add_argument("--family", choices=["capacity", "order", "chunking", "preemption", "eviction", "router", "draft"],
+                    help="the family it is for (default: the one whose Protocol it satisfies)")
+    cp.add_argument("--args", metavar="YAML", help="constructor keyword arguments, e.g. '{max_overtakes: 8}'")
+    cp.add_argument("--examples", type=int, default=100, help="random examples to try (default 100)")
+    cp.add_argument("--seed", type=int, default=0, help="seed of the search (default 0: the same examples each time)")
+    cp.add_argument("--max-overtakes", type=int, default=16,
+                    help="starvation bound: times a request may be overtaken by later arrivals (default 16)")
+    cp.add_argument("--out", default="check-policy-failure.yaml", help="where to write the shrunk reproducer "
+                    "(default ./check-policy-failure.yaml, its workload beside it as .csv)")
+    cp.add_argument("--reproduce", metavar="FILE", help="check an experiment file (a reproducer) again instead")
+    cp.set_defaults(fn=cmd_check_policy)
     from .bounds import add_arguments
 
     add_arguments(b)

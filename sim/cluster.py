@@ -98,11 +98,15 @@ def resolve_cluster(setup, base_dir: Path, where: str = "") -> ClusterSetup | No
             gwhere = f"{where}{key}."  # its problems at its keys: cluster.groups[1].cluster.tensor_parallel
             model, blocks, roofline, power = _fit(gcfg, model, hw, base_dir, gwhere)
             spec = resolve_speculation(gcfg, model, hw, roofline, base_dir, gwhere)
+            from servesim.policies.loading import load_run_policies
+
+            pols = load_run_policies(gcfg, base_dir, gwhere)  # the group's own policies
         except ConfigError as e:
             problems.extend(e.problems)
             continue
         resolved.append((pool, g, key, replace(setup, cfg=gcfg, model=model, hardware=hw, num_blocks=blocks,
-                                               roofline=roofline, profile_power=power, speculation=spec)))
+                                               roofline=roofline, profile_power=power, speculation=spec,
+                                               policies=pols)))
     if problems:
         raise ConfigError(problems)
     _check_compatible(resolved, cfg, where, cl.disaggregation is not None)
@@ -354,13 +358,14 @@ def simulate_cluster(setup, check_invariants: bool, progress, t0: float):
     for rs in cl.replicas:
         s = rs.setup
         if id(s) not in built:
-            built[id(s)] = (make_cost_model(s), engine_config(s, check_invariants))
-        cost, ecfg = built[id(s)]
+            built[id(s)] = (make_cost_model(s),)
+        cost, = built[id(s)]
         ex = SimExecutor(cost, s.cfg.runtime.overlap_scheduler, make_sim_speculation(s, rs.index))
-        engines.append(Engine(ecfg, ex, replica=rs.index))
+        # an engine config per replica: fresh instances of its policies (a stateful one belongs to one engine)
+        engines.append(Engine(engine_config(s, check_invariants), ex, replica=rs.index))
     pools = {rs.index: rs.pool for rs in cl.replicas}
     if not cl.disaggregated:
-        run_simulation(requests, engines, make_run_router(setup.cfg), progress=progress)
+        run_simulation(requests, engines, make_run_router(setup), progress=progress)
     else:
         from .disagg import run_disaggregated
 
@@ -370,8 +375,8 @@ def simulate_cluster(setup, check_invariants: bool, progress, t0: float):
         tpb = ps.cfg.kv_cache.tokens_per_block
         per_token = kv_bytes_per_block(ps.model, tpb, 1) / tpb  # the whole model's KV (all shards)
         link = cl.link
-        run_disaggregated(requests, pre, dec, make_run_router(setup.cfg),
-                          make_run_router(setup.cfg, setup.cfg.cluster.disaggregation.decode_router),
+        run_disaggregated(requests, pre, dec, make_run_router(setup),
+                          make_run_router(setup, setup.cfg.cluster.disaggregation.decode_router),
                           link.bandwidth_gb_s * 1e9, link.latency_s, per_token)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0, pools=pools)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
+from servesim.policies.loading import PolicyRef, check_value
 from servesim.traces.spec import WorkloadConfig
 
 from .cost_model import RooflineConfig
@@ -30,12 +32,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# A policy key (policies/loading.py): a built-in name, module:Class, or {class, args}
+PolicySpec = Annotated[Union[Annotated[str, Tag("name")], Annotated[PolicyRef, Tag("ref")]],
+                       Discriminator(lambda v: "ref" if isinstance(v, (dict, PolicyRef)) else "name")]
+_USER = " -- or your own: module:Class, or {class: module:Class, args: {...}} (README, Policies you write)"
+
+
 class SchedulerConfig(_Strict):
-    capacity: Literal["guaranteed_no_evict", "max_utilization", "static_batch"] = Field(
+    capacity: PolicySpec = Field(
         "guaranteed_no_evict",
         description="admission policy: guaranteed_no_evict reserves KV for prompt+output; "
         "max_utilization admits greedily and pauses the newest request when KV runs out; "
-        "static_batch forms a batch only when the engine is idle")
+        "static_batch forms a batch only when the engine is idle" + _USER)
+    order: PolicySpec = Field("fcfs", description="which arrived request is admitted next: fcfs; priority "
+                              "(highest first), shortest_prompt_first (both with an aging bound, max_overtakes "
+                              "8)" + _USER)
+    chunking: PolicySpec | None = Field(None, description="context chunking policy: none, fixed (args: "
+                                        "chunk_size), fill_budget; null: from enable_chunked_context and "
+                                        "chunk_size" + _USER)
+    preemption_victim: PolicySpec = Field("newest", description="which running request a pausing capacity "
+                                          "policy pauses: newest, lowest_priority" + _USER)
     # upper bounds: far beyond any engine's, and small enough that graph-size lists and
     # per-iteration arrays stay small (a 10^20-request batch would exhaust memory)
     max_batch_size: int = Field(256, gt=0, le=2**20, description="most requests active at once")
@@ -48,6 +64,21 @@ class SchedulerConfig(_Strict):
         "recompute", description="how max_utilization pauses a request: recompute (drop its KV, recompute "
         "prompt + generated tokens on resume) or swap (copy its KV to host memory and back over PCIe)")
     swap_space_gb: float = Field(16.0, gt=0, description="host memory for swapped-out requests (preemption: swap)")
+
+    @field_validator("capacity", "order", "chunking", "preemption_victim", mode="before")
+    @classmethod
+    def _policies(cls, v, info):
+        if v is None:
+            return v
+        return check_value(v, {"capacity": "capacity", "order": "order", "chunking": "chunking",
+                               "preemption_victim": "preemption"}[info.field_name])
+
+    @model_validator(mode="after")
+    def _chunking(self):
+        if self.chunking is not None and (self.enable_chunked_context or self.chunk_size is not None):
+            raise KeyedError("scheduler.chunking replaces enable_chunked_context and chunk_size: set one or the "
+                             "other", "scheduler.chunking", "scheduler.enable_chunked_context", "scheduler.chunk_size")
+        return self
 
 
 class TokenRangeConfig(_Strict):
@@ -95,6 +126,9 @@ class KVCacheConfig(_Strict):
     secondary_offload_min_priority: int = Field(35, ge=0, le=100, description="blocks evicted at or above "
                                                 "this priority go to the host tier; lower ones are dropped")
     retention: RetentionConfig | None = Field(None, description="retention priorities of token ranges")
+    eviction: PolicySpec = Field("prioritized_lru", description="which cached blocks are evicted when the pool "
+                                 "is short (enable_block_reuse): prioritized_lru (lowest retention priority, then "
+                                 "least recently used)" + _USER)
     dtype: str = Field("auto", description="KV-cache element format: bf16, fp8 (e4m3, Hopper or later) or int8, "
                        "one scale per layer and tensor; auto: the checkpoint's (its quantization_config's KV "
                        "scheme), else bf16")
@@ -110,6 +144,11 @@ class KVCacheConfig(_Strict):
             return parse_kv_dtype(v)
         except ConfigError as e:
             raise ValueError(e.problems[0][1]) from None
+
+    @field_validator("eviction", mode="before")
+    @classmethod
+    def _eviction(cls, v):
+        return check_value(v, "eviction")
 
     @model_validator(mode="after")
     def _pow2(self):
@@ -151,10 +190,10 @@ class PrefixAwareConfig(_Strict):
 
 class ClusterConfig(_Strict):
     replicas: int = Field(1, gt=0, le=1024, description="engine replicas, each on its own GPUs")
-    router: ROUTER_NAMES = Field(
+    router: PolicySpec = Field(
         "round_robin", description="which replica an arriving request goes to: round_robin, least_loaded "
         "(fewest requests), least_outstanding_tokens (least prompt + output tokens left), prefix_aware (the "
-        "longest cached prefix, within a load bound: cluster.prefix_aware)")
+        "longest cached prefix, within a load bound: cluster.prefix_aware)" + _USER)
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
     # parallelism beyond TP (policies/parallelism.py checks a layout, sim/pipeline.py prices pp)
     pipeline_parallel: int = Field(1, gt=0, le=1024, description="pipeline stages per replica, each of "
@@ -176,6 +215,11 @@ class ClusterConfig(_Strict):
     disaggregation: "DisaggregationConfig | None" = Field(
         None, description="disaggregated serving: a prefill pool and a decode pool (null: every replica "
         "does both)")
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _router(cls, v):
+        return check_value(v, "router")
 
     @model_validator(mode="after")
     def _cluster_form(self):
@@ -301,10 +345,17 @@ class SpeculativeConfig(_Strict):
     tree_nodes: int = Field(0, ge=0, description="eagle: candidate-tree nodes verified per request (0: a chain)")
     host_s_per_request: float = Field(2e-6, ge=0, description="host seconds per request and step of "
                                       "proposing (n-gram lookup, draft bookkeeping)")
+    draft_policy: PolicySpec = Field("fixed", description="how many drafts each request carries per step: fixed "
+                                     "(max_draft_len, fewer near the end)" + _USER)
     gpu_acceptance: Literal["natural", "controlled"] = Field(
         "controlled", description="--backend gpu: controlled runs the real drafting and verification but accepts "
         "each position as `acceptance` says (random weights make natural acceptance meaningless); natural "
         "accepts what the target's verification accepts")
+
+    @field_validator("draft_policy", mode="before")
+    @classmethod
+    def _draft_policy(cls, v):
+        return check_value(v, "draft")
 
     @model_validator(mode="after")
     def _check(self):
@@ -377,7 +428,8 @@ class RunConfig(_Strict):
                              "request takes one token of the budget", "scheduler.max_num_tokens",
                              "scheduler.max_batch_size")
         kv = self.kv_cache
-        if s.preemption == "swap" and s.capacity != "max_utilization":
+        if s.preemption == "swap" and isinstance(s.capacity, str) and ":" not in s.capacity \
+                and s.capacity != "max_utilization":
             raise KeyedError("scheduler.preemption: swap needs scheduler.capacity: max_utilization "
                              "(the other policies never pause a request)", "scheduler.preemption",
                              "scheduler.capacity")
@@ -385,6 +437,9 @@ class RunConfig(_Strict):
             raise KeyedError("kv_cache.host_cache_size_gb needs kv_cache.enable_block_reuse: true "
                              "(the host tier holds evicted reusable blocks)", "kv_cache.host_cache_size_gb",
                              "kv_cache.enable_block_reuse")
+        if kv.eviction != "prioritized_lru" and not kv.enable_block_reuse:
+            raise KeyedError("kv_cache.eviction needs kv_cache.enable_block_reuse: true (it chooses among cached "
+                             "prefix blocks)", "kv_cache.eviction", "kv_cache.enable_block_reuse")
         if kv.retention is not None and not kv.enable_block_reuse:
             raise KeyedError("kv_cache.retention needs kv_cache.enable_block_reuse: true", "kv_cache.retention",
                              "kv_cache.enable_block_reuse")

@@ -26,14 +26,18 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 from array import array
 from collections import deque
 from dataclasses import dataclass
 
-from servesim.policies.capacity import AdmitNeed, CapacityPolicy, final_kv_tokens
+from servesim.policies.capacity import AdmitNeed, CapacityPolicy, PoolView, final_kv_tokens
 from servesim.policies.chunking import ChunkPolicy, FillBudget
 from servesim.policies.graph_padding import GraphPadding
+from servesim.policies.eviction import EvictionPolicy, incremental
+from servesim.policies.loading import PolicyError
 from servesim.policies.ordering import WaitingOrder, WaitingView
+from servesim.policies.preemption import PreemptionPolicy, RunningView
 from servesim.policies.speculative import DraftPolicy, fit_draft_lens
 
 from .kv_cache import BlockManager, blocks_for
@@ -72,6 +76,10 @@ class EngineConfig:
     # the model's max_position_embeddings: a request whose KV would outgrow it is rejected
     max_positions: int | None = None
     order: WaitingOrder | None = None  # which waiting request to try next (None: FCFS)
+    # which running request a pausing capacity policy pauses (None: the newest)
+    victim: PreemptionPolicy | None = None
+    # which cached prefix blocks are evicted (None: prioritised LRU)
+    eviction: EvictionPolicy | None = None
 
 
 class Engine:
@@ -84,9 +92,11 @@ class Engine:
         self.needs_block_ids = executor.needs_block_ids
         self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
         self.kv.reserving = cfg.capacity.reserves
+        self.kv_view = PoolView(self.kv)  # what the capacity policy sees
         self.cache: PrefixCache | None = None
         if cfg.prefix_caching:
-            self.cache = PrefixCache(self.kv, cfg.host_blocks, cfg.offload_min_priority)
+            self.cache = PrefixCache(self.kv, cfg.host_blocks, cfg.offload_min_priority,
+                                     eviction=None if incremental(cfg.eviction) else cfg.eviction)
             self.kv.cache = self.cache
         self._ev0 = 0  # cache counters at the start of the current step
         self._off0 = 0
@@ -107,6 +117,7 @@ class Engine:
         self.hist = [0] * self.tpb  # counts of (off - 1) mod tpb
         self.finish_heap: list[tuple[int, int, Request]] = []
         self._admit_seq = 0
+        self._moved: Request | None = None  # the waiting request the order policy last moved to the front
         self.recompute_chunking = FillBudget()
         # outputs
         self.rows: list[IterationRecord] = []  # general iterations
@@ -198,13 +209,31 @@ class Engine:
     # ------------------------------------------------------------------ admission
     def _pick_next(self, cutoff: float) -> None:
         """Move the waiting request `cfg.order` picks (among those arrived) to the front."""
-        views = [WaitingView(r.request_id, r.arrival_s, r.prompt_len, r.output_len, r.priority,
-                             r.tenant, r.preemptions) for r in self.waiting if r.arrival_s <= cutoff]
-        i = self.cfg.order.pick(views) if len(views) > 1 else 0
+        waiting = self.waiting
+        moved = self._moved
+        if moved is not None:  # the last pick, not admitted (the pool was short): back in arrival order
+            self._moved = None
+            if waiting and waiting[0] is moved:
+                waiting.popleft()
+                waiting.insert(bisect.bisect_right(waiting, moved.arrival_s, key=_arrival_of), moved)
+        n = len(waiting)  # the waiting requests are in arrival order: those arrived by cutoff lead
+        while n and waiting[n - 1].arrival_s > cutoff:
+            n -= 1
+        if n < 2:
+            return
+        i = self.cfg.order.pick(_WaitingViews(waiting, n))
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise PolicyError(f"scheduler.order {self.cfg.order.name!r}: pick returned {i!r}, not an index") from None
+        if not 0 <= i < n:
+            raise PolicyError(f"scheduler.order {self.cfg.order.name!r}: pick returned {i}, outside the "
+                              f"{n} waiting requests")
         if i:
-            req = self.waiting[i]
-            del self.waiting[i]
-            self.waiting.appendleft(req)
+            req = waiting[i]
+            del waiting[i]
+            waiting.appendleft(req)
+            self._moved = req
 
     def _admit(self, now: float, cutoff: float = INF) -> bool:
         """Admit waiting requests (those that arrived by `cutoff`, or were preempted); True
@@ -249,7 +278,7 @@ class Engine:
             need = AdmitNeed(ctx_blocks=blocks_for(req.context_target, self.tpb) - n_hit,
                              final_blocks=self._final_blocks(req) - n_hit,
                              new_refs=PrefixCache.new_refs(hits) if hits else 0)
-            if not policy.admits(kv, headroom, need):
+            if not policy.admits(self.kv_view, headroom, need):
                 break
             self._reserve(req, need)
             self.waiting.popleft()
@@ -286,7 +315,7 @@ class Engine:
         # n + 1: room for its own next block too, so the pause that follows admission in
         # the same iteration never picks the request it just brought back
         need = AdmitNeed(ctx_blocks=n + 1, final_blocks=self._final_blocks(req), new_refs=0)
-        if not self.cfg.capacity.admits(kv, headroom, need):
+        if not self.cfg.capacity.admits(self.kv_view, headroom, need):
             return False
         self._reserve(req, need)
         self.waiting.popleft()
@@ -312,14 +341,18 @@ class Engine:
             self.kv.reserved += need.new_refs
 
     def _pause_newest(self, it: int) -> None:
-        """MAX_UTILIZATION: pause the newest active request; it recomputes on resume."""
-        victim = None
-        for r in self.context:
-            if victim is None or r.admit_seq > victim.admit_seq:
-                victim = r
-        for r in self.decoding.values():
-            if victim is None or r.admit_seq > victim.admit_seq:
-                victim = r
+        """MAX_UTILIZATION: pause the victim policy's choice among the running requests (the
+        newest by default); it recomputes (or swaps back) on resume."""
+        if self.cfg.victim is not None:
+            victim = self._choose_victim(it)
+        else:
+            victim = None
+            for r in self.context:
+                if victim is None or r.admit_seq > victim.admit_seq:
+                    victim = r
+            for r in self.decoding.values():
+                if victim is None or r.admit_seq > victim.admit_seq:
+                    victim = r
         assert victim is not None
         if victim.phase == Phase.GENERATION:
             blocks = self._leave_generation(victim, it - 1)
@@ -345,6 +378,27 @@ class Engine:
         victim.context_done = 0
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
+
+    def _choose_victim(self, it: int) -> Request:
+        running = self.context + list(self.decoding.values())
+        tpb = self.tpb
+        views = []
+        for r in running:
+            if r.phase == Phase.GENERATION:
+                gen = r.generated + (it - r.gen_base_iter)
+                blocks = blocks_for(self._off(r) + it - 1, tpb)
+                phase = "generation"
+            else:
+                gen = r.generated
+                blocks = blocks_for(r.context_target, tpb)
+                phase = "context"
+            views.append(RunningView(r.request_id, r.arrival_s, r.prompt_len, r.output_len, r.priority, r.tenant,
+                                     phase, gen, blocks, r.admit_seq, r.preemptions))
+        i = self.cfg.victim.victim(views)
+        if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(running)):
+            raise PolicyError(f"scheduler.preemption_victim {self.cfg.victim.name!r}: victim returned {i!r}, not "
+                              f"an index into the {len(running)} running requests")
+        return running[i]
 
     # ------------------------------------------------------------------ stepping
     def step(self, now: float, horizon: float = INF) -> float:
@@ -583,7 +637,7 @@ class Engine:
         else:
             prios = [spec.block_priority(i, tpb, req.prompt_len) for i in range(start, n_full)]
         # steps over keys another request cached meanwhile (those blocks stay private)
-        new, idx = self.cache.insert_many(keys, req.blocks, start, n_full, prios, contents)
+        new, idx = self.cache.insert_many(keys, req.blocks, start, n_full, prios, contents, req.tenant)
         req.nodes.extend(new)
         req.node_blocks.extend(idx)
         inserted = len(new)
@@ -688,7 +742,41 @@ class Engine:
         assert self.n_dec == len(self.decoding)
         assert self.n_active() <= self.cfg.max_batch_size, "more active requests than max_batch_size"
         if not self.cfg.capacity.pauses_on_shortage:
-            assert self.kv.used <= self.kv.reserved
+            assert self.kv.used <= self.kv.reserved, (
+                f"{self.kv.used} KV blocks in use but {self.kv.reserved} reserved: a capacity policy that never "
+                "pauses (pauses_on_shortage False) must reserve every block its requests will use, or the "
+                "running requests outgrow the pool")
+
+
+class _WaitingViews:
+    """The first `n` waiting requests as read-only WaitingViews, each built when read."""
+
+    __slots__ = ("_waiting", "_n")
+
+    def __init__(self, waiting: deque, n: int):
+        self._waiting = waiting
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        r = self._waiting[i]
+        return WaitingView(r.request_id, r.arrival_s, r.prompt_len, r.output_len, r.priority, r.tenant, r.preemptions)
+
+    def __iter__(self):
+        for j in range(self._n):
+            yield self[j]
+
+
+def _arrival_of(r: Request) -> float:
+    return r.arrival_s
 
 
 def _iteration_of(r: IterationRecord) -> int:

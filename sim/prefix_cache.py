@@ -30,7 +30,8 @@ DEFAULT_PRIORITY = 35
 
 class CacheNode:
     __slots__ = ("key", "block_id", "ref", "priority", "base_priority", "expire_at", "duration",
-                 "last_used", "on_host", "stamp", "content")
+                 "last_used", "on_host", "stamp", "content", "hits", "tenant", "index", "released",
+                 "released_s")
 
     def __init__(self, key: int, block_id: int, priority: int, duration: float | None, content):
         self.key = key
@@ -44,6 +45,11 @@ class CacheNode:
         self.on_host = False
         self.stamp = 0
         self.content = content
+        self.hits = 0  # times a request reused it (an eviction policy's view)
+        self.tenant = ""  # the tenant of the request that cached it
+        self.index = -1  # its block's position in that prompt
+        self.released = 0  # sequence number of its last release (eviction candidates' order)
+        self.released_s = 0.0  # time of its last release (last_used may be touched since: a copy source)
 
 
 @dataclass
@@ -60,8 +66,12 @@ class CacheStats:
 
 class PrefixCache:
     def __init__(self, kv, host_blocks: int = 0, offload_min_priority: int = DEFAULT_PRIORITY,
-                 default_priority: int = DEFAULT_PRIORITY):
-        self.kv = kv  # BlockManager: owns ids and the used/cached counters
+                 default_priority: int = DEFAULT_PRIORITY, eviction=None):
+        self.kv = kv
+        # a user's eviction policy (policies/eviction.py), asked with views of every
+        # evictable block; None: the prioritised LRU computed by the heaps below
+        self.eviction = eviction
+        self._rel_seq = 0  # BlockManager: owns ids and the used/cached counters
         self.host_blocks = host_blocks
         self.offload_min_priority = offload_min_priority
         self.default_priority = default_priority
@@ -104,6 +114,7 @@ class PrefixCache:
         onboard = []
         lru = self._lru
         for n in hits:
+            n.hits += 1
             if n.ref == 0:
                 n.ref = 1
                 n.stamp = -1  # invalidates its heap entries
@@ -117,10 +128,12 @@ class PrefixCache:
                 n.ref += 1
         self.stats.hit_blocks += len(hits)
         for n in onboard:  # pinned above, so making room cannot evict them
-            kv.grow(1)
-            n.block_id = kv.free_ids.pop()
+            # off the host tier first: making room on the GPU may offload a block to the
+            # host, and a full tier of blocks being onboarded has none to drop
             n.on_host = False
             self.host_used -= 1
+            kv.grow(1)
+            n.block_id = kv.free_ids.pop()
             self.stats.onboarded += 1
             self.stats.host_hit_blocks += 1
             kv.pending_onboard += 1
@@ -137,7 +150,7 @@ class PrefixCache:
         return node
 
     def insert_many(self, keys, block_ids, start: int, stop: int, prios=None,
-                    contents=None) -> tuple[list[CacheNode], list[int]]:
+                    contents=None, tenant: str = "") -> tuple[list[CacheNode], list[int]]:
         """Cache blocks start..stop-1 of a request (ref 1 each); returns the new nodes and
         the block index of each. A key another request cached meanwhile is stepped over,
         as TensorRT-LLM's block reuse steps into the matched block: that block of the
@@ -157,6 +170,8 @@ class PrefixCache:
             else:
                 p, d = prios[i - start]
                 node = CacheNode(key, block_ids[i], p, d, None if contents is None else contents[i])
+            node.tenant = tenant
+            node.index = i
             nodes[key] = node
             out.append(node)
             idx.append(i)
@@ -177,6 +192,9 @@ class PrefixCache:
                 continue
             freed += 1
             node.last_used = now
+            self._rel_seq += 1
+            node.released = self._rel_seq
+            node.released_s = now
             if node.duration is not None:
                 node.priority = node.base_priority
                 node.expire_at = now + node.duration
@@ -208,6 +226,8 @@ class PrefixCache:
     def evict(self, n: int, now: float) -> int:
         """Free `n` GPU blocks from unreferenced cached nodes; returns how many it freed."""
         self._expire(now)
+        if self.eviction is not None:
+            return self._evict_by_policy(n, now)
         heap = self._gpu_heap
         lru = self._lru
         default = self.default_priority
@@ -237,6 +257,44 @@ class PrefixCache:
             self._evict_node(node, prio)
             freed += 1
         return freed
+
+    def evictable(self) -> list[CacheNode]:
+        """Every unreferenced GPU node, in the order they were released (oldest first)."""
+        out = list(self._lru.values())
+        out.extend(top for _, _, seq, top in self._gpu_heap
+                   if top.stamp == seq and top.ref == 0 and not top.on_host)
+        out.sort(key=lambda node: node.released)
+        return out
+
+    def _evict_by_policy(self, n: int, now: float) -> int:
+        from servesim.policies.eviction import CachedBlockView
+        from servesim.policies.loading import PolicyError
+
+        cands = self.evictable()
+        n = min(n, len(cands))
+        if n <= 0:
+            return 0
+        views = [CachedBlockView(c.key, c.index, c.tenant, c.priority, c.released_s, c.hits) for c in cands]
+        import operator
+
+        picked = list(self.eviction.evict(views, n, now))
+        name = self.eviction.name
+        try:
+            picked = [operator.index(i) for i in picked]
+        except TypeError:
+            pass  # reported below
+        if (len(picked) != n or len(set(picked)) != n
+                or not all(isinstance(i, int) and 0 <= i < len(cands) for i in picked)):
+            raise PolicyError(f"kv_cache.eviction {name!r}: evict(<{len(cands)} candidates>, n={n}) returned "
+                              f"{picked[:8]!r}{'...' if len(picked) > 8 else ''}: expected {n} distinct indices "
+                              f"in [0, {len(cands)})")
+        lru = self._lru
+        for i in picked:
+            node = cands[i]
+            lru.pop(node.key, None)
+            node.stamp = -1  # its heap entry, if any, is stale
+            self._evict_node(node, node.priority)
+        return n
 
     def _evict_node(self, node: CacheNode, prio: int) -> None:
         """Free an unreferenced node's GPU block: offload it to the host tier (priority at

@@ -16,11 +16,9 @@ import pyarrow as pa
 import yaml
 
 import servesim
-from servesim.policies.capacity import make_capacity_policy
-from servesim.policies.chunking import make_chunk_policy
 from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
+from servesim.policies.loading import LoadedPolicy, load_run_policies
 from servesim.policies.parallelism import Layout
-from servesim.policies.routing import make_router
 from servesim.traces.spec import build_workload
 
 from .config import RunConfig
@@ -51,6 +49,10 @@ class Setup:
     profile_power: dict | None = None  # a calibration profile's fitted power model
     speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
     cluster: object = None  # sim/cluster.py ClusterSetup: replica groups or pools (None: identical replicas)
+    # family -> the policy class its key names, loaded and checked (policies/loading.py);
+    # None: loaded from cfg when first needed
+    policies: dict[str, LoadedPolicy] | None = None
+    base_dir: Path | None = None  # where user policy modules are looked for first
 
 
 @dataclass
@@ -90,13 +92,14 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     fitted = None if model is None or hw is None else attempt(lambda: _fit(cfg, model, hw, base_dir, where))
     # the workload names the experiment file and variant too (a missing trace)
     workload = attempt(lambda: build_workload(cfg.workload, base_dir, cfg.seed, config_source=where.removesuffix(": ")))
+    policies = attempt(lambda: load_run_policies(cfg, base_dir, where))
     spec = None
     if fitted is not None:
         model, blocks, roofline, power = fitted
-        spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where))
+        spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where, policies))
     if problems:
         raise ConfigError(problems)
-    setup = Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    setup = Setup(cfg, model, hw, blocks, workload, roofline, power, spec, policies=policies, base_dir=base_dir)
     if cfg.cluster.groups or cfg.cluster.disaggregation is not None:
         from .cluster import resolve_cluster
 
@@ -192,7 +195,7 @@ def resolve_experiment(exp, source: str | Path) -> list[Setup]:
 
 
 def resolve_speculation(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, roofline, base_dir: Path,
-                        where: str) -> SpeculationSetup | None:
+                        where: str, policies: dict[str, LoadedPolicy] | None = None) -> SpeculationSetup | None:
     """The run's speculative decoding (raises ConfigError naming the key)."""
     from dataclasses import replace
 
@@ -204,7 +207,8 @@ def resolve_speculation(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, roof
     if sp is None or sp.max_draft_len == 0:
         return None
     loc = f"{where}speculative"
-    policy = make_draft_policy(sp.proposer, sp.max_draft_len, sp.tree_nodes)
+    make_draft_policy(sp.proposer, sp.max_draft_len, sp.tree_nodes)  # the proposer's checks
+    policy = (policies or load_run_policies(cfg, base_dir, where))["draft"].make()
     drafter = None
     if sp.proposer == "draft_model":
         drafter = load_model(sp.draft_model, base_dir, location=f"{loc}.draft_model")
@@ -357,7 +361,29 @@ def make_cost_model(setup: Setup):
                                   cuda_graphs=cfg.runtime.cuda_graphs, overlap_scheduler=cfg.runtime.overlap_scheduler)
 
 
+def run_policies(setup: Setup) -> dict[str, LoadedPolicy]:
+    """The run's policy classes (loaded from its config when the Setup was built by hand)."""
+    if setup.policies is None:
+        setup.policies = load_run_policies(setup.cfg, setup.base_dir)
+    return setup.policies
+
+
+def make_run_router(setup: Setup, name: str | None = None):
+    """A fresh instance of the run's router (cluster.router), or of another key's built-in
+    router `name` (the decode pool's, cluster.disaggregation.decode_router), loaded through
+    the same path."""
+    if name is None:
+        return run_policies(setup)["router"].make()
+    from servesim.policies.loading import load_policy, router_builtin_args
+
+    return load_policy(name, "router", "cluster.disaggregation.decode_router", setup.base_dir,
+                       router_builtin_args(setup.cfg, name)).make()
+
+
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
+    """One engine's configuration, with fresh instances of the run's policies (build one
+    per replica: a stateful policy belongs to one engine)."""
+    pol = run_policies(setup)
     s = setup.cfg.scheduler
     rt = setup.cfg.runtime
     kvc = setup.cfg.kv_cache
@@ -372,8 +398,8 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         max_num_tokens=s.max_num_tokens,
         tokens_per_block=setup.cfg.kv_cache.tokens_per_block,
         num_blocks=setup.num_blocks,
-        capacity=make_capacity_policy(s.capacity),
-        chunking=make_chunk_policy(s.enable_chunked_context, s.chunk_size),
+        capacity=pol["capacity"].make(),
+        chunking=pol["chunking"].make(),
         graph_padding=padding,
         piecewise_padding=(GraphPadding(token_capture_sizes(min(rt.piecewise_max_tokens, s.max_num_tokens)))
                            if rt.piecewise_graphs else None),
@@ -386,6 +412,9 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
         overlap=rt.overlap_scheduler,
         speculation=setup.speculation.policy if setup.speculation is not None else None,
         max_positions=setup.model.max_position_embeddings,
+        order=pol["order"].make(),
+        victim=pol["preemption"].make(),
+        eviction=pol["eviction"].make() if kvc.enable_block_reuse else None,
     )
 
 
@@ -494,20 +523,13 @@ def simulate(setup: Setup, check_invariants: bool = False,
         return simulate_cluster(setup, check_invariants, progress, t0)
     requests = prepare_requests(setup)
     cost = make_cost_model(setup)
-    ecfg = engine_config(setup, check_invariants)
-    engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
+    engines = [Engine(engine_config(setup, check_invariants),
+                      SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
                       replica=i) for i in range(setup.cfg.cluster.replicas)]
-    run_simulation(requests, engines, make_run_router(setup.cfg), progress=progress)
+    run_simulation(requests, engines, make_run_router(setup), progress=progress)
     return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
 
 
-def make_run_router(cfg: RunConfig, name: str | None = None):
-    """The run's router (`name`: another of its keys' built-in, e.g. the decode pool's)."""
-    name = name or cfg.cluster.router
-    if name == "prefix_aware":
-        pa_cfg = cfg.cluster.prefix_aware
-        return make_router(name, load_factor=pa_cfg.load_factor, slack_tokens=pa_cfg.slack_tokens)
-    return make_router(name)
 
 
 def code_version() -> str:
@@ -562,6 +584,8 @@ def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str,
         "variant": variant,
         "code_version": code_version(),
         "config": result.setup.cfg.model_dump(mode="json"),
+        # each policy key: the class it resolved to, its arguments, its source file and sha256
+        "policies": {p.config_key: p.provenance() for p in run_policies(result.setup).values()},
         "derived": {
             "kv_pool_blocks": result.setup.num_blocks,
             "kv_pool_tokens": result.setup.num_blocks * result.setup.cfg.kv_cache.tokens_per_block,

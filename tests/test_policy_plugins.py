@@ -42,20 +42,19 @@ def test_orders_pick_the_next_waiting_request():
 
 
 def test_builtin_and_user_policies_load(tmp_path):
-    assert load_policy("least_loaded", Router, make_router, "cluster.router").name == "least_loaded"
+    assert load_policy("least_loaded", "router").make().name == "least_loaded"
     (tmp_path / "mine.py").write_text(
         "class Sjf:\n    name = 'sjf'\n    def __init__(self, slack=0):\n        self.slack = slack\n"
         "    def pick(self, waiting):\n        return min(range(len(waiting)), key=lambda i: waiting[i].prompt_len)\n"
         "class NoPick:\n    name = 'x'\n")
-    p = load_policy(PolicyRef(name="mine:Sjf", args={"slack": 3}), WaitingOrder, make_order,
-                    "scheduler.order", tmp_path)
+    p = load_policy({"class": "mine:Sjf", "args": {"slack": 3}}, "order", base_dir=tmp_path).make()
     assert p.slack == 3 and _first_token_order(p) == [3, 2, 1, 0]
     cases = [("nosuch_mod_xyz:X", "not found"), ("mine:Nope", "no attribute"),
-             (PolicyRef(name="mine:Sjf", args={"bogus": 1}), "does not take args"),
+             (PolicyRef(class_="mine:Sjf", args={"bogus": 1}), "does not take args"),
              ("mine:NoPick", "missing pick")]
     for value, msg in cases:
         with pytest.raises(ConfigError, match=msg) as e:
-            load_policy(value, WaitingOrder, make_order, "scheduler.order", tmp_path)
+            load_policy(value, "order", base_dir=tmp_path)
         assert e.value.problems[0][0] == "scheduler.order"
 
 
