@@ -382,7 +382,10 @@ def main(argv=None) -> int:
     models = ["tiny"] if smoke else [m.strip() for m in args.models.split(",") if m.strip()]
     grid = SMOKE_GRID if smoke else GRID
     reps = args.reps or (3 if smoke else 20)
-    specs = {m: spec_of(model_cfg(smoke, m)) for m in models}
+    # the bundled model's own spec (its name is what a calibration profile was made for)
+    from servesim.sim.specs import load_model
+
+    specs = {m: spec_of(model_cfg(smoke, m)) if smoke else load_model(m) for m in models}
     from servesim.gpu_backend.tp import allreduce_sizes
 
     spec = specs[models[0]]
