@@ -113,6 +113,10 @@ class Engine:
         self.stretches: list[StretchRecord] = []  # closed-form decode stretches
         self.stretch_hist: list[bytes] = []  # each stretch's block-residue histogram
         self.done: list[Request] = []  # finished or rejected, in completion order
+        # a run streamed to disk (sim/stream.py): takes the records above every so often
+        # (`done` then holds the requests finished since; num_done_flushed, those before)
+        self.recorder = None
+        self.num_done_flushed = 0
         self.num_preemptions = 0
         # speculative decoding, per iteration with drafts: (iteration, requests with >= i
         # drafts, requests with >= i accepted) for i = 1..max_draft_len
@@ -123,6 +127,10 @@ class Engine:
         req.replica = self.replica
         req.context_target = req.prompt_len
         self.waiting.append(req)
+
+    def num_done(self) -> int:
+        """Requests finished or rejected so far."""
+        return self.num_done_flushed + len(self.done)
 
     def load(self) -> int:
         return len(self.waiting) + len(self.context) + self.n_dec
@@ -346,6 +354,8 @@ class Engine:
         are always seen by the first iteration that starts after them. Returns the time
         at which the last iteration run ends.
         """
+        if self.recorder is not None:  # (between steps: every record so far is complete)
+            self.recorder.maybe_flush(self)
         self.kv.now = now
         if self.cache is not None:
             st = self.cache.stats
