@@ -26,7 +26,14 @@ def dist(x: np.ndarray) -> dict[str, float | None]:
 PERCENTILES = (50, 90, 99)
 # pooled inter-token latencies up to this many are gathered and sorted in memory; beyond,
 # their percentiles are selected exactly in passes over the column (select_ranks)
-ITL_IN_MEMORY = 1 << 24
+ITL_IN_MEMORY = 1 << 22
+SLICE = 1 << 20  # values a selection pass handles at once (bounds its temporaries)
+
+
+def _slices(chunks):
+    for x in chunks():
+        for a in range(0, len(x), SLICE):
+            yield x[a:a + SLICE]
 
 
 def itl_values(tt) -> np.ndarray:
@@ -83,7 +90,7 @@ def select_ranks(chunks, ranks, collect_limit: int = 1 << 22, bits: int = 16) ->
                                                        and state[groups[g][0]][3] <= collect_limit)}
         hist = {g: np.zeros(1 << bits, dtype=np.int64) for g in groups if g not in collect}
         got: dict[tuple[int, int], list[np.ndarray]] = {g: [] for g in collect}
-        for x in chunks():
+        for x in _slices(chunks):
             x = x[np.isfinite(x)]
             if not len(x):
                 continue
@@ -137,7 +144,7 @@ def dist_of_chunks(chunks, limit: int = ITL_IN_MEMORY) -> dict[str, float | None
     held: list[np.ndarray] | None = []
     n = 0
     total = 0.0
-    for x in chunks():
+    for x in _slices(chunks):
         x = x[np.isfinite(x)]
         n += len(x)
         total += float(x.sum())

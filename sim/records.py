@@ -9,6 +9,7 @@ loop over tokens or iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -88,9 +89,15 @@ class IterationArrays:
         return self.columns["start_s"] + self.columns["duration_s"]
 
 
+def _as_matrix(rows: list[tuple], width: int) -> np.ndarray:
+    """A list of equal-length numeric tuples as a float64 matrix (fromiter: a few times
+    faster than np.array on tuples)."""
+    return np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=len(rows) * width).reshape(len(rows), width)
+
+
 def _general_columns(rows: list[IterationRecord]) -> dict[str, np.ndarray]:
     # one conversion of the whole list (every field is a number; exact in float64)
-    R = np.array(rows, dtype=np.float64)
+    R = _as_matrix(rows, len(IterationRecord._fields))
     out = {}
     for j, name in enumerate(IterationRecord._fields):
         dt = _NP[name]
@@ -100,7 +107,7 @@ def _general_columns(rows: list[IterationRecord]) -> dict[str, np.ndarray]:
 
 
 def _stretch_columns(st: list[StretchRecord], hist_bytes: list[bytes], tpb: int) -> dict[str, np.ndarray]:
-    S = np.array(st, dtype=np.float64)
+    S = _as_matrix(st, len(StretchRecord._fields))
     F = {name: S[:, j] for j, name in enumerate(StretchRecord._fields)}
     g0 = F["g0"].astype(np.int64)
     K = F["K"].astype(np.int64)

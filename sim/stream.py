@@ -263,8 +263,8 @@ class RunRecorder:
     def itl_chunks(self):
         """A fresh iterator over the pooled inter-token latencies, one requests row group at a time."""
         pf = pq.ParquetFile(self.req_path)
-        for i in range(pf.num_row_groups):
-            yield itl_values(pf.read_row_group(i, columns=["token_times"]).column(0))
+        for batch in pf.iter_batches(batch_size=8192, columns=["token_times"]):
+            yield itl_values(batch.column(0))
 
     def scalar_requests(self) -> pa.Table:
         """requests.parquet without its list columns (what the summary reads)."""
