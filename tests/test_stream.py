@@ -221,3 +221,28 @@ def test_sim_run_small_is_byte_identical(tmp_path):
     write_run(simulate(setup, out_dir=tmp_path / "str"), tmp_path / "str", "s", "base")
     for name in ("requests.parquet", "iterations.parquet"):
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "str" / name).read_bytes(), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=8), st.integers(1, 25))
+def test_group_writer_bytes_are_write_table(sizes, group):
+    """Tables of any sizes written through GroupWriter make the very file pq.write_table of
+    their concatenation makes with that row group size (list columns included)."""
+    rng = np.random.default_rng(len(sizes) * 31 + group)
+    parts = []
+    for n in sizes:
+        lens = rng.integers(0, 4, n)
+        parts.append(pa.table({"i": np.arange(n, dtype=np.int64), "x": rng.random(n),
+                               "l": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lens)])
+                                                                      .astype(np.int32)),
+                                                             pa.array(rng.random(int(lens.sum()))))}))
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = []
+        w = stream.GroupWriter(Path(tmp) / "a.parquet", group, on_group=lambda t: seen.append(t.num_rows))
+        for p in parts:
+            w.write(p)
+        w.close(empty=parts[0].schema.empty_table())
+        whole = pa.concat_tables(parts)
+        pq.write_table(whole, Path(tmp) / "b.parquet", row_group_size=group, use_dictionary=False)
+        assert (Path(tmp) / "a.parquet").read_bytes() == (Path(tmp) / "b.parquet").read_bytes()
+        assert sum(seen) == whole.num_rows and all(s == group for s in seen[:-1])
