@@ -7,7 +7,7 @@ Parquet as the run goes, sim/stream.py); its wall time is the whole process and 
 peak memory the child's max RSS (resource.getrusage(RUSAGE_CHILDREN) after it exits; one
 child per measurement: a fresh `python` runs this script's --one for each size).
 
-    python benchmarks/sim_scale.py                    # 100k, 1M, 4M: prints the table, writes benchmarks/out/sim_scale.md
+    python benchmarks/sim_scale.py                    # 100k, 1M, 4M: the table, in benchmarks/out/sim_scale.md
     python benchmarks/sim_scale.py --write-results    # ... into benchmarks/results/sim_scale.md (tracked)
     python benchmarks/sim_scale.py --sizes 20000,100000   # other sizes
 """

@@ -354,8 +354,10 @@ class Engine:
         are always seen by the first iteration that starts after them. Returns the time
         at which the last iteration run ends.
         """
-        if self.recorder is not None:  # (between steps: every record so far is complete)
-            self.recorder.maybe_flush(self)
+        rec = self.recorder
+        if rec is not None and (len(self.rows) + len(self.stretches) >= rec.flush_records
+                                or len(self.done) >= rec.flush_done):
+            rec.flush(self)  # (between steps: every record so far is complete)
         self.kv.now = now
         if self.cache is not None:
             st = self.cache.stats

@@ -137,10 +137,12 @@ def percentiles_from_ranks(n: int, value_at) -> list[float]:
     return [float(v) for v in res]
 
 
-def dist_of_chunks(chunks, limit: int = ITL_IN_MEMORY) -> dict[str, float | None]:
+def dist_of_chunks(chunks, limit: int | None = None) -> dict[str, float | None]:
     """`dist` of the values ``chunks()`` yields, exact: gathered when there are at most
     `limit` of them (the same floats as `dist` of their concatenation), else the mean from
-    per-chunk sums and the percentiles by `select_ranks` (more passes over the chunks)."""
+    per-chunk sums and the percentiles by `select_ranks` (more passes over the chunks).
+    `limit`: ITL_IN_MEMORY by default."""
+    limit = ITL_IN_MEMORY if limit is None else limit
     held: list[np.ndarray] | None = []
     n = 0
     total = 0.0

@@ -1,11 +1,12 @@
 """Bounded-memory runs: records stream to the run directory's Parquet files as the run goes.
 
 `simulate(setup, out_dir=DIR)` (sim/runner.py) attaches a :class:`RunRecorder` to every
-engine. Every so many recorded steps (or finished requests) the engine hands its records
-over (:meth:`RunRecorder.flush`): its iterations and closed-form stretches since the last
-flush become per-iteration rows (sim/records.py, the same code as a run held in memory),
-its finished requests get their token times and become rows, and both are written to
-Parquet in row groups; the engine drops the records and the finished Request objects.
+engine. Every so many records (FLUSH_RECORDS iterations and stretches, or FLUSH_DONE
+finished requests) the engine hands them over (:meth:`RunRecorder.flush`, called from
+`Engine.step`): its iterations and closed-form stretches since the last flush become
+per-iteration rows (sim/records.py, the same code as a run held in memory), its finished
+requests get their token times and become rows, and both are written to Parquet in row
+groups; the engine drops the records and the finished Request objects.
 What stays in memory is bounded by the batch, not by the run's length:
 
 * the end times of a replica's iterations back to the first token of its oldest live
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .metrics import IterationStats, itl_values
+from .metrics import ITL_IN_MEMORY, IterationStats, dist, dist_of_chunks, itl_values
 from .records import add_derived, draft_lists, iteration_columns, request_table, token_times
 from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_table
 
@@ -146,14 +147,11 @@ class RunRecorder:
         self.pending: dict[int, tuple] = {}  # position -> (request, its token times)
         self.next_pos = 0
         self.ready: list[tuple] = []
-        self.ready_tokens = 0
+        self.itl_held: list[np.ndarray] | None = []
+        self.itl_count = 0
         self.closed = False
 
     # ------------------------------------------------------------------ from the engines
-    def maybe_flush(self, engine) -> None:
-        if len(engine.rows) + len(engine.stretches) >= self.flush_records or len(engine.done) >= self.flush_done:
-            self.flush(engine)
-
     def flush(self, engine) -> None:
         """Take the engine's records since the last flush (iterations, finished requests)."""
         rep = self.by_engine[id(engine)]
@@ -220,6 +218,10 @@ class RunRecorder:
         flat = np.concatenate(times) if times else np.zeros(0)
         offsets = np.concatenate([[0], np.cumsum([len(t) for t in times])]).astype(np.int64)
         table = request_table(reqs, flat, offsets)
+        if self.itl_held is not None:  # while few: the pooled ITLs kept, not read back
+            itl = itl_values(table.column("token_times"))
+            self.itl_count += len(itl)
+            self.itl_held = None if self.itl_count > ITL_IN_MEMORY else self.itl_held + [itl]
         self.req_writer.write(with_prompt_identity(table, self.workload))
 
     # ------------------------------------------------------------------ the end
@@ -260,8 +262,15 @@ class RunRecorder:
             self.energy.close()
         self.closed = True
 
+    def itl_dist(self) -> dict:
+        """`dist` of the pooled inter-token latencies: of those kept while writing (at most
+        ITL_IN_MEMORY), else exact in passes over the written column (same floats)."""
+        if self.itl_held is not None:
+            return dist(np.concatenate(self.itl_held) if self.itl_held else np.zeros(0))
+        return dist_of_chunks(self.itl_chunks)
+
     def itl_chunks(self):
-        """A fresh iterator over the pooled inter-token latencies, one requests row group at a time."""
+        """A fresh iterator over the pooled inter-token latencies, a batch of requests at a time."""
         pf = pq.ParquetFile(self.req_path)
         for batch in pf.iter_batches(batch_size=8192, columns=["token_times"]):
             yield itl_values(batch.column(0))
@@ -345,7 +354,7 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
 
     from .bounds import run_bounds
     from .driver import run_simulation
-    from .metrics import dist_of_chunks, summarize
+    from .metrics import summarize
     from .runner import StreamedRunResult, energy_summary
 
     energy = EnergyAccumulator(setup, clamp=len(engines) == 1)
@@ -368,7 +377,7 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
                         num_preemptions=sum(e.num_preemptions for e in engines),
                         num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp,
-                        itl=dist_of_chunks(rec.itl_chunks))
+                        itl=rec.itl_dist())
     summary.update(energy_summary(setup, energy, summary))
     summary["bounds"] = run_bounds(setup, req, summary)
     return StreamedRunResult(summary, setup, out_dir)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servesim.policies.routing import make_router
-from servesim.sim import stream
+from servesim.sim import metrics, stream
 from servesim.sim.driver import run_simulation
 from servesim.sim.metrics import (IterationStats, dist, dist_of_chunks, itl_values, percentiles_from_ranks,
                                   select_ranks, summarize)
@@ -114,8 +114,10 @@ def test_streamed_tables_equal_in_memory(rows, n_replicas, capacity, chunked, ov
         assert pq.ParquetFile(Path(tmp) / "iterations.parquet").num_row_groups == max(-(-len(it) // group), 1)
         streamed = summarize(rec.scalar_requests(), rec.stats, kv_total_blocks=60, backend="sim", wall_s=0.0,
                              itl=dist_of_chunks(rec.itl_chunks, limit=5))
+        held = rec.itl_dist()  # (kept while writing: few)
     exact = summarize(mem_req, mem_it, kv_total_blocks=60, backend="sim", wall_s=0.0)
     _same_summary(streamed, exact)
+    assert held == exact["itl_s"]
     assert all(e.recorder is None for e in engines2)
     assert sum(e.num_done() for e in engines2) == len(rows)
 
@@ -192,6 +194,10 @@ def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas):
     monkeypatch.setattr(stream, "FLUSH_DONE", 5)
     monkeypatch.setattr(stream, "ROW_GROUP_ROWS", 50)
     monkeypatch.setattr(stream, "REQUEST_GROUP_ROWS", 16)
+    # the pooled ITLs' percentiles selected in passes over the written column
+    monkeypatch.setattr(stream, "ITL_IN_MEMORY", 100)
+    monkeypatch.setattr(metrics, "ITL_IN_MEMORY", 100)
+    monkeypatch.setattr(metrics, "SLICE", 64)
     res = simulate(setup, out_dir=tmp_path / "str")
     write_run(res, tmp_path / "str", "s", "base")
     for name in ("requests.parquet", "iterations.parquet"):
