@@ -175,10 +175,13 @@ kv_cache: {enable_block_reuse: true, tokens_per_block: 16, pool_tokens: 6000}
 cluster: {replicas: REPLICAS}
 output: {plots: false, timeline: false}
 """
+SPEC = """\
+speculative: {proposer: ngram, max_draft_len: 3, acceptance: 0.6}
+"""
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas):
+@pytest.mark.parametrize("replicas,spec", [(1, False), (2, False), (2, True)])
+def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas, spec):
     """`simulate(out_dir=...)` with small flush sizes and row groups (several flushes and
     groups, the replicas' part files merged) writes the tables and summary `write_run` of
     the run held in memory writes (prompt identity columns, energy and bounds included)."""
@@ -186,7 +189,7 @@ def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas):
     from servesim.sim.runner import resolve_experiment, simulate, write_run
 
     p = tmp_path / "s.yaml"
-    p.write_text(EXP.replace("REPLICAS", str(replicas)))
+    p.write_text(EXP.replace("REPLICAS", str(replicas)) + (SPEC if spec else ""))
     setup = resolve_experiment(load_experiment(p, []), p)[0]
     mem = simulate(setup)
     write_run(mem, tmp_path / "mem", "s", "base")
@@ -203,6 +206,9 @@ def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas):
     for name in ("requests.parquet", "iterations.parquet"):
         _same_table(pq.read_table(tmp_path / "mem" / name), pq.read_table(tmp_path / "str" / name))
     assert "block_hashes" in pq.read_table(tmp_path / "str" / "requests.parquet").column_names
+    if spec:  # the per-position list columns, and drafts accepted
+        assert "draft_proposed_by_position" in pq.read_table(tmp_path / "str" / "iterations.parquet").column_names
+        assert json.loads((tmp_path / "str" / "summary.json").read_text())["spec_acceptance_rate"] > 0
     assert pq.ParquetFile(tmp_path / "str" / "requests.parquet").num_row_groups == 8  # 120 / 16
     assert sorted(f.name for f in (tmp_path / "str").iterdir()) == ["config.yaml", "iterations.parquet",
                                                                      "requests.parquet", "summary.json"]
