@@ -367,6 +367,8 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
             e.recorder = None
         raise
     wall = time.perf_counter() - t0
+    itl = rec.itl_dist()  # (before the scalar columns are read: the passes' memory is not added to theirs)
+    pa.default_memory_pool().release_unused()
     req = rec.scalar_requests()
     evp: dict[int, int] = {}
     for e in engines:
@@ -377,7 +379,7 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
                         num_preemptions=sum(e.num_preemptions for e in engines),
                         num_swaps=sum(e.num_swaps for e in engines),
                         kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp,
-                        itl=rec.itl_dist())
+                        itl=itl)
     summary.update(energy_summary(setup, energy, summary))
     summary["bounds"] = run_bounds(setup, req, summary)
     return StreamedRunResult(summary, setup, out_dir)
