@@ -53,8 +53,7 @@ def itl_values(tt) -> np.ndarray:
 
 def request_latencies(req: pa.Table, with_itl: bool = True) -> dict[str, np.ndarray]:
     """TTFT, TPOT, E2E per finished request and the pooled inter-token latencies."""
-    status = req.column("status").to_numpy(zero_copy_only=False)
-    fin = status == "finished"
+    fin = _equals(req.column("status"), "finished")
     arrival = req.column("arrival_s").to_numpy()[fin]
     first = req.column("first_token_s").to_numpy()[fin]
     last = req.column("finish_s").to_numpy()[fin]
@@ -174,25 +173,38 @@ def long_waits(queue_s: np.ndarray, e2e_s: np.ndarray, factor: float = LONG_WAIT
             "max_wait_s": float(queue_s.max())}
 
 
+def _equals(col, value: str) -> np.ndarray:
+    """Rows of a string column equal to `value`, as a bool array (no Python string per row:
+    a run of millions of requests)."""
+    import pyarrow.compute as pc
+
+    return pc.equal(col, value).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
+
 def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
     """Prefix hit rate per tenant (empty when the workload has a single tenant)."""
-    tenant = np.asarray(req.column("tenant").to_pylist(), dtype=object)[fin]
-    names = sorted(set(tenant.tolist()))
+    import pyarrow.compute as pc
+
+    tenant = req.column("tenant").filter(pa.array(fin))
+    names = sorted(pc.unique(tenant).to_pylist())
     if len(names) < 2:
         return {}
     prompt = req.column("prompt_len").to_numpy()[fin]
     cached = req.column("cached_tokens").to_numpy()[fin]
-    return {str(t): float(cached[tenant == t].sum() / prompt[tenant == t].sum()) for t in names}
+    out = {}
+    for t in names:
+        m = _equals(tenant, t)
+        out[str(t)] = float(cached[m].sum() / prompt[m].sum())
+    return out
 
 
 def _rejected_by_reason(req: pa.Table) -> dict[str, int]:
     if "reject_reason" not in req.column_names:  # a run of schema version 1
         return {}
-    reasons = req.column("reject_reason").to_pylist()
-    out: dict[str, int] = {}
-    for r in reasons:
-        if r:
-            out[r] = out.get(r, 0) + 1
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(req.column("reject_reason"))
+    out = {v: int(c) for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()) if v}
     return dict(sorted(out.items()))
 
 
