@@ -72,13 +72,28 @@ def _sort_keys(x: np.ndarray) -> np.ndarray:
     return np.where(u >> np.uint64(63), ~u, u | np.uint64(1 << 63))
 
 
-def select_ranks(chunks, ranks, collect_limit: int = 1 << 22, bits: int = 16) -> dict[int, float]:
+FIRST_BITS = 20  # the first level of the selection: sign, exponent and 8 mantissa bits (1/256 octave)
+
+
+def _prefix_hist(keys: np.ndarray, bits: int = FIRST_BITS) -> np.ndarray:
+    return np.bincount((keys >> np.uint64(64 - bits)).astype(np.int64), minlength=1 << bits)
+
+
+def select_ranks(chunks, ranks, collect_limit: int = 1 << 22, bits: int = 16, first: np.ndarray | None = None,
+                 first_bits: int = FIRST_BITS) -> dict[int, float]:
     """The values at 0-based `ranks` of the sorted multiset of finite values that
     ``chunks()`` yields (a fresh iterator of float arrays each call): exact, without holding
-    them all. A radix selection: each pass over the chunks counts, for every rank still
-    open, the values under its key prefix by the next `bits` bits, until a prefix holds at
-    most `collect_limit` values, which are then gathered and sorted."""
+    them all. A radix selection on the values' sort keys: each pass over the chunks counts,
+    for every rank still open, the values under its key prefix by the next `bits` bits,
+    until a prefix holds at most `collect_limit` values, which are then gathered and
+    sorted. `first`: the histogram of all keys' top `first_bits` bits, if already counted
+    (it saves the first pass)."""
     state = {k: (0, 0, k, None) for k in sorted(set(int(r) for r in ranks))}  # prefix, nbits, rank in it, count
+    if first is not None:
+        cum = np.cumsum(first)
+        for k in state:
+            b = int(np.searchsorted(cum, k, side="right"))
+            state[k] = (b, first_bits, k - (int(cum[b - 1]) if b else 0), int(first[b]))
     out: dict[int, float] = {}
     while len(out) < len(state):
         groups: dict[tuple[int, int], list[int]] = {}
@@ -87,23 +102,29 @@ def select_ranks(chunks, ranks, collect_limit: int = 1 << 22, bits: int = 16) ->
                 groups.setdefault((p, nb), []).append(k)
         collect = {g for g in groups if g[1] >= 64 or (state[groups[g][0]][3] is not None
                                                        and state[groups[g][0]][3] <= collect_limit)}
-        hist = {g: np.zeros(1 << bits, dtype=np.int64) for g in groups if g not in collect}
+        step = {g: min(bits, 64 - g[1]) for g in groups}
+        hist = {g: np.zeros(1 << step[g], dtype=np.int64) for g in groups if g not in collect}
         got: dict[tuple[int, int], list[np.ndarray]] = {g: [] for g in collect}
         for x in _slices(chunks):
             x = x[np.isfinite(x)]
             if not len(x):
                 continue
             keys = _sort_keys(x)
+            prefixes = {nb: (keys >> np.uint64(64 - nb)) if 0 < nb < 64 else None for _, nb in groups}
             for (p, nb) in groups:
-                sel = keys if nb == 0 else keys[(keys >> np.uint64(64 - nb)) == np.uint64(p)]
+                if nb == 0:
+                    m = None
+                elif nb >= 64:
+                    m = keys == np.uint64(p)
+                else:
+                    m = prefixes[nb] == np.uint64(p)
                 if (p, nb) in collect:
-                    if nb:
-                        got[(p, nb)].append(x[(keys >> np.uint64(64 - nb)) == np.uint64(p)])
-                    else:
-                        got[(p, nb)].append(x)
+                    got[(p, nb)].append(x if m is None else x[m])
                     continue
-                digit = (sel >> np.uint64(64 - nb - bits)) & np.uint64((1 << bits) - 1)
-                hist[(p, nb)] += np.bincount(digit.astype(np.int64), minlength=1 << bits)
+                sel = keys if m is None else keys[m]
+                st_ = step[(p, nb)]
+                digit = (sel >> np.uint64(64 - nb - st_)) & np.uint64((1 << st_) - 1)
+                hist[(p, nb)] += np.bincount(digit.astype(np.int64), minlength=1 << st_)
         for g, ks in groups.items():
             if g in collect:
                 v = np.sort(np.concatenate(got[g])) if got[g] else np.zeros(0)
@@ -116,7 +137,7 @@ def select_ranks(chunks, ranks, collect_limit: int = 1 << 22, bits: int = 16) ->
                 r = state[k][2]
                 b = int(np.searchsorted(cum, r, side="right"))
                 below = int(cum[b - 1]) if b else 0
-                state[k] = ((p << bits) | b, nb + bits, r - below, int(hist[g][b]))
+                state[k] = ((p << step[g]) | b, nb + step[g], r - below, int(hist[g][b]))
     return {k: out[k] for k in ranks}
 
 
@@ -145,10 +166,13 @@ def dist_of_chunks(chunks, limit: int | None = None) -> dict[str, float | None]:
     held: list[np.ndarray] | None = []
     n = 0
     total = 0.0
+    first = np.zeros(1 << FIRST_BITS, dtype=np.int64)  # the selection's first level, counted meanwhile
     for x in _slices(chunks):
         x = x[np.isfinite(x)]
         n += len(x)
         total += float(x.sum())
+        if len(x):
+            first += _prefix_hist(_sort_keys(x))
         if held is not None:
             held.append(x)
             if n > limit:
@@ -159,7 +183,7 @@ def dist_of_chunks(chunks, limit: int | None = None) -> dict[str, float | None]:
     q = (n - 1) * np.true_divide(np.asarray(PERCENTILES, dtype=np.float64), 100)
     for v in q:
         ranks.update({int(np.floor(v)), min(int(np.floor(v)) + 1, n - 1)})
-    vals = select_ranks(chunks, sorted(ranks))
+    vals = select_ranks(chunks, sorted(ranks), first=first)
     p50, p90, p99 = percentiles_from_ranks(n, vals.__getitem__)
     return {"mean": total / n, "p50": p50, "p90": p90, "p99": p99}
 

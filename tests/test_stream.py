@@ -48,6 +48,12 @@ def test_select_ranks_and_percentiles_equal_numpy(chunks, limit):
     got = select_ranks(lambda: iter(arrays), ranks, collect_limit=limit, bits=4)
     for r in ranks:
         assert got[r] == srt[r]
+    # a first level counted beforehand, and steps that do not divide the 64 bits
+    fin = [a[np.isfinite(a)] for a in arrays if len(a)]
+    first = sum(metrics._prefix_hist(metrics._sort_keys(a), 6) for a in fin)
+    got = select_ranks(lambda: iter(arrays), ranks, collect_limit=limit, bits=5, first=first, first_bits=6)
+    for r in ranks:
+        assert got[r] == srt[r]
     assert percentiles_from_ranks(len(allv), lambda i: srt[i]) == [float(x) for x in
                                                                     np.percentile(allv, [50, 90, 99])]
     d = dist_of_chunks(lambda: iter(arrays), limit=limit)
