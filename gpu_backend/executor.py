@@ -184,6 +184,9 @@ class GpuExecutor:
     """
 
     needs_block_ids = True
+    # the runners it builds (gpu_backend/tp.py's executor builds ones that broadcast first)
+    graph_runner_cls = GraphRunner
+    piecewise_runner_cls = PiecewiseRunner
 
     def __init__(self, model: LlamaModel, num_blocks: int, tokens_per_block: int, *,
                  graph_sizes: Sequence[int] | None = None, piecewise_sizes: Sequence[int] | None = None,
@@ -212,10 +215,10 @@ class GpuExecutor:
         self.max_blocks = max(1, -(-max_seq_len // bs))
         self.graph_runner: GraphRunner | None = None
         if graph_sizes:
-            self.graph_runner = GraphRunner(model, self.kv_pool, graph_sizes, self.max_blocks, use_graphs)
+            self.graph_runner = self.graph_runner_cls(model, self.kv_pool, graph_sizes, self.max_blocks, use_graphs)
         self.piecewise_runner: PiecewiseRunner | None = None
         if piecewise_sizes:
-            self.piecewise_runner = PiecewiseRunner(model, self.kv_pool, piecewise_sizes, use_graphs)
+            self.piecewise_runner = self.piecewise_runner_cls(model, self.kv_pool, piecewise_sizes, use_graphs)
         # speculative decoding
         self.spec = speculation
         self.drafter: DraftModel | None = None

@@ -86,7 +86,7 @@ WORKER_HEAT_UP_S = 2.0  # and at the start of each further grid process
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
          max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None,
-         part: str = "", prefix: int = 0):
+         part: str = "", prefix: int = 0, tp: int = 1):
     from .runner import simulate_gpu
 
     reuse = False
@@ -122,6 +122,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
         "scheduler": sched,
         "kv_cache": {**kv, "enable_block_reuse": reuse},
         "runtime": {"cuda_graphs": graphs, "piecewise_graphs": piecewise},
+        "cluster": {"tensor_parallel": tp},
         "output": {"plots": False},
     })
     from pathlib import Path
@@ -154,10 +155,10 @@ def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
 
 
 def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, reps: int = 5,
-               windows: int = 3) -> list[dict]:
+               windows: int = 3, tp: int = 1) -> list[dict]:
     """Seconds of each decoder-layer GEMM of ``model`` (``F.linear``, as the model runs
-    it) at each row count in ``tokens``: rows ``linear, k, n, tokens, seconds`` for
-    `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
+    it; at ``tp > 1`` one GPU's shard of it, `ModelSpec.linear_shapes`) at each row count
+    in ``tokens``: rows ``linear, k, n, tokens, seconds`` for `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
     enough weight copies that the weights come from HBM, as in a forward pass whose other
     layers have evicted them from L2.
 
@@ -180,7 +181,7 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
     dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cuda = dev.type == "cuda"
     elem = torch.empty((), dtype=dt).element_size()
-    shapes = model.linear_shapes(1)
+    shapes = model.linear_shapes(tp)
     top = max(tokens)
     out = []
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -217,7 +218,7 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
 
 def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_points=None,
               piecewise_points=None, served_points=None, processes: int = 1, power_points=None,
-              prefix_points=None) -> list[dict]:
+              prefix_points=None, tp: int = 1) -> list[dict]:
     """The grid's runs, in order: each a dict of `_run`'s keyword arguments plus ``keep``
     (which iterations become rows: all but the first SKIP_FIRST, the prefills only, or none
     for the power model's runs).
@@ -244,6 +245,8 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
                              served_rate=rate, part=f" part {part + 1}/{k}" if k > 1 else "", keep="skip"))
     for n, prompt in (prefill_points or PREFILL_POINTS):
         jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, keep="prefill"))
+    if tp > 1:  # every run on tp GPUs (cluster.tensor_parallel)
+        jobs = [{**j, "tp": tp} for j in jobs]
     return jobs
 
 
@@ -302,12 +305,15 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None, processes: int = 1,
-                 power_points=None, prefix_points=None) -> tuple[list[dict], dict]:
+                 power_points=None, prefix_points=None, tp: int = 1) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
     name). ``processes``: the grid's runs are spread over this many fresh processes
-    (`_run_in_processes`); the heat-up, the idle power and the GEMM sweep run here."""
+    (`_run_in_processes`); the heat-up, the idle power and the GEMM sweep run here.
+    ``tp > 1``: every grid run at ``cluster.tensor_parallel: tp``, the GEMM sweep at one
+    GPU's shapes, and ``env["allreduce"]``: one all-reduce's seconds by message size over
+    ``tp`` GPUs (`tp.allreduce_sweep`, the sizes of `tp.allreduce_sizes`)."""
     import torch
 
     ref = model_ref or model.name
@@ -333,13 +339,19 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
             torch.cuda.synchronize()
             idle_w = nv.idle_power_w(3.0)
     _progress(f"{model.name}: timing the decoder-layer GEMMs at {len(GEMM_TOKENS)} row counts")
-    gemm = gemm_sweep(model)
+    gemm = gemm_sweep(model, tp=tp)
+    allreduce = None
+    if tp > 1:
+        from .tp import allreduce_sizes, allreduce_sweep
+
+        _progress(f"all-reduce over {tp} GPUs at {len(allreduce_sizes(model))} message sizes")
+        allreduce = allreduce_sweep(tp, allreduce_sizes(model))
 
     def host(r) -> float:  # the step's host time: outside the executor + its input packing
         return float(r.duration_s - r.exec_s + r.prep_s)
 
     jobs = grid_jobs(model, decode_points, prefill_points, mixed_points, piecewise_points, served_points,
-                     processes, power_points, prefix_points)
+                     processes, power_points, prefix_points, tp)
     results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
                _run_in_processes(ref, hardware, jobs, processes))
     k = max(1, processes)
@@ -375,6 +387,9 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     env["power_runs"] = runs
     env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
     env["gemm"] = gemm
+    if tp > 1:
+        env["tensor_parallel"] = tp
+        env["allreduce"] = allreduce
     return rows, env
 
 

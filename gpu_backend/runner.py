@@ -22,9 +22,10 @@ preemption by recompute or by swap, speculative decoding with the ``draft_model`
 ``ngram`` proposers (gpu_backend/speculative.py; acceptance ``speculative.gpu_acceptance``:
 ``controlled`` draws it as the simulator does, ``natural`` verifies the drafts; the drafter
 gets random weights seeded with the experiment's ``seed``, or the checkpoint named by
-``SERVESIM_DRAFT_WEIGHTS``). Not supported (ConfigError): several replicas or
-tensor parallelism (one GPU), the ``medusa`` and ``eagle`` proposers (no heads), the
-prefix cache's host offload tier
+``SERVESIM_DRAFT_WEIGHTS``), tensor parallelism (``cluster.tensor_parallel``: one process per
+GPU, rank 0 here and the others spawned, gloo on a CPU: gpu_backend/tp.py). Not supported
+(ConfigError): several replicas, speculative decoding with tensor parallelism, the
+``medusa`` and ``eagle`` proposers (no heads), the prefix cache's host offload tier
 (``kv_cache.host_cache_size_gb``: the engine does not say which block it offloads), models
 with biases or sliding-window attention. On a CPU the KV pool is capped at
 `CPU_POOL_LIMIT_BYTES`.
@@ -91,9 +92,22 @@ def _check_supported(setup: Setup) -> None:
     if cfg.cluster.replicas != 1:
         problems.append(("cluster.replicas",
                          f"the gpu backend runs one replica on one GPU, got {cfg.cluster.replicas}"))
-    if cfg.cluster.tensor_parallel != 1:
-        problems.append(("cluster.tensor_parallel",
-                         f"the gpu backend runs on one GPU (tensor_parallel 1), got {cfg.cluster.tensor_parallel}"))
+    if cfg.cluster.groups and cfg.cluster.replicas == 1:
+        problems.append(("cluster.groups", "the gpu backend runs the run's own settings on one GPU: give them "
+                         "at the top level, not in cluster.groups"))
+    if cfg.cluster.disaggregation is not None:
+        problems.append(("cluster.disaggregation", "the gpu backend runs one replica on one GPU: disaggregated "
+                         "serving is simulated only (--backend sim)"))
+    tp = cfg.cluster.tensor_parallel
+    if tp > 1 and setup.speculation is not None:
+        problems.append(("cluster.tensor_parallel", f"the gpu backend runs speculative decoding on one GPU "
+                         f"(tensor_parallel 1), got {tp}: switch speculative decoding off or set it to 1"))
+    if tp > 1:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() < tp:
+            problems.append(("cluster.tensor_parallel", f"tensor_parallel {tp} runs one process per GPU but "
+                             f"{torch.cuda.device_count()} GPU(s) are visible"))
     if cfg.kv_cache.host_cache_size_gb > 0:
         problems.append(("kv_cache.host_cache_size_gb",
                          "the gpu backend has no host offload tier: set it to 0"))
@@ -228,7 +242,6 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     caller frees it), instead of being freed after the run."""
     import torch
 
-    from .driver import run_wallclock
     from .executor import GpuExecutor
     from .model import LlamaModel
     from .weights import WeightLoadError
@@ -270,7 +283,16 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     elem = torch.empty((), dtype=dtype).element_size()
     resident = sum(d.num_params() * elem for d, p in ((dims, wpath), (ddims, dpath))
                    if d is not None and model_cache is not None and key(d, p) in model_cache)
-    _check_memory(setup, dims, dev, dtype, piecewise_tokens=pw.sizes[-1] if pw is not None else 0,
+    tp = cfg.cluster.tensor_parallel
+    if tp > 1:
+        from .tp import shard_dims
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda:0")  # rank r on cuda:r
+        mem_dims = shard_dims(dims, tp, 0)  # what one GPU holds
+    else:
+        mem_dims = dims
+    _check_memory(setup, mem_dims, dev, dtype, piecewise_tokens=pw.sizes[-1] if pw is not None else 0,
                   drafter=ddims, verify_tokens=vt, resident_bytes=resident)
 
     requests = prepare_requests(setup)
@@ -287,6 +309,28 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
             model_cache[k] = m
         return m
 
+    hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
+    if tp > 1:
+        from .tp import tp_executor
+
+        try:
+            group, executor = tp_executor(
+                dims, tp, dev, dtype, wpath, cfg.seed, ecfg.num_blocks, ecfg.tokens_per_block,
+                graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
+                piecewise_sizes=pw.sizes if pw is not None else None, max_seq_len=longest,
+                use_graphs=use_graphs, overlap=cfg.runtime.overlap_scheduler,
+                hash_block_size=int(hbs) if hbs else None)
+        except (WeightLoadError, FileNotFoundError) as e:
+            raise ConfigError(f"cannot load weights from {wpath}: {e}", WEIGHTS_ENV) from None
+        ok = False
+        try:
+            box = [executor]
+            del executor
+            result = _run_gpu(setup, box, requests, dev, t_start, progress, check_invariants, ecfg)
+            ok = True
+            return result
+        finally:
+            group.close(ok=ok)  # after a failure: the other ranks are terminated, not waited for
     model = build(dims, wpath, WEIGHTS_ENV)
     speculation = None
     if sp is not None:
@@ -299,13 +343,30 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
             # and its simulated replay draw the same acceptances for the same schedule
             seed=cfg.seed * 1009 + 0,
             drafter=build(ddims, dpath, DRAFT_WEIGHTS_ENV) if ddims is not None else None)
-    hbs = setup.workload.attrs.get(HASH_BLOCK_SIZE)
     executor = GpuExecutor(model, ecfg.num_blocks, ecfg.tokens_per_block,
                            graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
                            piecewise_sizes=pw.sizes if pw is not None else None,
                            max_seq_len=longest, overlap=cfg.runtime.overlap_scheduler, seed=cfg.seed,
                            hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs,
                            speculation=speculation)
+    box = [executor]
+    del executor, model, speculation  # (held by the box only: freed before the next variant)
+    return _run_gpu(setup, box, requests, dev, t_start, progress, check_invariants, ecfg)
+
+
+def _run_gpu(setup: Setup, box: list, requests, dev, t_start: float, progress, check_invariants: bool,
+             ecfg) -> RunResult:
+    """Warm up the executor in ``box`` (its only reference), run every request through the
+    engine on the wall clock and build the `RunResult` (the executor's model, pool and
+    graphs are freed before it returns)."""
+    import torch
+
+    from .driver import run_wallclock
+
+    cfg = setup.cfg
+    executor = box.pop()
+    model = executor.model
+    speculation = executor.spec
     executor.warmup()
     engine = Engine(ecfg, executor)
     router = make_router(cfg.cluster.router)
@@ -316,6 +377,10 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
         idx = device_index(dev)
         nvml = Nvml.open(idx)
     temps = {}
+    tp = cfg.cluster.tensor_parallel
+    ranks_nvml = []  # the other ranks' GPUs: their energy counters over the run count too
+    if nvml is not None and tp > 1:
+        ranks_nvml = [n for n in (Nvml.open(i) for i in range(1, tp)) if n is not None]
     # no garbage-collector pauses mid-run (tens of ms with the run's many small objects):
     # what exists now is frozen out of collection, and collection waits for the end
     gc.collect()
@@ -324,7 +389,9 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     try:
         if nvml is not None:
             temps["start"] = nvml.temperature_c()
+            others0 = [n.energy_j() for n in ranks_nvml]
             _, energy_j = run_energy(nvml, idx, lambda: run_wallclock(requests, [engine], router, progress=progress))
+            energy_j += sum(n.energy_j() - e0 for n, e0 in zip(ranks_nvml, others0))
             temps["end"] = nvml.temperature_c()
         else:
             energy_j = None

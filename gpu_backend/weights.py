@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -430,9 +430,14 @@ def _read_index(index: Path) -> dict[str, Path]:
 
 
 def load_safetensors_weights(spec: Any, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                             device: torch.device | str = "cpu") -> LlamaWeights:
+                             device: torch.device | str = "cpu",
+                             slices: Callable[[str], tuple[int, int, int] | None] | None = None) -> LlamaWeights:
     """Load an HF-named Llama checkpoint (file, directory, or sharded directory), fusing
     q/k/v and gate/up. ``dtype=None`` keeps the checkpoint's dtype.
+
+    ``slices(name)``: ``(dim, start, stop)`` to read only that part of tensor ``name`` (the
+    rows or columns of one tensor-parallel rank, `tp.TPShard.hf_slice`; None: all of it);
+    the shapes are checked whole, before anything is read.
 
     Raises `WeightLoadError` naming every missing or mis-shaped tensor.
     """
@@ -488,7 +493,13 @@ def load_safetensors_weights(spec: Any, path: str | os.PathLike, dtype: torch.dt
             raise WeightLoadError(f"checkpoint {root} does not match the model config:\n  " + "\n  ".join(problems))
 
         def get(name: str) -> torch.Tensor:
-            t = handle(where[name]).get_tensor(name)
+            part = slices(name) if slices is not None else None
+            if part is None:
+                t = handle(where[name]).get_tensor(name)
+            else:  # only this rank's rows / columns leave the file
+                dim, a, b = part
+                sl = handle(where[name]).get_slice(name)
+                t = sl[a:b] if dim == 0 else sl[:, a:b]
             return t.to(device=device, dtype=dtype or t.dtype)
 
         def fused(*names: str) -> torch.Tensor:

@@ -67,12 +67,15 @@ def model_work(model, tp: int = 1) -> Work:
 
     shapes = model.linear_shapes(tp)
     L, b, q = model.num_layers, model.dtype_bytes, model.quant
-    w = sum(L * q.weight_bytes(*shapes[k], b) for k in LINEARS)
+    # an MoE layer: a token's k experts (a step reads at least k of them, whatever its batch) and the router
+    k = model.num_experts_per_tok if model.is_moe else 1
+    per = {n: (k if n in ("gate_up", "down") else 1) for n in LINEARS}
+    w = sum(L * q.weight_bytes(*shapes[n], b) * per[n] for n in LINEARS)
     K, V = shapes["lm_head"]
     w += K * V * b
     hg = model.num_heads // tp
     return Work(weights_read=float(w), kv_token=float(kv_bytes_per_block(model, 1, tp)),
-                lin_flops=float(sum(L * 2 * shapes[k][0] * shapes[k][1] for k in LINEARS)),
+                lin_flops=float(sum(L * 2 * shapes[n][0] * shapes[n][1] * per[n] for n in LINEARS)),
                 lm_flops=2.0 * K * V, attn_flops=4.0 * L * model.head_dim * hg, matmul=q.matmul)
 
 
@@ -363,6 +366,10 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     cfg, model, hw = setup.cfg, setup.model, setup.hardware
     tp, R = cfg.cluster.tensor_parallel, cfg.cluster.replicas
     w = model_work(model, tp)
+    pp = cfg.cluster.pipeline_parallel
+    if pp > 1:  # the replica's pp stages share the work: per GPU, 1 / pp of it
+        w = Work(w.weights_read / pp, w.kv_token / pp, w.lin_flops / pp, w.lm_flops / pp, w.attn_flops / pp,
+                 w.matmul)
     status = requests.column("status").to_numpy(zero_copy_only=False)
     fin = status == "finished"
     P = requests.column("prompt_len").to_numpy()[fin].astype(np.float64)
@@ -409,7 +416,13 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
         out.update({"decode_batch": batch, "decode_tok_s": R * batch / step,
                     "decode_tok_s_achievable": R * batch / _decode_step(w, ach, batch, mp + mo / 2)[0],
                     "max_batch_fit": fit})
-    out["weights_gb_per_gpu"] = model.weight_bytes / tp / 1e9
+    from servesim.policies.parallelism import Layout
+
+    from .memory import weight_bytes_per_gpu
+
+    lay = Layout.of(cfg.cluster)
+    out["weights_gb_per_gpu"] = (model.weight_bytes / tp if pp == 1 and lay.ep == 1  # as before S6
+                                 else weight_bytes_per_gpu(model, lay)) / 1e9
     out["assumes"] = ("datasheet peaks; one token per request and step" + (f" (+{k} drafts)" if k else "")
                       + "; the run's prefix hits")
     return out

@@ -161,10 +161,10 @@ def shapes_from_grid(rows: list[dict]) -> tuple[list[IterationShape], np.ndarray
 SCHED = ("scheduler_overhead_s", "scheduler_overhead_per_request_s", "scheduler_overhead_per_context_token_s")
 
 
-def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = True) -> RooflineCostModel:
+def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = True, tp: int = 1) -> RooflineCostModel:
     # a grid without host times (a bare forward's) has no scheduler work in it
     cfg = RooflineConfig(**{**dict.fromkeys(SCHED, 0.0), **params})
-    return RooflineCostModel(model, hw, cfg, cuda_graphs=graphs)
+    return RooflineCostModel(model, hw, cfg, tp=tp, cuda_graphs=graphs)
 
 
 # the parameters that are host (CPU) time: a process's host speed scales them all
@@ -228,23 +228,27 @@ def fit_host(rows: list[dict], with_speeds: bool = False):
 
 
 def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape],
-            proc: np.ndarray | None = None, speeds: np.ndarray | None = None) -> np.ndarray:
-    """Prices of ``shapes``; with ``proc`` and ``speeds`` (`fit_host`), each shape's host
-    terms (HOST_PARAMS) at the speed of the process it was measured in."""
+            proc: np.ndarray | None = None, speeds: np.ndarray | None = None, tp: int = 1) -> np.ndarray:
+    """Prices of ``shapes`` (on ``tp`` GPUs); with ``proc`` and ``speeds`` (`fit_host`), each
+    shape's host terms (HOST_PARAMS) at the speed of the process it was measured in."""
     if proc is None or speeds is None or len(speeds) < 2:
-        cm = _model_for(model, hw, params)
+        cm = _model_for(model, hw, params, tp=tp)
         return np.asarray([cm.price(s) for s in shapes])
     out = np.empty(len(shapes))
     for p, sp in enumerate(speeds):
         idx = np.flatnonzero(proc == p)
-        cm = _model_for(model, hw, {**params, **{k: params[k] * sp for k in HOST_PARAMS if params.get(k) is not None}})
+        cm = _model_for(model, hw, {**params, **{k: params[k] * sp for k in HOST_PARAMS if params.get(k) is not None}},
+                        tp=tp)
         out[idx] = [cm.price(shapes[i]) for i in idx]
     return out
 
 
-def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None = None) -> tuple[dict, dict]:
+def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None = None, tp: int = 1,
+        fixed: dict | None = None) -> tuple[dict, dict]:
     """Fitted parameters and fit statistics for a model's grid rows; ``gemm``: measured
-    GEMM curves (`gemm_curves`), which price the linears and come into the parameters."""
+    GEMM curves (`gemm_curves`), which price the linears and come into the parameters.
+    ``tp``: the grid ran on that many GPUs (tensor parallel); ``fixed``: parameters
+    measured apart (the all-reduce's, `fit_allreduce`), held fixed and written too."""
     shapes, times, kinds = shapes_from_grid(rows)
     if len(shapes) < len(PARAMS):
         raise ConfigError(f"{len(shapes)} measurements cannot fit {len(PARAMS)} parameters")
@@ -258,6 +262,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         speeds = None
     if gemm:
         sched = {**sched, "gemm_times": gemm}  # fixed during the fit, like the host terms
+    if fixed:
+        sched = {**sched, **fixed}
 
     def params_of(z: np.ndarray) -> dict:
         z = np.clip(z, lo, hi)
@@ -275,7 +281,7 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     def residuals(z: np.ndarray) -> np.ndarray:
         # pseudo-Huber of the log error as a sum of squares (signed square roots), so
         # that least squares minimises it; then the priors' pull
-        r = np.log(predict(model, hw, params_of(z), shapes, proc, speeds) / times)
+        r = np.log(predict(model, hw, params_of(z), shapes, proc, speeds, tp) / times)
         h = np.sign(r) * ROBUST_SCALE * np.sqrt(2 * (np.sqrt(1 + (r / ROBUST_SCALE) ** 2) - 1))
         return np.concatenate([h * row_w, prior_w * (z - z0)])
 
@@ -289,7 +295,7 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         if sol.cost < best_cost:
             best, best_cost = sol.x, sol.cost
     params = params_of(best)
-    pred = predict(model, hw, params, shapes, proc, speeds)
+    pred = predict(model, hw, params, shapes, proc, speeds, tp)
     err = pred / times - 1
     stats = {
         "points": len(times),
@@ -300,7 +306,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         "by_kind": {k: float(np.mean(np.abs(err[[i for i, kk in enumerate(kinds) if kk == k]])))
                     for k in sorted(set(kinds))},
         "roofline_mape": float(np.mean(np.abs(predict(model, hw, {k: v for k, v in RooflineConfig().model_dump()
-                                                                 .items() if k in SCHED}, shapes) / times - 1))),
+                                                                 .items() if k in SCHED}, shapes, tp=tp) / times
+                                                      - 1))),
         "residuals": [{"kind": k, "measured_s": float(t), "predicted_s": float(p)}
                       for k, t, p in zip(kinds, times, pred)],
     }
@@ -530,11 +537,20 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
-              model_ref: str | None = None, processes: int = 1) -> dict:
+              model_ref: str | None = None, processes: int = 1, tp: int = 1) -> dict:
+    """Fit a profile to a grid measured here (``backend="gpu"``) or earlier (``grid``) and
+    write it to ``out``. ``tp > 1``: the grid runs at ``cluster.tensor_parallel: tp``, the
+    GEMM sweep at the per-GPU shapes, and the all-reduce sweep by message size (a CSV
+    beside the grid, ``.allreduce.csv``) fits ``allreduce_latency_s`` and
+    ``allreduce_bandwidth_efficiency`` (`fit_allreduce`); the profile's
+    ``tensor_parallel`` mapping keeps the sweep itself (docs/calibration.md)."""
+    model.check_tp(tp, "--tensor-parallel")
+    ar_rows: list[dict] = []
     if backend == "gpu":
         from servesim.gpu_backend.profiler import measure_grid
 
-        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes)
+        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes, tp=tp)
+        ar_rows = env.pop("allreduce", None) or []
         runs = env.pop("power_runs", [])
         idle_w = env.pop("idle_power_w", None)
         grid_its = env.pop("grid_iterations", None)
@@ -544,6 +560,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         _write_csv(grid, rows)
         _write_csv(grid.with_suffix(".gemm.csv"), gemm_rows)
         _write_csv(grid.with_suffix(".power.csv"), [{"idle_w": idle_w, **r} for r in runs])
+        _write_csv(grid.with_suffix(".allreduce.csv"), ar_rows)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
         source = f"measured by sim calibrate --backend gpu ({grid.name})"
@@ -552,6 +569,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         rows = read_grid(grid, model.name)
         runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
         gemm_rows = _read_csv(grid.with_suffix(".gemm.csv"))  # none for grids from before the GEMM sweep
+        ar_rows = _read_csv(grid.with_suffix(".allreduce.csv")) if tp > 1 else []
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -561,7 +579,12 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         env = {}
         source = str(grid)
         grid_bytes = grid.read_bytes()
-    params, stats = fit(model, hw, rows, gemm_curves(gemm_rows))
+    ar = fit_allreduce(ar_rows, hw, tp) if tp > 1 else None
+    if tp > 1 and ar is None:
+        where = "" if backend == "gpu" else f" ({grid.with_suffix('.allreduce.csv')}, beside the grid)"
+        raise ConfigError(f"a tensor-parallel calibration (tp {tp}) needs its all-reduce sweep{where}",
+                          "--tensor-parallel")
+    params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar)
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
@@ -569,7 +592,48 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         "fitted": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **env,
     }
-    return write_profile(out, model, hw, params, stats, prov, power)
+    doc = write_profile(out, model, hw, params, stats, prov, power)
+    if tp > 1:  # the measured sweep beside the fitted terms (TP_PROFILE_KEY)
+        ar_sorted = sorted(ar_rows, key=lambda r: int(float(r["bytes"])))
+        doc[TP_PROFILE_KEY] = {"tp": tp, "allreduce_bytes": [int(float(r["bytes"])) for r in ar_sorted],
+                               "allreduce_seconds": [float(r["seconds"]) for r in ar_sorted]}
+        dump_profile(out, doc)
+    return doc
+
+
+# a tensor-parallel profile's own mapping: the TP size its grid ran at and the all-reduce
+# time measured by message size (bytes per rank; seconds of one all-reduce)
+TP_PROFILE_KEY = "tensor_parallel"
+
+
+def fit_allreduce(rows: list[dict], hw: HardwareSpec, tp: int) -> dict | None:
+    """The cost model's all-reduce parameters fitted to measured (bytes, seconds) rows.
+
+    The model prices one all-reduce over ``tp`` GPUs as ``fixed + 2 (tp-1)/tp * bytes /
+    (hw.link_bytes_per_s * allreduce_bandwidth_efficiency)`` with ``fixed =
+    allreduce_latency_s + 2 (tp-1) * collective_step_latency_s`` (sim/cost_model.py). Both
+    coefficients are fitted by least squares in relative error (the small messages,
+    latency-bound, count as much as the large ones). One TP size cannot tell the two
+    latencies apart: the step latency keeps its default and ``allreduce_latency_s`` takes
+    the rest (when the fixed part is below the default steps' share, the step latency
+    takes all of it). None for fewer than two rows."""
+    pts = [(float(r["bytes"]), float(r["seconds"])) for r in rows
+           if str(r.get("seconds", "")).strip() not in ("", "nan", "None")]
+    if len(pts) < 2 or tp < 2:
+        return None
+    ring = 2.0 * (tp - 1) / tp
+    b = np.array([p[0] for p in pts]) * ring / hw.link_bytes_per_s
+    t = np.array([p[1] for p in pts])
+    A = np.stack([np.ones_like(b), b], axis=1) / t[:, None]  # rows scaled by 1/t: relative error
+    from scipy.optimize import lsq_linear
+
+    fixed, inv_eff = lsq_linear(A, np.ones_like(t), bounds=([0.0, 1e-3], [np.inf, np.inf])).x
+    steps = 2 * (tp - 1)
+    step = float(RooflineConfig().collective_step_latency_s)
+    out = {"allreduce_latency_s": float(fixed - steps * step), "allreduce_bandwidth_efficiency": float(1.0 / inv_eff)}
+    if out["allreduce_latency_s"] < 0:
+        out.update(allreduce_latency_s=0.0, collective_step_latency_s=float(fixed / steps))
+    return out
 
 
 def gemm_curves(rows: list[dict]) -> dict | None:

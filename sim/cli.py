@@ -282,6 +282,12 @@ def cmd_run(args) -> int:
         if problems:
             raise ConfigError(problems)
         if args.backend == "gpu":
+            from .pipeline import gpu_backend_problems
+
+            gpu_probs = [(f"{args.experiment}: variants[{v.index}] ({v.name}): {k}", m)
+                         for v, s in zip(exp.variants, setups) for k, m in gpu_backend_problems(s.cfg, s.model)]
+            if gpu_probs:
+                raise ConfigError(gpu_probs)
             try:
                 from servesim.gpu_backend.runner import simulate_gpu  # lazily: needs torch
             except ImportError as e:
@@ -377,6 +383,10 @@ def cmd_run(args) -> int:
                 con.print(f"[dim]{v.name}: {result.summary['num_finished']} requests, "
                           f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
                           f"-> {run_dir}[/]")
+                if result.summary.get("per_replica"):
+                    from .cluster import print_per_replica
+
+                    print_per_replica(result.summary["per_replica"], f"{v.name}: per replica", _console())
                 lw = result.summary["long_waits"]
                 if lw["count"]:
                     _console(stderr=True).print(
@@ -431,6 +441,63 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from . import rundir
+    from .sweep import load_sweep, print_results, run_sweep
+
+    out = None
+    try:
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give 1 or more", "command line: --jobs")
+        sweep = load_sweep(args.sweep, args.set)
+        out = Path(args.out) if args.out else Path("runs") / "sweeps" / sweep.spec.name
+        rundir.check_output_dir(out, "command line: --out" if args.out else f"output folder {out}")
+        res = run_sweep(sweep, out, jobs=args.jobs, ray_address=args.ray, keep_runs=args.keep_runs)
+    except ConfigError as e:
+        return _fail(e)
+    except OSError as e:
+        return _fail(ConfigError(f"cannot write {e.filename or out}: {e.strerror or e}", "command line: --out"))
+    except KeyboardInterrupt:
+        if out is None:
+            raise
+        kept = len(list((out / "points").glob("*.json"))) if (out / "points").is_dir() else 0
+        print(f"interrupted (Ctrl-C): {kept} finished point(s) kept in {out}/points/; the same command resumes "
+              "(results.parquet was not written)", file=sys.stderr, flush=True)
+        return 130
+    print_results(sweep, res["table"], _console(), out)
+    _console().print(f"[dim]{res['ran']} point(s) run, {res['skipped']} already done, {res['failed']} failed; "
+                     f"wall {res['wall_s']:.1f} s; plots: {out}/latency_vs_load.png, {out}/pareto.png[/]")
+    return 1 if res["failed"] else 0
+
+
+def cmd_search(args) -> int:
+    from . import rundir
+    from .search import load_search, print_search, run_search
+
+    try:
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give 1 or more", "command line: --jobs")
+        search = load_search(args.search, args.set)
+        out = Path(args.out) if args.out else Path("runs") / "search" / search.spec.name
+        rundir.check_output_dir(out, "command line: --out" if args.out else f"output folder {out}")
+        res = run_search(search, out, jobs=args.jobs, ray_address=args.ray)
+    except ConfigError as e:
+        return _fail(e)
+    except OSError as e:
+        return _fail(ConfigError(f"cannot write {e.filename or out}: {e.strerror or e}", "command line: --out"))
+    print_search(search, res, _console(), out)
+    return 0 if res["choice"] is not None else 1
+
+
+def cmd_timeline(args) -> int:
+    from .timeline import timeline_cli
+
+    try:
+        return timeline_cli(args, _console())
+    except ConfigError as e:
+        return _fail(e)
+
+
 def _check_text_file(path: Path, what: str) -> None:
     """ConfigError naming `path` if it is not UTF-8 text (a missing file is reported by its reader)."""
     try:
@@ -462,6 +529,9 @@ def cmd_calibrate(args) -> int:
     try:
         model = load_model(args.model, Path.cwd(), location="--model")
         hw = load_hardware(args.hardware, Path.cwd(), location="--hardware")
+        if model.is_moe:  # the grid measures a dense Llama's GEMMs and steps (gpu_backend/)
+            raise ConfigError(f"model {model.name} is a mixture of experts: calibration measures dense Llama-family "
+                              "models only", "command line: --model")
         if args.processes < 1:
             raise ConfigError(f"--processes {args.processes}: give 1 or more", "command line")
         if args.backend == "grid" and not args.from_grid:
@@ -471,8 +541,17 @@ def cmd_calibrate(args) -> int:
             _check_text_file(Path(args.from_grid), "calibration grid (CSV)")
         if args.backend == "gpu":
             _check_cuda("sim calibrate --backend gpu")
+        if args.tensor_parallel < 1:
+            raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: give 1 or more", "command line")
+        if args.backend == "gpu" and args.tensor_parallel > 1:
+            import torch
+
+            if torch.cuda.device_count() < args.tensor_parallel:
+                raise ConfigError(f"--tensor-parallel {args.tensor_parallel} measures on that many GPUs, "
+                                  f"{torch.cuda.device_count()} visible", "command line: --tensor-parallel")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
-                        backend=args.backend, model_ref=args.model, processes=args.processes)
+                        backend=args.backend, model_ref=args.model, processes=args.processes,
+                        tp=args.tensor_parallel)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -533,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend gpu: spread the grid's runs over this many fresh processes, one after the other "
                         "(the host part of a step runs at a speed that differs from process to process; "
                         "several average it out); default 3")
+    k.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="--backend gpu: measure on N GPUs (cluster.tensor_parallel: the grid, the GEMMs at one GPU's "
+                        "shard, and an all-reduce sweep fitting allreduce_latency_s / "
+                        "allreduce_bandwidth_efficiency); with --from-grid: the TP the grid ran at")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")
@@ -548,6 +631,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(b)
     b.set_defaults(fn=cmd_bounds)
+    sw = sub.add_parser("sweep", help="run an experiment over a grid or random sample of settings "
+                        "(resumable; local processes or Ray)")
+    sw.add_argument("sweep", help="sweep YAML file")
+    sw.add_argument("--out", help="output directory (default runs/sweeps/<sweep name>)")
+    sw.add_argument("--jobs", type=int, help="local processes (default: the CPU count)")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run the points on a Ray cluster (ADDRESS, or 'local' to "
+                    "start one here; needs the ray extra)")
+    sw.add_argument("--keep-runs", action="store_true", help="also write each point's run folder (OUT/runs/<hash>)")
+    sw.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", default=[],
+                    help="override a setting of every point (repeatable)")
+    sw.set_defaults(fn=cmd_sweep)
+    se = sub.add_parser("search", help="the cheapest hardware x GPUs x layout x batching x precision that meets "
+                        "TTFT/TPOT SLOs at a request rate")
+    se.add_argument("search", help="search YAML file")
+    se.add_argument("--out", help="output directory (default runs/search/<search name>)")
+    se.add_argument("--jobs", type=int, help="local processes (default: the CPU count)")
+    se.add_argument("--ray", metavar="ADDRESS", help="simulate on a Ray cluster (ADDRESS or 'local')")
+    se.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", default=[],
+                    help="override a setting of every candidate (repeatable)")
+    se.set_defaults(fn=cmd_search)
+    tl = sub.add_parser("timeline", help="write a finished run's Chrome trace (Perfetto JSON): iterations and "
+                        "requests (queued, prefill, decode)")
+    from .timeline import add_arguments as timeline_arguments
+
+    timeline_arguments(tl)
+    tl.set_defaults(fn=cmd_timeline)
     return p
 
 

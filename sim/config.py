@@ -139,11 +139,120 @@ class RuntimeConfig(_Strict):
                                       "the GPU's work hides the launches anyway")
 
 
+ROUTER_NAMES = Literal["round_robin", "least_loaded", "least_outstanding_tokens", "prefix_aware"]
+
+
+class PrefixAwareConfig(_Strict):
+    load_factor: float = Field(1.5, ge=1, description="a replica is eligible when its outstanding tokens are at "
+                               "most the least loaded replica's times load_factor plus slack_tokens")
+    slack_tokens: int = Field(8192, ge=0, description="tokens of load a replica may carry beyond the least "
+                              "loaded one's (times load_factor) and still be chosen for its cached prefix")
+
+
 class ClusterConfig(_Strict):
     replicas: int = Field(1, gt=0, le=1024, description="engine replicas, each on its own GPUs")
-    router: Literal["round_robin", "least_loaded"] = Field(
-        "round_robin", description="which replica an arriving request goes to")
+    router: ROUTER_NAMES = Field(
+        "round_robin", description="which replica an arriving request goes to: round_robin, least_loaded "
+        "(fewest requests), least_outstanding_tokens (least prompt + output tokens left), prefix_aware (the "
+        "longest cached prefix, within a load bound: cluster.prefix_aware)")
     tensor_parallel: int = Field(1, gt=0, description="GPUs per replica (tensor parallel)")
+    # parallelism beyond TP (policies/parallelism.py checks a layout, sim/pipeline.py prices pp)
+    pipeline_parallel: int = Field(1, gt=0, le=1024, description="pipeline stages per replica, each of "
+                                   "num_layers / pipeline_parallel layers on tensor_parallel GPUs (a replica: "
+                                   "tensor_parallel x pipeline_parallel GPUs)")
+    expert_parallel: int = Field(1, gt=0, description="MoE models: GPU groups of a stage's tensor-parallel group "
+                                 "the experts are split over (num_experts / expert_parallel each, every expert "
+                                 "split over tensor_parallel / expert_parallel GPUs), tokens dispatched to them by "
+                                 "all-to-all; must divide tensor_parallel (1: every expert split over all of them)")
+    pp_micro_batches: int | None = Field(None, gt=0, description="pipeline_parallel > 1: micro-batches of "
+                                         "disjoint requests in flight through the stages (null: "
+                                         "pipeline_parallel, as TensorRT-LLM)")
+    prefix_aware: PrefixAwareConfig = Field(default_factory=PrefixAwareConfig,
+                                            description="the prefix_aware router's load bound")
+    groups: list["ReplicaGroup"] = Field(
+        default_factory=list, description="replicas with their own settings: a list of {count, <settings>} "
+        "(hardware, model_precision, scheduler, kv_cache, runtime, cost_model, cluster.tensor_parallel, ...), "
+        "each deep-merged over the run's; the counts add up to cluster.replicas")
+    disaggregation: "DisaggregationConfig | None" = Field(
+        None, description="disaggregated serving: a prefill pool and a decode pool (null: every replica "
+        "does both)")
+
+    @model_validator(mode="after")
+    def _cluster_form(self):
+        if self.groups:
+            total = sum(g.count for g in self.groups)
+            if "replicas" in self.model_fields_set and total != self.replicas:
+                raise KeyedError(f"cluster.groups hold {total} replicas, cluster.replicas says {self.replicas}",
+                                 "groups", "replicas")
+            if total > 1024:
+                raise KeyedError(f"cluster.groups hold {total} replicas: at most 1024", "groups")
+            self.replicas = total
+        if self.disaggregation is not None:
+            if "replicas" in self.model_fields_set and self.replicas != 1:
+                raise KeyedError("with cluster.disaggregation the pools' counts are the replicas (leave "
+                                 "cluster.replicas out)", "replicas", "disaggregation")
+            if self.groups:
+                raise KeyedError("cluster.groups and cluster.disaggregation exclude each other (give each "
+                                 "pool its settings in disaggregation.prefill / .decode)", "groups",
+                                 "disaggregation")
+        return self
+
+
+# keys of `cluster` that describe the whole cluster, not one replica (a group may not set them)
+_CLUSTER_ONLY = ("replicas", "router", "prefix_aware", "groups", "disaggregation")
+
+
+class ReplicaGroup(_Strict):
+    """Settings of some replicas (or a pool) that differ from the run's: the keys of a run's
+    config that describe one replica, deep-merged over the run's own."""
+
+    count: int = Field(1, gt=0, le=1024, description="replicas with these settings")
+    model: PathStr | None = Field(None, description="the model (a disaggregated pool must serve the other's)")
+    hardware: PathStr | None = Field(None, description="bundled hardware name or path to a hardware YAML")
+    model_precision: str | dict | None = Field(None, description="as the run's model_precision")
+    scheduler: dict | None = Field(None, description="as the run's scheduler (only the keys that differ)")
+    kv_cache: dict | None = Field(None, description="as the run's kv_cache (only the keys that differ)")
+    runtime: dict | None = Field(None, description="as the run's runtime (only the keys that differ)")
+    cost_model: dict | None = Field(None, description="as the run's cost_model (only the keys that differ)")
+    cluster: dict | None = Field(None, description="the replica's parallelism (tensor_parallel, ...)")
+
+    @field_validator("cluster")
+    @classmethod
+    def _replica_cluster(cls, v):
+        bad = [k for k in (v or {}) if k in _CLUSTER_ONLY]
+        if bad:
+            raise ValueError(f"{bad[0]} is a setting of the whole cluster, not of one replica")
+        return v
+
+    def overrides(self) -> dict:
+        """The settings it overrides, as a partial run config."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude={"count"})
+
+
+class LinkConfig(_Strict):
+    bandwidth_gb_s: float = Field(50.0, gt=0, le=1e6, description="GB/s between the pools, shared equally by "
+                                  "the transfers in flight (processor sharing)")
+    latency_s: float = Field(20e-6, ge=0, le=60, description="seconds before a transfer's bytes start moving")
+
+
+class DisaggregationConfig(_Strict):
+    prefill: ReplicaGroup = Field(description="the prefill pool: {count, <settings>}; its replicas run prompts "
+                                  "and emit each request's first token")
+    decode: ReplicaGroup = Field(description="the decode pool: {count, <settings>}; its replicas generate the "
+                                 "rest, once a request's KV has arrived")
+    link: LinkConfig = Field(default_factory=LinkConfig, description="the KV transfer link between the pools")
+    decode_router: ROUTER_NAMES = Field("least_outstanding_tokens",
+                                        description="which decode replica a prefilled request goes to "
+                                        "(cluster.router picks the prefill replica)")
+
+    @model_validator(mode="after")
+    def _size(self):
+        if self.prefill.count + self.decode.count > 1024:
+            raise KeyedError("more than 1024 replicas in the two pools", "prefill.count", "decode.count")
+        return self
+
+
+ClusterConfig.model_rebuild()
 
 
 class CostModelConfig(_Strict):

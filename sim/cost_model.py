@@ -20,6 +20,13 @@ precision (`gemm_times_by_precision`) price them, else the bf16 curves times the
 the two rooflines; KV bytes everywhere are the KV dtype's. bf16 prices are bit-identical
 to the code before precisions existed.
 
+Parallelism: with ``tp`` GPUs every linear is priced at its per-GPU [k, n] (column- /
+row-parallel, KV heads replicated when tp exceeds them) and two ring all-reduces a layer
+over the GPU-to-GPU link (NVLink, or PCIe for a part without it); an MoE model's MLP is a
+router and the experts a GPU holds (``ep`` expert groups, tokens dispatched and combined by
+all-to-all); `work(shape)` is each GPU's FLOPs and bytes, which sharding conserves.
+Pipelines: sim/pipeline.py builds on `stage_time`.
+
 Every term and its reasons: docs/cost_model.md.
 """
 
@@ -47,6 +54,11 @@ GPU_TERMS = (
     "attn_decode_kv",
     "kernel_floor",
     "allreduce",
+    "router",
+    "experts",
+    "alltoall",
+    "stage_transfer",
+    "pipeline_bubble",
 )
 HOST_TERMS = ("host_launch", "scheduler")
 
@@ -94,6 +106,105 @@ class _Curve:
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")  # a decoder layer's GEMMs
+
+
+def _attn_shapes(model: ModelSpec, tp: int, ep: int) -> dict[str, tuple[int, int]]:
+    """An MoE model's per-GPU linear shapes: attention and lm_head split over `tp` GPUs,
+    one expert's gate_up / down over the tp / ep GPUs of its expert-parallel group."""
+    mtp = tp // ep
+    model.check_tp(mtp)  # the experts' split
+    if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+        model.check_tp(tp)  # the attention's split: raises
+    shapes = dict(model.linear_shapes(mtp))
+    one = model.linear_shapes(1)
+    d, hd = model.hidden_size, model.head_dim
+    qg, kvg = model.num_heads // tp * hd, model.kv_heads_per_gpu(tp) * hd
+    shapes.update(qkv=(d, qg + 2 * kvg), o=(qg, d), lm_head=(d, -(-one["lm_head"][1] // tp)))
+    return shapes
+
+
+class _Experts:
+    """One GPU's share of every MoE layer's router and experts (the module doc's MoE).
+
+    ``tp`` GPUs hold the layer; ``ep`` of them split the experts (``E / ep`` each), the
+    ``tp / ep`` GPUs of a group split each expert's width. Of a batch of ``T`` tokens each
+    routed to ``k`` of the ``E`` experts, a GPU computes ``copies(T)`` token-expert pairs:
+    ``T * k`` without expert parallelism (every GPU a slice of every expert), else
+    ``T * k / ep`` times `moe_load_imbalance` (the busiest GPU; at most ``T * min(k, E /
+    ep)``). It reads the weights of the experts the batch hits, ``E / ep * (1 - (1 - k /
+    E)^T)`` expected of its own (uniform routing). Each expert GEMM is ``max(FLOPs / F,
+    bytes / B)`` (or the profile's curve of that shape, once per expert hit at its share of
+    the copies); the router a [hidden, E] bf16 GEMM over the tokens a GPU holds (all of
+    them; ``T / tp`` under expert parallelism, after the reduce-scatter)."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, cfg: RooflineConfig, tp: int, ep: int, B: float,
+                 lin_time):
+        L, d, b = model.num_layers, model.hidden_size, model.dtype_bytes
+        E, k = model.num_experts, model.num_experts_per_tok
+        q = model.quant
+        self.E_g, self.p_miss = E // ep, 1.0 - k / E
+        mtp = tp // ep
+        ie = model.moe_intermediate_size // mtp
+        self.copies_per_token = float(k) if ep == 1 else min(k * cfg.moe_load_imbalance / ep, float(min(k, E // ep)))
+        rate = hw.matmul_rate(q.matmul)
+        if rate is None:
+            raise ValueError(f"{hw.name} has no {q.matmul} tensor cores for {q.label} weights")
+        self.F, self.B, self.lin_time = rate * cfg.flops_efficiency, B, lin_time
+        ab = 1 if q.quantizes_activations else b
+        self.shapes = {"gate_up": (d, 2 * ie), "down": (ie, d)}
+        # per GEMM, all layers: FLOPs per copy, weight bytes per expert hit, activation bytes per copy
+        self.raw = {n: (L * 2.0 * K * N, L * float(q.weight_bytes(K, N, b)), L * float(K * ab + N * b))
+                    for n, (K, N) in self.shapes.items()}
+        measured = ((cfg.gemm_times_by_precision or {}).get(q.weights) if not q.is_bf16 else cfg.gemm_times) or {}
+        self.curves = {n: _Curve(c, L) for n, c in measured.items()
+                       if n in self.shapes and (c.k, c.n) == self.shapes[n]}
+        # SiLU(gate) * up of each copy, the weighted sum of a token's k outputs
+        self.elem_copy, self.elem_tok = L * float((3 * ie + d) * b), L * float(d * b)
+        self.router_div = 1 if ep == 1 else tp
+        self.router = (L * 2.0 * d * E, L * float(d * E * b), L * float(d * b + E * 4))
+        self.Fbf = hw.achievable_bf16_flops * cfg.flops_efficiency
+
+    def hits(self, T: int) -> float:
+        """Expected experts of this GPU that at least one of `T` tokens is routed to."""
+        return self.E_g * (1.0 - self.p_miss ** T)
+
+    def copies(self, T: int) -> float:
+        return T * self.copies_per_token
+
+    def work(self, T: int) -> dict[str, tuple[float, float, float]]:
+        """(FLOPs, weight bytes, activation bytes) of the router and of the experts."""
+        if T <= 0:
+            return {"router": (0.0, 0.0, 0.0), "experts": (0.0, 0.0, 0.0)}
+        c, h = self.copies(T), self.hits(T)
+        f = w = a = 0.0
+        for cf, cw, ca in self.raw.values():
+            f += cf * c
+            w += cw * h
+            a += ca * c
+        tr = -(-T // self.router_div)
+        rf, rw, ra = self.router
+        return {"router": (rf * tr, rw, ra * tr), "experts": (f, w, a + self.elem_copy * c + self.elem_tok * T)}
+
+    def times(self, T: int) -> tuple[float, float]:
+        """Seconds of (the router, the experts) at `T` tokens, all layers."""
+        if T <= 0:
+            return 0.0, 0.0
+        c, h = self.copies(T), self.hits(T)
+        t = 0.0
+        for n, (cf, cw, ca) in self.raw.items():
+            cv = self.curves.get(n)
+            if cv is not None:
+                t += h * cv(c / h)
+            else:
+                t += self.lin_time(cf * c / self.F, (cw * h + ca * c) / self.B)
+        t += (self.elem_copy * c + self.elem_tok * T) / self.B
+        tr = -(-T // self.router_div)
+        rf, rw, ra = self.router
+        return self.lin_time(rf * tr / self.Fbf, (rw + ra * tr) / self.B), t
+
+    def time(self, T: int) -> float:
+        r, e = self.times(T)
+        return r + e
 
 
 class RooflineConfig(BaseModel):
@@ -210,9 +321,20 @@ class RooflineConfig(BaseModel):
         0.0, ge=0, description="additional host work per new context token (its id, position and KV slot "
         "packed into the step's inputs); a calibration fits it"
     )
-    allreduce_latency_s: float = Field(10e-6, ge=0, description="fixed cost of one NCCL all-reduce (tp > 1)")
+    allreduce_latency_s: float = Field(10e-6, ge=0, description="fixed cost of one collective between GPUs "
+                                       "(tp > 1 all-reduce, expert-parallel all-to-all, pipeline stage send): "
+                                       "launch and synchronisation")
+    collective_step_latency_s: float = Field(
+        0.5e-6, ge=0, description="latency of one step of a collective: a ring all-reduce over n GPUs takes "
+        "2(n-1) steps, an all-to-all and a stage-to-stage send one")
     allreduce_bandwidth_efficiency: float = Field(
-        0.8, gt=0, description="fraction of nvlink_bytes_per_s a ring all-reduce reaches"
+        0.8, gt=0, description="fraction of the GPU-to-GPU link's bytes/s (the hardware's nvlink_bytes_per_s, "
+        "pcie_bytes_per_s without NVLink, network_bytes_per_s between servers) a collective reaches"
+    )
+    moe_load_imbalance: float = Field(
+        1.0, ge=1, description="MoE with expert parallelism: tokens routed to the busiest GPU's experts over the "
+        "mean (tokens x top-k / expert_parallel); the layer waits for that GPU (1: perfectly balanced routing; "
+        "measured routings of Mixtral and Qwen3-MoE are typically 1.1-1.5 at large batch)"
     )
 
 
@@ -227,10 +349,14 @@ class RooflineCostModel:
         tp: int = 1,
         cuda_graphs: bool = True,
         overlap_scheduler: bool = False,
+        ep: int = 1,
+        lm_head: bool = True,
     ):
         cfg = cfg if cfg is not None else RooflineConfig()
-        model.check_tp(tp)
-        self.model, self.hw, self.cfg, self.tp = model, hw, cfg, tp
+        if ep < 1 or (ep > 1 and (not model.is_moe or tp % ep or model.num_experts % ep)):
+            raise ValueError(f"expert_parallel {ep} needs an MoE model whose experts it divides and a "
+                             f"tensor_parallel it divides (policies/parallelism.py checks a layout)")
+        self.model, self.hw, self.cfg, self.tp, self.ep = model, hw, cfg, tp, ep
         # The shape's `graph` flag decides how an iteration is priced; with
         # cuda_graphs=False a graph shape is an engine bug and raises ValueError.
         self.cuda_graphs = cuda_graphs
@@ -247,22 +373,34 @@ class RooflineCostModel:
         hd = model.head_dim
         hg = model.num_heads // tp
         kvg = model.kv_heads_per_gpu(tp)
-        shapes = model.linear_shapes(tp)
+        shapes = _attn_shapes(model, tp, ep) if model.is_moe else model.linear_shapes(tp)
+        moe = model.is_moe
+        dense = ("qkv", "o") if moe else LINEARS  # the linears every token goes through
+        self._dense = dense
 
         # Per linear over all layers: (s/token compute, s weights, s/token activations).
         self._lin: dict[str, tuple[float, float, float]] = {}
-        for k in ("qkv", "o", "gate_up", "down"):
+        # raw per-GPU work, all layers: (FLOPs per token, weight bytes, activation bytes per token)
+        self._raw: dict[str, tuple[float, float, float]] = {}
+        for k in dense:
             K, N = shapes[k]
             self._lin[k] = (L * 2.0 * K * N / F, L * float(K * N * b) / B, L * float((K + N) * b) / B)
+            self._raw[k] = (L * 2.0 * K * N, L * float(K * N * b), L * float((K + N) * b))
         K, V = shapes["lm_head"]
+        if not lm_head:  # a pipeline stage before the last: no lm_head, no sampler
+            K = V = 0
         self._lin["lm_head"] = (2.0 * K * V / F, float(K * V * b) / B, float(K * b + V * 4) / B)
+        self._raw["lm_head"] = (2.0 * K * V, float(K * V * b), float(K * b + V * 4))
         # measured GEMM curves where the profile has one for this per-GPU shape (tp changes it)
         gt = cfg.gemm_times or {}
-        self._curves = {k: _Curve(gt[k], L) for k in LINEARS
+        self._curves = {k: _Curve(gt[k], L) for k in dense
                         if k in gt and (gt[k].k, gt[k].n) == tuple(shapes[k])}
-        self._lin_layers = tuple((*self._lin[k], self._curves.get(k)) for k in LINEARS)
+        self._lin_layers = tuple((*self._lin[k], self._curves.get(k)) for k in dense)
         self._sampler = V * 4.0 / B  # the sampler reads the fp32 logits
-        per_layer_elem = 8 * d + 2 * (hg + kvg) * hd + 3 * (model.intermediate_size // tp)
+        if moe:
+            per_layer_elem = 8 * d + 2 * (hg + kvg) * hd  # the experts' own: _Experts
+        else:
+            per_layer_elem = 8 * d + 2 * (hg + kvg) * hd + 3 * (model.intermediate_size // tp)
         self._elem = float((L * per_layer_elem + 4 * d + 2 * d) * b) / B
         # Prefill attention: flops per (query, key) pair, bytes per new / per prior token.
         self._ap_f = L * 4.0 * hd * hg / Fa
@@ -279,13 +417,25 @@ class RooflineCostModel:
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
         self._qlin = self._quantized_linears(model, hw, cfg, shapes, B) if not model.quant.is_bf16 else None
-        # All-reduce: 2 per layer.
+        self._moe = _Experts(model, hw, cfg, tp, ep, B, self._lin_time) if moe else None
+        # All-reduce: 2 per layer (ring: 2(n-1) steps, 2(n-1)/n of the bytes over each GPU's
+        # link); an MoE layer under expert parallelism replaces the second by the all-to-alls
+        # (its reduce-scatter + all-gather around them: the bytes and steps of one all-reduce).
+        link = hw.link_bytes_per_s * cfg.allreduce_bandwidth_efficiency
+        n_ar = 1 if (moe and ep > 1) else 2
         if tp > 1:
-            self._ar_fixed = 2 * L * cfg.allreduce_latency_s
-            self._ar_tok = 2 * L * (2.0 * (tp - 1) / tp) * d * b / (hw.nvlink_bytes_per_s * cfg.allreduce_bandwidth_efficiency)
+            self._ar_fixed = n_ar * L * (cfg.allreduce_latency_s + 2 * (tp - 1) * cfg.collective_step_latency_s)
+            self._ar_tok = n_ar * L * (2.0 * (tp - 1) / tp) * d * b / link
         else:
             self._ar_fixed = 0.0
             self._ar_tok = 0.0
+        # All-to-all dispatch and combine (expert parallelism): each GPU receives the copies of
+        # the tokens its experts were chosen for, all but its own share over the link.
+        if moe and ep > 1:
+            self._a2a_fixed = 2 * L * (cfg.allreduce_latency_s + cfg.collective_step_latency_s)
+            self._a2a_tok = 2 * L * self._moe.copies_per_token * d * b * (tp - 1) / tp / link
+        else:
+            self._a2a_fixed = self._a2a_tok = 0.0
         # Host.
         self._host_eager = (
             cfg.host_overhead_eager_s
@@ -322,7 +472,7 @@ class RooflineCostModel:
         measured = (cfg.gemm_times_by_precision or {}).get(q.weights) or {}
         quant_lat = cfg.act_quant_latency_s if cfg.act_quant_latency_s is not None else cfg.layer_latency_s / 11
         out = {}
-        for k in LINEARS:
+        for k in self._dense:
             K, N = shapes[k]
             # the GEMM reads the 1-byte input of a W8A8 scheme, bf16 for weight-only int4
             act = K + N * b if q.quantizes_activations else (K + N) * b
@@ -360,7 +510,7 @@ class RooflineCostModel:
         return t + x_fix + x_tok * T
 
     def _qlin_sum(self, T: int) -> float:
-        return sum(self._qlin_time(k, T) for k in LINEARS)
+        return sum(self._qlin_time(k, T) for k in self._dense)
 
     @property
     def host_overhead_eager_s(self) -> float:
@@ -399,6 +549,8 @@ class RooflineCostModel:
         t += self._elem * T + self._ad_req * n_dec + self._floor
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
+        if self._moe is not None:
+            t += self._moe.time(T) + self._a2a_fixed + self._a2a_tok * T
         return t
 
     def _launch(self, gpu_rest: float, graph: bool, context: bool, piecewise: bool = False,
@@ -533,6 +685,8 @@ class RooflineCostModel:
             t += ((a if a > m else m) if lin is None else lin(a, m)) + self._sampler * S
         if self._ar_tok:
             t += self._ar_fixed + self._ar_tok * T
+        if self._moe is not None:
+            t += self._moe.time(T) + self._a2a_fixed + self._a2a_tok * T
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
                            n > 0, ct)
 
@@ -562,6 +716,8 @@ class RooflineCostModel:
         extra += self._sampler * D + self._elem * D + self._ad_req * D
         if self._ar_tok:
             extra += self._ar_tok * D
+        if self._moe is not None:
+            extra += self._moe.time(T + D) - self._moe.time(T) + self._a2a_tok * D
         # attention over the cached tokens with q = 1 + D/n queries per request
         q = 1.0 + D / n
         L = self.model.num_layers
@@ -591,12 +747,15 @@ class RooflineCostModel:
             cf, w, ca = coef
             return self._lin_time(cf * tokens, w + ca * tokens) if tokens else 0.0
 
-        for k in LINEARS:
+        for k in self._dense:
             cv = self._curves.get(k)
             if self._qlin is not None:
                 out[k] = self._qlin_time(k, T)
             else:
                 out[k] = cv(T) if cv is not None else lin(self._lin[k], T)
+        if self._moe is not None:
+            out["router"], out["experts"] = self._moe.times(T)
+            out["alltoall"] = self._a2a_fixed + self._a2a_tok * T
         out["lm_head"] = lin(self._lin["lm_head"], S)
         out["sampler"] = self._sampler * S
         out["elementwise"] = self._elem * T
@@ -622,6 +781,56 @@ class RooflineCostModel:
         else:
             out["host_launch"] = self._launch(gpu_rest, shape.graph, ctx, pw > 0, n > 0)
             out["scheduler"] = sched
+        return out
+
+    def stage_time(self, shape: IterationShape) -> tuple[float, float, dict[str, float]]:
+        """(seconds but the decode KV reads, seconds of the decode KV reads, the breakdown)
+        of `shape` on this model's GPUs with no scheduler: a pipeline stage's part of an
+        iteration (sim/pipeline.py). The launch overhead not hidden under the GPU's work is
+        in the first."""
+        bd = self.breakdown(shape)
+        kv = bd["attn_decode_kv"]
+        return sum(v for k, v in bd.items() if k not in ("attn_decode_kv", "scheduler")), kv, bd
+
+    def scheduler_time(self, n_requests: int, ctx_tokens: int) -> float:
+        """The host's scheduling work of an iteration of `n_requests` (`ctx_tokens` new context tokens)."""
+        return self._sched(n_requests, ctx_tokens)
+
+    def work(self, shape: IterationShape) -> dict[str, tuple[float, float, float, float]]:
+        """Per GPU: (FLOPs, weight bytes, KV-cache bytes, activation bytes) of each GPU term
+        of `shape` that moves data or computes (linears, lm_head, attention, router,
+        experts) -- what the roofline terms price; ``sharding conserves the work``: summed
+        over the tp GPUs the FLOPs and the weight and KV bytes are the unsharded model's
+        plus the replicated KV heads and padded vocabulary (the replicated hidden state's
+        activations are read on every GPU)."""
+        out: dict[str, tuple[float, float, float, float]] = {}
+        n = shape.n_decode
+        nd = self._decode_tokens(n, shape.graph, shape.padded_decode)
+        T = sum(shape.ctx_new_tokens) + nd
+        S = shape.n_ctx_sampling + nd
+        m = self.model
+        L, hd, b, kvb = m.num_layers, m.head_dim, m.dtype_bytes, m.kv_elem_bytes
+        hg, kvg = m.num_heads // self.tp, m.kv_heads_per_gpu(self.tp)
+        for k in self._dense:
+            cf, w, ca = self._raw[k]
+            if self._qlin is not None:  # the quantised weights' bytes
+                K, N = (self.model.linear_shapes(self.tp) if not m.is_moe else _attn_shapes(m, self.tp, self.ep))[k]
+                w = L * float(m.quant.weight_bytes(K, N, b))
+            out[k] = (cf * T, w if T else 0.0, 0.0, ca * T)
+        cf, w, ca = self._raw["lm_head"]
+        out["lm_head"] = (cf * S, w if S else 0.0, 0.0, ca * S)
+        f = kvr = act = 0.0
+        for c, p in zip(shape.ctx_new_tokens, shape.ctx_prior_tokens):
+            f += L * 4.0 * hd * hg * (c * p + c * (c + 1) / 2)
+            kvr += L * float(2 * kvg * hd * kvb) * (c + p)  # new K/V written, cached read
+            act += L * float(2 * hg * hd * b + 2 * kvg * hd * b) * c
+        out["attn_prefill"] = (f, 0.0, kvr, act)
+        kv = shape.decode_kv_sum if n else 0
+        out["attn_decode"] = (L * 4.0 * hd * hg * kv, 0.0, L * float(2 * kvg * hd * kvb) * (kv + nd),
+                              L * float(2 * hg * hd * b) * nd)
+        if self._moe is not None:
+            for k, (f, w, a) in self._moe.work(T).items():
+                out[k] = (f, w, 0.0, a)
         return out
 
     def gpu_time(self, shape: IterationShape) -> float:

@@ -16,6 +16,7 @@ import simpy
 
 from servesim.policies.routing import Router
 
+from .cluster import Dispatch, ReplicaHandle
 from .engine import INF, Engine
 from .records import RequestSource
 from .types import Request
@@ -32,7 +33,8 @@ class Arrivals:
         if len(self.times) > 1 and np.any(np.diff(self.times) < 0):
             raise ValueError("requests must be sorted by arrival time")
         self.engines = engines
-        self.router = router
+        # routers see replicas through read-only views (policies/routing.py ReplicaView)
+        self.dispatch = Dispatch([ReplicaHandle(e, i) for i, e in enumerate(engines)], engines, router)
         self.ptr = 0
 
     def next_time(self) -> float:
@@ -47,11 +49,10 @@ class Arrivals:
         n = len(self.times)
         if ptr >= n or self.times[ptr] > now:
             return False
-        engines = self.engines
+        choose = self.dispatch.choose
         while ptr < n and self.times[ptr] <= now:
             req = self.requests[ptr]
-            e = engines[self.router.route(req.request_id, engines)] if len(engines) > 1 else engines[0]
-            e.enqueue(req)
+            choose(req).enqueue(req)
             ptr += 1
         self.ptr = ptr
         return True

@@ -117,6 +117,7 @@ class Engine:
         # (`done` then holds the requests finished since; num_done_flushed, those before)
         self.recorder = None
         self.num_done_flushed = 0
+        self.done_tokens = 0  # prompt + output tokens of every request finished or rejected so far
         self.num_preemptions = 0
         # speculative decoding, per iteration with drafts: (iteration, requests with >= i
         # drafts, requests with >= i accepted) for i = 1..max_draft_len
@@ -178,6 +179,7 @@ class Engine:
         self.kv.release(req, blocks)
         req.phase = Phase.FINISHED
         self.done.append(req)
+        self.done_tokens += req.prompt_len + req.output_len
 
     def _final_blocks(self, req: Request) -> int:
         """Blocks a request holds at its last step (with overlap, the discarded extra step
@@ -190,6 +192,19 @@ class Engine:
         req.phase = Phase.REJECTED
         req.reject_reason = reason
         self.done.append(req)
+        self.done_tokens += req.prompt_len + req.output_len
+
+    def never_fits(self, req: Request) -> str | None:
+        """Why `req` can never run here (the reason it is rejected with), or None."""
+        cfg = self.cfg
+        if cfg.max_positions is not None and final_kv_tokens(req) > cfg.max_positions:
+            return "max_positions"
+        if self._final_blocks(req) > self.kv.total:
+            return "kv_pool"
+        if (req.preemptions == 0 and not req.transfer_in and req.prompt_len > cfg.max_num_tokens
+                and not cfg.chunking.splits):
+            return "token_budget"
+        return None
 
     # ------------------------------------------------------------------ admission
     def _pick_next(self, cutoff: float) -> None:
@@ -219,17 +234,10 @@ class Engine:
             req = self.waiting[0]
             if req.arrival_s > cutoff and not req.preemptions:
                 return True
-            if cfg.max_positions is not None and final_kv_tokens(req) > cfg.max_positions:
+            reason = self.never_fits(req)
+            if reason is not None:
                 self.waiting.popleft()
-                self._reject(req, "max_positions")
-                continue
-            if self._final_blocks(req) > kv.total:
-                self.waiting.popleft()
-                self._reject(req, "kv_pool")
-                continue
-            if req.preemptions == 0 and req.prompt_len > cfg.max_num_tokens and not cfg.chunking.splits:
-                self.waiting.popleft()
-                self._reject(req, "token_budget")
+                self._reject(req, reason)
                 continue
             if req.swapped_blocks:
                 if not self._swap_in(req, headroom):
@@ -294,10 +302,13 @@ class Engine:
         self._reserve(req, need)
         self.waiting.popleft()
         kv.grow(n)
-        kv.pending_onboard += n
-        if self.needs_block_ids:
-            self.pending_swap_in.append(req.request_id)
-        self.swap_used -= n
+        if req.transfer_in:  # its KV came over the link from a prefill replica (sim/disagg.py)
+            req.transfer_in = False
+        else:
+            kv.pending_onboard += n
+            if self.needs_block_ids:
+                self.pending_swap_in.append(req.request_id)
+            self.swap_used -= n
         req.swapped_blocks = 0
         req.admit_seq = self._admit_seq
         self._admit_seq += 1

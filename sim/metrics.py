@@ -58,7 +58,7 @@ def request_latencies(req: pa.Table, with_itl: bool = True) -> dict[str, np.ndar
     first = req.column("first_token_s").to_numpy()[fin]
     last = req.column("finish_s").to_numpy()[fin]
     out = req.column("output_len").to_numpy()[fin]
-    itl = itl_values(req.column("token_times")) if with_itl else None
+    itl = itl_values(req.column("token_times")) if with_itl and "token_times" in req.column_names else None
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (last - first) / np.maximum(out - 1, 1), np.nan)
     sched = req.column("first_scheduled_s").to_numpy()[fin]
@@ -400,6 +400,8 @@ def flat_row(summary: dict) -> dict:
     """One comparison.csv row: scalars as they are, distributions as key_stat columns."""
     row = {}
     for k, v in summary.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            continue  # a table of its own (per_replica): summary.json has it
         if isinstance(v, dict):
             for s, x in v.items():
                 row[f"{k}_{s}"] = x

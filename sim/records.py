@@ -241,8 +241,9 @@ class RequestArrays:
 def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Emission times of the finished requests' tokens, gathered from iteration end times
-    through their spans: ``ends[r][i - bases[r]]`` is the end of replica r's iteration i.
-    Returns (flat times, offsets per request into them; len(requests) + 1)."""
+    through their spans (a disaggregated request's first token from its prefill replica's
+    iteration): ``ends[r][i - bases[r]]`` is the end of replica r's iteration i. Returns
+    (flat times, offsets per request into them; len(requests) + 1)."""
     lens = [len(e) for e in ends]
     base = np.cumsum([0] + lens)[:-1] - (np.asarray(bases, dtype=np.int64) if bases is not None else 0)
     all_ends = np.concatenate(ends) if ends else np.zeros(0)
@@ -254,6 +255,10 @@ def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int
             continue
         b = base[r.replica]
         tot = 0
+        if r.first_token_at is not None:
+            span_start.append(base[r.first_token_at[0]] + r.first_token_at[1])
+            span_len.append(1)
+            tot += 1
         for first, cnt in r.spans:
             span_start.append(b + first)
             span_len.append(cnt)
@@ -270,8 +275,10 @@ def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int
     return times, np.concatenate([[0], np.cumsum(per_req)]).astype(np.int64)
 
 
-def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarray) -> pa.Table:
-    """The requests.parquet rows of `requests` (in the order given) with their token times."""
+def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarray,
+                  disaggregated: bool = False) -> pa.Table:
+    """The requests.parquet rows of `requests` (in the order given) with their token times
+    (`disaggregated`: and the prefill replica and KV transfer time of each)."""
     total = len(times)
     finished = np.array([r.phase == Phase.FINISHED for r in requests], dtype=bool)
     nan = np.nan
@@ -287,6 +294,10 @@ def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarra
                            dtype=np.float64, count=n)
 
     status = np.where(finished, "finished", "rejected")
+    extra = {}
+    if disaggregated:
+        extra = {"prefill_replica": col("prefill_replica", np.int32),
+                 "kv_transfer_s": [r.kv_transfer_s for r in requests]}
     return build_table("requests", {
         "request_id": col("request_id", np.int64),
         "replica": col("replica", np.int32),
@@ -305,14 +316,16 @@ def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarra
         "slo_ttft_s": opt("slo_ttft_s"),
         "slo_tpot_s": opt("slo_tpot_s"),
         "token_times": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(times)),
+        **extra,
     })
 
 
-def request_arrays(requests: list[Request], its: list[IterationArrays]) -> RequestArrays:
-    """Per-request rows; token times gathered from iteration end times via the spans."""
+def request_arrays(requests: list[Request], its: list[IterationArrays], disaggregated: bool = False) -> RequestArrays:
+    """Per-request rows; token times gathered from iteration end times via the spans (a
+    disaggregated request's first token from its prefill replica's iteration)."""
     requests = sorted(requests, key=lambda r: r.request_id)
     times, offsets = token_times(requests, [i.end_s for i in its])
-    table = request_table(requests, times, offsets)
+    table = request_table(requests, times, offsets, disaggregated)
     finished = np.array([r.phase == Phase.FINISHED for r in requests], dtype=bool)
     return RequestArrays(table, times, offsets, finished)
 

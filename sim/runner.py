@@ -19,6 +19,7 @@ import servesim
 from servesim.policies.capacity import make_capacity_policy
 from servesim.policies.chunking import make_chunk_policy
 from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
+from servesim.policies.parallelism import Layout
 from servesim.policies.routing import make_router
 from servesim.traces.spec import build_workload
 
@@ -30,6 +31,7 @@ from .executor import SimExecutor
 from .memory import (MAX_POOL_BLOCKS, default_activation_reserve_bytes, kv_bytes_per_block, kv_pool_blocks,
                      max_num_tokens_that_fit)
 from .metrics import summarize
+from .pipeline import make_layout_cost_model, run_layout
 from .records import iteration_arrays, iterations_table, request_arrays
 from .schemas import build_table, write_run_table
 from .specs import HardwareSpec, ModelSpec, apply_precision, load_hardware, load_model
@@ -48,6 +50,7 @@ class Setup:
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
     profile_power: dict | None = None  # a calibration profile's fitted power model
     speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
+    cluster: object = None  # sim/cluster.py ClusterSetup: replica groups or pools (None: identical replicas)
 
 
 @dataclass
@@ -120,14 +123,19 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
         spec = attempt(lambda: resolve_speculation(cfg, model, hw, roofline, base_dir, where))
     if problems:
         raise ConfigError(problems)
-    return Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    setup = Setup(cfg, model, hw, blocks, workload, roofline, power, spec)
+    if cfg.cluster.groups or cfg.cluster.disaggregation is not None:
+        from .cluster import resolve_cluster
+
+        setup.cluster = resolve_cluster(setup, base_dir, where)
+    return setup
 
 
 def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str):
     """(the model in the run's precisions, KV blocks, the RooflineConfig, a profile's power
     model) of a run: what depends on the model and the hardware (raises ConfigError)."""
     tp = cfg.cluster.tensor_parallel
-    model.check_tp(tp, location=f"{where}cluster.tensor_parallel")
+    layout = run_layout(cfg, model, hw, where)  # cluster.tensor/pipeline/expert_parallel (sim/pipeline.py)
     kvc = cfg.kv_cache
     model = apply_precision(model, hw, cfg.model_precision, kvc.dtype, tp, f"{where}model_precision",
                             f"{where}kv_cache.dtype")
@@ -136,15 +144,17 @@ def _fit(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, whe
         reserve = kvc.activation_reserve_gb * 1e9
         reserve_loc, note, hint = f"{where}kv_cache.activation_reserve_gb", "you set", ""
     else:  # estimated from max_num_tokens: when that is what leaves no room, say so there
-        reserve = default_activation_reserve_bytes(model, s.max_num_tokens, tp, max_batch_size=s.max_batch_size)
+        reserve = default_activation_reserve_bytes(model, s.max_num_tokens, tp, max_batch_size=s.max_batch_size,
+                                                   layout=layout)
         reserve_loc = f"{where}scheduler.max_num_tokens"
         note = f"estimated for an iteration of scheduler.max_num_tokens = {s.max_num_tokens:,} tokens"
         fit = max_num_tokens_that_fit(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction, tp,
-                                      s.max_batch_size)
+                                      s.max_batch_size, layout=layout)
         hint = f"at most {fit:,} tokens an iteration leave room (or set kv_cache.activation_reserve_gb)"
     blocks = kv_pool_blocks(model, hw, kvc.tokens_per_block, kvc.free_gpu_memory_fraction,
                             reserve, tp=tp, max_tokens=kvc.max_tokens, location=f"{where}model",
-                            reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint)
+                            reserve_location=reserve_loc, reserve_note=note, reserve_hint=hint,
+                            layout=layout)
     if kvc.pool_tokens is not None:
         blocks = -(-kvc.pool_tokens // kvc.tokens_per_block)
         if blocks > MAX_POOL_BLOCKS:  # the block manager lists every free block
@@ -374,18 +384,18 @@ def make_requests(df: pd.DataFrame, lo: int = 0, hi: int | None = None) -> list[
                     stpot[i], hashes[i], toks[i]) for i in range(n)]
 
 
-def make_cost_model(setup: Setup) -> RooflineCostModel:
+def make_cost_model(setup: Setup):
     cfg = setup.cfg
-    return RooflineCostModel(setup.model, setup.hardware, setup.roofline,
-                             tp=cfg.cluster.tensor_parallel, cuda_graphs=cfg.runtime.cuda_graphs,
-                             overlap_scheduler=cfg.runtime.overlap_scheduler)
+    return make_layout_cost_model(setup.model, setup.hardware, setup.roofline, Layout.of(cfg.cluster),
+                                  cuda_graphs=cfg.runtime.cuda_graphs, overlap_scheduler=cfg.runtime.overlap_scheduler)
 
 
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     s = setup.cfg.scheduler
     rt = setup.cfg.runtime
     kvc = setup.cfg.kv_cache
-    block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel)
+    block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel,
+                                     setup.cfg.cluster.pipeline_parallel)
     padding = None
     if rt.cuda_graphs:
         padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
@@ -442,11 +452,16 @@ def _request_maker(setup: Setup) -> Callable[[int, int], list[Request]]:
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
-               wall_s: float, measured_energy_j: float | None = None) -> RunResult:
-    """Records, tables and summary of a finished run (both backends)."""
+               wall_s: float, measured_energy_j: float | None = None,
+               pools: dict[int, str] | None = None) -> RunResult:
+    """Records, tables and summary of a finished run (both backends). `pools`: replica ->
+    its pool ("prefill" / "decode") of a disaggregated run."""
     its = [iteration_arrays(e) for e in engines]
-    req = request_arrays(requests, its)
-    it_table = iterations_table(its)
+    disagg = bool(pools) and any(pools.values())
+    req = request_arrays(requests, its, disaggregated=disagg)
+    it_table = iterations_table(its, {"pool": np.concatenate(
+        [np.full(len(i.columns["iteration"]), pools[e.replica], dtype=object) for i, e in zip(its, engines)])}
+        if disagg else None)
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
@@ -459,7 +474,18 @@ def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], bac
     summary.update(energy_summary(setup, it_table, summary, measured_energy_j))
     from .bounds import run_bounds
 
-    summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    if setup.cluster is None:
+        summary["bounds"] = run_bounds(setup, req.table, summary)  # what no engine beats on these requests
+    else:  # replica groups or pools: the bound of as many identical replicas, where they are identical
+        from .cluster import bounds_setup
+
+        bs = bounds_setup(setup)
+        summary["bounds"] = run_bounds(bs, req.table, summary) if bs is not None else None
+    if len(engines) > 1:
+        from .cluster import per_replica_summary
+
+        summary["per_replica"] = per_replica_summary(req.table, it_table, summary["duration_s"],
+                                                     pools or {e.replica: "" for e in engines})
     return RunResult(req.table, it_table, summary, setup)
 
 
@@ -493,7 +519,9 @@ def energy_summary(setup: Setup, it, summary: dict, measured_energy_j: float | N
         j = float(measured_energy_j)
         source = "measured (NVML energy counter)"
     else:
-        gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel
+        gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
+        if setup.cluster is not None:
+            gpus = setup.cluster.num_gpus
         acc = it if isinstance(it, EnergyAccumulator) else EnergyAccumulator.of_table(setup, it)
         j = acc.joules(summary["duration_s"], gpus)
         pc = setup.cfg.power
@@ -512,11 +540,15 @@ def simulate(setup: Setup, check_invariants: bool = False,
     (sim/stream.py; the same files `write_run` writes of a run held in memory), and the
     result reads its tables from there; `write_run` to that folder adds the rest."""
     t0 = time.perf_counter()
+    if setup.cluster is not None:  # replica groups or pools: held in memory (write_run writes it)
+        from .cluster import simulate_cluster
+
+        return simulate_cluster(setup, check_invariants, progress, t0)
     cost = make_cost_model(setup)
     ecfg = engine_config(setup, check_invariants)
     engines = [Engine(ecfg, SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
                       replica=i) for i in range(setup.cfg.cluster.replicas)]
-    router = make_router(setup.cfg.cluster.router)
+    router = make_run_router(setup.cfg)
     if out_dir is None:
         requests = prepare_requests(setup)
         run_simulation(requests, engines, router, progress=progress)
@@ -527,6 +559,15 @@ def simulate(setup: Setup, check_invariants: bool = False,
     df = setup.workload
     source = RequestSource(df["arrival_s"].to_numpy(dtype=np.float64), _request_maker(setup))
     return stream_run(setup, engines, source, router, Path(out_dir), t0, progress=progress)
+
+
+def make_run_router(cfg: RunConfig, name: str | None = None):
+    """The run's router (`name`: another of its keys' built-in, e.g. the decode pool's)."""
+    name = name or cfg.cluster.router
+    if name == "prefix_aware":
+        pa_cfg = cfg.cluster.prefix_aware
+        return make_router(name, load_factor=pa_cfg.load_factor, slack_tokens=pa_cfg.slack_tokens)
+    return make_router(name)
 
 
 def code_version() -> str:

@@ -77,6 +77,7 @@ ITERATIONS = pa.schema([
     # GPU runs: where an iteration's host time went (NaN where the executor did not run it)
     _field("host_prep_s", pa.float64(), "s", "GPU executor: host time packing inputs, up to the launch"),
     _field("host_exec_s", pa.float64(), "s", "GPU executor: wall time of its whole execute() call"),
+    _field("pool", pa.string(), "", "disaggregated: the pool of the replica that ran it (prefill | decode)"),
 ], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: b"iterations"})
 
 REQUESTS = pa.schema([
@@ -102,11 +103,17 @@ REQUESTS = pa.schema([
     # the workload's prompt identity (replaying a run reuses the KV cache as it did)
     _field("block_hashes", pa.list_(pa.int64()), "", "the workload's prefix-block hashes", nullable=True),
     _field("prompt_tokens", pa.list_(pa.int64()), "", "the workload's prompt token ids", nullable=True),
+    # disaggregated serving (sim/disagg.py): `replica` is the decode replica
+    _field("prefill_replica", pa.int32(), "", "disaggregated: the prefill replica that ran its prompt and emitted "
+           "its first token (-1: none)"),
+    _field("kv_transfer_s", pa.float64(), "s", "disaggregated: time its prompt's KV took over the link to the decode "
+           "pool, sharing included (null: it never moved)", nullable=True),
 ], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: b"requests"})
 
 # columns a writer may leave out (the workload did not have them)
-OPTIONAL = {"requests": ("block_hashes", "prompt_tokens"),
-            "iterations": ("host_prep_s", "host_exec_s", "draft_proposed_by_position", "draft_accepted_by_position")}
+OPTIONAL = {"requests": ("block_hashes", "prompt_tokens", "prefill_replica", "kv_transfer_s"),
+            "iterations": ("host_prep_s", "host_exec_s", "draft_proposed_by_position", "draft_accepted_by_position",
+                           "pool")}
 SCHEMAS = {"requests": REQUESTS, "iterations": ITERATIONS}
 
 

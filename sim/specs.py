@@ -35,9 +35,10 @@ HARDWARE_DIR = DATA_DIR / "hardware"
 # bf16, so the serving dtype is a run setting (default bf16), not the checkpoint's.
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float32": 4, "fp32": 4}
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")  # every decoder layer's MLP a routed mixture of experts
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # transformers' defaults for keys a config.json may leave out, per model_type; applying
 # them is what `AutoConfig.from_pretrained` would do, not a guess of ours. head_dim None:
@@ -52,13 +53,22 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
               "num_key_value_heads": 32, "sliding_window": 4096},
     "qwen3": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "head_dim": 128,
               "num_key_value_heads": 32, "sliding_window": 4096},
+    # MoE families: the experts' keys are read by _moe_settings (transformers' defaults:
+    # MixtralConfig 8 experts, top-2; Qwen3MoeConfig 128 experts, top-8, 768 wide)
+    "mixtral": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32, "head_dim": None,
+                "num_key_value_heads": 8, "sliding_window": None},
+    "qwen3_moe": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "head_dim": None,
+                  "num_key_value_heads": 4, "sliding_window": 4096},
 }
+_MOE_DEFAULTS = {"mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+                 "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}}
 
 # ---------------------------------------------------------------------------------------
 # RoPE settings
 # ---------------------------------------------------------------------------------------
 
-DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta of every supported model_type
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta of the supported model_types but:
+_DEFAULT_THETA = {"mixtral": 1e6}
 # RoPE types whose scaling needs the pre-training context (transformers falls back to
 # max_position_embeddings), and the keys a type needs (checked when the config names it)
 _ROPE_ORIGINAL_MAX = ("llama3", "yarn", "longrope")
@@ -74,7 +84,8 @@ def rope_type(scaling: Mapping[str, Any] | None) -> str:
 
 
 def rope_settings(cfg: Mapping[str, Any], source: str = "config.json",
-                  problems: list[tuple[str, str]] | None = None) -> tuple[float, dict | None]:
+                  problems: list[tuple[str, str]] | None = None,
+                  default_theta: float = DEFAULT_ROPE_THETA) -> tuple[float, dict | None]:
     """``(rope_theta, rope_scaling)`` of an HF config dict, the way transformers (>= 5)
     reads them: ``rope_scaling`` (classic layout) or else ``rope_parameters`` (new layout)
     holds the scaling; its ``rope_theta`` wins over a top-level one; ``llama3`` / ``yarn``
@@ -101,7 +112,7 @@ def rope_settings(cfg: Mapping[str, Any], source: str = "config.json",
     if theta is None:
         theta = cfg.get("rope_theta")
     if theta is None:
-        theta = DEFAULT_ROPE_THETA
+        theta = default_theta
     elif isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         problems.append((f"{source}: rope_theta", f"expected a positive number, got {theta!r}"))
         theta = DEFAULT_ROPE_THETA
@@ -451,6 +462,35 @@ def quantization_to_hf(q: Quantization, kv_dtype: str = "bf16") -> dict | None:
     return out
 
 
+def _moe_settings(cfg: Mapping[str, Any], mt: str, source: str, inter: int, get_int,
+                  problems: list[tuple[str, str]]) -> tuple[int, int, int]:
+    """(num_experts, num_experts_per_tok, expert width) of an MoE config (0, 0, 0 for a
+    dense model_type): Mixtral's ``num_local_experts`` (its experts are
+    ``intermediate_size`` wide), Qwen3-MoE's ``num_experts`` and ``moe_intermediate_size``
+    (every layer sparse: ``decoder_sparse_step`` 1, no ``mlp_only_layers``)."""
+    if mt not in MOE_MODEL_TYPES:
+        return 0, 0, 0
+    d = _MOE_DEFAULTS[mt]
+    if mt == "mixtral":
+        experts, width = get_int("num_local_experts", d["num_local_experts"]), inter
+        ekey = "num_local_experts"
+    else:
+        experts, width = get_int("num_experts", d["num_experts"]), get_int("moe_intermediate_size",
+                                                                           d["moe_intermediate_size"])
+        ekey = "num_experts"
+        step = cfg.get("decoder_sparse_step", 1)
+        if step != 1:
+            problems.append((f"{source}: decoder_sparse_step", f"{step!r}: only every layer sparse (1) is modelled "
+                             "(dense and MoE layers mixed are not)"))
+        if cfg.get("mlp_only_layers"):
+            problems.append((f"{source}: mlp_only_layers", "dense MLP layers among the MoE ones are not modelled "
+                             "(expected [] or null)"))
+    top_k = get_int("num_experts_per_tok", d["num_experts_per_tok"])
+    if top_k > experts:
+        problems.append((f"{source}: num_experts_per_tok", f"{top_k} experts per token, but {ekey} is {experts}"))
+    return experts, top_k, width
+
+
 def _bundled(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if directory.is_dir():
@@ -477,7 +517,11 @@ def bundled_hardware() -> list[str]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A dense Llama-family decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU MLP).
+    """A Llama-family decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU MLP), dense or
+    with a mixture of experts in every layer's MLP (Mixtral, Qwen3-MoE: ``num_experts`` > 0,
+    each token routed to ``num_experts_per_tok`` of them, each expert a SwiGLU MLP of
+    ``moe_intermediate_size``; ``intermediate_size`` is then the config's own key, unused by
+    the layers).
 
     ``rope_scaling`` is normalised (see `rope_settings`): None for plain RoPE, else a dict
     with ``rope_type`` and without ``rope_theta``."""
@@ -506,6 +550,10 @@ class ModelSpec:
     # the dtype of dtype_bytes) and the KV cache's element format
     quant: Quantization = BF16
     kv_dtype: str = "bf16"
+    # mixture of experts (0: a dense MLP)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     # --- derived sizes -------------------------------------------------------------
     @property
@@ -517,11 +565,22 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mlp_intermediate_size(self) -> int:
+        """Width of one MLP a token goes through: the dense MLP's, or one expert's."""
+        return self.moe_intermediate_size if self.is_moe else self.intermediate_size
+
+    @property
     def layer_params(self) -> int:
-        """Parameters of one decoder layer (attention, MLP, two RMSNorm weights)."""
-        d, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        """Parameters of one decoder layer (attention, MLP or every expert and the router,
+        two RMSNorm weights)."""
+        d, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.mlp_intermediate_size
         n = d * (q + 2 * kv) + q * d  # q, k, v, o
-        n += 3 * d * i  # gate, up, down
+        n += 3 * d * i * max(self.num_experts, 1)  # gate, up, down (of every expert)
+        n += d * self.num_experts  # the router
         n += 2 * d  # input and post-attention RMSNorm
         if self.qkv_bias:
             n += q + 2 * kv
@@ -559,9 +618,10 @@ class ModelSpec:
         if self.quant.is_bf16:
             return self.params * self.dtype_bytes
         shapes = self.linear_shapes(1)
-        lin = [shapes[k] for k in ("qkv", "o", "gate_up", "down")]
-        elems = sum(k * n for k, n in lin)
-        q = sum(self.quant.weight_bytes(k, n) for k, n in lin)
+        e = max(self.num_experts, 1)  # the router stays in the serving dtype
+        lin = [(shapes[k], 1 if k in ("qkv", "o") else e) for k in ("qkv", "o", "gate_up", "down")]
+        elems = sum(k * n * c for (k, n), c in lin)
+        q = sum(self.quant.weight_bytes(k, n) * c for (k, n), c in lin)
         return (self.params - self.num_layers * elems) * self.dtype_bytes + self.num_layers * q
 
     @property
@@ -587,12 +647,13 @@ class ModelSpec:
     def linear_shapes(self, tp: int = 1) -> dict[str, tuple[int, int]]:
         """(in, out) features of each per-layer linear on one of `tp` GPUs (Megatron
         split: qkv and gate_up column-parallel, o and down row-parallel); ``lm_head`` is
-        vocab-parallel. KV heads are replicated when tp exceeds them."""
+        vocab-parallel. KV heads are replicated when tp exceeds them. An MoE model's
+        gate_up and down are one expert's (split over tp, as without expert parallelism)."""
         self.check_tp(tp)
         d = self.hidden_size
         qg = self.num_heads // tp * self.head_dim
         kvg = self.kv_heads_per_gpu(tp) * self.head_dim
-        ig = self.intermediate_size // tp
+        ig = self.mlp_intermediate_size // tp
         return {
             "qkv": (d, qg + 2 * kvg),
             "o": (qg, d),
@@ -604,14 +665,22 @@ class ModelSpec:
     @property
     def linear_flops_per_token(self) -> dict[str, int]:
         """FLOPs (2 per multiply-add) per token of each linear: the four per-layer ones
-        (one layer) and ``lm_head`` (applied to sampled tokens only)."""
-        return {k: 2 * a * b for k, (a, b) in self.linear_shapes(1).items()}
+        (one layer; an MoE model's gate_up and down those of the ``num_experts_per_tok``
+        experts a token goes to) and ``lm_head`` (applied to sampled tokens only)."""
+        k = self.num_experts_per_tok if self.is_moe else 1
+        return {n: 2 * a * b * (k if n in ("gate_up", "down") else 1) for n, (a, b) in self.linear_shapes(1).items()}
+
+    @property
+    def router_flops_per_token(self) -> int:
+        """FLOPs per token of one layer's router (0 for a dense model)."""
+        return 2 * self.hidden_size * self.num_experts
 
     @property
     def flops_per_token(self) -> int:
         """Linear-layer FLOPs of a full forward for one token (attention excluded)."""
         f = self.linear_flops_per_token
-        return self.num_layers * (f["qkv"] + f["o"] + f["gate_up"] + f["down"]) + f["lm_head"]
+        return (self.num_layers * (f["qkv"] + f["o"] + f["gate_up"] + f["down"] + self.router_flops_per_token)
+                + f["lm_head"])
 
     def kv_heads_per_gpu(self, tp: int = 1) -> int:
         """KV heads each GPU holds: split when tp divides them, else replicated (1)."""
@@ -629,8 +698,9 @@ class ModelSpec:
                 problems.append(
                     f"model {self.name} has {self.num_kv_heads} KV heads: tp={tp} must divide them or be a multiple of them"
                 )
-            if self.intermediate_size % tp:
-                problems.append(f"model {self.name} has intermediate_size {self.intermediate_size}, not divisible by tp={tp}")
+            key = "moe_intermediate_size" if self.is_moe else "intermediate_size"
+            if self.mlp_intermediate_size % tp:
+                problems.append(f"model {self.name} has {key} {self.mlp_intermediate_size}, not divisible by tp={tp}")
         if problems:
             raise ConfigError([(location, p) for p in problems])
 
@@ -653,7 +723,7 @@ class ModelSpec:
             )
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)}; dense models only)",
+                f"unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})",
                 f"{source}: model_type",
             )
         defaults = _HF_DEFAULTS[mt]
@@ -713,29 +783,31 @@ class ModelSpec:
         if act != "silu":
             problems.append((f"{source}: hidden_act", f"only 'silu' (SwiGLU) is supported, got {act!r}"))
         max_pos = get_int("max_position_embeddings", defaults["max_position_embeddings"])
-        rope_theta, rope_scaling = rope_settings(cfg, source, problems)
+        rope_theta, rope_scaling = rope_settings(cfg, source, problems, _DEFAULT_THETA.get(mt, DEFAULT_ROPE_THETA))
         eps = get_float("rms_norm_eps")
         tie = get_bool("tie_word_embeddings", False)
-        qk_norm = mt == "qwen3"
+        qk_norm = mt in ("qwen3", "qwen3_moe")
         if mt == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
-        elif mt == "mistral":
+        elif mt in ("mistral", "mixtral"):
             qkv_bias = o_bias = mlp_bias = False
         else:
             qkv_bias = o_bias = get_bool("attention_bias", False)
             mlp_bias = get_bool("mlp_bias", False) if mt == "llama" else False
-        if mt in ("qwen2", "qwen3"):
+        if mt in ("qwen2", "qwen3", "qwen3_moe"):
             use = get_bool("use_sliding_window", False)
             sw = get_int("sliding_window", if_absent("sliding_window")) if use else None
-        elif mt == "mistral":
+        elif mt in ("mistral", "mixtral"):
             sw = get_int("sliding_window", if_absent("sliding_window"))
         else:
             sw = None
         if sw is not None and sw >= max_pos:
             sw = None  # a window as long as the context changes nothing
+        experts, top_k, expert_inter = _moe_settings(cfg, mt, source, inter, get_int, problems)
         quant, kv_dtype = BF16, None
         if cfg.get("quantization_config") is not None:
-            quant, kv_dtype = quantization_from_hf(cfg["quantization_config"], source, hidden, inter, problems)
+            quant, kv_dtype = quantization_from_hf(cfg["quantization_config"], source, hidden,
+                                                   expert_inter or inter, problems)
             if quant.scales in ("group", "block") and (heads * head_dim) % quant.group_size:
                 problems.append((f"{source}: quantization_config", f"group size {quant.group_size} does not divide "
                                  f"the o projection's {heads * head_dim} inputs: not a quantization of this model"))
@@ -764,6 +836,9 @@ class ModelSpec:
             qk_norm=qk_norm,
             quant=quant,
             kv_dtype=kv_dtype or "bf16",
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=expert_inter,
         )
 
     def to_hf_config(self) -> dict:
@@ -786,16 +861,21 @@ class ModelSpec:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
         }
-        if self.model_type in ("llama", "qwen3"):
+        if self.model_type in ("llama", "qwen3", "qwen3_moe"):
             if self.qkv_bias != self.o_bias:
                 raise ValueError(f"model {self.name}: {self.model_type} has biases on q/k/v and o alike")
             cfg["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":
             cfg["mlp_bias"] = self.mlp_bias
-        if self.model_type in ("qwen2", "qwen3"):
+        if self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             cfg["use_sliding_window"] = self.sliding_window is not None
         if self.model_type != "llama":
             cfg["sliding_window"] = self.sliding_window
+        if self.model_type == "mixtral":
+            cfg.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+        elif self.model_type == "qwen3_moe":
+            cfg.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
         if self.quant.source == "checkpoint":  # a run's own quantization is no property of the files
             cfg["quantization_config"] = quantization_to_hf(self.quant, self.kv_dtype)
         return cfg
@@ -877,7 +957,8 @@ class HardwareSpec(BaseModel):
     peak_fp8_flops: float | None = Field(default=None, gt=0)  # None: no FP8 tensor cores
     hbm_bytes_per_s: float = _Pos
     hbm_capacity_bytes: float = _Pos
-    nvlink_bytes_per_s: float = _Pos
+    # GPU-to-GPU link per GPU and direction; null: none (a PCIe card: collectives go over PCIe)
+    nvlink_bytes_per_s: float | None = Field(gt=0)
     pcie_bytes_per_s: float = _Pos
     host_memory_bytes: float = _Pos
     achievable_bf16_flops: float = _Pos
@@ -893,6 +974,17 @@ class HardwareSpec(BaseModel):
     # substrings of the CUDA device name this spec describes (the GPU backend refuses to run
     # or calibrate a spec on another GPU); empty: not checked
     device_names: list[str] = Field(default_factory=list)
+    # GPUs of one server, joined by nvlink_bytes_per_s (or PCIe): a tensor-parallel group
+    # lies within one; pipeline stages may span servers over network_bytes_per_s
+    gpus_per_node: int = Field(default=8, gt=0, le=1024)
+    # network (InfiniBand / RoCE) bytes/s per GPU and direction between servers; null: a
+    # replica must fit in one server
+    network_bytes_per_s: float | None = Field(default=None, gt=0)
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        """Bytes/s per GPU and direction between GPUs of one server: NVLink, else PCIe."""
+        return self.nvlink_bytes_per_s if self.nvlink_bytes_per_s is not None else self.pcie_bytes_per_s
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareSpec:
@@ -964,6 +1056,9 @@ def check_precision(model: ModelSpec, hw: HardwareSpec, tp: int = 1, weights_loc
     if model.kv_dtype == "fp8" and hw.peak_fp8_flops is None:
         problems.append((kv_loc, f"an fp8 KV cache needs FP8 support (Hopper or later): {hw.name} has none "
                          "(peak_fp8_flops is null in its hardware file); use int8 or bf16"))
+    if model.is_moe and q.weights == "int4":
+        problems.append((weights_loc, f"int4 weights of an MoE model ({model.name}) are not modelled (bf16, fp8, "
+                         "int8)"))
     if q.scales in ("group", "block") and not problems:
         try:
             shapes = model.linear_shapes(tp)

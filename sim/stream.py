@@ -305,7 +305,7 @@ class EnergyAccumulator:
         if it.num_rows == 0:
             return
         s = self.setup
-        tp = s.cfg.cluster.tensor_parallel
+        tp = s.cfg.cluster.tensor_parallel * s.cfg.cluster.pipeline_parallel
         dur = it.column("duration_s").to_numpy()
         w = iteration_power(dur, *roofline_work(it, s.model, s.hardware), self.p, self.p["max_w"]) * tp
         start = it.column("start_s").to_numpy()
@@ -382,4 +382,9 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
                         itl=itl)
     summary.update(energy_summary(setup, energy, summary))
     summary["bounds"] = run_bounds(setup, req, summary)
+    if len(engines) > 1:  # (identical replicas: a run of groups or pools is held in memory)
+        from .cluster import per_replica_summary
+
+        it = pq.read_table(rec.it_path, columns=["replica", "duration_s"])
+        summary["per_replica"] = per_replica_summary(req, it, summary["duration_s"], {e.replica: "" for e in engines})
     return StreamedRunResult(summary, setup, out_dir)

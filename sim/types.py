@@ -84,6 +84,13 @@ class Request:
     retention: object = None  # RetentionSpec (policies/retention.py) or None
     swapped_blocks: int = 0  # KV blocks held on the host while paused by swap preemption
     reject_reason: str = ""  # REJECTED: why it can never run (see Engine._reject)
+    # Disaggregated serving (sim/disagg.py): the request arrives at a decode replica with
+    # its prompt's KV (`swapped_blocks` of it) moved there from the prefill replica that
+    # emitted its first token, at iteration `first_token_at` = (replica, iteration).
+    transfer_in: bool = False
+    first_token_at: tuple[int, int] | None = None
+    prefill_replica: int = -1
+    kv_transfer_s: float | None = None  # time its KV spent on the link (queueing and sharing included)
 
     def kv_len_at(self, it: int) -> int:
         """KV length *before* iteration `it` for a request in GENERATION."""

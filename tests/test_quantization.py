@@ -296,8 +296,18 @@ def test_bf16_prices_are_bit_identical_to_before():
             cfgs["profile"] = load_profile(REPO / "profiles/h100-llama-3.1-8b.yaml", m, hw)[0]
         for cn, c in cfgs.items():
             for ov in (False, True):
+                gold = GOLDEN[f"{mname}/{hname}/tp{tp}/{cn}/ov{int(ov)}"]
+                if tp > 1:  # S6 added the ring's per-step latency: without it, the old prices exactly
+                    old = RooflineCostModel(m, hw, c.model_copy(update={"collective_step_latency_s": 0.0}), tp=tp,
+                                            overlap_scheduler=ov)
+                    assert [old.price(s) for s in SHAPES] == gold
+                    steps = 2 * m.num_layers * 2 * (tp - 1) * c.collective_step_latency_s  # 2 all-reduces a layer
+                    cm = RooflineCostModel(m, hw, c, tp=tp, overlap_scheduler=ov)
+                    assert [cm.price(s) - g for s, g in zip(SHAPES, gold)] == pytest.approx([steps] * len(SHAPES),
+                                                                                              rel=1e-6)
+                    continue
                 cm = RooflineCostModel(m, hw, c, tp=tp, overlap_scheduler=ov)
-                assert [cm.price(s) for s in SHAPES] == GOLDEN[f"{mname}/{hname}/tp{tp}/{cn}/ov{int(ov)}"]
+                assert [cm.price(s) for s in SHAPES] == gold
         assert kv_pool_blocks(m, hw, 32, 0.9, default_activation_reserve_bytes(m, 8192, tp), tp=tp) == \
             GOLDEN[f"{mname}/{hname}/tp{tp}/blocks"]
 
