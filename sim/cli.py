@@ -332,20 +332,27 @@ def cmd_run(args) -> int:
             for i, (v, setup) in enumerate(zip(exp.variants, setups), 1):
                 state.update(variant=v.name, phase="simulating")
                 prog.start(v.name, i, len(exp.variants), len(setup.workload))
+                # the variant goes to .<name>.partial, renamed to <name> once every file is in it
+                # (a sim run streams its records there as it runs: sim/stream.py)
+                run_dir = out / v.name
+                tmp = rundir.partial_dir(out, v.name)
+                rundir.remove(tmp)
                 try:
                     if args.backend == "gpu":
                         result = simulate_gpu(setup, progress=prog.update)
                     else:
-                        result = simulate(setup, progress=prog.update)
+                        result = simulate(setup, progress=prog.update, out_dir=tmp)
                 except ConfigError as e:
+                    rundir.remove(tmp)
                     write_index("failed")
                     return _fail(e)
-                prog.simulated(result.requests.num_rows, result.summary["duration_s"])  # finished or rejected
-                # the variant goes to .<name>.partial, renamed to <name> once every file is in it
+                except OSError as e:
+                    rundir.remove(tmp)
+                    write_index("failed")
+                    raise ConfigError(f"cannot write {e.filename or run_dir}: {e.strerror or e} (variant {v.name!r} "
+                                      "not written)", where) from None
+                prog.simulated(result.summary["num_requests"], result.summary["duration_s"])  # finished or rejected
                 state["phase"] = "writing"
-                run_dir = out / v.name
-                tmp = rundir.partial_dir(out, v.name)
-                rundir.remove(tmp)
                 try:
                     write_run(result, tmp, exp.name, v.name, phase=lambda f: prog.writing(f, run_dir))
                     if setup.cfg.output.plots:
@@ -360,6 +367,7 @@ def cmd_run(args) -> int:
                         prog.writing("timeline.json", run_dir)
                         write_chrome_trace(result.iterations, tmp / "timeline.json")
                     rundir.finish_dir(tmp, run_dir)
+                    result.run_dir = run_dir if result.run_dir is not None else None
                 except OSError as e:
                     rundir.remove(tmp)
                     write_index("failed")
@@ -370,7 +378,7 @@ def cmd_run(args) -> int:
                 write_index("running")
                 state.update(variant=None, phase="writing the experiment's files")
                 prog.end_variant()
-                tables[v.name] = result.requests
+                tables[v.name] = result  # (its requests table, read for the plots)
                 rows.append({"variant": v.name, **flat_row(result.summary)})
                 con.print(f"[dim]{v.name}: {result.summary['num_finished']} requests, "
                           f"{result.summary['num_iterations']} iterations, wall {result.summary['wall_s']:.2f} s "
@@ -391,7 +399,8 @@ def cmd_run(args) -> int:
 
                     prog.writing("latency_cdf.png", out)
                     tmp_png = out / ".latency_cdf.partial.png"
-                    latency_cdfs(tables, tmp_png, f"{exp.name}: latency per variant")
+                    latency_cdfs({k: r.requests for k, r in tables.items()}, tmp_png,
+                                 f"{exp.name}: latency per variant")
                     os.replace(tmp_png, out / "latency_cdf.png")
                 prog.writing("comparison.csv", out)
                 keys: list[str] = []

@@ -196,7 +196,7 @@ class ReplicaHandle:
         self.index = index
         self._engine = engine
         self._total = 0  # prompt + output tokens of the requests handed to it and not done
-        self._seen = 0  # of engine.done, entries already subtracted
+        self._seen = 0  # engine.done_tokens already subtracted
         self._transfers = False  # it was handed requests whose KV arrives with them
 
     def enqueue(self, req: Request) -> None:
@@ -212,11 +212,9 @@ class ReplicaHandle:
         requests waiting or running here (kept in O(1) a call but for the context phase's
         requests, and the waiting ones when some were paused or carry their KV)."""
         e = self._engine
-        done = e.done
-        if self._seen < len(done):
-            for r in done[self._seen:]:
-                self._total -= r.prompt_len + r.output_len
-            self._seen = len(done)
+        if self._seen != e.done_tokens:  # (a counter: a streamed run empties engine.done as it goes)
+            self._total -= e.done_tokens - self._seen
+            self._seen = e.done_tokens
         # requests in generation: prompt + tokens emitted = off + g, summed (engine aggregates)
         progress = e.off_sum + e.n_dec * e.g
         for r in e.context:

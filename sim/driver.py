@@ -18,14 +18,18 @@ from servesim.policies.routing import Router
 
 from .cluster import Dispatch, ReplicaHandle
 from .engine import INF, Engine
+from .records import RequestSource
 from .types import Request
 
 
 class Arrivals:
     def __init__(self, requests: Sequence[Request], engines: Sequence[Engine], router: Router):
         self.requests = requests
-        self.times = np.fromiter((r.arrival_s for r in requests), dtype=np.float64,
-                                 count=len(requests))
+        if isinstance(requests, RequestSource):  # made as they arrive (a streamed run)
+            self.times = requests.arrival_times
+        else:
+            self.times = np.fromiter((r.arrival_s for r in requests), dtype=np.float64,
+                                     count=len(requests))
         if len(self.times) > 1 and np.any(np.diff(self.times) < 0):
             raise ValueError("requests must be sorted by arrival time")
         self.engines = engines
@@ -85,7 +89,7 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
                 end = engine.step(t, horizon)
                 steps += 1
                 if progress is not None and steps % progress_every == 0:
-                    progress(end, sum(len(e.done) for e in engines))
+                    progress(end, sum(e.num_done() for e in engines))
                 if end >= horizon or end == t or not engine.has_work():
                     break
                 t = end

@@ -124,6 +124,11 @@ class Engine:
         self.stretches: list[StretchRecord] = []  # closed-form decode stretches
         self.stretch_hist: list[bytes] = []  # each stretch's block-residue histogram
         self.done: list[Request] = []  # finished or rejected, in completion order
+        # a run streamed to disk (sim/stream.py): takes the records above every so often
+        # (`done` then holds the requests finished since; num_done_flushed, those before)
+        self.recorder = None
+        self.num_done_flushed = 0
+        self.done_tokens = 0  # prompt + output tokens of every request finished or rejected so far
         self.num_preemptions = 0
         # speculative decoding, per iteration with drafts: (iteration, requests with >= i
         # drafts, requests with >= i accepted) for i = 1..max_draft_len
@@ -134,6 +139,10 @@ class Engine:
         req.replica = self.replica
         req.context_target = req.prompt_len
         self.waiting.append(req)
+
+    def num_done(self) -> int:
+        """Requests finished or rejected so far."""
+        return self.num_done_flushed + len(self.done)
 
     def load(self) -> int:
         return len(self.waiting) + len(self.context) + self.n_dec
@@ -181,6 +190,7 @@ class Engine:
         self.kv.release(req, blocks)
         req.phase = Phase.FINISHED
         self.done.append(req)
+        self.done_tokens += req.prompt_len + req.output_len
 
     def _final_blocks(self, req: Request) -> int:
         """Blocks a request holds at its last step (with overlap, the discarded extra step
@@ -193,6 +203,7 @@ class Engine:
         req.phase = Phase.REJECTED
         req.reject_reason = reason
         self.done.append(req)
+        self.done_tokens += req.prompt_len + req.output_len
 
     def never_fits(self, req: Request) -> str | None:
         """Why `req` can never run here (the reason it is rejected with), or None."""
@@ -408,6 +419,10 @@ class Engine:
         are always seen by the first iteration that starts after them. Returns the time
         at which the last iteration run ends.
         """
+        rec = self.recorder
+        if rec is not None and (len(self.rows) + len(self.stretches) >= rec.flush_records
+                                or len(self.done) >= rec.flush_done):
+            rec.flush(self)  # (between steps: every record so far is complete)
         self.kv.now = now
         if self.cache is not None:
             st = self.cache.stats

@@ -9,6 +9,7 @@ loop over tokens or iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -88,9 +89,15 @@ class IterationArrays:
         return self.columns["start_s"] + self.columns["duration_s"]
 
 
+def _as_matrix(rows: list[tuple], width: int) -> np.ndarray:
+    """A list of equal-length numeric tuples as a float64 matrix (fromiter: a few times
+    faster than np.array on tuples)."""
+    return np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=len(rows) * width).reshape(len(rows), width)
+
+
 def _general_columns(rows: list[IterationRecord]) -> dict[str, np.ndarray]:
     # one conversion of the whole list (every field is a number; exact in float64)
-    R = np.array(rows, dtype=np.float64)
+    R = _as_matrix(rows, len(IterationRecord._fields))
     out = {}
     for j, name in enumerate(IterationRecord._fields):
         dt = _NP[name]
@@ -100,7 +107,7 @@ def _general_columns(rows: list[IterationRecord]) -> dict[str, np.ndarray]:
 
 
 def _stretch_columns(st: list[StretchRecord], hist_bytes: list[bytes], tpb: int) -> dict[str, np.ndarray]:
-    S = np.array(st, dtype=np.float64)
+    S = _as_matrix(st, len(StretchRecord._fields))
     F = {name: S[:, j] for j, name in enumerate(StretchRecord._fields)}
     g0 = F["g0"].astype(np.int64)
     K = F["K"].astype(np.int64)
@@ -151,34 +158,65 @@ def _stretch_columns(st: list[StretchRecord], hist_bytes: list[bytes], tpb: int)
     return {name: cols[name].astype(_NP[name], copy=False) for name in IterationRecord._fields}
 
 
+def iteration_columns(rows: list[IterationRecord], stretches: list[StretchRecord], stretch_hist: list[bytes],
+                      tpb: int, first: int = 0) -> dict[str, np.ndarray]:
+    """The engine columns (every iteration column but DERIVED) of the iterations these
+    records cover, which must be exactly ``first, first + 1, ...``: in iteration order."""
+    parts = []
+    if rows:
+        parts.append(_general_columns(rows))
+    if stretches:
+        parts.append(_stretch_columns(stretches, stretch_hist, tpb))
+    if not parts:
+        return {name: v for name, v in empty_columns("iterations").items() if name not in DERIVED}
+    if len(parts) == 1:
+        cols = parts[0]
+        m = len(cols["iteration"])
+        if m and not np.array_equal(cols["iteration"], np.arange(first, first + m)):
+            raise AssertionError("iteration records are not contiguous")
+        return cols
+    # general iterations and stretches interleave: place each row at its iteration
+    pos = [p["iteration"] - first for p in parts]
+    m = sum(len(x) for x in pos)
+    if min(int(x.min()) for x in pos) < 0 or max(int(x.max()) for x in pos) >= m:
+        raise AssertionError("iteration records are not contiguous")
+    cols = {}
+    for c in parts[0]:
+        out = np.empty(m, dtype=parts[0][c].dtype)
+        if c == "iteration":
+            out.fill(-1)
+        for p, x in zip(parts, pos):
+            out[x] = p[c]
+        cols[c] = out
+    if not np.array_equal(cols["iteration"], np.arange(first, first + m)):
+        raise AssertionError("iteration records are not contiguous")
+    return cols
+
+
+def add_derived(cols: dict[str, np.ndarray], kv_total: int, replica: int) -> dict[str, np.ndarray]:
+    """The DERIVED columns: free blocks and the replica."""
+    cols["kv_blocks_free"] = kv_total - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
+    cols["replica"] = np.full(len(cols["iteration"]), replica, dtype=np.int32)
+    return cols
+
+
+def draft_lists(draft_positions, first: int, m: int) -> dict[str, list]:
+    """Speculative decoding's per-position list columns of iterations first..first+m-1."""
+    prop: list = [[] for _ in range(m)]
+    acc: list = [[] for _ in range(m)]
+    for it, p, a in draft_positions:
+        prop[it - first] = list(p)
+        acc[it - first] = list(a)
+    return {"draft_proposed_by_position": prop, "draft_accepted_by_position": acc}
+
+
 def iteration_arrays(engine) -> IterationArrays:
     """All iterations of one engine, sorted by iteration index (general + stretches)."""
-    parts = []
-    if engine.rows:
-        parts.append(_general_columns(engine.rows))
-    if engine.stretches:
-        parts.append(_stretch_columns(engine.stretches, engine.stretch_hist, engine.tpb))
-    if not parts:
-        cols = {name: v for name, v in empty_columns("iterations").items() if name not in DERIVED}
-    elif len(parts) == 1:
-        cols = parts[0]
-    else:
-        cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-        order = np.argsort(cols["iteration"], kind="stable")
-        cols = {c: v[order] for c, v in cols.items()}
-    m = len(cols["iteration"])
-    if m and not np.array_equal(cols["iteration"], np.arange(m)):
-        raise AssertionError("iteration records are not contiguous")
-    cols["kv_blocks_free"] = engine.kv.total - cols["kv_blocks_used"] - cols["kv_blocks_cached"]
-    cols["replica"] = np.full(m, engine.replica, dtype=np.int32)
+    cols = add_derived(iteration_columns(engine.rows, engine.stretches, engine.stretch_hist, engine.tpb),
+                       engine.kv.total, engine.replica)
     lists = None
     if engine.cfg.speculation is not None:
-        prop: list = [[] for _ in range(m)]
-        acc: list = [[] for _ in range(m)]
-        for it, p, a in engine.draft_positions:
-            prop[it] = list(p)
-            acc[it] = list(a)
-        lists = {"draft_proposed_by_position": prop, "draft_accepted_by_position": acc}
+        lists = draft_lists(engine.draft_positions, 0, len(cols["iteration"]))
     return IterationArrays(cols, lists)
 
 
@@ -200,12 +238,14 @@ class RequestArrays:
     finished: np.ndarray  # bool per row
 
 
-def request_arrays(requests: list[Request], its: list[IterationArrays], disaggregated: bool = False) -> RequestArrays:
-    """Per-request rows; token times gathered from iteration end times via the spans (a
-    disaggregated request's first token from its prefill replica's iteration)."""
-    requests = sorted(requests, key=lambda r: r.request_id)
-    ends = [i.end_s for i in its]
-    base = np.cumsum([0] + [len(e) for e in ends])[:-1]
+def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Emission times of the finished requests' tokens, gathered from iteration end times
+    through their spans (a disaggregated request's first token from its prefill replica's
+    iteration): ``ends[r][i - bases[r]]`` is the end of replica r's iteration i. Returns
+    (flat times, offsets per request into them; len(requests) + 1)."""
+    lens = [len(e) for e in ends]
+    base = np.cumsum([0] + lens)[:-1] - (np.asarray(bases, dtype=np.int64) if bases is not None else 0)
     all_ends = np.concatenate(ends) if ends else np.zeros(0)
     span_start: list[int] = []
     span_len: list[int] = []
@@ -229,8 +269,17 @@ def request_arrays(requests: list[Request], its: list[IterationArrays], disaggre
     total = int(sl.sum())
     first_in_span = np.cumsum(sl) - sl
     idx = np.repeat(ss, sl) + (np.arange(total, dtype=np.int64) - np.repeat(first_in_span, sl))
+    if total and (idx.min() < 0 or idx.max() >= len(all_ends)):
+        raise AssertionError("a finished request's tokens lie outside the iterations recorded")
     times = all_ends[idx] if total else np.zeros(0)
-    offsets = np.concatenate([[0], np.cumsum(per_req)]).astype(np.int64)
+    return times, np.concatenate([[0], np.cumsum(per_req)]).astype(np.int64)
+
+
+def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarray,
+                  disaggregated: bool = False) -> pa.Table:
+    """The requests.parquet rows of `requests` (in the order given) with their token times
+    (`disaggregated`: and the prefill replica and KV transfer time of each)."""
+    total = len(times)
     finished = np.array([r.phase == Phase.FINISHED for r in requests], dtype=bool)
     nan = np.nan
     first_tok = np.where(finished, times[np.minimum(offsets[:-1], max(total - 1, 0))] if total else nan, nan)
@@ -249,7 +298,7 @@ def request_arrays(requests: list[Request], its: list[IterationArrays], disaggre
     if disaggregated:
         extra = {"prefill_replica": col("prefill_replica", np.int32),
                  "kv_transfer_s": [r.kv_transfer_s for r in requests]}
-    table = build_table("requests", {
+    return build_table("requests", {
         "request_id": col("request_id", np.int64),
         "replica": col("replica", np.int32),
         "status": status,
@@ -269,4 +318,37 @@ def request_arrays(requests: list[Request], its: list[IterationArrays], disaggre
         "token_times": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(times)),
         **extra,
     })
+
+
+def request_arrays(requests: list[Request], its: list[IterationArrays], disaggregated: bool = False) -> RequestArrays:
+    """Per-request rows; token times gathered from iteration end times via the spans (a
+    disaggregated request's first token from its prefill replica's iteration)."""
+    requests = sorted(requests, key=lambda r: r.request_id)
+    times, offsets = token_times(requests, [i.end_s for i in its])
+    table = request_table(requests, times, offsets, disaggregated)
+    finished = np.array([r.phase == Phase.FINISHED for r in requests], dtype=bool)
     return RequestArrays(table, times, offsets, finished)
+
+
+class RequestSource:
+    """A workload's requests made as the run reaches them, `chunk` at a time, instead of
+    all up front (a streamed run of millions of requests): a sequence read in order.
+    ``make(lo, hi)`` makes requests lo..hi-1; `arrival_times` are all of their arrivals."""
+
+    def __init__(self, arrival_times: np.ndarray, make, chunk: int = 1 << 14):
+        self.arrival_times = np.asarray(arrival_times, dtype=np.float64)
+        self.make = make
+        self.chunk = chunk
+        self.lo = 0
+        self.items: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.arrival_times)
+
+    def __getitem__(self, i: int) -> Request:
+        if not self.lo <= i < self.lo + len(self.items):
+            if not 0 <= i < len(self):
+                raise IndexError(i)
+            self.lo = i
+            self.items = self.make(i, min(i + self.chunk, len(self)))
+        return self.items[i - self.lo]

@@ -73,6 +73,33 @@ class RunResult:
     iterations: pa.Table
     summary: dict
     setup: Setup
+    # where its Parquet files are when the run streamed them there (simulate(out_dir=...))
+    run_dir: Path | None = None
+
+
+class StreamedRunResult(RunResult):
+    """A run whose records were streamed to `run_dir` (sim/stream.py): its tables are read
+    from there when asked for (set `run_dir` when the folder moves)."""
+
+    def __init__(self, summary: dict, setup: Setup, run_dir: Path):
+        self.summary = summary
+        self.setup = setup
+        self.run_dir = Path(run_dir)
+
+    @property
+    def requests(self) -> pa.Table:
+        from .schemas import read_run_table
+
+        return read_run_table(self.run_dir / "requests.parquet", "requests")
+
+    @property
+    def iterations(self) -> pa.Table:
+        from .schemas import read_run_table
+
+        return read_run_table(self.run_dir / "iterations.parquet", "iterations")
+
+    def __repr__(self) -> str:
+        return f"StreamedRunResult(run_dir={str(self.run_dir)!r}, {self.summary.get('num_requests')} requests)"
 
 
 def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
@@ -312,38 +339,44 @@ def make_retention(cfg: RunConfig):
     return RetentionPolicy(spec(r), {k: spec(v) for k, v in r.tenants.items()})
 
 
-def attach_prefix_keys(requests: list[Request], df: pd.DataFrame, tokens_per_block: int) -> None:
+def attach_prefix_keys(requests: list[Request], df: pd.DataFrame, tokens_per_block: int, ek=None,
+                       first: int = 0) -> None:
     """Give each request the chain keys of its full prompt blocks (and their tokens, when
-    the workload has them, so a key collision can never reuse other tokens)."""
+    the workload has them, so a key collision can never reuse other tokens). `requests`
+    are the workload's rows `first`, `first + 1`, ...; `ek`: the workload's engine keys if
+    already computed (traces/reuse_bound.py `workload_engine_keys`)."""
     from servesim.traces.reuse_bound import workload_engine_keys
 
     if "block_hashes" not in df.columns and "prompt_tokens" not in df.columns:
         return
-    ek = workload_engine_keys(df, tokens_per_block)
-    keys = ek.keys.tolist()
-    off = ek.offsets.tolist()
+    if ek is None:
+        ek = workload_engine_keys(df, tokens_per_block)
+    keys = ek.keys
+    off = ek.offsets[first:first + len(requests) + 1].tolist()
     t = tokens_per_block
     for i, r in enumerate(requests):
         a, b = off[i], off[i + 1]
         if b > a:
-            r.block_keys = tuple(keys[a:b])
+            r.block_keys = tuple(keys[a:b].tolist())
             if r.prompt_tokens is not None:
                 pt = r.prompt_tokens
                 r.block_contents = tuple(tuple(pt[j * t:(j + 1) * t]) for j in range(b - a))
 
 
-def make_requests(df: pd.DataFrame) -> list[Request]:
-    n = len(df)
-    ids = df["request_id"].to_numpy()
-    arr = df["arrival_s"].to_numpy(dtype=np.float64)
-    p = df["prompt_len"].to_numpy()
-    o = df["output_len"].to_numpy()
+def make_requests(df: pd.DataFrame, lo: int = 0, hi: int | None = None) -> list[Request]:
+    """Requests of the workload's rows lo..hi-1 (all of them by default)."""
+    hi = len(df) if hi is None else hi
+    n = hi - lo
+    ids = df["request_id"].to_numpy()[lo:hi]
+    arr = df["arrival_s"].to_numpy(dtype=np.float64)[lo:hi]
+    p = df["prompt_len"].to_numpy()[lo:hi]
+    o = df["output_len"].to_numpy()[lo:hi]
 
     def opt(col, conv, default):
         if col not in df.columns:
             return [default] * n
         return [default if (v is None or (isinstance(v, float) and math.isnan(v))) else conv(v)
-                for v in df[col].tolist()]
+                for v in df[col].iloc[lo:hi].tolist()]
 
     prio = opt("priority", int, 0)
     tenant = opt("tenant", str, "")
@@ -420,15 +453,31 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
 
 def prepare_requests(setup: Setup) -> list[Request]:
     """The workload's requests with their prefix keys and retention specs (both backends)."""
-    requests = make_requests(setup.workload)
+    return _request_maker(setup)(0, len(setup.workload))
+
+
+def _request_maker(setup: Setup) -> Callable[[int, int], list[Request]]:
+    """``make(lo, hi)``: the requests of workload rows lo..hi-1, with their prefix keys and
+    retention specs."""
+    df = setup.workload
     kvc = setup.cfg.kv_cache
-    if kvc.enable_block_reuse:
-        attach_prefix_keys(requests, setup.workload, kvc.tokens_per_block)
     retention = make_retention(setup.cfg)
-    if retention is not None:
-        for r in requests:
-            r.retention = retention.for_request(r.tenant)
-    return requests
+    ek = None
+    if kvc.enable_block_reuse and ("block_hashes" in df.columns or "prompt_tokens" in df.columns):
+        from servesim.traces.reuse_bound import workload_engine_keys
+
+        ek = workload_engine_keys(df, kvc.tokens_per_block)
+
+    def make(lo: int, hi: int) -> list[Request]:
+        requests = make_requests(df, lo, hi)
+        if ek is not None:
+            attach_prefix_keys(requests, df, kvc.tokens_per_block, ek, lo)
+        if retention is not None:
+            for r in requests:
+                r.retention = retention.for_request(r.tenant)
+        return requests
+
+    return make
 
 
 def finish_run(setup: Setup, requests: list[Request], engines: list[Engine], backend: str,
@@ -489,22 +538,21 @@ def power_params(setup: Setup) -> dict:
     return out
 
 
-def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j: float | None = None) -> dict:
-    """Energy over the run: measured (the GPU's energy counter), or modelled (sim/power.py)."""
-    from .power import DEFAULT_SHARES, energy, iteration_power, roofline_work
+def energy_summary(setup: Setup, it, summary: dict, measured_energy_j: float | None = None) -> dict:
+    """Energy over the run: measured (the GPU's energy counter), or modelled (sim/power.py).
+    `it`: the iterations table, or a streamed run's EnergyAccumulator (sim/stream.py)."""
+    from .power import DEFAULT_SHARES
+    from .stream import EnergyAccumulator
 
     if measured_energy_j is not None:
         j = float(measured_energy_j)
         source = "measured (NVML energy counter)"
     else:
-        p = power_params(setup)
         gpus = setup.cfg.cluster.replicas * setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
         if setup.cluster is not None:
             gpus = setup.cluster.num_gpus
-        tp = setup.cfg.cluster.tensor_parallel * setup.cfg.cluster.pipeline_parallel
-        dur = it.column("duration_s").to_numpy()
-        w = iteration_power(dur, *roofline_work(it, setup.model, setup.hardware), p, p["max_w"]) * tp
-        j = energy(it, summary["duration_s"], gpus, p["idle_w"], w)
+        acc = it if isinstance(it, EnergyAccumulator) else EnergyAccumulator.of_table(setup, it)
+        j = acc.joules(summary["duration_s"], gpus)
         pc = setup.cfg.power
         own = all(getattr(pc, k) is None for k in (*DEFAULT_SHARES, "kv_w", "max_w"))
         source = "model" + (" (calibrated)" if setup.profile_power and own else "")
@@ -515,19 +563,31 @@ def energy_summary(setup: Setup, it: pa.Table, summary: dict, measured_energy_j:
 
 
 def simulate(setup: Setup, check_invariants: bool = False,
-             progress: Callable[[float], None] | None = None) -> RunResult:
+             progress: Callable[[float], None] | None = None, out_dir: Path | None = None) -> RunResult:
+    """Simulate one run. With `out_dir`, its records stream into that folder's
+    requests.parquet and iterations.parquet as the run goes, in bounded memory
+    (sim/stream.py; the same files `write_run` writes of a run held in memory), and the
+    result reads its tables from there; `write_run` to that folder adds the rest."""
     t0 = time.perf_counter()
-    if setup.cluster is not None:
+    if setup.cluster is not None:  # replica groups or pools: held in memory (write_run writes it)
         from .cluster import simulate_cluster
 
         return simulate_cluster(setup, check_invariants, progress, t0)
-    requests = prepare_requests(setup)
     cost = make_cost_model(setup)
     engines = [Engine(engine_config(setup, check_invariants),
                       SimExecutor(cost, setup.cfg.runtime.overlap_scheduler, make_sim_speculation(setup, i)),
                       replica=i) for i in range(setup.cfg.cluster.replicas)]
-    run_simulation(requests, engines, make_run_router(setup), progress=progress)
-    return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
+    router = make_run_router(setup)
+    if out_dir is None:
+        requests = prepare_requests(setup)
+        run_simulation(requests, engines, router, progress=progress)
+        return finish_run(setup, requests, engines, "sim", time.perf_counter() - t0)
+    from .records import RequestSource
+    from .stream import stream_run
+
+    df = setup.workload
+    source = RequestSource(df["arrival_s"].to_numpy(dtype=np.float64), _request_maker(setup))
+    return stream_run(setup, engines, source, router, Path(out_dir), t0, progress=progress)
 
 
 
@@ -571,10 +631,18 @@ def write_run(result: RunResult, out_dir: Path, experiment: str, variant: str,
     renamed when complete: sim/rundir.py). ``phase(file)`` is called before each file."""
     phase = phase or (lambda _: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    phase("requests.parquet")
-    write_run_table(with_prompt_identity(result.requests, result.setup.workload), out_dir / "requests.parquet")
-    phase("iterations.parquet")
-    write_run_table(result.iterations, out_dir / "iterations.parquet")
+    streamed = isinstance(result, StreamedRunResult)
+    for name in ("requests.parquet", "iterations.parquet"):
+        phase(name)
+        if streamed:  # written as it ran: there already, or copied
+            if (result.run_dir / name).resolve() != (out_dir / name).resolve():
+                import shutil
+
+                shutil.copyfile(result.run_dir / name, out_dir / name)
+        elif name == "requests.parquet":
+            write_run_table(with_prompt_identity(result.requests, result.setup.workload), out_dir / name)
+        else:
+            write_run_table(result.iterations, out_dir / name)
     phase("summary.json")
     summary = dict(result.summary)
     summary["kv_pool_blocks"] = result.setup.num_blocks
