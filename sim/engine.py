@@ -271,6 +271,11 @@ class Engine:
             if req.swapped_blocks:
                 if not self._swap_in(req, headroom):
                     break
+                # it generates this iteration: the blocks the running decodes need now
+                # include its own (stale, a later swap-in could take the room and the pause
+                # that follows would send a request back out in the iteration that brought
+                # it in)
+                headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
                 continue
             hits = []
             copy_src = None

@@ -337,3 +337,30 @@ def test_requests_beyond_the_models_positions_are_rejected_and_counted():
     assert req.table.column("reject_reason").to_pylist() == ["", "max_positions", ""]
     s = summarize(req.table, it, kv_total_blocks=400, backend="sim", wall_s=0)
     assert s["num_rejected"] == 1 and s["rejected_by_reason"] == {"max_positions": 1}
+
+
+def test_a_request_swapped_in_is_not_swapped_out_in_the_same_iteration():
+    """Regression (hypothesis found it): several swap-ins in one admission pass each saw the
+    decodes' block need from before the earlier ones, and the pause that followed sent the
+    last one straight back to the host in the iteration that brought it in."""
+    outs = [1, 1, 1, 9, 1, 1, 6, 1, 1, 1, 1, 1, 1, 2, 2]
+    rows = [(0.0, 47, 30), (0.0, 47, 31), (0.0, 75, 23), (0.0, 25, 11)] + [(0.0, 1, o) for o in outs]
+    cfg = dict(capacity="max_utilization", max_batch=8, max_tokens=256, tpb=4, blocks=60,
+               chunked=False, chunk_size=None, graphs=False)
+    reqs, engines, it, req = run_engine(rows, swap_blocks=1000, stepwise=True, **cfg)
+    assert engines[0].num_swaps > 0
+    _check_run(rows, cfg, reqs, engines, it, req)
+
+
+def test_a_context_without_a_chunk_blocks_the_ones_behind_it():
+    """Regression (hypothesis found it): with chunking, a 16-token prompt that gets no chunk
+    (less than a block of budget left beside the decodes) was overtaken by a later 1-token
+    prompt; now it is not, and nothing waits beyond the earlier requests' finish."""
+    rows = [(0.0, 1, 1)] * 25 + [(0.0, 16, 1), (0.0, 1, 4)]
+    for cap in ("guaranteed_no_evict", "max_utilization"):
+        cfg = dict(capacity=cap, max_batch=3, max_tokens=16, tpb=16, blocks=4, chunked=True,
+                   chunk_size=None, graphs=False)
+        reqs, engines, it, req = run_engine(rows, **cfg)
+        _check_run(rows, cfg, reqs, engines, it, req)
+        first = {r.request_id: r.first_scheduled_s for r in reqs}
+        assert first[25] <= first[26]
