@@ -15,6 +15,9 @@ class SimSpeculation:
 
     acceptance: AcceptanceModel
     drafter: DrafterCost
+    # requests of the last verification that accepted all their drafts: the drafter's next
+    # first step catches up two tokens for each (the bonus token and the last draft)
+    all_accepted: frozenset = frozenset()
 
 
 class SimExecutor:
@@ -35,8 +38,12 @@ class SimExecutor:
             raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
         rids = [r for r, _ in batch.drafts]
         ks = [k for _, k in batch.drafts]
-        return StepResult(self.cost_model.price(batch.shape) + spec.drafter.price(batch.shape),
-                          accepted=spec.acceptance.accepted(rids, ks))
+        prev = spec.all_accepted
+        extra = sum(1 for r, k in batch.drafts if k and r in prev)
+        accepted = spec.acceptance.accepted(rids, ks)
+        spec.all_accepted = frozenset(r for r, k, a in zip(rids, ks, accepted) if k and a == k)
+        return StepResult(self.cost_model.price(batch.shape) + spec.drafter.price(batch.shape, extra),
+                          accepted=accepted)
 
     def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
         return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))

@@ -270,8 +270,12 @@ def make_sim_speculation(setup: Setup, replica: int):
     if sp.drafter is not None:
         drafter = RooflineCostModel(sp.drafter, setup.hardware, sp.drafter_roofline, tp=cfg.cluster.tensor_parallel,
                                     cuda_graphs=cfg.runtime.cuda_graphs)
+    dpad = None
+    if cfg.speculative.proposer == "draft_model" and (pad := decode_graph_padding(cfg)) is not None:
+        # the GPU backend's DraftModel: graphs of the target's decode sizes and twice those
+        dpad = GraphPadding(sorted(set(pad.sizes) | {2 * b for b in pad.sizes}))
     return SimSpeculation(AcceptanceModel(sp.alpha, sp.beta, seed=cfg.seed * 1009 + replica),
-                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request))
+                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request, dpad))
 
 
 def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:
@@ -380,6 +384,14 @@ def make_run_router(setup: Setup, name: str | None = None):
                        router_builtin_args(setup.cfg, name)).make()
 
 
+def decode_graph_padding(cfg: RunConfig) -> GraphPadding | None:
+    """The decode CUDA-graph sizes of a run (None: graphs off)."""
+    rt, s = cfg.runtime, cfg.scheduler
+    if not rt.cuda_graphs:
+        return None
+    return GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size, s.max_batch_size)))
+
+
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     """One engine's configuration, with fresh instances of the run's policies (build one
     per replica: a stateful policy belongs to one engine)."""
@@ -389,10 +401,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     kvc = setup.cfg.kv_cache
     block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel,
                                      setup.cfg.cluster.pipeline_parallel)
-    padding = None
-    if rt.cuda_graphs:
-        padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
-                                                 s.max_batch_size)))
+    padding = decode_graph_padding(setup.cfg)
     return EngineConfig(
         max_batch_size=s.max_batch_size,
         max_num_tokens=s.max_num_tokens,

@@ -16,6 +16,15 @@ size (its own cost model: its spec, the same hardware, its own calibration profi
 given) plus its own pass over the iteration's context chunks; an EAGLE head runs a
 one-layer model k times; Medusa heads one pass of k lm_head-sized GEMMs; n-gram lookup
 costs host time only.
+
+A draft model's decode steps run as its own CUDA graphs whenever it has one for the
+step's rows (``graph_padding``: the GPU backend's `DraftModel` captures the target's
+decode sizes and twice those), whether or not the target's iteration is a graph: an
+iteration that verifies drafts beside context chunks runs the target eagerly but still
+drafts through the drafter's graphs. The first step catches up on the tokens the drafter
+has not seen: one per request, two for a request whose previous verification accepted
+all its drafts (the drafter never consumed the last one); the executor tells `price`
+how many of those there are (``catch_up_extra``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from servesim.policies.graph_padding import GraphPadding
 
 from .types import IterationShape
 
@@ -102,8 +113,19 @@ class DrafterCost:
     proposer: str
     drafter: object = None  # a cost model (RooflineCostModel) of the draft model / EAGLE head
     host_s_per_request: float = 0.0  # n-gram lookup (and any proposer's host work) per request and step
+    # a draft model's decode-graph sizes (None: it runs its steps as the target's iteration
+    # runs, graph or eager: CUDA graphs off, or a cost model without the GPU's structure)
+    graph_padding: GraphPadding | None = None
 
-    def price(self, shape: IterationShape) -> float:
+    def _step(self, rows: int, shape: IterationShape) -> tuple[float, float]:
+        """(fixed, per_kv) of one draft-model decode step of ``rows`` rows."""
+        gp = self.graph_padding
+        if gp is None:
+            return self.drafter.decode_affine(rows, shape.graph, shape.padded_decode)
+        pad = gp.padded(rows)
+        return self.drafter.decode_affine(rows, pad > 0, pad)
+
+    def price(self, shape: IterationShape, catch_up_extra: int = 0) -> float:
         k = shape.draft_steps
         n = shape.n_decode
         t = self.host_s_per_request * n * (k > 0)
@@ -115,11 +137,11 @@ class DrafterCost:
                     ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens,
                     n_ctx_sampling=shape.n_ctx_sampling))
             if n and k:
-                # k autoregressive steps at the batch's size, each attending one more token
-                step = IterationShape(n_decode=n, decode_kv_sum=shape.decode_kv_sum, graph=shape.graph,
-                                      padded_decode=shape.padded_decode)
-                fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
-                t += k * fixed + per_kv * (k * step.decode_kv_sum + n * k * (k - 1) / 2)
+                # k autoregressive steps at the batch's size, each attending one more token;
+                # the first one with the catch-up rows
+                f1, per_kv = self._step(n + catch_up_extra, shape)
+                fixed = self._step(n, shape)[0] if k > 1 else 0.0
+                t += f1 + (k - 1) * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
         elif self.proposer == "eagle" and n and k:
             fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
             t += k * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
