@@ -270,12 +270,17 @@ def make_sim_speculation(setup: Setup, replica: int):
     if sp.drafter is not None:
         drafter = RooflineCostModel(sp.drafter, setup.hardware, sp.drafter_roofline, tp=cfg.cluster.tensor_parallel,
                                     cuda_graphs=cfg.runtime.cuda_graphs)
-    dpad = None
-    if cfg.speculative.proposer == "draft_model" and (pad := decode_graph_padding(cfg)) is not None:
-        # the GPU backend's DraftModel: graphs of the target's decode sizes and twice those
-        dpad = GraphPadding(sorted(set(pad.sizes) | {2 * b for b in pad.sizes}))
+    dpad = vpad = None
+    if (pad := decode_graph_padding(cfg)) is not None:
+        # the GPU backend's graphs: the DraftModel's at the target's decode sizes and twice
+        # those, the verification's piecewise ones at those times 1 + max_draft_len tokens
+        k1 = 1 + cfg.speculative.max_draft_len
+        vpad = GraphPadding(sorted({b * k1 for b in pad.sizes}))
+        if cfg.speculative.proposer == "draft_model":
+            dpad = GraphPadding(sorted(set(pad.sizes) | {2 * b for b in pad.sizes}))
     return SimSpeculation(AcceptanceModel(sp.alpha, sp.beta, seed=cfg.seed * 1009 + replica),
-                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request, dpad))
+                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request, dpad),
+                          verify_padding=vpad, chunked_verify=True)
 
 
 def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:

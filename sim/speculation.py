@@ -25,6 +25,16 @@ drafts through the drafter's graphs. The first step catches up on the tokens the
 has not seen: one per request, two for a request whose previous verification accepted
 all its drafts (the drafter never consumed the last one); the executor tells `price`
 how many of those there are (``catch_up_extra``).
+
+Verification (`verify_shape`), as the GPU backend runs it: every generation request is a
+context chunk of its 1 + k positions over its cached KV (paged prefill attention, no
+decode-attention kernels), every position a sampled row (lm_head and sampler over all of
+them). A decode-only iteration runs through the verification's piecewise CUDA graphs,
+captured at the decode-graph batch sizes times 1 + max_draft_len tokens (eager beyond the
+largest); an iteration with context chunks runs as the engine's piecewise graphs when
+they are on (its ``piecewise_tokens`` count the drafts), else eagerly. So the target's
+cost model prices it as the context iteration it is, with the calibrated prefill-attention
+and piecewise/eager launch terms, not as a decode graph with extra tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +45,32 @@ import numpy as np
 
 from servesim.policies.graph_padding import GraphPadding
 
+from .cost_model import GPU_TERMS
 from .types import IterationShape
+
+
+def verify_shape(shape: IterationShape, ks: list[int], verify_padding: GraphPadding | None) -> IterationShape | None:
+    """The target's verification pass of an iteration whose generation requests carry
+    linear drafts (``ks[i]`` for the i-th of ``shape.n_decode``), as a context iteration:
+    the context chunks, then one chunk of 1 + k tokens per generation request over its
+    cached KV (the shape holds only their sum: spread evenly), every verified position
+    sampled. ``verify_padding``: the token counts of the verification's piecewise graphs
+    (None: none captured). None when the drafts are not linear (an EAGLE tree's nodes)."""
+    n = shape.n_decode
+    if len(ks) != n or sum(ks) != shape.decode_draft_tokens:
+        return None
+    cached = shape.decode_kv_sum - n  # decode_kv_sum counts each request's new token
+    q, r = divmod(cached, n) if n else (0, 0)
+    new = tuple(1 + k for k in ks)
+    prior = tuple(q + (i < r) for i in range(n))
+    T = sum(shape.ctx_new_tokens) + sum(new)
+    if shape.ctx_new_tokens:
+        pw = shape.piecewise_tokens
+    else:
+        pw = verify_padding.padded(T) if shape.graph and verify_padding is not None else 0
+    return IterationShape(ctx_new_tokens=shape.ctx_new_tokens + new, ctx_prior_tokens=shape.ctx_prior_tokens + prior,
+                          n_ctx_sampling=shape.n_ctx_sampling + sum(new), piecewise_tokens=pw,
+                          host_to_gpu_bytes=shape.host_to_gpu_bytes, gpu_to_host_bytes=shape.gpu_to_host_bytes)
 
 
 class AcceptanceModel:
@@ -106,6 +141,28 @@ def alpha_from_run(iterations, max_len: int) -> list[float]:
     return np.clip(alpha, 0.0, 1.0).tolist()
 
 
+def launch_and_gpu(cost_model, shape: IterationShape) -> tuple[float, float, float]:
+    """(host launch seconds that delay the GPU, GPU seconds, seconds of the rest: the
+    scheduler and host copies) of one priced shape, from the cost model's breakdown: a
+    launch that the model hides under the shape's own GPU work delays nothing after it;
+    one that it does not hide occupies the host for the GPU work plus the unhidden part."""
+    bd = cost_model.breakdown(shape)
+    gpu = sum(bd[k] for k in GPU_TERMS)
+    unhidden = bd["host_launch"]
+    return (gpu + unhidden if unhidden > 0 else 0.0), gpu, cost_model.price(shape) - gpu - unhidden
+
+
+def chain(segments) -> float:
+    """Seconds until the GPU finishes ``segments`` ((host launch seconds, GPU seconds) in
+    launch order, none waiting on the host in between): segment i's GPU work runs after
+    segment i-1's and cannot end before the host has launched it."""
+    h = g = 0.0
+    for host, gpu in segments:
+        h += host
+        g = max(g + gpu, h)
+    return g
+
+
 @dataclass
 class DrafterCost:
     """Seconds of drafting per iteration, serial before the target's verification."""
@@ -117,6 +174,9 @@ class DrafterCost:
     # runs, graph or eager: CUDA graphs off, or a cost model without the GPU's structure)
     graph_padding: GraphPadding | None = None
 
+    def __post_init__(self):
+        self._steps: dict[int, tuple[float, float, float]] = {}
+
     def _step(self, rows: int, shape: IterationShape) -> tuple[float, float]:
         """(fixed, per_kv) of one draft-model decode step of ``rows`` rows."""
         gp = self.graph_padding
@@ -125,7 +185,46 @@ class DrafterCost:
         pad = gp.padded(rows)
         return self.drafter.decode_affine(rows, pad > 0, pad)
 
+    def _graph_step(self, rows: int) -> tuple[float, float, float]:
+        """(host launch, GPU seconds at no KV, GPU seconds per KV token) of one draft-model
+        decode step of ``rows`` rows in its graphs (eager beyond them)."""
+        r = self._steps.get(rows)
+        if r is None:
+            pad = self.graph_padding.padded(rows)
+            base = IterationShape(n_decode=rows, graph=pad > 0, padded_decode=pad)
+            host, gpu, _ = launch_and_gpu(self.drafter, base)
+            r = self._steps[rows] = (host - gpu if host else 0.0, gpu, self.drafter.decode_affine(rows, pad > 0, pad)[1])
+        return r
+
+    def segments(self, shape: IterationShape, catch_up_extra: int = 0) -> list[tuple[float, float]] | None:
+        """The drafting of a GPU-structured draft model (``graph_padding`` set) as
+        (host launch, GPU seconds) segments for `chain`, in launch order: its eager pass
+        over the context chunks (samples nothing), then its k decode steps through its
+        graphs, launched back to back with no host sync in between (the first with the
+        catch-up rows), so each costs its GPU time and the host runs ahead. None: this
+        drafter is priced serially (`price`)."""
+        if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None:
+            return None
+        k, n = shape.draft_steps, shape.n_decode
+        segs = []
+        h0 = self.host_s_per_request * n * (k > 0)
+        if h0:
+            segs.append((h0, 0.0))
+        if shape.ctx_new_tokens:
+            host, gpu, _ = launch_and_gpu(self.drafter, IterationShape(
+                ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens))
+            segs.append((host, gpu))
+        if n and k:
+            kv = shape.decode_kv_sum
+            for j in range(k):
+                host, g0, per_kv = self._graph_step(n + catch_up_extra if j == 0 else n)
+                segs.append((host, g0 + per_kv * (kv + j * n)))
+        return segs
+
     def price(self, shape: IterationShape, catch_up_extra: int = 0) -> float:
+        segs = self.segments(shape, catch_up_extra)
+        if segs is not None:
+            return chain(segs)
         k = shape.draft_steps
         n = shape.n_decode
         t = self.host_s_per_request * n * (k > 0)
@@ -137,11 +236,9 @@ class DrafterCost:
                     ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens,
                     n_ctx_sampling=shape.n_ctx_sampling))
             if n and k:
-                # k autoregressive steps at the batch's size, each attending one more token;
-                # the first one with the catch-up rows
-                f1, per_kv = self._step(n + catch_up_extra, shape)
-                fixed = self._step(n, shape)[0] if k > 1 else 0.0
-                t += f1 + (k - 1) * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
+                # k autoregressive steps at the batch's size, each attending one more token
+                fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
+                t += k * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
         elif self.proposer == "eagle" and n and k:
             fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
             t += k * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
