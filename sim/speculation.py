@@ -177,14 +177,6 @@ class DrafterCost:
     def __post_init__(self):
         self._steps: dict[int, tuple[float, float, float]] = {}
 
-    def _step(self, rows: int, shape: IterationShape) -> tuple[float, float]:
-        """(fixed, per_kv) of one draft-model decode step of ``rows`` rows."""
-        gp = self.graph_padding
-        if gp is None:
-            return self.drafter.decode_affine(rows, shape.graph, shape.padded_decode)
-        pad = gp.padded(rows)
-        return self.drafter.decode_affine(rows, pad > 0, pad)
-
     def _graph_step(self, rows: int) -> tuple[float, float, float]:
         """(host launch, GPU seconds at no KV, GPU seconds per KV token) of one draft-model
         decode step of ``rows`` rows in its graphs (eager beyond them)."""
