@@ -37,9 +37,14 @@ class SimExecutor:
         self.speculation = speculation
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        if not batch.drafts:
-            return StepResult(self.cost_model.price(batch.shape))
         spec = self.speculation
+        if not batch.drafts:
+            pre = spec.drafter.context_segments(batch.shape) if spec is not None else []
+            if not pre:
+                return StepResult(self.cost_model.price(batch.shape))
+            # the GPU backend's drafter processes the prompts after the target's pass
+            host, gpu, rest = launch_and_gpu(self.cost_model, batch.shape)
+            return StepResult(chain([(host, gpu)] + pre) + rest)
         if spec is None:
             raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
         rids = [r for r, _ in batch.drafts]

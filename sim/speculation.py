@@ -202,16 +202,24 @@ class DrafterCost:
         h0 = self.host_s_per_request * n * (k > 0)
         if h0:
             segs.append((h0, 0.0))
-        if shape.ctx_new_tokens:
-            host, gpu, _ = launch_and_gpu(self.drafter, IterationShape(
-                ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens))
-            segs.append((host, gpu))
+        segs += self.context_segments(shape)
         if n and k:
             kv = shape.decode_kv_sum
             for j in range(k):
                 host, g0, per_kv = self._graph_step(n + catch_up_extra if j == 0 else n)
                 segs.append((host, g0 + per_kv * (kv + j * n)))
         return segs
+
+    def context_segments(self, shape: IterationShape) -> list[tuple[float, float]]:
+        """A GPU-structured draft model's eager pass over an iteration's context chunks
+        (it keeps its own KV of every prompt; it samples nothing), as a `chain` segment:
+        it runs in every iteration with context chunks, drafting or not."""
+        if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None \
+                or not shape.ctx_new_tokens:
+            return []
+        host, gpu, _ = launch_and_gpu(self.drafter, IterationShape(
+            ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens))
+        return [(host, gpu)]
 
     def price(self, shape: IterationShape, catch_up_extra: int = 0) -> float:
         segs = self.segments(shape, catch_up_extra)

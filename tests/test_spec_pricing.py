@@ -184,3 +184,19 @@ def test_replay_of_an_archived_h200_run_prices_its_spec_steps(tmp_path):
     sel = (gpu.num_ctx_requests == 0) & (gpu.num_gen_requests == 8) & (gpu.draft_tokens_proposed > 0)
     ratio = np.median(s.duration_s[sel]) / np.median(gpu.duration_s[sel])
     assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_the_drafter_processes_every_prompt_even_without_drafts():
+    """An iteration with context chunks and no drafts still runs the draft model's pass over
+    them (the GPU backend's drafter keeps its own KV of every prompt); without a draft
+    model (n-gram lookup) it costs the cost model's price, exactly."""
+    from servesim.sim.executor import SimExecutor
+    from servesim.sim.types import ScheduledBatch
+
+    shape = IterationShape(ctx_new_tokens=(256, 128), ctx_prior_tokens=(0, 0), n_ctx_sampling=2)
+    cm, sp = _sim_spec()
+    t = SimExecutor(cm, speculation=sp).execute(ScheduledBatch(0, shape, [], [])).duration_s
+    assert cm.price(shape) < t <= cm.price(shape) + sp.drafter.drafter.price(
+        IterationShape(ctx_new_tokens=(256, 128), ctx_prior_tokens=(0, 0))) + 1e-12
+    cm, sp = _sim_spec(proposer="ngram")
+    assert SimExecutor(cm, speculation=sp).execute(ScheduledBatch(0, shape, [], [])).duration_s == cm.price(shape)
