@@ -85,7 +85,8 @@ def sim_replay(gpu_cfg: dict, run_dir: Path, profile: str | None, draft_profile:
     if draft_profile and d.get("speculative") and d["speculative"].get("proposer") == "draft_model":
         d["speculative"]["draft_profile"] = str(Path(draft_profile).resolve())
     res = simulate(resolve(RunConfig.model_validate(d), REPO))
-    return {"summary": res.summary, "accepted": res.iterations.column("draft_tokens_accepted").to_pylist()}
+    return {"summary": res.summary, "accepted": res.iterations.column("draft_tokens_accepted").to_pylist(),
+            "iterations": res.iterations}
 
 
 def metrics(summary: dict) -> dict:

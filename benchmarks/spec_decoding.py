@@ -3,7 +3,10 @@ draft length and acceptance (Llama-3.1-8B target, Llama-3.2-1B drafter or n-gram
 one H200, offline with every batch slot busy). Writes spec_decoding.md and .png into
 benchmarks/out/ (benchmarks/results/ with --write-results).
 
-    python benchmarks/spec_decoding.py [--write-results]   # ~1 minute on 2 cores
+    python benchmarks/spec_decoding.py [--profile P --draft-profile D] [--write-results]   # ~1 minute on 2 cores
+
+--profile / --draft-profile: calibration profiles of the target and the drafter (default:
+the roofline cost model of both).
 
 Speedup is plain / speculative TPOT p50 and speculative / plain output tokens/s, from the
 same requests on the same simulated GPU; the crossover is the batch where the throughput
@@ -39,7 +42,8 @@ CASES = {  # label -> speculative settings
 }
 
 
-def run(batch: int, spec: dict | None, model: str, hardware: str, output_len: int) -> dict:
+def run(batch: int, spec: dict | None, model: str, hardware: str, output_len: int, profile: str | None = None,
+        draft_profile: str | None = None) -> dict:
     from servesim.sim.config import RunConfig
     from servesim.sim.runner import resolve, simulate
 
@@ -49,7 +53,10 @@ def run(batch: int, spec: dict | None, model: str, hardware: str, output_len: in
         "workload": {"synthetic": {"num_requests": n, "prompt_len": 512, "output_len": output_len,
                                    "arrival": {"kind": "offline"}}},
         "scheduler": {"max_batch_size": batch, "max_num_tokens": 16384},
-        "speculative": spec, "output": {"plots": False, "timeline": False}})
+        "speculative": ({**spec, "draft_profile": str(Path(draft_profile).resolve())}
+                        if spec and draft_profile and spec["proposer"] == "draft_model" else spec),
+        **({"cost_model": {"kind": "calibrated", "profile": str(Path(profile).resolve())}} if profile else {}),
+        "output": {"plots": False, "timeline": False}})
     res = simulate(resolve(cfg, REPO))
     s = res.summary
     return {"tpot": s["tpot_s"]["p50"], "tok_s": s["throughput_out_tok_s"], "wall": s["wall_s"],
@@ -71,20 +78,26 @@ def main() -> None:
     ap.add_argument("--hardware", default="h200-sxm")
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--profile", help="the target's calibration profile (default: roofline)")
+    ap.add_argument("--draft-profile", help="the drafter's calibration profile")
     add_write_results(ap)
     args = ap.parse_args()
     dest = STORE.out_dir(args.write_results)
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
-    plain = {b: run(b, None, args.model, args.hardware, args.output_len) for b in batches}
+    prof = (args.profile, args.draft_profile)
+    plain = {b: run(b, None, args.model, args.hardware, args.output_len, *prof) for b in batches}
     rows = {}
     for label, spec in CASES.items():
-        rows[label] = {b: run(b, spec, args.model, args.hardware, args.output_len) for b in batches}
+        rows[label] = {b: run(b, spec, args.model, args.hardware, args.output_len, *prof) for b in batches}
         print(f"{label}: done", file=sys.stderr)
     wall = time.perf_counter() - t0
+    flags = (f" --profile {args.profile}" if args.profile else "") + (
+        f" --draft-profile {args.draft_profile}" if args.draft_profile else "")
+    kind = ("calibrated cost models: " + ", ".join(p for p in prof if p)) if args.profile else "roofline cost model"
     lines = ["# Speculative decoding (simulated)\n",
-             f"Command: `python benchmarks/spec_decoding.py` ({args.model} on {args.hardware}, roofline cost "
-             f"model; offline, prompt 512, output {args.output_len}, 3 x batch requests; {wall:.0f} s on "
+             f"Command: `python benchmarks/spec_decoding.py{flags}` ({args.model} on {args.hardware}, {kind}; "
+             f"offline, prompt 512, output {args.output_len}, 3 x batch requests; {wall:.0f} s on "
              f"this machine). Speedup = plain TPOT p50 / speculative TPOT p50 (throughput ratio in "
              "brackets); acceptance is per draft position, given the ones before it.\n",
              "| batch | plain TPOT ms | " + " | ".join(CASES) + " |",

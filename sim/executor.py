@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .speculation import AcceptanceModel, DrafterCost
+from servesim.policies.graph_padding import GraphPadding
+
+from .speculation import AcceptanceModel, DrafterCost, chain, launch_and_gpu, verify_shape
 from .types import CostModel, DecodePrice, ScheduledBatch, StepResult
 
 
@@ -15,6 +17,13 @@ class SimSpeculation:
 
     acceptance: AcceptanceModel
     drafter: DrafterCost
+    # requests of the last verification that accepted all their drafts: the drafter's next
+    # first step catches up two tokens for each (the bonus token and the last draft)
+    all_accepted: frozenset = frozenset()
+    # the token counts of the verification's piecewise graphs (speculation.verify_shape);
+    # None: verification priced by the cost model as a decode step with the drafts' tokens
+    verify_padding: GraphPadding | None = None
+    chunked_verify: bool = False  # price verification as the GPU backend runs it (verify_shape)
 
 
 class SimExecutor:
@@ -28,15 +37,31 @@ class SimExecutor:
         self.speculation = speculation
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        if not batch.drafts:
-            return StepResult(self.cost_model.price(batch.shape))
         spec = self.speculation
+        if not batch.drafts:
+            pre = spec.drafter.context_segments(batch.shape) if spec is not None else []
+            if not pre:
+                return StepResult(self.cost_model.price(batch.shape))
+            # the GPU backend's drafter processes the prompts after the target's pass
+            host, gpu, rest = launch_and_gpu(self.cost_model, batch.shape)
+            return StepResult(chain([(host, gpu)] + pre) + rest)
         if spec is None:
             raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
         rids = [r for r, _ in batch.drafts]
         ks = [k for _, k in batch.drafts]
-        return StepResult(self.cost_model.price(batch.shape) + spec.drafter.price(batch.shape),
-                          accepted=spec.acceptance.accepted(rids, ks))
+        prev = spec.all_accepted
+        extra = sum(1 for r, k in batch.drafts if k and r in prev)
+        accepted = spec.acceptance.accepted(rids, ks)
+        spec.all_accepted = frozenset(r for r, k, a in zip(rids, ks, accepted) if k and a == k)
+        vs = verify_shape(batch.shape, ks, spec.verify_padding) if spec.chunked_verify else None
+        segs = spec.drafter.segments(batch.shape, extra)
+        if vs is None or segs is None:
+            target = self.cost_model.price(batch.shape if vs is None else vs)
+            return StepResult(target + spec.drafter.price(batch.shape, extra), accepted=accepted)
+        # the GPU backend's iteration: drafting, then verification, launched with no host
+        # sync in between (the verification's launch overlaps the drafter's GPU work)
+        host, gpu, rest = launch_and_gpu(self.cost_model, vs)
+        return StepResult(chain(segs + [(host, gpu)]) + rest, accepted=accepted)
 
     def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
         return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))

@@ -297,8 +297,17 @@ def make_sim_speculation(setup: Setup, replica: int):
     if sp.drafter is not None:
         drafter = RooflineCostModel(sp.drafter, setup.hardware, sp.drafter_roofline, tp=cfg.cluster.tensor_parallel,
                                     cuda_graphs=cfg.runtime.cuda_graphs)
+    dpad = vpad = None
+    if (pad := decode_graph_padding(cfg)) is not None:
+        # the GPU backend's graphs: the DraftModel's at the target's decode sizes and twice
+        # those, the verification's piecewise ones at those times 1 + max_draft_len tokens
+        k1 = 1 + cfg.speculative.max_draft_len
+        vpad = GraphPadding(sorted({b * k1 for b in pad.sizes}))
+        if cfg.speculative.proposer == "draft_model":
+            dpad = GraphPadding(sorted(set(pad.sizes) | {2 * b for b in pad.sizes}))
     return SimSpeculation(AcceptanceModel(sp.alpha, sp.beta, seed=cfg.seed * 1009 + replica),
-                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request))
+                          DrafterCost(cfg.speculative.proposer, drafter, sp.host_s_per_request, dpad),
+                          verify_padding=vpad, chunked_verify=True)
 
 
 def check_replay(cfg: RunConfig, model: ModelSpec, hw: HardwareSpec, base_dir: Path, where: str) -> None:
@@ -413,6 +422,14 @@ def make_run_router(setup: Setup, name: str | None = None):
                        router_builtin_args(setup.cfg, name)).make()
 
 
+def decode_graph_padding(cfg: RunConfig) -> GraphPadding | None:
+    """The decode CUDA-graph sizes of a run (None: graphs off)."""
+    rt, s = cfg.runtime, cfg.scheduler
+    if not rt.cuda_graphs:
+        return None
+    return GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size, s.max_batch_size)))
+
+
 def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     """One engine's configuration, with fresh instances of the run's policies (build one
     per replica: a stateful policy belongs to one engine)."""
@@ -422,10 +439,7 @@ def engine_config(setup: Setup, check_invariants: bool = False) -> EngineConfig:
     kvc = setup.cfg.kv_cache
     block_bytes = kv_bytes_per_block(setup.model, kvc.tokens_per_block, setup.cfg.cluster.tensor_parallel,
                                      setup.cfg.cluster.pipeline_parallel)
-    padding = None
-    if rt.cuda_graphs:
-        padding = GraphPadding(capture_sizes(min(rt.graph_max_batch_size or s.max_batch_size,
-                                                 s.max_batch_size)))
+    padding = decode_graph_padding(setup.cfg)
     return EngineConfig(
         max_batch_size=s.max_batch_size,
         max_num_tokens=s.max_num_tokens,

@@ -16,6 +16,25 @@ size (its own cost model: its spec, the same hardware, its own calibration profi
 given) plus its own pass over the iteration's context chunks; an EAGLE head runs a
 one-layer model k times; Medusa heads one pass of k lm_head-sized GEMMs; n-gram lookup
 costs host time only.
+
+A draft model's decode steps run as its own CUDA graphs whenever it has one for the
+step's rows (``graph_padding``: the GPU backend's `DraftModel` captures the target's
+decode sizes and twice those), whether or not the target's iteration is a graph: an
+iteration that verifies drafts beside context chunks runs the target eagerly but still
+drafts through the drafter's graphs. The first step catches up on the tokens the drafter
+has not seen: one per request, two for a request whose previous verification accepted
+all its drafts (the drafter never consumed the last one); the executor tells `price`
+how many of those there are (``catch_up_extra``).
+
+Verification (`verify_shape`), as the GPU backend runs it: every generation request is a
+context chunk of its 1 + k positions over its cached KV (paged prefill attention, no
+decode-attention kernels), every position a sampled row (lm_head and sampler over all of
+them). A decode-only iteration runs through the verification's piecewise CUDA graphs,
+captured at the decode-graph batch sizes times 1 + max_draft_len tokens (eager beyond the
+largest); an iteration with context chunks runs as the engine's piecewise graphs when
+they are on (its ``piecewise_tokens`` count the drafts), else eagerly. So the target's
+cost model prices it as the context iteration it is, with the calibrated prefill-attention
+and piecewise/eager launch terms, not as a decode graph with extra tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +43,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from servesim.policies.graph_padding import GraphPadding
+
+from .cost_model import GPU_TERMS
 from .types import IterationShape
+
+
+def verify_shape(shape: IterationShape, ks: list[int], verify_padding: GraphPadding | None) -> IterationShape | None:
+    """The target's verification pass of an iteration whose generation requests carry
+    linear drafts (``ks[i]`` for the i-th of ``shape.n_decode``), as a context iteration:
+    the context chunks, then one chunk of 1 + k tokens per generation request over its
+    cached KV (the shape holds only their sum: spread evenly), every verified position
+    sampled. ``verify_padding``: the token counts of the verification's piecewise graphs
+    (None: none captured). None when the drafts are not linear (an EAGLE tree's nodes)."""
+    n = shape.n_decode
+    if len(ks) != n or sum(ks) != shape.decode_draft_tokens:
+        return None
+    cached = shape.decode_kv_sum - n  # decode_kv_sum counts each request's new token
+    q, r = divmod(cached, n) if n else (0, 0)
+    new = tuple(1 + k for k in ks)
+    prior = tuple(q + (i < r) for i in range(n))
+    T = sum(shape.ctx_new_tokens) + sum(new)
+    if shape.ctx_new_tokens:
+        pw = shape.piecewise_tokens
+    else:
+        pw = verify_padding.padded(T) if shape.graph and verify_padding is not None else 0
+    return IterationShape(ctx_new_tokens=shape.ctx_new_tokens + new, ctx_prior_tokens=shape.ctx_prior_tokens + prior,
+                          n_ctx_sampling=shape.n_ctx_sampling + sum(new), piecewise_tokens=pw,
+                          host_to_gpu_bytes=shape.host_to_gpu_bytes, gpu_to_host_bytes=shape.gpu_to_host_bytes)
 
 
 class AcceptanceModel:
@@ -95,6 +141,28 @@ def alpha_from_run(iterations, max_len: int) -> list[float]:
     return np.clip(alpha, 0.0, 1.0).tolist()
 
 
+def launch_and_gpu(cost_model, shape: IterationShape) -> tuple[float, float, float]:
+    """(host launch seconds that delay the GPU, GPU seconds, seconds of the rest: the
+    scheduler and host copies) of one priced shape, from the cost model's breakdown: a
+    launch that the model hides under the shape's own GPU work delays nothing after it;
+    one that it does not hide occupies the host for the GPU work plus the unhidden part."""
+    bd = cost_model.breakdown(shape)
+    gpu = sum(bd[k] for k in GPU_TERMS)
+    unhidden = bd["host_launch"]
+    return (gpu + unhidden if unhidden > 0 else 0.0), gpu, cost_model.price(shape) - gpu - unhidden
+
+
+def chain(segments) -> float:
+    """Seconds until the GPU finishes ``segments`` ((host launch seconds, GPU seconds) in
+    launch order, none waiting on the host in between): segment i's GPU work runs after
+    segment i-1's and cannot end before the host has launched it."""
+    h = g = 0.0
+    for host, gpu in segments:
+        h += host
+        g = max(g + gpu, h)
+    return g
+
+
 @dataclass
 class DrafterCost:
     """Seconds of drafting per iteration, serial before the target's verification."""
@@ -102,8 +170,61 @@ class DrafterCost:
     proposer: str
     drafter: object = None  # a cost model (RooflineCostModel) of the draft model / EAGLE head
     host_s_per_request: float = 0.0  # n-gram lookup (and any proposer's host work) per request and step
+    # a draft model's decode-graph sizes (None: it runs its steps as the target's iteration
+    # runs, graph or eager: CUDA graphs off, or a cost model without the GPU's structure)
+    graph_padding: GraphPadding | None = None
 
-    def price(self, shape: IterationShape) -> float:
+    def __post_init__(self):
+        self._steps: dict[int, tuple[float, float, float]] = {}
+
+    def _graph_step(self, rows: int) -> tuple[float, float, float]:
+        """(host launch, GPU seconds at no KV, GPU seconds per KV token) of one draft-model
+        decode step of ``rows`` rows in its graphs (eager beyond them)."""
+        r = self._steps.get(rows)
+        if r is None:
+            pad = self.graph_padding.padded(rows)
+            base = IterationShape(n_decode=rows, graph=pad > 0, padded_decode=pad)
+            host, gpu, _ = launch_and_gpu(self.drafter, base)
+            r = self._steps[rows] = (host - gpu if host else 0.0, gpu, self.drafter.decode_affine(rows, pad > 0, pad)[1])
+        return r
+
+    def segments(self, shape: IterationShape, catch_up_extra: int = 0) -> list[tuple[float, float]] | None:
+        """The drafting of a GPU-structured draft model (``graph_padding`` set) as
+        (host launch, GPU seconds) segments for `chain`, in launch order: its eager pass
+        over the context chunks (samples nothing), then its k decode steps through its
+        graphs, launched back to back with no host sync in between (the first with the
+        catch-up rows), so each costs its GPU time and the host runs ahead. None: this
+        drafter is priced serially (`price`)."""
+        if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None:
+            return None
+        k, n = shape.draft_steps, shape.n_decode
+        segs = []
+        h0 = self.host_s_per_request * n * (k > 0)
+        if h0:
+            segs.append((h0, 0.0))
+        segs += self.context_segments(shape)
+        if n and k:
+            kv = shape.decode_kv_sum
+            for j in range(k):
+                host, g0, per_kv = self._graph_step(n + catch_up_extra if j == 0 else n)
+                segs.append((host, g0 + per_kv * (kv + j * n)))
+        return segs
+
+    def context_segments(self, shape: IterationShape) -> list[tuple[float, float]]:
+        """A GPU-structured draft model's eager pass over an iteration's context chunks
+        (it keeps its own KV of every prompt; it samples nothing), as a `chain` segment:
+        it runs in every iteration with context chunks, drafting or not."""
+        if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None \
+                or not shape.ctx_new_tokens:
+            return []
+        host, gpu, _ = launch_and_gpu(self.drafter, IterationShape(
+            ctx_new_tokens=shape.ctx_new_tokens, ctx_prior_tokens=shape.ctx_prior_tokens))
+        return [(host, gpu)]
+
+    def price(self, shape: IterationShape, catch_up_extra: int = 0) -> float:
+        segs = self.segments(shape, catch_up_extra)
+        if segs is not None:
+            return chain(segs)
         k = shape.draft_steps
         n = shape.n_decode
         t = self.host_s_per_request * n * (k > 0)
@@ -116,10 +237,8 @@ class DrafterCost:
                     n_ctx_sampling=shape.n_ctx_sampling))
             if n and k:
                 # k autoregressive steps at the batch's size, each attending one more token
-                step = IterationShape(n_decode=n, decode_kv_sum=shape.decode_kv_sum, graph=shape.graph,
-                                      padded_decode=shape.padded_decode)
                 fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
-                t += k * fixed + per_kv * (k * step.decode_kv_sum + n * k * (k - 1) / 2)
+                t += k * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)
         elif self.proposer == "eagle" and n and k:
             fixed, per_kv = self.drafter.decode_affine(n, shape.graph, shape.padded_decode)
             t += k * fixed + per_kv * (k * shape.decode_kv_sum + n * k * (k - 1) / 2)

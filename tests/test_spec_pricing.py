@@ -1,0 +1,202 @@
+"""How the simulator prices a speculative iteration with the GPU backend's structure
+(sim/speculation.py): verification as a context pass of 1 + k tokens per request, the
+draft model's steps through its own CUDA graphs, drafting and verification launched
+without a host sync in between (`chain`); and a replay of an archived H200 run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from servesim.policies.graph_padding import GraphPadding, capture_sizes
+from servesim.sim.speculation import chain, verify_shape
+from servesim.sim.types import IterationShape
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_GPU = REPO / "benchmarks" / "results" / "spec_gpu"
+PROFILE = REPO / "profiles" / "h200-llama-3.1-8b.yaml"
+DRAFT_PROFILE = REPO / "profiles" / "h200-llama-3.2-1b.yaml"
+
+
+@st.composite
+def spec_shapes(draw):
+    n = draw(st.integers(1, 40))
+    ks = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    nctx = draw(st.integers(0, 3))
+    ctx = tuple(draw(st.lists(st.integers(1, 600), min_size=nctx, max_size=nctx)))
+    prior = tuple(draw(st.lists(st.integers(0, 3000), min_size=nctx, max_size=nctx)))
+    kv = n + draw(st.integers(0, 5000 * n))
+    graph = not ctx and draw(st.booleans())
+    return IterationShape(ctx_new_tokens=ctx, ctx_prior_tokens=prior, n_ctx_sampling=draw(st.integers(0, nctx)),
+                          n_decode=n, decode_kv_sum=kv, graph=graph, padded_decode=n if graph else 0,
+                          piecewise_tokens=draw(st.sampled_from([0, 4096])) if ctx else 0,
+                          decode_draft_tokens=sum(ks), draft_steps=max(ks)), ks
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec_shapes(), st.integers(1, 6))
+def test_verify_shape_conserves_the_work(sk, kmax):
+    """Every verified token is a context token, every verified position a sampled row, every
+    cached token attended once; decode-only iterations pad to the verification's graph
+    sizes (eager past them), iterations with context keep the engine's piecewise count."""
+    shape, ks = sk
+    pad = GraphPadding(sorted({b * (1 + kmax) for b in capture_sizes(32)}))
+    vs = verify_shape(shape, ks, pad)
+    n, C = shape.n_decode, len(shape.ctx_new_tokens)
+    assert vs.n_decode == 0 and vs.decode_kv_sum == 0 and not vs.graph and vs.decode_draft_tokens == 0
+    assert vs.ctx_new_tokens[:C] == shape.ctx_new_tokens and vs.ctx_prior_tokens[:C] == shape.ctx_prior_tokens
+    assert list(vs.ctx_new_tokens[C:]) == [1 + k for k in ks]
+    assert vs.num_tokens == shape.num_tokens
+    assert vs.n_ctx_sampling == shape.n_ctx_sampling + n + sum(ks)
+    gp = vs.ctx_prior_tokens[C:]
+    assert sum(gp) == shape.decode_kv_sum - n and max(gp) - min(gp) <= 1
+    if C:
+        assert vs.piecewise_tokens == shape.piecewise_tokens
+    elif shape.graph:
+        T = vs.num_tokens
+        assert vs.piecewise_tokens == pad.padded(T) and (vs.piecewise_tokens >= T or vs.piecewise_tokens == 0)
+    else:
+        assert vs.piecewise_tokens == 0
+    # not linear drafts (an EAGLE tree verifies more nodes than drafts): not this structure
+    tree = IterationShape(n_decode=n, decode_kv_sum=shape.decode_kv_sum, decode_draft_tokens=sum(ks) + 1,
+                          draft_steps=max(ks))
+    assert verify_shape(tree, ks, pad) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=8))
+def test_chain_is_bounded_by_serial_and_by_each_resource(segs):
+    """The GPU finishes no earlier than either resource's total work and no later than all
+    of it done serially; one segment is the longer of its two parts."""
+    t = chain(segs)
+    H = sum(h for h, _ in segs)
+    G = sum(g for _, g in segs)
+    assert t >= max(H, G) - 1e-12
+    assert t <= H + G + 1e-12
+    assert chain(segs[:1]) == pytest.approx(max(segs[0]))
+    # more work never finishes earlier
+    assert chain(segs + [(0.1, 0.1)]) >= t
+
+
+def _sim_spec(k=4, batch=8, proposer="draft_model"):
+    from servesim.sim.config import RunConfig
+    from servesim.sim.runner import make_cost_model, make_sim_speculation, resolve
+
+    d = {"model": "llama-3.1-8b", "hardware": "h200-sxm",
+         "workload": {"synthetic": {"num_requests": 4, "arrival": {"kind": "offline"}, "prompt_len": {"kind": "constant", "value": 64},
+                                    "output_len": {"kind": "constant", "value": 8}}},
+         "scheduler": {"max_batch_size": batch},
+         "speculative": {"proposer": proposer, "max_draft_len": k, "acceptance": 0.7,
+                         **({"draft_model": "llama-3.2-1b"} if proposer == "draft_model" else {})}}
+    setup = resolve(RunConfig.model_validate(d), REPO)
+    return make_cost_model(setup), make_sim_speculation(setup, 0)
+
+
+def test_sim_verify_graphs_mirror_the_gpu_backend():
+    """The simulator's verification graph sizes are the GPU executor's (decode sizes times
+    1 + max_draft_len tokens)."""
+    pytest.importorskip("torch")
+    from servesim.gpu_backend.executor import verify_sizes
+
+    _, sp = _sim_spec(k=3, batch=32)
+    assert sp.verify_padding.sizes == verify_sizes(capture_sizes(32), 3)
+
+
+def test_draft_steps_run_in_the_drafters_graphs_beside_context_chunks():
+    """A mixed iteration runs the target eagerly but drafts through the drafter's graphs:
+    its draft steps cost what a decode-only iteration's do; requests that accepted every
+    draft last time add catch-up rows to the first step only."""
+    _, sp = _sim_spec()
+    dc = sp.drafter
+    dec = IterationShape(n_decode=6, decode_kv_sum=6 * 900, graph=True, padded_decode=8, decode_draft_tokens=24,
+                         draft_steps=4)
+    mixed = IterationShape(ctx_new_tokens=(256,), ctx_prior_tokens=(0,), n_ctx_sampling=1, n_decode=6,
+                           decode_kv_sum=6 * 900, decode_draft_tokens=24, draft_steps=4)
+    sd, sm = dc.segments(dec), dc.segments(mixed)
+    assert len(sm) == len(sd) + 1  # the drafter's own pass over the prompt chunk before its steps
+    assert sm[-4:] == sd[-4:] and sm[:-5] == sd[:-4]  # (the proposer's host work first)
+    up = dc.segments(dec, catch_up_extra=6)
+    assert up[-3:] == sd[-3:] and up[-4][1] >= sd[-4][1]
+    # each step costs its GPU time, the host launching ahead of it
+    assert all(h < g for h, g in sd[-4:])
+
+
+def test_spec_iteration_prices_compose_and_plain_ones_do_not_change():
+    """The simulated executor's price of a drafting iteration is the chained drafting and
+    verification (at least the verification, at most both serially); an iteration without
+    drafts costs exactly the cost model's price."""
+    from servesim.sim.executor import SimExecutor
+    from servesim.sim.speculation import launch_and_gpu
+    from servesim.sim.types import ScheduledBatch
+
+    cm, sp = _sim_spec()
+    ex = SimExecutor(cm, speculation=sp)
+    plain = IterationShape(n_decode=6, decode_kv_sum=6 * 900, graph=True, padded_decode=8)
+    assert ex.execute(ScheduledBatch(0, plain, [], [])).duration_s == cm.price(plain)
+    shape = IterationShape(n_decode=6, decode_kv_sum=6 * 900, graph=True, padded_decode=8, decode_draft_tokens=24,
+                           draft_steps=4)
+    b = ScheduledBatch(1, shape, [], [])
+    b.drafts = [(i, 4) for i in range(6)]
+    t = ex.execute(b).duration_s
+    vs = verify_shape(shape, [4] * 6, sp.verify_padding)
+    assert vs.piecewise_tokens == 40  # 8 x (1 + 4): the verification's piecewise graph
+    v = cm.price(vs)
+    assert v <= t <= v + sp.drafter.price(shape) + 1e-12
+    h, g, rest = launch_and_gpu(cm, vs)
+    assert t == pytest.approx(chain(sp.drafter.segments(shape) + [(h, g)]) + rest)
+
+
+@pytest.mark.skipif(not PROFILE.is_file(), reason="no H200 profile")
+def test_replay_of_an_archived_h200_run_prices_its_spec_steps(tmp_path):
+    """The H200 run of benchmarks/gpu_spec_decoding.py (8B target, 1B drafter, k = 2,
+    batch 8) replayed with the calibration profiles (fitted to another call's grid): the
+    decode-only drafting iterations' median duration within 5% of the GPU's."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_spec_decoding import sim_replay  # noqa: E402
+
+    name = "draft_model-a0.7-k2-b8"
+    with tarfile.open(SPEC_GPU / "call3_runs.tar.gz") as tf:
+        tf.extractall(tmp_path, members=[m for m in tf.getmembers() if f"/{name}/" in m.name or
+                                         m.name.endswith(f"/{name}")], filter="data")
+    run = tmp_path / "runs" / name
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    sim = sim_replay(cfg, run, str(PROFILE), str(DRAFT_PROFILE))
+    gpu = pq.read_table(run / "iterations.parquet").to_pandas()
+    assert sim["accepted"] == gpu["draft_tokens_accepted"].tolist()  # the same drafts accepted
+    from servesim.sim.config import RunConfig
+    from servesim.sim.runner import resolve, simulate
+
+    d = json.loads(json.dumps(cfg))
+    d["workload"] = {"replay": str(run)}
+    d["cost_model"] = {"kind": "calibrated", "profile": str(PROFILE)}
+    d["speculative"]["draft_profile"] = str(DRAFT_PROFILE)
+    s = simulate(resolve(RunConfig.model_validate(d), REPO)).iterations.to_pandas()
+    sel = (gpu.num_ctx_requests == 0) & (gpu.num_gen_requests == 8) & (gpu.draft_tokens_proposed > 0)
+    ratio = np.median(s.duration_s[sel]) / np.median(gpu.duration_s[sel])
+    assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_the_drafter_processes_every_prompt_even_without_drafts():
+    """An iteration with context chunks and no drafts still runs the draft model's pass over
+    them (the GPU backend's drafter keeps its own KV of every prompt); without a draft
+    model (n-gram lookup) it costs the cost model's price, exactly."""
+    from servesim.sim.executor import SimExecutor
+    from servesim.sim.types import ScheduledBatch
+
+    shape = IterationShape(ctx_new_tokens=(256, 128), ctx_prior_tokens=(0, 0), n_ctx_sampling=2)
+    cm, sp = _sim_spec()
+    t = SimExecutor(cm, speculation=sp).execute(ScheduledBatch(0, shape, [], [])).duration_s
+    assert cm.price(shape) < t <= cm.price(shape) + sp.drafter.drafter.price(
+        IterationShape(ctx_new_tokens=(256, 128), ctx_prior_tokens=(0, 0))) + 1e-12
+    cm, sp = _sim_spec(proposer="ngram")
+    assert SimExecutor(cm, speculation=sp).execute(ScheduledBatch(0, shape, [], [])).duration_s == cm.price(shape)
