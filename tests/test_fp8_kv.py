@@ -250,3 +250,21 @@ def test_gpu_backend_runs_an_fp8_kv_cache_on_cpu(tmp_path):
     exp = load_experiment(tmp_path / "e.yaml", ["kv_cache.dtype=int8"])
     with pytest.raises(ConfigError, match="int8 KV cache"):
         simulate_gpu(resolve(exp.variants[0].config, exp.base_dir), dtype=torch.float32)
+
+
+def test_gpu_kv_fp8_benchmark_smoke(tmp_path):
+    """benchmarks/gpu_kv_fp8.py --smoke on a CPU: every section runs and writes its table."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import gpu_kv_fp8
+    finally:
+        sys.path.remove(str(bench))
+    assert gpu_kv_fp8.main(["--smoke", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "gpu_kv_fp8.md").read_text()
+    assert "| 4 | 64 |" in md and "sim roofline" in md and "top-1 agreement" in md
+    rows = (tmp_path / "gpu_kv_fp8.csv").read_text().splitlines()
+    assert sum(r.startswith("decode,") for r in rows) == 2 and sum(r.startswith("quant,") for r in rows) == 4
