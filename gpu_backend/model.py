@@ -19,7 +19,9 @@ part) and paged decode attention (decode part) -> o GEMM -> fused residual add +
 gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear`` (with fp8 weights,
 ``model_precision: fp8``: the input quantised per token and ``torch._scaled_mm``,
 `weights.fp8_linear`; lm_head stays in the model's dtype); the rest are
-`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). A layer is
+`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). With
+``kv_cache.dtype: fp8`` the pool is e4m3 (`kv_cache_dtype`) and every KV write and
+attention read passes the pool's per-layer key / value scales. A layer is
 three parts: ``_pre_attention`` (token-wise, up to and including the KV-cache write),
 ``_attention`` (per sequence) and ``_post_attention`` (token-wise); the eager forward
 runs them in turn, `piecewise_runner.PiecewiseRunner` captures the token-wise parts in
