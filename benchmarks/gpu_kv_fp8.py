@@ -75,9 +75,14 @@ def decode_rows(model, spec, dev, shapes, reps: int, timer, graphed) -> tuple[li
         ids = torch.randint(0, spec.vocab_size, (B,), generator=g).to(dev)
         row = {"batch": B, "ctx": ctx}
         for name, pool in pools.items():
-            fn = graphed(lambda pool=pool: model.forward_decode(ids, pos, bt, seq, slot, pool), dev)
-            row[f"{name}_kv_s"] = timer(fn, reps=reps)
-            del fn
+            try:  # one device call: a failing shape is reported, the others still measured
+                fn = graphed(lambda pool=pool: model.forward_decode(ids, pos, bt, seq, slot, pool), dev)
+                row[f"{name}_kv_s"] = timer(fn, reps=reps)
+                del fn
+            except Exception as e:  # noqa: BLE001
+                log(f"decode B={B} ctx={ctx} {name} KV failed: {type(e).__name__}: {e}")
+                row["error"] = f"{name}: {type(e).__name__}: {str(e)[:200]}"
+                row[f"{name}_kv_s"] = float("nan")
         row["ratio"] = row["fp8_kv_s"] / row["bf16_kv_s"]
         log(f"decode B={B} ctx={ctx}: bf16 KV {row['bf16_kv_s'] * 1e3:.3f} ms, fp8 KV {row['fp8_kv_s'] * 1e3:.3f} ms, "
             f"ratio {row['ratio']:.3f}")
@@ -184,6 +189,9 @@ def report(path: Path, argv, dev_name, hw, dec, sims, acc, quant, wall) -> None:
         L.append(f"| {r['batch']} | {r['ctx']} | {r['bf16_kv_s'] * 1e3:.3f} | {r['fp8_kv_s'] * 1e3:.3f} | "
                  f"{r['ratio']:.3f} | " + " | ".join(f"{r[s]:.3f} ({r[s] / r['ratio'] - 1:+.1%})" for s in sims)
                  + " |")
+    for r in dec:
+        if r.get("error"):
+            L.append(f"\nbatch {r['batch']}, context {r['ctx']}: {r['error']}")
     L += ["", "(Simulator columns: fp8-KV / bf16-KV of the cost model's GPU time for the same shape; in brackets "
           "its error against the measured ratio.)", ""]
     if acc:
@@ -238,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     dec, pools = decode_rows(model, spec, dev, shapes, args.reps, timer, graphed)
     for p in pools.values():  # the accuracy prompts' blocks come first: clear what the timing wrote there
         p.kv.view(torch.uint8).zero_()
-    acc = accuracy(model, spec, pools, *acc_n) if "accuracy" not in skip else {}
+    acc = {}
+    if "accuracy" not in skip:
+        try:
+            acc = accuracy(model, spec, pools, *acc_n)
+        except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+            log(f"accuracy failed: {type(e).__name__}: {e}")
     if acc:
         log(f"accuracy: {acc}")
     del pools
