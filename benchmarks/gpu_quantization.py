@@ -268,9 +268,10 @@ def sim_models(spec, hw_name: str, fp8: str, bf_curves: dict | None, f8_curves: 
             out[f"profile {prof.name} (bf16 curves x roofline ratio)"] = (RooflineCostModel(bf, hw, c),
                                                                           RooflineCostModel(f8, hw, c))
             if bf_curves and f8_curves:
+                # the quantisation pass at its bytes (act_quant_latency_s default): its time alone is
+                # mostly the cost of timing one kernel by itself (quantization_fidelity.md)
                 c2 = RooflineConfig(**{**base.model_dump(), "gemm_times": bf_curves,
-                                       "gemm_times_by_precision": {"fp8": f8_curves}, "act_quant_fused": False,
-                                       "act_quant_latency_s": quant_s})
+                                       "gemm_times_by_precision": {"fp8": f8_curves}, "act_quant_fused": False})
                 out[f"profile {prof.name} + this run's GEMM curves"] = (RooflineCostModel(bf, hw, c2),
                                                                         RooflineCostModel(f8, hw, c2))
     return out
@@ -291,13 +292,15 @@ def sim_decode_ratios(cms: dict, rows: list[dict]) -> None:
 def sim_offline(args, model_ref: str, hw_name: str, gemm: dict | None) -> dict:
     """The simulator's offline runs of the same requests: the roofline, the profile's
     parameters (a quantisation kernel per linear, as this backend runs it), and those with
-    this run's GEMM curves (``gemm``: gemm_times, gemm_times_by_precision, act_quant_latency_s)."""
+    this run's GEMM curves (``gemm``: gemm_times, gemm_times_by_precision)."""
     from servesim.sim.config import RunConfig
     from servesim.sim.runner import resolve, simulate
     from servesim.sim.yamlio import safe_load
 
     out = {}
-    prof = REPO / "profiles" / f"{hw_name.split('-')[0]}-{Path(model_ref).stem}.yaml"
+    # (a bundled name keeps its dots: Path("llama-3.1-8b").stem would be "llama-3")
+    stem = Path(model_ref).stem if model_ref.endswith(".json") else model_ref
+    prof = REPO / "profiles" / f"{hw_name.split('-')[0]}-{stem}.yaml"
     kinds = [("roofline, input quantisation fused", {}),
              ("roofline, a quantisation kernel per linear", {"roofline": {"act_quant_fused": False}})]
     if prof.is_file() and not args.smoke:
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
         (out / "gpu_quantization_gemm.yaml").write_text(yaml.safe_dump(
             {"model": spec.name, "hardware": hw_name, "device": device_name(), "gemm_times": bfc,
-             "gemm_times_by_precision": {"fp8": f8c}, "act_quant_latency_s": quant_s}, sort_keys=False))
+             "gemm_times_by_precision": {"fp8": f8c}, "act_quant_alone_s": quant_s}, sort_keys=False))
     del mb, mf
     import gc
 
@@ -444,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     cms = sim_models(spec, hw_name, args.fp8, bfc, f8c, quant_s)
     sim_decode_ratios(cms, dec)
     off = offline(args, model_ref, hw_name, dev) if "offline" not in skip else {}
-    gemm_cfg = ({"gemm_times": bfc, "gemm_times_by_precision": {"fp8": f8c}, "act_quant_latency_s": quant_s}
-                if bfc else None)
+    gemm_cfg = {"gemm_times": bfc, "gemm_times_by_precision": {"fp8": f8c}} if bfc else None
     sim_off = sim_offline(args, model_ref, hw_name, gemm_cfg) if off else {}
     wall = time.perf_counter() - t0
     acc = acc or {k: float("nan") for k in ("logit_rel_err", "logit_cosine", "top1_agreement", "greedy_agreement",

@@ -7,6 +7,13 @@ every layer's keys and values; ``k_cache(l)`` / ``v_cache(l)`` are contiguous vi
 row ``p % block_size``; its flat slot is ``block * block_size + p % block_size``.
 
 Every block id in ``range(num_blocks)`` is usable; the pool reserves none.
+
+An fp8 pool (``dtype=torch.float8_e4m3fn``, ``kv_cache.dtype: fp8``) holds e4m3 keys and
+values with one scale per tensor -- ``k_scales[l]`` / ``v_scales[l]``, a layer's keys and its
+values -- that the RoPE + KV-write kernel divides by and the attention kernels multiply by
+(`kernels.ops`). The scales are fixed when the pool is made (default 1.0, as serving engines
+use without calibrated scales: e4m3 spans +-448 with 3 mantissa bits, and a Llama layer's
+keys and values lie well inside it); block moves copy the bytes.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from collections.abc import Sequence
 
 import torch
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+
 
 class KVPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str = "cuda"):
+                 device: torch.device | str = "cuda", *, k_scales: Sequence[float] | float | None = None,
+                 v_scales: Sequence[float] | float | None = None):
         for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if int(v) <= 0:
@@ -35,7 +45,22 @@ class KVPool:
                               self.head_dim, dtype=dtype, device=self.device)
         self.k_caches = [self.kv[layer, 0] for layer in range(self.num_layers)]
         self.v_caches = [self.kv[layer, 1] for layer in range(self.num_layers)]
+        self.is_fp8 = dtype in FP8_KV_DTYPES
+        self.k_scales = self._scales(k_scales, "k_scales")
+        self.v_scales = self._scales(v_scales, "v_scales")
+        # block moves on the raw bytes (index ops are not implemented for every fp8 dtype)
+        self._moves = self.kv.view(torch.uint8) if self.is_fp8 else self.kv
 
+    def _scales(self, given: Sequence[float] | float | None, what: str) -> list[float]:
+        if given is None:
+            return [1.0] * self.num_layers
+        vals = [float(given)] * self.num_layers if isinstance(given, (int, float)) else [float(x) for x in given]
+        if len(vals) != self.num_layers or not all(v > 0 and v != float("inf") for v in vals):
+            raise ValueError(f"KVPool: {what} must be {self.num_layers} positive finite scales (one a layer), "
+                             f"got {given!r}")
+        if not self.is_fp8 and any(v != 1.0 for v in vals):
+            raise ValueError(f"KVPool: {what} apply to an fp8 pool only (this one is {self.dtype})")
+        return vals
     # ---- sizing ---------------------------------------------------------------------
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -100,7 +125,7 @@ class KVPool:
             raise ValueError(f"copy_blocks: {src.numel()} source ids but {dst.numel()} destination ids")
         if src.numel() == 0:
             return
-        self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
+        self._moves.index_copy_(2, dst, self._moves.index_select(2, src))
 
     def to_host(self, block_ids: Sequence[int] | torch.Tensor, out: torch.Tensor | None = None,
                 non_blocking: bool = False) -> torch.Tensor:
@@ -110,7 +135,9 @@ class KVPool:
         ``non_blocking=True`` the caller synchronises before reading it.
         """
         ids = self._ids(block_ids, "to_host")
-        data = self.kv.index_select(2, ids)
+        data = self._moves.index_select(2, ids)
+        if self.is_fp8:
+            data = data.view(self.dtype)
         if out is None:
             pin = self.device.type == "cuda"
             out = torch.empty(data.shape, dtype=self.dtype, device="cpu", pin_memory=pin)
@@ -129,7 +156,9 @@ class KVPool:
         if ids.numel() == 0:
             return
         dev = data.to(device=self.device, dtype=self.dtype, non_blocking=non_blocking)
-        self.kv.index_copy_(2, ids, dev)
+        if self.is_fp8:
+            dev = dev.view(torch.uint8)
+        self._moves.index_copy_(2, ids, dev)
 
     def _ids(self, ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
         """Block ids as an int64 tensor on the pool's device, range-checked when that costs

@@ -19,7 +19,9 @@ part) and paged decode attention (decode part) -> o GEMM -> fused residual add +
 gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear`` (with fp8 weights,
 ``model_precision: fp8``: the input quantised per token and ``torch._scaled_mm``,
 `weights.fp8_linear`; lm_head stays in the model's dtype); the rest are
-`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). A layer is
+`servesim.kernels.ops` (Triton on a GPU, their torch references on a CPU). With
+``kv_cache.dtype: fp8`` the pool is e4m3 (`kv_cache_dtype`) and every KV write and
+attention read passes the pool's per-layer key / value scales. A layer is
 three parts: ``_pre_attention`` (token-wise, up to and including the KV-cache write),
 ``_attention`` (per sequence) and ``_post_attention`` (token-wise); the eager forward
 runs them in turn, `piecewise_runner.PiecewiseRunner` captures the token-wise parts in
@@ -254,11 +256,17 @@ class LlamaModel:
         """Config and weights from an HF checkpoint directory (safetensors)."""
         return cls(load_config(path), path, dtype=dtype, device=device, **kw)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type: e4m3 for ``kv_cache.dtype: fp8``, else the model's dtype."""
+        return torch.float8_e4m3fn if self.dims.kv_dtype == "fp8" else self.dtype
+
     def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> KVPool:
-        """A pool shaped for this model; also attached as ``self.kv_pool``."""
+        """A pool shaped for this model (in `kv_cache_dtype` unless ``dtype`` is given); also
+        attached as ``self.kv_pool``."""
         d = self.dims
         self.kv_pool = KVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim,
-                              dtype or self.dtype, self.device)
+                              dtype or self.kv_cache_dtype, self.device)
         return self.kv_pool
 
     def attach_kv_pool(self, kv_pool: KVPool) -> None:
@@ -309,7 +317,8 @@ class LlamaModel:
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             return ops.paged_decode_attention(q, pool.k_caches[layer], pool.v_caches[layer], block_tables,
-                                              seq_lens, self.scale, impl=impl)
+                                              seq_lens, self.scale, impl=impl, k_scale=pool.k_scales[layer],
+                                              v_scale=pool.v_scales[layer])
 
         h, residual = self._run_layers(input_ids, positions, slot_mapping, pool, attend)
         return self._logits(h, residual)
@@ -340,7 +349,8 @@ class LlamaModel:
         q, _ = ops.rope_kv_write(
             q.view(n_tok, d.num_heads, d.head_dim), k.view(n_tok, d.num_kv_heads, d.head_dim),
             v.view(n_tok, d.num_kv_heads, d.head_dim), positions, self.cos_sin,
-            kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, impl=impl)
+            kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, impl=impl,
+            k_scale=kv_pool.k_scales[layer], v_scale=kv_pool.v_scales[layer])
         return q, residual
 
     def _post_attention(self, layer: int, attn: torch.Tensor,
@@ -365,14 +375,15 @@ class LlamaModel:
         ``m.num_decode`` rows after them. Returns ``[T, Hq, D]``, written into ``out``
         when given (a static buffer of the piecewise runner)."""
         kc, vc = kv_pool.k_caches[layer], kv_pool.v_caches[layer]
+        sc = {"k_scale": kv_pool.k_scales[layer], "v_scale": kv_pool.v_scales[layer]}
         tc, impl = m.num_context_tokens, self.impl
         parts = []
         if tc:
             parts.append(ops.paged_prefill_attention(
-                q[:tc], kc, vc, m.ctx_block_tables, m.ctx_cu_q_lens, m.ctx_seq_lens, self.scale, impl=impl))
+                q[:tc], kc, vc, m.ctx_block_tables, m.ctx_cu_q_lens, m.ctx_seq_lens, self.scale, impl=impl, **sc))
         if m.num_decode:
             parts.append(ops.paged_decode_attention(
-                q[tc:], kc, vc, m.dec_block_tables, m.dec_seq_lens, self.scale, impl=impl))
+                q[tc:], kc, vc, m.dec_block_tables, m.dec_seq_lens, self.scale, impl=impl, **sc))
         if out is None:
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return out.copy_(parts[0]) if len(parts) == 1 else torch.cat(parts, dim=0, out=out)

@@ -168,8 +168,9 @@ def _check_memory(setup: Setup, dims, device, dtype, piecewise_tokens: int = 0, 
 
     elem = torch.empty((), dtype=dtype).element_size()
     weights = dims.num_params() * elem
+    kv_dt = torch.float8_e4m3fn if dims.kv_dtype == "fp8" else dtype  # LlamaModel.kv_cache_dtype
     per_block = KVPool.bytes_per_block(dims.num_layers, setup.cfg.kv_cache.tokens_per_block, dims.num_kv_heads,
-                                       dims.head_dim, dtype)
+                                       dims.head_dim, kv_dt)
     pool = per_block * setup.num_blocks
     if drafter is not None:
         weights += drafter.num_params() * elem

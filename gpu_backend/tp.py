@@ -456,8 +456,8 @@ class TPLlamaModel(LlamaModel):
 
     def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> TPKVPool:
         d = self.dims
-        pool = TPKVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim, dtype or self.dtype,
-                        self.device)
+        pool = TPKVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim,
+                        dtype or self.kv_cache_dtype, self.device)
         pool.leader = self.leader
         self.kv_pool = pool
         return pool

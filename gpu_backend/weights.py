@@ -69,8 +69,9 @@ class ModelDims:
         if q.weights not in ("bf16", "fp8") or q.scales not in ("none", "tensor", "channel"):
             problems.append(f"{q.label} weights are not supported (bf16, and fp8 with per-tensor or per-channel "
                             "scales through torch._scaled_mm)")
-        if m.kv_dtype != "bf16":
-            problems.append(f"a {m.kv_dtype} KV cache is not supported (the KV cache is in the model's dtype)")
+        if m.kv_dtype not in ("bf16", "fp8"):
+            problems.append(f"a {m.kv_dtype} KV cache is not supported (the model's dtype, or fp8: e4m3 with "
+                            "per-tensor scales)")
         if problems:
             raise ValueError(f"model {m.name}: " + "; ".join(problems))
 

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
+from .reference import check_kv_scales, is_fp8_cache
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -84,7 +85,7 @@ def _decode_split_kernel(
     s_ml_b, s_ml_h, s_ml_s,
     s_acc_b, s_acc_h, s_acc_s,
     s_o_b, s_o_h,
-    qk_scale,
+    qk_scale, v_scale,
     n_kv_heads, max_splits, min_split_tokens,
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
@@ -97,6 +98,7 @@ def _decode_split_kernel(
     FUSED_REDUCE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     CHUNK: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HEAD_MAJOR:  # kv heads of one (sequence, split) side by side: they read the same blocks
@@ -149,6 +151,8 @@ def _decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )
+        if KV_FP8:  # e4m3 -> q's dtype; k_scale is folded into qk_scale
+            k = k.to(q.dtype)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         else:
@@ -164,12 +168,16 @@ def _decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )
+        if KV_FP8:
+            v = v.to(q.dtype)
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    if KV_FP8:  # the values' per-tensor scale (linear: the split partials merge as before)
+        acc = acc * v_scale
 
     o_ptrs = out_ptr + b * s_o_b + heads[:, None] * s_o_h + d[None, :]
     if n_used == 1:
@@ -506,6 +514,8 @@ def paged_decode_attention_triton(
     num_stages: int | None = None,
     fused_reduce: bool | None = None,
     head_major: bool | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """``num_splits`` given: every sequence is split ``num_splits`` ways (by its own length,
     in whole tiles; ``min_split_tokens`` defaults to 1 then). The keyword arguments override
@@ -519,6 +529,7 @@ def paged_decode_attention_triton(
     assert block_tables.dim() == 2 and block_tables.shape[0] == B, "block_tables must be [B, max_blocks]"
     assert seq_lens.shape == (B,), "seq_lens must be [B]"
     check_interpreted(_decode_split_kernel, q, k_cache)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"
@@ -542,10 +553,11 @@ def paged_decode_attention_triton(
         config = replace(config or DecodeConfig(), **over)
     cfg = resolve_config(B, HKV, block_tables.shape[1] * block_size, D, group, block_size, q.dtype,
                          num_sms(q.device), config)
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg, k_scale, v_scale)
 
 
-def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: DecodeConfig) -> torch.Tensor:
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: DecodeConfig, k_scale: float = 1.0,
+            v_scale: float = 1.0) -> torch.Tensor:
     B, HQ, D = q.shape
     _, block_size, HKV, _ = k_cache.shape
     group = HQ // HKV
@@ -588,7 +600,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
         block_tables.stride(0),
         *s_ml, *s_acc,
         out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
+        float(scale) * LOG2E * float(k_scale), float(v_scale),
         HKV, S, T,
         HEAD_DIM=D,
         PAGE=block_size,
@@ -601,6 +613,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
         FUSED_REDUCE=fused,
         HEAD_MAJOR=bool(cfg.head_major),
         CHUNK=chunk if fused else 1,
+        KV_FP8=is_fp8_cache(k_cache),
         num_warps=int(cfg.num_warps),
         **extra,
     )

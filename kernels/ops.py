@@ -74,19 +74,22 @@ def rope_kv_write(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     impl: str = "auto",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """neox rotary on q [T, Hq, D] and k [T, Hkv, D] at ``positions`` [T] (int64), using
     ``cos_sin`` [max_pos, D] (cos | sin halves, fp32); writes rotated k and v into the
     paged caches at ``slot_mapping`` [T] (int64, -1 = skip). Returns ``(q_rot, k_rot)``.
 
     q/k/v may be strided views (e.g. splits of a fused qkv projection) as long as head_dim
-    is contiguous.
+    is contiguous. An fp8 (e4m3) cache stores ``clamp(k / k_scale)`` and ``clamp(v / v_scale)``
+    (per-tensor scales; 1 for a cache in the model's dtype).
     """
     if use_triton(impl, q):
         from .rope import rope_kv_write_triton
 
-        return rope_kv_write_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-    return rope_kv_write_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return rope_kv_write_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return rope_kv_write_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_decode_attention(
@@ -98,18 +101,22 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     impl: str = "auto",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] over its ``seq_lens[b]`` cached tokens,
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (0 -> zeros). Split-K over the
-    sequence; ``num_splits=None`` picks it from B x Hkv vs the SM count (shapes only).
+    sequence; ``num_splits=None`` picks it from B x Hkv vs the SM count (shapes only). An fp8
+    cache is read as ``cache * k_scale`` / ``cache * v_scale``.
     """
     if use_triton(impl, q):
         from .decode_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits
+            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, k_scale=k_scale, v_scale=v_scale
         )
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                                      k_scale, v_scale)
 
 
 def paged_prefill_attention(
@@ -121,18 +128,22 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     impl: str = "auto",
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of packed chunks q [T, Hq, D] (sequence n owns rows
     ``cu_q_lens[n]:cu_q_lens[n+1]``) over paged KV of ``seq_lens[n]`` tokens each, the
-    chunk's own tokens being the last ``q_len`` of them (already written to the cache).
+    chunk's own tokens being the last ``q_len`` of them (already written to the cache). An
+    fp8 cache is read as ``cache * k_scale`` / ``cache * v_scale``.
     """
     if use_triton(impl, q):
         from .prefill_attention import paged_prefill_attention_triton
 
         return paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale
+            q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale, k_scale=k_scale, v_scale=v_scale
         )
-    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale,
+                                       k_scale, v_scale)
 
 
 def quant_fp8_rowwise(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_interpreted, dot_precision, jit_options, new_empty, next_pow2
+from .reference import check_kv_scales, is_fp8_cache
 
 LOG2E = 1.4426950408889634
 
@@ -42,6 +43,7 @@ def _attend_tiles(
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     n = tl.arange(0, BLOCK_N)
     for s0 in range(lo, hi, BLOCK_N):
@@ -59,6 +61,8 @@ def _attend_tiles(
             mask=kv_mask,
             other=0.0,
         )
+        if KV_FP8:  # e4m3 -> q's dtype; k_scale is folded into qk_scale
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             causal = p_mask[None, :] & (pos[None, :] <= qpos[:, None])
@@ -73,6 +77,8 @@ def _attend_tiles(
             mask=kv_mask,
             other=0.0,
         )
+        if KV_FP8:  # v_scale multiplies the output
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
@@ -88,7 +94,7 @@ def _prefill_kernel(
     s_vc_b, s_vc_o, s_vc_h,
     s_bt_b,
     s_o_t, s_o_h,
-    qk_scale,
+    qk_scale, v_scale,
     HEAD_DIM, block_size, num_seqs,
     GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -96,6 +102,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
@@ -145,16 +152,18 @@ def _prefill_kernel(
             q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_row, kvh,
             s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h,
             0, full_end, kv_end, qpos, qk_scale, block_size, d, d_mask,
-            MASKED=False, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC,
+            MASKED=False, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, KV_FP8=KV_FP8,
         )
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_row, kvh,
             s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h,
             full_end, kv_end, kv_end, qpos, qk_scale, block_size, d, d_mask,
-            MASKED=True, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC,
+            MASKED=True, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, KV_FP8=KV_FP8,
         )
 
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if KV_FP8:
+            o = o * v_scale
         tl.store(
             out_ptr + t_idx[:, None] * s_o_t + heads[:, None] * s_o_h + d[None, :],
             o.to(out_ptr.dtype.element_ty),
@@ -175,6 +184,8 @@ def paged_prefill_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     assert q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}"
     T, HQ, D = q.shape
@@ -186,6 +197,7 @@ def paged_prefill_attention_triton(
     assert cu_q_lens.shape == (N + 1,), "cu_q_lens must be [N+1]"
     assert block_tables.dim() == 2 and block_tables.shape[0] == N, "block_tables must be [N, max_blocks]"
     check_interpreted(_prefill_kernel, q, k_cache)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"
@@ -218,7 +230,7 @@ def paged_prefill_attention_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
+        float(scale) * LOG2E * float(k_scale), float(v_scale),
         D, block_size, N,
         GROUP=group,
         BLOCK_Q=BLOCK_Q,
@@ -226,6 +238,7 @@ def paged_prefill_attention_triton(
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         DOT_PREC=dot_precision(q.dtype),
+        KV_FP8=is_fp8_cache(k_cache),
         num_warps=num_warps,
         num_stages=num_stages,
     )

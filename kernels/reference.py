@@ -13,6 +13,10 @@ Shapes and conventions (shared with the Triton kernels):
 * ``cos_sin: [max_pos, head_dim]``: first ``head_dim/2`` columns are cos, last are sin, of
   the ``head_dim/2`` rotary frequencies (neox / HF-Llama ``rotate_half`` convention).
 * GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
+* fp8 KV cache (``float8_e4m3fn`` caches): one scale per tensor, ``k_scale`` / ``v_scale``
+  (a layer's keys, its values): the write stores ``clamp(x / scale, -448, 448)`` in e4m3
+  (`kv_quantize`), the attention reads ``cache * scale`` (`kv_dequantize`). With a cache in
+  the model's dtype the scales must be 1 (nothing is scaled).
 """
 
 from __future__ import annotations
@@ -46,6 +50,35 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_KV = (torch.float8_e4m3fn,)
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype in FP8_KV
+
+
+def kv_quantize(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``x`` as stored in a cache of ``cache_dtype``: e4m3 of ``clamp(x / scale)`` for an fp8
+    cache, else ``x`` in that dtype (``scale`` must be 1 then)."""
+    if cache_dtype in FP8_KV:
+        return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def kv_dequantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache rows as fp32 values: ``x * scale`` (an fp8 cache's), else ``x`` in fp32."""
+    return x.float() * scale if x.dtype in FP8_KV else x.float()
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"KV scales must be positive, got k_scale={k_scale}, v_scale={v_scale}")
+    if not is_fp8_cache(k_cache) and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(f"KV scales {k_scale}, {v_scale} given for a {k_cache.dtype} cache (only an fp8 cache "
+                         "is scaled)")
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """neox rotary: ``x * [cos, cos] + rotate_half(x) * [sin, sin]``; cos/sin: [T, D/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -62,12 +95,16 @@ def rope_kv_write_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary on q and k, then write rotated k and v into the paged caches (in place).
+    """Rotary on q and k, then write rotated k and v into the paged caches (in place;
+    an fp8 cache gets them quantised with ``k_scale`` / ``v_scale``, `kv_quantize`).
 
     Tokens with ``slot_mapping == -1`` (CUDA-graph padding) are not written.
     Returns new tensors ``(q_rot, k_rot)``.
     """
+    check_kv_scales(k_cache, k_scale, v_scale)
     cos, sin = cos_sin[positions.long()].float().chunk(2, dim=-1)
     q_rot = _rotate(q, cos, sin)
     k_rot = _rotate(k, cos, sin)
@@ -75,20 +112,24 @@ def rope_kv_write_ref(
     slots = slot_mapping[valid].long()
     block_size = k_cache.shape[1]
     blk, off = slots // block_size, slots % block_size
-    k_cache[blk, off] = k_rot[valid].to(k_cache.dtype)
-    v_cache[blk, off] = v[valid].to(v_cache.dtype)
+    k_cache[blk, off] = kv_quantize(k_rot[valid], k_cache.dtype, k_scale)
+    v_cache[blk, off] = kv_quantize(v[valid], v_cache.dtype, v_scale)
     return q_rot, k_rot
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``seq_len`` K and V rows of one sequence: two ``[seq_len, Hkv, D]`` tensors."""
+    """The first ``seq_len`` K and V rows of one sequence: two ``[seq_len, Hkv, D]`` tensors
+    (in the cache's dtype; an fp8 cache's dequantised to fp32 with its scales)."""
     block_size = k_cache.shape[1]
     nblocks = -(-seq_len // block_size)
     ids = block_table[:nblocks].long()
     k = k_cache[ids].flatten(0, 1)[:seq_len]
     v = v_cache[ids].flatten(0, 1)[:seq_len]
+    if is_fp8_cache(k_cache):
+        return kv_dequantize(k, k_scale), kv_dequantize(v, v_scale)
     return k, v
 
 
@@ -114,19 +155,23 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One new token per sequence attending to its ``seq_lens[b]`` cached tokens.
+    """One new token per sequence attending to its ``seq_lens[b]`` cached tokens (an fp8
+    cache dequantised with ``k_scale`` / ``v_scale``).
 
     ``num_splits`` is accepted for signature parity and ignored. Rows with
     ``seq_lens[b] == 0`` give zeros.
     """
+    check_kv_scales(k_cache, k_scale, v_scale)
     B, Hq, D = q.shape
     out = torch.zeros(B, Hq, D, dtype=q.dtype, device=q.device)
     for b in range(B):
         L = int(seq_lens[b])
         if L == 0:
             continue
-        k, v = gather_kv(k_cache, v_cache, block_tables[b], L)
+        k, v = gather_kv(k_cache, v_cache, block_tables[b], L, k_scale, v_scale)
         mask = torch.ones(1, L, dtype=torch.bool, device=q.device)
         out[b] = _masked_attention(q[b : b + 1], k, v, mask, scale)[0].to(q.dtype)
     return out
@@ -140,13 +185,17 @@ def paged_prefill_attention_ref(
     cu_q_lens: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal attention of packed context chunks over their paged KV (earlier + new tokens).
+    """Causal attention of packed context chunks over their paged KV (earlier + new tokens;
+    an fp8 cache dequantised with ``k_scale`` / ``v_scale``).
 
     Sequence ``n`` owns query rows ``cu_q_lens[n]:cu_q_lens[n+1]``; its ``q_len`` new tokens
     are the last ``q_len`` of its ``seq_lens[n]`` cached tokens, so new token ``i`` sits at
     absolute position ``seq_lens[n] - q_len + i`` and attends to positions ``0..that``.
     """
+    check_kv_scales(k_cache, k_scale, v_scale)
     out = torch.zeros_like(q)
     N = seq_lens.shape[0]
     for n in range(N):
@@ -154,7 +203,7 @@ def paged_prefill_attention_ref(
         qlen, L = q1 - q0, int(seq_lens[n])
         if qlen == 0:
             continue
-        k, v = gather_kv(k_cache, v_cache, block_tables[n], L)
+        k, v = gather_kv(k_cache, v_cache, block_tables[n], L, k_scale, v_scale)
         qpos = torch.arange(L - qlen, L, device=q.device)
         kpos = torch.arange(L, device=q.device)
         mask = kpos[None, :] <= qpos[:, None]

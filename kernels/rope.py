@@ -2,7 +2,9 @@
 
 Reference: ``reference.rope_kv_write_ref``. One program per token: it rotates all q heads
 and all k heads of the token, stores ``q_rot``/``k_rot``, and writes ``k_rot`` and ``v``
-into ``k_cache``/``v_cache`` at ``slot_mapping[t]`` unless that slot is -1 (padding).
+into ``k_cache``/``v_cache`` at ``slot_mapping[t]`` unless that slot is -1 (padding). An fp8
+(e4m3) cache gets ``clamp(k_rot / k_scale, -448, 448)`` and the same of ``v`` (per-tensor
+scales, `reference.kv_quantize`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import as_last_dim_contiguous, check_interpreted, jit_options, new_empty, next_pow2
+from .reference import check_kv_scales, is_fp8_cache
 
 
 @triton.jit(**jit_options(no_align=["pos_ptr", "slot_ptr"]))
@@ -22,9 +25,11 @@ def _rope_kv_write_kernel(
     s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h,
     s_qo_t, s_qo_h, s_ko_t, s_ko_h,
     HQ, HKV, HALF, block_size,
+    inv_k_scale, inv_v_scale,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -66,15 +71,25 @@ def _rope_kv_write_kernel(
     mkw = mk & write[:, None]
     kc_off = blk * s_kc_b + off * s_kc_o + hk[:, None] * s_kc_h + j[None, :]
     kc_ty = kc_ptr.dtype.element_ty
-    tl.store(kc_ptr + kc_off, kr1.to(kc_ty), mask=mkw)
-    tl.store(kc_ptr + kc_off + HALF, kr2.to(kc_ty), mask=mkw)
     v_off = t * s_v_t + hk[:, None] * s_v_h + j[None, :]
     v1 = tl.load(v_ptr + v_off, mask=mkw, other=0.0)
     v2 = tl.load(v_ptr + v_off + HALF, mask=mkw, other=0.0)
     vc_off = blk * s_vc_b + off * s_vc_o + hk[:, None] * s_vc_h + j[None, :]
     vc_ty = vc_ptr.dtype.element_ty
-    tl.store(vc_ptr + vc_off, v1.to(vc_ty), mask=mkw)
-    tl.store(vc_ptr + vc_off + HALF, v2.to(vc_ty), mask=mkw)
+    if KV_FP8:  # per-tensor scales, saturated to e4m3's range
+        tl.store(kc_ptr + kc_off, tl.minimum(tl.maximum(kr1.to(tl.float32) * inv_k_scale, -448.0), 448.0).to(kc_ty),
+                 mask=mkw)
+        tl.store(kc_ptr + kc_off + HALF,
+                 tl.minimum(tl.maximum(kr2.to(tl.float32) * inv_k_scale, -448.0), 448.0).to(kc_ty), mask=mkw)
+        tl.store(vc_ptr + vc_off, tl.minimum(tl.maximum(v1.to(tl.float32) * inv_v_scale, -448.0), 448.0).to(vc_ty),
+                 mask=mkw)
+        tl.store(vc_ptr + vc_off + HALF,
+                 tl.minimum(tl.maximum(v2.to(tl.float32) * inv_v_scale, -448.0), 448.0).to(vc_ty), mask=mkw)
+    else:
+        tl.store(kc_ptr + kc_off, kr1.to(kc_ty), mask=mkw)
+        tl.store(kc_ptr + kc_off + HALF, kr2.to(kc_ty), mask=mkw)
+        tl.store(vc_ptr + vc_off, v1.to(vc_ty), mask=mkw)
+        tl.store(vc_ptr + vc_off + HALF, v2.to(vc_ty), mask=mkw)
 
 
 def rope_kv_write_triton(
@@ -86,6 +101,8 @@ def rope_kv_write_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, HQ, D = q.shape
     HKV = k.shape[1]
@@ -96,6 +113,7 @@ def rope_kv_write_triton(
     assert v_cache.shape == k_cache.shape, "v_cache must match k_cache"
     assert positions.shape == (T,) and slot_mapping.shape == (T,), "positions/slot_mapping must be [T]"
     check_interpreted(_rope_kv_write_kernel, q, k_cache)
+    check_kv_scales(k_cache, k_scale, v_scale)
     q, k, v = (as_last_dim_contiguous(t) for t in (q, k, v))
     cos_sin = as_last_dim_contiguous(cos_sin)
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "caches must be contiguous in head_dim"
@@ -114,7 +132,8 @@ def rope_kv_write_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         HQ, HKV, HALF, k_cache.shape[1],
-        BLOCK_HQ=BLOCK_HQ, BLOCK_HKV=BLOCK_HKV, BLOCK_HALF=BLOCK_HALF,
+        1.0 / float(k_scale), 1.0 / float(v_scale),
+        BLOCK_HQ=BLOCK_HQ, BLOCK_HKV=BLOCK_HKV, BLOCK_HALF=BLOCK_HALF, KV_FP8=is_fp8_cache(k_cache),
         num_warps=num_warps,
     )
     return q_rot, k_rot

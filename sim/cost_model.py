@@ -263,9 +263,11 @@ class RooflineConfig(BaseModel):
         "per linear reads the bf16 input and writes it quantised (bytes + act_quant_latency_s)"
     )
     act_quant_latency_s: float | None = Field(
-        None, ge=0, description="act_quant_fused false: GPU time of the kernel that quantises one linear's input "
-        "beyond its bytes, per linear and layer; null: layer_latency_s / 11 (the floor of one of a layer's ~11 "
-        "kernels)"
+        0.0, ge=0, description="act_quant_fused false: GPU time of the kernel that quantises one linear's input "
+        "beyond its bytes, per linear and layer (0: its bytes only -- inside a CUDA graph the H200's measured "
+        "decode deltas leave 0-2 us for a layer's four such kernels at up to 64 rows, "
+        "benchmarks/results/quantization_fidelity.md; timed alone each shows 7-9 us, the cost of timing one "
+        "kernel by itself); null: layer_latency_s / 11 (the floor of one of a layer's ~11 kernels)"
     )
     layer_latency_s: float = Field(
         0.0, ge=0, description="GPU time per decoder layer per iteration beyond its FLOPs and bytes: the floor "
@@ -474,8 +476,9 @@ class RooflineCostModel:
         out = {}
         for k in self._dense:
             K, N = shapes[k]
-            # the GEMM reads the 1-byte input of a W8A8 scheme, bf16 for weight-only int4
-            act = K + N * b if q.quantizes_activations else (K + N) * b
+            # the GEMM reads the 1-byte input of a W8A8 scheme and its per-token fp32 scale, bf16 for
+            # weight-only int4
+            act = K + 4 + N * b if q.quantizes_activations else (K + N) * b
             cf, w, ca = L * 2.0 * K * N / F, L * float(q.weight_bytes(K, N, b)) / B, L * float(act) / B
             dq = L * K * N / cfg.int4_dequant_weights_per_s if q.weights == "int4" else 0.0
             # W8A8 unfused: a pass that reads the bf16 input and writes it quantised with a per-token fp32 scale

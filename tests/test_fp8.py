@@ -170,8 +170,9 @@ def test_gpu_backend_refusals(tmp_path):
                         ("fp8-block", "fp8-block weights")):
         with pytest.raises(ValueError, match=words):
             ModelDims(spec.with_precision(parse_precision(prec)))
-    with pytest.raises(ValueError, match="fp8 KV cache is not supported"):
-        ModelDims(spec.with_precision(kv_dtype="fp8"))
+    with pytest.raises(ValueError, match="int8 KV cache is not supported"):
+        ModelDims(spec.with_precision(kv_dtype="int8"))
+    assert ModelDims(spec.with_precision(kv_dtype="fp8")).kv_dtype == "fp8"  # tests/test_fp8_kv.py
     q = ModelSpec.from_hf_config({**TINY, "quantization_config": {"quant_method": "fp8"}}, "q")
     assert ModelDims(q).quant.label == "fp8"  # random weights of a quantised config: fine
     with pytest.raises(WeightLoadError, match="quantised checkpoint"):

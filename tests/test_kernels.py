@@ -532,11 +532,13 @@ def test_ops_signatures_are_the_contract():
     expected = {
         "rms_norm": ["x", "weight", "eps", "residual", "impl"],
         "silu_mul": ["gate_up", "impl"],
-        "rope_kv_write": ["q", "k", "v", "positions", "cos_sin", "k_cache", "v_cache", "slot_mapping", "impl"],
+        # k_scale / v_scale: an fp8 KV cache's per-tensor scales (S7)
+        "rope_kv_write": ["q", "k", "v", "positions", "cos_sin", "k_cache", "v_cache", "slot_mapping", "impl",
+                          "k_scale", "v_scale"],
         "paged_decode_attention": ["q", "k_cache", "v_cache", "block_tables", "seq_lens", "scale",
-                                   "num_splits", "impl"],
+                                   "num_splits", "impl", "k_scale", "v_scale"],
         "paged_prefill_attention": ["q", "k_cache", "v_cache", "block_tables", "cu_q_lens", "seq_lens",
-                                    "scale", "impl"],
+                                    "scale", "impl", "k_scale", "v_scale"],
     }
     for name, params in expected.items():
         assert list(inspect.signature(getattr(ops, name)).parameters) == params
