@@ -788,5 +788,5 @@ def _plot_context(ax, ic: dict) -> None:
     ax.set_xlabel("tokens the chunks attend to (cached + earlier chunks)")
     ax.set_ylabel("%")
     mape = ic["mape"]
-    ax.set_title("iterations with chunks, same batch and context" + (f" (all: MAPE {mape:.1%})" if mape is not None
-                                                                       else ""))
+    ax.set_title("iterations with chunks, same batch + context" + (f"\n(every iteration: MAPE {mape:.1%})"
+                                                                     if mape is not None else ""), fontsize=10)
