@@ -256,7 +256,9 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     """Fitted parameters and fit statistics for a model's grid rows; ``gemm``: measured
     GEMM curves (`gemm_curves`), which price the linears and come into the parameters.
     ``tp``: the grid ran on that many GPUs (tensor parallel); ``fixed``: parameters
-    measured apart (the all-reduce's, `fit_allreduce`), held fixed and written too."""
+    measured apart (the all-reduce's, `fit_allreduce`), held fixed and written too.
+    Rows with a measured host part (``host_s``) fit the GPU's terms to ``time_s - host_s``;
+    the scheduler terms come from ``host_s`` (`fit_host`). The statistics are of whole times."""
     shapes, times, kinds = shapes_from_grid(rows)
     if len(shapes) < len(PARAMS):
         raise ConfigError(f"{len(shapes)} measurements cannot fit {len(PARAMS)} parameters")
