@@ -66,6 +66,58 @@ def install(tarball: Path, name: str | None = None) -> list[Path]:
     return written
 
 
+# batch-size buckets of the pure decode table (upper bounds, inclusive)
+DECODE_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _bucket_labels() -> list[str]:
+    lo = [1] + [b + 1 for b in DECODE_BUCKETS[:-1]]
+    return [f"{a}-{b}" for a, b in zip(lo, DECODE_BUCKETS)]
+
+
+def _bucket_of(n):
+    import numpy as np
+
+    return np.searchsorted(np.asarray(DECODE_BUCKETS), np.asarray(n), side="left")
+
+
+def decode_by_batch(run: Path, model: str, profile: Path) -> dict[str, tuple[float, float]]:
+    """Pure decode iterations of a GPU run priced by the calibrated model on their own
+    shapes: per batch-size bucket, (MAPE, share of the run's busy time)."""
+    import numpy as np
+    import pandas as pd
+
+    from servesim.sim.calibrate import load_profile, rows_from_iterations, shapes_from_grid
+    from servesim.sim.cost_model import RooflineCostModel
+    from servesim.sim.specs import load_hardware, load_model
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    m, hw = load_model(model), load_hardware(cfg["hardware"])
+    cm = RooflineCostModel(m, hw, load_profile(profile, m, hw)[0], cuda_graphs=True)
+    it = pd.read_parquet(run / "iterations.parquet")
+    total = float(it.duration_s.sum())
+    dec = it[(it.num_ctx_requests == 0) & (it.num_gen_requests > 0)]
+    shapes, times, _ = shapes_from_grid(rows_from_iterations(model, dec))
+    err = np.abs(np.array([cm.price(s) for s in shapes]) / times - 1)
+    b = _bucket_of(dec.num_gen_requests.to_numpy())
+    return {lab: (float(err[b == i].mean()), float(times[b == i].sum() / total))
+            for i, lab in enumerate(_bucket_labels()) if (b == i).any()}
+
+
+def grid_decode_points(profile: Path) -> dict[str, int]:
+    """The decode points of the grid a profile was fitted to, per batch-size bucket."""
+    import numpy as np
+
+    from servesim.sim.calibrate import read_grid
+
+    doc = yaml.safe_load(profile.read_text())
+    src = (doc.get("provenance") or {}).get("source", "")
+    grid = STORE.path(src.removeprefix("benchmarks/results/"))
+    n = [int(r["n_decode"]) for r in read_grid(grid, doc["model"]) if r["kind"] == "decode"]
+    b = _bucket_of(n)
+    return {lab: int((b == i).sum()) for i, lab in enumerate(_bucket_labels())}
+
+
 def calls() -> list[str]:
     return sorted(c for c, man in STORE.manifests().items() if any(m.startswith(f"{PREFIX}/{c}/") for m in man["members"]))
 
@@ -73,6 +125,8 @@ def calls() -> list[str]:
 def table(write_results: bool) -> Path:
     rows = []
     own = []
+    by_batch: list = []
+    grids: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for call in calls():
@@ -84,6 +138,8 @@ def table(write_results: bool) -> Path:
                 model, hw = cfg["model"], cfg["hardware"]
                 prof = REPO / "profiles" / f"{hw.split('-')[0]}-{model}.yaml"
                 own.append((run.name, own_iterations(run, model, prof)))
+                by_batch.append((run.name, decode_by_batch(run, model, prof)))
+                grids[model] = prof
                 for kind in ("roofline", "calibrated"):
                     sim = replay(run, kind, tmp, prof)
                     errs, its = errors(run, sim, tmp / f"cmp-{call}-{run.name}-{kind}")
@@ -102,6 +158,14 @@ def table(write_results: bool) -> Path:
         own_lines.append(f"| {run} | " + " | ".join(
             f"{100 * d[k]['mape']:.1f}% ({d[k]['iterations']} its, {100 * d[k]['time_share']:.0f}% of time)"
             if k in d else "-" for k in kinds) + " |")
+    labs = _bucket_labels()
+    batch_lines = ["| run | " + " | ".join(f"batch {x}" for x in labs) + " |", "|" + "---|" * (len(labs) + 1)]
+    for run, d in by_batch:
+        batch_lines.append(f"| {run} | " + " | ".join(
+            f"{100 * d[x][0]:.1f}% ({100 * d[x][1]:.0f}%)" if x in d else "-" for x in labs) + " |")
+    for model, prof in sorted(grids.items()):
+        pts = grid_decode_points(prof)
+        batch_lines.append(f"| grid points, {model} | " + " | ".join(str(pts[x]) for x in labs) + " |")
     text = ("# Fidelity on the H200\n\n"
             "Command: `python benchmarks/fidelity_h200.py --write-results` (replays every installed H200 run on "
             "the simulator; the GPU half: `python benchmarks/gpu_fidelity.py --out $OUT --steps 1,2` on one "
@@ -109,7 +173,10 @@ def table(write_results: bool) -> Path:
             "(sim - GPU) / GPU for the same requests; `calibrated` uses profiles/h200-<model>.yaml, fitted in "
             "the same device call to the designed grid; `roofline` the uncalibrated model.\n\n"
             + "\n".join(lines) + "\n\nThe calibrated model priced on each GPU run's own iteration shapes "
-            "(MAPE by iteration kind):\n\n" + "\n".join(own_lines) + "\n")
+            "(MAPE by iteration kind):\n\n" + "\n".join(own_lines) + "\n"
+            "\nPure decode iterations by batch size, priced on the run's own shapes: MAPE (share of the run's "
+            "busy time); the last rows, the decode points of the calibration grid each profile was fitted to:\n\n"
+            + "\n".join(batch_lines) + "\n")
     out = STORE.out_dir(write_results) / "fidelity_h200.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -12,6 +12,14 @@ simulator); every relative error is (B - A) / A. What is compared:
   (num_ctx_requests, num_gen_requests, ctx_tokens, gen_tokens): MAPE of the mean durations
   weighted by RUN_A's iteration counts, overall and by phase, plus median duration per
   decode batch size;
+- the same per-iteration table keyed also by the context the iteration attends to: the
+  context chunks' cached tokens (cached prefix + earlier chunks, `ctx_cached_tokens`) and
+  the generation requests' KV (`decode_kv_tokens`), each in log2 buckets, so that an
+  iteration of a replay that diverged (same batch, other contexts) is not read as the cost
+  model's error; its MAPE overall, by phase and by chunk-context bucket;
+- per request, where the time went: queueing (arrival -> first scheduled), the prefill span
+  (first scheduled -> first token) and the decode span (first token -> finish), each's
+  distribution in both runs, and the mean E2E difference split exactly into the three;
 - output tokens/s over time, in common time bins.
 
 Writes compare.json and compare.png (to `out`, default RUN_B) and prints a table. Bad input
@@ -33,17 +41,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from .metrics import LATENCY_KEYS, summarize
+from .metrics import LATENCY_KEYS, dist, summarize
 from .rundir import RUN_FILES, check_output_dir, unfinished_problems
 from .schemas import read_run_table
 from .types import ConfigError
 
 SCHEMA_VERSION = 1  # of compare.json (the run tables have theirs: sim/schemas.py)
-REQUEST_COLUMNS = ("request_id", "status", "arrival_s", "first_token_s", "finish_s", "prompt_len",
+REQUEST_COLUMNS = ("request_id", "status", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "prompt_len",
                    "output_len", "cached_tokens", "slo_ttft_s", "slo_tpot_s", "token_times")
 ITERATION_COLUMNS = ("start_s", "duration_s", "num_ctx_requests", "num_gen_requests", "ctx_tokens",
-                     "gen_tokens", "kv_blocks_used")
+                     "gen_tokens", "kv_blocks_used", "ctx_cached_tokens", "decode_kv_tokens")
 ITERATION_KEY = ("num_ctx_requests", "num_gen_requests", "ctx_tokens", "gen_tokens")
+# the context an iteration attends to, bucketed (log2_bucket): the key's extension
+CONTEXT_KEY = ("ctx_attended_bucket", "decode_kv_bucket")
+# per-request phases: name -> (start column, end column)
+REQUEST_PHASES = {"queueing_s": ("arrival_s", "first_scheduled_s"),
+                  "prefill_span_s": ("first_scheduled_s", "first_token_s"),
+                  "decode_span_s": ("first_token_s", "finish_s")}
 PHASES = ("prefill", "decode", "mixed")
 STATS = ("mean", "p50", "p90", "p99")
 SCALARS = ("throughput_req_s", "throughput_out_tok_s", "goodput_req_s", "kv_util_mean")
@@ -373,6 +387,107 @@ def iteration_errors(a: Run, b: Run) -> dict:
     return res
 
 
+def log2_bucket(x) -> np.ndarray:
+    """0 for 0 tokens, else b with 2**(b-1) <= x < 2**b (1 -> 1, 2-3 -> 2, 4-7 -> 3, ...)."""
+    x = np.asarray(x, dtype=np.int64)
+    if (x < 0).any():
+        raise ValueError("token counts must be >= 0")
+    out = np.zeros(x.shape, dtype=np.int64)
+    pos = x > 0
+    # exact for integers: frexp gives x = m * 2**e with 0.5 <= m < 1, so e = floor(log2 x) + 1
+    out[pos] = np.frexp(x[pos].astype(np.float64))[1]
+    return out
+
+
+def bucket_range(b: int) -> tuple[int, int]:
+    """The token counts (lo, hi) inclusive of log2 bucket b."""
+    return (0, 0) if b == 0 else (1 << (b - 1), (1 << b) - 1)
+
+
+def iteration_errors_by_context(a: Run, b: Run) -> dict:
+    """`iteration_errors` with the key extended by the attended context's log2 buckets (the
+    chunks' cached tokens, the generation requests' KV): iterations of the same batch that
+    attend to other contexts in the two runs are not paired."""
+    frames = []
+    for run in (a, b):
+        d = _iter_frame(run.iterations)
+        it = run.iterations
+        d["ctx_attended_bucket"] = log2_bucket(it.column("ctx_cached_tokens").fill_null(0).to_numpy())
+        d["decode_kv_bucket"] = log2_bucket(it.column("decode_kv_tokens").fill_null(0).to_numpy())
+        frames.append(d)
+    da, db = frames
+    key = list(ITERATION_KEY + CONTEXT_KEY)
+    ga = da.groupby(key, sort=True)["duration_s"].agg(count="size", mean="mean").reset_index()
+    gb = db.groupby(key, sort=True)["duration_s"].agg(count="size", mean="mean").reset_index()
+    m = ga.merge(gb, on=key, suffixes=("_a", "_b"), how="inner")
+    m = m[m["mean_a"] > 0]
+    rel = ((m["mean_b"] - m["mean_a"]) / m["mean_a"]).to_numpy()
+    w = m["count_a"].to_numpy().astype(np.float64)
+    phase = _phase(m["num_ctx_requests"].to_numpy(), m["num_gen_requests"].to_numpy())
+    n_a = len(da)
+    res: dict = {
+        "key": key,
+        "bucket": "log2: 0 tokens -> 0, else b with 2**(b-1) <= tokens < 2**b",
+        "weighting": "count_a",
+        "matched_keys": int(len(m)),
+        "coverage_a": float(m["count_a"].sum() / n_a) if n_a else None,
+        "coverage_b": float(m["count_b"].sum() / len(db)) if len(db) else None,
+        "mape": _mape(rel, w),
+        "by_phase": {p: {"mape": _mape(rel[phase == p], w[phase == p]),
+                         "matched_iterations_a": int(w[phase == p].sum())} for p in PHASES},
+    }
+    # by the chunks' context (iterations with context chunks): where a prefill price goes wrong
+    ctx_b = m["ctx_attended_bucket"].to_numpy()
+    has_ctx = m["num_ctx_requests"].to_numpy() > 0
+    a_ctx = da[da["num_ctx_requests"] > 0]
+    n_by_bucket = a_ctx.groupby("ctx_attended_bucket").size()
+    rows = []
+    for bk, n in n_by_bucket.items():
+        sel = has_ctx & (ctx_b == bk)
+        lo, hi = bucket_range(int(bk))
+        rows.append({"bucket": int(bk), "tokens_lo": lo, "tokens_hi": hi, "iterations_a": int(n),
+                     "matched_iterations_a": int(w[sel].sum()), "mape": _mape(rel[sel], w[sel]),
+                     "mean_rel_err": float((rel[sel] * w[sel]).sum() / w[sel].sum()) if w[sel].sum() else None})
+    res["by_ctx_attended"] = rows
+    return res
+
+
+def _phase_spans(run: Run) -> dict[str, np.ndarray]:
+    """Per finished request (by request_id): each REQUEST_PHASES span and E2E, in seconds."""
+    r = run.requests.sort_by("request_id")
+    col = lambda c: r.column(c).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+    fin = r.column("status").to_numpy(zero_copy_only=False) == "finished"
+    out = {k: np.where(fin, col(end) - col(start), np.nan) for k, (start, end) in REQUEST_PHASES.items()}
+    out["e2e_s"] = np.where(fin, col("finish_s") - col("arrival_s"), np.nan)
+    return out
+
+
+def request_phases(a: Run, b: Run) -> dict:
+    """Where each request's time went in both runs: queueing, prefill span, decode span
+    (their distributions over the requests finished in both, and the relative errors),
+    and the mean E2E difference split exactly into the three phases' mean differences
+    (E2E = queueing + prefill span + decode span for every request)."""
+    sa, sb = _phase_spans(a), _phase_spans(b)
+    both = np.isfinite(sa["e2e_s"]) & np.isfinite(sb["e2e_s"])
+    for k in REQUEST_PHASES:
+        both &= np.isfinite(sa[k]) & np.isfinite(sb[k])
+    e2e_a = float(sa["e2e_s"][both].mean()) if both.any() else None
+    res: dict = {"n": int(both.sum()), "e2e_mean_s_a": e2e_a,
+                 "e2e_mean_diff_s": float((sb["e2e_s"][both] - sa["e2e_s"][both]).mean()) if both.any() else None,
+                 "phases": {}}
+    for k in REQUEST_PHASES:
+        xa, xb = sa[k][both], sb[k][both]
+        da_, db_ = dist(xa), dist(xb)
+        diff = float((xb - xa).mean()) if len(xa) else None
+        res["phases"][k] = {
+            "a": da_, "b": db_, "rel_err": {s: rel_err(da_[s], db_[s]) for s in STATS},
+            "mean_diff_s": diff,
+            # this phase's part of the mean E2E error, as a fraction of A's mean E2E
+            "share_of_e2e_a": diff / e2e_a if diff is not None and e2e_a else None,
+        }
+    return res
+
+
 def _token_times(run: Run) -> np.ndarray:
     tt = run.requests.column("token_times")
     if tt.num_chunks == 0:
@@ -462,6 +577,8 @@ def compare_runs(run_a: Path, run_b: Path, out: Path | None = None, *, bins: int
                         f"{requests['finished_only_b']} only in B; per-request errors use the "
                         f"{requests['finished_both']} finished in both")
     iterations = iteration_errors(a, b)
+    by_context = iteration_errors_by_context(a, b)
+    phases = request_phases(a, b)
     if iterations["coverage_a"] is not None and iterations["coverage_a"] < 0.5:
         warnings.append(f"only {iterations['coverage_a']:.0%} of A's iterations have a batch composition "
                         f"that B also ran; the iteration MAPE covers those only")
@@ -477,6 +594,8 @@ def compare_runs(run_a: Path, run_b: Path, out: Path | None = None, *, bins: int
         "metrics": metric_rows(a, b),
         "requests": requests,
         "iterations": iterations,
+        "iterations_by_context": by_context,
+        "request_phases": phases,
         "throughput_over_time": throughput_over_time(a, b, bins),
     })
     out.mkdir(parents=True, exist_ok=True)
@@ -508,6 +627,13 @@ def _fmt_err(e: float | None, signed: bool = True) -> str:
         return "[dim]-[/]"
     colour = "red" if abs(e) > HIGHLIGHT else "green"
     return f"[{colour}]{e:+.1%}[/]" if signed else f"[{colour}]{e:.1%}[/]"
+
+
+PHASE_LABELS = {"queueing_s": "queueing (s)", "prefill_span_s": "prefill span (s)", "decode_span_s": "decode span (s)"}
+
+
+def _secs(v: float | None, signed: bool = False) -> str:
+    return "-" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
 
 
 def print_compare(result: dict, out: Path) -> None:
@@ -545,6 +671,25 @@ def print_compare(result: dict, out: Path) -> None:
         ph = it["by_phase"][p]
         t.add_row("", f"MAPE {p}", f"{ph['matched_iterations_a']} matched", f"{ph['matched_iterations_b']} matched",
                   _fmt_err(ph["mape"], signed=False))
+    ic = result["iterations_by_context"]
+    t.add_row("same + attended context", "MAPE", f"{ic['coverage_a']:.0%} of A's its" if ic["coverage_a"] is not None
+              else "", "", _fmt_err(ic["mape"], signed=False))
+    for p in PHASES:
+        ph = ic["by_phase"][p]
+        t.add_row("", f"MAPE {p}", f"{ph['matched_iterations_a']} matched", "", _fmt_err(ph["mape"], signed=False))
+    for r in ic["by_ctx_attended"]:
+        t.add_row("", "chunks attend no cache" if r["bucket"] == 0 else
+                  f"chunks attend {r['tokens_lo']:,}-{r['tokens_hi']:,}",
+                  f"{r['matched_iterations_a']}/{r['iterations_a']} matched", _fmt_err(r["mean_rel_err"]),
+                  _fmt_err(r["mape"], signed=False))
+    t.add_section()
+    rp = result["request_phases"]
+    for k, name in PHASE_LABELS.items():
+        ph = rp["phases"][k]
+        for s in STATS:
+            t.add_row(name if s == "mean" else "", s, _secs(ph["a"][s]), _secs(ph["b"][s]), _fmt_err(ph["rel_err"][s]))
+        t.add_row("", "part of mean E2E err", _secs(ph["mean_diff_s"], signed=True), "of A's mean E2E",
+                  _fmt_err(ph["share_of_e2e_a"]))
     con.print(t)
     con.print(f"[dim]-> {out / 'compare.json'}, {out / 'compare.png'}[/]", soft_wrap=True)
 
@@ -555,7 +700,7 @@ def plot_compare(a: Run, b: Run, result: dict, path: Path) -> None:
     from .plots import _cdf, plt
 
     la, lb = _label(result["run_a"]), _label(result["run_b"])
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12.5))
     ax = axes[0, 0]
     tot = result["throughput_over_time"]
     if tot["bin_s"]:
@@ -600,6 +745,8 @@ def plot_compare(a: Run, b: Run, result: dict, path: Path) -> None:
                  + (f" (MAPE {mape:.1%})" if mape is not None else ""))
     ax.set_xlabel("A: mean duration (ms)")
     ax.set_ylabel("B: mean duration (ms)")
+    _plot_phases(axes[2, 0], result["request_phases"])
+    _plot_context(axes[2, 1], result["iterations_by_context"])
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -608,3 +755,38 @@ def plot_compare(a: Run, b: Run, result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_phases(ax, rp: dict) -> None:
+    """Per-request phases: p50 and p99 of each in A and B (log scale), the phase's part of
+    the mean E2E error in the labels."""
+    names = list(PHASE_LABELS)
+    x = np.arange(len(names))
+    for j, (run, s, hatch) in enumerate((("a", "p50", ""), ("b", "p50", ""), ("a", "p99", "//"), ("b", "p99", "//"))):
+        vals = [rp["phases"][k][run][s] or 0.0 for k in names]
+        ax.bar(x + (j - 1.5) * 0.2, vals, width=0.2, hatch=hatch, color="tab:blue" if run == "a" else "tab:orange",
+               alpha=0.9 if s == "p50" else 0.5, label=f"{run.upper()} {s}")
+    shares = [rp["phases"][k]["share_of_e2e_a"] for k in names]
+    ax.set_xticks(x, [f"{PHASE_LABELS[k].split(' (')[0]}\n{'-' if v is None else f'{v:+.1%}'} of E2E"
+                      for k, v in zip(names, shares)])
+    if any((rp["phases"][k][r][s] or 0) > 0 for k in names for r in "ab" for s in ("p50", "p99")):
+        ax.set_yscale("log")
+    ax.set_ylabel("seconds")
+    ax.set_title("per request: queueing, prefill span, decode span")
+
+
+def _plot_context(ax, ic: dict) -> None:
+    """Iteration MAPE (same batch and attended context) by the chunks' attended context."""
+    rows = [r for r in ic["by_ctx_attended"] if r["mape"] is not None]
+    if rows:
+        x = np.arange(len(rows))
+        ax.bar(x, [100 * r["mape"] for r in rows], color="tab:green", alpha=0.8, label="MAPE")
+        ax.plot(x, [100 * (r["mean_rel_err"] or 0.0) for r in rows], "ko-", ms=4, label="mean signed error")
+        ax.set_xticks(x, ["none" if r["bucket"] == 0 else f"{r['tokens_lo']:,}-\n{r['tokens_hi']:,}" for r in rows],
+                      fontsize=7)
+        ax.axhline(0, color="gray", lw=0.7)
+    ax.set_xlabel("tokens the chunks attend to (cached + earlier chunks)")
+    ax.set_ylabel("%")
+    mape = ic["mape"]
+    ax.set_title("iterations with chunks, same batch + context" + (f"\n(every iteration: MAPE {mape:.1%})"
+                                                                     if mape is not None else ""), fontsize=10)

@@ -18,9 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from servesim.sim.cli import main
-from servesim.sim.compare import compare_runs
+from servesim.sim.compare import REQUEST_PHASES, bucket_range, compare_runs, log2_bucket, request_phases
 from servesim.sim.types import ConfigError
 
 DATA = Path(__file__).parent / "data" / "compare"
@@ -28,7 +30,8 @@ REF = DATA / "reference"
 ROOF = DATA / "roofline"
 
 TOP_KEYS = {"schema_version", "reference", "rel_err", "run_a", "run_b", "warnings", "config_diff",
-            "metrics", "requests", "iterations", "throughput_over_time"}
+            "metrics", "requests", "iterations", "iterations_by_context", "request_phases",
+            "throughput_over_time"}
 LATENCY = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
 
@@ -93,6 +96,24 @@ def test_cli_compare_writes_json_and_png(tmp_path, capsys):
     dec = it["decode_median_by_batch_size"]
     assert dec and dec[0]["batch_size"] == 1 and set(dec[0]) == {
         "batch_size", "count_a", "count_b", "median_s_a", "median_s_b", "rel_err"}
+    ic = res["iterations_by_context"]
+    assert ic["key"] == it["key"] + ["ctx_attended_bucket", "decode_kv_bucket"]
+    # a finer key: never more of A's iterations paired than by batch alone
+    assert 0 < ic["coverage_a"] <= it["coverage_a"] and 0 < ic["mape"] < 1
+    assert set(ic["by_phase"]) == {"prefill", "decode", "mixed"}
+    with_chunks = int((pq.read_table(REF / "iterations.parquet").column("num_ctx_requests").to_numpy() > 0).sum())
+    assert sum(r["iterations_a"] for r in ic["by_ctx_attended"]) == with_chunks  # matched or not
+    assert sum(r["matched_iterations_a"] for r in ic["by_ctx_attended"]) == sum(
+        ic["by_phase"][p]["matched_iterations_a"] for p in ("prefill", "mixed"))
+    rp = res["request_phases"]
+    assert rp["n"] == 200 and set(rp["phases"]) == set(REQUEST_PHASES)
+    for ph in rp["phases"].values():
+        assert set(ph) == {"a", "b", "rel_err", "mean_diff_s", "share_of_e2e_a"}
+        assert ph["a"]["p50"] <= ph["a"]["p99"]
+    # the phases' mean differences add up to the mean E2E difference
+    assert sum(ph["mean_diff_s"] for ph in rp["phases"].values()) == pytest.approx(rp["e2e_mean_diff_s"])
+    assert rp["e2e_mean_diff_s"] / rp["e2e_mean_s_a"] == pytest.approx(_metric(res, "e2e_s", "mean")["rel_err"])
+    assert "queueing (s)" in printed and "decode span (s)" in printed and "attended context" in printed
     tot = res["throughput_over_time"]
     assert len(tot["bin_start_s"]) == len(tot["out_tok_s_a"]) == len(tot["out_tok_s_b"]) == 60
     # every output token lands in some bin
@@ -113,6 +134,11 @@ def test_run_against_itself_has_no_error(tmp_path):
     assert all(d["rel_err"] == 0 for d in it["decode_median_by_batch_size"])
     tot = res["throughput_over_time"]
     assert tot["out_tok_s_a"] == tot["out_tok_s_b"]
+    ic = res["iterations_by_context"]
+    assert ic["mape"] == 0 and ic["coverage_a"] == ic["coverage_b"] == 1
+    assert all(r["mape"] in (0, None) for r in ic["by_ctx_attended"])
+    for ph in res["request_phases"]["phases"].values():
+        assert ph["mean_diff_s"] == 0 and all(e in (0, None) for e in ph["rel_err"].values())
 
 
 def _slow_down(run: Path, factor: float) -> None:
@@ -162,6 +188,15 @@ def test_durations_scaled_by_1_1_give_ten_percent(tmp_path):
         assert it["by_phase"][p]["matched_keys"] > 0
         assert it["by_phase"][p]["mape"] == pytest.approx(0.1, abs=1e-9)
     assert all(d["rel_err"] == pytest.approx(0.1, abs=1e-9) for d in it["decode_median_by_batch_size"])
+    ic = res["iterations_by_context"]
+    assert ic["coverage_a"] == 1 and ic["mape"] == pytest.approx(0.1, abs=1e-9)
+    assert all(r["mape"] == pytest.approx(0.1, abs=1e-9) for r in ic["by_ctx_attended"])
+    # every phase of every request 10% longer: each phase's part of the E2E error is its share of E2E
+    rp = res["request_phases"]
+    for k, ph in rp["phases"].items():
+        for s in STATS:
+            assert ph["rel_err"][s] == pytest.approx(0.1, abs=1e-9), (k, s)
+        assert ph["share_of_e2e_a"] == pytest.approx(0.1 * ph["a"]["mean"] / rp["e2e_mean_s_a"])
     # b's summary.json still holds the old numbers: compare recomputes and says so
     assert any("summary.json" in w and "(B)" in w for w in res["warnings"])
 
@@ -210,3 +245,87 @@ def test_model_mismatch_warns_and_no_traceback(tmp_path):
     assert "warning" in p.stderr and "llama-3.2-1b" in p.stderr
     res = json.loads((b / "compare.json").read_text())
     assert any("model" in w for w in res["warnings"])
+
+
+def test_a_replay_that_attends_other_contexts_is_not_the_cost_models_error(tmp_path):
+    """B's chunks attend thousands of cached tokens where A's attended none (a replay whose
+    cache diverged) and take 30% longer: by batch alone that reads as a 30% price error of
+    the iterations with chunks; keyed by the attended context they are not paired at all."""
+    b = _copy(REF, tmp_path / "b")
+    it = pq.read_table(b / "iterations.parquet")
+    ctx = it.column("num_ctx_requests").to_numpy() > 0
+    assert ctx.any() and not it.column("ctx_cached_tokens").to_numpy().any()
+    cached = np.where(ctx, 5000, 0)
+    it = it.set_column(it.schema.get_field_index("ctx_cached_tokens"), "ctx_cached_tokens", pa.array(cached))
+    dur = it.column("duration_s").to_numpy() * np.where(ctx, 1.3, 1.0)
+    it = it.set_column(it.schema.get_field_index("duration_s"), "duration_s", pa.array(dur))
+    pq.write_table(it, b / "iterations.parquet")
+    res = compare_runs(REF, b, tmp_path / "o", quiet=True)
+    assert res["iterations"]["by_phase"]["mixed"]["mape"] == pytest.approx(0.3)
+    ic = res["iterations_by_context"]
+    assert ic["by_phase"]["mixed"]["mape"] is None and ic["by_phase"]["prefill"]["mape"] is None
+    assert ic["by_phase"]["decode"]["mape"] == 0 and ic["mape"] == 0
+    assert ic["coverage_a"] == pytest.approx(1 - ctx.mean())
+    (row,) = ic["by_ctx_attended"]  # A's chunks attend no cache; none of them is paired
+    assert row["bucket"] == 0 and row["iterations_a"] == ctx.sum() and row["matched_iterations_a"] == 0
+
+
+def test_a_run_without_first_scheduled_is_named(tmp_path):
+    b = _copy(REF, tmp_path / "b")
+    req = pq.read_table(b / "requests.parquet")
+    pq.write_table(req.drop_columns(["first_scheduled_s"]), b / "requests.parquet")
+    with pytest.raises(ConfigError) as e:
+        compare_runs(REF, b, tmp_path / "o", quiet=True)
+    loc, msg = e.value.problems[0]
+    assert loc == str(b / "requests.parquet") and "first_scheduled_s" in msg
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1 << 40), min_size=1, max_size=50))
+def test_log2_buckets_hold_their_tokens_in_order(xs):
+    b = log2_bucket(xs)
+    for x, k in zip(xs, b.tolist()):
+        lo, hi = bucket_range(k)
+        assert lo <= x <= hi
+    order = np.argsort(xs, kind="stable")
+    assert (np.diff(b[order]) >= 0).all()  # monotone in the tokens
+
+
+_span = st.floats(0.0, 50.0, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_span, _span, _span, _span, _span, _span, _span, st.booleans()), min_size=1, max_size=30))
+def test_phases_split_the_mean_e2e_error_exactly(reqs):
+    """For any two runs of the same requests: queueing + prefill span + decode span is each
+    request's E2E, so the phases' mean differences add up to the mean E2E difference."""
+    from types import SimpleNamespace
+
+    def run(which: int) -> SimpleNamespace:
+        arr = np.array([r[0] for r in reqs])
+        q, p, d = (np.array([r[1 + 3 * which + j] if 1 + 3 * which + j < 7 else r[j + 1] for r in reqs])
+                   for j in range(3))
+        fin = np.array([r[7] or which == 0 for r in reqs])
+        sched = arr + q
+        first = sched + p
+        t = pa.table({"request_id": np.arange(len(reqs)), "status": np.where(fin, "finished", "rejected"),
+                      "arrival_s": arr, "first_scheduled_s": np.where(fin, sched, np.nan),
+                      "first_token_s": np.where(fin, first, np.nan), "finish_s": np.where(fin, first + d, np.nan)})
+        return SimpleNamespace(requests=t)
+
+    a, b = run(0), run(1)
+    rp = request_phases(a, b)
+    both = np.array([r[7] for r in reqs])
+    assert rp["n"] == both.sum()
+    if rp["n"] == 0:
+        assert rp["e2e_mean_diff_s"] is None
+        return
+    total = sum(ph["mean_diff_s"] for ph in rp["phases"].values())
+    assert total == pytest.approx(rp["e2e_mean_diff_s"], abs=1e-9)
+    if rp["e2e_mean_s_a"]:
+        shares = sum(ph["share_of_e2e_a"] for ph in rp["phases"].values())
+        assert shares == pytest.approx(rp["e2e_mean_diff_s"] / rp["e2e_mean_s_a"], abs=1e-9)
+    for ph in rp["phases"].values():
+        for s in STATS:
+            if ph["a"][s] is not None:
+                assert ph["a"][s] >= 0 and ph["b"][s] >= 0
