@@ -370,8 +370,9 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     if pp > 1:  # the replica's pp stages share the work: per GPU, 1 / pp of it
         w = Work(w.weights_read / pp, w.kv_token / pp, w.lin_flops / pp, w.lm_flops / pp, w.attn_flops / pp,
                  w.matmul)
-    status = requests.column("status").to_numpy(zero_copy_only=False)
-    fin = status == "finished"
+    from .metrics import _equals
+
+    fin = _equals(requests.column("status"), "finished")  # (no Python string per row)
     P = requests.column("prompt_len").to_numpy()[fin].astype(np.float64)
     O = requests.column("output_len").to_numpy()[fin].astype(np.float64)
     C = requests.column("cached_tokens").to_numpy()[fin].astype(np.float64)

@@ -44,6 +44,9 @@ from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_ta
 # iterations + stretches) or finished requests
 FLUSH_RECORDS = 1 << 15
 FLUSH_DONE = 1 << 13
+# requests.parquet's columns the summary (metrics.summarize, bounds.run_bounds,
+# cluster.per_replica_summary) never reads: left on disk when it reads the rest back
+SUMMARY_UNREAD = frozenset({"token_times", "block_hashes", "prompt_tokens", "request_id", "preemptions", "priority"})
 
 
 class GroupWriter:
@@ -276,10 +279,10 @@ class RunRecorder:
             yield itl_values(batch.column(0))
 
     def scalar_requests(self) -> pa.Table:
-        """requests.parquet without its list columns (what the summary reads)."""
+        """requests.parquet without its list columns and the columns no summary reads
+        (SUMMARY_UNREAD: what the summary reads, held for the run's length)."""
         pf = pq.ParquetFile(self.req_path)
-        lists = {"token_times", "block_hashes", "prompt_tokens"}
-        return pf.read(columns=[n for n in pf.schema_arrow.names if n not in lists])
+        return pf.read(columns=[n for n in pf.schema_arrow.names if n not in SUMMARY_UNREAD])
 
 
 
