@@ -355,9 +355,9 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
     RunRecorder in `out_dir`; the summary from what was written. sim/runner.py `simulate`."""
     import time
 
-    from .bounds import run_bounds
+    from .bounds import run_bound_k, run_bounds
     from .driver import run_simulation
-    from .metrics import summarize
+    from .stream_summary import bound_sums_file, summarize_file
     from .runner import StreamedRunResult, energy_summary
 
     energy = EnergyAccumulator(setup, clamp=len(engines) == 1)
@@ -370,24 +370,24 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
             e.recorder = None
         raise
     wall = time.perf_counter() - t0
-    itl = rec.itl_dist()  # (before the scalar columns are read: the passes' memory is not added to theirs)
+    itl = rec.itl_dist()
     pa.default_memory_pool().release_unused()
-    req = rec.scalar_requests()
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
             for k, v in e.cache.stats.evictions_by_priority.items():
                 evp[k] = evp.get(k, 0) + v
-    summary = summarize(req, rec.stats, kv_total_blocks=setup.num_blocks, backend="sim", wall_s=wall,
-                        num_preemptions=sum(e.num_preemptions for e in engines),
-                        num_swaps=sum(e.num_swaps for e in engines),
-                        kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp,
-                        itl=itl)
+    # the summary in batches of the written rows (sim/stream_summary.py: bounded memory, the same floats)
+    summary = summarize_file(rec.req_path, rec.stats, kv_total_blocks=setup.num_blocks, backend="sim",
+                             wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines),
+                             num_swaps=sum(e.num_swaps for e in engines),
+                             kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp, itl=itl)
     summary.update(energy_summary(setup, energy, summary))
-    summary["bounds"] = run_bounds(setup, req, summary)
+    summary["bounds"] = run_bounds(setup, None, summary, sums=bound_sums_file(rec.req_path, run_bound_k(setup)))
     if len(engines) > 1:  # (identical replicas: a run of groups or pools is held in memory)
         from .cluster import per_replica_summary
 
+        req = rec.scalar_requests()
         it = pq.read_table(rec.it_path, columns=["replica", "duration_s"])
         summary["per_replica"] = per_replica_summary(req, it, summary["duration_s"], {e.replica: "" for e in engines})
     return StreamedRunResult(summary, setup, out_dir)
