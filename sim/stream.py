@@ -132,6 +132,8 @@ class RunRecorder:
         self.sorted_ids = np.sort(ids)
         self.dense = bool(len(ids) == 0 or (self.sorted_ids[0] == 0 and self.sorted_ids[-1] == len(ids) - 1
                                             and np.all(np.diff(self.sorted_ids) == 1)))
+        if self.dense:  # ids 0..n-1 are their own positions: no sorted copy held for the run
+            self.sorted_ids = None
         self.stats = IterationStats()
         self.energy = energy  # EnergyAccumulator or None
         self.speculation = engines[0].cfg.speculation is not None if engines else False
