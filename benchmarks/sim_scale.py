@@ -114,8 +114,9 @@ def main() -> None:
             f"max_batch_size 256, max_num_tokens 8192), Poisson {args.rate:g} req/s, lognormal prompts "
             "(mean 500, sigma 0.5) and outputs (mean 200, sigma 0.5). One `sim run` process per size: "
             "wall time of the whole process, peak RSS of that process (getrusage of the child). Records "
-            "stream to Parquet as the run goes (sim/stream.py); the summary's percentiles are exact "
-            "(inter-token latencies selected in passes over the written column).\n\n"
+            "stream to Parquet as the run goes (sim/stream.py); the summary is made in batches of the "
+            "written rows (sim/stream_summary.py), its percentiles exact (gathered up to 4Mi values, "
+            "else selected in passes over the written columns).\n\n"
             "Before streaming (issue S8): 1M requests took 110 s and 13.2 GB peak RSS (~13 KB per request, "
             "linear; 200k: ~4.6 GB).\n\n" + table + "\n")
 

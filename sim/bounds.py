@@ -356,9 +356,50 @@ def run_cli(args, console) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
+class BoundSums:
+    """What `run_bounds` needs of a run's finished requests, summed a table (or batch) at a
+    time: their count, shortest prompt, and the token and attention totals. The terms are
+    whole numbers, so the sums are exact (below 2**53) in any order of batches."""
+
+    def __init__(self, k: int):
+        self.k = k  # drafts per step (speculation), 0 without
+        self.n = 0
+        self.p_min = float("inf")
+        self.n_out = self.attn = self.attn_dec = self.kv_read = self.lin_tokens = self.p_sum = self.o_sum = 0.0
+
+    def add_table(self, requests) -> "BoundSums":
+        import numpy as np
+
+        from .metrics import _equals
+
+        fin = _equals(requests.column("status"), "finished")  # (no Python string per row)
+        P = requests.column("prompt_len").to_numpy()[fin].astype(np.float64)
+        O = requests.column("output_len").to_numpy()[fin].astype(np.float64)
+        C = requests.column("cached_tokens").to_numpy()[fin].astype(np.float64)
+        if not len(P):
+            return self
+        k = self.k
+        self.n += len(P)
+        self.p_min = min(self.p_min, float(P.min()))
+        self.n_out += float(O.sum())
+        self.p_sum += float(P.sum())
+        self.o_sum += float(O.sum())
+        dec = np.maximum(O - 1, 0)
+        new = P - C
+        self.attn += float((new * C + new * (new + 1) / 2 + dec * P).sum())
+        if k:
+            self.kv_read += float((np.ceil(dec / (1 + k)) * P).sum())
+        else:
+            self.attn_dec += float((dec * (dec - 1) / 2).sum())
+            self.kv_read += float((dec * P + dec * (dec - 1) / 2).sum())
+        self.lin_tokens += float((new + dec).sum())
+        return self
+
+
+def run_bounds(setup, requests, summary: dict, sums: BoundSums | None = None) -> dict[str, Any]:
     """Bounds of a finished run (`setup`: sim/runner.py's Setup; `requests`: its requests
-    table): the output tokens/s no engine can beat on these requests, and the decode
+    table, or None with `sums`, its BoundSums (`run_bound_k(setup)` drafts) gathered batch
+    by batch): the output tokens/s no engine can beat on these requests, and the decode
     roofline at the run's largest batch. ``achieved_over_bound``: the run's throughput
     over the peak bound (never above 1)."""
     import numpy as np
@@ -370,30 +411,20 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     if pp > 1:  # the replica's pp stages share the work: per GPU, 1 / pp of it
         w = Work(w.weights_read / pp, w.kv_token / pp, w.lin_flops / pp, w.lm_flops / pp, w.attn_flops / pp,
                  w.matmul)
-    status = requests.column("status").to_numpy(zero_copy_only=False)
-    fin = status == "finished"
-    P = requests.column("prompt_len").to_numpy()[fin].astype(np.float64)
-    O = requests.column("output_len").to_numpy()[fin].astype(np.float64)
-    C = requests.column("cached_tokens").to_numpy()[fin].astype(np.float64)
-    n_out = float(O.sum())
-    sp = cfg.speculative
-    k = max(sp.max_draft_len, sp.tree_nodes) if sp is not None and sp.max_draft_len else 0
+    k = run_bound_k(setup)
+    if sums is None:
+        sums = BoundSums(k).add_table(requests)
+    n_out = sums.n_out
     tpb = cfg.kv_cache.tokens_per_block
     # tokens per step: at most one per request in the batch (1 + k with speculation); a
     # request that yields a token holds its prompt's blocks (shared ones with block reuse)
     cap = cfg.scheduler.max_batch_size
-    if not cfg.kv_cache.enable_block_reuse and len(P):
-        cap = min(cap, max(setup.num_blocks // max(int(np.ceil(P.min() / tpb)), 1), 1))
+    if not cfg.kv_cache.enable_block_reuse and sums.n:
+        cap = min(cap, max(setup.num_blocks // max(int(np.ceil(sums.p_min / tpb)), 1), 1))
     per_step = cap * (1 + k)
-    dec = np.maximum(O - 1, 0)
-    new = P - C
-    attn = float((new * C + new * (new + 1) / 2 + dec * P).sum())
-    if k:
-        kv_read = float((np.ceil(dec / (1 + k)) * P).sum())
-    else:
-        attn += float((dec * (dec - 1) / 2).sum())
-        kv_read = float((dec * P + dec * (dec - 1) / 2).sum())
-    lin_tokens = float((new + dec).sum())
+    attn = sums.attn if k else sums.attn + sums.attn_dec
+    kv_read = sums.kv_read
+    lin_tokens = sums.lin_tokens
     out: dict[str, Any] = {"precision": model.precision_label}
 
     def bound(r: Rates) -> float:
@@ -408,8 +439,8 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     got = summary.get("throughput_out_tok_s")
     out["achieved_over_bound"] = (got / out["output_tok_s"]) if got and out["output_tok_s"] else None
     # the decode roofline at the run's largest batch (mean lengths)
-    if len(P):
-        mp, mo = float(P.mean()), float(O.mean())
+    if sums.n:
+        mp, mo = sums.p_sum / sums.n, sums.o_sum / sums.n
         fit = setup.num_blocks // max(-(-int(round(mp + mo)) // tpb), 1)
         batch = max(min(cfg.scheduler.max_batch_size, fit), 1)
         step = _decode_step(w, peak, batch, mp + mo / 2)[0]
@@ -426,6 +457,12 @@ def run_bounds(setup, requests, summary: dict) -> dict[str, Any]:
     out["assumes"] = ("datasheet peaks; one token per request and step" + (f" (+{k} drafts)" if k else "")
                       + "; the run's prefix hits")
     return out
+
+
+def run_bound_k(setup) -> int:
+    """Draft tokens per step the run's bound allows for (speculation), 0 without."""
+    sp = setup.cfg.speculative
+    return max(sp.max_draft_len, sp.tree_nodes) if sp is not None and sp.max_draft_len else 0
 
 
 __all__ = ["Bounds", "compute_bounds", "verdict", "run_bounds", "add_arguments", "run_cli", "parse_claim",

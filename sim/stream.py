@@ -44,6 +44,9 @@ from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_ta
 # iterations + stretches) or finished requests
 FLUSH_RECORDS = 1 << 15
 FLUSH_DONE = 1 << 13
+# requests.parquet's columns the summary (metrics.summarize, bounds.run_bounds,
+# cluster.per_replica_summary) never reads: left on disk when it reads the rest back
+SUMMARY_UNREAD = frozenset({"token_times", "block_hashes", "prompt_tokens", "request_id", "preemptions", "priority"})
 
 
 class GroupWriter:
@@ -129,6 +132,8 @@ class RunRecorder:
         self.sorted_ids = np.sort(ids)
         self.dense = bool(len(ids) == 0 or (self.sorted_ids[0] == 0 and self.sorted_ids[-1] == len(ids) - 1
                                             and np.all(np.diff(self.sorted_ids) == 1)))
+        if self.dense:  # ids 0..n-1 are their own positions: no sorted copy held for the run
+            self.sorted_ids = None
         self.stats = IterationStats()
         self.energy = energy  # EnergyAccumulator or None
         self.speculation = engines[0].cfg.speculation is not None if engines else False
@@ -271,16 +276,33 @@ class RunRecorder:
 
     def itl_chunks(self):
         """A fresh iterator over the pooled inter-token latencies, a batch of requests at a time."""
-        pf = pq.ParquetFile(self.req_path)
-        for batch in pf.iter_batches(batch_size=8192, columns=["token_times"]):
-            yield itl_values(batch.column(0))
+        return token_time_gaps(self.req_path)
 
     def scalar_requests(self) -> pa.Table:
-        """requests.parquet without its list columns (what the summary reads)."""
+        """requests.parquet without its list columns and the columns no summary reads
+        (SUMMARY_UNREAD: what the summary reads, held for the run's length)."""
         pf = pq.ParquetFile(self.req_path)
-        lists = {"token_times", "block_hashes", "prompt_tokens"}
-        return pf.read(columns=[n for n in pf.schema_arrow.names if n not in lists])
+        return pf.read(columns=[n for n in pf.schema_arrow.names if n not in SUMMARY_UNREAD])
 
+
+
+def token_time_gaps(path: Path, batch_rows: int = 8192):
+    """The pooled inter-token latencies of a requests file, `batch_rows` requests at a time
+    (the batches `iter_batches` makes of 64Ki-row groups). A row group at a time, and Arrow's
+    pool handed back its freed memory after each: `iter_batches` over a 4M-request file
+    (800M token times) let the pool grow by ~1 GB within one pass (the allocator keeps freed
+    pages a while), which was the peak of such a run."""
+    pool = pa.default_memory_pool()
+    pf = pq.ParquetFile(path)
+    try:
+        for i in range(pf.num_row_groups):
+            group = pf.read_row_group(i, columns=["token_times"])
+            for batch in group.to_batches(max_chunksize=batch_rows):
+                yield itl_values(batch.column(0))
+            del group, batch
+            pool.release_unused()
+    finally:
+        pf.close()
 
 
 class EnergyAccumulator:
@@ -352,9 +374,9 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
     RunRecorder in `out_dir`; the summary from what was written. sim/runner.py `simulate`."""
     import time
 
-    from .bounds import run_bounds
+    from .bounds import run_bound_k, run_bounds
     from .driver import run_simulation
-    from .metrics import summarize
+    from .stream_summary import bound_sums_file, summarize_file
     from .runner import StreamedRunResult, energy_summary
 
     energy = EnergyAccumulator(setup, clamp=len(engines) == 1)
@@ -367,24 +389,24 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
             e.recorder = None
         raise
     wall = time.perf_counter() - t0
-    itl = rec.itl_dist()  # (before the scalar columns are read: the passes' memory is not added to theirs)
+    itl = rec.itl_dist()
     pa.default_memory_pool().release_unused()
-    req = rec.scalar_requests()
     evp: dict[int, int] = {}
     for e in engines:
         if e.cache is not None:
             for k, v in e.cache.stats.evictions_by_priority.items():
                 evp[k] = evp.get(k, 0) + v
-    summary = summarize(req, rec.stats, kv_total_blocks=setup.num_blocks, backend="sim", wall_s=wall,
-                        num_preemptions=sum(e.num_preemptions for e in engines),
-                        num_swaps=sum(e.num_swaps for e in engines),
-                        kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp,
-                        itl=itl)
+    # the summary in batches of the written rows (sim/stream_summary.py: bounded memory, the same floats)
+    summary = summarize_file(rec.req_path, rec.stats, kv_total_blocks=setup.num_blocks, backend="sim",
+                             wall_s=wall, num_preemptions=sum(e.num_preemptions for e in engines),
+                             num_swaps=sum(e.num_swaps for e in engines),
+                             kv_block_bytes=engines[0].cfg.kv_block_bytes, evictions_by_priority=evp, itl=itl)
     summary.update(energy_summary(setup, energy, summary))
-    summary["bounds"] = run_bounds(setup, req, summary)
+    summary["bounds"] = run_bounds(setup, None, summary, sums=bound_sums_file(rec.req_path, run_bound_k(setup)))
     if len(engines) > 1:  # (identical replicas: a run of groups or pools is held in memory)
         from .cluster import per_replica_summary
 
+        req = rec.scalar_requests()
         it = pq.read_table(rec.it_path, columns=["replica", "duration_s"])
         summary["per_replica"] = per_replica_summary(req, it, summary["duration_s"], {e.replica: "" for e in engines})
     return StreamedRunResult(summary, setup, out_dir)
