@@ -63,10 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import PathStr, load_yaml, validation_problems
-from .sweep import Task, gpus_of, read_point, run_tasks, set_pairs, write_point
+from .errors import PathStr
+from .sweep import Task, gpus_of, load_base, read_point, read_study_file, run_tasks, set_pairs, write_point
 from .types import ConfigError
 
 THROUGHPUT_RATIO = 0.9  # a candidate keeps up when it serves >= this share of the offered rate
@@ -145,28 +145,13 @@ def _label(settings: dict[str, Any]) -> str:
 
 def load_search(path: str | Path, overrides: list[str] | None = None) -> Search:
     """Read the search file, resolve each shape and prune it by physics (module doc)."""
-    from .config import _folder_name_problem, load_experiment
+    from .config import load_experiment
 
     path = Path(path)
     where = str(path)
-    raw = load_yaml(path, "search file")
-    if not isinstance(raw, dict):
-        raise ConfigError("a search file must be a mapping with name, base, target_rate_req_s, slo, prices", where)
-    try:
-        spec = SearchFile.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(validation_problems(e, raw, where)) from None
-    bad = _folder_name_problem(spec.name)
-    if bad:
-        raise ConfigError(bad, f"{where}: name")
-    base = path.parent / spec.base if not Path(spec.base).is_absolute() else Path(spec.base)
-    if not base.is_file():
-        raise ConfigError(f"no such experiment file {base}", f"{where}: base")
+    spec, base = read_study_file(path, SearchFile, "search file", "name, base, target_rate_req_s, slo, prices")
     fixed = set_pairs(spec.set) + list(overrides or []) + [f"workload.target_rate_req_s={spec.target_rate_req_s}"]
-    try:
-        exp = load_experiment(base, fixed)
-    except ConfigError as e:
-        raise ConfigError([(f"{where}: base ({loc})", msg) for loc, msg in e.problems]) from None
+    exp = load_base(base, fixed, where)
     names = [v.name for v in exp.variants]
     if spec.variant is not None and spec.variant not in names:
         raise ConfigError(f"no variant {spec.variant!r} in {base} (variants: {', '.join(names)})", f"{where}: variant")

@@ -216,6 +216,39 @@ def gpus_of(config: dict) -> int:
     return n
 
 
+
+def read_study_file(path: Path, model: type[BaseModel], kind: str, keys: str):
+    """A sweep or search file read and validated against ``model`` (its problems at their
+    keys), its ``name`` checked as a folder name and its ``base`` experiment found next to
+    it: ``(spec, base path)``."""
+    from .config import _folder_name_problem
+
+    where = str(path)
+    raw = load_yaml(path, kind)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a {kind} must be a mapping with {keys}", where)
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(validation_problems(e, raw, where)) from None
+    bad = _folder_name_problem(spec.name)
+    if bad:
+        raise ConfigError(bad, f"{where}: name")
+    base = (path.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
+    if not base.is_file():
+        raise ConfigError(f"no such experiment file {base}", f"{where}: base")
+    return spec, base
+
+
+def load_base(base: Path, overrides: list[str], where: str):
+    """The base experiment with the file's settings; its problems named under ``base``."""
+    from .config import load_experiment
+
+    try:
+        return load_experiment(base, overrides)
+    except ConfigError as e:
+        raise ConfigError([(f"{where}: base ({loc})", msg) for loc, msg in e.problems]) from None
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file and every point's config. ConfigError with every problem
     (the point's parameters named: a value the experiment refuses is the sweep file's fault)."""
@@ -224,26 +257,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
     path = Path(path)
     where = str(path)
-    raw = load_yaml(path, "sweep file")
-    if not isinstance(raw, dict):
-        raise ConfigError("a sweep file must be a mapping with name, base and grid or random", where)
-    try:
-        spec = SweepFile.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(validation_problems(e, raw, where)) from None
-    from .config import _folder_name_problem
-
-    bad = _folder_name_problem(spec.name)
-    if bad:
-        raise ConfigError(bad, f"{where}: name")
-    base = (path.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
-    if not base.is_file():
-        raise ConfigError(f"no such experiment file {base}", f"{where}: base")
+    spec, base = read_study_file(path, SweepFile, "sweep file", "name, base and grid or random")
     fixed = set_pairs(spec.set) + list(overrides or [])
-    try:
-        exp = load_experiment(base, fixed)
-    except ConfigError as e:
-        raise ConfigError([(f"{where}: base ({loc})", msg) for loc, msg in e.problems]) from None
+    exp = load_base(base, fixed, where)
     names = [v.name for v in exp.variants]
     if spec.variant is not None and spec.variant not in names:
         raise ConfigError(f"no variant {spec.variant!r} in {base} (variants: {', '.join(names)})", f"{where}: variant")
