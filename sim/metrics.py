@@ -327,6 +327,23 @@ def _sum_lists(col) -> np.ndarray:
     return np.bincount(pos, weights=values, minlength=int(lens.max())).round().astype(np.int64)
 
 
+
+def cache_traffic_and_run(ints: dict, evictions_by_priority: dict | None, kv_block_bytes: int, st,
+                          backend: str, wall_s: float) -> dict:
+    """The summary's last keys, the same for a run held in memory and a streamed one: KV
+    evictions and host traffic, speculation counts, backend and wall time."""
+    return {
+        "evictions": ints["evictions"],
+        "evictions_by_priority": {str(k): v for k, v in sorted((evictions_by_priority or {}).items())},
+        "offloaded_blocks": ints["offloads"],
+        "onboarded_blocks": ints["onboards"],
+        "offloaded_bytes": ints["offloads"] * kv_block_bytes,
+        "onboarded_bytes": ints["onboards"] * kv_block_bytes,
+        **speculation_summary(st),
+        "backend": backend,
+        "wall_s": float(wall_s),
+    }
+
 def summarize(req: pa.Table, it, *, kv_total_blocks: int, backend: str, wall_s: float,
               num_preemptions: int = 0, num_swaps: int = 0, kv_block_bytes: int = 0,
               evictions_by_priority: dict[int, int] | None = None, itl: dict | None = None) -> dict:
@@ -383,15 +400,7 @@ def summarize(req: pa.Table, it, *, kv_total_blocks: int, backend: str, wall_s: 
         # context tokens computed beyond each prompt's uncached part: preemption recompute
         "recomputed_tokens": int(ints["ctx_tokens"] - (prompt - cached).sum())
         if n_fin == req.num_rows else None,
-        "evictions": ints["evictions"],
-        "evictions_by_priority": {str(k): v for k, v in sorted((evictions_by_priority or {}).items())},
-        "offloaded_blocks": ints["offloads"],
-        "onboarded_blocks": ints["onboards"],
-        "offloaded_bytes": ints["offloads"] * kv_block_bytes,
-        "onboarded_bytes": ints["onboards"] * kv_block_bytes,
-        **speculation_summary(st),
-        "backend": backend,
-        "wall_s": float(wall_s),
+        **cache_traffic_and_run(ints, evictions_by_priority, kv_block_bytes, st, backend, wall_s),
     })
     return summary
 

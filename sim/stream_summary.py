@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import (LATENCY_KEYS, LONG_WAIT_FACTOR, IterationStats, _equals, dist_of_chunks, select_ranks,
-                      speculation_summary)
+from .metrics import (LATENCY_KEYS, LONG_WAIT_FACTOR, IterationStats, _equals, cache_traffic_and_run,
+                      dist_of_chunks, select_ranks)
 
 BATCH_ROWS = 1 << 16
 # the columns the summary reads (request_latencies' and summarize's)
@@ -157,15 +157,7 @@ def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, 
                                       if len(tenants) >= 2 else {}),
         "reused_tokens": int(cached_fin),
         "recomputed_tokens": int(ints["ctx_tokens"] - (prompt_fin - cached_fin)) if n_fin == n_req else None,
-        "evictions": ints["evictions"],
-        "evictions_by_priority": {str(k): v for k, v in sorted((evictions_by_priority or {}).items())},
-        "offloaded_blocks": ints["offloads"],
-        "onboarded_blocks": ints["onboards"],
-        "offloaded_bytes": ints["offloads"] * kv_block_bytes,
-        "onboarded_bytes": ints["onboards"] * kv_block_bytes,
-        **speculation_summary(st),
-        "backend": backend,
-        "wall_s": float(wall_s),
+        **cache_traffic_and_run(ints, evictions_by_priority, kv_block_bytes, st, backend, wall_s),
     })
     return summary
 
