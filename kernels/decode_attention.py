@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
-from .reference import check_kv_scales, is_fp8_cache
+from .reference import FP8_KV, check_kv_scales, is_fp8_cache
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -65,6 +65,7 @@ STRAGGLER_SPLITS = 8  # see choose_num_splits
 MERGE_CHUNK = 16  # splits a merge reads at once (one compiled variant for every split count)
 TUNING_ENV = "SERVESIM_DECODE_TUNING"
 TUNING_VERSION = 1
+KV_MATHS = ("f16", "q")  # DecodeConfig.kv_math
 
 
 # The block-table row stride changes with the longest request of a batch, the batch and the
@@ -99,6 +100,7 @@ def _decode_split_kernel(
     HEAD_MAJOR: tl.constexpr,
     CHUNK: tl.constexpr,
     KV_FP8: tl.constexpr,
+    MATH_F16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HEAD_MAJOR:  # kv heads of one (sequence, split) side by side: they read the same blocks
@@ -132,6 +134,8 @@ def _decode_split_kernel(
     heads = kvh * GROUP + g
     gd_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + b * s_q_b + heads[:, None] * s_q_h + d[None, :], mask=gd_mask, other=0.0)
+    if MATH_F16:  # an fp8 cache's dots in fp16: e4m3 -> f16 is one cvt a pair (bf16 takes several)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     if not USE_DOT:
         qf = q.to(tl.float32)
 
@@ -151,7 +155,7 @@ def _decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        if KV_FP8:  # e4m3 -> q's dtype; k_scale is folded into qk_scale
+        if KV_FP8:  # e4m3 -> q's (math) dtype; k_scale is folded into qk_scale
             k = k.to(q.dtype)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -290,6 +294,7 @@ class DecodeConfig:
     fused_reduce: bool | None = None
     head_major: bool | None = None
     use_dot: bool | None = None
+    kv_math: str | None = None  # fp8 cache: "f16" (dots in fp16) or "q" (in q's dtype); ignored otherwise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,16 +305,20 @@ class DecodeConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"DecodeConfig: unknown keys {sorted(unknown)}")
+        if d.get("kv_math") not in (None, *KV_MATHS):
+            raise ValueError(f"DecodeConfig: kv_math must be one of {KV_MATHS}, got {d['kv_math']!r}")
         return cls(**d)
 
     def compile_key(self) -> tuple:
         """What makes a separate Triton compilation (the split bounds do not)."""
-        return (self.block_n, self.num_warps, self.num_stages, self.fused_reduce, self.head_major, self.use_dot)
+        return (self.block_n, self.num_warps, self.num_stages, self.fused_reduce, self.head_major, self.use_dot,
+                self.kv_math)
 
     def label(self) -> str:
         return (f"S{self.max_splits}/T{self.min_split_tokens}/N{self.block_n}/w{self.num_warps}/"
                 f"st{self.num_stages or 'd'}"
-                f"{'/fused' if self.fused_reduce else ''}{'/hm' if self.head_major else ''}")
+                f"{'/fused' if self.fused_reduce else ''}{'/hm' if self.head_major else ''}"
+                f"{'/f16' if self.kv_math == 'f16' else ''}")
 
 
 def choose_num_splits(
@@ -341,16 +350,26 @@ def choose_num_splits(
 
 
 def default_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int,
-                   sms: int = 132) -> DecodeConfig:
+                   sms: int = 132, dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None) -> DecodeConfig:
     """The safe default: `choose_num_splits`' split bound, 64-token tiles (32 past head_dim
-    128), 4 warps, Triton's default pipelining, the separate reduce kernel."""
+    128), 4 warps, Triton's default pipelining, the separate reduce kernel.
+
+    Tiles and split bounds are sized in *bytes*: a cache of 1-byte elements (fp8) gets twice
+    the tokens per tile and per split of a 2-byte one, so a tile moves the same bytes (the
+    same number of loop trips would otherwise move half the data at the same latency); its
+    dots run in fp16 when q is 16-bit (``kv_math="f16"``: e4m3 -> fp16 is exact and one
+    conversion instruction a pair on sm89+, e4m3 -> bf16 several)."""
     use_dot = True
     block_d = max(next_pow2(head_dim), 16)
+    fp8 = kv_dtype is not None and kv_dtype in FP8_KV
+    per = 2 if fp8 else 1  # tokens of this cache in the bytes of one 2-byte-element token
+    min_tokens = MIN_TOKENS_PER_SPLIT * per
+    kv_math = ("f16" if dtype in (torch.bfloat16, torch.float16) else "q") if fp8 else None
     return DecodeConfig(
-        max_splits=choose_num_splits(batch, num_kv_heads, max_seq_len, sms),
-        min_split_tokens=MIN_TOKENS_PER_SPLIT,
-        block_n=64 if block_d <= 128 else 32,
-        num_warps=4, num_stages=0, fused_reduce=False, head_major=False, use_dot=use_dot)
+        max_splits=choose_num_splits(batch, num_kv_heads, max_seq_len, sms, min_tokens_per_split=min_tokens),
+        min_split_tokens=min_tokens,
+        block_n=(64 if block_d <= 128 else 32) * per,
+        num_warps=4, num_stages=0, fused_reduce=False, head_major=False, use_dot=use_dot, kv_math=kv_math)
 
 
 # ---------------------------------------------------------------------------------- tuning table
@@ -359,8 +378,14 @@ _TUNING_LOADED_ENV = False
 _EPOCH = 0  # bumped by every set_tuning (resolve_config's memo)
 
 
-def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int, sms: int) -> str:
-    return f"{str(dtype).replace('torch.', '')}/g{group}/kv{num_kv_heads}/d{head_dim}/bs{block_size}/sm{sms}"
+def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int, sms: int,
+               kv_dtype: torch.dtype | None = None) -> str:
+    """The table's key of a call's shapes: q's dtype, and the cache's where it differs (an fp8
+    cache under bf16 q: ``bfloat16-kv-float8_e4m3fn/...``; its configs are tuned apart)."""
+    name = str(dtype).replace('torch.', '')
+    if kv_dtype is not None and kv_dtype != dtype:
+        name += "-kv-" + str(kv_dtype).replace('torch.', '')
+    return f"{name}/g{group}/kv{num_kv_heads}/d{head_dim}/bs{block_size}/sm{sms}"
 
 
 def set_tuning(table: dict | None) -> None:
@@ -448,20 +473,22 @@ def tuned_config(batch: int, key: str) -> DecodeConfig | None:
 
 
 def resolve_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int, block_size: int,
-                   dtype: torch.dtype, sms: int, config: DecodeConfig | None = None) -> DecodeConfig:
+                   dtype: torch.dtype, sms: int, config: DecodeConfig | None = None,
+                   kv_dtype: torch.dtype | None = None) -> DecodeConfig:
     """The config a call runs: ``config``'s fields where set, else the tuning table's for
-    these shapes, else `default_config`'s. Memoised per installed table (an eager forward
-    asks once per layer: the lookup must not add host time)."""
+    these shapes (``kv_dtype``: the cache's element type, default q's ``dtype``), else
+    `default_config`'s. Memoised per installed table (an eager forward asks once per layer:
+    the lookup must not add host time)."""
     table = get_tuning()
     return _resolve_cached(batch, num_kv_heads, max_seq_len, head_dim, group, block_size, dtype, sms, config,
-                           (_EPOCH, id(table)))
+                           (_EPOCH, id(table)), kv_dtype)
 
 
 @functools.lru_cache(maxsize=4096)
 def _resolve_cached(batch, num_kv_heads, max_seq_len, head_dim, group, block_size, dtype, sms, config,
-                    _table_id) -> DecodeConfig:
-    base = default_config(batch, num_kv_heads, max_seq_len, head_dim, group, sms)
-    tuned = tuned_config(batch, tuning_key(dtype, group, num_kv_heads, head_dim, block_size, sms))
+                    _table_id, kv_dtype=None) -> DecodeConfig:
+    base = default_config(batch, num_kv_heads, max_seq_len, head_dim, group, sms, dtype, kv_dtype)
+    tuned = tuned_config(batch, tuning_key(dtype, group, num_kv_heads, head_dim, block_size, sms, kv_dtype))
     if tuned is not None:
         base = _fill(tuned, base)
     if config is not None:
@@ -552,7 +579,7 @@ def paged_decode_attention_triton(
     if over:
         config = replace(config or DecodeConfig(), **over)
     cfg = resolve_config(B, HKV, block_tables.shape[1] * block_size, D, group, block_size, q.dtype,
-                         num_sms(q.device), config)
+                         num_sms(q.device), config, k_cache.dtype)
     return _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg, k_scale, v_scale)
 
 
@@ -578,6 +605,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
     T = max(int(cfg.min_split_tokens), 1)
     fused = bool(cfg.fused_reduce) and S > 1
     chunk = MERGE_CHUNK
+    fp8 = is_fp8_cache(k_cache)
 
     if S == 1:
         m = l = acc = out  # unused placeholders
@@ -613,7 +641,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
         FUSED_REDUCE=fused,
         HEAD_MAJOR=bool(cfg.head_major),
         CHUNK=chunk if fused else 1,
-        KV_FP8=is_fp8_cache(k_cache),
+        KV_FP8=fp8,
+        MATH_F16=fp8 and cfg.kv_math == "f16",
         num_warps=int(cfg.num_warps),
         **extra,
     )
@@ -646,15 +675,19 @@ def table_configs(key: str) -> list[DecodeConfig]:
     return out
 
 
-def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float) -> int:
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, scale: float,
+               q_dtype: torch.dtype | None = None) -> int:
     """Compile every kernel variant the installed tuning table (and the default) can pick for
     this cache's shapes, on a 2-sequence batch over block 0 (read only), so no iteration of a
-    run meets a Triton compilation. Returns how many variants ran."""
+    run meets a Triton compilation. ``q_dtype``: the queries' (default the cache's; bf16 for
+    an fp8 cache). Returns how many variants ran."""
     _, bs, hkv, d = k_cache.shape
     dev = k_cache.device
-    key = tuning_key(k_cache.dtype, num_heads // hkv, hkv, d, bs, num_sms(dev))
-    cfgs = table_configs(key) + [default_config(2, hkv, bs, d, num_heads // hkv, num_sms(dev))]
-    q = torch.zeros(2, num_heads, d, dtype=k_cache.dtype, device=dev)
+    q_dtype = q_dtype or (torch.bfloat16 if is_fp8_cache(k_cache) else k_cache.dtype)
+    key = tuning_key(q_dtype, num_heads // hkv, hkv, d, bs, num_sms(dev), k_cache.dtype)
+    cfgs = table_configs(key) + [default_config(2, hkv, bs, d, num_heads // hkv, num_sms(dev), q_dtype,
+                                                k_cache.dtype)]
+    q = torch.zeros(2, num_heads, d, dtype=q_dtype, device=dev)
     bt = torch.zeros(2, 1, dtype=torch.int32, device=dev)
     sl = torch.full((2,), min(bs, 4), dtype=torch.int32, device=dev)
     for c in cfgs:

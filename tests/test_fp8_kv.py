@@ -126,6 +126,60 @@ def test_decode_kernel_matches_reference_on_fp8_cache(lens, ks, vs, mag, seed):
 
 
 @settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=3), SCALES, SCALES, st.sampled_from(["f16", "q", None]),
+       st.sampled_from([None, 32, 128]), st.integers(0, 2**31 - 1))
+def test_decode_kernel_fp8_cache_under_16_bit_queries(lens, ks, vs, kv_math, block_n, seed):
+    """fp16 queries over an fp8 cache (the bf16 model's case; the interpreter has no bf16):
+    the dots in fp16 (``kv_math="f16"``) or in q's dtype, the default byte-sized tiles or
+    others, all equal to the fp32 reference of the same cache within fp16 rounding."""
+    from servesim.kernels.decode_attention import DecodeConfig, paged_decode_attention_triton
+
+    g = torch.Generator().manual_seed(seed)
+    B, per = len(lens), 20
+    (kc, vc), _ = _fp8_cache(g, B * per + 2, 16 * ks, ks, vs)  # ~ +-16 sigma in e4m3 units: normals
+    bt = _table(g, B, per, B * per + 2)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    q = (torch.randn(B, HQ, D, generator=g) * ks).to(torch.float16)
+    want = paged_decode_attention_ref(q.float(), kc, vc, bt, sl, D ** -0.5, None, ks, vs)
+    cfg = DecodeConfig(kv_math=kv_math, block_n=block_n)
+    for splits in (1, 3):
+        got = paged_decode_attention_triton(q.to(DEV), kc.to(DEV), vc.to(DEV), bt.to(DEV), sl.to(DEV), D ** -0.5,
+                                            num_splits=splits, k_scale=ks, v_scale=vs, config=cfg)
+        assert got.dtype == torch.float16
+        scale_v = float(kv_dequantize(vc, vs).abs().max())
+        torch.testing.assert_close(got.cpu().float(), want, rtol=5e-3, atol=5e-3 * scale_v)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.sampled_from([64, 128, 256]),
+       st.integers(1, 512), st.sampled_from([1, 2, 4, 8]), st.integers(16, 65536))
+def test_fp8_cache_configs_are_sized_in_bytes_and_tuned_apart(dtype, head_dim, batch, group, max_len):
+    """An fp8 cache's default tile and split bound hold twice the tokens of a 2-byte cache's
+    (the same bytes); its tuning key differs from q's dtype's, so a table tuned for bf16
+    caches is not applied to fp8 ones, nor the reverse."""
+    from dataclasses import replace
+
+    from servesim.kernels import decode_attention as da
+
+    ref = da.default_config(batch, 8, max_len, head_dim, group, 132, dtype, dtype)
+    f8 = da.default_config(batch, 8, max_len, head_dim, group, 132, dtype, F8)
+    assert f8.block_n == 2 * ref.block_n and f8.min_split_tokens == 2 * ref.min_split_tokens
+    assert f8.max_splits <= ref.max_splits and ref.kv_math is None
+    assert f8.kv_math == ("q" if dtype == torch.float32 else "f16")
+    k16 = da.tuning_key(dtype, group, 8, head_dim, 16, 132)
+    k8 = da.tuning_key(dtype, group, 8, head_dim, 16, 132, F8)
+    assert k16 == da.tuning_key(dtype, group, 8, head_dim, 16, 132, dtype) and k8 != k16
+    tuned = replace(f8, num_warps=8, block_n=256, max_splits=1, kv_math="q")
+    old = da.get_tuning()
+    try:
+        da.set_tuning({"version": da.TUNING_VERSION, "entries": {k8: [{"batch": batch, "config": tuned.to_dict()}]}})
+        assert da.resolve_config(batch, 8, max_len, head_dim, group, 16, dtype, 132, None, F8) == tuned
+        assert da.resolve_config(batch, 8, max_len, head_dim, group, 16, dtype, 132, None, dtype) == ref
+    finally:
+        da.set_tuning(old)
+
+
+@settings(max_examples=8, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=3), SCALES, SCALES,
        st.integers(0, 2**31 - 1))
 def test_prefill_kernel_matches_reference_on_fp8_cache(chunks, ks, vs, seed):
