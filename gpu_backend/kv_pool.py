@@ -11,9 +11,13 @@ Every block id in ``range(num_blocks)`` is usable; the pool reserves none.
 An fp8 pool (``dtype=torch.float8_e4m3fn``, ``kv_cache.dtype: fp8``) holds e4m3 keys and
 values with one scale per tensor -- ``k_scales[l]`` / ``v_scales[l]``, a layer's keys and its
 values -- that the RoPE + KV-write kernel divides by and the attention kernels multiply by
-(`kernels.ops`). The scales are fixed when the pool is made (default 1.0, as serving engines
-use without calibrated scales: e4m3 spans +-448 with 3 mantissa bits, and a Llama layer's
-keys and values lie well inside it); block moves copy the bytes.
+(`kernels.ops`). The scales are fixed when the pool is made: 1.0 by default (what serving
+engines use without calibrated scales), or calibrated -- `observed_scales` of a pool of the
+model's dtype after a calibration prefill (`LlamaModel.calibrate_kv_scales`): each layer's
+amax of its keys / values over ``FP8_MAX / headroom``, so the largest value seen maps to
+``448 / headroom`` and the bulk lies in e4m3's normal range (with scale 1.0, values below
+2^-6 -- a small random model's keys and values -- fall into its subnormals, 1-3 significant
+bits). Block moves copy the bytes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,24 @@ class KVPool:
         if not self.is_fp8 and any(v != 1.0 for v in vals):
             raise ValueError(f"KVPool: {what} apply to an fp8 pool only (this one is {self.dtype})")
         return vals
+    def observed_scales(self, block_ids: Sequence[int] | torch.Tensor | None = None, headroom: float = 2.0,
+                        ) -> tuple[list[float], list[float]]:
+        """Per-layer fp8 scales ``(k_scales, v_scales)`` from the amax of this (unquantised)
+        pool's keys and values in ``block_ids`` (default all): ``amax * headroom / 448`` (a
+        layer that holds only zeros gets 1.0). ``headroom`` > 1 leaves room for values larger
+        than the calibration's before e4m3 saturates (its relative precision is the same
+        over its normal range, so headroom costs no precision there)."""
+        from servesim.kernels.reference import FP8_MAX
+
+        if self.is_fp8:
+            raise ValueError("observed_scales: calibrate on a pool of the model's dtype, not an fp8 one")
+        if not headroom >= 1.0:
+            raise ValueError(f"observed_scales: headroom must be >= 1, got {headroom!r}")
+        kv = self.kv if block_ids is None else self.kv.index_select(2, self._ids(block_ids, "observed_scales"))
+        amax = kv.abs().amax(dim=(2, 3, 4, 5)).float().cpu()  # [layers, 2]
+        sc = [[float(a) * headroom / FP8_MAX if float(a) > 0 else 1.0 for a in row] for row in amax.tolist()]
+        return [r[0] for r in sc], [r[1] for r in sc]
+
     # ---- sizing ---------------------------------------------------------------------
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -269,6 +269,23 @@ class LlamaModel:
                               dtype or self.kv_cache_dtype, self.device)
         return self.kv_pool
 
+    @torch.no_grad()
+    def calibrate_kv_scales(self, prompts: Sequence[Sequence[int]], block_size: int = 16,
+                            headroom: float = 2.0) -> tuple[list[float], list[float]]:
+        """Per-layer fp8 KV scales ``(k_scales, v_scales)`` for an fp8 `KVPool`: the prompts
+        are prefilled into a temporary pool of the model's dtype (post-RoPE keys and the
+        values, as the cache holds them) and its `KVPool.observed_scales` returned."""
+        if not prompts or not all(len(p) > 0 for p in prompts):
+            raise ValueError("calibrate_kv_scales: needs at least one non-empty prompt")
+        d = self.dims
+        per = [-(-len(p) // block_size) for p in prompts]
+        pool = KVPool(d.num_layers, sum(per), block_size, d.num_kv_heads, d.head_dim, self.dtype, self.device)
+        starts = [sum(per[:i]) for i in range(len(per))]
+        self.step([(list(p), 0, list(range(s0, s0 + n)), True) for p, s0, n in zip(prompts, starts, per)], [], pool)
+        scales = pool.observed_scales(headroom=headroom)
+        del pool
+        return scales
+
     def attach_kv_pool(self, kv_pool: KVPool) -> None:
         self._check_pool(kv_pool)
         self.kv_pool = kv_pool
