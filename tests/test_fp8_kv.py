@@ -282,7 +282,9 @@ def test_model_with_fp8_kv_against_the_unquantised_one():
 
 def test_gpu_backend_runs_an_fp8_kv_cache_on_cpu(tmp_path):
     """``kv_cache.dtype: fp8`` through the GPU backend's runner (torch references on a CPU):
-    every request finishes with its tokens; an int8 KV cache is refused by name."""
+    every request finishes with its tokens; an int8 KV cache is refused by name. On a CPU
+    whatever the machine has: ``device="cpu"`` (with a CUDA device the runner would take it,
+    and refuse the experiment's h100-sxm spec on any other GPU)."""
     from servesim.gpu_backend.runner import simulate_gpu
     from servesim.sim.config import load_experiment
     from servesim.sim.errors import ConfigError
@@ -298,12 +300,13 @@ def test_gpu_backend_runs_an_fp8_kv_cache_on_cpu(tmp_path):
     exp = load_experiment(tmp_path / "e.yaml", [])
     setup = resolve(exp.variants[0].config, exp.base_dir)
     assert setup.model.kv_dtype == "fp8"
-    res = simulate_gpu(setup, check_invariants=True, dtype=torch.float32)
+    res = simulate_gpu(setup, check_invariants=True, dtype=torch.float32, device="cpu")
+    assert res.gpu_stats["device"] == "cpu"
     assert res.summary["num_finished"] == 6
     assert all(len(t) == 8 for t in res.tokens.values())
     exp = load_experiment(tmp_path / "e.yaml", ["kv_cache.dtype=int8"])
     with pytest.raises(ConfigError, match="int8 KV cache"):
-        simulate_gpu(resolve(exp.variants[0].config, exp.base_dir), dtype=torch.float32)
+        simulate_gpu(resolve(exp.variants[0].config, exp.base_dir), dtype=torch.float32, device="cpu")
 
 
 def test_gpu_kv_fp8_benchmark_smoke(tmp_path):
