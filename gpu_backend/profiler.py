@@ -155,7 +155,7 @@ def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
 
 
 def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, reps: int = 5,
-               windows: int = 3, tp: int = 1) -> list[dict]:
+               windows: int = 3, tp: int = 1, precision: str = "bf16") -> list[dict]:
     """Seconds of each decoder-layer GEMM of ``model`` (``F.linear``, as the model runs
     it; at ``tp > 1`` one GPU's shard of it, `ModelSpec.linear_shapes`) at each row count
     in ``tokens``: rows ``linear, k, n, tokens, seconds`` for `GemmCurve`. Random weights of the real shapes; each repetition uses the next of
@@ -169,7 +169,12 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
     (~40 us on the H100 hosts here), and timed bare it measured the launch rate (the first
     sweep priced Llama-3.2-1B's qkv at 50 us at one row: 12x the roofline). In a forward
     pass the GEMMs run back to back inside CUDA graphs, which this reproduces. Elsewhere
-    (tests): the host's clock."""
+    (tests): the host's clock.
+
+    ``precision="fp8"``: the fp8 linears' GEMM as the model runs it (`weights.fp8_linear`):
+    ``torch._scaled_mm`` of e4m3 weights (per-channel scales) and inputs already quantised
+    per token -- the curve `RooflineConfig.gemm_times_by_precision["fp8"]` stands for (the
+    input quantisation is priced apart, ``act_quant_latency_s``)."""
     import time
 
     import torch
@@ -185,14 +190,32 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
     top = max(tokens)
     out = []
     gen = torch.Generator(device=dev).manual_seed(0)
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"gemm_sweep: precision must be bf16 or fp8, got {precision!r}")
+    fp8 = precision == "fp8"
+    if fp8:
+        from servesim.kernels import ops
+
+        from .weights import quantize_fp8
+        elem = 1
     for name in LINEARS:
         k, n = shapes[name]
         copies = max(2, -(-2 * L2_BYTES // (k * n * elem))) if cuda else 1
         ws = [torch.randn(n, k, generator=gen, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
+        if fp8:
+            ws = [quantize_fp8(w) for w in ws]
         x = torch.randn(top, k, generator=gen, device=dev, dtype=dt)
         for t in tokens:
             xt = x[:t]
-            F.linear(xt, ws[0])  # warm-up: cuBLAS's heuristics and workspace for this shape
+            if fp8:
+                xq, sx = ops.quant_fp8_rowwise(xt)
+
+                def lin(w, xq=xq, sx=sx):
+                    return torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale, out_dtype=dt)
+            else:
+                def lin(w, xt=xt):
+                    return F.linear(xt, w)
+            lin(ws[0])  # warm-up: cuBLAS's heuristics and workspace for this shape
             if cuda:
                 s = float("inf")
                 for _ in range(windows):
@@ -200,14 +223,14 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
                     torch.cuda._sleep(SPIN_CYCLES)  # the launches below queue up behind it
                     a.record()
                     for r in range(reps):
-                        F.linear(xt, ws[(r + 1) % copies])
+                        lin(ws[(r + 1) % copies])
                     b.record()
                     b.synchronize()
                     s = min(s, a.elapsed_time(b) / 1e3 / reps)
             else:
                 t0 = time.perf_counter()
                 for r in range(reps):
-                    F.linear(xt, ws[(r + 1) % copies])
+                    lin(ws[(r + 1) % copies])
                 s = (time.perf_counter() - t0) / reps
             out.append({"linear": name, "k": k, "n": n, "tokens": int(t), "seconds": float(s)})
         del ws, x
@@ -305,7 +328,8 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None, processes: int = 1,
-                 power_points=None, prefix_points=None, tp: int = 1) -> tuple[list[dict], dict]:
+                 power_points=None, prefix_points=None, tp: int = 1,
+                 gemm_precisions: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -313,7 +337,9 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     (`_run_in_processes`); the heat-up, the idle power and the GEMM sweep run here.
     ``tp > 1``: every grid run at ``cluster.tensor_parallel: tp``, the GEMM sweep at one
     GPU's shapes, and ``env["allreduce"]``: one all-reduce's seconds by message size over
-    ``tp`` GPUs (`tp.allreduce_sweep`, the sizes of `tp.allreduce_sizes`)."""
+    ``tp`` GPUs (`tp.allreduce_sweep`, the sizes of `tp.allreduce_sizes`).
+    ``gemm_precisions``: the GEMM sweeps besides bf16's (``("fp8",)``; default: fp8 when the
+    model's weights are fp8), each in ``env["gemm_<precision>"]``."""
     import torch
 
     ref = model_ref or model.name
@@ -340,6 +366,10 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
             idle_w = nv.idle_power_w(3.0)
     _progress(f"{model.name}: timing the decoder-layer GEMMs at {len(GEMM_TOKENS)} row counts")
     gemm = gemm_sweep(model, tp=tp)
+    extra_gemm = {}
+    for prec in gemm_precisions if gemm_precisions is not None else (("fp8",) if model.quant.weights == "fp8" else ()):
+        _progress(f"{model.name}: timing the {prec} GEMMs (torch._scaled_mm) at {len(GEMM_TOKENS)} row counts")
+        extra_gemm[f"gemm_{prec}"] = gemm_sweep(model, tp=tp, precision=prec)
     allreduce = None
     if tp > 1:
         from .tp import allreduce_sizes, allreduce_sweep
@@ -387,6 +417,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     env["power_runs"] = runs
     env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
     env["gemm"] = gemm
+    env.update(extra_gemm)
     if tp > 1:
         env["tensor_parallel"] = tp
         env["allreduce"] = allreduce

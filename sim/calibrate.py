@@ -252,9 +252,11 @@ def _host_s(row: dict) -> float:
 
 
 def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None = None, tp: int = 1,
-        fixed: dict | None = None) -> tuple[dict, dict]:
+        fixed: dict | None = None, gemm_by_precision: dict | None = None) -> tuple[dict, dict]:
     """Fitted parameters and fit statistics for a model's grid rows; ``gemm``: measured
-    GEMM curves (`gemm_curves`), which price the linears and come into the parameters.
+    GEMM curves (`gemm_curves`), which price the linears and come into the parameters;
+    ``gemm_by_precision``: those of quantised weights (``{"fp8": curves}``), likewise
+    (`RooflineConfig.gemm_times_by_precision`: they price the linears of that precision).
     ``tp``: the grid ran on that many GPUs (tensor parallel); ``fixed``: parameters
     measured apart (the all-reduce's, `fit_allreduce`), held fixed and written too.
     Rows with a measured host part (``host_s``) fit the GPU's terms to ``time_s - host_s``;
@@ -272,6 +274,8 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         speeds = None
     if gemm:
         sched = {**sched, "gemm_times": gemm}  # fixed during the fit, like the host terms
+    if gemm_by_precision:
+        sched = {**sched, "gemm_times_by_precision": gemm_by_precision}
     if fixed:
         sched = {**sched, **fixed}
 
@@ -566,19 +570,25 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
-              model_ref: str | None = None, processes: int = 1, tp: int = 1) -> dict:
+              model_ref: str | None = None, processes: int = 1, tp: int = 1,
+              gemm_precisions: tuple[str, ...] | None = None) -> dict:
     """Fit a profile to a grid measured here (``backend="gpu"``) or earlier (``grid``) and
     write it to ``out``. ``tp > 1``: the grid runs at ``cluster.tensor_parallel: tp``, the
     GEMM sweep at the per-GPU shapes, and the all-reduce sweep by message size (a CSV
     beside the grid, ``.allreduce.csv``) fits ``allreduce_latency_s`` and
     ``allreduce_bandwidth_efficiency`` (`fit_allreduce`); the profile's
-    ``tensor_parallel`` mapping keeps the sweep itself (docs/calibration.md)."""
+    ``tensor_parallel`` mapping keeps the sweep itself (docs/calibration.md).
+    ``gemm_precisions``: GEMM sweeps of quantised weights besides bf16's (``("fp8",)``;
+    default fp8 for a model of fp8 weights), written beside the grid as
+    ``.gemm-fp8.csv`` and fitted into ``gemm_times_by_precision``."""
     model.check_tp(tp, "--tensor-parallel")
     ar_rows: list[dict] = []
     if backend == "gpu":
         from servesim.gpu_backend.profiler import measure_grid
 
-        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes, tp=tp)
+        rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes, tp=tp,
+                                 gemm_precisions=gemm_precisions)
+        prec_rows = {p: env.pop(f"gemm_{p}") for p in GEMM_PRECISIONS if f"gemm_{p}" in env}
         ar_rows = env.pop("allreduce", None) or []
         runs = env.pop("power_runs", [])
         idle_w = env.pop("idle_power_w", None)
@@ -588,6 +598,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         grid.parent.mkdir(parents=True, exist_ok=True)
         _write_csv(grid, rows)
         _write_csv(grid.with_suffix(".gemm.csv"), gemm_rows)
+        for p, r in prec_rows.items():
+            _write_csv(grid.with_suffix(f".gemm-{p}.csv"), r)
         _write_csv(grid.with_suffix(".power.csv"), [{"idle_w": idle_w, **r} for r in runs])
         _write_csv(grid.with_suffix(".allreduce.csv"), ar_rows)
         if grid_its is not None:
@@ -598,6 +610,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         rows = read_grid(grid, model.name)
         runs, idle_w = read_power_runs(grid.with_suffix(".power.csv"))
         gemm_rows = _read_csv(grid.with_suffix(".gemm.csv"))  # none for grids from before the GEMM sweep
+        prec_rows = {p: r for p in GEMM_PRECISIONS if (r := _read_csv(grid.with_suffix(f".gemm-{p}.csv")))}
         ar_rows = _read_csv(grid.with_suffix(".allreduce.csv")) if tp > 1 else []
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
@@ -613,7 +626,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         where = "" if backend == "gpu" else f" ({grid.with_suffix('.allreduce.csv')}, beside the grid)"
         raise ConfigError(f"a tensor-parallel calibration (tp {tp}) needs its all-reduce sweep{where}",
                           "--tensor-parallel")
-    params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar)
+    by_prec = {p: c for p, r in prec_rows.items() if (c := gemm_curves(r))}
+    params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar, gemm_by_precision=by_prec or None)
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
@@ -663,6 +677,9 @@ def fit_allreduce(rows: list[dict], hw: HardwareSpec, tp: int) -> dict | None:
     if out["allreduce_latency_s"] < 0:
         out.update(allreduce_latency_s=0.0, collective_step_latency_s=float(fixed / steps))
     return out
+
+
+GEMM_PRECISIONS = ("fp8",)  # quantised GEMM sweeps a calibration can measure (gpu_backend.profiler.gemm_sweep)
 
 
 def gemm_curves(rows: list[dict]) -> dict | None:

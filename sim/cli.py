@@ -543,6 +543,18 @@ def cmd_calibrate(args) -> int:
             _check_cuda("sim calibrate --backend gpu")
         if args.tensor_parallel < 1:
             raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: give 1 or more", "command line")
+        gemm_precisions = None
+        if args.gemm_precisions is not None:
+            from .calibrate import GEMM_PRECISIONS
+
+            gemm_precisions = tuple(p.strip() for p in args.gemm_precisions.split(",") if p.strip())
+            bad = [p for p in gemm_precisions if p not in GEMM_PRECISIONS]
+            if bad:
+                raise ConfigError(f"--gemm-precisions {args.gemm_precisions}: {', '.join(bad)} not measurable "
+                                  f"(choose from {', '.join(GEMM_PRECISIONS)})", "command line: --gemm-precisions")
+            if gemm_precisions and "fp8" in gemm_precisions and not hw.matmul_rate("fp8"):
+                raise ConfigError(f"--gemm-precisions fp8: {hw.name} has no fp8 tensor cores",
+                                  "command line: --gemm-precisions")
         if args.backend == "gpu" and args.tensor_parallel > 1:
             import torch
 
@@ -551,7 +563,7 @@ def cmd_calibrate(args) -> int:
                                   f"{torch.cuda.device_count()} visible", "command line: --tensor-parallel")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
                         backend=args.backend, model_ref=args.model, processes=args.processes,
-                        tp=args.tensor_parallel)
+                        tp=args.tensor_parallel, gemm_precisions=gemm_precisions)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -564,12 +576,14 @@ def cmd_calibrate(args) -> int:
     fit = doc["fit"]
     con = _console()
     con.print(f"[green]wrote[/] {args.out}: {model.name} on {hw.name}, {fit['points']} measurements")
-    con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items() if k != "gemm_times"))
-    gemm = doc["roofline"].get("gemm_times")
-    if gemm:
-        con.print("GEMM curves measured (they price the linears): " + ", ".join(
-            f"{k} [{c['k']}x{c['n']}] {len(c['tokens'])} row counts, {c['seconds'][-1] * 1e6:.0f} us at "
-            f"{c['tokens'][-1]} rows" for k, c in gemm.items()))
+    con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items()
+                                     if k not in ("gemm_times", "gemm_times_by_precision")))
+    curves = {"bf16": doc["roofline"].get("gemm_times"), **(doc["roofline"].get("gemm_times_by_precision") or {})}
+    for prec, gemm in curves.items():
+        if gemm:
+            con.print(f"{prec} GEMM curves measured (they price the {prec} linears): " + ", ".join(
+                f"{k} [{c['k']}x{c['n']}] {len(c['tokens'])} row counts, {c['seconds'][-1] * 1e6:.0f} us at "
+                f"{c['tokens'][-1]} rows" for k, c in gemm.items()))
     con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
               f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
@@ -661,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend gpu: measure on N GPUs (cluster.tensor_parallel: the grid, the GEMMs at one GPU's "
                         "shard, and an all-reduce sweep fitting allreduce_latency_s / "
                         "allreduce_bandwidth_efficiency); with --from-grid: the TP the grid ran at")
+    k.add_argument("--gemm-precisions", metavar="LIST",
+                   help="--backend gpu: GEMM sweeps of quantised weights besides bf16's, e.g. fp8 "
+                        "(torch._scaled_mm; fitted into gemm_times_by_precision); default fp8 when the model's "
+                        "weights are fp8, else none; '' for none")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")

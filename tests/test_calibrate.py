@@ -209,7 +209,9 @@ def test_gpu_measuring_path_on_cpu(tmp_path, small_gemm_sweep):
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
                              prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
                              piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)],
-                                 power_points=[], prefix_points=[(3, 64, 16, 4, 48)])
+                                 power_points=[], prefix_points=[(3, 64, 16, 4, 48)], gemm_precisions=("fp8",))
+    # the fp8 GEMM sweep asked for beside bf16's: the same linears and row counts
+    assert [(r["linear"], r["tokens"]) for r in env["gemm_fp8"]] == [(r["linear"], r["tokens"]) for r in env["gemm"]]
     kinds = {r["kind"] for r in rows}
     # the cached-context point: its later requests' chunks run over the 64 cached prefix tokens
     cached = [r for r in rows if r["run"].startswith("3x(64 cached)")]
@@ -428,6 +430,52 @@ def test_gemm_sweep_and_curves_in_the_profile(tmp_path, capsys):
     roof, _ = load_profile(out, model, load_hardware("h100-sxm"))
     assert set(roof.gemm_times) == set(LINEARS) and roof.gemm_times["down"].tokens == toks
     assert gemm_curves(sweep)["qkv"]["seconds"] == roof.gemm_times["qkv"].seconds
+
+
+def test_fp8_gemm_sweep_and_its_curves_in_the_profile(tmp_path):
+    """`gemm_sweep(precision="fp8")` times the fp8 linears' ``torch._scaled_mm`` at the
+    model's shapes; a grid with a ``.gemm-fp8.csv`` beside it gives a profile whose
+    ``gemm_times_by_precision.fp8`` are those curves (and loads); an unknown
+    ``--gemm-precisions`` entry is refused (exit 2)."""
+    import csv
+
+    from servesim.gpu_backend.profiler import gemm_sweep
+    from servesim.sim.calibrate import gemm_curves
+    from servesim.sim.cost_model import LINEARS
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
+                                    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                                    tie_word_embeddings=False)))
+    small = load_model(str(tiny))
+    rows = gemm_sweep(small, device="cpu", tokens=(1, 16), reps=1, precision="fp8")
+    assert [(r["linear"], r["tokens"]) for r in rows] == [(k, t) for k in LINEARS for t in (1, 16)]
+    assert all(r["seconds"] > 0 and (r["k"], r["n"]) == small.linear_shapes(1)[r["linear"]] for r in rows)
+    with pytest.raises(ValueError, match="precision"):
+        gemm_sweep(small, device="cpu", tokens=(1,), precision="int3")
+
+    model = load_model("llama-3.2-1b")
+    shapes = model.linear_shapes(1)
+    grid = tmp_path / "g.grid.csv"
+    grid.write_bytes(GRID.read_bytes())
+    toks = [1, 8, *range(16, 2049, 16)]
+    for suffix, per in ((".gemm.csv", 2e-12), (".gemm-fp8.csv", 1e-12)):
+        sweep = [{"linear": k, "k": shapes[k][0], "n": shapes[k][1], "tokens": t,
+                  "seconds": per * shapes[k][0] * shapes[k][1] * (4 + -(-t // 128))} for k in LINEARS for t in toks]
+        with open(grid.with_suffix(suffix), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(sweep[0]))
+            w.writeheader()
+            w.writerows(sweep)
+    out = tmp_path / "p.yaml"
+    assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(grid), "--out", str(out)]) == 0
+    roof, _ = load_profile(out, model, load_hardware("h100-sxm"))
+    fp8 = roof.gemm_times_by_precision["fp8"]
+    assert set(fp8) == set(LINEARS) and fp8["down"].tokens == toks
+    assert gemm_curves(sweep)["qkv"]["seconds"] == fp8["qkv"].seconds
+    assert fp8["qkv"].seconds[0] == pytest.approx(roof.gemm_times["qkv"].seconds[0] / 2)
+    assert main(["calibrate", "--model", "llama-3.2-1b", "--from-grid", str(grid), "--out", str(out),
+                 "--gemm-precisions", "int3"]) == 2
 
 
 def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
