@@ -39,6 +39,14 @@ reduce (fused or not) and the program order. Where they are not given, they come
 by the shapes of the call (dtype, group, kv heads, head dim, block size, batch) and the
 device's SM count; else from `default_config`, the safe default (the heuristics this kernel
 shipped with). `precompile` compiles every variant a table can pick before a run starts.
+
+An fp8 (e4m3) cache: its per-tensor scales are folded -- ``k_scale`` into ``qk_scale``, the
+values' into the output -- so a tile is only converted, never multiplied; its configs are a
+dimension of their own (the key names the cache's dtype after q's,
+``bfloat16-kv-float8_e4m3fn/...``; ``benchmarks/gpu_kv_fp8.py`` tunes them), its default tiles
+and split bounds are sized in bytes (twice a 2-byte cache's tokens), and its dots run in fp16
+(``kv_math="f16"``: e4m3 -> fp16 is exact, one conversion a pair on sm89+; q clamped to
+fp16's range) or in q's dtype (``"q"``).
 """
 
 from __future__ import annotations
