@@ -299,8 +299,9 @@ def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO, source:
 
 
 def refit_shipped(repo: Path = REPO) -> list[Path]:
-    """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,features/*/profiles}/) from the grid
-    its provenance names (in the calls' archives): after a change to the fitting code, no profile is left stale."""
+    """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,calibration_h200/*,
+    features/*/profiles}/) from the grid its provenance names (in the calls' archives): after a change to the fitting
+    code, no profile is left stale."""
     import yaml
 
     from results_io import Results
@@ -308,6 +309,7 @@ def refit_shipped(repo: Path = REPO) -> list[Path]:
     store = Results(repo)
     out = []
     for prof in sorted([*(repo / "profiles").glob("*.yaml"), *store.tables.glob("calibration*/*.yaml"),
+                        *store.tables.glob("calibration_h200/*/*.yaml"),
                         *store.tables.glob("features/*/profiles/*.yaml")]):
         made = yaml.safe_load(prof.read_text())
         src = (made.get("provenance") or {}).get("source")
