@@ -167,14 +167,31 @@ def call_profile(call: str, model: str) -> Path | None:
     return p if p.exists() else None
 
 
-def runs_of(call: str, sets: tuple[str, ...]) -> dict[str, list[Path]]:
-    """The call's GPU runs by workload, in ``sets`` order (the first: the one replayed)."""
+def machines() -> dict[str, list[str]]:
+    """The installed calls by machine: the calls with the same recorded host (hostname and GPU
+    UUID) are one machine, named by its calls joined with '+'; a call that recorded no host is
+    a machine of its own (it may have been any)."""
+    by: dict[str, list[str]] = {}
+    for c in calls():
+        by.setdefault(host_of(c) or f"call {c}", []).append(c)
+    return {"+".join(cs): cs for cs in by.values()}
+
+
+def machine_profile(cs: list[str], model: str) -> Path | None:
+    """The machine's own calibration of ``model``: its latest call's that has one."""
+    return next((p for p in (call_profile(c, model) for c in reversed(cs)) if p is not None), None)
+
+
+def runs_of(cs: list[str] | str, sets: tuple[str, ...]) -> dict[str, list[Path]]:
+    """The GPU runs of the calls ``cs`` (one machine's) by workload, call by call in ``sets``
+    order (the first: the one replayed)."""
     out: dict[str, list[Path]] = {}
-    for sub in sets:
-        d = STORE.path(f"{PREFIX}/{call}/{sub}")
-        for run in sorted(d.iterdir()) if d.is_dir() else []:
-            if (run / "requests.parquet").exists():
-                out.setdefault(run.name, []).append(run)
+    for call in [cs] if isinstance(cs, str) else cs:
+        for sub in sets:
+            d = STORE.path(f"{PREFIX}/{call}/{sub}")
+            for run in sorted(d.iterdir()) if d.is_dir() else []:
+                if (run / "requests.parquet").exists():
+                    out.setdefault(run.name, []).append(run)
     return out
 
 
@@ -277,7 +294,7 @@ def must_show(fid: list[dict], long: list[dict], batch: dict, cross: list[dict])
                  f"p99s {verdict(sm['p99'], t_p99)}"]
         if t_mape is not None:
             parts.append(f"iteration MAPE {verdict(sm['mape'], t_mape)}")
-        lines.append(f"- {model}, call {call}, {len(recs)} workloads [{what}]: " + "; ".join(parts))
+        lines.append(f"- {model}, machine {call}, {len(recs)} workloads [{what}]: " + "; ".join(parts))
         lines.append(f"- {model} energy per token (largest workload error): {verdict(sm['energy'], ENERGY_TARGET)}")
         if model == "llama-3.2-1b":
             worst = [(lab, e) for r in recs for lab, (e, _) in batch.get((r["call"], r["name"]), {}).items()]
@@ -291,7 +308,7 @@ def must_show(fid: list[dict], long: list[dict], batch: dict, cross: list[dict])
         r = long[-1]
         e = best(r)
         for k in LONG_MUST:
-            lines.append(f"- long prompts (Mooncake, 8B), call {r['call']} "
+            lines.append(f"- long prompts (Mooncake, 8B), machine {r['call']} "
                          f"({'mean of ' + str(r['runs']) + ' runs' if r['runs'] > 1 else '1 run'}), {_label(*k)}: "
                          f"{verdict(None if e.get(k) is None else abs(e[k]), LONG_TARGET)}")
     else:
@@ -317,42 +334,43 @@ def table(write_results: bool) -> Path:
     cross: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cs = calls()
-        for call in cs:
+        ms = machines()
+        for mach, cs in ms.items():
             for sets, dest in ((RUN_SETS, fid), (LONG_SETS, long)):
-                for name, runs in runs_of(call, sets).items():
+                for name, runs in runs_of(cs, sets).items():
                     model = model_of(runs[0])
-                    prof = call_profile(call, model) or REPO / "profiles" / f"{PREFIX}-{model}.yaml"
-                    rec = measure_workload(call, name, runs, prof, tmp)
+                    prof = machine_profile(cs, model) or REPO / "profiles" / f"{PREFIX}-{model}.yaml"
+                    rec = measure_workload(mach, name, runs, prof, tmp)
+                    rec["host"] = host_of(cs[0])
                     dest.append(rec)
                     if sets is RUN_SETS:
-                        own.append((f"{call} {name}", own_iterations(runs[0], model, prof)))
-                        by_batch[(call, name)] = decode_by_batch(runs[0], model, prof)
+                        own.append((f"{mach} {name}", own_iterations(runs[0], model, prof)))
+                        by_batch[(mach, name)] = decode_by_batch(runs[0], model, prof)
                         grids[model] = prof
-        # cross-machine: each call's fidelity runs replayed with every other call's calibration
+        # cross-machine: each machine's fidelity runs replayed with every other machine's calibration
         for model in sorted({r["model"] for r in fid}):
-            for cal in cs:
-                prof = call_profile(cal, model)
+            for cal, ccs in ms.items():
+                prof = machine_profile(ccs, model)
                 if prof is None:
                     continue
-                for yc in cs:
+                for yc, ycs in ms.items():
                     mine = [r for r in fid if r["call"] == yc and r["model"] == model]
                     if yc == cal or not mine:
                         continue
                     errs, gpu = [], []
                     (tmp / f"x-{cal}-{yc}").mkdir(parents=True, exist_ok=True)
                     for r in mine:
-                        runs = runs_of(yc, RUN_SETS)[r["name"]]
-                        sim = replay(runs[0], f"cross-{cal}", tmp / f"x-{cal}-{yc}", prof)
+                        runs = runs_of(ycs, RUN_SETS)[r["name"]]
+                        sim = replay(runs[0], f"cross-{list(ms).index(cal)}", tmp / f"x-{cal}-{yc}", prof)
                         e = vs_mean_and_noise(runs, sim, tmp / f"xm-{cal}-{yc}-{r['name']}")[0] if len(runs) > 1 \
                             else errors(runs[0], sim, tmp / f"xc-{cal}-{yc}-{r['name']}")[0]
                         errs.append((r["name"], e))
-                        theirs = runs_of(cal, RUN_SETS).get(r["name"])
+                        theirs = runs_of(ccs, RUN_SETS).get(r["name"])
                         if theirs:  # the two machines' GPU runs of the same requests
                             gpu.append(mean_abs([errors(theirs[0], runs[0], tmp / f"xg-{cal}-{yc}-{r['name']}")[0].get(k)
                                                  for k in STATS]))
-                    ha, hb = host_of(cal), host_of(yc)
-                    own_cal = call_profile(yc, model) is not None
+                    ha, hb = host_of(ccs[0]), host_of(ycs[0])
+                    own_cal = machine_profile(ycs, model) is not None
                     cross.append({"model": model, "cal": cal, "runs_call": yc, "host_cal": ha, "host_runs": hb,
                                   "hosts_differ": ha is not None and hb is not None and ha != hb,
                                   "cross": errs, "cross_all": mean_abs([e.get(k) for _, e in errs for k in STATS]),
@@ -365,14 +383,14 @@ def table(write_results: bool) -> Path:
         return " | ".join(f"{_pct(errs.get(k))} (±{100 * noise[k]:.1f}%)" if k in noise else _pct(errs.get(k))
                           for k in stats)
 
-    head = "| call | run | cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | mean abs | iteration MAPE |"
+    head = "| machine (its calls) | run | cost model | " + " | ".join(label(m, s) for m, s in STATS) + " | mean abs | iteration MAPE |"
     lines = [head, "|" + "---|" * (len(STATS) + 5)]
     for r in fid:
         for kind in ("roofline", "calibrated"):
             errs, mape = r[kind]
             lines.append(f"| {r['call']} | {r['name']} | {kind} | {cells(errs)} | "
                          f"{100 * mean_abs([errs.get(k) for k in STATS]):.1f}% | {100 * mape:.1f}% |")
-    mean_lines = ["| call | run | GPU runs | " + " | ".join(label(m, s) for m, s in STATS) + " | mean abs | GPU noise, "
+    mean_lines = ["| machine (its calls) | run | GPU runs | " + " | ".join(label(m, s) for m, s in STATS) + " | mean abs | GPU noise, "
                   "mean |", "|" + "---|" * (len(STATS) + 5)]
     for r in fid:
         if "vs_mean" in r:
@@ -382,7 +400,7 @@ def table(write_results: bool) -> Path:
     if len(mean_lines) == 2:
         mean_lines.append("| (no workload with repeated GPU runs installed: gpu_fidelity.py --steps 2,5,6) |"
                           + " |" * (len(STATS) + 4))
-    long_lines = ["| call | run | GPU runs | against | " + " | ".join(_label(m, s) for m, s in LONG_STATS)
+    long_lines = ["| machine (its calls) | run | GPU runs | against | " + " | ".join(_label(m, s) for m, s in LONG_STATS)
                   + " | iteration MAPE | KV pool ≥90% full, share of busy time: GPU / sim |",
                   "|" + "---|" * (len(LONG_STATS) + 6)]
     for r in long:
@@ -433,16 +451,17 @@ def table(write_results: bool) -> Path:
             + "\n".join(must_show(fid, long, by_batch, cross)) + "\n"
             "## Against one GPU run\n\n" + "\n".join(lines) + "\n\n"
             "## Against the mean of the repeated GPU runs, the GPU's own noise beside each cell\n\n"
-            "Each cell: the calibrated simulator's error against the mean of the workload's GPU runs in that call "
-            "(the same requests, run again: steps 2, 5, 6); in brackets the GPU's own run-to-run noise, the mean "
+            "Each cell: the calibrated simulator's error against the mean of the workload's GPU runs on that machine "
+            "(the same requests, run again: steps 2, 5, 6; the calls of one recorded host are one machine); in brackets the GPU's own run-to-run noise, the mean "
             "over the runs of |run / mean of the other runs - 1|.\n\n" + "\n".join(mean_lines) + "\n\n"
             "## Long prompts with chunked context near KV saturation\n\n"
             "experiments/fidelity_long.yaml (Mooncake conversation trace, Llama-3.1-8B, prompts capped at 16,384 "
             "tokens, chunked context, GUARANTEED_NO_EVICT, a 262,144-token pool; gpu_fidelity.py steps 10, 11). "
             "Queueing: arrival to first scheduled; prefill span: first scheduled to first token; decode span: first "
             "token to the last (sim compare's per-request phases).\n\n" + "\n".join(long_lines) + "\n\n"
-            "## Cross-machine: one call's calibration predicting another call's runs\n\n"
-            "Hosts from each call's call.json (hostname / GPU UUID; calls before S11 recorded none: `?`).\n\n"
+            "## Cross-machine: one machine's calibration predicting another machine's runs\n\n"
+            "Hosts from each call's call.json (hostname / GPU UUID; calls before S11 recorded none: `?`, each such "
+            "call its own machine, which may have been the same host as another).\n\n"
             + "\n".join(cross_lines) + "\n\n"
             "## Iterations\n\nThe calibrated model priced on each GPU run's own iteration shapes "
             "(MAPE by iteration kind):\n\n" + "\n".join(own_lines) + "\n"

@@ -100,6 +100,8 @@ def host_identity() -> dict:
     device calls on the same host and GPU share both; the tables group repeated runs by it)."""
     import socket
 
+    import subprocess
+
     ident = {"hostname": socket.gethostname()}
     try:
         import torch
@@ -107,6 +109,13 @@ def host_identity() -> dict:
         return ident
     if torch.cuda.is_available():
         uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+        if uuid is None:  # an older torch: ask the driver
+            try:
+                uuid = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i",
+                                       str(torch.cuda.current_device())], capture_output=True, text=True,
+                                      timeout=30).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                uuid = None
         if uuid is not None:
             ident["gpu_uuid"] = str(uuid)
     return ident

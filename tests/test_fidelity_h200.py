@@ -99,12 +99,15 @@ def test_table_on_simulated_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(H200, "STORE", store)
     monkeypatch.setattr(H200, "REPO", tmp_path / "repo")
     fid, long = tmp_path / "fid" / "8b-online-high", tmp_path / "long" / "8b-mooncake-long"
-    for name, host in (("call-a", "host-a"), ("call-b", "host-b")):
-        tb = _tarball(tmp_path, name, host, {"runs": fid, "runs_repeat": fid, "runs_long": long,
-                                             "runs_long_repeat": long})
+    for name, host, sets in (("call-a", "host-a", ("runs", "runs_repeat", "runs_long", "runs_long_repeat")),
+                             ("call-b", "host-b", ("runs", "runs_repeat", "runs_long")),
+                             ("call-c", "host-a", ("runs_third",))):  # host a again: one machine with call-a
+        tb = _tarball(tmp_path, name, host, {s: long if "long" in s else fid for s in sets})
         written = H200.install(tb, name)
         assert store.manifests()[name]["host"]["hostname"] == host and written[0].name == f"{name}.tar.xz"
-        H200._copy_profile(prof, store.tables / H200.PROFILES_AT / name / prof.name)  # as a call's refit
+        if name != "call-c":
+            H200._copy_profile(prof, store.tables / H200.PROFILES_AT / name / prof.name)  # as a call's refit
+    assert H200.machines() == {"call-a+call-c": ["call-a", "call-c"], "call-b": ["call-b"]}
     assert store.path("h200/call-a/runs_long_repeat/8b-mooncake-long/requests.parquet").exists()
     # the grid the profile names (its decode points are tabled) from this checkout's archives
     grid = yaml_source(prof)
@@ -117,9 +120,10 @@ def test_table_on_simulated_calls(tmp_path, monkeypatch):
     assert sum("long prompts" in x for x in lines) == 3 and any(x.startswith("- cross-machine, llama-3.1-8b")
                                                                  and "PASS" in x for x in lines), must
     assert any(x.startswith("- llama-3.2-1b") and "FAIL" in x for x in lines)
-    assert "| call-b | 8b-online-high | 2 | +0.0% (±0.0%) |" in page
-    assert "| host-a / GPU-host-a" not in page and "call-a (host-a / GPU-host-a) | call-b (host-b / GPU-host-b) | " \
-        "different |" in page
+    assert "| call-b | 8b-online-high | 2 | +0.0% (±0.0%) |" in page  # two runs on machine b, three on a
+    assert "| call-a+call-c | 8b-online-high | 3 | +0.0% (±0.0%) |" in page
+    assert "| call-a+call-c | 8b-mooncake-long | 2 | mean (± GPU noise) |" in page
+    assert "| call-a+call-c (host-a / GPU-host-a) | call-b (host-b / GPU-host-b) | different |" in page
 
 
 def yaml_source(prof: Path) -> str:
