@@ -3,7 +3,12 @@ run replayed (same requests) with the profile fitted to the designed grid in the
 device call. The H100 table (benchmarks/fidelity.py, fidelity.md) stays as the second
 machine kind; this page is the H200's.
 
-    # install a device call's fidelity_gpu.tar.gz (gpu_fidelity.py --steps 1,2 on an H200):
+    # the GPU half, one device call each on an H200 (estimated wall on one H200):
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,2,5,10  # ~530 s
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 1b --steps 1,2,5,6   # ~345 s
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,2,6,11  # ~530 s; on
+    #   another host (cross-machine), or on the same one (a third run of each workload, the long run again)
+    # install a device call's fidelity_gpu.tar.gz:
     python benchmarks/fidelity_h200.py --install PATH/fidelity_gpu.tar.gz [--name CALL]
     # the table (benchmarks/out/, or benchmarks/results/ with --write-results):
     python benchmarks/fidelity_h200.py [--write-results]
