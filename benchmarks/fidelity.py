@@ -87,20 +87,43 @@ def errors(a: Path, b: Path, out: Path, values: bool = False) -> tuple[dict, dic
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         c = compare_runs(a, b, out, quiet=True)
-    return {(m["metric"], m["stat"]): (m["a"], m["b"]) if values else m["rel_err"] for m in c["metrics"]}, \
-        c["iterations"]
+    res = {(m["metric"], m["stat"]): (m["a"], m["b"]) if values else m["rel_err"] for m in c["metrics"]}
+    # the per-request phases (queueing = arrival to first scheduled, prefill span, decode span)
+    for k, ph in (c.get("request_phases") or {}).get("phases", {}).items():
+        for s, e in ph["rel_err"].items():
+            res[(k, s)] = (ph["a"][s], ph["b"][s]) if values else e
+    return res, c["iterations"]
+
+
+def vs_mean_and_noise(gpu_runs: list[Path], sim: Path, out: Path) -> tuple[dict, dict]:
+    """Per (metric, stat): the simulator's relative error against the mean of several GPU
+    runs of the same requests (what is left when the GPU's run-to-run noise is averaged), and
+    that noise (`mean_and_noise`)."""
+    return mean_and_noise([errors(g, sim, out / f"mean{i}", values=True)[0] for i, g in enumerate(gpu_runs)])
+
+
+def mean_and_noise(vals: list[dict]) -> tuple[dict, dict]:
+    """From each GPU run's (GPU value, sim value) per key: the sim's relative error against
+    the GPU runs' mean, and the GPU's run-to-run noise -- the mean over the runs of
+    |run / mean of the other runs - 1| (how far one GPU run is from what the others predict;
+    with one run, none). A key is left out where a run lacks it or the values are zero."""
+    err, noise = {}, {}
+    for k, (_, b) in vals[0].items():
+        a = [v[k][0] for v in vals if v.get(k) and v[k][0] is not None]
+        if len(a) != len(vals) or not sum(a):
+            continue
+        if b is not None:
+            err[k] = b / (sum(a) / len(a)) - 1
+        others = [(sum(a) - x) / (len(a) - 1) for x in a] if len(a) > 1 else []
+        if others and all(others):
+            noise[k] = sum(abs(x / o - 1) for x, o in zip(a, others)) / len(a)
+    return err, noise
 
 
 def vs_mean_of_runs(gpu_runs: list[Path], sim: Path, out: Path) -> dict:
     """The simulator's relative error against the mean of several GPU runs of the same
-    requests, per (metric, stat): what is left when the GPU's run-to-run noise is averaged."""
-    vals = [errors(g, sim, out / f"mean{i}", values=True)[0] for i, g in enumerate(gpu_runs)]
-    res = {}
-    for k, (_, b) in vals[0].items():
-        a = [v[k][0] for v in vals if v.get(k) and v[k][0] is not None]
-        if b is not None and len(a) == len(vals) and sum(a):
-            res[k] = b / (sum(a) / len(a)) - 1
-    return res
+    requests, per (metric, stat) (`vs_mean_and_noise`'s first half)."""
+    return vs_mean_and_noise(gpu_runs, sim, out)[0]
 
 
 def own_iterations(run: Path, model: str, profile: Path) -> dict:

@@ -18,8 +18,13 @@ Steps, most important first; each is skipped when the time budget left is too sm
  7, 8, 9. experiments/fidelity_features.yaml: the overlap scheduler off and on (7), prefix
     reuse off and on (8), the overlap pair again (9; features/, features_repeat/:
     benchmarks/feature_fidelity.py's table). Not in the default steps.
+ 10, 11. experiments/fidelity_long.yaml (the 8B only: Mooncake long prompts, chunked
+    context, the KV pool near full under GUARANTEED_NO_EVICT) once (10, runs_long/) and
+    again (11, runs_long_repeat/; benchmarks/fidelity_h200.py's long-prompt table). Not in
+    the default steps.
 Everything is packed into OUT/fidelity_gpu.tar.gz after every step (the device tool
-returns at most 8 files), with call.json (the command, date and device). Back on any machine,
+returns at most 8 files), with call.json (the command, date, device and the host's identity:
+hostname, GPU UUID -- device calls may land on different machines). Back on any machine,
 
     python benchmarks/gpu_fidelity.py --install PATH/fidelity_gpu.tar.gz [--name CALL]
     python benchmarks/gpu_fidelity.py --refit     # after a change to the fitting code
@@ -57,6 +62,10 @@ MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b"}
 # experiments/fidelity_features.yaml's pairs (variant names after the model's "8b-" / "1b-")
 OVERLAP_PAIR = ("online-high", "online-high-overlap")
 REUSE_PAIR = ("multiturn-noreuse", "multiturn-reuse")
+# experiments/fidelity_long.yaml's variants (after the model's "8b-"), and the models it has
+LONG_EXPERIMENT = "experiments/fidelity_long.yaml"
+LONG_VARIANTS = ("mooncake-long",)
+LONG_MODELS = ("8b",)
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
             max_position_embeddings=4096, tie_word_embeddings=False)
@@ -84,6 +93,32 @@ def cli(args: list[str], log, fresh: bool = True) -> int:
         out = buf.getvalue()
     log(f"$ sim {' '.join(args)}  ({time.perf_counter() - t0:.0f} s, exit {rc})\n{out[-4000:]}")
     return rc
+
+
+def host_identity() -> dict:
+    """Which machine this is: its hostname and, with a CUDA device, the GPU's UUID (two
+    device calls on the same host and GPU share both; the tables group repeated runs by it)."""
+    import socket
+
+    import subprocess
+
+    ident = {"hostname": socket.gethostname()}
+    try:
+        import torch
+    except ImportError:
+        return ident
+    if torch.cuda.is_available():
+        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+        if uuid is None:  # an older torch: ask the driver
+            try:
+                uuid = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i",
+                                       str(torch.cuda.current_device())], capture_output=True, text=True,
+                                      timeout=30).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                uuid = None
+        if uuid is not None:
+            ident["gpu_uuid"] = str(uuid)
+    return ident
 
 
 def call_info(src: Path, tarball: Path) -> dict:
@@ -123,7 +158,8 @@ def _store(files: dict[str, Path], replaced: set[str], name: str, info: dict, ho
 
     store = Results(repo)
     changed = store.supersede(replaced, by=name)
-    arc = store.pack(name, files, {**{k: info[k] for k in ("device", "date", "command", "hardware") if k in info},
+    arc = store.pack(name, files, {**{k: info[k] for k in ("device", "date", "command", "hardware", "host")
+                                      if k in info},
                                    "installed": how})
     store.unpack(name)
     return [arc, arc.with_name(f"{name}.json"), *(store.archives / f"{c}.json" for c in changed)]
@@ -272,8 +308,9 @@ def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO, source:
 
 
 def refit_shipped(repo: Path = REPO) -> list[Path]:
-    """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,features/*/profiles}/) from the grid
-    its provenance names (in the calls' archives): after a change to the fitting code, no profile is left stale."""
+    """Refit every shipped profile (profiles/, benchmarks/results/{calibration*,calibration_h200/*,
+    features/*/profiles}/) from the grid its provenance names (in the calls' archives): after a change to the fitting
+    code, no profile is left stale."""
     import yaml
 
     from results_io import Results
@@ -281,6 +318,7 @@ def refit_shipped(repo: Path = REPO) -> list[Path]:
     store = Results(repo)
     out = []
     for prof in sorted([*(repo / "profiles").glob("*.yaml"), *store.tables.glob("calibration*/*.yaml"),
+                        *store.tables.glob("calibration_h200/*/*.yaml"),
                         *store.tables.glob("features/*/profiles/*.yaml")]):
         made = yaml.safe_load(prof.read_text())
         src = (made.get("provenance") or {}).get("source")
@@ -348,8 +386,9 @@ def main() -> int:
     gpu, hardware = device_name(), hardware_here()  # no CUDA device (the smoke run): the experiments' own
     prefix = hardware.split("-")[0]
     call = {"command": "python benchmarks/gpu_fidelity.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "device": gpu, "hardware": hardware}
-    log(f"gpu_fidelity on {gpu} ({hardware}), {call['date']}, models {models}, steps {sorted(steps)}")
+            "date": time.strftime("%Y-%m-%d %H:%M"), "device": gpu, "hardware": hardware, "host": host_identity()}
+    log(f"gpu_fidelity on {gpu} ({hardware}), {call['date']}, models {models}, steps {sorted(steps)}, host "
+        f"{call['host']}")
 
     def calibrate(m: str, folder: str) -> None:
         prof = work / folder / f"{prefix}-{MODELS[m]}.yaml"
@@ -387,10 +426,11 @@ def main() -> int:
         cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof)],
             log)
 
-    def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml") -> None:
+    def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml",
+            extra: tuple[str, ...] = ()) -> None:
         cli(["run", experiment, "--backend", "gpu", "--only", ",".join(f"{m}-{v}" for v in variants),
              "--out", str(work / folder), "--set", "output.plots=false", "--set", "output.timeline=false",
-             "--set", f"hardware={hardware}", *common], log,
+             "--set", f"hardware={hardware}", *common, *extra], log,
             fresh=not args.smoke)
 
     plan = []
@@ -413,6 +453,15 @@ def main() -> int:
         for m in models:
             plan.append((step, f"{what} {m}", 70 if "overlap" in what else 110,
                          lambda m=m, v=variants, f=folder: run(m, list(v), f, features)))
+    # the long-prompt run: ~85 s of serving on an H200 plus the engine's start-up; the smoke's
+    # chunks are small enough that its (capped) prompts are still chunked, its pool still fills
+    long_smoke = ("--set", "scheduler.max_batch_size=16", "--set", "scheduler.max_num_tokens=64", "--set",
+                  "kv_cache.pool_tokens=1024") if args.smoke else ()
+    for step, folder in (("10", "runs_long"), ("11", "runs_long_repeat")):
+        for m in models:
+            if m in LONG_MODELS:
+                plan.append((step, f"long-prompt run {m} ({folder})", 150,
+                             lambda m=m, f=folder: run(m, list(LONG_VARIANTS), f, LONG_EXPERIMENT, long_smoke)))
     os.chdir(REPO)
     for step, what, need, fn in plan:
         if step not in steps:
