@@ -303,7 +303,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[GemvConfig]:
     if m <= 4:
         bm = next_pow2(m)
         for bn, bk, wp in ((8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8)):
-            if bm * bn * bk <= 8192 * (wp // 4) * 2:
+            if bm * bn * bk <= 2048 * wp:  # the fp32 accumulator: <= 64 registers a thread
                 tiles.append((bn, bk, wp, 0, False))
     for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4)):
         if m > 16 or bn <= 64:
