@@ -550,6 +550,7 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
     points of S10_PROFILE (torch.profiler: kernel time vs graph wall time, per kernel)."""
     from servesim.gpu_backend.model import LlamaModel
     from servesim.kernels import decode_attention as da
+    from servesim.kernels.gemv import GEMV_ENTRIES
 
     t = timer(dev)
     cuda = dev.type == "cuda"
@@ -567,7 +568,9 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
            "(placed at random), lengths uniform in +-50% of the context; decode attention with the configs of "
            + (f"the tuning table installed ({tuned.get('made_by', '?')}, on {tuned.get('device', '?')})" if tuned
               else "*no tuning table (section 12 not run): the default configs*")
-           + ", and with the default configs; *ours, equal* is the same batch with every length at the mean. "
+           + ", and with the default attention configs; *ours, cuBLAS linears*: with every linear on cuBLAS after "
+           "its own rmsnorm / silu_mul kernel (the small-M Triton GEMMs of section 15's table off; '-' without "
+           "them); *ours, equal* is the same batch with every length at the mean. "
            "**Plain PyTorch** (issue S10's baseline, the same weights re-laid [in, out]): cuBLAS `x @ W`, "
            "`F.rms_norm`, RoPE, the new K/V written into a contiguous `[batch, kv_heads, ctx, head_dim]` cache, "
            "`F.scaled_dot_product_attention`, argmax, one CUDA graph; *equal*: every sequence at the mean length "
@@ -613,13 +616,19 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
                                        _check_plain(model, spec, pw, o, lens, dev, dtype, padded=True)]
                         r["ours_s"] = t(graphed(o["step"], dev), reps=reps)
                         if tuned:
-                            da.set_tuning(None)
+                            da.set_tuning({**tuned, "entries": {}})  # default attention, the same linears
                             try:
                                 r["ours_default_s"] = t(graphed(o["step"], dev), reps=reps)
                             finally:
                                 da.set_tuning(tuned)
                         else:
                             r["ours_default_s"] = r["ours_s"]
+                        if tuned and tuned.get(GEMV_ENTRIES):
+                            da.set_tuning({**tuned, GEMV_ENTRIES: {}})  # every linear unfused, on cuBLAS
+                            try:
+                                r["ours_cublas_s"] = t(graphed(o["step"], dev), reps=reps)
+                            finally:
+                                da.set_tuning(tuned)
                         r["ours_eager_s"] = t(o["step"], reps=5 if not smoke else 1)
                         if profile and (B, ctx) in prof_points.get(name, ()):
                             prof_rows += profile_step(o["step"], dev, work, name, B, ctx, "ours", r["ours_s"])
@@ -703,14 +712,14 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
     md("| model | batch | context | baseline | SDPA form | logits rel. error | argmax agree |\n|---|---|---|---|---|---|---|")
     for name, B, ctx, kind, form, err, agree in checks:
         md(f"| {name} | {B} | {ctx} | {kind} | {form} | {err:.1e} | {agree:.0%} |")
-    md("\n| model | batch | context | ours | share | ours, default attn | ours, equal lengths | plain, equal | share "
-       "| plain, padded | share | ours vs plain equal | ours vs plain padded |")
-    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    md("\n| model | batch | context | ours | share | ours, default attn | ours, cuBLAS linears | ours, equal lengths "
+       "| plain, equal | share | plain, padded | share | ours vs plain equal | ours vs plain padded |")
+    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     specs = {}
     for r in rows:
         name, B, ctx = r["model"], r["batch"], r["ctx"]
         if "ours_s" not in r:
-            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 10)
+            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 11)
             continue
         spec = specs.setdefault(name, model_cfg_spec(name, smoke)[1])
         kv_m = r["kv_tokens"]
@@ -727,7 +736,7 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
         ve = f"**{r['plain_equal_s'] / r['ours_s']:.2f}x**" if "plain_equal_s" in r else "-"
         vp = f"**{r['plain_padded_s'] / r['ours_s']:.2f}x**" if "plain_padded_s" in r else "-"
         md(f"| {name} | {B} | {ctx} | {ms('ours_s')} | {sh('ours_s', kv_m)} | {ms('ours_default_s')} | "
-           f"{ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
+           f"{ms('ours_cublas_s')} | {ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
            f"{ve} | {vp} |")
     done = [r for r in rows if "plain_equal_s" in r and "plain_padded_s" in r]
     if done:
@@ -1852,6 +1861,15 @@ def gemv_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dic
                     if s_ < best[0]:
                         best = (s_, cfg)
                 win = best[1] if best[1] is not None and best[0] < GEMV_WIN * base_s else None
+                if win is not None and pro == "rms":  # the first layer's norm has no residual: its variant too
+                    try:
+                        err = rel_err(fused(pro, x, ws[0], nw, None, win), reference(pro, x, ws[0], nw, None))
+                        if not err <= tol:
+                            raise AssertionError(f"rel. error {err:.2e} without a residual (> {tol:.0e})")
+                    except Exception as ex:  # noqa: BLE001 - then cuBLAS for this shape
+                        rejected.append((name, kind, M, win.label(), f"no residual: {type(ex).__name__}: "
+                                         f"{str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+                        win = None
                 rows.append(dict(m=M, config=None if win is None else win.to_dict(), us=round(best[0] * 1e6, 2),
                                  cublas_us=round(base_s * 1e6, 2)))
             if rows:
