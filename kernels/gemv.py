@@ -51,10 +51,10 @@ PROLOGUES = ("none", "rms", "silu")
 _PRO = {p: i for i, p in enumerate(PROLOGUES)}
 
 
-@triton.jit(**jit_options(no_specialize=["M", "k_per_split", "n_splits"]))
+@triton.jit(**jit_options(no_specialize=["M", "tiles_per_split", "n_splits"]))
 def _gemv_kernel(
     x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, ws_ptr, cnt_ptr,
-    M, N, K, k_per_split, n_splits,
+    M, N, K, tiles_per_split, n_splits,
     s_xm, s_rm, s_wn, s_ym, s_hm,
     eps,
     PROLOGUE: tl.constexpr,  # 0 none, 1 rms, 2 silu
@@ -91,8 +91,12 @@ def _gemv_kernel(
             ss += tl.sum(hf * hf, axis=1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
 
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(K, k_lo + k_per_split)
+    # a split's K range starts at a multiple of BLOCK_K (so the compiler knows the tiles are
+    # aligned) and only the last tile of K is partial: the mask is ``kk < K`` alone, which
+    # keeps the loads vectorised (K a multiple of 16) where a mask at a run-time split end
+    # would make them 2-byte loads
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
@@ -100,7 +104,7 @@ def _gemv_kernel(
     w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        k_mask = kk < k_hi
+        k_mask = kk < K
         xm = m_mask[:, None] & k_mask[None, :]
         if PROLOGUE == 2:
             g = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
@@ -224,8 +228,8 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
     BN = max(next_pow2(cfg.block_n), 16 if use_dot else 1)
     BK = max(next_pow2(cfg.block_k), 16)
     S = max(1, min(int(cfg.split_k), cdiv(K, BK)))
-    k_per = cdiv(cdiv(K, S), BK) * BK
-    S = cdiv(K, k_per)  # no empty splits
+    tiles = cdiv(cdiv(K, S), BK)  # BLOCK_K tiles per split
+    S = cdiv(K, tiles * BK)  # no empty splits
     n_tiles = cdiv(N, BN)
     if S > 1:
         from .decode_attention import _counters  # one zeroed per-device counter buffer for both kernels
@@ -237,7 +241,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
     extra = {"num_stages": int(cfg.num_stages)} if cfg.num_stages else {}
     _gemv_kernel[(n_tiles, S)](
         x, r, nw, w, y, hx, ws, cnt,
-        M, N, K, k_per, S,
+        M, N, K, tiles, S,
         x.stride(0), s_r, w.stride(0), y.stride(0), s_h,
         float(eps),
         PROLOGUE=_PRO[prologue], HAS_RES=prologue == "rms" and residual is not None,
