@@ -215,3 +215,54 @@ def test_model_fused_decode_matches_unfused():
     torch_model = LlamaModel(TINY, m.weights, dtype=dt, device=DEV, impl="torch")
     ref, _ = run(torch_model)
     assert rel(fused, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- compiled for sm90
+def _compile_sm90(prologue: int, use_dot: bool, bm: int, bn: int, bk: int, warps: int, stages: int) -> str:
+    """PTX of one variant compiled ahead of time for an H100/H200 (no GPU needed: Triton's
+    bundled ptxas), with the divisibility a real launch gets (16-aligned pointers, strides and
+    N, K multiples of 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from servesim.kernels import gemv as gm
+
+    fn = gm._gemv_kernel
+    if not hasattr(fn, "cache_key"):  # the interpreter's wrapper (TRITON_INTERPRET=1): jit its function
+        from triton.runtime.jit import JITFunction
+
+        fn = JITFunction(fn.fn)
+    ptrs = ["x_ptr", "r_ptr", "nw_ptr", "w_ptr", "y_ptr", "h_ptr"]
+    sig = {n: "*bf16" for n in ptrs}
+    sig.update(ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32", n_splits="i32",
+               s_xm="i32", s_rm="i32", s_wn="i32", s_ym="i32", s_hm="i32", eps="fp32")
+    const = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, USE_DOT=use_dot, DOT_PREC="tf32", BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_K=bk)
+    sig.update({n: "constexpr" for n in const})
+    idx = fn.arg_names.index
+    attrs = {(idx(n),): [["tt.divisibility", 16]]
+             for n in ptrs + ["ws_ptr", "cnt_ptr", "N", "K", "s_xm", "s_rm", "s_wn", "s_ym", "s_hm"]}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(idx(n),): v for n, v in const.items()}, attrs=attrs)
+    opts = dict(num_warps=warps, **({"num_stages": stages} if stages else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+
+
+@pytest.mark.parametrize("variant", [(0, False, 1, 8, 512, 4, 0), (1, True, 16, 64, 128, 4, 3),
+                                     (2, False, 2, 16, 256, 4, 0)], ids=["fma", "rms-dot", "silu-fma"])
+def test_weight_loads_are_vectorised_on_sm90(variant):
+    """The weight stream is 16-byte loads (or cp.async into shared memory for tl.dot), never
+    2-byte ones: what a mask at a run-time bound does to the loads (and to the bandwidth)."""
+    if torch.cuda.is_available():
+        pytest.skip("ahead-of-time compilation check: CPU-only machines")
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    try:
+        ptx = _compile_sm90(*variant)
+    except (ImportError, TypeError, AttributeError) as e:  # another Triton's ahead-of-time API
+        pytest.skip(f"triton AOT API: {e}")
+    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b32|cp\.async\.cg\.shared\.global", ptx))
+    narrow = len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx))
+    assert wide >= 4 and narrow <= 2, (wide, narrow)
+    assert ".local" not in ptx  # no register spills
