@@ -315,10 +315,10 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[GemvConfig]:
     out = []
     for bn, bk, wp, st, dot in tiles:
         tiles_n = cdiv(n, bn)
-        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or (tiles_n * s <= 4 * sms and cdiv(k, s) >= 2 * bk)]
-        # the split counts whose program count is nearest one and two waves of SMs, and no split
-        by_fill = sorted(splits, key=lambda s: min(abs(math.log2(tiles_n * s / sms)),
-                                                   abs(math.log2(tiles_n * s / (2 * sms)))))
-        for s in sorted({1, *by_fill[:2]}):
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or (tiles_n * s <= 8 * sms and cdiv(k, s) >= 2 * bk)]
+        # no split, and the split counts whose program counts are nearest 1, 2 and 4 per SM (more
+        # programs: more weight bytes in flight per SM, and more partials to sum)
+        near = {min(splits, key=lambda s: abs(math.log2(tiles_n * s / (w * sms)))) for w in (1, 2, 4)}
+        for s in sorted({1, *near}):
             out.append(GemvConfig(block_n=bn, block_k=bk, split_k=s, num_warps=wp, num_stages=st, use_dot=dot))
     return out
