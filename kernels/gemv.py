@@ -141,9 +141,17 @@ def _gemv_kernel(
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
         if arrived == n_splits - 1:  # the last split of this column tile: sum in split order
             tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, n_splits):
+            for s in range(0, n_splits, 4):
+                # four partials in flight at a time (independent loads), added in split order;
                 # .cg: from L2, where the other programs' partials are (not a stale L1)
-                tot += tl.load(ws_ptr + s * MN + part, mask=omask, other=0.0, cache_modifier=".cg")
+                p0 = tl.load(ws_ptr + s * MN + part, mask=omask, other=0.0, cache_modifier=".cg")
+                m1 = (rm < tl.where(s + 1 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p1 = tl.load(ws_ptr + (s + 1) * MN + part, mask=m1, other=0.0, cache_modifier=".cg")
+                m2 = (rm < tl.where(s + 2 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p2 = tl.load(ws_ptr + (s + 2) * MN + part, mask=m2, other=0.0, cache_modifier=".cg")
+                m3 = (rm < tl.where(s + 3 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p3 = tl.load(ws_ptr + (s + 3) * MN + part, mask=m3, other=0.0, cache_modifier=".cg")
+                tot = (((tot + p0) + p1) + p2) + p3
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
             tl.store(cnt, 0)
 
