@@ -568,6 +568,7 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
            "(placed at random), lengths uniform in +-50% of the context; decode attention with the configs of "
            + (f"the tuning table installed ({tuned.get('made_by', '?')}, on {tuned.get('device', '?')})" if tuned
               else "*no tuning table (section 12 not run): the default configs*")
+           + (f"; its small-M GEMM rows from {tuned['gemv_made_by']}" if tuned and tuned.get("gemv_made_by") else "")
            + ", and with the default attention configs; *ours, cuBLAS linears*: with every linear on cuBLAS after "
            "its own rmsnorm / silu_mul kernel (the small-M Triton GEMMs of section 15's table off; '-' without "
            "them); *ours, equal* is the same batch with every length at the mean. "
@@ -1886,6 +1887,7 @@ def gemv_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dic
     table[gm.GEMV_ENTRIES] = entries
     table["gemv_made_by"] = ("python benchmarks/gpu_bench.py --sections 15 (" + time.strftime("%Y-%m-%d %H:%M")
                              + f"; torch {torch.__version__}, triton {_triton_version()})")
+    table.setdefault("made_by", table["gemv_made_by"])
     gm.check_entries(entries)
     path = out / "h200_tuning.json"
     path.write_text(json.dumps(table, indent=1) + "\n")
