@@ -459,7 +459,10 @@ def decode_setup(model, spec, lens, dev, g, bs: int = 16):
 
 def paged_decode_inputs(model, spec, lens, dev, g, bs: int = 16, ids=None, argmax: bool = False) -> dict:
     """`decode_setup`'s iteration, with its inputs: dict(step, seq, pool, bt, pos, ids).
-    ``argmax``: the step returns token ids (as the baseline does) instead of logits."""
+    ``argmax``: the step returns token ids (as the baseline does; greedy sampling's argmax,
+    `greedy_argmax`) instead of logits."""
+    from servesim.gpu_backend.model import greedy_argmax
+
     B = lens.numel()
     lens = lens.to(dev)
     nblk = (lens.to(torch.int64) + bs) // bs  # ceil((len + 1) / bs)
@@ -478,7 +481,7 @@ def paged_decode_inputs(model, spec, lens, dev, g, bs: int = 16, ids=None, argma
         return model.forward_decode(ids, pos, bt, seq, slot, pool)
 
     def step():
-        return logits().argmax(-1) if argmax else logits()
+        return greedy_argmax(logits()) if argmax else logits()
 
     return dict(step=step, logits=logits, seq=seq, pool=pool, bt=bt, pos=pos, ids=ids)
 

@@ -425,6 +425,23 @@ class LlamaModel:
 # --------------------------------------------------------------------------------------
 
 
+ARGMAX_CHUNK = 256
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for ``[S, V]`` logits (the first maximum of a row), in two short
+    reductions where V splits into ``ARGMAX_CHUNK``-wide chunks: each chunk's max (and its first
+    index), then the first best chunk. One row's argmax over a 128K vocabulary is a single long
+    reduction (28 us of a 1.2 ms Llama-3.2-1B decode step on an H200, gpu_bench section 14)."""
+    S, V = logits.shape
+    c = ARGMAX_CHUNK
+    if V % c or V < 8 * c:
+        return logits.argmax(dim=-1)
+    best, idx = logits.view(S, V // c, c).max(dim=-1)
+    j = best.argmax(dim=-1)
+    return j * c + idx.gather(1, j[:, None]).squeeze(1)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float | torch.Tensor = 0.0, top_p: float | torch.Tensor = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Token ids ``[S]`` (int64) from ``logits [S, V]`` on the logits' device.
@@ -435,7 +452,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float | torch.Tensor = 0.0,
     and needs no host sync, so it is deterministic given the generator's seed.
     """
     logits = logits.float()
-    greedy = logits.argmax(dim=-1)
+    greedy = greedy_argmax(logits)
     if not isinstance(temperature, torch.Tensor) and float(temperature) <= 0.0:
         return greedy
     n, device = logits.shape[0], logits.device

@@ -269,3 +269,21 @@ def test_weight_loads_are_vectorised_on_sm90():
     assert p.returncode == 0, p.stderr[-2000:]
     for v, r in zip(variants, json.loads(p.stdout.strip().splitlines()[-1])):
         assert r["wide"] >= 4 and r["narrow"] <= 2 and not r["local"], (v, r)
+
+
+# ---------------------------------------------------------------------------------- greedy argmax
+@settings(max_examples=60, deadline=None)
+@given(S=st.integers(1, 5), chunks=st.integers(1, 40), levels=st.integers(1, 6), seed=st.integers(0, 2**16),
+       wide=st.booleans())
+def test_greedy_argmax_is_argmax_first_maximum(S, chunks, levels, seed, wide):
+    """The two-pass greedy argmax = ``argmax`` (its first maximum) on any logits, ties included
+    (few distinct values: many ties within and across chunks); vocabularies that do not split
+    into chunks take the plain argmax."""
+    from servesim.gpu_backend.model import ARGMAX_CHUNK, greedy_argmax
+
+    V = chunks * ARGMAX_CHUNK + (0 if wide else 7)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (S, V), generator=g).float()
+    assert torch.equal(greedy_argmax(x), x.argmax(dim=-1))
+    y = torch.randn(S, V, generator=g)
+    assert torch.equal(greedy_argmax(y), y.argmax(dim=-1))
