@@ -3,8 +3,9 @@ baselines, all in one device call. Writes its tables to OUT/gpu_bench.md.
 
     # on the GPU machine (one ~9-minute call; see benchmarks/results/gpu_bench.md)
     python benchmarks/gpu_bench.py --out $OUT --budget-s 540
-    # issue S10's call (sections 1, 12, 4, 14; ~4-5 minutes on an H200)
-    python3 benchmarks/gpu_bench.py --sections s10 --out $OUT --budget-s 330
+    # issue S10's call (sections 1, 15, 4, 14; ~6 minutes on an H200; the decode-attention
+    # table of section 12 is the committed kernels/tuning/h200.json -- add 12 to remake it)
+    python3 benchmarks/gpu_bench.py --sections s10 --out $OUT --budget-s 420
     # anywhere, a CPU smoke test of every section on a tiny model
     python benchmarks/gpu_bench.py --smoke --out /tmp/gpu_bench
 
@@ -21,6 +22,13 @@ too small for it):
     before it is timed; the best per batch written to OUT/decode_attention_tuning.json
     (`SERVESIM_DECODE_TUNING=...` or kernels/tuning/ makes the executor use it) and installed
     for section 4; every timing in OUT/decode_attention_tuning.csv;
+15. (S10; not in the default --sections) small-M GEMM autotune: the Triton GEMM of
+    kernels/gemv.py (rmsnorm / silu_mul fused into its prologue, split-K in one kernel) vs
+    the unfused cuBLAS path for every decode linear of both models at M = 1..64, each
+    candidate checked against the torch reference first; the winners (or cuBLAS) written as
+    the tuning table's ``gemv_entries`` merged with the installed decode-attention entries
+    to OUT/h200_tuning.json (a replacement for kernels/tuning/h200.json) and installed for
+    the sections after it; every timing in OUT/gemv_tuning.csv;
  4. decode iterations of Llama-3.2-1B and Llama-3.1-8B (random weights, real shapes; batch
     1/16/64/256 x context 1k/4k) over a paged cache with lengths +-50%, CUDA graphs, vs the
     roofline (bytes read / copy bandwidth) and vs issue S10's plain-PyTorch baseline (cuBLAS
@@ -451,7 +459,10 @@ def decode_setup(model, spec, lens, dev, g, bs: int = 16):
 
 def paged_decode_inputs(model, spec, lens, dev, g, bs: int = 16, ids=None, argmax: bool = False) -> dict:
     """`decode_setup`'s iteration, with its inputs: dict(step, seq, pool, bt, pos, ids).
-    ``argmax``: the step returns token ids (as the baseline does) instead of logits."""
+    ``argmax``: the step returns token ids (as the baseline does; greedy sampling's argmax,
+    `greedy_argmax`) instead of logits."""
+    from servesim.gpu_backend.model import greedy_argmax
+
     B = lens.numel()
     lens = lens.to(dev)
     nblk = (lens.to(torch.int64) + bs) // bs  # ceil((len + 1) / bs)
@@ -470,7 +481,7 @@ def paged_decode_inputs(model, spec, lens, dev, g, bs: int = 16, ids=None, argma
         return model.forward_decode(ids, pos, bt, seq, slot, pool)
 
     def step():
-        return logits().argmax(-1) if argmax else logits()
+        return greedy_argmax(logits()) if argmax else logits()
 
     return dict(step=step, logits=logits, seq=seq, pool=pool, bt=bt, pos=pos, ids=ids)
 
@@ -542,6 +553,7 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
     points of S10_PROFILE (torch.profiler: kernel time vs graph wall time, per kernel)."""
     from servesim.gpu_backend.model import LlamaModel
     from servesim.kernels import decode_attention as da
+    from servesim.kernels.gemv import GEMV_ENTRIES
 
     t = timer(dev)
     cuda = dev.type == "cuda"
@@ -559,7 +571,10 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
            "(placed at random), lengths uniform in +-50% of the context; decode attention with the configs of "
            + (f"the tuning table installed ({tuned.get('made_by', '?')}, on {tuned.get('device', '?')})" if tuned
               else "*no tuning table (section 12 not run): the default configs*")
-           + ", and with the default configs; *ours, equal* is the same batch with every length at the mean. "
+           + (f"; its small-M GEMM rows from {tuned['gemv_made_by']}" if tuned and tuned.get("gemv_made_by") else "")
+           + ", and with the default attention configs; *ours, cuBLAS linears*: with every linear on cuBLAS after "
+           "its own rmsnorm / silu_mul kernel (the small-M Triton GEMMs of section 15's table off; '-' without "
+           "them); *ours, equal* is the same batch with every length at the mean. "
            "**Plain PyTorch** (issue S10's baseline, the same weights re-laid [in, out]): cuBLAS `x @ W`, "
            "`F.rms_norm`, RoPE, the new K/V written into a contiguous `[batch, kv_heads, ctx, head_dim]` cache, "
            "`F.scaled_dot_product_attention`, argmax, one CUDA graph; *equal*: every sequence at the mean length "
@@ -605,13 +620,19 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
                                        _check_plain(model, spec, pw, o, lens, dev, dtype, padded=True)]
                         r["ours_s"] = t(graphed(o["step"], dev), reps=reps)
                         if tuned:
-                            da.set_tuning(None)
+                            da.set_tuning({**tuned, "entries": {}})  # default attention, the same linears
                             try:
                                 r["ours_default_s"] = t(graphed(o["step"], dev), reps=reps)
                             finally:
                                 da.set_tuning(tuned)
                         else:
                             r["ours_default_s"] = r["ours_s"]
+                        if tuned and tuned.get(GEMV_ENTRIES):
+                            da.set_tuning({**tuned, GEMV_ENTRIES: {}})  # every linear unfused, on cuBLAS
+                            try:
+                                r["ours_cublas_s"] = t(graphed(o["step"], dev), reps=reps)
+                            finally:
+                                da.set_tuning(tuned)
                         r["ours_eager_s"] = t(o["step"], reps=5 if not smoke else 1)
                         if profile and (B, ctx) in prof_points.get(name, ()):
                             prof_rows += profile_step(o["step"], dev, work, name, B, ctx, "ours", r["ours_s"])
@@ -695,14 +716,14 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
     md("| model | batch | context | baseline | SDPA form | logits rel. error | argmax agree |\n|---|---|---|---|---|---|---|")
     for name, B, ctx, kind, form, err, agree in checks:
         md(f"| {name} | {B} | {ctx} | {kind} | {form} | {err:.1e} | {agree:.0%} |")
-    md("\n| model | batch | context | ours | share | ours, default attn | ours, equal lengths | plain, equal | share "
-       "| plain, padded | share | ours vs plain equal | ours vs plain padded |")
-    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    md("\n| model | batch | context | ours | share | ours, default attn | ours, cuBLAS linears | ours, equal lengths "
+       "| plain, equal | share | plain, padded | share | ours vs plain equal | ours vs plain padded |")
+    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     specs = {}
     for r in rows:
         name, B, ctx = r["model"], r["batch"], r["ctx"]
         if "ours_s" not in r:
-            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 10)
+            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 11)
             continue
         spec = specs.setdefault(name, model_cfg_spec(name, smoke)[1])
         kv_m = r["kv_tokens"]
@@ -719,7 +740,7 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
         ve = f"**{r['plain_equal_s'] / r['ours_s']:.2f}x**" if "plain_equal_s" in r else "-"
         vp = f"**{r['plain_padded_s'] / r['ours_s']:.2f}x**" if "plain_padded_s" in r else "-"
         md(f"| {name} | {B} | {ctx} | {ms('ours_s')} | {sh('ours_s', kv_m)} | {ms('ours_default_s')} | "
-           f"{ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
+           f"{ms('ours_cublas_s')} | {ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
            f"{ve} | {vp} |")
     done = [r for r in rows if "plain_equal_s" in r and "plain_padded_s" in r]
     if done:
@@ -1713,6 +1734,214 @@ def _rank(times: dict, B: int, ctxs) -> list:
     return sorted(common, key=lambda cfg: (_geomean([p[cfg] / b for p, b in zip(per, best)]), cfg.label()))
 
 
+# ---------------------------------------------------------------------------------- 15
+GEMV_MS = (1, 16, 64, 4, 2, 8, 32)  # section 4's batch sizes first (a deadline cuts the others)
+GEMV_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+GEMV_WIN = 0.97  # the Triton GEMM must beat the cuBLAS path by 3% to be installed
+
+
+def decode_linears(spec) -> list[tuple[str, str, int, int, int]]:
+    """(name, prologue, N, K, count per step) of a decode step's linears, as the model runs
+    them: rmsnorm before qkv / gate_up / lm_head, silu_mul before down."""
+    d = spec
+    return [("qkv", "rms", d.q_size + 2 * d.kv_size, d.hidden_size, d.num_layers),
+            ("o", "none", d.hidden_size, d.q_size, d.num_layers),
+            ("gate_up", "rms", 2 * d.intermediate_size, d.hidden_size, d.num_layers),
+            ("down", "silu", d.hidden_size, d.intermediate_size, d.num_layers),
+            ("lm_head", "rms", d.vocab_size, d.hidden_size, 1)]
+
+
+def gemv_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dict | None:
+    """Section 15: the small-M Triton GEMM (kernels/gemv.py, with the rmsnorm / silu_mul
+    before it in its prologue) vs the unfused cuBLAS path (the norm or activation kernel, then
+    ``F.linear``) for every decode linear of both models at M = 1..64: each candidate checked
+    against the torch reference first (and its graph's output again after), then timed as
+    CUDA-graph replays over copies of the weight that keep it out of L2. Per (linear, M) the
+    winner goes into the decode tuning table's ``gemv_entries`` (null: cuBLAS), merged with
+    the installed decode-attention entries and installed for the rest of the run; written to
+    OUT/h200_tuning.json (a replacement for kernels/tuning/h200.json) and its timings to
+    OUT/gemv_tuning.csv. Returns the table."""
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels import gemv as gm
+    from servesim.kernels import ops
+    from servesim.kernels._common import num_sms
+    from servesim.kernels.reference import linear_ref, rms_norm_linear_ref, silu_mul_linear_ref
+
+    deadline = time.monotonic() + allow_s
+    cuda = dev.type == "cuda"
+    t = timer(dev)
+    sms = num_sms(dev)
+    bw = ceil["copy_bw"]
+    e = torch.empty((), dtype=dtype).element_size()
+    tol = GEMV_TOL[dtype]
+    names = ["tiny"] if smoke else ["llama-3.2-1b", "llama-3.1-8b"]
+    Ms = (1, 4) if smoke else GEMV_MS
+    reps = 10 if cuda else 1
+    eps = 1e-5
+    base_table = da.get_tuning()
+    entries: dict = {}
+    records, rejected, bad = [], [], set()
+
+    def unfused(pro, x, w, nw, res):
+        if pro == "rms":
+            return F.linear(ops.rms_norm(x, nw, eps, res)[0], w)
+        if pro == "silu":
+            return F.linear(ops.silu_mul(x), w)
+        return F.linear(x, w)
+
+    def fused(pro, x, w, nw, res, cfg):
+        if pro == "rms":
+            return gm.gemv_triton(x, w, cfg, prologue="rms", norm_weight=nw, eps=eps, residual=res)[0]
+        return gm.gemv_triton(x, w, cfg, prologue=pro)[0]
+
+    def reference(pro, x, w, nw, res):
+        if pro == "rms":
+            return rms_norm_linear_ref(x, nw, eps, w, res)[0]
+        if pro == "silu":
+            return silu_mul_linear_ref(x, w)
+        return linear_ref(x, w)
+
+    def time_calls(fn, ws):
+        outs = [None] * len(ws)
+
+        def run():
+            for i, w in enumerate(ws):
+                outs[i] = fn(w)
+
+        rep = graphed(run, dev)
+        s = t(rep, reps=reps, warmup=1) / len(ws)
+        del rep
+        return s, outs[0]
+
+    stopped = False
+    for name in names:
+        spec = model_cfg_spec(name, smoke)[1]
+        for kind, pro, N, K, count in decode_linears(spec):
+            key = gm.gemv_key(dtype, pro, N, K, sms)
+            if key in entries:  # the same problem as an earlier linear (tied shapes): tuned once
+                continue
+            nbytes = N * K * e
+            R = 1 if smoke else max(1, min(32, math.ceil(240e6 / nbytes)))
+            g = torch.Generator(device=dev).manual_seed(N * 31 + K)
+            ws = [torch.randn(N, K, device=dev, dtype=dtype, generator=g) * K ** -0.5 for _ in range(R)]
+            nw = torch.rand(K, device=dev, dtype=dtype, generator=g) + 0.5
+            rows = []
+            for M in Ms:
+                if time.monotonic() > deadline:
+                    stopped = True
+                    break
+                x = torch.randn(M, 2 * K if pro == "silu" else K, device=dev, dtype=dtype, generator=g)
+                res = torch.randn(M, K, device=dev, dtype=dtype, generator=g) if pro == "rms" else None
+                ref = reference(pro, x, ws[0], nw, res)
+                base_s, base_out = time_calls(lambda w: unfused(pro, x, w, nw, res), ws)
+                base_err = rel_err(base_out, ref)
+                rec = dict(model=name, linear=kind, prologue=pro, n=N, k=K, M=M, per_step=count, mb=nbytes / 1e6,
+                           config="cublas", us=base_s * 1e6, of_copy_bw=nbytes / base_s / bw, rel_err=base_err)
+                records.append(rec)
+                best = (base_s, None)
+                for cfg in gm.candidates(M, N, K, sms)[:2 if smoke else None]:
+                    if cfg.compile_key() + (pro, gm.block_m(M, cfg.use_dot)) in bad:
+                        continue
+                    try:
+                        y = fused(pro, x, ws[0], nw, res, cfg)
+                        err = rel_err(y, ref)
+                        if not err <= tol:
+                            raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
+                        s_, y2 = time_calls(lambda w, cfg=cfg: fused(pro, x, w, nw, res, cfg), ws)
+                        err2 = rel_err(y2, ref)
+                        if not err2 <= tol:
+                            raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
+                    except Exception as ex:  # noqa: BLE001 - a variant that fails is left out; cuBLAS stays
+                        bad.add(cfg.compile_key() + (pro, gm.block_m(M, cfg.use_dot)))
+                        rejected.append((name, kind, M, cfg.label(), f"{type(ex).__name__}: "
+                                         f"{str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+                        log(f"section 15: {name} {kind} M={M} {cfg.label()} rejected: {ex}")
+                        continue
+                    records.append(dict(rec, config=cfg.label(), us=s_ * 1e6, of_copy_bw=nbytes / s_ / bw,
+                                        rel_err=err2))
+                    if s_ < best[0]:
+                        best = (s_, cfg)
+                win = best[1] if best[1] is not None and best[0] < GEMV_WIN * base_s else None
+                if win is not None and pro == "rms":  # the first layer's norm has no residual: its variant too
+                    try:
+                        err = rel_err(fused(pro, x, ws[0], nw, None, win), reference(pro, x, ws[0], nw, None))
+                        if not err <= tol:
+                            raise AssertionError(f"rel. error {err:.2e} without a residual (> {tol:.0e})")
+                    except Exception as ex:  # noqa: BLE001 - then cuBLAS for this shape
+                        rejected.append((name, kind, M, win.label(), f"no residual: {type(ex).__name__}: "
+                                         f"{str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+                        win = None
+                rows.append(dict(m=M, config=None if win is None else win.to_dict(), us=round(best[0] * 1e6, 2),
+                                 cublas_us=round(base_s * 1e6, 2)))
+            if rows:
+                entries[key] = sorted(rows, key=lambda r: r["m"])
+            ws = None
+            free_memory(dev)
+            if stopped:
+                break
+        if stopped:
+            break
+    table = dict(base_table) if base_table else dict(
+        version=da.TUNING_VERSION, device=torch.cuda.get_device_name() if cuda else "cpu", sms=sms,
+        torch=torch.__version__, triton=_triton_version(), dtype=str(dtype).replace("torch.", ""), entries={})
+    table[gm.GEMV_ENTRIES] = entries
+    table["gemv_made_by"] = ("python benchmarks/gpu_bench.py --sections 15 (" + time.strftime("%Y-%m-%d %H:%M")
+                             + f"; torch {torch.__version__}, triton {_triton_version()})")
+    table.setdefault("made_by", table["gemv_made_by"])
+    gm.check_entries(entries)
+    path = out / "h200_tuning.json"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    da.set_tuning(table)
+    os.environ[da.TUNING_ENV] = str(path)  # the `sim run` subprocesses of later sections use it too
+    pd.DataFrame(records).to_csv(out / "gemv_tuning.csv", index=False)
+
+    md("\n## 15. Small-M GEMM (Triton, fused prologue) vs cuBLAS: autotune of the decode linears\n")
+    md("Every decode linear of each model at M rows: **cuBLAS** = the unfused path the model ran before (the "
+       "rmsnorm kernel -- fused residual add -- or silu_mul, then `F.linear`); **Triton** = `kernels/gemv.py` "
+       "with that op in its prologue (one kernel; split-K summed by the last split, no reduce kernel). Each "
+       f"candidate checked against the torch reference (rel. error <= {tol:.0e}) before and after timing; times are "
+       "CUDA-graph replays over copies of the weight (cold L2), median of 10. **installed** = the config written to "
+       "OUT/h200_tuning.json's `gemv_entries` (Triton only where it beats cuBLAS by 3%) and used by the model from "
+       "here on. Share = weight bytes / copy bandwidth / time.\n")
+    df = pd.DataFrame(records)
+    if df.empty:
+        md("*nothing measured*")
+        return table
+    md("| model | linear (N x K) | M | cuBLAS path | share | best Triton | share | best config | installed | "
+       "candidates |\n|---|---|---|---|---|---|---|---|---|---|")
+    gain = {}
+    for (name, kind, M), x in df.groupby(["model", "linear", "M"], sort=False):
+        cb = x[x.config == "cublas"].iloc[0]
+        tr = x[x.config != "cublas"]
+        if len(tr):
+            b = tr.loc[tr.us.idxmin()]
+            bt = f"{b.us:.1f} us | {b.of_copy_bw:.0%} | `{b.config}`"
+            chosen = min(cb.us, b.us) if b.us < GEMV_WIN * cb.us else cb.us
+        else:
+            bt, chosen = "- | - | -", cb.us
+        inst = "Triton" if chosen < cb.us else "cuBLAS"
+        g_ = gain.setdefault((name, M), [0.0, 0.0])
+        g_[0] += cb.us * cb.per_step
+        g_[1] += chosen * cb.per_step
+        md(f"| {name} | {kind} ({cb.n} x {cb.k}) | {M} | {cb.us:.1f} us | {cb.of_copy_bw:.0%} | {bt} | {inst} | "
+           f"{len(tr)} |")
+    md("\n**A step's linears (with their norm / activation)**, each times its count per step: "
+       + "; ".join(f"{n} M={M}: {a / 1e3:.2f} ms -> {b / 1e3:.2f} ms ({a / b:.2f}x)"
+                   for (n, M), (a, b) in gain.items()))
+    if rejected:
+        md(f"\n**{len(rejected)} candidate(s) left out** (did not compile, or did not match the reference):\n")
+        md("| model | linear | M | config | why |\n|---|---|---|---|---|")
+        for r in rejected[:20]:
+            md("| " + " | ".join(str(v) for v in r[:3]) + f" | `{r[3]}` | {r[4]} |")
+    if stopped:
+        md(f"\n*The tuning's time allowance ({allow_s:.0f} s) ran out: the shapes after the last one shown were "
+           "not tuned (cuBLAS for them).*")
+    return table
+
+
 # ---------------------------------------------------------------------------------- 14
 def s10_class(name: str, cuda: bool) -> str:
     """`kernel_class`, with the baseline's kernels named too (SDPA, index_put, elementwise)."""
@@ -1939,8 +2168,9 @@ def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
            + f" | {min(ts) / auto_us:.2f} | {r['roofline_us']:.1f} us |")
 
 
-S10_SECTIONS = "1,12,4,14"
+S10_SECTIONS = "1,15,4,14"
 S10_TUNING_S = 150  # section 12's time allowance (s)
+S10_GEMV_S = 150  # section 15's time allowance (s)
 
 
 def main() -> None:
@@ -1949,8 +2179,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
     ap.add_argument("--sections", default="1,2,3,4,5,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,12,4,5,14,8,9,10,11,7,6 (6, 10, 11, 12, 14 "
-                         f"are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
+                    help="comma-separated; they run in the order 1,2,3,12,15,4,5,14,8,9,10,11,7,6 (6, 10, 11, 12, "
+                         f"14, 15 are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -1979,6 +2209,9 @@ def main() -> None:
              ("12", "decode attention tuning", 60,
               lambda: attention_tuning(dev, dtype, ceil, args.smoke, out,
                                        allow_s=S10_TUNING_S if args.smoke else min(S10_TUNING_S, budget.left() - 150))),
+             ("15", "small-M GEMM tuning", 40,
+              lambda: gemv_tuning(dev, dtype, ceil, args.smoke, out,
+                                  allow_s=S10_GEMV_S if args.smoke else min(S10_GEMV_S, budget.left() - 150))),
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib, out=out, work=work,
                                                           profile="14" in secs, prefill="5" in secs)),
              ("14", "decode profile (S10)", 40,

@@ -15,6 +15,7 @@ Shapes (T tokens, B / N sequences, Hq / Hkv heads, D head_dim, paged KV cache
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import use_triton
 from .reference import (
@@ -33,6 +34,9 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "quant_fp8_rowwise",
+    "linear",
+    "rms_norm_linear",
+    "silu_mul_linear",
 ]
 
 
@@ -154,3 +158,52 @@ def quant_fp8_rowwise(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor
 
         return quant_fp8_rowwise_triton(x)
     return quant_fp8_rowwise_ref(x)
+
+
+# ---------------------------------------------------------------------------------- decode GEMMs
+# A linear of a decode step, with the small kernel before it fused in where the Triton small-M
+# GEMM (gemv.py) is chosen for the shape: by ``config``, else by the installed tuning table's
+# ``gemv_entries`` (`gemv.tuned_config`). Elsewhere -- no entry, cuBLAS measured faster, a CPU
+# tensor under impl="auto", impl="torch" -- the unfused path: the norm / activation op, then
+# ``F.linear``. w: [N, K] (out, in), as the model stores it.
+def _gemv_config(x: torch.Tensor, w: torch.Tensor, impl: str, config, prologue: str = "none"):
+    if config is not None:
+        return config if use_triton(impl, x) else None
+    if not use_triton(impl, x):  # (on a CPU tensor: only under impl="triton", the interpreter)
+        return None
+    from .gemv import tuned_config
+
+    return tuned_config(x.shape[0], w.shape[0], w.shape[1], x.dtype, x.device, prologue)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, impl: str = "auto", config=None) -> torch.Tensor:
+    """``x [M, K] @ w.T`` (w [N, K]) -> [M, N]."""
+    cfg = _gemv_config(x, w, impl, config)
+    if cfg is None:
+        return F.linear(x, w)
+    from .gemv import gemv_triton
+
+    return gemv_triton(x, w, cfg)[0]
+
+
+def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
+                    residual: torch.Tensor | None = None, impl: str = "auto",
+                    config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm` (fused residual add) then ``@ w.T``: returns ``(y, h)``, h the residual stream."""
+    cfg = _gemv_config(x, w, impl, config, "rms")
+    if cfg is None:
+        xn, h = rms_norm(x, weight, eps, residual, impl=impl)
+        return F.linear(xn, w), h
+    from .gemv import gemv_triton
+
+    return gemv_triton(x, w, cfg, prologue="rms", norm_weight=weight, eps=eps, residual=residual)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, w: torch.Tensor, impl: str = "auto", config=None) -> torch.Tensor:
+    """`silu_mul` of ``gate_up [M, 2K]`` then ``@ w.T`` (w [N, K]) -> [M, N]."""
+    cfg = _gemv_config(gate_up, w, impl, config, "silu")
+    if cfg is None:
+        return F.linear(silu_mul(gate_up, impl=impl), w)
+    from .gemv import gemv_triton
+
+    return gemv_triton(gate_up, w, cfg, prologue="silu")[0]

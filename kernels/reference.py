@@ -50,6 +50,23 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
+def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` with ``w [N, K]`` (a linear's ``[out, in]``): fp32 math, x's dtype out."""
+    return (x.float() @ w.float().t()).to(x.dtype)
+
+
+def rms_norm_linear_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
+                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_ref` then `linear_ref` of its output: ``(y, h)``."""
+    xn, h = rms_norm_ref(x, weight, eps, residual)
+    return linear_ref(xn, w), h
+
+
+def silu_mul_linear_ref(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`silu_mul_ref` then `linear_ref`."""
+    return linear_ref(silu_mul_ref(gate_up), w)
+
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_KV = (torch.float8_e4m3fn,)
 

@@ -1,5 +1,5 @@
-"""gpu_bench.py's S10 sections (12: decode-attention autotune, 4: the decode grid against the
-plain-PyTorch baseline, 14: the profile) in their CPU smoke form, and the baseline itself:
+"""gpu_bench.py's S10 sections (12: decode-attention autotune, 15: the small-M GEMM autotune,
+4: the decode grid against the plain-PyTorch baseline, 14: the profile) in their CPU smoke form, and the baseline itself:
 it must compute our model's function, or no "ours vs plain" means anything."""
 
 from __future__ import annotations
@@ -29,11 +29,17 @@ def test_gpu_bench_s10_smoke(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("SERVESIM_DECODE_TUNING", None)
-    p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--sections", "s10", "--out",
+    p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--sections", "s10,12", "--out",
                         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    if (tmp_path / "tables.tar.gz").exists():  # more than the device tool's 8 files: the CSVs packed
+        import tarfile
+
+        with tarfile.open(tmp_path / "tables.tar.gz") as tf:
+            tf.extractall(tmp_path, filter="data")
     page = (tmp_path / "gpu_bench.md").read_text()
     for section in ("## 1. Ceilings", "## 12. Decode attention: autotune", "| model | batch | context | KV MB | default |",
+                    "## 15. Small-M GEMM", "| tiny | down (64 x 128) | 4 |", "**A step's linears",
                     "## 4. Decode iterations", "**Check before timing**", "| tiny | 4 | 64 |",
                     "ours vs plain equal >=", "## 14. Profile", "**tiny, batch 4 x context 64**",
                     "the decode GEMMs alone", "| **a step's GEMMs** |"):
@@ -59,6 +65,19 @@ def test_gpu_bench_s10_smoke(tmp_path):
     assert len(pd.read_csv(tmp_path / "profile_s10.csv")) > 0
     assert set(pd.read_csv(tmp_path / "gemm_layouts.csv")["linear"]) == {"qkv", "o", "gate_up", "down", "lm_head"}
     assert len(pd.read_csv(tmp_path / "decode_attention_tuning.csv")) > 0
+    # section 15's table: the attention entries of section 12 kept, a gemv row per (linear, M)
+    merged = json.loads((tmp_path / "h200_tuning.json").read_text())
+    assert merged["entries"] == table["entries"]
+    from servesim.kernels import gemv
+
+    gemv.check_entries(merged["gemv_entries"])
+    bench = _gpu_bench()
+    spec = bench.model_cfg_spec("tiny", True)[1]
+    keys = {gemv.gemv_key(bench.torch.float32, pro, n, k, 132) for _, pro, n, k, _ in bench.decode_linears(spec)}
+    assert set(merged["gemv_entries"]) == keys
+    assert all([r["m"] for r in rows] == [1, 4] for rows in merged["gemv_entries"].values())
+    gt = pd.read_csv(tmp_path / "gemv_tuning.csv")
+    assert (gt.config == "cublas").sum() == 2 * len(keys) and (gt.config != "cublas").sum() >= 2 * len(keys)
 
 
 @pytest.mark.parametrize("padded", [False, True])

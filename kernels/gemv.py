@@ -1,0 +1,332 @@
+"""Small-M GEMM ``y = prologue(x) @ w.T`` for decode (M = 1..64 rows), split-K in one kernel (Triton).
+
+Reference: ``reference.linear_ref`` (``rms_norm_linear_ref``, ``silu_mul_linear_ref`` for the
+fused prologues).
+
+``w`` is a linear's weight as the model stores it, ``[N, K]`` (``[out, in]``, K contiguous).
+A 2-D grid of ``cdiv(N, BLOCK_N) x split_k`` programs: program ``(n, s)`` owns the output
+columns ``n * BLOCK_N ..`` and the K range ``s * k_per_split ..`` and streams its weight tile
+``[BLOCK_N, BLOCK_K]`` at a time (each row a contiguous run of K), against all M rows of x.
+Products: ``tl.dot`` on a ``[BLOCK_M >= 16, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tile (``use_dot``),
+or a broadcast multiply into a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` fp32 accumulator reduced once
+after the loop (M <= 4: nothing padded to 16 rows).
+
+Split-K (``split_k > 1``) without a second kernel: each split writes its fp32 partial
+``[M, BLOCK_N]`` to a workspace, then increments its column tile's counter (acq_rel); the
+program that arrives last sums the ``split_k`` partials *in split order* (so the result does
+not depend on which program came last: bit-identical from run to run) and writes ``y``, then
+resets the counter to 0 for the next launch (the per-device counter buffer of
+`decode_attention`, zeroed once; CUDA-graph safe).
+
+Prologues (what the small input gets before the product; the input is tiny next to the
+weight, so recomputing it per program costs L2 reads only):
+
+* ``rms``: ``h = x + residual`` (rounded to x's dtype) and ``RMSNorm(h) * norm_w`` (fp32 math,
+  rounded to x's dtype, exactly as `rms_norm` writes it); every program computes the rows'
+  ``rstd`` over all of K first; program (0, 0) also writes ``h`` (the residual stream);
+* ``silu``: x is the gate/up projection ``[M, 2K]`` and the input is
+  ``silu(gate) * up`` (fp32 math, rounded), as `silu_mul` writes it.
+
+Launch parameters are a `GemvConfig`. The model asks `tuned_config` for the config of a shape
+(dtype, N, K, M, SM count): the ``gemv_entries`` of the decode tuning table (the same file,
+the same loading: `decode_attention.get_tuning`; ``gpu_bench.py --sections 15`` times these
+kernels against cuBLAS per shape and writes the winner, or ``null`` where cuBLAS wins). No
+entry: cuBLAS (``F.linear``) and the separate norm / activation kernels, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
+
+GEMV_ENTRIES = "gemv_entries"  # the decode tuning table's key for this kernel's rows
+PROLOGUES = ("none", "rms", "silu")
+_PRO = {p: i for i, p in enumerate(PROLOGUES)}
+
+
+@triton.jit(**jit_options(no_specialize=["M", "tiles_per_split", "n_splits"]))
+def _gemv_kernel(
+    x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, ws_ptr, cnt_ptr,
+    M, N, K, tiles_per_split, n_splits,
+    s_xm, s_rm, s_wn, s_ym, s_hm,
+    eps,
+    PROLOGUE: tl.constexpr,  # 0 none, 1 rms, 2 silu
+    HAS_RES: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
+    dt = w_ptr.dtype.element_ty
+
+    if PROLOGUE == 1:  # the rows' rstd over all of K (and h, written once)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        h_rows = tl.where((pid_n == 0) & (pid_k == 0), M, 0)  # rows program (0, 0) writes h of
+        h_mask = rm < h_rows
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            msk = m_mask[:, None] & (kk < K)[None, :]
+            xv = tl.load(x_rows + kk[None, :], mask=msk, other=0.0)
+            if HAS_RES:
+                rv = tl.load(r_ptr + rm[:, None].to(tl.int64) * s_rm + kk[None, :], mask=msk, other=0.0)
+                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(xv.dtype)
+                tl.store(h_ptr + rm[:, None].to(tl.int64) * s_hm + kk[None, :], xv, mask=h_mask[:, None] & (kk < K)[None, :])
+            hf = xv.to(tl.float32)
+            ss += tl.sum(hf * hf, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+
+    # a split's K range starts at a multiple of BLOCK_K (so the compiler knows the tiles are
+    # aligned) and only the last tile of K is partial: the mask is ``kk < K`` alone, which
+    # keeps the loads vectorised (K a multiple of 16) where a mask at a run-time split end
+    # would make them 2-byte loads
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        xm = m_mask[:, None] & k_mask[None, :]
+        if PROLOGUE == 2:
+            g = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+            xv = (g * tl.sigmoid(g) * u).to(dt)
+        elif PROLOGUE == 1:
+            xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
+            if HAS_RES:
+                rv = tl.load(r_ptr + rm[:, None].to(tl.int64) * s_rm + kk[None, :], mask=xm, other=0.0)
+                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(xv.dtype)
+            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
+        else:
+            xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(dt)
+        wv = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(xv, tl.trans(wv), acc, input_precision=DOT_PREC)
+        else:
+            acc3 += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+
+    omask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :]
+    if n_splits == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        part = rm[:, None] * N + rn[None, :]
+        MN = M * N
+        tl.store(ws_ptr + pid_k * MN + part, acc, mask=omask)
+        # every thread's partial is written before one thread's release increment
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:  # the last split of this column tile: sum in split order
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, n_splits, 4):
+                # four partials in flight at a time (independent loads), added in split order;
+                # .cg: from L2, where the other programs' partials are (not a stale L1)
+                p0 = tl.load(ws_ptr + s * MN + part, mask=omask, other=0.0, cache_modifier=".cg")
+                m1 = (rm < tl.where(s + 1 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p1 = tl.load(ws_ptr + (s + 1) * MN + part, mask=m1, other=0.0, cache_modifier=".cg")
+                m2 = (rm < tl.where(s + 2 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p2 = tl.load(ws_ptr + (s + 2) * MN + part, mask=m2, other=0.0, cache_modifier=".cg")
+                m3 = (rm < tl.where(s + 3 < n_splits, M, 0))[:, None] & n_mask[None, :]
+                p3 = tl.load(ws_ptr + (s + 3) * MN + part, mask=m3, other=0.0, cache_modifier=".cg")
+                tot = (((tot + p0) + p1) + p2) + p3
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt, 0)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters: output columns per program, K per loop step, splits of K (1: no
+    workspace), warps, pipelining stages (0: Triton's default), ``tl.dot`` or the broadcast
+    product (the latter for M <= 4 only: its accumulator is ``BLOCK_M x BLOCK_N x BLOCK_K``)."""
+
+    block_n: int = 32
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 0
+    use_dot: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GemvConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"GemvConfig: unknown keys {sorted(unknown)}")
+        cfg = cls(**d)
+        for f in ("block_n", "block_k", "split_k", "num_warps"):
+            v = getattr(cfg, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GemvConfig: {f} must be a positive integer, got {v!r}")
+        return cfg
+
+    def compile_key(self) -> tuple:
+        """What makes a separate Triton compilation (the split count does not)."""
+        return (self.block_n, self.block_k, self.num_warps, self.num_stages, self.use_dot)
+
+    def label(self) -> str:
+        return (f"N{self.block_n}/K{self.block_k}/S{self.split_k}/w{self.num_warps}/st{self.num_stages or 'd'}"
+                f"{'/dot' if self.use_dot else '/fma'}")
+
+
+def block_m(m: int, use_dot: bool) -> int:
+    return max(next_pow2(m), 16) if use_dot else next_pow2(m)
+
+
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: str = "none",
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y [M, N] = prologue(x) @ w.T`` in x's dtype; returns ``(y, h)`` where ``h`` is the
+    rms prologue's residual stream (``x + residual``; ``x`` itself without a residual) and
+    None for the other prologues. x: [M, K] ([M, 2K] for ``silu``), w: [N, K]."""
+    if prologue not in _PRO:
+        raise ValueError(f"gemv: prologue must be one of {PROLOGUES}, got {prologue!r}")
+    assert x.dim() == 2 and w.dim() == 2, "gemv: x [M, K] and w [N, K]"
+    M = x.shape[0]
+    N, K = w.shape
+    kx = 2 * K if prologue == "silu" else K
+    assert x.shape[1] == kx, f"gemv: x has {x.shape[1]} columns, the {prologue} prologue needs {kx}"
+    assert x.dtype == w.dtype, f"gemv: x {x.dtype} vs w {w.dtype}"
+    check_interpreted(_gemv_kernel, x, w)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    y = new_empty((M, N), x.dtype, x.device)
+    h = None
+    r = nw = hx = x
+    s_r = s_h = 0
+    if prologue == "rms":
+        assert norm_weight is not None and norm_weight.shape == (K,), "gemv: rms prologue needs norm_weight [K]"
+        nw = norm_weight.contiguous()
+        if residual is not None:
+            assert residual.shape == x.shape, "gemv: residual must have x's shape"
+            r = residual if residual.stride(-1) == 1 else residual.contiguous()
+            h = hx = new_empty(x.shape, x.dtype, x.device)
+            s_r, s_h = r.stride(0), h.stride(0)
+        else:
+            h = x
+    if M == 0:
+        return y, h
+    use_dot = bool(cfg.use_dot)
+    BM = block_m(M, use_dot)
+    BN = max(next_pow2(cfg.block_n), 16 if use_dot else 1)
+    BK = max(next_pow2(cfg.block_k), 16)
+    S = max(1, min(int(cfg.split_k), cdiv(K, BK)))
+    tiles = cdiv(cdiv(K, S), BK)  # BLOCK_K tiles per split
+    S = cdiv(K, tiles * BK)  # no empty splits
+    n_tiles = cdiv(N, BN)
+    if S > 1:
+        from .decode_attention import _counters  # one zeroed per-device counter buffer for both kernels
+
+        ws = new_empty((S, M, N), torch.float32, x.device)
+        cnt = _counters(x.device, n_tiles)
+    else:
+        ws = cnt = y
+    extra = {"num_stages": int(cfg.num_stages)} if cfg.num_stages else {}
+    _gemv_kernel[(n_tiles, S)](
+        x, r, nw, w, y, hx, ws, cnt,
+        M, N, K, tiles, S,
+        x.stride(0), s_r, w.stride(0), y.stride(0), s_h,
+        float(eps),
+        PROLOGUE=_PRO[prologue], HAS_RES=prologue == "rms" and residual is not None,
+        USE_DOT=use_dot, DOT_PREC=dot_precision(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        num_warps=int(cfg.num_warps), **extra,
+    )
+    return y, h
+
+
+# ---------------------------------------------------------------------------------- tuning
+def gemv_key(dtype: torch.dtype, prologue: str, n: int, k: int, sms: int) -> str:
+    return f"{str(dtype).replace('torch.', '')}/{prologue}/n{n}/k{k}/sm{sms}"
+
+
+def check_entries(entries: dict) -> None:
+    """ValueError naming the first bad row of a table's ``gemv_entries``."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"decode tuning: {GEMV_ENTRIES} must be a mapping")
+    for key, rows in entries.items():
+        for i, row in enumerate(rows):
+            if "m" not in row or "config" not in row:
+                raise ValueError(f"decode tuning: {GEMV_ENTRIES}[{key!r}][{i}] needs 'm' and 'config'")
+            if row["config"] is not None:
+                try:
+                    GemvConfig.from_dict(row["config"])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"decode tuning: {GEMV_ENTRIES}[{key!r}][{i}]: {e}") from None
+
+
+def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                 prologue: str = "none") -> GemvConfig | None:
+    """The installed table's config for ``m`` rows of an ``[n, k]`` weight after ``prologue``: the row of the
+    smallest tuned M >= ``m`` (its tiles cover ``m``); None (cuBLAS) where that row says
+    cuBLAS, past the largest tuned M, or without an entry. Memoised per installed table."""
+    from . import decode_attention as da
+
+    table = da.get_tuning()
+    return _tuned_cached(int(m), int(n), int(k), dtype, num_sms(device), prologue, (da._EPOCH, id(table)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuned_cached(m, n, k, dtype, sms, prologue, _table_id) -> GemvConfig | None:
+    from . import decode_attention as da
+
+    entries = (da.get_tuning() or {}).get(GEMV_ENTRIES) or {}
+    key = gemv_key(dtype, prologue, n, k, sms)
+    rows = entries.get(key)
+    if not rows or m < 1:
+        return None
+    check_entries({key: rows})
+    fit = [r for r in rows if int(r["m"]) >= m]
+    if not fit:
+        return None
+    row = min(fit, key=lambda r: int(r["m"]))
+    return None if row["config"] is None else GemvConfig.from_dict(row["config"])
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> list[GemvConfig]:
+    """The configs ``gpu_bench.py --sections 15`` times for one shape (few compile keys: the
+    split counts are run-time arguments). Broadcast product for m <= 4, ``tl.dot`` always."""
+    tiles = []
+    if m <= 4:
+        bm = next_pow2(m)
+        for bn, bk, wp in ((8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8)):
+            if bm * bn * bk <= 2048 * wp:  # the fp32 accumulator: <= 64 registers a thread
+                tiles.append((bn, bk, wp, 0, False))
+    for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4)):
+        if m > 16 or bn <= 64:
+            tiles.append((bn, bk, wp, st, True))
+    out = []
+    for bn, bk, wp, st, dot in tiles:
+        tiles_n = cdiv(n, bn)
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or (tiles_n * s <= 8 * sms and cdiv(k, s) >= 2 * bk)]
+        # no split, and the split counts whose program counts are nearest 1, 2 and 4 per SM (more
+        # programs: more weight bytes in flight per SM, and more partials to sum)
+        near = {min(splits, key=lambda s: abs(math.log2(tiles_n * s / (w * sms)))) for w in (1, 2, 4)}
+        for s in sorted({1, *near}):
+            out.append(GemvConfig(block_n=bn, block_k=bk, split_k=s, num_warps=wp, num_stages=st, use_dot=dot))
+    return out
