@@ -364,7 +364,7 @@ def main() -> int:
             profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
             profiler.SERVED_HIGH_POINTS = {"small": (12, 80.0, 48, 8), "large": None}
-            profiler.SPACED_POINTS = [(4, 24, 2)]
+            profiler.PROMPT_POINTS = [(4, 24)]
             profiler.CHUNKED_POINTS = [(2, 120, 4, 40, False), (2, 120, 4, 40, True)]
             if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
                 sweep = profiler.gemm_sweep

@@ -1,7 +1,7 @@
 """Measure a calibration grid on the GPU with the real engine and executor.
 
 Each grid point (`DECODE_POINTS`, `MIXED_POINTS`, `PIECEWISE_POINTS`, `PREFIX_POINTS`,
-`SPACED_POINTS`, `CHUNKED_POINTS`, `SERVED_POINTS` / `SERVED_HIGH_POINTS`, `PREFILL_POINTS`;
+`PROMPT_POINTS`, `CHUNKED_POINTS`, `SERVED_POINTS` / `SERVED_HIGH_POINTS`, `PREFILL_POINTS`;
 `POWER_POINTS` for the power model only) is a small
 designed workload run by `simulate_gpu`, so the measured iterations cost what they cost in
 a `--backend gpu` run; each row splits off the host's part for the fit of the scheduler
@@ -81,14 +81,15 @@ SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 # only (None: none): the 8B's served run already reaches batch 60-100, and its grid is the
 # long pole of a device call.
 SERVED_HIGH_POINTS = {"small": (450, 58.0, 700, 180), "large": None}
-# (requests, prompt, output): warm prompt-only steps, small models only (the drafter's eager
-# pass over a joining prompt, the eager context iteration of a decode graph run). Requests
-# arrive one at a time (SPACED_RATE), so every prompt runs alone as an eager prefill of one
-# chunk, after the run's first steps have warmed its kernels (PREFILL_POINTS' rows are each
-# their run's first iteration: cold, 1x2048 measured 4x its warm time), then a few decode
-# steps at batch 1-2.
-SPACED_POINTS = [(16, 64, 3), (16, 256, 3), (12, 1024, 3)]
-SPACED_RATE = 25.0
+# (requests, prompt): warm prompt-only steps, small models only (the drafter's eager pass
+# over a joining prompt; the eager context iteration of a decode-graph run): offline, one
+# output token, a token budget of one prompt, so every iteration is one prompt alone as an
+# eager prefill, back to back. PREFILL_POINTS' rows are each their run's first iteration
+# (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run their host part
+# ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap of 5 ms), so no
+# arrival gaps here. They identify host_overhead_eager_decode_s (an eager pass without
+# decodes launches no decode attention).
+PROMPT_POINTS = [(40, 128), (24, 768)]
 # (requests, prompt, output, max_num_tokens, piecewise): prompts several budgets long, so
 # successive chunks of one prompt attend to 0, 1, 2, ... budgets of earlier chunks (the
 # long-conversation iterations whose (requests, tokens) key is the same at very different
@@ -109,7 +110,7 @@ WORKER_HEAT_UP_S = 2.0  # and at the start of each further grid process
 
 def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked: bool, hardware: str,
          max_num_tokens: int = 8192, piecewise: bool = False, served_rate: float | None = None,
-         part: str = "", prefix: int = 0, tp: int = 1, spaced_rate: float | None = None):
+         part: str = "", prefix: int = 0, tp: int = 1):
     from .runner import simulate_gpu
 
     reuse = False
@@ -121,12 +122,6 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
         sched = {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens, "enable_chunked_context": True}
         kv = {"pool_tokens": n * (prefix + prompt + output) + 4096}
         reuse = True
-    elif spaced_rate is not None:  # one request at a time, constant lengths (SPACED_POINTS)
-        workload = {"num_requests": n, "arrival": {"kind": "fixed", "rate_req_s": spaced_rate},
-                    "prompt_len": {"kind": "constant", "value": prompt},
-                    "output_len": {"kind": "constant", "value": output}}
-        sched = {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens, "enable_chunked_context": chunked}
-        kv = {"pool_tokens": n * (prompt + output) + 4096}
     elif served_rate is None:
         workload = {"num_requests": n, "arrival": {"kind": "offline"},
                     "prompt_len": {"kind": "constant", "value": prompt},
@@ -168,7 +163,6 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
              f"{n}x({prefix} cached)+{prompt}+{output}" if prefix else
-             f"{n}x{prompt}+{output} one at a time at {spaced_rate:g}/s" if spaced_rate is not None else
              f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
     run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}{part}", energy_j=energy,
@@ -259,7 +253,7 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
 
 def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_points=None,
               piecewise_points=None, served_points=None, processes: int = 1, power_points=None,
-              prefix_points=None, tp: int = 1, spaced_points=None, chunked_points=None) -> list[dict]:
+              prefix_points=None, tp: int = 1, prompt_points=None, chunked_points=None) -> list[dict]:
     """The grid's runs, in order: each a dict of `_run`'s keyword arguments plus ``keep``
     (which iterations become rows: all but the first SKIP_FIRST, the prefills only, or none
     for the power model's runs).
@@ -280,8 +274,8 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
         jobs.append(dict(n=n, prompt=new, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
                          prefix=prefix, keep="skip"))
     small = _small(model)
-    for n, prompt, output in ((SPACED_POINTS if small else []) if spaced_points is None else spaced_points):
-        jobs.append(dict(n=n, prompt=prompt, output=output, graphs=True, spaced_rate=SPACED_RATE, keep="skip"))
+    for n, prompt in ((PROMPT_POINTS if small else []) if prompt_points is None else prompt_points):
+        jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, max_num_tokens=prompt, keep="skip"))
     for n, prompt, output, budget, pw in (CHUNKED_POINTS if chunked_points is None else chunked_points):
         if pw and not small and chunked_points is None:
             continue
@@ -354,7 +348,7 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None, processes: int = 1,
-                 power_points=None, prefix_points=None, tp: int = 1, spaced_points=None,
+                 power_points=None, prefix_points=None, tp: int = 1, prompt_points=None,
                  chunked_points=None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
@@ -401,7 +395,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
         return float(r.duration_s - r.exec_s + r.prep_s)
 
     jobs = grid_jobs(model, decode_points, prefill_points, mixed_points, piecewise_points, served_points,
-                     processes, power_points, prefix_points, tp, spaced_points, chunked_points)
+                     processes, power_points, prefix_points, tp, prompt_points, chunked_points)
     results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
                _run_in_processes(ref, hardware, jobs, processes))
     k = max(1, processes)

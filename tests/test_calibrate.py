@@ -209,7 +209,7 @@ def test_gpu_measuring_path_on_cpu(tmp_path, small_gemm_sweep):
     rows, env = measure_grid(model, model_ref=str(cfg), decode_points=[(4, 64, 12, True), (2, 32, 10, False)],
                              prefill_points=[(1, 128), (2, 64)], mixed_points=[(4, 32, 6, 40)],
                              piecewise_points=[(4, 32, 6, 40)], served_points=[(12, 40.0, 48, 8)],
-                             power_points=[], prefix_points=[(3, 64, 16, 4, 48)], spaced_points=[(3, 40, 2)],
+                             power_points=[], prefix_points=[(3, 64, 16, 4, 48)], prompt_points=[(4, 40)],
                              chunked_points=[(2, 120, 4, 40, False)])
     kinds = {r["kind"] for r in rows}
     # the cached-context point: its later requests' chunks run over the 64 cached prefix tokens
@@ -224,9 +224,10 @@ def test_gpu_measuring_path_on_cpu(tmp_path, small_gemm_sweep):
     # the host's share of each step (scheduling, bookkeeping, input packing) is inside it
     assert all(0 <= r["host_s"] <= r["time_s"] for r in rows)
     assert {"idle_power_w", "power_runs"} <= set(env) and len(env["power_runs"]) == 10
-    # one request at a time: its prompt alone in an iteration (no decodes beside it)
-    spaced = [r for r in rows if "one at a time" in r["run"]]
-    assert any(r["kind"] == "prefill" and r["ctx_tokens"] == 40 for r in spaced)
+    # a budget of one prompt, one output token: every iteration one prompt alone, back to back
+    alone = [r for r in rows if r["run"] == "4x40+1 budget 40"]
+    assert len(alone) == 4 - 2 and all(r["kind"] == "prefill" and r["ctx_tokens"] == 40 and r["n_chunks"] == 1
+                                       for r in alone)
     # a 120-token prompt at a 40-token budget: later chunks attend to the earlier ones
     chunked = [r for r in rows if r["run"].startswith("2x120+4")]
     assert any(r["kind"] != "decode" and r["ctx_prior"] > 0 for r in chunked)
@@ -451,7 +452,7 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
     model = load_model(str(tiny))
     small = dict(decode_points=[(4, 64, 8, True), (8, 32, 8, False)], prefill_points=[(1, 64)],
                  mixed_points=[(4, 16, 4, 32)], piecewise_points=[(4, 16, 4, 32)], served_points=[(10, 50.0, 40, 8)],
-                 power_points=[(4, 32, 12, True)], prefix_points=[(3, 64, 16, 4, 48)], spaced_points=[],
+                 power_points=[(4, 32, 12, True)], prefix_points=[(3, 64, 16, 4, 48)], prompt_points=[],
                  chunked_points=[])
     jobs = prof.grid_jobs(model, processes=3, **small)
     assert [j["prefix"] for j in jobs if j.get("prefix")] == [64]
@@ -462,11 +463,19 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
     # the default grid: a small model gets the high-load served run (one part per process), the
     # warm one-at-a-time prompts and both chunked long-prompt runs; a large one the eager chunked run only
     one, eight = (prof.grid_jobs(load_model(m), processes=3) for m in ("llama-3.2-1b", "llama-3.1-8b"))
-    rates = lambda js: sorted({j["served_rate"] for j in js if j.get("served_rate")})  # noqa: E731
+    def rates(js):
+        return sorted({j["served_rate"] for j in js if j.get("served_rate")})
+
+    def alone(js):  # a budget of one prompt, one output token, no piecewise graphs
+        return [(j["n"], j["prompt"]) for j in js
+                if j["output"] == 1 and j.get("max_num_tokens") == j["prompt"] and not j.get("piecewise")]
+
+    def chunked(js):
+        return [(j["prompt"], j["piecewise"]) for j in js if j["prompt"] > j.get("max_num_tokens", 1 << 30)]
+
     assert rates(one) == [36.0, 58.0] and rates(eight) == [10.0]
     assert sum(j.get("served_rate") == 58.0 for j in one) == 3
-    assert len([j for j in one if j.get("spaced_rate")]) == 3 and not any(j.get("spaced_rate") for j in eight)
-    chunked = lambda js: [(j["prompt"], j["piecewise"]) for j in js if j["prompt"] > j.get("max_num_tokens", 1 << 30)]  # noqa: E731
+    assert alone(one) == [(40, 128), (24, 768)] and alone(eight) == []
     assert chunked(one) == [(12288, False), (8192, True)] and chunked(eight) == [(12288, False)]
     rows, env = prof.measure_grid(model, str(tiny), processes=2, **small)
     labels = [r["workload"] for r in env["power_runs"]]
