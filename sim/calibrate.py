@@ -87,35 +87,13 @@ RUN_ROW_CAP = 300  # see fit()
 ROBUST_SCALE = 0.05
 
 
-# A step soon after the GPU idled runs its host part slower: on the H200 grids, decode steps
-# within 16 steps of a gap of over 5 ms took 0.40-0.57 ms of host (1B) where the served run's
-# steps in a long busy stretch took 0.24 (the CPU's clocks and caches coming back). The
-# designed points with arrival gaps (PREFIX_POINTS: every step of a request's 16 follows a
-# gap) and each run's first steps are such steps. The fit gives their host terms a factor of
-# their own (`fit_host`, ``cold``), so the profile's terms are a busy engine's.
-IDLE_GAP_S = 5e-3
-COLD_STEPS = 16
-
-
-def cold_steps(it) -> np.ndarray:
-    """Per iteration of one run (a frame with start_s, duration_s, in order): True within
-    COLD_STEPS iterations of the run's start or of a gap of over IDLE_GAP_S before it."""
-    start = it.start_s.to_numpy(dtype=float)
-    end = start + it.duration_s.to_numpy(dtype=float)
-    gap = np.ones(len(start), dtype=bool)
-    gap[1:] = start[1:] - end[:-1] > IDLE_GAP_S
-    since = np.arange(len(start)) - np.maximum.accumulate(np.where(gap, np.arange(len(start)), 0))
-    return since < COLD_STEPS
-
-
 def rows_from_iterations(name: str, it, host=None) -> list[dict]:
     """Calibration-grid rows (kind decode / prefill / mixed) of a run's iterations (a
     pandas frame of iterations.parquet); ``host(row)`` gives each row's ``host_s``.
     ``graph`` with ``padded``: a decode-only iteration's CUDA graph and its padded batch,
     or an iteration with context chunks run as piecewise graphs at ``padded`` tokens."""
     rows = []
-    cold = cold_steps(it) if host is not None and {"start_s", "duration_s"} <= set(it.columns) else None
-    for i, r in enumerate(it.itertuples(index=False)):
+    for r in it.itertuples(index=False):
         k, n = int(r.num_ctx_requests), int(r.num_gen_requests)
         real = n + (int(r.ctx_tokens) if k else 0)
         row = dict(kind="decode" if not k else "mixed" if n else "prefill", model=name, n_decode=n,
@@ -125,8 +103,6 @@ def rows_from_iterations(name: str, it, host=None) -> list[dict]:
                    time_s=float(r.duration_s), run=str(getattr(r, "workload", "")))
         if host is not None:
             row["host_s"] = host(r)
-        if cold is not None:
-            row["cold"] = int(cold[i])
         rows.append(row)
     return rows
 
@@ -207,24 +183,6 @@ def _processes(rows: list[dict]) -> np.ndarray:
     return np.array([order[k] for k in labels], dtype=int)
 
 
-def mark_cold(rows: list[dict], iterations) -> list[dict]:
-    """``rows`` of a grid measured before the ``cold`` column, each with its flag
-    (`cold_steps`) from the grid's iterations (``.iterations.parquet`` beside it; a row is
-    its run's iteration of the same measured time). Rows it cannot match stay warm."""
-    if iterations is None or not len(rows) or "cold" in rows[0] or "workload" not in iterations.columns:
-        return rows
-    flag: dict[tuple[str, float], int] = {}
-    for w, g in iterations.groupby("workload", sort=False):
-        for d, c in zip(g.duration_s.to_numpy(dtype=float), cold_steps(g)):
-            flag[(str(w), float(d))] = int(c)
-    return [{**r, "cold": flag.get((str(r.get("run", "")), float(r["time_s"])), 0)} for r in rows]
-
-
-def _cold(rows: list[dict]) -> np.ndarray:
-    """Each row's ``cold`` flag (`cold_steps`; 0 for grids without the column)."""
-    return np.array([1.0 if str(r.get("cold", "0")).strip() in ("1", "True", "true") else 0.0 for r in rows])
-
-
 def fit_host(rows: list[dict], with_speeds: bool = False):
     """Scheduler overhead -- fixed, per request and per new context token -- fitted to the
     rows' measured host time (``host_s``: the engine's scheduling and bookkeeping plus
@@ -239,19 +197,15 @@ def fit_host(rows: list[dict], with_speeds: bool = False):
     per_request * requests + per_token * tokens)`` with the speeds' geometric mean 1: the
     terms are those of a typical process, and a grid point that happened to run in a slow
     process does not tilt them (the served run, split over every process, ties the speeds
-    together). ``with_speeds``: also the speeds, one per process (index of `_processes`),
-    and the factor of the steps soon after an idle gap (rows with ``cold``, `cold_steps`:
-    ``speed[p] * factor * (...)``; 1 for a grid without both kinds of rows)."""
+    together). ``with_speeds``: also the speeds, one per process (index of `_processes`)."""
     keep = [r for r in rows if str(r.get("host_s", "")).strip() not in ("", "nan", "None")]
     if len(keep) < 3:
-        return (None, None, 1.0) if with_speeds else None
+        return (None, None) if with_speeds else None
     X = np.array([[1.0, int(float(r.get("n_decode") or 0)) + int(float(r.get("n_chunks") or 0)),
                    int(float(r.get("ctx_tokens") or 0))] for r in keep])
     h = np.array([float(r["host_s"]) for r in keep])
     proc = _processes(keep)
     k = int(proc.max()) + 1
-    cold = _cold(keep)
-    nc = 1 if 0 < cold.sum() < len(cold) else 0  # a cold-step factor where the grid has both kinds
     scale = np.maximum(X.max(axis=0), 1.0)  # solve in units where every column is O(1)
     Xs = X / scale
     x0 = np.linalg.lstsq(Xs, h, rcond=None)[0].clip(0)
@@ -262,40 +216,32 @@ def fit_host(rows: list[dict], with_speeds: bool = False):
         return np.exp(u)
 
     def res(z: np.ndarray) -> np.ndarray:
-        f = np.exp(z[3] * cold) if nc else 1.0
-        return speeds(z[3 + nc:])[proc] * f * (Xs @ z[:3]) - h
+        return speeds(z[3:])[proc] * (Xs @ z[:3]) - h
 
-    lo = np.concatenate([np.zeros(3 + nc), np.full(k - 1, -2.0)])
-    hi = np.concatenate([np.full(3, np.inf), np.full(nc, 2.0), np.full(k - 1, 2.0)])
+    lo = np.concatenate([np.zeros(3), np.full(k - 1, -2.0)])
+    hi = np.concatenate([np.full(3, np.inf), np.full(k - 1, 2.0)])
     from scipy.optimize import least_squares
 
-    sol = least_squares(res, np.concatenate([x0, np.full(nc, 0.1), np.zeros(k - 1)]), bounds=(lo, hi),
-                        loss="soft_l1", f_scale=f_scale)
+    sol = least_squares(res, np.concatenate([x0, np.zeros(k - 1)]), bounds=(lo, hi), loss="soft_l1",
+                        f_scale=f_scale)
     a, b, c = sol.x[:3] / scale
     terms = {"scheduler_overhead_s": float(a), "scheduler_overhead_per_request_s": float(b),
              "scheduler_overhead_per_context_token_s": float(c)}
-    if not with_speeds:
-        return terms
-    return terms, speeds(sol.x[3 + nc:]), float(np.exp(sol.x[3])) if nc else 1.0
+    return (terms, speeds(sol.x[3:])) if with_speeds else terms
 
 
 def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[IterationShape],
-            proc: np.ndarray | None = None, speeds: np.ndarray | None = None, tp: int = 1,
-            cold: np.ndarray | None = None, cold_factor: float = 1.0) -> np.ndarray:
+            proc: np.ndarray | None = None, speeds: np.ndarray | None = None, tp: int = 1) -> np.ndarray:
     """Prices of ``shapes`` (on ``tp`` GPUs); with ``proc`` and ``speeds`` (`fit_host`), each
-    shape's host terms (HOST_PARAMS) at the speed of the process it was measured in, and
-    with ``cold`` (0/1 per shape) those of the steps soon after an idle gap times
-    ``cold_factor``."""
-    mult = np.ones(len(shapes))
-    if proc is not None and speeds is not None and len(speeds) >= 2:
-        mult = mult * np.asarray(speeds)[proc]
-    if cold is not None and cold_factor != 1.0:
-        mult = mult * np.where(np.asarray(cold) > 0, cold_factor, 1.0)
+    shape's host terms (HOST_PARAMS) at the speed of the process it was measured in."""
+    if proc is None or speeds is None or len(speeds) < 2:
+        cm = _model_for(model, hw, params, tp=tp)
+        return np.asarray([cm.price(s) for s in shapes])
     out = np.empty(len(shapes))
-    for m in np.unique(mult):
-        idx = np.flatnonzero(mult == m)
-        p = params if m == 1.0 else {**params, **{k: params[k] * m for k in HOST_PARAMS if params.get(k) is not None}}
-        cm = _model_for(model, hw, p, tp=tp)
+    for p, sp in enumerate(speeds):
+        idx = np.flatnonzero(proc == p)
+        cm = _model_for(model, hw, {**params, **{k: params[k] * sp for k in HOST_PARAMS if params.get(k) is not None}},
+                        tp=tp)
         out[idx] = [cm.price(shapes[i]) for i in idx]
     return out
 
@@ -322,12 +268,11 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     lo = np.log([p[1] for p in PARAMS])
     hi = np.log([p[2] for p in PARAMS])
     z0 = np.log([p[3] for p in PARAMS])
-    sched, speeds, cold_factor = fit_host(rows, with_speeds=True)
+    sched, speeds = fit_host(rows, with_speeds=True)
     sched = sched or {}
     proc = _processes(rows)  # each row's host terms at its process's speed (fit_host)
     if speeds is not None and len(speeds) != int(proc.max()) + 1:  # rows without host times
         speeds = None
-    cold = _cold(rows)  # and the steps soon after an idle gap at their factor
     if gemm:
         sched = {**sched, "gemm_times": gemm}  # fixed during the fit, like the host terms
     if fixed:
@@ -358,10 +303,10 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
     no_sched = dict.fromkeys(SCHED, 0.0)
 
     def predict_target(p: dict) -> np.ndarray:
-        out = predict(model, hw, p, shapes, proc, speeds, tp, cold, cold_factor)
+        out = predict(model, hw, p, shapes, proc, speeds, tp)
         if split.any():
             gpu = predict(model, hw, {**p, **no_sched}, [s for s, m in zip(shapes, split) if m],
-                          proc[split] if proc is not None else None, speeds, tp, cold[split], cold_factor)
+                          proc[split] if proc is not None else None, speeds, tp)
             out[split] = gpu
         return out
 
@@ -382,13 +327,11 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         if sol.cost < best_cost:
             best, best_cost = sol.x, sol.cost
     params = params_of(best)
-    pred = predict(model, hw, params, shapes, proc, speeds, tp, cold, cold_factor)
+    pred = predict(model, hw, params, shapes, proc, speeds, tp)
     err = pred / times - 1
     stats = {
         "points": len(times),
         **({"process_host_speeds": [round(float(v), 4) for v in speeds]} if speeds is not None and len(speeds) > 1
-           else {}),
-        **({"cold_step_host_factor": round(cold_factor, 4), "cold_steps": int(cold.sum())} if cold_factor != 1.0
            else {}),
         "mape": float(np.mean(np.abs(err))),
         "max_abs_rel_err": float(np.max(np.abs(err))),
@@ -665,7 +608,6 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
             import pandas as pd
 
             grid_its = pd.read_parquet(its_path)
-        rows = mark_cold(rows, grid_its)
         env = {}
         source = str(grid)
         grid_bytes = grid.read_bytes()

@@ -330,7 +330,7 @@ def test_host_fit_separates_process_speeds(speeds, seed):
     for i, (n, k, t) in enumerate(((256, 0, 0), (128, 0, 0), (0, 2, 8192), (64, 1, 2048), (1, 0, 0))):
         p = int(rng.integers(0, len(s)))  # a grid point in one process
         rows += [dict(n_decode=n, n_chunks=k, ctx_tokens=t, process=p, host_s=s[p] * (a + b * (n + k) + c * t))] * 10
-    terms, got, _ = fit_host(rows, with_speeds=True)
+    terms, got = fit_host(rows, with_speeds=True)
     assert terms["scheduler_overhead_s"] == pytest.approx(a, rel=0.02)
     assert terms["scheduler_overhead_per_request_s"] == pytest.approx(b, rel=0.02)
     assert terms["scheduler_overhead_per_context_token_s"] == pytest.approx(c, rel=0.02)
