@@ -80,7 +80,7 @@ SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 # designed offline points (equal KV lengths, a host part 1.5-2x a served run's). Small models
 # only (None: none): the 8B's served run already reaches batch 60-100, and its grid is the
 # long pole of a device call.
-SERVED_HIGH_POINTS = {"small": (450, 58.0, 700, 180), "large": None}
+SERVED_HIGH_POINTS = {"small": (360, 58.0, 700, 180), "large": None}
 # (requests, prompt): warm prompt-only steps, small models only (the drafter's eager pass
 # over a joining prompt; the eager context iteration of a decode-graph run): offline, one
 # output token, a token budget of one prompt, so every iteration is one prompt alone as an

@@ -171,7 +171,8 @@ def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = 
 
 
 # the parameters that are host (CPU) time: a process's host speed scales them all
-HOST_PARAMS = ("host_overhead_eager_s", "host_overhead_eager_decode_s", "host_overhead_context_s", "host_overhead_graph_s",
+HOST_PARAMS = ("host_overhead_eager_s", "host_overhead_eager_decode_s", "host_overhead_context_s",
+               "host_overhead_graph_s",
                "host_overhead_piecewise_s", "host_overhead_piecewise_decode_s", *SCHED)
 
 
