@@ -402,6 +402,9 @@ def main() -> int:
             profiler.PIECEWISE_POINTS = [(4, 32, 6, 40)]
             profiler.PREFIX_POINTS = [(3, 64, 16, 4, 48)]
             profiler.SERVED_POINTS = {"small": (12, 40.0, 48, 8), "large": (12, 40.0, 48, 8)}
+            profiler.SERVED_HIGH_POINTS = {"small": (12, 80.0, 48, 8), "large": None}
+            profiler.PROMPT_POINTS = [(4, 24)]
+            profiler.CHUNKED_POINTS = [(2, 120, 4, 40, False), (2, 120, 4, 40, True)]
             if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
                 sweep = profiler.gemm_sweep
 
@@ -437,7 +440,9 @@ def main() -> int:
     for m in models:
         plan.append(("1", f"calibrate {m}", 90 if m == "8b" else 60, lambda m=m: calibrate(m, "profiles")))
     for m in models:
-        plan.append(("2", f"fidelity runs {m}", 120, lambda m=m: run(m, ["online-low", "online-high", "offline"], "runs")))
+        # measured on an H200: 99 s (8b), 73 s (1b), call 20261202-1830 / -1857
+        plan.append(("2", f"fidelity runs {m}", 110 if m == "8b" else 85,
+                     lambda m=m: run(m, ["online-low", "online-high", "offline"], "runs")))
     for m in models:
         plan.append(("3", f"calibrate {m} again", 90 if m == "8b" else 55, lambda m=m: calibrate(m, "profiles_repeat")))
     for m in models:

@@ -1,7 +1,8 @@
 """Measure a calibration grid on the GPU with the real engine and executor.
 
 Each grid point (`DECODE_POINTS`, `MIXED_POINTS`, `PIECEWISE_POINTS`, `PREFIX_POINTS`,
-`SERVED_POINTS`, `PREFILL_POINTS`; `POWER_POINTS` for the power model only) is a small
+`PROMPT_POINTS`, `CHUNKED_POINTS`, `SERVED_POINTS` / `SERVED_HIGH_POINTS`, `PREFILL_POINTS`;
+`POWER_POINTS` for the power model only) is a small
 designed workload run by `simulate_gpu`, so the measured iterations cost what they cost in
 a `--backend gpu` run; each row splits off the host's part for the fit of the scheduler
 overhead. `measure_grid` heats the GPU up, measures its idle power, times every
@@ -72,6 +73,29 @@ PREFIX_RATE = 8.0
 # thousands of steps where a short grid run samples it once (the speed also differs
 # between processes: benchmarks/results/host_probe.md). Not a fidelity workload: synthetic arrivals and lengths.
 SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
+# A second served run at the load of the 1B's busiest fidelity workload (1b-online-high, 55
+# req/s): the decode steps of the served run above sit at batch 8-20, the 1B's fidelity runs
+# spend 44% (online-high) to 52% (online-low) of their busy time in decode steps at 33-96
+# requests (their iteration tables, 20261202-1857-h200-sxm), where the grid had only the
+# designed offline points (equal KV lengths, a host part 1.5-2x a served run's). Small models
+# only (None: none): the 8B's grid is the long pole of a device call (220 s of its ~545), and
+# its decode steps at 33-128 requests, priced from the designed points, are within 2.8-4%.
+SERVED_HIGH_POINTS = {"small": (360, 58.0, 700, 180), "large": None}
+# (requests, prompt): warm prompt-only steps, small models only (the drafter's eager pass
+# over a joining prompt; the eager context iteration of a decode-graph run): offline, one
+# output token, a token budget of one prompt, so every iteration is one prompt alone as an
+# eager prefill, back to back. PREFILL_POINTS' rows are each their run's first iteration
+# (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run their host part
+# ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap of 5 ms), so no
+# arrival gaps here. They identify host_overhead_eager_decode_s (an eager pass without
+# decodes launches no decode attention).
+PROMPT_POINTS = [(40, 128), (24, 768)]
+# (requests, prompt, output, max_num_tokens, piecewise): prompts several budgets long, so
+# successive chunks of one prompt attend to 0, 1, 2, ... budgets of earlier chunks (the
+# long-conversation iterations whose (requests, tokens) key is the same at very different
+# attended context: S11's Mooncake gap), beside the decodes of the requests before. The
+# first eager (4096-token chunks), the second piecewise (2048, small models only).
+CHUNKED_POINTS = [(6, 12288, 8, 4096, False), (8, 8192, 8, 2048, True)]
 SKIP_FIRST = 2  # iterations of each run left out (the first steps after the warm-up)
 # Row counts of the GEMM sweep: the decode graphs' small batches, every multiple of 16 up to
 # 2048 (the piecewise graphs' padded sizes; cuBLAS's tiles are 64-256 rows, so a step in
@@ -149,9 +173,20 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     return it, run
 
 
+def _small(model: ModelSpec) -> bool:
+    """Below ~3B parameters: the grid's "small" points."""
+    return model.weight_bytes < 6e9
+
+
 def served_point(model: ModelSpec) -> tuple[int, float, int, int]:
     """The served run for this model: the small point below ~3B parameters."""
-    return SERVED_POINTS["small" if model.weight_bytes < 6e9 else "large"]
+    return SERVED_POINTS["small" if _small(model) else "large"]
+
+
+def served_points_of(model: ModelSpec) -> list[tuple[int, float, int, int]]:
+    """The served runs for this model: `served_point` and its `SERVED_HIGH_POINTS` one, if any."""
+    high = SERVED_HIGH_POINTS.get("small" if _small(model) else "large")
+    return [served_point(model), *([high] if high else [])]
 
 
 def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, reps: int = 5,
@@ -241,7 +276,7 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
 
 def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_points=None,
               piecewise_points=None, served_points=None, processes: int = 1, power_points=None,
-              prefix_points=None, tp: int = 1) -> list[dict]:
+              prefix_points=None, tp: int = 1, prompt_points=None, chunked_points=None) -> list[dict]:
     """The grid's runs, in order: each a dict of `_run`'s keyword arguments plus ``keep``
     (which iterations become rows: all but the first SKIP_FIRST, the prefills only, or none
     for the power model's runs).
@@ -261,7 +296,15 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
     for n, prefix, new, output, budget in (PREFIX_POINTS if prefix_points is None else prefix_points):
         jobs.append(dict(n=n, prompt=new, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
                          prefix=prefix, keep="skip"))
-    for n, rate, prompt, output in ([served_point(model)] if served_points is None else served_points):
+    small = _small(model)
+    for n, prompt in ((PROMPT_POINTS if small else []) if prompt_points is None else prompt_points):
+        jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, max_num_tokens=prompt, keep="skip"))
+    for n, prompt, output, budget, pw in (CHUNKED_POINTS if chunked_points is None else chunked_points):
+        if pw and not small and chunked_points is None:
+            continue
+        jobs.append(dict(n=n, prompt=prompt, output=output, graphs=True, max_num_tokens=budget, piecewise=pw,
+                         keep="skip"))
+    for n, rate, prompt, output in (served_points_of(model) if served_points is None else served_points):
         k = max(1, min(processes, n))
         for part in range(k):
             jobs.append(dict(n=n // k + (part < n % k), prompt=prompt, output=output, graphs=True, piecewise=True,
@@ -328,7 +371,8 @@ def _run_in_processes(ref: str, hardware: str, jobs: list[dict], processes: int)
 def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str = "h100-sxm",
                  decode_points=None, prefill_points=None, mixed_points=None,
                  piecewise_points=None, served_points=None, processes: int = 1,
-                 power_points=None, prefix_points=None, tp: int = 1,
+                 power_points=None, prefix_points=None, tp: int = 1, prompt_points=None,
+                 chunked_points=None,
                  gemm_precisions: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
@@ -381,7 +425,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
         return float(r.duration_s - r.exec_s + r.prep_s)
 
     jobs = grid_jobs(model, decode_points, prefill_points, mixed_points, piecewise_points, served_points,
-                     processes, power_points, prefix_points, tp)
+                     processes, power_points, prefix_points, tp, prompt_points, chunked_points)
     results = (run_jobs(ref, hardware, jobs) if processes <= 1 else
                _run_in_processes(ref, hardware, jobs, processes))
     k = max(1, processes)

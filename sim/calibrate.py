@@ -57,6 +57,9 @@ PARAMS = (
     ("prefill_attention_program_speed", 0.05, 1.5, 0.5),
     ("host_overhead_eager_s", 1e-5, 0.1, 1e-2),
     ("host_overhead_context_s", 1e-5, 0.1, 2e-3),
+    # beside decodes: the decode attention's split and reduce kernels in every layer, which a
+    # prompt-only eager pass does not launch (as host_overhead_piecewise_decode_s)
+    ("host_overhead_eager_decode_s", 1e-5, 0.1, 2e-3),
     ("host_overhead_graph_s", 1e-6, 5e-3, 1e-4),
     # gpu_bench section 9 measured 0.76-0.99 (median 0.96) on forward passes with one chunk
     ("context_launch_overlap", 1e-3, 1.0, 0.9),
@@ -168,7 +171,8 @@ def _model_for(model: ModelSpec, hw: HardwareSpec, params: dict, graphs: bool = 
 
 
 # the parameters that are host (CPU) time: a process's host speed scales them all
-HOST_PARAMS = ("host_overhead_eager_s", "host_overhead_context_s", "host_overhead_graph_s",
+HOST_PARAMS = ("host_overhead_eager_s", "host_overhead_eager_decode_s", "host_overhead_context_s",
+               "host_overhead_graph_s",
                "host_overhead_piecewise_s", "host_overhead_piecewise_decode_s", *SCHED)
 
 

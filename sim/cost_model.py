@@ -288,6 +288,12 @@ class RooflineConfig(BaseModel):
     eager_launch_overlaps_gpu: bool = Field(
         True, description="eager launches overlap the GPU work (max) instead of adding to it"
     )
+    host_overhead_eager_decode_s: float = Field(
+        0.0, ge=0, description="additional launch time of an eager iteration with generation requests: the "
+        "decode attention's kernels (split and reduce) in every layer, which an eager pass over context chunks "
+        "alone (a prompt, a draft model's pass over a joining prompt) does not launch. 0: host_overhead_eager_s "
+        "is the launch time of every eager iteration (profiles fitted before the term)"
+    )
     host_overhead_context_s: float = Field(
         0.0, ge=0, description="additional launch time of an eager iteration with context chunks (prefill "
         "attention beside or instead of decode attention, the concatenation of their outputs)"
@@ -445,6 +451,7 @@ class RooflineCostModel:
             else cfg.eager_launch_base_s + cfg.eager_launch_per_layer_s * L
         )
         self._host_ctx = cfg.host_overhead_context_s
+        self._host_eager_dec = cfg.host_overhead_eager_decode_s
         self._eager_overlap = cfg.eager_launch_overlaps_gpu
         self._ctx_overlap = cfg.context_launch_overlap
         self._host_graph = cfg.host_overhead_graph_s
@@ -566,7 +573,7 @@ class RooflineCostModel:
             if with_decode:
                 h += self._host_pw_dec
         else:
-            h = self._host_eager + self._host_ctx if context else self._host_eager
+            h = self._eager_work(context, with_decode)
         if not self._eager_overlap:
             return h
         hidden = gpu_rest if gpu_rest < h else h
@@ -578,7 +585,14 @@ class RooflineCostModel:
             return self._host_graph
         if piecewise:
             return self._host_pw + self._host_pw_dec if with_decode else self._host_pw
-        return self._host_eager + self._host_ctx if context else self._host_eager
+        return self._eager_work(context, with_decode)
+
+    def _eager_work(self, context: bool, with_decode: bool) -> float:
+        """An eager iteration's launch work: the common kernels, the prefill attention's beside
+        context chunks, the decode attention's beside generation requests (an iteration without
+        chunks always has them)."""
+        h = self._host_eager + self._host_ctx if context else self._host_eager
+        return h + self._host_eager_dec if (with_decode or not context) else h
 
     def _sched(self, n_requests: int, ctx_tokens: int) -> float:
         return self._sched_fixed + self._sched_req * n_requests + self._sched_tok * ctx_tokens

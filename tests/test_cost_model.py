@@ -182,6 +182,35 @@ def test_host_overhead_context_only_in_eager_context_iterations():
     assert more.price(big) == pytest.approx(base.price(big), rel=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(ctx=st.integers(0, 3000), n=st.integers(0, 256), kv=st.integers(1, 4000), extra=st.floats(1e-5, 5e-3),
+       overlap=st.booleans(), graph=st.booleans())
+def test_eager_decode_launch_only_beside_generation_requests(ctx, n, kv, extra, overlap, graph):
+    """host_overhead_eager_decode_s is the decode attention's launches of an eager iteration:
+    an eager iteration with generation requests pays it (all of it when nothing hides the
+    launches), one of context chunks alone (a prompt, a drafter's pass over one) and every
+    CUDA-graph or piecewise iteration does not."""
+    if ctx == 0 and n == 0:
+        n = 1
+    cfg = RooflineConfig(host_overhead_eager_s=5e-3, host_overhead_context_s=1e-3, host_overhead_piecewise_s=3e-3,
+                         eager_launch_overlaps_gpu=overlap)
+    base = RooflineCostModel(M8, H100, cfg)
+    more = RooflineCostModel(M8, H100, RooflineConfig(**{**cfg.model_dump(), "host_overhead_eager_decode_s": extra}))
+    s = prefill(ctx, sampling=1, n_decode=n, kv_sum=n * kv) if ctx else decode(n, kv, graph=graph,
+                                                                                 padded=n if graph else 0)
+    d = more.price(s) - base.price(s)
+    if (ctx and n == 0) or (not ctx and graph):
+        assert d == 0
+    elif not overlap:
+        assert d == pytest.approx(extra, rel=1e-9)
+    else:
+        assert 0 <= d <= extra * (1 + 1e-9)
+    if ctx:
+        pw = IterationShape(**{**{f: getattr(s, f) for f in s.__slots__}, "piecewise_tokens": ctx + n})
+        assert more.price(pw) == base.price(pw)
+    assert sum(more.breakdown(s).values()) == pytest.approx(more.price(s), rel=1e-9)
+
+
 def test_piecewise_graphs_pad_token_work_and_cut_launches():
     """A piecewise-graph iteration: the token-wise terms at the padded count, attention and
     the sampled rows at the real ones, and its own (smaller) launch overhead."""
