@@ -257,7 +257,7 @@ class Engine:
             return False
         kv = self.kv
         headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
-        while self.waiting and self.n_active() < cfg.max_batch_size:
+        while self.waiting and len(self.context) + self.n_dec < cfg.max_batch_size:  # (n_active)
             if cfg.order is not None and not self.waiting[0].preemptions:
                 self._pick_next(cutoff)
             req = self.waiting[0]
@@ -499,9 +499,9 @@ class Engine:
         if copies:
             kv.pending_copies = []
         shape = IterationShape(
-            ctx_new_tokens=tuple(c.num_tokens for c in chunks),
-            ctx_prior_tokens=tuple(c.prior_tokens for c in chunks),
-            n_ctx_sampling=sum(1 for c in chunks if c.is_last),
+            ctx_new_tokens=tuple([c.num_tokens for c in chunks]),
+            ctx_prior_tokens=tuple([c.prior_tokens for c in chunks]),
+            n_ctx_sampling=sum([c.is_last for c in chunks]),
             n_decode=n_dec,
             decode_kv_sum=self.off_sum + n_dec * it,
             graph=padded > 0,
