@@ -85,6 +85,7 @@ def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = F
             subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
         cmds[label] = (cmd, env, tree, out)
     walls: dict[str, list[float]] = {label: [] for label, _ in trees}
+    cpus: dict[str, list[float]] = {label: [] for label, _ in trees}  # user + system seconds
     rss: dict[str, int] = {label: 0 for label, _ in trees}
     for _ in range(repeats):  # a shared 2-core machine is noisy: report the median
         for label, (cmd, env, tree, out) in cmds.items():
@@ -98,6 +99,7 @@ def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = F
             if proc.returncode != 0:
                 raise SystemExit(f"sim run failed for x{mult} ({label}):\n{log.read_text()}")
             rss[label] = max(rss[label], ru.ru_maxrss)
+            cpus[label].append(ru.ru_utime + ru.ru_stime)
     rows = []
     for label, (cmd, env, tree, out) in cmds.items():
         wall = float(np.median(walls[label]))
@@ -107,6 +109,7 @@ def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = F
             "iterations": summ["num_iterations"],
             "wall_s": wall,
             "wall_min_s": min(walls[label]),
+            "cpu_s": float(np.median(cpus[label])),
             "sim_s": summ["wall_s"],
             "req_per_wall_s": summ["num_requests"] / wall,
             "iter_per_wall_s": summ["num_iterations"] / wall,
@@ -156,15 +159,15 @@ def main() -> None:
                     r["mult"] = m
                     rows.append(r)
                     print(f"x{m} ({r['code']}, bytecode cached): {r['wall_s']:.2f} s", file=sys.stderr)
-    head = ("| trace | code | Python bytecode | requests | iterations | wall s (process, median) | min | "
+    head = ("| trace | code | Python bytecode | requests | iterations | wall s (process, median) | min | CPU s (median) | "
             "of which simulate+records s | requests / wall s | iterations / wall s | peak RSS MB | vs Vidur 52 s |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         vs = f"{VIDUR_WALL_S / r['wall_s']:.0f}x faster" if r["mult"] == 1 else "-"
         bc = "cached" if r["bytecode"] == "cached" else "compiled each run"
         code = args.baseline_name if r["code"] == "baseline" else "this commit"
         lines.append(f"| {r['mult']}x | {code} | {bc} | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
-                     f"{r['wall_min_s']:.2f} | "
+                     f"{r['wall_min_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{r['sim_s']:.2f} | {r['req_per_wall_s']:,.0f} | {r['iter_per_wall_s']:,.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {vs} |")
     table = "\n".join(lines)
@@ -180,7 +183,8 @@ def main() -> None:
             "trace lengths (tiled for 2x/4x). Wall time is the whole `sim run` process: start-up, "
             "imports, trace loading, simulation, writing the Parquet outputs (plots off; records "
             "streamed, sim/stream.py); median and minimum of "
-            f"{args.repeats} runs each. Python bytecode: 'compiled each run' is this machine's "
+            f"{args.repeats} runs each; CPU s: the process's user + system time (less sensitive than the "
+            "wall time to other work on the machine, not to it sharing the cores' caches). Python bytecode: 'compiled each run' is this machine's "
             "environment (PYTHONDONTWRITEBYTECODE=1: servesim's modules compiled from source by every "
             "process), 'cached' Python's default bytecode cache (here in a scratch folder, "
             "PYTHONPYCACHEPREFIX; filled by one run first; what a `pip install` gives: it compiles the "
