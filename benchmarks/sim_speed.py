@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,42 +61,70 @@ def tiled_trace(mult: int, out: Path) -> Path:
     return path
 
 
-def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = False) -> dict:
+def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = False,
+            baseline: Path | None = None) -> list[dict]:
+    """The `sim run` process of the `mult`x trace, `repeats` times: its row. With
+    `baseline` (another source tree of servesim, e.g. `git archive` of an older commit),
+    that tree's runs alternate with this checkout's (the same moments of a shared
+    machine's load) and its row comes first."""
     trace = tiled_trace(mult, work) if mult > 1 else "azure_conv"
     exp = work / f"x{mult}.yaml"
     exp.write_text(EXPERIMENT.format(mult=mult, trace=trace, rate=rate))
-    out = work / f"run_x{mult}"
-    env = {**os.environ, "COLUMNS": "200"}
-    if bytecode:  # a cache of its own (the source tree stays as it is, and the other row uncached)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    cmd = [sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--out", str(out)]
-    if bytecode:  # fill the cache first (not counted)
-        subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    walls = []
+    trees = ([("baseline", Path(baseline).resolve())] if baseline is not None else []) + [("this", REPO)]
+    cmds = {}
+    for label, tree in trees:
+        out = work / f"run_x{mult}_{label}"
+        env = {**os.environ, "COLUMNS": "200"}
+        if tree != REPO:  # the package imported from that tree (servesim/__init__.py maps its folders)
+            env["PYTHONPATH"] = str(tree)
+        if bytecode:  # a cache of its own (the source tree stays as it is, and the other row uncached)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(work / f"pycache_{label}")
+        cmd = [sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--out", str(out)]
+        if bytecode:  # fill the cache first (not counted)
+            subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+        cmds[label] = (cmd, env, tree, out)
+    walls: dict[str, list[float]] = {label: [] for label, _ in trees}
+    cpus: dict[str, list[float]] = {label: [] for label, _ in trees}  # user + system seconds
+    rss: dict[str, int] = {label: 0 for label, _ in trees}
     for _ in range(repeats):  # a shared 2-core machine is noisy: report the median
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        walls.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            raise SystemExit(f"sim run failed for x{mult}:\n{proc.stdout}\n{proc.stderr}")
-    wall = float(np.median(walls))
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    summ = json.loads((out / "base" / "summary.json").read_text())
-    return {
-        "requests": summ["num_requests"],
-        "iterations": summ["num_iterations"],
-        "wall_s": wall,
-        "wall_min_s": min(walls),
-        "sim_s": summ["wall_s"],
-        "req_per_wall_s": summ["num_requests"] / wall,
-        "iter_per_wall_s": summ["num_iterations"] / wall,
-        "peak_rss_mb": max(rss, before) / 1024,
-        "simulated_s": summ["duration_s"],
-        "tpot_p50_ms": summ["tpot_s"]["p50"] * 1e3,
-        "bytecode": "cached" if bytecode else ("off" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "cached"),
-    }
+        for label, (cmd, env, tree, out) in cmds.items():
+            log = work / f"x{mult}_{label}.log"
+            with log.open("w") as fh:
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tree)
+                _, status, ru = os.wait4(proc.pid, 0)  # (its own peak RSS, not the largest child's so far)
+                walls[label].append(time.perf_counter() - t0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"sim run failed for x{mult} ({label}):\n{log.read_text()}")
+            rss[label] = max(rss[label], ru.ru_maxrss)
+            cpus[label].append(ru.ru_utime + ru.ru_stime)
+    rows = []
+    for label, (cmd, env, tree, out) in cmds.items():
+        wall = float(np.median(walls[label]))
+        summ = json.loads((out / "base" / "summary.json").read_text())
+        rows.append({
+            "requests": summ["num_requests"],
+            "iterations": summ["num_iterations"],
+            "wall_s": wall,
+            "wall_min_s": min(walls[label]),
+            "cpu_s": float(np.median(cpus[label])),
+            "sim_s": summ["wall_s"],
+            "req_per_wall_s": summ["num_requests"] / wall,
+            "iter_per_wall_s": summ["num_iterations"] / wall,
+            "peak_rss_mb": rss[label] / 1024,
+            "simulated_s": summ["duration_s"],
+            "tpot_p50_ms": summ["tpot_s"]["p50"] * 1e3,
+            "bytecode": "cached" if bytecode else ("off" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "cached"),
+            "code": label,
+            "summary": summ,
+        })
+    if len(rows) == 2:  # the same run: the same results (wall time apart)
+        a, b = ({k: v for k, v in r["summary"].items() if k != "wall_s"} for r in rows)
+        if a != b:
+            raise SystemExit(f"x{mult}: the baseline tree's summary differs from this checkout's")
+    return rows
 
 
 def main() -> None:
@@ -109,6 +136,12 @@ def main() -> None:
                     help="measure the whole trace only as the environment is (no bytecode-cached row)")
     ap.add_argument("--write", help="the table's file (default: sim_speed.md in benchmarks/out/, or in "
                                     "benchmarks/results/ with --write-results; '' for none)")
+    ap.add_argument("--baseline", type=Path,
+                    help="another source tree of servesim (e.g. `git archive BASE | tar -x -C DIR`): its runs of "
+                         "the whole trace alternate with this checkout's, a row each (a before/after under the "
+                         "same load)")
+    ap.add_argument("--note", default="", help="a sentence for the table's header (the machine's load)")
+    ap.add_argument("--baseline-name", default="baseline", help="what the table calls the baseline (its commit)")
     add_write_results(ap)
     args = ap.parse_args()
     if args.write is None:
@@ -116,23 +149,25 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in [int(x) for x in args.mults.split(",")]:
-            r = run_one(m, Path(tmp), args.rate, args.repeats)
-            r["mult"] = m
-            rows.append(r)
-            print(f"x{m}: {r['wall_s']:.2f} s", file=sys.stderr)
-            if m == 1 and os.environ.get("PYTHONDONTWRITEBYTECODE") and not args.no_bytecode_row:
-                r = run_one(m, Path(tmp), args.rate, args.repeats, bytecode=True)
+            base = args.baseline if m == 1 else None  # (the whole trace: the row the target is about)
+            for r in run_one(m, Path(tmp), args.rate, args.repeats, baseline=base):
                 r["mult"] = m
                 rows.append(r)
-                print(f"x{m} (bytecode cached): {r['wall_s']:.2f} s", file=sys.stderr)
-    head = ("| trace | Python bytecode | requests | iterations | wall s (process, median) | min | "
+                print(f"x{m} ({r['code']}): {r['wall_s']:.2f} s", file=sys.stderr)
+            if m == 1 and os.environ.get("PYTHONDONTWRITEBYTECODE") and not args.no_bytecode_row:
+                for r in run_one(m, Path(tmp), args.rate, args.repeats, bytecode=True, baseline=base):
+                    r["mult"] = m
+                    rows.append(r)
+                    print(f"x{m} ({r['code']}, bytecode cached): {r['wall_s']:.2f} s", file=sys.stderr)
+    head = ("| trace | code | Python bytecode | requests | iterations | wall s (process, median) | min | CPU s (median) | "
             "of which simulate+records s | requests / wall s | iterations / wall s | peak RSS MB | vs Vidur 52 s |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         vs = f"{VIDUR_WALL_S / r['wall_s']:.0f}x faster" if r["mult"] == 1 else "-"
         bc = "cached" if r["bytecode"] == "cached" else "compiled each run"
-        lines.append(f"| {r['mult']}x | {bc} | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
-                     f"{r['wall_min_s']:.2f} | "
+        code = args.baseline_name if r["code"] == "baseline" else "this commit"
+        lines.append(f"| {r['mult']}x | {code} | {bc} | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
+                     f"{r['wall_min_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{r['sim_s']:.2f} | {r['req_per_wall_s']:,.0f} | {r['iter_per_wall_s']:,.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {vs} |")
     table = "\n".join(lines)
@@ -148,10 +183,15 @@ def main() -> None:
             "trace lengths (tiled for 2x/4x). Wall time is the whole `sim run` process: start-up, "
             "imports, trace loading, simulation, writing the Parquet outputs (plots off; records "
             "streamed, sim/stream.py); median and minimum of "
-            f"{args.repeats} runs each. Python bytecode: 'compiled each run' is this machine's "
+            f"{args.repeats} runs each; CPU s: the process's user + system time (less sensitive than the "
+            "wall time to other work on the machine, not to it sharing the cores' caches). Python bytecode: 'compiled each run' is this machine's "
             "environment (PYTHONDONTWRITEBYTECODE=1: servesim's modules compiled from source by every "
             "process), 'cached' Python's default bytecode cache (here in a scratch folder, "
-            "PYTHONPYCACHEPREFIX; filled by one run first).\n\n"
+            "PYTHONPYCACHEPREFIX; filled by one run first; what a `pip install` gives: it compiles the "
+            "package's bytecode at install time)."
+            + (f" Baseline rows: {args.baseline_name}, its runs alternating with this commit's (the same "
+               "moments of the machine's load)." if args.baseline else "")
+            + (f" {args.note}" if args.note else "") + "\n\n"
             + table + "\n")
 
 

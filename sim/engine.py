@@ -257,7 +257,7 @@ class Engine:
             return False
         kv = self.kv
         headroom = self.hist[(-self.g) % self.tpb] if self.n_dec else 0
-        while self.waiting and self.n_active() < cfg.max_batch_size:
+        while self.waiting and len(self.context) + self.n_dec < cfg.max_batch_size:  # (n_active)
             if cfg.order is not None and not self.waiting[0].preemptions:
                 self._pick_next(cutoff)
             req = self.waiting[0]
@@ -436,7 +436,7 @@ class Engine:
         cutoff = now  # requests that arrived after it wait for a later iteration
         if self.context or self.n_dec:  # (with nothing to run, nothing was decided ahead)
             cutoff = self.executor.admits_arrivals_until(now, self._last_start, self._last_end)
-        if self._admit(now, cutoff):
+        if self.waiting and self._admit(now, cutoff):
             horizon = now  # one iteration: the next decides on the arrivals held back
         if (self.context or self.n_dec == 0 or self.kv.pending_onboard or self.pending_swap_out
                 or self.cfg.speculation is not None):
@@ -499,9 +499,9 @@ class Engine:
         if copies:
             kv.pending_copies = []
         shape = IterationShape(
-            ctx_new_tokens=tuple(c.num_tokens for c in chunks),
-            ctx_prior_tokens=tuple(c.prior_tokens for c in chunks),
-            n_ctx_sampling=sum(1 for c in chunks if c.is_last),
+            ctx_new_tokens=tuple([c.num_tokens for c in chunks]),
+            ctx_prior_tokens=tuple([c.prior_tokens for c in chunks]),
+            n_ctx_sampling=sum([c.is_last for c in chunks]),
             n_decode=n_dec,
             decode_kv_sum=self.off_sum + n_dec * it,
             graph=padded > 0,
@@ -549,8 +549,9 @@ class Engine:
                     self._finish(req, blocks_for(req.context_target, tpb))
                 else:
                     self._enter_generation(req, it)
-        self._pop_finishes(it)
-        ev, off = self._cache_counters()
+        if self.finish_heap and self.finish_heap[0][0] <= it:
+            self._pop_finishes(it)
+        ev, off = self._cache_counters() if self.cache is not None else (0, 0)
         self.rows.append(IterationRecord(
             iteration=it, start_s=now, duration_s=self.executor.iteration_duration(now, result),
             num_ctx_requests=len(chunks), num_gen_requests=n_dec, ctx_tokens=ctx_tokens,
@@ -692,7 +693,10 @@ class Engine:
             return None
         fixed, per_kv = plan
         kv0 = self.off_sum + n * g0
-        K = self._next_finish() - g0 + 1
+        heap = self.finish_heap  # the next finish: its top entry when current, else _next_finish
+        top = heap[0] if heap else None
+        K = (top[0] if top is not None and top[2].phase == Phase.GENERATION and top[2].finish_iter == top[0]
+             else self._next_finish()) - g0 + 1
         if horizon < INF:  # at least one: a horizon at `now` asks for exactly one
             K = min(K, max(1, _iterations_before(max(horizon - now, 0.0), fixed, per_kv, kv0, n)))
         hist = self.hist
@@ -703,21 +707,26 @@ class Engine:
                 return None
         total = K * fixed + per_kv * (K * kv0 + n * K * (K - 1) / 2)
         full, part = divmod(K, tpb)
-        new_blocks = full * n
-        for j in range(part):
-            new_blocks += hist[(p0 - j) % tpb]
-        used0 = self.kv.used
+        # the last `part` iterations' new blocks: residues p0, p0 - 1, ... (mod tpb), whole
+        # slices of the histogram (integers: the same sum as one by one)
+        if part <= p0 + 1:
+            new_blocks = full * n + sum(hist[p0 + 1 - part:p0 + 1])
+        else:
+            new_blocks = full * n + sum(hist[:p0 + 1]) + sum(hist[tpb - (part - p0 - 1):])
+        kv = self.kv
+        used0 = kv.used
         # Blocks the whole stretch needs are taken (evicting cached ones) at its start: no
         # lookup can happen inside a stretch, so reuse is unaffected; only the iteration an
         # eviction is recorded at moves to the stretch's first.
-        self.kv.grow(new_blocks)
-        ev, off = self._cache_counters()
-        self.stretches.append(StretchRecord(
-            g0=g0, K=K, t0=now, fixed=fixed, per_kv=per_kv, kv0=kv0, n=n, used0=used0, p0=p0, padded=padded,
-            cached=self.kv.cached, host=self.cache.host_used if self.cache else 0, evictions=ev, offloads=off))
+        kv.grow(new_blocks)
+        cache = self.cache
+        ev, off = self._cache_counters() if cache is not None else (0, 0)
+        self.stretches.append(StretchRecord(g0, K, now, fixed, per_kv, kv0, n, used0, p0, padded, kv.cached,
+                                            cache.host_used if cache else 0, ev, off))
         self.stretch_hist.append(array("q", hist).tobytes())
         self.g = g0 + K
-        self._pop_finishes(g0 + K - 1)
+        if self.finish_heap and self.finish_heap[0][0] <= g0 + K - 1:
+            self._pop_finishes(g0 + K - 1)
         if cfg.check_invariants:
             self.check_invariants()
         self._last_start = now + (K - 1) * fixed + per_kv * ((K - 1) * kv0 + n * (K - 1) * (K - 2) / 2)

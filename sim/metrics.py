@@ -15,12 +15,19 @@ LATENCY_KEYS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 LONG_WAIT_FACTOR = 10.0
 
 
-def dist(x: np.ndarray) -> dict[str, float | None]:
-    x = x[np.isfinite(x)]
+def dist(x: np.ndarray, own: bool = False) -> dict[str, float | None]:
+    """Mean and percentiles of the finite values of `x`. `own`: `x` is the caller's to
+    reorder (a temporary): the percentiles partition it in place instead of a copy (the
+    same floats; the mean is taken first, over the values in their order)."""
+    finite = np.isfinite(x)
+    if not finite.all():  # (all finite: the values as they are, no copy)
+        x = x[finite]
+        own = True
     if len(x) == 0:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
-    p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return {"mean": float(x.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+    mean = float(x.mean())
+    p50, p90, p99 = np.percentile(x, [50, 90, 99], overwrite_input=own)
+    return {"mean": mean, "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
 PERCENTILES = (50, 90, 99)
@@ -42,6 +49,12 @@ def itl_values(tt) -> np.ndarray:
     offsets = tt.offsets.to_numpy()
     values = tt.values.to_numpy()[offsets[0]:offsets[-1]] if len(offsets) else np.zeros(0)
     offsets = offsets - offsets[0] if len(offsets) else offsets
+    return gaps_within(values, offsets)
+
+
+def gaps_within(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The gaps between consecutive values inside each list of a flattened list column
+    (`values`, list i being ``values[offsets[i]:offsets[i + 1]]``, offsets from 0)."""
     d = np.diff(values)
     # a gap belongs to a request when it does not cross into the next request's list
     starts = offsets[1:-1]  # index where each later list begins

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .metrics import ITL_IN_MEMORY, IterationStats, dist, dist_of_chunks, itl_values
+from .metrics import ITL_IN_MEMORY, IterationStats, dist, dist_of_chunks, gaps_within, itl_values
 from .records import add_derived, draft_lists, iteration_columns, request_table, token_times
 from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_table
 
@@ -224,7 +224,7 @@ class RunRecorder:
         offsets = np.concatenate([[0], np.cumsum([len(t) for t in times])]).astype(np.int64)
         table = request_table(reqs, flat, offsets)
         if self.itl_held is not None:  # while few: the pooled ITLs kept, not read back
-            itl = itl_values(table.column("token_times"))
+            itl = gaps_within(flat, offsets)  # (the token_times column's values and offsets)
             self.itl_count += len(itl)
             self.itl_held = None if self.itl_count > ITL_IN_MEMORY else self.itl_held + [itl]
         self.req_writer.write(with_prompt_identity(table, self.workload))
@@ -271,7 +271,9 @@ class RunRecorder:
         """`dist` of the pooled inter-token latencies: of those kept while writing (at most
         ITL_IN_MEMORY), else exact in passes over the written column (same floats)."""
         if self.itl_held is not None:
-            return dist(np.concatenate(self.itl_held) if self.itl_held else np.zeros(0))
+            # the values held are handed over (reordered by the percentiles): asked again, from the file
+            held, self.itl_held = self.itl_held, None
+            return dist(held[0] if len(held) == 1 else np.concatenate(held) if held else np.zeros(0), own=True)
         return dist_of_chunks(self.itl_chunks)
 
     def itl_chunks(self):

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).parents[1]
 
@@ -153,3 +155,67 @@ def test_fidelity_ablation_refits_without_a_run(tmp_path):
         assert power_runs(kept[m]) - power_runs(dropped[m]) == {"128x1024+384"}
         a, b = (yaml.safe_load(p[m].read_text())["fit"]["points"] for p in (kept, dropped))
         assert a == b  # the time fit's rows are the same
+
+
+_IDENTICAL_RUNS: dict = {}
+
+
+def _two_runs(tmp_root: Path) -> tuple[Path, Path]:
+    """The same small experiment run twice (made once per session)."""
+    if "dirs" not in _IDENTICAL_RUNS:
+        from servesim.sim import cli
+
+        exp = tmp_root / "e.yaml"
+        exp.write_text("name: e\nmodel: llama-3.2-1b\nhardware: h100-sxm\n"
+                       "workload: {trace: azure_conv, num_requests: 60, arrival: {kind: poisson, rate_req_s: 20}}\n"
+                       "output: {plots: false, timeline: false}\n")
+        dirs = (tmp_root / "a", tmp_root / "b")
+        for d in dirs:
+            assert cli.main(["run", str(exp), "--out", str(d)]) == 0
+        _IDENTICAL_RUNS["dirs"] = dirs
+    return _IDENTICAL_RUNS["dirs"]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_outputs_identical_flags_one_ulp_and_ignores_wall_time(tmp_path_factory, data):
+    """benchmarks/outputs_identical.py (the before/after check of speed changes): two runs
+    of one config are identical (wall_s apart); one float of any numeric column moved by
+    one ulp, or one summary number, is a difference."""
+    import json
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mod = _load("outputs_identical")
+    root = _IDENTICAL_RUNS.get("root") or _IDENTICAL_RUNS.setdefault("root", tmp_path_factory.mktemp("identical"))
+    a, b = _two_runs(root)
+    assert mod.compare_runs(a, b) == []
+    import tempfile
+
+    c = Path(tempfile.mkdtemp(dir=root)) / "c"
+    shutil.copytree(b, c)
+    which = data.draw(st.sampled_from(["requests.parquet", "iterations.parquet", "summary.json"]))
+    path = c / "base" / which
+    if which == "summary.json":
+        s = json.loads(path.read_text())
+        s["wall_s"] += 1.0  # not a function of config and seed: ignored
+        path.write_text(json.dumps(s, indent=2) + "\n")
+        assert mod.compare_runs(a, c) == []
+        key = data.draw(st.sampled_from([k for k, v in s.items() if isinstance(v, float) and k != "wall_s"]))
+        s[key] = float(np.nextafter(s[key], np.inf))
+        path.write_text(json.dumps(s, indent=2) + "\n")
+    else:
+        t = pq.read_table(path)
+        cols = [f.name for f in t.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
+        name = data.draw(st.sampled_from(cols))
+        row = data.draw(st.integers(0, t.num_rows - 1))
+        x = t.column(name).to_numpy().copy()
+        x[row] = np.nextafter(x[row], np.inf) if x.dtype.kind == "f" else x[row] + 1
+        i = t.schema.get_field_index(name)
+        t = t.set_column(i, t.schema.field(i), pa.array(x, type=t.schema.field(i).type))
+        pq.write_table(t, path)
+    problems = mod.compare_runs(a, c)
+    assert problems and all(p.startswith(f"base/{which}") for p in problems), problems
