@@ -27,6 +27,7 @@ values. One call measures:
     python benchmarks/gpu_kv_fp8.py --out $OUT            # one device call (~2 min on an H200)
     python benchmarks/gpu_kv_fp8.py --smoke --out DIR     # CPU, tiny model (~20 s)
     python benchmarks/gpu_kv_fp8.py --replay benchmarks/results/gpu_kv_fp8.csv   # CPU: the sim columns again
+    python benchmarks/gpu_kv_fp8.py --rebuild-tuning benchmarks/results/gpu_kv_fp8.csv  # CPU: h200.json's fp8 entries
 
 Writes OUT/gpu_kv_fp8.md (the tables, the command, the device), OUT/gpu_kv_fp8.csv and
 OUT/gpu_kv_fp8_files.tar.xz (the rest: tuning/h200.json, decode_attention_kv.csv -- the
@@ -525,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-calibration", default=str(KV_CALIBRATION),
                     help="--replay: the decode attention kernel's calibration file (sim/kv_attention.py)")
     ap.add_argument("--hardware", default="h200-sxm", help="--replay: the hardware spec of the measurements")
+    ap.add_argument("--rebuild-tuning", metavar="CSV", help="no GPU: write the fp8 decode-attention entries of "
+                    "kernels/tuning/h200.json from a call's csv (its chosen labels)")
     args = ap.parse_args(argv)
+    if args.rebuild_tuning:
+        rebuild_tuning(Path(args.rebuild_tuning), REPO / "kernels" / "tuning" / "h200.json", args.model)
+        return 0
     if args.replay:
         c = Path(args.replay)
         return replay(c, c.with_suffix(".md"), Path(args.kv_calibration), args.model, args.hardware, argv)
@@ -653,6 +659,44 @@ def read_results(path: Path) -> tuple[list[dict], list[dict]]:
     return dec, tune
 
 
+def _rel(p: Path) -> str:
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def rebuild_tuning(csv_path: Path, table_path: Path, model: str, block: int = BLOCK, sms: int = 132) -> dict:
+    """The fp8 entries of a device call's tuning table rebuilt from its csv (the chosen config's
+    label per batch, `DecodeConfig.from_label`) into the shipped table ``table_path`` (its
+    other entries untouched), when the call's table did not come back."""
+    import torch
+
+    from servesim.kernels import decode_attention as da
+    from servesim.sim.specs import load_model
+
+    spec = load_model(model)
+    _, tune = read_results(csv_path)
+    picks: dict[int, str] = {}
+    for r in tune:
+        if picks.setdefault(r["batch"], r["fp8_chosen"]) != r["fp8_chosen"]:
+            raise ValueError(f"{csv_path}: batch {r['batch']} has two chosen fp8 configs")
+    if not picks:
+        raise ValueError(f"{csv_path}: no tuning rows")
+    key = da.tuning_key(torch.bfloat16, spec.num_heads // spec.num_kv_heads, spec.num_kv_heads, spec.head_dim,
+                        block, sms, torch.float8_e4m3fn)
+    table = json.loads(table_path.read_text())
+    table.setdefault("entries", {})[key] = [dict(batch=b, config=da.DecodeConfig.from_label(lab, fp8=True).to_dict())
+                                            for b, lab in sorted(picks.items())]
+    table["fp8_made_by"] = (f"python benchmarks/gpu_kv_fp8.py --out /root/out/kv --tuning-s 50 (call {CALL}, "
+                            f"2026-12-03 10:22); its table did not come back (the device tool's file limit): the "
+                            f"entries rebuilt from the chosen labels of {csv_path.name} by `python "
+                            f"benchmarks/gpu_kv_fp8.py --rebuild-tuning {_rel(csv_path)}`")
+    table["fp8_measurements"] = tune
+    da.set_tuning(table)  # checks it
+    da.set_tuning(None)
+    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
 def replay(csv_path: Path, md_path: Path, kv_cal_path: Path, model: str, hw_name: str, argv) -> int:
     """The simulator's columns of a committed table regenerated on a CPU from its csv (the
     measured columns as they were; the kernel calibration file ``kv_cal_path``, written from
@@ -673,7 +717,7 @@ def replay(csv_path: Path, md_path: Path, kv_cal_path: Path, model: str, hw_name
     b = text.index("## The decode attention kernel alone")
     head = text[:a]
     note = (f"Simulator columns regenerated on a CPU from the measurements: `python benchmarks/gpu_kv_fp8.py "
-            f"{' '.join(argv)}` (the kernel calibration: `{kv_cal_path.relative_to(REPO)}`).\n\n")
+            f"{' '.join(argv)}` (the kernel calibration: `{_rel(kv_cal_path)}`).\n\n")
     if "Simulator columns regenerated" in head:
         head = head[:head.index("Simulator columns regenerated")]
     md_path.write_text(head + note + "\n".join(decode_section(dec, sims, fit)) + "\n" + text[b:])

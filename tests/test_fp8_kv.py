@@ -325,6 +325,14 @@ def test_gpu_kv_fp8_benchmark_smoke(tmp_path):
     assert "| 4 | 64 |" in md and "sim roofline" in md and "top-1 agreement" in md
     rows = (tmp_path / "gpu_kv_fp8.csv").read_text().splitlines()
     assert sum(r.startswith("decode,") for r in rows) == 2 and sum(r.startswith("quant,") for r in rows) == 4
+    # packed for the device tool: the table, the csv and one archive holding the tuning table + the calibration
+    import tarfile
+
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert files == sorted([*gpu_kv_fp8.KEEP, gpu_kv_fp8.PACK]), files
+    with tarfile.open(tmp_path / gpu_kv_fp8.PACK) as tf:
+        names = tf.getnames()
+    assert any(n.startswith("tuning/") and n.endswith(".json") for n in names) and "decode_attention_kv.csv" in names
 
 
 @settings(max_examples=25, deadline=None)
