@@ -382,3 +382,22 @@ def test_calibrated_kv_scales_beat_unit_scales_on_a_small_random_model():
     err = {name: float((logits(m8, **sc) - ref).norm() / ref.norm())
            for name, sc in (("unit", {}), ("calibrated", {"k_scales": ks, "v_scales": vs}))}
     assert err["calibrated"] < err["unit"] and err["calibrated"] < 0.05, err
+
+
+def test_kv_attention_sweep_measures_each_dtype_and_fits(tmp_path):
+    """sim calibrate's decode attention sweep on a CPU (the interpreter): a checked row per KV
+    dtype and size, a table sim/kv_attention.py reads back and fits."""
+    from servesim.gpu_backend.kv_attention_sweep import kv_attention_sweep
+    from servesim.sim import kv_attention
+
+    spec = ModelSpec.from_hf_config(TINY, name="tiny")
+    sizes = ((1, 40), (3, 80))
+    rows = kv_attention_sweep(spec, ("bf16", "fp8"), sizes=sizes, reps=1, windows=1, block=16)
+    assert [(r["kv_dtype"], r["batch"], r["ctx"]) for r in rows] == [
+        (d, b, c) for b, c in sizes for d in ("bf16", "fp8")]
+    assert all(r["us"] > 0 and r["config"].startswith("S") for r in rows)
+    kv_attention.write_table(tmp_path / "k.csv", rows)
+    back = kv_attention.read_table(tmp_path / "k.csv")
+    assert [(r["kv_dtype"], r["batch"], r["ctx"]) for r in back] == [(r["kv_dtype"], r["batch"], r["ctx"]) for r in rows]
+    with pytest.raises(ValueError, match="not measurable"):
+        kv_attention_sweep(spec, ("int4",), sizes=sizes)
