@@ -26,8 +26,15 @@ values. One call measures:
 
     python benchmarks/gpu_kv_fp8.py --out $OUT            # one device call (~2 min on an H200)
     python benchmarks/gpu_kv_fp8.py --smoke --out DIR     # CPU, tiny model (~20 s)
+    python benchmarks/gpu_kv_fp8.py --replay benchmarks/results/gpu_kv_fp8.csv   # CPU: the sim columns again
+    python benchmarks/gpu_kv_fp8.py --rebuild-tuning benchmarks/results/gpu_kv_fp8.csv  # CPU: h200.json's fp8 entries
 
-Writes OUT/gpu_kv_fp8.md (the tables, the command, the device) and OUT/gpu_kv_fp8.csv.
+Writes OUT/gpu_kv_fp8.md (the tables, the command, the device), OUT/gpu_kv_fp8.csv and
+OUT/gpu_kv_fp8_files.tar.xz (the rest: tuning/h200.json, decode_attention_kv.csv -- the
+kernel-alone table as a calibration file, sim/kv_attention.py): three files, the device
+tool returns a few only. The simulator's columns price the fp8 decode attention with the
+conversion rate fitted from that kernel table (not from the decode steps they are checked
+against); `--replay` regenerates them from a committed csv.
 """
 
 from __future__ import annotations
@@ -356,9 +363,30 @@ def quant_times(spec, dev, rows, reps: int, timer, graphed) -> list[dict]:
     return out
 
 
-def sim_ratios(spec, hw_name: str, rows: list[dict]) -> list[str]:
+KV_CALIBRATION = REPO / "benchmarks" / "results" / "calibration_h200" / "decode_attention_kv.csv"
+CALL = "20261203-1022-h200-sxm"  # the device call whose kernel table the committed calibration file holds
+
+
+def kernel_calibration(tune_rows: list[dict], source: str) -> list[dict]:
+    """The kernel-alone table (section 0's rows) as decode attention calibration rows
+    (sim/kv_attention.py): the bf16 cache with its installed config, the fp8 one with the
+    chosen (tuned) config, per batch x context."""
+    out = []
+    for r in tune_rows:
+        out.append(dict(kv_dtype="bf16", batch=r["batch"], ctx=r["ctx"], us=r["bf16_us"], config=r["bf16_config"],
+                        source=source))
+        out.append(dict(kv_dtype="fp8", batch=r["batch"], ctx=r["ctx"], us=r["fp8_chosen_us"],
+                        config=r["fp8_chosen"], source=source))
+    return out
+
+
+def sim_ratios(spec, hw_name: str, rows: list[dict], kv_cal: list[dict] | None = None) -> tuple[list[str], dict]:
     """Adds, per row, the simulator's fp8-KV / bf16-KV decode GPU-time ratio: the roofline
-    and (when shipped for this model and GPU) the calibrated profile."""
+    and (when shipped for this model and GPU) the calibrated profile, each with the fp8
+    kernel's conversion rate fitted from ``kv_cal`` (the kernel alone per KV dtype,
+    sim/kv_attention.py; the profile's own rate where it has one and ``kv_cal`` is None), and
+    the bytes-only pricing beside them. Returns (the columns, the fit)."""
+    from servesim.sim import kv_attention
     from servesim.sim.calibrate import load_profile
     from servesim.sim.cost_model import RooflineConfig, RooflineCostModel
     from servesim.sim.specs import apply_precision, load_hardware
@@ -366,11 +394,25 @@ def sim_ratios(spec, hw_name: str, rows: list[dict]) -> list[str]:
 
     hw = load_hardware(hw_name)
     bf, f8 = apply_precision(spec, hw, "bf16", "bf16"), apply_precision(spec, hw, "bf16", "fp8")
-    models = {"sim roofline": RooflineConfig()}
+    fit = {}
+    if kv_cal:
+        fit["kv_dequant_elements_per_s"] = kv_attention.fit_dequant_rate(kv_cal, spec.num_kv_heads, spec.head_dim)
+        for dt in kv_attention.KV_DTYPES:
+            fit[f"{dt}_fixed_s"], fit[f"{dt}_s_per_token"] = kv_attention.fit_line(kv_cal, dt)
+    bytes_only = {"kv_dequant_elements_per_s": None}
+    models = {"sim roofline (bytes only)": RooflineConfig()}
+    if fit:
+        models["sim roofline + kv fit"] = RooflineConfig(kv_dequant_elements_per_s=fit["kv_dequant_elements_per_s"])
     prof = REPO / "profiles" / f"{hw_name.split('-')[0]}-{spec.name}.yaml"
     if prof.is_file():
         try:
-            models[f"sim {prof.name}"] = load_profile(prof, bf, hw)[0]
+            pc = load_profile(prof, bf, hw)[0]
+            models[f"sim {prof.name} (bytes only)"] = pc.model_copy(update=bytes_only)
+            if fit:
+                models[f"sim {prof.name} + kv fit"] = pc.model_copy(
+                    update={"kv_dequant_elements_per_s": fit["kv_dequant_elements_per_s"]})
+            elif pc.kv_dequant_elements_per_s:
+                models[f"sim {prof.name}"] = pc
         except Exception as e:  # noqa: BLE001 - a profile of another model (smoke)
             log(f"profile {prof.name} not used: {e}")
     for r in rows:
@@ -378,11 +420,43 @@ def sim_ratios(spec, hw_name: str, rows: list[dict]) -> list[str]:
                             padded_decode=r["batch"])
         for lab, c in models.items():
             r[lab] = RooflineCostModel(f8, hw, c).gpu_time(sh) / RooflineCostModel(bf, hw, c).gpu_time(sh)
-    return list(models)
+    return list(models), fit
+
+
+def decode_section(dec: list[dict], sims: list[str], fit: dict) -> list[str]:
+    """The decode-step table with the simulator's columns, the kernel-alone fit they use, and
+    the must-show count per column (what `--replay` regenerates)."""
+    L = ["| batch | context | bf16 KV ms | fp8 KV ms | fp8 / bf16 measured | " + " | ".join(sims) + " |",
+         "|---:|---:|---:|---:|---:|" + "---:|" * len(sims)]
+    for r in dec:
+        L.append(f"| {r['batch']} | {r['ctx']} | {r['bf16_kv_s'] * 1e3:.3f} | {r['fp8_kv_s'] * 1e3:.3f} | "
+                 f"{r['ratio']:.3f} | " + " | ".join(f"{r[s]:.3f} ({r[s] / r['ratio'] - 1:+.1%})" for s in sims)
+                 + " |")
+    for r in dec:
+        if r.get("error"):
+            L.append(f"\nbatch {r['batch']}, context {r['ctx']}: {r['error']}")
+    L += ["", "(Simulator columns: fp8-KV / bf16-KV of the cost model's GPU time for the same shape; in brackets "
+          "its error against the measured ratio. *bytes only*: decode attention priced as its KV bytes over the KV "
+          "bandwidth, whatever the dtype; *+ kv fit*: with `kv_dequant_elements_per_s` fitted from the decode "
+          "attention kernel alone per KV dtype (the kernel table below, not these steps: the steps are the "
+          "held-out test).)", ""]
+    if fit:
+        L += [f"Kernel-alone fit (sim/kv_attention.py, one layer): bf16 {fit['bf16_fixed_s'] * 1e6:.1f} us + "
+              f"{fit['bf16_s_per_token'] * 1e9:.3f} ns / cached token, fp8 {fit['fp8_fixed_s'] * 1e6:.1f} us + "
+              f"{fit['fp8_s_per_token'] * 1e9:.3f} ns / token (x{fit['fp8_s_per_token'] / fit['bf16_s_per_token']:.2f}"
+              f" of bf16's for half the bytes): kv_dequant_elements_per_s = "
+              f"{fit['kv_dequant_elements_per_s']:.3g}.", ""]
+    for sname in sims:
+        errs = [abs(r[sname] / r["ratio"] - 1) for r in dec if r["ratio"] == r["ratio"]]
+        if errs:
+            L.append(f"{sname}: within 5% of the measured ratio at {sum(e <= 0.05 for e in errs)} of {len(errs)} "
+                     f"shapes (worst {max(errs):.1%}).")
+    L.append("")
+    return L
 
 
 def report(path: Path, argv, dev_name, hw, dec, sims, acc, quant, wall, tune_rows=(), rejected=(),
-           table_path=None) -> None:
+           table_path=None, fit=None) -> None:
     import torch
 
     L = ["# fp8 KV cache vs bf16 on one GPU: the decode iteration, and the simulator's ratio", "",
@@ -393,23 +467,8 @@ def report(path: Path, argv, dev_name, hw, dec, sims, acc, quant, wall, tune_row
          "decode attention kernel with the installed tuning (the shipped table's bf16 entries; the fp8 entries "
          "tuned below in this run" + (")" if tune_rows else ": not run here, the byte-sized defaults)")
          + ". Decode iteration: CUDA-graph replay of `forward_decode`, every request at the context shown.",
-         "", "| batch | context | bf16 KV ms | fp8 KV ms | fp8 / bf16 measured | "
-         + " | ".join(sims) + " |", "|---:|---:|---:|---:|---:|" + "---:|" * len(sims)]
-    for r in dec:
-        L.append(f"| {r['batch']} | {r['ctx']} | {r['bf16_kv_s'] * 1e3:.3f} | {r['fp8_kv_s'] * 1e3:.3f} | "
-                 f"{r['ratio']:.3f} | " + " | ".join(f"{r[s]:.3f} ({r[s] / r['ratio'] - 1:+.1%})" for s in sims)
-                 + " |")
-    for r in dec:
-        if r.get("error"):
-            L.append(f"\nbatch {r['batch']}, context {r['ctx']}: {r['error']}")
-    L += ["", "(Simulator columns: fp8-KV / bf16-KV of the cost model's GPU time for the same shape; in brackets "
-          "its error against the measured ratio.)", ""]
-    for sname in sims:
-        errs = [abs(r[sname] / r["ratio"] - 1) for r in dec if r["ratio"] == r["ratio"]]
-        if errs:
-            L.append(f"{sname}: within 5% of the measured ratio at {sum(e <= 0.05 for e in errs)} of {len(errs)} "
-                     f"shapes (worst {max(errs):.1%}).")
-    L.append("")
+         ""]
+    L += decode_section(dec, sims, fit)
     if tune_rows:
         L += ["## The decode attention kernel alone: fp8 tuning, and fp8 / bf16", "",
               "Paged decode attention of the model's shapes on random mixed-length batches (+-50% of the context), "
@@ -462,7 +521,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: tuning,accuracy,quant")
     ap.add_argument("--tuning-s", type=float, default=60.0, help="the fp8 tuning's time allowance (s)")
+    ap.add_argument("--replay", metavar="CSV", help="no GPU: regenerate the simulator's columns of a committed "
+                    "table from its csv (the md beside it, OUT ignored)")
+    ap.add_argument("--kv-calibration", default=str(KV_CALIBRATION),
+                    help="--replay: the decode attention kernel's calibration file (sim/kv_attention.py)")
+    ap.add_argument("--hardware", default="h200-sxm", help="--replay: the hardware spec of the measurements")
+    ap.add_argument("--rebuild-tuning", metavar="CSV", help="no GPU: write the fp8 decode-attention entries of "
+                    "kernels/tuning/h200.json from a call's csv (its chosen labels)")
     args = ap.parse_args(argv)
+    if args.rebuild_tuning:
+        rebuild_tuning(Path(args.rebuild_tuning), REPO / "kernels" / "tuning" / "h200.json", args.model)
+        return 0
+    if args.replay:
+        c = Path(args.replay)
+        return replay(c, c.with_suffix(".md"), Path(args.kv_calibration), args.model, args.hardware, argv)
     import torch
 
     if args.smoke and not torch.cuda.is_available():  # the tuning's kernels in Triton's interpreter
@@ -516,10 +588,20 @@ def main(argv: list[str] | None = None) -> int:
     if acc:
         log(f"accuracy: {acc}")
     quant = quant_times(spec, dev, rows, args.reps, timer, graphed) if "quant" not in skip else []
-    sims = sim_ratios(spec, hw_name, dec)
+    kv_cal = kernel_calibration(tune_rows, f"python benchmarks/gpu_kv_fp8.py {' '.join(argv)} on {device_name()} "
+                                f"({time.strftime('%Y-%m-%d %H:%M')}): the kernel-alone table")
+    if kv_cal:
+        from servesim.sim import kv_attention
+
+        kv_attention.write_table(out / "decode_attention_kv.csv", kv_cal)
+    try:
+        sims, fit = sim_ratios(spec, hw_name, dec, kv_cal or None)
+    except ValueError as e:  # a smoke's or a cut-short tuning's table too small to fit
+        log(f"kv fit not used: {e}")
+        sims, fit = sim_ratios(spec, hw_name, dec)
     wall = time.perf_counter() - t0
     report(out / "gpu_kv_fp8.md", argv, device_name(), hw_name, dec, sims, acc, quant, wall, tune_rows, rejected,
-           table_path)
+           table_path, fit)
     rec = [{"what": "decode", **r} for r in dec] + [{"what": "quant", **q} for q in quant]
     rec += [{"what": "tuning", **r} for r in tune_rows]
     rec += [{"what": f"accuracy {k}", **v} for k, v in acc.items() if isinstance(v, dict)]
@@ -530,7 +612,132 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rec)
+    pack(out)
     log(f"wrote {out / 'gpu_kv_fp8.md'} ({wall:.0f} s)")
+    return 0
+
+
+KEEP = ("gpu_kv_fp8.md", "gpu_kv_fp8.csv")
+PACK = "gpu_kv_fp8_files.tar.xz"
+
+
+def pack(out: Path) -> Path | None:
+    """Everything under ``out`` but the table and the csv into one archive (the tuning table,
+    the calibration file): the device tool returns a few files only, so a call writes three."""
+    import tarfile
+
+    rest = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (*KEEP, PACK))
+    if not rest:
+        return None
+    with tarfile.open(out / PACK, "w:xz") as tf:
+        for p in rest:
+            tf.add(p, arcname=str(p.relative_to(out)))
+    for p in rest:
+        p.unlink()
+    for d in sorted((d for d in out.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
+    return out / PACK
+
+
+def _num(v: str):
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def read_results(path: Path) -> tuple[list[dict], list[dict]]:
+    """The decode-step rows and the kernel-alone rows of a gpu_kv_fp8.csv."""
+    with open(path, newline="") as fh:
+        rec = list(csv.DictReader(fh))
+    keep = lambda r, ks: {k: _num(r[k]) for k in ks}  # noqa: E731
+    dec = [keep(r, ("batch", "ctx", "bf16_kv_s", "fp8_kv_s", "ratio")) for r in rec if r["what"] == "decode"]
+    tune = [keep(r, ("batch", "ctx", "kv_mb_fp8", "bf16_us", "bf16_config", "fp8_default_us", "fp8_default",
+                     "fp8_chosen_us", "fp8_chosen", "candidates")) for r in rec if r["what"] == "tuning"]
+    return dec, tune
+
+
+def _rel(p: Path) -> str:
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def rebuild_tuning(csv_path: Path, table_path: Path, model: str, block: int = BLOCK, sms: int = 132) -> dict:
+    """The fp8 entries of a device call's tuning table rebuilt from its csv (the chosen config's
+    label per batch, `DecodeConfig.from_label`) into the shipped table ``table_path`` (its
+    other entries untouched), when the call's table did not come back."""
+    import torch
+
+    from servesim.kernels import decode_attention as da
+    from servesim.sim.specs import load_model
+
+    spec = load_model(model)
+    _, tune = read_results(csv_path)
+    picks: dict[int, str] = {}
+    for r in tune:
+        if picks.setdefault(r["batch"], r["fp8_chosen"]) != r["fp8_chosen"]:
+            raise ValueError(f"{csv_path}: batch {r['batch']} has two chosen fp8 configs")
+    if not picks:
+        raise ValueError(f"{csv_path}: no tuning rows")
+    key = da.tuning_key(torch.bfloat16, spec.num_heads // spec.num_kv_heads, spec.num_kv_heads, spec.head_dim,
+                        block, sms, torch.float8_e4m3fn)
+    table = json.loads(table_path.read_text())
+    table.setdefault("entries", {})[key] = [dict(batch=b, config=da.DecodeConfig.from_label(lab, fp8=True).to_dict())
+                                            for b, lab in sorted(picks.items())]
+    table["fp8_made_by"] = (f"python benchmarks/gpu_kv_fp8.py --out /root/out/kv --tuning-s 50 (call {CALL}, "
+                            f"2026-12-03 10:22); its table did not come back (the device tool's file limit): the "
+                            f"entries rebuilt from the chosen labels of {csv_path.name} by `python "
+                            f"benchmarks/gpu_kv_fp8.py --rebuild-tuning {_rel(csv_path)}`")
+    table["fp8_measurements"] = tune
+    da.set_tuning(table)  # checks it
+    da.set_tuning(None)
+    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def replay(csv_path: Path, md_path: Path, kv_cal_path: Path, model: str, hw_name: str, argv) -> int:
+    """The simulator's columns of a committed table regenerated on a CPU from its csv (the
+    measured columns as they were; the kernel calibration file ``kv_cal_path``, written from
+    the csv's kernel table when missing), spliced into ``md_path`` in place of its decode
+    table; the csv's sim columns rewritten."""
+    from servesim.sim import kv_attention
+    from servesim.sim.specs import load_model
+
+    dec, tune = read_results(csv_path)
+    if not kv_cal_path.is_file():
+        kv_attention.write_table(kv_cal_path, kernel_calibration(
+            tune, f"benchmarks/gpu_kv_fp8.py's kernel-alone table of call {CALL} ({csv_path.name}; raw files "
+                  f"benchmarks/results/archives/{CALL}.tar.xz, members kv/*)"))
+    kv_cal = kv_attention.read_table(kv_cal_path)
+    sims, fit = sim_ratios(load_model(model), hw_name, dec, kv_cal)
+    text = md_path.read_text()
+    a = text.index("| batch | context | bf16 KV ms")
+    b = text.index("## The decode attention kernel alone")
+    head = text[:a]
+    note = (f"Simulator columns regenerated on a CPU from the measurements: `python benchmarks/gpu_kv_fp8.py "
+            f"{' '.join(argv)}` (the kernel calibration: `{_rel(kv_cal_path)}`).\n\n")
+    if "Simulator columns regenerated" in head:
+        head = head[:head.index("Simulator columns regenerated")]
+    md_path.write_text(head + note + "\n".join(decode_section(dec, sims, fit)) + "\n" + text[b:])
+    with open(csv_path, newline="") as fh:
+        rec = list(csv.DictReader(fh))
+    sim_rows = {(r["batch"], r["ctx"]): r for r in dec}
+    keys = [k for k in rec[0] if not k.startswith("sim ")]
+    keys = keys[:keys.index("ratio") + 1] + sims + keys[keys.index("ratio") + 1:]
+    for r in rec:
+        for k in [k for k in r if k.startswith("sim ")]:
+            del r[k]
+        if r["what"] == "decode":
+            r.update({s: sim_rows[(int(r["batch"]), int(r["ctx"]))][s] for s in sims})
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rec)
+    for s in sims:
+        errs = [abs(r[s] / r["ratio"] - 1) for r in dec]
+        log(f"{s}: {sum(e <= 0.05 for e in errs)} of {len(errs)} within 5% (worst {max(errs):.1%})")
     return 0
 
 

@@ -373,7 +373,8 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                  piecewise_points=None, served_points=None, processes: int = 1,
                  power_points=None, prefix_points=None, tp: int = 1, prompt_points=None,
                  chunked_points=None,
-                 gemm_precisions: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
+                 gemm_precisions: tuple[str, ...] | None = None,
+                 kv_dtypes: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -383,7 +384,9 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     GPU's shapes, and ``env["allreduce"]``: one all-reduce's seconds by message size over
     ``tp`` GPUs (`tp.allreduce_sweep`, the sizes of `tp.allreduce_sizes`).
     ``gemm_precisions``: the GEMM sweeps besides bf16's (``("fp8",)``; default: fp8 when the
-    model's weights are fp8), each in ``env["gemm_<precision>"]``."""
+    model's weights are fp8), each in ``env["gemm_<precision>"]``. ``kv_dtypes``: the decode
+    attention kernel alone per KV-cache dtype (`kv_attention_sweep`; default bf16 and fp8 when
+    the model's KV cache is fp8), in ``env["kv_attention"]``."""
     import torch
 
     ref = model_ref or model.name
@@ -414,6 +417,12 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     for prec in gemm_precisions if gemm_precisions is not None else (("fp8",) if model.quant.weights == "fp8" else ()):
         _progress(f"{model.name}: timing the {prec} GEMMs (torch._scaled_mm) at {len(GEMM_TOKENS)} row counts")
         extra_gemm[f"gemm_{prec}"] = gemm_sweep(model, tp=tp, precision=prec)
+    kvd = kv_dtypes if kv_dtypes is not None else (("bf16", "fp8") if model.kv_dtype == "fp8" else ())
+    if kvd:
+        from .kv_attention_sweep import kv_attention_sweep
+
+        _progress(f"{model.name}: timing the decode attention kernel alone per KV dtype ({', '.join(kvd)})")
+        extra_gemm["kv_attention"] = kv_attention_sweep(model, kvd, tp=tp)
     allreduce = None
     if tp > 1:
         from .tp import allreduce_sizes, allreduce_sweep

@@ -328,6 +328,29 @@ class DecodeConfig:
                 f"{'/fused' if self.fused_reduce else ''}{'/hm' if self.head_major else ''}"
                 f"{'/f16' if self.kv_math == 'f16' else ''}")
 
+    @classmethod
+    def from_label(cls, label: str, fp8: bool = False) -> DecodeConfig:
+        """The resolved config `label` names (its inverse on resolved configs: ``use_dot``
+        True, ``fused_reduce`` / ``head_major`` False unless marked; ``kv_math`` "f16" where
+        marked, else "q" for an fp8 cache (``fp8``) and None otherwise). ValueError naming the
+        part that does not parse."""
+        parts = label.strip().split("/")
+        nums = {"S": "max_splits", "T": "min_split_tokens", "N": "block_n", "w": "num_warps", "st": "num_stages"}
+        if len(parts) < 5:
+            raise ValueError(f"decode attention label {label!r}: needs S/T/N/w/st, got {len(parts)} part(s)")
+        got: dict = {}
+        for part, (prefix, name) in zip(parts[:5], nums.items()):
+            v = part[len(prefix):]
+            if not part.startswith(prefix) or not (v.isdigit() or (prefix == "st" and v == "d")):
+                raise ValueError(f"decode attention label {label!r}: {part!r} is not {prefix}<number>")
+            got[name] = 0 if v == "d" else int(v)
+        flags = parts[5:]
+        order = ("fused", "hm", "f16")
+        if any(f not in order for f in flags) or [f for f in order if f in flags] != flags:
+            raise ValueError(f"decode attention label {label!r}: flags {flags} are not an ordered subset of {order}")
+        return cls(**got, fused_reduce="fused" in flags, head_major="hm" in flags, use_dot=True,
+                   kv_math="f16" if "f16" in flags else ("q" if fp8 else None))
+
 
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, sms: int = 132,

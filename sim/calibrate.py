@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from . import kv_attention
 from .cost_model import RooflineConfig, RooflineCostModel
 from .errors import load_yaml, validation_problems
 from .power import POWER_KEYS
@@ -575,7 +576,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
               model_ref: str | None = None, processes: int = 1, tp: int = 1,
-              gemm_precisions: tuple[str, ...] | None = None) -> dict:
+              gemm_precisions: tuple[str, ...] | None = None, kv_dtypes: tuple[str, ...] | None = None) -> dict:
     """Fit a profile to a grid measured here (``backend="gpu"``) or earlier (``grid``) and
     write it to ``out``. ``tp > 1``: the grid runs at ``cluster.tensor_parallel: tp``, the
     GEMM sweep at the per-GPU shapes, and the all-reduce sweep by message size (a CSV
@@ -584,14 +585,18 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     ``tensor_parallel`` mapping keeps the sweep itself (docs/calibration.md).
     ``gemm_precisions``: GEMM sweeps of quantised weights besides bf16's (``("fp8",)``;
     default fp8 for a model of fp8 weights), written beside the grid as
-    ``.gemm-fp8.csv`` and fitted into ``gemm_times_by_precision``."""
+    ``.gemm-fp8.csv`` and fitted into ``gemm_times_by_precision``. ``kv_dtypes``: the decode
+    attention kernel alone per KV dtype (default bf16 + fp8 for an fp8 KV cache), written
+    beside the grid as ``.kv-attention.csv`` (sim/kv_attention.py's table; a grid's is read
+    from there) and, with fp8 rows, fitted into ``kv_dequant_elements_per_s``."""
     model.check_tp(tp, "--tensor-parallel")
     ar_rows: list[dict] = []
     if backend == "gpu":
         from servesim.gpu_backend.profiler import measure_grid
 
         rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes, tp=tp,
-                                 gemm_precisions=gemm_precisions)
+                                 gemm_precisions=gemm_precisions, kv_dtypes=kv_dtypes)
+        kv_rows = env.pop("kv_attention", None) or []
         prec_rows = {p: env.pop(f"gemm_{p}") for p in GEMM_PRECISIONS if f"gemm_{p}" in env}
         ar_rows = env.pop("allreduce", None) or []
         runs = env.pop("power_runs", [])
@@ -606,6 +611,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
             _write_csv(grid.with_suffix(f".gemm-{p}.csv"), r)
         _write_csv(grid.with_suffix(".power.csv"), [{"idle_w": idle_w, **r} for r in runs])
         _write_csv(grid.with_suffix(".allreduce.csv"), ar_rows)
+        if kv_rows:
+            kv_attention.write_table(grid.with_suffix(".kv-attention.csv"), kv_rows)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
         source = f"measured by sim calibrate --backend gpu ({grid.name})"
@@ -616,6 +623,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         gemm_rows = _read_csv(grid.with_suffix(".gemm.csv"))  # none for grids from before the GEMM sweep
         prec_rows = {p: r for p in GEMM_PRECISIONS if (r := _read_csv(grid.with_suffix(f".gemm-{p}.csv")))}
         ar_rows = _read_csv(grid.with_suffix(".allreduce.csv")) if tp > 1 else []
+        kv_path = grid.with_suffix(".kv-attention.csv")
+        kv_rows = kv_attention.read_table(kv_path) if kv_path.is_file() else []
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -632,6 +641,10 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
                           "--tensor-parallel")
     by_prec = {p: c for p, r in prec_rows.items() if (c := gemm_curves(r))}
     params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar, gemm_by_precision=by_prec or None)
+    if any(r["kv_dtype"] == "fp8" for r in kv_rows):
+        params["kv_dequant_elements_per_s"] = kv_attention.fit_dequant_rate(
+            [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in kv_rows],
+            model.num_kv_heads // tp, model.head_dim)
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,

@@ -555,6 +555,18 @@ def cmd_calibrate(args) -> int:
             if gemm_precisions and "fp8" in gemm_precisions and not hw.matmul_rate("fp8"):
                 raise ConfigError(f"--gemm-precisions fp8: {hw.name} has no fp8 tensor cores",
                                   "command line: --gemm-precisions")
+        kv_dtypes = None
+        if args.kv_dtypes is not None:
+            from .kv_attention import KV_DTYPES
+
+            kv_dtypes = tuple(p.strip() for p in args.kv_dtypes.split(",") if p.strip())
+            bad = [p for p in kv_dtypes if p not in KV_DTYPES]
+            if bad:
+                raise ConfigError(f"--kv-dtypes {args.kv_dtypes}: {', '.join(bad)} not measurable "
+                                  f"(choose from {', '.join(KV_DTYPES)})", "command line: --kv-dtypes")
+            if "fp8" in kv_dtypes and not hw.matmul_rate("fp8"):
+                raise ConfigError(f"--kv-dtypes fp8: {hw.name} has no fp8 (e4m3) support",
+                                  "command line: --kv-dtypes")
         if args.backend == "gpu" and args.tensor_parallel > 1:
             import torch
 
@@ -563,7 +575,7 @@ def cmd_calibrate(args) -> int:
                                   f"{torch.cuda.device_count()} visible", "command line: --tensor-parallel")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
                         backend=args.backend, model_ref=args.model, processes=args.processes,
-                        tp=args.tensor_parallel, gemm_precisions=gemm_precisions)
+                        tp=args.tensor_parallel, gemm_precisions=gemm_precisions, kv_dtypes=kv_dtypes)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -679,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend gpu: GEMM sweeps of quantised weights besides bf16's, e.g. fp8 "
                         "(torch._scaled_mm; fitted into gemm_times_by_precision); default fp8 when the model's "
                         "weights are fp8, else none; '' for none")
+    k.add_argument("--kv-dtypes", metavar="LIST",
+                   help="--backend gpu: time the decode attention kernel alone per KV-cache dtype, e.g. "
+                        "bf16,fp8 (fitted into kv_dequant_elements_per_s); default bf16,fp8 when the model's KV "
+                        "cache is fp8, else none; '' for none")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")

@@ -207,6 +207,13 @@ class _Experts:
         return r + e
 
 
+def kv_dequant_s(elements: float, kv_bytes: float, dtype_bytes: float, rate: float | None) -> float:
+    """Seconds the decode attention spends converting ``elements`` cached KV elements of
+    ``kv_bytes`` each to the compute dtype (``dtype_bytes``): 0 for an unquantised cache or
+    without a fitted rate."""
+    return elements / rate if rate and kv_bytes < dtype_bytes else 0.0
+
+
 class RooflineConfig(BaseModel):
     """Knobs of the roofline model. Defaults: pure roofline on the achievable rates."""
 
@@ -220,6 +227,14 @@ class RooflineConfig(BaseModel):
     )
     attention_flops_efficiency: float = Field(
         1.0, gt=0, description="attention kernels' FLOP/s relative to the (scaled) matmul rate"
+    )
+    kv_dequant_elements_per_s: float | None = Field(
+        None, gt=0, description="decode attention over a 1-byte KV cache (fp8 / int8): the KV elements per "
+        "second the kernel converts to its dot dtype and consumes (e4m3 -> fp16 conversions, the dots, "
+        "byte-sized tiles): its time per cached token is the larger of its bytes over the KV bandwidth and "
+        "its elements over this rate (gpu_kv_fp8.py measured the fp8 kernel at 0.80-1.0x of bf16's, not "
+        "0.5x). Fitted from the decode attention kernel alone per KV dtype (sim/kv_attention.py); null: "
+        "bytes only"
     )
     prefill_attention_rows: int = Field(
         128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "
@@ -421,7 +436,8 @@ class RooflineCostModel:
         # Decode attention: per request (Q in, O out, new K/V written), per cached token.
         self._ad_req = L * float(2 * hg * hd * b + 2 * kvg * hd * kvb) / B
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
-        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * kvb) / Bkv)
+        self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * kvb) / Bkv,
+                              kv_dequant_s(2 * kvg * hd, kvb, b, cfg.kv_dequant_elements_per_s))
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
         self._qlin = self._quantized_linears(model, hw, cfg, shapes, B) if not model.quant.is_bf16 else None

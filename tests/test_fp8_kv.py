@@ -325,6 +325,14 @@ def test_gpu_kv_fp8_benchmark_smoke(tmp_path):
     assert "| 4 | 64 |" in md and "sim roofline" in md and "top-1 agreement" in md
     rows = (tmp_path / "gpu_kv_fp8.csv").read_text().splitlines()
     assert sum(r.startswith("decode,") for r in rows) == 2 and sum(r.startswith("quant,") for r in rows) == 4
+    # packed for the device tool: the table, the csv and one archive holding the tuning table + the calibration
+    import tarfile
+
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert files == sorted([*gpu_kv_fp8.KEEP, gpu_kv_fp8.PACK]), files
+    with tarfile.open(tmp_path / gpu_kv_fp8.PACK) as tf:
+        names = tf.getnames()
+    assert any(n.startswith("tuning/") and n.endswith(".json") for n in names) and "decode_attention_kv.csv" in names
 
 
 @settings(max_examples=25, deadline=None)
@@ -374,3 +382,22 @@ def test_calibrated_kv_scales_beat_unit_scales_on_a_small_random_model():
     err = {name: float((logits(m8, **sc) - ref).norm() / ref.norm())
            for name, sc in (("unit", {}), ("calibrated", {"k_scales": ks, "v_scales": vs}))}
     assert err["calibrated"] < err["unit"] and err["calibrated"] < 0.05, err
+
+
+def test_kv_attention_sweep_measures_each_dtype_and_fits(tmp_path):
+    """sim calibrate's decode attention sweep on a CPU (the interpreter): a checked row per KV
+    dtype and size, a table sim/kv_attention.py reads back and fits."""
+    from servesim.gpu_backend.kv_attention_sweep import kv_attention_sweep
+    from servesim.sim import kv_attention
+
+    spec = ModelSpec.from_hf_config(TINY, name="tiny")
+    sizes = ((1, 40), (3, 80))
+    rows = kv_attention_sweep(spec, ("bf16", "fp8"), sizes=sizes, reps=1, windows=1, block=16)
+    assert [(r["kv_dtype"], r["batch"], r["ctx"]) for r in rows] == [
+        (d, b, c) for b, c in sizes for d in ("bf16", "fp8")]
+    assert all(r["us"] > 0 and r["config"].startswith("S") for r in rows)
+    kv_attention.write_table(tmp_path / "k.csv", rows)
+    back = kv_attention.read_table(tmp_path / "k.csv")
+    assert [(r["kv_dtype"], r["batch"], r["ctx"]) for r in back] == [(r["kv_dtype"], r["batch"], r["ctx"]) for r in rows]
+    with pytest.raises(ValueError, match="not measurable"):
+        kv_attention_sweep(spec, ("int4",), sizes=sizes)
