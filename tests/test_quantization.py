@@ -294,8 +294,8 @@ def test_bf16_prices_are_bit_identical_to_before():
         m = apply_precision(m, hw, "bf16", "bf16", tp)
         cfgs = {"roofline": RooflineConfig(), "ridge": RooflineConfig(linear_ridge_exponent=4.0, layer_latency_s=1e-5,
                                                                       kv_bandwidth_efficiency=0.8)}
-        if mname == "llama-3.1-8b":
-            cfgs["profile"] = load_profile(REPO / "profiles/h100-llama-3.1-8b.yaml", m, hw)[0]
+        # (a shipped profile is refitted whenever the fitting code changes, so its prices are no
+        # golden: the fixed configs above pin the bf16 path)
         for cn, c in cfgs.items():
             for ov in (False, True):
                 gold = GOLDEN[f"{mname}/{hname}/tp{tp}/{cn}/ov{int(ov)}"]
