@@ -332,6 +332,7 @@ def quant_times(spec, dev, rows, reps: int, timer, graphed) -> list[dict]:
     calibration sweep's method) and alone (one graph replay between events)."""
     import torch
 
+    from servesim.gpu_backend.profiler import back_to_back_seconds
     from servesim.kernels import ops
 
     out = []
@@ -340,22 +341,8 @@ def quant_times(spec, dev, rows, reps: int, timer, graphed) -> list[dict]:
         for T in rows:
             xs = [torch.randn(T, K, device=dev, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(8)]
             ops.quant_fp8_rowwise(xs[0])
-            if cuda:
-                best = float("inf")
-                for _ in range(3):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda._sleep(2_000_000)  # the launches below queue up behind it
-                    a.record()
-                    for r in range(reps):
-                        ops.quant_fp8_rowwise(xs[r % len(xs)])
-                    b.record()
-                    b.synchronize()
-                    best = min(best, a.elapsed_time(b) / 1e3 / reps)
-            else:
-                t0 = time.perf_counter()
-                for r in range(reps):
-                    ops.quant_fp8_rowwise(xs[r % len(xs)])
-                best = (time.perf_counter() - t0) / reps
+            best = back_to_back_seconds(lambda r: ops.quant_fp8_rowwise(xs[(r - 1) % len(xs)]), reps, 3, cuda,
+                                        spin_cycles=2_000_000)
             alone = timer(graphed(lambda: ops.quant_fp8_rowwise(xs[0]), dev), reps=reps)
             out.append({"k": K, "tokens": T, "back_to_back_s": best, "alone_s": alone,
                         "bytes": T * K * 3 + 4 * T})

@@ -4,7 +4,6 @@ gpu` (gpu_backend/profiler.py): the rows sim/kv_attention.py fits the cost model
 
 from __future__ import annotations
 
-import time
 
 from servesim.sim.specs import ModelSpec
 
@@ -30,7 +29,7 @@ def kv_attention_sweep(model: ModelSpec, kv_dtypes=KV_DTYPES, sizes=SIZES, tp: i
     from servesim.kernels._common import num_sms
     from servesim.kernels.reference import kv_quantize, paged_decode_attention_ref
 
-    from .profiler import L2_BYTES, SPIN_CYCLES
+    from .profiler import L2_BYTES, back_to_back_seconds
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
@@ -70,22 +69,7 @@ def kv_attention_sweep(model: ModelSpec, kv_dtypes=KV_DTYPES, sizes=SIZES, tp: i
             if not err <= TOL:
                 raise ValueError(f"kv_attention_sweep: {kvd} B={B} ctx={ctx} {cfg.label()}: rel. error {err:.2e} "
                                  f"vs the torch reference (> {TOL:.0e})")
-            if cuda:
-                s = float("inf")
-                for _ in range(windows):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda._sleep(SPIN_CYCLES)
-                    a.record()
-                    for r in range(reps):
-                        call(r + 1)
-                    b.record()
-                    b.synchronize()
-                    s = min(s, a.elapsed_time(b) / 1e3 / reps)
-            else:
-                t0 = time.perf_counter()
-                for r in range(reps):
-                    call(r + 1)
-                s = (time.perf_counter() - t0) / reps
+            s = back_to_back_seconds(call, reps, windows, cuda)
             out.append({"kv_dtype": kvd, "batch": B, "ctx": ctx, "us": s * 1e6, "config": cfg.label(),
                         "source": "sim calibrate --backend gpu (gpu_backend/kv_attention_sweep.py)"})
             del caches, kc, vc

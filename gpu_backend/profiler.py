@@ -104,6 +104,32 @@ SKIP_FIRST = 2  # iterations of each run left out (the first steps after the war
 GEMM_TOKENS = (1, 2, 4, 8, *range(16, 2049, 16), *range(2112, 4097, 64), *range(4352, 8705, 256))
 L2_BYTES = 50 * 2**20  # H100 L2; the sweep cycles through enough weight copies to miss it
 SPIN_CYCLES = 3_000_000  # ~1.5-2 ms of GPU spin before each timing window (gemm_sweep)
+
+
+def back_to_back_seconds(call, reps: int, windows: int, cuda: bool, spin_cycles: int = SPIN_CYCLES) -> float:
+    """Seconds per ``call(r)`` (r = 1..reps) launched back to back: on a GPU the best of
+    ``windows`` CUDA-event windows, each behind a spin so the launches queue up and the GPU
+    never waits for the host; on the CPU one wall-clock window."""
+    import time
+
+    import torch
+
+    if not cuda:
+        t0 = time.perf_counter()
+        for r in range(reps):
+            call(r + 1)
+        return (time.perf_counter() - t0) / reps
+    s = float("inf")
+    for _ in range(windows):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin_cycles)  # the launches below queue up behind it
+        a.record()
+        for r in range(reps):
+            call(r + 1)
+        b.record()
+        b.synchronize()
+        s = min(s, a.elapsed_time(b) / 1e3 / reps)
+    return s
 HEAT_UP_S = 12.0  # seconds of matmuls before the grid (see measure_grid)
 WORKER_HEAT_UP_S = 2.0  # and at the start of each further grid process
 
@@ -251,22 +277,7 @@ def gemm_sweep(model: ModelSpec, device=None, dtype=None, tokens=GEMM_TOKENS, re
                 def lin(w, xt=xt):
                     return F.linear(xt, w)
             lin(ws[0])  # warm-up: cuBLAS's heuristics and workspace for this shape
-            if cuda:
-                s = float("inf")
-                for _ in range(windows):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda._sleep(SPIN_CYCLES)  # the launches below queue up behind it
-                    a.record()
-                    for r in range(reps):
-                        lin(ws[(r + 1) % copies])
-                    b.record()
-                    b.synchronize()
-                    s = min(s, a.elapsed_time(b) / 1e3 / reps)
-            else:
-                t0 = time.perf_counter()
-                for r in range(reps):
-                    lin(ws[(r + 1) % copies])
-                s = (time.perf_counter() - t0) / reps
+            s = back_to_back_seconds(lambda r: lin(ws[r % copies]), reps, windows, cuda)
             out.append({"linear": name, "k": k, "n": n, "tokens": int(t), "seconds": float(s)})
         del ws, x
     if cuda:

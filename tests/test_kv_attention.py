@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before the first import of a Triton kernel module (as in test_fp8_kv)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
