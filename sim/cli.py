@@ -509,6 +509,21 @@ def _check_text_file(path: Path, what: str) -> None:
         pass
 
 
+def _fp8_capable_list(text: str | None, flag: str, choices, hw, fp8_needs: str) -> tuple[str, ...] | None:
+    """A comma-separated option (``--gemm-precisions``, ``--kv-dtypes``) as a tuple, each
+    entry one of ``choices`` and fp8 only where the hardware has it; None when not given."""
+    if text is None:
+        return None
+    vals = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in vals if p not in choices]
+    if bad:
+        raise ConfigError(f"{flag} {text}: {', '.join(bad)} not measurable (choose from {', '.join(choices)})",
+                          f"command line: {flag}")
+    if "fp8" in vals and not hw.matmul_rate("fp8"):
+        raise ConfigError(f"{flag} fp8: {hw.name} has no {fp8_needs}", f"command line: {flag}")
+    return vals
+
+
 def _check_cuda(what: str) -> None:
     """Measuring the calibration grid needs a CUDA GPU: without one it would run the grid on
     the CPU for minutes and fit nothing that describes a GPU. Refuse at once."""
@@ -543,30 +558,12 @@ def cmd_calibrate(args) -> int:
             _check_cuda("sim calibrate --backend gpu")
         if args.tensor_parallel < 1:
             raise ConfigError(f"--tensor-parallel {args.tensor_parallel}: give 1 or more", "command line")
-        gemm_precisions = None
-        if args.gemm_precisions is not None:
-            from .calibrate import GEMM_PRECISIONS
+        from .calibrate import GEMM_PRECISIONS
+        from .kv_attention import KV_DTYPES
 
-            gemm_precisions = tuple(p.strip() for p in args.gemm_precisions.split(",") if p.strip())
-            bad = [p for p in gemm_precisions if p not in GEMM_PRECISIONS]
-            if bad:
-                raise ConfigError(f"--gemm-precisions {args.gemm_precisions}: {', '.join(bad)} not measurable "
-                                  f"(choose from {', '.join(GEMM_PRECISIONS)})", "command line: --gemm-precisions")
-            if gemm_precisions and "fp8" in gemm_precisions and not hw.matmul_rate("fp8"):
-                raise ConfigError(f"--gemm-precisions fp8: {hw.name} has no fp8 tensor cores",
-                                  "command line: --gemm-precisions")
-        kv_dtypes = None
-        if args.kv_dtypes is not None:
-            from .kv_attention import KV_DTYPES
-
-            kv_dtypes = tuple(p.strip() for p in args.kv_dtypes.split(",") if p.strip())
-            bad = [p for p in kv_dtypes if p not in KV_DTYPES]
-            if bad:
-                raise ConfigError(f"--kv-dtypes {args.kv_dtypes}: {', '.join(bad)} not measurable "
-                                  f"(choose from {', '.join(KV_DTYPES)})", "command line: --kv-dtypes")
-            if "fp8" in kv_dtypes and not hw.matmul_rate("fp8"):
-                raise ConfigError(f"--kv-dtypes fp8: {hw.name} has no fp8 (e4m3) support",
-                                  "command line: --kv-dtypes")
+        gemm_precisions = _fp8_capable_list(args.gemm_precisions, "--gemm-precisions", GEMM_PRECISIONS, hw,
+                                            "fp8 tensor cores")
+        kv_dtypes = _fp8_capable_list(args.kv_dtypes, "--kv-dtypes", KV_DTYPES, hw, "fp8 (e4m3) support")
         if args.backend == "gpu" and args.tensor_parallel > 1:
             import torch
 
