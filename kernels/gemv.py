@@ -27,6 +27,15 @@ weight, so recomputing it per program costs L2 reads only):
 * ``silu``: x is the gate/up projection ``[M, 2K]`` and the input is
   ``silu(gate) * up`` (fp32 math, rounded), as `silu_mul` writes it.
 
+Epilogue ``rope`` (a `RopeKV`; the qkv projection, ``N = (Hq + 2 Hkv) D``, q | k | v): a
+column tile holds *pairs* -- column ``j`` of a head's low half beside its column ``j + D/2`` --
+so the neox rotation of a pair is local to the tile: the accumulator (rounded to x's dtype,
+as the unfused projection's output) is rotated at each row's position (q and k heads; v heads
+pass), q stored ``[M, Hq, D]`` and k and v written into the paged caches at the rows' slots
+(-1: not written; fp8: ``clamp(x / scale)``), as `rope_kv_write` does -- one kernel for
+rmsnorm, qkv, RoPE and the cache write (`ops.rms_norm_qkv_rope`; reference
+``reference.rms_norm_qkv_rope_ref``). With split-K the last split applies it.
+
 Launch parameters are a `GemvConfig`. The model asks `tuned_config` for the config of a shape
 (dtype, N, K, M, SM count): the ``gemv_entries`` of the decode tuning table (the same file,
 the same loading: `decode_attention.get_tuning`; ``gpu_bench.py --sections 15`` times these
@@ -445,10 +454,14 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[GemvConfig]:
     tiles = []
     if m <= 4:
         bm = next_pow2(m)
-        for bn, bk, wp in ((8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8)):
+        # (st 3: the weight loads software-pipelined; 8 x 1024 at 8 warps: twice the bytes in
+        # flight a trip -- the qkv / o / down GEMVs reached 44-59% of copy bandwidth without)
+        for bn, bk, wp, st in ((8, 512, 4, 0), (16, 256, 4, 0), (32, 128, 4, 0), (16, 512, 8, 0), (8, 512, 4, 3),
+                               (8, 1024, 8, 0)):
             if bm * bn * bk <= 2048 * wp:  # the fp32 accumulator: <= 64 registers a thread
-                tiles.append((bn, bk, wp, 0, False))
-    for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4)):
+                tiles.append((bn, bk, wp, st, False))
+    for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4), (32, 256, 4, 3),
+                           (16, 256, 4, 4)):
         if m > 16 or bn <= 64:
             tiles.append((bn, bk, wp, st, True))
     out = []

@@ -113,7 +113,7 @@ def test_candidates_cover_the_decode_shapes():
         cs = candidates(m, 2048, 8192, 132)
         assert cs and all(GemvConfig.from_dict(c.to_dict()) == c for c in cs)
         assert all(c.use_dot for c in cs) or m <= 4
-        assert 2 <= len({c.compile_key() for c in cs}) <= 8
+        assert 2 <= len({c.compile_key() for c in cs}) <= 12  # (each a Triton compilation on the device)
         assert any(c.split_k > 1 for c in cs) and any(c.split_k == 1 for c in cs)
 
 
@@ -349,6 +349,7 @@ def test_weight_loads_are_vectorised_on_sm90():
 
     pytest.importorskip("triton.backends.nvidia")
     variants = [(0, False, 1, 8, 512, 4, 0, 0), (1, True, 16, 64, 128, 4, 3, 0), (2, False, 2, 16, 256, 4, 0, 0),
+                (1, False, 1, 8, 512, 4, 3, 0), (2, False, 1, 8, 1024, 8, 0, 0), (0, True, 16, 32, 256, 4, 3, 0),
                 (1, False, 1, 16, 512, 4, 0, 1), (1, True, 16, 64, 128, 4, 3, 1)]  # the last two: qkv + rope
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
