@@ -3,9 +3,11 @@ baselines, all in one device call. Writes its tables to OUT/gpu_bench.md.
 
     # on the GPU machine (one ~9-minute call; see benchmarks/results/gpu_bench.md)
     python benchmarks/gpu_bench.py --out $OUT --budget-s 540
-    # issue S10's call (sections 1, 15, 4, 14; ~6 minutes on an H200; the decode-attention
-    # table of section 12 is the committed kernels/tuning/h200.json -- add 12 to remake it)
-    python3 benchmarks/gpu_bench.py --sections s10 --out $OUT --budget-s 420
+    # issue S10's call (sections 1, 15, 16, 17, 4, 14: tune the small-M GEMMs, the fused
+    # qkv + RoPE + KV write and the fused attention merge, install them, then the decode
+    # iterations; ~5 minutes on an H200; OUT/h200_tuning.json replaces kernels/tuning/h200.json;
+    # the decode-attention table of section 12 is the committed one -- add 12 to remake it)
+    python3 benchmarks/gpu_bench.py --sections s10 --out $OUT --budget-s 540
     # anywhere, a CPU smoke test of every section on a tiny model
     python benchmarks/gpu_bench.py --smoke --out /tmp/gpu_bench
 
@@ -29,6 +31,18 @@ too small for it):
     the tuning table's ``gemv_entries`` merged with the installed decode-attention entries
     to OUT/h200_tuning.json (a replacement for kernels/tuning/h200.json) and installed for
     the sections after it; every timing in OUT/gemv_tuning.csv;
+16. (S10; not in the default --sections) a layer's attention input in one kernel: residual
+    add + rmsnorm, the qkv GEMM, RoPE and the KV-cache write (`ops.rms_norm_qkv_rope`'s
+    fused path) vs the current path (section 15's choice, then the rope kernel) and the
+    cuBLAS path, both models at M = 1..64, each candidate checked against its torch
+    reference first; installed (``gemv_entries``, prologue ``rms_rope``) only where it
+    beats both by 3%; OUT/h200_tuning.json rewritten; timings in OUT/qkv_rope_tuning.csv;
+17. (S10; not in the default --sections) decode attention's fused reduce (the last split
+    merges all heads of its group in one tile) at 1-4x the installed split bound vs the
+    installed config and SDPA over a padded contiguous cache, batch 1-256 x context 1k/4k,
+    each checked against the torch reference first; a batch's row replaced only where the
+    fused config beats the installed one by 3%; OUT/h200_tuning.json rewritten; timings in
+    OUT/attention_merge.csv;
  4. decode iterations of Llama-3.2-1B and Llama-3.1-8B (random weights, real shapes; batch
     1/16/64/256 x context 1k/4k) over a paged cache with lengths +-50%, CUDA graphs, vs the
     roofline (bytes read / copy bandwidth) and vs issue S10's plain-PyTorch baseline (cuBLAS
@@ -572,9 +586,13 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
            + (f"the tuning table installed ({tuned.get('made_by', '?')}, on {tuned.get('device', '?')})" if tuned
               else "*no tuning table (section 12 not run): the default configs*")
            + (f"; its small-M GEMM rows from {tuned['gemv_made_by']}" if tuned and tuned.get("gemv_made_by") else "")
+           + (f"; its fused qkv + RoPE + KV-write rows from {tuned['qkv_rope_made_by']}"
+              if tuned and tuned.get("qkv_rope_made_by") else "")
+           + (f"; its fused-merge attention rows from {tuned['attention_merge_made_by']}"
+              if tuned and tuned.get("attention_merge_made_by") else "")
            + ", and with the default attention configs; *ours, cuBLAS linears*: with every linear on cuBLAS after "
-           "its own rmsnorm / silu_mul kernel (the small-M Triton GEMMs of section 15's table off; '-' without "
-           "them); *ours, equal* is the same batch with every length at the mean. "
+           "its own rmsnorm / silu_mul kernel and the RoPE + KV write its own kernel (the `gemv_entries` of "
+           "sections 15-16 off; '-' without them); *ours, equal* is the same batch with every length at the mean. "
            "**Plain PyTorch** (issue S10's baseline, the same weights re-laid [in, out]): cuBLAS `x @ W`, "
            "`F.rms_norm`, RoPE, the new K/V written into a contiguous `[batch, kv_heads, ctx, head_dim]` cache, "
            "`F.scaled_dot_product_attention`, argmax, one CUDA graph; *equal*: every sequence at the mean length "
@@ -1884,18 +1902,11 @@ def gemv_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dic
                 break
         if stopped:
             break
-    table = dict(base_table) if base_table else dict(
-        version=da.TUNING_VERSION, device=torch.cuda.get_device_name() if cuda else "cpu", sms=sms,
-        torch=torch.__version__, triton=_triton_version(), dtype=str(dtype).replace("torch.", ""), entries={})
-    table[gm.GEMV_ENTRIES] = entries
-    table["gemv_made_by"] = ("python benchmarks/gpu_bench.py --sections 15 (" + time.strftime("%Y-%m-%d %H:%M")
-                             + f"; torch {torch.__version__}, triton {_triton_version()})")
-    table.setdefault("made_by", table["gemv_made_by"])
-    gm.check_entries(entries)
-    path = out / "h200_tuning.json"
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    da.set_tuning(table)
-    os.environ[da.TUNING_ENV] = str(path)  # the `sim run` subprocesses of later sections use it too
+    table = dict(base_table) if base_table else _base_table(dev, dtype)
+    # the fused qkv + rope rows (section 16's) are not this section's: they stay
+    keep = {k: v for k, v in ((base_table or {}).get(gm.GEMV_ENTRIES) or {}).items() if f"/{ops.QKV_ROPE}/" in k}
+    table[gm.GEMV_ENTRIES] = {**keep, **entries}
+    install_table(table, out, "gemv_made_by", "15")
     pd.DataFrame(records).to_csv(out / "gemv_tuning.csv", index=False)
 
     md("\n## 15. Small-M GEMM (Triton, fused prologue) vs cuBLAS: autotune of the decode linears\n")
@@ -1939,6 +1950,418 @@ def gemv_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dic
     if stopped:
         md(f"\n*The tuning's time allowance ({allow_s:.0f} s) ran out: the shapes after the last one shown were "
            "not tuned (cuBLAS for them).*")
+    return table
+
+
+# ---------------------------------------------------------------------------------- 16, 17: fused kernels
+TUNING_OUT = "h200_tuning.json"  # the tuning table sections 15-17 write (a replacement for kernels/tuning/h200.json)
+S10_FUSED_S = 75  # the time allowance of section 16 and of section 17 (s), each
+
+
+def install_table(table: dict, out: Path, made_by_key: str, section: str) -> Path:
+    """Check ``table`` (decode attention and small-M GEMM entries), install it in this process
+    (and for the `sim run` subprocesses of later sections) and write it to OUT/h200_tuning.json,
+    ``made_by_key`` naming this section's command."""
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels import gemv as gm
+
+    table = dict(table)
+    table[made_by_key] = (f"python benchmarks/gpu_bench.py --sections {section} (" + time.strftime("%Y-%m-%d %H:%M")
+                          + f"; torch {torch.__version__}, triton {_triton_version()})")
+    table.setdefault("made_by", table[made_by_key])
+    gm.check_entries(table.get(gm.GEMV_ENTRIES) or {})
+    da.set_tuning(table)  # (checks the attention entries)
+    path = out / TUNING_OUT
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    os.environ[da.TUNING_ENV] = str(path)
+    return path
+
+
+def _base_table(dev, dtype) -> dict:
+    """The installed tuning table (a copy), or an empty one for this device."""
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels._common import num_sms
+
+    t = da.get_tuning()
+    if t:
+        return json.loads(json.dumps(t))
+    return dict(version=da.TUNING_VERSION, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                sms=num_sms(dev), torch=torch.__version__, triton=_triton_version(),
+                dtype=str(dtype).replace("torch.", ""), entries={})
+
+
+def qkv_rope_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dict | None:
+    """Section 16: a layer's attention input in one kernel -- residual add + rmsnorm, the qkv
+    GEMM, rotary on q and k, k and v written into the paged cache (`ops.rms_norm_qkv_rope`'s
+    fused path: kernels/gemv.py with the rms prologue and the rope epilogue) -- against the
+    *current* path (whatever the installed table runs: section 15's choice for the rms + qkv
+    GEMM, then the rope_kv_write kernel) and the *cuBLAS* path (the rmsnorm kernel, F.linear,
+    rope_kv_write) for both models at M = 1..64. Every candidate checked against
+    `rms_norm_qkv_rope_ref` (q and the written cache rows) before it is timed and again after;
+    times are CUDA-graph replays over copies of the weight (cold L2). The fused config is
+    written to the table's ``gemv_entries`` (prologue ``rms_rope``) only where it beats both
+    paths by 3%; else the row keeps what was installed. OUT/h200_tuning.json rewritten and
+    installed; timings in OUT/qkv_rope_tuning.csv."""
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from servesim.gpu_backend.rope import build_cos_sin_cache
+    from servesim.kernels import gemv as gm
+    from servesim.kernels import ops
+    from servesim.kernels._common import num_sms
+    from servesim.kernels.reference import rms_norm_qkv_rope_ref
+
+    deadline = time.monotonic() + allow_s
+    cuda = dev.type == "cuda"
+    t = timer(dev)
+    sms = num_sms(dev)
+    bw = ceil["copy_bw"]
+    e = torch.empty((), dtype=dtype).element_size()
+    tol = GEMV_TOL[dtype]
+    names = ["tiny"] if smoke else ["llama-3.2-1b", "llama-3.1-8b"]
+    Ms = (1, 4) if smoke else GEMV_MS
+    reps = 10 if cuda else 1
+    eps = 1e-5
+    bs = S10_BLOCK if not smoke else 16
+    table = _base_table(dev, dtype)
+    entries = table.setdefault(gm.GEMV_ENTRIES, {})
+    records, summary, rejected, bad = [], [], [], set()
+    stopped = False
+    impl = "auto" if cuda else "triton"  # (the smoke: Triton's interpreter)
+
+    def time_calls(fn, ws):
+        outs = [None] * len(ws)
+
+        def run():
+            for i, w in enumerate(ws):
+                outs[i] = fn(w)
+
+        rep = graphed(run, dev)
+        s = t(rep, reps=reps, warmup=1) / len(ws)
+        del rep
+        return s, outs[0]
+
+    for name in names:
+        spec = model_cfg_spec(name, smoke)[1]
+        hq, hkv, D, H, L = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.num_layers
+        N = (hq + 2 * hkv) * D
+        key = gm.gemv_key(dtype, ops.QKV_ROPE, N, H, sms)
+        nbytes = N * H * e
+        R = 1 if smoke else max(1, min(32, math.ceil(240e6 / nbytes)))
+        g = torch.Generator(device=dev).manual_seed(N * 17 + H)
+        ws = [torch.randn(N, H, device=dev, dtype=dtype, generator=g) * H ** -0.5 for _ in range(R)]
+        nw = torch.rand(H, device=dev, dtype=dtype, generator=g) + 0.5
+        cs = build_cos_sin_cache(D, 8192, device=dev)
+        blocks = max(Ms) // bs + 2
+        kc = torch.randn(blocks, bs, hkv, D, device=dev, dtype=dtype, generator=g)
+        vc = torch.randn_like(kc)
+        old_rows = {int(r["m"]): r for r in entries.get(key, [])}
+        rows = []
+        for M in Ms:
+            if time.monotonic() > deadline:
+                stopped = True
+                break
+            x = torch.randn(M, H, device=dev, dtype=dtype, generator=g)
+            res = torch.randn(M, H, device=dev, dtype=dtype, generator=g)
+            pos = torch.randint(0, 8192, (M,), device=dev, generator=g)
+            slots = torch.randperm(blocks * bs, device=dev, generator=g)[:M]
+            kr, vr = kc.clone(), vc.clone()
+            qr, _ = rms_norm_qkv_rope_ref(x, nw, eps, ws[0], res, pos, cs, kr, vr, slots, hq, hkv)
+            flat = lambda c: c.view(-1, hkv, D)[slots]  # noqa: E731 - the rows this call writes
+
+            def errors(q):
+                return max(rel_err(q, qr), rel_err(flat(kc), flat(kr)), rel_err(flat(vc), flat(vr)))
+
+            def wipe():  # a path that does not write its rows fails its check
+                kc.view(-1, hkv, D)[slots] = 0
+                vc.view(-1, hkv, D)[slots] = 0
+
+            def cublas(w):
+                xn, _ = ops.rms_norm(x, nw, eps, res, impl=impl)
+                q, k, v = F.linear(xn, w).split([hq * D, hkv * D, hkv * D], dim=-1)
+                return ops.rope_kv_write(q.view(M, hq, D), k.view(M, hkv, D), v.view(M, hkv, D), pos, cs, kc, vc,
+                                         slots, impl=impl)[0]
+
+            def current(w):
+                return ops.rms_norm_qkv_rope(x, nw, eps, w, res, pos, cs, kc, vc, slots, hq, hkv, impl=impl)[0]
+
+            def fused(w, cfg):
+                return ops.rms_norm_qkv_rope(x, nw, eps, w, res, pos, cs, kc, vc, slots, hq, hkv, impl=impl,
+                                             config=cfg)[0]
+
+            rec = dict(model=name, M=M, n=N, k=H, per_step=L, mb=nbytes / 1e6)
+            base = {}
+            for label, fn in (("cublas", cublas), ("current", current)):
+                wipe()
+                err = errors(fn(ws[0]))
+                if not err <= tol:
+                    raise AssertionError(f"section 16 {name} M={M}: the {label} path's rel. error {err:.2e} vs "
+                                         f"the reference (> {tol:.0e})")
+                s_, _ = time_calls(fn, ws)
+                base[label] = s_
+                records.append(dict(rec, config=label, us=s_ * 1e6, of_copy_bw=nbytes / s_ / bw, rel_err=err))
+            cur_cfg = gm.tuned_config(M, N, H, dtype, dev, ops.QKV_ROPE)
+            best = (math.inf, None)
+            n_cand = 0
+            for cfg in gm.candidates(M, N, H, sms)[:2 if smoke else None]:
+                ck = cfg.compile_key() + (gm.block_m(M, cfg.use_dot),)
+                if ck in bad:
+                    continue
+                try:
+                    wipe()
+                    err = errors(fused(ws[0], cfg))
+                    if not err <= tol:
+                        raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
+                    s_, q2 = time_calls(lambda w, cfg=cfg: fused(w, cfg), ws)
+                    err2 = errors(q2)
+                    if not err2 <= tol:
+                        raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
+                except Exception as ex:  # noqa: BLE001 - a variant that fails is left out
+                    bad.add(ck)
+                    rejected.append((name, M, cfg.label(), f"{type(ex).__name__}: "
+                                     f"{str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+                    log(f"section 16: {name} M={M} {cfg.label()} rejected: {ex}")
+                    continue
+                n_cand += 1
+                records.append(dict(rec, config=cfg.label(), us=s_ * 1e6, of_copy_bw=nbytes / s_ / bw, rel_err=err2))
+                if s_ < best[0]:
+                    best = (s_, cfg)
+            ref_s = min(base.values())
+            win = best[1] is not None and best[0] < GEMV_WIN * ref_s
+            if win:
+                pick, pick_s = best[1], best[0]
+            else:  # what was installed stays (the current path)
+                pick, pick_s = cur_cfg, base["current"]
+            rows.append(dict(m=M, config=None if pick is None else pick.to_dict(), us=round(pick_s * 1e6, 2),
+                             cublas_us=round(base["cublas"] * 1e6, 2), current_us=round(base["current"] * 1e6, 2)))
+            summary.append(dict(model=name, M=M, N=N, K=H, L=L, mb=nbytes / 1e6, cublas=base["cublas"],
+                                current=base["current"], best=best[0], best_cfg=best[1], installed=pick,
+                                installed_s=pick_s, changed=win, candidates=n_cand))
+        if rows:
+            # tuned rows replace the old ones of their M; the others (a deadline) stay as they were
+            merged = {**old_rows, **{r["m"]: r for r in rows}}
+            entries[key] = [merged[m] for m in sorted(merged)]
+        ws = None
+        free_memory(dev)
+        if stopped:
+            break
+    install_table(table, out, "qkv_rope_made_by", "16")
+    pd.DataFrame(records).to_csv(out / "qkv_rope_tuning.csv", index=False)
+
+    md("\n## 16. A layer's attention input in one kernel: rmsnorm + qkv GEMM + RoPE + KV-cache write\n")
+    md("Per model and M rows: **cuBLAS path** = the rmsnorm kernel (fused residual add), `F.linear`, the "
+       "rope_kv_write kernel; **current** = what the installed table ran before this section (section 15's "
+       "choice for rmsnorm + qkv, then rope_kv_write; or an earlier fused row); **fused** = `ops.rms_norm_qkv_rope` "
+       "with a kernels/gemv.py config (the rms prologue, the rotary + KV-write epilogue: one kernel, nothing but "
+       "q and the cache rows stored). Every path and candidate checked against `rms_norm_qkv_rope_ref` (q and the "
+       f"written cache rows, rel. error <= {tol:.0e}) before timing, the candidates again after; CUDA-graph replays "
+       f"over copies of the weight (cold L2), median of {reps}. **installed** = the row written to "
+       f"OUT/{TUNING_OUT}'s `gemv_entries` (fused only where it beats both paths by 3%). Share = weight bytes / "
+       "copy bandwidth / time.\n")
+    md("| model | M | cuBLAS path | current | best fused | share | best config | installed | per step | "
+       "candidates |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary:
+        b = (f"{r['best'] * 1e6:.1f} us | {r['mb'] * 1e6 / bw / r['best']:.0%} | `{r['best_cfg'].label()}`"
+             if r["best_cfg"] is not None else "- | - | -")
+        inst = ("fused `" + r["installed"].label() + "`" + (" (new)" if r["changed"] else " (kept)")
+                if r["installed"] is not None else "unfused")
+        save = (min(r["cublas"], r["current"]) - r["installed_s"]) * r["L"] * 1e6
+        md(f"| {r['model']} | {r['M']} | {r['cublas'] * 1e6:.1f} us | {r['current'] * 1e6:.1f} us | {b} | {inst} | "
+           f"{save:+.0f} us | {r['candidates']} |")
+    md("\n*per step*: the installed row's time saved over the faster of the two unfused paths, times the layers.")
+    if rejected:
+        md(f"\n**{len(rejected)} candidate(s) left out**:\n\n| model | M | config | why |\n|---|---|---|---|")
+        for r in rejected[:20]:
+            md(f"| {r[0]} | {r[1]} | `{r[2]}` | {r[3]} |")
+    if stopped:
+        md(f"\n*The time allowance ({allow_s:.0f} s) ran out: the rows after the last one shown were not tuned.*")
+    return table
+
+
+ATTN_MERGE_CTXS = (1024, 4096)  # section 4's contexts
+
+
+def attention_merge_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dict | None:
+    """Section 17: the decode attention's fused reduce (the last split merges every head of its
+    group in one tile) vs the *current* config (the installed table's: mostly the separate
+    reduce kernel) and the *plain* path (`F.scaled_dot_product_attention`, `enable_gqa`, over
+    a contiguous cache padded to the longest, masked), per model and batch 1-256 at the
+    contexts of section 4 (lengths +-50%, cold KV: one call per layer over several layers).
+    Candidates: the current config with the fused reduce at its split bound and at 2x / 4x
+    (more splits are cheap when no second kernel merges them), its tile and half of it (so a
+    sequence can use more splits), its minimum split length and 64 tokens;
+    each checked against the torch reference before it is timed and again after. A batch's
+    row is replaced by the best candidate (geometric mean over the contexts) only where it
+    beats the current config by 3%. OUT/h200_tuning.json rewritten and installed; timings
+    in OUT/attention_merge.csv."""
+    import pandas as pd
+    import torch.nn.functional as F
+    from dataclasses import replace
+
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels._common import num_sms
+    from servesim.kernels.reference import paged_decode_attention_ref
+
+    deadline = time.monotonic() + allow_s
+    cuda = dev.type == "cuda"
+    t = timer(dev)
+    sms = num_sms(dev)
+    bs = S10_BLOCK if not smoke else 16
+    if smoke:
+        shapes = {"tiny": (4, 2, 16)}
+        batches, ctxs, mins = (1, 4), (48,), (16,)
+    else:
+        shapes = {n: (s.num_heads, s.num_kv_heads, s.head_dim) for n in ("llama-3.2-1b", "llama-3.1-8b")
+                  for s in [load_model(n)]}
+        batches, ctxs, mins = ATTN_BATCHES, ATTN_MERGE_CTXS, (64,)
+    tol = ATTN_TOL[dtype]
+    reps = 5 if cuda else 1
+    bw = ceil["copy_bw"]
+    table = _base_table(dev, dtype)
+    records, summary, rejected = [], [], []
+    stopped = False
+    f = da.paged_decode_attention_triton
+
+    def time_layers(fn, R):
+        outs = [None] * R
+
+        def run():
+            for r in range(R):
+                outs[r] = fn(r)
+
+        rep = graphed(run, dev)
+        s = t(rep, reps=reps, warmup=1) / R
+        del rep
+        return s, outs[0]
+
+    for name, (hq, hkv, D) in shapes.items():
+        group = hq // hkv
+        key = da.tuning_key(dtype, group, hkv, D, bs, sms)
+        scale = D ** -0.5
+        new_rows = {}
+        for B in batches:
+            if time.monotonic() > deadline:
+                stopped = True
+                break
+            per_ctx = []  # (ctx, {label: seconds}, plain seconds)
+            cands: list = []
+            cur = None
+            for ctx in ctxs:
+                kv_bytes = B * ctx * 2 * hkv * D * torch.empty((), dtype=dtype).element_size()
+                layers = 1 if smoke else max(2, min(64, math.ceil(4 * 60e6 / kv_bytes)))
+                c = _attn_case(B, ctx, hq, hkv, D, bs, dtype, dev, seed=B * 7919 + ctx + 1, layers=layers)
+                R = len(c["bts"])
+                ref = paged_decode_attention_ref(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale)
+                width = c["width"] * bs
+                if cur is None:  # the installed config of this batch (at its first context's width)
+                    cur = da.resolve_config(B, hkv, width, D, group, bs, dtype, sms, None)
+                    seen = set()
+                    # (half the tile: twice the splits a sequence can use -- batch 1 ran 64 programs on 132 SMs)
+                    tiles = sorted({cur.block_n, max(16, cur.block_n // 2)}, reverse=True)
+                    for S in (cur.max_splits, 2 * cur.max_splits, 4 * cur.max_splits):
+                        for T in (cur.min_split_tokens, *mins):
+                            for bn in tiles:
+                                cfg = replace(cur, fused_reduce=True, max_splits=min(S, 2 * da.MAX_SPLITS),
+                                              min_split_tokens=T, block_n=bn)
+                                if cfg != cur and cfg not in seen:
+                                    seen.add(cfg)
+                                    cands.append(cfg)
+                times = {}
+                for cfg in [cur, *cands]:
+                    try:
+                        o = f(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale, config=cfg)
+                        err = rel_err(o, ref)
+                        if not err <= tol:
+                            raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
+                        s_, o2 = time_layers(lambda r, cfg=cfg: f(c["q"], c["kc"], c["vc"], c["bts"][r], c["sl"],
+                                                                  scale, config=cfg), R)
+                        err2 = rel_err(o2, ref)
+                        if not err2 <= tol:
+                            raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
+                    except Exception as ex:  # noqa: BLE001 - left out (the current config must pass)
+                        if cfg == cur:
+                            raise AssertionError(f"section 17 {name} B={B} ctx={ctx}: the installed config "
+                                                 f"{cfg.label()} failed: {ex}") from ex
+                        rejected.append((name, B, ctx, cfg.label(), f"{type(ex).__name__}: "
+                                         f"{str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+                        continue
+                    times[cfg] = s_
+                    records.append(dict(model=name, batch=B, ctx=ctx, config=cfg.label(), current=cfg == cur,
+                                        us=s_ * 1e6, of_copy_bw=_attn_bytes(c, hkv, D, dtype) / bw / s_))
+                # the plain path: SDPA over a contiguous copy of each layer's KV, padded to the longest
+                Lm = int(c["lens"].max())
+                mask = (torch.arange(Lm, device=dev)[None, :] < c["sl"][:, None].to(dev))[:, None, None, :]
+                kv = []
+                for r in range(R):
+                    idx = c["bts"][r].long()  # [B, width] blocks -> [B, width * bs] tokens
+                    k_ = c["kc"][idx].flatten(1, 2)[:, :Lm].transpose(1, 2).contiguous()
+                    v_ = c["vc"][idx].flatten(1, 2)[:, :Lm].transpose(1, 2).contiguous()
+                    kv.append((k_, v_))
+                q4 = c["q"][:, :, None, :]
+
+                def plain(r):
+                    return F.scaled_dot_product_attention(q4, kv[r][0], kv[r][1], attn_mask=mask, scale=scale,
+                                                          enable_gqa=True)[:, :, 0]
+
+                err = rel_err(plain(0), ref)
+                if not err <= tol:
+                    raise AssertionError(f"section 17 {name} B={B} ctx={ctx}: the plain SDPA path's rel. error "
+                                         f"{err:.2e} (> {tol:.0e})")
+                plain_s, _ = time_layers(plain, R)
+                records.append(dict(model=name, batch=B, ctx=ctx, config="sdpa-padded", current=False,
+                                    us=plain_s * 1e6, of_copy_bw=_attn_bytes(c, hkv, D, dtype) / bw / plain_s))
+                per_ctx.append((ctx, times, plain_s, _attn_bytes(c, hkv, D, dtype)))
+                kv = c = None
+                free_memory(dev)
+            if len(per_ctx) < len(ctxs):
+                break
+            common = [cfg for cfg in cands if all(cfg in p[1] for p in per_ctx)]
+            ratio = {cfg: _geomean([p[1][cfg] / p[1][cur] for p in per_ctx]) for cfg in common}
+            best = min(common, key=lambda k: (ratio[k], k.label())) if common else None
+            win = best is not None and ratio[best] < GEMV_WIN
+            if win:
+                new_rows[B] = best
+            for ctx, times, plain_s, nbytes in per_ctx:
+                pick = best if win else cur
+                summary.append(dict(model=name, batch=B, ctx=ctx, cur=cur, cur_s=times[cur],
+                                    best=best, best_s=times.get(best, math.nan), plain_s=plain_s, pick=pick,
+                                    pick_s=times[pick], changed=win, nbytes=nbytes, candidates=len(times) - 1))
+        if new_rows:
+            rows = {int(r["batch"]): r for r in table["entries"].get(key, [])}
+            for B, cfg in new_rows.items():
+                rows[B] = dict(batch=B, config=cfg.to_dict())
+            table["entries"][key] = [rows[b] for b in sorted(rows)]
+        if stopped:
+            break
+    install_table(table, out, "attention_merge_made_by", "17")
+    pd.DataFrame(records).to_csv(out / "attention_merge.csv", index=False)
+
+    md("\n## 17. Decode attention: the fused reduce merging all heads of a group at once\n")
+    md("Per model, batch and context (lengths +-50%, cold KV: one call per layer over several layers): "
+       "**current** = the installed table's config; **fused** = the best of the candidates (the current config "
+       "with the fused reduce -- the last split merges every head of its group in one tile, no second kernel -- at "
+       f"its split bound and 2x / 4x, its tile and half of it, minimum split lengths its own and {tuple(mins)}); "
+       "**plain** = "
+       "`F.scaled_dot_product_attention(enable_gqa=True)` over a contiguous cache padded to the longest, masked. "
+       f"Each checked against the torch reference (rel. error <= {tol:.0e}) before timing and again after; "
+       f"CUDA-graph replays, median of {reps}. **installed**: a batch's row replaced by the best fused config only "
+       "where it beats the current one by 3% (geometric mean over the contexts). Share = (KV + q + out bytes) / "
+       "copy bandwidth / time.\n")
+    md("| model | batch | context | current | share | config | best fused | share | config | plain (SDPA) | "
+       "installed | candidates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary:
+        bf = (f"{r['best_s'] * 1e6:.1f} us | {r['nbytes'] / bw / r['best_s']:.0%} | `{r['best'].label()}`"
+              if r["best"] is not None else "- | - | -")
+        md(f"| {r['model']} | {r['batch']} | {r['ctx']} | {r['cur_s'] * 1e6:.1f} us | "
+           f"{r['nbytes'] / bw / r['cur_s']:.0%} | `{r['cur'].label()}` | {bf} | {r['plain_s'] * 1e6:.1f} us | "
+           f"{'fused (new)' if r['changed'] else 'current'} | {r['candidates']} |")
+    if rejected:
+        md(f"\n**{len(rejected)} candidate(s) left out**:\n\n| model | batch | context | config | why |\n"
+           "|---|---|---|---|---|")
+        for r in rejected[:20]:
+            md("| " + " | ".join(str(v) for v in r[:3]) + f" | `{r[3]}` | {r[4]} |")
+    if stopped:
+        md(f"\n*The time allowance ({allow_s:.0f} s) ran out: the batches after the last one shown were not tried.*")
     return table
 
 
@@ -2168,7 +2591,7 @@ def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
            + f" | {min(ts) / auto_us:.2f} | {r['roofline_us']:.1f} us |")
 
 
-S10_SECTIONS = "1,15,4,14"
+S10_SECTIONS = "1,15,16,17,4,14"
 S10_TUNING_S = 150  # section 12's time allowance (s)
 S10_GEMV_S = 150  # section 15's time allowance (s)
 
@@ -2179,8 +2602,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
     ap.add_argument("--sections", default="1,2,3,4,5,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,12,15,4,5,14,8,9,10,11,7,6 (6, 10, 11, 12, "
-                         f"14, 15 are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
+                    help="comma-separated; they run in the order 1,2,3,12,15,16,17,4,5,14,8,9,10,11,7,6 (6, 10, 11, "
+                         f"12, 14-17 are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -2212,6 +2635,12 @@ def main() -> None:
              ("15", "small-M GEMM tuning", 40,
               lambda: gemv_tuning(dev, dtype, ceil, args.smoke, out,
                                   allow_s=S10_GEMV_S if args.smoke else min(S10_GEMV_S, budget.left() - 150))),
+             ("16", "fused qkv + rope tuning", 20,
+              lambda: qkv_rope_tuning(dev, dtype, ceil, args.smoke, out,
+                                      allow_s=S10_FUSED_S if args.smoke else min(S10_FUSED_S, budget.left() - 150))),
+             ("17", "fused attention merge tuning", 20,
+              lambda: attention_merge_tuning(dev, dtype, ceil, args.smoke, out, allow_s=S10_FUSED_S if args.smoke
+                                             else min(S10_FUSED_S, budget.left() - 150))),
              ("4", "decode grid", 90, lambda: decode_grid(dev, dtype, ceil, budget, args.smoke, calib, out=out, work=work,
                                                           profile="14" in secs, prefill="5" in secs)),
              ("14", "decode profile (S10)", 40,

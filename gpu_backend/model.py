@@ -14,7 +14,8 @@ token's key/value is written to slot ``blocks[p // bs] * bs + p % bs`` of the KV
 Logits are computed only at the sampling positions, in this order: the last token of each
 chunk that samples (chunk order), then every decode token.
 
-One layer = fused rmsnorm -> qkv GEMM -> rope_kv_write -> paged prefill attention (context
+One layer = fused rmsnorm -> qkv GEMM -> rope_kv_write (all three one kernel where the tuning
+table picked `ops.rms_norm_qkv_rope`'s fused GEMM for the shape) -> paged prefill attention (context
 part) and paged decode attention (decode part) -> o GEMM -> fused residual add + rmsnorm ->
 gate_up GEMM -> silu_mul -> down GEMM. GEMMs are ``F.linear`` -- or, at the decode shapes where
 the tuning table chose it (``kernels/gemv.py``), the small-M Triton GEMM with the rmsnorm or the
@@ -363,6 +364,13 @@ class LlamaModel:
         Returns ``(q [T, Hq, D], residual [T, H])``."""
         d, lw, impl = self.dims, self.weights.layers[layer], self.impl
         n_tok = h.shape[0]
+        if not isinstance(lw.qkv, Fp8Weight):
+            # one kernel where the tuning table picked the fused GEMM for the shape (else the
+            # unfused path below, inside the op)
+            return ops.rms_norm_qkv_rope(
+                h, lw.input_norm, d.rms_norm_eps, lw.qkv, residual, positions, self.cos_sin,
+                kv_pool.k_caches[layer], kv_pool.v_caches[layer], slot_mapping, d.num_heads, d.num_kv_heads,
+                impl=impl, k_scale=kv_pool.k_scales[layer], v_scale=kv_pool.v_scales[layer])
         qkv, residual = self._norm_linear(h, lw.input_norm, lw.qkv, residual)
         q, k, v = qkv.split(self._split, dim=-1)
         q, _ = ops.rope_kv_write(

@@ -23,8 +23,11 @@ writes its running max ``m`` (log2 domain), sum ``l`` and unnormalised accumulat
 * by kernel 2 (``_decode_reduce_kernel``, grid ``B * Hkv``), or
 * with ``fused_reduce``, in kernel 1 itself: each split program increments a per-(sequence,
   kv head) counter after writing its partials (release), and the one that finds itself last
-  (acquire) merges them and resets the counter to 0 for the next launch (the counters live in
-  a per-device buffer zeroed once; CUDA-graph safe). One launch instead of two.
+  (acquire) merges them -- every head of its group at once, one ``[splits, heads, head_dim]``
+  tile per trip over the partials (`_merge_heads`; a head at a time made the merge's L2
+  round trips serial, and lost to the separate reduce at batch 1-16) -- and resets the
+  counter to 0 for the next launch (the counters live in a per-device buffer zeroed once;
+  CUDA-graph safe). One launch instead of two.
 
 Scores: ``tl.dot`` on a ``[BLOCK_G, D] x [D, BLOCK_N]`` tile when ``use_dot`` (BLOCK_G is the
 group padded to >= 16 rows, the padding rows masked; the default, fastest on an H100 for
@@ -71,6 +74,7 @@ MIN_TOKENS_PER_SPLIT = 64
 WAVES = 4
 STRAGGLER_SPLITS = 8  # see choose_num_splits
 MERGE_CHUNK = 16  # splits a merge reads at once (one compiled variant for every split count)
+MERGE_TILE = 8192  # fp32 elements of the fused merge's [chunk, heads, head_dim] tile (64 a thread at 4 warps)
 TUNING_ENV = "SERVESIM_DECODE_TUNING"
 TUNING_VERSION = 1
 KV_MATHS = ("f16", "q")  # DecodeConfig.kv_math
@@ -109,6 +113,7 @@ def _decode_split_kernel(
     CHUNK: tl.constexpr,
     KV_FP8: tl.constexpr,
     MATH_F16: tl.constexpr,
+    MERGE_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HEAD_MAJOR:  # kv heads of one (sequence, split) side by side: they read the same blocks
@@ -207,14 +212,50 @@ def _decode_split_kernel(
             cnt = cnt_ptr + b * n_kv_heads + kvh
             arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
             if arrived == n_used - 1:  # the last split of this (sequence, kv head): merge
-                for gi in tl.static_range(GROUP):
-                    # .cg: from L2, where the other programs' partials are (not a stale L1)
-                    o = _merge_splits(m_ptr, l_ptr, acc_ptr, b * s_ml_b + kvh * s_ml_h + gi,
-                                      b * s_acc_b + kvh * s_acc_h + gi * BLOCK_D, n_used, s_ml_s, s_acc_s,
-                                      CHUNK, BLOCK_D, HEAD_DIM, ".cg")
-                    tl.store(out_ptr + b * s_o_b + (kvh * GROUP + gi) * s_o_h + d, o.to(out_ptr.dtype.element_ty),
-                             mask=d_mask)
+                # all GROUP heads at once (one [CHUNK, MERGE_G, D] tile per trip; .cg: from L2,
+                # where the other programs' partials are, not a stale L1)
+                o = _merge_heads(m_ptr, l_ptr, acc_ptr, b * s_ml_b + kvh * s_ml_h, b * s_acc_b + kvh * s_acc_h,
+                                 n_used, s_ml_s, s_acc_s, CHUNK, MERGE_G, GROUP, BLOCK_D, HEAD_DIM, ".cg")
+                mg = tl.arange(0, MERGE_G)
+                tl.store(out_ptr + b * s_o_b + (kvh * GROUP + mg)[:, None] * s_o_h + d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=(mg < GROUP)[:, None] & d_mask[None, :])
                 tl.store(cnt, 0)  # all n_used arrived: ready for the next launch
+
+
+@triton.jit
+def _merge_heads(m_ptr, l_ptr, acc_ptr, ml_off, acc_off, n_used, s_ml_s, s_acc_s,
+                 CHUNK: tl.constexpr, MERGE_G: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
+    """The ``GROUP`` heads of one (sequence, kv head) merged from their ``n_used`` (>= 2, all
+    non-empty) splits' partials in one online pass, ``CHUNK`` splits per trip, every head of
+    a trip in one ``[CHUNK, MERGE_G, BLOCK_D]`` tile (the partials' rows are ``g`` =
+    0..GROUP-1 of a split, ``BLOCK_D`` apart). Returns ``[MERGE_G, BLOCK_D]`` (rows past
+    GROUP: garbage, masked by the caller)."""
+    c = tl.arange(0, CHUNK)
+    g = tl.arange(0, MERGE_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    m_run = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([MERGE_G], dtype=tl.float32)
+    a_run = tl.zeros([MERGE_G, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, n_used, CHUNK):
+        sp = c0 + c
+        sg = (sp < n_used)[:, None] & g_mask[None, :]
+        ml = ml_off + sp[:, None] * s_ml_s + g[None, :]
+        m_c = tl.load(m_ptr + ml, mask=sg, other=float("-inf"), cache_modifier=CACHE)
+        l_c = tl.load(l_ptr + ml, mask=sg, other=0.0, cache_modifier=CACHE)
+        a_c = tl.load(acc_ptr + acc_off + sp[:, None, None] * s_acc_s + g[None, :, None] * BLOCK_D + d[None, None, :],
+                      mask=sg[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=CACHE)
+        m_new = tl.maximum(m_run, tl.max(m_c, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding heads: never a finite max
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m_c - m_safe[None, :])  # masked splits: exp2(-inf) = 0
+        l_run = l_run * alpha + tl.sum(w * l_c, axis=0)
+        a_run = a_run * alpha[:, None] + tl.sum(w[:, :, None] * a_c, axis=0)
+        m_run = m_new
+    l_safe = tl.where(l_run == 0.0, 1.0, l_run)
+    return a_run / l_safe[:, None]
 
 
 @triton.jit
@@ -671,9 +712,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
         DOT_PREC=dot_precision(q.dtype),
         FUSED_REDUCE=fused,
         HEAD_MAJOR=bool(cfg.head_major),
-        CHUNK=chunk if fused else 1,
+        CHUNK=merge_chunk(group, BLOCK_D) if fused else 1,
         KV_FP8=fp8,
         MATH_F16=fp8 and cfg.kv_math == "f16",
+        MERGE_G=next_pow2(group),
         num_warps=int(cfg.num_warps),
         **extra,
     )
@@ -691,6 +733,13 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
             num_warps=1 if chunk * BLOCK_D <= 512 else (2 if chunk * BLOCK_D <= 2048 else 4),
         )
     return out
+
+
+def merge_chunk(group: int, block_d: int) -> int:
+    """Splits per trip of the fused merge: ``MERGE_CHUNK``, fewer where the group's
+    ``[chunk, heads, head_dim]`` tile would pass ``MERGE_TILE`` elements (a power of two)."""
+    c = max(1, min(MERGE_CHUNK, MERGE_TILE // (next_pow2(group) * block_d)))
+    return 1 << (c.bit_length() - 1)
 
 
 def table_configs(key: str) -> list[DecodeConfig]:

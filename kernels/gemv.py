@@ -27,6 +27,15 @@ weight, so recomputing it per program costs L2 reads only):
 * ``silu``: x is the gate/up projection ``[M, 2K]`` and the input is
   ``silu(gate) * up`` (fp32 math, rounded), as `silu_mul` writes it.
 
+Epilogue ``rope`` (a `RopeKV`; the qkv projection, ``N = (Hq + 2 Hkv) D``, q | k | v): a
+column tile holds *pairs* -- column ``j`` of a head's low half beside its column ``j + D/2`` --
+so the neox rotation of a pair is local to the tile: the accumulator (rounded to x's dtype,
+as the unfused projection's output) is rotated at each row's position (q and k heads; v heads
+pass), q stored ``[M, Hq, D]`` and k and v written into the paged caches at the rows' slots
+(-1: not written; fp8: ``clamp(x / scale)``), as `rope_kv_write` does -- one kernel for
+rmsnorm, qkv, RoPE and the cache write (`ops.rms_norm_qkv_rope`; reference
+``reference.rms_norm_qkv_rope_ref``). With split-K the last split applies it.
+
 Launch parameters are a `GemvConfig`. The model asks `tuned_config` for the config of a shape
 (dtype, N, K, M, SM count): the ``gemv_entries`` of the decode tuning table (the same file,
 the same loading: `decode_attention.get_tuning`; ``gpu_bench.py --sections 15`` times these
@@ -51,12 +60,15 @@ PROLOGUES = ("none", "rms", "silu")
 _PRO = {p: i for i, p in enumerate(PROLOGUES)}
 
 
-@triton.jit(**jit_options(no_specialize=["M", "tiles_per_split", "n_splits"]))
+# (positions and slots: views into the iteration's packed host-to-device buffer, alignment varies)
+@triton.jit(**jit_options(no_specialize=["M", "tiles_per_split", "n_splits"], no_align=["pos_ptr", "slot_ptr"]))
 def _gemv_kernel(
     x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, h_ptr, ws_ptr, cnt_ptr,
+    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr,
     M, N, K, tiles_per_split, n_splits,
     s_xm, s_rm, s_wn, s_ym, s_hm,
-    eps,
+    s_cs, s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h, page, n_qh, n_kvh,
+    eps, inv_k_scale, inv_v_scale,
     PROLOGUE: tl.constexpr,  # 0 none, 1 rms, 2 silu
     HAS_RES: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -64,13 +76,24 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROPE: tl.constexpr = False,  # the qkv epilogue: rotary on q / k, k and v into the paged cache
+    HEAD_DIM: tl.constexpr = 2,
+    KV_FP8: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     m_mask = rm < M
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    if ROPE:
+        # column i of a tile: pair pid_n * BLOCK_N / 2 + i // 2, its low (i even) or high half
+        # column: the two columns neox rotary mixes sit side by side in the accumulator
+        i = tl.arange(0, BLOCK_N)
+        pair = pid_n * (BLOCK_N // 2) + i // 2
+        rn = (pair // (HEAD_DIM // 2)) * HEAD_DIM + pair % (HEAD_DIM // 2) + (i % 2) * (HEAD_DIM // 2)
+        n_mask = pair < N // 2
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
     dt = w_ptr.dtype.element_ty
@@ -128,10 +151,8 @@ def _gemv_kernel(
         acc = tl.sum(acc3, axis=2)
 
     omask = m_mask[:, None] & n_mask[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :]
-    if n_splits == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
+    done = n_splits == 1
+    if n_splits > 1:
         part = rm[:, None] * N + rn[None, :]
         MN = M * N
         tl.store(ws_ptr + pid_k * MN + part, acc, mask=omask)
@@ -139,7 +160,8 @@ def _gemv_kernel(
         tl.debug_barrier()
         cnt = cnt_ptr + pid_n
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_splits - 1:  # the last split of this column tile: sum in split order
+        done = arrived == n_splits - 1
+        if done:  # the last split of this column tile: sum in split order
             tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(0, n_splits, 4):
                 # four partials in flight at a time (independent loads), added in split order;
@@ -152,8 +174,72 @@ def _gemv_kernel(
                 m3 = (rm < tl.where(s + 3 < n_splits, M, 0))[:, None] & n_mask[None, :]
                 p3 = tl.load(ws_ptr + (s + 3) * MN + part, mask=m3, other=0.0, cache_modifier=".cg")
                 tot = (((tot + p0) + p1) + p2) + p3
-            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            acc = tot
             tl.store(cnt, 0)
+    if done:
+        if ROPE:
+            _rope_kv_epilogue(acc, rm, m_mask, pid_n, N // 2, y_ptr, s_ym, pos_ptr, cs_ptr, s_cs, slot_ptr, kc_ptr,
+                              vc_ptr, s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h, page, n_qh, n_kvh,
+                              inv_k_scale, inv_v_scale, BLOCK_M, BLOCK_N, HEAD_DIM, KV_FP8)
+        else:
+            y_ptrs = y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _rope_kv_epilogue(acc, rm, m_mask, pid_n, n_pairs, q_ptr, s_qm, pos_ptr, cs_ptr, s_cs, slot_ptr, kc_ptr,
+                      vc_ptr, s_kc_b, s_kc_o, s_kc_h, s_vc_b, s_vc_o, s_vc_h, page, n_qh, n_kvh,
+                      inv_k_scale, inv_v_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
+    """A qkv tile in pair order (`_gemv_kernel` with ROPE): each value rounded to the model's
+    dtype first (as the unfused path's qkv output is), neox rotary on the q and k heads at the
+    rows' positions, then q into ``q [M, n_qh, HEAD_DIM]``, k and v into the paged caches at
+    the rows' slots (-1: not written; an fp8 cache: ``clamp(x / scale)``), as `rope_kv_write`."""
+    HALF = HEAD_DIM // 2
+    dt = q_ptr.dtype.element_ty
+    lo, hi = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
+    lo = lo.to(dt).to(tl.float32)
+    hi = hi.to(dt).to(tl.float32)
+    pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    head = pair // HALF
+    j = pair % HALF
+    pm = m_mask[:, None] & (pair < n_pairs)[None, :]
+    rows = rm.to(tl.int64)
+    pos = tl.load(pos_ptr + rows, mask=m_mask, other=0).to(tl.int64)
+    cs = cs_ptr + pos[:, None] * s_cs + j[None, :]
+    cos = tl.load(cs, mask=pm, other=1.0).to(tl.float32)
+    sin = tl.load(cs + HALF, mask=pm, other=0.0).to(tl.float32)
+    rot = (head < n_qh + n_kvh)[None, :]  # q and k heads; v heads pass unrotated
+    r_lo = tl.where(rot, lo * cos - hi * sin, lo).to(dt)
+    r_hi = tl.where(rot, hi * cos + lo * sin, hi).to(dt)
+    # q
+    qm = pm & (head < n_qh)[None, :]
+    qp = q_ptr + rows[:, None] * s_qm + (head * HEAD_DIM + j)[None, :]
+    tl.store(qp, r_lo, mask=qm)
+    tl.store(qp + HALF, r_hi, mask=qm)
+    # k and v into the cache
+    slot = tl.load(slot_ptr + rows, mask=m_mask, other=-1).to(tl.int64)
+    blk = tl.where(slot >= 0, slot, 0) // page
+    off = tl.where(slot >= 0, slot, 0) % page
+    wm = pm & (slot >= 0)[:, None]
+    km = wm & ((head >= n_qh) & (head < n_qh + n_kvh))[None, :]
+    vm = wm & (head >= n_qh + n_kvh)[None, :]
+    kp = kc_ptr + blk[:, None] * s_kc_b + off[:, None] * s_kc_o + ((head - n_qh) * s_kc_h + j)[None, :]
+    vp = vc_ptr + blk[:, None] * s_vc_b + off[:, None] * s_vc_o + ((head - n_qh - n_kvh) * s_vc_h + j)[None, :]
+    kty = kc_ptr.dtype.element_ty
+    vty = vc_ptr.dtype.element_ty
+    if KV_FP8:  # per-tensor scales, saturated to e4m3's range
+        tl.store(kp, tl.minimum(tl.maximum(r_lo.to(tl.float32) * inv_k_scale, -448.0), 448.0).to(kty), mask=km)
+        tl.store(kp + HALF, tl.minimum(tl.maximum(r_hi.to(tl.float32) * inv_k_scale, -448.0), 448.0).to(kty),
+                 mask=km)
+        tl.store(vp, tl.minimum(tl.maximum(r_lo.to(tl.float32) * inv_v_scale, -448.0), 448.0).to(vty), mask=vm)
+        tl.store(vp + HALF, tl.minimum(tl.maximum(r_hi.to(tl.float32) * inv_v_scale, -448.0), 448.0).to(vty),
+                 mask=vm)
+    else:
+        tl.store(kp, r_lo.to(kty), mask=km)
+        tl.store(kp + HALF, r_hi.to(kty), mask=km)
+        tl.store(vp, r_lo.to(vty), mask=vm)
+        tl.store(vp + HALF, r_hi.to(vty), mask=vm)
 
 
 @dataclass(frozen=True)
@@ -198,12 +284,35 @@ def block_m(m: int, use_dot: bool) -> int:
     return max(next_pow2(m), 16) if use_dot else next_pow2(m)
 
 
+@dataclass(frozen=True)
+class RopeKV:
+    """What the qkv GEMM's rotary + KV-write epilogue needs (`gemv_triton`'s ``rope``): the
+    rows' ``positions`` and ``slot_mapping`` [M] (int64, slot -1: not written), the
+    ``cos_sin`` table [max_pos, D] (cos | sin halves, fp32), the paged caches
+    [blocks, block_size, n_kv_heads, D] and their per-tensor scales (an fp8 cache's)."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: str = "none",
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                residual: torch.Tensor | None = None,
+                rope: RopeKV | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y [M, N] = prologue(x) @ w.T`` in x's dtype; returns ``(y, h)`` where ``h`` is the
     rms prologue's residual stream (``x + residual``; ``x`` itself without a residual) and
-    None for the other prologues. x: [M, K] ([M, 2K] for ``silu``), w: [N, K]."""
+    None for the other prologues. x: [M, K] ([M, 2K] for ``silu``), w: [N, K].
+
+    ``rope``: w is a fused qkv projection (``N = (Hq + 2 Hkv) D``, q | k | v) and the
+    epilogue does `rope_kv_write`'s work: ``y`` is the rotated q ``[M, Hq, D]``, the rotated k
+    and v are written into the caches (nothing else of the projection is stored)."""
     if prologue not in _PRO:
         raise ValueError(f"gemv: prologue must be one of {PROLOGUES}, got {prologue!r}")
     assert x.dim() == 2 and w.dim() == 2, "gemv: x [M, K] and w [N, K]"
@@ -215,7 +324,9 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
     check_interpreted(_gemv_kernel, x, w)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    y = new_empty((M, N), x.dtype, x.device)
+    rp = _rope_args(rope, M, N, x) if rope is not None else None
+    y = new_empty((M, rope.num_heads, N // (rope.num_heads + 2 * rope.num_kv_heads)) if rope else (M, N),
+                  x.dtype, x.device)
     h = None
     r = nw = hx = x
     s_r = s_h = 0
@@ -233,12 +344,12 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
         return y, h
     use_dot = bool(cfg.use_dot)
     BM = block_m(M, use_dot)
-    BN = max(next_pow2(cfg.block_n), 16 if use_dot else 1)
+    BN = max(next_pow2(cfg.block_n), 16 if use_dot else (2 if rope else 1))
     BK = max(next_pow2(cfg.block_k), 16)
     S = max(1, min(int(cfg.split_k), cdiv(K, BK)))
     tiles = cdiv(cdiv(K, S), BK)  # BLOCK_K tiles per split
     S = cdiv(K, tiles * BK)  # no empty splits
-    n_tiles = cdiv(N, BN)
+    n_tiles = cdiv(N // 2, BN // 2) if rope else cdiv(N, BN)
     if S > 1:
         from .decode_attention import _counters  # one zeroed per-device counter buffer for both kernels
 
@@ -247,17 +358,46 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
     else:
         ws = cnt = y
     extra = {"num_stages": int(cfg.num_stages)} if cfg.num_stages else {}
+    if rp is None:
+        rp = dict(ptrs=(y, y, y, y, y), ints=(0,) * 10, scales=(1.0, 1.0), const={})
     _gemv_kernel[(n_tiles, S)](
         x, r, nw, w, y, hx, ws, cnt,
+        *rp["ptrs"],
         M, N, K, tiles, S,
         x.stride(0), s_r, w.stride(0), y.stride(0), s_h,
-        float(eps),
+        *rp["ints"],
+        float(eps), *rp["scales"],
         PROLOGUE=_PRO[prologue], HAS_RES=prologue == "rms" and residual is not None,
         USE_DOT=use_dot, DOT_PREC=dot_precision(x.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        num_warps=int(cfg.num_warps), **extra,
+        num_warps=int(cfg.num_warps), **rp["const"], **extra,
     )
     return y, h
+
+
+def _rope_args(rope: RopeKV, M: int, N: int, x: torch.Tensor) -> dict:
+    """The epilogue's kernel arguments (checked): pointers, integer strides / sizes, scales,
+    constexprs."""
+    from .reference import check_kv_scales, is_fp8_cache
+
+    hq, hkv = int(rope.num_heads), int(rope.num_kv_heads)
+    kc, vc = rope.k_cache, rope.v_cache
+    assert N % (hq + 2 * hkv) == 0, f"gemv rope: N={N} is not (Hq + 2 Hkv) heads"
+    D = N // (hq + 2 * hkv)
+    assert D % 2 == 0 and D == next_pow2(D), f"gemv rope: head_dim {D} must be an even power of two"
+    assert kc.dim() == 4 and kc.shape[2:] == (hkv, D) and vc.shape == kc.shape, \
+        "gemv rope: caches must be [blocks, bs, Hkv, D]"
+    assert kc.stride(-1) == 1 and vc.stride(-1) == 1, "gemv rope: caches must be contiguous in head_dim"
+    assert rope.positions.shape == (M,) and rope.slot_mapping.shape == (M,), "gemv rope: positions / slots [M]"
+    cs = rope.cos_sin if rope.cos_sin.stride(-1) == 1 else rope.cos_sin.contiguous()
+    assert cs.dim() == 2 and cs.shape[1] == D, "gemv rope: cos_sin must be [max_pos, head_dim]"
+    check_kv_scales(kc, rope.k_scale, rope.v_scale)
+    check_interpreted(_gemv_kernel, x, kc)
+    return dict(ptrs=(rope.positions, cs, rope.slot_mapping, kc, vc),
+                ints=(cs.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1),
+                      vc.stride(2), kc.shape[1], hq, hkv),
+                scales=(1.0 / float(rope.k_scale), 1.0 / float(rope.v_scale)),
+                const=dict(ROPE=True, HEAD_DIM=D, KV_FP8=is_fp8_cache(kc)))
 
 
 # ---------------------------------------------------------------------------------- tuning
@@ -314,10 +454,14 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[GemvConfig]:
     tiles = []
     if m <= 4:
         bm = next_pow2(m)
-        for bn, bk, wp in ((8, 512, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8)):
+        # (st 3: the weight loads software-pipelined; 8 x 1024 at 8 warps: twice the bytes in
+        # flight a trip -- the qkv / o / down GEMVs reached 44-59% of copy bandwidth without)
+        for bn, bk, wp, st in ((8, 512, 4, 0), (16, 256, 4, 0), (32, 128, 4, 0), (16, 512, 8, 0), (8, 512, 4, 3),
+                               (8, 1024, 8, 0)):
             if bm * bn * bk <= 2048 * wp:  # the fp32 accumulator: <= 64 registers a thread
-                tiles.append((bn, bk, wp, 0, False))
-    for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4)):
+                tiles.append((bn, bk, wp, st, False))
+    for bn, bk, wp, st in ((32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6), (128, 64, 8, 4), (32, 256, 4, 3),
+                           (16, 256, 4, 4)):
         if m > 16 or bn <= 64:
             tiles.append((bn, bk, wp, st, True))
     out = []

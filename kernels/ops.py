@@ -37,6 +37,7 @@ __all__ = [
     "linear",
     "rms_norm_linear",
     "silu_mul_linear",
+    "rms_norm_qkv_rope",
 ]
 
 
@@ -207,3 +208,33 @@ def silu_mul_linear(gate_up: torch.Tensor, w: torch.Tensor, impl: str = "auto", 
     from .gemv import gemv_triton
 
     return gemv_triton(gate_up, w, cfg, prologue="silu")[0]
+
+
+QKV_ROPE = "rms_rope"  # the tuning table's prologue name of the fused qkv + rotary + KV-write GEMM
+
+
+def rms_norm_qkv_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
+                      residual: torch.Tensor | None, positions: torch.Tensor, cos_sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                      num_kv_heads: int, impl: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0,
+                      config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's attention input in one kernel where the tuning table (``gemv_entries`` under
+    the prologue ``rms_rope``) or ``config`` picks the small-M GEMM for it: fused residual add +
+    rmsnorm, the qkv projection (w [(Hq + 2 Hkv) D, H]), rotary on q and k, k and v written
+    into the paged caches at ``slot_mapping`` (-1: skipped). Elsewhere the unfused path:
+    `rms_norm_linear`, then `rope_kv_write` on the projection's q | k | v views. Returns
+    ``(q_rot [T, Hq, D], h)``, h the residual stream."""
+    cfg = _gemv_config(x, w, impl, config, QKV_ROPE)
+    if cfg is None:
+        qkv, h = rms_norm_linear(x, weight, eps, w, residual, impl=impl)
+        T = x.shape[0]
+        D = w.shape[0] // (num_heads + 2 * num_kv_heads)
+        q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+        q, _ = rope_kv_write(q.view(T, num_heads, D), k.view(T, num_kv_heads, D), v.view(T, num_kv_heads, D),
+                             positions, cos_sin, k_cache, v_cache, slot_mapping, impl=impl, k_scale=k_scale,
+                             v_scale=v_scale)
+        return q, h
+    from .gemv import RopeKV, gemv_triton
+
+    rope = RopeKV(positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, k_scale, v_scale)
+    return gemv_triton(x, w, cfg, prologue="rms", norm_weight=weight, eps=eps, residual=residual, rope=rope)

@@ -134,6 +134,24 @@ def rope_kv_write_ref(
     return q_rot, k_rot
 
 
+def rms_norm_qkv_rope_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor, residual: torch.Tensor | None,
+    positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's attention input: `rms_norm_linear_ref` with the fused qkv weight ``w``
+    [(Hq + 2 Hkv) D, H], the projection split into q | k | v heads, then `rope_kv_write_ref`
+    (rotary on q and k, k and v into the caches). Returns ``(q_rot [T, Hq, D], h)``."""
+    qkv, h = rms_norm_linear_ref(x, weight, eps, w, residual)
+    T = x.shape[0]
+    D = w.shape[0] // (num_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q_rot, _ = rope_kv_write_ref(q.reshape(T, num_heads, D), k.reshape(T, num_kv_heads, D),
+                                 v.reshape(T, num_kv_heads, D), positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                 k_scale, v_scale)
+    return q_rot, h
+
+
 def gather_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
     k_scale: float = 1.0, v_scale: float = 1.0,

@@ -16,12 +16,14 @@ pytest.importorskip("triton")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_fp8 import _interpreter_rounding  # noqa: E402
 
 from servesim.kernels import _common, ops  # noqa: E402
 from servesim.kernels import decode_attention as da  # noqa: E402
 from servesim.kernels.gemv import (  # noqa: E402
-    GEMV_ENTRIES, GemvConfig, candidates, check_entries, gemv_key, gemv_triton, tuned_config)
-from servesim.kernels.reference import linear_ref, rms_norm_linear_ref, silu_mul_linear_ref  # noqa: E402
+    GEMV_ENTRIES, GemvConfig, RopeKV, candidates, check_entries, gemv_key, gemv_triton, tuned_config)
+from servesim.kernels.reference import (  # noqa: E402
+    linear_ref, rms_norm_linear_ref, rms_norm_qkv_rope_ref, silu_mul_linear_ref)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -111,7 +113,7 @@ def test_candidates_cover_the_decode_shapes():
         cs = candidates(m, 2048, 8192, 132)
         assert cs and all(GemvConfig.from_dict(c.to_dict()) == c for c in cs)
         assert all(c.use_dot for c in cs) or m <= 4
-        assert 2 <= len({c.compile_key() for c in cs}) <= 8
+        assert 2 <= len({c.compile_key() for c in cs}) <= 12  # (each a Triton compilation on the device)
         assert any(c.split_k > 1 for c in cs) and any(c.split_k == 1 for c in cs)
 
 
@@ -148,6 +150,88 @@ def test_ops_fall_back_to_the_unfused_path():
     assert rel(y, yr) < 1e-5 and torch.equal(h, hr)
     assert rel(ops.silu_mul_linear(c["gu"], c["w"], impl="torch"), silu_mul_linear_ref(c["gu"], c["w"])) < 1e-5
     assert rel(ops.linear(c["x"], c["w"], impl="triton"), linear_ref(c["x"], c["w"])) < 1e-5  # no entry: F.linear
+
+
+# ---------------------------------------------------------------------------------- qkv + rope + KV write
+F8 = torch.float8_e4m3fn
+
+
+def qkv_case(M, hq, hkv, D, H, dtype, fp8, res, seed, bs=4, blocks=6):
+    """Inputs of a layer's attention input: x, residual, norm weight, the fused qkv weight,
+    positions, the cos/sin table, two identical pairs of paged caches (random contents, fp8 or
+    the model's dtype) and distinct slots (some -1: padding rows)."""
+    from servesim.gpu_backend.rope import build_cos_sin_cache
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*sh, scale=1.0):
+        return (torch.randn(*sh, generator=g) * scale).to(dtype=dtype, device=DEV)
+
+    N = (hq + 2 * hkv) * D
+    cdt = F8 if fp8 else dtype
+    kc = (torch.randn(blocks, bs, hkv, D, generator=g)).to(cdt).to(DEV)
+    vc = (torch.randn(blocks, bs, hkv, D, generator=g)).to(cdt).to(DEV)
+    slots = torch.randperm(blocks * bs, generator=g)[:M].long()
+    slots[torch.rand(M, generator=g) < 0.3] = -1
+    return dict(x=r(M, H), res=r(M, H) if res else None, nw=(torch.rand(H, generator=g) + 0.5).to(dtype).to(DEV),
+                w=r(N, H, scale=H ** -0.5), pos=torch.randint(0, 40, (M,), generator=g).to(DEV),
+                cs=build_cos_sin_cache(D, 40, device=DEV), kc=kc, vc=vc, kc2=kc.clone(), vc2=vc.clone(),
+                slots=slots.to(DEV), ks=0.05 if fp8 else 1.0, vs=0.03 if fp8 else 1.0)
+
+
+def check_qkv(c, q, h, hq, hkv, dtype):
+    qr, hr = rms_norm_qkv_rope_ref(c["x"], c["nw"], 1e-5, c["w"], c["res"], c["pos"], c["cs"], c["kc2"], c["vc2"],
+                                   c["slots"], hq, hkv, c["ks"], c["vs"])
+    tol = TOL[dtype]
+    assert q.shape == qr.shape and q.dtype == qr.dtype and rel(q, qr) < tol
+    assert torch.equal(h, hr)
+    for a, b in ((c["kc"], c["kc2"]), (c["vc"], c["vc2"])):
+        if a.dtype == F8:
+            # within one e4m3 step (another accumulation order may cross a rounding boundary), or
+            # the CPU interpreter's lost round-up carry (test_fp8._interpreter_rounding)
+            assert bool(_interpreter_rounding(a, b).all())
+        else:
+            assert rel(a, b) < tol
+    free = torch.ones(c["kc"].shape[:2], dtype=torch.bool, device=DEV).flatten()
+    free[c["slots"][c["slots"] >= 0]] = False  # the slots not written keep their bits
+    for a, b in ((c["kc"], c["kc2"]), (c["vc"], c["vc2"])):
+        assert torch.equal(a.flatten(0, 1)[free].float(), b.flatten(0, 1)[free].float())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 9), hq=st.integers(1, 5), hkv=st.integers(1, 3), D=st.sampled_from([4, 8, 16, 32]),
+       H=st.integers(1, 72), split=st.integers(1, 4), bn=st.sampled_from([2, 8, 16, 32]),
+       bk=st.sampled_from([16, 32]), dot=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       fp8=st.booleans(), res=st.booleans(), seed=st.integers(0, 2**16))
+def test_qkv_rope_epilogue_matches_reference(M, hq, hkv, D, H, split, bn, bk, dot, dtype, fp8, res, seed):
+    """The qkv GEMM with the rmsnorm prologue and the rotary + KV-write epilogue = the unfused
+    reference (rmsnorm, qkv, rope_kv_write) for any heads, head dim, rows, tile (column pairs
+    across heads and the q | k | v boundaries), split count, dtype, cache (fp8: its scales) and
+    padding rows (slot -1: nothing written, every other slot's bits kept)."""
+    _common.POISON_OUTPUTS = True
+    dot = dot or M > 4
+    cfg = GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=4, use_dot=dot)
+    c = qkv_case(M, hq, hkv, D, H, dtype, fp8, res, seed)
+    rope = RopeKV(c["pos"], c["cs"], c["kc"], c["vc"], c["slots"], hq, hkv, c["ks"], c["vs"])
+    q, h = gemv_triton(c["x"], c["w"], cfg, prologue="rms", norm_weight=c["nw"], eps=1e-5, residual=c["res"],
+                       rope=rope)
+    check_qkv(c, q, h, hq, hkv, dtype)
+    assert int(da._counters(torch.device(DEV), 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rms_norm_qkv_rope_op_unfused_path(impl):
+    """Without a table entry (or with impl='torch') the op is the unfused path -- rmsnorm +
+    qkv, then rope_kv_write on the projection's views -- with the reference's result; with a
+    config, the fused kernel's."""
+    da.set_tuning(_table({}))
+    for cfg in (None, GemvConfig(block_n=16, block_k=16, split_k=2, use_dot=False)):
+        if cfg is not None and impl == "torch":
+            continue
+        c = qkv_case(3, 4, 2, 16, 48, torch.float32, False, True, seed=5)
+        q, h = ops.rms_norm_qkv_rope(c["x"], c["nw"], 1e-5, c["w"], c["res"], c["pos"], c["cs"], c["kc"], c["vc"],
+                                     c["slots"], 4, 2, impl=impl, config=cfg)
+        check_qkv(c, q, h, 4, 2, torch.float32)
 
 
 # ---------------------------------------------------------------------------------- model level
@@ -190,7 +274,9 @@ def test_model_fused_decode_matches_unfused():
     picks = [GemvConfig(block_n=16, block_k=32, split_k=2, use_dot=False),
              GemvConfig(block_n=16, block_k=16, split_k=1, use_dot=True)]
     sms = _common.num_sms(torch.device(DEV))
-    for cfg in picks:
+    for cfg, rope in ((picks[0], False), (picks[1], False), (picks[0], True), (picks[1], True)):
+        if rope:  # qkv + rotary + KV write in one kernel
+            shapes[ops.QKV_ROPE] = [(d.q_size + 2 * d.kv_size, d.hidden_size)]
         entries = {gemv_key(dt, p, n, k, sms): [{"m": 4, "config": cfg.to_dict()}] for p, ns in shapes.items()
                    for n, k in ns}
         da.set_tuning(_table(entries))
@@ -200,7 +286,7 @@ def test_model_fused_decode_matches_unfused():
         orig = gm.gemv_triton
 
         def spy(*a, **kw):
-            calls.append(kw.get("prologue", "none"))
+            calls.append(kw.get("prologue", "none") + ("+rope" if kw.get("rope") is not None else ""))
             return orig(*a, **kw)
 
         gm.gemv_triton = spy
@@ -209,7 +295,7 @@ def test_model_fused_decode_matches_unfused():
         finally:
             gm.gemv_triton = orig
         # per layer: qkv (rms), o (none), gate_up (rms), down (silu); then lm_head (rms)
-        assert calls == ["rms", "none", "rms", "silu"] * d.num_layers + ["rms"]
+        assert calls == ["rms+rope" if rope else "rms", "none", "rms", "silu"] * d.num_layers + ["rms"]
         assert rel(fused, unfused) < 1e-5
         assert rel(kv_fused, kv_unfused) < 1e-6
     torch_model = LlamaModel(TINY, m.weights, dtype=dt, device=DEV, impl="torch")
@@ -229,12 +315,16 @@ fn = gm._gemv_kernel
 ptrs = ["x_ptr", "r_ptr", "nw_ptr", "w_ptr", "y_ptr", "h_ptr"]
 idx = fn.arg_names.index
 out = []
-for prologue, use_dot, bm, bn, bk, warps, stages in json.loads(sys.argv[1]):
+for prologue, use_dot, bm, bn, bk, warps, stages, rope in json.loads(sys.argv[1]):
     sig = {n: "*bf16" for n in ptrs}
     sig.update(ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32", n_splits="i32",
-               s_xm="i32", s_rm="i32", s_wn="i32", s_ym="i32", s_hm="i32", eps="fp32")
+               s_xm="i32", s_rm="i32", s_wn="i32", s_ym="i32", s_hm="i32", eps="fp32",
+               pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64", kc_ptr="*bf16", vc_ptr="*bf16",
+               inv_k_scale="fp32", inv_v_scale="fp32")
+    sig.update({n: "i32" for n in ("s_cs", "s_kc_b", "s_kc_o", "s_kc_h", "s_vc_b", "s_vc_o", "s_vc_h", "page",
+                                   "n_qh", "n_kvh")})
     const = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, USE_DOT=use_dot, DOT_PREC="tf32", BLOCK_M=bm,
-                 BLOCK_N=bn, BLOCK_K=bk)
+                 BLOCK_N=bn, BLOCK_K=bk, ROPE=bool(rope), HEAD_DIM=128 if rope else 2, KV_FP8=False)
     sig.update({n: "constexpr" for n in const})
     # the divisibility a real launch gets: 16-aligned pointers, strides and N, K multiples of 16
     attrs = {(idx(n),): [["tt.divisibility", 16]]
@@ -258,7 +348,9 @@ def test_weight_loads_are_vectorised_on_sm90():
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
-    variants = [(0, False, 1, 8, 512, 4, 0), (1, True, 16, 64, 128, 4, 3), (2, False, 2, 16, 256, 4, 0)]
+    variants = [(0, False, 1, 8, 512, 4, 0, 0), (1, True, 16, 64, 128, 4, 3, 0), (2, False, 2, 16, 256, 4, 0, 0),
+                (1, False, 1, 8, 512, 4, 3, 0), (2, False, 1, 8, 1024, 8, 0, 0), (0, True, 16, 32, 256, 4, 3, 0),
+                (1, False, 1, 16, 512, 4, 0, 1), (1, True, 16, 64, 128, 4, 3, 1)]  # the last two: qkv + rope
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,5 +1,5 @@
 """gpu_bench.py's S10 sections (12: decode-attention autotune, 15: the small-M GEMM autotune,
-4: the decode grid against the plain-PyTorch baseline, 14: the profile) in their CPU smoke form, and the baseline itself:
+16: the fused qkv + RoPE + KV write, 17: the fused attention merge, 4: the decode grid against the plain-PyTorch baseline, 14: the profile) in their CPU smoke form, and the baseline itself:
 it must compute our model's function, or no "ours vs plain" means anything."""
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def test_gpu_bench_s10_smoke(tmp_path):
                     "## 15. Small-M GEMM", "| tiny | down (64 x 128) | 4 |", "**A step's linears",
                     "## 4. Decode iterations", "**Check before timing**", "| tiny | 4 | 64 |",
                     "ours vs plain equal >=", "## 14. Profile", "**tiny, batch 4 x context 64**",
-                    "the decode GEMMs alone", "| **a step's GEMMs** |"):
+                    "the decode GEMMs alone", "| **a step's GEMMs** |",
+                    "## 16. A layer's attention input in one kernel", "| tiny | 4 |",
+                    "## 17. Decode attention: the fused reduce", "| tiny | 4 | 48 |"):
         assert section in page, section
     assert "failed" not in page and "left out" not in page, page
     # the tuning table: what the executor loads (SERVESIM_DECODE_TUNING / load_tuning)
@@ -65,19 +67,37 @@ def test_gpu_bench_s10_smoke(tmp_path):
     assert len(pd.read_csv(tmp_path / "profile_s10.csv")) > 0
     assert set(pd.read_csv(tmp_path / "gemm_layouts.csv")["linear"]) == {"qkv", "o", "gate_up", "down", "lm_head"}
     assert len(pd.read_csv(tmp_path / "decode_attention_tuning.csv")) > 0
-    # section 15's table: the attention entries of section 12 kept, a gemv row per (linear, M)
+    # the table sections 15-17 leave: section 12's attention rows, each kept or replaced by section 17's
+    # fused-merge config where that was 3% faster; a gemv row per (linear, M) and per M of the fused qkv + rope
     merged = json.loads((tmp_path / "h200_tuning.json").read_text())
-    assert merged["entries"] == table["entries"]
-    from servesim.kernels import gemv
+    assert set(merged["entries"]) == set(table["entries"])
+    am = pd.read_csv(tmp_path / "attention_merge.csv")
+    for key, rows12 in table["entries"].items():
+        assert [r["batch"] for r in merged["entries"][key]] == [r["batch"] for r in rows12]
+        for r12, r in zip(rows12, merged["entries"][key]):
+            if r["config"] != r12["config"]:
+                new = da.DecodeConfig.from_dict(r["config"])
+                assert new.fused_reduce
+                at = am[am.batch == r["batch"]]
+                cur = at[at.current].us.iloc[0]
+                assert float(at[at.config == new.label()].us.iloc[0]) < 0.97 * float(cur)
+    assert {"qkv_rope_made_by", "attention_merge_made_by", "gemv_made_by"} <= set(merged)
+    from servesim.kernels import gemv, ops
 
     gemv.check_entries(merged["gemv_entries"])
     bench = _gpu_bench()
     spec = bench.model_cfg_spec("tiny", True)[1]
     keys = {gemv.gemv_key(bench.torch.float32, pro, n, k, 132) for _, pro, n, k, _ in bench.decode_linears(spec)}
-    assert set(merged["gemv_entries"]) == keys
+    rope_key = gemv.gemv_key(bench.torch.float32, ops.QKV_ROPE, spec.q_size + 2 * spec.kv_size, spec.hidden_size,
+                             132)
+    assert set(merged["gemv_entries"]) == keys | {rope_key}
     assert all([r["m"] for r in rows] == [1, 4] for rows in merged["gemv_entries"].values())
+    for r in merged["gemv_entries"][rope_key]:  # fused only where it beat both unfused paths by 3%
+        assert r["config"] is None or r["us"] < 0.97 * min(r["cublas_us"], r["current_us"])
     gt = pd.read_csv(tmp_path / "gemv_tuning.csv")
     assert (gt.config == "cublas").sum() == 2 * len(keys) and (gt.config != "cublas").sum() >= 2 * len(keys)
+    qt = pd.read_csv(tmp_path / "qkv_rope_tuning.csv")
+    assert (qt.config == "cublas").sum() == 2 and (qt.config == "current").sum() == 2 and len(qt) >= 4
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -581,6 +581,82 @@ def test_paged_decode_configs_match_reference(_no_tuning, dtype, fused, head_maj
         assert torch.equal(again, out)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(group=st.sampled_from([1, 2, 3, 4, 8]), hkv=st.integers(1, 2), D=st.sampled_from([16, 48, 64]),
+       splits=st.integers(2, 40), lens=st.lists(st.integers(0, 130), min_size=1, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16]), use_dot=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_merge_of_all_heads_matches_reference(_no_tuning, group, hkv, D, splits, lens, dtype, use_dot, seed):
+    """The fused reduce (the last split merges every head of its group in one tile, chunk by
+    chunk of splits) = the reference for any group (3: a padded head row), head dim (48: a
+    padded tile), split bound (past one chunk, and past a row's tokens) and lengths (0: zeros);
+    it leaves its counters at 0, and a second launch gives the same bits."""
+    q, kc, vc, bt, sl = _decode_case(dtype, group * hkv, hkv, D, lens, 8, seed=seed)
+    cfg = _da.DecodeConfig(max_splits=splits, min_split_tokens=1, block_n=16, num_warps=4, fused_reduce=True,
+                           head_major=bool(seed % 2), use_dot=use_dot)
+    out = paged_decode_attention_triton(q, kc, vc, bt, sl, D ** -0.5, config=cfg)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, sl, D ** -0.5), dtype)
+    assert int(_da._counters(q.device, 1).abs().sum()) == 0
+    assert torch.equal(paged_decode_attention_triton(q, kc, vc, bt, sl, D ** -0.5, config=cfg), out)
+
+
+def test_merge_chunk_bounds_the_tile():
+    """The fused merge reads MERGE_CHUNK splits a trip unless the group's tile would pass
+    MERGE_TILE elements; a power of two, >= 1."""
+    for group in (1, 2, 3, 4, 8, 16, 64):
+        for bd in (16, 64, 128, 256):
+            c = _da.merge_chunk(group, bd)
+            assert c >= 1 and c & (c - 1) == 0 and c <= _da.MERGE_CHUNK
+            assert c * _common.next_pow2(group) * bd <= _da.MERGE_TILE or c == 1
+            assert c == _da.MERGE_CHUNK or 2 * c * _common.next_pow2(group) * bd > _da.MERGE_TILE
+
+
+_AOT_DECODE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from servesim.kernels import decode_attention as da
+
+fn = da._decode_split_kernel
+idx = fn.arg_names.index
+out = []
+for D, block_n, warps, stages, fused, group in json.loads(sys.argv[1]):
+    sig = dict(q_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", bt_ptr="*i32", sl_ptr="*i32", m_ptr="*fp32",
+               l_ptr="*fp32", acc_ptr="*fp32", cnt_ptr="*i32", out_ptr="*bf16", qk_scale="fp32", v_scale="fp32")
+    sig.update({n: "i32" for n in fn.arg_names if n.startswith("s_") or n in ("n_kv_heads", "max_splits",
+                                                                                "min_split_tokens")})
+    const = dict(HEAD_DIM=D, PAGE=32, GROUP=group, BLOCK_G=16, BLOCK_N=block_n, BLOCK_D=D, USE_DOT=True,
+                 DOT_PREC="tf32", FUSED_REDUCE=fused, HEAD_MAJOR=True, CHUNK=da.merge_chunk(group, D) if fused else 1,
+                 KV_FP8=False, MATH_F16=False, MERGE_G=triton.next_power_of_2(group))
+    sig.update({n: "constexpr" for n in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(idx(n),): v for n, v in const.items()}, attrs={})
+    opts = dict(num_warps=warps, **({"num_stages": stages} if stages else {}))
+    out.append(".local" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+def test_fused_merge_compiles_for_sm90_without_spills():
+    """Compiled ahead of time for an H100/H200 (no GPU; a process of its own, without the
+    interpreter): the split kernel with the all-heads merge tile, at both models' head dims and
+    the tuned tiles, keeps everything in registers (no local memory)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    variants = [(128, 64, 4, 2, True, 4), (64, 128, 4, 2, True, 4), (128, 128, 4, 2, True, 4), (128, 64, 8, 3, True, 8)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _AOT_DECODE, json.dumps(variants)], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=300)
+    if p.returncode != 0 and ("ImportError" in p.stderr or "unexpected keyword" in p.stderr):
+        pytest.skip(f"this Triton's ahead-of-time API: {p.stderr.strip().splitlines()[-1]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [False] * len(variants)
+
+
 @pytest.mark.parametrize("use_dot", [False, True])
 def test_paged_decode_config_group_and_tiles(_no_tuning, use_dot):
     """MQA-like group 8 and tiles wider than the blocks, with and without tl.dot, fused."""
