@@ -81,14 +81,19 @@ SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 # only (None: none): the 8B's grid is the long pole of a device call (220 s of its ~545), and
 # its decode steps at 33-128 requests, priced from the designed points, are within 2.8-4%.
 SERVED_HIGH_POINTS = {"small": (360, 58.0, 700, 180), "large": None}
-# (requests, prompt): warm prompt-only steps, small models only (the drafter's eager pass
-# over a joining prompt; the eager context iteration of a decode-graph run): offline, one
-# output token, a token budget of one prompt, so every iteration is one prompt alone as an
-# eager prefill, back to back. PREFILL_POINTS' rows are each their run's first iteration
-# (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run their host part
-# ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap of 5 ms), so no
-# arrival gaps here. They identify host_overhead_eager_decode_s (an eager pass without
-# decodes launches no decode attention).
+# (requests, prompt): warm prompt-only steps (a drafter's eager pass over a joining prompt;
+# the eager context iteration of a decode-graph run; a speculative target's verification
+# beside context chunks, every request a chunk of 1 + k tokens: a context-only eager pass
+# too): offline, one output token, a token budget of one prompt, so every iteration is one
+# prompt alone as an eager prefill, back to back. PREFILL_POINTS' rows are each their run's
+# first iteration (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run
+# their host part ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap
+# of 5 ms), so no arrival gaps here. They identify host_overhead_eager_decode_s (an eager
+# pass without decodes launches no decode attention). Every model: the 8B's grid without
+# them fitted 2.1 ms for it, so a context-only eager pass was priced 22.4 ms of launches,
+# while the H200 speculative runs (benchmarks/results/spec_gpu) ran a warm 256-token eager
+# prefill of the 8B in 11-12 ms all told (benchmarks/results/spec_replay.md); ~1 s of
+# device time for a large model.
 PROMPT_POINTS = [(40, 128), (24, 768)]
 # (requests, prompt, output, max_num_tokens, piecewise): prompts several budgets long, so
 # successive chunks of one prompt attend to 0, 1, 2, ... budgets of earlier chunks (the
@@ -308,7 +313,7 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
         jobs.append(dict(n=n, prompt=new, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
                          prefix=prefix, keep="skip"))
     small = _small(model)
-    for n, prompt in ((PROMPT_POINTS if small else []) if prompt_points is None else prompt_points):
+    for n, prompt in (PROMPT_POINTS if prompt_points is None else prompt_points):
         jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, max_num_tokens=prompt, keep="skip"))
     for n, prompt, output, budget, pw in (CHUNKED_POINTS if chunked_points is None else chunked_points):
         if pw and not small and chunked_points is None:
