@@ -35,10 +35,17 @@ from servesim.sim.specs import ModelSpec
 # half their decode steps at 32-96 requests), where the grid had ~20 pure decode steps (the
 # 64 x 2048 run's context takes most of its 16 steps) and the fit interpolated: +12% there
 # on an H200 (benchmarks/results/feature_fidelity.md).
+# 1, 8 and 32 requests x 256-token prompts: decode steps at short KV (256-384 tokens a
+# request), where the grid's shortest were 1024+ (1x1024+64) and the fit extrapolated down:
+# the 8B's batch-1 step is 5.43 ms at KV 1056, 6.17 ms at 6921 (a steeper slope than at
+# batch), fitted +5% at 1056; the plain and speculative runs of gpu_spec_decoding.py decode
+# at 256-384 (their drafter's graph steps too, at 1-64 rows), and the plain steps are every
+# speedup's denominator (benchmarks/results/spec_replay.md).
 DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
                  (48, 1024, 40, True), (64, 1024, 40, True), (96, 768, 32, True),
                  (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
-                 (32, 1024, 12, False), (96, 512, 8, False)]
+                 (32, 1024, 12, False), (96, 512, 8, False),
+                 (1, 256, 128, True), (8, 256, 96, True), (32, 256, 64, True)]
 # Runs for the power model only (their energy and iterations; no rows for the time fit). A
 # long decode at a large batch is the one run whose time goes mostly to decoding, so a third
 # of it is decode attention reading the KV cache, as in an offline or busy serving run: the
