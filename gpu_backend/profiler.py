@@ -98,9 +98,9 @@ SERVED_HIGH_POINTS = {"small": (360, 58.0, 700, 180), "large": None}
 # of 5 ms), so no arrival gaps here. They identify host_overhead_eager_decode_s (an eager
 # pass without decodes launches no decode attention). Every model: the 8B's grid without
 # them fitted 2.1 ms for it, so a context-only eager pass was priced 22.4 ms of launches,
-# while the H200 speculative runs (benchmarks/results/spec_gpu) ran a warm 256-token eager
-# prefill of the 8B in 11-12 ms all told (benchmarks/results/spec_replay.md); ~1 s of
-# device time for a large model.
+# while the plain runs of the H200 speculative benchmark (benchmarks/results/spec_gpu) ran a
+# warm 256-token eager prefill of the 8B in 11-13 ms all told (spec_replay.md: those steps
+# priced +48%, the drafting iterations beside a prompt +19..+50%); ~1 s of device time.
 PROMPT_POINTS = [(40, 128), (24, 768)]
 # (requests, prompt, output, max_num_tokens, piecewise): prompts several budgets long, so
 # successive chunks of one prompt attend to 0, 1, 2, ... budgets of earlier chunks (the
