@@ -279,3 +279,32 @@ def test_an_iteration_without_drafts_is_the_plain_step(n, kv, ctx):
         assert plain == cm.price(shape)
     # the drafter lags one more token behind each of them: their next first step catches up
     assert sp.catch_up == {i: 1 for i in range(n)}
+
+
+@pytest.mark.skipif(not PROFILE.is_file(), reason="no H200 profile")
+def test_spec_replay_reconstructs_each_sides_metrics(tmp_path):
+    """spec_replay's per-kind analysis recomputes TPOT p50 and throughput from iteration
+    durations: with the simulator's it gives the simulated run's, with the GPU's the GPU
+    run's (its iterations back to back, ~0.3%), and every iteration has a kind."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_spec_decoding import sim_replay  # noqa: E402
+    from spec_replay import KINDS, _metrics, _run_data  # noqa: E402
+
+    name = "draft_model-a0.7-k2-b8"
+    with tarfile.open(SPEC_GPU / "call3_runs.tar.gz") as tf:
+        tf.extractall(tmp_path, members=[m for m in tf.getmembers() if f"/{name}/" in m.name or
+                                         m.name.endswith(f"/{name}")], filter="data")
+    run = tmp_path / "runs" / name
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    res = sim_replay(cfg, run, str(PROFILE), str(DRAFT_PROFILE))
+    d = _run_data(run, res["iterations"], 8)
+    assert set(d["kind"]) <= set(KINDS) and set(d["kind"]) >= {KINDS[0], KINDS[1], KINDS[3]}
+    tpot, tok = _metrics(d, d["sim"])
+    assert tpot == pytest.approx(res["summary"]["tpot_s"]["p50"], rel=1e-3)
+    assert tok == pytest.approx(res["summary"]["throughput_out_tok_s"], rel=1e-3)
+    gpu = json.loads((run / "summary.json").read_text())
+    tpot, tok = _metrics(d, d["gpu"])
+    assert tpot == pytest.approx(gpu["tpot_s"]["p50"], rel=0.01)
+    assert tok == pytest.approx(gpu["throughput_out_tok_s"], rel=0.01)
