@@ -47,6 +47,124 @@ def _step_error(run: Path, sim_iterations, batch: int) -> tuple[float, float | N
             float(np.median(s[mixed]) / np.median(g[mixed]) - 1) if mixed.any() else None)
 
 
+# iteration kinds, by what the GPU backend runs (gpu_backend/executor.py)
+KINDS = ("prompt-only", "drafting, decode-only, full batch", "drafting, decode-only, fewer requests",
+         "drafting beside context chunks", "decode-only, no drafts")
+
+
+def iteration_kinds(it: dict, batch: int) -> list[str]:
+    """Each iteration's kind (KINDS; "with context, no drafts" for a plain mixed step) from
+    a run's iterations table."""
+    out = []
+    for c, g, d in zip(it["num_ctx_requests"], it["num_gen_requests"], it["draft_tokens_proposed"]):
+        if c and not g:
+            out.append(KINDS[0])
+        elif d:
+            out.append(KINDS[3] if c else KINDS[1] if g == batch else KINDS[2])
+        else:
+            out.append("with context, no drafts" if c else KINDS[4])
+    return out
+
+
+def _metrics(run: dict, dur) -> tuple[float, float]:
+    """(TPOT p50, output tokens/s) of a run whose iterations took ``dur`` (seconds each,
+    back to back from the GPU run's first start): each request's first and last token at the
+    end of the iteration that emitted them on the GPU (the replay schedules the same)."""
+    import numpy as np
+
+    end = run["t0"] + np.cumsum(dur)
+    fi, li, out = run["first_it"], run["last_it"], run["out"]
+    tpot = (end[li] - end[fi]) / np.maximum(out - 1, 1)
+    return float(np.median(tpot[out > 1])), float(out.sum() / end[-1])
+
+
+def _run_data(run: Path, sim_iterations, batch: int) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    it = pq.read_table(run / "iterations.parquet").to_pydict()
+    req = pq.read_table(run / "requests.parquet").to_pydict()
+    start, g = np.asarray(it["start_s"]), np.asarray(it["duration_s"])
+    s = np.asarray(sim_iterations.column("duration_s").to_pylist())
+    if len(s) != len(g):
+        raise RuntimeError(f"{run.name}: the replay ran {len(s)} iterations, the GPU {len(g)}")
+    gend = start + g
+    return {"gpu": g, "sim": s, "kind": np.asarray(iteration_kinds(it, batch)), "t0": float(start[0]),
+            "first_it": np.searchsorted(gend, np.asarray(req["first_token_s"]) - 1e-9),
+            "last_it": np.searchsorted(gend, np.asarray(req["finish_s"]) - 1e-9),
+            "out": np.asarray(req["output_len"])}
+
+
+def kind_tables(runs: list[tuple[dict, dict, int]]) -> list[str]:
+    """The per-kind error tables: ``runs`` holds (speculative run, its call's plain run,
+    batch) data (`_run_data`)."""
+    import numpy as np
+
+    batches = sorted({b for _, _, b in runs})
+    lines = ["## Where the error is: iterations by kind\n",
+             "Summed duration of each kind of iteration, the simulator against the GPU (the same iterations: the "
+             "replay schedules the same requests and accepts the same drafts), pooled over the runs of a batch; in "
+             "brackets the kind's share of those runs' GPU time and its error as a share of it (sim - GPU over the "
+             "runs' total GPU time).\n",
+             "| kind | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    groups = [("speculative runs: " + k, k, False) for k in KINDS] + \
+             [("plain runs: decode-only", KINDS[4], True), ("plain runs: prompt-only", KINDS[0], True)]
+    for label, kind, of_plain in groups:
+        cells = []
+        for b in batches:
+            if of_plain:  # each call's plain run once
+                rs = list({id(p): p for _, p, bb in runs if bb == b}.values())
+            else:
+                rs = [s for s, _, bb in runs if bb == b]
+            G = sum(float(r["gpu"].sum()) for r in rs)
+            m = [r["kind"] == kind for r in rs]
+            g = sum(float(r["gpu"][k].sum()) for r, k in zip(rs, m))
+            s = sum(float(r["sim"][k].sum()) for r, k in zip(rs, m))
+            n = sum(int(k.sum()) for k in m)
+            cells.append("-" if not n else f"{100 * (s / g - 1):+.1f}% ({n}; {100 * g / G:.0f}% of the time, "
+                                           f"{100 * (s - g) / G:+.1f}%)")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "What each kind explains: the speedups' mean |sim/GPU - 1| and how many of them are within 5% if "
+              "the simulator priced that kind's iterations exactly as the GPU ran them (their GPU durations put in "
+              "place of the simulated ones; TPOT p50 and throughput recomputed from the iterations' durations: "
+              "the first row, nothing replaced, reproduces the table above to ~0.3%).\n",
+              "| priced exactly | mean abs diff | within 5% | batch 1 | batch 8 | batch 32 |",
+              "|---|---|---|---|---|---|"]
+    options = [("nothing", set()), ("plain runs: decode-only steps", {"plain:" + KINDS[4]}),
+               ("prompt-only steps (both runs)", {KINDS[0], "plain:" + KINDS[0]})] + \
+        [("speculative runs: " + k, {k}) for k in KINDS[1:]] + \
+        [("plain decode-only + drafting beside context chunks", {"plain:" + KINDS[4], KINDS[3]}),
+         ("all but the decode-only drafting steps",
+          {"plain:" + KINDS[4], "plain:" + KINDS[0], KINDS[0], KINDS[3], KINDS[4]})]
+    for label, exact in options:
+        spec_exact = {k for k in exact if not k.startswith("plain:")}
+        plain_exact = {k[6:] for k in exact if k.startswith("plain:")}
+        per_b: dict[int, list[float]] = {}
+        diffs = []
+        for s, p, b in runs:
+            d = _speedup_diffs_split(s, p, spec_exact, plain_exact)
+            diffs += d
+            per_b.setdefault(b, []).extend(d)
+        if not diffs:
+            continue
+        cells = [f"{100 * np.mean(np.abs(per_b[b])):.1f}%" if b in per_b else "-" for b in (1, 8, 32)]
+        lines.append(f"| {label} | {100 * np.mean(np.abs(diffs)):.1f}% | {sum(abs(x) <= 0.05 for x in diffs)} of "
+                     f"{len(diffs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _speedup_diffs_split(spec: dict, plain: dict, spec_exact: set[str], plain_exact: set[str]) -> list[float]:
+    import numpy as np
+
+    def dur(r, exact):
+        return np.where(np.isin(r["kind"], list(exact)), r["gpu"], r["sim"])
+
+    (gps, gpt), (gss, gst) = _metrics(plain, plain["gpu"]), _metrics(spec, spec["gpu"])
+    (sps, spt), (sss, sst) = _metrics(plain, dur(plain, plain_exact)), _metrics(spec, dur(spec, spec_exact))
+    return [(sps / sss) / (gps / gss) - 1, (sst / spt) / (gst / gpt) - 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tarballs", nargs="+", type=Path)
@@ -55,7 +173,7 @@ def main() -> None:
     ap.add_argument("--draft-profile", help="the drafter's calibration profile")
     add_write_results(ap)
     args = ap.parse_args()
-    rows, plain, steps_err = [], {}, {}
+    rows, plain, steps_err, data = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, tb in enumerate(args.tarballs):
             with tarfile.open(tb) as tf:
@@ -65,15 +183,17 @@ def main() -> None:
                 gpu = json.loads((run / "summary.json").read_text())
                 res = sim_replay(cfg, run, args.profile, args.draft_profile)
                 sim = res["summary"]
-                if cfg.get("speculative"):
-                    steps_err[run.name] = _step_error(run, res["iterations"], cfg["scheduler"]["max_batch_size"])
                 batch = cfg["scheduler"]["max_batch_size"]
+                if cfg.get("speculative"):
+                    steps_err[run.name] = _step_error(run, res["iterations"], batch)
+                data[(i, run.name)] = _run_data(run, res["iterations"], batch)
                 rec = {"name": run.name, "batch": batch, "spec": cfg.get("speculative"),
                        "gpu_tpot": gpu["tpot_s"]["p50"], "sim_tpot": sim["tpot_s"]["p50"],
                        "gpu_tok": gpu["throughput_out_tok_s"], "sim_tok": sim["throughput_out_tok_s"]}
                 if not rec["spec"]:
-                    plain.setdefault(batch, []).append(rec)
+                    plain[(i, batch)] = rec
                 else:
+                    rec["call"] = i
                     rows.append(rec)
     lines = ["# Speculative decoding: GPU against the calibrated simulator\n",
              f"Command: `python benchmarks/spec_replay.py {' '.join(str(t) for t in args.tarballs)} --profile "
@@ -91,11 +211,10 @@ def main() -> None:
              "GPU tput speedup | sim | diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     diffs = []
     for r in rows:
-        ps = plain.get(r["batch"])
-        if not ps:
+        # the plain run of the same call (tarball) and batch: GPUs of two calls differ by up to 8%
+        p = plain.get((r["call"], r["batch"]))
+        if p is None:
             continue
-        # the plain run of the same call (tarball) and batch: the first one found
-        p = ps[0]
         gt, st = p["gpu_tpot"] / r["gpu_tpot"], p["sim_tpot"] / r["sim_tpot"]
         gr, sr = r["gpu_tok"] / p["gpu_tok"], r["sim_tok"] / p["sim_tok"]
         diffs += [st / gt - 1, sr / gr - 1]
@@ -111,9 +230,11 @@ def main() -> None:
                      f"{n}: {100 * d:+.1f}% / " + ("-" if m is None else f"{100 * m:+.1f}%") for n, (d, m) in steps)
                  + ".\n")
     lines.append(f"Plain decoding, absolute (the {'calibrated ' if args.profile else ''}simulator against the GPU): " + "; ".join(
-        f"batch {b}: TPOT {100 * (p[0]['sim_tpot'] / p[0]['gpu_tpot'] - 1):+.1f}%" for b, p in sorted(plain.items()))
-        + ".\n")
-    text = "\n".join(lines)
+        f"{args.tarballs[i].name} batch {b}: TPOT {100 * (p['sim_tpot'] / p['gpu_tpot'] - 1):+.1f}%"
+        for (i, b), p in sorted(plain.items())) + ".\n")
+    lines += kind_tables([(data[(r["call"], r["name"])], data[(r["call"], plain[(r["call"], r["batch"])]["name"])],
+                           r["batch"]) for r in rows if (r["call"], r["batch"]) in plain])
+    text = "\n".join(lines) + "\n"
     out = STORE.out_dir(args.write_results) / "spec_replay.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -35,10 +35,17 @@ from servesim.sim.specs import ModelSpec
 # half their decode steps at 32-96 requests), where the grid had ~20 pure decode steps (the
 # 64 x 2048 run's context takes most of its 16 steps) and the fit interpolated: +12% there
 # on an H200 (benchmarks/results/feature_fidelity.md).
+# 1, 8 and 32 requests x 256-token prompts: decode steps at short KV (256-384 tokens a
+# request), where the grid's shortest were 1024+ (1x1024+64) and the fit extrapolated down:
+# the 8B's batch-1 step is 5.43 ms at KV 1056, 6.17 ms at 6921 (a steeper slope than at
+# batch), fitted +5% at 1056; the plain and speculative runs of gpu_spec_decoding.py decode
+# at 256-384 (their drafter's graph steps too, at 1-64 rows), and the plain steps are every
+# speedup's denominator (benchmarks/results/spec_replay.md).
 DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), (32, 1024, 48, True),
                  (48, 1024, 40, True), (64, 1024, 40, True), (96, 768, 32, True),
                  (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
-                 (32, 1024, 12, False), (96, 512, 8, False)]
+                 (32, 1024, 12, False), (96, 512, 8, False),
+                 (1, 256, 128, True), (8, 256, 96, True), (32, 256, 64, True)]
 # Runs for the power model only (their energy and iterations; no rows for the time fit). A
 # long decode at a large batch is the one run whose time goes mostly to decoding, so a third
 # of it is decode attention reading the KV cache, as in an offline or busy serving run: the
@@ -81,14 +88,19 @@ SERVED_POINTS = {"small": (480, 36.0, 700, 180), "large": (160, 10.0, 700, 160)}
 # only (None: none): the 8B's grid is the long pole of a device call (220 s of its ~545), and
 # its decode steps at 33-128 requests, priced from the designed points, are within 2.8-4%.
 SERVED_HIGH_POINTS = {"small": (360, 58.0, 700, 180), "large": None}
-# (requests, prompt): warm prompt-only steps, small models only (the drafter's eager pass
-# over a joining prompt; the eager context iteration of a decode-graph run): offline, one
-# output token, a token budget of one prompt, so every iteration is one prompt alone as an
-# eager prefill, back to back. PREFILL_POINTS' rows are each their run's first iteration
-# (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run their host part
-# ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap of 5 ms), so no
-# arrival gaps here. They identify host_overhead_eager_decode_s (an eager pass without
-# decodes launches no decode attention).
+# (requests, prompt): warm prompt-only steps (a drafter's eager pass over a joining prompt;
+# the eager context iteration of a decode-graph run; a speculative target's verification
+# beside context chunks, every request a chunk of 1 + k tokens: a context-only eager pass
+# too): offline, one output token, a token budget of one prompt, so every iteration is one
+# prompt alone as an eager prefill, back to back. PREFILL_POINTS' rows are each their run's
+# first iteration (cold: 1x2048 measured 4x its warm time), and steps after an idle gap run
+# their host part ~1.7x slower for ~16 steps (the served runs' steps, by steps since a gap
+# of 5 ms), so no arrival gaps here. They identify host_overhead_eager_decode_s (an eager
+# pass without decodes launches no decode attention). Every model: the 8B's grid without
+# them fitted 2.1 ms for it, so a context-only eager pass was priced 22.4 ms of launches,
+# while the plain runs of the H200 speculative benchmark (benchmarks/results/spec_gpu) ran a
+# warm 256-token eager prefill of the 8B in 11-13 ms all told (spec_replay.md: those steps
+# priced +48%, the drafting iterations beside a prompt +19..+50%); ~1 s of device time.
 PROMPT_POINTS = [(40, 128), (24, 768)]
 # (requests, prompt, output, max_num_tokens, piecewise): prompts several budgets long, so
 # successive chunks of one prompt attend to 0, 1, 2, ... budgets of earlier chunks (the
@@ -308,7 +320,7 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
         jobs.append(dict(n=n, prompt=new, output=output, graphs=True, max_num_tokens=budget, piecewise=True,
                          prefix=prefix, keep="skip"))
     small = _small(model)
-    for n, prompt in ((PROMPT_POINTS if small else []) if prompt_points is None else prompt_points):
+    for n, prompt in (PROMPT_POINTS if prompt_points is None else prompt_points):
         jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, max_num_tokens=prompt, keep="skip"))
     for n, prompt, output, budget, pw in (CHUNKED_POINTS if chunked_points is None else chunked_points):
         if pw and not small and chunked_points is None:

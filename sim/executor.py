@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from servesim.policies.graph_padding import GraphPadding
@@ -17,9 +17,11 @@ class SimSpeculation:
 
     acceptance: AcceptanceModel
     drafter: DrafterCost
-    # requests of the last verification that accepted all their drafts: the drafter's next
-    # first step catches up two tokens for each (the bonus token and the last draft)
-    all_accepted: frozenset = frozenset()
+    # per generation request, the tokens beyond one that the drafter's next first step
+    # catches up (the GPU backend's ``kv_len + 1 - dlen - 1``): 1 after a verification that
+    # accepted all its drafts (the bonus token and the last draft), one more after each step
+    # it drafted nothing in; absent: 0
+    catch_up: dict = field(default_factory=dict)
     # the token counts of the verification's piecewise graphs (speculation.verify_shape);
     # None: verification priced by the cost model as a decode step with the drafts' tokens
     verify_padding: GraphPadding | None = None
@@ -38,23 +40,28 @@ class SimExecutor:
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         spec = self.speculation
-        if not batch.drafts:
+        if batch.drafts and spec is None:
+            raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
+        if not any(k for _, k in batch.drafts):
+            # no request drafts (none in generation, or every one at k = 0): the GPU backend
+            # runs the plain iteration, its drafter only over the context chunks
+            if batch.drafts:
+                spec.catch_up = {r: spec.catch_up.get(r, 0) + 1 for r, _ in batch.drafts}
+            acc = [0] * len(batch.drafts)
             pre = spec.drafter.context_segments(batch.shape) if spec is not None else []
             if not pre:
-                return StepResult(self.cost_model.price(batch.shape))
+                return StepResult(self.cost_model.price(batch.shape), accepted=acc)
             # the GPU backend's drafter processes the prompts after the target's pass
             host, gpu, rest = launch_and_gpu(self.cost_model, batch.shape)
-            return StepResult(chain([(host, gpu)] + pre) + rest)
-        if spec is None:
-            raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
+            return StepResult(chain([(host, gpu)] + pre) + rest, accepted=acc)
         rids = [r for r, _ in batch.drafts]
         ks = [k for _, k in batch.drafts]
-        prev = spec.all_accepted
-        extra = sum(1 for r, k in batch.drafts if k and r in prev)
+        prev = spec.catch_up
+        extra = sum(prev.get(r, 0) for r, k in batch.drafts if k)
         accepted = spec.acceptance.accepted(rids, ks)
-        spec.all_accepted = frozenset(r for r, k, a in zip(rids, ks, accepted) if k and a == k)
+        spec.catch_up = {r: (int(a == k) if k else prev.get(r, 0) + 1) for r, k, a in zip(rids, ks, accepted)}
         vs = verify_shape(batch.shape, ks, spec.verify_padding) if spec.chunked_verify else None
-        segs = spec.drafter.segments(batch.shape, extra)
+        segs = spec.drafter.segments(batch.shape, extra, ks)
         if vs is None or segs is None:
             target = self.cost_model.price(batch.shape if vs is None else vs)
             return StepResult(target + spec.drafter.price(batch.shape, extra), accepted=accepted)

@@ -163,6 +163,13 @@ def chain(segments) -> float:
     return g
 
 
+def draft_step_rows(ks: list[int]) -> list[int]:
+    """Rows of each of a draft model's decode steps for requests drafting ``ks`` tokens (the
+    GPU backend's `DraftModel.propose`): step j (from 0) runs the requests with k > j."""
+    kmax = max(ks, default=0)
+    return [sum(1 for k in ks if k > j) for j in range(kmax)]
+
+
 @dataclass
 class DrafterCost:
     """Seconds of drafting per iteration, serial before the target's verification."""
@@ -188,12 +195,15 @@ class DrafterCost:
             r = self._steps[rows] = (host - gpu if host else 0.0, gpu, self.drafter.decode_affine(rows, pad > 0, pad)[1])
         return r
 
-    def segments(self, shape: IterationShape, catch_up_extra: int = 0) -> list[tuple[float, float]] | None:
+    def segments(self, shape: IterationShape, catch_up_extra: int = 0,
+                 ks: list[int] | None = None) -> list[tuple[float, float]] | None:
         """The drafting of a GPU-structured draft model (``graph_padding`` set) as
         (host launch, GPU seconds) segments for `chain`, in launch order: its eager pass
         over the context chunks (samples nothing), then its k decode steps through its
-        graphs, launched back to back with no host sync in between (the first with the
-        catch-up rows), so each costs its GPU time and the host runs ahead. None: this
+        graphs, launched back to back with no host sync in between, so each costs its GPU
+        time and the host runs ahead. Step j has a row for every request drafting at least
+        j + 1 tokens (``ks``, the drafts of the shape's generation requests; None: all of
+        them draft ``draft_steps``), the first step also the catch-up rows. None: this
         drafter is priced serially (`price`)."""
         if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None:
             return None
@@ -204,10 +214,10 @@ class DrafterCost:
             segs.append((h0, 0.0))
         segs += self.context_segments(shape)
         if n and k:
-            kv = shape.decode_kv_sum
-            for j in range(k):
-                host, g0, per_kv = self._graph_step(n + catch_up_extra if j == 0 else n)
-                segs.append((host, g0 + per_kv * (kv + j * n)))
+            kv_mean = shape.decode_kv_sum / n  # a request's KV length with its newest token
+            for j, rows in enumerate(draft_step_rows(ks if ks is not None else [k] * n)):
+                host, g0, per_kv = self._graph_step(rows + catch_up_extra if j == 0 else rows)
+                segs.append((host, g0 + per_kv * (kv_mean + j) * rows))
         return segs
 
     def context_segments(self, shape: IterationShape) -> list[tuple[float, float]]:

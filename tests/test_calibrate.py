@@ -513,8 +513,9 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
     assert [j["n"] for j in served] == [4, 3, 3] and len({j["part"] for j in served}) == 3
     assert len(prof.grid_jobs(model, processes=1, **small)) == len(jobs) - 2
     assert [j["keep"] for j in jobs if j["n"] == 4 and j["output"] == 12] == ["power"]
-    # the default grid: a small model gets the high-load served run (one part per process), the
-    # warm one-at-a-time prompts and both chunked long-prompt runs; a large one the eager chunked run only
+    # the default grid: a small model gets the high-load served run (one part per process) and
+    # both chunked long-prompt runs, a large one the eager chunked run only; both the warm
+    # one-at-a-time prompts
     one, eight = (prof.grid_jobs(load_model(m), processes=3) for m in ("llama-3.2-1b", "llama-3.1-8b"))
     def rates(js):
         return sorted({j["served_rate"] for j in js if j.get("served_rate")})
@@ -528,7 +529,7 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
 
     assert rates(one) == [36.0, 58.0] and rates(eight) == [10.0]
     assert sum(j.get("served_rate") == 58.0 for j in one) == 3
-    assert alone(one) == [(40, 128), (24, 768)] and alone(eight) == []
+    assert alone(one) == alone(eight) == [(40, 128), (24, 768)]
     assert chunked(one) == [(12288, False), (8192, True)] and chunked(eight) == [(12288, False)]
     rows, env = prof.measure_grid(model, str(tiny), processes=2, **small)
     labels = [r["workload"] for r in env["power_runs"]]
@@ -544,3 +545,33 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
                         "--backend", "gpu", "--processes", "0", "--out", str(tmp_path / "x.yaml")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--processes 0" in p.stderr
+
+
+def test_prompt_points_split_an_eager_launch_for_a_large_model():
+    """With warm prompt-only eager rows (PROMPT_POINTS, now measured for every model) the
+    fit splits an eager launch into its common part and the decode attention's
+    (host_overhead_eager_decode_s) for the 8B as well: a speculative target's verification
+    beside context chunks and every prompt-only step are priced with the common part only
+    (and the context chunks' own, host_overhead_context_s). Without them the grid gives only
+    an eager decode step's whole launch (test_fit_recovers_known_parameters)."""
+    from servesim.gpu_backend import profiler as prof
+
+    model, hw = load_model("llama-3.1-8b"), load_hardware("h100-sxm")
+    assert any(j["output"] == 1 and j["keep"] == "skip" and j["max_num_tokens"] == j["prompt"]
+               for j in prof.grid_jobs(model))  # the 8B's grid measures them
+    rows = read_grid(GRID, "llama-3.1-8b")
+    cold = [r["kind"] == "prefill" for r in rows]  # PREFILL_POINTS: each its run's first iteration
+    for n, prompt in prof.PROMPT_POINTS:
+        rows += [dict(model="llama-3.1-8b", kind="prefill", n_decode=0, kv_sum=0, ctx_tokens=prompt, ctx_prior=0,
+                      graph=False, time_s=0.0, n_chunks=1, chunk_tokens=prompt)] * (n - prof.SKIP_FIRST)
+    shapes, _, _ = shapes_from_grid(rows)
+    true = dict(flops_efficiency=0.8, bandwidth_efficiency=0.85, attention_flops_efficiency=0.4,
+                host_overhead_eager_s=0.008, host_overhead_eager_decode_s=0.012, host_overhead_graph_s=3e-4)
+    # measured cold (1x2048 took 4x its warm time on an H200)
+    times = predict(model, hw, true, shapes) * np.where(cold + [False] * (len(rows) - len(cold)), 3.0, 1.0)
+    params, stats = fit(model, hw, [dict(r, time_s=t) for r, t in zip(rows, times)])
+    # the launch of a context-only eager pass, and of an eager decode step
+    ctx_only = params["host_overhead_eager_s"] + params["host_overhead_context_s"]
+    assert ctx_only == pytest.approx(true["host_overhead_eager_s"], rel=0.05)
+    eager = params["host_overhead_eager_s"] + params["host_overhead_eager_decode_s"]
+    assert eager == pytest.approx(true["host_overhead_eager_s"] + true["host_overhead_eager_decode_s"], rel=0.05)

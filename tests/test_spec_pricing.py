@@ -200,3 +200,111 @@ def test_the_drafter_processes_every_prompt_even_without_drafts():
         IterationShape(ctx_new_tokens=(256, 128), ctx_prior_tokens=(0, 0))) + 1e-12
     cm, sp = _sim_spec(proposer="ngram")
     assert SimExecutor(cm, speculation=sp).execute(ScheduledBatch(0, shape, [], [])).duration_s == cm.price(shape)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 8), max_size=40))
+def test_draft_step_rows_follow_the_drafters_steps(ks):
+    """Step j of the draft model runs one row per request drafting more than j tokens: as
+    many steps as the longest draft, rows never growing, every draft one row of one step."""
+    from servesim.sim.speculation import draft_step_rows
+
+    rows = draft_step_rows(ks)
+    assert len(rows) == max(ks, default=0)
+    assert sum(rows) == sum(ks)
+    assert all(a >= b for a, b in zip(rows, rows[1:]))
+    if rows:
+        assert rows[0] == sum(1 for k in ks if k) and rows[-1] >= 1
+
+
+_SPEC8 = None
+
+
+def _spec8():
+    global _SPEC8
+    if _SPEC8 is None:
+        _SPEC8 = _sim_spec(k=4, batch=64)
+    return _SPEC8
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 48), kv=st.integers(0, 4000), k=st.integers(1, 4), extra=st.integers(0, 8),
+       ctx=st.sampled_from([(), (256,), (128, 512)]), short=st.integers(0, 48))
+def test_draft_segments_price_the_rows_that_draft(n, kv, k, extra, ctx, short):
+    """A drafter whose requests all draft k tokens costs what the shape's ``draft_steps``
+    says (``ks`` None); a request drafting fewer never makes a step dearer; requests that
+    draft nothing make no rows (the same as leaving them out of the batch)."""
+    _, sp = _spec8()
+    dc = sp.drafter
+    kvs = n * (1 + kv)
+
+    def shape(m, kvsum, d):
+        return IterationShape(ctx_new_tokens=ctx, ctx_prior_tokens=(0,) * len(ctx), n_ctx_sampling=len(ctx),
+                              n_decode=m, decode_kv_sum=kvsum, graph=not ctx, padded_decode=m if not ctx else 0,
+                              decode_draft_tokens=d, draft_steps=k)
+
+    full = dc.segments(shape(n, kvs, n * k), extra)
+    assert dc.segments(shape(n, kvs, n * k), extra, [k] * n) == pytest.approx(full)
+    s = min(short, n - 1)  # requests drafting one token only
+    fewer = dc.segments(shape(n, kvs, (n - s) * k + s), extra, [k] * (n - s) + [1] * s)
+    assert len(fewer) == len(full)
+    assert all(g1 <= g0 + 1e-12 for (_, g1), (_, g0) in zip(fewer, full))
+    idle = dc.segments(shape(n, kvs, (n - s) * k), extra, [k] * (n - s) + [0] * s)
+    alone = dc.segments(shape(n - s, (n - s) * (1 + kv), (n - s) * k), extra)
+    # (the proposer's host work is per generation request, drafting or not)
+    assert [g for _, g in idle] == pytest.approx([g for _, g in alone])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), kv=st.integers(0, 3000), ctx=st.sampled_from([(), (256,), (64, 300)]))
+def test_an_iteration_without_drafts_is_the_plain_step(n, kv, ctx):
+    """Every generation request at k = 0 (the last token of each, or no KV room for drafts):
+    the GPU backend runs the plain step, so the simulated executor prices exactly what it
+    prices for the same batch without speculation's drafts (the drafter's pass over the
+    context chunks included), and accepts nothing."""
+    from servesim.sim.executor import SimExecutor
+    from servesim.sim.types import ScheduledBatch
+
+    cm, sp = _spec8()
+    sp.catch_up = {}
+    ex = SimExecutor(cm, speculation=sp)
+    shape = IterationShape(ctx_new_tokens=ctx, ctx_prior_tokens=(0,) * len(ctx), n_ctx_sampling=len(ctx),
+                           n_decode=n, decode_kv_sum=n * (1 + kv), graph=not ctx, padded_decode=n if not ctx else 0)
+    plain = ex.execute(ScheduledBatch(0, shape, [], [])).duration_s
+    b = ScheduledBatch(1, shape, [], [])
+    b.drafts = [(i, 0) for i in range(n)]
+    r = ex.execute(b)
+    assert r.duration_s == plain and r.accepted == [0] * n
+    if not ctx:
+        assert plain == cm.price(shape)
+    # the drafter lags one more token behind each of them: their next first step catches up
+    assert sp.catch_up == {i: 1 for i in range(n)}
+
+
+@pytest.mark.skipif(not PROFILE.is_file(), reason="no H200 profile")
+def test_spec_replay_reconstructs_each_sides_metrics(tmp_path):
+    """spec_replay's per-kind analysis recomputes TPOT p50 and throughput from iteration
+    durations: with the simulator's it gives the simulated run's, with the GPU's the GPU
+    run's (its iterations back to back, ~0.3%), and every iteration has a kind."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_spec_decoding import sim_replay  # noqa: E402
+    from spec_replay import KINDS, _metrics, _run_data  # noqa: E402
+
+    name = "draft_model-a0.7-k2-b8"
+    with tarfile.open(SPEC_GPU / "call3_runs.tar.gz") as tf:
+        tf.extractall(tmp_path, members=[m for m in tf.getmembers() if f"/{name}/" in m.name or
+                                         m.name.endswith(f"/{name}")], filter="data")
+    run = tmp_path / "runs" / name
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    res = sim_replay(cfg, run, str(PROFILE), str(DRAFT_PROFILE))
+    d = _run_data(run, res["iterations"], 8)
+    assert set(d["kind"]) <= set(KINDS) and set(d["kind"]) >= {KINDS[0], KINDS[1], KINDS[3]}
+    tpot, tok = _metrics(d, d["sim"])
+    assert tpot == pytest.approx(res["summary"]["tpot_s"]["p50"], rel=1e-3)
+    assert tok == pytest.approx(res["summary"]["throughput_out_tok_s"], rel=1e-3)
+    gpu = json.loads((run / "summary.json").read_text())
+    tpot, tok = _metrics(d, d["gpu"])
+    assert tpot == pytest.approx(gpu["tpot_s"]["p50"], rel=0.01)
+    assert tok == pytest.approx(gpu["throughput_out_tok_s"], rel=0.01)
