@@ -368,11 +368,12 @@ def kernel_calibration(tune_rows: list[dict], source: str) -> list[dict]:
 
 
 def sim_ratios(spec, hw_name: str, rows: list[dict], kv_cal: list[dict] | None = None) -> tuple[list[str], dict]:
-    """Adds, per row, the simulator's fp8-KV / bf16-KV decode GPU-time ratio: the roofline
-    and (when shipped for this model and GPU) the calibrated profile, each with the fp8
-    kernel's conversion rate fitted from ``kv_cal`` (the kernel alone per KV dtype,
-    sim/kv_attention.py; the profile's own rate where it has one and ``kv_cal`` is None), and
-    the bytes-only pricing beside them. Returns (the columns, the fit)."""
+    """Adds, per row, the simulator's fp8-KV / bf16-KV decode GPU-time ratio: the roofline,
+    bytes only and with the fp8 kernel's conversion rate fitted from ``kv_cal`` (the kernel
+    alone per KV dtype, sim/kv_attention.py); and (when shipped for this model and GPU) the
+    calibrated profile, bytes only, with that conversion rate, and with its kernel table
+    (`decode_attention_kernel`, as `sim calibrate` fitted it into the profile; fitted here
+    from ``kv_cal`` for a profile without one). Returns (the columns, the fit)."""
     from servesim.sim import kv_attention
     from servesim.sim.calibrate import load_profile
     from servesim.sim.cost_model import RooflineConfig, RooflineCostModel
@@ -386,20 +387,26 @@ def sim_ratios(spec, hw_name: str, rows: list[dict], kv_cal: list[dict] | None =
         fit["kv_dequant_elements_per_s"] = kv_attention.fit_dequant_rate(kv_cal, spec.num_kv_heads, spec.head_dim)
         for dt in kv_attention.KV_DTYPES:
             fit[f"{dt}_fixed_s"], fit[f"{dt}_s_per_token"] = kv_attention.fit_line(kv_cal, dt)
-    bytes_only = {"kv_dequant_elements_per_s": None}
+    bytes_only = {"kv_dequant_elements_per_s": None, "decode_attention_kernel": None}
     models = {"sim roofline (bytes only)": RooflineConfig()}
     if fit:
-        models["sim roofline + kv fit"] = RooflineConfig(kv_dequant_elements_per_s=fit["kv_dequant_elements_per_s"])
+        models["sim roofline + conversion rate"] = RooflineConfig(
+            kv_dequant_elements_per_s=fit["kv_dequant_elements_per_s"])
     prof = REPO / "profiles" / f"{hw_name.split('-')[0]}-{spec.name}.yaml"
     if prof.is_file():
         try:
             pc = load_profile(prof, bf, hw)[0]
             models[f"sim {prof.name} (bytes only)"] = pc.model_copy(update=bytes_only)
             if fit:
-                models[f"sim {prof.name} + kv fit"] = pc.model_copy(
-                    update={"kv_dequant_elements_per_s": fit["kv_dequant_elements_per_s"]})
-            elif pc.kv_dequant_elements_per_s:
-                models[f"sim {prof.name}"] = pc
+                models[f"sim {prof.name} + conversion rate"] = pc.model_copy(
+                    update={**bytes_only, "kv_dequant_elements_per_s": fit["kv_dequant_elements_per_s"]})
+            kernel = pc.decode_attention_kernel
+            if kernel is None and kv_cal:
+                kernel = kv_attention.DecodeAttentionKernel(**kv_attention.fit_kernel(kv_cal, bf.kv_dtype))
+            if kernel is not None:
+                fit["kernel_table"] = (kernel.source or "fitted here") if pc.decode_attention_kernel else "fitted here"
+                models[f"sim {prof.name} + kernel table"] = pc.model_copy(
+                    update={**bytes_only, "decode_attention_kernel": kernel})
         except Exception as e:  # noqa: BLE001 - a profile of another model (smoke)
             log(f"profile {prof.name} not used: {e}")
     for r in rows:
@@ -424,15 +431,21 @@ def decode_section(dec: list[dict], sims: list[str], fit: dict) -> list[str]:
             L.append(f"\nbatch {r['batch']}, context {r['ctx']}: {r['error']}")
     L += ["", "(Simulator columns: fp8-KV / bf16-KV of the cost model's GPU time for the same shape; in brackets "
           "its error against the measured ratio. *bytes only*: decode attention priced as its KV bytes over the KV "
-          "bandwidth, whatever the dtype; *+ kv fit*: with `kv_dequant_elements_per_s` fitted from the decode "
-          "attention kernel alone per KV dtype (the kernel table below, not these steps: the steps are the "
-          "held-out test).)", ""]
+          "bandwidth, whatever the dtype; *+ conversion rate*: the larger of that and the KV elements over "
+          "`kv_dequant_elements_per_s`, fitted from the decode attention kernel alone per KV dtype; *+ kernel "
+          "table*: the profile's `decode_attention_kernel` (`sim calibrate --kv-attention`): its fitted per-token "
+          "term stays its bf16 grid's, and the fp8 step pays the kernel-alone fp8 - bf16 difference at its batch "
+          "(sim/kv_attention.py). Both from the kernel table below, not from these steps: the steps are the "
+          "held-out test.)", ""]
     if fit:
         L += [f"Kernel-alone fit (sim/kv_attention.py, one layer): bf16 {fit['bf16_fixed_s'] * 1e6:.1f} us + "
               f"{fit['bf16_s_per_token'] * 1e9:.3f} ns / cached token, fp8 {fit['fp8_fixed_s'] * 1e6:.1f} us + "
               f"{fit['fp8_s_per_token'] * 1e9:.3f} ns / token (x{fit['fp8_s_per_token'] / fit['bf16_s_per_token']:.2f}"
               f" of bf16's for half the bytes): kv_dequant_elements_per_s = "
               f"{fit['kv_dequant_elements_per_s']:.3g}.", ""]
+    if fit and fit.get("kernel_table"):
+        L += [f"Kernel table of the profile: per measured batch, one layer's line per KV dtype (from "
+              f"`{fit['kernel_table']}`).", ""]
     for sname in sims:
         errs = [abs(r[sname] / r["ratio"] - 1) for r in dec if r["ratio"] == r["ratio"]]
         if errs:
