@@ -170,8 +170,8 @@ def test_a_kernel_table_leaves_the_grid_dtype_and_unmeasured_dtypes_priced_as_be
         else 0.0
     per_kv = L * max(4.0 * hd * SPEC.num_heads / Fa, 2.0 * SPEC.num_kv_heads * hd * b / Bkv, conv)
     assert cm.decode_affine(4, False, 0)[1] == per_kv
-    for grid in ({"bf16": "bf16", "fp8": "fp8", "int8": "bf16"}[kv],):
-        assert _prices(spec, cfg.model_copy(update={"decode_attention_kernel": _kernel(grid)}), shape) == old
+    grid = {"bf16": "bf16", "fp8": "fp8", "int8": "bf16"}[kv]  # int8: a dtype the table did not measure
+    assert _prices(spec, cfg.model_copy(update={"decode_attention_kernel": _kernel(grid)}), shape) == old
 
 
 @settings(max_examples=100, deadline=None)
