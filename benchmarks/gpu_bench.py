@@ -1516,25 +1516,180 @@ def _split_bounds(B, hkv, sms, smoke) -> tuple[int, ...]:
     return s or (1,)
 
 
+def _tile_config(tile, **kw):
+    """A candidate's DecodeConfig: ``tile`` = (tokens per tile, warps, stages[, dot dtype])."""
+    from servesim.kernels import decode_attention as da
+
+    return da.DecodeConfig(block_n=tile[0], num_warps=tile[1], num_stages=tile[2],
+                           kv_math=tile[3] if len(tile) > 3 else None, fused_reduce=False, head_major=False, **kw)
+
+
+def time_layers(t, dev, c: dict, kc, vc, cfg, scale: float, kv_scale: float, reps: int) -> tuple[float, object]:
+    """Seconds per layer of ``cfg`` on case ``c`` (one call per layer's block table, as one
+    CUDA-graph replay), and the first layer's output of the replay."""
+    from servesim.kernels import decode_attention as da
+
+    R = len(c["bts"])
+    outs = [None] * R
+
+    def run():
+        for r in range(R):
+            outs[r] = da.paged_decode_attention_triton(c["q"], kc, vc, c["bts"][r], c["sl"], scale, config=cfg,
+                                                      k_scale=kv_scale, v_scale=kv_scale)
+
+    rep = graphed(run, dev)
+    s = t(rep, reps=reps, warmup=1) / R
+    del rep
+    return s, outs[0]
+
+
+def tune_decode_attention(dev, dtype, hq: int, hkv: int, D: int, bs: int, *, tiles, batches, ctxs, mins,
+                          top_tiles: int, top_combos: int, tol: float, deadline: float, smoke: bool, name: str = "",
+                          kv_dtype=None, kv_scale: float = 1.0) -> dict:
+    """Section 12's search for one attention shape (q ``dtype``, ``hq`` / ``hkv`` heads of
+    ``D``, ``bs``-token blocks) over a cache of ``kv_dtype`` (default q's; an fp8 cache holds
+    e4m3 of the random values at ``kv_scale``, and ``kc`` / ``vc`` of the case keep the
+    dequantised values in q's dtype): candidate configs on random mixed-length batches, each
+    checked against the torch reference first and its CUDA-graph output again after timing;
+    phase 1 the ``tiles`` ((tokens, warps, stages[, dot dtype])) and the default at the
+    default split bounds, 2a split bounds (max splits x ``mins``) for the best ``top_tiles``,
+    2b the fused reduce and the head-major order for each batch's best ``top_combos``; per
+    batch the config best over ``ctxs``. Candidates resolve against the default config:
+    the installed table's entries for this key are left out while it runs. Returns key,
+    entries, picks, times ((B, ctx) -> {config: s}), defaults, cases, refs (the torch
+    reference outputs), rejected, records."""
+    from dataclasses import replace
+
+    from servesim.kernels import decode_attention as da
+    from servesim.kernels._common import num_sms
+    from servesim.kernels.reference import kv_quantize, paged_decode_attention_ref
+
+    cuda = dev.type == "cuda"
+    t = timer(dev)
+    sms = num_sms(dev)
+    reps = 5 if cuda else 1
+    group, scale = hq // hkv, D ** -0.5
+    fp8 = kv_dtype is not None and kv_dtype != dtype
+    ks = kv_scale if fp8 else 1.0
+    elem = 1 if fp8 else torch.empty((), dtype=dtype).element_size()
+    key = da.tuning_key(dtype, group, hkv, D, bs, sms, kv_dtype)
+    installed = da.get_tuning()
+    if installed is not None and key in installed.get("entries", {}):
+        da.set_tuning({**installed, "entries": {k: v for k, v in installed["entries"].items() if k != key}})
+    cases, refs, times, defaults, records, rejected = {}, {}, {}, {}, [], []
+    bad: set = set()  # compile keys that failed to compile or to check
+
+    def over() -> bool:
+        return time.monotonic() > deadline
+
+    def case(B, ctx):
+        if (B, ctx) not in cases:
+            kv_bytes = B * ctx * 2 * hkv * D * elem
+            layers = 1 if smoke else max(2, min(64, math.ceil(4 * 60e6 / kv_bytes)))
+            c = _attn_case(B, ctx, hq, hkv, D, bs, dtype, dev, seed=B * 7919 + ctx, layers=layers)
+            if fp8:
+                c["kt"], c["vt"] = kv_quantize(c["kc"], kv_dtype, ks), kv_quantize(c["vc"], kv_dtype, ks)
+                c["kc"], c["vc"] = ((x.float() * ks).to(dtype) for x in (c["kt"], c["vt"]))  # the same values
+            else:
+                c["kt"], c["vt"] = c["kc"], c["vc"]
+            refs[(B, ctx)] = paged_decode_attention_ref(c["q"], c["kt"], c["vt"], c["bts"][0], c["sl"], scale,
+                                                        None, ks, ks)
+            defaults[(B, ctx)] = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, None,
+                                                   kv_dtype)
+            cases[(B, ctx)] = c
+        return cases[(B, ctx)]
+
+    def measure(B, ctx, cfg):
+        """Seconds per call of ``cfg`` (resolved) at (B, ctx), or None if rejected."""
+        c = case(B, ctx)
+        full = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, cfg, kv_dtype)
+        tt = times.setdefault((B, ctx), {})
+        if full in tt:
+            return tt[full]
+        if full.compile_key() in bad:
+            return None
+        ref = refs[(B, ctx)]
+        try:
+            o = da.paged_decode_attention_triton(c["q"], c["kt"], c["vt"], c["bts"][0], c["sl"], scale, config=full,
+                                                 k_scale=ks, v_scale=ks)
+            err = rel_err(o, ref)
+            if not err <= tol:  # NaN fails too
+                raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
+            s, o2 = time_layers(t, dev, c, c["kt"], c["vt"], full, scale, ks, reps)
+            err2 = rel_err(o2, ref)
+            if not err2 <= tol:
+                raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile or check is left out
+            bad.add(full.compile_key())
+            rejected.append((name, B, ctx, full.label(), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            log(f"decode attention tuning: {name} B={B} ctx={ctx} {full.label()} rejected: {e}")
+            return None
+        tt[full] = s
+        records.append(dict(model=name, batch=B, ctx=ctx, config=full.label(), us=s * 1e6,
+                            kv_mb=_attn_bytes(c, hkv, D, dtype, elem) / 1e6, **full.to_dict()))
+        return s
+
+    try:
+        grid = [(B, ctx) for B in batches for ctx in ctxs]
+        # phase 1: tiles at the default split bounds
+        tile_t: dict = {}
+        for tile in (None, *tiles):  # None: the default config, always measured first
+            if tile is not None and over():
+                break
+            got = [measure(B, ctx, da.DecodeConfig() if tile is None else _tile_config(tile)) for B, ctx in grid]
+            if tile is None:
+                if any(x is None for x in got):
+                    raise AssertionError(f"{name}: the default decode-attention config failed its check")
+                d0 = da.resolve_config(1, hkv, bs, D, group, bs, dtype, sms, None, kv_dtype)
+                tile = (d0.block_n, d0.num_warps, d0.num_stages) + ((d0.kv_math,) if fp8 else ())
+            if all(x is not None for x in got):
+                tile_t[tile] = got
+        best_shape = [min(v[i] for v in tile_t.values()) for i in range(len(grid))]
+        score = {k: _geomean([x / b for x, b in zip(v, best_shape)]) for k, v in tile_t.items()}
+        top = sorted(score, key=score.get)[:top_tiles]
+        # phase 2a: split bounds for the best tiles
+        for tile in top:
+            for B in batches:
+                for S in _split_bounds(B, hkv, sms, smoke):
+                    for T in mins:
+                        if over():
+                            break
+                        for ctx in ctxs:
+                            measure(B, ctx, _tile_config(tile, max_splits=S, min_split_tokens=T))
+        # phase 2b: fused reduce and program order for each batch's best combos
+        for B in batches:
+            for cfg in _rank(times, B, ctxs)[:top_combos]:
+                for fused, hm in ((True, False), (False, True), (True, True)):
+                    if over():
+                        break
+                    for ctx in ctxs:
+                        measure(B, ctx, replace(cfg, fused_reduce=fused, head_major=hm))
+    finally:
+        da.set_tuning(installed)
+    picks = {}
+    for B in batches:
+        ranked = _rank(times, B, ctxs)
+        if ranked:
+            picks[B] = ranked[0]
+    return dict(key=key, entries=[dict(batch=B, config=c.to_dict()) for B, c in picks.items()], picks=picks,
+                times=times, defaults=defaults, cases=cases, refs=refs, rejected=rejected, records=records)
+
+
 def attention_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -> dict | None:
     """Section 12: decode attention autotune. For each model's attention shapes, times
     candidate `DecodeConfig`s (tiles x warps x pipelining stages, split bounds, fused reduce,
     program order) on random mixed-length batches -- every one checked against the torch
-    reference first, and its CUDA-graph output again after timing -- picks per batch size
-    the config best over the context lengths (the batch is all a decode graph knows), and
-    writes OUT/decode_attention_tuning.json (installed in this process, so section 4 runs
-    with it) and OUT/decode_attention_tuning.csv. Returns the table."""
+    reference first, and its CUDA-graph output again after timing (`tune_decode_attention`)
+    -- picks per batch size the config best over the context lengths (the batch is all a
+    decode graph knows), and writes OUT/decode_attention_tuning.json (installed in this
+    process, so section 4 runs with it) and OUT/decode_attention_tuning.csv. Returns the table."""
     import pandas as pd
 
     from servesim.kernels import decode_attention as da
     from servesim.kernels._common import num_sms
-    from servesim.kernels.reference import paged_decode_attention_ref
-
-    from dataclasses import replace
 
     deadline = time.monotonic() + allow_s
     cuda = dev.type == "cuda"
-    t = timer(dev)
     sms = num_sms(dev)
     bs = S10_BLOCK if not smoke else 16
     if smoke:
@@ -1559,114 +1714,17 @@ def attention_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -
         return time.monotonic() > deadline
 
     for name, (hq, hkv, D) in shapes.items():
-        group = hq // hkv
-        key = da.tuning_key(dtype, group, hkv, D, bs, sms)
-        scale = D ** -0.5
-        cases, refs = {}, {}
-        bad: set = set()  # compile keys that failed to compile or to check
-        times: dict = {}  # (B, ctx) -> {config (resolved): seconds}
-
-        def case(B, ctx):
-            if (B, ctx) not in cases:
-                kv_bytes = B * ctx * 2 * hkv * D * torch.empty((), dtype=dtype).element_size()
-                layers = 1 if smoke else max(2, min(64, math.ceil(4 * 60e6 / kv_bytes)))
-                c = _attn_case(B, ctx, hq, hkv, D, bs, dtype, dev, seed=B * 7919 + ctx, layers=layers)
-                refs[(B, ctx)] = paged_decode_attention_ref(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale)
-                cases[(B, ctx)] = c
-            return cases[(B, ctx)]
-
-        def measure(B, ctx, cfg):
-            """Seconds per call of ``cfg`` (resolved) at (B, ctx), or None if rejected."""
-            c = case(B, ctx)
-            full = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, cfg)
-            tt = times.setdefault((B, ctx), {})
-            if full in tt:
-                return tt[full]
-            if full.compile_key() in bad:
-                return None
-            ref = refs[(B, ctx)]
-            f = da.paged_decode_attention_triton
-            try:
-                o = f(c["q"], c["kc"], c["vc"], c["bts"][0], c["sl"], scale, config=full)
-                err = rel_err(o, ref)
-                if not err <= tol:  # NaN fails too
-                    raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {tol:.0e})")
-                R = len(c["bts"])
-                outs = [None] * R
-
-                def run():
-                    for r in range(R):
-                        outs[r] = f(c["q"], c["kc"], c["vc"], c["bts"][r], c["sl"], scale, config=full)
-
-                rep = graphed(run, dev)
-                s = t(rep, reps=reps, warmup=1) / R
-                err2 = rel_err(outs[0], ref)
-                if not err2 <= tol:
-                    raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {tol:.0e})")
-                del rep
-            except Exception as e:  # noqa: BLE001 - a variant that does not compile or check is left out
-                bad.add(full.compile_key())
-                rejected.append((name, B, ctx, full.label(), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-                log(f"section 12: {name} B={B} ctx={ctx} {full.label()} rejected: {e}")
-                return None
-            tt[full] = s
-            records.append(dict(model=name, batch=B, ctx=ctx, config=full.label(), us=s * 1e6,
-                                kv_mb=_attn_bytes(c, hkv, D, dtype) / 1e6,
-                                of_copy_bw=_attn_bytes(c, hkv, D, dtype) / bw / s, **full.to_dict()))
-            return s
-
-        grid = [(B, ctx) for B in batches for ctx in ctxs]
-        # phase 1: tiles at the default split bounds
-        tile_t: dict = {}
-        for tile in (None, *tiles):  # None: the default config, always measured first
-            if tile is not None and over():
-                break
-            cfg = da.DecodeConfig() if tile is None else da.DecodeConfig(
-                block_n=tile[0], num_warps=tile[1], num_stages=tile[2], fused_reduce=False, head_major=False)
-            got = [measure(B, ctx, cfg) for B, ctx in grid]
-            if tile is None:
-                if any(x is None for x in got):
-                    raise AssertionError(f"section 12 {name}: the default decode-attention config failed its check")
-                d0 = da.resolve_config(1, hkv, bs, D, group, bs, dtype, sms, None)
-                tile = (d0.block_n, d0.num_warps, d0.num_stages)
-            if all(x is not None for x in got):
-                tile_t[tile] = got
-        if not tile_t:
-            raise AssertionError(f"section 12 {name}: no tile config compiled and checked")
-        best_shape = [min(v[i] for v in tile_t.values()) for i in range(len(grid))]
-        score = {k: _geomean([x / b for x, b in zip(v, best_shape)]) for k, v in tile_t.items()}
-        top = sorted(score, key=score.get)[:top_tiles]
-        # phase 2a: split bounds for the best tiles
-        for tile in top:
-            for B in batches:
-                for S in _split_bounds(B, hkv, sms, smoke):
-                    for T in mins:
-                        if over():
-                            break
-                        cfg = da.DecodeConfig(max_splits=S, min_split_tokens=T, block_n=tile[0], num_warps=tile[1],
-                                              num_stages=tile[2], fused_reduce=False, head_major=False)
-                        for ctx in ctxs:
-                            measure(B, ctx, cfg)
-        # phase 2b: fused reduce and program order for each batch's best combos
-        for B in batches:
-            for cfg in _rank(times, B, ctxs)[:top_combos]:
-                for fused, hm in ((True, False), (False, True), (True, True)):
-                    if over():
-                        break
-                    for ctx in ctxs:
-                        measure(B, ctx, replace(cfg, fused_reduce=fused, head_major=hm))
-        # the pick per batch
-        entries = []
-        for B in batches:
-            ranked = _rank(times, B, ctxs)
-            if not ranked:
-                continue
-            pick = ranked[0]
-            entries.append(dict(batch=B, config=pick.to_dict()))
+        r = tune_decode_attention(dev, dtype, hq, hkv, D, bs, tiles=tiles, batches=batches, ctxs=ctxs, mins=mins,
+                                  top_tiles=top_tiles, top_combos=top_combos, tol=tol, deadline=deadline,
+                                  smoke=smoke, name=name)
+        rejected += r["rejected"]
+        records += [dict(rec, of_copy_bw=rec["kv_mb"] * 1e6 / bw / (rec["us"] * 1e-6)) for rec in r["records"]]
+        times = r["times"]
+        for B, pick in r["picks"].items():
             for ctx in ctxs:
                 tt = times.get((B, ctx), {})
-                c = cases[(B, ctx)]
-                dflt = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, dtype, sms, None)
+                c = r["cases"][(B, ctx)]
+                dflt = r["defaults"][(B, ctx)]
                 best = min(tt, key=tt.get)
                 nbytes = _attn_bytes(c, hkv, D, dtype)
                 row = dict(model=name, batch=B, ctx=ctx, kv_mb=nbytes / 1e6, default_us=tt[dflt] * 1e6,
@@ -1677,9 +1735,9 @@ def attention_tuning(dev, dtype, ceil, smoke: bool, out: Path, allow_s: float) -
                 summary.append(row)
                 table["measurements"].append({k: row[k] for k in ("model", "batch", "ctx", "default_us", "best_us",
                                                                   "chosen_us", "best", "chosen")})
-        table["entries"][key] = entries
-        cases.clear()
-        refs.clear()
+        table["entries"][r["key"]] = r["entries"]
+        r["cases"].clear()
+        r["refs"].clear()
         free_memory(dev)
 
     (out / "decode_attention_tuning.json").write_text(json.dumps(table, indent=1) + "\n")
@@ -1731,9 +1789,10 @@ def _triton_version() -> str:
         return "-"
 
 
-def _attn_bytes(c: dict, hkv: int, D: int, dtype) -> int:
+def _attn_bytes(c: dict, hkv: int, D: int, dtype, kv_elem: int | None = None) -> int:
+    """KV (``kv_elem`` bytes an element, default q's) + q + out bytes of a case."""
     e = torch.empty((), dtype=dtype).element_size()
-    return int(c["lens"].sum()) * 2 * hkv * D * e + 2 * c["q"].numel() * e
+    return int(c["lens"].sum()) * 2 * hkv * D * (kv_elem or e) + 2 * c["q"].numel() * e
 
 
 def _geomean(xs) -> float:

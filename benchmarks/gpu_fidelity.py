@@ -300,7 +300,8 @@ def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO, source:
             shutil.copy(made_path.parent / ref["file"], residuals_path(dest))
             doc["fit"]["residuals"] = {**ref, "file": residuals_path(dest).name}
     else:
-        doc = calibrate(model, hw, grid, dest)
+        kv = made["provenance"].get("kv_attention")  # a kernel table measured apart (sim calibrate --kv-attention)
+        doc = calibrate(model, hw, grid, dest, kv_attention_table=repo / kv if kv else None)
         doc["provenance"] = {"source": source, "grid_sha256": doc["provenance"]["grid_sha256"],
                              **prov, "refitted": doc["provenance"]["fitted"]}
     dump_profile(dest, doc)

@@ -6,13 +6,14 @@ kernel, read by the paged decode attention kernel) -- filled with the same rando
 values. One call measures:
 
 0. **the decode attention's fp8 tuning** (``--skip tuning`` to leave it out; ``--tuning-s``
-   its allowance): section 12's autotune (gpu_bench.attention_tuning) over fp8 candidates,
+   its allowance): section 12's autotune (gpu_bench.tune_decode_attention) over fp8 candidates,
    each checked against the torch reference first; installed for the steps below and written
    as OUT/tuning/h200.json (the shipped table plus the fp8 entries: copy it into
    kernels/tuning/), with the kernel's own fp8 / bf16 time beside the bf16 cache's;
 1. **decode iteration time** (CUDA-graph replay of ``forward_decode``, median of ``--reps``)
    at batch x context shapes, bf16 KV vs fp8 KV, and the simulator's fp8 / bf16 ratio of the
-   same shapes: the roofline and the shipped profile of this GPU (its KV bandwidth);
+   same shapes: the roofline and the shipped profile of this GPU (bytes only, with the fp8
+   conversion rate, and with its kernel table: sim/kv_attention.py);
 2. **accuracy**: last-position logits of a few prompts (prefill through the prefill
    attention kernel, then decode steps through the decode kernel) with a bf16 pool and fp8
    pools of unit and of calibrated scales (`LlamaModel.calibrate_kv_scales`): relative
@@ -73,151 +74,54 @@ FP8_SCALE = 4.0 / 448  # the tuning cases' KV scales (N(0, 1) values: ~ +-4 sigm
 
 
 def fp8_tuning(spec, dev, bs: int, smoke: bool, allow_s: float) -> tuple[dict, list[dict], list[str]]:
-    """The decode attention's tuning for an fp8 cache under bf16 queries (section 12's
-    mechanism, `gpu_bench.attention_tuning`, over the fp8 candidates: tiles sized in bytes,
-    fp16 or q-dtype dots, split bounds, fused reduce / program order): every candidate
-    checked against the torch reference on the same e4m3 cache before it is timed and its
-    CUDA-graph output again after; per batch the config best over the contexts. Also times
-    the bf16 cache of the same values with the installed (shipped) bf16 config: the kernel's
-    own fp8 / bf16 ratio. Returns (entries of the fp8 tuning key, rows, rejected)."""
-    from dataclasses import replace
-
+    """The decode attention's tuning for an fp8 cache under bf16 queries: section 12's
+    search (`gpu_bench.tune_decode_attention`) over the fp8 candidates -- tiles sized in
+    bytes, fp16 or q-dtype dots, split bounds, fused reduce / program order -- every
+    candidate checked against the torch reference on the same e4m3 cache before it is timed
+    and its CUDA-graph output again after; per batch the config best over the contexts.
+    Also times the bf16 cache of the same (dequantised) values with the installed (shipped)
+    bf16 config: the kernel's own fp8 / bf16 ratio. Returns (entries of the fp8 tuning key,
+    rows, rejected)."""
     import gpu_bench as gb
     import torch
 
     from servesim.kernels import decode_attention as da
     from servesim.kernels._common import num_sms
-    from servesim.kernels.reference import kv_quantize, paged_decode_attention_ref
 
-    F8 = torch.float8_e4m3fn
     qdt = torch.bfloat16 if dev.type == "cuda" else torch.float16  # (the interpreter has no bf16)
     hq, hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group, sms, scale = hq // hkv, num_sms(dev), spec.head_dim ** -0.5
     tiles, batches, ctxs, mins, top_tiles, top_combos = TUNE_TILES, TUNE_BATCHES, TUNE_CTXS, TUNE_MIN_TOKENS, 2, 2
     if smoke:
         tiles, batches, ctxs, mins, top_tiles, top_combos = ((32, 4, 0, "f16"), (16, 2, 0, "q")), (1, 4), (48,), (16,), 1, 1
-    deadline = time.monotonic() + allow_s
+    r = gb.tune_decode_attention(dev, qdt, hq, hkv, D, bs, tiles=tiles, batches=batches, ctxs=ctxs, mins=mins,
+                                 top_tiles=top_tiles, top_combos=top_combos, tol=TUNE_TOL,
+                                 deadline=time.monotonic() + allow_s, smoke=smoke, name=spec.name,
+                                 kv_dtype=torch.float8_e4m3fn, kv_scale=FP8_SCALE)
     t = gb.timer(dev)
     reps = 5 if dev.type == "cuda" else 1
-    cases, refs, times, bad, rejected, bf16_s = {}, {}, {}, set(), [], {}
-
-    def case(B, ctx):
-        if (B, ctx) not in cases:
-            kv_bytes = B * ctx * 2 * hkv * D
-            layers = 1 if smoke else max(2, min(64, -(-4 * 60_000_000 // kv_bytes)))
-            c = gb._attn_case(B, ctx, hq, hkv, D, bs, qdt, dev, seed=B * 7919 + ctx, layers=layers)
-            c["kc8"], c["vc8"] = kv_quantize(c["kc"], F8, FP8_SCALE), kv_quantize(c["vc"], F8, FP8_SCALE)
-            # the bf16 cache: the same (dequantised e4m3) values
-            c["kc"], c["vc"] = ((x.float() * FP8_SCALE).to(qdt) for x in (c["kc8"], c["vc8"]))
-            refs[(B, ctx)] = paged_decode_attention_ref(c["q"], c["kc8"], c["vc8"], c["bts"][0], c["sl"], scale,
-                                                        None, FP8_SCALE, FP8_SCALE)
-            cases[(B, ctx)] = c
-        return cases[(B, ctx)]
-
-    def timed(c, kc, vc, cfg, ks):
-        f = da.paged_decode_attention_triton
-        R = len(c["bts"])
-        outs = [None] * R
-
-        def run():
-            for r in range(R):
-                outs[r] = f(c["q"], kc, vc, c["bts"][r], c["sl"], scale, config=cfg, k_scale=ks, v_scale=ks)
-
-        rep = gb.graphed(run, dev)
-        s = t(rep, reps=reps, warmup=1) / R
-        del rep
-        return s, outs[0]
-
-    def measure(B, ctx, cfg):
-        c = case(B, ctx)
-        full = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, qdt, sms, cfg, F8)
-        tt = times.setdefault((B, ctx), {})
-        if full in tt:
-            return tt[full]
-        if full.compile_key() in bad:
-            return None
-        ref = refs[(B, ctx)]
-        try:
-            o = da.paged_decode_attention_triton(c["q"], c["kc8"], c["vc8"], c["bts"][0], c["sl"], scale, config=full,
-                                                 k_scale=FP8_SCALE, v_scale=FP8_SCALE)
-            err = gb.rel_err(o, ref)
-            if not err <= TUNE_TOL:
-                raise AssertionError(f"rel. error {err:.2e} vs the torch reference (> {TUNE_TOL:.0e})")
-            s, o2 = timed(c, c["kc8"], c["vc8"], full, FP8_SCALE)
-            err2 = gb.rel_err(o2, ref)
-            if not err2 <= TUNE_TOL:
-                raise AssertionError(f"rel. error {err2:.2e} after graph replays (> {TUNE_TOL:.0e})")
-        except Exception as e:  # noqa: BLE001 - a variant that does not compile or check is left out
-            bad.add(full.compile_key())
-            rejected.append(f"B={B} ctx={ctx} {full.label()}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            log(f"fp8 tuning: B={B} ctx={ctx} {full.label()} rejected: {e}")
-            return None
-        tt[full] = s
-        return s
-
-    grid = [(B, ctx) for B in batches for ctx in ctxs]
-    for B, ctx in grid:  # the bf16 cache with its installed config (the shipped table's, else the default)
-        c = case(B, ctx)
-        cfg = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, qdt, sms, None, qdt)
-        s, o = timed(c, c["kc"], c["vc"], cfg, 1.0)
-        err = gb.rel_err(o, refs[(B, ctx)])
-        if not err <= TUNE_TOL:
-            raise AssertionError(f"fp8 tuning: the bf16 cache's output B={B} ctx={ctx}: rel. error {err:.2e}")
-        bf16_s[(B, ctx)] = (s, cfg.label())
-    tile_t = {}
-    for tile in (None, *tiles):  # None: the default (byte-sized) fp8 config, first
-        if tile is not None and time.monotonic() > deadline:
-            break
-        cfg = da.DecodeConfig() if tile is None else da.DecodeConfig(
-            block_n=tile[0], num_warps=tile[1], num_stages=tile[2], kv_math=tile[3], fused_reduce=False,
-            head_major=False)
-        got = [measure(B, ctx, cfg) for B, ctx in grid]
-        if tile is None and any(x is None for x in got):
-            raise AssertionError("fp8 tuning: the default fp8 decode-attention config failed its check")
-        if all(x is not None for x in got):
-            tile_t[tile] = got
-    best_shape = [min(v[i] for v in tile_t.values()) for i in range(len(grid))]
-    score = {k: gb._geomean([x / b for x, b in zip(v, best_shape)]) for k, v in tile_t.items()}
-    top = [k for k in sorted(score, key=score.get) if k is not None][:top_tiles]
-    for tile in top:
-        for B in batches:
-            for S in gb._split_bounds(B, hkv, sms, smoke):
-                for T in mins:
-                    if time.monotonic() > deadline:
-                        break
-                    cfg = da.DecodeConfig(max_splits=S, min_split_tokens=T, block_n=tile[0], num_warps=tile[1],
-                                          num_stages=tile[2], kv_math=tile[3], fused_reduce=False, head_major=False)
-                    for ctx in ctxs:
-                        measure(B, ctx, cfg)
-    for B in batches:
-        for cfg in gb._rank(times, B, ctxs)[:top_combos]:
-            for fused, hm in ((True, False), (False, True), (True, True)):
-                if time.monotonic() > deadline:
-                    break
-                for ctx in ctxs:
-                    measure(B, ctx, replace(cfg, fused_reduce=fused, head_major=hm))
-    entries, rows = [], []
-    for B in batches:
-        ranked = gb._rank(times, B, ctxs)
-        if not ranked:
-            continue
-        pick = ranked[0]
-        entries.append(dict(batch=B, config=pick.to_dict()))
+    rows = []
+    for B, pick in r["picks"].items():
         for ctx in ctxs:
-            tt, c = times[(B, ctx)], cases[(B, ctx)]
-            dflt = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, qdt, sms, None, F8)
-            kv = int(c["lens"].sum()) * 2 * hkv * D
-            rows.append(dict(batch=B, ctx=ctx, kv_mb_fp8=kv / 1e6, bf16_us=bf16_s[(B, ctx)][0] * 1e6,
-                             bf16_config=bf16_s[(B, ctx)][1], fp8_default_us=tt[dflt] * 1e6,
-                             fp8_default=dflt.label(), fp8_chosen_us=tt[pick] * 1e6, fp8_chosen=pick.label(),
-                             candidates=len(tt)))
-            r = rows[-1]
-            log(f"fp8 tuning B={B} ctx={ctx}: bf16 {r['bf16_us']:.1f} us, fp8 default {r['fp8_default_us']:.1f} us, "
-                f"chosen {r['fp8_chosen_us']:.1f} us ({r['fp8_chosen']})")
-    cases.clear()
-    refs.clear()
+            c, tt = r["cases"][(B, ctx)], r["times"][(B, ctx)]
+            # the bf16 cache (the same dequantised e4m3 values) with its installed config
+            cfg = da.resolve_config(B, hkv, c["width"] * bs, D, group, bs, qdt, sms, None, qdt)
+            s, o = gb.time_layers(t, dev, c, c["kc"], c["vc"], cfg, scale, 1.0, reps)
+            err = gb.rel_err(o, r["refs"][(B, ctx)])
+            if not err <= TUNE_TOL:
+                raise AssertionError(f"fp8 tuning: the bf16 cache's output B={B} ctx={ctx}: rel. error {err:.2e}")
+            dflt = r["defaults"][(B, ctx)]
+            rows.append(dict(batch=B, ctx=ctx, kv_mb_fp8=int(c["lens"].sum()) * 2 * hkv * D / 1e6, bf16_us=s * 1e6,
+                             bf16_config=cfg.label(), fp8_default_us=tt[dflt] * 1e6, fp8_default=dflt.label(),
+                             fp8_chosen_us=tt[pick] * 1e6, fp8_chosen=pick.label(), candidates=len(tt)))
+            x = rows[-1]
+            log(f"fp8 tuning B={B} ctx={ctx}: bf16 {x['bf16_us']:.1f} us, fp8 default {x['fp8_default_us']:.1f} us, "
+                f"chosen {x['fp8_chosen_us']:.1f} us ({x['fp8_chosen']})")
+    rejected = [f"B={B} ctx={ctx} {lab}: {why}" for _, B, ctx, lab, why in r["rejected"]]
+    r["cases"].clear()
+    r["refs"].clear()
     gb.free_memory(dev)
-    return {da.tuning_key(qdt, group, hkv, D, bs, sms, F8): entries}, rows, rejected
+    return {r["key"]: r["entries"]}, rows, rejected
 
 
 def install_tuning(entries: dict, rows: list[dict], out: Path, dev) -> Path:
@@ -368,11 +272,12 @@ def kernel_calibration(tune_rows: list[dict], source: str) -> list[dict]:
 
 
 def sim_ratios(spec, hw_name: str, rows: list[dict], kv_cal: list[dict] | None = None) -> tuple[list[str], dict]:
-    """Adds, per row, the simulator's fp8-KV / bf16-KV decode GPU-time ratio: the roofline
-    and (when shipped for this model and GPU) the calibrated profile, each with the fp8
-    kernel's conversion rate fitted from ``kv_cal`` (the kernel alone per KV dtype,
-    sim/kv_attention.py; the profile's own rate where it has one and ``kv_cal`` is None), and
-    the bytes-only pricing beside them. Returns (the columns, the fit)."""
+    """Adds, per row, the simulator's fp8-KV / bf16-KV decode GPU-time ratio: the roofline,
+    bytes only and with the fp8 kernel's conversion rate fitted from ``kv_cal`` (the kernel
+    alone per KV dtype, sim/kv_attention.py); and (when shipped for this model and GPU) the
+    calibrated profile, bytes only, with that conversion rate, and with its kernel table
+    (`decode_attention_kernel`, as `sim calibrate` fitted it into the profile; fitted here
+    from ``kv_cal`` for a profile without one). Returns (the columns, the fit)."""
     from servesim.sim import kv_attention
     from servesim.sim.calibrate import load_profile
     from servesim.sim.cost_model import RooflineConfig, RooflineCostModel
@@ -386,20 +291,26 @@ def sim_ratios(spec, hw_name: str, rows: list[dict], kv_cal: list[dict] | None =
         fit["kv_dequant_elements_per_s"] = kv_attention.fit_dequant_rate(kv_cal, spec.num_kv_heads, spec.head_dim)
         for dt in kv_attention.KV_DTYPES:
             fit[f"{dt}_fixed_s"], fit[f"{dt}_s_per_token"] = kv_attention.fit_line(kv_cal, dt)
-    bytes_only = {"kv_dequant_elements_per_s": None}
+    bytes_only = {"kv_dequant_elements_per_s": None, "decode_attention_kernel": None}
     models = {"sim roofline (bytes only)": RooflineConfig()}
     if fit:
-        models["sim roofline + kv fit"] = RooflineConfig(kv_dequant_elements_per_s=fit["kv_dequant_elements_per_s"])
+        models["sim roofline + conversion rate"] = RooflineConfig(
+            kv_dequant_elements_per_s=fit["kv_dequant_elements_per_s"])
     prof = REPO / "profiles" / f"{hw_name.split('-')[0]}-{spec.name}.yaml"
     if prof.is_file():
         try:
             pc = load_profile(prof, bf, hw)[0]
             models[f"sim {prof.name} (bytes only)"] = pc.model_copy(update=bytes_only)
             if fit:
-                models[f"sim {prof.name} + kv fit"] = pc.model_copy(
-                    update={"kv_dequant_elements_per_s": fit["kv_dequant_elements_per_s"]})
-            elif pc.kv_dequant_elements_per_s:
-                models[f"sim {prof.name}"] = pc
+                models[f"sim {prof.name} + conversion rate"] = pc.model_copy(
+                    update={**bytes_only, "kv_dequant_elements_per_s": fit["kv_dequant_elements_per_s"]})
+            kernel = pc.decode_attention_kernel
+            if kernel is None and kv_cal:
+                kernel = kv_attention.DecodeAttentionKernel(**kv_attention.fit_kernel(kv_cal, bf.kv_dtype))
+            if kernel is not None:
+                fit["kernel_table"] = (kernel.source or "fitted here") if pc.decode_attention_kernel else "fitted here"
+                models[f"sim {prof.name} + kernel table"] = pc.model_copy(
+                    update={**bytes_only, "decode_attention_kernel": kernel})
         except Exception as e:  # noqa: BLE001 - a profile of another model (smoke)
             log(f"profile {prof.name} not used: {e}")
     for r in rows:
@@ -424,15 +335,21 @@ def decode_section(dec: list[dict], sims: list[str], fit: dict) -> list[str]:
             L.append(f"\nbatch {r['batch']}, context {r['ctx']}: {r['error']}")
     L += ["", "(Simulator columns: fp8-KV / bf16-KV of the cost model's GPU time for the same shape; in brackets "
           "its error against the measured ratio. *bytes only*: decode attention priced as its KV bytes over the KV "
-          "bandwidth, whatever the dtype; *+ kv fit*: with `kv_dequant_elements_per_s` fitted from the decode "
-          "attention kernel alone per KV dtype (the kernel table below, not these steps: the steps are the "
-          "held-out test).)", ""]
+          "bandwidth, whatever the dtype; *+ conversion rate*: the larger of that and the KV elements over "
+          "`kv_dequant_elements_per_s`, fitted from the decode attention kernel alone per KV dtype; *+ kernel "
+          "table*: the profile's `decode_attention_kernel` (`sim calibrate --kv-attention`): its fitted per-token "
+          "term stays its bf16 grid's, and the fp8 step pays the kernel-alone fp8 - bf16 difference at its batch "
+          "(sim/kv_attention.py). Both from the kernel table below, not from these steps: the steps are the "
+          "held-out test.)", ""]
     if fit:
         L += [f"Kernel-alone fit (sim/kv_attention.py, one layer): bf16 {fit['bf16_fixed_s'] * 1e6:.1f} us + "
               f"{fit['bf16_s_per_token'] * 1e9:.3f} ns / cached token, fp8 {fit['fp8_fixed_s'] * 1e6:.1f} us + "
               f"{fit['fp8_s_per_token'] * 1e9:.3f} ns / token (x{fit['fp8_s_per_token'] / fit['bf16_s_per_token']:.2f}"
               f" of bf16's for half the bytes): kv_dequant_elements_per_s = "
               f"{fit['kv_dequant_elements_per_s']:.3g}.", ""]
+    if fit and fit.get("kernel_table"):
+        L += [f"Kernel table of the profile: per measured batch, one layer's line per KV dtype (from "
+              f"`{fit['kernel_table']}`).", ""]
     for sname in sims:
         errs = [abs(r[sname] / r["ratio"] - 1) for r in dec if r["ratio"] == r["ratio"]]
         if errs:

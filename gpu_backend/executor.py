@@ -180,7 +180,9 @@ class GpuExecutor:
     (`speculative.GpuSpeculation`: the proposer, its drafter, the acceptance mode; not with
     ``overlap``); iterations with drafts run the drafter and verify the drafts
     (gpu_backend/speculative.py), decode-only ones through piecewise CUDA graphs of the
-    verification's token counts when ``graph_sizes`` are given, else eagerly.
+    verification's token counts when ``graph_sizes`` are given, else eagerly. ``kv_scales``:
+    an fp8 pool's per-layer (key, value) scales (`calibrated_kv_scales`; default 1.0; a
+    drafter's pool keeps 1.0).
     """
 
     needs_block_ids = True
@@ -194,12 +196,14 @@ class GpuExecutor:
                  overlap: bool = False, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                  hash_block_size: int | None = None, kv_dtype: torch.dtype | None = None,
                  use_graphs: bool | None = None, clock: Callable[[], float] | None = None,
-                 speculation: GpuSpeculation | None = None):
+                 speculation: GpuSpeculation | None = None,
+                 kv_scales: tuple[Sequence[float], Sequence[float]] | None = None):
         self.model = model
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self.block_size = bs = int(tokens_per_block)
-        self.kv_pool = model.make_kv_pool(int(num_blocks), bs, kv_dtype)
+        ks, vs = kv_scales if kv_scales is not None else (None, None)
+        self.kv_pool = model.make_kv_pool(int(num_blocks), bs, kv_dtype, k_scales=ks, v_scales=vs)
         self.vocab_size = model.dims.vocab_size
         self.seed = int(seed)
         self.hash_block_size = hash_block_size
@@ -874,6 +878,8 @@ class GpuExecutor:
             "piecewise_graphs_captured": bool(pr is not None and pr.captured),
             "overlap": self.overlap,
             "kv_pool_bytes": self.kv_pool.nbytes,
+            **({"kv_scales": {"k": list(self.kv_pool.k_scales), "v": list(self.kv_pool.v_scales)}}
+               if self.kv_pool.is_fp8 else {}),
             # host seconds spent preparing and launching iterations, and blocked on the GPU:
             # with overlap, launch_s is the host work hidden behind the GPU's (except what
             # exceeds it); without, every iteration pays launch_s + its GPU time

@@ -264,12 +264,13 @@ class LlamaModel:
         """The KV cache's element type: e4m3 for ``kv_cache.dtype: fp8``, else the model's dtype."""
         return torch.float8_e4m3fn if self.dims.kv_dtype == "fp8" else self.dtype
 
-    def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> KVPool:
-        """A pool shaped for this model (in `kv_cache_dtype` unless ``dtype`` is given); also
-        attached as ``self.kv_pool``."""
+    def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, *,
+                     k_scales: Sequence[float] | None = None, v_scales: Sequence[float] | None = None) -> KVPool:
+        """A pool shaped for this model (in `kv_cache_dtype` unless ``dtype`` is given; an fp8
+        one with ``k_scales`` / ``v_scales``, default 1.0); also attached as ``self.kv_pool``."""
         d = self.dims
         self.kv_pool = KVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim,
-                              dtype or self.kv_cache_dtype, self.device)
+                              dtype or self.kv_cache_dtype, self.device, k_scales=k_scales, v_scales=v_scales)
         return self.kv_pool
 
     @torch.no_grad()

@@ -110,11 +110,31 @@ def _check_supported(setup: Setup) -> None:
     if cfg.kv_cache.host_cache_size_gb > 0:
         problems.append(("kv_cache.host_cache_size_gb",
                          "the gpu backend has no host offload tier: set it to 0"))
+    if cfg.kv_cache.scales == "calibrated" and tp > 1:
+        problems.append(("kv_cache.scales", f"calibrated KV scales are measured on one GPU (tensor_parallel 1), got "
+                         f"tensor_parallel {tp}: use kv_cache.scales: unit"))
     if setup.speculation is not None and cfg.speculative.proposer not in ("draft_model", "ngram"):
         problems.append(("speculative.proposer", f"the gpu backend runs the draft_model and ngram proposers, not "
                          f"{cfg.speculative.proposer} (no {cfg.speculative.proposer} heads)"))
     if problems:
         raise ConfigError(problems)
+
+
+KV_CALIBRATION_PROMPTS = 4  # kv_cache.scales: calibrated -- seeded random prompts prefilled before the run
+KV_CALIBRATION_TOKENS = 512
+
+
+def calibrated_kv_scales(model, seed: int, block_size: int) -> tuple[list[float], list[float]]:
+    """``kv_cache.scales: calibrated``: per-layer fp8 scales from a prefill of
+    `KV_CALIBRATION_PROMPTS` random prompts of `KV_CALIBRATION_TOKENS` tokens (seeded by the
+    experiment's ``seed``; never the served requests) into a pool of the model's dtype:
+    amax x 2 / 448 of each layer's keys and values (`LlamaModel.calibrate_kv_scales`)."""
+    import torch
+
+    n = max(1, min(KV_CALIBRATION_TOKENS, model.max_positions - 1))
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    prompts = torch.randint(0, model.dims.vocab_size, (KV_CALIBRATION_PROMPTS, n), generator=g).tolist()
+    return model.calibrate_kv_scales(prompts, block_size)
 
 
 def _check_workload(setup: Setup, dims) -> int:
@@ -250,6 +270,9 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
     cfg = setup.cfg
     _check_supported(setup)
     dims = model_dims(setup)
+    if cfg.kv_cache.scales == "calibrated" and dims.kv_dtype != "fp8":
+        raise ConfigError(f"kv_cache.scales: calibrated applies to an fp8 KV cache; {setup.model.name}'s is "
+                          f"{dims.kv_dtype} (set kv_cache.dtype: fp8, or kv_cache.scales: unit)", "kv_cache.scales")
     longest = _check_workload(setup, dims)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
@@ -343,12 +366,14 @@ def simulate_gpu(setup: Setup, progress: Callable[[float], None] | None = None, 
             # and its simulated replay draw the same acceptances for the same schedule
             seed=cfg.seed * 1009 + 0,
             drafter=build(ddims, dpath, DRAFT_WEIGHTS_ENV) if ddims is not None else None)
+    kv_scales = (calibrated_kv_scales(model, cfg.seed, ecfg.tokens_per_block)
+                 if cfg.kv_cache.scales == "calibrated" else None)
     executor = GpuExecutor(model, ecfg.num_blocks, ecfg.tokens_per_block,
                            graph_sizes=ecfg.graph_padding.sizes if ecfg.graph_padding is not None else None,
                            piecewise_sizes=pw.sizes if pw is not None else None,
                            max_seq_len=longest, overlap=cfg.runtime.overlap_scheduler, seed=cfg.seed,
                            hash_block_size=int(hbs) if hbs else None, use_graphs=use_graphs,
-                           speculation=speculation)
+                           speculation=speculation, kv_scales=kv_scales)
     box = [executor]
     del executor, model, speculation  # (held by the box only: freed before the next variant)
     return _run_gpu(setup, box, requests, dev, t_start, progress, check_invariants, ecfg)

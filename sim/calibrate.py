@@ -576,7 +576,8 @@ def _read_csv(path: Path) -> list[dict]:
 
 def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, backend: str = "grid",
               model_ref: str | None = None, processes: int = 1, tp: int = 1,
-              gemm_precisions: tuple[str, ...] | None = None, kv_dtypes: tuple[str, ...] | None = None) -> dict:
+              gemm_precisions: tuple[str, ...] | None = None, kv_dtypes: tuple[str, ...] | None = None,
+              kv_attention_table: Path | None = None) -> dict:
     """Fit a profile to a grid measured here (``backend="gpu"``) or earlier (``grid``) and
     write it to ``out``. ``tp > 1``: the grid runs at ``cluster.tensor_parallel: tp``, the
     GEMM sweep at the per-GPU shapes, and the all-reduce sweep by message size (a CSV
@@ -588,7 +589,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     ``.gemm-fp8.csv`` and fitted into ``gemm_times_by_precision``. ``kv_dtypes``: the decode
     attention kernel alone per KV dtype (default bf16 + fp8 for an fp8 KV cache), written
     beside the grid as ``.kv-attention.csv`` (sim/kv_attention.py's table; a grid's is read
-    from there) and, with fp8 rows, fitted into ``kv_dequant_elements_per_s``."""
+    from there, or from ``kv_attention_table``: one measured apart on the same GPU) and fitted
+    into ``decode_attention_kernel`` (`fit_kv_attention`)."""
     model.check_tp(tp, "--tensor-parallel")
     ar_rows: list[dict] = []
     if backend == "gpu":
@@ -623,8 +625,13 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         gemm_rows = _read_csv(grid.with_suffix(".gemm.csv"))  # none for grids from before the GEMM sweep
         prec_rows = {p: r for p in GEMM_PRECISIONS if (r := _read_csv(grid.with_suffix(f".gemm-{p}.csv")))}
         ar_rows = _read_csv(grid.with_suffix(".allreduce.csv")) if tp > 1 else []
-        kv_path = grid.with_suffix(".kv-attention.csv")
-        kv_rows = kv_attention.read_table(kv_path) if kv_path.is_file() else []
+        kv_path = Path(kv_attention_table) if kv_attention_table is not None else grid.with_suffix(".kv-attention.csv")
+        if kv_attention_table is not None and not kv_path.is_file():
+            raise ConfigError("no such decode attention calibration table", str(kv_path))
+        try:
+            kv_rows = kv_attention.read_table(kv_path) if kv_path.is_file() else []
+        except ValueError as e:
+            raise ConfigError(str(e), str(kv_path)) from None
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -641,16 +648,15 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
                           "--tensor-parallel")
     by_prec = {p: c for p, r in prec_rows.items() if (c := gemm_curves(r))}
     params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar, gemm_by_precision=by_prec or None)
-    if any(r["kv_dtype"] == "fp8" for r in kv_rows):
-        params["kv_dequant_elements_per_s"] = kv_attention.fit_dequant_rate(
-            [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in kv_rows],
-            model.num_kv_heads // tp, model.head_dim)
+    kv_env = fit_kv_attention(params, stats, kv_rows, model, hw, tp,
+                              kv_path if backend != "gpu" else grid.with_suffix(".kv-attention.csv"))
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
         "grid_sha256": hashlib.sha256(grid_bytes).hexdigest()[:16],
         "fitted": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **env,
+        **kv_env,
     }
     doc = write_profile(out, model, hw, params, stats, prov, power)
     if tp > 1:  # the measured sweep beside the fitted terms (TP_PROFILE_KEY)
@@ -659,6 +665,35 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
                                "allreduce_seconds": [float(r["seconds"]) for r in ar_sorted]}
         dump_profile(out, doc)
     return doc
+
+
+def fit_kv_attention(params: dict, stats: dict, rows: list[dict], model: ModelSpec, hw: HardwareSpec, tp: int,
+                     path: Path) -> dict:
+    """The decode attention kernel alone per KV dtype (the calibration's kv-attention table,
+    ``rows``) into ``params["decode_attention_kernel"]`` (sim/kv_attention.py: the grid's
+    per-KV-token term stays as fitted, of the model's KV dtype; another dtype pays the
+    kernel-alone difference), and into ``stats["kv_attention"]`` the split of the fitted term
+    at the largest measured batch: the grid dtype's kernel and the remainder, ns per token and
+    layer. Nothing without rows with two dtypes. Returns the provenance to record."""
+    rows = [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in rows]
+    if len({r["kv_dtype"] for r in rows}) < 2:
+        return {}
+    root = Path(__file__).resolve().parents[1]  # a table in this source tree is named from its root
+    path = Path(path).resolve().relative_to(root) if Path(path).resolve().is_relative_to(root) else Path(path)
+    try:
+        k = kv_attention.fit_kernel(rows, model.kv_dtype, source=str(path))
+    except ValueError as e:
+        raise ConfigError(str(e), str(path)) from None
+    params["decode_attention_kernel"] = k
+    kern = kv_attention.DecodeAttentionKernel.model_validate(k)
+    grid_rate = _model_for(model, hw, params, tp=tp).decode_kv_rate(kern.batches[-1]) / model.num_layers
+    g = k["grid_kv_dtype"]
+    if g in k["per_token_s"]:
+        ker = k["per_token_s"][g][-1]
+        stats["kv_attention"] = {"batch": kern.batches[-1], "grid_ns_per_token": grid_rate * 1e9,
+                                 "kernel_ns_per_token": {dt: v[-1] * 1e9 for dt, v in k["per_token_s"].items()},
+                                 "remainder_ns_per_token": (grid_rate - ker) * 1e9}
+    return {"kv_attention": str(path)}
 
 
 # a tensor-parallel profile's own mapping: the TP size its grid ran at and the all-reduce

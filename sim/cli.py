@@ -572,7 +572,8 @@ def cmd_calibrate(args) -> int:
                                   f"{torch.cuda.device_count()} visible", "command line: --tensor-parallel")
         doc = calibrate(model, hw, Path(args.from_grid) if args.from_grid else None, Path(args.out),
                         backend=args.backend, model_ref=args.model, processes=args.processes,
-                        tp=args.tensor_parallel, gemm_precisions=gemm_precisions, kv_dtypes=kv_dtypes)
+                        tp=args.tensor_parallel, gemm_precisions=gemm_precisions, kv_dtypes=kv_dtypes,
+                        kv_attention_table=Path(args.kv_attention) if args.kv_attention else None)
         for kv in args.provenance or []:
             k, _, v = kv.partition("=")
             doc["provenance"][k] = v
@@ -586,13 +587,21 @@ def cmd_calibrate(args) -> int:
     con = _console()
     con.print(f"[green]wrote[/] {args.out}: {model.name} on {hw.name}, {fit['points']} measurements")
     con.print("fitted: " + ", ".join(f"{k}={v:.4g}" for k, v in doc["roofline"].items()
-                                     if k not in ("gemm_times", "gemm_times_by_precision")))
+                                     if k not in ("gemm_times", "gemm_times_by_precision", "decode_attention_kernel")))
     curves = {"bf16": doc["roofline"].get("gemm_times"), **(doc["roofline"].get("gemm_times_by_precision") or {})}
     for prec, gemm in curves.items():
         if gemm:
             con.print(f"{prec} GEMM curves measured (they price the {prec} linears): " + ", ".join(
                 f"{k} [{c['k']}x{c['n']}] {len(c['tokens'])} row counts, {c['seconds'][-1] * 1e6:.0f} us at "
                 f"{c['tokens'][-1]} rows" for k, c in gemm.items()))
+    ka = fit.get("kv_attention")
+    if ka:
+        batches = doc["roofline"]["decode_attention_kernel"]["batches"]
+        con.print(f"decode attention kernel alone per KV dtype (batches {batches}): at batch {ka['batch']} "
+                  + ", ".join(
+                      f"{dt} {v:.3f}" for dt, v in ka["kernel_ns_per_token"].items())
+                  + f" ns / token / layer; the grid's fitted {ka['grid_ns_per_token']:.3f} = its KV dtype's kernel + "
+                  f"{ka['remainder_ns_per_token']:.3f} that every KV dtype pays")
     con.print(f"fit error: MAPE {fit['mape']:.1%} (max {fit['max_abs_rel_err']:.1%}); the uncalibrated "
               f"roofline's MAPE on the same grid: {fit['roofline_mape']:.1%}")
     con.print("by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in fit["by_kind"].items()))
@@ -690,8 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights are fp8, else none; '' for none")
     k.add_argument("--kv-dtypes", metavar="LIST",
                    help="--backend gpu: time the decode attention kernel alone per KV-cache dtype, e.g. "
-                        "bf16,fp8 (fitted into kv_dequant_elements_per_s); default bf16,fp8 when the model's KV "
+                        "bf16,fp8 (fitted into decode_attention_kernel); default bf16,fp8 when the model's KV "
                         "cache is fp8, else none; '' for none")
+    k.add_argument("--kv-attention", metavar="CSV",
+                   help="--from-grid: the decode attention kernel alone per KV dtype measured apart on the same GPU "
+                        "(sim/kv_attention.py's table, e.g. benchmarks/results/calibration_h200/"
+                        "decode_attention_kv.csv; default: GRID's .kv-attention.csv beside it, if any), fitted "
+                        "into decode_attention_kernel: a KV dtype other than the grid's pays the kernel-alone "
+                        "difference")
     k.add_argument("--out", required=True, help="profile to write, e.g. profiles/h100-llama-3.1-8b.yaml")
     k.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="facts about the measurements to record (gpu, driver, torch, ...)")

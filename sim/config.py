@@ -112,6 +112,9 @@ class RetentionConfig(RetentionSpecConfig):
         default_factory=dict, description="per-tenant retention specs overriding the default")
 
 
+KV_SCALES = ("unit", "calibrated")  # kv_cache.scales
+
+
 class KVCacheConfig(_Strict):
     tokens_per_block: int = Field(32, gt=0, le=2**16, description="tokens per KV block (power of two)")
     free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of the memory left after "
@@ -132,6 +135,19 @@ class KVCacheConfig(_Strict):
     dtype: str = Field("auto", description="KV-cache element format: bf16, fp8 (e4m3, Hopper or later) or int8, "
                        "one scale per layer and tensor; auto: the checkpoint's (its quantization_config's KV "
                        "scheme), else bf16")
+    scales: str = Field("unit", description="an fp8 KV cache's per-layer scales of keys and values: unit (1.0, what "
+                        "serving engines use without calibration) or calibrated (the gpu backend prefills a few seeded "
+                        "random prompts before the run and takes each layer's amax x 2 / 448; "
+                        "LlamaModel.calibrate_kv_scales; one GPU; a drafter's pool keeps 1.0). The simulator prices both alike")
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _scales(cls, v):
+        t = v.strip().lower() if isinstance(v, str) else v
+        if t not in KV_SCALES:
+            raise ValueError(f"must be one of {', '.join(KV_SCALES)} (unit: 1.0 per layer; calibrated: amax x 2 / "
+                             "448 of a calibration prefill)")
+        return t
 
     @field_validator("dtype")
     @classmethod
@@ -155,6 +171,9 @@ class KVCacheConfig(_Strict):
         t = self.tokens_per_block
         if t & (t - 1):
             raise ValueError(f"tokens_per_block must be a power of two, got {t}")
+        if self.scales == "calibrated" and self.dtype == "bf16":
+            raise KeyedError("calibrated KV scales apply to an fp8 KV cache, this one is bf16: set kv_cache.dtype: "
+                             "fp8 or kv_cache.scales: unit", "scales", "dtype")
         return self
 
 

@@ -38,7 +38,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servesim.sim.specs import HardwareSpec, ModelSpec
+from servesim.sim.kv_attention import DecodeAttentionKernel, kernel_delta
+from servesim.sim.specs import HardwareSpec, ModelSpec, _kv_elem_bytes
 from servesim.sim.types import IterationShape
 
 GPU_TERMS = (
@@ -235,6 +236,13 @@ class RooflineConfig(BaseModel):
         "its elements over this rate (gpu_kv_fp8.py measured the fp8 kernel at 0.80-1.0x of bf16's, not "
         "0.5x). Fitted from the decode attention kernel alone per KV dtype (sim/kv_attention.py); null: "
         "bytes only"
+    )
+    decode_attention_kernel: DecodeAttentionKernel | None = Field(
+        None, description="a calibrated profile's decode attention kernel alone per KV dtype and batch (sim "
+        "calibrate, from the decode_attention_kv sweep; sim/kv_attention.py): the profile's per-KV-token term "
+        "is its grid's KV dtype's, and a model of another KV dtype pays the kernel-alone difference at its "
+        "batch on top (the rest of that term does not depend on the dtype); null: the bytes over the KV "
+        "bandwidth (and kv_dequant_elements_per_s) for every dtype"
     )
     prefill_attention_rows: int = Field(
         128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "
@@ -436,8 +444,15 @@ class RooflineCostModel:
         # Decode attention: per request (Q in, O out, new K/V written), per cached token.
         self._ad_req = L * float(2 * hg * hd * b + 2 * kvg * hd * kvb) / B
         Bkv = B if cfg.kv_bandwidth_efficiency is None else hw.achievable_hbm_bytes_per_s * cfg.kv_bandwidth_efficiency
+        # a profile's kernel table: its fitted per-token price is its grid's KV dtype's, another dtype's that
+        # plus the kernel-alone difference (_decode_kv), never below its bytes at the achievable bandwidth
+        self._kv_delta = kernel_delta(cfg.decode_attention_kernel, model.kv_dtype, L)
+        if self._kv_delta is not None:
+            kvb = _kv_elem_bytes(cfg.decode_attention_kernel.grid_kv_dtype, b)
+            self._kv_floor = L * float(2 * kvg * hd * model.kv_elem_bytes) / hw.achievable_hbm_bytes_per_s
         self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * kvb) / Bkv,
                               kv_dequant_s(2 * kvg * hd, kvb, b, cfg.kv_dequant_elements_per_s))
+        kvb = model.kv_elem_bytes
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
         self._qlin = self._quantized_linears(model, hw, cfg, shapes, B) if not model.quant.is_bf16 else None
@@ -553,6 +568,19 @@ class RooflineCostModel:
         lo = (m if a > m else a) / hi
         return hi * (1.0 + lo ** p) ** (1.0 / p)
 
+    def _decode_kv(self, nd: int) -> tuple[float, float]:
+        """(GPU seconds beside the KV, seconds per cached token) that decode attention over
+        ``nd`` requests adds: (0, the fitted rate) without a kernel table for this KV dtype."""
+        if self._kv_delta is None:
+            return 0.0, self._ad_kv
+        fixed, per = self._kv_delta(nd)
+        per += self._ad_kv
+        return fixed, per if per > self._kv_floor else self._kv_floor
+
+    def decode_kv_rate(self, nd: int) -> float:
+        """Seconds per cached token of decode attention over ``nd`` requests (all layers)."""
+        return self._decode_kv(nd)[1]
+
     def _gpu_rest(self, T: int, S: int, n_dec: int) -> float:
         """GPU time of everything but attention over cached/chunk tokens: linears,
         lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
@@ -651,8 +679,9 @@ class RooflineCostModel:
             r = (0.0, 0.0)
         else:
             nd = self._decode_tokens(n_decode, graph, padded_decode)
-            fixed = self._total(self._gpu_rest(nd, nd, nd), 0.0, graph, n_decode)
-            r = (fixed, self._ad_kv)
+            dfix, per_kv = self._decode_kv(nd)
+            fixed = self._total(max(self._gpu_rest(nd, nd, nd) + dfix, 0.0), 0.0, graph, n_decode)
+            r = (fixed, per_kv)
         self._affine[key] = r
         return r
 
@@ -720,6 +749,10 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         if self._moe is not None:
             t += self._moe.time(T) + self._a2a_fixed + self._a2a_tok * T
+        if n and self._kv_delta is not None:
+            dfix, per_kv = self._decode_kv(nd)
+            return self._total(max(t + dfix, 0.0), per_kv * shape.decode_kv_sum, graph, len(ctx) + n, True, pw > 0,
+                               True, ct)
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
                            n > 0, ct)
 
@@ -757,7 +790,7 @@ class RooflineCostModel:
         hd = self.model.head_dim
         hg = self.model.num_heads // self.tp
         flops_kv = L * q * 4.0 * hd * hg / self._Fa
-        extra += max(flops_kv - self._ad_kv, 0.0) * shape.decode_kv_sum
+        extra += max(flops_kv - self._decode_kv(nd)[1], 0.0) * shape.decode_kv_sum
         return self._price(base) + extra
 
     # --- debugging / plots ---------------------------------------------------------
@@ -799,8 +832,9 @@ class RooflineCostModel:
         if self._ap_rows and shape.ctx_new_tokens:
             out["attn_prefill"] = max(out["attn_prefill"],
                                       self._longest_program(shape.ctx_new_tokens, shape.ctx_prior_tokens))
-        out["attn_decode"] = self._ad_req * nd
-        out["attn_decode_kv"] = self._ad_kv * shape.decode_kv_sum if n else 0.0
+        dfix, per_kv = self._decode_kv(nd) if n else (0.0, 0.0)
+        out["attn_decode"] = self._ad_req * nd + dfix
+        out["attn_decode_kv"] = per_kv * shape.decode_kv_sum
         out["kernel_floor"] = self._floor
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")

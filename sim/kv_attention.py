@@ -1,5 +1,6 @@
-"""The decode attention kernel alone per KV-cache dtype: its calibration table and the fit of
-the cost model's `kv_dequant_elements_per_s` (sim/cost_model.py).
+"""The decode attention kernel alone per KV-cache dtype: its calibration table, the fit of
+the roofline's `kv_dequant_elements_per_s`, and a calibrated profile's per-batch kernel lines
+(`DecodeAttentionKernel`, sim/cost_model.py's ``decode_attention_kernel``).
 
 A calibration table (CSV) holds one row per measured kernel: ``kv_dtype`` (bf16 / fp8),
 ``batch``, ``ctx``, ``us`` (one layer's paged decode attention, microseconds), ``config``
@@ -9,6 +10,17 @@ KV elements per token (``2 x kv_heads x head_dim``) over its slope -- a bound of
 beside the bytes over the KV bandwidth, which the cost model takes the larger of. Only the
 kernel table is read: the decode *step* ratios are the held-out test
 (benchmarks/gpu_kv_fp8.py).
+
+A calibrated profile prices decode attention from its serving grid: the fitted per-KV-token
+term (``kv_bandwidth_efficiency``) is what a cached token cost in the grid's served steps,
+of the grid's own KV dtype -- the attention kernel plus whatever else grows with the KV
+there (on the H200 1.30 ns / token / layer against the kernel's 1.09 alone). Only the
+kernel depends on the KV dtype, so a profile that carries the kernel alone per dtype
+(`DecodeAttentionKernel`: per measured batch a line ``fixed + per_token x tokens`` of one
+layer, `fit_kernel`) prices another dtype's step as the grid's plus the kernel-alone
+difference at that batch (`kernel_delta`: linear in the batch between the measured ones,
+the nearest beyond them); the remainder stays as fitted. A profile without it prices as
+before.
 """
 
 from __future__ import annotations
@@ -16,7 +28,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 COLUMNS = ("kv_dtype", "batch", "ctx", "us", "config", "source")
 KV_DTYPES = ("bf16", "fp8")
@@ -73,3 +88,77 @@ def fit_dequant_rate(rows: list[dict], kv_heads: int, head_dim: int) -> float:
         raise ValueError(f"decode attention calibration: the fp8 kernel's time does not grow with the KV "
                          f"(slope {slope:.3g} s/token)")
     return 2.0 * kv_heads * head_dim / slope
+
+
+# ------------------------------------------------------------------------ calibrated profiles
+class DecodeAttentionKernel(BaseModel):
+    """A calibrated profile's decode attention kernel alone, per KV dtype (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    grid_kv_dtype: Literal["bf16", "fp8", "int8"] = Field(
+        description="the KV-cache dtype of the serving grid the profile's other terms were fitted to")
+    batches: list[int] = Field(min_length=1, description="batch sizes measured, strictly increasing, >= 1")
+    fixed_s: dict[Literal["bf16", "fp8"], list[float]] = Field(
+        description="per KV dtype, one layer's kernel seconds at no cached tokens, at each batch (>= 0)")
+    per_token_s: dict[Literal["bf16", "fp8"], list[float]] = Field(
+        description="per KV dtype, one layer's kernel seconds per cached token, at each batch (>= 0)")
+    source: str = Field("", description="where the kernel table came from")
+
+    @model_validator(mode="after")
+    def _check(self):
+        b = self.batches
+        if b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
+            raise ValueError("batches must be >= 1 and strictly increasing")
+        if set(self.fixed_s) != set(self.per_token_s):
+            raise ValueError("fixed_s and per_token_s must hold the same KV dtypes")
+        for what in (self.fixed_s, self.per_token_s):
+            for dt, v in what.items():
+                if len(v) != len(b) or min(v) < 0:
+                    raise ValueError(f"{dt}: one non-negative value per batch ({len(b)}) expected")
+        return self
+
+
+def fit_kernel(rows: list[dict], grid_kv_dtype: str, source: str = "") -> dict:
+    """`DecodeAttentionKernel` fields from a calibration table: per KV dtype and batch the
+    least-squares line of one layer's time over its cached tokens (batch x ctx), at the
+    batches every dtype measured at two or more contexts (a negative fitted value, noise
+    at a tiny kernel, is clipped to 0). ValueError when no batch qualifies."""
+    dts = sorted({r["kv_dtype"] for r in rows})
+    ctxs = {(dt, B): {r["ctx"] for r in rows if r["kv_dtype"] == dt and r["batch"] == B}
+            for dt in dts for B in {r["batch"] for r in rows}}
+    batches = sorted({B for (_, B) in ctxs if all(len(ctxs.get((dt, B), ())) >= 2 for dt in dts)})
+    if not batches:
+        raise ValueError("decode attention calibration: no batch measured at >= 2 contexts in every KV dtype")
+    fixed: dict[str, list[float]] = {}
+    slope: dict[str, list[float]] = {}
+    for dt in dts:
+        for B in batches:
+            sel = [r for r in rows if r["kv_dtype"] == dt and r["batch"] == B]
+            a, s = fit_line(sel, dt)
+            fixed.setdefault(dt, []).append(max(a, 0.0))
+            slope.setdefault(dt, []).append(max(s, 0.0))
+    return DecodeAttentionKernel(grid_kv_dtype=grid_kv_dtype, batches=batches, fixed_s=fixed, per_token_s=slope,
+                                 source=source).model_dump()
+
+
+def kernel_delta(kernel: DecodeAttentionKernel | None, kv_dtype: str, layers: int):
+    """``f(n) -> (seconds, seconds per cached token)`` over ``layers`` layers: the decode
+    attention kernel of ``kv_dtype`` minus the grid's at batch ``n``; None where nothing
+    changes (no table, the grid's own dtype, or a dtype the table did not measure)."""
+    if kernel is None or kv_dtype == kernel.grid_kv_dtype or kv_dtype not in kernel.fixed_s \
+            or kernel.grid_kv_dtype not in kernel.fixed_s:
+        return None
+    g = kernel.grid_kv_dtype
+    xs = np.asarray(kernel.batches, float)
+    da = layers * (np.asarray(kernel.fixed_s[kv_dtype]) - np.asarray(kernel.fixed_s[g]))
+    ds = layers * (np.asarray(kernel.per_token_s[kv_dtype]) - np.asarray(kernel.per_token_s[g]))
+    cache: dict[int, tuple[float, float]] = {}
+
+    def delta(n: int) -> tuple[float, float]:
+        r = cache.get(n)
+        if r is None:
+            r = cache[n] = (float(np.interp(n, xs, da)), float(np.interp(n, xs, ds)))
+        return r
+
+    return delta

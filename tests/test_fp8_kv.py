@@ -309,6 +309,48 @@ def test_gpu_backend_runs_an_fp8_kv_cache_on_cpu(tmp_path):
         simulate_gpu(resolve(exp.variants[0].config, exp.base_dir), dtype=torch.float32, device="cpu")
 
 
+def test_calibrated_kv_scales_through_the_gpu_backend_on_cpu(tmp_path):
+    """``kv_cache.scales: calibrated``: the runner prefills its seeded calibration prompts
+    and the run's fp8 pool holds those per-layer scales (amax x 2 / 448: what
+    `calibrated_kv_scales` gives for the same model), unit scales 1.0; the setting is checked
+    (a bad value, a bf16 cache, tensor parallelism: errors at kv_cache.scales)."""
+    from servesim.gpu_backend.runner import calibrated_kv_scales, model_dims, simulate_gpu
+    from servesim.sim.config import load_experiment
+    from servesim.sim.errors import ConfigError
+    from servesim.sim.runner import resolve
+
+    cfg = dict(TINY, architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=10000.0)
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    (tmp_path / "e.yaml").write_text(
+        "name: kv8c\nmodel: tiny.json\nhardware: h100-sxm\nseed: 3\nkv_cache: {pool_tokens: 1024, "
+        "tokens_per_block: 16, dtype: fp8, scales: calibrated}\nworkload:\n  synthetic:\n    num_requests: 3\n"
+        "    arrival: {kind: offline}\n    prompt_len: 20\n    output_len: 4\nscheduler: {max_batch_size: 4, "
+        "max_num_tokens: 64}\noutput: {plots: false}\n")
+
+    def setup_of(*over):
+        exp = load_experiment(tmp_path / "e.yaml", list(over))
+        return resolve(exp.variants[0].config, exp.base_dir)
+
+    setup = setup_of()
+    res = simulate_gpu(setup, check_invariants=True, dtype=torch.float32, device="cpu")
+    assert res.summary["num_finished"] == 3 and all(len(t) == 4 for t in res.tokens.values())
+    m = LlamaModel(model_dims(setup), None, dtype=torch.float32, device="cpu", seed=3)
+    ks, vs = calibrated_kv_scales(m, 3, 16)
+    assert res.gpu_stats["kv_scales"] == {"k": ks, "v": vs}
+    assert all(x != 1.0 for x in ks + vs)  # a small random model's keys and values are far from e4m3's 448
+    unit = simulate_gpu(setup_of("kv_cache.scales=unit"), dtype=torch.float32, device="cpu")
+    assert unit.gpu_stats["kv_scales"] == {"k": [1.0] * len(ks), "v": [1.0] * len(vs)}
+    for over, words in ((["kv_cache.scales=amax"], "must be one of unit, calibrated"),
+                        (["kv_cache.dtype=bf16"], "calibrated KV scales apply to an fp8 KV cache")):
+        with pytest.raises(ConfigError, match=words) as e:
+            setup_of(*over)
+        assert "kv_cache.scales" in str(e.value)
+    with pytest.raises(ConfigError, match="measured on one GPU") as e:
+        simulate_gpu(setup_of("cluster.tensor_parallel=2", "kv_cache.max_tokens=1024"), dtype=torch.float32,
+                     device="cpu")
+    assert e.value.problems[0][0] == "kv_cache.scales"
+
+
 def test_gpu_kv_fp8_benchmark_smoke(tmp_path):
     """benchmarks/gpu_kv_fp8.py --smoke on a CPU: every section runs and writes its table."""
     import sys

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,152 @@ def test_conversion_bound_leaves_bf16_alone_and_slows_fp8_monotonically(n, ctx, 
     assert f[lo] >= f[hi] >= f0  # a slower conversion never makes the step faster; bytes only is the floor
     bd = RooflineCostModel(F8, HW, RooflineConfig(kv_dequant_elements_per_s=lo)).breakdown(sh)["attn_decode_kv"]
     assert bd >= SPEC.num_layers * 2 * SPEC.num_kv_heads * SPEC.head_dim * n * ctx / lo * (1 - 1e-9)
+
+
+# ------------------------------------------------------------------------------- a profile's kernel table
+PROFILE = REPO / "profiles" / "h200-llama-3.1-8b.yaml"
+
+
+def _kernel(grid="bf16", batches=(1, 16, 64, 256), **per):
+    """A kernel table: per dtype (fixed, per-token) seconds at every batch (given, else bf16's defaults)."""
+    base = {"bf16": ([8e-6, 1.3e-5, 1.3e-5, 1.9e-5], [2.1e-9, 1.0e-9, 1.08e-9, 1.08e-9]),
+            "fp8": ([7.6e-6, 1.4e-5, 2.7e-5, 4.2e-5], [1.8e-9, 0.95e-9, 0.88e-9, 0.84e-9])}
+    base.update(per)
+    n = len(batches)
+    return kv_attention.DecodeAttentionKernel(grid_kv_dtype=grid, batches=list(batches),
+                                              fixed_s={k: v[0][:n] for k, v in base.items()},
+                                              per_token_s={k: v[1][:n] for k, v in base.items()})
+
+
+shapes = st.one_of(
+    st.builds(lambda n, c, g: IterationShape(n_decode=n, decode_kv_sum=n * c, graph=g, padded_decode=n if g else 0),
+              st.integers(1, 512), st.integers(1, 20000), st.booleans()),
+    st.builds(lambda n, c, chunk, prior: IterationShape(n_decode=n, decode_kv_sum=n * c, ctx_new_tokens=(chunk,),
+                                                        ctx_prior_tokens=(prior,), n_ctx_sampling=1),
+              st.integers(0, 64), st.integers(1, 8000), st.integers(1, 2048), st.integers(0, 4096)),
+    st.builds(lambda n, c, d: IterationShape(n_decode=n, decode_kv_sum=n * c, decode_draft_tokens=d * n,
+                                             draft_steps=d), st.integers(1, 32), st.integers(1, 4000),
+              st.integers(1, 4)))
+configs = st.builds(lambda e, k, r, conv: RooflineConfig(bandwidth_efficiency=e, kv_bandwidth_efficiency=k,
+                                                         linear_ridge_exponent=r, kv_dequant_elements_per_s=conv),
+                    st.floats(0.3, 1.0), st.one_of(st.none(), st.floats(0.3, 1.1)),
+                    st.one_of(st.none(), st.floats(1.5, 12)), st.one_of(st.none(), st.floats(1e11, 1e13)))
+
+
+def _prices(spec, cfg, shape):
+    cm = RooflineCostModel(spec, HW, cfg)
+    return cm.price(shape), cm.breakdown(shape), cm.decode_affine(max(shape.n_decode, 1), shape.graph,
+                                                                   shape.padded_decode)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cfg=configs, shape=shapes, kv=st.sampled_from(["bf16", "fp8", "int8"]))
+def test_a_kernel_table_leaves_the_grid_dtype_and_unmeasured_dtypes_priced_as_before(cfg, shape, kv):
+    """Profiles without the table price as before -- the per-KV-token term is the old formula,
+    exactly -- and a table changes nothing for its grid's own KV dtype nor for a dtype it did
+    not measure (int8): bit-identical prices, breakdowns and affine forms."""
+    spec = apply_precision(SPEC, HW, "bf16", kv)
+    old = _prices(spec, cfg, shape)
+    cm = RooflineCostModel(spec, HW, cfg)
+    L, hd, b = SPEC.num_layers, SPEC.head_dim, spec.kv_elem_bytes
+    Fa = HW.achievable_bf16_flops * cfg.flops_efficiency * cfg.attention_flops_efficiency
+    Bkv = HW.achievable_hbm_bytes_per_s * (cfg.kv_bandwidth_efficiency or cfg.bandwidth_efficiency)
+    conv = 2 * SPEC.num_kv_heads * hd / cfg.kv_dequant_elements_per_s if cfg.kv_dequant_elements_per_s and b == 1 \
+        else 0.0
+    per_kv = L * max(4.0 * hd * SPEC.num_heads / Fa, 2.0 * SPEC.num_kv_heads * hd * b / Bkv, conv)
+    assert cm.decode_affine(4, False, 0)[1] == per_kv
+    grid = {"bf16": "bf16", "fp8": "fp8", "int8": "bf16"}[kv]  # int8: a dtype the table did not measure
+    assert _prices(spec, cfg.model_copy(update={"decode_attention_kernel": _kernel(grid)}), shape) == old
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 600), ctx=st.integers(1, 30000), cfg=configs, graph=st.booleans())
+def test_an_fp8_step_pays_the_kernel_alone_difference_at_its_batch(n, ctx, cfg, graph):
+    """With a bf16 grid's table an fp8-KV decode step costs the bf16 step plus, per layer,
+    the fp8 - bf16 kernel lines interpolated at its batch (the per-token part never below the
+    fp8 bytes at the achievable bandwidth); at a measured batch exactly that batch's lines."""
+    k = _kernel("bf16")
+    c = cfg.model_copy(update={"decode_attention_kernel": k, "kv_dequant_elements_per_s": None})
+    sh = IterationShape(n_decode=n, decode_kv_sum=n * ctx, graph=graph, padded_decode=n if graph else 0)
+    bf = RooflineCostModel(BF, HW, c)
+    f8 = RooflineCostModel(F8, HW, c)
+    assert bf.price(sh) == RooflineCostModel(BF, HW, cfg.model_copy(update={"kv_dequant_elements_per_s": None})
+                                             ).price(sh)
+    L = SPEC.num_layers
+    df = L * (np.interp(n, k.batches, k.fixed_s["fp8"]) - np.interp(n, k.batches, k.fixed_s["bf16"]))
+    ds = L * (np.interp(n, k.batches, k.per_token_s["fp8"]) - np.interp(n, k.batches, k.per_token_s["bf16"]))
+    floor = L * 2 * SPEC.num_kv_heads * SPEC.head_dim / HW.achievable_hbm_bytes_per_s
+    b_fix, b_kv = bf.decode_affine(n, graph, n if graph else 0)
+    f_fix, f_kv = f8.decode_affine(n, graph, n if graph else 0)
+    assert f_kv == pytest.approx(max(b_kv + ds, floor), rel=1e-12)
+    plain = RooflineCostModel(F8, HW, c.model_copy(update={"decode_attention_kernel": None}))  # fp8's other terms
+    kv = n * ctx
+    assert f8.gpu_time(sh) == pytest.approx(plain.gpu_time(sh) - plain.decode_kv_rate(n) * kv + df + f_kv * kv,
+                                            rel=1e-9, abs=1e-12)
+    assert f8.price(sh) == pytest.approx(f_fix + f_kv * n * ctx, rel=1e-12)
+    if n in k.batches:
+        i = k.batches.index(n)
+        assert df == pytest.approx(L * (k.fixed_s["fp8"][i] - k.fixed_s["bf16"][i]), rel=1e-12)
+
+
+def test_kernel_fit_takes_each_batch_line_and_refuses_what_it_cannot_fit():
+    rows = [dict(kv_dtype=dt, batch=B, ctx=c, us=(a + s * B * c) * 1e6) for dt, a, s in
+            (("bf16", 1e-5, 1e-9), ("fp8", 2e-5, 8e-10)) for B in (16, 64) for c in (1024, 4096)]
+    rows += [dict(kv_dtype="bf16", batch=256, ctx=1024, us=300.0), dict(kv_dtype="fp8", batch=256, ctx=1024, us=260.0)]
+    k = kv_attention.DecodeAttentionKernel(**kv_attention.fit_kernel(rows, "bf16", "t"))
+    assert k.batches == [16, 64]  # batch 256: one context only
+    assert k.fixed_s["fp8"] == pytest.approx([2e-5, 2e-5]) and k.per_token_s["bf16"] == pytest.approx([1e-9, 1e-9])
+    with pytest.raises(ValueError, match=">= 2 contexts"):
+        kv_attention.fit_kernel(rows[-2:], "bf16")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _kernel(batches=(16, 16, 64, 256))
+    with pytest.raises(ValueError, match="non-negative"):
+        _kernel(fp8=([1e-5, -1.0, 1e-5, 1e-5], [1e-9] * 4))
+
+
+def test_sim_calibrate_fits_the_kernel_table_into_the_profile(tmp_path):
+    """`sim calibrate --from-grid G --kv-attention T`: the table fitted into the profile as
+    the cost model reads it; the grid's own terms as without it."""
+    from servesim.sim.calibrate import calibrate, load_profile
+
+    rng = np.random.default_rng(0)
+    grid = tmp_path / "g.csv"
+    rows = []
+    for n in (1, 4, 16, 64):
+        for kv in (512, 2048, 8192):
+            t = 5e-3 + n * 2e-5 + n * kv * 32 * 1.3e-9
+            rows.append(dict(kind="decode", model="llama-3.1-8b", n_decode=n, kv_sum=n * kv, ctx_tokens=0,
+                             ctx_prior=0, n_chunks=0, chunk_tokens=0, graph=True, padded=n,
+                             time_s=t * (1 + 0.01 * rng.standard_normal()), run=""))
+    for c in (256, 1024, 4096):
+        rows.append(dict(kind="prefill", model="llama-3.1-8b", n_decode=0, kv_sum=0, ctx_tokens=c, ctx_prior=0,
+                         n_chunks=1, chunk_tokens=c, graph=False, padded=0, time_s=0.02 + c * 1e-5, run=""))
+    with open(grid, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    g_kv = RESULTS / "calibration_h200" / "decode_attention_kv.csv"
+    plain = calibrate(SPEC, HW, grid, tmp_path / "a.yaml")
+    doc = calibrate(SPEC, HW, grid, tmp_path / "b.yaml", kv_attention_table=g_kv)
+    assert "decode_attention_kernel" not in plain["roofline"]
+    k = doc["roofline"].pop("decode_attention_kernel")
+    assert doc["roofline"] == plain["roofline"]  # the grid's fit does not see the table
+    assert k["grid_kv_dtype"] == "bf16" and k["batches"] == [1, 16, 64, 256]
+    assert k == kv_attention.fit_kernel(kv_attention.read_table(g_kv), "bf16", k["source"])
+    assert doc["provenance"]["kv_attention"] == k["source"] == str(g_kv.relative_to(REPO))
+    cfg, _ = load_profile(tmp_path / "b.yaml", BF, HW)
+    assert cfg.decode_attention_kernel == kv_attention.DecodeAttentionKernel(**k)
+    ka = doc["fit"]["kv_attention"]
+    assert ka["grid_ns_per_token"] == pytest.approx(ka["kernel_ns_per_token"]["bf16"] + ka["remainder_ns_per_token"])
+
+
+def test_the_shipped_h200_profile_carries_the_kernel_table_of_its_calibration():
+    from servesim.sim.calibrate import load_profile
+
+    cfg, _ = load_profile(PROFILE, BF, HW)
+    k = cfg.decode_attention_kernel
+    assert k is not None and k.grid_kv_dtype == "bf16"
+    assert k.model_dump() == kv_attention.fit_kernel(kv_attention.read_table(REPO / k.source), "bf16", k.source)
 
 
 # ------------------------------------------------------------------------------- gpu_kv_fp8's CPU modes
