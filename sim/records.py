@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from .schemas import ITERATIONS, OPTIONAL, build_table, empty_columns, fill_value
+from .schemas import ITERATIONS, OPTIONAL, arrow_array, build_table, empty_columns, fill_value
 from .types import Phase, Request
 
 # Columns the records derive rather than the engine: which replica, and the free blocks
@@ -315,7 +315,7 @@ def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarra
         "tenant": [r.tenant for r in requests],
         "slo_ttft_s": opt("slo_ttft_s"),
         "slo_tpot_s": opt("slo_tpot_s"),
-        "token_times": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(times)),
+        "token_times": pa.ListArray.from_arrays(arrow_array(offsets, pa.int32()), arrow_array(times, pa.float64())),
         **extra,
     })
 
