@@ -268,7 +268,8 @@ def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int
     sl = np.asarray(span_len, dtype=np.int64)
     total = int(sl.sum())
     first_in_span = np.cumsum(sl) - sl
-    idx = np.repeat(ss, sl) + (np.arange(total, dtype=np.int64) - np.repeat(first_in_span, sl))
+    idx = np.arange(total, dtype=np.int64)  # token j of a span: its first iteration + j - the span's offset
+    idx += np.repeat(ss - first_in_span, sl)
     if total and (idx.min() < 0 or idx.max() >= len(all_ends)):
         raise AssertionError("a finished request's tokens lie outside the iterations recorded")
     times = all_ends[idx] if total else np.zeros(0)
