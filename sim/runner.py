@@ -589,6 +589,13 @@ def simulate(setup: Setup, check_invariants: bool = False,
     requests.parquet and iterations.parquet as the run goes, in bounded memory
     (sim/stream.py; the same files `write_run` writes of a run held in memory), and the
     result reads its tables from there; `write_run` to that folder adds the rest."""
+    from .driver import collector_paused
+
+    with collector_paused():
+        return _simulate(setup, check_invariants, progress, out_dir)
+
+
+def _simulate(setup: Setup, check_invariants: bool, progress, out_dir: Path | None) -> RunResult:
     t0 = time.perf_counter()
     if setup.cluster is not None:  # replica groups or pools: held in memory (write_run writes it)
         from .cluster import simulate_cluster
