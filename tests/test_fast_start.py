@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -119,6 +120,8 @@ def test_workload_columns_are_build_workloads_table(kind, n, seed, trace):
         assert w.column(c).dtype == ref[c].dtype and np.array_equal(w.column(c), ref[c].to_numpy())
     assert w.frame.equals(ref) and list(w.frame.dtypes) == list(ref.dtypes)
     assert w["prompt_len"].equals(ref["prompt_len"]) and w.iloc[:3].equals(ref.iloc[:3])  # (asked of the DataFrame)
+    again = pickle.loads(pickle.dumps(w))  # (a sweep's worker processes get it pickled)
+    assert again.columns == w.columns and again.frame.equals(ref)
 
 
 def test_workload_columns_fall_back_to_build_workload():

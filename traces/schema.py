@@ -287,7 +287,7 @@ class WorkloadColumns:
         return self.frame[key]
 
     def __getattr__(self, name: str):
-        if name.startswith("__"):
+        if name.startswith("_"):  # (dunders, and its own slots while unpickling)
             raise AttributeError(name)
         return getattr(self.frame, name)
 
