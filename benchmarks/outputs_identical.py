@@ -2,7 +2,8 @@
 sim_speed workload) with `sim run`, keep their files, and compare them with a kept set.
 
 A run's files must be identical except what is not a function of config and seed: the
-summary's `wall_s` and config.yaml's `code_version`. Parquet tables are compared as
+summary's `wall_s` and config.yaml's `code_version` (and where the source tree is: policy
+files are compared by their path inside it, and their sha256). Parquet tables are compared as
 Arrow tables (schema with its metadata, then every column's values, exactly; NaN equal
 to NaN), summary.json as parsed JSON (key order too), config.yaml as YAML.
 
@@ -128,7 +129,12 @@ def compare_runs(kept: Path, new: Path) -> list[str]:
             for k in VOLATILE_CONFIG:
                 ya.pop(k, None)
                 yb.pop(k, None)
-            why = None if ya == yb else "config.yaml differs"
+            for y in (ya, yb):  # a policy's source file: its path inside the tree (the kept
+                for prov in (y.get("policies") or {}).values():  # run may come from another checkout)
+                    if isinstance(prov, dict) and isinstance(prov.get("file"), str):
+                        prov["file"] = _in_tree(prov["file"])
+            why = None if ya == yb else "config.yaml differs: " + ", ".join(
+                k for k in dict.fromkeys([*ya, *yb]) if ya.get(k) != yb.get(k))
         elif rel.name == "experiment.json":  # the run's index: it names the experiment file's path
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
             ja.pop("source", None)
@@ -141,6 +147,12 @@ def compare_runs(kept: Path, new: Path) -> list[str]:
         if why:
             problems.append(f"{rel}: {why}")
     return problems
+
+
+def _in_tree(path: str) -> str:
+    """A policy file's path from the tree's top folder on (policies/..., or the path itself)."""
+    parts = Path(path).parts
+    return str(Path(*parts[parts.index("policies"):])) if "policies" in parts else path
 
 
 def main() -> int:

@@ -45,7 +45,12 @@ workload:
   arrival: {{kind: poisson, rate_req_s: {rate}}}
 scheduler: {{capacity: guaranteed_no_evict, max_batch_size: 256, max_num_tokens: 8192}}
 output: {{plots: false, timeline: false}}
-"""
+{extra}"""
+# the row with speculative decoding on (S5): n-gram prompt lookup as experiments/spec_decoding.yaml
+# runs it (needs no draft model of the target's vocabulary); iterations with drafts are
+# stepped one by one (no closed-form decode stretches), so this row is far slower
+SPEC = "speculative: {proposer: ngram, max_draft_len: 4, acceptance: 0.5}\n"
+SPEC_LABEL = "1x, speculative decoding (ngram, k 4, acceptance 0.5)"
 
 
 def tiled_trace(mult: int, out: Path) -> Path:
@@ -62,18 +67,19 @@ def tiled_trace(mult: int, out: Path) -> Path:
 
 
 def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = False,
-            baseline: Path | None = None) -> list[dict]:
+            baseline: Path | None = None, spec: bool = False) -> list[dict]:
     """The `sim run` process of the `mult`x trace, `repeats` times: its row. With
     `baseline` (another source tree of servesim, e.g. `git archive` of an older commit),
     that tree's runs alternate with this checkout's (the same moments of a shared
     machine's load) and its row comes first."""
     trace = tiled_trace(mult, work) if mult > 1 else "azure_conv"
-    exp = work / f"x{mult}.yaml"
-    exp.write_text(EXPERIMENT.format(mult=mult, trace=trace, rate=rate))
+    tag = f"x{mult}" + ("_spec" if spec else "")
+    exp = work / f"{tag}.yaml"
+    exp.write_text(EXPERIMENT.format(mult=mult, trace=trace, rate=rate, extra=SPEC if spec else ""))
     trees = ([("baseline", Path(baseline).resolve())] if baseline is not None else []) + [("this", REPO)]
     cmds = {}
     for label, tree in trees:
-        out = work / f"run_x{mult}_{label}"
+        out = work / f"run_{tag}_{label}"
         env = {**os.environ, "COLUMNS": "200"}
         if tree != REPO:  # the package imported from that tree (servesim/__init__.py maps its folders)
             env["PYTHONPATH"] = str(tree)
@@ -89,7 +95,7 @@ def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = F
     rss: dict[str, int] = {label: 0 for label, _ in trees}
     for _ in range(repeats):  # a shared 2-core machine is noisy: report the median
         for label, (cmd, env, tree, out) in cmds.items():
-            log = work / f"x{mult}_{label}.log"
+            log = work / f"{tag}_{label}.log"
             with log.open("w") as fh:
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tree)
@@ -118,6 +124,8 @@ def run_one(mult: int, work: Path, rate: float, repeats: int, bytecode: bool = F
             "tpot_p50_ms": summ["tpot_s"]["p50"] * 1e3,
             "bytecode": "cached" if bytecode else ("off" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "cached"),
             "code": label,
+            "spec": spec,
+            "repeats": repeats,
             "summary": summ,
         })
     if len(rows) == 2:  # the same run: the same results (wall time apart)
@@ -132,6 +140,8 @@ def main() -> None:
     ap.add_argument("--mults", default="1,2,4")
     ap.add_argument("--rate", type=float, default=6.45)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--spec-repeats", type=int, default=1,
+                    help="runs of the whole trace with speculative decoding on (its row; 0: none)")
     ap.add_argument("--no-bytecode-row", action="store_true",
                     help="measure the whole trace only as the environment is (no bytecode-cached row)")
     ap.add_argument("--write", help="the table's file (default: sim_speed.md in benchmarks/out/, or in "
@@ -159,14 +169,22 @@ def main() -> None:
                     r["mult"] = m
                     rows.append(r)
                     print(f"x{m} ({r['code']}, bytecode cached): {r['wall_s']:.2f} s", file=sys.stderr)
+        if args.spec_repeats:
+            for r in run_one(1, Path(tmp), args.rate, args.spec_repeats, spec=True):
+                r["mult"] = 1
+                rows.append(r)
+                print(f"x1 with speculative decoding ({r['code']}): {r['wall_s']:.2f} s", file=sys.stderr)
     head = ("| trace | code | Python bytecode | requests | iterations | wall s (process, median) | min | CPU s (median) | "
             "of which simulate+records s | requests / wall s | iterations / wall s | peak RSS MB | vs Vidur 52 s |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
-        vs = f"{VIDUR_WALL_S / r['wall_s']:.0f}x faster" if r["mult"] == 1 else "-"
+        vs = f"{VIDUR_WALL_S / r['wall_s']:.0f}x faster" if r["mult"] == 1 and not r["spec"] else "-"
         bc = "cached" if r["bytecode"] == "cached" else "compiled each run"
         code = args.baseline_name if r["code"] == "baseline" else "this commit"
-        lines.append(f"| {r['mult']}x | {code} | {bc} | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
+        trace = SPEC_LABEL if r["spec"] else f"{r['mult']}x"
+        if r["repeats"] != args.repeats:
+            code += f" ({r['repeats']} run{'s' if r['repeats'] > 1 else ''})"
+        lines.append(f"| {trace} | {code} | {bc} | {r['requests']:,} | {r['iterations']:,} | {r['wall_s']:.2f} | "
                      f"{r['wall_min_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{r['sim_s']:.2f} | {r['req_per_wall_s']:,.0f} | {r['iter_per_wall_s']:,.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {vs} |")
@@ -191,6 +209,8 @@ def main() -> None:
             "package's bytecode at install time)."
             + (f" Baseline rows: {args.baseline_name}, its runs alternating with this commit's (the same "
                "moments of the machine's load)." if args.baseline else "")
+            + (f" The speculative-decoding row: the whole trace with {SPEC.strip()} (S5; drafted "
+               "iterations are stepped one by one, no closed-form decode stretches)." if args.spec_repeats else "")
             + (f" {args.note}" if args.note else "") + "\n\n"
             + table + "\n")
 

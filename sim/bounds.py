@@ -371,11 +371,12 @@ class BoundSums:
         import numpy as np
 
         from .metrics import _equals
+        from .schemas import numpy_of
 
         fin = _equals(requests.column("status"), "finished")  # (no Python string per row)
-        P = requests.column("prompt_len").to_numpy()[fin].astype(np.float64)
-        O = requests.column("output_len").to_numpy()[fin].astype(np.float64)
-        C = requests.column("cached_tokens").to_numpy()[fin].astype(np.float64)
+        P = numpy_of(requests.column("prompt_len"))[fin].astype(np.float64)
+        O = numpy_of(requests.column("output_len"))[fin].astype(np.float64)
+        C = numpy_of(requests.column("cached_tokens"))[fin].astype(np.float64)
         if not len(P):
             return self
         k = self.k

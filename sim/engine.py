@@ -816,12 +816,8 @@ def _iterations_before(h: float, f: float, a: float, kv0: int, n: int) -> int:
     """How many iterations of a stretch start strictly before `h` seconds from now.
 
     Iteration k lasts f + a*(kv0 + n*k), so it starts at
-    s(k) = k*f + a*(k*kv0 + n*k*(k-1)/2).
+    s(k) = k*f + a*(k*kv0 + n*k*(k-1)/2), written out below (this runs once a stretch).
     """
-
-    def start(k: int) -> float:
-        return k * f + a * (k * kv0 + n * k * (k - 1) / 2)
-
     A = a * n / 2
     B = f + a * kv0 - A
     if A > 0:
@@ -830,12 +826,14 @@ def _iterations_before(h: float, f: float, a: float, kv0: int, n: int) -> int:
         k = int(h / B)
     else:
         raise ValueError("decode iterations must take positive time")
-    k = max(k, 0)
-    while k > 0 and start(k) >= h:
+    if k < 0:
+        k = 0
+    while k > 0 and k * f + a * (k * kv0 + n * k * (k - 1) / 2) >= h:
         k -= 1
-    while start(k + 1) < h:
-        k += 1
-    return k + 1
+    k1 = k + 1
+    while k1 * f + a * (k1 * kv0 + n * k1 * (k1 - 1) / 2) < h:
+        k1 += 1
+    return k1
 
 
 def _kv_steps(free: int, hist: list[int], p0: int, n: int, tpb: int) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from .schemas import arrow_array, numpy_of
+
 LATENCY_KEYS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 # a request waited "long" when its queueing delay (arrival to first scheduled) exceeds this
 # many times the run's median end-to-end latency: a sign of starvation, warned about
@@ -46,8 +48,8 @@ def _slices(chunks):
 def itl_values(tt) -> np.ndarray:
     """The inter-token latencies of a token_times list column (gaps inside each list)."""
     tt = tt.combine_chunks() if isinstance(tt, pa.ChunkedArray) else tt
-    offsets = tt.offsets.to_numpy()
-    values = tt.values.to_numpy()[offsets[0]:offsets[-1]] if len(offsets) else np.zeros(0)
+    offsets = numpy_of(tt.offsets)
+    values = numpy_of(tt.values)[offsets[0]:offsets[-1]] if len(offsets) else np.zeros(0)
     offsets = offsets - offsets[0] if len(offsets) else offsets
     return gaps_within(values, offsets)
 
@@ -67,14 +69,14 @@ def gaps_within(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def request_latencies(req: pa.Table, with_itl: bool = True) -> dict[str, np.ndarray]:
     """TTFT, TPOT, E2E per finished request and the pooled inter-token latencies."""
     fin = _equals(req.column("status"), "finished")
-    arrival = req.column("arrival_s").to_numpy()[fin]
-    first = req.column("first_token_s").to_numpy()[fin]
-    last = req.column("finish_s").to_numpy()[fin]
-    out = req.column("output_len").to_numpy()[fin]
+    arrival = numpy_of(req.column("arrival_s"))[fin]
+    first = numpy_of(req.column("first_token_s"))[fin]
+    last = numpy_of(req.column("finish_s"))[fin]
+    out = numpy_of(req.column("output_len"))[fin]
     itl = itl_values(req.column("token_times")) if with_itl and "token_times" in req.column_names else None
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (last - first) / np.maximum(out - 1, 1), np.nan)
-    sched = req.column("first_scheduled_s").to_numpy()[fin]
+    sched = numpy_of(req.column("first_scheduled_s"))[fin]
     return {"ttft_s": first - arrival, "tpot_s": tpot, "itl_s": itl, "e2e_s": last - arrival,
             "queue_s": sched - arrival, "fin_mask": fin}
 
@@ -213,21 +215,95 @@ def long_waits(queue_s: np.ndarray, e2e_s: np.ndarray, factor: float = LONG_WAIT
 def _equals(col, value: str) -> np.ndarray:
     """Rows of a string column equal to `value`, as a bool array (no Python string per row:
     a run of millions of requests)."""
-    import pyarrow.compute as pc
+    if isinstance(col, pa.ChunkedArray):
+        return (np.concatenate([_equals(c, value) for c in col.chunks]) if col.num_chunks != 1
+                else _equals(col.chunk(0), value)) if col.num_chunks else np.zeros(0, dtype=bool)
+    if col.type != pa.string():
+        import pyarrow.compute as pc
 
-    return pc.equal(col, value).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+        return numpy_of(pc.equal(col, pa.scalar(value, col.type))).astype(bool, copy=False)
+    # from the buffers (pyarrow.compute's scalar conversion imports pandas): a row equals
+    # `value` when its length is the value's and so are its bytes
+    want = np.frombuffer(value.encode(), dtype=np.uint8)
+    n = len(col)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    validity, offs, data = col.buffers()
+    offsets = np.frombuffer(offs, dtype=np.int32, count=n + 1, offset=col.offset * 4)
+    out = np.diff(offsets) == len(want)
+    if col.null_count:
+        out &= numpy_of(col.is_valid())
+    idx = np.flatnonzero(out)
+    if len(idx) and len(want):
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+        out[idx] = (raw[offsets[idx, None] + np.arange(len(want))] == want).all(axis=1)
+    return out
+
+
+def string_counts(col, mask: np.ndarray | None = None) -> dict[str, int]:
+    """How often each non-null value of a string column (of its rows where `mask`) occurs, in
+    order of first occurrence: pyarrow.compute's `value_counts`, whose import is ~0.04 s of
+    a `sim run`, from the buffers (one Python string per non-empty row while few)."""
+    if isinstance(col, pa.ChunkedArray):
+        out: dict[str, int] = {}
+        a = 0
+        for c in col.chunks:
+            for k, v in string_counts(c, None if mask is None else mask[a:a + len(c)]).items():
+                out[k] = out.get(k, 0) + v
+            a += len(c)
+        return out
+    n = len(col)
+    if n == 0 or col.null_count == n or (mask is not None and not mask.any()):
+        return {}
+    if col.type != pa.string():
+        import pyarrow.compute as pc
+
+        counts = pc.value_counts(col if mask is None else col.filter(arrow_array(mask, pa.bool_())))
+        return {v: int(c) for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+                if v is not None}
+    validity, offs, data = col.buffers()
+    offsets = np.frombuffer(offs, dtype=np.int32, count=n + 1, offset=col.offset * 4)
+    rows = np.arange(n)
+    if col.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little", count=col.offset + n)
+        rows = rows[bits[col.offset:].astype(bool)]
+    if mask is not None:
+        rows = rows[mask[rows]]
+    lens = np.diff(offsets)[rows]
+    full = lens > 0
+    if int(full.sum()) > 4096:  # many non-empty strings: pyarrow's counts (the same)
+        import pyarrow.compute as pc
+
+        counts = pc.value_counts(col if mask is None else col.filter(arrow_array(mask, pa.bool_())))
+        return {v: int(c) for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+                if v is not None}
+    first: dict[str, int] = {}  # value -> the row it first occurs at
+    out: dict[str, int] = {}
+    empty = np.flatnonzero(~full)
+    if len(empty):
+        first[""] = int(empty[0])
+        out[""] = int(len(empty))
+    raw = data.to_pybytes() if data is not None else b""
+    idx = np.flatnonzero(full)
+    for j, a, ln in zip(idx.tolist(), offsets[rows[idx]].tolist(), lens[idx].tolist()):
+        k = raw[a:a + ln].decode()
+        if k not in out:
+            first[k] = j
+            out[k] = 0
+        out[k] += 1
+    return {k: out[k] for k in sorted(out, key=first.__getitem__)}
 
 
 def _by_tenant_hit(req: pa.Table, fin: np.ndarray) -> dict[str, float]:
     """Prefix hit rate per tenant (empty when the workload has a single tenant)."""
     import pyarrow.compute as pc
 
-    tenant = req.column("tenant").filter(pa.array(fin))
+    tenant = req.column("tenant").filter(arrow_array(fin, pa.bool_()))
     names = sorted(pc.unique(tenant).to_pylist())
     if len(names) < 2:
         return {}
-    prompt = req.column("prompt_len").to_numpy()[fin]
-    cached = req.column("cached_tokens").to_numpy()[fin]
+    prompt = numpy_of(req.column("prompt_len"))[fin]
+    cached = numpy_of(req.column("cached_tokens"))[fin]
     out = {}
     for t in names:
         m = _equals(tenant, t)
@@ -246,8 +322,8 @@ def _rejected_by_reason(req: pa.Table) -> dict[str, int]:
 
 
 def _hit_rate_all(req: pa.Table) -> float:
-    prompt = int(req.column("prompt_len").to_numpy().sum())
-    return float(req.column("cached_tokens").to_numpy().sum() / prompt) if prompt else 0.0
+    prompt = int(numpy_of(req.column("prompt_len")).sum())
+    return float(numpy_of(req.column("cached_tokens")).sum() / prompt) if prompt else 0.0
 
 
 class IterationStats:
@@ -282,13 +358,13 @@ class IterationStats:
         names = it.column_names
         self.rows += it.num_rows
         if it.num_rows:
-            dur = it.column("duration_s").to_numpy()
-            used = it.column("kv_blocks_used").to_numpy()
+            dur = numpy_of(it.column("duration_s"))
+            used = numpy_of(it.column("kv_blocks_used"))
             self.duration_s += float(dur.sum())
             self.used_duration += float((used * dur).sum())
         for c in self.INT_COLUMNS:
             if c in names:
-                self.ints[c] += int(it.column(c).to_numpy().sum())
+                self.ints[c] += int(numpy_of(it.column(c)).sum())
             else:
                 self.has[c] = False
         if "draft_proposed_by_position" in names:
@@ -330,8 +406,8 @@ def _sum_lists(col) -> np.ndarray:
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if len(col) == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = col.offsets.to_numpy()
-    values = col.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64)
+    offsets = numpy_of(col.offsets)
+    values = numpy_of(col.values)[offsets[0]:offsets[-1]].astype(np.int64)
     lens = np.diff(offsets)
     if not len(values):
         return np.zeros(0, dtype=np.int64)
@@ -367,17 +443,17 @@ def summarize(req: pa.Table, it, *, kv_total_blocks: int, backend: str, wall_s: 
     st = it if isinstance(it, IterationStats) else IterationStats.of_table(it)
     fin = lat["fin_mask"]
     n_fin = int(fin.sum())
-    arrival = req.column("arrival_s").to_numpy()
-    finish = req.column("finish_s").to_numpy()[fin]
-    out = req.column("output_len").to_numpy()[fin]
-    prompt = req.column("prompt_len").to_numpy()[fin]
-    cached = req.column("cached_tokens").to_numpy()[fin]
+    arrival = numpy_of(req.column("arrival_s"))
+    finish = numpy_of(req.column("finish_s"))[fin]
+    out = numpy_of(req.column("output_len"))[fin]
+    prompt = numpy_of(req.column("prompt_len"))[fin]
+    cached = numpy_of(req.column("cached_tokens"))[fin]
     if n_fin:
         duration = float(finish.max() - arrival.min())
     else:
         duration = 0.0
-    slo_ttft = req.column("slo_ttft_s").to_numpy()[fin]
-    slo_tpot = req.column("slo_tpot_s").to_numpy()[fin]
+    slo_ttft = numpy_of(req.column("slo_ttft_s"))[fin]
+    slo_tpot = numpy_of(req.column("slo_tpot_s"))[fin]
     with np.errstate(invalid="ignore"):
         ok_ttft = np.isnan(slo_ttft) | (lat["ttft_s"] <= slo_ttft)
         ok_tpot = np.isnan(slo_tpot) | np.isnan(lat["tpot_s"]) | (lat["tpot_s"] <= slo_tpot)

@@ -45,6 +45,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from .schemas import numpy_of
+
 
 class PowerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
@@ -73,7 +75,7 @@ def roofline_work(it: pa.Table, model, hw) -> tuple[np.ndarray, np.ndarray, np.n
     """Per iteration: (t_flops, t_bytes, t_kv), its FLOPs over the achievable bf16 rate,
     its weight bytes and its KV-cache reads over the achievable bandwidth (module doc)."""
     def col(name):
-        return it.column(name).to_numpy().astype(np.float64) if name in it.column_names else np.zeros(it.num_rows)
+        return numpy_of(it.column(name)).astype(np.float64) if name in it.column_names else np.zeros(it.num_rows)
 
     ctx, gen, pad = col("ctx_tokens"), col("gen_tokens"), col("padded_tokens")
     prior, kv = col("ctx_cached_tokens"), col("decode_kv_tokens")
@@ -106,14 +108,14 @@ def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.nd
     """Joules over `span_s` seconds on `gpus` GPUs: iterations at `power_w`, the rest idle.
     Iterations that overlap in time (the overlap scheduler's) count once: each is charged
     only up to the next one's start."""
-    dur = it.column("duration_s").to_numpy()
+    dur = numpy_of(it.column("duration_s"))
     if len(dur) > 1:
-        start = it.column("start_s").to_numpy()
+        start = numpy_of(it.column("start_s"))
         order = np.argsort(start, kind="stable")
         nxt = np.empty_like(dur)
         nxt[order[:-1]] = start[order[1:]]
         nxt[order[-1]] = np.inf
-        if "replica" not in it.column_names or len(set(it.column("replica").to_numpy().tolist())) == 1:
+        if "replica" not in it.column_names or len(set(numpy_of(it.column("replica")).tolist())) == 1:
             dur = np.minimum(dur, np.maximum(nxt - start, 0.0))
     busy = float(dur.sum())
     return float((power_w * dur).sum()) + idle_w * max(span_s * gpus - busy, 0.0)
@@ -121,7 +123,7 @@ def energy(it: pa.Table, span_s: float, gpus: int, idle_w: float, power_w: np.nd
 
 def run_power_terms(it: pa.Table, t_f: np.ndarray, t_b: np.ndarray, t_kv: np.ndarray) -> tuple[float, ...]:
     """(busy seconds, sum of t_bytes, sum of t_kv, sum of t_flops): a run's regressors."""
-    dur = it.column("duration_s").to_numpy().astype(np.float64)
+    dur = numpy_of(it.column("duration_s")).astype(np.float64)
     return float(dur.sum()), float(np.sum(t_b)), float(np.sum(t_kv)), float(np.sum(t_f))
 
 

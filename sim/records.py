@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from .schemas import ITERATIONS, OPTIONAL, build_table, empty_columns, fill_value
+from .schemas import ITERATIONS, OPTIONAL, arrow_array, build_table, empty_columns, fill_value
 from .types import Phase, Request
 
 # Columns the records derive rather than the engine: which replica, and the free blocks
@@ -124,30 +124,35 @@ def _stretch_columns(st: list[StretchRecord], hist_bytes: list[bytes], tpb: int)
     first = np.cumsum(K) - K
     k = np.arange(total, dtype=np.int64) - np.repeat(first, K)
     kf = k.astype(np.float64)
-    ns = n[sid].astype(np.float64)
-    start = t0[sid] + kf * f[sid] + a[sid] * (kf * kv0[sid] + ns * kf * (kf - 1) / 2)
-    dur = f[sid] + a[sid] * (kv0[sid] + ns * kf)
-    new = hist[sid, (p0[sid] - k) % tpb]
+
+    def per_row(x):  # a stretch's value on each of its rows (x[sid], without the gather)
+        return np.repeat(x, K)
+
+    nn = per_row(n)
+    ns = nn.astype(np.float64)
+    f_, a_, kv0_ = per_row(f), per_row(a), per_row(kv0)
+    start = per_row(t0) + kf * f_ + a_ * (kf * kv0_ + ns * kf * (kf - 1) / 2)
+    dur = f_ + a_ * (kv0_ + ns * kf)
+    new = hist[sid, (per_row(p0) - k) % tpb]
     cs = np.cumsum(new)
     before = (cs - new)[first]
-    pad = padded[sid]
-    nn = n[sid]
+    pad = per_row(padded)
     ev_first[first] = F["evictions"].astype(np.int64)  # stretch evictions at its start
     off_first[first] = F["offloads"].astype(np.int64)
     cols = {
-        "iteration": g0[sid] + k,
+        "iteration": per_row(g0) + k,
         "start_s": start,
         "duration_s": dur,
         "num_gen_requests": nn,
         "gen_tokens": nn,
         "padded_tokens": np.where(pad > 0, pad - nn, 0),
-        "kv_blocks_used": used0[sid] + cs - before[sid],
+        "kv_blocks_used": per_row(used0 - before) + cs,
         "graph": pad > 0,
-        "kv_blocks_cached": F["cached"].astype(np.int64)[sid],
-        "kv_blocks_host": F["host"].astype(np.int64)[sid],
+        "kv_blocks_cached": per_row(F["cached"].astype(np.int64)),
+        "kv_blocks_host": per_row(F["host"].astype(np.int64)),
         "evictions": ev_first,
         "offloads": off_first,
-        "decode_kv_tokens": kv0[sid].astype(np.int64) + n[sid] * k,
+        "decode_kv_tokens": per_row(kv0.astype(np.int64)) + nn * k,
     }
     for name in IterationRecord._fields:  # what a decode-only iteration never has: its fill
         if name not in cols:
@@ -268,7 +273,8 @@ def token_times(requests: list[Request], ends: list[np.ndarray], bases: list[int
     sl = np.asarray(span_len, dtype=np.int64)
     total = int(sl.sum())
     first_in_span = np.cumsum(sl) - sl
-    idx = np.repeat(ss, sl) + (np.arange(total, dtype=np.int64) - np.repeat(first_in_span, sl))
+    idx = np.arange(total, dtype=np.int64)  # token j of a span: its first iteration + j - the span's offset
+    idx += np.repeat(ss - first_in_span, sl)
     if total and (idx.min() < 0 or idx.max() >= len(all_ends)):
         raise AssertionError("a finished request's tokens lie outside the iterations recorded")
     times = all_ends[idx] if total else np.zeros(0)
@@ -315,7 +321,7 @@ def request_table(requests: list[Request], times: np.ndarray, offsets: np.ndarra
         "tenant": [r.tenant for r in requests],
         "slo_ttft_s": opt("slo_ttft_s"),
         "slo_tpot_s": opt("slo_tpot_s"),
-        "token_times": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(times)),
+        "token_times": pa.ListArray.from_arrays(arrow_array(offsets, pa.int32()), arrow_array(times, pa.float64())),
         **extra,
     })
 

@@ -8,10 +8,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import yaml
 
@@ -19,7 +18,8 @@ import servesim
 from servesim.policies.graph_padding import GraphPadding, capture_sizes, token_capture_sizes
 from servesim.policies.loading import LoadedPolicy, load_run_policies
 from servesim.policies.parallelism import Layout
-from servesim.traces.spec import build_workload
+from servesim.traces.schema import WorkloadColumns
+from servesim.traces.spec import workload_columns
 
 from .config import RunConfig
 from .cost_model import RooflineCostModel
@@ -35,6 +35,9 @@ from .schemas import build_table, write_run_table
 from .specs import HardwareSpec, ModelSpec, apply_precision, load_hardware, load_model
 from .types import ConfigError, Request
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @dataclass
 class Setup:
@@ -44,7 +47,9 @@ class Setup:
     model: ModelSpec
     hardware: HardwareSpec
     num_blocks: int
-    workload: pd.DataFrame
+    # the workload table: a DataFrame, or its columns with the DataFrame made when first
+    # asked for (traces/schema.py WorkloadColumns: what `resolve` gives, no pandas import)
+    workload: pd.DataFrame | WorkloadColumns
     roofline: object = None  # RooflineConfig: the experiment's, or a calibration profile's
     profile_power: dict | None = None  # a calibration profile's fitted power model
     speculation: SpeculationSetup | None = None  # speculative decoding, resolved (None: off)
@@ -118,7 +123,8 @@ def resolve(cfg: RunConfig, base_dir: Path, where: str = "") -> Setup:
     hw = attempt(lambda: load_hardware(cfg.hardware, base_dir, location=f"{where}hardware"))
     fitted = None if model is None or hw is None else attempt(lambda: _fit(cfg, model, hw, base_dir, where))
     # the workload names the experiment file and variant too (a missing trace)
-    workload = attempt(lambda: build_workload(cfg.workload, base_dir, cfg.seed, config_source=where.removesuffix(": ")))
+    workload = attempt(lambda: workload_columns(cfg.workload, base_dir, cfg.seed,
+                                                config_source=where.removesuffix(": ")))
     policies = attempt(lambda: load_run_policies(cfg, base_dir, where))
     spec = None
     if fitted is not None:
@@ -359,7 +365,7 @@ def attach_prefix_keys(requests: list[Request], df: pd.DataFrame, tokens_per_blo
     if "block_hashes" not in df.columns and "prompt_tokens" not in df.columns:
         return
     if ek is None:
-        ek = workload_engine_keys(df, tokens_per_block)
+        ek = workload_engine_keys(WorkloadColumns.of(df).frame, tokens_per_block)
     keys = ek.keys
     off = ek.offsets[first:first + len(requests) + 1].tolist()
     t = tokens_per_block
@@ -372,20 +378,21 @@ def attach_prefix_keys(requests: list[Request], df: pd.DataFrame, tokens_per_blo
                 r.block_contents = tuple(tuple(pt[j * t:(j + 1) * t]) for j in range(b - a))
 
 
-def make_requests(df: pd.DataFrame, lo: int = 0, hi: int | None = None) -> list[Request]:
+def make_requests(df: pd.DataFrame | WorkloadColumns, lo: int = 0, hi: int | None = None) -> list[Request]:
     """Requests of the workload's rows lo..hi-1 (all of them by default)."""
-    hi = len(df) if hi is None else hi
+    w = WorkloadColumns.of(df)
+    hi = len(w) if hi is None else hi
     n = hi - lo
-    ids = df["request_id"].to_numpy()[lo:hi]
-    arr = df["arrival_s"].to_numpy(dtype=np.float64)[lo:hi]
-    p = df["prompt_len"].to_numpy()[lo:hi]
-    o = df["output_len"].to_numpy()[lo:hi]
+    ids = w.column("request_id")[lo:hi].tolist()
+    arr = w.column("arrival_s")[lo:hi].astype(np.float64, copy=False).tolist()
+    p = w.column("prompt_len")[lo:hi].tolist()
+    o = w.column("output_len")[lo:hi].tolist()
 
     def opt(col, conv, default):
-        if col not in df.columns:
+        if col not in w.columns:
             return [default] * n
         return [default if (v is None or (isinstance(v, float) and math.isnan(v))) else conv(v)
-                for v in df[col].iloc[lo:hi].tolist()]
+                for v in w.column(col)[lo:hi].tolist()]
 
     prio = opt("priority", int, 0)
     tenant = opt("tenant", str, "")
@@ -393,8 +400,8 @@ def make_requests(df: pd.DataFrame, lo: int = 0, hi: int | None = None) -> list[
     stpot = opt("slo_tpot_s", float, None)
     hashes = opt("block_hashes", tuple, None)
     toks = opt("prompt_tokens", tuple, None)
-    return [Request(int(ids[i]), float(arr[i]), int(p[i]), int(o[i]), prio[i], tenant[i], sttft[i],
-                    stpot[i], hashes[i], toks[i]) for i in range(n)]
+    return [Request(ids[i], arr[i], p[i], o[i], prio[i], tenant[i], sttft[i], stpot[i], hashes[i], toks[i])
+            for i in range(n)]
 
 
 def make_cost_model(setup: Setup):
@@ -480,7 +487,7 @@ def _request_maker(setup: Setup) -> Callable[[int, int], list[Request]]:
     if kvc.enable_block_reuse and ("block_hashes" in df.columns or "prompt_tokens" in df.columns):
         from servesim.traces.reuse_bound import workload_engine_keys
 
-        ek = workload_engine_keys(df, kvc.tokens_per_block)
+        ek = workload_engine_keys(WorkloadColumns.of(df).frame, kvc.tokens_per_block)
 
     def make(lo: int, hi: int) -> list[Request]:
         requests = make_requests(df, lo, hi)
@@ -582,6 +589,13 @@ def simulate(setup: Setup, check_invariants: bool = False,
     requests.parquet and iterations.parquet as the run goes, in bounded memory
     (sim/stream.py; the same files `write_run` writes of a run held in memory), and the
     result reads its tables from there; `write_run` to that folder adds the rest."""
+    from .driver import collector_paused
+
+    with collector_paused():
+        return _simulate(setup, check_invariants, progress, out_dir)
+
+
+def _simulate(setup: Setup, check_invariants: bool, progress, out_dir: Path | None) -> RunResult:
     t0 = time.perf_counter()
     if setup.cluster is not None:  # replica groups or pools: held in memory (write_run writes it)
         from .cluster import simulate_cluster
@@ -599,8 +613,7 @@ def simulate(setup: Setup, check_invariants: bool = False,
     from .records import RequestSource
     from .stream import stream_run
 
-    df = setup.workload
-    source = RequestSource(df["arrival_s"].to_numpy(dtype=np.float64), _request_maker(setup))
+    source = RequestSource(WorkloadColumns.of(setup.workload).column("arrival_s"), _request_maker(setup))
     return stream_run(setup, engines, source, router, Path(out_dir), t0, progress=progress)
 
 

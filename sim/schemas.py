@@ -139,7 +139,7 @@ def build_table(kind: str, columns: Mapping[str, object], metadata: Mapping[byte
                 continue
             raise ValueError(f"{kind}: column {f.name} missing")
         v = columns[f.name]
-        a = v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, type=f.type)
+        a = v if isinstance(v, (pa.Array, pa.ChunkedArray)) else arrow_array(v, f.type)
         if a.type != f.type:
             a = a.cast(f.type)
         if not f.nullable and a.null_count:
@@ -152,13 +152,87 @@ def build_table(kind: str, columns: Mapping[str, object], metadata: Mapping[byte
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
 
 
+# Arrow <-> numpy without pyarrow's pandas bridge: pyarrow's `pa.array` and `to_numpy`
+# import pandas on their first call (~0.25 s, most of a `sim run`'s start-up), so the
+# columns of a run are converted through their buffers here; what these do not cover
+# (nulls in a numeric column, lists, other types) goes through pyarrow's own conversion.
+_PRIMITIVE = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+              pa.uint8(): np.uint8, pa.uint32(): np.uint32, pa.uint64(): np.uint64, pa.float32(): np.float32,
+              pa.float64(): np.float64}
+
+
+def arrow_array(values, type: pa.DataType) -> pa.Array:
+    """`values` (a numpy array or a sequence) as an Arrow array of `type`: `pa.array(values,
+    type=type)`, the same array."""
+    if type in _PRIMITIVE and isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        if values.dtype.kind == "f" and type != pa.float32() and type != pa.float64():
+            return pa.array(values, type=type)  # (pyarrow checks the floats are whole numbers)
+        dt = _PRIMITIVE[type]
+        v = np.ascontiguousarray(values, dtype=dt)
+        if v.dtype != values.dtype and not np.array_equal(v, values):
+            return pa.array(values, type=type)  # (pyarrow's error for a value that does not fit)
+        return pa.Array.from_buffers(type, len(v), [None, pa.py_buffer(v)])
+    if type == pa.bool_() and isinstance(values, np.ndarray) and values.dtype == np.bool_:
+        bits = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(type, len(values), [None, pa.py_buffer(bits)])
+    if type == pa.string() and (isinstance(values, list) or (isinstance(values, np.ndarray)
+                                                              and values.dtype.kind in "UO")):
+        items = values.tolist() if isinstance(values, np.ndarray) else values
+        if _all_str_or_none(items):
+            enc = [b"" if x is None else x.encode() for x in items]
+            offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+            np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), out=offsets[1:])
+            if offsets[-1] < 2**31:
+                nulls = sum(x is None for x in items)
+                valid = None
+                if nulls:
+                    valid = pa.py_buffer(np.packbits(np.fromiter((x is not None for x in items), dtype=bool,
+                                                                 count=len(items)), bitorder="little"))
+                return pa.Array.from_buffers(type, len(enc), [valid, pa.py_buffer(offsets.astype(np.int32)),
+                                                              pa.py_buffer(b"".join(enc))], null_count=nulls)
+    return pa.array(values, type=type)
+
+
+def _all_str_or_none(items) -> bool:
+    return all(x is None or type(x) is str for x in items)
+
+
+def numpy_of(col) -> np.ndarray:
+    """An Arrow column (Array or ChunkedArray) as numpy: `col.to_numpy(zero_copy_only=False)`,
+    the same values (a view of its buffer where that one is, read-only as pyarrow's)."""
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 1:
+            return numpy_of(col.chunk(0))
+        if col.num_chunks == 0 and col.type in _PRIMITIVE:
+            return np.zeros(0, dtype=_PRIMITIVE[col.type])
+        if col.num_chunks == 0 or col.null_count or not (col.type in _PRIMITIVE or col.type == pa.bool_()):
+            return col.to_numpy()
+        return np.concatenate([numpy_of(c) for c in col.chunks])
+    if col.null_count == 0:
+        n, off = len(col), col.offset
+        dt = _PRIMITIVE.get(col.type)
+        if dt is not None:
+            buf = col.buffers()[1]
+            if buf is None or n == 0:
+                return np.zeros(0, dtype=dt)
+            return np.frombuffer(buf, dtype=dt, count=n, offset=off * np.dtype(dt).itemsize)
+        if col.type == pa.bool_():
+            buf = col.buffers()[1]
+            if buf is None or n == 0:
+                return np.zeros(0, dtype=bool)
+            bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little", count=off + n)
+            return bits[off:].astype(bool)
+    return col.to_numpy(zero_copy_only=False)
+
+
 def empty_columns(kind: str) -> dict[str, np.ndarray]:
     """Zero-length numpy columns of every required field (a run with no iterations)."""
     out = {}
     for f in SCHEMAS[kind]:
         if f.name in OPTIONAL[kind]:
             continue
-        out[f.name] = pa.array([], type=f.type).to_numpy(zero_copy_only=False)
+        dt = _PRIMITIVE.get(f.type, np.bool_ if f.type == pa.bool_() else None)
+        out[f.name] = np.zeros(0, dtype=dt) if dt is not None else pa.array([], type=f.type).to_numpy(zero_copy_only=False)
     return out
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from .metrics import ITL_IN_MEMORY, IterationStats, dist, dist_of_chunks, gaps_within, itl_values
 from .records import add_derived, draft_lists, iteration_columns, request_table, token_times
-from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_table
+from .schemas import REQUEST_GROUP_ROWS, ROW_GROUP_ROWS, WRITE_OPTIONS, build_table, numpy_of
 
 # an engine hands its records over when it holds this many iteration records (general
 # iterations + stretches) or finished requests
@@ -330,9 +330,9 @@ class EnergyAccumulator:
             return
         s = self.setup
         tp = s.cfg.cluster.tensor_parallel * s.cfg.cluster.pipeline_parallel
-        dur = it.column("duration_s").to_numpy()
+        dur = numpy_of(it.column("duration_s"))
         w = iteration_power(dur, *roofline_work(it, s.model, s.hardware), self.p, self.p["max_w"]) * tp
-        start = it.column("start_s").to_numpy()
+        start = numpy_of(it.column("start_s"))
         if self.pending is not None:
             self._settle(start[0])
         self.pending = (start, dur, w)
@@ -360,7 +360,7 @@ class EnergyAccumulator:
     @classmethod
     def of_table(cls, setup, it: pa.Table) -> "EnergyAccumulator":
         """A table held in memory, in the row groups a streamed run settles."""
-        clamp = "replica" not in it.column_names or len(set(it.column("replica").to_numpy().tolist())) <= 1
+        clamp = "replica" not in it.column_names or len(set(numpy_of(it.column("replica")).tolist())) <= 1
         acc = cls(setup, clamp)
         for a in range(0, it.num_rows, ROW_GROUP_ROWS):
             acc.add(it.slice(a, ROW_GROUP_ROWS))
@@ -382,7 +382,10 @@ def stream_run(setup, engines, source, router, out_dir: Path, t0: float, progres
     from .runner import StreamedRunResult, energy_summary
 
     energy = EnergyAccumulator(setup, clamp=len(engines) == 1)
-    rec = RunRecorder(out_dir, engines, setup.workload["request_id"].to_numpy(), setup.workload, energy)
+    from servesim.traces.schema import WorkloadColumns
+
+    rec = RunRecorder(out_dir, engines, WorkloadColumns.of(setup.workload).column("request_id"), setup.workload,
+                      energy)
     try:
         run_simulation(source, engines, router, progress=progress)
         rec.close()

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import (LATENCY_KEYS, LONG_WAIT_FACTOR, IterationStats, _equals, cache_traffic_and_run,
-                      dist_of_chunks, select_ranks)
+                      dist_of_chunks, select_ranks, string_counts)
+from .schemas import numpy_of
 
 BATCH_ROWS = 1 << 16
 # the columns the summary reads (request_latencies' and summarize's)
@@ -46,13 +47,13 @@ def _batches(path: Path, columns, batch_rows: int):
 def _latencies(b) -> dict[str, np.ndarray]:
     """metrics.request_latencies of one batch (finished rows only), the same arithmetic."""
     fin = _equals(b.column("status"), "finished")
-    arrival = b.column("arrival_s").to_numpy()[fin]
-    first = b.column("first_token_s").to_numpy()[fin]
-    last = b.column("finish_s").to_numpy()[fin]
-    out = b.column("output_len").to_numpy()[fin]
+    arrival = numpy_of(b.column("arrival_s"))[fin]
+    first = numpy_of(b.column("first_token_s"))[fin]
+    last = numpy_of(b.column("finish_s"))[fin]
+    out = numpy_of(b.column("output_len"))[fin]
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (last - first) / np.maximum(out - 1, 1), np.nan)
-    sched = b.column("first_scheduled_s").to_numpy()[fin]
+    sched = numpy_of(b.column("first_scheduled_s"))[fin]
     return {"ttft_s": first - arrival, "tpot_s": tpot, "e2e_s": last - arrival, "queue_s": sched - arrival,
             "fin_mask": fin}
 
@@ -71,8 +72,6 @@ def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, 
     """`metrics.summarize` of the requests in the Parquet file `path` (module doc); `itl`:
     the pooled inter-token latencies' `dist` (RunRecorder.itl_dist); `limit`:
     `dist_of_chunks`' (ITL_IN_MEMORY by default)."""
-    import pyarrow.compute as pc
-
     path = Path(path)
     st = it if isinstance(it, IterationStats) else IterationStats.of_table(it)
     n_req = n_fin = good = 0
@@ -87,37 +86,34 @@ def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, 
         k = int(fin.sum())
         n_req += b.num_rows
         n_fin += k
-        arrival = b.column("arrival_s").to_numpy()
+        arrival = numpy_of(b.column("arrival_s"))
         if len(arrival):
             arr_min = min(arr_min, float(arrival.min()))
         if k:
-            fin_max = max(fin_max, float(b.column("finish_s").to_numpy()[fin].max()))
-        prompt = b.column("prompt_len").to_numpy()
-        cached = b.column("cached_tokens").to_numpy()
+            fin_max = max(fin_max, float(numpy_of(b.column("finish_s"))[fin].max()))
+        prompt = numpy_of(b.column("prompt_len"))
+        cached = numpy_of(b.column("cached_tokens"))
         prompt_all += int(prompt.sum())
         cached_all += int(cached.sum())
         prompt_fin += int(prompt[fin].sum())
         cached_fin += int(cached[fin].sum())
-        out_sum += int(b.column("output_len").to_numpy()[fin].sum())
-        slo_ttft = b.column("slo_ttft_s").to_numpy()[fin]
-        slo_tpot = b.column("slo_tpot_s").to_numpy()[fin]
+        out_sum += int(numpy_of(b.column("output_len"))[fin].sum())
+        slo_ttft = numpy_of(b.column("slo_ttft_s"))[fin]
+        slo_tpot = numpy_of(b.column("slo_tpot_s"))[fin]
         with np.errstate(invalid="ignore"):
             ok_ttft = np.isnan(slo_ttft) | (lat["ttft_s"] <= slo_ttft)
             ok_tpot = np.isnan(slo_tpot) | np.isnan(lat["tpot_s"]) | (lat["tpot_s"] <= slo_tpot)
         good += int((ok_ttft & ok_tpot).sum())
         if "reject_reason" in b.schema.names:
             has_reason = True
-            counts = pc.value_counts(b.column("reject_reason"))
-            for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+            for v, c in string_counts(b.column("reject_reason")).items():
                 if v:
-                    reasons[v] = reasons.get(v, 0) + int(c)
+                    reasons[v] = reasons.get(v, 0) + c
         if k:
-            import pyarrow as pa
-
-            tenant = b.column("tenant").filter(pa.array(fin))
+            tenant = b.column("tenant")
             pf_, cf_ = prompt[fin], cached[fin]
-            for t in pc.unique(tenant).to_pylist():
-                m = _equals(tenant, t)
+            for t in string_counts(tenant, fin):
+                m = _equals(tenant, t)[fin]
                 acc = tenants.setdefault(str(t), [0, 0])
                 acc[0] += int(cf_[m].sum())
                 acc[1] += int(pf_[m].sum())

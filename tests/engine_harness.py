@@ -93,7 +93,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
                contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None,
-               max_positions=None):
+               max_positions=None, through_simpy=False):
     """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step)."""
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
@@ -125,7 +125,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
             ex.speculation = SimSpeculation(AcceptanceModel(list(alpha), seed=r),
                                             DrafterCost("ngram", host_s_per_request=spec[2]))
         engines.append(Engine(cfg, ex, replica=r))
-    run_simulation(reqs, engines, make_router("round_robin"))
+    run_simulation(reqs, engines, make_router("round_robin"), through_simpy=through_simpy)
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(reqs, its)
     return reqs, engines, iterations_table(its), req

@@ -25,15 +25,18 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from servesim.sim.types import ConfigError
 from servesim.traces import schema
 from servesim.traces.schema import HASH_BLOCK_SIZE, MAX_LENGTH, make_workload, tuple_column
 
 from ..sim.errors import at_line, existing_file, file_error, read_text
+
+if TYPE_CHECKING:  # (imported where it is used: a bundled trace's binary copy needs no pandas)
+    import pandas as pd
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_TRACES: dict[str, tuple[str, str]] = {
@@ -59,6 +62,8 @@ def _read_csv(path: Path, skiprows: int = 0, str_columns: tuple[str, ...] = ()) 
     missing values) so that row i sits on line ``skiprows + i + 2``; trailing blank lines
     are dropped. Only an empty cell is missing (``NA`` is a string), and ``str_columns``
     are read as strings."""
+    import pandas as pd
+
     try:
         with warnings.catch_warnings():
             # index_col=False: never take a first row with an extra field as an index
@@ -126,6 +131,8 @@ def _int_column(values: pd.Series, name: str, path: Path, first_line: int, *, mi
     (default: one that fits int64; a bigger one is named as written, never wrapped around).
     Cheap when the parser already produced int64; the slow path only runs to locate a bad
     cell."""
+    import pandas as pd
+
     if values.dtype == np.int64:
         arr = values.to_numpy()
         if arr.size == 0 or ((min_value is None or arr.min() >= min_value)
@@ -149,6 +156,8 @@ def _int_column(values: pd.Series, name: str, path: Path, first_line: int, *, mi
 
 def _float_column(values: pd.Series, name: str, path: Path, first_line: int, *, allow_empty: bool) -> np.ndarray:
     """-> float64; with ``allow_empty`` an empty cell is NaN."""
+    import pandas as pd
+
     num = pd.to_numeric(values.astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     ok = np.isfinite(num)
     if allow_empty:
@@ -231,6 +240,13 @@ def read_azure(path: str | Path) -> pd.DataFrame:
 def bundled_binary(path: Path) -> pd.DataFrame | None:
     """The workload of a bundled trace from its binary copy (BUNDLED_BINARY), or None when
     `path` has none or the copy was not made from this very file (its sha256)."""
+    cols = binary_columns(path)
+    return None if cols is None else make_workload(cols["arrival_s"], cols["prompt_len"], cols["output_len"])
+
+
+def binary_columns(path: Path) -> dict[str, np.ndarray] | None:
+    """`bundled_binary`'s columns (arrival_s, prompt_len, output_len as stored), read with
+    numpy alone, or None."""
     name = BUNDLED_BINARY.get(path.name)
     if name is None or path.parent.resolve() != DATA_DIR:
         return None
@@ -243,12 +259,14 @@ def bundled_binary(path: Path) -> pd.DataFrame | None:
         with np.load(copy, allow_pickle=False) as z:
             if str(z["source_sha256"]) != hashlib.sha256(path.read_bytes()).hexdigest():
                 return None
-            return make_workload(z["arrival_s"], z["prompt_len"], z["output_len"])
+            return {k: z[k] for k in ("arrival_s", "prompt_len", "output_len")}
     except (OSError, KeyError, ValueError):
         return None
 
 
 def _timestamps_to_seconds(ts: pd.Series, path: Path) -> np.ndarray:
+    import pandas as pd
+
     if ts.dtype == np.float64 or ts.dtype == np.int64:  # plain seconds
         sec = ts.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(sec)
@@ -288,6 +306,8 @@ def read_mooncake(path: str | Path, hash_block_size: int = MOONCAKE_BLOCK_SIZE) 
 
 def _mooncake_fast(path: Path, bs: int) -> pd.DataFrame | None:
     """Vectorised read; None if the file needs the line-by-line diagnosis."""
+    import pandas as pd
+
     if path.stat().st_size == 0:
         return None
     try:
@@ -469,6 +489,8 @@ def _parse_int_lists(values: pd.Series, name: str, path: Path, first_line: int) 
 
 def _table_from_parquet(path: Path) -> tuple[pd.DataFrame, bool]:
     """(the table, whether the file gives request_id)"""
+    import pandas as pd
+
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types for a bad file

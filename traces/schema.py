@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from servesim.sim.types import ConfigError
+
+if TYPE_CHECKING:  # (pandas is imported where a DataFrame is made: a `sim run` of a bundled trace needs none)
+    import pandas as pd
 
 CORE_COLUMNS: tuple[str, ...] = ("request_id", "arrival_s", "prompt_len", "output_len")
 OPTIONAL_COLUMNS: tuple[str, ...] = (
@@ -76,6 +78,8 @@ def make_workload(
     :func:`validate_workload` for that). ``optional`` takes the optional columns by name;
     tuple columns take any sequences (converted to tuples of Python ints, None kept).
     ``request_id`` defaults to 0..N-1."""
+    import pandas as pd
+
     unknown = sorted(set(optional) - set(OPTIONAL_COLUMNS))
     if unknown:
         raise TypeError(f"unknown workload column(s) {unknown}; optional columns are {list(OPTIONAL_COLUMNS)}")
@@ -132,6 +136,8 @@ def find_problem(df: pd.DataFrame, require_sorted: bool = True) -> tuple[int | N
     position or None for a problem with the whole table; None when the frame is valid.
     Readers use it to report file line numbers instead of rows (with ``require_sorted``
     False: they sort a file's rows by arrival themselves)."""
+    import pandas as pd
+
     if not isinstance(df, pd.DataFrame):
         return None, f"expected a pandas DataFrame, got {type(df).__name__}"
     missing = [c for c in CORE_COLUMNS if c not in df.columns]
@@ -227,3 +233,72 @@ def is_int_dtype(s: pd.Series) -> bool:
 def present_columns(df: pd.DataFrame) -> list[str]:
     """The schema columns of ``df`` in canonical order."""
     return [c for c in COLUMNS if c in df.columns]
+
+
+class WorkloadColumns:
+    """A workload table as numpy columns (the schema's names, order and dtypes) and, made
+    on first use, its DataFrame.
+
+    What a simulation needs of a workload is its columns (`len`, `columns`, `attrs`,
+    :meth:`column`); those never import pandas, so a `sim run` of a bundled trace starts
+    without it (traces/spec.py `workload_columns`). Anything else asked of it (indexing,
+    ``iloc``, ``equals``, ...) is asked of the DataFrame, made once from the columns
+    (:func:`make_workload`'s frame: the very table `build_workload` returns)."""
+
+    __slots__ = ("_columns", "_attrs", "_frame")
+
+    def __init__(self, columns: dict[str, np.ndarray], attrs: dict | None = None, frame: "pd.DataFrame | None" = None):
+        self._columns = columns
+        self._attrs = dict(attrs or {})
+        self._frame = frame
+
+    @classmethod
+    def of(cls, df: "pd.DataFrame | WorkloadColumns") -> "WorkloadColumns":
+        """`df` itself when it is one already; a DataFrame's columns (not copied)."""
+        if isinstance(df, WorkloadColumns):
+            return df
+        return cls({c: df[c].to_numpy() for c in df.columns}, df.attrs, df)
+
+    def __len__(self) -> int:
+        return len(self._columns["request_id"])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._columns)
+
+    @property
+    def attrs(self) -> dict:
+        return self._attrs if self._frame is None else self._frame.attrs
+
+    def column(self, name: str) -> np.ndarray:
+        """Column `name` as a numpy array (KeyError when the workload has none)."""
+        return self._columns[name]
+
+    @property
+    def frame(self) -> "pd.DataFrame":
+        if self._frame is None:
+            c = self._columns
+            opt = {k: v for k, v in c.items() if k not in CORE_COLUMNS}
+            self._frame = make_workload(c["arrival_s"], c["prompt_len"], c["output_len"], request_id=c["request_id"],
+                                        hash_block_size=self._attrs.get(HASH_BLOCK_SIZE), **opt)
+        return self._frame
+
+    def __getitem__(self, key):
+        return self.frame[key]
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # (dunders, and its own slots while unpickling)
+            raise AttributeError(name)
+        return getattr(self.frame, name)
+
+
+def core_columns_valid(arrival_s: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> bool:
+    """True when the four core columns of a table (request ids 0..N-1 aside) break none of
+    `find_problem`'s rules: a screen, the DataFrame path names what is wrong."""
+    if len(arrival_s) == 0 or arrival_s.dtype != np.float64:
+        return False
+    if not (np.isfinite(arrival_s).all() and (np.abs(arrival_s) <= MAX_ARRIVAL_S).all()):
+        return False
+    if len(arrival_s) > 1 and (np.diff(arrival_s) < 0).any():
+        return False
+    return all(v.dtype == np.int64 and v.min() >= 1 and v.max() <= MAX_LENGTH for v in (prompt_len, output_len))

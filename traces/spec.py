@@ -92,19 +92,20 @@ others' draws alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from servesim.traces import prefix_workloads, synthetic, transforms
-from servesim.traces.fingerprint import workload_fingerprint
-from servesim.traces.readers import read_trace, resolve_trace
-from servesim.traces.schema import MAX_LENGTH, validate_workload
+from servesim.traces import synthetic
+from servesim.traces.readers import binary_columns, read_trace, resolve_trace
+from servesim.traces.schema import MAX_LENGTH, WorkloadColumns, core_columns_valid, validate_workload
 
 from ..sim.errors import KeyedError, PathStr, validation_problems
 from ..sim.types import ConfigError
+
+if TYPE_CHECKING:  # (pandas, transforms and the prefix generators are imported where a DataFrame is made:
+    import pandas as pd  # a `sim run` of a bundled trace needs none of them, workload_columns)
 
 __all__ = [
     "WorkloadConfig",
@@ -112,6 +113,7 @@ __all__ = [
     "PrefixConfig",
     "SloDefaults",
     "build_workload",
+    "workload_columns",
     "parse_workload_config",
     "workload_fingerprint",
 ]
@@ -467,6 +469,8 @@ def build_workload(cfg: WorkloadConfig, base_dir: Path | str, seed: int, *, conf
 
 
 def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
+    from servesim.traces import transforms
+
     # spawn(5)'s first four children are those of spawn(4): adding the prefix stream
     # changed no earlier workload
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
@@ -520,6 +524,56 @@ def _build(cfg: WorkloadConfig, base_dir: Path, seed: int) -> pd.DataFrame:
     df = transforms.renumber(df)
     validate_workload(df, source)
     return df
+
+
+def workload_columns(cfg: WorkloadConfig, base_dir: Path | str, seed: int, *,
+                     config_source: str = "") -> WorkloadColumns:
+    """`build_workload`'s table as WorkloadColumns. A bundled trace with a binary copy
+    (traces/readers.py BUNDLED_BINARY), its own or redrawn arrivals and at most its first
+    N requests (steps of `_build` done here in numpy, the same arithmetic) is read without
+    pandas; anything else, or a table that breaks a rule, is `build_workload`'s
+    DataFrame (which says what is wrong)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            fast = _bundled_columns(cfg, Path(base_dir), seed)
+    except ConfigError:
+        fast = None  # (build_workload raises it, located)
+    if fast is not None:
+        return fast
+    return WorkloadColumns.of(build_workload(cfg, base_dir, seed, config_source=config_source))
+
+
+def _bundled_columns(cfg: WorkloadConfig, base_dir: Path, seed: int) -> WorkloadColumns | None:
+    if (cfg.trace is None or cfg.window_s is not None or cfg.target_rate_req_s is not None or cfg.rate_scale != 1.0
+            or cfg.max_prompt_len is not None or cfg.max_output_len is not None or cfg.slo.ttft_s is not None
+            or cfg.slo.tpot_s is not None):
+        return None
+    path, fmt = resolve_trace(cfg.trace, base_dir)
+    if (cfg.format if cfg.format != "auto" else fmt) != "azure":
+        return None
+    cols = binary_columns(path)
+    if cols is None:
+        return None
+    arrival = cols["arrival_s"].astype(np.float64)
+    prompt = cols["prompt_len"].astype(np.int64)
+    output = cols["output_len"].astype(np.int64)
+    if cfg.num_requests is not None:  # transforms.first_n
+        arrival, prompt, output = arrival[:cfg.num_requests], prompt[:cfg.num_requests], output[:cfg.num_requests]
+    if cfg.arrival.kind != "trace":  # the arrival-override stream of _build's seed
+        rng_override = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[3])
+        arrival = np.asarray(_arrivals(cfg.arrival, len(arrival), rng_override), dtype=np.float64)
+    if not core_columns_valid(arrival, prompt, output):
+        return None
+    return WorkloadColumns({"request_id": np.arange(len(arrival), dtype=np.int64), "arrival_s": arrival,
+                            "prompt_len": prompt, "output_len": output})
+
+
+def __getattr__(name: str):
+    if name == "workload_fingerprint":  # (imports pandas)
+        from servesim.traces.fingerprint import workload_fingerprint
+
+        return workload_fingerprint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _trace_path(trace: str, base_dir: Path, key: str) -> Path:
@@ -594,6 +648,8 @@ def _durations(spec: Any, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _prefix_workload(p: Any, base_dir: Path, rng: np.random.Generator) -> pd.DataFrame:
+    from servesim.traces import prefix_workloads
+
     key = "workload.prefix"
     common = dict(
         arrival_s=lambda n, r: _arrivals(p.arrival, n, r, f"{key}.arrival"),

@@ -11,10 +11,14 @@ is at least 1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from servesim.traces.schema import MAX_LENGTH, make_workload
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # ---------------------------------------------------------------------- arrivals
 
