@@ -2,9 +2,9 @@
 (anywhere, no GPU): the speedups of speculative decoding measured on the GPU beside the
 calibrated simulator's, for the same requests and the same accepted drafts.
 
-    python benchmarks/spec_replay.py benchmarks/results/spec_gpu/call2_runs.tar.gz [more.tar.gz] \\
+    python benchmarks/spec_replay.py benchmarks/results/spec_gpu/call4_runs.tar.gz [more.tar.gz] \\
         --profile profiles/h200-llama-3.1-8b.yaml --draft-profile profiles/h200-llama-3.2-1b.yaml \\
-        [--write-results]
+        [--cross-machine benchmarks/results/spec_gpu/call2_runs.tar.gz ...] [--write-results]
 
 Writes spec_replay.md into benchmarks/out/ (benchmarks/results/ with --write-results).
 """
@@ -95,13 +95,14 @@ def _run_data(run: Path, sim_iterations, batch: int) -> dict:
             "out": np.asarray(req["output_len"])}
 
 
-def kind_tables(runs: list[tuple[dict, dict, int]]) -> list[str]:
+def kind_tables(runs: list[tuple[dict, dict, int]], heading: str = "## Where the error is: iterations by kind",
+                explain: bool = True) -> list[str]:
     """The per-kind error tables: ``runs`` holds (speculative run, its call's plain run,
-    batch) data (`_run_data`)."""
+    batch) data (`_run_data`); ``explain``: also what pricing each kind exactly would leave."""
     import numpy as np
 
     batches = sorted({b for _, _, b in runs})
-    lines = ["## Where the error is: iterations by kind\n",
+    lines = [heading + "\n",
              "Summed duration of each kind of iteration, the simulator against the GPU (the same iterations: the "
              "replay schedules the same requests and accepts the same drafts), pooled over the runs of a batch; in "
              "brackets the kind's share of those runs' GPU time and its error as a share of it (sim - GPU over the "
@@ -125,6 +126,8 @@ def kind_tables(runs: list[tuple[dict, dict, int]]) -> list[str]:
                                            f"{100 * (s - g) / G:+.1f}%)")
         if any(c != "-" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not explain:
+        return lines
     lines += ["", "What each kind explains: the speedups' mean |sim/GPU - 1| and how many of them are within 5% if "
               "the simulator priced that kind's iterations exactly as the GPU ran them (their GPU durations put in "
               "place of the simulated ones; TPOT p50 and throughput recomputed from the iterations' durations: "
@@ -165,75 +168,152 @@ def _speedup_diffs_split(spec: dict, plain: dict, spec_exact: set[str], plain_ex
     return [(sps / sss) / (gps / gss) - 1, (sst / spt) / (gst / gpt) - 1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("tarballs", nargs="+", type=Path)
-    ap.add_argument("--profile", help="the target's calibration profile (default: the runs' own cost model, "
-                    "the roofline)")
-    ap.add_argument("--draft-profile", help="the drafter's calibration profile")
-    add_write_results(ap)
-    args = ap.parse_args()
+def replay_calls(tarballs: list[Path], profile: str | None, draft_profile: str | None, tmp: Path) -> dict:
+    """Every run of the calls' tarballs replayed on the simulator: the speculative rows (each
+    with its call's index), the plain runs by (call, batch), the drafting steps' median
+    errors and the per-iteration data by (call, run name)."""
     rows, plain, steps_err, data = [], {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, tb in enumerate(args.tarballs):
-            with tarfile.open(tb) as tf:
-                tf.extractall(Path(tmp) / str(i), filter="data")
-            for run in sorted((Path(tmp) / str(i) / "runs").iterdir()):
-                cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
-                gpu = json.loads((run / "summary.json").read_text())
-                res = sim_replay(cfg, run, args.profile, args.draft_profile)
-                sim = res["summary"]
-                batch = cfg["scheduler"]["max_batch_size"]
-                if cfg.get("speculative"):
-                    steps_err[run.name] = _step_error(run, res["iterations"], batch)
-                data[(i, run.name)] = _run_data(run, res["iterations"], batch)
-                rec = {"name": run.name, "batch": batch, "spec": cfg.get("speculative"),
-                       "gpu_tpot": gpu["tpot_s"]["p50"], "sim_tpot": sim["tpot_s"]["p50"],
-                       "gpu_tok": gpu["throughput_out_tok_s"], "sim_tok": sim["throughput_out_tok_s"]}
-                if not rec["spec"]:
-                    plain[(i, batch)] = rec
-                else:
-                    rec["call"] = i
-                    rows.append(rec)
-    lines = ["# Speculative decoding: GPU against the calibrated simulator\n",
-             f"Command: `python benchmarks/spec_replay.py {' '.join(str(t) for t in args.tarballs)} --profile "
-             f"{args.profile} --draft-profile {args.draft_profile}`. The GPU runs of benchmarks/gpu_spec_decoding.py "
-             "(one H200; Llama-3.1-8B target, Llama-3.2-1B drafter, controlled acceptance) replayed on the simulator "
-             "with the H200 calibration profiles of both models (fitted in another device call to the designed grid, "
-             "never to these runs). Speedup = plain / speculative TPOT p50 and speculative / plain tok/s, each "
-             "against plain decoding at the same batch in the same call.\n",
-             "The simulator prices a drafting iteration as the GPU backend runs it (sim/speculation.py): the "
-             "drafter's k decode steps through its own CUDA graphs (also beside context chunks), each costing its "
-             "GPU time; the verification as a context pass of 1 + k tokens per request over its KV, every position "
-             "sampled, through the verification's piecewise graphs (decode-only iterations) or eagerly (with context "
-             "chunks); the verification's launch overlapping the drafter's GPU work.\n",
-             "| run | batch | GPU TPOT ms plain -> spec | sim TPOT ms plain -> spec | GPU TPOT speedup | sim | diff | "
+    for i, tb in enumerate(tarballs):
+        with tarfile.open(tb) as tf:
+            tf.extractall(tmp / str(i), filter="data")
+        for run in sorted((tmp / str(i) / "runs").iterdir()):
+            cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+            gpu = json.loads((run / "summary.json").read_text())
+            res = sim_replay(cfg, run, profile, draft_profile)
+            sim = res["summary"]
+            batch = cfg["scheduler"]["max_batch_size"]
+            if cfg.get("speculative"):
+                steps_err[(i, run.name)] = _step_error(run, res["iterations"], batch)
+            data[(i, run.name)] = _run_data(run, res["iterations"], batch)
+            rec = {"name": run.name, "batch": batch, "spec": cfg.get("speculative"), "call": i,
+                   "gpu_tpot": gpu["tpot_s"]["p50"], "sim_tpot": sim["tpot_s"]["p50"],
+                   "gpu_tok": gpu["throughput_out_tok_s"], "sim_tok": sim["throughput_out_tok_s"]}
+            if not rec["spec"]:
+                plain[(i, batch)] = rec
+            else:
+                rows.append(rec)
+    return {"tarballs": tarballs, "rows": rows, "plain": plain, "steps": steps_err, "data": data}
+
+
+def speedup_table(rep: dict) -> tuple[list[str], list[float]]:
+    """The speedups' table (each speculative run against the plain run of its own call and
+    batch: GPUs of two calls differ by up to 8%) and its sim/GPU - 1 differences."""
+    lines = ["| run | batch | GPU TPOT ms plain -> spec | sim TPOT ms plain -> spec | GPU TPOT speedup | sim | diff | "
              "GPU tput speedup | sim | diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     diffs = []
-    for r in rows:
-        # the plain run of the same call (tarball) and batch: GPUs of two calls differ by up to 8%
-        p = plain.get((r["call"], r["batch"]))
+    several = len(rep["tarballs"]) > 1
+    for r in rep["rows"]:
+        p = rep["plain"].get((r["call"], r["batch"]))
         if p is None:
             continue
         gt, st = p["gpu_tpot"] / r["gpu_tpot"], p["sim_tpot"] / r["sim_tpot"]
         gr, sr = r["gpu_tok"] / p["gpu_tok"], r["sim_tok"] / p["sim_tok"]
         diffs += [st / gt - 1, sr / gr - 1]
-        lines.append(f"| {r['name']} | {r['batch']} | {1e3 * p['gpu_tpot']:.2f} -> {1e3 * r['gpu_tpot']:.2f} | "
+        name = f"{_call_name(rep, r['call'])}: {r['name']}" if several else r["name"]
+        lines.append(f"| {name} | {r['batch']} | {1e3 * p['gpu_tpot']:.2f} -> {1e3 * r['gpu_tpot']:.2f} | "
                      f"{1e3 * p['sim_tpot']:.2f} -> {1e3 * r['sim_tpot']:.2f} | {gt:.2f}x | {st:.2f}x | "
                      f"{100 * (st / gt - 1):+.1f}% | {gr:.2f}x | {sr:.2f}x | {100 * (sr / gr - 1):+.1f}% |")
+    return lines, diffs
+
+
+def _call_name(rep: dict, i: int) -> str:
+    return rep["tarballs"][i].name.split("_runs")[0]
+
+
+def _mean_line(diffs: list[float]) -> str:
     within = sum(abs(d) <= 0.05 for d in diffs)
-    lines.append(f"\nMean |sim/GPU - 1| of the speedups: {100 * sum(map(abs, diffs)) / len(diffs):.1f}%; "
-                 f"{within} of {len(diffs)} within 5%.\n")
-    steps = sorted(steps_err.items())
+    return (f"Mean |sim/GPU - 1| of the speedups: {100 * sum(map(abs, diffs)) / len(diffs):.1f}%; "
+            f"{within} of {len(diffs)} within 5%.")
+
+
+def _kind_runs(rep: dict) -> list[tuple[dict, dict, int]]:
+    d, plain = rep["data"], rep["plain"]
+    return [(d[(r["call"], r["name"])], d[(r["call"], plain[(r["call"], r["batch"])]["name"])], r["batch"])
+            for r in rep["rows"] if (r["call"], r["batch"]) in plain]
+
+
+def step_decomposition(rep: dict) -> list[str]:
+    """The decode-only drafting step at the full batch split as ``A + k * D`` on each side:
+    per batch, the median step of the k = 2 and k = 4 runs (averaged over the acceptances),
+    the slope per extra draft step D (the drafter's step plus the verification's growth by
+    b tokens) and the k-independent part A (the verification, the host's work)."""
+    import numpy as np
+
+    med: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for r in rep["rows"]:
+        d = rep["data"][(r["call"], r["name"])]
+        m = d["kind"] == KINDS[1]
+        if m.any():
+            med.setdefault((r["batch"], r["spec"]["max_draft_len"]), []).append(
+                (float(np.median(d["gpu"][m])), float(np.median(d["sim"][m]))))
+    lines = ["## The drafting step, split by draft length\n",
+             "Decode-only drafting iterations at the full batch, median ms (mean over the acceptances) at k = 2 and "
+             "k = 4, split as A + k x D: D the cost of one more draft step (the drafter's decode step plus the "
+             "verification's growth by a token per request), A the rest (the verification, the host's work).\n",
+             "| batch | GPU k=2 -> k=4 | GPU D | GPU A | sim k=2 -> k=4 | sim D | sim A |", "|---|---|---|---|---|---|---|"]
+    for b in sorted({b for b, _ in med}):
+        if (b, 2) not in med or (b, 4) not in med:
+            continue
+        (g2, s2), (g4, s4) = (np.mean(med[(b, k)], axis=0) for k in (2, 4))
+        gd, sd = (g4 - g2) / 2, (s4 - s2) / 2
+        lines.append(f"| {b} | {1e3 * g2:.2f} -> {1e3 * g4:.2f} | {1e3 * gd:.2f} | {1e3 * (g2 - 2 * gd):.2f} | "
+                     f"{1e3 * s2:.2f} -> {1e3 * s4:.2f} | {1e3 * sd:.2f} | {1e3 * (s2 - 2 * sd):.2f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("tarballs", nargs="+", type=Path, help="the calls of the main table (the machine the "
+                    "profiles were calibrated on)")
+    ap.add_argument("--profile", help="the target's calibration profile (default: the runs' own cost model, "
+                    "the roofline)")
+    ap.add_argument("--draft-profile", help="the drafter's calibration profile")
+    ap.add_argument("--cross-machine", nargs="+", type=Path, default=[], metavar="TARBALL",
+                    help="calls of other machines, tabled apart (the profiles were not fitted there)")
+    add_write_results(ap)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = replay_calls(args.tarballs, args.profile, args.draft_profile, Path(tmp) / "main")
+        cross = (replay_calls(args.cross_machine, args.profile, args.draft_profile, Path(tmp) / "cross")
+                 if args.cross_machine else None)
+    cmd = (f"python benchmarks/spec_replay.py {' '.join(str(t) for t in args.tarballs)} --profile {args.profile} "
+           f"--draft-profile {args.draft_profile}"
+           + (f" --cross-machine {' '.join(str(t) for t in args.cross_machine)}" if args.cross_machine else ""))
+    lines = ["# Speculative decoding: GPU against the calibrated simulator\n",
+             f"Command: `{cmd}`. The GPU runs of benchmarks/gpu_spec_decoding.py "
+             "(one H200; Llama-3.1-8B target, Llama-3.2-1B drafter, controlled acceptance) replayed on the simulator "
+             "with the H200 calibration profiles of both models (fitted to the designed grid of another device "
+             "call, never to these runs). Speedup = plain / speculative TPOT p50 and speculative / plain tok/s, each "
+             "against plain decoding at the same batch in the same call.\n",
+             "The simulator prices a drafting iteration as the GPU backend runs it (sim/speculation.py): the "
+             "drafter's k decode steps through its own CUDA graphs (also beside context chunks), each costing its "
+             "GPU time; the verification as a context pass of 1 + k tokens per request over its KV, every position "
+             "sampled, through the verification's piecewise graphs (decode-only iterations) or eagerly (with context "
+             "chunks); the verification's host launch overlapping the drafter's GPU work, the serial part of its "
+             "piecewise graphs (the launch the calibration finds unhidden even on a GPU-bound pass) following that "
+             "work (verify_segment).\n"]
+    table, diffs = speedup_table(rep)
+    lines += table + [f"\n{_mean_line(diffs)}\n"]
+    steps = sorted(rep["steps"].items())
+    several = len(args.tarballs) > 1
     lines.append("Drafting iterations, median duration (the simulator against the GPU): decode-only at the full "
                  "batch / beside context chunks: " + "; ".join(
-                     f"{n}: {100 * d:+.1f}% / " + ("-" if m is None else f"{100 * m:+.1f}%") for n, (d, m) in steps)
-                 + ".\n")
-    lines.append(f"Plain decoding, absolute (the {'calibrated ' if args.profile else ''}simulator against the GPU): " + "; ".join(
-        f"{args.tarballs[i].name} batch {b}: TPOT {100 * (p['sim_tpot'] / p['gpu_tpot'] - 1):+.1f}%"
-        for (i, b), p in sorted(plain.items())) + ".\n")
-    lines += kind_tables([(data[(r["call"], r["name"])], data[(r["call"], plain[(r["call"], r["batch"])]["name"])],
-                           r["batch"]) for r in rows if (r["call"], r["batch"]) in plain])
+                     f"{(_call_name(rep, i) + ': ') if several else ''}{n}: {100 * d:+.1f}% / "
+                     + ("-" if m is None else f"{100 * m:+.1f}%") for (i, n), (d, m) in steps) + ".\n")
+    plain_err = [f"{args.tarballs[i].name} batch {b}: TPOT {100 * (p['sim_tpot'] / p['gpu_tpot'] - 1):+.1f}%"
+                 for (i, b), p in sorted(rep["plain"].items())]
+    lines.append(f"Plain decoding, absolute (the {'calibrated ' if args.profile else ''}simulator against the GPU): "
+                 + "; ".join(plain_err) + ".\n")
+    lines += step_decomposition(rep)
+    lines += kind_tables(_kind_runs(rep))
+    if cross is not None:
+        names = ", ".join(t.name for t in args.cross_machine)
+        ctable, cdiffs = speedup_table(cross)
+        lines += ["", f"## Another machine: {names}\n",
+                  "The same benchmark on another H200 (other device calls; the profiles were not fitted there), "
+                  "replayed with the same profiles: what the pricing gives on a machine it was not calibrated "
+                  "on.\n", *ctable, f"\n{_mean_line(cdiffs)}\n"]
+        lines += kind_tables(_kind_runs(cross), "### Its iterations by kind", explain=False)
     text = "\n".join(lines) + "\n"
     out = STORE.out_dir(args.write_results) / "spec_replay.md"
     out.parent.mkdir(parents=True, exist_ok=True)

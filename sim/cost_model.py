@@ -863,6 +863,12 @@ class RooflineCostModel:
         """The host's scheduling work of an iteration of `n_requests` (`ctx_tokens` new context tokens)."""
         return self._sched(n_requests, ctx_tokens)
 
+    def launch_work(self, shape: IterationShape) -> float:
+        """The host's whole launch work for an iteration of `shape`, none of it hidden
+        (`breakdown`'s ``host_launch`` is the part of it the GPU's work does not hide)."""
+        ctx = bool(shape.ctx_new_tokens)
+        return self._host_work(shape.graph, ctx, ctx and shape.piecewise_tokens > 0, shape.n_decode > 0)
+
     def work(self, shape: IterationShape) -> dict[str, tuple[float, float, float, float]]:
         """Per GPU: (FLOPs, weight bytes, KV-cache bytes, activation bytes) of each GPU term
         of `shape` that moves data or computes (linears, lm_head, attention, router,

@@ -7,7 +7,7 @@ from typing import Callable
 
 from servesim.policies.graph_padding import GraphPadding
 
-from .speculation import AcceptanceModel, DrafterCost, chain, launch_and_gpu, verify_shape
+from .speculation import AcceptanceModel, DrafterCost, chain, launch_and_gpu, verify_segment, verify_shape
 from .types import CostModel, DecodePrice, ScheduledBatch, StepResult
 
 
@@ -66,9 +66,10 @@ class SimExecutor:
             target = self.cost_model.price(batch.shape if vs is None else vs)
             return StepResult(target + spec.drafter.price(batch.shape, extra), accepted=accepted)
         # the GPU backend's iteration: drafting, then verification, launched with no host
-        # sync in between (the verification's launch overlaps the drafter's GPU work)
-        host, gpu, rest = launch_and_gpu(self.cost_model, vs)
-        return StepResult(chain(segs + [(host, gpu)]) + rest, accepted=accepted)
+        # sync in between (the verification's host launch overlaps the drafter's GPU work;
+        # its piecewise graphs' serial part follows it: verify_segment)
+        seg, rest = verify_segment(self.cost_model, vs)
+        return StepResult(chain(segs + [seg]) + rest, accepted=accepted)
 
     def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
         return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))

@@ -34,7 +34,11 @@ captured at the decode-graph batch sizes times 1 + max_draft_len tokens (eager b
 largest); an iteration with context chunks runs as the engine's piecewise graphs when
 they are on (its ``piecewise_tokens`` count the drafts), else eagerly. So the target's
 cost model prices it as the context iteration it is, with the calibrated prefill-attention
-and piecewise/eager launch terms, not as a decode graph with extra tokens.
+and piecewise/eager launch terms, not as a decode graph with extra tokens. Drafting and
+verification are launched with no host sync in between (`chain`): the verification's host
+launch overlaps the drafter's GPU work, but the serial part of its piecewise graphs (the
+launch the calibration finds unhidden even on a GPU-bound pass) follows that work
+(`verify_segment`).
 """
 
 from __future__ import annotations
@@ -150,6 +154,28 @@ def launch_and_gpu(cost_model, shape: IterationShape) -> tuple[float, float, flo
     gpu = sum(bd[k] for k in GPU_TERMS)
     unhidden = bd["host_launch"]
     return (gpu + unhidden if unhidden > 0 else 0.0), gpu, cost_model.price(shape) - gpu - unhidden
+
+
+def verify_segment(cost_model, vs: IterationShape) -> tuple[tuple[float, float], float]:
+    """The target's verification pass ``vs`` (`verify_shape`) after the drafter's steps: a
+    `chain` segment (host seconds it adds before its GPU work can end, GPU seconds it
+    occupies the GPU) and the seconds of the rest (`launch_and_gpu`).
+
+    Through piecewise graphs (one graph per layer piece, the attention launched eagerly
+    between them) the part of the launch that the calibration finds unhidden however long
+    the pass's GPU work is -- (1 - context_launch_overlap) of the launch work whenever the
+    GPU's work is the longer: a constant that no host lead could leave on a GPU-bound pass
+    -- is serial time of the pieces on the GPU's side, so it follows the drafter's GPU work
+    instead of hiding under it. Only launch work beyond the GPU's (a host-bound pass) is host
+    time that the drafter's GPU work hides (a cost model that does not say its launch work,
+    a pipeline's, counts the pass as GPU-bound). An eager verification (beside context
+    chunks with piecewise graphs off) is host-paced: its segment is `launch_and_gpu`'s."""
+    host, gpu, rest = launch_and_gpu(cost_model, vs)
+    if not (vs.piecewise_tokens and host):
+        return (host, gpu), rest
+    work = getattr(cost_model, "launch_work", None)
+    serial = host - gpu - (max(work(vs) - gpu, 0.0) if work is not None else 0.0)
+    return (host, gpu + max(serial, 0.0)), rest
 
 
 def chain(segments) -> float:

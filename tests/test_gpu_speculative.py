@@ -489,3 +489,17 @@ def test_gpu_spec_decoding_benchmark_smoke(tmp_path):
     with tarfile.open(tmp_path / "gpu_spec_decoding_runs.tar.gz") as tar:
         names = tar.getnames()
     assert sum(n.endswith("/iterations.parquet") for n in names) == 10
+
+
+def test_gpu_spec_split_benchmark_smoke(tmp_path):
+    """benchmarks/gpu_spec_split.py on a CPU (tiny models, pieces run eagerly): every part
+    checked against the eager forward and timed both ways, one row each."""
+    p = subprocess.run([sys.executable, "benchmarks/gpu_spec_split.py", "--smoke", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    page = (tmp_path / "gpu_spec_split.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| drafter") or line.startswith("| target")]
+    assert len(rows) == 2 * (3 + 2)  # 2 batches x (drafter step, its back-to-back steps, plain step; 2 verifications)
+    csv = (tmp_path / "gpu_spec_split.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_spec_split.csv", "gpu_spec_split.md"]

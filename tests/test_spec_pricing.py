@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from servesim.policies.graph_padding import GraphPadding, capture_sizes
-from servesim.sim.speculation import chain, verify_shape
+from servesim.sim.speculation import chain, launch_and_gpu, verify_segment, verify_shape
 from servesim.sim.types import IterationShape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,16 +85,21 @@ def test_chain_is_bounded_by_serial_and_by_each_resource(segs):
     assert chain(segs + [(0.1, 0.1)]) >= t
 
 
-def _sim_spec(k=4, batch=8, proposer="draft_model"):
+def _sim_spec(k=4, batch=8, proposer="draft_model", model="llama-3.1-8b", profiles=False):
+    """The cost model and simulated speculation of a small run (``profiles``: priced by the
+    shipped H200 calibration profiles of the target and the 1B drafter)."""
     from servesim.sim.config import RunConfig
     from servesim.sim.runner import make_cost_model, make_sim_speculation, resolve
 
-    d = {"model": "llama-3.1-8b", "hardware": "h200-sxm",
+    d = {"model": model, "hardware": "h200-sxm",
          "workload": {"synthetic": {"num_requests": 4, "arrival": {"kind": "offline"}, "prompt_len": {"kind": "constant", "value": 64},
                                     "output_len": {"kind": "constant", "value": 8}}},
          "scheduler": {"max_batch_size": batch},
          "speculative": {"proposer": proposer, "max_draft_len": k, "acceptance": 0.7,
                          **({"draft_model": "llama-3.2-1b"} if proposer == "draft_model" else {})}}
+    if profiles:
+        d["cost_model"] = {"kind": "calibrated", "profile": str(REPO / "profiles" / f"h200-{model}.yaml")}
+        d["speculative"]["draft_profile"] = str(DRAFT_PROFILE)
     setup = resolve(RunConfig.model_validate(d), REPO)
     return make_cost_model(setup), make_sim_speculation(setup, 0)
 
@@ -133,7 +138,6 @@ def test_spec_iteration_prices_compose_and_plain_ones_do_not_change():
     verification (at least the verification, at most both serially); an iteration without
     drafts costs exactly the cost model's price."""
     from servesim.sim.executor import SimExecutor
-    from servesim.sim.speculation import launch_and_gpu
     from servesim.sim.types import ScheduledBatch
 
     cm, sp = _sim_spec()
@@ -149,41 +153,90 @@ def test_spec_iteration_prices_compose_and_plain_ones_do_not_change():
     assert vs.piecewise_tokens == 40  # 8 x (1 + 4): the verification's piecewise graph
     v = cm.price(vs)
     assert v <= t <= v + sp.drafter.price(shape) + 1e-12
-    h, g, rest = launch_and_gpu(cm, vs)
-    assert t == pytest.approx(chain(sp.drafter.segments(shape) + [(h, g)]) + rest)
+    seg, rest = verify_segment(cm, vs)
+    assert t == pytest.approx(chain(sp.drafter.segments(shape) + [seg]) + rest)
+    assert rest == launch_and_gpu(cm, vs)[2]
 
 
 @pytest.mark.skipif(not PROFILE.is_file(), reason="no H200 profile")
-def test_replay_of_an_archived_h200_run_prices_its_spec_steps(tmp_path):
-    """The H200 run of benchmarks/gpu_spec_decoding.py (8B target, 1B drafter, k = 2,
-    batch 8) replayed with the calibration profiles (fitted to another call's grid): the
-    decode-only drafting iterations' median duration within 5% of the GPU's."""
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 32), k=st.integers(1, 4), kv=st.integers(0, 3000),
+       ctx=st.sampled_from([(), (), (256,), (64, 300)]), target=st.sampled_from(["llama-3.1-8b", "llama-3.2-1b"]))
+def test_the_piecewise_verifications_serial_part_follows_the_drafters_gpu_work(n, k, kv, ctx, target):
+    """The verification's segment (`verify_segment`) occupies the GPU for its GPU time plus
+    the serial part of its piecewise graphs' launch: the unhidden launch less any launch
+    work beyond its GPU work (a host-bound pass: host time the drafter's GPU work hides);
+    an eager verification's is its GPU time. So a drafting iteration costs at least the
+    drafter's GPU time and that span, and one whose piecewise verification is GPU-bound (the
+    8B's) at least the drafter's GPU time plus the verification's whole standalone price."""
+    from servesim.sim.executor import SimExecutor
+    from servesim.sim.types import ScheduledBatch
+
+    cm, sp = _spec_profiles(target)
+    sp.catch_up = {}
+    shape = IterationShape(ctx_new_tokens=ctx, ctx_prior_tokens=(0,) * len(ctx), n_ctx_sampling=len(ctx),
+                           n_decode=n, decode_kv_sum=n * (1 + kv), graph=not ctx,
+                           padded_decode=GraphPadding(capture_sizes(32)).padded(n) if not ctx else 0,
+                           decode_draft_tokens=n * k, draft_steps=k)
+    vs = verify_shape(shape, [k] * n, sp.verify_padding)
+    (host, span), rest = verify_segment(cm, vs)
+    h, g, r = launch_and_gpu(cm, vs)
+    assert (host, r) == (h, rest) and g <= span <= max(host, g) + 1e-15
+    if not vs.piecewise_tokens:
+        assert span == g  # eager beside context chunks: host-paced, nothing serial
+    else:
+        assert vs.piecewise_tokens >= vs.num_tokens and not ctx
+        # the unhidden launch = the serial part + the launch work beyond the GPU's
+        assert span + max(cm.launch_work(vs) - g, 0.0) == pytest.approx(host if host else g)
+    b = ScheduledBatch(0, shape, [], [])
+    b.drafts = [(i, k) for i in range(n)]
+    t = SimExecutor(cm, speculation=sp).execute(b).duration_s
+    drafter_gpu = sum(gg for _, gg in sp.drafter.segments(shape, 0, [k] * n))
+    assert t >= drafter_gpu + span + rest - 1e-12
+    assert t <= cm.price(vs) + sp.drafter.price(shape) + 1e-12
+    if vs.piecewise_tokens and cm.launch_work(vs) <= g:
+        assert span == pytest.approx(host)
+        assert t >= drafter_gpu + cm.price(vs) - 1e-12
+
+
+_SPEC_PROFILES: dict = {}
+
+
+def _spec_profiles(target):
+    if target not in _SPEC_PROFILES:
+        _SPEC_PROFILES[target] = _sim_spec(k=4, batch=32, model=target, profiles=True)
+    return _SPEC_PROFILES[target]
+
+
+@pytest.mark.skipif(not PROFILE.is_file(), reason="no H200 profile")
+def test_replay_of_an_archived_h200_call_prices_its_spec_steps(tmp_path):
+    """The H200 runs of benchmarks/gpu_spec_decoding.py in device call 24 (8B target, 1B
+    drafter; alpha 0.5/0.7/0.9, k 2/4, batch 1/8/32), on the machine whose call-23 grids the
+    shipped profiles were fitted to, replayed with those profiles: the same drafts accepted,
+    and the decode-only drafting iterations' median duration within 8% of the GPU's in
+    every run, 4% on average (they were 3-13% under before the verification's serial
+    piecewise part followed the drafter's GPU work)."""
     import pyarrow.parquet as pq
     import yaml
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_spec_decoding import sim_replay  # noqa: E402
 
-    name = "draft_model-a0.7-k2-b8"
-    with tarfile.open(SPEC_GPU / "call3_runs.tar.gz") as tf:
-        tf.extractall(tmp_path, members=[m for m in tf.getmembers() if f"/{name}/" in m.name or
-                                         m.name.endswith(f"/{name}")], filter="data")
-    run = tmp_path / "runs" / name
-    cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
-    sim = sim_replay(cfg, run, str(PROFILE), str(DRAFT_PROFILE))
-    gpu = pq.read_table(run / "iterations.parquet").to_pandas()
-    assert sim["accepted"] == gpu["draft_tokens_accepted"].tolist()  # the same drafts accepted
-    from servesim.sim.config import RunConfig
-    from servesim.sim.runner import resolve, simulate
-
-    d = json.loads(json.dumps(cfg))
-    d["workload"] = {"replay": str(run)}
-    d["cost_model"] = {"kind": "calibrated", "profile": str(PROFILE)}
-    d["speculative"]["draft_profile"] = str(DRAFT_PROFILE)
-    s = simulate(resolve(RunConfig.model_validate(d), REPO)).iterations.to_pandas()
-    sel = (gpu.num_ctx_requests == 0) & (gpu.num_gen_requests == 8) & (gpu.draft_tokens_proposed > 0)
-    ratio = np.median(s.duration_s[sel]) / np.median(gpu.duration_s[sel])
-    assert abs(ratio - 1) < 0.05, ratio
+    with tarfile.open(SPEC_GPU / "call4_runs.tar.gz") as tf:
+        tf.extractall(tmp_path, filter="data")
+    errs = {}
+    for run in sorted((tmp_path / "runs").glob("draft_model-*")):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())["config"]
+        sim = sim_replay(cfg, run, str(PROFILE), str(DRAFT_PROFILE))
+        gpu = pq.read_table(run / "iterations.parquet").to_pandas()
+        assert sim["accepted"] == gpu["draft_tokens_accepted"].tolist()  # the same drafts accepted
+        s = sim["iterations"].column("duration_s").to_numpy()
+        b = cfg["scheduler"]["max_batch_size"]
+        sel = ((gpu.num_ctx_requests == 0) & (gpu.num_gen_requests == b) & (gpu.draft_tokens_proposed > 0)).to_numpy()
+        errs[run.name] = float(np.median(s[sel]) / np.median(gpu.duration_s.to_numpy()[sel]) - 1)
+    assert len(errs) == 18
+    assert max(map(abs, errs.values())) < 0.08, errs
+    assert np.mean(np.abs(list(errs.values()))) < 0.04, errs
 
 
 def test_the_drafter_processes_every_prompt_even_without_drafts():
