@@ -454,7 +454,10 @@ class TPLlamaModel(LlamaModel):
         self.kv_pool = None
         self.leader: Lockstep | None = None
 
-    def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> TPKVPool:
+    def make_kv_pool(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, *,
+                     k_scales=None, v_scales=None) -> TPKVPool:
+        if k_scales is not None or v_scales is not None:  # the runner refuses kv_cache.scales: calibrated with TP
+            raise ValueError("calibrated fp8 KV scales are not supported with tensor parallelism")
         d = self.dims
         pool = TPKVPool(d.num_layers, num_blocks, block_size, d.num_kv_heads, d.head_dim,
                         dtype or self.kv_cache_dtype, self.device)
