@@ -352,7 +352,8 @@ PLAIN_FORMS = ("gqa", "grouped")
 def plain_torch_decode(spec, pw: dict, lens, dev, dtype, *, padded: bool, form: str = "gqa", cos_sin=None,
                        ids=None, kv=None, logits: bool = False, seed: int = 3):
     """The best a careful engineer gets from torch alone (issue S10's baseline): cuBLAS
-    ``x @ W`` with weights stored [in, out] (``pw``, `plain_weights`), ``F.rms_norm``, RoPE,
+    ``x @ W`` with weights stored [in, out] (``pw``, `plain_weights`), ``F.rms_norm``, RoPE
+    (HF's rotate-half form, q's and k's heads in one pass),
     the new token's K/V written into a contiguous cache ``[layers][batch, kv_heads, ctx,
     head_dim]``, ``F.scaled_dot_product_attention``, argmax at the end; the caller captures
     the whole step in one CUDA graph.
@@ -422,8 +423,10 @@ def plain_torch_decode(spec, pw: dict, lens, dev, dtype, *, padded: bool, form: 
         for i, p in enumerate(layers):
             kc, vc = caches[i]
             x = F.rms_norm(h, (H,), p["n1"], eps)
-            q, k, v = (x @ p["qkv"]).split([Hq * D, Hkv * D, Hkv * D], -1)
-            q, k = rope(q.view(B, Hq, D)), rope(k.view(B, Hkv, D))
+            qkv = x @ p["qkv"]
+            # q's and k's heads rotated in one pass (5 kernels a layer, not 10): adjacent in qkv
+            qk = rope(qkv[:, : (Hq + Hkv) * D].view(B, Hq + Hkv, D))
+            q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D:]
             kc[bidx, :, pos] = k
             vc[bidx, :, pos] = v.view(B, Hkv, D)
             h = h + attend(q, kc, vc).reshape(B, Hq * D) @ p["o"]
