@@ -83,6 +83,15 @@ def profile_fp8_call(profile: Path = None) -> str | None:
     return str((doc.get("provenance") or {}).get("source", "?"))
 
 
+def measured_on(results: Path) -> str:
+    """"one NVIDIA H200, 2026-12-02": the device and date gpu_quantization.md's first line names."""
+    import re
+
+    head = (results / "gpu_quantization.md").read_text() if (results / "gpu_quantization.md").is_file() else ""
+    m = re.search(r"` on (.+?) \(hardware spec [^)]*\).*?, (\d{4}-\d\d-\d\d) \d\d:\d\d;", head)
+    return f"one {m.group(1)}, {m.group(2)}" if m else "device and date not recorded"
+
+
 def cost_configs(results: Path) -> dict[str, dict | None]:
     """label -> the cost_model.roofline settings of that simulator column (None: the column
     cannot be priced -- the shipped profile carries no fp8 GEMM curves)."""
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     fp8_src = profile_fp8_call()
     L = ["# fp8 / bf16 on one H200: measured vs simulated, per shape", "",
          "`python benchmarks/quantization_fidelity.py --write-results` (no GPU: it reads the archived "
-         "measurements of `python benchmarks/gpu_quantization.py --requests 256`, one H200, 2026-12-02, "
+         f"measurements of `python benchmarks/gpu_quantization.py --requests 256`, {measured_on(results)}, "
          "`gpu_quantization.csv` / `gpu_quantization_gemm.yaml`, and prices the same shapes). Llama-3.1-8B, fp8 "
          "weights with per-channel scales (`fp8-channel`), inputs quantised per token by a kernel of their own; "
          f"KV cache bf16. A cell misses when the simulated ratio is more than {TOL:.0%} off the measured one.", "",
