@@ -157,6 +157,10 @@ def test_h200_calibration_call_ships_fp8_gemm_curves(tmp_path, monkeypatch):
     store = results_io.Results(tmp_path / "repo")
     monkeypatch.setattr(H200, "STORE", store)
     monkeypatch.setattr(H200, "REPO", tmp_path / "repo")
+    # the profile shipped before the call names the decode-attention kernel table it was fitted with
+    before = REPO / "profiles" / "h200-llama-3.1-8b.yaml"
+    kv_table = yaml.safe_load(before.read_text())["provenance"]["kv_attention"]
+    H200._copy_profile(before, tmp_path / "repo" / "profiles" / before.name)
     written = H200.install(out / "fidelity_gpu.tar.gz", "call-fp8")
     members = store.manifests()["call-fp8"]["members"]
     assert "h200/call-fp8/calibration/h200-llama-3.1-8b.grid.gemm-fp8.csv" in members
@@ -170,3 +174,5 @@ def test_h200_calibration_call_ships_fp8_gemm_curves(tmp_path, monkeypatch):
         assert c["tokens"] == bf16[k]["tokens"] and (c["k"], c["n"]) == (bf16[k]["k"], bf16[k]["n"])
         assert len(c["seconds"]) == len(c["tokens"]) and all(s > 0 for s in c["seconds"])
     assert set(doc["provenance"]["gemm_sweep_s"]) == {"bf16", "fp8"}  # the device seconds each sweep took
+    # a call without a kernel table of its own keeps the shipped profile's (the fp8 KV cache's price)
+    assert doc["provenance"]["kv_attention"] == kv_table
