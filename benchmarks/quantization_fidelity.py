@@ -29,6 +29,17 @@ quantisation kernel (table 3). Pricing it at the isolated time was the previous 
     python benchmarks/quantization_fidelity.py --write-results  # benchmarks/results/quantization_fidelity.md
 
 Writes quantization_fidelity.md and .csv (benchmarks/out/ by default).
+
+The independent check (column "shipped profile") needs a shipped profile with fp8 GEMM
+curves of its own: one H200 device call makes both that calibration and a new measurement,
+
+    python benchmarks/gpu_fidelity.py --out $OUT/fid --models 8b --steps 1 --budget-s 400 && \
+        python benchmarks/gpu_quantization.py --out $OUT/quant --requests 256
+
+then, on any machine: `python benchmarks/fidelity_h200.py --install fid/fidelity_gpu.tar.gz
+--name CALL` (the grid with its .gemm-fp8.csv archived, profiles/h200-llama-3.1-8b.yaml
+refitted with `gemm_times_by_precision.fp8`), the three files of quant/ copied into
+benchmarks/results/, and this script with --write-results (its last block into README.md).
 """
 
 from __future__ import annotations
