@@ -80,7 +80,8 @@ def load_measurements(results: Path) -> tuple[list[dict], dict, dict]:
 
 
 BF16_ONLY = "the profile's bf16 curves x the roofline's fp8 / bf16 ratio (a profile without fp8 curves)"
-SHIPPED = "shipped profile: its own bf16 and fp8 GEMM curves (from its calibration call, not this measurement's)"
+SHIPPED = ("shipped profile: its own bf16 and fp8 GEMM curves (`sim calibrate --backend gpu`'s GEMM sweep, "
+           "not this measurement's GEMM timings)")
 
 
 def profile_fp8_call(profile: Path = None) -> str | None:
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         n7, b7, w7, m7 = column_stats(rows, SHIPPED)
         L += ["", f"Independent check ({S[SHIPPED]}): the shipped profile's own fp8 GEMM curves, fitted from "
-              f"`{fp8_src}` (a calibration call, not this measurement's), give {n7 - b7} of {n7} cells within "
+              f"`{fp8_src}` (the calibration's own sweep, not the GEMM timings of this measurement), give {n7 - b7} of {n7} cells within "
               f"{TOL:.0%} (worst {w7:.1%})" + (f", missing at {', '.join(m7)}" if m7 else "") + "."]
     block = readme_block(dec, dr, orat, meas_off, labs)
     L += ["", "## The README's table", "", "README.md (\"### fp8 on one H200\") shows this block as printed here:", "",
