@@ -219,7 +219,7 @@ def readme_block(dec: list[dict], dr: dict, orat: dict, meas_off: float, labs: l
     calibrated with the call's curves (S3), the shipped profile's own curves."""
     roof, cal = labs[0], labs[2]
     L = ["| | measured | roofline | calibrated (profile + the run's bf16 and fp8 GEMM curves) | shipped profile "
-         "(its own fp8 curves, another call) |", "|---|---:|---:|---:|---:|"]
+         "(its own fp8 curves, from its calibration) |", "|---|---:|---:|---:|---:|"]
     for j, r in enumerate(dec):
         m = r["fp8_s"] / r["bf16_s"]
         what = f"decode, batch {r['batch']}" + (f", context {r['ctx'] // 1024}k" if j == 0 else "")
