@@ -81,11 +81,28 @@ def install(tarball: Path, name: str | None = None) -> list[Path]:
                          REPO)
         for prof in profs:  # refitted once into the call's folder, the shipped profile a copy of it
             grid = f"{base}/calibration/{prof.stem}.grid.csv"
-            mine = refit_profile(yaml.safe_load(prof.read_text()), STORE.path(grid),
+            made = yaml.safe_load(prof.read_text())
+            kv = kept_kv_attention(made, src / "profiles" / f"{prof.stem}.grid.kv-attention.csv",
+                                   REPO / "profiles" / prof.name)
+            if kv:
+                made["provenance"]["kv_attention"] = kv
+            mine = refit_profile(made, STORE.path(grid),
                                  STORE.tables / PROFILES_AT / name / prof.name, REPO,
                                  source=f"benchmarks/results/{grid}", made_path=prof)
             written += [mine, _copy_profile(mine, REPO / "profiles" / prof.name)]
     return written
+
+
+def kept_kv_attention(made: dict, own_table: Path, shipped: Path) -> str | None:
+    """The decode-attention kernel table (per KV dtype) a call's profile is refitted with when
+    the call measured none of its own (no ``--kv-dtypes``: no .grid.kv-attention.csv beside
+    its grid): the one the shipped profile of the same model and GPU names
+    (``provenance.kv_attention``, a table measured apart on this GPU type), so installing a
+    calibration never drops the profile's `decode_attention_kernel` (the fp8 KV cache's
+    price). None: the call has its own table, or there is none to keep."""
+    if (made.get("provenance") or {}).get("kv_attention") or own_table.is_file() or not shipped.is_file():
+        return None
+    return (yaml.safe_load(shipped.read_text()).get("provenance") or {}).get("kv_attention")
 
 
 def _copy_profile(src: Path, dest: Path) -> Path:

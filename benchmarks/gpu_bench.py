@@ -72,6 +72,12 @@ too small for it):
     unequal lengths (same total KV) for every split count: the stragglers a batch leaves
     when it runs one program per (sequence, kv head) (OUT/decode_splits.csv):
         python benchmarks/gpu_bench.py --out $OUT --sections 1,11 --budget-s 200
+18. (S7; not in the default --sections) fp8 weights beside bf16 (Llama-3.1-8B, random weights,
+    e4m3 with per-channel scales through ``torch._scaled_mm``): each fp8 linear checked against
+    its fp32 reference, then logits and greedy agreement vs bf16, the CUDA-graph decode
+    iteration at batch 1/16/64/256 x context 1k beside the simulator's ratios, and the GEMMs
+    by row count, through benchmarks/gpu_quantization.py's functions (OUT/fp8_weights.csv):
+        python benchmarks/gpu_bench.py --out $OUT --sections 18 --budget-s 120
  7. offline throughput vs Hugging Face `generate` with a static cache on 1,000 Azure-trace
     requests (fewer when the budget stops HF early: ours then runs the same ones);
  6. (not in the default --sections; the GPU runs have their own script now) end to end:
@@ -2658,6 +2664,78 @@ def decode_splits(dev, dtype, ceil, smoke: bool, out: Path) -> None:
            + f" | {min(ts) / auto_us:.2f} | {r['roofline_us']:.1f} us |")
 
 
+def fp8_weights(dev, dtype, smoke: bool, out: Path) -> None:
+    """fp8 weights (e4m3, per-channel scales, inputs quantised per token, ``torch._scaled_mm``)
+    beside bf16, Llama-3.1-8B with random weights: benchmarks/gpu_quantization.py's steps 1-3
+    (its functions, not a copy): every decoder linear's fp8 GEMM checked against its plain
+    fp32 reference (`weights.fp8_linear_ref`) first, then the logits / greedy tokens of the fp8
+    model vs the bf16 one, the CUDA-graph decode iteration at batch 1-256 x context 1k with
+    the simulator's ratios for the same shapes, and the GEMMs by row count
+    (OUT/fp8_weights.csv). gpu_quantization.py adds the offline run and is the committed
+    table's command."""
+    import argparse as _ap
+
+    import gpu_quantization as gq
+    import pandas as pd
+
+    from servesim.gpu_backend.model import LlamaModel
+    from servesim.gpu_backend.weights import fp8_linear, fp8_linear_ref
+    from servesim.sim.specs import apply_precision, load_hardware
+
+    hw_name = hardware_here()
+    hw = load_hardware(hw_name)
+    if not hw.matmul_rate("fp8"):
+        md(f"\n## 18. fp8 weights vs bf16\n\n{hw_name} has no fp8 tensor cores: skipped.")
+        return
+    _, spec = model_cfg_spec("llama-3.1-8b", smoke)
+    fp8 = "fp8-channel"
+    args = _ap.Namespace(batches=[1, 4] if smoke else [1, 16, 64, 256], ctx=64 if smoke else 1024,
+                         reps=2 if smoke else 30, rows=[1, 4, 16] if smoke else list(gq.ROWS),
+                         acc_prompts=3 if smoke else 16, acc_prompt_len=16 if smoke else 128,
+                         acc_tokens=6 if smoke else 64)
+    mb = LlamaModel(spec, None, dtype=dtype, device=dev, seed=0)
+    mf = LlamaModel(apply_precision(spec, hw, fp8), mb.weights, dtype=dtype, device=dev)
+    # correctness before timing: each fp8 linear against its dequantised fp32 reference
+    g = torch.Generator(device="cpu").manual_seed(3)
+    worst = 0.0
+    for name in ("qkv", "o", "gate_up", "down"):
+        w = getattr(mf.weights.layers[0], name)
+        for rows in (1, 64):
+            x = torch.randn(rows, w.shape[1], generator=g).to(dev, dtype)
+            worst = max(worst, rel_err(fp8_linear(x, w), fp8_linear_ref(x, w)))
+    if worst > 2e-2:
+        raise RuntimeError(f"fp8 GEMM vs its fp32 reference: rel. error {worst:.2e} > 2e-2 -- nothing timed")
+    acc = gq.accuracy(mb, mf, spec, dev, args)
+    timer_ = gq.Timer(dev)
+    dec = gq.decode_times({"bf16": mb, "fp8": mf}, spec, dev, args, timer_)
+    bfc, f8c, gemm = gq.gemm_curves(mb, mf, spec, dev, args, timer_)
+    del mb, mf
+    free_memory(dev)
+    gq.sim_decode_ratios(gq.sim_models(spec, hw_name, fp8, bfc, f8c, None), dec)
+    md("\n## 18. fp8 weights vs bf16\n")
+    md(f"{spec.name}, random weights; fp8 ({fp8}): the decoder linears in e4m3 with per-channel scales, inputs "
+       "quantised per token, `torch._scaled_mm` (benchmarks/gpu_quantization.py's functions). Every fp8 linear "
+       f"first checked against its dequantised fp32 reference: worst rel. error {worst:.1e}. On random weights "
+       f"the fp8 model's last-position logits differ from bf16's by {acc['logit_rel_err']:.3f} (relative; cosine "
+       f"{acc['logit_cosine']:.4f}), top-1 agreement {acc['top1_agreement']:.0%}, greedy tokens agree at "
+       f"{acc['greedy_agreement']:.0%} of {acc['greedy_tokens']} positions (random weights: flat distributions, "
+       "a floor, not a trained checkpoint's agreement).\n")
+    sims = [k for k in dec[0] if k.startswith("sim: ")]
+    md(f"| batch x context | bf16 ms | fp8 ms | fp8 / bf16 | " + " | ".join(k[5:] for k in sims) + " |")
+    md("|---:|---:|---:|---:|" + "---:|" * len(sims))
+    for r in dec:
+        md(f"| {r['batch']} x {r['ctx']} | {r['bf16_s'] * 1e3:.3f} | {r['fp8_s'] * 1e3:.3f} | {r['ratio']:.3f} | "
+           + " | ".join(f"{r[k]:.3f} ({r[k] / r['ratio'] - 1:+.1%})" for k in sims) + " |")
+    md("\n| linear | rows | bf16 us | fp8 GEMM us | quantise us | fp8 GEMM / bf16 |\n|---|---:|---:|---:|---:|---:|")
+    for r in gemm:
+        if r["tokens"] in (1, 4, 16, 64, 256, 1024):
+            md(f"| {r['linear']} | {r['tokens']} | {r['bf16_s'] * 1e6:.1f} | {r['fp8_gemm_s'] * 1e6:.1f} | "
+               f"{r['quant_s'] * 1e6:.1f} | {r['fp8_gemm_s'] / r['bf16_s']:.3f} |")
+    pd.DataFrame([{"what": "decode", **r} for r in dec] + [{"what": "gemm", **r} for r in gemm]
+                 + [{"what": "accuracy", "fp8_gemm_max_rel_err": worst, **acc}]).to_csv(out / "fp8_weights.csv",
+                                                                                        index=False)
+
+
 S10_SECTIONS = "1,15,16,17,4,14"
 S10_TUNING_S = 150  # section 12's time allowance (s)
 S10_GEMV_S = 150  # section 15's time allowance (s)
@@ -2669,8 +2747,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=470)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
     ap.add_argument("--sections", default="1,2,3,4,5,8,9,7",
-                    help="comma-separated; they run in the order 1,2,3,12,15,16,17,4,5,14,8,9,10,11,7,6 (6, 10, 11, "
-                         f"12, 14-17 are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
+                    help="comma-separated; they run in the order 1,2,3,12,15,16,17,4,5,14,8,9,10,11,18,7,6 (6, 10, "
+                         f"11, 12, 14-18 are not defaults); 's10' = {S10_SECTIONS} (issue S10's device call)")
     args = ap.parse_args()
     out = Path(args.out)  # only the final files go here (the device tool returns <= 8 files)
     out.mkdir(parents=True, exist_ok=True)
@@ -2717,6 +2795,7 @@ def main() -> None:
              ("9", "mixed iterations", 90, lambda: mixed_profile(dev, dtype, args.smoke, out, work)),
              ("10", "piecewise graphs", 100, lambda: piecewise_bench(dev, dtype, args.smoke, out, work)),
              ("11", "decode splits", 60, lambda: decode_splits(dev, dtype, ceil, args.smoke, out)),
+             ("18", "fp8 weights vs bf16", 40, lambda: fp8_weights(dev, dtype, args.smoke, out)),
              ("7", "vs HF generate", 80, lambda: vs_hf_generate(work, dev, dtype, args.smoke, budget)),
              ("6", "end to end", 120, lambda: end_to_end(out, work, args.smoke, budget))]
     for key, what, need, fn in steps:

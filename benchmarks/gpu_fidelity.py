@@ -8,7 +8,10 @@ fidelity workloads, then calibrate again and repeat runs (for the noise floor).
 
 Steps, most important first; each is skipped when the time budget left is too small:
  1. `sim calibrate --backend gpu` for each model (the designed grid through the real
-    engine; grid CSV, per-run energies, profile);
+    engine; grid CSV, per-run energies, profile), with `--gemm-precisions fp8` on a card
+    with fp8 tensor cores (the fp8 GEMM curves, `gemm_times_by_precision`, beside the grid
+    as .grid.gemm-fp8.csv: what the shipped profile prices `model_precision: fp8` with;
+    each sweep's seconds in the profile's provenance, `gemm_sweep_s`);
  2. `sim run experiments/fidelity.yaml --backend gpu` (the fidelity workloads: Azure
     conversation trace at two loads, an offline batch, per model);
  3. a second calibration of each model (calibration repeatability);
@@ -69,6 +72,18 @@ LONG_MODELS = ("8b",)
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
             max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def calibration_gemm_precisions(hardware: str) -> tuple[str, ...]:
+    """The quantised GEMM sweeps a calibration of this call measures besides bf16's: every
+    one `sim calibrate` can measure that the card has tensor cores for (fp8 on Hopper and
+    later), so the shipped profile prices an fp8 run with its own measured fp8 curves
+    (``gemm_times_by_precision``), not its bf16 curves times the roofline ratio."""
+    from servesim.sim.calibrate import GEMM_PRECISIONS
+    from servesim.sim.specs import MATMUL_PRECISION, load_hardware
+
+    hw = load_hardware(hardware)
+    return tuple(p for p in GEMM_PRECISIONS if hw.matmul_rate(MATMUL_PRECISION[p]))
 
 
 def cli(args: list[str], log, fresh: bool = True) -> int:
@@ -354,6 +369,9 @@ def main() -> int:
     ap.add_argument("--models", default="8b,1b")
     ap.add_argument("--steps", default="1,2,3,4")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on whatever device there is")
+    ap.add_argument("--smoke-hardware", default="h100-sxm",
+                    help="--smoke without a CUDA device: the hardware spec the runs and profiles name (default "
+                         "h100-sxm; h200-sxm makes a call that benchmarks/fidelity_h200.py --install takes)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,12 +402,14 @@ def main() -> int:
     # the hardware spec of this GPU (the GPU backend refuses another's): runs and profiles say which card
     from bench_device import device_name, hardware_here
 
-    gpu, hardware = device_name(), hardware_here()  # no CUDA device (the smoke run): the experiments' own
+    gpu, hardware = device_name(), hardware_here(args.smoke_hardware)  # no CUDA device: the smoke's
     prefix = hardware.split("-")[0]
     call = {"command": "python benchmarks/gpu_fidelity.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "device": gpu, "hardware": hardware, "host": host_identity()}
     log(f"gpu_fidelity on {gpu} ({hardware}), {call['date']}, models {models}, steps {sorted(steps)}, host "
         f"{call['host']}")
+
+    gemm_precisions = calibration_gemm_precisions(hardware)
 
     def calibrate(m: str, folder: str) -> None:
         prof = work / folder / f"{prefix}-{MODELS[m]}.yaml"
@@ -422,13 +442,13 @@ def main() -> int:
 
             t0 = time.perf_counter()
             doc = fit_grid(load_model(model_ref[m]), load_hardware(hardware), None, prof, backend="gpu",
-                           model_ref=model_ref[m], processes=1)
+                           model_ref=model_ref[m], processes=1, gemm_precisions=gemm_precisions)
             log(f"$ sim calibrate --backend gpu --model {model_ref[m]} --hardware {hardware} --out {prof} "
-                f"--processes 1  (in this process: {time.perf_counter() - t0:.0f} s)\nwrote {prof}: "
+                f"--processes 1 --gemm-precisions {','.join(gemm_precisions)}  (in this process: {time.perf_counter() - t0:.0f} s)\nwrote {prof}: "
                 f"{doc['fit']['points']} measurements")
             return
-        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof)],
-            log)
+        cli(["calibrate", "--backend", "gpu", "--model", model_ref[m], "--hardware", hardware, "--out", str(prof),
+             "--gemm-precisions", ",".join(gemm_precisions)], log)
 
     def run(m: str, variants: list[str], folder: str, experiment: str = "experiments/fidelity.yaml",
             extra: tuple[str, ...] = ()) -> None:

@@ -409,7 +409,10 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     ``gemm_precisions``: the GEMM sweeps besides bf16's (``("fp8",)``; default: fp8 when the
     model's weights are fp8), each in ``env["gemm_<precision>"]``. ``kv_dtypes``: the decode
     attention kernel alone per KV-cache dtype (`kv_attention_sweep`; default bf16 and fp8 when
-    the model's KV cache is fp8), in ``env["kv_attention"]``."""
+    the model's KV cache is fp8), in ``env["kv_attention"]``; ``env["gemm_sweep_s"]``: each
+    GEMM sweep's wall seconds by precision."""
+    import time
+
     import torch
 
     ref = model_ref or model.name
@@ -435,11 +438,15 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
             torch.cuda.synchronize()
             idle_w = nv.idle_power_w(3.0)
     _progress(f"{model.name}: timing the decoder-layer GEMMs at {len(GEMM_TOKENS)} row counts")
+    t_sweep = time.perf_counter()
     gemm = gemm_sweep(model, tp=tp)
     extra_gemm = {}
+    sweep_s = {"bf16": round(time.perf_counter() - t_sweep, 1)}  # wall seconds of each sweep (the provenance's)
     for prec in gemm_precisions if gemm_precisions is not None else (("fp8",) if model.quant.weights == "fp8" else ()):
         _progress(f"{model.name}: timing the {prec} GEMMs (torch._scaled_mm) at {len(GEMM_TOKENS)} row counts")
+        t_sweep = time.perf_counter()
         extra_gemm[f"gemm_{prec}"] = gemm_sweep(model, tp=tp, precision=prec)
+        sweep_s[prec] = round(time.perf_counter() - t_sweep, 1)
     kvd = kv_dtypes if kv_dtypes is not None else (("bf16", "fp8") if model.kv_dtype == "fp8" else ())
     if kvd:
         from .kv_attention_sweep import kv_attention_sweep
@@ -493,6 +500,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     env["power_runs"] = runs
     env["grid_iterations"] = pd.concat(its, ignore_index=True) if its else None
     env["gemm"] = gemm
+    env["gemm_sweep_s"] = sweep_s
     env.update(extra_gemm)
     if tp > 1:
         env["tensor_parallel"] = tp

@@ -218,6 +218,7 @@ def test_gpu_measuring_path_on_cpu(tmp_path, small_gemm_sweep):
                              chunked_points=[(2, 120, 4, 40, False)], gemm_precisions=("fp8",))
     # the fp8 GEMM sweep asked for beside bf16's: the same linears and row counts
     assert [(r["linear"], r["tokens"]) for r in env["gemm_fp8"]] == [(r["linear"], r["tokens"]) for r in env["gemm"]]
+    assert set(env["gemm_sweep_s"]) == {"bf16", "fp8"} and all(s >= 0 for s in env["gemm_sweep_s"].values())
     kinds = {r["kind"] for r in rows}
     # the cached-context point: its later requests' chunks run over the 64 cached prefix tokens
     cached = [r for r in rows if r["run"].startswith("3x(64 cached)")]

@@ -130,3 +130,49 @@ def yaml_source(prof: Path) -> str:
     import yaml
 
     return yaml.safe_load(prof.read_text())["provenance"]["source"].removeprefix("benchmarks/results/")
+
+
+def test_h200_calibration_call_ships_fp8_gemm_curves(tmp_path, monkeypatch):
+    """gpu_fidelity.py's calibration (step 1) on a card with fp8 tensor cores sweeps the fp8
+    GEMMs beside bf16's, and `fidelity_h200.py --install` keeps them: the call's archive holds
+    the grid's .gemm-fp8.csv and the shipped profile (the small servesim-profile/3 form, its
+    residuals in the sidecar) carries `gemm_times_by_precision.fp8` for every linear at the
+    sweep's row counts -- so `model_precision: fp8` on the shipped H200 profile is priced with
+    measured fp8 curves. The CPU smoke (tiny model) stands for the device call."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    gf = _load("gpu_fidelity")
+    assert gf.calibration_gemm_precisions("h200-sxm") == ("fp8",)
+    assert gf.calibration_gemm_precisions("a100-80gb-sxm") == ()  # no fp8 tensor cores: bf16 only
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "benchmarks/gpu_fidelity.py", "--smoke", "--smoke-hardware", "h200-sxm",
+                        "--out", str(out), "--models", "8b", "--steps", "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and "failed" not in p.stdout, (p.stdout + p.stderr)[-3000:]
+    assert "--gemm-precisions fp8" in p.stdout
+    results_io = _load("results_io")
+    store = results_io.Results(tmp_path / "repo")
+    monkeypatch.setattr(H200, "STORE", store)
+    monkeypatch.setattr(H200, "REPO", tmp_path / "repo")
+    # the profile shipped before the call names the decode-attention kernel table it was fitted with
+    before = REPO / "profiles" / "h200-llama-3.1-8b.yaml"
+    kv_table = yaml.safe_load(before.read_text())["provenance"]["kv_attention"]
+    H200._copy_profile(before, tmp_path / "repo" / "profiles" / before.name)
+    written = H200.install(out / "fidelity_gpu.tar.gz", "call-fp8")
+    members = store.manifests()["call-fp8"]["members"]
+    assert "h200/call-fp8/calibration/h200-llama-3.1-8b.grid.gemm-fp8.csv" in members
+    shipped = tmp_path / "repo" / "profiles" / "h200-llama-3.1-8b.yaml"
+    assert shipped in written
+    doc = yaml.safe_load(shipped.read_text())
+    assert doc["schema"] == "servesim-profile/3" and (shipped.parent / doc["fit"]["residuals"]["file"]).is_file()
+    bf16, fp8 = doc["roofline"]["gemm_times"], doc["roofline"]["gemm_times_by_precision"]["fp8"]
+    assert set(fp8) == set(bf16) == {"qkv", "o", "gate_up", "down"}
+    for k, c in fp8.items():
+        assert c["tokens"] == bf16[k]["tokens"] and (c["k"], c["n"]) == (bf16[k]["k"], bf16[k]["n"])
+        assert len(c["seconds"]) == len(c["tokens"]) and all(s > 0 for s in c["seconds"])
+    assert set(doc["provenance"]["gemm_sweep_s"]) == {"bf16", "fp8"}  # the device seconds each sweep took
+    # a call without a kernel table of its own keeps the shipped profile's (the fp8 KV cache's price)
+    assert doc["provenance"]["kv_attention"] == kv_table

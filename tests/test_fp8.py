@@ -206,3 +206,49 @@ def test_gpu_quantization_benchmark_smoke(tmp_path):
         assert part in md, part
     assert (tmp_path / "gpu_quantization_gemm.yaml").is_file()
     assert "decode" in (tmp_path / "gpu_quantization.csv").read_text()
+
+
+def test_gpu_bench_fp8_section_smoke(tmp_path):
+    """benchmarks/gpu_bench.py section 18 (fp8 weights timed beside bf16, through
+    gpu_quantization.py's functions) in its CPU smoke form: the table and its CSV, each fp8
+    linear checked against its fp32 reference before anything is timed."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    repo = Path(__file__).parents[1]
+    p = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--sections", "18", "--out",
+                        str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    page = (tmp_path / "gpu_bench.md").read_text()
+    assert "## 18. fp8 weights vs bf16" in page and "failed" not in page, page
+    assert "| 1 x 64 |" in page and "roofline, input quantisation fused" in page
+    rows = list(csv.DictReader(open(tmp_path / "fp8_weights.csv")))
+    assert {r["what"] for r in rows} == {"decode", "gemm", "accuracy"}
+    acc = next(r for r in rows if r["what"] == "accuracy")
+    assert float(acc["fp8_gemm_max_rel_err"]) <= 2e-2 and 0 <= float(acc["top1_agreement"]) <= 1
+
+
+def test_gpu_bench_fp8_section_refuses_a_wrong_fp8_gemm(tmp_path, monkeypatch):
+    """The reference check is real: an fp8 GEMM that computes something else stops the
+    section before it times anything."""
+    import importlib.util
+    from pathlib import Path
+
+    from servesim.gpu_backend import weights
+
+    repo = Path(__file__).parents[1]
+    monkeypatch.syspath_prepend(str(repo / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_bench_fp8_test", repo / "benchmarks" / "gpu_bench.py")
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    good = weights.fp8_linear
+    monkeypatch.setattr(weights, "fp8_linear", lambda x, w, impl="auto": good(x, w, impl) * 1.1)
+    with pytest.raises(RuntimeError, match="nothing timed"):
+        gb.fp8_weights(torch.device("cpu"), torch.float32, True, tmp_path)
+    assert not (tmp_path / "fp8_weights.csv").exists()
