@@ -576,17 +576,19 @@ class Engine:
         spec = self.cfg.speculation
         tpb = self.tpb
         reqs = list(self.decoding.values())
+        draft_len = spec.draft_len
         # tokens still to emit before this step: output_len - (generated + it - gen_base_iter)
-        ks = [spec.draft_len(r.output_len - r.generated - it + r.gen_base_iter) for r in reqs]
+        ks = [draft_len(r.output_len - r.generated - it + r.gen_base_iter) for r in reqs]
         ks = fit_draft_lens(ks, budget)
-        vt = [spec.verify_tokens(k) for k in ks]
+        verify = spec.verify_tokens
+        vt = [verify(k) for k in ks]
         if sum(vt) > budget:
             vt = ks
         extra = 0
         for r, v in zip(reqs, vt):
             if v:
-                kv_b = r.kv_len_at(it) + 1
-                extra += blocks_for(kv_b + v, tpb) - blocks_for(kv_b, tpb)
+                kv_b = r.prompt_len + r.generated + it - r.gen_base_iter  # kv_len_at(it) + 1
+                extra += (kv_b + v - 1) // tpb - (kv_b - 1) // tpb  # blocks_for(kv_b + v) - blocks_for(kv_b)
         if (extra and self.cfg.capacity.pauses_on_shortage
                 and self.hist[(-it) % tpb] + extra > self.kv.available):
             ks = [0] * len(reqs)  # no room for the drafts' KV this step: plain decoding
@@ -605,35 +607,49 @@ class Engine:
         kv = self.kv
         hist = self.hist
         kmax = self.cfg.speculation.max_draft_len
-        prop_pos = [0] * kmax
-        acc_pos = [0] * kmax
+        n_k = [0] * (kmax + 1)  # requests by draft length, and by accepted drafts
+        n_a = [0] * (kmax + 1)
         rollback = 0
+        gained = 0
+        heap = self.finish_heap
+        one = (it, 1)
         for r, k, v, a in zip(reqs, ks, vt, accepted):
             if a < 0 or a > k:
                 raise RuntimeError(f"iteration {it}: request {r.request_id} accepted {a} of {k} drafts")
-            for i in range(k):
-                prop_pos[i] += 1
-            for i in range(a):
-                acc_pos[i] += 1
-            kv_b = r.kv_len_at(it) + 1  # KV after this step without drafts
-            r.spans.extend([(it, 1)] * (a + 1))
+            n_k[k] += 1
+            n_a[a] += 1
+            if a:
+                r.spans.extend([one] * (a + 1))
+            else:
+                r.spans.append(one)
             if v:
-                keep = blocks_for(kv_b + a, tpb)
-                rollback += blocks_for(kv_b + v, tpb) - keep
+                kv_b = r.prompt_len + r.generated + it - r.gen_base_iter  # kv_len_at(it) + 1: KV without drafts
+                keep = (kv_b + a - 1) // tpb + 1  # blocks_for(kv_b + a)
+                rollback += (kv_b + v - 1) // tpb + 1 - keep
                 if len(r.blocks) > keep:
                     kv.free_ids.extend(reversed(r.blocks[keep:]))
                     del r.blocks[keep:]
             if a:
-                off = self._off(r)
+                off = r.prompt_len + r.generated - r.gen_base_iter  # _off(r)
                 hist[(off - 1) % tpb] -= 1
                 hist[(off + a - 1) % tpb] += 1
-                self.off_sum += a
+                gained += a
                 r.gen_base_iter -= a
                 r.finish_iter -= a
-                heapq.heappush(self.finish_heap, (r.finish_iter, r.admit_seq, r))
+                heapq.heappush(heap, (r.finish_iter, r.admit_seq, r))
+        self.off_sum += gained
         kv.used -= rollback
+        # requests with >= i + 1 drafts proposed / accepted, i = 0..kmax-1
+        prop_pos = [0] * kmax
+        acc_pos = [0] * kmax
+        cp = ca = 0
+        for i in range(kmax, 0, -1):
+            cp += n_k[i]
+            ca += n_a[i]
+            prop_pos[i - 1] = cp
+            acc_pos[i - 1] = ca
         self.draft_positions.append((it, tuple(prop_pos), tuple(acc_pos)))
-        return sum(ks), sum(accepted)
+        return sum(ks), gained
 
     def _cache_counters(self) -> tuple[int, int]:
         """Evictions and offloads since the step began."""

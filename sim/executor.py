@@ -42,24 +42,28 @@ class SimExecutor:
         spec = self.speculation
         if batch.drafts and spec is None:
             raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
-        if not any(k for _, k in batch.drafts):
+        drafts = batch.drafts
+        ks = [k for _, k in drafts]
+        if not any(ks):
             # no request drafts (none in generation, or every one at k = 0): the GPU backend
             # runs the plain iteration, its drafter only over the context chunks
-            if batch.drafts:
-                spec.catch_up = {r: spec.catch_up.get(r, 0) + 1 for r, _ in batch.drafts}
-            acc = [0] * len(batch.drafts)
+            if drafts and spec.drafter.catches_up:
+                prev = spec.catch_up
+                spec.catch_up = {r: prev.get(r, 0) + 1 for r, _ in drafts}
+            acc = [0] * len(drafts)
             pre = spec.drafter.context_segments(batch.shape) if spec is not None else []
             if not pre:
                 return StepResult(self.cost_model.price(batch.shape), accepted=acc)
             # the GPU backend's drafter processes the prompts after the target's pass
             host, gpu, rest = launch_and_gpu(self.cost_model, batch.shape)
             return StepResult(chain([(host, gpu)] + pre) + rest, accepted=acc)
-        rids = [r for r, _ in batch.drafts]
-        ks = [k for _, k in batch.drafts]
-        prev = spec.catch_up
-        extra = sum(prev.get(r, 0) for r, k in batch.drafts if k)
+        rids = [r for r, _ in drafts]
         accepted = spec.acceptance.accepted(rids, ks)
-        spec.catch_up = {r: (int(a == k) if k else prev.get(r, 0) + 1) for r, k, a in zip(rids, ks, accepted)}
+        extra = 0
+        if spec.drafter.catches_up:  # (only a GPU-structured draft model's pricing reads it)
+            prev = spec.catch_up
+            extra = sum(prev.get(r, 0) for r, k in drafts if k)
+            spec.catch_up = {r: (int(a == k) if k else prev.get(r, 0) + 1) for r, k, a in zip(rids, ks, accepted)}
         vs = verify_shape(batch.shape, ks, spec.verify_padding) if spec.chunked_verify else None
         segs = spec.drafter.segments(batch.shape, extra, ks)
         if vs is None or segs is None:

@@ -65,15 +65,15 @@ def verify_shape(shape: IterationShape, ks: list[int], verify_padding: GraphPadd
         return None
     cached = shape.decode_kv_sum - n  # decode_kv_sum counts each request's new token
     q, r = divmod(cached, n) if n else (0, 0)
-    new = tuple(1 + k for k in ks)
-    prior = tuple(q + (i < r) for i in range(n))
-    T = sum(shape.ctx_new_tokens) + sum(new)
+    new = tuple([1 + k for k in ks])
+    prior = (q + 1,) * r + (q,) * (n - r)  # q + (i < r)
+    T = sum(shape.ctx_new_tokens) + n + shape.decode_draft_tokens  # + sum(new)
     if shape.ctx_new_tokens:
         pw = shape.piecewise_tokens
     else:
         pw = verify_padding.padded(T) if shape.graph and verify_padding is not None else 0
     return IterationShape(ctx_new_tokens=shape.ctx_new_tokens + new, ctx_prior_tokens=shape.ctx_prior_tokens + prior,
-                          n_ctx_sampling=shape.n_ctx_sampling + sum(new), piecewise_tokens=pw,
+                          n_ctx_sampling=shape.n_ctx_sampling + n + shape.decode_draft_tokens, piecewise_tokens=pw,
                           host_to_gpu_bytes=shape.host_to_gpu_bytes, gpu_to_host_bytes=shape.gpu_to_host_bytes)
 
 
@@ -90,6 +90,9 @@ class AcceptanceModel:
         self.beta = beta
         self.rng = np.random.default_rng([int(seed), 0x5BEC])
         self._per_request: dict[int, float] = {}
+        self._buf: list[float] = []  # uniforms drawn ahead (_uniforms)
+        self._pos = 0
+        self._alpha_list: dict[int, list[float]] = {}
 
     def _alphas(self, kmax: int) -> np.ndarray:
         a = self.alpha
@@ -105,21 +108,49 @@ class AcceptanceModel:
             v = self._per_request[rid] = float(np.random.default_rng([int(rid), 0xBE7A]).beta(a, b))
         return v
 
+    _BLOCK = 1 << 15  # uniforms drawn ahead at a time
+
+    def _uniforms(self, m: int) -> tuple[list[float], int]:
+        """The generator's next ``m`` uniforms, as (a list, the index of the first): drawn in
+        blocks ahead, consumed in order, so they are the values ``rng.random(m)`` would give
+        call after call (the same stream; only the generator's own state runs ahead)."""
+        buf, pos = self._buf, self._pos
+        if pos + m > len(buf):
+            buf = self._buf = buf[pos:] + self.rng.random(max(self._BLOCK, m)).tolist()
+            pos = 0
+        self._pos = pos + m
+        return buf, pos
+
     def accepted(self, rids: list[int], ks: list[int]) -> list[int]:
-        """Accepted drafts of each request (ks[i] drafts for request rids[i])."""
+        """Accepted drafts of each request (ks[i] drafts for request rids[i]): the leading
+        successes of ``u < alpha`` over its first ks[i] positions of an (n, max(ks)) draw."""
         n = len(ks)
         if not n:
             return []
         kmax = max(ks)
         if kmax == 0:
             return [0] * n
-        u = self.rng.random((n, kmax))
+        u, pos = self._uniforms(n * kmax)
+        out = [0] * n
         if self.alpha is not None:
-            ok = u < self._alphas(kmax)
+            al = self._alpha_list.get(kmax)
+            if al is None:
+                al = self._alpha_list[kmax] = self._alphas(kmax).tolist()
+            for i, k in enumerate(ks):
+                a = 0
+                while a < k and u[pos + a] < al[a]:
+                    a += 1
+                out[i] = a
+                pos += kmax
         else:
-            ok = u < np.array([self._request_alpha(r) for r in rids])[:, None]
-        ok &= np.arange(kmax) < np.asarray(ks)[:, None]  # positions past a request's k: not drafted
-        return np.cumprod(ok, axis=1).sum(axis=1).tolist()
+            for i, (r, k) in enumerate(zip(rids, ks)):
+                al = self._request_alpha(r)
+                a = 0
+                while a < k and u[pos + a] < al:
+                    a += 1
+                out[i] = a
+                pos += kmax
+        return out
 
 
 def alpha_from_run(iterations, max_len: int) -> list[float]:
@@ -210,6 +241,12 @@ class DrafterCost:
     def __post_init__(self):
         self._steps: dict[int, tuple[float, float, float]] = {}
 
+    @property
+    def catches_up(self) -> bool:
+        """Whether `segments` prices the first step's catch-up rows (a GPU-structured draft
+        model): only then does the executor need to track them."""
+        return self.proposer == "draft_model" and self.graph_padding is not None and self.drafter is not None
+
     def _graph_step(self, rows: int) -> tuple[float, float, float]:
         """(host launch, GPU seconds at no KV, GPU seconds per KV token) of one draft-model
         decode step of ``rows`` rows in its graphs (eager beyond them)."""
@@ -231,7 +268,7 @@ class DrafterCost:
         j + 1 tokens (``ks``, the drafts of the shape's generation requests; None: all of
         them draft ``draft_steps``), the first step also the catch-up rows. None: this
         drafter is priced serially (`price`)."""
-        if self.proposer != "draft_model" or self.graph_padding is None or self.drafter is None:
+        if not self.catches_up:
             return None
         k, n = shape.draft_steps, shape.n_decode
         segs = []

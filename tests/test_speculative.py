@@ -82,6 +82,35 @@ def test_acceptance_model_is_sequential_and_seeded():
         AcceptanceModel([1.2])
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=12), min_size=1, max_size=30),
+       st.one_of(st.lists(st.floats(0, 1), min_size=1, max_size=5), st.none()),
+       st.integers(0, 2 ** 31), st.integers(1, 64))
+def test_acceptance_draws_are_the_generators_stream(steps, alpha, seed, block):
+    """Drawing uniforms ahead in blocks (of any size) changes no outcome: every step's
+    accepted counts are those of one ``rng.random((n, max(ks)))`` draw per drafting step in
+    order, the leading successes of ``u < alpha_i`` (or the request's Beta draw)."""
+    beta = None if alpha is not None else (2.0, 3.0)
+    m = AcceptanceModel(alpha, beta, seed=seed)
+    m._BLOCK = block
+    ref = np.random.default_rng([seed, 0x5BEC])
+    for j, ks in enumerate(steps):
+        rids = [(j * 7 + i) % 5 for i in range(len(ks))]  # requests recur across steps
+        got = m.accepted(rids, ks)
+        if not ks or max(ks) == 0:
+            assert got == [0] * len(ks)
+            continue
+        kmax = max(ks)
+        u = ref.random((len(ks), kmax))
+        if alpha is not None:
+            a = np.asarray(alpha + [alpha[-1]] * kmax)[:kmax]
+            ok = u < a
+        else:
+            ok = u < np.array([np.random.default_rng([r, 0xBE7A]).beta(2.0, 3.0) for r in rids])[:, None]
+        ok &= np.arange(kmax) < np.asarray(ks)[:, None]
+        assert got == np.cumprod(ok, axis=1).sum(axis=1).tolist()
+
+
 @given(st.lists(st.integers(0, 8), max_size=20), st.integers(0, 60))
 def test_fit_draft_lens(ks, budget):
     out = fit_draft_lens(ks, budget)
