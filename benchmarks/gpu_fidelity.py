@@ -406,6 +406,9 @@ def main() -> int:
             profiler.SERVED_HIGH_POINTS = {"small": (12, 80.0, 48, 8), "large": None}
             profiler.PROMPT_POINTS = [(4, 24)]
             profiler.CHUNKED_POINTS = [(2, 120, 4, 40, False), (2, 120, 4, 40, True)]
+            from servesim.gpu_backend import kv_attention_sweep as kvs
+
+            kvs.LONG_SIZES = ((1, 64), (1, 192), (3, 64), (3, 192))  # the long-context kernel sweep, small
             if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
                 sweep = profiler.gemm_sweep
 

@@ -9,6 +9,12 @@ from servesim.sim.specs import ModelSpec
 
 # batch x context: small to large KV (the 8B's fp8 cache 33 MB .. 2.1 GB), as gpu_kv_fp8.py's kernel table
 SIZES = ((16, 1024), (16, 4096), (64, 1024), (64, 4096), (256, 1024), (256, 4096))
+# The model's own KV dtype at long contexts, at the decode graphs' padded batches where long-prompt
+# serving spends its decode time (the Mooncake run of experiments/fidelity_long.yaml: 1-32,
+# benchmarks/results/long_context_h200.md): the kernel's split bound is tuned per batch (at 1-4k
+# contexts), so at 8-16k its per-token time differs by batch (2 splits at batch 24: the longest
+# sequence's programs set the time). ~24 kernels of <= 3 ms each: a few seconds of device time.
+LONG_SIZES = tuple((b, c) for b in (1, 8, 16, 24, 32, 40, 48, 64) for c in (4096, 8192, 16384))
 KV_DTYPES = ("bf16", "fp8")
 BLOCK = 32  # tokens per KV block: the serving runs'
 FP8_SCALE = 4.0 / 448  # N(0, 1) values: ~ +-4 sigma -> +-448

@@ -162,3 +162,39 @@ def kernel_delta(kernel: DecodeAttentionKernel | None, kv_dtype: str, layers: in
         return r
 
     return delta
+
+
+# ------------------------------------------------------------------------ long contexts
+def fit_long(rows: list[dict], kv_dtype: str, source: str = "") -> dict | None:
+    """`DecodeAttentionKernel` fields of the kernel alone in the model's own KV dtype at long
+    contexts (the calibration's ``.kv-long.csv``: kv_attention_sweep's LONG_SIZES): per batch
+    measured at two or more contexts the least-squares line of one layer's time over its
+    cached tokens. None when no row is of ``kv_dtype`` (a table measured for another)."""
+    sel = [r for r in rows if r["kv_dtype"] == kv_dtype]
+    if not sel:
+        return None
+    return fit_kernel(sel, kv_dtype, source=source)
+
+
+def long_context_excess(kernel: DecodeAttentionKernel | None, kv_dtype: str, layers: int):
+    """``f(n) -> seconds per cached token`` over ``layers`` layers that decode attention over
+    a padded batch of ``n`` pays beyond the kernel's best per-token time (the least of its
+    measured batches: where it is bound by the KV bytes alone). The kernel's split bound is
+    tuned per batch, so at some batches the programs of the longest sequences set the time and
+    a cached token costs more there (the H200's bf16 kernel at batch 24 runs 2 splits).
+    Linear in the batch between the measured ones, the nearest beyond them; None without a
+    table of ``kv_dtype``."""
+    if kernel is None or kernel.grid_kv_dtype != kv_dtype or kv_dtype not in kernel.per_token_s:
+        return None
+    xs = np.asarray(kernel.batches, float)
+    per = np.asarray(kernel.per_token_s[kv_dtype], float)
+    ex = layers * (per - per.min())
+    cache: dict[int, float] = {}
+
+    def excess(n: int) -> float:
+        r = cache.get(n)
+        if r is None:
+            r = cache[n] = float(np.interp(n, xs, ex))
+        return r
+
+    return excess
