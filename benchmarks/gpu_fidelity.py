@@ -408,7 +408,11 @@ def main() -> int:
             profiler.CHUNKED_POINTS = [(2, 120, 4, 40, False), (2, 120, 4, 40, True)]
             from servesim.gpu_backend import kv_attention_sweep as kvs
 
-            kvs.LONG_SIZES = ((1, 64), (1, 192), (3, 64), (3, 192))  # the long-context kernel sweep, small
+            from servesim.sim import kv_attention
+
+            # the kv-long sweep at tiny contexts (the interpreter: minutes at 8-16k), its fit's bounds with them
+            kvs.LONG_SIZES = tuple((b, c) for b in (1, 3) for c in (24, 48, 96, 160))
+            kv_attention.SHORT_CTX_MAX, kv_attention.LONG_CTX_MIN = 48, 96
             if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
                 sweep = profiler.gemm_sweep
 

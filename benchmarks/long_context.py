@@ -116,6 +116,19 @@ def tables(it, model) -> list[str]:
                    f"{int(np.median(g.max_kv)):,} | {1e3 * g.duration_s.median():.2f} | {1e3 * g.pred.median():.2f} | "
                    f"{g.pred.sum() / g.duration_s.sum() - 1:+.1%} | {1e9 * _slope(g.decode_kv_tokens, g.duration_s):.1f} | "
                    f"{1e9 * _slope(g.decode_kv_tokens, g.pred):.1f} |")
+    sp = {int(p): kernel_splits(int(p), model) for p in d["pad"].unique()}
+    few = d["pad"].map(lambda p: (sp[int(p)] or 99) <= 4 and p >= 16)
+    if few.any() and (~few).any():
+        a, b = d[few], d[~few]
+        out += ["", f"Reading: {a.duration_s.sum() / tot:.0%} of the run's busy time is decode at padded batches "
+                f"{', '.join(str(int(p)) for p in sorted(a['pad'].unique()))} (the kernel's split bound <= 4 there), "
+                f"priced {a.pred.sum() / a.duration_s.sum() - 1:+.1%} in total (MAPE "
+                f"{np.mean(np.abs(a.pred / a.duration_s - 1)):.1%}); the other decode batches "
+                f"{b.pred.sum() / b.duration_s.sum() - 1:+.1%} (MAPE {np.mean(np.abs(b.pred / b.duration_s - 1)):.1%}). "
+                f"Their longest sequence is {int(np.median(a.max_kv)):,} tokens (median) at a mean of "
+                f"{int(np.median(a.decode_kv_tokens / a.num_gen_requests)):,} per request: with few splits the "
+                "programs of the longest sequences set the time, which the KV sum does not see (GPU slope in the "
+                "KV sum well below the model's)."]
     out += ["", "Pure decode iterations by decode KV sum:", "",
             "| decode KV sum | iterations | GPU s | median batch | total error | MAPE |", "|---|---|---|---|---|---|"]
     lo = 0

@@ -682,7 +682,7 @@ LONG_KV_SUFFIX = ".kv-long.csv"  # beside a grid: the decode attention kernel al
 def fit_long_context(params: dict, rows: list[dict], model: ModelSpec, path: Path) -> dict:
     """The decode attention kernel alone in the model's KV dtype at long contexts (``rows``:
     the grid's ``.kv-long.csv``) into ``params["decode_attention_long"]`` (sim/kv_attention.py
-    `long_context_excess`: the per-token time the kernel pays at a batch beyond its best).
+    `long_context_delta`: the kernel's long - short context per-token difference at a batch).
     Nothing without rows of the model's KV dtype. Returns the provenance to record."""
     rows = [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in rows]
     root = Path(__file__).resolve().parents[1]
