@@ -8,6 +8,8 @@ machine kind; this page is the H200's.
     python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 1b --steps 1,2,5,6   # ~345 s
     python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,2,6,11  # ~530 s; on
     #   another host (cross-machine), or on the same one (a third run of each workload, the long run again)
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,10,11  # ~460 s: the 8B's
+    #   calibration (with the kv-long sweep) and the long-prompt runs on the same instance
     # install a device call's fidelity_gpu.tar.gz:
     python benchmarks/fidelity_h200.py --install PATH/fidelity_gpu.tar.gz [--name CALL]
     # the table (benchmarks/out/, or benchmarks/results/ with --write-results):
