@@ -8,6 +8,8 @@ machine kind; this page is the H200's.
     python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 1b --steps 1,2,5,6   # ~345 s
     python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,2,6,11  # ~530 s; on
     #   another host (cross-machine), or on the same one (a third run of each workload, the long run again)
+    python benchmarks/gpu_fidelity.py --out $OUT --budget-s 585 --models 8b --steps 1,10,11  # ~460 s: the 8B's
+    #   calibration (with the kv-long sweep) and the long-prompt runs on the same instance
     # install a device call's fidelity_gpu.tar.gz:
     python benchmarks/fidelity_h200.py --install PATH/fidelity_gpu.tar.gz [--name CALL]
     # the table (benchmarks/out/, or benchmarks/results/ with --write-results):
@@ -349,6 +351,18 @@ def must_show(fid: list[dict], long: list[dict], batch: dict, cross: list[dict])
     return lines + [""]
 
 
+def long_analysis() -> list[str]:
+    """benchmarks/long_context.py's section: the long-prompt runs' iterations priced on their own shapes."""
+    from long_context import installed_long_runs, section
+
+    runs, prof = installed_long_runs()
+    if not runs:
+        return []
+    lines = section(runs, prof)
+    lines[0] = lines[0].replace("## ", "### ")
+    return [ln.replace("### call", "#### call") for ln in lines] + [""]
+
+
 def table(write_results: bool) -> Path:
     fid: list[dict] = []
     long: list[dict] = []
@@ -481,6 +495,7 @@ def table(write_results: bool) -> Path:
             "tokens, chunked context, GUARANTEED_NO_EVICT, a 262,144-token pool; gpu_fidelity.py steps 10, 11). "
             "Queueing: arrival to first scheduled; prefill span: first scheduled to first token; decode span: first "
             "token to the last (sim compare's per-request phases).\n\n" + "\n".join(long_lines) + "\n\n"
+            + "\n".join(long_analysis()) + "\n"
             "## Cross-machine: one machine's calibration predicting another machine's runs\n\n"
             "Hosts from each call's call.json (hostname / GPU UUID; calls before S11 recorded none: `?`, each such "
             "call its own machine, which may have been the same host as another).\n\n"

@@ -426,6 +426,13 @@ def main() -> int:
             profiler.SERVED_HIGH_POINTS = {"small": (12, 80.0, 48, 8), "large": None}
             profiler.PROMPT_POINTS = [(4, 24)]
             profiler.CHUNKED_POINTS = [(2, 120, 4, 40, False), (2, 120, 4, 40, True)]
+            from servesim.gpu_backend import kv_attention_sweep as kvs
+
+            from servesim.sim import kv_attention
+
+            # the kv-long sweep at tiny contexts (the interpreter: minutes at 8-16k), its fit's bounds with them
+            kvs.LONG_SIZES = tuple((b, c) for b in (1, 3) for c in (24, 48, 96, 160))
+            kv_attention.SHORT_CTX_MAX, kv_attention.LONG_CTX_MIN = 48, 96
             if not getattr(profiler.gemm_sweep, "smoke", False):  # the GEMM sweep at three row counts
                 sweep = profiler.gemm_sweep
 

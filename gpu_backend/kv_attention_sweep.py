@@ -9,6 +9,14 @@ from servesim.sim.specs import ModelSpec
 
 # batch x context: small to large KV (the 8B's fp8 cache 33 MB .. 2.1 GB), as gpu_kv_fp8.py's kernel table
 SIZES = ((16, 1024), (16, 4096), (64, 1024), (64, 4096), (256, 1024), (256, 4096))
+# The model's own KV dtype at short and long contexts, at the decode graphs' padded batches where
+# long-prompt serving spends its decode time (the Mooncake run of experiments/fidelity_long.yaml:
+# 1-32, benchmarks/results/long_context_h200.md): the kernel's split bound is tuned per batch (at
+# 1-4k contexts), so at 8-16k its per-token time differs by batch from what the grid's decode rows
+# (<= 2k a request from batch 9) saw (2 splits at batch 24: the longest sequences' programs set
+# the time). sim/kv_attention.py fit_long: the short (1-2k) and long (8-16k) slopes per batch.
+# 32 kernels of <= 3 ms each (the largest, batch 64 at 16k: 6.4 GB of KV): seconds of device time.
+LONG_SIZES = tuple((b, c) for b in (1, 8, 16, 24, 32, 40, 48, 64) for c in (1024, 2048, 8192, 16384))
 KV_DTYPES = ("bf16", "fp8")
 BLOCK = 32  # tokens per KV block: the serving runs'
 FP8_SCALE = 4.0 / 448  # N(0, 1) values: ~ +-4 sigma -> +-448
@@ -50,7 +58,11 @@ def kv_attention_sweep(model: ModelSpec, kv_dtypes=KV_DTYPES, sizes=SIZES, tp: i
         sl = lens.to(dev, torch.int32)
         kv_bytes = nblk * block * hkv * D * 2 * 2
         layers = max(2, -(-2 * L2_BYTES // kv_bytes)) if cuda else 1
-        base = [torch.randn(nblk, block, hkv, D, generator=gen).to(dev, qdt) for _ in range(2)]
+        if cuda:  # drawn on the device: the long sizes' caches are GBs (seconds each on the host)
+            dgen = torch.Generator(device=dev).manual_seed(B * 100003 + ctx)
+            base = [torch.randn(nblk, block, hkv, D, generator=dgen, device=dev, dtype=qdt) for _ in range(2)]
+        else:
+            base = [torch.randn(nblk, block, hkv, D, generator=gen).to(dev, qdt) for _ in range(2)]
         for kvd in kv_dtypes:
             fp8 = kvd == "fp8"
             cdt = torch.float8_e4m3fn if fp8 else qdt

@@ -397,7 +397,7 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
                  power_points=None, prefix_points=None, tp: int = 1, prompt_points=None,
                  chunked_points=None,
                  gemm_precisions: tuple[str, ...] | None = None,
-                 kv_dtypes: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
+                 kv_dtypes: tuple[str, ...] | None = None, long_kv_sizes=True) -> tuple[list[dict], dict]:
     """Rows for sim/calibrate.py and the environment they were measured in (with
     ``idle_power_w`` and ``power_runs``, the energy of each grid run, where NVML reports
     it). `model_ref` is what an experiment would name the model by (default: its bundled
@@ -410,7 +410,10 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
     model's weights are fp8), each in ``env["gemm_<precision>"]``. ``kv_dtypes``: the decode
     attention kernel alone per KV-cache dtype (`kv_attention_sweep`; default bf16 and fp8 when
     the model's KV cache is fp8), in ``env["kv_attention"]``; ``env["gemm_sweep_s"]``: each
-    GEMM sweep's wall seconds by precision."""
+    GEMM sweep's wall seconds by precision. ``long_kv_sizes``: the kernel alone
+    in the model's own KV dtype at the (batch, context) sizes given (True:
+    `kv_attention_sweep.LONG_SIZES`, long contexts at the decode graphs' batches; falsy: none), in
+    ``env["kv_attention_long"]`` (sim/kv_attention.py `fit_long`)."""
     import time
 
     import torch
@@ -453,6 +456,12 @@ def measure_grid(model: ModelSpec, model_ref: str | None = None, hardware: str =
 
         _progress(f"{model.name}: timing the decode attention kernel alone per KV dtype ({', '.join(kvd)})")
         extra_gemm["kv_attention"] = kv_attention_sweep(model, kvd, tp=tp)
+    if model.kv_dtype in ("bf16", "fp8") and long_kv_sizes:
+        from .kv_attention_sweep import LONG_SIZES, kv_attention_sweep
+
+        sizes = LONG_SIZES if long_kv_sizes is True else tuple(long_kv_sizes)
+        _progress(f"{model.name}: timing the decode attention kernel alone at long contexts ({len(sizes)} sizes)")
+        extra_gemm["kv_attention_long"] = kv_attention_sweep(model, (model.kv_dtype,), sizes=sizes, tp=tp)
     allreduce = None
     if tp > 1:
         from .tp import allreduce_sizes, allreduce_sweep

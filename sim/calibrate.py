@@ -599,6 +599,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         rows, env = measure_grid(model, model_ref=model_ref, hardware=hw.name, processes=processes, tp=tp,
                                  gemm_precisions=gemm_precisions, kv_dtypes=kv_dtypes)
         kv_rows = env.pop("kv_attention", None) or []
+        long_rows = env.pop("kv_attention_long", None) or []
         prec_rows = {p: env.pop(f"gemm_{p}") for p in GEMM_PRECISIONS if f"gemm_{p}" in env}
         ar_rows = env.pop("allreduce", None) or []
         runs = env.pop("power_runs", [])
@@ -615,6 +616,8 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
         _write_csv(grid.with_suffix(".allreduce.csv"), ar_rows)
         if kv_rows:
             kv_attention.write_table(grid.with_suffix(".kv-attention.csv"), kv_rows)
+        if long_rows:
+            kv_attention.write_table(grid.with_suffix(LONG_KV_SUFFIX), long_rows)
         if grid_its is not None:
             grid_its.to_parquet(grid.with_suffix(".iterations.parquet"), index=False)
         source = f"measured by sim calibrate --backend gpu ({grid.name})"
@@ -632,6 +635,11 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
             kv_rows = kv_attention.read_table(kv_path) if kv_path.is_file() else []
         except ValueError as e:
             raise ConfigError(str(e), str(kv_path)) from None
+        long_path = grid.with_suffix(LONG_KV_SUFFIX)
+        try:
+            long_rows = kv_attention.read_table(long_path) if long_path.is_file() else []
+        except ValueError as e:
+            raise ConfigError(str(e), str(long_path)) from None
         its_path = grid.with_suffix(".iterations.parquet")
         grid_its = None
         if its_path.is_file():  # grids from before the iterations were kept have none
@@ -650,6 +658,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar, gemm_by_precision=by_prec or None)
     kv_env = fit_kv_attention(params, stats, kv_rows, model, hw, tp,
                               kv_path if backend != "gpu" else grid.with_suffix(".kv-attention.csv"))
+    kv_env.update(fit_long_context(params, long_rows, model, grid.with_suffix(LONG_KV_SUFFIX)))
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
@@ -665,6 +674,27 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
                                "allreduce_seconds": [float(r["seconds"]) for r in ar_sorted]}
         dump_profile(out, doc)
     return doc
+
+
+LONG_KV_SUFFIX = ".kv-long.csv"  # beside a grid: the decode attention kernel alone at long contexts
+
+
+def fit_long_context(params: dict, rows: list[dict], model: ModelSpec, path: Path) -> dict:
+    """The decode attention kernel alone in the model's KV dtype at long contexts (``rows``:
+    the grid's ``.kv-long.csv``) into ``params["decode_attention_long"]`` (sim/kv_attention.py
+    `long_context_delta`: the kernel's long - short context per-token difference at a batch).
+    Nothing without rows of the model's KV dtype. Returns the provenance to record."""
+    rows = [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in rows]
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve().relative_to(root) if Path(path).resolve().is_relative_to(root) else Path(path)
+    try:
+        k = kv_attention.fit_long(rows, model.kv_dtype, source=str(path))
+    except ValueError as e:
+        raise ConfigError(str(e), str(path)) from None
+    if k is None:
+        return {}
+    params["decode_attention_long"] = k
+    return {"kv_attention_long": str(path)}
 
 
 def fit_kv_attention(params: dict, stats: dict, rows: list[dict], model: ModelSpec, hw: HardwareSpec, tp: int,

@@ -38,7 +38,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servesim.sim.kv_attention import DecodeAttentionKernel, kernel_delta
+from servesim.sim.kv_attention import DecodeAttentionKernel, LongContextKernel, kernel_delta, long_context_delta
 from servesim.sim.specs import HardwareSpec, ModelSpec, _kv_elem_bytes
 from servesim.sim.types import IterationShape
 
@@ -243,6 +243,14 @@ class RooflineConfig(BaseModel):
         "is its grid's KV dtype's, and a model of another KV dtype pays the kernel-alone difference at its "
         "batch on top (the rest of that term does not depend on the dtype); null: the bytes over the KV "
         "bandwidth (and kv_dequant_elements_per_s) for every dtype"
+    )
+    decode_attention_long: LongContextKernel | None = Field(
+        None, description="a calibrated profile's decode attention kernel alone in the model's own KV dtype per "
+        "decode batch, its per-token slope at short (<= 2k a request: the grid's decode rows) and at long (8-16k) "
+        "contexts (sim calibrate, from the kv-long sweep; sim/kv_attention.py `long_context_delta`): a cached "
+        "token costs the fitted rate plus the long - short difference at its batch (the kernel's split bound is "
+        "tuned per batch; with few splits the longest sequences' programs set the time), never below its bytes "
+        "at the achievable bandwidth; null: the fitted rate at every batch"
     )
     prefill_attention_rows: int = Field(
         128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "
@@ -453,6 +461,9 @@ class RooflineCostModel:
         self._ad_kv = L * max(4.0 * hd * hg / Fa, float(2 * kvg * hd * kvb) / Bkv,
                               kv_dequant_s(2 * kvg * hd, kvb, b, cfg.kv_dequant_elements_per_s))
         kvb = model.kv_elem_bytes
+        # long contexts: the kernel's long - short per-token difference at a batch (None: none)
+        self._kv_long = long_context_delta(cfg.decode_attention_long, model.kv_dtype, L)
+        self._kv_bytes_floor = L * float(2 * kvg * hd * kvb) / hw.achievable_hbm_bytes_per_s
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
         self._qlin = self._quantized_linears(model, hw, cfg, shapes, B) if not model.quant.is_bf16 else None
@@ -570,12 +581,19 @@ class RooflineCostModel:
 
     def _decode_kv(self, nd: int) -> tuple[float, float]:
         """(GPU seconds beside the KV, seconds per cached token) that decode attention over
-        ``nd`` requests adds: (0, the fitted rate) without a kernel table for this KV dtype."""
+        ``nd`` requests adds: (0, the fitted rate) without a kernel table for this KV dtype;
+        plus the long-context kernel's per-token difference at ``nd`` where the profile has one."""
         if self._kv_delta is None:
-            return 0.0, self._ad_kv
-        fixed, per = self._kv_delta(nd)
-        per += self._ad_kv
-        return fixed, per if per > self._kv_floor else self._kv_floor
+            fixed, per = 0.0, self._ad_kv
+        else:
+            fixed, per = self._kv_delta(nd)
+            per += self._ad_kv
+            per = per if per > self._kv_floor else self._kv_floor
+        if self._kv_long is not None:
+            per += self._kv_long(nd)
+            if per < self._kv_bytes_floor:
+                per = self._kv_bytes_floor
+        return fixed, per
 
     def decode_kv_rate(self, nd: int) -> float:
         """Seconds per cached token of decode attention over ``nd`` requests (all layers)."""
@@ -749,7 +767,7 @@ class RooflineCostModel:
             t += self._ar_fixed + self._ar_tok * T
         if self._moe is not None:
             t += self._moe.time(T) + self._a2a_fixed + self._a2a_tok * T
-        if n and self._kv_delta is not None:
+        if n and (self._kv_delta is not None or self._kv_long is not None):
             dfix, per_kv = self._decode_kv(nd)
             return self._total(max(t + dfix, 0.0), per_kv * shape.decode_kv_sum, graph, len(ctx) + n, True, pw > 0,
                                True, ct)

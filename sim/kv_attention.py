@@ -162,3 +162,86 @@ def kernel_delta(kernel: DecodeAttentionKernel | None, kv_dtype: str, layers: in
         return r
 
     return delta
+
+
+# ------------------------------------------------------------------------ long contexts
+SHORT_CTX_MAX = 2048  # the calibration grid's decode rows at batch >= 9 attend <= 2k tokens a request
+LONG_CTX_MIN = 8192
+
+
+class LongContextKernel(BaseModel):
+    """A calibrated profile's decode attention kernel alone in the model's own KV dtype at
+    short and at long contexts, per decode batch: one layer's seconds per cached token of the
+    line through the short-context points (<= SHORT_CTX_MAX tokens a request, what the grid's
+    decode rows attend) and of the line through the long-context ones (>= LONG_CTX_MIN)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    kv_dtype: Literal["bf16", "fp8"] = Field(description="the KV-cache dtype measured (the model's own)")
+    batches: list[int] = Field(min_length=1, description="batch sizes measured, strictly increasing, >= 1")
+    short_per_token_s: list[float] = Field(description="per batch, one layer's seconds per cached token at short "
+                                           "contexts (>= 0)")
+    long_per_token_s: list[float] = Field(description="per batch, one layer's seconds per cached token at long "
+                                          "contexts (>= 0)")
+    source: str = Field("", description="where the kernel table came from")
+
+    @model_validator(mode="after")
+    def _check(self):
+        b = self.batches
+        if b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
+            raise ValueError("batches must be >= 1 and strictly increasing")
+        for v in (self.short_per_token_s, self.long_per_token_s):
+            if len(v) != len(b) or min(v) < 0:
+                raise ValueError(f"one non-negative value per batch ({len(b)}) expected")
+        return self
+
+
+def fit_long(rows: list[dict], kv_dtype: str, source: str = "", short_max: int | None = None,
+             long_min: int | None = None) -> dict | None:
+    """`LongContextKernel` fields from the calibration's ``.kv-long.csv`` (kv_attention_sweep's
+    LONG_SIZES): per batch measured at >= 2 short and >= 2 long contexts in ``kv_dtype``, the
+    least-squares slopes of one layer's time over its cached tokens (batch x ctx) through each
+    (a negative slope, noise, clipped to 0). None when no row is of ``kv_dtype``; ValueError
+    when no batch qualifies."""
+    short_max = SHORT_CTX_MAX if short_max is None else short_max  # module constants: the CPU smoke's are small
+    long_min = LONG_CTX_MIN if long_min is None else long_min
+    sel = [r for r in rows if r["kv_dtype"] == kv_dtype]
+    if not sel:
+        return None
+    batches, short, long = [], [], []
+    for B in sorted({r["batch"] for r in sel}):
+        lo = [r for r in sel if r["batch"] == B and r["ctx"] <= short_max]
+        hi = [r for r in sel if r["batch"] == B and r["ctx"] >= long_min]
+        if len({r["ctx"] for r in lo}) < 2 or len({r["ctx"] for r in hi}) < 2:
+            continue
+        batches.append(B)
+        short.append(max(fit_line(lo, kv_dtype)[1], 0.0))
+        long.append(max(fit_line(hi, kv_dtype)[1], 0.0))
+    if not batches:
+        raise ValueError(f"decode attention long-context table: no batch measured at >= 2 contexts of <= "
+                         f"{short_max} and >= 2 of >= {long_min} tokens in {kv_dtype}")
+    return LongContextKernel(kv_dtype=kv_dtype, batches=batches, short_per_token_s=short, long_per_token_s=long,
+                             source=source).model_dump()
+
+
+def long_context_delta(kernel: LongContextKernel | None, kv_dtype: str, layers: int):
+    """``f(n) -> seconds per cached token`` over ``layers`` layers that decode attention over
+    a batch of ``n`` costs at long contexts beyond what it costs at the grid's short ones: the
+    kernel's long-context slope minus its short-context slope at that batch (linear in the
+    batch between the measured ones, the nearest beyond them). The kernel's split bound is
+    tuned per batch at short contexts; at long ones the programs of the longest sequences set
+    the time where it runs few splits (positive), and a batch of many splits streams the KV
+    better than at short contexts (negative). None without a table of ``kv_dtype``."""
+    if kernel is None or kernel.kv_dtype != kv_dtype:
+        return None
+    xs = np.asarray(kernel.batches, float)
+    d = layers * (np.asarray(kernel.long_per_token_s, float) - np.asarray(kernel.short_per_token_s, float))
+    cache: dict[int, float] = {}
+
+    def delta(n: int) -> float:
+        r = cache.get(n)
+        if r is None:
+            r = cache[n] = float(np.interp(n, xs, d))
+        return r
+
+    return delta
