@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
-import simpy
 
 from servesim.policies.routing import Router
 
@@ -95,6 +94,8 @@ def run_simulation(requests: Sequence[Request], engines: Sequence[Engine], route
             clock[0] = clock[0] + delay
         engines[0].finish()
         return clock[0]
+    import simpy  # (only here: a single replica's run never imports it)
+
     env = simpy.Environment()
 
     def engine_process(i: int, engine: Engine):

@@ -77,17 +77,22 @@ def test_binary_copy_ignored_when_the_csv_changes(tmp_path, monkeypatch):
 def test_sim_run_imports_no_plotting_fitting_or_gpu_code(tmp_path):
     """What `sim run` imports to run the whole Azure trace with plots off (benchmarks/sim_speed.py's
     run: some requests rejected, Poisson arrivals): none of pandas, pyarrow.compute,
-    matplotlib, scipy, torch, triton, the GPU backend, the plots or the calibrator."""
+    matplotlib, scipy, torch, triton, the GPU backend, the plots or the calibrator; nor SimPy
+    (one replica's loop runs without it: sim/driver.py). The cyclic garbage collector, off
+    for the command (sim/cli.py main), is on again once it returns."""
     exp = tmp_path / "e.yaml"
     exp.write_text("name: e\nmodel: llama-2-7b\nhardware: h100-sxm\n"
                    "workload: {trace: azure_conv, arrival: {kind: poisson, rate_req_s: 6.45}}\n"
                    "output: {plots: false, timeline: false}\n")
     code = ("import sys\n"
             f"sys.argv = ['sim', 'run', {str(exp)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+            "import gc\n"
             "from servesim.sim import cli\n"
+            "assert gc.isenabled()\n"
             "assert cli.main(sys.argv[1:]) == 0\n"
+            "assert gc.isenabled(), 'sim run left the garbage collector off'\n"
             "bad = [m for m in ('pandas', 'pyarrow.compute', 'matplotlib', 'scipy', 'torch', 'triton',\n"
-            "       'servesim.gpu_backend',\n"
+            "       'servesim.gpu_backend', 'simpy',\n"
             "       'servesim.sim.plots', 'servesim.sim.calibrate') if m in sys.modules]\n"
             "print('IMPORTED', bad)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
