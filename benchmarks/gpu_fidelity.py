@@ -319,8 +319,23 @@ def refit_profile(made: dict, grid: Path, dest: Path, repo: Path = REPO, source:
         doc = calibrate(model, hw, grid, dest, kv_attention_table=repo / kv if kv else None)
         doc["provenance"] = {"source": source, "grid_sha256": doc["provenance"]["grid_sha256"],
                              **prov, "refitted": doc["provenance"]["fitted"]}
+        _name_long_kv_table(doc, source)
     dump_profile(dest, doc)
     return dest
+
+
+def _name_long_kv_table(doc: dict, source: str) -> None:
+    """The long-context kernel table (``.kv-long.csv``, beside the grid) named where it is kept
+    -- beside ``source``, the grid's name in the results -- not where the device call or the
+    refit read it (a device's /tmp, the archive's extraction cache)."""
+    if not source.endswith(".grid.csv"):
+        return
+    table = source[: -len(".csv")] + ".kv-long.csv"
+    if "kv_attention_long" in doc["provenance"]:
+        doc["provenance"]["kv_attention_long"] = table
+    for section in doc.values():
+        if isinstance(section, dict) and isinstance(section.get("decode_attention_long"), dict):
+            section["decode_attention_long"]["source"] = table
 
 
 def refit_shipped(repo: Path = REPO) -> list[Path]:
