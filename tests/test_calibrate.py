@@ -537,7 +537,7 @@ def test_grid_over_several_processes(tmp_path, small_gemm_sweep):
     assert sum(j.get("served_rate") == 58.0 for j in one) == 3
     assert alone(one) == alone(eight) == [(40, 128), (24, 768)]
     assert chunked(one) == [(12288, False), (8192, True)] and chunked(eight) == [(12288, False)]
-    rows, env = prof.measure_grid(model, str(tiny), processes=2, **small)
+    rows, env = prof.measure_grid(model, str(tiny), processes=2, long_kv_sizes=False, **small)
     labels = [r["workload"] for r in env["power_runs"]]
     assert len(labels) == len(jobs) - 1 == len(set(labels)) and env["grid_processes"] == 2  # served: 2 parts
     # every run gave rows but the power model's, which gave its energy and iterations only

@@ -500,7 +500,7 @@ def test_calibration_grid_at_tp2_on_cpu(model_file, monkeypatch):
         rows, env = profiler.measure_grid(model, model_ref=str(model_file), decode_points=[(2, 24, 6, True)],
                                           prefill_points=[(1, 40)], mixed_points=[], piecewise_points=[],
                                           served_points=[], power_points=[], prefix_points=[], tp=2,
-                                          prompt_points=[], chunked_points=[])
+                                          prompt_points=[], chunked_points=[], long_kv_sizes=False)
     finally:
         torch.set_num_threads(n)
     assert groups == [2, 2]  # both grid runs on 2 ranks
