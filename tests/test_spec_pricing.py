@@ -21,8 +21,8 @@ from servesim.sim.types import IterationShape
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_GPU = REPO / "benchmarks" / "results" / "spec_gpu"
-PROFILE = REPO / "profiles" / "h200-llama-3.1-8b.yaml"
-DRAFT_PROFILE = REPO / "profiles" / "h200-llama-3.2-1b.yaml"
+PROFILE = REPO / "benchmarks/results/calibration_h200/call23-h200-k/h200-llama-3.1-8b.yaml"  # the spec runs' instance
+DRAFT_PROFILE = REPO / "benchmarks/results/calibration_h200/call23-h200-k/h200-llama-3.2-1b.yaml"
 
 
 @st.composite
