@@ -91,6 +91,13 @@ def fit_dequant_rate(rows: list[dict], kv_heads: int, head_dim: int) -> float:
 
 
 # ------------------------------------------------------------------------ calibrated profiles
+
+def _check_batches(b: list[int]) -> list[int]:
+    """A kernel table's measured batch sizes: >= 1 and strictly increasing (else ValueError)."""
+    if b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
+        raise ValueError("batches must be >= 1 and strictly increasing")
+    return b
+
 class DecodeAttentionKernel(BaseModel):
     """A calibrated profile's decode attention kernel alone, per KV dtype (see the module doc)."""
 
@@ -107,9 +114,7 @@ class DecodeAttentionKernel(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        b = self.batches
-        if b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
-            raise ValueError("batches must be >= 1 and strictly increasing")
+        b = _check_batches(self.batches)
         if set(self.fixed_s) != set(self.per_token_s):
             raise ValueError("fixed_s and per_token_s must hold the same KV dtypes")
         for what in (self.fixed_s, self.per_token_s):
@@ -187,9 +192,7 @@ class LongContextKernel(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        b = self.batches
-        if b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
-            raise ValueError("batches must be >= 1 and strictly increasing")
+        b = _check_batches(self.batches)
         for v in (self.short_per_token_s, self.long_per_token_s):
             if len(v) != len(b) or min(v) < 0:
                 raise ValueError(f"one non-negative value per batch ({len(b)}) expected")
