@@ -646,6 +646,8 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
                             checks += [(name, B, ctx, "padded", *c) for c in
                                        _check_plain(model, spec, pw, o, lens, dev, dtype, padded=True)]
                         r["ours_s"] = t(graphed(o["step"], dev), reps=reps)
+                        if cuda:
+                            r.update(programmatic_launch_point(o, dev, t, reps))
                         if tuned:
                             da.set_tuning({**tuned, "entries": {}})  # default attention, the same linears
                             try:
@@ -736,6 +738,42 @@ def decode_grid(dev, dtype, ceil, budget: Budget, smoke: bool, calib: list[dict]
                 pd.DataFrame(gemm_rows).to_csv(out / "gemm_layouts.csv", index=False)
 
 
+def programmatic_launch_point(o: dict, dev, t, reps: int) -> dict:
+    """Section 4's *ours, PDL* column: the same iteration captured with programmatic dependent
+    launch (kernels/_common.py `PDL`: the decode-path Triton kernels launched with ``launch_pdl``,
+    each waiting on its predecessor with ``griddepcontrol.wait``, the GEMM's first weight tile
+    loaded before the wait), its logits checked bit for bit against the plain launch's first,
+    then timed. Returns ``ours_pdl_s`` (only when identical), ``pdl_identical`` / ``pdl_note``."""
+    from servesim.kernels import _gdc
+    from servesim.kernels._common import programmatic_launch
+
+    if not _gdc.AVAILABLE:
+        return {"pdl_note": "this Triton has no grid dependency control"}
+    outs, res = {}, {}
+    try:
+        for on in (False, True):
+            holder = {}
+
+            def f():
+                holder["y"] = o["logits"]()
+
+            with programmatic_launch(on):
+                rep = graphed(f, dev)
+            rep()
+            torch.cuda.synchronize()
+            outs[on] = holder["y"].clone()
+            if on:
+                res["pdl_identical"] = bool(torch.equal(outs[False], outs[True]))
+                if res["pdl_identical"]:
+                    res["ours_pdl_s"] = t(rep, reps=reps)
+                else:
+                    res["pdl_note"] = f"logits differ: rel. error {rel_err(outs[True], outs[False]):.1e}"
+            rep = None
+    except Exception as e:  # noqa: BLE001 -- a failed capture is a result of the table, not the end of the run
+        res["pdl_note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    return res
+
+
 def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: Path | None) -> None:
     bw = ceil["copy_bw"]
     md("\n**Check before timing** (one point per model): the baseline's logits on our pool's KV and our ids vs "
@@ -743,14 +781,14 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
     md("| model | batch | context | baseline | SDPA form | logits rel. error | argmax agree |\n|---|---|---|---|---|---|---|")
     for name, B, ctx, kind, form, err, agree in checks:
         md(f"| {name} | {B} | {ctx} | {kind} | {form} | {err:.1e} | {agree:.0%} |")
-    md("\n| model | batch | context | ours | share | ours, default attn | ours, cuBLAS linears | ours, equal lengths "
-       "| plain, equal | share | plain, padded | share | ours vs plain equal | ours vs plain padded |")
-    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    md("\n| model | batch | context | ours | share | ours, PDL | share | ours, default attn | ours, cuBLAS linears | "
+       "ours, equal lengths | plain, equal | share | plain, padded | share | ours vs plain equal | ours vs plain padded |")
+    md("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     specs = {}
     for r in rows:
         name, B, ctx = r["model"], r["batch"], r["ctx"]
         if "ours_s" not in r:
-            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 11)
+            md(f"| {name} | {B} | {ctx} | *{r.get('note', 'not run')}* |" + " |" * 13)
             continue
         spec = specs.setdefault(name, model_cfg_spec(name, smoke)[1])
         kv_m = r["kv_tokens"]
@@ -766,7 +804,9 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
         pp = f"{ms('plain_padded_s')} ({r.get('plain_padded_form', '-')})" if "plain_padded_s" in r else "-"
         ve = f"**{r['plain_equal_s'] / r['ours_s']:.2f}x**" if "plain_equal_s" in r else "-"
         vp = f"**{r['plain_padded_s'] / r['ours_s']:.2f}x**" if "plain_padded_s" in r else "-"
-        md(f"| {name} | {B} | {ctx} | {ms('ours_s')} | {sh('ours_s', kv_m)} | {ms('ours_default_s')} | "
+        pdl = ms("ours_pdl_s") if "ours_pdl_s" in r else (f"*{r['pdl_note']}*" if "pdl_note" in r else "-")
+        md(f"| {name} | {B} | {ctx} | {ms('ours_s')} | {sh('ours_s', kv_m)} | {pdl} | {sh('ours_pdl_s', kv_m)} | "
+           f"{ms('ours_default_s')} | "
            f"{ms('ours_cublas_s')} | {ms('ours_equal_s')} | {pe} | {sh('plain_equal_s', kv_e)} | {pp} | {sh('plain_padded_s', kv_m)} | "
            f"{ve} | {vp} |")
     done = [r for r in rows if "plain_equal_s" in r and "plain_padded_s" in r]
@@ -782,6 +822,16 @@ def _grid_tables(rows: list[dict], checks: list[tuple], ceil, smoke: bool, out: 
                 spec = specs[name]
                 shares = [_roof_share(spec, r["batch"], r["kv_tokens"], bw, r["ours_s"]) for r in pts]
                 md(f"{name} share of roofline {what}: {min(shares):.0%}-{max(shares):.0%}.")
+                pd_ = [_roof_share(spec, r["batch"], r["kv_tokens"], bw, r["ours_pdl_s"]) for r in pts if "ours_pdl_s" in r]
+                if pd_:
+                    md(f"{name} share of roofline {what}, with programmatic dependent launch: {min(pd_):.0%}-{max(pd_):.0%}.")
+        pdl = [r for r in done if "ours_pdl_s" in r]
+        if pdl:
+            sp = [r["ours_s"] / r["ours_pdl_s"] for r in pdl]
+            md(f"Programmatic dependent launch (*ours, PDL*; logits bit-identical at {len(pdl)} of {len(done)} points, "
+               f"the others not timed): {min(sp):.2f}x-{max(sp):.2f}x the plain launch's speed; vs plain equal >= "
+               f"**{min(r['plain_equal_s'] / r['ours_pdl_s'] for r in pdl):.2f}x**, vs plain padded >= "
+               f"**{min(r['plain_padded_s'] / r['ours_pdl_s'] for r in pdl):.2f}x**.")
     if out is not None:
         import pandas as pd
         pd.DataFrame(rows).to_csv(out / "decode_grid.csv", index=False)

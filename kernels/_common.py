@@ -29,6 +29,44 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+# Programmatic dependent launch (Hopper+): when on, the decode-path Triton kernels (the small-M
+# GEMM, rmsnorm, RoPE + KV write, silu_mul, decode attention) are launched with
+# ``launch_pdl=True`` and begin with ``griddepcontrol.wait`` (``GDC``), so a kernel's CTAs are
+# resident -- and the GEMM's first weight tile in flight -- while its predecessor drains; each
+# then signals ``launch_dependents`` once its own wait has returned. Every kernel launched this
+# way waits before it reads or writes anything another kernel touches (the weights, which no
+# kernel writes, are the only pre-wait reads), so results are bit-identical to a plain launch.
+# Off by default; ``programmatic_launch(True)`` around a CUDA-graph capture turns it on.
+PDL = False
+
+
+class programmatic_launch:
+    """Context manager: the decode-path kernels launched with programmatic dependent launch
+    (``on``) or without, inside the block (kernels/_common.py `PDL`)."""
+
+    def __init__(self, on: bool = True):
+        self.on = bool(on)
+
+    def __enter__(self):
+        global PDL
+        self._was, PDL = PDL, self.on
+        return self
+
+    def __exit__(self, *exc):
+        global PDL
+        PDL = self._was
+        return False
+
+
+def pdl_kwargs(x: torch.Tensor) -> dict:
+    """The launch keywords of a GDC-aware kernel: ``GDC`` (the kernel's constexpr: emit the
+    wait / launch_dependents instructions) and ``launch_pdl``, on a CUDA tensor while `PDL` is on;
+    nothing otherwise (Triton's CPU interpreter has no grid dependency control)."""
+    if PDL and x.is_cuda:
+        return {"GDC": True, "launch_pdl": True}
+    return {}
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_last_dim_contiguous, check_interpreted, new_empty, next_pow2
+from ._common import as_last_dim_contiguous, check_interpreted, new_empty, next_pow2, pdl_kwargs
+from ._gdc import gdc_enter
 
 
 @triton.jit
@@ -15,7 +16,10 @@ def _silu_mul_kernel(
     stride_gu, stride_out,
     I,
     BLOCK: tl.constexpr,
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
+    if GDC:
+        gdc_enter()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -38,5 +42,6 @@ def silu_mul_triton(gate_up: torch.Tensor, block: int | None = None) -> torch.Te
     BLOCK = block or min(next_pow2(I), 1024)
     num_warps = 4 if BLOCK >= 512 else (2 if BLOCK >= 128 else 1)
     grid = (T, triton.cdiv(I, BLOCK))
-    _silu_mul_kernel[grid](gate_up, out, gate_up.stride(0), out.stride(0), I, BLOCK=BLOCK, num_warps=num_warps)
+    _silu_mul_kernel[grid](gate_up, out, gate_up.stride(0), out.stride(0), I, BLOCK=BLOCK, num_warps=num_warps,
+                            **pdl_kwargs(gate_up))
     return out

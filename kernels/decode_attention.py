@@ -65,7 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
+from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms, pdl_kwargs
+from ._gdc import gdc_enter
 from .reference import FP8_KV, check_kv_scales, is_fp8_cache
 
 LOG2E = 1.4426950408889634
@@ -114,7 +115,10 @@ def _decode_split_kernel(
     KV_FP8: tl.constexpr,
     MATH_F16: tl.constexpr,
     MERGE_G: tl.constexpr,
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
+    if GDC:
+        gdc_enter()
     pid = tl.program_id(0)
     if HEAD_MAJOR:  # kv heads of one (sequence, split) side by side: they read the same blocks
         kvh = pid % n_kv_heads
@@ -301,7 +305,10 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr,
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
+    if GDC:
+        gdc_enter()
     pid = tl.program_id(0)
     b = (pid // n_q_heads).to(tl.int64)
     h = (pid % n_q_heads).to(tl.int64)
@@ -718,6 +725,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
         MERGE_G=next_pow2(group),
         num_warps=int(cfg.num_warps),
         **extra,
+        **pdl_kwargs(q),
     )
     if S > 1 and not fused:
         _decode_reduce_kernel[(B * HQ,)](
@@ -731,6 +739,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, cfg: Decode
             BLOCK_D=BLOCK_D,
             CHUNK=chunk,
             num_warps=1 if chunk * BLOCK_D <= 512 else (2 if chunk * BLOCK_D <= 2048 else 4),
+            **pdl_kwargs(q),
         )
     return out
 

@@ -53,7 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms
+from ._gdc import gdc_enter
 
 GEMV_ENTRIES = "gemv_entries"  # the decode tuning table's key for this kernel's rows
 PROLOGUES = ("none", "rms", "silu")
@@ -79,6 +81,8 @@ def _gemv_kernel(
     ROPE: tl.constexpr = False,  # the qkv epilogue: rotary on q / k, k and v into the paged cache
     HEAD_DIM: tl.constexpr = 2,
     KV_FP8: tl.constexpr = False,
+    PRELOAD: tl.constexpr = False,  # the first weight tile loaded before GDC's wait
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -97,7 +101,20 @@ def _gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
     dt = w_ptr.dtype.element_ty
+    # a split's K range starts at a multiple of BLOCK_K (so the compiler knows the tiles are
+    # aligned) and only the last tile of K is partial: the mask is ``kk < K`` alone, which
+    # keeps the loads vectorised (K a multiple of 16) where a mask at a run-time split end
+    # would make them 2-byte loads
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
+    if PRELOAD:  # the first weight tile in flight before the wait (weights: written by no kernel)
+        kk0 = k_lo + rk
+        w0 = tl.load(w_rows + kk0[None, :], mask=n_mask[:, None] & (kk0 < k_hi)[None, :], other=0.0)
+    if GDC:
+        gdc_enter()
 
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == 1:  # the rows' rstd over all of K (and h, written once)
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         h_rows = tl.where((pid_n == 0) & (pid_k == 0), M, 0)  # rows program (0, 0) writes h of
@@ -114,41 +131,24 @@ def _gemv_kernel(
             ss += tl.sum(hf * hf, axis=1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
 
-    # a split's K range starts at a multiple of BLOCK_K (so the compiler knows the tiles are
-    # aligned) and only the last tile of K is partial: the mask is ``kk < K`` alone, which
-    # keeps the loads vectorised (K a multiple of 16) where a mask at a run-time split end
-    # would make them 2-byte loads
-    k_lo = pid_k * tiles_per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    k_first = k_lo
+    if PRELOAD:  # the preloaded tile first: the same products in the same order as the loop's
+        kk0 = k_lo + rk
+        xv = _x_tile(x_rows, r_ptr, nw_ptr, rm, kk0, m_mask, kk0 < k_hi, rstd, s_rm, K, dt, PROLOGUE, HAS_RES)
+        acc = _accumulate(acc, xv, w0, USE_DOT, DOT_PREC)
+        k_first = k_lo + BLOCK_K
+    for k0 in range(k_first, k_hi, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        xm = m_mask[:, None] & k_mask[None, :]
-        if PROLOGUE == 2:
-            g = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
-            xv = (g * tl.sigmoid(g) * u).to(dt)
-        elif PROLOGUE == 1:
-            xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
-            if HAS_RES:
-                rv = tl.load(r_ptr + rm[:, None].to(tl.int64) * s_rm + kk[None, :], mask=xm, other=0.0)
-                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(xv.dtype)
-            nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
-        else:
-            xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(dt)
+        xv = _x_tile(x_rows, r_ptr, nw_ptr, rm, kk, m_mask, k_mask, rstd, s_rm, K, dt, PROLOGUE, HAS_RES)
         wv = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc = tl.dot(xv, tl.trans(wv), acc, input_precision=DOT_PREC)
-        else:
-            acc3 += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
+        acc = _accumulate(acc, xv, wv, USE_DOT, DOT_PREC)
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        acc = tl.sum(acc, axis=2)
 
     omask = m_mask[:, None] & n_mask[None, :]
     done = n_splits == 1
@@ -184,6 +184,38 @@ def _gemv_kernel(
         else:
             y_ptrs = y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :]
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _x_tile(x_rows, r_ptr, nw_ptr, rm, kk, m_mask, k_mask, rstd, s_rm, K, dt,
+            PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr):
+    """The input tile ``[BLOCK_M, BLOCK_K]`` after the prologue (in the weight's dtype)."""
+    xm = m_mask[:, None] & k_mask[None, :]
+    if PROLOGUE == 2:
+        g = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + kk[None, :], mask=xm, other=0.0).to(tl.float32)
+        xv = (g * tl.sigmoid(g) * u).to(dt)
+    elif PROLOGUE == 1:
+        xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0)
+        if HAS_RES:
+            rv = tl.load(r_ptr + rm[:, None].to(tl.int64) * s_rm + kk[None, :], mask=xm, other=0.0)
+            xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(xv.dtype)
+        nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(dt)
+    else:
+        xv = tl.load(x_rows + kk[None, :], mask=xm, other=0.0).to(dt)
+    return xv
+
+
+@triton.jit
+def _accumulate(acc, xv, wv, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc += xv @ wv.T``: ``tl.dot`` into ``[BLOCK_M, BLOCK_N]``, or the broadcast product into
+    ``[BLOCK_M, BLOCK_N, BLOCK_K]`` (reduced once after the loop)."""
+    if USE_DOT:
+        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=DOT_PREC)
+    else:
+        acc += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
+    return acc
 
 
 @triton.jit
@@ -305,14 +337,18 @@ class RopeKV:
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: str = "none",
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                 residual: torch.Tensor | None = None,
-                rope: RopeKV | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                rope: RopeKV | None = None, preload: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y [M, N] = prologue(x) @ w.T`` in x's dtype; returns ``(y, h)`` where ``h`` is the
     rms prologue's residual stream (``x + residual``; ``x`` itself without a residual) and
     None for the other prologues. x: [M, K] ([M, 2K] for ``silu``), w: [N, K].
 
     ``rope``: w is a fused qkv projection (``N = (Hq + 2 Hkv) D``, q | k | v) and the
     epilogue does `rope_kv_write`'s work: ``y`` is the rotated q ``[M, Hq, D]``, the rotated k
-    and v are written into the caches (nothing else of the projection is stored)."""
+    and v are written into the caches (nothing else of the projection is stored).
+
+    ``preload``: each program's first weight tile loaded before anything else (the same
+    products in the same order: bit-identical); default: when launched with programmatic
+    dependent launch (kernels/_common.py `PDL`), where the load overlaps the previous kernel."""
     if prologue not in _PRO:
         raise ValueError(f"gemv: prologue must be one of {PROLOGUES}, got {prologue!r}")
     assert x.dim() == 2 and w.dim() == 2, "gemv: x [M, K] and w [N, K]"
@@ -360,6 +396,8 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
     extra = {"num_stages": int(cfg.num_stages)} if cfg.num_stages else {}
     if rp is None:
         rp = dict(ptrs=(y, y, y, y, y), ints=(0,) * 10, scales=(1.0, 1.0), const={})
+    pdl = _common.pdl_kwargs(x)
+    extra["PRELOAD"] = bool(pdl) if preload is None else bool(preload)
     _gemv_kernel[(n_tiles, S)](
         x, r, nw, w, y, hx, ws, cnt,
         *rp["ptrs"],
@@ -370,7 +408,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, *, prologue: 
         PROLOGUE=_PRO[prologue], HAS_RES=prologue == "rms" and residual is not None,
         USE_DOT=use_dot, DOT_PREC=dot_precision(x.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        num_warps=int(cfg.num_warps), **rp["const"], **extra,
+        num_warps=int(cfg.num_warps), **rp["const"], **extra, **pdl,
     )
     return y, h
 

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_last_dim_contiguous, check_interpreted, new_empty, next_pow2
+from ._common import as_last_dim_contiguous, check_interpreted, new_empty, next_pow2, pdl_kwargs
+from ._gdc import gdc_enter
 
 
 @triton.jit
@@ -16,7 +17,10 @@ def _rms_norm_kernel(
     H, eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
+    if GDC:
+        gdc_enter()
     # One program per row; the whole row sits in registers (BLOCK_H >= H).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
@@ -69,5 +73,6 @@ def rms_norm_triton(
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=BLOCK_H,
         num_warps=num_warps,
+        **pdl_kwargs(x),
     )
     return out, res_out

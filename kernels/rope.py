@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_last_dim_contiguous, check_interpreted, jit_options, new_empty, next_pow2
+from ._common import as_last_dim_contiguous, check_interpreted, jit_options, new_empty, next_pow2, pdl_kwargs
+from ._gdc import gdc_enter
 from .reference import check_kv_scales, is_fp8_cache
 
 
@@ -30,7 +31,10 @@ def _rope_kv_write_kernel(
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     KV_FP8: tl.constexpr,
+    GDC: tl.constexpr = False,  # programmatic dependent launch (kernels/_gdc.py)
 ):
+    if GDC:
+        gdc_enter()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -135,5 +139,6 @@ def rope_kv_write_triton(
         1.0 / float(k_scale), 1.0 / float(v_scale),
         BLOCK_HQ=BLOCK_HQ, BLOCK_HKV=BLOCK_HKV, BLOCK_HALF=BLOCK_HALF, KV_FP8=is_fp8_cache(k_cache),
         num_warps=num_warps,
+        **pdl_kwargs(q),
     )
     return q_rot, k_rot

@@ -100,6 +100,38 @@ def test_gemv_random_shapes_split_k_deterministic(M, N, K, split, bn, bk, dot, s
     assert int(da._counters(torch.device(DEV), 1).abs().sum()) == 0
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 12), N=st.integers(1, 50), K=st.integers(1, 130), split=st.integers(1, 5),
+       bn=st.sampled_from([8, 16, 32]), bk=st.sampled_from([16, 32, 64]), dot=st.booleans(),
+       prologue=st.sampled_from(["none", "rms", "silu"]), seed=st.integers(0, 2**16))
+def test_gemv_preload_is_bit_identical(M, N, K, split, bn, bk, dot, prologue, seed):
+    """The first weight tile loaded before everything else (programmatic dependent launch's
+    preload, kernels/_common.py `PDL`) gives bit for bit the same result, residual stream included:
+    the peeled tile's products are added first, in the loop's order."""
+    dot = dot or M > 4
+    cfg = GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=4, use_dot=dot)
+    c = inputs(M, N, K, torch.float32, seed)
+    x = c["gu"] if prologue == "silu" else c["x"]
+    kw = dict(norm_weight=c["nw"], residual=c["res"]) if prologue == "rms" else {}
+    y0, h0 = gemv_triton(x, c["w"], cfg, prologue=prologue, preload=False, **kw)
+    y1, h1 = gemv_triton(x, c["w"], cfg, prologue=prologue, preload=True, **kw)
+    assert torch.equal(y0, y1)
+    assert (h0 is None and h1 is None) or torch.equal(h0, h1)
+
+
+def test_programmatic_launch_is_off_on_cpu_and_restored():
+    """`programmatic_launch` turns `PDL` on inside its block only, and CPU tensors never get the
+    GDC launch keywords (the interpreter has no grid dependency control)."""
+    x = torch.zeros(1)
+    assert not _common.PDL
+    with _common.programmatic_launch(True):
+        assert _common.PDL and _common.pdl_kwargs(x) == {}
+        with _common.programmatic_launch(False):
+            assert not _common.PDL
+        assert _common.PDL
+    assert not _common.PDL
+
+
 def test_gemv_zero_rows():
     c = inputs(1, 8, 32, torch.float32)
     y, h = gemv_triton(c["x"][:0], c["w"], CONFIGS[0], prologue="rms", norm_weight=c["nw"], residual=c["res"][:0])
@@ -202,19 +234,20 @@ def check_qkv(c, q, h, hq, hkv, dtype):
 @given(M=st.integers(1, 9), hq=st.integers(1, 5), hkv=st.integers(1, 3), D=st.sampled_from([4, 8, 16, 32]),
        H=st.integers(1, 72), split=st.integers(1, 4), bn=st.sampled_from([2, 8, 16, 32]),
        bk=st.sampled_from([16, 32]), dot=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
-       fp8=st.booleans(), res=st.booleans(), seed=st.integers(0, 2**16))
-def test_qkv_rope_epilogue_matches_reference(M, hq, hkv, D, H, split, bn, bk, dot, dtype, fp8, res, seed):
+       fp8=st.booleans(), res=st.booleans(), preload=st.booleans(), seed=st.integers(0, 2**16))
+def test_qkv_rope_epilogue_matches_reference(M, hq, hkv, D, H, split, bn, bk, dot, dtype, fp8, res, preload, seed):
     """The qkv GEMM with the rmsnorm prologue and the rotary + KV-write epilogue = the unfused
     reference (rmsnorm, qkv, rope_kv_write) for any heads, head dim, rows, tile (column pairs
     across heads and the q | k | v boundaries), split count, dtype, cache (fp8: its scales) and
-    padding rows (slot -1: nothing written, every other slot's bits kept)."""
+    padding rows (slot -1: nothing written, every other slot's bits kept), with or without the
+    first weight tile preloaded (programmatic dependent launch's order)."""
     _common.POISON_OUTPUTS = True
     dot = dot or M > 4
     cfg = GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=4, use_dot=dot)
     c = qkv_case(M, hq, hkv, D, H, dtype, fp8, res, seed)
     rope = RopeKV(c["pos"], c["cs"], c["kc"], c["vc"], c["slots"], hq, hkv, c["ks"], c["vs"])
     q, h = gemv_triton(c["x"], c["w"], cfg, prologue="rms", norm_weight=c["nw"], eps=1e-5, residual=c["res"],
-                       rope=rope)
+                       rope=rope, preload=preload)
     check_qkv(c, q, h, hq, hkv, dtype)
     assert int(da._counters(torch.device(DEV), 1).abs().sum()) == 0
 
@@ -315,7 +348,7 @@ fn = gm._gemv_kernel
 ptrs = ["x_ptr", "r_ptr", "nw_ptr", "w_ptr", "y_ptr", "h_ptr"]
 idx = fn.arg_names.index
 out = []
-for prologue, use_dot, bm, bn, bk, warps, stages, rope in json.loads(sys.argv[1]):
+for prologue, use_dot, bm, bn, bk, warps, stages, rope, pdl in json.loads(sys.argv[1]):
     sig = {n: "*bf16" for n in ptrs}
     sig.update(ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32", n_splits="i32",
                s_xm="i32", s_rm="i32", s_wn="i32", s_ym="i32", s_hm="i32", eps="fp32",
@@ -324,7 +357,8 @@ for prologue, use_dot, bm, bn, bk, warps, stages, rope in json.loads(sys.argv[1]
     sig.update({n: "i32" for n in ("s_cs", "s_kc_b", "s_kc_o", "s_kc_h", "s_vc_b", "s_vc_o", "s_vc_h", "page",
                                    "n_qh", "n_kvh")})
     const = dict(PROLOGUE=prologue, HAS_RES=prologue == 1, USE_DOT=use_dot, DOT_PREC="tf32", BLOCK_M=bm,
-                 BLOCK_N=bn, BLOCK_K=bk, ROPE=bool(rope), HEAD_DIM=128 if rope else 2, KV_FP8=False)
+                 BLOCK_N=bn, BLOCK_K=bk, ROPE=bool(rope), HEAD_DIM=128 if rope else 2, KV_FP8=False,
+                 PRELOAD=bool(pdl), GDC=bool(pdl))
     sig.update({n: "constexpr" for n in const})
     # the divisibility a real launch gets: 16-aligned pointers, strides and N, K multiples of 16
     attrs = {(idx(n),): [["tt.divisibility", 16]]
@@ -333,7 +367,9 @@ for prologue, use_dot, bm, bn, bk, warps, stages, rope in json.loads(sys.argv[1]
     opts = dict(num_warps=warps, **({"num_stages": stages} if stages else {}))
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
     out.append(dict(wide=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b32|cp\.async\.cg\.shared\.global", ptx)),
-                    narrow=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)), local=".local" in ptx))
+                    narrow=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)), local=".local" in ptx,
+                    wait=len(re.findall(r"griddepcontrol\.wait", ptx)),
+                    launch=len(re.findall(r"griddepcontrol\.launch_dependents", ptx))))
 print(json.dumps(out))
 """
 
@@ -351,6 +387,8 @@ def test_weight_loads_are_vectorised_on_sm90():
     variants = [(0, False, 1, 8, 512, 4, 0, 0), (1, True, 16, 64, 128, 4, 3, 0), (2, False, 2, 16, 256, 4, 0, 0),
                 (1, False, 1, 8, 512, 4, 3, 0), (2, False, 1, 8, 1024, 8, 0, 0), (0, True, 16, 32, 256, 4, 3, 0),
                 (1, False, 1, 16, 512, 4, 0, 1), (1, True, 16, 64, 128, 4, 3, 1)]  # the last two: qkv + rope
+    # the same with programmatic dependent launch (the first weight tile preloaded, GDC's wait)
+    variants = [(*v, 0) for v in variants] + [(*v, 1) for v in variants]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -361,6 +399,8 @@ def test_weight_loads_are_vectorised_on_sm90():
     assert p.returncode == 0, p.stderr[-2000:]
     for v, r in zip(variants, json.loads(p.stdout.strip().splitlines()[-1])):
         assert r["wide"] >= 4 and r["narrow"] <= 2 and not r["local"], (v, r)
+        # PDL: one wait and one launch_dependents; none without
+        assert (r["wait"], r["launch"]) == ((1, 1) if v[-1] else (0, 0)), (v, r)
 
 
 # ---------------------------------------------------------------------------------- greedy argmax
