@@ -620,18 +620,19 @@ from servesim.kernels import decode_attention as da
 fn = da._decode_split_kernel
 idx = fn.arg_names.index
 out = []
-for D, block_n, warps, stages, fused, group in json.loads(sys.argv[1]):
+for D, block_n, warps, stages, fused, group, gdc in json.loads(sys.argv[1]):
     sig = dict(q_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", bt_ptr="*i32", sl_ptr="*i32", m_ptr="*fp32",
                l_ptr="*fp32", acc_ptr="*fp32", cnt_ptr="*i32", out_ptr="*bf16", qk_scale="fp32", v_scale="fp32")
     sig.update({n: "i32" for n in fn.arg_names if n.startswith("s_") or n in ("n_kv_heads", "max_splits",
                                                                                 "min_split_tokens")})
     const = dict(HEAD_DIM=D, PAGE=32, GROUP=group, BLOCK_G=16, BLOCK_N=block_n, BLOCK_D=D, USE_DOT=True,
                  DOT_PREC="tf32", FUSED_REDUCE=fused, HEAD_MAJOR=True, CHUNK=da.merge_chunk(group, D) if fused else 1,
-                 KV_FP8=False, MATH_F16=False, MERGE_G=triton.next_power_of_2(group))
+                 KV_FP8=False, MATH_F16=False, MERGE_G=triton.next_power_of_2(group), GDC=bool(gdc))
     sig.update({n: "constexpr" for n in const})
     src = ASTSource(fn=fn, signature=sig, constexprs={(idx(n),): v for n, v in const.items()}, attrs={})
     opts = dict(num_warps=warps, **({"num_stages": stages} if stages else {}))
-    out.append(".local" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"])
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    out.append([".local" in ptx, ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents")])
 print(json.dumps(out))
 """
 
@@ -639,13 +640,15 @@ print(json.dumps(out))
 def test_fused_merge_compiles_for_sm90_without_spills():
     """Compiled ahead of time for an H100/H200 (no GPU; a process of its own, without the
     interpreter): the split kernel with the all-heads merge tile, at both models' head dims and
-    the tuned tiles, keeps everything in registers (no local memory)."""
+    the tuned tiles, keeps everything in registers (no local memory); with programmatic
+    dependent launch (GDC) it has one wait and one launch_dependents, none without."""
     import json
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
-    variants = [(128, 64, 4, 2, True, 4), (64, 128, 4, 2, True, 4), (128, 128, 4, 2, True, 4), (128, 64, 8, 3, True, 8)]
+    variants = [(128, 64, 4, 2, True, 4, 0), (64, 128, 4, 2, True, 4, 0), (128, 128, 4, 2, True, 4, 0),
+                (128, 64, 8, 3, True, 8, 0), (128, 64, 4, 2, True, 4, 1), (64, 128, 4, 2, False, 4, 1)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -654,7 +657,7 @@ def test_fused_merge_compiles_for_sm90_without_spills():
     if p.returncode != 0 and ("ImportError" in p.stderr or "unexpected keyword" in p.stderr):
         pytest.skip(f"this Triton's ahead-of-time API: {p.stderr.strip().splitlines()[-1]}")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(p.stdout.strip().splitlines()[-1]) == [False] * len(variants)
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [[False, v[-1], v[-1]] for v in variants]
 
 
 @pytest.mark.parametrize("use_dot", [False, True])
