@@ -78,7 +78,7 @@ def _metrics(run: dict, dur) -> tuple[float, float]:
     return float(np.median(tpot[out > 1])), float(out.sum() / end[-1])
 
 
-def _run_data(run: Path, sim_iterations, batch: int) -> dict:
+def _run_data(run: Path, sim_iterations, batch: int, spec: bool = True) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -90,6 +90,7 @@ def _run_data(run: Path, sim_iterations, batch: int) -> dict:
         raise RuntimeError(f"{run.name}: the replay ran {len(s)} iterations, the GPU {len(g)}")
     gend = start + g
     return {"gpu": g, "sim": s, "kind": np.asarray(iteration_kinds(it, batch)), "t0": float(start[0]),
+            "n_ctx": np.asarray(it["num_ctx_requests"]), "batch": batch, "spec": spec,
             "first_it": np.searchsorted(gend, np.asarray(req["first_token_s"]) - 1e-9),
             "last_it": np.searchsorted(gend, np.asarray(req["finish_s"]) - 1e-9),
             "out": np.asarray(req["output_len"])}
@@ -184,7 +185,7 @@ def replay_calls(tarballs: list[Path], profile: str | None, draft_profile: str |
             batch = cfg["scheduler"]["max_batch_size"]
             if cfg.get("speculative"):
                 steps_err[(i, run.name)] = _step_error(run, res["iterations"], batch)
-            data[(i, run.name)] = _run_data(run, res["iterations"], batch)
+            data[(i, run.name)] = _run_data(run, res["iterations"], batch, bool(cfg.get("speculative")))
             rec = {"name": run.name, "batch": batch, "spec": cfg.get("speculative"), "call": i,
                    "gpu_tpot": gpu["tpot_s"]["p50"], "sim_tpot": sim["tpot_s"]["p50"],
                    "gpu_tok": gpu["throughput_out_tok_s"], "sim_tok": sim["throughput_out_tok_s"]}
@@ -230,6 +231,72 @@ def _kind_runs(rep: dict) -> list[tuple[dict, dict, int]]:
     d, plain = rep["data"], rep["plain"]
     return [(d[(r["call"], r["name"])], d[(r["call"], plain[(r["call"], r["batch"])]["name"])], r["batch"])
             for r in rep["rows"] if (r["call"], r["batch"]) in plain]
+
+
+def factor_table(rep: dict) -> list[str]:
+    """Each speculative run's speedup errors factored into the two runs' own errors: a TPOT
+    speedup's sim/GPU - 1 is (sim/GPU of plain TPOT) / (sim/GPU of speculative TPOT) - 1, a
+    throughput speedup's (sim/GPU of speculative tok/s) / (sim/GPU of plain tok/s) - 1; and
+    what each would be if the plain run's decode-only steps, the drafting iterations beside
+    context chunks, or both were priced as the GPU ran them (`_speedup_diffs_split`)."""
+    lines = ["## Each speedup's error, factored\n",
+             "A speedup's error is the plain run's error over the speculative run's: TPOT speedup sim/GPU = (plain "
+             "TPOT sim/GPU) / (speculative TPOT sim/GPU), throughput speedup sim/GPU = (speculative tok/s sim/GPU) / "
+             "(plain tok/s sim/GPU). Then each speedup's error (TPOT / throughput) with the plain run's decode-only "
+             "steps, the drafting iterations beside context chunks, or both, priced exactly as the GPU ran them "
+             "(TPOT p50 and throughput recomputed from the iterations' durations, as above). `miss`: a speedup off "
+             "by more than 5%.\n",
+             "| run | batch | plain TPOT sim/GPU | spec TPOT sim/GPU | TPOT speedup diff | plain tok/s sim/GPU | "
+             "spec tok/s sim/GPU | tput speedup diff | plain decode exact | beside chunks exact | both exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    several = len(rep["tarballs"]) > 1
+    for r in rep["rows"]:
+        p = rep["plain"].get((r["call"], r["batch"]))
+        if p is None:
+            continue
+        pt, st = p["sim_tpot"] / p["gpu_tpot"], r["sim_tpot"] / r["gpu_tpot"]
+        pk, sk = p["sim_tok"] / p["gpu_tok"], r["sim_tok"] / r["gpu_tok"]
+        dt, dk = pt / st - 1, sk / pk - 1
+        s, pl = rep["data"][(r["call"], r["name"])], rep["data"][(r["call"], p["name"])]
+        exact = [_speedup_diffs_split(s, pl, a, b) for a, b in
+                 ((set(), {KINDS[4]}), ({KINDS[3]}, set()), ({KINDS[3]}, {KINDS[4]}))]
+        name = f"{_call_name(rep, r['call'])}: {r['name']}" if several else r["name"]
+        miss = " (miss)" if max(abs(dt), abs(dk)) > 0.05 else ""
+        lines.append(f"| {name}{miss} | {r['batch']} | {100 * (pt - 1):+.1f}% | {100 * (st - 1):+.1f}% | "
+                     f"{100 * dt:+.1f}% | {100 * (pk - 1):+.1f}% | {100 * (sk - 1):+.1f}% | {100 * dk:+.1f}% | "
+                     + " | ".join(f"{100 * a:+.1f}% / {100 * b:+.1f}%" for a, b in exact) + " |")
+    return lines + [""]
+
+
+def eager_spread(rep: dict, heading: str = "## The eager iterations: one shape, the GPU's spread") -> list[str]:
+    """The eager iterations (those with context chunks) of one shape -- batch, kind, number of
+    context chunks (each a 256-token prompt) -- pooled over every run of the calls but each
+    run's first iteration (the cold start): the GPU's shortest, median and longest duration
+    beside the simulator's median price. The simulator prices the same shape the same; the
+    GPU's spread is its host's launch speed (an eager pass is launch-bound)."""
+    import numpy as np
+
+    groups: dict[tuple[int, str, int], list[tuple[float, float]]] = {}
+    for d in rep["data"].values():
+        for g, s, kind, c in list(zip(d["gpu"], d["sim"], d["kind"], d["n_ctx"]))[1:]:
+            if c:
+                label = ("speculative runs: " if d["spec"] else "plain runs: ") + str(kind)
+                groups.setdefault((d["batch"], label, int(c)), []).append((float(g), float(s)))
+    lines = [heading + "\n",
+             "Iterations with context chunks run eagerly on the GPU (no CUDA graph: piecewise graphs are off in these "
+             "runs), so their duration is mostly the host's launch work. Pooled over every run (each run's first "
+             "iteration left out), by batch, kind and number of context chunks (each a 256-token prompt), at least "
+             "3 iterations: the GPU's shortest, median and longest duration beside the simulator's median price of "
+             "the same iterations (which differ only in their KV lengths).\n",
+             "| batch | kind | context chunks | iterations | GPU ms min / median / max | sim ms (median) | "
+             "sim / GPU median |", "|---|---|---|---|---|---|---|"]
+    for (b, kind, c), v in sorted(groups.items()):
+        if len(v) < 3:
+            continue
+        g, s = np.array(v).T
+        lines.append(f"| {b} | {kind} | {c} | {len(v)} | {1e3 * g.min():.1f} / {1e3 * np.median(g):.1f} / "
+                     f"{1e3 * g.max():.1f} | {1e3 * np.median(s):.1f} | {np.median(s) / np.median(g):.2f} |")
+    return lines + [""]
 
 
 def step_decomposition(rep: dict) -> list[str]:
@@ -304,8 +371,10 @@ def main() -> None:
                  for (i, b), p in sorted(rep["plain"].items())]
     lines.append(f"Plain decoding, absolute (the {'calibrated ' if args.profile else ''}simulator against the GPU): "
                  + "; ".join(plain_err) + ".\n")
+    lines += factor_table(rep)
     lines += step_decomposition(rep)
     lines += kind_tables(_kind_runs(rep))
+    lines += ["", *eager_spread(rep)]
     if cross is not None:
         names = ", ".join(t.name for t in args.cross_machine)
         ctable, cdiffs = speedup_table(cross)
@@ -314,6 +383,7 @@ def main() -> None:
                   "replayed with the same profiles: what the pricing gives on a machine it was not calibrated "
                   "on.\n", *ctable, f"\n{_mean_line(cdiffs)}\n"]
         lines += kind_tables(_kind_runs(cross), "### Its iterations by kind", explain=False)
+        lines += ["", *eager_spread(cross, "### Its eager iterations")]
     text = "\n".join(lines) + "\n"
     out = STORE.out_dir(args.write_results) / "spec_replay.md"
     out.parent.mkdir(parents=True, exist_ok=True)
