@@ -91,6 +91,8 @@ def _run_data(run: Path, sim_iterations, batch: int, spec: bool = True) -> dict:
     gend = start + g
     return {"gpu": g, "sim": s, "kind": np.asarray(iteration_kinds(it, batch)), "t0": float(start[0]),
             "n_ctx": np.asarray(it["num_ctx_requests"]), "batch": batch, "spec": spec,
+            "prep": np.asarray(it["host_prep_s"]), "drafts": np.asarray(it["draft_tokens_proposed"]),
+            "kv": np.asarray(it["decode_kv_tokens"]),
             "first_it": np.searchsorted(gend, np.asarray(req["first_token_s"]) - 1e-9),
             "last_it": np.searchsorted(gend, np.asarray(req["finish_s"]) - 1e-9),
             "out": np.asarray(req["output_len"])}
@@ -303,29 +305,58 @@ def step_decomposition(rep: dict) -> list[str]:
     """The decode-only drafting step at the full batch split as ``A + k * D`` on each side:
     per batch, the median step of the k = 2 and k = 4 runs (averaged over the acceptances),
     the slope per extra draft step D (the drafter's step plus the verification's growth by
-    b tokens) and the k-independent part A (the verification, the host's work)."""
+    b tokens) and the k-independent part A (the verification, the host's work); beside it the
+    GPU runs' median host preparation per step (``host_prep_s``: pure host work, so the runs'
+    host speed), and at batch 1 D within the k = 4 runs (`_within_run_slope`)."""
     import numpy as np
 
-    med: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    med: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+    within: dict[int, list[tuple[float, float]]] = {}
     for r in rep["rows"]:
         d = rep["data"][(r["call"], r["name"])]
         m = d["kind"] == KINDS[1]
         if m.any():
-            med.setdefault((r["batch"], r["spec"]["max_draft_len"]), []).append(
-                (float(np.median(d["gpu"][m])), float(np.median(d["sim"][m]))))
+            k = r["spec"]["max_draft_len"]
+            med.setdefault((r["batch"], k), []).append(
+                (float(np.median(d["gpu"][m])), float(np.median(d["sim"][m])), float(np.median(d["prep"][m]))))
+            if r["batch"] == 1 and k == 4:
+                w = _within_run_slope(d, m)
+                if w is not None:
+                    within.setdefault(1, []).append(w)
     lines = ["## The drafting step, split by draft length\n",
              "Decode-only drafting iterations at the full batch, median ms (mean over the acceptances) at k = 2 and "
              "k = 4, split as A + k x D: D the cost of one more draft step (the drafter's decode step plus the "
-             "verification's growth by a token per request), A the rest (the verification, the host's work).\n",
-             "| batch | GPU k=2 -> k=4 | GPU D | GPU A | sim k=2 -> k=4 | sim D | sim A |", "|---|---|---|---|---|---|---|"]
+             "verification's growth by a token per request), A the rest (the verification, the host's work). GPU "
+             "prep: the GPU runs' median host preparation of those steps (pure host work: the runs' host speed). "
+             "D within runs: at batch 1 the k = 4 runs also draft 1-3 tokens near each request's end, so the slope "
+             "of their own steps' durations over the draft length (least squares, with the KV length) is D at one "
+             "host speed.\n",
+             "| batch | GPU k=2 -> k=4 | GPU D | GPU A | GPU prep ms k=2 -> k=4 | sim k=2 -> k=4 | sim D | sim A | "
+             "D within the k=4 runs, GPU / sim |", "|---|---|---|---|---|---|---|---|---|"]
     for b in sorted({b for b, _ in med}):
         if (b, 2) not in med or (b, 4) not in med:
             continue
-        (g2, s2), (g4, s4) = (np.mean(med[(b, k)], axis=0) for k in (2, 4))
+        (g2, s2, p2), (g4, s4, p4) = (np.mean(med[(b, k)], axis=0) for k in (2, 4))
         gd, sd = (g4 - g2) / 2, (s4 - s2) / 2
+        w = (f"{1e3 * np.mean([x for x, _ in within[b]]):.2f} / {1e3 * np.mean([y for _, y in within[b]]):.2f}"
+             if b in within else "-")
         lines.append(f"| {b} | {1e3 * g2:.2f} -> {1e3 * g4:.2f} | {1e3 * gd:.2f} | {1e3 * (g2 - 2 * gd):.2f} | "
-                     f"{1e3 * s2:.2f} -> {1e3 * s4:.2f} | {1e3 * sd:.2f} | {1e3 * (s2 - 2 * sd):.2f} |")
+                     f"{1e3 * p2:.2f} -> {1e3 * p4:.2f} | {1e3 * s2:.2f} -> {1e3 * s4:.2f} | {1e3 * sd:.2f} | "
+                     f"{1e3 * (s2 - 2 * sd):.2f} | {w} |")
     return lines + [""]
+
+
+def _within_run_slope(d: dict, m) -> tuple[float, float] | None:
+    """(GPU, sim) seconds per draft of a batch-1 run's selected steps ``m``: the least-squares
+    slope of duration over the step's drafts, with the KV length as a second regressor
+    (None: fewer than two draft lengths)."""
+    import numpy as np
+
+    x = d["drafts"][m].astype(float)
+    if len(np.unique(x)) < 2:
+        return None
+    X = np.column_stack([x, np.ones(len(x)), d["kv"][m] / 1e4])
+    return tuple(float(np.linalg.lstsq(X, d[k][m], rcond=None)[0][0]) for k in ("gpu", "sim"))
 
 
 def main() -> None:
