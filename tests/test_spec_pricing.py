@@ -413,3 +413,23 @@ def test_spec_replay_factors_each_speedups_error(seed, plain_err, mixed_err):
     cells = [c.strip() for c in spread[0].split("|")[1:-1]]
     assert int(cells[3]) == int(mixed.sum())
     assert float(cells[5]) == pytest.approx(1e3 * np.median(spec["sim"][mixed]), abs=0.051)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.0005, 0.002), st.floats(0.0, 0.001), st.integers(0, 2 ** 32 - 1))
+def test_spec_replay_within_run_slope_recovers_the_cost_of_a_draft(d_gpu, d_sim, seed):
+    """A batch-1 run's steps priced fixed + D x drafts + c x KV: the slope is D on each side,
+    whatever the KV lengths; one draft length only: no slope."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from spec_replay import _within_run_slope  # noqa: E402
+
+    rng = np.random.default_rng(seed)
+    drafts = rng.integers(1, 5, 50)
+    kv = rng.integers(256, 400, 50)
+    d = {"drafts": drafts, "kv": kv, "gpu": 0.007 + d_gpu * drafts + 2e-7 * kv,
+         "sim": 0.006 + d_sim * drafts + 1e-7 * kv}
+    m = np.ones(50, dtype=bool)
+    if len(np.unique(drafts)) > 1:
+        assert _within_run_slope(d, m) == pytest.approx((d_gpu, d_sim), abs=1e-9)
+    d["drafts"] = np.full(50, 4)
+    assert _within_run_slope(d, m) is None
