@@ -78,7 +78,7 @@ def _metrics(run: dict, dur) -> tuple[float, float]:
     return float(np.median(tpot[out > 1])), float(out.sum() / end[-1])
 
 
-def _run_data(run: Path, sim_iterations, batch: int) -> dict:
+def _run_data(run: Path, sim_iterations, batch: int, spec: bool = True) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -90,6 +90,9 @@ def _run_data(run: Path, sim_iterations, batch: int) -> dict:
         raise RuntimeError(f"{run.name}: the replay ran {len(s)} iterations, the GPU {len(g)}")
     gend = start + g
     return {"gpu": g, "sim": s, "kind": np.asarray(iteration_kinds(it, batch)), "t0": float(start[0]),
+            "n_ctx": np.asarray(it["num_ctx_requests"]), "batch": batch, "spec": spec,
+            "prep": np.asarray(it["host_prep_s"]), "drafts": np.asarray(it["draft_tokens_proposed"]),
+            "kv": np.asarray(it["decode_kv_tokens"]),
             "first_it": np.searchsorted(gend, np.asarray(req["first_token_s"]) - 1e-9),
             "last_it": np.searchsorted(gend, np.asarray(req["finish_s"]) - 1e-9),
             "out": np.asarray(req["output_len"])}
@@ -184,7 +187,7 @@ def replay_calls(tarballs: list[Path], profile: str | None, draft_profile: str |
             batch = cfg["scheduler"]["max_batch_size"]
             if cfg.get("speculative"):
                 steps_err[(i, run.name)] = _step_error(run, res["iterations"], batch)
-            data[(i, run.name)] = _run_data(run, res["iterations"], batch)
+            data[(i, run.name)] = _run_data(run, res["iterations"], batch, bool(cfg.get("speculative")))
             rec = {"name": run.name, "batch": batch, "spec": cfg.get("speculative"), "call": i,
                    "gpu_tpot": gpu["tpot_s"]["p50"], "sim_tpot": sim["tpot_s"]["p50"],
                    "gpu_tok": gpu["throughput_out_tok_s"], "sim_tok": sim["throughput_out_tok_s"]}
@@ -232,33 +235,128 @@ def _kind_runs(rep: dict) -> list[tuple[dict, dict, int]]:
             for r in rep["rows"] if (r["call"], r["batch"]) in plain]
 
 
+def factor_table(rep: dict) -> list[str]:
+    """Each speculative run's speedup errors factored into the two runs' own errors: a TPOT
+    speedup's sim/GPU - 1 is (sim/GPU of plain TPOT) / (sim/GPU of speculative TPOT) - 1, a
+    throughput speedup's (sim/GPU of speculative tok/s) / (sim/GPU of plain tok/s) - 1; and
+    what each would be if the plain run's decode-only steps, the drafting iterations beside
+    context chunks, or both were priced as the GPU ran them (`_speedup_diffs_split`)."""
+    lines = ["## Each speedup's error, factored\n",
+             "A speedup's error is the plain run's error over the speculative run's: TPOT speedup sim/GPU = (plain "
+             "TPOT sim/GPU) / (speculative TPOT sim/GPU), throughput speedup sim/GPU = (speculative tok/s sim/GPU) / "
+             "(plain tok/s sim/GPU). Then each speedup's error (TPOT / throughput) with the plain run's decode-only "
+             "steps, the drafting iterations beside context chunks, or both, priced exactly as the GPU ran them "
+             "(TPOT p50 and throughput recomputed from the iterations' durations, as above). `miss`: a speedup off "
+             "by more than 5%.\n",
+             "| run | batch | plain TPOT sim/GPU | spec TPOT sim/GPU | TPOT speedup diff | plain tok/s sim/GPU | "
+             "spec tok/s sim/GPU | tput speedup diff | plain decode exact | beside chunks exact | both exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    several = len(rep["tarballs"]) > 1
+    for r in rep["rows"]:
+        p = rep["plain"].get((r["call"], r["batch"]))
+        if p is None:
+            continue
+        pt, st = p["sim_tpot"] / p["gpu_tpot"], r["sim_tpot"] / r["gpu_tpot"]
+        pk, sk = p["sim_tok"] / p["gpu_tok"], r["sim_tok"] / r["gpu_tok"]
+        dt, dk = pt / st - 1, sk / pk - 1
+        s, pl = rep["data"][(r["call"], r["name"])], rep["data"][(r["call"], p["name"])]
+        exact = [_speedup_diffs_split(s, pl, a, b) for a, b in
+                 ((set(), {KINDS[4]}), ({KINDS[3]}, set()), ({KINDS[3]}, {KINDS[4]}))]
+        name = f"{_call_name(rep, r['call'])}: {r['name']}" if several else r["name"]
+        miss = " (miss)" if max(abs(dt), abs(dk)) > 0.05 else ""
+        lines.append(f"| {name}{miss} | {r['batch']} | {100 * (pt - 1):+.1f}% | {100 * (st - 1):+.1f}% | "
+                     f"{100 * dt:+.1f}% | {100 * (pk - 1):+.1f}% | {100 * (sk - 1):+.1f}% | {100 * dk:+.1f}% | "
+                     + " | ".join(f"{100 * a:+.1f}% / {100 * b:+.1f}%" for a, b in exact) + " |")
+    return lines + [""]
+
+
+def eager_spread(rep: dict, heading: str = "## The eager iterations: one shape, the GPU's spread") -> list[str]:
+    """The eager iterations (those with context chunks) of one shape -- batch, kind, number of
+    context chunks (each a 256-token prompt) -- pooled over every run of the calls but each
+    run's first iteration (the cold start): the GPU's shortest, median and longest duration
+    beside the simulator's median price. The simulator prices the same shape the same; the
+    GPU's spread is its host's launch speed (an eager pass is launch-bound)."""
+    import numpy as np
+
+    groups: dict[tuple[int, str, int], list[tuple[float, float]]] = {}
+    for d in rep["data"].values():
+        for g, s, kind, c in list(zip(d["gpu"], d["sim"], d["kind"], d["n_ctx"]))[1:]:
+            if c:
+                label = ("speculative runs: " if d["spec"] else "plain runs: ") + str(kind)
+                groups.setdefault((d["batch"], label, int(c)), []).append((float(g), float(s)))
+    lines = [heading + "\n",
+             "Iterations with context chunks run eagerly on the GPU (no CUDA graph: piecewise graphs are off in these "
+             "runs), so their duration is mostly the host's launch work. Pooled over every run (each run's first "
+             "iteration left out), by batch, kind and number of context chunks (each a 256-token prompt), at least "
+             "3 iterations: the GPU's shortest, median and longest duration beside the simulator's median price of "
+             "the same iterations (which differ only in their KV lengths).\n",
+             "| batch | kind | context chunks | iterations | GPU ms min / median / max | sim ms (median) | "
+             "sim / GPU median |", "|---|---|---|---|---|---|---|"]
+    for (b, kind, c), v in sorted(groups.items()):
+        if len(v) < 3:
+            continue
+        g, s = np.array(v).T
+        lines.append(f"| {b} | {kind} | {c} | {len(v)} | {1e3 * g.min():.1f} / {1e3 * np.median(g):.1f} / "
+                     f"{1e3 * g.max():.1f} | {1e3 * np.median(s):.1f} | {np.median(s) / np.median(g):.2f} |")
+    return lines + [""]
+
+
 def step_decomposition(rep: dict) -> list[str]:
     """The decode-only drafting step at the full batch split as ``A + k * D`` on each side:
     per batch, the median step of the k = 2 and k = 4 runs (averaged over the acceptances),
     the slope per extra draft step D (the drafter's step plus the verification's growth by
-    b tokens) and the k-independent part A (the verification, the host's work)."""
+    b tokens) and the k-independent part A (the verification, the host's work); beside it the
+    GPU runs' median host preparation per step (``host_prep_s``: pure host work, so the runs'
+    host speed), and at batch 1 D within the k = 4 runs (`_within_run_slope`)."""
     import numpy as np
 
-    med: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    med: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+    within: dict[int, list[tuple[float, float]]] = {}
     for r in rep["rows"]:
         d = rep["data"][(r["call"], r["name"])]
         m = d["kind"] == KINDS[1]
         if m.any():
-            med.setdefault((r["batch"], r["spec"]["max_draft_len"]), []).append(
-                (float(np.median(d["gpu"][m])), float(np.median(d["sim"][m]))))
+            k = r["spec"]["max_draft_len"]
+            med.setdefault((r["batch"], k), []).append(
+                (float(np.median(d["gpu"][m])), float(np.median(d["sim"][m])), float(np.median(d["prep"][m]))))
+            if r["batch"] == 1 and k == 4:
+                w = _within_run_slope(d, m)
+                if w is not None:
+                    within.setdefault(1, []).append(w)
     lines = ["## The drafting step, split by draft length\n",
              "Decode-only drafting iterations at the full batch, median ms (mean over the acceptances) at k = 2 and "
              "k = 4, split as A + k x D: D the cost of one more draft step (the drafter's decode step plus the "
-             "verification's growth by a token per request), A the rest (the verification, the host's work).\n",
-             "| batch | GPU k=2 -> k=4 | GPU D | GPU A | sim k=2 -> k=4 | sim D | sim A |", "|---|---|---|---|---|---|---|"]
+             "verification's growth by a token per request), A the rest (the verification, the host's work). GPU "
+             "prep: the GPU runs' median host preparation of those steps (pure host work: the runs' host speed). "
+             "D within runs: at batch 1 the k = 4 runs also draft 1-3 tokens near each request's end, so the slope "
+             "of their own steps' durations over the draft length (least squares, with the KV length) is D at one "
+             "host speed.\n",
+             "| batch | GPU k=2 -> k=4 | GPU D | GPU A | GPU prep ms k=2 -> k=4 | sim k=2 -> k=4 | sim D | sim A | "
+             "D within the k=4 runs, GPU / sim |", "|---|---|---|---|---|---|---|---|---|"]
     for b in sorted({b for b, _ in med}):
         if (b, 2) not in med or (b, 4) not in med:
             continue
-        (g2, s2), (g4, s4) = (np.mean(med[(b, k)], axis=0) for k in (2, 4))
+        (g2, s2, p2), (g4, s4, p4) = (np.mean(med[(b, k)], axis=0) for k in (2, 4))
         gd, sd = (g4 - g2) / 2, (s4 - s2) / 2
+        w = (f"{1e3 * np.mean([x for x, _ in within[b]]):.2f} / {1e3 * np.mean([y for _, y in within[b]]):.2f}"
+             if b in within else "-")
         lines.append(f"| {b} | {1e3 * g2:.2f} -> {1e3 * g4:.2f} | {1e3 * gd:.2f} | {1e3 * (g2 - 2 * gd):.2f} | "
-                     f"{1e3 * s2:.2f} -> {1e3 * s4:.2f} | {1e3 * sd:.2f} | {1e3 * (s2 - 2 * sd):.2f} |")
+                     f"{1e3 * p2:.2f} -> {1e3 * p4:.2f} | {1e3 * s2:.2f} -> {1e3 * s4:.2f} | {1e3 * sd:.2f} | "
+                     f"{1e3 * (s2 - 2 * sd):.2f} | {w} |")
     return lines + [""]
+
+
+def _within_run_slope(d: dict, m) -> tuple[float, float] | None:
+    """(GPU, sim) seconds per draft of a batch-1 run's selected steps ``m``: the least-squares
+    slope of duration over the step's drafts, with the KV length as a second regressor
+    (None: fewer than two draft lengths)."""
+    import numpy as np
+
+    x = d["drafts"][m].astype(float)
+    if len(np.unique(x)) < 2:
+        return None
+    X = np.column_stack([x, np.ones(len(x)), d["kv"][m] / 1e4])
+    return tuple(float(np.linalg.lstsq(X, d[k][m], rcond=None)[0][0]) for k in ("gpu", "sim"))
 
 
 def main() -> None:
@@ -304,8 +402,10 @@ def main() -> None:
                  for (i, b), p in sorted(rep["plain"].items())]
     lines.append(f"Plain decoding, absolute (the {'calibrated ' if args.profile else ''}simulator against the GPU): "
                  + "; ".join(plain_err) + ".\n")
+    lines += factor_table(rep)
     lines += step_decomposition(rep)
     lines += kind_tables(_kind_runs(rep))
+    lines += ["", *eager_spread(rep)]
     if cross is not None:
         names = ", ".join(t.name for t in args.cross_machine)
         ctable, cdiffs = speedup_table(cross)
@@ -314,6 +414,7 @@ def main() -> None:
                   "replayed with the same profiles: what the pricing gives on a machine it was not calibrated "
                   "on.\n", *ctable, f"\n{_mean_line(cdiffs)}\n"]
         lines += kind_tables(_kind_runs(cross), "### Its iterations by kind", explain=False)
+        lines += ["", *eager_spread(cross, "### Its eager iterations")]
     text = "\n".join(lines) + "\n"
     out = STORE.out_dir(args.write_results) / "spec_replay.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -361,3 +361,75 @@ def test_spec_replay_reconstructs_each_sides_metrics(tmp_path):
     tpot, tok = _metrics(d, d["gpu"])
     assert tpot == pytest.approx(gpu["tpot_s"]["p50"], rel=0.01)
     assert tok == pytest.approx(gpu["throughput_out_tok_s"], rel=0.01)
+
+
+def _fake_run(kinds, gpu, sim, n_ctx, batch, spec, rng):
+    """A run's data as spec_replay._run_data gives it: iterations back to back, two requests
+    whose first and last tokens come at random iterations."""
+    n = len(kinds)
+    first = np.sort(rng.integers(0, n // 2, 2))
+    last = rng.integers(n // 2, n, 2)
+    return {"gpu": np.asarray(gpu), "sim": np.asarray(sim), "kind": np.asarray(kinds), "t0": 0.0,
+            "n_ctx": np.asarray(n_ctx), "batch": batch, "spec": spec, "first_it": first, "last_it": last,
+            "out": last - first + 2}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.floats(0.8, 1.25), st.floats(0.5, 2.0))
+def test_spec_replay_factors_each_speedups_error(seed, plain_err, mixed_err):
+    """The factored table's speedup errors are the speedup table's (plain sim/GPU over spec
+    sim/GPU), and with the only mispriced kinds (the plain decode steps, the drafting beside
+    context chunks) priced exactly the speedups are exact; the eager spread pools one shape's
+    iterations (each run's first left out) and prices them at the simulator's median."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from spec_replay import KINDS, _metrics, eager_spread, factor_table, speedup_table  # noqa: E402
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    g = rng.uniform(0.005, 0.02, n)
+    pk = [KINDS[0]] + [KINDS[4]] * (n - 1)
+    sk = [KINDS[0]] + [KINDS[1] if i % 3 else KINDS[3] for i in range(1, n)]
+    ctx = [1] + [0] * (n - 1)
+    sctx = [1] + [0 if i % 3 else 1 for i in range(1, n)]
+    plain = _fake_run(pk, g, np.where(np.asarray(pk) == KINDS[4], g * plain_err, g), ctx, 8, False, rng)
+    gs = rng.uniform(0.005, 0.03, n)
+    spec = _fake_run(sk, gs, np.where(np.asarray(sk) == KINDS[3], gs * mixed_err, gs), sctx, 8, True, rng)
+    recs = {}
+    for name, d, is_spec in (("plain-b8", plain, False), ("spec-b8", spec, True)):
+        (gt, gk), (st_, sk_) = _metrics(d, d["gpu"]), _metrics(d, d["sim"])
+        recs[name] = {"name": name, "batch": 8, "call": 0, "spec": is_spec, "gpu_tpot": gt, "sim_tpot": st_,
+                      "gpu_tok": gk, "sim_tok": sk_}
+    rep = {"tarballs": [Path("c_runs.tar.gz")], "rows": [recs["spec-b8"]], "plain": {(0, 8): recs["plain-b8"]},
+           "data": {(0, "plain-b8"): plain, (0, "spec-b8"): spec}}
+    _, diffs = speedup_table(rep)
+    row = [c.strip() for c in factor_table(rep)[4].split("|")[1:-1]]
+    assert float(row[4].rstrip("%")) == pytest.approx(100 * diffs[0], abs=0.051)
+    assert float(row[7].rstrip("%")) == pytest.approx(100 * diffs[1], abs=0.051)
+    both = [float(x.rstrip("%")) for x in row[10].split(" / ")]
+    assert both == pytest.approx([0.0, 0.0], abs=0.051)
+    spread = [ln for ln in eager_spread(rep) if ln.startswith("| 8 |")]
+    assert len(spread) == 1 and "drafting beside context chunks" in spread[0]
+    mixed = np.asarray(sk) == KINDS[3]
+    cells = [c.strip() for c in spread[0].split("|")[1:-1]]
+    assert int(cells[3]) == int(mixed.sum())
+    assert float(cells[5]) == pytest.approx(1e3 * np.median(spec["sim"][mixed]), abs=0.051)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.0005, 0.002), st.floats(0.0, 0.001), st.integers(0, 2 ** 32 - 1))
+def test_spec_replay_within_run_slope_recovers_the_cost_of_a_draft(d_gpu, d_sim, seed):
+    """A batch-1 run's steps priced fixed + D x drafts + c x KV: the slope is D on each side,
+    whatever the KV lengths; one draft length only: no slope."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from spec_replay import _within_run_slope  # noqa: E402
+
+    rng = np.random.default_rng(seed)
+    drafts = rng.integers(1, 5, 50)
+    kv = rng.integers(256, 400, 50)
+    d = {"drafts": drafts, "kv": kv, "gpu": 0.007 + d_gpu * drafts + 2e-7 * kv,
+         "sim": 0.006 + d_sim * drafts + 1e-7 * kv}
+    m = np.ones(50, dtype=bool)
+    if len(np.unique(drafts)) > 1:
+        assert _within_run_slope(d, m) == pytest.approx((d_gpu, d_sim), abs=1e-9)
+    d["drafts"] = np.full(50, 4)
+    assert _within_run_slope(d, m) is None
