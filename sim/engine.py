@@ -83,6 +83,10 @@ class EngineConfig:
 
 
 class Engine:
+    # decode stretches run through request finishes in one step while nothing can be
+    # admitted (`_stretches_through_finishes`); False: one stretch a step (the same records)
+    merge_stretches = True
+
     def __init__(self, cfg: EngineConfig, executor: Executor, replica: int = 0):
         self.cfg = cfg
         self.executor = executor
@@ -446,6 +450,38 @@ class Engine:
         end = self._stretch(now, horizon)
         if end is None:  # no closed form, or KV exhausted right now (a general iteration pauses someone)
             return self._general(now)
+        if self.merge_stretches:
+            return self._stretches_through_finishes(now, end, horizon)
+        return end
+
+    def _stretches_through_finishes(self, t: float, end: float, horizon: float) -> float:
+        """More decode stretches after one that ended at a request's finish, in the same
+        step, while nothing can be admitted: nothing waits, no context runs and the next
+        arrival (`horizon`) is not reached. Exactly what the driver's next steps would do
+        (sim/driver.py `_replica_loop` runs steps back to back until one ends at or past
+        the horizon): each stretch is priced from its own start, its finishes popped, its
+        record kept (one StretchRecord each, so the records and token times are the same
+        bytes); only the driver's per-step work is saved. A zero-length stretch ends it
+        (the driver stops there too). Off: `merge_stretches = False`
+        (tests/test_engine_merge.py compares the two)."""
+        rec = self.recorder
+        kv = self.kv
+        cache = self.cache
+        while (end < horizon and end != t and self.n_dec and not self.waiting and not self.context
+               and not kv.pending_onboard and not self.pending_swap_out):
+            # the prologue of step(end, horizon): with nothing waiting, no admission and no cutoff
+            if rec is not None and (len(self.rows) + len(self.stretches) >= rec.flush_records
+                                    or len(self.done) >= rec.flush_done):
+                rec.flush(self)
+            kv.now = end
+            if cache is not None:
+                st = cache.stats
+                self._ev0 = st.dropped + st.offloaded
+                self._off0 = st.offloaded
+            nxt = self._stretch(end, horizon)
+            if nxt is None:  # a general iteration next: the next step runs it
+                break
+            t, end = end, nxt
         return end
 
     def _general(self, now: float) -> float:
