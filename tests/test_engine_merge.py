@@ -1,7 +1,8 @@
 """Decode stretches run through request finishes in one engine step while nothing can be
 admitted (sim/engine.py `_stretches_through_finishes`): the same records, token times and
 end state as one stretch a step, on random workloads and configurations (prefix caching
-and several replicas included); and it does save steps."""
+and several replicas included); and it does save steps. The plans the engine keeps per
+batch size are the executor's, asked each time."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def _same_runs(a, b):
 def test_stretches_through_finishes_are_the_stepped_run(rows, cfg, replicas, simpy):
     a = run_engine(rows, replicas=replicas, through_simpy=simpy, **cfg)
     b = run_engine(rows, replicas=replicas, through_simpy=simpy, merge_stretches=False, **cfg)
+    _same_runs(a, b)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(max_n=40), configs(), st.booleans())
+def test_kept_stretch_plans_are_the_executors_every_time(rows, cfg, merge):
+    """The engine's plan per batch size (Executor.fixed_stretch_plans) against asking the
+    executor for every stretch: the same runs."""
+    a = run_engine(rows, merge_stretches=merge, **cfg)
+    b = run_engine(rows, merge_stretches=merge, fixed_plans=False, **cfg)
+    assert a[1][0]._plans is not None and b[1][0]._plans is None
     _same_runs(a, b)
 
 
