@@ -241,45 +241,16 @@ class RunRecorder:
         for rep in self.replicas:
             self.flush(rep.engine)
             rep.engine.recorder = None
+        self._emit_ready(final=True)
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} finished request(s) never written: a request of the "
+                               "workload did not finish")
+        from .runner import with_prompt_identity
+
+        self.req_writer.close(empty=with_prompt_identity(request_table([], np.zeros(0), np.zeros(1, dtype=np.int64)),
+                                                         self.workload))
         empty_it = build_table("iterations", {**add_derived(iteration_columns([], [], [], 1), 0, 0),
                                               **(draft_lists([], 0, 0) if self.speculation else {})})
-        # One replica: its iterations are all written now, so the file is completed in a
-        # thread while the requests' rows are built and written here (pyarrow encodes and
-        # writes without the GIL; the same calls in the same order on each file, so the
-        # same bytes); its row groups' sums (`_on_iteration_group`) are read only after.
-        it_thread = None
-        if len(self.replicas) == 1:
-            import threading
-
-            it_error: list[BaseException] = []
-
-            def close_iterations():
-                try:
-                    self.final_it.close(empty=empty_it)
-                except BaseException as e:  # (re-raised below, in the caller's thread)
-                    it_error.append(e)
-
-            it_thread = threading.Thread(target=close_iterations, name="iterations.parquet")
-            it_thread.start()
-        try:
-            self._emit_ready(final=True)
-            if self.pending:
-                raise RuntimeError(f"{len(self.pending)} finished request(s) never written: a request of the "
-                                   "workload did not finish")
-            from .runner import with_prompt_identity
-
-            self.req_writer.close(empty=with_prompt_identity(
-                request_table([], np.zeros(0), np.zeros(1, dtype=np.int64)), self.workload))
-        finally:
-            if it_thread is not None:
-                it_thread.join()
-        if it_thread is not None:
-            if it_error:
-                raise it_error[0]
-            if self.energy is not None:
-                self.energy.close()
-            self.closed = True
-            return
         if len(self.replicas) > 1:
             for rep in self.replicas:
                 rep.writer.close(empty=empty_it)

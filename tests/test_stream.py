@@ -226,48 +226,19 @@ def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas, spe
     assert res.iterations.num_rows == mem.iterations.num_rows
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_sim_run_small_is_byte_identical(tmp_path, replicas):
+def test_sim_run_small_is_byte_identical(tmp_path):
     """A run small enough for one row group: `sim run` (streamed) writes the very bytes
-    the in-memory path writes (one replica: iterations.parquet completed in a thread while
-    the requests are written)."""
+    the in-memory path writes."""
     from servesim.sim.config import load_experiment
     from servesim.sim.runner import resolve_experiment, simulate, write_run
 
     p = tmp_path / "s.yaml"
-    p.write_text(EXP.replace("REPLICAS", str(replicas)))
+    p.write_text(EXP.replace("REPLICAS", "2"))
     setup = resolve_experiment(load_experiment(p, []), p)[0]
     write_run(simulate(setup), tmp_path / "mem", "s", "base")
     write_run(simulate(setup, out_dir=tmp_path / "str"), tmp_path / "str", "s", "base")
     for name in ("requests.parquet", "iterations.parquet"):
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "str" / name).read_bytes(), name
-
-
-def test_iterations_thread_failure_is_raised(tmp_path, monkeypatch):
-    """One replica's iterations.parquet is completed in a thread (RunRecorder.close): a
-    failure there is the run's, raised after the requests are written; and the thread's
-    row-group sums are those of the run held in memory."""
-    from servesim.sim.config import load_experiment
-    from servesim.sim.runner import resolve_experiment, simulate
-
-    p = tmp_path / "s.yaml"
-    p.write_text(EXP.replace("REPLICAS", "1"))
-    setup = resolve_experiment(load_experiment(p, []), p)[0]
-    ok = simulate(setup, out_dir=tmp_path / "ok")
-    mem = simulate(setup)
-    for k in ("num_iterations", "duration_s", "energy_j"):
-        assert ok.summary[k] == mem.summary[k], k
-    real = stream.GroupWriter.close
-
-    def failing(self, empty=None):
-        if self.path.name == "iterations.parquet":
-            raise OSError("disk full")
-        return real(self, empty)
-
-    monkeypatch.setattr(stream.GroupWriter, "close", failing)
-    with pytest.raises(OSError, match="disk full"):
-        simulate(setup, out_dir=tmp_path / "bad")
-    assert (tmp_path / "bad" / "requests.parquet").exists()  # the requests were still written
 
 
 @settings(max_examples=30, deadline=None)
