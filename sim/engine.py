@@ -122,7 +122,9 @@ class Engine:
         # generation aggregates
         self.n_dec = 0
         self.off_sum = 0  # sum of (kv_after(it) - it) over generation requests
-        self.hist = [0] * self.tpb  # counts of (off - 1) mod tpb
+        # counts of (off - 1) mod tpb; an int64 array, so that a stretch's snapshot of it
+        # (stretch_hist) is a copy of its bytes rather than a conversion of a list
+        self.hist = array("q", bytes(8 * self.tpb))
         self.finish_heap: list[tuple[int, int, Request]] = []
         self._admit_seq = 0
         self._moved: Request | None = None  # the waiting request the order policy last moved to the front
@@ -795,7 +797,7 @@ class Engine:
         ev, off = self._cache_counters() if cache is not None else (0, 0)
         self.stretches.append(StretchRecord(g0, K, now, fixed, per_kv, kv0, n, used0, p0, padded, kv.cached,
                                             cache.host_used if cache else 0, ev, off))
-        self.stretch_hist.append(array("q", hist).tobytes())
+        self.stretch_hist.append(hist.tobytes())
         self.g = g0 + K
         if self.finish_heap and self.finish_heap[0][0] <= g0 + K - 1:
             self._pop_finishes(g0 + K - 1)
