@@ -452,7 +452,10 @@ class Engine:
                 or self.cfg.speculation is not None):
             if not (self.context or self.n_dec):
                 return now
-            return self._general(now)
+            end = self._general(now)
+            if self.merge_stretches and self.cfg.speculation is None:  # (drafts: every iteration stepped)
+                return self._stretches_through_finishes(now, end, horizon)
+            return end
         end = self._stretch(now, horizon)
         if end is None:  # no closed form, or KV exhausted right now (a general iteration pauses someone)
             return self._general(now)
@@ -461,9 +464,9 @@ class Engine:
         return end
 
     def _stretches_through_finishes(self, t: float, end: float, horizon: float) -> float:
-        """More decode stretches after one that ended at a request's finish, in the same
-        step, while nothing can be admitted: nothing waits, no context runs and the next
-        arrival (`horizon`) is not reached. Exactly what the driver's next steps would do
+        """More decode stretches after a stretch that ended at a request's finish, or after
+        a general iteration, in the same step, while nothing can be admitted: nothing
+        waits, no context runs and the next arrival (`horizon`) is not reached. Exactly what the driver's next steps would do
         (sim/driver.py `_replica_loop` runs steps back to back until one ends at or past
         the horizon): each stretch is priced from its own start, its finishes popped, its
         record kept (one StretchRecord each, so the records and token times are the same

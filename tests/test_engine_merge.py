@@ -1,7 +1,8 @@
-"""Decode stretches run through request finishes in one engine step while nothing can be
-admitted (sim/engine.py `_stretches_through_finishes`): the same records, token times and
-end state as one stretch a step, on random workloads and configurations (prefix caching
-and several replicas included); and it does save steps. The plans the engine keeps per
+"""Decode stretches run through request finishes (and follow a general iteration) in one
+engine step while nothing can be admitted (sim/engine.py `_stretches_through_finishes`):
+the same records, token times and end state as one iteration or stretch a step, on random
+workloads and configurations (prefix caching, several replicas and speculative decoding
+included); and it does save steps. The plans the engine keeps per
 batch size are the executor's, asked each time."""
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _same_runs(a, b):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads(max_n=40), configs(), st.sampled_from([1, 2]), st.booleans())
-def test_stretches_through_finishes_are_the_stepped_run(rows, cfg, replicas, simpy):
+@given(workloads(max_n=40), configs(), st.sampled_from([1, 2]), st.booleans(), st.booleans())
+def test_stretches_through_finishes_are_the_stepped_run(rows, cfg, replicas, simpy, spec):
+    if spec:  # (drafted iterations are stepped one by one: nothing merges)
+        cfg = {**cfg, "spec": (2, 0.6, 1e-4)}
     a = run_engine(rows, replicas=replicas, through_simpy=simpy, **cfg)
     b = run_engine(rows, replicas=replicas, through_simpy=simpy, merge_stretches=False, **cfg)
     _same_runs(a, b)
