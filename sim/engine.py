@@ -428,7 +428,9 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def step(self, now: float, horizon: float = INF) -> float:
-        """Run one general iteration or one decode stretch starting at `now`.
+        """Run one general iteration or one decode stretch starting at `now` (then, while
+        nothing can be admitted, the decode stretches that follow it up to the horizon:
+        `_stretches_through_finishes`).
 
         Every iteration run here starts before `horizon` (the next arrival), so arrivals
         are always seen by the first iteration that starts after them. Returns the time
