@@ -186,6 +186,7 @@ class GpuExecutor:
     """
 
     needs_block_ids = True
+    fixed_stretch_plans = False  # (plans no stretch: every iteration runs)
     # the runners it builds (gpu_backend/tp.py's executor builds ones that broadcast first)
     graph_runner_cls = GraphRunner
     piecewise_runner_cls = PiecewiseRunner

@@ -33,13 +33,16 @@ class Arrivals:
                                      count=len(requests))
         if len(self.times) > 1 and np.any(np.diff(self.times) < 0):
             raise ValueError("requests must be sorted by arrival time")
+        # read one at a time as Python floats (the same doubles): indexing a NumPy array for
+        # each arrival was most of delivering it
+        self.times = self.times.tolist()
         self.engines = engines
         # routers see replicas through read-only views (policies/routing.py ReplicaView)
         self.dispatch = Dispatch([ReplicaHandle(e, i) for i, e in enumerate(engines)], engines, router)
         self.ptr = 0
 
     def next_time(self) -> float:
-        return float(self.times[self.ptr]) if self.ptr < len(self.times) else INF
+        return self.times[self.ptr] if self.ptr < len(self.times) else INF
 
     def exhausted(self) -> bool:
         return self.ptr >= len(self.times)

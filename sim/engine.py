@@ -83,6 +83,10 @@ class EngineConfig:
 
 
 class Engine:
+    # decode stretches run through request finishes in one step while nothing can be
+    # admitted (`_stretches_through_finishes`); False: one stretch a step (the same records)
+    merge_stretches = True
+
     def __init__(self, cfg: EngineConfig, executor: Executor, replica: int = 0):
         self.cfg = cfg
         self.executor = executor
@@ -90,6 +94,10 @@ class Engine:
         self._last_start = -INF  # the last iteration run: its start and end
         self._last_end = -INF
         self.needs_block_ids = executor.needs_block_ids
+        # an executor whose stretch price depends only on the batch (`fixed_stretch_plans`,
+        # the simulated one): each batch size's (graph size, fixed, per-KV price), kept
+        self._plans: dict[int, tuple[int, float, float]] | None = (
+            {} if executor.fixed_stretch_plans else None)
         self.kv = BlockManager(cfg.num_blocks, cfg.tokens_per_block)
         self.kv.reserving = cfg.capacity.reserves
         self.kv_view = PoolView(self.kv)  # what the capacity policy sees
@@ -114,7 +122,9 @@ class Engine:
         # generation aggregates
         self.n_dec = 0
         self.off_sum = 0  # sum of (kv_after(it) - it) over generation requests
-        self.hist = [0] * self.tpb  # counts of (off - 1) mod tpb
+        # counts of (off - 1) mod tpb; an int64 array, so that a stretch's snapshot of it
+        # (stretch_hist) is a copy of its bytes rather than a conversion of a list
+        self.hist = array("q", bytes(8 * self.tpb))
         self.finish_heap: list[tuple[int, int, Request]] = []
         self._admit_seq = 0
         self._moved: Request | None = None  # the waiting request the order policy last moved to the front
@@ -418,7 +428,9 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def step(self, now: float, horizon: float = INF) -> float:
-        """Run one general iteration or one decode stretch starting at `now`.
+        """Run one general iteration or one decode stretch starting at `now` (then, while
+        nothing can be admitted, the decode stretches that follow it up to the horizon:
+        `_stretches_through_finishes`).
 
         Every iteration run here starts before `horizon` (the next arrival), so arrivals
         are always seen by the first iteration that starts after them. Returns the time
@@ -442,10 +454,45 @@ class Engine:
                 or self.cfg.speculation is not None):
             if not (self.context or self.n_dec):
                 return now
-            return self._general(now)
+            end = self._general(now)
+            if self.merge_stretches and self.cfg.speculation is None:  # (drafts: every iteration stepped)
+                return self._stretches_through_finishes(now, end, horizon)
+            return end
         end = self._stretch(now, horizon)
         if end is None:  # no closed form, or KV exhausted right now (a general iteration pauses someone)
             return self._general(now)
+        if self.merge_stretches:
+            return self._stretches_through_finishes(now, end, horizon)
+        return end
+
+    def _stretches_through_finishes(self, t: float, end: float, horizon: float) -> float:
+        """More decode stretches after a stretch that ended at a request's finish, or after
+        a general iteration, in the same step, while nothing can be admitted: nothing
+        waits, no context runs and the next arrival (`horizon`) is not reached. Exactly what the driver's next steps would do
+        (sim/driver.py `_replica_loop` runs steps back to back until one ends at or past
+        the horizon): each stretch is priced from its own start, its finishes popped, its
+        record kept (one StretchRecord each, so the records and token times are the same
+        bytes); only the driver's per-step work is saved. A zero-length stretch ends it
+        (the driver stops there too). Off: `merge_stretches = False`
+        (tests/test_engine_merge.py compares the two)."""
+        rec = self.recorder
+        kv = self.kv
+        cache = self.cache
+        while (end < horizon and end != t and self.n_dec and not self.waiting and not self.context
+               and not kv.pending_onboard and not self.pending_swap_out):
+            # the prologue of step(end, horizon): with nothing waiting, no admission and no cutoff
+            if rec is not None and (len(self.rows) + len(self.stretches) >= rec.flush_records
+                                    or len(self.done) >= rec.flush_done):
+                rec.flush(self)
+            kv.now = end
+            if cache is not None:
+                st = cache.stats
+                self._ev0 = st.dropped + st.offloaded
+                self._off0 = st.offloaded
+            nxt = self._stretch(end, horizon)
+            if nxt is None:  # a general iteration next: the next step runs it
+                break
+            t, end = end, nxt
         return end
 
     def _general(self, now: float) -> float:
@@ -552,17 +599,27 @@ class Engine:
         if self.finish_heap and self.finish_heap[0][0] <= it:
             self._pop_finishes(it)
         ev, off = self._cache_counters() if self.cache is not None else (0, 0)
-        self.rows.append(IterationRecord(
-            iteration=it, start_s=now, duration_s=self.executor.iteration_duration(now, result),
-            num_ctx_requests=len(chunks), num_gen_requests=n_dec, ctx_tokens=ctx_tokens,
-            gen_tokens=n_dec + shape.decode_draft_tokens,
-            padded_tokens=(padded - n_dec if padded else
-                           piecewise - n_dec - shape.decode_draft_tokens - ctx_tokens if piecewise else 0),
-            kv_blocks_used=used_during, kv_blocks_cached=kv.cached,
-            kv_blocks_host=self.cache.host_used if self.cache else 0, evictions=ev, offloads=off,
-            onboards=onboards, graph=padded > 0 or piecewise > 0, decode_kv_tokens=shape.decode_kv_sum,
-            ctx_cached_tokens=sum(shape.ctx_prior_tokens), draft_tokens_proposed=proposed,
-            draft_tokens_accepted=accepted))
+        self.rows.append(IterationRecord(  # (positional, in the fields' order: a third of the keyword call's time)
+            it,  # iteration
+            now,  # start_s
+            self.executor.iteration_duration(now, result),  # duration_s
+            len(chunks),  # num_ctx_requests
+            n_dec,  # num_gen_requests
+            ctx_tokens,
+            n_dec + shape.decode_draft_tokens,  # gen_tokens
+            (padded - n_dec if padded else  # padded_tokens
+             piecewise - n_dec - shape.decode_draft_tokens - ctx_tokens if piecewise else 0),
+            used_during,  # kv_blocks_used
+            kv.cached,  # kv_blocks_cached
+            self.cache.host_used if self.cache else 0,  # kv_blocks_host
+            ev,  # evictions
+            off,  # offloads
+            onboards,
+            padded > 0 or piecewise > 0,  # graph
+            shape.decode_kv_sum,  # decode_kv_tokens
+            sum(shape.ctx_prior_tokens),  # ctx_cached_tokens
+            proposed,  # draft_tokens_proposed
+            accepted))  # draft_tokens_accepted
         self.g = it + 1
         if cfg.check_invariants:
             self.check_invariants()
@@ -703,11 +760,17 @@ class Engine:
         tpb = self.tpb
         g0 = self.g
         n = self.n_dec
-        padded = cfg.graph_padding.padded(n) if cfg.graph_padding is not None else 0
-        plan = self.executor.plan_decode_stretch(n, padded)
+        plans = self._plans
+        plan = plans.get(n) if plans is not None else None
         if plan is None:
-            return None
-        fixed, per_kv = plan
+            padded = cfg.graph_padding.padded(n) if cfg.graph_padding is not None else 0
+            price = self.executor.plan_decode_stretch(n, padded)
+            if price is None:
+                return None
+            plan = (padded, *price)
+            if plans is not None:
+                plans[n] = plan
+        padded, fixed, per_kv = plan
         kv0 = self.off_sum + n * g0
         heap = self.finish_heap  # the next finish: its top entry when current, else _next_finish
         top = heap[0] if heap else None
@@ -739,7 +802,7 @@ class Engine:
         ev, off = self._cache_counters() if cache is not None else (0, 0)
         self.stretches.append(StretchRecord(g0, K, now, fixed, per_kv, kv0, n, used0, p0, padded, kv.cached,
                                             cache.host_used if cache else 0, ev, off))
-        self.stretch_hist.append(array("q", hist).tobytes())
+        self.stretch_hist.append(hist.tobytes())
         self.g = g0 + K
         if self.finish_heap and self.finish_heap[0][0] <= g0 + K - 1:
             self._pop_finishes(g0 + K - 1)

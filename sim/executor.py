@@ -37,9 +37,15 @@ class SimExecutor:
         # lags so by construction; on the simulated clock it is this executor's to say)
         self.overlap = overlap
         self.speculation = speculation
+        # its decode-stretch price is the cost model's decode_affine of the batch (a function
+        # of n and its graph size), so the engine may keep it per batch size; not for a
+        # subclass that plans otherwise
+        self.fixed_stretch_plans = type(self).plan_decode_stretch is SimExecutor.plan_decode_stretch
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         spec = self.speculation
+        if spec is None and not batch.drafts:  # (the common case: a plain iteration, priced)
+            return StepResult(self.cost_model.price(batch.shape))
         if batch.drafts and spec is None:
             raise RuntimeError("the engine proposed drafts but the executor has no speculation model")
         drafts = batch.drafts

@@ -201,6 +201,9 @@ class Executor(Protocol):
     # for every iteration: a real executor addresses the KV pool by them; a simulated one
     # prices shapes and needs none.
     needs_block_ids: bool
+    # plan_decode_stretch's answer depends only on its arguments (the simulated executor's
+    # cost model): the engine keeps one plan per batch size instead of asking every stretch
+    fixed_stretch_plans: bool
 
     def execute(self, batch: ScheduledBatch) -> StepResult: ...
 

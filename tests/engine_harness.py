@@ -93,8 +93,11 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
                contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None,
-               max_positions=None, through_simpy=False):
-    """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step)."""
+               max_positions=None, through_simpy=False, merge_stretches=True,
+               fixed_plans=True):
+    """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step);
+    `merge_stretches`: Engine.merge_stretches (decode stretches through finishes in one step);
+    `fixed_plans` False: the engine asks the executor for every stretch's plan (none kept)."""
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
         for r, k in zip(reqs, keys):
@@ -124,7 +127,11 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
             alpha = spec[1] if isinstance(spec[1], (list, tuple)) else [spec[1]]
             ex.speculation = SimSpeculation(AcceptanceModel(list(alpha), seed=r),
                                             DrafterCost("ngram", host_s_per_request=spec[2]))
-        engines.append(Engine(cfg, ex, replica=r))
+        if not fixed_plans:
+            ex.fixed_stretch_plans = False
+        e = Engine(cfg, ex, replica=r)
+        e.merge_stretches = merge_stretches
+        engines.append(e)
     run_simulation(reqs, engines, make_router("round_robin"), through_simpy=through_simpy)
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(reqs, its)

@@ -226,14 +226,15 @@ def test_simulate_streamed_equals_in_memory(tmp_path, monkeypatch, replicas, spe
     assert res.iterations.num_rows == mem.iterations.num_rows
 
 
-def test_sim_run_small_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sim_run_small_is_byte_identical(tmp_path, replicas):
     """A run small enough for one row group: `sim run` (streamed) writes the very bytes
     the in-memory path writes."""
     from servesim.sim.config import load_experiment
     from servesim.sim.runner import resolve_experiment, simulate, write_run
 
     p = tmp_path / "s.yaml"
-    p.write_text(EXP.replace("REPLICAS", "2"))
+    p.write_text(EXP.replace("REPLICAS", str(replicas)))
     setup = resolve_experiment(load_experiment(p, []), p)[0]
     write_run(simulate(setup), tmp_path / "mem", "s", "base")
     write_run(simulate(setup, out_dir=tmp_path / "str"), tmp_path / "str", "s", "base")
