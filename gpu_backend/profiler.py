@@ -20,7 +20,7 @@ import platform
 import numpy as np
 import pandas as pd
 
-from servesim.sim.calibrate import rows_from_iterations
+from servesim.sim.calibrate import part_label, rows_from_iterations
 from servesim.sim.config import RunConfig
 from servesim.sim.runner import resolve
 from servesim.sim.specs import ModelSpec
@@ -331,7 +331,7 @@ def grid_jobs(model: ModelSpec, decode_points=None, prefill_points=None, mixed_p
         k = max(1, min(processes, n))
         for part in range(k):
             jobs.append(dict(n=n // k + (part < n % k), prompt=prompt, output=output, graphs=True, piecewise=True,
-                             served_rate=rate, part=f" part {part + 1}/{k}" if k > 1 else "", keep="skip"))
+                             served_rate=rate, part=part_label(part, k), keep="skip"))
     for n, prompt in (prefill_points or PREFILL_POINTS):
         jobs.append(dict(n=n, prompt=prompt, output=1, graphs=True, keep="prefill"))
     if tp > 1:  # every run on tp GPUs (cluster.tensor_parallel)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,37 @@ def predict(model: ModelSpec, hw: HardwareSpec, params: dict, shapes: list[Itera
     return out
 
 
+def part_label(part: int, parts: int) -> str:
+    """The suffix of the run label of part ``part`` (0-based) of a grid run split into
+    ``parts`` (gpu_backend/profiler.py splits the served run over the grid's processes);
+    '' for an unsplit run. `whole_run` takes it off."""
+    return f" part {part + 1}/{parts}" if parts > 1 else ""
+
+
+_PART = re.compile(r" part \d+/\d+$")
+
+
+def whole_run(label: str) -> str:
+    """The grid run a row's run label belongs to: a part of a split run (`part_label`) is
+    that run."""
+    return _PART.sub("", label)
+
+
+def row_weights(rows: list[dict]) -> np.ndarray:
+    """Each grid row's weight in the fit's loss: no run outweighs the rest -- a run's rows
+    beyond RUN_ROW_CAP count less each (a served run has thousands of iterations, a grid
+    point tens) -- and the parts of a run split over the grid's processes are one run (the
+    served run's parts each counted as a run made it weigh as much as 3-6 designed points
+    at 300 rows each: its decode steps at batch 8-48 set the one per-KV-token rate the
+    designed points at 64-256 requests share, and the H200 1B profile of calls 29-30 priced
+    its own runs' decodes at 97-128 requests +32%)."""
+    runs = [whole_run(str(r.get("run") or "")) for r in rows]
+    counts: dict[str, int] = {}
+    for k in runs:
+        counts[k] = counts.get(k, 0) + 1
+    return np.array([min(1.0, RUN_ROW_CAP / counts[k]) if k else 1.0 for k in runs])
+
+
 def _host_s(row: dict) -> float:
     v = str(row.get("host_s", "")).strip()
     try:
@@ -288,13 +320,7 @@ def fit(model: ModelSpec, hw: HardwareSpec, rows: list[dict], gemm: dict | None 
         z = np.clip(z, lo, hi)
         return {**{p[0]: float(math.exp(v)) for p, v in zip(PARAMS, z)}, **sched}
 
-    # no run outweighs the rest: a run's rows beyond RUN_ROW_CAP count less each (a served
-    # run has thousands of iterations, a grid point tens)
-    runs = [str(r.get("run") or "") for r in rows]
-    counts: dict[str, int] = {}
-    for k in runs:
-        counts[k] = counts.get(k, 0) + 1
-    row_w = np.sqrt([min(1.0, RUN_ROW_CAP / counts[k]) if k else 1.0 for k in runs])
+    row_w = np.sqrt(row_weights(rows))  # no run outweighs the rest
     prior_w = math.sqrt(float(row_w @ row_w) * PRIOR_WEIGHT)  # the prior weighs as much as before per row
 
     # The GPU's terms are fitted to each row's own GPU part where the grid measured its host
