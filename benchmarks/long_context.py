@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +49,21 @@ def priced_iterations(run: Path, profile: Path):
     m, hw = load_model(cfg["model"]), load_hardware(cfg["hardware"])
     cm = RooflineCostModel(m, hw, load_profile(profile, m, hw)[0], cuda_graphs=True)
     it = pd.read_parquet(run / "iterations.parquet")
-    shapes, times, kinds = shapes_from_grid(rows_from_iterations(m.name, it))
-    it["pred"] = [cm.price(s) for s in shapes]
-    it["kind"] = kinds
-    it["pad"] = np.where(it.graph & (it.num_ctx_requests == 0), it.num_gen_requests + it.padded_tokens, 0)
     req = pd.read_parquet(run / "requests.parquet", columns=["prompt_len", "token_times"])
     end = (it.start_s + it.duration_s).to_numpy()
-    mx = np.zeros(len(it))
+    mx = np.zeros(len(it), dtype=np.int64)
     for p, tt in zip(req.prompt_len, req.token_times):
         t = np.asarray(tt)[1:]  # the first token is the prefill's
         if len(t):
             idx = np.clip(np.searchsorted(end, t - 1e-7), 0, len(it) - 1)
             np.maximum.at(mx, idx, p + np.arange(1, len(t) + 1))
     it["max_kv"] = mx
+    shapes, times, kinds = shapes_from_grid(rows_from_iterations(m.name, it))
+    # the longest decode KV of each iteration (the split bound's price: sim/kv_attention.py SplitBound)
+    shapes = [replace(s, decode_kv_max=int(x)) if s.n_decode else s for s, x in zip(shapes, mx)]
+    it["pred"] = [cm.price(s) for s in shapes]
+    it["kind"] = kinds
+    it["pad"] = np.where(it.graph & (it.num_ctx_requests == 0), it.num_gen_requests + it.padded_tokens, 0)
     return it, m
 
 

@@ -248,3 +248,86 @@ def long_context_delta(kernel: LongContextKernel | None, kv_dtype: str, layers: 
         return r
 
     return delta
+
+
+# ------------------------------------------------------------------------ the split bound
+RESIDENT_WARPS_PER_SM = 64  # warps an SM holds at once (sm80 / sm90): the kernel's programs resident together
+_TUNED_KV = {"bf16": None, "fp8": "float8_e4m3fn"}  # the tuning table's name of a KV cache dtype (None: q's)
+
+
+def tuned_rows(table: dict | None, group: int, kv_heads: int, head_dim: int, kv_dtype: str,
+               block_size: int = 32) -> list[dict] | None:
+    """The tuning table's rows for a decode attention call's shapes (bf16 q), the key of
+    ``block_size`` tokens a block where the table has it, else the smallest block size it has;
+    None where it has none (or no table)."""
+    if table is None or kv_dtype not in _TUNED_KV:
+        return None
+    from servesim.kernels import tuning_table as tt
+
+    entries = table.get("entries", {})
+    sms = int(table["sms"])
+    key = tt.table_key("bfloat16", group, kv_heads, head_dim, block_size, sms, _TUNED_KV[kv_dtype])
+    if key in entries:
+        return entries[key]
+    others = sorted((bs, k) for bs in range(1, 4097)
+                    if (k := tt.table_key("bfloat16", group, kv_heads, head_dim, bs, sms, _TUNED_KV[kv_dtype]))
+                    in entries)
+    return entries[others[0][1]] if others else None
+
+
+class SplitBound:
+    """The decode attention kernel's split bound (kernels/decode_attention.py): each
+    (sequence, KV head) is walked by ``s`` programs, ``s`` the tuning table's split bound at
+    the batch (`kernels.tuning_table.split_bound`, what the GPU runs), so the longest
+    sequence's programs walk ``longest / s`` tokens each, one after the other for as many
+    waves as the grid (``batch x kv_heads x s`` programs) needs to fit the programs resident
+    at once (``num_sms x RESIDENT_WARPS_PER_SM / num_warps``). The step's decode attention
+    lasts at least ``waves x longest / s x per_program_token_s`` a layer -- beside the KV sum
+    streamed at the bandwidth, which a batch of few splits and unequal lengths can finish
+    before its longest programs do. (A sequence shorter than ``s x min_split_tokens`` uses
+    fewer, longer splits; the term takes ``longest / s`` for it, where it is negligible.)
+
+    ``per_program_token_s``, one program's seconds per token at one layer, is fitted from the
+    calibration's kv-long sweep (`LongContextKernel`, equal lengths): at each measured batch
+    the step's time over its cached tokens at long contexts, per token of one program (x batch
+    x s / waves); a batch is never faster than its split bound, so each is an upper bound on
+    the rate, and the fit is the least of them (the batch the split bound sets: batch 1 on the
+    H200, 256 programs of 1/32 of the sequence)."""
+
+    def __init__(self, rows: list[dict], kv_heads: int, sms: int, layers: int, per_program_token_s: float):
+        self.rows, self.kv_heads, self.sms, self.layers = rows, kv_heads, sms, layers
+        self.per_program_token_s = per_program_token_s
+        self._cache: dict[int, float] = {}
+
+    def splits_waves(self, batch: int) -> tuple[int, int]:
+        """(the split bound, the waves of programs) of a call at ``batch``."""
+        from servesim.kernels import tuning_table as tt
+
+        s, cfg = tt.split_bound(self.rows, batch)
+        s = s or 1
+        resident = self.sms * max(RESIDENT_WARPS_PER_SM // int(cfg.get("num_warps") or 4), 1)
+        return s, -(-batch * self.kv_heads * s // resident)
+
+    def rate(self, batch: int) -> float:
+        """Seconds per token of the batch's longest sequence, all layers."""
+        r = self._cache.get(batch)
+        if r is None:
+            s, w = self.splits_waves(batch)
+            r = self._cache[batch] = self.layers * w * self.per_program_token_s / s
+        return r
+
+    @classmethod
+    def fit(cls, kernel: LongContextKernel | None, rows: list[dict] | None, kv_heads: int, sms: int | None,
+            layers: int) -> SplitBound | None:
+        """From a profile's long-context kernel and the tuning table's rows (None without either)."""
+        if kernel is None or not rows or not sms:
+            return None
+        probe = cls(rows, kv_heads, sms, layers, 0.0)
+        rates = []
+        for B, slope in zip(kernel.batches, kernel.long_per_token_s):
+            s, w = probe.splits_waves(B)
+            if slope > 0:
+                rates.append(slope * B * s / w)
+        if not rates:
+            return None
+        return cls(rows, kv_heads, sms, layers, min(rates))

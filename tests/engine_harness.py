@@ -25,11 +25,18 @@ class AffineCost:
         prior = sum(shape.ctx_prior_tokens)
         fixed, per_kv = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
         launch = 1e-4 if shape.piecewise_tokens else 3e-4  # piecewise graphs: fewer launches
-        return fixed + per_kv * shape.decode_kv_sum + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
+        kv = per_kv * shape.decode_kv_sum
+        u = self.decode_split_rate(shape.n_decode, shape.graph, shape.padded_decode) * shape.decode_kv_max
+        return fixed + (u if u > kv else kv) + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
+
+    split = 0.0  # seconds per token of the longest decode KV (a split bound's line; 0: none)
 
     def decode_affine(self, n: int, graph: bool, padded: int):
         b = padded if graph else n
         return (2e-3 if not graph else 1e-3) + 5e-5 * b, 3e-7
+
+    def decode_split_rate(self, n: int, graph: bool, padded: int) -> float:
+        return self.split if n else 0.0
 
 
 class StepwiseExecutor(SimExecutor):
@@ -93,7 +100,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
                blocks=64, chunked=False, chunk_size=None, graphs=True, stepwise=False, replicas=1,
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
                contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None,
-               max_positions=None, through_simpy=False):
+               max_positions=None, through_simpy=False, cost=None):
     """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step)."""
     reqs = [Request(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(rows)]
     if keys is not None:
@@ -105,7 +112,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
     if retention is not None:
         for r, spec in zip(reqs, retention):
             r.retention = spec
-    cost = AffineCost()
+    cost = cost or AffineCost()
     cfg = EngineConfig(
         max_batch_size=max_batch, max_num_tokens=max_tokens, tokens_per_block=tpb,
         num_blocks=blocks, capacity=make_capacity_policy(capacity),
