@@ -7,6 +7,7 @@ mixed iterations by the context their chunks attend to; beside it what the calib
 measured (the kernel-alone table's batches x contexts, the grid's decode points).
 
     python benchmarks/long_context.py [--write-results]   # -> benchmarks/out/ (results/) long_context_h200.md
+    python benchmarks/long_context.py --refit-split-bound PROFILE...  # the split bound's rate, refit only
 
 The longest decode sequence of each iteration is reconstructed from requests.parquet (a
 request's KV at its k-th token is prompt + k; the token is emitted at its iteration's end).
@@ -214,11 +215,52 @@ def installed_long_runs() -> tuple[list[tuple[str, Path]], Path | None]:
     return runs, prof
 
 
+def refit_split_bound(profiles: list[Path]) -> list[Path]:
+    """The refit-only path of the split bound's rate (``decode_attention_long.per_sm_token_s``,
+    sim/kv_attention.py `fit_split_rate`): each profile's long-context kernel refitted by this
+    checkout's `sim calibrate` fit (sim/calibrate.py `fit_long_context`) from the kv-long table
+    it names (archived; the lengths its sweep drew replayed where the table predates them),
+    the rest of the profile untouched. The fields fitted before must come out the same."""
+    import yaml
+
+    from servesim.sim.calibrate import dump_profile, fit_long_context
+    from servesim.sim.specs import load_hardware, load_model
+    from servesim.sim import kv_attention
+
+    done = []
+    for prof in profiles:
+        doc = yaml.safe_load(prof.read_text())
+        sec = (doc.get("roofline") or {}).get("decode_attention_long")
+        if not isinstance(sec, dict):
+            continue
+        model, hw = load_model(doc["model"]), load_hardware(doc["hardware"])
+        table = STORE.path(sec["source"].removeprefix("benchmarks/results/"))
+        params: dict = {}
+        fit_long_context(params, kv_attention.read_table(table), model, table, hw,
+                         int((doc.get("provenance") or {}).get("tp", 1) or 1))
+        new = params["decode_attention_long"]
+        for f in ("batches", "short_per_token_s", "long_per_token_s"):
+            if not np.allclose(new[f], sec[f], rtol=1e-9, atol=0):
+                raise SystemExit(f"{prof}: decode_attention_long.{f} refits differently ({new[f]} vs {sec[f]})")
+        sec["per_sm_token_s"] = new["per_sm_token_s"]
+        doc["roofline"]["decode_attention_long"] = {k: sec[k] for k in kv_attention.LongContextKernel.model_fields
+                                                    if k in sec}
+        dump_profile(prof, doc)
+        done.append(prof)
+    return done
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", type=Path, help="price with this profile (default: fidelity_h200.py's)")
+    ap.add_argument("--refit-split-bound", type=Path, nargs="+", metavar="PROFILE",
+                    help="refit these profiles' split-bound rate from their kv-long tables (in place) and exit")
     add_write_results(ap)
     args = ap.parse_args(argv)
+    if args.refit_split_bound:
+        for p in refit_split_bound(args.refit_split_bound):
+            print(f"refitted {p}")
+        return
     runs, prof = installed_long_runs()
     if not runs:
         raise SystemExit("no long-prompt run installed (gpu_fidelity.py --steps 10)")

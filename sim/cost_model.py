@@ -464,13 +464,13 @@ class RooflineCostModel:
         kvb = model.kv_elem_bytes
         # long contexts: the kernel's long - short per-token difference at a batch (None: none)
         self._kv_long = long_context_delta(cfg.decode_attention_long, model.kv_dtype, L)
-        # the kernel's split bound: the longest sequence's programs (None: not priced; see decode_split_rate)
+        # the kernel's split bound: the longest sequence's programs (None: not priced; see decode_split)
         self._split = None
         if self._kv_long is not None:
             from servesim.kernels.tuning_table import table_for_device
 
             rows = tuned_rows(table_for_device(hw.device_names, hw.num_sms), hg // kvg, kvg, hd, model.kv_dtype)
-            self._split = SplitBound.fit(cfg.decode_attention_long, rows, kvg, hw.num_sms, L)
+            self._split = SplitBound.of(cfg.decode_attention_long, rows, kvg, hw.num_sms, L)
         self._kv_bytes_floor = L * float(2 * kvg * hd * kvb) / hw.achievable_hbm_bytes_per_s
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
@@ -607,22 +607,23 @@ class RooflineCostModel:
         """Seconds per cached token of decode attention over ``nd`` requests (all layers)."""
         return self._decode_kv(nd)[1]
 
-    def decode_split_rate(self, n_decode: int, graph: bool, padded_decode: int) -> float:
-        """Seconds per token of the longest sequence (``IterationShape.decode_kv_max``) that
-        decode attention lasts at least at this batch (all layers): the kernel's split bound
-        (sim/kv_attention.py `SplitBound`, from a profile's long-context kernel and the tuning
-        table the GPU runs); 0 without one. A decode step's KV part is the larger of
-        ``per_kv x decode_kv_sum`` and ``this x decode_kv_max``."""
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """(seconds per token of the longest sequence, ``IterationShape.decode_kv_max``; seconds
+        per token of the KV sum) of the line decode attention's KV part lasts at least at this
+        batch (all layers): the kernel's split bound (sim/kv_attention.py `SplitBound`, from a
+        profile's long-context kernel and the tuning table the GPU runs); (0, 0) without one. A
+        decode step's KV part is the larger of ``per_kv x decode_kv_sum`` and this line."""
         if self._split is None or n_decode <= 0:
-            return 0.0
-        return self._split.rate(self._decode_tokens(n_decode, graph, padded_decode))
+            return 0.0, 0.0
+        return self._split.rates(n_decode, self._decode_tokens(n_decode, graph, padded_decode))
 
     def _decode_kv_time(self, per_kv: float, shape: IterationShape, nd: int) -> float:
-        """The KV part of decode attention: the KV sum streamed, or the longest sequence's
-        programs where the split bound makes them last longer."""
+        """The KV part of decode attention: the KV sum streamed, or the split bound's line where
+        the longest sequence's programs make it last longer."""
         t = per_kv * shape.decode_kv_sum
         if self._split is not None and shape.decode_kv_max:
-            u = self._split.rate(nd) * shape.decode_kv_max
+            d, e = self._split.rates(shape.n_decode, nd)
+            u = d * shape.decode_kv_max + e * shape.decode_kv_sum
             if u > t:
                 return u
         return t

@@ -737,7 +737,7 @@ class Engine:
         K = (top[0] if top is not None and top[2].phase == Phase.GENERATION and top[2].finish_iter == top[0]
              else self._next_finish()) - g0 + 1
         if len(plan) > 2 and plan[2]:  # the split bound's line: on whichever line holds, cut where they cross
-            fixed, per_kv, K = _stretch_line(fixed, per_kv, plan[2], kv0, self._max_off() + g0, n, K)
+            fixed, per_kv, K = _stretch_line(fixed, per_kv, plan[2], plan[3], kv0, self._max_off() + g0, n, K)
         if horizon < INF:  # at least one: a horizon at `now` asks for exactly one
             K = min(K, max(1, _iterations_before(max(horizon - now, 0.0), fixed, per_kv, kv0, n)))
         hist = self.hist
@@ -853,26 +853,28 @@ def _iteration_of(r: IterationRecord) -> int:
     return r.iteration
 
 
-def _stretch_line(f: float, a: float, d: float, kv0: int, L0: int, n: int, K: int) -> tuple[float, float, int]:
-    """A stretch's price on the line that holds: iteration k lasts f + max(a*(kv0 + n*k),
-    d*(L0 + k)) (the KV sum's line, the longest sequence's). The first iterations' line -- the
-    one with the larger value at k = 0 -- holds up to where they cross (their difference is
-    affine in k): (fixed, per_kv, iterations) of that many iterations on it, the longest's
-    written in the KV sum (d*(L0 + k) = d*L0 - d*kv0/n + d/n * (kv0 + n*k))."""
+def _stretch_line(f: float, a: float, d: float, e: float, kv0: int, L0: int, n: int,
+                  K: int) -> tuple[float, float, int]:
+    """A stretch's price on the line that holds: iteration k lasts f + max(a*kv, d*L + e*kv)
+    with kv = kv0 + n*k (the KV sum) and L = L0 + k (the longest sequence). The first
+    iterations' line -- the larger at k = 0 -- holds up to where they cross (their difference
+    is affine in k): (fixed, per_kv, iterations) of that many iterations on it, the second
+    written in the KV sum (d*(L0 + k) = d*L0 - d*kv0/n + d/n * kv)."""
     def split(k: int) -> bool:
-        return d * (L0 + k) > a * (kv0 + n * k)
+        kv = kv0 + n * k
+        return d * (L0 + k) + e * kv > a * kv
 
     b0 = split(0)
     if split(K - 1) != b0:
-        slope = d - a * n  # D(k) = D(0) + k * slope changes sign once
-        k = max(1, min(K - 1, int((a * kv0 - d * L0) / slope))) if slope else K - 1
+        slope = d + (e - a) * n  # the difference changes sign once
+        k = max(1, min(K - 1, int(((a - e) * kv0 - d * L0) / slope))) if slope else K - 1
         while k > 1 and split(k - 1) != b0:
             k -= 1
         while k < K and split(k) == b0:
             k += 1
         K = k
     if b0:
-        return f + d * L0 - d * kv0 / n, d / n, K
+        return f + d * L0 - d * kv0 / n, e + d / n, K
     return f, a, K
 
 

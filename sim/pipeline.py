@@ -182,9 +182,9 @@ class PipelineCostModel:
         self._affine[key] = r
         return r
 
-    def decode_split_rate(self, n_decode: int, graph: bool, padded_decode: int) -> float:
-        """0: a pipeline's stages are priced on shares of the KV sum (the split bound is not)."""
-        return 0.0
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """None: a pipeline's stages are priced on shares of the KV sum (the split bound is not)."""
+        return 0.0, 0.0
 
     def price(self, shape: IterationShape) -> float:
         extra = (shape.host_to_gpu_bytes + shape.gpu_to_host_bytes) / self._pcie \

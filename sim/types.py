@@ -185,22 +185,25 @@ class CostModel(Protocol):
 
     def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]: ...
 
-    def decode_split_rate(self, n_decode: int, graph: bool, padded_decode: int) -> float:
-        """Seconds per token of the longest decode KV (``decode_kv_max``) that a generation-only
-        iteration's KV part lasts at least: its price is ``fixed + max(per_kv * decode_kv_sum,
-        this * decode_kv_max)``; 0: the affine form alone."""
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """(per_longest, per_kv_split): a generation-only iteration's price is ``fixed +
+        max(per_kv * decode_kv_sum, per_longest * decode_kv_max + per_kv_split * decode_kv_sum)``
+        (the decode attention kernel's split bound); (0, 0): the affine form alone."""
         ...
 
 
 class DecodePrice(NamedTuple):
     """Every iteration of a decode-only stretch at a batch lasts fixed_s + max(per_kv_token_s *
-    decode_kv_sum, per_longest_token_s * decode_kv_max) (the sum of the KV lengths its
-    generation requests attend to; the longest of them): the engine advances a stretch in
-    closed form on whichever of the two lines holds (cutting it where they cross)."""
+    decode_kv_sum, per_longest_token_s * decode_kv_max + split_per_kv_token_s * decode_kv_sum)
+    (the sum of the KV lengths its generation requests attend to; the longest of them; the
+    second line: the decode attention kernel's split bound, none when per_longest_token_s is
+    0): the engine advances a stretch in closed form on whichever line holds (cutting it where
+    they cross)."""
 
     fixed_s: float
     per_kv_token_s: float
     per_longest_token_s: float = 0.0
+    split_per_kv_token_s: float = 0.0
 
 
 class Executor(Protocol):

@@ -26,17 +26,18 @@ class AffineCost:
         fixed, per_kv = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
         launch = 1e-4 if shape.piecewise_tokens else 3e-4  # piecewise graphs: fewer launches
         kv = per_kv * shape.decode_kv_sum
-        u = self.decode_split_rate(shape.n_decode, shape.graph, shape.padded_decode) * shape.decode_kv_max
+        d, e = self.decode_split(shape.n_decode, shape.graph, shape.padded_decode)
+        u = d * shape.decode_kv_max + e * shape.decode_kv_sum
         return fixed + (u if u > kv else kv) + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
 
-    split = 0.0  # seconds per token of the longest decode KV (a split bound's line; 0: none)
+    split = (0.0, 0.0)  # a split bound's line: seconds per token of the longest decode KV, of the KV sum
 
     def decode_affine(self, n: int, graph: bool, padded: int):
         b = padded if graph else n
         return (2e-3 if not graph else 1e-3) + 5e-5 * b, 3e-7
 
-    def decode_split_rate(self, n: int, graph: bool, padded: int) -> float:
-        return self.split if n else 0.0
+    def decode_split(self, n: int, graph: bool, padded: int):
+        return self.split if n else (0.0, 0.0)
 
 
 class StepwiseExecutor(SimExecutor):
