@@ -223,9 +223,9 @@ def refit_split_bound(profiles: list[Path]) -> list[Path]:
     the rest of the profile untouched. The fields fitted before must come out the same."""
     import yaml
 
+    from servesim.sim import kv_attention
     from servesim.sim.calibrate import dump_profile, fit_long_context
     from servesim.sim.specs import load_hardware, load_model
-    from servesim.sim import kv_attention
 
     done = []
     for prof in profiles:

@@ -251,7 +251,9 @@ class RooflineConfig(BaseModel):
         "contexts (sim calibrate, from the kv-long sweep; sim/kv_attention.py `long_context_delta`): a cached "
         "token costs the fitted rate plus the long - short difference at its batch (the kernel's split bound is "
         "tuned per batch; with few splits the longest sequences' programs set the time), never below its bytes "
-        "at the achievable bandwidth; null: the fitted rate at every batch"
+        "at the achievable bandwidth; with its per_sm_token_s, a decode step's KV part is at least the kernel's "
+        "split bound on the batch's longest sequence (sim/kv_attention.py `SplitBound`; "
+        "IterationShape.decode_kv_max); null: the fitted rate at every batch"
     )
     prefill_attention_rows: int = Field(
         128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "

@@ -21,6 +21,11 @@ layer, `fit_kernel`) prices another dtype's step as the grid's plus the kernel-a
 difference at that batch (`kernel_delta`: linear in the batch between the measured ones,
 the nearest beyond them); the remainder stays as fitted. A profile without it prices as
 before.
+
+At long contexts (`LongContextKernel`, the calibration's kv-long sweep) the kernel's per-token
+slope is corrected per batch, and the kernel's split bound (`SplitBound`: the split count the
+GPU's tuning table gives the batch, kernels/tuning_table.py) bounds a decode step's KV part
+from below by the SM that walks the batch's longest sequence's program.
 """
 
 from __future__ import annotations

@@ -67,6 +67,8 @@ class StepwiseExecutor(SimExecutor):
         assert len(ctx) + len(gen) <= self.max_batch
         assert batch.shape.num_tokens <= self.max_tokens
         assert len(gen) == batch.shape.n_decode
+        assert batch.shape.decode_kv_max == max((r.kv_len_at(batch.iteration) + 1 for r in gen), default=0), \
+            "decode_kv_max is not the longest decode KV"
         pw = batch.shape.piecewise_tokens
         assert not pw or (ctx and pw >= batch.shape.num_tokens), "piecewise size below the iteration's tokens"
         tpb = self.tpb
