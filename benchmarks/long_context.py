@@ -132,7 +132,7 @@ def tables(it, model) -> list[str]:
                 f"Their longest sequence is {int(np.median(a.max_kv)):,} tokens (median) at a mean of "
                 f"{int(np.median(a.decode_kv_tokens / a.num_gen_requests)):,} per request: with few splits the "
                 "programs of the longest sequences set the time, which the KV sum does not see (GPU slope in the "
-                "KV sum well below the model's)."]
+                "KV sum well below a KV-sum model's) and the profile's split bound prices where it has one."]
     out += ["", "Pure decode iterations by decode KV sum:", "",
             "| decode KV sum | iterations | GPU s | median batch | total error | MAPE |", "|---|---|---|---|---|---|"]
     lo = 0
@@ -192,8 +192,9 @@ def coverage(profile: Path, model) -> list[str]:
 def section(runs: list[tuple[str, Path]], profile: Path) -> list[str]:
     """The analysis of each (label, GPU run) with ``profile``, as markdown lines."""
     out = ["## Long prompts: which iterations the profile misprices", "",
-           f"`python benchmarks/long_context.py` (each GPU iteration priced on its own recorded shape with "
-           f"{profile.relative_to(REPO) if profile.is_relative_to(REPO) else profile}; no replay).", ""]
+           f"`python benchmarks/long_context.py` (each GPU iteration priced on its own recorded shape, with its "
+           f"longest decode sequence reconstructed for the kernel's split bound (sim/kv_attention.py `SplitBound`), "
+           f"with {profile.relative_to(REPO) if profile.is_relative_to(REPO) else profile}; no replay).", ""]
     model = None
     for lab, run in runs:
         it, model = priced_iterations(run, profile)
