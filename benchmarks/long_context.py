@@ -7,6 +7,7 @@ mixed iterations by the context their chunks attend to; beside it what the calib
 measured (the kernel-alone table's batches x contexts, the grid's decode points).
 
     python benchmarks/long_context.py [--write-results]   # -> benchmarks/out/ (results/) long_context_h200.md
+    python benchmarks/long_context.py --refit-split-bound PROFILE...  # the split bound's rate, refit only
 
 The longest decode sequence of each iteration is reconstructed from requests.parquet (a
 request's KV at its k-th token is prompt + k; the token is emitted at its iteration's end).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +50,21 @@ def priced_iterations(run: Path, profile: Path):
     m, hw = load_model(cfg["model"]), load_hardware(cfg["hardware"])
     cm = RooflineCostModel(m, hw, load_profile(profile, m, hw)[0], cuda_graphs=True)
     it = pd.read_parquet(run / "iterations.parquet")
-    shapes, times, kinds = shapes_from_grid(rows_from_iterations(m.name, it))
-    it["pred"] = [cm.price(s) for s in shapes]
-    it["kind"] = kinds
-    it["pad"] = np.where(it.graph & (it.num_ctx_requests == 0), it.num_gen_requests + it.padded_tokens, 0)
     req = pd.read_parquet(run / "requests.parquet", columns=["prompt_len", "token_times"])
     end = (it.start_s + it.duration_s).to_numpy()
-    mx = np.zeros(len(it))
+    mx = np.zeros(len(it), dtype=np.int64)
     for p, tt in zip(req.prompt_len, req.token_times):
         t = np.asarray(tt)[1:]  # the first token is the prefill's
         if len(t):
             idx = np.clip(np.searchsorted(end, t - 1e-7), 0, len(it) - 1)
             np.maximum.at(mx, idx, p + np.arange(1, len(t) + 1))
     it["max_kv"] = mx
+    shapes, times, kinds = shapes_from_grid(rows_from_iterations(m.name, it))
+    # the longest decode KV of each iteration (the split bound's price: sim/kv_attention.py SplitBound)
+    shapes = [replace(s, decode_kv_max=int(x)) if s.n_decode else s for s, x in zip(shapes, mx)]
+    it["pred"] = [cm.price(s) for s in shapes]
+    it["kind"] = kinds
+    it["pad"] = np.where(it.graph & (it.num_ctx_requests == 0), it.num_gen_requests + it.padded_tokens, 0)
     return it, m
 
 
@@ -128,7 +132,7 @@ def tables(it, model) -> list[str]:
                 f"Their longest sequence is {int(np.median(a.max_kv)):,} tokens (median) at a mean of "
                 f"{int(np.median(a.decode_kv_tokens / a.num_gen_requests)):,} per request: with few splits the "
                 "programs of the longest sequences set the time, which the KV sum does not see (GPU slope in the "
-                "KV sum well below the model's)."]
+                "KV sum well below a KV-sum model's) and the profile's split bound prices where it has one."]
     out += ["", "Pure decode iterations by decode KV sum:", "",
             "| decode KV sum | iterations | GPU s | median batch | total error | MAPE |", "|---|---|---|---|---|---|"]
     lo = 0
@@ -188,8 +192,9 @@ def coverage(profile: Path, model) -> list[str]:
 def section(runs: list[tuple[str, Path]], profile: Path) -> list[str]:
     """The analysis of each (label, GPU run) with ``profile``, as markdown lines."""
     out = ["## Long prompts: which iterations the profile misprices", "",
-           f"`python benchmarks/long_context.py` (each GPU iteration priced on its own recorded shape with "
-           f"{profile.relative_to(REPO) if profile.is_relative_to(REPO) else profile}; no replay).", ""]
+           f"`python benchmarks/long_context.py` (each GPU iteration priced on its own recorded shape, with its "
+           f"longest decode sequence reconstructed for the kernel's split bound (sim/kv_attention.py `SplitBound`), "
+           f"with {profile.relative_to(REPO) if profile.is_relative_to(REPO) else profile}; no replay).", ""]
     model = None
     for lab, run in runs:
         it, model = priced_iterations(run, profile)
@@ -211,11 +216,52 @@ def installed_long_runs() -> tuple[list[tuple[str, Path]], Path | None]:
     return runs, prof
 
 
+def refit_split_bound(profiles: list[Path]) -> list[Path]:
+    """The refit-only path of the split bound's rate (``decode_attention_long.per_sm_token_s``,
+    sim/kv_attention.py `fit_split_rate`): each profile's long-context kernel refitted by this
+    checkout's `sim calibrate` fit (sim/calibrate.py `fit_long_context`) from the kv-long table
+    it names (archived; the lengths its sweep drew replayed where the table predates them),
+    the rest of the profile untouched. The fields fitted before must come out the same."""
+    import yaml
+
+    from servesim.sim import kv_attention
+    from servesim.sim.calibrate import dump_profile, fit_long_context
+    from servesim.sim.specs import load_hardware, load_model
+
+    done = []
+    for prof in profiles:
+        doc = yaml.safe_load(prof.read_text())
+        sec = (doc.get("roofline") or {}).get("decode_attention_long")
+        if not isinstance(sec, dict):
+            continue
+        model, hw = load_model(doc["model"]), load_hardware(doc["hardware"])
+        table = STORE.path(sec["source"].removeprefix("benchmarks/results/"))
+        params: dict = {}
+        fit_long_context(params, kv_attention.read_table(table), model, table, hw,
+                         int((doc.get("provenance") or {}).get("tp", 1) or 1))
+        new = params["decode_attention_long"]
+        for f in ("batches", "short_per_token_s", "long_per_token_s"):
+            if not np.allclose(new[f], sec[f], rtol=1e-9, atol=0):
+                raise SystemExit(f"{prof}: decode_attention_long.{f} refits differently ({new[f]} vs {sec[f]})")
+        sec["per_sm_token_s"] = new["per_sm_token_s"]
+        doc["roofline"]["decode_attention_long"] = {k: sec[k] for k in kv_attention.LongContextKernel.model_fields
+                                                    if k in sec}
+        dump_profile(prof, doc)
+        done.append(prof)
+    return done
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", type=Path, help="price with this profile (default: fidelity_h200.py's)")
+    ap.add_argument("--refit-split-bound", type=Path, nargs="+", metavar="PROFILE",
+                    help="refit these profiles' split-bound rate from their kv-long tables (in place) and exit")
     add_write_results(ap)
     args = ap.parse_args(argv)
+    if args.refit_split_bound:
+        for p in refit_split_bound(args.refit_split_bound):
+            print(f"refitted {p}")
+        return
     runs, prof = installed_long_runs()
     if not runs:
         raise SystemExit("no long-prompt run installed (gpu_fidelity.py --steps 10)")

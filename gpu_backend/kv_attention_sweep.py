@@ -83,9 +83,26 @@ def kv_attention_sweep(model: ModelSpec, kv_dtypes=KV_DTYPES, sizes=SIZES, tp: i
                                  f"vs the torch reference (> {TOL:.0e})")
             s = back_to_back_seconds(call, reps, windows, cuda)
             out.append({"kv_dtype": kvd, "batch": B, "ctx": ctx, "us": s * 1e6, "config": cfg.label(),
-                        "source": "sim calibrate --backend gpu (gpu_backend/kv_attention_sweep.py)"})
+                        "source": "sim calibrate --backend gpu (gpu_backend/kv_attention_sweep.py)",
+                        "kv_sum": int(lens.sum()), "kv_max": int(lens.max())})
             del caches, kc, vc
         del base
         if cuda:
             torch.cuda.empty_cache()
+    return out
+
+
+def sweep_lengths(sizes, num_heads: int, head_dim: int) -> list[tuple[int, int]]:
+    """(sum, longest) of the sequence lengths a CUDA sweep (`kv_attention_sweep`) drew at each of
+    ``sizes`` (batch, ctx), ``num_heads`` query heads of ``head_dim`` a GPU: its seeded generator
+    replayed (the lengths, then the queries, per size; a CUDA sweep draws the caches on the
+    device). For tables written before the sweep recorded them (``kv_sum``, ``kv_max``)."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = []
+    for B, ctx in sizes:
+        lens = torch.randint(max(1, ctx // 2), ctx + ctx // 2 + 1, (B,), generator=gen)
+        torch.randn(B, num_heads, head_dim, generator=gen)
+        out.append((int(lens.sum()), int(lens.max())))
     return out

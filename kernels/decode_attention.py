@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -66,6 +65,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_interpreted, dot_precision, jit_options, new_empty, next_pow2, num_sms, pdl_kwargs
+from . import tuning_table as _tt
 from ._gdc import gdc_enter
 from .reference import FP8_KV, check_kv_scales, is_fp8_cache
 
@@ -461,10 +461,8 @@ def tuning_key(dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int,
                kv_dtype: torch.dtype | None = None) -> str:
     """The table's key of a call's shapes: q's dtype, and the cache's where it differs (an fp8
     cache under bf16 q: ``bfloat16-kv-float8_e4m3fn/...``; its configs are tuned apart)."""
-    name = str(dtype).replace('torch.', '')
-    if kv_dtype is not None and kv_dtype != dtype:
-        name += "-kv-" + str(kv_dtype).replace('torch.', '')
-    return f"{name}/g{group}/kv{num_kv_heads}/d{head_dim}/bs{block_size}/sm{sms}"
+    kv = None if kv_dtype is None else str(kv_dtype).replace('torch.', '')
+    return _tt.table_key(str(dtype).replace('torch.', ''), group, num_kv_heads, head_dim, block_size, sms, kv)
 
 
 def set_tuning(table: dict | None) -> None:
@@ -497,7 +495,8 @@ def load_tuning(path: str | os.PathLike) -> dict:
     return table
 
 
-TUNING_DIR = Path(__file__).parent / "tuning"
+TUNING_DIR = _tt.TUNING_DIR
+assert _tt.MAX_SCALED_SPLITS == 2 * MAX_SPLITS
 
 
 def get_tuning() -> dict | None:
@@ -540,15 +539,9 @@ def tuned_config(batch: int, key: str) -> DecodeConfig | None:
     rows = (table or {}).get("entries", {}).get(key)
     if not rows:
         return None
-    lb = math.log2(max(batch, 1))
-    row = min(rows, key=lambda r: (abs(math.log2(max(int(r["batch"]), 1)) - lb), -int(r["batch"])))
-    cfg = DecodeConfig.from_dict(row["config"])
-    tb = int(row["batch"])
-    if cfg.max_splits is not None and tb != batch:
-        s = cfg.max_splits * tb / max(batch, 1)
-        s = 1 << max(0, int(round(math.log2(max(s, 1.0)))))
-        cfg = replace(cfg, max_splits=max(1, min(s, 2 * MAX_SPLITS)))
-    return cfg
+    s, row = _tt.split_bound(rows, batch)  # the simulator prices the same bound (sim/kv_attention.py)
+    cfg = DecodeConfig.from_dict(row)
+    return cfg if s is None else replace(cfg, max_splits=s)
 
 
 def resolve_config(batch: int, num_kv_heads: int, max_seq_len: int, head_dim: int, group: int, block_size: int,

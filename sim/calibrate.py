@@ -684,7 +684,7 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
     params, stats = fit(model, hw, rows, gemm_curves(gemm_rows), tp=tp, fixed=ar, gemm_by_precision=by_prec or None)
     kv_env = fit_kv_attention(params, stats, kv_rows, model, hw, tp,
                               kv_path if backend != "gpu" else grid.with_suffix(".kv-attention.csv"))
-    kv_env.update(fit_long_context(params, long_rows, model, grid.with_suffix(LONG_KV_SUFFIX)))
+    kv_env.update(fit_long_context(params, long_rows, model, grid.with_suffix(LONG_KV_SUFFIX), hw, tp))
     power = fit_power_runs(runs, idle_w, grid_its, model, hw)
     prov = {
         "source": source,
@@ -705,16 +705,37 @@ def calibrate(model: ModelSpec, hw: HardwareSpec, grid: Path | None, out: Path, 
 LONG_KV_SUFFIX = ".kv-long.csv"  # beside a grid: the decode attention kernel alone at long contexts
 
 
-def fit_long_context(params: dict, rows: list[dict], model: ModelSpec, path: Path) -> dict:
+def with_sweep_lengths(rows: list[dict], model: ModelSpec, tp: int = 1) -> list[dict]:
+    """kv-long rows with the lengths their sweep drew (``kv_sum``, ``kv_max``): as recorded, else
+    replayed from the sweep's seeded generator (gpu_backend/kv_attention_sweep.py
+    `sweep_lengths`, torch; tables measured before the sweep recorded them); as they are where
+    torch is missing."""
+    if not rows or all("kv_sum" in r and "kv_max" in r for r in rows):
+        return rows
+    try:
+        from servesim.gpu_backend.kv_attention_sweep import sweep_lengths
+    except ImportError:
+        return rows
+    sizes = list(dict.fromkeys((r["batch"], r["ctx"]) for r in rows))
+    got = dict(zip(sizes, sweep_lengths(sizes, model.num_heads // tp, model.head_dim)))
+    return [{**r, "kv_sum": got[(r["batch"], r["ctx"])][0], "kv_max": got[(r["batch"], r["ctx"])][1]}
+            if "kv_sum" not in r or "kv_max" not in r else r for r in rows]
+
+
+def fit_long_context(params: dict, rows: list[dict], model: ModelSpec, path: Path, hw: HardwareSpec | None = None,
+                     tp: int = 1) -> dict:
     """The decode attention kernel alone in the model's KV dtype at long contexts (``rows``:
     the grid's ``.kv-long.csv``) into ``params["decode_attention_long"]`` (sim/kv_attention.py
     `long_context_delta`: the kernel's long - short context per-token difference at a batch).
     Nothing without rows of the model's KV dtype. Returns the provenance to record."""
-    rows = [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"])} for r in rows]
+    rows = [{**r, "batch": int(r["batch"]), "ctx": int(r["ctx"]), "us": float(r["us"]),
+             **{c: int(r[c]) for c in ("kv_sum", "kv_max") if str(r.get(c, "")).strip()}} for r in rows]
+    rows = with_sweep_lengths(rows, model, tp)
     root = Path(__file__).resolve().parents[1]
     path = Path(path).resolve().relative_to(root) if Path(path).resolve().is_relative_to(root) else Path(path)
     try:
-        k = kv_attention.fit_long(rows, model.kv_dtype, source=str(path))
+        k = kv_attention.fit_long(rows, model.kv_dtype, source=str(path), kv_heads=model.kv_heads_per_gpu(tp),
+                                  sms=hw.num_sms if hw is not None else None)
     except ValueError as e:
         raise ConfigError(str(e), str(path)) from None
     if k is None:

@@ -38,7 +38,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servesim.sim.kv_attention import DecodeAttentionKernel, LongContextKernel, kernel_delta, long_context_delta
+from servesim.sim.kv_attention import (DecodeAttentionKernel, LongContextKernel, SplitBound, kernel_delta,
+                                       long_context_delta, tuned_rows)
 from servesim.sim.specs import HardwareSpec, ModelSpec, _kv_elem_bytes
 from servesim.sim.types import IterationShape
 
@@ -250,7 +251,9 @@ class RooflineConfig(BaseModel):
         "contexts (sim calibrate, from the kv-long sweep; sim/kv_attention.py `long_context_delta`): a cached "
         "token costs the fitted rate plus the long - short difference at its batch (the kernel's split bound is "
         "tuned per batch; with few splits the longest sequences' programs set the time), never below its bytes "
-        "at the achievable bandwidth; null: the fitted rate at every batch"
+        "at the achievable bandwidth; with its per_sm_token_s, a decode step's KV part is at least the kernel's "
+        "split bound on the batch's longest sequence (sim/kv_attention.py `SplitBound`; "
+        "IterationShape.decode_kv_max); null: the fitted rate at every batch"
     )
     prefill_attention_rows: int = Field(
         128, ge=0, description="query rows (tokens x the query heads of one KV head) one program of the prefill "
@@ -463,6 +466,13 @@ class RooflineCostModel:
         kvb = model.kv_elem_bytes
         # long contexts: the kernel's long - short per-token difference at a batch (None: none)
         self._kv_long = long_context_delta(cfg.decode_attention_long, model.kv_dtype, L)
+        # the kernel's split bound: the longest sequence's programs (None: not priced; see decode_split)
+        self._split = None
+        if self._kv_long is not None:
+            from servesim.kernels.tuning_table import table_for_device
+
+            rows = tuned_rows(table_for_device(hw.device_names, hw.num_sms), hg // kvg, kvg, hd, model.kv_dtype)
+            self._split = SplitBound.of(cfg.decode_attention_long, rows, kvg, hw.num_sms, L)
         self._kv_bytes_floor = L * float(2 * kvg * hd * kvb) / hw.achievable_hbm_bytes_per_s
         self._floor = L * cfg.layer_latency_s
         self._ridge_p = cfg.linear_ridge_exponent
@@ -599,6 +609,27 @@ class RooflineCostModel:
         """Seconds per cached token of decode attention over ``nd`` requests (all layers)."""
         return self._decode_kv(nd)[1]
 
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """(seconds per token of the longest sequence, ``IterationShape.decode_kv_max``; seconds
+        per token of the KV sum) of the line decode attention's KV part lasts at least at this
+        batch (all layers): the kernel's split bound (sim/kv_attention.py `SplitBound`, from a
+        profile's long-context kernel and the tuning table the GPU runs); (0, 0) without one. A
+        decode step's KV part is the larger of ``per_kv x decode_kv_sum`` and this line."""
+        if self._split is None or n_decode <= 0:
+            return 0.0, 0.0
+        return self._split.rates(n_decode, self._decode_tokens(n_decode, graph, padded_decode))
+
+    def _decode_kv_time(self, per_kv: float, shape: IterationShape, nd: int) -> float:
+        """The KV part of decode attention: the KV sum streamed, or the split bound's line where
+        the longest sequence's programs make it last longer."""
+        t = per_kv * shape.decode_kv_sum
+        if self._split is not None and shape.decode_kv_max:
+            d, e = self._split.rates(shape.n_decode, nd)
+            u = d * shape.decode_kv_max + e * shape.decode_kv_sum
+            if u > t:
+                return u
+        return t
+
     def _gpu_rest(self, T: int, S: int, n_dec: int) -> float:
         """GPU time of everything but attention over cached/chunk tokens: linears,
         lm_head + sampler, elementwise, decode per-request attention, all-reduce."""
@@ -718,6 +749,9 @@ class RooflineCostModel:
             r = self._affine.get((shape.n_decode, shape.graph, shape.padded_decode))
             if r is None:
                 r = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
+            if self._split is not None and shape.decode_kv_max and shape.n_decode:
+                return r[0] + self._decode_kv_time(r[1], shape, self._decode_tokens(shape.n_decode, shape.graph,
+                                                                                     shape.padded_decode))
             return r[0] + r[1] * shape.decode_kv_sum
         n = shape.n_decode
         graph = shape.graph
@@ -769,8 +803,8 @@ class RooflineCostModel:
             t += self._moe.time(T) + self._a2a_fixed + self._a2a_tok * T
         if n and (self._kv_delta is not None or self._kv_long is not None):
             dfix, per_kv = self._decode_kv(nd)
-            return self._total(max(t + dfix, 0.0), per_kv * shape.decode_kv_sum, graph, len(ctx) + n, True, pw > 0,
-                               True, ct)
+            return self._total(max(t + dfix, 0.0), self._decode_kv_time(per_kv, shape, nd), graph, len(ctx) + n,
+                               True, pw > 0, True, ct)
         return self._total(t, self._ad_kv * shape.decode_kv_sum if n else 0.0, graph, len(ctx) + n, True, pw > 0,
                            n > 0, ct)
 
@@ -852,7 +886,7 @@ class RooflineCostModel:
                                       self._longest_program(shape.ctx_new_tokens, shape.ctx_prior_tokens))
         dfix, per_kv = self._decode_kv(nd) if n else (0.0, 0.0)
         out["attn_decode"] = self._ad_req * nd + dfix
-        out["attn_decode_kv"] = per_kv * shape.decode_kv_sum
+        out["attn_decode_kv"] = self._decode_kv_time(per_kv, shape, nd) if n else 0.0
         out["kernel_floor"] = self._floor
         out["allreduce"] = self._ar_fixed + self._ar_tok * T if self._ar_tok else 0.0
         gpu_rest = sum(out[k] for k in GPU_TERMS if k != "attn_decode_kv")

@@ -125,6 +125,10 @@ class Engine:
         # counts of (off - 1) mod tpb; an int64 array, so that a stretch's snapshot of it
         # (stretch_hist) is a copy of its bytes rather than a conversion of a list
         self.hist = array("q", bytes(8 * self.tpb))
+        # max-heap (lazy) of (-off, seq, request) over generation requests: the longest decode KV
+        # is its valid top + the iteration (entries of requests gone or since grown are dropped)
+        self.off_heap: list[tuple[int, int, Request]] = []
+        self._off_seq = 0
         self.finish_heap: list[tuple[int, int, Request]] = []
         self._admit_seq = 0
         self._moved: Request | None = None  # the waiting request the order policy last moved to the front
@@ -178,7 +182,24 @@ class Engine:
         self.off_sum += off
         self.hist[(off - 1) % self.tpb] += 1
         self.decoding[req.request_id] = req
+        self._push_off(req, off)
         heapq.heappush(self.finish_heap, (req.finish_iter, req.admit_seq, req))
+
+    def _push_off(self, req: Request, off: int) -> None:
+        self._off_seq += 1
+        heapq.heappush(self.off_heap, (-off, self._off_seq, req))
+
+    def _max_off(self) -> int:
+        """The largest off over generation requests (0: none); the longest decode KV at
+        iteration ``it`` is this + it."""
+        h = self.off_heap
+        dec = self.decoding
+        while h:
+            neg, _, r = h[0]
+            if dec.get(r.request_id) is r and -neg == self._off(r):
+                return -neg
+            heapq.heappop(h)
+        return 0
 
     def _leave_generation(self, req: Request, last_it: int) -> int:
         """Remove from the aggregates; returns its logical KV blocks after `last_it`."""
@@ -551,6 +572,7 @@ class Engine:
             n_ctx_sampling=sum([c.is_last for c in chunks]),
             n_decode=n_dec,
             decode_kv_sum=self.off_sum + n_dec * it,
+            decode_kv_max=self._max_off() + it if n_dec else 0,
             graph=padded > 0,
             padded_decode=padded,
             piecewise_tokens=piecewise,
@@ -692,6 +714,7 @@ class Engine:
                 hist[(off + a - 1) % tpb] += 1
                 gained += a
                 r.gen_base_iter -= a
+                self._push_off(r, off + a)
                 r.finish_iter -= a
                 heapq.heappush(heap, (r.finish_iter, r.admit_seq, r))
         self.off_sum += gained
@@ -770,12 +793,14 @@ class Engine:
             plan = (padded, *price)
             if plans is not None:
                 plans[n] = plan
-        padded, fixed, per_kv = plan
+        padded, fixed, per_kv = plan[0], plan[1], plan[2]
         kv0 = self.off_sum + n * g0
         heap = self.finish_heap  # the next finish: its top entry when current, else _next_finish
         top = heap[0] if heap else None
         K = (top[0] if top is not None and top[2].phase == Phase.GENERATION and top[2].finish_iter == top[0]
              else self._next_finish()) - g0 + 1
+        if len(plan) > 3 and plan[3]:  # the split bound's line: on whichever line holds, cut where they cross
+            fixed, per_kv, K = _stretch_line(fixed, per_kv, plan[3], plan[4], kv0, self._max_off() + g0, n, K)
         if horizon < INF:  # at least one: a horizon at `now` asks for exactly one
             K = min(K, max(1, _iterations_before(max(horizon - now, 0.0), fixed, per_kv, kv0, n)))
         hist = self.hist
@@ -889,6 +914,31 @@ def _arrival_of(r: Request) -> float:
 
 def _iteration_of(r: IterationRecord) -> int:
     return r.iteration
+
+
+def _stretch_line(f: float, a: float, d: float, e: float, kv0: int, L0: int, n: int,
+                  K: int) -> tuple[float, float, int]:
+    """A stretch's price on the line that holds: iteration k lasts f + max(a*kv, d*L + e*kv)
+    with kv = kv0 + n*k (the KV sum) and L = L0 + k (the longest sequence). The first
+    iterations' line -- the larger at k = 0 -- holds up to where they cross (their difference
+    is affine in k): (fixed, per_kv, iterations) of that many iterations on it, the second
+    written in the KV sum (d*(L0 + k) = d*L0 - d*kv0/n + d/n * kv)."""
+    def split(k: int) -> bool:
+        kv = kv0 + n * k
+        return d * (L0 + k) + e * kv > a * kv
+
+    b0 = split(0)
+    if split(K - 1) != b0:
+        slope = d + (e - a) * n  # the difference changes sign once
+        k = max(1, min(K - 1, int(((a - e) * kv0 - d * L0) / slope))) if slope else K - 1
+        while k > 1 and split(k - 1) != b0:
+            k -= 1
+        while k < K and split(k) == b0:
+            k += 1
+        K = k
+    if b0:
+        return f + d * L0 - d * kv0 / n, e + d / n, K
+    return f, a, K
 
 
 def _iterations_before(h: float, f: float, a: float, kv0: int, n: int) -> int:

@@ -82,7 +82,9 @@ class SimExecutor:
         return StepResult(chain(segs + [seg]) + rest, accepted=accepted)
 
     def plan_decode_stretch(self, n_decode: int, padded_decode: int) -> DecodePrice:
-        return DecodePrice(*self.cost_model.decode_affine(n_decode, padded_decode > 0, padded_decode))
+        graph = padded_decode > 0
+        return DecodePrice(*self.cost_model.decode_affine(n_decode, graph, padded_decode),
+                           *self.cost_model.decode_split(n_decode, graph, padded_decode))
 
     def admits_arrivals_until(self, now: float, last_start: float, last_end: float) -> float:
         """With the overlap scheduler an iteration that follows the last one back to back

@@ -182,6 +182,10 @@ class PipelineCostModel:
         self._affine[key] = r
         return r
 
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """None: a pipeline's stages are priced on shares of the KV sum (the split bound is not)."""
+        return 0.0, 0.0
+
     def price(self, shape: IterationShape) -> float:
         extra = (shape.host_to_gpu_bytes + shape.gpu_to_host_bytes) / self._pcie \
             if shape.host_to_gpu_bytes or shape.gpu_to_host_bytes else 0.0

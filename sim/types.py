@@ -116,6 +116,9 @@ class IterationShape:
     n_ctx_sampling: int = 0  # context chunks that sample a token (last chunk of a prompt)
     n_decode: int = 0  # generation requests (one token each)
     decode_kv_sum: int = 0  # sum over generation requests of the KV length attended (incl. new token)
+    # the longest KV length a generation request attends (incl. new token); 0: unknown (the
+    # decode attention kernel's split bound is then not priced: sim/kv_attention.py SplitBound)
+    decode_kv_max: int = 0
     graph: bool = False  # runs as a captured CUDA graph (generation-only iterations)
     padded_decode: int = 0  # batch size the graph runs at (>= n_decode); 0 when not a graph
     # iterations with context chunks under runtime.piecewise_graphs: the token count the
@@ -182,13 +185,25 @@ class CostModel(Protocol):
 
     def decode_affine(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]: ...
 
+    def decode_split(self, n_decode: int, graph: bool, padded_decode: int) -> tuple[float, float]:
+        """(per_longest, per_kv_split): a generation-only iteration's price is ``fixed +
+        max(per_kv * decode_kv_sum, per_longest * decode_kv_max + per_kv_split * decode_kv_sum)``
+        (the decode attention kernel's split bound); (0, 0): the affine form alone."""
+        ...
+
 
 class DecodePrice(NamedTuple):
-    """Every iteration of a decode-only stretch at a batch lasts fixed_s + per_kv_token_s *
-    decode_kv_sum (the sum of the KV lengths its generation requests attend to)."""
+    """Every iteration of a decode-only stretch at a batch lasts fixed_s + max(per_kv_token_s *
+    decode_kv_sum, per_longest_token_s * decode_kv_max + split_per_kv_token_s * decode_kv_sum)
+    (the sum of the KV lengths its generation requests attend to; the longest of them; the
+    second line: the decode attention kernel's split bound, none when per_longest_token_s is
+    0): the engine advances a stretch in closed form on whichever line holds (cutting it where
+    they cross)."""
 
     fixed_s: float
     per_kv_token_s: float
+    per_longest_token_s: float = 0.0
+    split_per_kv_token_s: float = 0.0
 
 
 class Executor(Protocol):

@@ -25,11 +25,19 @@ class AffineCost:
         prior = sum(shape.ctx_prior_tokens)
         fixed, per_kv = self.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
         launch = 1e-4 if shape.piecewise_tokens else 3e-4  # piecewise graphs: fewer launches
-        return fixed + per_kv * shape.decode_kv_sum + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
+        kv = per_kv * shape.decode_kv_sum
+        d, e = self.decode_split(shape.n_decode, shape.graph, shape.padded_decode)
+        u = d * shape.decode_kv_max + e * shape.decode_kv_sum
+        return fixed + (u if u > kv else kv) + 2e-5 * ctx + 1e-8 * prior * 1.0 + launch * bool(ctx)
+
+    split = (0.0, 0.0)  # a split bound's line: seconds per token of the longest decode KV, of the KV sum
 
     def decode_affine(self, n: int, graph: bool, padded: int):
         b = padded if graph else n
         return (2e-3 if not graph else 1e-3) + 5e-5 * b, 3e-7
+
+    def decode_split(self, n: int, graph: bool, padded: int):
+        return self.split if n else (0.0, 0.0)
 
 
 class StepwiseExecutor(SimExecutor):
@@ -59,6 +67,8 @@ class StepwiseExecutor(SimExecutor):
         assert len(ctx) + len(gen) <= self.max_batch
         assert batch.shape.num_tokens <= self.max_tokens
         assert len(gen) == batch.shape.n_decode
+        assert batch.shape.decode_kv_max == max((r.kv_len_at(batch.iteration) + 1 for r in gen), default=0), \
+            "decode_kv_max is not the longest decode KV"
         pw = batch.shape.piecewise_tokens
         assert not pw or (ctx and pw >= batch.shape.num_tokens), "piecewise size below the iteration's tokens"
         tpb = self.tpb
@@ -94,7 +104,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
                check=True, reuse=False, host_blocks=0, offload_min_priority=35, keys=None,
                contents=None, retention=None, swap_blocks=0, overlap=False, piecewise=None, spec=None,
                max_positions=None, through_simpy=False, merge_stretches=True,
-               fixed_plans=True):
+               fixed_plans=True, cost=None):
     """`spec`: (max_draft_len, alpha or per-position alphas, drafter seconds per draft step);
     `merge_stretches`: Engine.merge_stretches (decode stretches through finishes in one step);
     `fixed_plans` False: the engine asks the executor for every stretch's plan (none kept)."""
@@ -108,7 +118,7 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
     if retention is not None:
         for r, spec in zip(reqs, retention):
             r.retention = spec
-    cost = AffineCost()
+    cost = cost or AffineCost()
     cfg = EngineConfig(
         max_batch_size=max_batch, max_num_tokens=max_tokens, tokens_per_block=tpb,
         num_blocks=blocks, capacity=make_capacity_policy(capacity),

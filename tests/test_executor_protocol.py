@@ -109,7 +109,8 @@ def test_ends_known_late_are_recorded_by_the_engine():
     np.testing.assert_allclose(dur, np.maximum(10.0 * k + price - start, 0.0), rtol=1e-12)
 
 
-def test_decode_price_is_a_named_pair():
+def test_decode_price_is_named_and_its_split_line_defaults_to_none():
     p = DecodePrice(1e-3, 2e-7)
-    fixed, per_kv = p
-    assert (fixed, per_kv) == (p.fixed_s, p.per_kv_token_s)
+    fixed, per_kv, per_longest, split_per_kv = p
+    assert (fixed, per_kv, per_longest, split_per_kv) == (p.fixed_s, p.per_kv_token_s, 0.0, 0.0)
+    assert DecodePrice(1e-3, 2e-7, 5e-7, 1e-8)[2:] == (5e-7, 1e-8)

@@ -146,3 +146,158 @@ def test_sim_calibrate_reads_the_kv_long_table_beside_the_grid(tmp_path):
     assert cfg.decode_attention_long == kv_attention.LongContextKernel(**k)
     cm = RooflineCostModel(SPEC, HW, cfg)
     assert cm.decode_kv_rate(24) > cm.decode_kv_rate(32)
+
+
+# ------------------------------------------------------------------------ the split bound
+from servesim.kernels import tuning_table  # noqa: E402
+
+TABLE = tuning_table.table_for_device(HW.device_names, HW.num_sms)
+ROWS = kv_attention.tuned_rows(TABLE, 4, 8, 128, "bf16")
+
+
+def test_the_h200_tuning_table_is_found_and_its_split_bounds_are_the_kernels():
+    """The simulator reads the table the GPU runs (kernels/tuning/h200.json: its device name and
+    SM count) and the split bound at a batch is the tuned row nearest in log2 (ties to the larger),
+    scaled to keep the programs (what long_context_h200.md's table lists for the run's batches)."""
+    assert TABLE is not None and TABLE["path"].endswith("h200.json")
+    assert tuning_table.table_for_device(["A100"], HW.num_sms) is None  # another device: none
+    assert tuning_table.table_for_device(HW.device_names, 114) is None  # another SM count: none
+    got = [tuning_table.split_bound(ROWS, b)[0] for b in (1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 128, 256)]
+    assert got == [32, 32, 16, 8, 4, 2, 16, 16, 8, 8, 2, 1]
+    # another block size's key: the table's own (bs32)
+    assert kv_attention.tuned_rows(TABLE, 4, 8, 128, "bf16", block_size=16) == ROWS
+    assert kv_attention.tuned_rows(TABLE, 4, 8, 128, "int8") is None
+    assert kv_attention.tuned_rows(None, 4, 8, 128, "bf16") is None
+
+
+PER_SM = [20e-9, 15e-9, 16e-9, 17e-9, 15e-9, 15e-9, 15e-9, 15e-9]  # per BATCHES
+
+
+def _with_sm(long, per_sm=PER_SM):
+    return _long(long).model_copy(update={"per_sm_token_s": list(per_sm)})
+
+
+def test_the_split_bound_against_a_hand_computation():
+    """The SM holding the longest sequence's program walks it (longest / splits) and its share
+    of the others ((n x kv_heads x splits / SMs - 1) programs of the mean length) at the
+    batch's per-SM-token rate. Hand numbers on the H200 (132 SMs, 8 KV heads, 32 layers)."""
+    sb = kv_attention.SplitBound.of(_with_sm([1e-9] * 8), ROWS, 8, HW.num_sms, 32)
+    d, e = sb.rates(24, 24)  # 2 splits: 384 programs, 384 / 132 - 1 = 1.909 others beside
+    assert d == pytest.approx(32 * 17e-9 / 2, rel=1e-12)
+    assert e == pytest.approx(32 * 17e-9 * (384 / 132 - 1) / (24 * 2), rel=1e-12)
+    d, e = sb.rates(20, 24)  # 20 requests in the padded-24 graph: its 2 splits, 320 programs that work
+    assert (d, e) == pytest.approx((32 * 17e-9 / 2, 32 * 17e-9 * (320 / 132 - 1) / 40), rel=1e-12)
+    assert sb.rate(28) == pytest.approx(16e-9, rel=1e-12)  # linear in the batch between 24 and 32
+    r2 = 20e-9 - 5e-9 / 7  # batch 2: between batch 1's and 8's; 32 splits, 512 programs
+    assert sb.rates(2, 2) == pytest.approx((32 * r2 / 32, 32 * r2 * (512 / 132 - 1) / (2 * 32)), rel=1e-12)
+    assert sb.rates(1, 1)[1] == 32 * 20e-9 * (256 / 132 - 1) / 32  # 256 programs: ~2 an SM
+    assert kv_attention.sm_load(240_000, 16_800, 24, 8, 2, 132) == pytest.approx(
+        8_400 + (384 / 132 - 1) * 5_000, rel=1e-12)
+    assert kv_attention.sm_load(24 * 10_000, 10_000, 24, 8, 2, 132) == pytest.approx(8 * 240_000 / 132, rel=1e-12)
+    assert kv_attention.SplitBound.of(None, ROWS, 8, HW.num_sms, 32) is None
+    assert kv_attention.SplitBound.of(_with_sm([1e-9] * 8), None, 8, HW.num_sms, 32) is None
+    assert kv_attention.SplitBound.of(_long([1e-9] * 8), ROWS, 8, HW.num_sms, 32) is None  # an older profile
+    # the cost model: a padded-24 decode step of 24 requests, KV sum 240k, the longest 16.8k
+    cm = RooflineCostModel(SPEC, HW, RooflineConfig(decode_attention_long=_with_sm([1e-9] * 8)), cuda_graphs=True)
+    sh = IterationShape(n_decode=24, decode_kv_sum=240_000, graph=True, padded_decode=24)
+    fixed, per_kv = cm.decode_affine(24, True, 24)
+    d, e = cm.decode_split(24, True, 24)
+    split = 32 * 17e-9 * (16_800 / 2 + (384 / 132 - 1) * 5_000)
+    assert d * 16_800 + e * 240_000 == pytest.approx(split, rel=1e-12)
+    assert split > per_kv * 240_000  # the split bound sets this one
+    assert cm.price(replace(sh, decode_kv_max=16_800)) == pytest.approx(fixed + split, rel=1e-12)
+    assert cm.price(sh) == pytest.approx(fixed + per_kv * 240_000, rel=1e-12)  # the longest unknown: the KV sum's
+    # no long-context kernel in the profile: no split bound
+    assert RooflineCostModel(SPEC, HW, RooflineConfig()).decode_split(24, False, 0) == (0.0, 0.0)
+
+
+def test_fit_split_rate_recovers_each_batchs_rate_from_the_lengths_drawn():
+    """Rows of known per-batch rates over `sm_load` (an intercept beside): each batch's rate;
+    rows without the lengths or a split label: none."""
+    rows = []
+    for B, r in zip(BATCHES, PER_SM):
+        s = tuning_table.split_bound(ROWS, B)[0]
+        for c in (8192, 16384):
+            kv_sum, kv_max = int(B * c * 0.97), int(c * 1.4)
+            us = 12.0 + 1e6 * r * kv_attention.sm_load(kv_sum, kv_max, B, 8, s, 132)
+            rows.append(dict(kv_dtype="bf16", batch=B, ctx=c, us=us, config=f"S{s}/T64/N64", kv_sum=kv_sum,
+                             kv_max=kv_max))
+    assert kv_attention.fit_split_rate(rows, BATCHES, 8, 132) == pytest.approx(PER_SM, rel=1e-6)
+    assert kv_attention.fit_split_rate([{**r, "config": ""} for r in rows], BATCHES, 8, 132) is None
+    assert kv_attention.fit_split_rate([{k: v for k, v in r.items() if k != "kv_max"} for r in rows],
+                                       BATCHES, 8, 132) is None
+
+
+def test_archived_sweeps_get_the_lengths_their_generator_drew():
+    """A kv-long table from before the sweep recorded its lengths: replayed from its seeded
+    generator (uniform in +-50% of each context), deterministic; recorded ones kept."""
+    pytest.importorskip("torch")
+    from servesim.gpu_backend.kv_attention_sweep import LONG_SIZES, sweep_lengths
+    from servesim.sim.calibrate import with_sweep_lengths
+
+    got = sweep_lengths(LONG_SIZES, 32, 128)
+    assert got == sweep_lengths(LONG_SIZES, 32, 128)
+    for (B, c), (tot, mx) in zip(LONG_SIZES, got):
+        assert B * (c // 2) <= tot <= B * (c + c // 2) and c // 2 <= mx <= c + c // 2 and mx * B >= tot
+    rows = [dict(kv_dtype="bf16", batch=B, ctx=c, us=1.0) for B, c in LONG_SIZES]
+    filled = with_sweep_lengths(rows, SPEC)
+    assert [(r["kv_sum"], r["kv_max"]) for r in filled] == got
+    assert with_sweep_lengths(filled, SPEC) == filled
+
+
+@settings(max_examples=150, deadline=None)
+@given(long=per_tokens, shape=st.one_of(decode_shapes, mixed_shapes), mx=st.integers(0, 60000),
+       more=st.integers(1, 30000))
+def test_the_split_bound_is_monotone_and_only_ever_raises_the_price(long, shape, mx, more):
+    """The price never falls with the longest sequence, never is below the price without it
+    (decode_kv_max 0: unknown), equals it while the split bound's line is below the KV sum's,
+    is decode_affine's fixed + the larger line for a decode-only step, and the breakdown still
+    sums to it."""
+    cm = RooflineCostModel(SPEC, HW, RooflineConfig(decode_attention_long=_with_sm(long)), cuda_graphs=True)
+    s = replace(shape, decode_kv_max=mx)
+    p0, p = cm.price(shape), cm.price(s)
+    assert p >= p0 * (1 - 1e-12)
+    assert cm.price(replace(s, decode_kv_max=mx + more)) >= p * (1 - 1e-12)
+    nd = shape.padded_decode if shape.graph else shape.n_decode
+    d, e = cm.decode_split(shape.n_decode, shape.graph, shape.padded_decode)
+    assert d > 0 and e >= 0
+    line = d * mx + e * shape.decode_kv_sum
+    if line <= cm.decode_kv_rate(nd) * shape.decode_kv_sum:
+        assert p == p0
+    if not shape.ctx_new_tokens:
+        fixed, per_kv = cm.decode_affine(shape.n_decode, shape.graph, shape.padded_decode)
+        assert p == pytest.approx(fixed + max(per_kv * shape.decode_kv_sum, line), rel=1e-12)
+    assert sum(cm.breakdown(s).values()) == pytest.approx(p, rel=1e-9)
+
+
+def _split_cost(split):
+    """The engine harness's affine cost with a split bound's line (seconds per longest token)."""
+    from engine_harness import AffineCost
+
+    c = AffineCost()
+    c.split = split
+    return c
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.tuples(st.floats(0, 0.2), st.integers(1, 120), st.integers(1, 80)), min_size=1,
+                     max_size=16),
+       split=st.sampled_from([(3e-7, 0.0), (9e-7, 1e-7), (3e-6, 2e-7)]), graphs=st.booleans(), tpb=st.sampled_from([1, 4, 16]),
+       max_batch=st.integers(1, 10))
+def test_closed_form_stretches_on_the_split_line_equal_stepping(rows, split, graphs, tpb, max_batch):
+    """With a split bound's line the engine's closed-form stretches (on whichever line holds,
+    cut where they cross) give the iterations stepping one by one gives."""
+    from engine_harness import run_engine
+
+    rows = sorted(rows)
+    kw = dict(max_batch=max_batch, max_tokens=256, tpb=tpb, blocks=4000 // tpb, graphs=graphs)
+    a = run_engine(rows, cost=_split_cost(split), **kw)
+    b = run_engine(rows, cost=_split_cost(split), stepwise=True, **kw)
+    ita, itb = a[2], b[2]
+    assert ita.num_rows == itb.num_rows
+    for col in ("num_gen_requests", "ctx_tokens", "decode_kv_tokens"):
+        assert np.array_equal(ita.column(col).to_numpy(), itb.column(col).to_numpy()), col
+    np.testing.assert_allclose(ita.column("duration_s").to_numpy(), itb.column("duration_s").to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(a[3].token_times, b[3].token_times, rtol=1e-9, atol=1e-12)
+    plain = run_engine(rows, **kw)[2].column("duration_s").to_numpy()
+    assert ita.column("duration_s").to_numpy().sum() >= plain.sum() * (1 - 1e-12) or ita.num_rows != len(plain)
