@@ -146,3 +146,16 @@ def run_engine(rows, *, capacity="guaranteed_no_evict", max_batch=8, max_tokens=
     its = [iteration_arrays(e) for e in engines]
     req = request_arrays(reqs, its)
     return reqs, engines, iterations_table(its), req
+
+
+def assert_same_tables(a, b) -> None:
+    """Two `run_engine` results wrote the same iteration and request tables (schemas, every
+    value, NaN equal to NaN) and the same token times."""
+    import numpy as np
+
+    for ta, tb in ((a[2], b[2]), (a[3].table, b[3].table)):
+        assert ta.schema.equals(tb.schema, check_metadata=True)
+        for name in ta.column_names:
+            x, y = ta.column(name).to_pylist(), tb.column(name).to_pylist()
+            assert len(x) == len(y) and all(u == v or (u != u and v != v) for u, v in zip(x, y)), name
+    assert np.array_equal(a[3].token_times, b[3].token_times)

@@ -4,11 +4,10 @@ process it replaces, on random workloads and configurations."""
 
 from __future__ import annotations
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_harness import run_engine
+from engine_harness import assert_same_tables, run_engine
 from test_engine import configs, workloads
 
 
@@ -19,12 +18,7 @@ def test_one_replica_without_simpy_is_the_simpy_run(rows, cfg, spec):
         cfg = {**cfg, "spec": (2, 0.6, 1e-4)}
     a = run_engine(rows, **cfg)
     b = run_engine(rows, through_simpy=True, **cfg)
-    for ta, tb in ((a[2], b[2]), (a[3].table, b[3].table)):
-        assert ta.schema.equals(tb.schema, check_metadata=True)
-        for name in ta.column_names:
-            x, y = ta.column(name).to_pylist(), tb.column(name).to_pylist()
-            assert len(x) == len(y) and all(u == v or (u != u and v != v) for u, v in zip(x, y)), name
-    assert np.array_equal(a[3].token_times, b[3].token_times)
+    assert_same_tables(a, b)
     for ra, rb in zip(sorted(a[0], key=lambda r: r.request_id), sorted(b[0], key=lambda r: r.request_id)):
         assert (ra.phase, ra.first_scheduled_s, ra.preemptions) == (rb.phase, rb.first_scheduled_s, rb.preemptions)
 

@@ -7,24 +7,18 @@ batch size are the executor's, asked each time."""
 
 from __future__ import annotations
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from servesim.sim.engine import Engine
 
-from engine_harness import run_engine
+from engine_harness import assert_same_tables, run_engine
 from test_engine import configs, workloads
 from test_prefix_cache import shared_prefix_workload
 
 
 def _same_runs(a, b):
-    for ta, tb in ((a[2], b[2]), (a[3].table, b[3].table)):
-        assert ta.schema.equals(tb.schema, check_metadata=True)
-        for name in ta.column_names:
-            x, y = ta.column(name).to_pylist(), tb.column(name).to_pylist()
-            assert len(x) == len(y) and all(u == v or (u != u and v != v) for u, v in zip(x, y)), name
-    assert np.array_equal(a[3].token_times, b[3].token_times)
+    assert_same_tables(a, b)
     for ea, eb in zip(a[1], b[1]):  # the closed-form stretches themselves, one record each
         assert ea.stretches == eb.stretches and ea.stretch_hist == eb.stretch_hist
         assert ea.rows == eb.rows and ea.g == eb.g and ea.kv.used == eb.kv.used
