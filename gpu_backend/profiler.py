@@ -45,7 +45,15 @@ DECODE_POINTS = [(1, 1024, 64, True), (8, 2048, 48, True), (16, 512, 64, True), 
                  (48, 1024, 40, True), (64, 1024, 40, True), (96, 768, 32, True),
                  (64, 2048, 16, True), (128, 512, 48, True), (256, 1024, 48, True), (8, 8192, 12, True),
                  (32, 1024, 12, False), (96, 512, 8, False),
-                 (1, 256, 128, True), (8, 256, 96, True), (32, 256, 64, True)]
+                 (1, 256, 128, True), (8, 256, 96, True), (32, 256, 64, True),
+                 (256, (128, 1024), (16, 272), True)]
+# The last point: 256 requests of unequal lengths (prompts uniform 128-1024, outputs uniform
+# 16-272, `_lengths`), so the batch empties one request at a time and the run's decode steps
+# sit at every batch size from 256 down to a few, each at unequal KV lengths as a serving
+# batch's are: the grid had 41, 34, 45, 8 and 23 pure decode steps at 49-64, 65-96, 97-128,
+# 129-192 and 193-256 requests where an offline fidelity run spends a third of its decode
+# time (benchmarks/results/fidelity_h200.md's decode table), ~250 here; ~1.5 s of device
+# time for the 1B, ~4 s for the 8B.
 # Runs for the power model only (their energy and iterations; no rows for the time fit). A
 # long decode at a large batch is the one run whose time goes mostly to decoding, so a third
 # of it is decode attention reading the KV cache, as in an offline or busy serving run: the
@@ -162,10 +170,9 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
         reuse = True
     elif served_rate is None:
         workload = {"num_requests": n, "arrival": {"kind": "offline"},
-                    "prompt_len": {"kind": "constant", "value": prompt},
-                    "output_len": {"kind": "constant", "value": output}}
+                    "prompt_len": _lengths(prompt), "output_len": _lengths(output)}
         sched = {"max_batch_size": max(n, 1), "max_num_tokens": max_num_tokens, "enable_chunked_context": chunked}
-        kv = {"pool_tokens": n * (prompt + output) + 4096}
+        kv = {"pool_tokens": n * (_longest(prompt) + _longest(output)) + 4096}
     else:  # a served run: Poisson arrivals, lognormal lengths, a serving engine's limits
         workload = {"num_requests": n, "arrival": {"kind": "poisson", "rate_req_s": served_rate},
                     "prompt_len": {"kind": "lognormal", "mean": prompt, "sigma": 0.8, "max": 6144},
@@ -201,7 +208,7 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     energy = res.summary.get("energy_j") if res.summary.get("energy_source", "").startswith("measured") else None
     label = (f"served {n} at {served_rate:g}/s, ~{prompt}+{output}" if served_rate is not None else
              f"{n}x({prefix} cached)+{prompt}+{output}" if prefix else
-             f"{n}x{prompt}+{output}{'' if graphs else ' eager'}")
+             f"{n}x{_label(prompt)}+{_label(output)}{'' if graphs else ' eager'}")
     run = dict(workload=f"{label}{' piecewise' if piecewise else ''}"
                         f"{f' budget {max_num_tokens}' if max_num_tokens != 8192 else ''}{part}", energy_j=energy,
                span_s=res.summary["duration_s"], busy_s=busy, bytes_s=bytes_s, kv_s=kv_s, flops_s=flops_s)
@@ -209,6 +216,23 @@ def _run(model_ref: str, n: int, prompt: int, output: int, graphs: bool, chunked
     run.update(temp_start_c=temps.get("start"), temp_end_c=temps.get("end"))
     it["workload"] = run["workload"]
     return it, run
+
+
+def _lengths(v) -> dict:
+    """A grid point's prompt or output length as a workload length: an int is constant, a
+    (low, high) pair uniform between them (inclusive)."""
+    if isinstance(v, (tuple, list)):
+        lo, hi = (int(x) for x in v)
+        return {"kind": "uniform", "low": lo, "high": hi}
+    return {"kind": "constant", "value": int(v)}
+
+
+def _longest(v) -> int:
+    return int(max(v)) if isinstance(v, (tuple, list)) else int(v)
+
+
+def _label(v) -> str:
+    return f"{v[0]}-{v[1]}" if isinstance(v, (tuple, list)) else str(v)
 
 
 def _small(model: ModelSpec) -> bool:
