@@ -409,6 +409,10 @@ def main() -> int:
     common: list[str] = []
     model_ref = dict(MODELS)
     if args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():  # the calibration's kv-attention sweep runs the Triton kernel itself:
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # the interpreter on CPU tensors (before its import)
         tiny = work / "tiny.json"
         tiny.write_text(json.dumps(TINY))
         model_ref = {m: str(tiny) for m in MODELS}
