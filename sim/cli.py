@@ -776,11 +776,26 @@ def main(argv: list[str] | None = None) -> int:
     # once parsed. As it was when the command returns.
     was = gc.isenabled()
     gc.disable()
+    _single_threaded_blas(argv)
     try:
         return _main(argv, was)
     finally:
         if was:
             gc.enable()
+
+
+def _single_threaded_blas(argv: list[str] | None) -> None:
+    """`sim run` before NumPy is imported: its OpenBLAS without worker threads, unless
+    OPENBLAS_NUM_THREADS is set. A run does no linear algebra worth threads (a few
+    least-squares fits of a handful of points), and OpenBLAS's workers busy-wait on the
+    other cores for ~0.1 s after they start (perf: 0.1 s of the Azure trace's ~1.5 s of
+    CPU), cores the run's writer thread (sim/stream.py) and a shared machine's other
+    work need. (Set once NumPy is imported, it would change nothing: left alone then.)"""
+    import os
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"] and "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 # the command `main` last parsed and its backend (what `exit_now` is for: a simulated run)
