@@ -776,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     # once parsed. As it was when the command returns.
     was = gc.isenabled()
     gc.disable()
+    _single_threaded_blas(argv)
     try:
         return _main(argv, was)
     finally:
@@ -783,8 +784,28 @@ def main(argv: list[str] | None = None) -> int:
             gc.enable()
 
 
+def _single_threaded_blas(argv: list[str] | None) -> None:
+    """`sim run` before NumPy is imported: its OpenBLAS without worker threads, unless
+    OPENBLAS_NUM_THREADS is set. A run does no linear algebra worth threads (a few
+    least-squares fits of a handful of points), and OpenBLAS's workers busy-wait on the
+    other cores for ~0.1 s after they start (perf: 0.1 s of the Azure trace's ~1.5 s of
+    CPU), cores the run's writer thread (sim/stream.py) and a shared machine's other
+    work need. (Set once NumPy is imported, it would change nothing: left alone then.)"""
+    import os
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"] and "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+# the command `main` last parsed and its backend (what `exit_now` is for: a simulated run)
+_last_command: tuple[str, str | None] = ("", None)
+
+
 def _main(argv: list[str] | None, gc_was_on: bool) -> int:
+    global _last_command
     args = build_parser().parse_args(argv)
+    _last_command = (args.cmd, getattr(args, "backend", None))
     if args.cmd != "run" and gc_was_on:
         gc.enable()
     try:
@@ -796,5 +817,26 @@ def _main(argv: list[str] | None, gc_was_on: bool) -> int:
         return 130
 
 
+def exit_now(rc: int) -> None:
+    """End the process with status `rc` once stdout and stderr are flushed, without the
+    interpreter's teardown: `sim run`'s files are complete and closed when `main` returns
+    (written, renamed into place: sim/rundir.py; no thread of ours is left), and freeing
+    every module and object one by one took ~0.1 s of the Azure trace's run
+    (benchmarks/sim_speed.py). Only for a simulated `sim run` from the command line
+    (`python -m servesim.sim.cli run ...`; the GPU backend's and other commands' teardown
+    left to Python): `main` itself returns as any function does."""
+    import os
+
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):  # (a closed or broken pipe: nothing more to say there)
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _rc = main()
+    if _last_command == ("run", "sim"):
+        exit_now(_rc)
+    sys.exit(_rc)

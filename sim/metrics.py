@@ -181,17 +181,23 @@ def dist_of_chunks(chunks, limit: int | None = None) -> dict[str, float | None]:
     held: list[np.ndarray] | None = []
     n = 0
     total = 0.0
-    first = np.zeros(1 << FIRST_BITS, dtype=np.int64)  # the selection's first level, counted meanwhile
+    # the selection's first level, counted meanwhile: once the values are too many to hold
+    # (integer counts: the same histogram whichever chunk is counted when)
+    first = None
     for x in _slices(chunks):
         x = x[np.isfinite(x)]
         n += len(x)
         total += float(x.sum())
-        if len(x):
-            first += _prefix_hist(_sort_keys(x))
         if held is not None:
             held.append(x)
             if n > limit:
+                first = np.zeros(1 << FIRST_BITS, dtype=np.int64)
+                for y in held:
+                    if len(y):
+                        first += _prefix_hist(_sort_keys(y))
                 held = None
+        elif len(x):
+            first += _prefix_hist(_sort_keys(x))
     if held is not None:
         return dist(np.concatenate(held) if held else np.zeros(0))
     ranks = set()

@@ -44,6 +44,40 @@ def _batches(path: Path, columns, batch_rows: int):
         pf.close()
 
 
+class RequestPasses:
+    """The batches of a requests file's summary columns (COLUMNS), pass after pass
+    (``passes()``: a fresh iterator of batches), and each batch's `_latencies`. A file of
+    at most one batch is read once and its batch held (what one pass holds anyway: the
+    summary's ~10 passes over the Azure trace's file were ~0.04 s of reading again);
+    a longer file is read again each pass (bounded memory)."""
+
+    def __init__(self, path: str | Path, batch_rows: int = BATCH_ROWS):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.batch_rows = batch_rows
+        self.held: list | None = None
+        pf = pq.ParquetFile(self.path)
+        try:
+            if pf.metadata.num_rows <= batch_rows:
+                names = [c for c in COLUMNS if c in pf.schema_arrow.names]
+                self.held = [(b, None) for b in pf.iter_batches(batch_size=batch_rows, columns=names)]
+        finally:
+            pf.close()
+
+    def __call__(self):
+        """The batches, with their latencies: (batch, `_latencies(batch)`) pairs."""
+        if self.held is None:
+            for b in _batches(self.path, COLUMNS, self.batch_rows):
+                yield b, _latencies(b)
+            return
+        for i, (b, lat) in enumerate(self.held):
+            if lat is None:
+                lat = _latencies(b)
+                self.held[i] = (b, lat)
+            yield b, lat
+
+
 def _latencies(b) -> dict[str, np.ndarray]:
     """metrics.request_latencies of one batch (finished rows only), the same arithmetic."""
     fin = _equals(b.column("status"), "finished")
@@ -68,11 +102,14 @@ def _median_of_chunks(chunks, n: int) -> float:
 def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, wall_s: float,
                    num_preemptions: int = 0, num_swaps: int = 0, kv_block_bytes: int = 0,
                    evictions_by_priority: dict[int, int] | None = None, itl: dict,
-                   batch_rows: int = BATCH_ROWS, limit: int | None = None) -> dict:
+                   batch_rows: int = BATCH_ROWS, limit: int | None = None,
+                   passes: RequestPasses | None = None) -> dict:
     """`metrics.summarize` of the requests in the Parquet file `path` (module doc); `itl`:
     the pooled inter-token latencies' `dist` (RunRecorder.itl_dist); `limit`:
-    `dist_of_chunks`' (ITL_IN_MEMORY by default)."""
+    `dist_of_chunks`' (ITL_IN_MEMORY by default); `passes`: the file's RequestPasses,
+    if already made."""
     path = Path(path)
+    passes = passes if passes is not None else RequestPasses(path, batch_rows)
     st = it if isinstance(it, IterationStats) else IterationStats.of_table(it)
     n_req = n_fin = good = 0
     out_sum = prompt_fin = cached_fin = prompt_all = cached_all = 0
@@ -80,8 +117,7 @@ def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, 
     reasons: dict[str, int] = {}
     has_reason = False
     tenants: dict[str, list[int]] = {}  # finished requests' tenant -> [cached, prompt]
-    for b in _batches(path, COLUMNS, batch_rows):
-        lat = _latencies(b)
+    for b, lat in passes():
         fin = lat["fin_mask"]
         k = int(fin.sum())
         n_req += b.num_rows
@@ -121,8 +157,8 @@ def summarize_file(path: str | Path, it, *, kv_total_blocks: int, backend: str, 
 
     def chunks_of(key: str):
         def chunks():
-            for b in _batches(path, COLUMNS, batch_rows):
-                yield _latencies(b)[key]
+            for _, lat in passes():
+                yield lat[key]
         return chunks
 
     summary = {
@@ -171,11 +207,16 @@ def _long_waits(queue_chunks, e2e_chunks, n: int, factor: float = LONG_WAIT_FACT
     return {"factor": factor, "threshold_s": thr, "count": count, "max_wait_s": float(mx)}
 
 
-def bound_sums_file(path: str | Path, k: int, batch_rows: int = BATCH_ROWS):
-    """bounds.BoundSums (`k` drafts per step) of the finished requests in `path`, a batch at a time."""
+def bound_sums_file(path: str | Path, k: int, batch_rows: int = BATCH_ROWS, passes: RequestPasses | None = None):
+    """bounds.BoundSums (`k` drafts per step) of the finished requests in `path`, a batch at
+    a time (`passes`: the file's RequestPasses, if made: its held batch)."""
     from .bounds import BoundSums
 
     acc = BoundSums(k)
+    if passes is not None and passes.held is not None:
+        for b, _ in passes.held:
+            acc.add_table(b)
+        return acc
     for b in _batches(path, ("status", "prompt_len", "output_len", "cached_tokens"), batch_rows):
         acc.add_table(b)
     return acc

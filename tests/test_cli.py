@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,46 @@ def test_set_overrides_every_variant(tmp_path):
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "servesim.sim.cli", *args], capture_output=True,
                           text=True, cwd=REPO)
+
+
+def test_sim_run_process_ends_with_its_output_complete(tmp_path):
+    """`python -m servesim.sim.cli run` ends without the interpreter's teardown (cli.exit_now):
+    its exit status, everything it printed to the pipes and its files are all there."""
+    exp = tmp_path / "e.yaml"
+    exp.write_text("name: e\nmodel: llama-3.1-8b\nhardware: h100-sxm\nworkload:\n  synthetic:\n"
+                   "    num_requests: 20\n    arrival: {kind: poisson, rate_req_s: 5}\n"
+                   "    prompt_len: {kind: constant, value: 64}\n    output_len: {kind: constant, value: 8}\n"
+                   "output: {plots: false}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout block-buffered: a pipe's)
+    p = subprocess.run([sys.executable, "-m", "servesim.sim.cli", "run", str(exp), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "comparison.csv" in p.stdout and "20 requests" in p.stdout  # (the last lines printed)
+    assert "writing comparison.csv" in p.stderr
+    for name in ("requests.parquet", "iterations.parquet", "summary.json", "config.yaml"):
+        assert (tmp_path / "out" / "base" / name).is_file(), name
+    assert json.loads((tmp_path / "out" / "base" / "summary.json").read_text())["num_finished"] == 20
+    assert pq.read_table(tmp_path / "out" / "base" / "requests.parquet").num_rows == 20
+    p = run_cli("run", str(exp), "--out", str(tmp_path / "out"), "--set", "scheduler.max_batch_size=0")
+    assert p.returncode == 2 and "scheduler.max_batch_size" in p.stderr
+
+
+def test_sim_run_asks_numpy_for_single_threaded_blas(monkeypatch):
+    """`sim run` before NumPy is imported: OPENBLAS_NUM_THREADS=1 unless set; other commands,
+    a value already set, or NumPy already imported: left alone."""
+    from servesim.sim import cli
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    cli._single_threaded_blas(["run", "e.yaml"])  # (NumPy is imported here: too late)
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.delitem(sys.modules, "numpy")
+    cli._single_threaded_blas(["validate", "e.yaml"])
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    cli._single_threaded_blas(["run", "e.yaml"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    cli._single_threaded_blas(["run", "e.yaml"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
 
 
 def test_validate_reports_every_problem_with_key_paths():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from servesim.sim.bounds import BoundSums, run_bound_k, run_bounds
 from servesim.sim.metrics import IterationStats, summarize
-from servesim.sim.stream_summary import bound_sums_file, summarize_file
+from servesim.sim.stream_summary import RequestPasses, bound_sums_file, summarize_file
 
 REASONS = ("", "kv_pool", "token_budget")
 
@@ -136,7 +136,12 @@ def test_bounds_from_batch_sums_are_the_whole_tables(setup, table, batch_rows):
         path = Path(tmp) / "requests.parquet"
         pq.write_table(table, path)
         sums = bound_sums_file(path, run_bound_k(setup), batch_rows=batch_rows)
+        # (the batches a summary's passes hold or read again, as stream_run hands them over)
+        passes = RequestPasses(path, batch_rows)
+        assert (passes.held is not None) == (len(table) <= batch_rows)
+        held = bound_sums_file(path, run_bound_k(setup), batch_rows=batch_rows, passes=passes)
     _same(run_bounds(setup, None, summary, sums=sums), exact)
+    _same(run_bounds(setup, None, summary, sums=held), exact)
     assert sums.n == int(np.sum(np.asarray(table.column("status").to_pylist()) == "finished")) if len(table) else True
 
 
