@@ -12,6 +12,7 @@ Writes spec_replay.md into benchmarks/out/ (benchmarks/results/ with --write-res
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tarfile
@@ -219,8 +220,65 @@ def speedup_table(rep: dict) -> tuple[list[str], list[float]]:
     return lines, diffs
 
 
+def gpu_speedups(csv: Path) -> dict[str, tuple[float, float]]:
+    """A call's GPU speedups by case (its gpu_spec_decoding.csv): (TPOT, throughput), each
+    against the plain run of the same batch in the same call."""
+    import pandas as pd
+
+    t = pd.read_csv(csv)
+    plain = {int(r.batch): r for r in t.itertuples() if r.proposer == "plain"}
+    return {r.case: (plain[int(r.batch)].gpu_tpot_p50_s / r.gpu_tpot_p50_s, r.gpu_tok_s / plain[int(r.batch)].gpu_tok_s)
+            for r in t.itertuples() if r.proposer != "plain" and int(r.batch) in plain}
+
+
+def gpu_spread(labelled: list[str]) -> list[str]:
+    """The GPU's own spread: the same cases' speedups in two GPU calls (``LABEL=CSV``; calls
+    of one label ran on one host), pair by pair, as |a/b - 1| of each TPOT and throughput
+    speedup: the floor under any simulator-to-GPU difference."""
+    calls = []
+    for item in labelled:
+        label, _, path = item.rpartition("=")
+        if not label:
+            raise SystemExit(f"--gpu-spread: {item!r} is not LABEL=CSV")
+        calls.append((label, Path(path).stem, gpu_speedups(Path(path))))
+    lines = ["## The GPU's own spread\n",
+             "The same cases (same acceptances: the drafts' outcomes are controlled) measured in different device "
+             "calls, each speedup against its own call's plain run: |a/b - 1| over the TPOT and throughput speedups "
+             "of the cases both calls ran. Calls with the same label ran on one host (one device session). A "
+             "simulator can be no closer to one GPU run than another run of the same GPU is.\n",
+             "| call a (host) | call b (host) | same host | cases | mean abs diff | within 5% |", "|---|---|---|---|---|---|"]
+    same, other = [], []
+    for (la, na, a), (lb, nb, b) in itertools.combinations(calls, 2):
+        common = sorted(set(a) & set(b))
+        d = [abs(a[c][i] / b[c][i] - 1) for c in common for i in (0, 1)]
+        if not d:
+            continue
+        (same if la == lb else other).extend(d)
+        lines.append(f"| {na} ({la}) | {nb} ({lb}) | {'yes' if la == lb else 'no'} | {len(common)} | "
+                     f"{100 * sum(d) / len(d):.1f}% | {sum(x <= 0.05 for x in d)} of {len(d)} |")
+    for what, d in (("same host", same), ("different hosts", other)):
+        if d:
+            lines.append(f"\nPairs on {what}: mean abs diff {100 * sum(d) / len(d):.1f}%, "
+                         f"{sum(x <= 0.05 for x in d)} of {len(d)} within 5%.")
+    return lines
+
+
 def _call_name(rep: dict, i: int) -> str:
     return rep["tarballs"][i].name.split("_runs")[0]
+
+
+def _per_call_line(rep: dict) -> str:
+    """_mean_line call by call (the calls of a table may have run on different hosts)."""
+    by: dict[int, list[float]] = {}
+    for r in rep["rows"]:
+        p = rep["plain"].get((r["call"], r["batch"]))
+        if p is not None:
+            by.setdefault(r["call"], []).extend([
+                (p["sim_tpot"] / r["sim_tpot"]) / (p["gpu_tpot"] / r["gpu_tpot"]) - 1,
+                (r["sim_tok"] / p["sim_tok"]) / (r["gpu_tok"] / p["gpu_tok"]) - 1])
+    return "By call: " + "; ".join(
+        f"{_call_name(rep, i)} {100 * sum(map(abs, d)) / len(d):.1f}% ({sum(abs(x) <= 0.05 for x in d)} of {len(d)} "
+        "within 5%)" for i, d in sorted(by.items())) + "."
 
 
 def _mean_line(diffs: list[float]) -> str:
@@ -368,6 +426,9 @@ def main() -> None:
     ap.add_argument("--draft-profile", help="the drafter's calibration profile")
     ap.add_argument("--cross-machine", nargs="+", type=Path, default=[], metavar="TARBALL",
                     help="calls of other machines, tabled apart (the profiles were not fitted there)")
+    ap.add_argument("--gpu-spread", nargs="+", default=[], metavar="LABEL=CSV",
+                    help="GPU calls' gpu_spec_decoding.csv tables, LABEL naming the host: the GPU's own spread of "
+                    "the same cases' speedups, call against call")
     add_write_results(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,7 +437,8 @@ def main() -> None:
                  if args.cross_machine else None)
     cmd = (f"python benchmarks/spec_replay.py {' '.join(str(t) for t in args.tarballs)} --profile {args.profile} "
            f"--draft-profile {args.draft_profile}"
-           + (f" --cross-machine {' '.join(str(t) for t in args.cross_machine)}" if args.cross_machine else ""))
+           + (f" --cross-machine {' '.join(str(t) for t in args.cross_machine)}" if args.cross_machine else "")
+           + (f" --gpu-spread {' '.join(args.gpu_spread)}" if args.gpu_spread else ""))
     lines = ["# Speculative decoding: GPU against the calibrated simulator\n",
              f"Command: `{cmd}`. The GPU runs of benchmarks/gpu_spec_decoding.py "
              "(one H200; Llama-3.1-8B target, Llama-3.2-1B drafter, controlled acceptance) replayed on the simulator "
@@ -412,9 +474,11 @@ def main() -> None:
         lines += ["", f"## Another machine: {names}\n",
                   "The same benchmark on another H200 (other device calls; the profiles were not fitted there), "
                   "replayed with the same profiles: what the pricing gives on a machine it was not calibrated "
-                  "on.\n", *ctable, f"\n{_mean_line(cdiffs)}\n"]
+                  "on.\n", *ctable, f"\n{_mean_line(cdiffs)} {_per_call_line(cross)}\n"]
         lines += kind_tables(_kind_runs(cross), "### Its iterations by kind", explain=False)
         lines += ["", *eager_spread(cross, "### Its eager iterations")]
+    if args.gpu_spread:
+        lines += ["", *gpu_spread(args.gpu_spread)]
     text = "\n".join(lines) + "\n"
     out = STORE.out_dir(args.write_results) / "spec_replay.md"
     out.parent.mkdir(parents=True, exist_ok=True)

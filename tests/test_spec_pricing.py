@@ -433,3 +433,31 @@ def test_spec_replay_within_run_slope_recovers_the_cost_of_a_draft(d_gpu, d_sim,
         assert _within_run_slope(d, m) == pytest.approx((d_gpu, d_sim), abs=1e-9)
     d["drafts"] = np.full(50, 4)
     assert _within_run_slope(d, m) is None
+
+
+def test_gpu_spread_pairs_calls_and_separates_hosts(tmp_path):
+    """spec_replay --gpu-spread: a call against a copy of itself differs by 0%; a call whose
+    speculative TPOTs are all 10% longer and throughputs 10% lower (same plain runs) has both
+    speedups 1.1x smaller: 10% off, none within 5%, and its pairs are tabled as another host's."""
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from spec_replay import gpu_spread  # noqa: E402
+
+    src = REPO / "benchmarks" / "results" / "spec_gpu" / "call4.csv"
+    a = pd.read_csv(src)
+    b = a.copy()
+    spec = b.proposer != "plain"
+    b.loc[spec, "gpu_tpot_p50_s"] *= 1.1
+    b.loc[spec, "gpu_tok_s"] /= 1.1
+    (tmp_path / "a.csv").write_text(a.to_csv(index=False))
+    (tmp_path / "b.csv").write_text(b.to_csv(index=False))
+    lines = gpu_spread([f"h={src}", f"h={tmp_path / 'a.csv'}", f"g={tmp_path / 'b.csv'}"])
+    rows = [ln for ln in lines if ln.startswith("| call4") or ln.startswith("| a ")]
+    n = int(spec.sum())
+    assert f"| call4 (h) | a (h) | yes | {n} | 0.0% | {2 * n} of {2 * n} |" in rows
+    other = [ln for ln in rows if "| b (g) | no |" in ln]
+    assert len(other) == 2 and all(f"| 10.0% | 0 of {2 * n} |" in ln for ln in other), other
+    assert any(ln.startswith("\nPairs on same host: mean abs diff 0.0%") for ln in lines)
+    with pytest.raises(SystemExit):
+        gpu_spread([str(src)])
