@@ -199,6 +199,16 @@ def replay_calls(tarballs: list[Path], profile: str | None, draft_profile: str |
     return {"tarballs": tarballs, "rows": rows, "plain": plain, "steps": steps_err, "data": data}
 
 
+def _speedups(rep: dict):
+    """Each speculative run with its call's plain run at its batch: (run, plain, GPU TPOT
+    speedup, sim TPOT speedup, GPU throughput speedup, sim throughput speedup)."""
+    for r in rep["rows"]:
+        p = rep["plain"].get((r["call"], r["batch"]))
+        if p is not None:
+            yield (r, p, p["gpu_tpot"] / r["gpu_tpot"], p["sim_tpot"] / r["sim_tpot"],
+                   r["gpu_tok"] / p["gpu_tok"], r["sim_tok"] / p["sim_tok"])
+
+
 def speedup_table(rep: dict) -> tuple[list[str], list[float]]:
     """The speedups' table (each speculative run against the plain run of its own call and
     batch: GPUs of two calls differ by up to 8%) and its sim/GPU - 1 differences."""
@@ -206,12 +216,7 @@ def speedup_table(rep: dict) -> tuple[list[str], list[float]]:
              "GPU tput speedup | sim | diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     diffs = []
     several = len(rep["tarballs"]) > 1
-    for r in rep["rows"]:
-        p = rep["plain"].get((r["call"], r["batch"]))
-        if p is None:
-            continue
-        gt, st = p["gpu_tpot"] / r["gpu_tpot"], p["sim_tpot"] / r["sim_tpot"]
-        gr, sr = r["gpu_tok"] / p["gpu_tok"], r["sim_tok"] / p["sim_tok"]
+    for r, p, gt, st, gr, sr in _speedups(rep):
         diffs += [st / gt - 1, sr / gr - 1]
         name = f"{_call_name(rep, r['call'])}: {r['name']}" if several else r["name"]
         lines.append(f"| {name} | {r['batch']} | {1e3 * p['gpu_tpot']:.2f} -> {1e3 * r['gpu_tpot']:.2f} | "
@@ -270,12 +275,8 @@ def _call_name(rep: dict, i: int) -> str:
 def _per_call_line(rep: dict) -> str:
     """_mean_line call by call (the calls of a table may have run on different hosts)."""
     by: dict[int, list[float]] = {}
-    for r in rep["rows"]:
-        p = rep["plain"].get((r["call"], r["batch"]))
-        if p is not None:
-            by.setdefault(r["call"], []).extend([
-                (p["sim_tpot"] / r["sim_tpot"]) / (p["gpu_tpot"] / r["gpu_tpot"]) - 1,
-                (r["sim_tok"] / p["sim_tok"]) / (r["gpu_tok"] / p["gpu_tok"]) - 1])
+    for r, _, gt, st, gr, sr in _speedups(rep):
+        by.setdefault(r["call"], []).extend([st / gt - 1, sr / gr - 1])
     return "By call: " + "; ".join(
         f"{_call_name(rep, i)} {100 * sum(map(abs, d)) / len(d):.1f}% ({sum(abs(x) <= 0.05 for x in d)} of {len(d)} "
         "within 5%)" for i, d in sorted(by.items())) + "."
