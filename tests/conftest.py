@@ -4,10 +4,6 @@ from pathlib import Path
 
 # engine_harness.py and other shared test helpers live beside the tests
 sys.path.insert(0, str(Path(__file__).parent))
-# servesim first, before any test module: importing it takes the checkout's root off sys.path
-# (`python -m pytest` puts it there, where kernels/ shadows Hugging Face's `kernels`, which
-# transformers >= 5 imports when installed; see servesim/__init__.py)
-import servesim  # noqa: E402,F401
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One intra-op thread for torch and OpenBLAS, here and in every process a test starts (CLI
 # runs, grid worker processes, notebook kernels, benchmark smokes): the tests' matrices are
