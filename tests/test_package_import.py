@@ -60,7 +60,7 @@ def test_transformers_builds_a_model_from_the_root():
     assert _probe(code)["params"] > 0
 
 
-def test_without_the_distribution_the_bare_name_is_this_folder(tmp_path):
+def test_without_the_distribution_the_bare_name_is_this_folder():
     """With no other `kernels` anywhere on sys.path the folder stays itself (no error)."""
     code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]\n"
             + PROBE.replace("import servesim.kernels\n", "").replace(', "ours": servesim.kernels.__file__', ""))
